@@ -1,0 +1,194 @@
+//! The `Backend` trait: ops at fused-kernel granularity over device-resident tensors.
+use std::fmt::Debug;
+
+use crate::{compose, BatchInfo, DType, HostTensor, LayerKv, Result, Shape};
+
+/// What every backend's tensor type tells about itself without a device round trip.
+pub trait DeviceTensor {
+    /// The shape.
+    fn shape(&self) -> &Shape;
+    /// The element type as stored on the device.
+    fn dtype(&self) -> DType;
+}
+
+/// The attention geometry of a layer: heads, KV heads (GQA), head size, RoPE and q/k-norm settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionConfig {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads; query head `h` reads KV head `h / (num_heads / num_kv_heads)`.
+    pub num_kv_heads: usize,
+    /// Size of one head (need not equal hidden / heads).
+    pub head_dim: usize,
+    /// RoPE base: `inv_freq[i] = theta^(-2i / head_dim)`, split-half layout.
+    pub rope_theta: f64,
+    /// Epsilon of the per-head q/k RMSNorm.
+    pub qk_norm_eps: f64,
+}
+
+impl AttentionConfig {
+    /// Width of the fused QKV projection's output: `(heads + 2 kv_heads) * head_dim`.
+    pub fn qkv_width(&self) -> usize {
+        (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+    }
+
+    /// Query heads per KV head.
+    pub fn group_size(&self) -> usize {
+        self.num_heads / self.num_kv_heads
+    }
+
+    /// The softmax scale, `head_dim^-0.5`.
+    pub fn scale(&self) -> f64 {
+        (self.head_dim as f64).powf(-0.5)
+    }
+}
+
+/// A compute backend. `self` is the device handle (context, stream, library handles, kernel cache).
+///
+/// Ops work on row-major tensors; "rows" are tokens of a flattened batch (`[T, width]`). Unfused
+/// ops are required; fused ops have default bodies (in [`compose`]) built from the unfused ones,
+/// so a backend without a fused kernel still works and a profiler can measure what each fused
+/// kernel buys by calling the composition instead.
+pub trait Backend: Clone + Send + Sync + Debug + 'static {
+    /// A device-resident tensor owning (or sharing) its buffer.
+    type Tensor: DeviceTensor + Clone + Send + Sync + Debug;
+    /// A batch description in device memory (positions, slots, block tables), built once per
+    /// forward pass by [`Backend::prepare_batch`] and shared by every layer.
+    type Batch: Send + Sync + Debug;
+    /// The backend's name as the CLI spells it (`"cpu-ref"`, `"cuda"`, `"wgpu"`).
+    const NAME: &'static str;
+
+    /// Copies a host tensor to the device, in the backend's storage dtype for it.
+    ///
+    /// # Errors
+    /// Out of device memory, or a dtype the backend cannot store.
+    fn upload(&self, host: &HostTensor) -> Result<Self::Tensor>;
+
+    /// Copies a tensor back to the host, in its device dtype.
+    fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
+
+    /// A zero-filled tensor. Backends may store a wider dtype than asked (the reference stores f64).
+    fn zeros(&self, shape: &Shape, dtype: DType) -> Result<Self::Tensor>;
+
+    /// The dtype this backend keeps KV-cache blocks in.
+    fn kv_dtype(&self) -> DType;
+
+    /// Moves a batch description to the device.
+    fn prepare_batch(&self, info: &BatchInfo) -> Result<Self::Batch>;
+
+    /// Gathers rows: `out[t] = table[ids[t]]`, `table [N, C] -> [ids.len(), C]` (embedding lookup,
+    /// or picking the last row of each sequence before `lm_head`).
+    ///
+    /// # Errors
+    /// An id `>= N`, named in the message.
+    fn gather_rows(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
+
+    /// RMSNorm over each contiguous group of `w.len()` elements of every row:
+    /// `y = x * rsqrt(mean(x²) + eps) * w` with the statistic in fp32 or wider. `x [T, C]`,
+    /// `w [G]` with `C % G == 0` (`G = C` for the hidden-state norms, `G = head_dim` for q/k-norm).
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f64) -> Result<Self::Tensor>;
+
+    /// `x [T, in] · w [out, in]ᵀ -> [T, out]`.
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Elementwise sum of two tensors of one shape.
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// `silu(gate) * up` where `gate_up [T, 2I]` holds gate in columns `0..I`, up in `I..2I`.
+    fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Columns `start..start + len` of `x [T, C]`.
+    fn slice_columns(&self, x: &Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor>;
+
+    /// Split-half ("rotate_half") RoPE on every head of `x [T, n * head_dim]` at the batch's
+    /// positions: for `i < head_dim / 2`, `(a, b) = (x[i], x[i + head_dim / 2])` becomes
+    /// `(a cos θ - b sin θ, b cos θ + a sin θ)` with `θ = pos * theta^(-2i / head_dim)`.
+    fn rope(
+        &self,
+        x: &Self::Tensor,
+        batch: &Self::Batch,
+        cfg: &AttentionConfig,
+    ) -> Result<Self::Tensor>;
+
+    /// Writes each token's `k, v [T, kv_heads * head_dim]` to its cache slot.
+    fn write_kv(
+        &self,
+        cache: &mut LayerKv<Self>,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        batch: &Self::Batch,
+    ) -> Result<()>;
+
+    /// Causal attention of `q [T, heads * head_dim]` over each token's sequence in the cache,
+    /// positions `0..=pos` (the batch's keys must already be written), scores scaled by
+    /// `head_dim^-0.5`, softmax in fp32 or wider. Returns `[T, heads * head_dim]`.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        cache: &LayerKv<Self>,
+        batch: &Self::Batch,
+        cfg: &AttentionConfig,
+    ) -> Result<Self::Tensor>;
+
+    /// Index of the largest value of each row of `logits [T, V]` (lowest index on ties).
+    /// The default downloads the logits; device backends override it so greedy decoding copies
+    /// only `T` ids to the host.
+    fn argmax(&self, logits: &Self::Tensor) -> Result<Vec<u32>> {
+        compose::argmax_on_host(self, logits)
+    }
+
+    /// Waits until all queued work has finished.
+    fn synchronize(&self) -> Result<()>;
+
+    /// Fused `matmul(rms_norm(x, norm_w, eps), w)`: the pre-attention norm with the QKV
+    /// projection, or the final norm with `lm_head`.
+    fn rms_norm_matmul(
+        &self,
+        x: &Self::Tensor,
+        norm_w: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f64,
+    ) -> Result<Self::Tensor> {
+        compose::rms_norm_matmul(self, x, norm_w, w, eps)
+    }
+
+    /// Fused residual add and RMSNorm: returns `(h, rms_norm(h))` with `h = x + residual`.
+    fn add_rms_norm(
+        &self,
+        x: &Self::Tensor,
+        residual: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f64,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        compose::add_rms_norm(self, x, residual, w, eps)
+    }
+
+    /// Fused attention prologue on `qkv [T, (heads + 2 kv_heads) * head_dim]`: per-head q_norm and
+    /// k_norm, RoPE on q and k, k and v written to the cache. Returns q `[T, heads * head_dim]`.
+    fn qk_norm_rope_write_kv(
+        &self,
+        qkv: &Self::Tensor,
+        q_norm: &Self::Tensor,
+        k_norm: &Self::Tensor,
+        cache: &mut LayerKv<Self>,
+        batch: &Self::Batch,
+        cfg: &AttentionConfig,
+    ) -> Result<Self::Tensor> {
+        compose::qk_norm_rope_write_kv(self, qkv, q_norm, k_norm, cache, batch, cfg)
+    }
+
+    /// Fused `residual + matmul(x, w)`: o_proj and down_proj with their residual adds.
+    fn matmul_add(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        residual: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        compose::matmul_add(self, x, w, residual)
+    }
+
+    /// Fused `silu_mul(matmul(x, w_gate_up))`: the MLP's gate/up projection and activation.
+    fn matmul_silu_mul(&self, x: &Self::Tensor, w_gate_up: &Self::Tensor) -> Result<Self::Tensor> {
+        compose::matmul_silu_mul(self, x, w_gate_up)
+    }
+}

@@ -1,0 +1,18 @@
+//! qfuse-core: the [`Backend`] trait every compute backend implements, the host-side tensor type,
+//! batch descriptions and the paged KV cache shared by all backends.
+#![warn(missing_docs)]
+
+mod backend;
+pub mod compose;
+mod dtype;
+mod error;
+mod kv;
+mod tensor;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use backend::{AttentionConfig, Backend, DeviceTensor};
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use kv::{BatchInfo, BlockAllocator, KvCache, LayerKv, SeqChunk};
+pub use tensor::{HostData, HostTensor, Shape};

@@ -1,0 +1,544 @@
+//! The backend conformance suite: every op of a backend under test against a reference backend
+//! on random shapes and values (gains up to 100, activations with 1e4 outliers, several sequences
+//! with scattered cache blocks), compared by `‖out − ref‖ / ‖ref‖`.
+//!
+//! A backend crate instantiates it with one line in `tests/conformance.rs`:
+//! ```ignore
+//! qfuse_core::backend_tests!(backend: CudaBackend = CudaBackend::new(0),
+//!                            reference: CpuRef = CpuRef::new(), tolerance: Tolerance::BF16);
+//! ```
+use crate::{
+    AttentionConfig, Backend, BatchInfo, DType, Error, HostTensor, KvCache, LayerKv, Result,
+    SeqChunk, Shape,
+};
+
+pub use proptest;
+
+/// The largest relative error a backend may show against the reference.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerance {
+    /// Bound on `‖out − ref‖ / ‖ref‖`.
+    pub rel: f64,
+}
+
+impl Tolerance {
+    /// f64 arithmetic (another order of summation).
+    pub const F64: Tolerance = Tolerance { rel: 1e-12 };
+    /// f32 activations and accumulation.
+    pub const F32: Tolerance = Tolerance { rel: 1e-5 };
+    /// bf16 storage of activations or cache, fp32 accumulation.
+    pub const BF16: Tolerance = Tolerance { rel: 2e-2 };
+}
+
+/// `‖out − reference‖ / ‖reference‖` (absolute norm when the reference is zero); infinite when
+/// `out` holds a NaN or infinity or the lengths differ.
+pub fn rel_error(out: &[f64], reference: &[f64]) -> f64 {
+    if out.len() != reference.len() || out.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let diff: f64 = out.iter().zip(reference).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+    let norm: f64 = reference.iter().map(|b| b * b).sum::<f64>().sqrt();
+    if norm == 0.0 {
+        diff
+    } else {
+        diff / norm
+    }
+}
+
+/// A small deterministic generator (splitmix64) so each proptest case is reproducible from its seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform integer in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u = self.uniform().max(1e-300);
+        let v = self.uniform();
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+/// Values rounded to bf16 so that every backend, whatever it stores, sees exactly these inputs.
+fn bf16_exact(shape: impl Into<Shape>, v: Vec<f64>) -> Result<HostTensor> {
+    Ok(HostTensor::from_f64(shape, v)?.to_dtype(DType::BF16).to_dtype(DType::F64))
+}
+
+/// Activations `[rows, cols]`: N(0, 1), with up to two outlier channels of magnitude ~1e4 when
+/// `outliers` (as in trained Qwen3 residual streams).
+pub fn activations(rng: &mut Rng, rows: usize, cols: usize, outliers: bool) -> Result<HostTensor> {
+    let mut v: Vec<f64> = (0..rows * cols).map(|_| rng.normal()).collect();
+    if outliers && cols >= 4 {
+        for _ in 0..2 {
+            let c = rng.below(cols);
+            for r in 0..rows {
+                v[r * cols + c] *= 1e4;
+            }
+        }
+    }
+    bf16_exact([rows, cols], v)
+}
+
+/// A weight matrix `[out, inp]` scaled like a trained projection (std `1/sqrt(inp)`).
+pub fn weights(rng: &mut Rng, out: usize, inp: usize) -> Result<HostTensor> {
+    let s = 1.0 / (inp.max(1) as f64).sqrt();
+    bf16_exact([out, inp], (0..out * inp).map(|_| rng.normal() * s).collect())
+}
+
+/// Norm gains `[n]`, uniform in `(0, max_gain]` (Qwen3's k_norm gains reach ~100).
+pub fn gains(rng: &mut Rng, n: usize, max_gain: f64) -> Result<HostTensor> {
+    bf16_exact([n], (0..n).map(|_| max_gain * (0.02 + 0.98 * rng.uniform())).collect())
+}
+
+/// Compares one tensor of each backend.
+pub fn assert_close<B: Backend, R: Backend>(
+    what: &str,
+    b: &B,
+    out: &B::Tensor,
+    r: &R,
+    reference: &R::Tensor,
+    tol: Tolerance,
+) -> Result<()> {
+    let (o, e) = (b.download(out)?, r.download(reference)?);
+    if o.shape() != e.shape() {
+        return Err(Error::shape("assert_close", o.shape(), e.shape()));
+    }
+    let err = rel_error(&o.to_f64_vec(), &e.to_f64_vec());
+    if err <= tol.rel {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "conformance",
+            format!("{what}: {} vs {}: relative error {err:.3e} > {:.1e}", B::NAME, R::NAME, tol.rel),
+        ))
+    }
+}
+
+/// Uploads one host tensor to both backends.
+pub fn upload2<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    h: &HostTensor,
+) -> Result<(B::Tensor, R::Tensor)> {
+    Ok((b.upload(h)?, r.upload(h)?))
+}
+
+/// `gather_rows` on a random table and ids.
+pub fn check_gather_rows<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let (n, c) = (1 + rng.below(300), 1 + rng.below(200));
+    let ids: Vec<u32> = (0..1 + rng.below(20)).map(|_| rng.below(n) as u32).collect();
+    let (tb, tr) = upload2(b, r, &activations(&mut rng, n, c, true)?)?;
+    assert_close("gather_rows", b, &b.gather_rows(&tb, &ids)?, r, &r.gather_rows(&tr, &ids)?, tol)?;
+    if b.gather_rows(&tb, &[n as u32]).is_ok() {
+        return Err(Error::invalid("conformance", "gather_rows accepted an out-of-range id"));
+    }
+    Ok(())
+}
+
+/// `rms_norm` over whole rows and over head-sized groups, gains up to 100, outlier activations.
+pub fn check_rms_norm<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let (t, g) = (1 + rng.below(9), 1 + rng.below(200));
+    let c = g * (1 + rng.below(4));
+    let (xb, xr) = upload2(b, r, &activations(&mut rng, t, c, true)?)?;
+    let (wb, wr) = upload2(b, r, &gains(&mut rng, g, 100.0)?)?;
+    let eps = [1e-6, 1e-5][rng.below(2)];
+    assert_close("rms_norm", b, &b.rms_norm(&xb, &wb, eps)?, r, &r.rms_norm(&xr, &wr, eps)?, tol)
+}
+
+/// `matmul`, including odd sizes.
+pub fn check_matmul<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let (t, k, n) = (1 + rng.below(12), 1 + rng.below(400), 1 + rng.below(400));
+    let (xb, xr) = upload2(b, r, &activations(&mut rng, t, k, false)?)?;
+    let (wb, wr) = upload2(b, r, &weights(&mut rng, n, k)?)?;
+    assert_close("matmul", b, &b.matmul(&xb, &wb)?, r, &r.matmul(&xr, &wr)?, tol)
+}
+
+/// `add`, `silu_mul` and `slice_columns`.
+pub fn check_elementwise<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let (t, i) = (1 + rng.below(9), 1 + rng.below(300));
+    let (xb, xr) = upload2(b, r, &activations(&mut rng, t, 2 * i, true)?)?;
+    let (yb, yr) = upload2(b, r, &activations(&mut rng, t, 2 * i, false)?)?;
+    assert_close("add", b, &b.add(&xb, &yb)?, r, &r.add(&xr, &yr)?, tol)?;
+    assert_close("silu_mul", b, &b.silu_mul(&yb)?, r, &r.silu_mul(&yr)?, tol)?;
+    let start = rng.below(2 * i);
+    let len = 1 + rng.below(2 * i - start);
+    assert_close(
+        "slice_columns",
+        b,
+        &b.slice_columns(&xb, start, len)?,
+        r,
+        &r.slice_columns(&xr, start, len)?,
+        tol,
+    )
+}
+
+/// A random attention geometry and a batch of 1–4 sequences with random history lengths and
+/// scattered, shuffled cache blocks.
+pub struct AttentionCase {
+    /// Heads, KV heads, head size, RoPE theta, q/k-norm eps.
+    pub cfg: AttentionConfig,
+    /// The batch of new tokens.
+    pub batch: BatchInfo,
+    /// The same sequences from position 0: writes their history to the cache.
+    pub history: BatchInfo,
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+}
+
+impl AttentionCase {
+    /// A case drawn from `rng`; `max_context` bounds each sequence's length.
+    pub fn random(rng: &mut Rng, max_context: usize) -> Result<Self> {
+        let head_dim = 2 * (1 + rng.below(40));
+        let num_kv_heads = 1 + rng.below(3);
+        let num_heads = num_kv_heads * [1, 2, 3, 4, 8][rng.below(5)];
+        let block_size = [1, 3, 16][rng.below(3)];
+        let seqs = 1 + rng.below(4);
+        let lens: Vec<(usize, usize)> = (0..seqs)
+            .map(|_| {
+                let len = 1 + rng.below(8);
+                (rng.below(max_context.saturating_sub(len).max(1)), len)
+            })
+            .collect();
+        let num_blocks: usize = lens.iter().map(|(s, l)| (s + l).div_ceil(block_size)).sum::<usize>() + 2;
+        let mut pool: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..pool.len()).rev() {
+            pool.swap(i, rng.below(i + 1));
+        }
+        let (mut chunks, mut hist) = (Vec::new(), Vec::new());
+        for (start, len) in lens {
+            let table: Vec<u32> = pool.drain(..(start + len).div_ceil(block_size)).collect();
+            chunks.push(SeqChunk { start_pos: start, len, block_table: table.clone() });
+            hist.push(SeqChunk { start_pos: 0, len: start + len, block_table: table });
+        }
+        let cfg = AttentionConfig {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rope_theta: [1e4, 1e6][rng.below(2)],
+            qk_norm_eps: 1e-6,
+        };
+        Ok(AttentionCase {
+            cfg,
+            batch: BatchInfo::new(block_size, chunks)?,
+            history: BatchInfo::new(block_size, hist)?,
+            num_blocks,
+        })
+    }
+
+    /// An empty one-layer cache for this case.
+    pub fn cache<B: Backend>(&self, b: &B) -> Result<LayerKv<B>> {
+        let bs = self.batch.block_size();
+        let c = KvCache::new(b, 1, self.num_blocks, bs, self.cfg.num_kv_heads, self.cfg.head_dim)?;
+        Ok(c.layer(0).clone())
+    }
+
+    /// Random keys and values for every history position, written to fresh caches of both backends.
+    pub fn filled_caches<B: Backend, R: Backend>(
+        &self,
+        rng: &mut Rng,
+        b: &B,
+        r: &R,
+    ) -> Result<(LayerKv<B>, LayerKv<R>)> {
+        let (mut cb, mut cr) = (self.cache(b)?, self.cache(r)?);
+        let (t, w) = (self.history.num_tokens(), self.cfg.num_kv_heads * self.cfg.head_dim);
+        let (kb, kr) = upload2(b, r, &activations(rng, t, w, false)?)?;
+        let (vb, vr) = upload2(b, r, &activations(rng, t, w, false)?)?;
+        b.write_kv(&mut cb, &kb, &vb, &b.prepare_batch(&self.history)?)?;
+        r.write_kv(&mut cr, &kr, &vr, &r.prepare_batch(&self.history)?)?;
+        Ok((cb, cr))
+    }
+}
+
+/// `rope` at the positions of a random batch.
+pub fn check_rope<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let case = AttentionCase::random(&mut rng, 600)?;
+    let c = case.cfg.num_heads * case.cfg.head_dim;
+    let (xb, xr) = upload2(b, r, &activations(&mut rng, case.batch.num_tokens(), c, false)?)?;
+    let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
+    assert_close("rope", b, &b.rope(&xb, &bb, &case.cfg)?, r, &r.rope(&xr, &br, &case.cfg)?, tol)
+}
+
+/// `write_kv` then `attention` over several sequences with history in scattered blocks.
+pub fn check_attention<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let case = AttentionCase::random(&mut rng, 300)?;
+    let (cb, cr) = case.filled_caches(&mut rng, b, r)?;
+    assert_close("write_kv (keys)", b, &cb.k, r, &cr.k, tol)?;
+    assert_close("write_kv (values)", b, &cb.v, r, &cr.v, tol)?;
+    let c = case.cfg.num_heads * case.cfg.head_dim;
+    let q = activations(&mut rng, case.batch.num_tokens(), c, false)?;
+    let (qb, qr) = upload2(b, r, &q)?;
+    let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
+    let out_b = b.attention(&qb, &cb, &bb, &case.cfg)?;
+    let out_r = r.attention(&qr, &cr, &br, &case.cfg)?;
+    assert_close("attention", b, &out_b, r, &out_r, tol)
+}
+
+/// The fused `qk_norm_rope_write_kv` (q output and cache contents), then attention on its cache.
+pub fn check_qk_norm_rope_write_kv<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    tol: Tolerance,
+    seed: u64,
+) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let case = AttentionCase::random(&mut rng, 200)?;
+    let (mut cb, mut cr) = case.filled_caches(&mut rng, b, r)?;
+    let qkv = activations(&mut rng, case.batch.num_tokens(), case.cfg.qkv_width(), true)?;
+    let (xb, xr) = upload2(b, r, &qkv)?;
+    let (qnb, qnr) = upload2(b, r, &gains(&mut rng, case.cfg.head_dim, 2.0)?)?;
+    let (knb, knr) = upload2(b, r, &gains(&mut rng, case.cfg.head_dim, 100.0)?)?;
+    let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
+    let qb = b.qk_norm_rope_write_kv(&xb, &qnb, &knb, &mut cb, &bb, &case.cfg)?;
+    let qr = r.qk_norm_rope_write_kv(&xr, &qnr, &knr, &mut cr, &br, &case.cfg)?;
+    assert_close("qk_norm_rope_write_kv (q)", b, &qb, r, &qr, tol)?;
+    assert_close("qk_norm_rope_write_kv (keys)", b, &cb.k, r, &cr.k, tol)?;
+    assert_close("qk_norm_rope_write_kv (values)", b, &cb.v, r, &cr.v, tol)?;
+    let (ab, ar) = (b.attention(&qb, &cb, &bb, &case.cfg)?, r.attention(&qr, &cr, &br, &case.cfg)?);
+    assert_close("attention after qk_norm_rope_write_kv", b, &ab, r, &ar, tol)
+}
+
+/// The fused matmul family: `rms_norm_matmul`, `add_rms_norm`, `matmul_add`, `matmul_silu_mul`.
+pub fn check_fused_matmuls<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let (t, k, n) = (1 + rng.below(9), 2 + rng.below(300), 1 + rng.below(300));
+    let (xb, xr) = upload2(b, r, &activations(&mut rng, t, k, true)?)?;
+    let (resb, resr) = upload2(b, r, &activations(&mut rng, t, k, true)?)?;
+    let (nb, nr) = upload2(b, r, &gains(&mut rng, k, 3.0)?)?;
+    let (wb, wr) = upload2(b, r, &weights(&mut rng, n, k)?)?;
+    let (gub, gur) = upload2(b, r, &weights(&mut rng, 2 * n, k)?)?;
+    let (dwb, dwr) = upload2(b, r, &weights(&mut rng, k, n)?)?;
+    let eps = 1e-6;
+    assert_close(
+        "rms_norm_matmul",
+        b,
+        &b.rms_norm_matmul(&xb, &nb, &wb, eps)?,
+        r,
+        &r.rms_norm_matmul(&xr, &nr, &wr, eps)?,
+        tol,
+    )?;
+    let (hb, nbo) = b.add_rms_norm(&xb, &resb, &nb, eps)?;
+    let (hr, nro) = r.add_rms_norm(&xr, &resr, &nr, eps)?;
+    assert_close("add_rms_norm (sum)", b, &hb, r, &hr, tol)?;
+    assert_close("add_rms_norm (norm)", b, &nbo, r, &nro, tol)?;
+    let (nxb, nxr) = (b.rms_norm(&xb, &nb, eps)?, r.rms_norm(&xr, &nr, eps)?);
+    let (gb, gr) = (b.matmul_silu_mul(&nxb, &gub)?, r.matmul_silu_mul(&nxr, &gur)?);
+    assert_close("matmul_silu_mul", b, &gb, r, &gr, tol)?;
+    assert_close(
+        "matmul_add",
+        b,
+        &b.matmul_add(&gb, &dwb, &resb)?,
+        r,
+        &r.matmul_add(&gr, &dwr, &resr)?,
+        tol,
+    )
+}
+
+/// `argmax`: equal ids wherever the reference's top-1 margin exceeds the tolerance.
+pub fn check_argmax<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let (t, v) = (1 + rng.below(6), 1 + rng.below(5000));
+    let logits = activations(&mut rng, t, v, false)?;
+    let (lb, lr) = upload2(b, r, &logits)?;
+    let (ib, ir) = (b.argmax(&lb)?, r.argmax(&lr)?);
+    let vals = logits.to_f64_vec();
+    for row in 0..t {
+        let x = &vals[row * v..(row + 1) * v];
+        let (best, got) = (x[ir[row] as usize], x[ib[row] as usize]);
+        if best - got > tol.rel * best.abs().max(1.0) {
+            return Err(Error::invalid(
+                "conformance",
+                format!("argmax row {row}: {} chose {} ({got}), reference {} ({best})", B::NAME, ib[row], ir[row]),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A backend that computes like `inner` except that one call of one unfused op has its output
+/// scaled by `1 + delta`: the planted bug that proves a check can fail and that a divergence
+/// finder points at the right op and layer. Fused ops use the trait's compositions.
+#[derive(Clone, Debug)]
+pub struct Perturbed<B: Backend> {
+    inner: B,
+    op: &'static str,
+    call: usize,
+    delta: f64,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<B: Backend> Perturbed<B> {
+    /// Perturbs the `call`-th (0-based) call of `op` (a [`Backend`] method name) by `1 + delta`.
+    pub fn new(inner: B, op: &'static str, call: usize, delta: f64) -> Self {
+        Perturbed { inner, op, call, delta, calls: Default::default() }
+    }
+
+    fn maybe(&self, op: &'static str, t: B::Tensor) -> Result<B::Tensor> {
+        if op != self.op {
+            return Ok(t);
+        }
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n != self.call {
+            return Ok(t);
+        }
+        let h = self.inner.download(&t)?;
+        let v = h.to_f64_vec().iter().map(|x| x * (1.0 + self.delta)).collect();
+        self.inner.upload(&HostTensor::from_f64(h.shape().clone(), v)?.to_dtype(h.dtype()))
+    }
+}
+
+impl<B: Backend> Backend for Perturbed<B> {
+    type Tensor = B::Tensor;
+    type Batch = B::Batch;
+    const NAME: &'static str = "perturbed";
+
+    fn upload(&self, host: &HostTensor) -> Result<B::Tensor> {
+        self.inner.upload(host)
+    }
+    fn download(&self, t: &B::Tensor) -> Result<HostTensor> {
+        self.inner.download(t)
+    }
+    fn zeros(&self, shape: &Shape, dtype: DType) -> Result<B::Tensor> {
+        self.inner.zeros(shape, dtype)
+    }
+    fn kv_dtype(&self) -> DType {
+        self.inner.kv_dtype()
+    }
+    fn prepare_batch(&self, info: &BatchInfo) -> Result<B::Batch> {
+        self.inner.prepare_batch(info)
+    }
+    fn gather_rows(&self, table: &B::Tensor, ids: &[u32]) -> Result<B::Tensor> {
+        self.maybe("gather_rows", self.inner.gather_rows(table, ids)?)
+    }
+    fn rms_norm(&self, x: &B::Tensor, w: &B::Tensor, eps: f64) -> Result<B::Tensor> {
+        self.maybe("rms_norm", self.inner.rms_norm(x, w, eps)?)
+    }
+    fn matmul(&self, x: &B::Tensor, w: &B::Tensor) -> Result<B::Tensor> {
+        self.maybe("matmul", self.inner.matmul(x, w)?)
+    }
+    fn add(&self, a: &B::Tensor, b: &B::Tensor) -> Result<B::Tensor> {
+        self.maybe("add", self.inner.add(a, b)?)
+    }
+    fn silu_mul(&self, gate_up: &B::Tensor) -> Result<B::Tensor> {
+        self.maybe("silu_mul", self.inner.silu_mul(gate_up)?)
+    }
+    fn slice_columns(&self, x: &B::Tensor, start: usize, len: usize) -> Result<B::Tensor> {
+        self.maybe("slice_columns", self.inner.slice_columns(x, start, len)?)
+    }
+    fn rope(&self, x: &B::Tensor, batch: &B::Batch, cfg: &AttentionConfig) -> Result<B::Tensor> {
+        self.maybe("rope", self.inner.rope(x, batch, cfg)?)
+    }
+    fn write_kv(
+        &self,
+        cache: &mut LayerKv<Self>,
+        k: &B::Tensor,
+        v: &B::Tensor,
+        batch: &B::Batch,
+    ) -> Result<()> {
+        let mut inner = LayerKv::<B> { k: cache.k.clone(), v: cache.v.clone() };
+        self.inner.write_kv(&mut inner, k, v, batch)?;
+        cache.k = inner.k;
+        cache.v = inner.v;
+        Ok(())
+    }
+    fn attention(
+        &self,
+        q: &B::Tensor,
+        cache: &LayerKv<Self>,
+        batch: &B::Batch,
+        cfg: &AttentionConfig,
+    ) -> Result<B::Tensor> {
+        let inner = LayerKv::<B> { k: cache.k.clone(), v: cache.v.clone() };
+        self.maybe("attention", self.inner.attention(q, &inner, batch, cfg)?)
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.inner.synchronize()
+    }
+}
+
+/// Proptest cases per op: `QFUSE_CONFORMANCE_CASES`, default 24.
+pub fn cases() -> u32 {
+    std::env::var("QFUSE_CONFORMANCE_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(24)
+}
+
+/// The backend under test, built once per test binary; `None` (with a printed notice) when the
+/// device is missing, unless `QFUSE_REQUIRE_GPU=1`.
+pub fn backend_or_skip<B: Backend>(
+    cell: &'static std::sync::OnceLock<Option<B>>,
+    make: impl FnOnce() -> Result<B>,
+) -> Option<&'static B> {
+    cell.get_or_init(|| match make() {
+        Ok(b) => Some(b),
+        Err(Error::NoDevice(why)) if std::env::var("QFUSE_REQUIRE_GPU").as_deref() != Ok("1") => {
+            eprintln!("skipping {} conformance tests: no device ({why})", B::NAME);
+            None
+        }
+        Err(e) => panic!("could not create the {} backend: {e}", B::NAME),
+    })
+    .as_ref()
+}
+
+/// Emits `#[test]`s (proptest, [`cases`] each) checking every op of a backend against a reference.
+#[macro_export]
+macro_rules! backend_tests {
+    (backend: $ty:ty = $make:expr, reference: $rty:ty = $rmake:expr, tolerance: $tol:expr) => {
+        mod conformance {
+            use super::*;
+            use $crate::testing::proptest::prelude::*;
+
+            static BACKEND: ::std::sync::OnceLock<Option<$ty>> = ::std::sync::OnceLock::new();
+
+            fn run(
+                seed: u64,
+                check: fn(&$ty, &$rty, $crate::testing::Tolerance, u64) -> $crate::Result<()>,
+            ) -> ::std::result::Result<(), TestCaseError> {
+                let Some(b) = $crate::testing::backend_or_skip(&BACKEND, || $make) else {
+                    return Ok(());
+                };
+                let r: $rty = $rmake;
+                check(b, &r, $tol, seed).map_err(|e| TestCaseError::fail(e.to_string()))
+            }
+
+            proptest! {
+                #![proptest_config(ProptestConfig::with_cases($crate::testing::cases()))]
+                #[test] fn gather_rows_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_gather_rows)? }
+                #[test] fn rms_norm_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_rms_norm)? }
+                #[test] fn matmul_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_matmul)? }
+                #[test] fn elementwise_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_elementwise)? }
+                #[test] fn rope_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_rope)? }
+                #[test] fn attention_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_attention)? }
+                #[test] fn qk_norm_rope_write_kv_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_qk_norm_rope_write_kv)? }
+                #[test] fn fused_matmuls_match_reference(s in any::<u64>()) { run(s, $crate::testing::check_fused_matmuls)? }
+                #[test] fn argmax_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_argmax)? }
+            }
+        }
+    };
+}
