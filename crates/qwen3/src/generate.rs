@@ -1,0 +1,171 @@
+//! Greedy generation of several sequences at once over the paged KV cache: one batched prefill,
+//! then one batched decode step per token.
+use qfuse_core::{Backend, BatchInfo, Error, HostTensor, Result, SeqChunk};
+
+use crate::{Logits, Qwen3};
+
+/// Cache positions per block used by [`generate_greedy`].
+pub const BLOCK_SIZE: usize = 16;
+
+/// One sequence to continue.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Prompt token ids (at least one).
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_new_tokens: usize,
+    /// Generation stops after emitting any of these (empty: never).
+    pub stop_ids: Vec<u32>,
+    /// How many of the largest raw logits to report per generated token (0: none).
+    pub top_logits: usize,
+}
+
+/// Why a sequence stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It generated `max_new_tokens` tokens.
+    Length,
+    /// It emitted a stop id (the id is included in the output).
+    Stop,
+}
+
+impl FinishReason {
+    /// `"length"` or `"stop"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+        }
+    }
+}
+
+/// The largest logits at one generation step, largest first (lower id first on ties).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepLogits {
+    /// Token ids.
+    pub top_ids: Vec<u32>,
+    /// Their raw logits.
+    pub top_logits: Vec<f64>,
+}
+
+/// What one request produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// Generated ids.
+    pub new_ids: Vec<u32>,
+    /// Why generation stopped.
+    pub finish_reason: FinishReason,
+    /// Per generated token, the top logits when asked for.
+    pub steps: Vec<StepLogits>,
+}
+
+/// Rejects a request the model cannot run, naming the offending value.
+pub fn validate<B: Backend>(model: &Qwen3<B>, r: &Request) -> Result<()> {
+    let cfg = model.config();
+    if r.prompt.is_empty() {
+        return Err(Error::invalid("generate", "the prompt is empty"));
+    }
+    if let Some((i, id)) = r.prompt.iter().enumerate().find(|(_, &id)| id as usize >= cfg.vocab_size) {
+        return Err(Error::invalid(
+            "generate",
+            format!("prompt token id {id} at index {i} is out of range (vocab_size {})", cfg.vocab_size),
+        ));
+    }
+    let total = r.prompt.len() + r.max_new_tokens;
+    if total > cfg.max_position_embeddings {
+        return Err(Error::invalid(
+            "generate",
+            format!(
+                "prompt ({} tokens) + max new tokens ({}) = {total} exceeds max_position_embeddings {}",
+                r.prompt.len(),
+                r.max_new_tokens,
+                cfg.max_position_embeddings
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The `k` largest values of `row`, largest first, lower index first on ties.
+pub fn top_k(row: &[f64], k: usize) -> StepLogits {
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+    idx.truncate(k);
+    StepLogits { top_logits: idx.iter().map(|&i| row[i as usize]).collect(), top_ids: idx }
+}
+
+struct Seq {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    cached: usize,
+    table: Vec<u32>,
+    steps: Vec<StepLogits>,
+    finished: Option<FinishReason>,
+}
+
+/// Greedy continuation of every request, batched: all prompts in one prefill, then all unfinished
+/// sequences in one decode step per token.
+pub fn generate_greedy<B: Backend>(model: &Qwen3<B>, b: &B, requests: &[Request]) -> Result<Vec<Generation>> {
+    for r in requests {
+        validate(model, r)?;
+    }
+    let blocks: usize =
+        requests.iter().map(|r| (r.prompt.len() + r.max_new_tokens).div_ceil(BLOCK_SIZE)).sum();
+    let mut cache = model.new_cache(b, blocks.max(1), BLOCK_SIZE)?;
+    let mut seqs: Vec<Seq> = requests
+        .iter()
+        .map(|r| Seq {
+            tokens: r.prompt.clone(),
+            prompt_len: r.prompt.len(),
+            cached: 0,
+            table: Vec::new(),
+            steps: Vec::new(),
+            finished: (r.max_new_tokens == 0).then_some(FinishReason::Length),
+        })
+        .collect();
+    loop {
+        let active: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finished.is_none()).collect();
+        if active.is_empty() {
+            break;
+        }
+        let (mut ids, mut chunks) = (Vec::new(), Vec::new());
+        for &i in &active {
+            let s = &mut seqs[i];
+            cache.allocator().reserve(&mut s.table, s.tokens.len())?;
+            ids.extend_from_slice(&s.tokens[s.cached..]);
+            chunks.push(SeqChunk { start_pos: s.cached, len: s.tokens.len() - s.cached, block_table: s.table.clone() });
+        }
+        let batch = BatchInfo::new(BLOCK_SIZE, chunks)?;
+        let logits = model.forward(b, &ids, &batch, &mut cache, Logits::LastPerSequence)?;
+        let next = b.argmax(&logits)?;
+        let want_top = active.iter().any(|&i| requests[i].top_logits > 0);
+        let host: Option<HostTensor> = if want_top { Some(b.download(&logits)?) } else { None };
+        let host = host.map(|h| h.to_f64_vec());
+        let vocab = model.config().vocab_size;
+        for (row, &i) in active.iter().enumerate() {
+            let (s, r) = (&mut seqs[i], &requests[i]);
+            s.cached = s.tokens.len();
+            let id = next[row];
+            s.tokens.push(id);
+            if let (Some(h), true) = (&host, r.top_logits > 0) {
+                s.steps.push(top_k(&h[row * vocab..(row + 1) * vocab], r.top_logits));
+            }
+            if r.stop_ids.contains(&id) {
+                s.finished = Some(FinishReason::Stop);
+            } else if s.tokens.len() - s.prompt_len >= r.max_new_tokens {
+                s.finished = Some(FinishReason::Length);
+            }
+            if s.finished.is_some() {
+                cache.allocator().release(&mut s.table);
+            }
+        }
+    }
+    Ok(seqs
+        .into_iter()
+        .map(|s| Generation {
+            new_ids: s.tokens[s.prompt_len..].to_vec(),
+            finish_reason: s.finished.unwrap_or(FinishReason::Length),
+            steps: s.steps,
+        })
+        .collect())
+}

@@ -1,0 +1,259 @@
+//! Qwen3, written once over any [`Backend`].
+//!
+//! Per layer: `h = x + o_proj(attn(input_layernorm(x)))`, `x' = h + down(silu(gate(n)) * up(n))`
+//! with `n = post_attention_layernorm(h)`; q/k get per-head RMSNorm before split-half RoPE; no
+//! embedding scaling, no biases. q/k/v and gate/up are fused into one matrix each at load time.
+use std::path::Path;
+
+use qfuse_core::{Backend, BatchInfo, Error, HostTensor, KvCache, Result};
+
+use crate::{Checkpoint, Config};
+
+/// Which rows of logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Every token of the batch: `[T, vocab]` (teacher forcing, scoring).
+    All,
+    /// The last token of each sequence: `[sequences, vocab]` (generation).
+    LastPerSequence,
+}
+
+/// Attention weights of one layer.
+#[derive(Debug)]
+pub struct Attention<B: Backend> {
+    /// `q_proj`, `k_proj`, `v_proj` stacked: `[(heads + 2 kv_heads) * head_dim, hidden]`.
+    pub qkv_proj: B::Tensor,
+    /// Per-head query RMSNorm gains `[head_dim]`.
+    pub q_norm: B::Tensor,
+    /// Per-head key RMSNorm gains `[head_dim]`.
+    pub k_norm: B::Tensor,
+    /// `[hidden, heads * head_dim]`.
+    pub o_proj: B::Tensor,
+}
+
+/// MLP weights of one layer.
+#[derive(Debug)]
+pub struct Mlp<B: Backend> {
+    /// `gate_proj` and `up_proj` stacked: `[2 * intermediate, hidden]`.
+    pub gate_up_proj: B::Tensor,
+    /// `[hidden, intermediate]`.
+    pub down_proj: B::Tensor,
+}
+
+/// One decoder layer.
+#[derive(Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Gains of the pre-attention RMSNorm.
+    pub input_layernorm: B::Tensor,
+    /// Self-attention.
+    pub self_attn: Attention<B>,
+    /// Gains of the pre-MLP RMSNorm.
+    pub post_attention_layernorm: B::Tensor,
+    /// The MLP.
+    pub mlp: Mlp<B>,
+}
+
+/// The points of a forward pass an inspector sees, in order, per layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Token embeddings `[T, hidden]` (layer 0).
+    Embedding,
+    /// Fused input norm + QKV projection `[T, qkv_width]`.
+    Qkv,
+    /// Queries after q-norm and RoPE `[T, heads * head_dim]` (keys and values went to the cache).
+    QueryRope,
+    /// Attention output `[T, heads * head_dim]`.
+    Attention,
+    /// Residual stream after attention `[T, hidden]`.
+    AttentionResidual,
+    /// SiLU(gate) * up `[T, intermediate]`.
+    MlpActivation,
+    /// Residual stream after the MLP: the layer's output `[T, hidden]`.
+    LayerOutput,
+    /// Logits (after the final norm and `lm_head`).
+    Logits,
+}
+
+/// Qwen3ForCausalLM.
+#[derive(Debug)]
+pub struct Qwen3<B: Backend> {
+    cfg: Config,
+    embed_tokens: B::Tensor,
+    layers: Vec<DecoderLayer<B>>,
+    norm: B::Tensor,
+    lm_head: B::Tensor,
+}
+
+/// Every tensor the checkpoint must hold for `cfg`, with its shape.
+pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let (h, d, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+    let mut t = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        t.extend([
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.q_norm.weight"), vec![d]),
+            (format!("{p}.self_attn.k_norm.weight"), vec![d]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+        ]);
+    }
+    t.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        t.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+    }
+    t
+}
+
+/// Uploads tensors stacked along rows; parts in different storage dtypes are widened to f32 first.
+fn upload_stacked<B: Backend>(b: &B, ckpt: &Checkpoint, names: &[String]) -> Result<B::Tensor> {
+    let parts = names.iter().map(|n| ckpt.tensor(n)).collect::<Result<Vec<HostTensor>>>()?;
+    let same = parts.iter().all(|p| p.dtype() == parts[0].dtype());
+    let parts: Vec<HostTensor> = if same {
+        parts
+    } else {
+        parts.iter().map(|p| p.to_dtype(qfuse_core::DType::F32)).collect()
+    };
+    b.upload(&HostTensor::concat_rows(&parts.iter().collect::<Vec<_>>())?)
+}
+
+impl<B: Backend> Qwen3<B> {
+    /// Loads `dir` (config.json + safetensors) onto the backend.
+    pub fn load(b: &B, dir: &Path) -> Result<Self> {
+        let cfg = Config::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::from_checkpoint(b, cfg, &ckpt)
+    }
+
+    /// Builds the model from an open checkpoint. Every expected tensor is checked for presence,
+    /// dtype and shape before anything is uploaded.
+    pub fn from_checkpoint(b: &B, cfg: Config, ckpt: &Checkpoint) -> Result<Self> {
+        for (name, shape) in expected_tensors(&cfg) {
+            ckpt.check(&name, &shape)?;
+        }
+        let up = |name: &str| b.upload(&ckpt.tensor(name)?);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let names = |parts: &[&str]| parts.iter().map(|s| format!("{p}.{s}.weight")).collect::<Vec<_>>();
+            layers.push(DecoderLayer {
+                input_layernorm: up(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    qkv_proj: upload_stacked(
+                        b,
+                        ckpt,
+                        &names(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+                    )?,
+                    q_norm: up(&format!("{p}.self_attn.q_norm.weight"))?,
+                    k_norm: up(&format!("{p}.self_attn.k_norm.weight"))?,
+                    o_proj: up(&format!("{p}.self_attn.o_proj.weight"))?,
+                },
+                post_attention_layernorm: up(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_up_proj: upload_stacked(b, ckpt, &names(&["mlp.gate_proj", "mlp.up_proj"]))?,
+                    down_proj: up(&format!("{p}.mlp.down_proj.weight"))?,
+                },
+            });
+        }
+        let embed_tokens = up("model.embed_tokens.weight")?;
+        let lm_head = if cfg.tie_word_embeddings { embed_tokens.clone() } else { up("lm_head.weight")? };
+        Ok(Qwen3 { embed_tokens, layers, norm: up("model.norm.weight")?, lm_head, cfg })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The decoder layers.
+    pub fn layers(&self) -> &[DecoderLayer<B>] {
+        &self.layers
+    }
+
+    /// An empty paged KV cache for this model.
+    pub fn new_cache(&self, b: &B, num_blocks: usize, block_size: usize) -> Result<KvCache<B>> {
+        let c = &self.cfg;
+        KvCache::new(b, c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+    }
+
+    /// One forward pass over a batch of sequences' new tokens (`ids` flattened in batch order).
+    /// Writes their keys and values to `cache` and returns logits as `logits` asks.
+    pub fn forward(
+        &self,
+        b: &B,
+        ids: &[u32],
+        batch: &BatchInfo,
+        cache: &mut KvCache<B>,
+        logits: Logits,
+    ) -> Result<B::Tensor> {
+        self.forward_inspect(b, ids, batch, cache, logits, &mut |_, _, _| Ok(()))
+    }
+
+    /// [`Qwen3::forward`], calling `inspect(layer, stage, tensor)` at every [`Stage`]; an error
+    /// from `inspect` stops the pass (numerics checks, layer-by-layer diffing).
+    pub fn forward_inspect(
+        &self,
+        b: &B,
+        ids: &[u32],
+        batch: &BatchInfo,
+        cache: &mut KvCache<B>,
+        logits: Logits,
+        inspect: &mut dyn FnMut(usize, Stage, &B::Tensor) -> Result<()>,
+    ) -> Result<B::Tensor> {
+        if ids.len() != batch.num_tokens() {
+            return Err(Error::invalid(
+                "Qwen3::forward",
+                format!("{} ids for a batch of {} tokens", ids.len(), batch.num_tokens()),
+            ));
+        }
+        if batch.max_context() > self.cfg.max_position_embeddings {
+            return Err(Error::invalid(
+                "Qwen3::forward",
+                format!(
+                    "context of {} tokens exceeds max_position_embeddings {}",
+                    batch.max_context(),
+                    self.cfg.max_position_embeddings
+                ),
+            ));
+        }
+        let (eps, attn) = (self.cfg.rms_norm_eps, self.cfg.attention());
+        let dev_batch = b.prepare_batch(batch)?;
+        // 1. Embedding lookup, unscaled: [T] -> [T, hidden]
+        let mut x = b.gather_rows(&self.embed_tokens, ids)?;
+        inspect(0, Stage::Embedding, &x)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let a = &layer.self_attn;
+            // 2. input_layernorm + QKV projection: [T, hidden] -> [T, (H + 2 KV) D]
+            let qkv = b.rms_norm_matmul(&x, &layer.input_layernorm, &a.qkv_proj, eps)?;
+            inspect(l, Stage::Qkv, &qkv)?;
+            // 3. Per-head q/k RMSNorm, RoPE, K/V into the paged cache: -> q [T, H D]
+            let q = b.qk_norm_rope_write_kv(&qkv, &a.q_norm, &a.k_norm, cache.layer_mut(l), &dev_batch, &attn)?;
+            inspect(l, Stage::QueryRope, &q)?;
+            // 4. Causal GQA attention over each sequence's cache: -> [T, H D]
+            let o = b.attention(&q, cache.layer(l), &dev_batch, &attn)?;
+            inspect(l, Stage::Attention, &o)?;
+            // 5. o_proj, residual add and post_attention_layernorm: -> h, n [T, hidden]
+            let (h, n) = b.add_rms_norm(&b.matmul(&o, &a.o_proj)?, &x, &layer.post_attention_layernorm, eps)?;
+            inspect(l, Stage::AttentionResidual, &h)?;
+            // 6. MLP: silu(gate) * up, then down_proj with the residual: -> [T, hidden]
+            let g = b.matmul_silu_mul(&n, &layer.mlp.gate_up_proj)?;
+            inspect(l, Stage::MlpActivation, &g)?;
+            x = b.matmul_add(&g, &layer.mlp.down_proj, &h)?;
+            inspect(l, Stage::LayerOutput, &x)?;
+        }
+        // 7. Final norm + lm_head, on the rows asked for: -> [rows, vocab]
+        if logits == Logits::LastPerSequence {
+            x = b.gather_rows(&x, &batch.last_rows())?;
+        }
+        let out = b.rms_norm_matmul(&x, &self.norm, &self.lm_head, eps)?;
+        inspect(self.layers.len().saturating_sub(1), Stage::Logits, &out)?;
+        Ok(out)
+    }
+}
