@@ -3,7 +3,7 @@
 use crate::{AttentionConfig, Backend, DeviceTensor, Error, HostData, LayerKv, Result};
 
 /// `matmul(rms_norm(x, norm_w, eps), w)`.
-pub fn rms_norm_matmul<B: Backend + ?Sized>(
+pub fn rms_norm_matmul<B: Backend>(
     b: &B,
     x: &B::Tensor,
     norm_w: &B::Tensor,
@@ -14,7 +14,7 @@ pub fn rms_norm_matmul<B: Backend + ?Sized>(
 }
 
 /// `(h, rms_norm(h))` with `h = x + residual`.
-pub fn add_rms_norm<B: Backend + ?Sized>(
+pub fn add_rms_norm<B: Backend>(
     b: &B,
     x: &B::Tensor,
     residual: &B::Tensor,
@@ -27,7 +27,7 @@ pub fn add_rms_norm<B: Backend + ?Sized>(
 }
 
 /// Split `qkv`, per-head norms, RoPE, cache write; returns q.
-pub fn qk_norm_rope_write_kv<B: Backend + ?Sized>(
+pub fn qk_norm_rope_write_kv<B: Backend>(
     b: &B,
     qkv: &B::Tensor,
     q_norm: &B::Tensor,
@@ -40,7 +40,10 @@ pub fn qk_norm_rope_write_kv<B: Backend + ?Sized>(
     if width != cfg.qkv_width() {
         return Err(Error::invalid(
             "qk_norm_rope_write_kv",
-            format!("qkv has {width} columns, the attention config needs {}", cfg.qkv_width()),
+            format!(
+                "qkv has {width} columns, the attention config needs {}",
+                cfg.qkv_width()
+            ),
         ));
     }
     let q_width = cfg.num_heads * cfg.head_dim;
@@ -58,7 +61,7 @@ pub fn qk_norm_rope_write_kv<B: Backend + ?Sized>(
 }
 
 /// `residual + matmul(x, w)`.
-pub fn matmul_add<B: Backend + ?Sized>(
+pub fn matmul_add<B: Backend>(
     b: &B,
     x: &B::Tensor,
     w: &B::Tensor,
@@ -68,7 +71,7 @@ pub fn matmul_add<B: Backend + ?Sized>(
 }
 
 /// `silu_mul(matmul(x, w_gate_up))`.
-pub fn matmul_silu_mul<B: Backend + ?Sized>(
+pub fn matmul_silu_mul<B: Backend>(
     b: &B,
     x: &B::Tensor,
     w_gate_up: &B::Tensor,
@@ -77,7 +80,7 @@ pub fn matmul_silu_mul<B: Backend + ?Sized>(
 }
 
 /// Row-wise argmax after downloading the logits (lowest index wins ties; NaN is an error).
-pub fn argmax_on_host<B: Backend + ?Sized>(b: &B, logits: &B::Tensor) -> Result<Vec<u32>> {
+pub fn argmax_on_host<B: Backend>(b: &B, logits: &B::Tensor) -> Result<Vec<u32>> {
     let host = b.download(logits)?;
     let (rows, cols) = host.shape().as_matrix("argmax")?;
     if cols == 0 {
@@ -93,7 +96,10 @@ pub fn argmax_on_host<B: Backend + ?Sized>(b: &B, logits: &B::Tensor) -> Result<
             let mut best = 0;
             for (i, &x) in row.iter().enumerate() {
                 if x.is_nan() {
-                    return Err(Error::invalid("argmax", format!("NaN logit in row {r}, column {i}")));
+                    return Err(Error::invalid(
+                        "argmax",
+                        format!("NaN logit in row {r}, column {i}"),
+                    ));
                 }
                 if x > row[best] {
                     best = i;

@@ -45,12 +45,12 @@ pub enum Error {
     #[error("{0}")]
     Model(String),
     /// An I/O error, with the path involved.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The file or directory.
         path: String,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (printed in the message, so not chained as a source).
+        err: std::io::Error,
     },
     /// A backend-specific failure (driver, compiler, library).
     #[error(transparent)]
@@ -60,12 +60,19 @@ pub enum Error {
 impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::InvalidArgument { op, msg: msg.into() }
+        Error::InvalidArgument {
+            op,
+            msg: msg.into(),
+        }
     }
 
     /// Shorthand for [`Error::ShapeMismatch`].
     pub fn shape(op: &'static str, lhs: &Shape, rhs: &Shape) -> Self {
-        Error::ShapeMismatch { op, lhs: lhs.clone(), rhs: rhs.clone() }
+        Error::ShapeMismatch {
+            op,
+            lhs: lhs.clone(),
+            rhs: rhs.clone(),
+        }
     }
 }
 

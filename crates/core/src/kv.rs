@@ -46,7 +46,10 @@ impl BatchInfo {
             (Vec::new(), Vec::new(), Vec::new(), vec![0]);
         for (s, seq) in seqs.iter().enumerate() {
             if seq.len == 0 {
-                return Err(Error::invalid(OP, format!("sequence {s} has no new tokens")));
+                return Err(Error::invalid(
+                    OP,
+                    format!("sequence {s} has no new tokens"),
+                ));
             }
             let end = seq.start_pos + seq.len;
             let need = end.div_ceil(block_size);
@@ -67,7 +70,14 @@ impl BatchInfo {
             }
             row_starts.push(positions.len());
         }
-        Ok(BatchInfo { block_size, seqs, row_starts, positions, slots, token_seq })
+        Ok(BatchInfo {
+            block_size,
+            seqs,
+            row_starts,
+            positions,
+            slots,
+            token_seq,
+        })
     }
 
     /// Tokens in the batch (`T`).
@@ -113,12 +123,19 @@ impl BatchInfo {
 
     /// The last row of every sequence: the rows whose logits decoding needs.
     pub fn last_rows(&self) -> Vec<u32> {
-        self.row_starts[1..].iter().map(|&r| (r - 1) as u32).collect()
+        self.row_starts[1..]
+            .iter()
+            .map(|&r| (r - 1) as u32)
+            .collect()
     }
 
     /// The longest context any sequence attends to after this batch.
     pub fn max_context(&self) -> usize {
-        self.seqs.iter().map(|s| s.start_pos + s.len).max().unwrap_or(0)
+        self.seqs
+            .iter()
+            .map(|s| s.start_pos + s.len)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -150,9 +167,14 @@ impl BlockAllocator {
     /// # Errors
     /// [`Error::CacheFull`] if too few blocks are free; `table` is then unchanged.
     pub fn reserve(&mut self, table: &mut Vec<u32>, positions: usize) -> Result<()> {
-        let need = positions.div_ceil(self.block_size).saturating_sub(table.len());
+        let need = positions
+            .div_ceil(self.block_size)
+            .saturating_sub(table.len());
         if need > self.free.len() {
-            return Err(Error::CacheFull { needed: need, free: self.free.len() });
+            return Err(Error::CacheFull {
+                needed: need,
+                free: self.free.len(),
+            });
         }
         let at = self.free.len() - need;
         table.extend(self.free.drain(at..).rev());
@@ -194,13 +216,25 @@ impl<B: Backend> KvCache<B> {
         head_dim: usize,
     ) -> Result<Self> {
         if block_size == 0 || num_blocks == 0 {
-            return Err(Error::invalid("KvCache::new", "block size and block count must be positive"));
+            return Err(Error::invalid(
+                "KvCache::new",
+                "block size and block count must be positive",
+            ));
         }
         let shape = Shape::new([num_blocks, block_size, kv_heads, head_dim]);
         let layers = (0..num_layers)
-            .map(|_| Ok(LayerKv { k: b.zeros(&shape, b.kv_dtype())?, v: b.zeros(&shape, b.kv_dtype())? }))
+            .map(|_| {
+                Ok(LayerKv {
+                    k: b.zeros(&shape, b.kv_dtype())?,
+                    v: b.zeros(&shape, b.kv_dtype())?,
+                })
+            })
             .collect::<Result<_>>()?;
-        Ok(KvCache { layers, allocator: BlockAllocator::new(num_blocks, block_size), block_size })
+        Ok(KvCache {
+            layers,
+            allocator: BlockAllocator::new(num_blocks, block_size),
+            block_size,
+        })
     }
 
     /// Cache positions per block.
@@ -233,8 +267,16 @@ mod tests {
         let b = BatchInfo::new(
             4,
             vec![
-                SeqChunk { start_pos: 0, len: 3, block_table: vec![7] },
-                SeqChunk { start_pos: 6, len: 1, block_table: vec![2, 5] },
+                SeqChunk {
+                    start_pos: 0,
+                    len: 3,
+                    block_table: vec![7],
+                },
+                SeqChunk {
+                    start_pos: 6,
+                    len: 1,
+                    block_table: vec![2, 5],
+                },
             ],
         )
         .unwrap();
@@ -248,8 +290,15 @@ mod tests {
 
     #[test]
     fn short_block_table_is_rejected() {
-        let err = BatchInfo::new(4, vec![SeqChunk { start_pos: 3, len: 2, block_table: vec![0] }])
-            .unwrap_err();
+        let err = BatchInfo::new(
+            4,
+            vec![SeqChunk {
+                start_pos: 3,
+                len: 2,
+                block_table: vec![0],
+            }],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("need 2 blocks"), "{err}");
     }
 
@@ -259,7 +308,10 @@ mod tests {
         let mut t = Vec::new();
         a.reserve(&mut t, 3).unwrap();
         assert_eq!(t.len(), 2);
-        assert!(matches!(a.reserve(&mut t, 7), Err(Error::CacheFull { needed: 2, free: 1 })));
+        assert!(matches!(
+            a.reserve(&mut t, 7),
+            Err(Error::CacheFull { needed: 2, free: 1 })
+        ));
         assert_eq!(t.len(), 2);
         a.release(&mut t);
         assert_eq!(a.num_free(), 3);

@@ -34,7 +34,10 @@ impl Shape {
     pub fn as_matrix(&self, op: &'static str) -> Result<(usize, usize)> {
         match self.0.as_slice() {
             [r, c] => Ok((*r, *c)),
-            _ => Err(Error::invalid(op, format!("expected a matrix, got shape {self}"))),
+            _ => Err(Error::invalid(
+                op,
+                format!("expected a matrix, got shape {self}"),
+            )),
         }
     }
 }
@@ -114,7 +117,11 @@ impl HostTensor {
         if shape.numel() != data.len() {
             return Err(Error::invalid(
                 "HostTensor::new",
-                format!("shape {shape} needs {} elements, got {}", shape.numel(), data.len()),
+                format!(
+                    "shape {shape} needs {} elements, got {}",
+                    shape.numel(),
+                    data.len()
+                ),
             ));
         }
         Ok(HostTensor { shape, data })
@@ -132,18 +139,30 @@ impl HostTensor {
         if bytes.len() != want {
             return Err(Error::invalid(
                 "HostTensor::from_le_bytes",
-                format!("{dtype} tensor of shape {shape} needs {want} bytes, got {}", bytes.len()),
+                format!(
+                    "{dtype} tensor of shape {shape} needs {want} bytes, got {}",
+                    bytes.len()
+                ),
             ));
         }
         let data = match dtype {
             DType::BF16 => HostData::BF16(
-                bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect(),
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
             ),
             DType::F16 => HostData::F16(
-                bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect(),
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
             ),
             DType::F32 => HostData::F32(
-                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
             ),
             DType::F64 => HostData::F64(
                 bytes
@@ -197,13 +216,18 @@ impl HostTensor {
             DType::F32 => HostData::F32(v.iter().map(|&x| x as f32).collect()),
             DType::F64 => HostData::F64(v),
         };
-        HostTensor { shape: self.shape.clone(), data }
+        HostTensor {
+            shape: self.shape.clone(),
+            data,
+        }
     }
 
     /// Matrices stacked along rows: `[r1, c] ++ [r2, c] -> [r1 + r2, c]`, all in the dtype of the
     /// first. Used to fuse projection weights (q/k/v, gate/up) at load time.
     pub fn concat_rows(parts: &[&HostTensor]) -> Result<HostTensor> {
-        let first = parts.first().ok_or_else(|| Error::invalid("concat_rows", "no tensors"))?;
+        let first = parts
+            .first()
+            .ok_or_else(|| Error::invalid("concat_rows", "no tensors"))?;
         let (_, cols) = first.shape.as_matrix("concat_rows")?;
         let dtype = first.dtype();
         let mut rows = 0;
@@ -241,7 +265,7 @@ mod tests {
 
     #[test]
     fn le_bytes_round_trip_for_every_dtype() {
-        let vals = [1.5, -2.0, 1e4, 0.0078125];
+        let vals = [1.5, -2.0, 8192.0, 0.0078125];
         let t = HostTensor::from_f64([2, 2], vals.to_vec()).unwrap();
         for dtype in [DType::BF16, DType::F16, DType::F32, DType::F64] {
             let typed = t.to_dtype(dtype);

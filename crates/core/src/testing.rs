@@ -3,7 +3,7 @@
 //! with scattered cache blocks), compared by `‖out − ref‖ / ‖ref‖`.
 //!
 //! A backend crate instantiates it with one line in `tests/conformance.rs`:
-//! ```ignore
+//! ```text
 //! qfuse_core::backend_tests!(backend: CudaBackend = CudaBackend::new(0),
 //!                            reference: CpuRef = CpuRef::new(), tolerance: Tolerance::BF16);
 //! ```
@@ -36,7 +36,12 @@ pub fn rel_error(out: &[f64], reference: &[f64]) -> f64 {
     if out.len() != reference.len() || out.iter().any(|x| !x.is_finite()) {
         return f64::INFINITY;
     }
-    let diff: f64 = out.iter().zip(reference).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+    let diff: f64 = out
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
     let norm: f64 = reference.iter().map(|b| b * b).sum::<f64>().sqrt();
     if norm == 0.0 {
         diff
@@ -84,7 +89,9 @@ impl Rng {
 
 /// Values rounded to bf16 so that every backend, whatever it stores, sees exactly these inputs.
 fn bf16_exact(shape: impl Into<Shape>, v: Vec<f64>) -> Result<HostTensor> {
-    Ok(HostTensor::from_f64(shape, v)?.to_dtype(DType::BF16).to_dtype(DType::F64))
+    Ok(HostTensor::from_f64(shape, v)?
+        .to_dtype(DType::BF16)
+        .to_dtype(DType::F64))
 }
 
 /// Activations `[rows, cols]`: N(0, 1), with up to two outlier channels of magnitude ~1e4 when
@@ -105,12 +112,20 @@ pub fn activations(rng: &mut Rng, rows: usize, cols: usize, outliers: bool) -> R
 /// A weight matrix `[out, inp]` scaled like a trained projection (std `1/sqrt(inp)`).
 pub fn weights(rng: &mut Rng, out: usize, inp: usize) -> Result<HostTensor> {
     let s = 1.0 / (inp.max(1) as f64).sqrt();
-    bf16_exact([out, inp], (0..out * inp).map(|_| rng.normal() * s).collect())
+    bf16_exact(
+        [out, inp],
+        (0..out * inp).map(|_| rng.normal() * s).collect(),
+    )
 }
 
 /// Norm gains `[n]`, uniform in `(0, max_gain]` (Qwen3's k_norm gains reach ~100).
 pub fn gains(rng: &mut Rng, n: usize, max_gain: f64) -> Result<HostTensor> {
-    bf16_exact([n], (0..n).map(|_| max_gain * (0.02 + 0.98 * rng.uniform())).collect())
+    bf16_exact(
+        [n],
+        (0..n)
+            .map(|_| max_gain * (0.02 + 0.98 * rng.uniform()))
+            .collect(),
+    )
 }
 
 /// Compares one tensor of each backend.
@@ -132,7 +147,12 @@ pub fn assert_close<B: Backend, R: Backend>(
     } else {
         Err(Error::invalid(
             "conformance",
-            format!("{what}: {} vs {}: relative error {err:.3e} > {:.1e}", B::NAME, R::NAME, tol.rel),
+            format!(
+                "{what}: {} vs {}: relative error {err:.3e} > {:.1e}",
+                B::NAME,
+                R::NAME,
+                tol.rel
+            ),
         ))
     }
 }
@@ -147,27 +167,56 @@ pub fn upload2<B: Backend, R: Backend>(
 }
 
 /// `gather_rows` on a random table and ids.
-pub fn check_gather_rows<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+pub fn check_gather_rows<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    tol: Tolerance,
+    seed: u64,
+) -> Result<()> {
     let mut rng = Rng::new(seed);
     let (n, c) = (1 + rng.below(300), 1 + rng.below(200));
-    let ids: Vec<u32> = (0..1 + rng.below(20)).map(|_| rng.below(n) as u32).collect();
+    let ids: Vec<u32> = (0..1 + rng.below(20))
+        .map(|_| rng.below(n) as u32)
+        .collect();
     let (tb, tr) = upload2(b, r, &activations(&mut rng, n, c, true)?)?;
-    assert_close("gather_rows", b, &b.gather_rows(&tb, &ids)?, r, &r.gather_rows(&tr, &ids)?, tol)?;
+    assert_close(
+        "gather_rows",
+        b,
+        &b.gather_rows(&tb, &ids)?,
+        r,
+        &r.gather_rows(&tr, &ids)?,
+        tol,
+    )?;
     if b.gather_rows(&tb, &[n as u32]).is_ok() {
-        return Err(Error::invalid("conformance", "gather_rows accepted an out-of-range id"));
+        return Err(Error::invalid(
+            "conformance",
+            "gather_rows accepted an out-of-range id",
+        ));
     }
     Ok(())
 }
 
 /// `rms_norm` over whole rows and over head-sized groups, gains up to 100, outlier activations.
-pub fn check_rms_norm<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+pub fn check_rms_norm<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    tol: Tolerance,
+    seed: u64,
+) -> Result<()> {
     let mut rng = Rng::new(seed);
     let (t, g) = (1 + rng.below(9), 1 + rng.below(200));
     let c = g * (1 + rng.below(4));
     let (xb, xr) = upload2(b, r, &activations(&mut rng, t, c, true)?)?;
     let (wb, wr) = upload2(b, r, &gains(&mut rng, g, 100.0)?)?;
     let eps = [1e-6, 1e-5][rng.below(2)];
-    assert_close("rms_norm", b, &b.rms_norm(&xb, &wb, eps)?, r, &r.rms_norm(&xr, &wr, eps)?, tol)
+    assert_close(
+        "rms_norm",
+        b,
+        &b.rms_norm(&xb, &wb, eps)?,
+        r,
+        &r.rms_norm(&xr, &wr, eps)?,
+        tol,
+    )
 }
 
 /// `matmul`, including odd sizes.
@@ -176,11 +225,23 @@ pub fn check_matmul<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: 
     let (t, k, n) = (1 + rng.below(12), 1 + rng.below(400), 1 + rng.below(400));
     let (xb, xr) = upload2(b, r, &activations(&mut rng, t, k, false)?)?;
     let (wb, wr) = upload2(b, r, &weights(&mut rng, n, k)?)?;
-    assert_close("matmul", b, &b.matmul(&xb, &wb)?, r, &r.matmul(&xr, &wr)?, tol)
+    assert_close(
+        "matmul",
+        b,
+        &b.matmul(&xb, &wb)?,
+        r,
+        &r.matmul(&xr, &wr)?,
+        tol,
+    )
 }
 
 /// `add`, `silu_mul` and `slice_columns`.
-pub fn check_elementwise<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+pub fn check_elementwise<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    tol: Tolerance,
+    seed: u64,
+) -> Result<()> {
     let mut rng = Rng::new(seed);
     let (t, i) = (1 + rng.below(9), 1 + rng.below(300));
     let (xb, xr) = upload2(b, r, &activations(&mut rng, t, 2 * i, true)?)?;
@@ -226,7 +287,11 @@ impl AttentionCase {
                 (rng.below(max_context.saturating_sub(len).max(1)), len)
             })
             .collect();
-        let num_blocks: usize = lens.iter().map(|(s, l)| (s + l).div_ceil(block_size)).sum::<usize>() + 2;
+        let num_blocks: usize = lens
+            .iter()
+            .map(|(s, l)| (s + l).div_ceil(block_size))
+            .sum::<usize>()
+            + 2;
         let mut pool: Vec<u32> = (0..num_blocks as u32).collect();
         for i in (1..pool.len()).rev() {
             pool.swap(i, rng.below(i + 1));
@@ -234,8 +299,16 @@ impl AttentionCase {
         let (mut chunks, mut hist) = (Vec::new(), Vec::new());
         for (start, len) in lens {
             let table: Vec<u32> = pool.drain(..(start + len).div_ceil(block_size)).collect();
-            chunks.push(SeqChunk { start_pos: start, len, block_table: table.clone() });
-            hist.push(SeqChunk { start_pos: 0, len: start + len, block_table: table });
+            chunks.push(SeqChunk {
+                start_pos: start,
+                len,
+                block_table: table.clone(),
+            });
+            hist.push(SeqChunk {
+                start_pos: 0,
+                len: start + len,
+                block_table: table,
+            });
         }
         let cfg = AttentionConfig {
             num_heads,
@@ -255,7 +328,14 @@ impl AttentionCase {
     /// An empty one-layer cache for this case.
     pub fn cache<B: Backend>(&self, b: &B) -> Result<LayerKv<B>> {
         let bs = self.batch.block_size();
-        let c = KvCache::new(b, 1, self.num_blocks, bs, self.cfg.num_kv_heads, self.cfg.head_dim)?;
+        let c = KvCache::new(
+            b,
+            1,
+            self.num_blocks,
+            bs,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+        )?;
         Ok(c.layer(0).clone())
     }
 
@@ -267,7 +347,10 @@ impl AttentionCase {
         r: &R,
     ) -> Result<(LayerKv<B>, LayerKv<R>)> {
         let (mut cb, mut cr) = (self.cache(b)?, self.cache(r)?);
-        let (t, w) = (self.history.num_tokens(), self.cfg.num_kv_heads * self.cfg.head_dim);
+        let (t, w) = (
+            self.history.num_tokens(),
+            self.cfg.num_kv_heads * self.cfg.head_dim,
+        );
         let (kb, kr) = upload2(b, r, &activations(rng, t, w, false)?)?;
         let (vb, vr) = upload2(b, r, &activations(rng, t, w, false)?)?;
         b.write_kv(&mut cb, &kb, &vb, &b.prepare_batch(&self.history)?)?;
@@ -281,13 +364,29 @@ pub fn check_rope<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u6
     let mut rng = Rng::new(seed);
     let case = AttentionCase::random(&mut rng, 600)?;
     let c = case.cfg.num_heads * case.cfg.head_dim;
-    let (xb, xr) = upload2(b, r, &activations(&mut rng, case.batch.num_tokens(), c, false)?)?;
+    let (xb, xr) = upload2(
+        b,
+        r,
+        &activations(&mut rng, case.batch.num_tokens(), c, false)?,
+    )?;
     let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
-    assert_close("rope", b, &b.rope(&xb, &bb, &case.cfg)?, r, &r.rope(&xr, &br, &case.cfg)?, tol)
+    assert_close(
+        "rope",
+        b,
+        &b.rope(&xb, &bb, &case.cfg)?,
+        r,
+        &r.rope(&xr, &br, &case.cfg)?,
+        tol,
+    )
 }
 
 /// `write_kv` then `attention` over several sequences with history in scattered blocks.
-pub fn check_attention<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+pub fn check_attention<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    tol: Tolerance,
+    seed: u64,
+) -> Result<()> {
     let mut rng = Rng::new(seed);
     let case = AttentionCase::random(&mut rng, 300)?;
     let (cb, cr) = case.filled_caches(&mut rng, b, r)?;
@@ -312,7 +411,12 @@ pub fn check_qk_norm_rope_write_kv<B: Backend, R: Backend>(
     let mut rng = Rng::new(seed);
     let case = AttentionCase::random(&mut rng, 200)?;
     let (mut cb, mut cr) = case.filled_caches(&mut rng, b, r)?;
-    let qkv = activations(&mut rng, case.batch.num_tokens(), case.cfg.qkv_width(), true)?;
+    let qkv = activations(
+        &mut rng,
+        case.batch.num_tokens(),
+        case.cfg.qkv_width(),
+        true,
+    )?;
     let (xb, xr) = upload2(b, r, &qkv)?;
     let (qnb, qnr) = upload2(b, r, &gains(&mut rng, case.cfg.head_dim, 2.0)?)?;
     let (knb, knr) = upload2(b, r, &gains(&mut rng, case.cfg.head_dim, 100.0)?)?;
@@ -322,12 +426,20 @@ pub fn check_qk_norm_rope_write_kv<B: Backend, R: Backend>(
     assert_close("qk_norm_rope_write_kv (q)", b, &qb, r, &qr, tol)?;
     assert_close("qk_norm_rope_write_kv (keys)", b, &cb.k, r, &cr.k, tol)?;
     assert_close("qk_norm_rope_write_kv (values)", b, &cb.v, r, &cr.v, tol)?;
-    let (ab, ar) = (b.attention(&qb, &cb, &bb, &case.cfg)?, r.attention(&qr, &cr, &br, &case.cfg)?);
+    let (ab, ar) = (
+        b.attention(&qb, &cb, &bb, &case.cfg)?,
+        r.attention(&qr, &cr, &br, &case.cfg)?,
+    );
     assert_close("attention after qk_norm_rope_write_kv", b, &ab, r, &ar, tol)
 }
 
 /// The fused matmul family: `rms_norm_matmul`, `add_rms_norm`, `matmul_add`, `matmul_silu_mul`.
-pub fn check_fused_matmuls<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+pub fn check_fused_matmuls<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    tol: Tolerance,
+    seed: u64,
+) -> Result<()> {
     let mut rng = Rng::new(seed);
     let (t, k, n) = (1 + rng.below(9), 2 + rng.below(300), 1 + rng.below(300));
     let (xb, xr) = upload2(b, r, &activations(&mut rng, t, k, true)?)?;
@@ -350,7 +462,10 @@ pub fn check_fused_matmuls<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance,
     assert_close("add_rms_norm (sum)", b, &hb, r, &hr, tol)?;
     assert_close("add_rms_norm (norm)", b, &nbo, r, &nro, tol)?;
     let (nxb, nxr) = (b.rms_norm(&xb, &nb, eps)?, r.rms_norm(&xr, &nr, eps)?);
-    let (gb, gr) = (b.matmul_silu_mul(&nxb, &gub)?, r.matmul_silu_mul(&nxr, &gur)?);
+    let (gb, gr) = (
+        b.matmul_silu_mul(&nxb, &gub)?,
+        r.matmul_silu_mul(&nxr, &gur)?,
+    );
     assert_close("matmul_silu_mul", b, &gb, r, &gr, tol)?;
     assert_close(
         "matmul_add",
@@ -376,7 +491,12 @@ pub fn check_argmax<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: 
         if best - got > tol.rel * best.abs().max(1.0) {
             return Err(Error::invalid(
                 "conformance",
-                format!("argmax row {row}: {} chose {} ({got}), reference {} ({best})", B::NAME, ib[row], ir[row]),
+                format!(
+                    "argmax row {row}: {} chose {} ({got}), reference {} ({best})",
+                    B::NAME,
+                    ib[row],
+                    ir[row]
+                ),
             ));
         }
     }
@@ -398,7 +518,13 @@ pub struct Perturbed<B: Backend> {
 impl<B: Backend> Perturbed<B> {
     /// Perturbs the `call`-th (0-based) call of `op` (a [`Backend`] method name) by `1 + delta`.
     pub fn new(inner: B, op: &'static str, call: usize, delta: f64) -> Self {
-        Perturbed { inner, op, call, delta, calls: Default::default() }
+        Perturbed {
+            inner,
+            op,
+            call,
+            delta,
+            calls: Default::default(),
+        }
     }
 
     fn maybe(&self, op: &'static str, t: B::Tensor) -> Result<B::Tensor> {
@@ -410,8 +536,13 @@ impl<B: Backend> Perturbed<B> {
             return Ok(t);
         }
         let h = self.inner.download(&t)?;
-        let v = h.to_f64_vec().iter().map(|x| x * (1.0 + self.delta)).collect();
-        self.inner.upload(&HostTensor::from_f64(h.shape().clone(), v)?.to_dtype(h.dtype()))
+        let v = h
+            .to_f64_vec()
+            .iter()
+            .map(|x| x * (1.0 + self.delta))
+            .collect();
+        self.inner
+            .upload(&HostTensor::from_f64(h.shape().clone(), v)?.to_dtype(h.dtype()))
     }
 }
 
@@ -463,7 +594,10 @@ impl<B: Backend> Backend for Perturbed<B> {
         v: &B::Tensor,
         batch: &B::Batch,
     ) -> Result<()> {
-        let mut inner = LayerKv::<B> { k: cache.k.clone(), v: cache.v.clone() };
+        let mut inner = LayerKv::<B> {
+            k: cache.k.clone(),
+            v: cache.v.clone(),
+        };
         self.inner.write_kv(&mut inner, k, v, batch)?;
         cache.k = inner.k;
         cache.v = inner.v;
@@ -476,7 +610,10 @@ impl<B: Backend> Backend for Perturbed<B> {
         batch: &B::Batch,
         cfg: &AttentionConfig,
     ) -> Result<B::Tensor> {
-        let inner = LayerKv::<B> { k: cache.k.clone(), v: cache.v.clone() };
+        let inner = LayerKv::<B> {
+            k: cache.k.clone(),
+            v: cache.v.clone(),
+        };
         self.maybe("attention", self.inner.attention(q, &inner, batch, cfg)?)
     }
     fn synchronize(&self) -> Result<()> {
@@ -486,7 +623,10 @@ impl<B: Backend> Backend for Perturbed<B> {
 
 /// Proptest cases per op: `QFUSE_CONFORMANCE_CASES`, default 24.
 pub fn cases() -> u32 {
-    std::env::var("QFUSE_CONFORMANCE_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(24)
+    std::env::var("QFUSE_CONFORMANCE_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(24)
 }
 
 /// The backend under test, built once per test binary; `None` (with a printed notice) when the

@@ -31,7 +31,10 @@ pub struct CpuTensor {
 
 impl CpuTensor {
     fn new(shape: impl Into<Shape>, data: Vec<f64>) -> Self {
-        CpuTensor { shape: shape.into(), data: Arc::new(data) }
+        CpuTensor {
+            shape: shape.into(),
+            data: Arc::new(data),
+        }
     }
 
     /// The elements.
@@ -56,7 +59,10 @@ fn matrix(t: &CpuTensor, op: &'static str) -> Result<(usize, usize)> {
 fn vector(t: &CpuTensor, op: &'static str) -> Result<usize> {
     match t.shape.dims() {
         [n] => Ok(*n),
-        _ => Err(Error::invalid(op, format!("expected a vector, got shape {}", t.shape))),
+        _ => Err(Error::invalid(
+            op,
+            format!("expected a vector, got shape {}", t.shape),
+        )),
     }
 }
 
@@ -130,7 +136,10 @@ impl Backend for CpuRef {
         for &id in ids {
             let id = id as usize;
             if id >= n {
-                return Err(Error::invalid("gather_rows", format!("id {id} out of range 0..{n}")));
+                return Err(Error::invalid(
+                    "gather_rows",
+                    format!("id {id} out of range 0..{n}"),
+                ));
             }
             out.extend_from_slice(&table.data[id * c..(id + 1) * c]);
         }
@@ -163,11 +172,13 @@ impl Backend for CpuRef {
         // Output transposed ([n, t]) so each task reads one weight row once.
         let mut yt = vec![0.0; n * t];
         if t > 0 && k > 0 {
-            yt.par_chunks_mut(t).zip(w.data.par_chunks(k)).for_each(|(col, wrow)| {
-                for (i, y) in col.iter_mut().enumerate() {
-                    *y = dot(&x.data[i * k..(i + 1) * k], wrow);
-                }
-            });
+            yt.par_chunks_mut(t)
+                .zip(w.data.par_chunks(k))
+                .for_each(|(col, wrow)| {
+                    for (i, y) in col.iter_mut().enumerate() {
+                        *y = dot(&x.data[i * k..(i + 1) * k], wrow);
+                    }
+                });
         }
         let mut y = vec![0.0; t * n];
         for o in 0..n {
@@ -182,7 +193,12 @@ impl Backend for CpuRef {
         if a.shape != b.shape {
             return Err(Error::shape("add", &a.shape, &b.shape));
         }
-        let out = a.data.iter().zip(b.data.iter()).map(|(x, y)| x + y).collect();
+        let out = a
+            .data
+            .iter()
+            .zip(b.data.iter())
+            .map(|(x, y)| x + y)
+            .collect();
         Ok(CpuTensor::new(a.shape.clone(), out))
     }
 
@@ -217,26 +233,33 @@ impl Backend for CpuRef {
     fn rope(&self, x: &CpuTensor, batch: &BatchInfo, cfg: &AttentionConfig) -> Result<CpuTensor> {
         let (t, c) = matrix(x, "rope")?;
         let d = cfg.head_dim;
-        if d == 0 || d % 2 != 0 || c % d != 0 || t != batch.num_tokens() {
+        if d == 0 || !d.is_multiple_of(2) || c % d != 0 || t != batch.num_tokens() {
             return Err(Error::invalid(
                 "rope",
-                format!("x {} with head_dim {d} and {} batch tokens", x.shape, batch.num_tokens()),
+                format!(
+                    "x {} with head_dim {d} and {} batch tokens",
+                    x.shape,
+                    batch.num_tokens()
+                ),
             ));
         }
         let half = d / 2;
-        let inv_freq: Vec<f64> =
-            (0..half).map(|i| cfg.rope_theta.powf(-((2 * i) as f64) / d as f64)).collect();
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| cfg.rope_theta.powf(-((2 * i) as f64) / d as f64))
+            .collect();
         let mut out = x.data.to_vec();
-        out.par_chunks_mut(c).zip(batch.positions().par_iter()).for_each(|(row, &pos)| {
-            for head in row.chunks_exact_mut(d) {
-                for (i, f) in inv_freq.iter().enumerate() {
-                    let (sin, cos) = (pos as f64 * f).sin_cos();
-                    let (a, b) = (head[i], head[i + half]);
-                    head[i] = a * cos - b * sin;
-                    head[i + half] = b * cos + a * sin;
+        out.par_chunks_mut(c)
+            .zip(batch.positions().par_iter())
+            .for_each(|(row, &pos)| {
+                for head in row.chunks_exact_mut(d) {
+                    for (i, f) in inv_freq.iter().enumerate() {
+                        let (sin, cos) = (pos as f64 * f).sin_cos();
+                        let (a, b) = (head[i], head[i + half]);
+                        head[i] = a * cos - b * sin;
+                        head[i + half] = b * cos + a * sin;
+                    }
                 }
-            }
-        });
+            });
         Ok(CpuTensor::new(x.shape.clone(), out))
     }
 
@@ -254,7 +277,12 @@ impl Backend for CpuRef {
         let dims = cache.k.shape.dims();
         let (slots, slot_w) = match dims {
             [b, bs, h, d] => (b * bs, h * d),
-            _ => return Err(Error::invalid("write_kv", format!("cache shape {}", cache.k.shape))),
+            _ => {
+                return Err(Error::invalid(
+                    "write_kv",
+                    format!("cache shape {}", cache.k.shape),
+                ))
+            }
         };
         if slot_w != w {
             return Err(Error::shape("write_kv", &k.shape, &cache.k.shape));
@@ -264,7 +292,10 @@ impl Backend for CpuRef {
             for (r, &slot) in batch.slots().iter().enumerate() {
                 let slot = slot as usize;
                 if slot >= slots {
-                    return Err(Error::invalid("write_kv", format!("slot {slot} beyond {slots}")));
+                    return Err(Error::invalid(
+                        "write_kv",
+                        format!("slot {slot} beyond {slots}"),
+                    ));
                 }
                 dst[slot * w..(slot + 1) * w].copy_from_slice(&src.data[r * w..(r + 1) * w]);
             }
@@ -281,11 +312,17 @@ impl Backend for CpuRef {
     ) -> Result<CpuTensor> {
         let (t, c) = matrix(q, "attention")?;
         let (d, kvh) = (cfg.head_dim, cfg.num_kv_heads);
-        if c != cfg.num_heads * d || t != batch.num_tokens() || kvh == 0 || cfg.num_heads % kvh != 0
+        if c != cfg.num_heads * d
+            || t != batch.num_tokens()
+            || kvh == 0
+            || !cfg.num_heads.is_multiple_of(kvh)
         {
             return Err(Error::invalid(
                 "attention",
-                format!("q {} for {} heads of {d} and {} tokens", q.shape, cfg.num_heads, t),
+                format!(
+                    "q {} for {} heads of {d} and {} tokens",
+                    q.shape, cfg.num_heads, t
+                ),
             ));
         }
         let slots = self.check_cache(cache, cfg)?;
@@ -302,14 +339,19 @@ impl Backend for CpuRef {
                 let pos = batch.positions()[r] as usize;
                 let kv_slots: Vec<usize> = (0..=pos).map(|p| batch.slot(s, p)).collect();
                 if let Some(bad) = kv_slots.iter().find(|&&sl| sl >= slots) {
-                    return Err(Error::invalid("attention", format!("slot {bad} beyond {slots}")));
+                    return Err(Error::invalid(
+                        "attention",
+                        format!("slot {bad} beyond {slots}"),
+                    ));
                 }
                 for h in 0..cfg.num_heads {
                     let kv = h / group;
                     let qh = &q.data[r * c + h * d..r * c + (h + 1) * d];
                     let scores: Vec<f64> = kv_slots
                         .iter()
-                        .map(|&sl| dot(qh, &kc[sl * slot_w + kv * d..sl * slot_w + (kv + 1) * d]) * scale)
+                        .map(|&sl| {
+                            dot(qh, &kc[sl * slot_w + kv * d..sl * slot_w + (kv + 1) * d]) * scale
+                        })
                         .collect();
                     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();

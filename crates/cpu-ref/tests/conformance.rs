@@ -1,5 +1,6 @@
 //! The conformance suite run on the reference against itself (it must hold exactly), and on a
 //! planted bug (it must fail): the suite can tell a right backend from a wrong one.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::{self, Perturbed, Tolerance};
 use qfuse_cpu_ref::CpuRef;
 
@@ -20,14 +21,23 @@ fn every_check_catches_a_perturbed_op() {
         ("silu_mul", "silu_mul", testing::check_elementwise),
         ("rope", "rope", testing::check_rope),
         ("attention", "attention", testing::check_attention),
-        ("rope inside qk_norm_rope_write_kv", "rope", testing::check_qk_norm_rope_write_kv),
-        ("matmul inside rms_norm_matmul", "matmul", testing::check_fused_matmuls),
+        (
+            "rope inside qk_norm_rope_write_kv",
+            "rope",
+            testing::check_qk_norm_rope_write_kv,
+        ),
+        (
+            "matmul inside rms_norm_matmul",
+            "matmul",
+            testing::check_fused_matmuls,
+        ),
     ];
     for (what, op, check) in cases {
         for seed in 0..4 {
             let bad = Perturbed::new(CpuRef::new(), op, 0, 1e-3);
-            let err = check(&bad, &CpuRef::new(), Tolerance::F32, seed)
-                .expect_err(&format!("{what}: a 1e-3 perturbation passed at seed {seed}"));
+            let err = check(&bad, &CpuRef::new(), Tolerance::F32, seed).expect_err(&format!(
+                "{what}: a 1e-3 perturbation passed at seed {seed}"
+            ));
             assert!(err.to_string().contains("relative error"), "{what}: {err}");
         }
     }

@@ -1,4 +1,5 @@
 //! Properties the reference must satisfy by construction.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use proptest::prelude::*;
 use qfuse_core::testing::{activations, AttentionCase, Rng};
 use qfuse_core::{AttentionConfig, Backend, BatchInfo, HostTensor, SeqChunk};
@@ -60,9 +61,26 @@ proptest! {
 /// A query over a single key returns that key's value, whatever the score.
 #[test]
 fn attention_over_one_key_returns_its_value() {
-    let cfg = AttentionConfig { num_heads: 4, num_kv_heads: 2, head_dim: 6, rope_theta: 1e6, qk_norm_eps: 1e-6 };
-    let batch = BatchInfo::new(2, vec![SeqChunk { start_pos: 0, len: 1, block_table: vec![1] }]).unwrap();
-    let mut cache = qfuse_core::KvCache::new(&CpuRef, 1, 2, 2, 2, 6).unwrap().layer(0).clone();
+    let cfg = AttentionConfig {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 6,
+        rope_theta: 1e6,
+        qk_norm_eps: 1e-6,
+    };
+    let batch = BatchInfo::new(
+        2,
+        vec![SeqChunk {
+            start_pos: 0,
+            len: 1,
+            block_table: vec![1],
+        }],
+    )
+    .unwrap();
+    let mut cache = qfuse_core::KvCache::new(&CpuRef, 1, 2, 2, 2, 6)
+        .unwrap()
+        .layer(0)
+        .clone();
     let mut rng = Rng::new(7);
     let k = up(&activations(&mut rng, 1, 12, true).unwrap());
     let v = up(&activations(&mut rng, 1, 12, false).unwrap());
@@ -71,23 +89,47 @@ fn attention_over_one_key_returns_its_value() {
     let out = CpuRef.attention(&q, &cache, &batch, &cfg).unwrap();
     for h in 0..4 {
         let kv = h / 2;
-        assert_eq!(&out.values()[h * 6..(h + 1) * 6], &v.values()[kv * 6..(kv + 1) * 6]);
+        assert_eq!(
+            &out.values()[h * 6..(h + 1) * 6],
+            &v.values()[kv * 6..(kv + 1) * 6]
+        );
     }
 }
 
 /// Positions past the sequence's own are never read: a later key cannot change an earlier output.
 #[test]
 fn attention_is_causal() {
-    let cfg = AttentionConfig { num_heads: 2, num_kv_heads: 1, head_dim: 4, rope_theta: 1e4, qk_norm_eps: 1e-6 };
-    let all = BatchInfo::new(4, vec![SeqChunk { start_pos: 0, len: 5, block_table: vec![0, 1] }]).unwrap();
+    let cfg = AttentionConfig {
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 4,
+        rope_theta: 1e4,
+        qk_norm_eps: 1e-6,
+    };
+    let all = BatchInfo::new(
+        4,
+        vec![SeqChunk {
+            start_pos: 0,
+            len: 5,
+            block_table: vec![0, 1],
+        }],
+    )
+    .unwrap();
     let mut rng = Rng::new(3);
     let q = up(&activations(&mut rng, 5, 8, false).unwrap());
     let k = activations(&mut rng, 5, 4, false).unwrap();
     let v = activations(&mut rng, 5, 4, false).unwrap();
     let run = |k: &HostTensor| {
-        let mut cache = qfuse_core::KvCache::new(&CpuRef, 1, 2, 4, 1, 4).unwrap().layer(0).clone();
+        let mut cache = qfuse_core::KvCache::new(&CpuRef, 1, 2, 4, 1, 4)
+            .unwrap()
+            .layer(0)
+            .clone();
         CpuRef.write_kv(&mut cache, &up(k), &up(&v), &all).unwrap();
-        CpuRef.attention(&q, &cache, &all, &cfg).unwrap().values().to_vec()
+        CpuRef
+            .attention(&q, &cache, &all, &cfg)
+            .unwrap()
+            .values()
+            .to_vec()
     };
     let base = run(&k);
     let mut k2 = k.to_f64_vec();
@@ -95,6 +137,10 @@ fn attention_is_causal() {
         *x += 10.0;
     }
     let changed = run(&HostTensor::from_f64([5, 4], k2).unwrap());
-    assert_eq!(&base[..32], &changed[..32], "rows 0..4 must not see position 4");
+    assert_eq!(
+        &base[..32],
+        &changed[..32],
+        "rows 0..4 must not see position 4"
+    );
     assert_ne!(&base[32..], &changed[32..]);
 }

@@ -24,7 +24,10 @@ pub struct Checkpoint {
 }
 
 fn io(path: &Path, e: std::io::Error) -> Error {
-    Error::Io { path: path.display().to_string(), source: e }
+    Error::Io {
+        path: path.display().to_string(),
+        err: e,
+    }
 }
 
 fn dtype_of(d: Dtype) -> Option<DType> {
@@ -45,9 +48,17 @@ impl Shard {
         // written while a model loads, as with every mmap-based loader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| io(&path, e))?;
         let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-            Error::Model(format!("{}: not a valid safetensors file: {e}", path.display()))
+            Error::Model(format!(
+                "{}: not a valid safetensors file: {e}",
+                path.display()
+            ))
         })?;
-        Ok(Shard { path, mmap, data_start: 8 + header_len, meta })
+        Ok(Shard {
+            path,
+            mmap,
+            data_start: 8 + header_len,
+            meta,
+        })
     }
 }
 
@@ -59,14 +70,25 @@ impl Checkpoint {
     /// header, or an index naming a tensor its shard lacks.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::Model(format!("model directory {} does not exist", dir.display())));
+            return Err(Error::Model(format!(
+                "model directory {} does not exist",
+                dir.display()
+            )));
         }
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         if single.exists() {
             let shard = Shard::open(single)?;
-            let location = shard.meta.tensors().into_keys().map(|name| (name, 0)).collect();
-            return Ok(Checkpoint { shards: vec![shard], location });
+            let location = shard
+                .meta
+                .tensors()
+                .into_keys()
+                .map(|name| (name, 0))
+                .collect();
+            return Ok(Checkpoint {
+                shards: vec![shard],
+                location,
+            });
         }
         if !index.exists() {
             return Err(Error::Model(format!(
@@ -77,16 +99,23 @@ impl Checkpoint {
         let text = std::fs::read_to_string(&index).map_err(|e| io(&index, e))?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::Model(format!("{}: invalid JSON: {e}", index.display())))?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-            Error::Model(format!("{}: no `weight_map` object", index.display()))
-        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Model(format!("{}: no `weight_map` object", index.display())))?;
         let (mut shards, mut file_ids, mut location) = (Vec::new(), HashMap::new(), HashMap::new());
         for (name, file) in map {
             let file = file.as_str().ok_or_else(|| {
-                Error::Model(format!("{}: weight_map[{name}] is not a file name", index.display()))
+                Error::Model(format!(
+                    "{}: weight_map[{name}] is not a file name",
+                    index.display()
+                ))
             })?;
             if file.contains('/') || file.contains("..") {
-                return Err(Error::Model(format!("{}: shard name {file:?} is not a plain file name", index.display())));
+                return Err(Error::Model(format!(
+                    "{}: shard name {file:?} is not a plain file name",
+                    index.display()
+                )));
             }
             let id = match file_ids.get(file) {
                 Some(&id) => id,
@@ -139,7 +168,10 @@ impl Checkpoint {
             .get(name)
             .map(|&i| &self.shards[i])
             .ok_or_else(|| Error::Model(format!("checkpoint has no tensor `{name}`")))?;
-        let info = shard.meta.info(name).ok_or_else(|| Error::Model(format!("checkpoint has no tensor `{name}`")))?;
+        let info = shard
+            .meta
+            .info(name)
+            .ok_or_else(|| Error::Model(format!("checkpoint has no tensor `{name}`")))?;
         Ok((shard, info))
     }
 
@@ -147,7 +179,11 @@ impl Checkpoint {
     pub fn tensor(&self, name: &str) -> Result<HostTensor> {
         let (shard, info) = self.info(name)?;
         let dtype = dtype_of(info.dtype).ok_or_else(|| {
-            Error::Model(format!("{}: tensor `{name}`: unsupported dtype {:?}", shard.path.display(), info.dtype))
+            Error::Model(format!(
+                "{}: tensor `{name}`: unsupported dtype {:?}",
+                shard.path.display(),
+                info.dtype
+            ))
         })?;
         let (s, e) = info.data_offsets;
         // read_metadata checked that the offsets tile the data section exactly.

@@ -44,7 +44,9 @@ fn positive(m: &Map<String, Value>, field: &str, default: Option<usize>) -> Resu
     match m.get(field) {
         None | Some(Value::Null) => default.ok_or_else(|| bad(field, "missing")),
         Some(v) => match v.as_u64() {
-            Some(n) if n > 0 => usize::try_from(n).map_err(|_| bad(field, format!("too large: {v}"))),
+            Some(n) if n > 0 => {
+                usize::try_from(n).map_err(|_| bad(field, format!("too large: {v}")))
+            }
             _ => Err(bad(field, format!("must be a positive integer, got {v}"))),
         },
     }
@@ -73,7 +75,12 @@ fn token_ids(m: &Map<String, Value>, field: &str) -> Result<Vec<u32>> {
     let one = |v: &Value| {
         v.as_u64()
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| bad(field, format!("must be a token id or a list of them, got {v}")))
+            .ok_or_else(|| {
+                bad(
+                    field,
+                    format!("must be a token id or a list of them, got {v}"),
+                )
+            })
     };
     match m.get(field) {
         None | Some(Value::Null) => Ok(Vec::new()),
@@ -90,8 +97,10 @@ impl Config {
     /// Reads and validates `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            err: e,
+        })?;
         Self::from_json(&text).map_err(|e| match e {
             Error::Model(msg) => Error::Model(format!("{}: {}", dir.display(), msg)),
             other => other,
@@ -102,29 +111,49 @@ impl Config {
     pub fn from_json(text: &str) -> Result<Self> {
         let v: Value = serde_json::from_str(text)
             .map_err(|e| Error::Model(format!("config.json: invalid JSON: {e}")))?;
-        let m = v.as_object().ok_or_else(|| Error::Model("config.json: not a JSON object".into()))?;
+        let m = v
+            .as_object()
+            .ok_or_else(|| Error::Model("config.json: not a JSON object".into()))?;
 
         if let Some(arch) = m.get("architectures").and_then(Value::as_array) {
             if !arch.iter().any(|a| a.as_str() == Some("Qwen3ForCausalLM")) {
-                return Err(bad("architectures", format!("{arch:?} is not Qwen3ForCausalLM")));
+                return Err(bad(
+                    "architectures",
+                    format!("{arch:?} is not Qwen3ForCausalLM"),
+                ));
             }
         }
         if !is_absent_or(m, "model_type", |v| v.as_str() == Some("qwen3")) {
-            return Err(bad("model_type", format!("{} is not \"qwen3\"", m["model_type"])));
+            return Err(bad(
+                "model_type",
+                format!("{} is not \"qwen3\"", m["model_type"]),
+            ));
         }
         if flag(m, "use_sliding_window", false)? {
-            return Err(bad("use_sliding_window", "sliding-window attention is not supported"));
+            return Err(bad(
+                "use_sliding_window",
+                "sliding-window attention is not supported",
+            ));
         }
         if let Some(types) = m.get("layer_types").and_then(Value::as_array) {
             if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
-                return Err(bad("layer_types", format!("layer type {t} is not supported")));
+                return Err(bad(
+                    "layer_types",
+                    format!("layer type {t} is not supported"),
+                ));
             }
         }
         if !is_absent_or(m, "rope_scaling", |_| false) {
-            return Err(bad("rope_scaling", format!("{} is not supported", m["rope_scaling"])));
+            return Err(bad(
+                "rope_scaling",
+                format!("{} is not supported", m["rope_scaling"]),
+            ));
         }
         if !is_absent_or(m, "hidden_act", |v| v.as_str() == Some("silu")) {
-            return Err(bad("hidden_act", format!("{} is not supported (only silu)", m["hidden_act"])));
+            return Err(bad(
+                "hidden_act",
+                format!("{} is not supported (only silu)", m["hidden_act"]),
+            ));
         }
         if flag(m, "attention_bias", false)? {
             return Err(bad("attention_bias", "biases are not supported"));
@@ -143,7 +172,12 @@ impl Config {
                     .map_err(|_| bad("rope_parameters.rope_theta", "must be a positive number"))?
             }
             None | Some(Value::Null) => positive_f64(m, "rope_theta", 10_000.0)?,
-            Some(v) => return Err(bad("rope_parameters", format!("must be an object, got {v}"))),
+            Some(v) => {
+                return Err(bad(
+                    "rope_parameters",
+                    format!("must be an object, got {v}"),
+                ))
+            }
         };
 
         let hidden_size = positive(m, "hidden_size", None)?;
@@ -155,9 +189,16 @@ impl Config {
                 format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
             ));
         }
-        let head_dim = positive(m, "head_dim", Some(hidden_size / num_attention_heads).filter(|&d| d > 0))?;
+        let head_dim = positive(
+            m,
+            "head_dim",
+            Some(hidden_size / num_attention_heads).filter(|&d| d > 0),
+        )?;
         if head_dim % 2 != 0 {
-            return Err(bad("head_dim", format!("{head_dim} is odd; RoPE needs an even head size")));
+            return Err(bad(
+                "head_dim",
+                format!("{head_dim} is odd; RoPE needs an even head size"),
+            ));
         }
         Ok(Config {
             hidden_size,
@@ -195,10 +236,16 @@ impl Config {
         };
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::Model(format!("{}: invalid JSON: {e}", path.display())))?;
-        let m = v.as_object().ok_or_else(|| Error::Model(format!("{}: not an object", path.display())))?;
+        let m = v
+            .as_object()
+            .ok_or_else(|| Error::Model(format!("{}: not an object", path.display())))?;
         let ids = token_ids(m, "eos_token_id")
             .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
-        Ok(if ids.is_empty() { self.eos_token_ids.clone() } else { ids })
+        Ok(if ids.is_empty() {
+            self.eos_token_ids.clone()
+        } else {
+            ids
+        })
     }
 }
 
@@ -216,7 +263,10 @@ mod tests {
     #[test]
     fn reads_the_published_qwen3_0_6b_config() {
         let c = Config::from_json(V4).unwrap();
-        assert_eq!((c.hidden_size, c.head_dim, c.num_key_value_heads), (1024, 128, 8));
+        assert_eq!(
+            (c.hidden_size, c.head_dim, c.num_key_value_heads),
+            (1024, 128, 8)
+        );
         assert_eq!(c.rope_theta, 1e6);
         assert_eq!(c.eos_token_ids, vec![151645]);
         assert!(c.tie_word_embeddings);
@@ -224,8 +274,15 @@ mod tests {
 
     #[test]
     fn reads_the_transformers_5_dialect() {
-        let v5 = V4.replace(r#""rope_theta":1000000,"rope_scaling":null,"#, r#""rope_parameters":{"rope_theta":5e5,"rope_type":"default"},"#)
-            .replace(r#""eos_token_id":151645"#, r#""eos_token_id":[151645,151643]"#);
+        let v5 = V4
+            .replace(
+                r#""rope_theta":1000000,"rope_scaling":null,"#,
+                r#""rope_parameters":{"rope_theta":5e5,"rope_type":"default"},"#,
+            )
+            .replace(
+                r#""eos_token_id":151645"#,
+                r#""eos_token_id":[151645,151643]"#,
+            );
         let c = Config::from_json(&v5).unwrap();
         assert_eq!(c.rope_theta, 5e5);
         assert_eq!(c.eos_token_ids, vec![151645, 151643]);
@@ -234,13 +291,37 @@ mod tests {
     #[test]
     fn rejects_what_is_not_implemented_naming_the_field() {
         let cases = [
-            (r#""use_sliding_window":false"#, r#""use_sliding_window":true"#, "use_sliding_window"),
-            (r#""rope_scaling":null"#, r#""rope_scaling":{"type":"yarn","factor":4}"#, "rope_scaling"),
-            (r#""Qwen3ForCausalLM""#, r#""LlamaForCausalLM""#, "architectures"),
-            (r#""hidden_size":1024"#, r#""hidden_size":-3"#, "hidden_size"),
+            (
+                r#""use_sliding_window":false"#,
+                r#""use_sliding_window":true"#,
+                "use_sliding_window",
+            ),
+            (
+                r#""rope_scaling":null"#,
+                r#""rope_scaling":{"type":"yarn","factor":4}"#,
+                "rope_scaling",
+            ),
+            (
+                r#""Qwen3ForCausalLM""#,
+                r#""LlamaForCausalLM""#,
+                "architectures",
+            ),
+            (
+                r#""hidden_size":1024"#,
+                r#""hidden_size":-3"#,
+                "hidden_size",
+            ),
             (r#""hidden_size":1024,"#, "", "hidden_size"),
-            (r#""num_key_value_heads":8"#, r#""num_key_value_heads":5"#, "num_key_value_heads"),
-            (r#""eos_token_id":151645"#, r#""eos_token_id":"x""#, "eos_token_id"),
+            (
+                r#""num_key_value_heads":8"#,
+                r#""num_key_value_heads":5"#,
+                "num_key_value_heads",
+            ),
+            (
+                r#""eos_token_id":151645"#,
+                r#""eos_token_id":"x""#,
+                "eos_token_id",
+            ),
             (r#""head_dim":128"#, r#""head_dim":127"#, "head_dim"),
         ];
         for (from, to, field) in cases {
@@ -249,6 +330,9 @@ mod tests {
             let err = Config::from_json(&text).unwrap_err().to_string();
             assert!(err.contains(&format!("`{field}`")), "{field}: {err}");
         }
-        assert!(Config::from_json("{not json").unwrap_err().to_string().contains("invalid JSON"));
+        assert!(Config::from_json("{not json")
+            .unwrap_err()
+            .to_string()
+            .contains("invalid JSON"));
     }
 }

@@ -65,10 +65,18 @@ pub fn validate<B: Backend>(model: &Qwen3<B>, r: &Request) -> Result<()> {
     if r.prompt.is_empty() {
         return Err(Error::invalid("generate", "the prompt is empty"));
     }
-    if let Some((i, id)) = r.prompt.iter().enumerate().find(|(_, &id)| id as usize >= cfg.vocab_size) {
+    if let Some((i, id)) = r
+        .prompt
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= cfg.vocab_size)
+    {
         return Err(Error::invalid(
             "generate",
-            format!("prompt token id {id} at index {i} is out of range (vocab_size {})", cfg.vocab_size),
+            format!(
+                "prompt token id {id} at index {i} is out of range (vocab_size {})",
+                cfg.vocab_size
+            ),
         ));
     }
     let total = r.prompt.len() + r.max_new_tokens;
@@ -91,7 +99,10 @@ pub fn top_k(row: &[f64], k: usize) -> StepLogits {
     let mut idx: Vec<u32> = (0..row.len() as u32).collect();
     idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
     idx.truncate(k);
-    StepLogits { top_logits: idx.iter().map(|&i| row[i as usize]).collect(), top_ids: idx }
+    StepLogits {
+        top_logits: idx.iter().map(|&i| row[i as usize]).collect(),
+        top_ids: idx,
+    }
 }
 
 struct Seq {
@@ -105,12 +116,18 @@ struct Seq {
 
 /// Greedy continuation of every request, batched: all prompts in one prefill, then all unfinished
 /// sequences in one decode step per token.
-pub fn generate_greedy<B: Backend>(model: &Qwen3<B>, b: &B, requests: &[Request]) -> Result<Vec<Generation>> {
+pub fn generate_greedy<B: Backend>(
+    model: &Qwen3<B>,
+    b: &B,
+    requests: &[Request],
+) -> Result<Vec<Generation>> {
     for r in requests {
         validate(model, r)?;
     }
-    let blocks: usize =
-        requests.iter().map(|r| (r.prompt.len() + r.max_new_tokens).div_ceil(BLOCK_SIZE)).sum();
+    let blocks: usize = requests
+        .iter()
+        .map(|r| (r.prompt.len() + r.max_new_tokens).div_ceil(BLOCK_SIZE))
+        .sum();
     let mut cache = model.new_cache(b, blocks.max(1), BLOCK_SIZE)?;
     let mut seqs: Vec<Seq> = requests
         .iter()
@@ -124,7 +141,9 @@ pub fn generate_greedy<B: Backend>(model: &Qwen3<B>, b: &B, requests: &[Request]
         })
         .collect();
     loop {
-        let active: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finished.is_none()).collect();
+        let active: Vec<usize> = (0..seqs.len())
+            .filter(|&i| seqs[i].finished.is_none())
+            .collect();
         if active.is_empty() {
             break;
         }
@@ -133,13 +152,21 @@ pub fn generate_greedy<B: Backend>(model: &Qwen3<B>, b: &B, requests: &[Request]
             let s = &mut seqs[i];
             cache.allocator().reserve(&mut s.table, s.tokens.len())?;
             ids.extend_from_slice(&s.tokens[s.cached..]);
-            chunks.push(SeqChunk { start_pos: s.cached, len: s.tokens.len() - s.cached, block_table: s.table.clone() });
+            chunks.push(SeqChunk {
+                start_pos: s.cached,
+                len: s.tokens.len() - s.cached,
+                block_table: s.table.clone(),
+            });
         }
         let batch = BatchInfo::new(BLOCK_SIZE, chunks)?;
         let logits = model.forward(b, &ids, &batch, &mut cache, Logits::LastPerSequence)?;
         let next = b.argmax(&logits)?;
         let want_top = active.iter().any(|&i| requests[i].top_logits > 0);
-        let host: Option<HostTensor> = if want_top { Some(b.download(&logits)?) } else { None };
+        let host: Option<HostTensor> = if want_top {
+            Some(b.download(&logits)?)
+        } else {
+            None
+        };
         let host = host.map(|h| h.to_f64_vec());
         let vocab = model.config().vocab_size;
         for (row, &i) in active.iter().enumerate() {
@@ -148,7 +175,8 @@ pub fn generate_greedy<B: Backend>(model: &Qwen3<B>, b: &B, requests: &[Request]
             let id = next[row];
             s.tokens.push(id);
             if let (Some(h), true) = (&host, r.top_logits > 0) {
-                s.steps.push(top_k(&h[row * vocab..(row + 1) * vocab], r.top_logits));
+                s.steps
+                    .push(top_k(&h[row * vocab..(row + 1) * vocab], r.top_logits));
             }
             if r.stop_ids.contains(&id) {
                 s.finished = Some(FinishReason::Stop);

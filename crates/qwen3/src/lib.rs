@@ -8,5 +8,7 @@ mod model;
 
 pub use checkpoint::Checkpoint;
 pub use config::Config;
-pub use generate::{generate_greedy, top_k, validate, FinishReason, Generation, Request, StepLogits, BLOCK_SIZE};
-pub use model::{expected_tensors, Attention, DecoderLayer, Logits, Mlp, Qwen3, Stage};
+pub use generate::{
+    generate_greedy, top_k, validate, FinishReason, Generation, Request, StepLogits, BLOCK_SIZE,
+};
+pub use model::{expected_tensors, Attention, DecoderLayer, Inspector, Logits, Mlp, Qwen3, Stage};

@@ -74,6 +74,9 @@ pub enum Stage {
     Logits,
 }
 
+/// A callback seeing `(layer, stage, tensor)` at every [`Stage`] of a forward pass.
+pub type Inspector<'a, B> = dyn FnMut(usize, Stage, &<B as Backend>::Tensor) -> Result<()> + 'a;
+
 /// Qwen3ForCausalLM.
 #[derive(Debug)]
 pub struct Qwen3<B: Backend> {
@@ -88,7 +91,10 @@ pub struct Qwen3<B: Backend> {
 pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     let (h, d, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
     let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
-    let mut t = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+    let mut t = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+    )];
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         t.extend([
@@ -114,12 +120,18 @@ pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
 
 /// Uploads tensors stacked along rows; parts in different storage dtypes are widened to f32 first.
 fn upload_stacked<B: Backend>(b: &B, ckpt: &Checkpoint, names: &[String]) -> Result<B::Tensor> {
-    let parts = names.iter().map(|n| ckpt.tensor(n)).collect::<Result<Vec<HostTensor>>>()?;
+    let parts = names
+        .iter()
+        .map(|n| ckpt.tensor(n))
+        .collect::<Result<Vec<HostTensor>>>()?;
     let same = parts.iter().all(|p| p.dtype() == parts[0].dtype());
     let parts: Vec<HostTensor> = if same {
         parts
     } else {
-        parts.iter().map(|p| p.to_dtype(qfuse_core::DType::F32)).collect()
+        parts
+            .iter()
+            .map(|p| p.to_dtype(qfuse_core::DType::F32))
+            .collect()
     };
     b.upload(&HostTensor::concat_rows(&parts.iter().collect::<Vec<_>>())?)
 }
@@ -127,6 +139,12 @@ fn upload_stacked<B: Backend>(b: &B, ckpt: &Checkpoint, names: &[String]) -> Res
 impl<B: Backend> Qwen3<B> {
     /// Loads `dir` (config.json + safetensors) onto the backend.
     pub fn load(b: &B, dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Model(format!(
+                "model directory {} does not exist",
+                dir.display()
+            )));
+        }
         let cfg = Config::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
         Self::from_checkpoint(b, cfg, &ckpt)
@@ -142,7 +160,12 @@ impl<B: Backend> Qwen3<B> {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let names = |parts: &[&str]| parts.iter().map(|s| format!("{p}.{s}.weight")).collect::<Vec<_>>();
+            let names = |parts: &[&str]| {
+                parts
+                    .iter()
+                    .map(|s| format!("{p}.{s}.weight"))
+                    .collect::<Vec<_>>()
+            };
             layers.push(DecoderLayer {
                 input_layernorm: up(&format!("{p}.input_layernorm.weight"))?,
                 self_attn: Attention {
@@ -157,14 +180,28 @@ impl<B: Backend> Qwen3<B> {
                 },
                 post_attention_layernorm: up(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate_up_proj: upload_stacked(b, ckpt, &names(&["mlp.gate_proj", "mlp.up_proj"]))?,
+                    gate_up_proj: upload_stacked(
+                        b,
+                        ckpt,
+                        &names(&["mlp.gate_proj", "mlp.up_proj"]),
+                    )?,
                     down_proj: up(&format!("{p}.mlp.down_proj.weight"))?,
                 },
             });
         }
         let embed_tokens = up("model.embed_tokens.weight")?;
-        let lm_head = if cfg.tie_word_embeddings { embed_tokens.clone() } else { up("lm_head.weight")? };
-        Ok(Qwen3 { embed_tokens, layers, norm: up("model.norm.weight")?, lm_head, cfg })
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            up("lm_head.weight")?
+        };
+        Ok(Qwen3 {
+            embed_tokens,
+            layers,
+            norm: up("model.norm.weight")?,
+            lm_head,
+            cfg,
+        })
     }
 
     /// The architecture.
@@ -180,7 +217,14 @@ impl<B: Backend> Qwen3<B> {
     /// An empty paged KV cache for this model.
     pub fn new_cache(&self, b: &B, num_blocks: usize, block_size: usize) -> Result<KvCache<B>> {
         let c = &self.cfg;
-        KvCache::new(b, c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        KvCache::new(
+            b,
+            c.num_hidden_layers,
+            num_blocks,
+            block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
     }
 
     /// One forward pass over a batch of sequences' new tokens (`ids` flattened in batch order).
@@ -205,12 +249,16 @@ impl<B: Backend> Qwen3<B> {
         batch: &BatchInfo,
         cache: &mut KvCache<B>,
         logits: Logits,
-        inspect: &mut dyn FnMut(usize, Stage, &B::Tensor) -> Result<()>,
+        inspect: &mut Inspector<'_, B>,
     ) -> Result<B::Tensor> {
         if ids.len() != batch.num_tokens() {
             return Err(Error::invalid(
                 "Qwen3::forward",
-                format!("{} ids for a batch of {} tokens", ids.len(), batch.num_tokens()),
+                format!(
+                    "{} ids for a batch of {} tokens",
+                    ids.len(),
+                    batch.num_tokens()
+                ),
             ));
         }
         if batch.max_context() > self.cfg.max_position_embeddings {
@@ -234,13 +282,25 @@ impl<B: Backend> Qwen3<B> {
             let qkv = b.rms_norm_matmul(&x, &layer.input_layernorm, &a.qkv_proj, eps)?;
             inspect(l, Stage::Qkv, &qkv)?;
             // 3. Per-head q/k RMSNorm, RoPE, K/V into the paged cache: -> q [T, H D]
-            let q = b.qk_norm_rope_write_kv(&qkv, &a.q_norm, &a.k_norm, cache.layer_mut(l), &dev_batch, &attn)?;
+            let q = b.qk_norm_rope_write_kv(
+                &qkv,
+                &a.q_norm,
+                &a.k_norm,
+                cache.layer_mut(l),
+                &dev_batch,
+                &attn,
+            )?;
             inspect(l, Stage::QueryRope, &q)?;
             // 4. Causal GQA attention over each sequence's cache: -> [T, H D]
             let o = b.attention(&q, cache.layer(l), &dev_batch, &attn)?;
             inspect(l, Stage::Attention, &o)?;
             // 5. o_proj, residual add and post_attention_layernorm: -> h, n [T, hidden]
-            let (h, n) = b.add_rms_norm(&b.matmul(&o, &a.o_proj)?, &x, &layer.post_attention_layernorm, eps)?;
+            let (h, n) = b.add_rms_norm(
+                &b.matmul(&o, &a.o_proj)?,
+                &x,
+                &layer.post_attention_layernorm,
+                eps,
+            )?;
             inspect(l, Stage::AttentionResidual, &h)?;
             // 6. MLP: silu(gate) * up, then down_proj with the residual: -> [T, hidden]
             let g = b.matmul_silu_mul(&n, &layer.mlp.gate_up_proj)?;
