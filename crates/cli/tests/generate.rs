@@ -174,7 +174,7 @@ fn bad_arguments_are_one_line_errors() {
     let m = fixture("untied-f32-mha-v5");
     assert_fails(
         generate(&m, &["--prompt-ids", "1,2", "--backend", "tpu"]),
-        "unknown backend `tpu`; available: cpu-ref",
+        "unknown backend `tpu`; available: cpu-ref, cuda",
     );
     assert_fails(
         generate(&m, &["--prompt-ids", "1,2", "--backend", "cuda"]),

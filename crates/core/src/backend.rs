@@ -64,6 +64,12 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
     /// Out of device memory, or a dtype the backend cannot store.
     fn upload(&self, host: &HostTensor) -> Result<Self::Tensor>;
 
+    /// Copies a model weight to the device in the backend's weight format (the CUDA backend keeps
+    /// matrices in bf16). The default is [`Backend::upload`].
+    fn upload_weight(&self, host: &HostTensor) -> Result<Self::Tensor> {
+        self.upload(host)
+    }
+
     /// Copies a tensor back to the host, in its device dtype.
     fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
 

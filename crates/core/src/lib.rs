@@ -7,6 +7,7 @@ pub mod compose;
 mod dtype;
 mod error;
 mod kv;
+mod rng;
 mod tensor;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -15,4 +16,5 @@ pub use backend::{AttentionConfig, Backend, DeviceTensor};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use kv::{BatchInfo, BlockAllocator, KvCache, LayerKv, SeqChunk};
+pub use rng::Rng;
 pub use tensor::{HostData, HostTensor, Shape};

@@ -12,6 +12,7 @@ use crate::{
     SeqChunk, Shape,
 };
 
+pub use crate::Rng;
 pub use proptest;
 
 /// The largest relative error a backend may show against the reference.
@@ -47,43 +48,6 @@ pub fn rel_error(out: &[f64], reference: &[f64]) -> f64 {
         diff
     } else {
         diff / norm
-    }
-}
-
-/// A small deterministic generator (splitmix64) so each proptest case is reproducible from its seed.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform integer in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u = self.uniform().max(1e-300);
-        let v = self.uniform();
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
     }
 }
 
@@ -126,6 +90,15 @@ pub fn gains(rng: &mut Rng, n: usize, max_gain: f64) -> Result<HostTensor> {
             .map(|_| max_gain * (0.02 + 0.98 * rng.uniform()))
             .collect(),
     )
+}
+
+/// Uploads one host weight (matrix or gains) to both backends in their weight formats.
+pub fn upload_weight2<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    h: &HostTensor,
+) -> Result<(B::Tensor, R::Tensor)> {
+    Ok((b.upload_weight(h)?, r.upload_weight(h)?))
 }
 
 /// Compares one tensor of each backend.
@@ -178,7 +151,7 @@ pub fn check_gather_rows<B: Backend, R: Backend>(
     let ids: Vec<u32> = (0..1 + rng.below(20))
         .map(|_| rng.below(n) as u32)
         .collect();
-    let (tb, tr) = upload2(b, r, &activations(&mut rng, n, c, true)?)?;
+    let (tb, tr) = upload_weight2(b, r, &activations(&mut rng, n, c, true)?)?;
     assert_close(
         "gather_rows",
         b,
@@ -207,7 +180,7 @@ pub fn check_rms_norm<B: Backend, R: Backend>(
     let (t, g) = (1 + rng.below(9), 1 + rng.below(200));
     let c = g * (1 + rng.below(4));
     let (xb, xr) = upload2(b, r, &activations(&mut rng, t, c, true)?)?;
-    let (wb, wr) = upload2(b, r, &gains(&mut rng, g, 100.0)?)?;
+    let (wb, wr) = upload_weight2(b, r, &gains(&mut rng, g, 100.0)?)?;
     let eps = [1e-6, 1e-5][rng.below(2)];
     assert_close(
         "rms_norm",
@@ -224,7 +197,7 @@ pub fn check_matmul<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: 
     let mut rng = Rng::new(seed);
     let (t, k, n) = (1 + rng.below(12), 1 + rng.below(400), 1 + rng.below(400));
     let (xb, xr) = upload2(b, r, &activations(&mut rng, t, k, false)?)?;
-    let (wb, wr) = upload2(b, r, &weights(&mut rng, n, k)?)?;
+    let (wb, wr) = upload_weight2(b, r, &weights(&mut rng, n, k)?)?;
     assert_close(
         "matmul",
         b,
@@ -418,8 +391,8 @@ pub fn check_qk_norm_rope_write_kv<B: Backend, R: Backend>(
         true,
     )?;
     let (xb, xr) = upload2(b, r, &qkv)?;
-    let (qnb, qnr) = upload2(b, r, &gains(&mut rng, case.cfg.head_dim, 2.0)?)?;
-    let (knb, knr) = upload2(b, r, &gains(&mut rng, case.cfg.head_dim, 100.0)?)?;
+    let (qnb, qnr) = upload_weight2(b, r, &gains(&mut rng, case.cfg.head_dim, 2.0)?)?;
+    let (knb, knr) = upload_weight2(b, r, &gains(&mut rng, case.cfg.head_dim, 100.0)?)?;
     let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
     let qb = b.qk_norm_rope_write_kv(&xb, &qnb, &knb, &mut cb, &bb, &case.cfg)?;
     let qr = r.qk_norm_rope_write_kv(&xr, &qnr, &knr, &mut cr, &br, &case.cfg)?;
@@ -444,10 +417,10 @@ pub fn check_fused_matmuls<B: Backend, R: Backend>(
     let (t, k, n) = (1 + rng.below(9), 2 + rng.below(300), 1 + rng.below(300));
     let (xb, xr) = upload2(b, r, &activations(&mut rng, t, k, true)?)?;
     let (resb, resr) = upload2(b, r, &activations(&mut rng, t, k, true)?)?;
-    let (nb, nr) = upload2(b, r, &gains(&mut rng, k, 3.0)?)?;
-    let (wb, wr) = upload2(b, r, &weights(&mut rng, n, k)?)?;
-    let (gub, gur) = upload2(b, r, &weights(&mut rng, 2 * n, k)?)?;
-    let (dwb, dwr) = upload2(b, r, &weights(&mut rng, k, n)?)?;
+    let (nb, nr) = upload_weight2(b, r, &gains(&mut rng, k, 3.0)?)?;
+    let (wb, wr) = upload_weight2(b, r, &weights(&mut rng, n, k)?)?;
+    let (gub, gur) = upload_weight2(b, r, &weights(&mut rng, 2 * n, k)?)?;
+    let (dwb, dwr) = upload_weight2(b, r, &weights(&mut rng, k, n)?)?;
     let eps = 1e-6;
     assert_close(
         "rms_norm_matmul",
@@ -553,6 +526,9 @@ impl<B: Backend> Backend for Perturbed<B> {
 
     fn upload(&self, host: &HostTensor) -> Result<B::Tensor> {
         self.inner.upload(host)
+    }
+    fn upload_weight(&self, host: &HostTensor) -> Result<B::Tensor> {
+        self.inner.upload_weight(host)
     }
     fn download(&self, t: &B::Tensor) -> Result<HostTensor> {
         self.inner.download(t)

@@ -1,14 +1,20 @@
 //! qfuse-qwen3: Qwen3 dense models from Hugging Face checkpoints, generic over the compute backend.
 #![warn(missing_docs)]
 
+mod bench;
 mod checkpoint;
 mod config;
 mod generate;
+mod golden;
 mod model;
+mod synth;
 
+pub use bench::{run_bench, BenchReport, BenchSpec};
 pub use checkpoint::Checkpoint;
 pub use config::Config;
 pub use generate::{
     generate_greedy, top_k, validate, FinishReason, Generation, Request, StepLogits, BLOCK_SIZE,
 };
+pub use golden::{GoldenCase, LogitsDiff};
 pub use model::{expected_tensors, Attention, DecoderLayer, Inspector, Logits, Mlp, Qwen3, Stage};
+pub use synth::{write_synthetic, SynthShape};

@@ -5,7 +5,7 @@
 //! embedding scaling, no biases. q/k/v and gate/up are fused into one matrix each at load time.
 use std::path::Path;
 
-use qfuse_core::{Backend, BatchInfo, Error, HostTensor, KvCache, Result};
+use qfuse_core::{Backend, BatchInfo, DeviceTensor, Error, HostTensor, KvCache, Result};
 
 use crate::{Checkpoint, Config};
 
@@ -133,7 +133,7 @@ fn upload_stacked<B: Backend>(b: &B, ckpt: &Checkpoint, names: &[String]) -> Res
             .map(|p| p.to_dtype(qfuse_core::DType::F32))
             .collect()
     };
-    b.upload(&HostTensor::concat_rows(&parts.iter().collect::<Vec<_>>())?)
+    b.upload_weight(&HostTensor::concat_rows(&parts.iter().collect::<Vec<_>>())?)
 }
 
 impl<B: Backend> Qwen3<B> {
@@ -156,7 +156,7 @@ impl<B: Backend> Qwen3<B> {
         for (name, shape) in expected_tensors(&cfg) {
             ckpt.check(&name, &shape)?;
         }
-        let up = |name: &str| b.upload(&ckpt.tensor(name)?);
+        let up = |name: &str| b.upload_weight(&ckpt.tensor(name)?);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -209,6 +209,32 @@ impl<B: Backend> Qwen3<B> {
         &self.cfg
     }
 
+    /// Bytes of device memory the weights occupy (a tied `lm_head` counted once): what one
+    /// decode step must read.
+    pub fn weight_bytes(&self) -> usize {
+        let size = |t: &B::Tensor| t.shape().numel() * t.dtype().size_in_bytes();
+        let mut total = size(&self.embed_tokens) + size(&self.norm);
+        if !self.cfg.tie_word_embeddings {
+            total += size(&self.lm_head);
+        }
+        for l in &self.layers {
+            let a = &l.self_attn;
+            total += [
+                &l.input_layernorm,
+                &a.qkv_proj,
+                &a.q_norm,
+                &a.k_norm,
+                &a.o_proj,
+                &l.post_attention_layernorm,
+            ]
+            .into_iter()
+            .chain([&l.mlp.gate_up_proj, &l.mlp.down_proj])
+            .map(size)
+            .sum::<usize>();
+        }
+        total
+    }
+
     /// The decoder layers.
     pub fn layers(&self) -> &[DecoderLayer<B>] {
         &self.layers
@@ -225,6 +251,23 @@ impl<B: Backend> Qwen3<B> {
             c.num_key_value_heads,
             c.head_dim,
         )
+    }
+
+    /// Teacher-forced logits `[tokens.len(), vocab]` of one sequence: row `i` scores token `i + 1`.
+    pub fn score(&self, b: &B, tokens: &[u32]) -> Result<B::Tensor> {
+        let bs = crate::BLOCK_SIZE;
+        let blocks = tokens.len().div_ceil(bs).max(1);
+        let mut cache = self.new_cache(b, blocks, bs)?;
+        let table = (0..blocks as u32).collect();
+        let batch = BatchInfo::new(
+            bs,
+            vec![qfuse_core::SeqChunk {
+                start_pos: 0,
+                len: tokens.len(),
+                block_table: table,
+            }],
+        )?;
+        self.forward(b, tokens, &batch, &mut cache, Logits::All)
     }
 
     /// One forward pass over a batch of sequences' new tokens (`ids` flattened in batch order).

@@ -3,10 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::path::{Path, PathBuf};
 
-use qfuse_core::{BatchInfo, DeviceTensor, SeqChunk};
-use qfuse_cpu_ref::{CpuRef, CpuTensor};
-use qfuse_qwen3::{generate_greedy, Logits, Qwen3, Request};
-use serde_json::Value;
+use qfuse_core::DeviceTensor;
+use qfuse_cpu_ref::CpuRef;
+use qfuse_qwen3::{generate_greedy, GoldenCase, LogitsDiff, Qwen3, Request};
 
 const MODELS: [&str; 4] = [
     "tied-bf16-gqa2-v4",
@@ -23,91 +22,28 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-struct Case {
-    prompt: Vec<u32>,
-    greedy: Vec<u32>,
-    /// HF logits over prompt + greedy[..-1], row-major [rows, vocab].
-    logits: Vec<f64>,
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn cases(dir: &Path) -> Vec<Case> {
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    meta["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let t = st.tensor(&format!("case{i}.logits")).unwrap();
-            assert_eq!(t.dtype(), safetensors::Dtype::F64);
-            let logits = t
-                .data()
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            Case {
-                prompt: ids(&c["prompt_ids"]),
-                greedy: ids(&c["greedy_ids"]),
-                logits,
-            }
-        })
-        .collect()
-}
-
-fn row_rel_errors(ours: &[f64], hf: &[f64], vocab: usize) -> f64 {
-    ours.chunks(vocab)
-        .zip(hf.chunks(vocab))
-        .map(|(a, b)| qfuse_core::testing::rel_error(a, b))
-        .fold(0.0, f64::max)
-}
-
-fn teacher_forced(model: &Qwen3<CpuRef>, tokens: &[u32]) -> CpuTensor {
-    let mut cache = model
-        .new_cache(&CpuRef, tokens.len().div_ceil(16), 16)
-        .unwrap();
-    let table = (0..tokens.len().div_ceil(16) as u32).collect();
-    let batch = BatchInfo::new(
-        16,
-        vec![SeqChunk {
-            start_pos: 0,
-            len: tokens.len(),
-            block_table: table,
-        }],
-    )
-    .unwrap();
-    model
-        .forward(&CpuRef, tokens, &batch, &mut cache, Logits::All)
-        .unwrap()
-}
-
 #[test]
 fn teacher_forced_logits_match_transformers() {
     for name in MODELS {
         let dir = fixture(name);
         let model = Qwen3::load(&CpuRef, &dir).unwrap();
         let vocab = model.config().vocab_size;
-        for (i, case) in cases(&dir).iter().enumerate() {
-            let mut tokens = case.prompt.clone();
-            tokens.extend_from_slice(&case.greedy[..case.greedy.len() - 1]);
-            let logits = teacher_forced(&model, &tokens);
+        for (i, case) in GoldenCase::load_all(&dir).unwrap().iter().enumerate() {
+            let tokens = case.tokens();
+            let logits = model.score(&CpuRef, &tokens).unwrap();
             assert_eq!(logits.shape().dims(), &[tokens.len(), vocab]);
-            let err = row_rel_errors(logits.values(), &case.logits, vocab);
+            let diff = LogitsDiff::new(logits.values(), &case.logits, vocab);
             println!(
-                "{name} case {i} ({} tokens): worst row relative error {err:.2e}",
-                tokens.len()
+                "{name} case {i} ({} tokens): worst row relative error {:.2e}",
+                tokens.len(),
+                diff.worst_rel
             );
-            assert!(err <= LOGITS_REL, "{name} case {i}: {err:.3e}");
+            assert!(
+                diff.worst_rel <= LOGITS_REL,
+                "{name} case {i}: {:.3e}",
+                diff.worst_rel
+            );
+            assert_eq!(diff.top1_agreement, 1.0);
         }
     }
 }
@@ -118,7 +54,7 @@ fn cached_greedy_generation_matches_transformers() {
         let dir = fixture(name);
         let model = Qwen3::load(&CpuRef, &dir).unwrap();
         let vocab = model.config().vocab_size;
-        let cases = cases(&dir);
+        let cases = GoldenCase::load_all(&dir).unwrap();
         let requests: Vec<Request> = cases
             .iter()
             .map(|c| Request {
@@ -139,7 +75,7 @@ fn cached_greedy_generation_matches_transformers() {
                 for (&id, &v) in s.top_ids.iter().zip(&s.top_logits) {
                     ours[id as usize] = v;
                 }
-                let err = qfuse_core::testing::rel_error(&ours, row);
+                let err = LogitsDiff::new(&ours, row, vocab).worst_rel;
                 assert!(err <= LOGITS_REL, "{name} case {i} step {step}: {err:.3e}");
             }
         }

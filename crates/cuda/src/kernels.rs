@@ -1,0 +1,119 @@
+//! Kernel sources embedded at build time, compiled by NVRTC for the GPU present, once per process.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+
+use crate::error::CudaError;
+
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// Every kernel file with its entry points.
+pub const SOURCES: &[(&str, &str, &[&str])] = &[
+    (
+        "elementwise.cu",
+        include_str!("../../../kernels/elementwise.cu"),
+        &[
+            "gather_rows_bf16",
+            "gather_rows_f32",
+            "add_f32",
+            "silu_mul_f32",
+            "slice_columns_f32",
+            "cast_f32_bf16",
+            "cast_bf16_f32",
+            "argmax_f32",
+        ],
+    ),
+    (
+        "rms_norm.cu",
+        include_str!("../../../kernels/rms_norm.cu"),
+        &["rms_norm_f32", "add_rms_norm_f32"],
+    ),
+    (
+        "gemv.cu",
+        include_str!("../../../kernels/gemv.cu"),
+        &[
+            "gemv_bf16_vec",
+            "gemv_bf16_any",
+            "gemv_add_bf16_vec",
+            "gemv_add_bf16_any",
+            "gemv_silu_mul_bf16_vec",
+            "gemv_silu_mul_bf16_any",
+            "rms_norm_gemv_bf16_vec",
+            "rms_norm_gemv_bf16_any",
+        ],
+    ),
+    (
+        "attention.cu",
+        include_str!("../../../kernels/attention.cu"),
+        &[
+            "rope_f32",
+            "write_kv_f32",
+            "qk_norm_rope_write_kv_f32",
+            "attention_paged",
+            "attention_combine",
+        ],
+    ),
+];
+
+/// Compiles one kernel file (with the shared header prepended) to PTX for `arch` (e.g. `sm_90`).
+pub fn compile(file: &'static str, src: &str, arch: &'static str) -> Result<Ptx, CudaError> {
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        name: Some(file.into()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(format!("{COMMON}\n{src}"), opts)
+        .map_err(|err| CudaError::Nvrtc { file, err })
+}
+
+/// The `sm_XY` name NVRTC wants for a compute capability.
+pub fn arch_name(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (9, 0) => "sm_90",
+        (8, 9) => "sm_89",
+        (8, 6) => "sm_86",
+        (8, 0) => "sm_80",
+        (10, 0) => "sm_100",
+        (12, 0) => "sm_120",
+        (7, 5) => "sm_75",
+        _ => "sm_80",
+    }
+}
+
+/// Every entry point, loaded.
+pub struct Kernels {
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+impl Kernels {
+    /// Compiles and loads every kernel file for `ctx`'s device.
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, CudaError> {
+        let (major, minor) = ctx.compute_capability()?;
+        let arch = arch_name(major, minor);
+        let mut functions = HashMap::new();
+        for (file, src, names) in SOURCES {
+            let module = ctx.load_module(compile(file, src, arch)?)?;
+            for name in *names {
+                let f = module
+                    .load_function(name)
+                    .map_err(|_| CudaError::MissingKernel {
+                        name: name.to_string(),
+                    })?;
+                functions.insert(*name, f);
+            }
+        }
+        Ok(Kernels { functions })
+    }
+
+    /// An entry point by name.
+    pub fn get(&self, name: &str) -> Result<&CudaFunction, CudaError> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| CudaError::MissingKernel {
+                name: name.to_string(),
+            })
+    }
+}

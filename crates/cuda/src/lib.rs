@@ -1,0 +1,932 @@
+//! `CudaBackend`: qfuse on NVIDIA GPUs. Weights stay bf16 on the device; activations, the residual
+//! stream, norm statistics, RoPE, softmax and every accumulation are fp32; the KV cache is bf16.
+//! Decode-sized products (T <= 8 rows) run in fused GEMV kernels that read each weight once;
+//! larger ones go to cuBLAS (bf16 tensor cores, fp32 accumulation). Kernels are CUDA C++ from
+//! `kernels/`, compiled by NVRTC for the GPU present when the backend is created. The crate
+//! builds without CUDA: libraries are loaded at run time, and their absence is `Error::NoDevice`.
+
+mod error;
+pub mod kernels;
+
+use std::fmt;
+use std::sync::Arc;
+
+use cudarc::cublas::{sys as cublas_sys, CudaBlas};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use half::bf16;
+use qfuse_core::{
+    compose, AttentionConfig, Backend, BatchInfo, DType, DeviceTensor, Error, HostData, HostTensor,
+    LayerKv, Result, Shape,
+};
+
+pub use error::CudaError;
+use error::CudaResultExt;
+use kernels::Kernels;
+
+/// Largest T that takes the fused GEMV path (the kernels' MAX_T).
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Most query heads per KV head the attention kernel handles (its MAX_G).
+const ATTN_MAX_GROUP: usize = 8;
+const ATTN_WARPS: u32 = 4;
+
+/// A tensor in device memory: bf16 (weight matrices, KV cache) or f32 (everything else).
+#[derive(Clone)]
+pub struct CudaTensor {
+    shape: Shape,
+    buf: Buf,
+}
+
+#[derive(Clone)]
+enum Buf {
+    Bf16(Arc<CudaSlice<u16>>),
+    F32(Arc<CudaSlice<f32>>),
+}
+
+impl fmt::Debug for CudaTensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CudaTensor({} {})", self.dtype(), self.shape)
+    }
+}
+
+impl DeviceTensor for CudaTensor {
+    fn shape(&self) -> &Shape {
+        &self.shape
+    }
+    fn dtype(&self) -> DType {
+        match self.buf {
+            Buf::Bf16(_) => DType::BF16,
+            Buf::F32(_) => DType::F32,
+        }
+    }
+}
+
+impl CudaTensor {
+    fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
+        match &self.buf {
+            Buf::F32(s) => Ok(s),
+            Buf::Bf16(_) => Err(Error::UnsupportedDType {
+                op,
+                dtype: DType::BF16,
+            }),
+        }
+    }
+
+    fn bf16(&self, op: &'static str) -> Result<&CudaSlice<u16>> {
+        match &self.buf {
+            Buf::Bf16(s) => Ok(s),
+            Buf::F32(_) => Err(Error::UnsupportedDType {
+                op,
+                dtype: DType::F32,
+            }),
+        }
+    }
+
+    fn bf16_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<u16>> {
+        match &mut self.buf {
+            Buf::Bf16(s) => Arc::get_mut(s).ok_or_else(|| {
+                Error::invalid(
+                    op,
+                    "cache pool is shared; it must be uniquely owned to be written",
+                )
+            }),
+            Buf::F32(_) => Err(Error::UnsupportedDType {
+                op,
+                dtype: DType::F32,
+            }),
+        }
+    }
+
+    fn matrix(&self, op: &'static str) -> Result<(usize, usize)> {
+        self.shape.as_matrix(op)
+    }
+}
+
+/// A batch's positions, slots and block tables in device memory.
+#[derive(Debug)]
+pub struct CudaBatch {
+    info: BatchInfo,
+    positions: CudaSlice<u32>,
+    slots: CudaSlice<u32>,
+    token_seq: CudaSlice<u32>,
+    block_tables: CudaSlice<u32>,
+    max_blocks: usize,
+}
+
+struct Inner {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: Kernels,
+    name: String,
+    sm_count: usize,
+}
+
+/// The CUDA backend: one device, one stream, its cuBLAS handle and compiled kernels.
+#[derive(Clone)]
+pub struct CudaBackend {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CudaBackend({})", self.inner.name)
+    }
+}
+
+fn i32_of(x: usize, what: &str) -> Result<i32> {
+    i32::try_from(x).map_err(|_| Error::invalid("cuda", format!("{what} = {x} exceeds i32")))
+}
+
+fn grid(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Blocks for a grid-stride elementwise kernel over `n` elements.
+fn elementwise(n: usize) -> LaunchConfig {
+    grid(n.div_ceil(256).clamp(1, 65_535), 256)
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` and compiles every kernel for it (NVRTC, a second or so).
+    ///
+    /// # Errors
+    /// [`Error::NoDevice`] when the driver, NVRTC or cuBLAS libraries or the GPU are missing.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: these only try to dlopen the libraries; cudarc panics on first use without them,
+        // so they are checked here first.
+        let (cuda, nvrtc, cublas) = unsafe {
+            (
+                cudarc::driver::sys::is_culib_present(),
+                cudarc::nvrtc::sys::is_culib_present(),
+                cudarc::cublas::sys::is_culib_present(),
+            )
+        };
+        if !cuda {
+            return Err(Error::NoDevice(
+                "the CUDA driver library (libcuda.so) was not found".into(),
+            ));
+        }
+        if !nvrtc {
+            return Err(Error::NoDevice(
+                "NVRTC (libnvrtc.so.13) was not found".into(),
+            ));
+        }
+        if !cublas {
+            return Err(Error::NoDevice(
+                "cuBLAS (libcublas.so.13) was not found".into(),
+            ));
+        }
+        let count = CudaContext::device_count()
+            .map_err(|e| Error::NoDevice(format!("no usable CUDA device: {e}")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::NoDevice(format!(
+                "CUDA device {ordinal} requested, {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).cuda()?;
+        // SAFETY: every op runs on the one stream below, so cudarc's cross-stream event tracking
+        // has nothing to order; turning it off also keeps events out of captured CUDA graphs.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().cuda()?;
+        let blas = CudaBlas::new(stream.clone()).cuda()?;
+        let kernels = Kernels::load(&ctx)?;
+        let name = ctx.name().cuda()?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .cuda()? as usize;
+        Ok(CudaBackend {
+            inner: Arc::new(Inner {
+                ctx,
+                stream,
+                blas,
+                kernels,
+                name,
+                sm_count,
+            }),
+        })
+    }
+
+    /// The GPU's name.
+    pub fn device_name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Bytes of device memory free and in total.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.inner.ctx.mem_get_info().cuda()
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    fn func(&self, name: &str) -> Result<&cudarc::driver::CudaFunction> {
+        self.inner.kernels.get(name).cuda()
+    }
+
+    fn alloc_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: every caller launches a kernel that writes all `n` elements before any read.
+        unsafe { self.stream().alloc::<f32>(n.max(1)) }.cuda()
+    }
+
+    fn f32_tensor(shape: impl Into<Shape>, s: CudaSlice<f32>) -> CudaTensor {
+        CudaTensor {
+            shape: shape.into(),
+            buf: Buf::F32(Arc::new(s)),
+        }
+    }
+
+    fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
+        if v.is_empty() {
+            return self.stream().alloc_zeros::<u32>(1).cuda();
+        }
+        self.stream().clone_htod(v).cuda()
+    }
+
+    /// Which GEMV entry point serves `(t, k)`, or `None` when cuBLAS should.
+    fn gemv_kernel(&self, base: &str, t: usize, k: usize, w: &CudaTensor) -> Option<String> {
+        (t <= GEMV_MAX_ROWS && w.dtype() == DType::BF16)
+            .then(|| format!("{base}_{}", if k.is_multiple_of(8) { "vec" } else { "any" }))
+    }
+
+    /// Launches one of the GEMV kernels: `y [T, out_cols]` from `x [T, K]`, `w [rows, K]`.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_gemv(
+        &self,
+        kernel: &str,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<u16>,
+        gain: Option<&CudaSlice<f32>>,
+        residual: Option<&CudaSlice<f32>>,
+        t: usize,
+        k: usize,
+        out_cols: usize,
+        eps: f64,
+    ) -> Result<CudaSlice<f32>> {
+        let mut y = self.alloc_f32(t * out_cols)?;
+        let f = self.func(kernel)?;
+        let (ti, ki, ni, eps) = (
+            i32_of(t, "T")?,
+            i32_of(k, "K")?,
+            i32_of(out_cols, "N")?,
+            eps as f32,
+        );
+        let mut b = self.stream().launch_builder(f);
+        // Absent gain/residual: pass x, which the kernel never reads in that role.
+        b.arg(x)
+            .arg(w)
+            .arg(gain.unwrap_or(x))
+            .arg(residual.unwrap_or(x))
+            .arg(&mut y);
+        b.arg(&ti).arg(&ki).arg(&ni).arg(&eps);
+        // SAFETY: x is [t, k] f32, w has at least out_cols (x2 for silu) rows of k bf16, gain is [k],
+        // residual and y are [t, out_cols]; t <= MAX_T; grid covers out_cols with 8 warps a block.
+        unsafe { b.launch(grid(out_cols.div_ceil(8), 256)) }.cuda()?;
+        Ok(y)
+    }
+
+    /// `y [T, N] = x [T, K] · w [N, K]ᵀ` on cuBLAS: x is rounded to bf16, fp32 accumulation.
+    fn cublas_matmul(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<u16>,
+        t: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<CudaSlice<f32>> {
+        // SAFETY: cast writes all t*k elements.
+        let mut xb = unsafe { self.stream().alloc::<u16>((t * k).max(1)) }.cuda()?;
+        let total = t * k;
+        let mut b = self.stream().launch_builder(self.func("cast_f32_bf16")?);
+        b.arg(x).arg(&mut xb).arg(&total);
+        // SAFETY: x and xb hold t*k elements; grid-stride loop over them.
+        unsafe { b.launch(elementwise(total)) }.cuda()?;
+        let mut y = self.alloc_f32(t * n)?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let stream = self.stream();
+        let (wp, _gw) = w.device_ptr(stream);
+        let (xp, _gx) = xb.device_ptr(stream);
+        let (yp, _gy) = y.device_ptr_mut(stream);
+        // SAFETY: column-major view: Yᵀ[N, T] = W[K, N]ᵀ · Xᵀ[K, T]; w holds n*k, xb t*k and y t*n
+        // elements with the leading dimensions given; the handle is bound to this stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.inner.blas.handle(),
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                i32_of(n, "N")?,
+                i32_of(t, "T")?,
+                i32_of(k, "K")?,
+                (&alpha as *const f32).cast(),
+                wp as *const _,
+                cublas_sys::cudaDataType::CUDA_R_16BF,
+                i32_of(k, "K")?,
+                xp as *const _,
+                cublas_sys::cudaDataType::CUDA_R_16BF,
+                i32_of(k, "K")?,
+                (&beta as *const f32).cast(),
+                yp as *mut _,
+                cublas_sys::cudaDataType::CUDA_R_32F,
+                i32_of(n, "N")?,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .cuda()?;
+        drop((_gw, _gx, _gy));
+        Ok(y)
+    }
+
+    fn check_attention(&self, cfg: &AttentionConfig) -> Result<()> {
+        let d = cfg.head_dim;
+        if d == 0 || !d.is_multiple_of(2) || d > 256 {
+            return Err(Error::invalid(
+                "cuda attention",
+                format!("head_dim {d} must be even and at most 256"),
+            ));
+        }
+        if cfg.num_kv_heads == 0
+            || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads)
+            || cfg.group_size() > ATTN_MAX_GROUP
+        {
+            return Err(Error::invalid(
+                "cuda attention",
+                format!(
+                    "{} query heads over {} kv heads: the group must divide evenly and be at most {ATTN_MAX_GROUP}",
+                    cfg.num_heads, cfg.num_kv_heads
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Batch = CudaBatch;
+    const NAME: &'static str = "cuda";
+
+    fn upload(&self, host: &HostTensor) -> Result<CudaTensor> {
+        let v: Vec<f32> = match host.data() {
+            HostData::F32(v) => v.clone(),
+            _ => host.to_f64_vec().into_iter().map(|x| x as f32).collect(),
+        };
+        let s = if v.is_empty() {
+            self.stream().alloc_zeros::<f32>(1)
+        } else {
+            self.stream().clone_htod(&v)
+        };
+        Ok(Self::f32_tensor(host.shape().clone(), s.cuda()?))
+    }
+
+    fn upload_weight(&self, host: &HostTensor) -> Result<CudaTensor> {
+        if host.shape().rank() != 2 {
+            return self.upload(host);
+        }
+        let bits: Vec<u16> = match host.to_dtype(DType::BF16).data() {
+            HostData::BF16(v) => v.iter().map(|x| x.to_bits()).collect(),
+            _ => return Err(Error::invalid("upload_weight", "bf16 conversion failed")),
+        };
+        let s = self.stream().clone_htod(&bits).cuda()?;
+        Ok(CudaTensor {
+            shape: host.shape().clone(),
+            buf: Buf::Bf16(Arc::new(s)),
+        })
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<HostTensor> {
+        let n = t.shape.numel();
+        match &t.buf {
+            Buf::F32(s) => {
+                let mut v = self.stream().clone_dtoh(s.as_ref()).cuda()?;
+                v.truncate(n);
+                HostTensor::new(t.shape.clone(), HostData::F32(v))
+            }
+            Buf::Bf16(s) => {
+                let mut v = self.stream().clone_dtoh(s.as_ref()).cuda()?;
+                v.truncate(n);
+                HostTensor::new(
+                    t.shape.clone(),
+                    HostData::BF16(v.into_iter().map(bf16::from_bits).collect()),
+                )
+            }
+        }
+    }
+
+    fn zeros(&self, shape: &Shape, dtype: DType) -> Result<CudaTensor> {
+        let n = shape.numel().max(1);
+        Ok(match dtype {
+            DType::BF16 | DType::F16 => CudaTensor {
+                shape: shape.clone(),
+                buf: Buf::Bf16(Arc::new(self.stream().alloc_zeros::<u16>(n).cuda()?)),
+            },
+            DType::F32 | DType::F64 => {
+                Self::f32_tensor(shape.clone(), self.stream().alloc_zeros::<f32>(n).cuda()?)
+            }
+        })
+    }
+
+    fn kv_dtype(&self) -> DType {
+        DType::BF16
+    }
+
+    fn prepare_batch(&self, info: &BatchInfo) -> Result<CudaBatch> {
+        let max_blocks = info
+            .seqs()
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut tables = vec![0u32; info.seqs().len() * max_blocks];
+        for (s, seq) in info.seqs().iter().enumerate() {
+            tables[s * max_blocks..s * max_blocks + seq.block_table.len()]
+                .copy_from_slice(&seq.block_table);
+        }
+        Ok(CudaBatch {
+            info: info.clone(),
+            positions: self.upload_u32(info.positions())?,
+            slots: self.upload_u32(info.slots())?,
+            token_seq: self.upload_u32(info.token_seq())?,
+            block_tables: self.upload_u32(&tables)?,
+            max_blocks,
+        })
+    }
+
+    fn gather_rows(&self, table: &CudaTensor, ids: &[u32]) -> Result<CudaTensor> {
+        let (n, c) = table.matrix("gather_rows")?;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= n) {
+            return Err(Error::invalid(
+                "gather_rows",
+                format!("id {bad} out of range 0..{n}"),
+            ));
+        }
+        let mut out = self.alloc_f32(ids.len() * c)?;
+        if ids.is_empty() {
+            return Ok(Self::f32_tensor([0, c], out));
+        }
+        let dev_ids = self.upload_u32(ids)?;
+        let ci = i32_of(c, "cols")?;
+        let kernel = match table.buf {
+            Buf::Bf16(_) => "gather_rows_bf16",
+            Buf::F32(_) => "gather_rows_f32",
+        };
+        let mut b = self.stream().launch_builder(self.func(kernel)?);
+        match &table.buf {
+            Buf::Bf16(s) => b.arg(s.as_ref()),
+            Buf::F32(s) => b.arg(s.as_ref()),
+        };
+        b.arg(&dev_ids).arg(&mut out).arg(&ci);
+        // SAFETY: table is [n, c] with every id < n (checked above); out is [ids.len(), c].
+        unsafe { b.launch(grid(ids.len(), 256)) }.cuda()?;
+        Ok(Self::f32_tensor([ids.len(), c], out))
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaTensor, eps: f64) -> Result<CudaTensor> {
+        let (t, c) = x.matrix("rms_norm")?;
+        let g = match w.shape.dims() {
+            [g] if *g > 0 && c % *g == 0 => *g,
+            _ => return Err(Error::shape("rms_norm", &x.shape, &w.shape)),
+        };
+        let mut y = self.alloc_f32(t * c)?;
+        let threads = (g.div_ceil(32) * 32).min(256) as u32;
+        let (gi, eps) = (i32_of(g, "G")?, eps as f32);
+        let mut b = self.stream().launch_builder(self.func("rms_norm_f32")?);
+        b.arg(x.f32("rms_norm")?)
+            .arg(w.f32("rms_norm")?)
+            .arg(&mut y)
+            .arg(&gi)
+            .arg(&eps);
+        // SAFETY: x and y are [t, c] with c % g == 0, so t*c/g blocks each own one group; w is [g].
+        unsafe { b.launch(grid(t * c / g, threads)) }.cuda()?;
+        Ok(Self::f32_tensor([t, c], y))
+    }
+
+    fn matmul(&self, x: &CudaTensor, w: &CudaTensor) -> Result<CudaTensor> {
+        let (t, k) = x.matrix("matmul")?;
+        let (n, k2) = w.matrix("matmul")?;
+        if k != k2 {
+            return Err(Error::shape("matmul", &x.shape, &w.shape));
+        }
+        let xs = x.f32("matmul")?;
+        let ws = w.bf16("matmul")?;
+        let y = match self.gemv_kernel("gemv_bf16", t, k, w) {
+            Some(kernel) => self.launch_gemv(&kernel, xs, ws, None, None, t, k, n, 0.0)?,
+            None => self.cublas_matmul(xs, ws, t, k, n)?,
+        };
+        Ok(Self::f32_tensor([t, n], y))
+    }
+
+    fn add(&self, a: &CudaTensor, b2: &CudaTensor) -> Result<CudaTensor> {
+        if a.shape != b2.shape {
+            return Err(Error::shape("add", &a.shape, &b2.shape));
+        }
+        let n = a.shape.numel();
+        let mut y = self.alloc_f32(n)?;
+        let mut b = self.stream().launch_builder(self.func("add_f32")?);
+        b.arg(a.f32("add")?).arg(b2.f32("add")?).arg(&mut y).arg(&n);
+        // SAFETY: a, b and y all hold n elements; grid-stride loop.
+        unsafe { b.launch(elementwise(n)) }.cuda()?;
+        Ok(Self::f32_tensor(a.shape.clone(), y))
+    }
+
+    fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
+        let (t, c) = gate_up.matrix("silu_mul")?;
+        if c % 2 != 0 {
+            return Err(Error::invalid("silu_mul", format!("odd width {c}")));
+        }
+        let i = c / 2;
+        let mut y = self.alloc_f32(t * i)?;
+        let ii = i32_of(i, "I")?;
+        let mut b = self.stream().launch_builder(self.func("silu_mul_f32")?);
+        b.arg(gate_up.f32("silu_mul")?).arg(&mut y).arg(&ii);
+        // SAFETY: gate_up is [t, 2i], y is [t, i]; one block per row.
+        unsafe { b.launch(grid(t, 256)) }.cuda()?;
+        Ok(Self::f32_tensor([t, i], y))
+    }
+
+    fn slice_columns(&self, x: &CudaTensor, start: usize, len: usize) -> Result<CudaTensor> {
+        let (t, c) = x.matrix("slice_columns")?;
+        if start + len > c {
+            return Err(Error::invalid(
+                "slice_columns",
+                format!("columns {start}..{} out of range 0..{c}", start + len),
+            ));
+        }
+        let mut y = self.alloc_f32(t * len)?;
+        let (ci, si, li) = (
+            i32_of(c, "C")?,
+            i32_of(start, "start")?,
+            i32_of(len, "len")?,
+        );
+        let mut b = self
+            .stream()
+            .launch_builder(self.func("slice_columns_f32")?);
+        b.arg(x.f32("slice_columns")?)
+            .arg(&mut y)
+            .arg(&ci)
+            .arg(&si)
+            .arg(&li);
+        // SAFETY: x is [t, c], y is [t, len], start + len <= c; one block per row.
+        unsafe { b.launch(grid(t, 256)) }.cuda()?;
+        Ok(Self::f32_tensor([t, len], y))
+    }
+
+    fn rope(&self, x: &CudaTensor, batch: &CudaBatch, cfg: &AttentionConfig) -> Result<CudaTensor> {
+        let (t, c) = x.matrix("rope")?;
+        let d = cfg.head_dim;
+        if d == 0 || !d.is_multiple_of(2) || c % d != 0 || t != batch.info.num_tokens() {
+            return Err(Error::invalid(
+                "rope",
+                format!(
+                    "x {} with head_dim {d} and {} batch tokens",
+                    x.shape,
+                    batch.info.num_tokens()
+                ),
+            ));
+        }
+        let mut y = self.alloc_f32(t * c)?;
+        let (ci, di) = (i32_of(c, "C")?, i32_of(d, "d")?);
+        let mut b = self.stream().launch_builder(self.func("rope_f32")?);
+        b.arg(x.f32("rope")?)
+            .arg(&batch.positions)
+            .arg(&mut y)
+            .arg(&ci)
+            .arg(&di)
+            .arg(&cfg.rope_theta);
+        // SAFETY: x and y are [t, c] with c % d == 0, positions holds t entries; one block per row.
+        unsafe { b.launch(grid(t, 128)) }.cuda()?;
+        Ok(Self::f32_tensor([t, c], y))
+    }
+
+    fn write_kv(
+        &self,
+        cache: &mut LayerKv<Self>,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        batch: &CudaBatch,
+    ) -> Result<()> {
+        let (t, w) = k.matrix("write_kv")?;
+        if v.shape != k.shape || t != batch.info.num_tokens() {
+            return Err(Error::shape("write_kv", &k.shape, &v.shape));
+        }
+        let slots = cache_slots(&cache.k, w, "write_kv")?;
+        if let Some(bad) = batch.info.slots().iter().find(|&&s| s as usize >= slots) {
+            return Err(Error::invalid(
+                "write_kv",
+                format!("slot {bad} beyond {slots}"),
+            ));
+        }
+        let wi = i32_of(w, "W")?;
+        let (ks, vs) = (k.f32("write_kv")?, v.f32("write_kv")?);
+        let f = self.func("write_kv_f32")?;
+        let (kc, vc) = (
+            cache.k.bf16_mut("write_kv")? as *mut CudaSlice<u16>,
+            cache.v.bf16_mut("write_kv")?,
+        );
+        // SAFETY: cache.k and cache.v are distinct tensors, so the two mutable borrows don't alias.
+        let kc = unsafe { &mut *kc };
+        let mut b = self.stream().launch_builder(f);
+        b.arg(ks).arg(vs).arg(&batch.slots).arg(kc).arg(vc).arg(&wi);
+        // SAFETY: k, v are [t, w]; every slot < slots (checked) and pools are [slots, w].
+        unsafe { b.launch(grid(t, 256)) }.cuda()?;
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        cache: &LayerKv<Self>,
+        batch: &CudaBatch,
+        cfg: &AttentionConfig,
+    ) -> Result<CudaTensor> {
+        self.check_attention(cfg)?;
+        let (t, c) = q.matrix("attention")?;
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        if c != h * d || t != batch.info.num_tokens() {
+            return Err(Error::invalid(
+                "attention",
+                format!(
+                    "q {} for {h} heads of {d} and {} tokens",
+                    q.shape,
+                    batch.info.num_tokens()
+                ),
+            ));
+        }
+        let slots = cache_slots(&cache.k, kvh * d, "attention")?;
+        let bs = batch.info.block_size();
+        if let Some(bad) = batch
+            .info
+            .seqs()
+            .iter()
+            .flat_map(|s| &s.block_table)
+            .find(|&&b| (b as usize + 1) * bs > slots)
+        {
+            return Err(Error::invalid(
+                "attention",
+                format!("block {bad} beyond the cache's {} blocks", slots / bs),
+            ));
+        }
+        let max_ctx = batch.info.max_context().max(1);
+        // Enough blocks for two waves over the SMs, each split at least 32 keys long.
+        let want = (2 * self.inner.sm_count).div_ceil(t * kvh).max(1);
+        let chunk = max_ctx.div_ceil(want).max(32);
+        let splits = max_ctx.div_ceil(chunk);
+        let mut out = self.alloc_f32(t * c)?;
+        let mut part_o = self.alloc_f32(if splits > 1 { t * h * splits * d } else { 1 })?;
+        let mut part_ml = self.alloc_f32(if splits > 1 { t * h * splits * 2 } else { 1 })?;
+        let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
+        let (mb, bsi, hi, kvi, di, chi) = (
+            i32_of(batch.max_blocks, "blocks")?,
+            i32_of(bs, "block size")?,
+            i32_of(h, "H")?,
+            i32_of(kvh, "KV")?,
+            i32_of(d, "d")?,
+            i32_of(chunk, "chunk")?,
+        );
+        let mut b = self.stream().launch_builder(self.func("attention_paged")?);
+        b.arg(q.f32("attention")?)
+            .arg(cache.k.bf16("attention")?)
+            .arg(cache.v.bf16("attention")?);
+        b.arg(&batch.positions)
+            .arg(&batch.token_seq)
+            .arg(&batch.block_tables);
+        b.arg(&mb)
+            .arg(&bsi)
+            .arg(&hi)
+            .arg(&kvi)
+            .arg(&di)
+            .arg(&scale_log2)
+            .arg(&chi);
+        b.arg(&mut out).arg(&mut part_o).arg(&mut part_ml);
+        let cfg_launch = LaunchConfig {
+            grid_dim: (t as u32, kvh as u32, splits as u32),
+            block_dim: (32 * ATTN_WARPS, 1, 1),
+            shared_mem_bytes: (ATTN_WARPS as usize * cfg.group_size() * (d + 2) * 4) as u32,
+        };
+        // SAFETY: q is [t, h*d]; pools are [slots, kvh*d] and every block of every table is inside
+        // (checked); tables are [seqs, max_blocks]; group <= MAX_G and d <= 256 (checked); the
+        // partial buffers hold t*h*splits*(d | 2) floats when splits > 1.
+        unsafe { b.launch(cfg_launch) }.cuda()?;
+        if splits > 1 {
+            let si = i32_of(splits, "splits")?;
+            let mut b = self
+                .stream()
+                .launch_builder(self.func("attention_combine")?);
+            b.arg(&part_o)
+                .arg(&part_ml)
+                .arg(&mut out)
+                .arg(&hi)
+                .arg(&di)
+                .arg(&si);
+            let cfg_c = LaunchConfig {
+                grid_dim: (t as u32, h as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: partials were fully written for every (t, h, split) above; out is [t, h*d].
+            unsafe { b.launch(cfg_c) }.cuda()?;
+        }
+        Ok(Self::f32_tensor([t, c], out))
+    }
+
+    fn argmax(&self, logits: &CudaTensor) -> Result<Vec<u32>> {
+        let (t, v) = logits.matrix("argmax")?;
+        if v == 0 {
+            return Err(Error::invalid("argmax", "zero columns"));
+        }
+        // SAFETY: the kernel writes one id per row.
+        let mut ids = unsafe { self.stream().alloc::<u32>(t.max(1)) }.cuda()?;
+        let vi = i32_of(v, "V")?;
+        let mut b = self.stream().launch_builder(self.func("argmax_f32")?);
+        b.arg(logits.f32("argmax")?).arg(&mut ids).arg(&vi);
+        // SAFETY: logits is [t, v]; one block of 1024 threads per row.
+        unsafe { b.launch(grid(t, 1024)) }.cuda()?;
+        let mut host = self.stream().clone_dtoh(&ids).cuda()?;
+        host.truncate(t);
+        if let Some(r) = host.iter().position(|&i| i == u32::MAX) {
+            return Err(Error::invalid("argmax", format!("NaN logit in row {r}")));
+        }
+        Ok(host)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream().synchronize().cuda()
+    }
+
+    fn rms_norm_matmul(
+        &self,
+        x: &CudaTensor,
+        norm_w: &CudaTensor,
+        w: &CudaTensor,
+        eps: f64,
+    ) -> Result<CudaTensor> {
+        let (t, k) = x.matrix("rms_norm_matmul")?;
+        let (n, k2) = w.matrix("rms_norm_matmul")?;
+        match self.gemv_kernel("rms_norm_gemv_bf16", t, k, w) {
+            Some(kernel) if k == k2 && norm_w.shape.dims() == [k] => {
+                let y = self.launch_gemv(
+                    &kernel,
+                    x.f32("rms_norm_matmul")?,
+                    w.bf16("rms_norm_matmul")?,
+                    Some(norm_w.f32("rms_norm_matmul")?),
+                    None,
+                    t,
+                    k,
+                    n,
+                    eps,
+                )?;
+                Ok(Self::f32_tensor([t, n], y))
+            }
+            _ => compose::rms_norm_matmul(self, x, norm_w, w, eps),
+        }
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &CudaTensor,
+        residual: &CudaTensor,
+        w: &CudaTensor,
+        eps: f64,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        let (t, c) = x.matrix("add_rms_norm")?;
+        if residual.shape != x.shape || w.shape.dims() != [c] {
+            return compose::add_rms_norm(self, x, residual, w, eps);
+        }
+        let (mut h, mut n) = (self.alloc_f32(t * c)?, self.alloc_f32(t * c)?);
+        let (ci, eps) = (i32_of(c, "C")?, eps as f32);
+        let mut b = self.stream().launch_builder(self.func("add_rms_norm_f32")?);
+        b.arg(x.f32("add_rms_norm")?)
+            .arg(residual.f32("add_rms_norm")?)
+            .arg(w.f32("add_rms_norm")?);
+        b.arg(&mut h).arg(&mut n).arg(&ci).arg(&eps);
+        // SAFETY: x, residual, h, n are [t, c], w is [c]; one block per row.
+        unsafe { b.launch(grid(t, 256)) }.cuda()?;
+        Ok((Self::f32_tensor([t, c], h), Self::f32_tensor([t, c], n)))
+    }
+
+    fn qk_norm_rope_write_kv(
+        &self,
+        qkv: &CudaTensor,
+        q_norm: &CudaTensor,
+        k_norm: &CudaTensor,
+        cache: &mut LayerKv<Self>,
+        batch: &CudaBatch,
+        cfg: &AttentionConfig,
+    ) -> Result<CudaTensor> {
+        let (t, width) = qkv.matrix("qk_norm_rope_write_kv")?;
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        if width != cfg.qkv_width()
+            || t != batch.info.num_tokens()
+            || d % 2 != 0
+            || q_norm.shape.dims() != [d]
+            || k_norm.shape.dims() != [d]
+        {
+            return Err(Error::invalid(
+                "qk_norm_rope_write_kv",
+                format!("qkv {} for {h}+2x{kvh} heads of {d}", qkv.shape),
+            ));
+        }
+        let slots = cache_slots(&cache.k, kvh * d, "qk_norm_rope_write_kv")?;
+        if let Some(bad) = batch.info.slots().iter().find(|&&s| s as usize >= slots) {
+            return Err(Error::invalid(
+                "qk_norm_rope_write_kv",
+                format!("slot {bad} beyond {slots}"),
+            ));
+        }
+        let mut q = self.alloc_f32(t * h * d)?;
+        let (hi, kvi, di, eps) = (
+            i32_of(h, "H")?,
+            i32_of(kvh, "KV")?,
+            i32_of(d, "d")?,
+            cfg.qk_norm_eps as f32,
+        );
+        let f = self.func("qk_norm_rope_write_kv_f32")?;
+        let kc = cache.k.bf16_mut("qk_norm_rope_write_kv")? as *mut CudaSlice<u16>;
+        let vc = cache.v.bf16_mut("qk_norm_rope_write_kv")?;
+        // SAFETY: cache.k and cache.v are distinct tensors, so the two mutable borrows don't alias.
+        let kc = unsafe { &mut *kc };
+        let mut b = self.stream().launch_builder(f);
+        b.arg(qkv.f32("qk_norm_rope_write_kv")?)
+            .arg(q_norm.f32("qk_norm_rope_write_kv")?)
+            .arg(k_norm.f32("qk_norm_rope_write_kv")?);
+        b.arg(&batch.positions)
+            .arg(&batch.slots)
+            .arg(&mut q)
+            .arg(kc)
+            .arg(vc);
+        b.arg(&hi).arg(&kvi).arg(&di).arg(&cfg.rope_theta).arg(&eps);
+        let warps = (h + 2 * kvh).min(16) as u32;
+        // SAFETY: qkv is [t, (h+2kvh)d], q is [t, hd], norms are [d], every slot < slots (checked).
+        unsafe { b.launch(grid(t, 32 * warps)) }.cuda()?;
+        Ok(Self::f32_tensor([t, h * d], q))
+    }
+
+    fn matmul_add(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        residual: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let (t, k) = x.matrix("matmul_add")?;
+        let (n, k2) = w.matrix("matmul_add")?;
+        match self.gemv_kernel("gemv_add_bf16", t, k, w) {
+            Some(kernel) if k == k2 && residual.shape.dims() == [t, n] => {
+                let y = self.launch_gemv(
+                    &kernel,
+                    x.f32("matmul_add")?,
+                    w.bf16("matmul_add")?,
+                    None,
+                    Some(residual.f32("matmul_add")?),
+                    t,
+                    k,
+                    n,
+                    0.0,
+                )?;
+                Ok(Self::f32_tensor([t, n], y))
+            }
+            _ => compose::matmul_add(self, x, w, residual),
+        }
+    }
+
+    fn matmul_silu_mul(&self, x: &CudaTensor, w_gate_up: &CudaTensor) -> Result<CudaTensor> {
+        let (t, k) = x.matrix("matmul_silu_mul")?;
+        let (n2, k2) = w_gate_up.matrix("matmul_silu_mul")?;
+        match self.gemv_kernel("gemv_silu_mul_bf16", t, k, w_gate_up) {
+            Some(kernel) if k == k2 && n2 % 2 == 0 => {
+                let y = self.launch_gemv(
+                    &kernel,
+                    x.f32("matmul_silu_mul")?,
+                    w_gate_up.bf16("matmul_silu_mul")?,
+                    None,
+                    None,
+                    t,
+                    k,
+                    n2 / 2,
+                    0.0,
+                )?;
+                Ok(Self::f32_tensor([t, n2 / 2], y))
+            }
+            _ => compose::matmul_silu_mul(self, x, w_gate_up),
+        }
+    }
+}
+
+/// Slots in a cache pool `[blocks, block_size, kv_heads, head_dim]` whose rows are `width` wide.
+fn cache_slots(pool: &CudaTensor, width: usize, op: &'static str) -> Result<usize> {
+    match pool.shape.dims() {
+        [b, bs, h, d] if h * d == width => Ok(b * bs),
+        _ => Err(Error::invalid(
+            op,
+            format!("cache shape {} does not hold rows of {width}", pool.shape),
+        )),
+    }
+}

@@ -1,0 +1,12 @@
+//! Every op and fused op of the CUDA backend against the f64 reference under proptest, within
+//! bf16 tolerance. Skips with a notice where there is no GPU (unless QFUSE_REQUIRE_GPU=1).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use qfuse_core::testing::Tolerance;
+use qfuse_cpu_ref::CpuRef;
+use qfuse_cuda::CudaBackend;
+
+qfuse_core::backend_tests!(
+    backend: CudaBackend = CudaBackend::new(0),
+    reference: CpuRef = CpuRef::new(),
+    tolerance: Tolerance::BF16
+);

@@ -1,0 +1,165 @@
+//! Model-level checks of the CUDA backend against cpu-ref: teacher-forced logits (relative error
+//! <= 2e-2, top-1 agreement >= 99%) on the golden fixtures and, when QFUSE_SYNTH_DIR names a
+//! synthetic Qwen3-0.6B checkpoint, on 256+ positions of it; greedy ids equal to transformers'
+//! wherever its top-1 margin exceeds the measured bf16 error; batched equals alone.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use std::path::{Path, PathBuf};
+
+use qfuse_core::{Backend, Error, Rng};
+use qfuse_cpu_ref::CpuRef;
+use qfuse_cuda::CudaBackend;
+use qfuse_qwen3::{generate_greedy, GoldenCase, LogitsDiff, Qwen3, Request};
+
+const MODELS: [&str; 4] = [
+    "tied-bf16-gqa2-v4",
+    "untied-f32-mha-v5",
+    "mqa-sharded-bf16",
+    "gqa4-f16",
+];
+const REL_TOL: f64 = 2e-2;
+
+fn cuda() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(Error::NoDevice(why)) if std::env::var("QFUSE_REQUIRE_GPU").as_deref() != Ok("1") => {
+            eprintln!("skipping cuda model tests: no device ({why})");
+            None
+        }
+        Err(e) => panic!("cuda backend: {e}"),
+    }
+}
+
+/// The golden fixtures: `QFUSE_FIXTURES` (a test binary run from another checkout) or this repo's.
+fn fixture(name: &str) -> PathBuf {
+    std::env::var("QFUSE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
+        .join(name)
+}
+
+fn logits<B: Backend>(b: &B, model: &Qwen3<B>, tokens: &[u32]) -> Vec<f64> {
+    b.download(&model.score(b, tokens).unwrap())
+        .unwrap()
+        .to_f64_vec()
+}
+
+/// Teacher-forced comparison of one token sequence; returns the per-row max abs error.
+fn compare(
+    name: &str,
+    gpu: &CudaBackend,
+    gm: &Qwen3<CudaBackend>,
+    cm: &Qwen3<CpuRef>,
+    tokens: &[u32],
+) -> Vec<f64> {
+    let vocab = cm.config().vocab_size;
+    let d = LogitsDiff::new(
+        &logits(gpu, gm, tokens),
+        &logits(&CpuRef, cm, tokens),
+        vocab,
+    );
+    println!(
+        "{name}: {} positions, worst row rel error {:.3e}, top-1 agreement {:.4}",
+        tokens.len(),
+        d.worst_rel,
+        d.top1_agreement
+    );
+    assert!(
+        d.worst_rel <= REL_TOL,
+        "{name}: relative error {:.3e}",
+        d.worst_rel
+    );
+    assert!(
+        d.top1_agreement >= 0.99,
+        "{name}: top-1 agreement {}",
+        d.top1_agreement
+    );
+    d.max_abs
+}
+
+#[test]
+fn golden_fixtures_match_reference_and_transformers() {
+    let Some(gpu) = cuda() else { return };
+    for name in MODELS {
+        let dir = fixture(name);
+        let (gm, cm) = (
+            Qwen3::load(&gpu, &dir).unwrap(),
+            Qwen3::load(&CpuRef, &dir).unwrap(),
+        );
+        let vocab = cm.config().vocab_size;
+        let cases = GoldenCase::load_all(&dir).unwrap();
+        let requests: Vec<Request> = cases
+            .iter()
+            .map(|c| Request {
+                prompt: c.prompt.clone(),
+                max_new_tokens: c.greedy.len(),
+                stop_ids: vec![],
+                top_logits: 0,
+            })
+            .collect();
+        let batched = generate_greedy(&gm, &gpu, &requests).unwrap();
+        for (i, case) in cases.iter().enumerate() {
+            let max_abs = compare(&format!("{name} case {i}"), &gpu, &gm, &cm, &case.tokens());
+            // Greedy ids must equal transformers' up to the first step whose top-1 margin (HF's
+            // float64 logits) is within 4x the measured error of that row.
+            let mut checked = 0;
+            for (step, &want) in case.greedy.iter().enumerate() {
+                let r = case.prompt.len() - 1 + step;
+                let row = &case.logits[r * vocab..(r + 1) * vocab];
+                let mut sorted = row.to_vec();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                if sorted[0] - sorted[1] <= 4.0 * max_abs[r] {
+                    break;
+                }
+                assert_eq!(
+                    batched[i].new_ids[step], want,
+                    "{name} case {i} step {step}"
+                );
+                checked += 1;
+            }
+            println!(
+                "{name} case {i}: {checked}/{} greedy ids checked equal to transformers'",
+                case.greedy.len()
+            );
+            let alone = generate_greedy(&gm, &gpu, std::slice::from_ref(&requests[i])).unwrap();
+            assert_eq!(
+                alone[0].new_ids, batched[i].new_ids,
+                "{name} case {i}: alone vs batched"
+            );
+        }
+    }
+}
+
+#[test]
+fn synthetic_full_size_matches_reference() {
+    let Some(gpu) = cuda() else { return };
+    let Ok(dir) = std::env::var("QFUSE_SYNTH_DIR") else {
+        eprintln!("skipping: set QFUSE_SYNTH_DIR to a `qfuse synth --shape qwen3-0.6b` checkpoint");
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let (gm, cm) = (
+        Qwen3::load(&gpu, &dir).unwrap(),
+        Qwen3::load(&CpuRef, &dir).unwrap(),
+    );
+    let mut rng = Rng::new(11);
+    let tokens: Vec<u32> = (0..300)
+        .map(|_| rng.below(cm.config().vocab_size) as u32)
+        .collect();
+    compare("synthetic", &gpu, &gm, &cm, &tokens);
+    // Several sequences decoded together give each one's tokens alone.
+    let requests: Vec<Request> = (0..3)
+        .map(|s| Request {
+            prompt: tokens[s * 20..s * 20 + 10 + s].to_vec(),
+            max_new_tokens: 12,
+            stop_ids: vec![],
+            top_logits: 0,
+        })
+        .collect();
+    let batched = generate_greedy(&gm, &gpu, &requests).unwrap();
+    for (r, got) in requests.iter().zip(&batched) {
+        assert_eq!(
+            generate_greedy(&gm, &gpu, std::slice::from_ref(r)).unwrap()[0].new_ids,
+            got.new_ids
+        );
+    }
+}

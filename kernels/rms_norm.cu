@@ -1,0 +1,29 @@
+// RMSNorm: statistic, gain and output in fp32.
+
+// Each block normalises one group of G consecutive elements (groups tile [rows, C] since C % G == 0).
+// y = x * rsqrt(mean(x^2) + eps) * w. grid = rows * C / G, block = min(256, ...) multiple of 32.
+extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                        float* __restrict__ y, int G, float eps) {
+    __shared__ float scratch[32];
+    const size_t base = (size_t)blockIdx.x * G;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < G; i += blockDim.x) { float v = x[base + i]; ss += v * v; }
+    const float inv = rsqrtf(block_sum(ss, scratch) / G + eps);
+    for (int i = threadIdx.x; i < G; i += blockDim.x) y[base + i] = x[base + i] * inv * w[i];
+}
+
+// h = x + residual; n = rms_norm(h, w). One block per row of C. grid = rows, block = 256.
+extern "C" __global__ void add_rms_norm_f32(const float* __restrict__ x, const float* __restrict__ residual,
+                                            const float* __restrict__ w, float* __restrict__ h,
+                                            float* __restrict__ n, int C, float eps) {
+    __shared__ float scratch[32];
+    const size_t base = (size_t)blockIdx.x * C;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float v = x[base + i] + residual[base + i];
+        h[base + i] = v;
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss, scratch) / C + eps);
+    for (int i = threadIdx.x; i < C; i += blockDim.x) n[base + i] = h[base + i] * inv * w[i];
+}
