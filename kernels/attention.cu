@@ -1,10 +1,16 @@
 // The attention block: q/k-norm + RoPE + paged KV-cache write, and split-K ("flash-decoding")
-// attention over the paged cache. Cache pools are bf16 [slots, kv_heads * head_dim]; norm
-// statistics, gains, RoPE angles (computed in double) and softmax are fp32 or wider.
+// attention over the paged cache. Cache pools are [slots, kv_heads * head_dim] in fp32 or bf16
+// (one entry point of each kernel per cache type, suffixed _kvf32 / _kvbf16); norm statistics,
+// gains, RoPE angles (computed in double) and softmax are fp32 or wider.
 
 #define MAX_G 8      // query heads per KV head handled by one block (Qwen3 dense models: 2..8)
 #define MAX_DPL 8    // head_dim / 32, rounded up (head_dim <= 256)
 #define ATTN_WARPS 4
+
+__device__ __forceinline__ float kv_load(const float* p) { return *p; }
+__device__ __forceinline__ float kv_load(const bf16_t* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ void kv_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void kv_store(bf16_t* p, float v) { *p = f32_to_bf16(v); }
 
 // cos/sin of pos * theta^(-2i/d), argument and functions in double so long contexts keep precision.
 __device__ __forceinline__ void rope_cs(u32 pos, int i, int d, double theta, float* c, float* s) {
@@ -33,22 +39,23 @@ extern "C" __global__ void rope_f32(const float* __restrict__ x, const u32* __re
 }
 
 // k, v [T, W] fp32 -> cache pools at each token's slot. grid = T, block = 256.
-extern "C" __global__ void write_kv_f32(const float* __restrict__ k, const float* __restrict__ v,
-                                        const u32* __restrict__ slots, bf16_t* __restrict__ kc,
-                                        bf16_t* __restrict__ vc, int W) {
+template <typename KT>
+__device__ void write_kv(const float* __restrict__ k, const float* __restrict__ v,
+                         const u32* __restrict__ slots, KT* __restrict__ kc, KT* __restrict__ vc, int W) {
     const size_t src = (size_t)blockIdx.x * W, dst = (size_t)slots[blockIdx.x] * W;
     for (int i = threadIdx.x; i < W; i += blockDim.x) {
-        kc[dst + i] = f32_to_bf16(k[src + i]);
-        vc[dst + i] = f32_to_bf16(v[src + i]);
+        kv_store(kc + dst + i, k[src + i]);
+        kv_store(vc + dst + i, v[src + i]);
     }
 }
 
 // qkv [T, (H + 2 KV) d]: per-head RMSNorm (q_norm / k_norm over d) then RoPE for q and k heads,
 // q to q_out [T, H d], k and v to the cache. One warp per head. grid = T, block = 32 * warps.
-extern "C" __global__ void qk_norm_rope_write_kv_f32(
+template <typename KT>
+__device__ void qk_norm_rope_write_kv(
     const float* __restrict__ qkv, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
     const u32* __restrict__ positions, const u32* __restrict__ slots, float* __restrict__ q_out,
-    bf16_t* __restrict__ kc, bf16_t* __restrict__ vc, int H, int KV, int d, double theta, float eps) {
+    KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, int d, double theta, float eps) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const int t = blockIdx.x, half = d / 2, heads = H + 2 * KV;
     const float* row = qkv + (size_t)t * heads * d;
@@ -57,8 +64,8 @@ extern "C" __global__ void qk_norm_rope_write_kv_f32(
     for (int h = warp; h < heads; h += nwarps) {
         const float* src = row + (size_t)h * d;
         if (h >= H + KV) {  // v: copied as is
-            bf16_t* dst = vc + slot + (size_t)(h - H - KV) * d;
-            for (int i = lane; i < d; i += 32) dst[i] = f32_to_bf16(src[i]);
+            KT* dst = vc + slot + (size_t)(h - H - KV) * d;
+            for (int i = lane; i < d; i += 32) kv_store(dst + i, src[i]);
             continue;
         }
         float ss = 0.0f;
@@ -75,9 +82,9 @@ extern "C" __global__ void qk_norm_rope_write_kv_f32(
                 dst[i] = ra;
                 dst[i + half] = rb;
             } else {
-                bf16_t* dst = kc + slot + (size_t)(h - H) * d;
-                dst[i] = f32_to_bf16(ra);
-                dst[i + half] = f32_to_bf16(rb);
+                KT* dst = kc + slot + (size_t)(h - H) * d;
+                kv_store(dst + i, ra);
+                kv_store(dst + i + half, rb);
             }
         }
     }
@@ -89,13 +96,15 @@ extern "C" __global__ void qk_norm_rope_write_kv_f32(
 // it writes the normalised output; otherwise unnormalised partials (o, max, sum) for
 // attention_combine. Scores use exp2 with log2(e) folded into the scale.
 // grid = (T, KV, splits), block = 32 * ATTN_WARPS.
-extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_paged(
-    const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+template <typename KT>
+__device__ void attention_paged(
+    const float* __restrict__ q, const KT* __restrict__ kc, const KT* __restrict__ vc,
     const u32* __restrict__ positions, const u32* __restrict__ token_seq,
     const u32* __restrict__ block_tables, int max_blocks, int block_size, int H, int KV, int d,
     float scale_log2, int chunk, float* __restrict__ out, float* __restrict__ part_o,
     float* __restrict__ part_ml) {
     extern __shared__ float smem[];  // [ATTN_WARPS][G][d + 2]
+    static_assert(sizeof(KT) <= 4, "cache element");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int G = H / KV, W = KV * d;
@@ -118,14 +127,14 @@ extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_paged(
     }
     for (int key = begin + warp; key < end; key += ATTN_WARPS) {
         const size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
-        const bf16_t* kr = kc + slot * W + (size_t)kv * d;
-        const bf16_t* vr = vc + slot * W + (size_t)kv * d;
+        const KT* kr = kc + slot * W + (size_t)kv * d;
+        const KT* vr = vc + slot * W + (size_t)kv * d;
         float kf[MAX_DPL], vf[MAX_DPL];
 #pragma unroll
         for (int j = 0; j < MAX_DPL; ++j) {
             const int dd = lane + 32 * j;
-            kf[j] = dd < d ? bf16_to_f32(kr[dd]) : 0.0f;
-            vf[j] = dd < d ? bf16_to_f32(vr[dd]) : 0.0f;
+            kf[j] = dd < d ? kv_load(kr + dd) : 0.0f;
+            vf[j] = dd < d ? kv_load(vr + dd) : 0.0f;
         }
 #pragma unroll
         for (int g = 0; g < MAX_G; ++g) {
@@ -187,6 +196,28 @@ extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_paged(
         }
     }
 }
+
+#define KV_ENTRIES(KT, SUFFIX)                                                                        \
+    extern "C" __global__ void write_kv_##SUFFIX(const float* k, const float* v, const u32* slots, KT* kc,   \
+                                                 KT* vc, int W) {                                           \
+        write_kv<KT>(k, v, slots, kc, vc, W);                                                               \
+    }                                                                                                       \
+    extern "C" __global__ void qk_norm_rope_write_kv_##SUFFIX(                                              \
+        const float* qkv, const float* q_norm, const float* k_norm, const u32* positions, const u32* slots, \
+        float* q_out, KT* kc, KT* vc, int H, int KV, int d, double theta, float eps) {                      \
+        qk_norm_rope_write_kv<KT>(qkv, q_norm, k_norm, positions, slots, q_out, kc, vc, H, KV, d, theta,   \
+                                  eps);                                                                     \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_paged_##SUFFIX(                 \
+        const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \
+        const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
+        int chunk, float* out, float* part_o, float* part_ml) {                                             \
+        attention_paged<KT>(q, kc, vc, positions, token_seq, block_tables, max_blocks, block_size, H, KV, d, \
+                            scale_log2, chunk, out, part_o, part_ml);                                       \
+    }
+
+KV_ENTRIES(float, kvf32)
+KV_ENTRIES(bf16_t, kvbf16)
 
 // out[t, h, :] = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M). grid = (T, H), block = 128.
 extern "C" __global__ void attention_combine(const float* __restrict__ part_o, const float* __restrict__ part_ml,

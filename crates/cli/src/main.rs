@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use qfuse_core::Backend;
 use qfuse_cpu_ref::CpuRef;
-use qfuse_cuda::CudaBackend;
+use qfuse_cuda::{CudaBackend, CudaOptions};
 use qfuse_qwen3::{
     generate_greedy, run_bench, write_synthetic, BenchSpec, Qwen3, Request, SynthShape,
 };
@@ -52,6 +52,15 @@ struct BackendArgs {
     /// GPU ordinal for device backends.
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// KV-cache element type for the cuda backend: f32 (exact scores) or bf16 (half the memory).
+    #[arg(long, value_enum, default_value = "f32")]
+    kv_dtype: KvDtype,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum KvDtype {
+    F32,
+    Bf16,
 }
 
 #[derive(clap::Args)]
@@ -126,7 +135,16 @@ trait Job {
 fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
     match args.backend.as_str() {
         "cpu-ref" => job.run(CpuRef::new()),
-        "cuda" => job.run(CudaBackend::new(args.device).context("starting the cuda backend")?),
+        "cuda" => {
+            let kv_dtype = match args.kv_dtype {
+                KvDtype::F32 => qfuse_core::DType::F32,
+                KvDtype::Bf16 => qfuse_core::DType::BF16,
+            };
+            let b = CudaBackend::with_options(args.device, CudaOptions { kv_dtype })
+                .context("starting the cuda backend")?;
+            eprintln!("cuda: {} (KV cache {kv_dtype})", b.device_name());
+            job.run(b)
+        }
         name if KNOWN_BACKENDS.contains(&name) => bail!(
             "backend `{name}` is not compiled into this build; available: {}",
             AVAILABLE_BACKENDS.join(", ")

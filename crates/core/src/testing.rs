@@ -399,10 +399,16 @@ pub fn check_qk_norm_rope_write_kv<B: Backend, R: Backend>(
     assert_close("qk_norm_rope_write_kv (q)", b, &qb, r, &qr, tol)?;
     assert_close("qk_norm_rope_write_kv (keys)", b, &cb.k, r, &cr.k, tol)?;
     assert_close("qk_norm_rope_write_kv (values)", b, &cb.v, r, &cr.v, tol)?;
-    let (ab, ar) = (
-        b.attention(&qb, &cb, &bb, &case.cfg)?,
-        r.attention(&qr, &cr, &br, &case.cfg)?,
-    );
+    // Attention on what the backend wrote, given to the reference too: a cache kept in bf16 rounds
+    // keys that k_norm gains of ~100 make large, and with scores that peaked the softmax is too
+    // ill-conditioned to compare outputs computed from differently rounded caches.
+    let as_ref = |t: &B::Tensor| r.upload(&b.download(t)?);
+    let written = LayerKv::<R> {
+        k: as_ref(&cb.k)?,
+        v: as_ref(&cb.v)?,
+    };
+    let ab = b.attention(&qb, &cb, &bb, &case.cfg)?;
+    let ar = r.attention(&as_ref(&qb)?, &written, &br, &case.cfg)?;
     assert_close("attention after qk_norm_rope_write_kv", b, &ab, r, &ar, tol)
 }
 

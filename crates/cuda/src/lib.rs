@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig,
+    PushKernelArg,
 };
 use half::bf16;
 use qfuse_core::{
@@ -63,6 +64,14 @@ impl DeviceTensor for CudaTensor {
 }
 
 impl CudaTensor {
+    /// The kernel-name suffix of a cache pool's element type.
+    fn kv_suffix(&self) -> &'static str {
+        match self.buf {
+            Buf::Bf16(_) => "kvbf16",
+            Buf::F32(_) => "kvf32",
+        }
+    }
+
     fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
         match &self.buf {
             Buf::F32(s) => Ok(s),
@@ -76,21 +85,6 @@ impl CudaTensor {
     fn bf16(&self, op: &'static str) -> Result<&CudaSlice<u16>> {
         match &self.buf {
             Buf::Bf16(s) => Ok(s),
-            Buf::F32(_) => Err(Error::UnsupportedDType {
-                op,
-                dtype: DType::F32,
-            }),
-        }
-    }
-
-    fn bf16_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<u16>> {
-        match &mut self.buf {
-            Buf::Bf16(s) => Arc::get_mut(s).ok_or_else(|| {
-                Error::invalid(
-                    op,
-                    "cache pool is shared; it must be uniquely owned to be written",
-                )
-            }),
             Buf::F32(_) => Err(Error::UnsupportedDType {
                 op,
                 dtype: DType::F32,
@@ -121,6 +115,23 @@ struct Inner {
     kernels: Kernels,
     name: String,
     sm_count: usize,
+    options: CudaOptions,
+}
+
+/// Settings of a [`CudaBackend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// KV-cache element type: `F32` (default: attention scores exact to the keys' fp32 values, which
+    /// matters with Qwen3's k_norm gains near 100) or `BF16` (half the cache memory and traffic).
+    pub kv_dtype: DType,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            kv_dtype: DType::F32,
+        }
+    }
 }
 
 /// The CUDA backend: one device, one stream, its cuBLAS handle and compiled kernels.
@@ -158,6 +169,17 @@ impl CudaBackend {
     /// # Errors
     /// [`Error::NoDevice`] when the driver, NVRTC or cuBLAS libraries or the GPU are missing.
     pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_options(ordinal, CudaOptions::default())
+    }
+
+    /// [`CudaBackend::new`] with explicit settings.
+    pub fn with_options(ordinal: usize, options: CudaOptions) -> Result<Self> {
+        if !matches!(options.kv_dtype, DType::F32 | DType::BF16) {
+            return Err(Error::UnsupportedDType {
+                op: "kv cache",
+                dtype: options.kv_dtype,
+            });
+        }
         // SAFETY: these only try to dlopen the libraries; cudarc panics on first use without them,
         // so they are checked here first.
         let (cuda, nvrtc, cublas) = unsafe {
@@ -210,6 +232,7 @@ impl CudaBackend {
                 kernels,
                 name,
                 sm_count,
+                options,
             }),
         })
     }
@@ -435,7 +458,7 @@ impl Backend for CudaBackend {
     }
 
     fn kv_dtype(&self) -> DType {
-        DType::BF16
+        self.inner.options.kv_dtype
     }
 
     fn prepare_batch(&self, info: &BatchInfo) -> Result<CudaBatch> {
@@ -627,16 +650,16 @@ impl Backend for CudaBackend {
         }
         let wi = i32_of(w, "W")?;
         let (ks, vs) = (k.f32("write_kv")?, v.f32("write_kv")?);
-        let f = self.func("write_kv_f32")?;
-        let (kc, vc) = (
-            cache.k.bf16_mut("write_kv")? as *mut CudaSlice<u16>,
-            cache.v.bf16_mut("write_kv")?,
-        );
-        // SAFETY: cache.k and cache.v are distinct tensors, so the two mutable borrows don't alias.
-        let kc = unsafe { &mut *kc };
-        let mut b = self.stream().launch_builder(f);
-        b.arg(ks).arg(vs).arg(&batch.slots).arg(kc).arg(vc).arg(&wi);
-        // SAFETY: k, v are [t, w]; every slot < slots (checked) and pools are [slots, w].
+        let LayerKv { k: kpool, v: vpool } = cache;
+        let mut b = self
+            .stream()
+            .launch_builder(self.func(&format!("write_kv_{}", kpool.kv_suffix()))?);
+        b.arg(ks).arg(vs).arg(&batch.slots);
+        arg_pool_mut(&mut b, kpool, "write_kv")?;
+        arg_pool_mut(&mut b, vpool, "write_kv")?;
+        b.arg(&wi);
+        // SAFETY: k, v are [t, w]; every slot < slots (checked) and pools are [slots, w] of the
+        // element type the entry point's suffix names.
         unsafe { b.launch(grid(t, 256)) }.cuda()?;
         Ok(())
     }
@@ -692,10 +715,17 @@ impl Backend for CudaBackend {
             i32_of(d, "d")?,
             i32_of(chunk, "chunk")?,
         );
-        let mut b = self.stream().launch_builder(self.func("attention_paged")?);
-        b.arg(q.f32("attention")?)
-            .arg(cache.k.bf16("attention")?)
-            .arg(cache.v.bf16("attention")?);
+        if cache.k.dtype() != cache.v.dtype() {
+            return Err(Error::invalid(
+                "attention",
+                "key and value pools differ in dtype",
+            ));
+        }
+        let kernel = format!("attention_paged_{}", cache.k.kv_suffix());
+        let mut b = self.stream().launch_builder(self.func(&kernel)?);
+        b.arg(q.f32("attention")?);
+        arg_pool(&mut b, &cache.k);
+        arg_pool(&mut b, &cache.v);
         b.arg(&batch.positions)
             .arg(&batch.token_seq)
             .arg(&batch.block_tables);
@@ -849,20 +879,15 @@ impl Backend for CudaBackend {
             i32_of(d, "d")?,
             cfg.qk_norm_eps as f32,
         );
-        let f = self.func("qk_norm_rope_write_kv_f32")?;
-        let kc = cache.k.bf16_mut("qk_norm_rope_write_kv")? as *mut CudaSlice<u16>;
-        let vc = cache.v.bf16_mut("qk_norm_rope_write_kv")?;
-        // SAFETY: cache.k and cache.v are distinct tensors, so the two mutable borrows don't alias.
-        let kc = unsafe { &mut *kc };
+        let LayerKv { k: kpool, v: vpool } = cache;
+        let f = self.func(&format!("qk_norm_rope_write_kv_{}", kpool.kv_suffix()))?;
         let mut b = self.stream().launch_builder(f);
         b.arg(qkv.f32("qk_norm_rope_write_kv")?)
             .arg(q_norm.f32("qk_norm_rope_write_kv")?)
             .arg(k_norm.f32("qk_norm_rope_write_kv")?);
-        b.arg(&batch.positions)
-            .arg(&batch.slots)
-            .arg(&mut q)
-            .arg(kc)
-            .arg(vc);
+        b.arg(&batch.positions).arg(&batch.slots).arg(&mut q);
+        arg_pool_mut(&mut b, kpool, "qk_norm_rope_write_kv")?;
+        arg_pool_mut(&mut b, vpool, "qk_norm_rope_write_kv")?;
         b.arg(&hi).arg(&kvi).arg(&di).arg(&cfg.rope_theta).arg(&eps);
         let warps = (h + 2 * kvh).min(16) as u32;
         // SAFETY: qkv is [t, (h+2kvh)d], q is [t, hd], norms are [d], every slot < slots (checked).
@@ -918,6 +943,33 @@ impl Backend for CudaBackend {
             _ => compose::matmul_silu_mul(self, x, w_gate_up),
         }
     }
+}
+
+/// Passes a cache pool (either element type) as a kernel argument.
+fn arg_pool<'a>(b: &mut LaunchArgs<'a>, pool: &'a CudaTensor) {
+    match &pool.buf {
+        Buf::Bf16(s) => b.arg(s.as_ref()),
+        Buf::F32(s) => b.arg(s.as_ref()),
+    };
+}
+
+/// Passes a cache pool as a kernel output; it must be uniquely owned.
+fn arg_pool_mut<'a>(
+    b: &mut LaunchArgs<'a>,
+    pool: &'a mut CudaTensor,
+    op: &'static str,
+) -> Result<()> {
+    let shared = || {
+        Error::invalid(
+            op,
+            "cache pool is shared; it must be uniquely owned to be written",
+        )
+    };
+    match &mut pool.buf {
+        Buf::Bf16(s) => b.arg(Arc::get_mut(s).ok_or_else(shared)?),
+        Buf::F32(s) => b.arg(Arc::get_mut(s).ok_or_else(shared)?),
+    };
+    Ok(())
 }
 
 /// Slots in a cache pool `[blocks, block_size, kv_heads, head_dim]` whose rows are `width` wide.

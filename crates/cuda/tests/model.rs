@@ -18,8 +18,13 @@ const MODELS: [&str; 4] = [
 ];
 const REL_TOL: f64 = 2e-2;
 
+/// The backend, with the KV cache in `QFUSE_KV_DTYPE` (`f32`, the default, or `bf16`).
 fn cuda() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
+    let kv_dtype = match std::env::var("QFUSE_KV_DTYPE").as_deref() {
+        Ok("bf16") => qfuse_core::DType::BF16,
+        _ => qfuse_core::DType::F32,
+    };
+    match CudaBackend::with_options(0, qfuse_cuda::CudaOptions { kv_dtype }) {
         Ok(b) => Some(b),
         Err(Error::NoDevice(why)) if std::env::var("QFUSE_REQUIRE_GPU").as_deref() != Ok("1") => {
             eprintln!("skipping cuda model tests: no device ({why})");

@@ -99,6 +99,8 @@ fn fast_normal(rng: &mut Rng) -> f32 {
 enum Init {
     Normal(f32),
     Uniform(f32, f32),
+    /// Log-uniform in [0.5, 8], with every 32nd channel in [40, 100].
+    KNorm,
 }
 
 /// Writes a synthetic checkpoint (config.json, generation_config.json, model.safetensors) to `dir`.
@@ -143,12 +145,8 @@ pub fn write_synthetic(dir: &Path, shape: SynthShape, seed: u64) -> Result<()> {
                 vec![d],
                 Init::Uniform(0.5, 2.0),
             ),
-            // Trained Qwen3 k_norm gains reach ~100 on some channels.
-            (
-                format!("{p}.self_attn.k_norm.weight"),
-                vec![d],
-                Init::Uniform(1.0, 100.0),
-            ),
+            // Trained Qwen3 k_norm gains are mostly small, with a few channels reaching ~100.
+            (format!("{p}.self_attn.k_norm.weight"), vec![d], Init::KNorm),
             (
                 format!("{p}.self_attn.o_proj.weight"),
                 vec![h, heads * d],
@@ -210,6 +208,8 @@ pub fn write_synthetic(dir: &Path, shape: SynthShape, seed: u64) -> Result<()> {
             let mut v = match init {
                 Init::Normal(sd) => fast_normal(&mut rng) * sd,
                 Init::Uniform(lo, hi) => lo + (hi - lo) * rng.uniform() as f32,
+                Init::KNorm if idx % 32 == 5 => 40.0 + 60.0 * rng.uniform() as f32,
+                Init::KNorm => 0.5 * 16f32.powf(rng.uniform() as f32),
             };
             if boost_rows && outliers.contains(&(idx / cols)) {
                 v *= 400.0;
