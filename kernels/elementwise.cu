@@ -38,6 +38,18 @@ extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16_t* __
         out[i] = f32_to_bf16(x[i]);
 }
 
+// x = hi + lo with hi = bf16(x) and lo = bf16(x - hi): two bf16 GEMMs over hi and lo keep ~16
+// mantissa bits of the activations (a single bf16 rounding keeps 8, which random-weight models
+// amplify into visibly different logits).
+extern "C" __global__ void split_f32_bf16x2(const float* __restrict__ x, bf16_t* __restrict__ hi,
+                                            bf16_t* __restrict__ lo, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const bf16_t h = f32_to_bf16(x[i]);
+        hi[i] = h;
+        lo[i] = f32_to_bf16(x[i] - bf16_to_f32(h));
+    }
+}
+
 extern "C" __global__ void cast_bf16_f32(const bf16_t* __restrict__ x, float* __restrict__ out, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         out[i] = bf16_to_f32(x[i]);

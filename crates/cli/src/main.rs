@@ -55,6 +55,9 @@ struct BackendArgs {
     /// KV-cache element type for the cuda backend: f32 (exact scores) or bf16 (half the memory).
     #[arg(long, value_enum, default_value = "f32")]
     kv_dtype: KvDtype,
+    /// Launch every kernel instead of replaying decode steps captured as CUDA graphs.
+    #[arg(long)]
+    no_graphs: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -140,9 +143,23 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
                 KvDtype::F32 => qfuse_core::DType::F32,
                 KvDtype::Bf16 => qfuse_core::DType::BF16,
             };
-            let b = CudaBackend::with_options(args.device, CudaOptions { kv_dtype })
-                .context("starting the cuda backend")?;
-            eprintln!("cuda: {} (KV cache {kv_dtype})", b.device_name());
+            let b = CudaBackend::with_options(
+                args.device,
+                CudaOptions {
+                    kv_dtype,
+                    graphs: !args.no_graphs,
+                },
+            )
+            .context("starting the cuda backend")?;
+            let launches = if args.no_graphs {
+                "plain launches"
+            } else {
+                "CUDA graphs"
+            };
+            eprintln!(
+                "cuda: {} (KV cache {kv_dtype}, {launches})",
+                b.device_name()
+            );
             job.run(b)
         }
         name if KNOWN_BACKENDS.contains(&name) => bail!(

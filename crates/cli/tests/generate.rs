@@ -177,9 +177,14 @@ fn bad_arguments_are_one_line_errors() {
         "unknown backend `tpu`; available: cpu-ref, cuda",
     );
     assert_fails(
-        generate(&m, &["--prompt-ids", "1,2", "--backend", "cuda"]),
-        "not compiled into this build",
+        generate(&m, &["--prompt-ids", "1,2", "--backend", "wgpu"]),
+        "backend `wgpu` is not compiled into this build; available: cpu-ref, cuda",
     );
+    let cuda = generate(&m, &["--prompt-ids", "1,2", "--backend", "cuda"]);
+    if cuda.0 != 0 {
+        // No GPU here (CI): a clear error, not a panic.
+        assert_fails(cuda, "starting the cuda backend: no device");
+    }
     assert_fails(
         generate(&m, &["--prompt-ids", "1,200"]),
         "prompt token id 200 at index 1 is out of range (vocab_size 200)",

@@ -54,7 +54,9 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
     type Tensor: DeviceTensor + Clone + Send + Sync + Debug;
     /// A batch description in device memory (positions, slots, block tables), built once per
     /// forward pass by [`Backend::prepare_batch`] and shared by every layer.
-    type Batch: Send + Sync + Debug;
+    type Batch: AsRef<BatchInfo> + AsMut<BatchInfo> + Send + Sync + Debug;
+    /// A recorded, replayable sequence of device work (a CUDA graph); `()` where unsupported.
+    type Graph;
     /// The backend's name as the CLI spells it (`"cpu-ref"`, `"cuda"`, `"wgpu"`).
     const NAME: &'static str;
 
@@ -81,6 +83,50 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
 
     /// Moves a batch description to the device.
     fn prepare_batch(&self, info: &BatchInfo) -> Result<Self::Batch>;
+
+    /// Rewrites `batch` in place for `info`, a later step of the same sequences, so that work
+    /// captured on it stays valid. Returns `false` (leaving `batch` as it was) when it cannot:
+    /// another sequence or token count, or beyond the capacity it was prepared for; the caller then
+    /// prepares a new batch. The default never rewrites in place.
+    fn update_batch(&self, batch: &mut Self::Batch, info: &BatchInfo) -> Result<bool> {
+        let _ = (batch, info);
+        Ok(false)
+    }
+
+    /// Embedding lookup of the batch's token ids: `table [V, C] -> [T, C]`.
+    fn embed(&self, table: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor> {
+        self.gather_rows(table, batch.as_ref().token_ids())
+    }
+
+    /// Greedy sampling: stores each row's argmax of `logits [rows, V]` in the batch, where
+    /// [`Backend::read_sampled`] finds it. Device backends keep the ids on the device, so a
+    /// captured decode step can include it.
+    fn sample_greedy(&self, logits: &Self::Tensor, batch: &mut Self::Batch) -> Result<()> {
+        let ids = self.argmax(logits)?;
+        batch.as_mut().set_sampled(ids);
+        Ok(())
+    }
+
+    /// The ids the last [`Backend::sample_greedy`] on this batch stored.
+    fn read_sampled(&self, batch: &Self::Batch) -> Result<Vec<u32>> {
+        Ok(batch.as_ref().sampled().to_vec())
+    }
+
+    /// Records the device work `f` issues as a graph without running it, or returns `None` (and
+    /// does not call `f`) where the backend has no graphs or they are switched off.
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>> {
+        let _ = f;
+        Ok(None)
+    }
+
+    /// Runs a captured graph once.
+    fn replay(&self, graph: &Self::Graph) -> Result<()> {
+        let _ = graph;
+        Err(crate::Error::invalid(
+            "replay",
+            format!("the {} backend has no graphs", Self::NAME),
+        ))
+    }
 
     /// Gathers rows: `out[t] = table[ids[t]]`, `table [N, C] -> [ids.len(), C]` (embedding lookup,
     /// or picking the last row of each sequence before `lm_head`).

@@ -18,7 +18,8 @@ pub struct SeqChunk {
     pub block_table: Vec<u32>,
 }
 
-/// Where every token of a flattened batch sits: its sequence, position and cache slot.
+/// Where every token of a flattened batch sits: its id, sequence, position and cache slot; and,
+/// after sampling, the ids sampled for each sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchInfo {
     block_size: usize,
@@ -27,6 +28,9 @@ pub struct BatchInfo {
     positions: Vec<u32>,
     slots: Vec<u32>,
     token_seq: Vec<u32>,
+    token_ids: Vec<u32>,
+    capacity: usize,
+    sampled: Vec<u32>,
 }
 
 impl BatchInfo {
@@ -70,6 +74,8 @@ impl BatchInfo {
             }
             row_starts.push(positions.len());
         }
+        let token_ids = vec![0; positions.len()];
+        let capacity = seqs.iter().map(|s| s.start_pos + s.len).max().unwrap_or(0);
         Ok(BatchInfo {
             block_size,
             seqs,
@@ -77,7 +83,57 @@ impl BatchInfo {
             positions,
             slots,
             token_seq,
+            token_ids,
+            capacity,
+            sampled: Vec::new(),
         })
+    }
+
+    /// The same batch carrying the ids of its tokens (`[T]`, in batch order).
+    ///
+    /// # Errors
+    /// A count other than [`BatchInfo::num_tokens`].
+    pub fn with_token_ids(mut self, ids: Vec<u32>) -> Result<Self> {
+        if ids.len() != self.positions.len() {
+            return Err(Error::invalid(
+                "BatchInfo::with_token_ids",
+                format!(
+                    "{} ids for a batch of {} tokens",
+                    ids.len(),
+                    self.positions.len()
+                ),
+            ));
+        }
+        self.token_ids = ids;
+        Ok(self)
+    }
+
+    /// The same batch, declared reusable for later steps whose sequences grow up to `positions`:
+    /// device backends size position-dependent buffers and launch shapes for it, so a captured
+    /// decode step can be replayed as the context grows.
+    pub fn with_capacity(mut self, positions: usize) -> Self {
+        self.capacity = self.capacity.max(positions);
+        self
+    }
+
+    /// Ids of the batch's tokens, `[T]`.
+    pub fn token_ids(&self) -> &[u32] {
+        &self.token_ids
+    }
+
+    /// The longest context this batch's buffers are meant for (at least [`BatchInfo::max_context`]).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Ids sampled from the last forward pass over this batch (one per logits row).
+    pub fn sampled(&self) -> &[u32] {
+        &self.sampled
+    }
+
+    /// Records sampled ids.
+    pub fn set_sampled(&mut self, ids: Vec<u32>) {
+        self.sampled = ids;
     }
 
     /// Tokens in the batch (`T`).
@@ -136,6 +192,18 @@ impl BatchInfo {
             .map(|s| s.start_pos + s.len)
             .max()
             .unwrap_or(0)
+    }
+}
+
+impl AsRef<BatchInfo> for BatchInfo {
+    fn as_ref(&self) -> &BatchInfo {
+        self
+    }
+}
+
+impl AsMut<BatchInfo> for BatchInfo {
+    fn as_mut(&mut self) -> &mut BatchInfo {
+        self
     }
 }
 

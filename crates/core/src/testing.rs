@@ -528,6 +528,7 @@ impl<B: Backend> Perturbed<B> {
 impl<B: Backend> Backend for Perturbed<B> {
     type Tensor = B::Tensor;
     type Batch = B::Batch;
+    type Graph = ();
     const NAME: &'static str = "perturbed";
 
     fn upload(&self, host: &HostTensor) -> Result<B::Tensor> {

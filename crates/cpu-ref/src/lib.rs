@@ -108,6 +108,7 @@ impl CpuRef {
 impl Backend for CpuRef {
     type Tensor = CpuTensor;
     type Batch = BatchInfo;
+    type Graph = ();
     const NAME: &'static str = "cpu-ref";
 
     fn upload(&self, host: &HostTensor) -> Result<CpuTensor> {

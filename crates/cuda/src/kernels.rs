@@ -21,6 +21,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "silu_mul_f32",
             "slice_columns_f32",
             "cast_f32_bf16",
+            "split_f32_bf16x2",
             "cast_bf16_f32",
             "argmax_f32",
         ],

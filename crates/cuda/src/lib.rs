@@ -104,8 +104,46 @@ pub struct CudaBatch {
     positions: CudaSlice<u32>,
     slots: CudaSlice<u32>,
     token_seq: CudaSlice<u32>,
+    token_ids: CudaSlice<u32>,
+    /// `[seqs, max_blocks]`, each table padded with zeros.
     block_tables: CudaSlice<u32>,
+    /// Ids written by `sample_greedy` (one per logits row, at most `T`).
+    sampled: CudaSlice<u32>,
+    sampled_rows: usize,
     max_blocks: usize,
+    /// Context the launch shapes are sized for (so a captured step stays valid as it grows).
+    capacity: usize,
+}
+
+impl AsRef<BatchInfo> for CudaBatch {
+    fn as_ref(&self) -> &BatchInfo {
+        &self.info
+    }
+}
+
+impl AsMut<BatchInfo> for CudaBatch {
+    fn as_mut(&mut self) -> &mut BatchInfo {
+        &mut self.info
+    }
+}
+
+/// A captured CUDA graph of one decode step.
+pub struct CudaGraphExec(cudarc::driver::CudaGraph);
+
+impl fmt::Debug for CudaGraphExec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CudaGraphExec")
+    }
+}
+
+/// Block tables flattened to `[seqs, max_blocks]`, zero-padded.
+fn padded_tables(info: &BatchInfo, max_blocks: usize) -> Vec<u32> {
+    let mut tables = vec![0u32; info.seqs().len() * max_blocks];
+    for (s, seq) in info.seqs().iter().enumerate() {
+        tables[s * max_blocks..s * max_blocks + seq.block_table.len()]
+            .copy_from_slice(&seq.block_table);
+    }
+    tables
 }
 
 struct Inner {
@@ -124,12 +162,15 @@ pub struct CudaOptions {
     /// KV-cache element type: `F32` (default: attention scores exact to the keys' fp32 values, which
     /// matters with Qwen3's k_norm gains near 100) or `BF16` (half the cache memory and traffic).
     pub kv_dtype: DType,
+    /// Capture decode steps as CUDA graphs and replay them (default), or launch every kernel.
+    pub graphs: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
         CudaOptions {
             kv_dtype: DType::F32,
+            graphs: true,
         }
     }
 }
@@ -316,7 +357,9 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// `y [T, N] = x [T, K] · w [N, K]ᵀ` on cuBLAS: x is rounded to bf16, fp32 accumulation.
+    /// `y [T, N] = x [T, K] · w [N, K]ᵀ` on cuBLAS with bf16 tensor cores and fp32 accumulation.
+    /// x is split into bf16 hi + lo parts and multiplied twice (the second GEMM accumulating into
+    /// the first), keeping ~16 mantissa bits of the fp32 activations for twice the FLOPs.
     fn cublas_matmul(
         &self,
         x: &CudaSlice<f32>,
@@ -325,46 +368,51 @@ impl CudaBackend {
         k: usize,
         n: usize,
     ) -> Result<CudaSlice<f32>> {
-        // SAFETY: cast writes all t*k elements.
-        let mut xb = unsafe { self.stream().alloc::<u16>((t * k).max(1)) }.cuda()?;
         let total = t * k;
-        let mut b = self.stream().launch_builder(self.func("cast_f32_bf16")?);
-        b.arg(x).arg(&mut xb).arg(&total);
-        // SAFETY: x and xb hold t*k elements; grid-stride loop over them.
+        // SAFETY: the split kernel writes all t*k elements of both.
+        let mut hi = unsafe { self.stream().alloc::<u16>(total.max(1)) }.cuda()?;
+        // SAFETY: as above.
+        let mut lo = unsafe { self.stream().alloc::<u16>(total.max(1)) }.cuda()?;
+        let mut b = self.stream().launch_builder(self.func("split_f32_bf16x2")?);
+        b.arg(x).arg(&mut hi).arg(&mut lo).arg(&total);
+        // SAFETY: x, hi and lo hold t*k elements; grid-stride loop over them.
         unsafe { b.launch(elementwise(total)) }.cuda()?;
         let mut y = self.alloc_f32(t * n)?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (ni, ti, ki) = (i32_of(n, "N")?, i32_of(t, "T")?, i32_of(k, "K")?);
         let stream = self.stream();
-        let (wp, _gw) = w.device_ptr(stream);
-        let (xp, _gx) = xb.device_ptr(stream);
-        let (yp, _gy) = y.device_ptr_mut(stream);
-        // SAFETY: column-major view: Yᵀ[N, T] = W[K, N]ᵀ · Xᵀ[K, T]; w holds n*k, xb t*k and y t*n
-        // elements with the leading dimensions given; the handle is bound to this stream.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.inner.blas.handle(),
-                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-                i32_of(n, "N")?,
-                i32_of(t, "T")?,
-                i32_of(k, "K")?,
-                (&alpha as *const f32).cast(),
-                wp as *const _,
-                cublas_sys::cudaDataType::CUDA_R_16BF,
-                i32_of(k, "K")?,
-                xp as *const _,
-                cublas_sys::cudaDataType::CUDA_R_16BF,
-                i32_of(k, "K")?,
-                (&beta as *const f32).cast(),
-                yp as *mut _,
-                cublas_sys::cudaDataType::CUDA_R_32F,
-                i32_of(n, "N")?,
-                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+        for (part, beta) in [(&hi, 0.0f32), (&lo, 1.0f32)] {
+            let alpha = 1.0f32;
+            let (wp, _gw) = w.device_ptr(stream);
+            let (xp, _gx) = part.device_ptr(stream);
+            let (yp, _gy) = y.device_ptr_mut(stream);
+            // SAFETY: column-major view: Yᵀ[N, T] = W[K, N]ᵀ · Xᵀ[K, T]; w holds n*k, the part t*k
+            // and y t*n elements with the leading dimensions given; the handle uses this stream;
+            // alpha and beta outlive the call.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *self.inner.blas.handle(),
+                    cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    ni,
+                    ti,
+                    ki,
+                    (&alpha as *const f32).cast(),
+                    wp as *const _,
+                    cublas_sys::cudaDataType::CUDA_R_16BF,
+                    ki,
+                    xp as *const _,
+                    cublas_sys::cudaDataType::CUDA_R_16BF,
+                    ki,
+                    (&beta as *const f32).cast(),
+                    yp as *mut _,
+                    cublas_sys::cudaDataType::CUDA_R_32F,
+                    ni,
+                    cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .cuda()?;
         }
-        .cuda()?;
-        drop((_gw, _gx, _gy));
         Ok(y)
     }
 
@@ -395,6 +443,7 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Batch = CudaBatch;
+    type Graph = CudaGraphExec;
     const NAME: &'static str = "cuda";
 
     fn upload(&self, host: &HostTensor) -> Result<CudaTensor> {
@@ -462,26 +511,138 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_batch(&self, info: &BatchInfo) -> Result<CudaBatch> {
-        let max_blocks = info
+        let capacity = info.capacity().max(info.max_context());
+        let longest = info
             .seqs()
             .iter()
             .map(|s| s.block_table.len())
             .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut tables = vec![0u32; info.seqs().len() * max_blocks];
-        for (s, seq) in info.seqs().iter().enumerate() {
-            tables[s * max_blocks..s * max_blocks + seq.block_table.len()]
-                .copy_from_slice(&seq.block_table);
-        }
+            .unwrap_or(0);
+        let max_blocks = longest.max(capacity.div_ceil(info.block_size())).max(1);
+        // SAFETY: sample_greedy writes the rows it reports before read_sampled reads them.
+        let sampled = unsafe { self.stream().alloc::<u32>(info.num_tokens().max(1)) }.cuda()?;
         Ok(CudaBatch {
             info: info.clone(),
             positions: self.upload_u32(info.positions())?,
             slots: self.upload_u32(info.slots())?,
             token_seq: self.upload_u32(info.token_seq())?,
-            block_tables: self.upload_u32(&tables)?,
+            token_ids: self.upload_u32(info.token_ids())?,
+            block_tables: self.upload_u32(&padded_tables(info, max_blocks))?,
+            sampled,
+            sampled_rows: 0,
             max_blocks,
+            capacity,
         })
+    }
+
+    fn update_batch(&self, batch: &mut CudaBatch, info: &BatchInfo) -> Result<bool> {
+        let fits = info.num_tokens() == batch.info.num_tokens()
+            && info.seqs().len() == batch.info.seqs().len()
+            && info.block_size() == batch.info.block_size()
+            && info.max_context() <= batch.capacity
+            && info
+                .seqs()
+                .iter()
+                .all(|s| s.block_table.len() <= batch.max_blocks);
+        if !fits {
+            return Ok(false);
+        }
+        let stream = self.stream();
+        stream
+            .memcpy_htod(info.positions(), &mut batch.positions)
+            .cuda()?;
+        stream.memcpy_htod(info.slots(), &mut batch.slots).cuda()?;
+        stream
+            .memcpy_htod(info.token_seq(), &mut batch.token_seq)
+            .cuda()?;
+        stream
+            .memcpy_htod(info.token_ids(), &mut batch.token_ids)
+            .cuda()?;
+        stream
+            .memcpy_htod(
+                &padded_tables(info, batch.max_blocks),
+                &mut batch.block_tables,
+            )
+            .cuda()?;
+        batch.info = info.clone();
+        Ok(true)
+    }
+
+    fn embed(&self, table: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
+        let (n, c) = table.matrix("embed")?;
+        let t = batch.info.num_tokens();
+        if let Some(&bad) = batch.info.token_ids().iter().find(|&&id| id as usize >= n) {
+            return Err(Error::invalid(
+                "embed",
+                format!("token id {bad} out of range 0..{n}"),
+            ));
+        }
+        let mut out = self.alloc_f32(t * c)?;
+        let ci = i32_of(c, "cols")?;
+        let mut b = self.stream().launch_builder(self.func("gather_rows_bf16")?);
+        b.arg(table.bf16("embed")?)
+            .arg(&batch.token_ids)
+            .arg(&mut out)
+            .arg(&ci);
+        // SAFETY: table is [n, c]; the batch's t ids are < n (checked on the host copy, which
+        // update_batch keeps equal to the device one); out is [t, c].
+        unsafe { b.launch(grid(t, 256)) }.cuda()?;
+        Ok(Self::f32_tensor([t, c], out))
+    }
+
+    fn sample_greedy(&self, logits: &CudaTensor, batch: &mut CudaBatch) -> Result<()> {
+        let (rows, v) = logits.matrix("sample_greedy")?;
+        if rows > batch.info.num_tokens().max(1) || v == 0 {
+            return Err(Error::invalid(
+                "sample_greedy",
+                format!("{rows} rows of {v} logits for this batch"),
+            ));
+        }
+        let vi = i32_of(v, "V")?;
+        let mut b = self.stream().launch_builder(self.func("argmax_f32")?);
+        b.arg(logits.f32("sample_greedy")?)
+            .arg(&mut batch.sampled)
+            .arg(&vi);
+        // SAFETY: logits is [rows, v]; sampled holds at least rows ids (checked).
+        unsafe { b.launch(grid(rows, 1024)) }.cuda()?;
+        batch.sampled_rows = rows;
+        Ok(())
+    }
+
+    fn read_sampled(&self, batch: &CudaBatch) -> Result<Vec<u32>> {
+        let mut ids = self.stream().clone_dtoh(&batch.sampled).cuda()?;
+        ids.truncate(batch.sampled_rows);
+        if let Some(r) = ids.iter().position(|&i| i == u32::MAX) {
+            return Err(Error::invalid(
+                "sample_greedy",
+                format!("NaN logit in row {r}"),
+            ));
+        }
+        Ok(ids)
+    }
+
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<CudaGraphExec>> {
+        if !self.inner.options.graphs {
+            return Ok(None);
+        }
+        let stream = self.stream();
+        stream
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .cuda()?;
+        let recorded = f();
+        let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = graph.cuda()?.map(CudaGraphExec);
+        if let Some(g) = &graph {
+            g.0.upload().cuda()?;
+        }
+        Ok(graph)
+    }
+
+    fn replay(&self, graph: &CudaGraphExec) -> Result<()> {
+        graph.0.launch().cuda()
     }
 
     fn gather_rows(&self, table: &CudaTensor, ids: &[u32]) -> Result<CudaTensor> {
@@ -698,7 +859,9 @@ impl Backend for CudaBackend {
                 format!("block {bad} beyond the cache's {} blocks", slots / bs),
             ));
         }
-        let max_ctx = batch.info.max_context().max(1);
+        // Sized by the batch's capacity, not its current context, so a captured step keeps valid
+        // launch shapes as the sequences grow; splits past a token's position exit at once.
+        let max_ctx = batch.capacity.max(batch.info.max_context()).max(1);
         // Enough blocks for two waves over the SMs, each split at least 32 keys long.
         let want = (2 * self.inner.sm_count).div_ceil(t * kvh).max(1);
         let chunk = max_ctx.div_ceil(want).max(32);

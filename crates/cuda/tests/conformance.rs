@@ -16,7 +16,7 @@ mod kv_bf16 {
     use super::*;
 
     qfuse_core::backend_tests!(
-        backend: CudaBackend = CudaBackend::with_options(0, CudaOptions { kv_dtype: qfuse_core::DType::BF16 }),
+        backend: CudaBackend = CudaBackend::with_options(0, CudaOptions { kv_dtype: qfuse_core::DType::BF16, ..Default::default() }),
         reference: CpuRef = CpuRef::new(),
         tolerance: Tolerance::BF16
     );

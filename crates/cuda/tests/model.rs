@@ -24,7 +24,13 @@ fn cuda() -> Option<CudaBackend> {
         Ok("bf16") => qfuse_core::DType::BF16,
         _ => qfuse_core::DType::F32,
     };
-    match CudaBackend::with_options(0, qfuse_cuda::CudaOptions { kv_dtype }) {
+    match CudaBackend::with_options(
+        0,
+        qfuse_cuda::CudaOptions {
+            kv_dtype,
+            ..Default::default()
+        },
+    ) {
         Ok(b) => Some(b),
         Err(Error::NoDevice(why)) if std::env::var("QFUSE_REQUIRE_GPU").as_deref() != Ok("1") => {
             eprintln!("skipping cuda model tests: no device ({why})");
@@ -166,5 +172,38 @@ fn synthetic_full_size_matches_reference() {
             generate_greedy(&gm, &gpu, std::slice::from_ref(r)).unwrap()[0].new_ids,
             got.new_ids
         );
+    }
+}
+
+#[test]
+fn graph_replay_gives_the_tokens_of_plain_launches() {
+    let Some(gpu) = cuda() else { return };
+    let plain = CudaBackend::with_options(
+        0,
+        qfuse_cuda::CudaOptions {
+            graphs: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for name in MODELS {
+        let dir = fixture(name);
+        let requests: Vec<Request> = GoldenCase::load_all(&dir)
+            .unwrap()
+            .iter()
+            .map(|c| Request {
+                prompt: c.prompt.clone(),
+                max_new_tokens: 24,
+                stop_ids: vec![],
+                top_logits: 0,
+            })
+            .collect();
+        let with_graphs =
+            generate_greedy(&Qwen3::load(&gpu, &dir).unwrap(), &gpu, &requests).unwrap();
+        let without =
+            generate_greedy(&Qwen3::load(&plain, &dir).unwrap(), &plain, &requests).unwrap();
+        for (i, (g, p)) in with_graphs.iter().zip(&without).enumerate() {
+            assert_eq!(g.new_ids, p.new_ids, "{name} case {i}");
+        }
     }
 }

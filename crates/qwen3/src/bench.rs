@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use qfuse_core::{Backend, BatchInfo, Result, Rng, SeqChunk};
 
-use crate::{Logits, Qwen3};
+use crate::{Qwen3, Stepper};
 
 /// What to time.
 #[derive(Clone, Copy, Debug)]
@@ -79,18 +79,19 @@ pub fn run_bench<B: Backend>(model: &Qwen3<B>, b: &B, spec: &BenchSpec) -> Resul
             })
             .collect()
     };
+    let mut stepper = Stepper::new();
     b.synchronize()?;
     let t0 = Instant::now();
-    let batch = BatchInfo::new(bs, chunks(0, spec.prompt_len))?;
-    let logits = model.forward(b, &ids, &batch, &mut cache, Logits::LastPerSequence)?;
-    let mut next = b.argmax(&logits)?;
+    let prompt = BatchInfo::new(bs, chunks(0, spec.prompt_len))?.with_token_ids(ids)?;
+    let mut next = stepper.step(model, b, &mut cache, &prompt, false)?;
     b.synchronize()?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     for step in 0..spec.new_tokens {
-        let batch = BatchInfo::new(bs, chunks(spec.prompt_len + step, 1))?;
-        let logits = model.forward(b, &next, &batch, &mut cache, Logits::LastPerSequence)?;
-        next = b.argmax(&logits)?;
+        let info = BatchInfo::new(bs, chunks(spec.prompt_len + step, 1))?
+            .with_token_ids(next)?
+            .with_capacity(total);
+        next = stepper.step(model, b, &mut cache, &info, true)?;
     }
     b.synchronize()?;
     Ok(BenchReport {

@@ -1,8 +1,8 @@
 //! Greedy generation of several sequences at once over the paged KV cache: one batched prefill,
 //! then one batched decode step per token.
-use qfuse_core::{Backend, BatchInfo, Error, HostTensor, Result, SeqChunk};
+use qfuse_core::{Backend, BatchInfo, Error, Result, SeqChunk};
 
-use crate::{Logits, Qwen3};
+use crate::{Logits, Qwen3, Stepper};
 
 /// Cache positions per block used by [`generate_greedy`].
 pub const BLOCK_SIZE: usize = 16;
@@ -114,6 +114,10 @@ struct Seq {
     finished: Option<FinishReason>,
 }
 
+fn want_top(active: &[usize], requests: &[Request]) -> bool {
+    active.iter().any(|&i| requests[i].top_logits > 0)
+}
+
 /// Greedy continuation of every request, batched: all prompts in one prefill, then all unfinished
 /// sequences in one decode step per token.
 pub fn generate_greedy<B: Backend>(
@@ -140,6 +144,7 @@ pub fn generate_greedy<B: Backend>(
             finished: (r.max_new_tokens == 0).then_some(FinishReason::Length),
         })
         .collect();
+    let mut stepper = Stepper::new();
     loop {
         let active: Vec<usize> = (0..seqs.len())
             .filter(|&i| seqs[i].finished.is_none())
@@ -148,36 +153,49 @@ pub fn generate_greedy<B: Backend>(
             break;
         }
         let (mut ids, mut chunks) = (Vec::new(), Vec::new());
+        let mut decode = true;
         for &i in &active {
             let s = &mut seqs[i];
             cache.allocator().reserve(&mut s.table, s.tokens.len())?;
             ids.extend_from_slice(&s.tokens[s.cached..]);
+            decode &= s.tokens.len() - s.cached == 1;
             chunks.push(SeqChunk {
                 start_pos: s.cached,
                 len: s.tokens.len() - s.cached,
                 block_table: s.table.clone(),
             });
         }
-        let batch = BatchInfo::new(BLOCK_SIZE, chunks)?;
-        let logits = model.forward(b, &ids, &batch, &mut cache, Logits::LastPerSequence)?;
-        let next = b.argmax(&logits)?;
-        let want_top = active.iter().any(|&i| requests[i].top_logits > 0);
-        let host: Option<HostTensor> = if want_top {
-            Some(b.download(&logits)?)
+        let capacity = active
+            .iter()
+            .map(|&i| requests[i].prompt.len() + requests[i].max_new_tokens)
+            .max()
+            .unwrap_or(0);
+        let batch = BatchInfo::new(BLOCK_SIZE, chunks)?
+            .with_token_ids(ids)?
+            .with_capacity(capacity);
+        let next = if want_top(&active, requests) {
+            // Top logits need the full rows on the host: an eager pass.
+            let dev = b.prepare_batch(&batch)?;
+            let logits = model.forward(b, &dev, &mut cache, Logits::LastPerSequence)?;
+            let host = b.download(&logits)?.to_f64_vec();
+            let vocab = model.config().vocab_size;
+            for (row, &i) in active.iter().enumerate() {
+                if requests[i].top_logits > 0 {
+                    seqs[i].steps.push(top_k(
+                        &host[row * vocab..(row + 1) * vocab],
+                        requests[i].top_logits,
+                    ));
+                }
+            }
+            b.argmax(&logits)?
         } else {
-            None
+            stepper.step(model, b, &mut cache, &batch, decode)?
         };
-        let host = host.map(|h| h.to_f64_vec());
-        let vocab = model.config().vocab_size;
         for (row, &i) in active.iter().enumerate() {
             let (s, r) = (&mut seqs[i], &requests[i]);
             s.cached = s.tokens.len();
             let id = next[row];
             s.tokens.push(id);
-            if let (Some(h), true) = (&host, r.top_logits > 0) {
-                s.steps
-                    .push(top_k(&h[row * vocab..(row + 1) * vocab], r.top_logits));
-            }
             if r.stop_ids.contains(&id) {
                 s.finished = Some(FinishReason::Stop);
             } else if s.tokens.len() - s.prompt_len >= r.max_new_tokens {

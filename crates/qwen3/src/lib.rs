@@ -4,6 +4,7 @@
 mod bench;
 mod checkpoint;
 mod config;
+mod decode;
 mod generate;
 mod golden;
 mod model;
@@ -12,6 +13,7 @@ mod synth;
 pub use bench::{run_bench, BenchReport, BenchSpec};
 pub use checkpoint::Checkpoint;
 pub use config::Config;
+pub use decode::Stepper;
 pub use generate::{
     generate_greedy, top_k, validate, FinishReason, Generation, Request, StepLogits, BLOCK_SIZE,
 };

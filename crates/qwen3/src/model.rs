@@ -5,7 +5,7 @@
 //! embedding scaling, no biases. q/k/v and gate/up are fused into one matrix each at load time.
 use std::path::Path;
 
-use qfuse_core::{Backend, BatchInfo, DeviceTensor, Error, HostTensor, KvCache, Result};
+use qfuse_core::{Backend, BatchInfo, DeviceTensor, Error, HostTensor, KvCache, Result, SeqChunk};
 
 use crate::{Checkpoint, Config};
 
@@ -259,28 +259,25 @@ impl<B: Backend> Qwen3<B> {
         let blocks = tokens.len().div_ceil(bs).max(1);
         let mut cache = self.new_cache(b, blocks, bs)?;
         let table = (0..blocks as u32).collect();
-        let batch = BatchInfo::new(
-            bs,
-            vec![qfuse_core::SeqChunk {
-                start_pos: 0,
-                len: tokens.len(),
-                block_table: table,
-            }],
-        )?;
-        self.forward(b, tokens, &batch, &mut cache, Logits::All)
+        let chunk = SeqChunk {
+            start_pos: 0,
+            len: tokens.len(),
+            block_table: table,
+        };
+        let info = BatchInfo::new(bs, vec![chunk])?.with_token_ids(tokens.to_vec())?;
+        self.forward(b, &b.prepare_batch(&info)?, &mut cache, Logits::All)
     }
 
-    /// One forward pass over a batch of sequences' new tokens (`ids` flattened in batch order).
-    /// Writes their keys and values to `cache` and returns logits as `logits` asks.
+    /// One forward pass over a prepared batch of sequences' new tokens (their ids are in the
+    /// batch). Writes their keys and values to `cache` and returns logits as `logits` asks.
     pub fn forward(
         &self,
         b: &B,
-        ids: &[u32],
-        batch: &BatchInfo,
+        batch: &B::Batch,
         cache: &mut KvCache<B>,
         logits: Logits,
     ) -> Result<B::Tensor> {
-        self.forward_inspect(b, ids, batch, cache, logits, &mut |_, _, _| Ok(()))
+        self.forward_inspect(b, batch, cache, logits, &mut |_, _, _| Ok(()))
     }
 
     /// [`Qwen3::forward`], calling `inspect(layer, stage, tensor)` at every [`Stage`]; an error
@@ -288,19 +285,22 @@ impl<B: Backend> Qwen3<B> {
     pub fn forward_inspect(
         &self,
         b: &B,
-        ids: &[u32],
-        batch: &BatchInfo,
+        dev_batch: &B::Batch,
         cache: &mut KvCache<B>,
         logits: Logits,
         inspect: &mut Inspector<'_, B>,
     ) -> Result<B::Tensor> {
-        if ids.len() != batch.num_tokens() {
+        let batch = dev_batch.as_ref();
+        if let Some(bad) = batch
+            .token_ids()
+            .iter()
+            .find(|&&id| id as usize >= self.cfg.vocab_size)
+        {
             return Err(Error::invalid(
                 "Qwen3::forward",
                 format!(
-                    "{} ids for a batch of {} tokens",
-                    ids.len(),
-                    batch.num_tokens()
+                    "token id {bad} is out of range (vocab_size {})",
+                    self.cfg.vocab_size
                 ),
             ));
         }
@@ -315,9 +315,8 @@ impl<B: Backend> Qwen3<B> {
             ));
         }
         let (eps, attn) = (self.cfg.rms_norm_eps, self.cfg.attention());
-        let dev_batch = b.prepare_batch(batch)?;
         // 1. Embedding lookup, unscaled: [T] -> [T, hidden]
-        let mut x = b.gather_rows(&self.embed_tokens, ids)?;
+        let mut x = b.embed(&self.embed_tokens, dev_batch)?;
         inspect(0, Stage::Embedding, &x)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let a = &layer.self_attn;
@@ -330,12 +329,12 @@ impl<B: Backend> Qwen3<B> {
                 &a.q_norm,
                 &a.k_norm,
                 cache.layer_mut(l),
-                &dev_batch,
+                dev_batch,
                 &attn,
             )?;
             inspect(l, Stage::QueryRope, &q)?;
             // 4. Causal GQA attention over each sequence's cache: -> [T, H D]
-            let o = b.attention(&q, cache.layer(l), &dev_batch, &attn)?;
+            let o = b.attention(&q, cache.layer(l), dev_batch, &attn)?;
             inspect(l, Stage::Attention, &o)?;
             // 5. o_proj, residual add and post_attention_layernorm: -> h, n [T, hidden]
             let (h, n) = b.add_rms_norm(
@@ -352,7 +351,8 @@ impl<B: Backend> Qwen3<B> {
             inspect(l, Stage::LayerOutput, &x)?;
         }
         // 7. Final norm + lm_head, on the rows asked for: -> [rows, vocab]
-        if logits == Logits::LastPerSequence {
+        // (In decode every sequence has one new token: its last row is its only row.)
+        if logits == Logits::LastPerSequence && batch.num_tokens() != batch.seqs().len() {
             x = b.gather_rows(&x, &batch.last_rows())?;
         }
         let out = b.rms_norm_matmul(&x, &self.norm, &self.lm_head, eps)?;
