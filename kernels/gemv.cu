@@ -1,5 +1,5 @@
 // Decode-sized matrix products: y[t, n] = sum_k x[t, k] * w[n, k] for T <= MAX_T rows of fp32
-// activations against bf16 weights, fp32 accumulation. Memory-bound on the weights, so each
+// activations against bf16 (or, for fp32 checkpoints, fp32) weights, fp32 accumulation. Memory-bound on the weights, so each
 // weight row is read once (16-byte loads, coalesced across the warp) for all T rows, and the
 // fusions ride along for free:
 //   NORM: x is replaced by rms_norm(x) * g, the statistic computed per block (the QKV and lm_head
@@ -14,17 +14,30 @@
 #define EPI_ADD 1
 #define EPI_SILU 2
 
-template <bool VEC>
-__device__ __forceinline__ void dot_row(const float* __restrict__ x, const bf16_t* __restrict__ wrow,
+// Eight consecutive weights starting at `p` (16-byte aligned for bf16, 32 for fp32).
+__device__ __forceinline__ void load8(const bf16_t* p, float wf[8]) {
+    const uint4 wv = __ldg(reinterpret_cast<const uint4*>(p));
+    wf[0] = bf16_lo(wv.x); wf[1] = bf16_hi(wv.x); wf[2] = bf16_lo(wv.y); wf[3] = bf16_hi(wv.y);
+    wf[4] = bf16_lo(wv.z); wf[5] = bf16_hi(wv.z); wf[6] = bf16_lo(wv.w); wf[7] = bf16_hi(wv.w);
+}
+__device__ __forceinline__ void load8(const float* p, float wf[8]) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(p + 4));
+    wf[0] = a.x; wf[1] = a.y; wf[2] = a.z; wf[3] = a.w; wf[4] = b.x; wf[5] = b.y; wf[6] = b.z; wf[7] = b.w;
+}
+__device__ __forceinline__ float load1(const bf16_t* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ float load1(const float* p) { return *p; }
+
+template <typename WT, bool VEC>
+__device__ __forceinline__ void dot_row(const float* __restrict__ x, const WT* __restrict__ wrow,
                                         const float* __restrict__ g, int T, int K, int lane,
                                         float acc[MAX_T]) {
     if (VEC) {
         // K % 8 == 0: lane reads 8 weights (16 bytes) per step.
 #pragma unroll 4
         for (int k = lane * 8; k < K; k += 256) {
-            const uint4 wv = __ldg(reinterpret_cast<const uint4*>(wrow + k));
-            float wf[8] = {bf16_lo(wv.x), bf16_hi(wv.x), bf16_lo(wv.y), bf16_hi(wv.y),
-                           bf16_lo(wv.z), bf16_hi(wv.z), bf16_lo(wv.w), bf16_hi(wv.w)};
+            float wf[8];
+            load8(wrow + k, wf);
             if (g != nullptr) {
                 const float4 g0 = *reinterpret_cast<const float4*>(g + k);
                 const float4 g1 = *reinterpret_cast<const float4*>(g + k + 4);
@@ -44,7 +57,7 @@ __device__ __forceinline__ void dot_row(const float* __restrict__ x, const bf16_
         }
     } else {
         for (int k = lane; k < K; k += 32) {
-            float wk = bf16_to_f32(wrow[k]);
+            float wk = load1(wrow + k);
             if (g != nullptr) wk *= g[k];
 #pragma unroll
             for (int t = 0; t < MAX_T; ++t)
@@ -53,8 +66,8 @@ __device__ __forceinline__ void dot_row(const float* __restrict__ x, const bf16_
     }
 }
 
-template <int EPI, bool NORM, bool VEC>
-__device__ __forceinline__ void gemv(const float* __restrict__ x, const bf16_t* __restrict__ w,
+template <typename WT, int EPI, bool NORM, bool VEC>
+__device__ __forceinline__ void gemv(const float* __restrict__ x, const WT* __restrict__ w,
                                      const float* __restrict__ g, const float* __restrict__ residual,
                                      float* __restrict__ y, int T, int K, int out_cols, float eps) {
     __shared__ float inv_rms[MAX_T];
@@ -76,10 +89,10 @@ __device__ __forceinline__ void gemv(const float* __restrict__ x, const bf16_t* 
     const int n = blockIdx.x * WARPS + warp;
     if (n >= out_cols) return;
     float acc[MAX_T] = {0, 0, 0, 0, 0, 0, 0, 0};
-    dot_row<VEC>(x, w + (size_t)n * K, NORM ? g : nullptr, T, K, lane, acc);
+    dot_row<WT, VEC>(x, w + (size_t)n * K, NORM ? g : nullptr, T, K, lane, acc);
     if (EPI == EPI_SILU) {
         float up[MAX_T] = {0, 0, 0, 0, 0, 0, 0, 0};
-        dot_row<VEC>(x, w + (size_t)(n + out_cols) * K, NORM ? g : nullptr, T, K, lane, up);
+        dot_row<WT, VEC>(x, w + (size_t)(n + out_cols) * K, NORM ? g : nullptr, T, K, lane, up);
 #pragma unroll
         for (int t = 0; t < MAX_T; ++t) {
             if (t < T) {
@@ -101,19 +114,23 @@ __device__ __forceinline__ void gemv(const float* __restrict__ x, const bf16_t* 
     }
 }
 
-#define GEMV_ENTRY(name, EPI, NORM)                                                                   \
+#define GEMV_ENTRY(name, WT, SUFFIX, EPI, NORM)                                                       \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                          \
-        name##_vec(const float* x, const bf16_t* w, const float* g, const float* residual, float* y,  \
-                   int T, int K, int out_cols, float eps) {                                           \
-        gemv<EPI, NORM, true>(x, w, g, residual, y, T, K, out_cols, eps);                             \
+        name##_##SUFFIX##_vec(const float* x, const WT* w, const float* g, const float* residual,      \
+                              float* y, int T, int K, int out_cols, float eps) {                       \
+        gemv<WT, EPI, NORM, true>(x, w, g, residual, y, T, K, out_cols, eps);                          \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                          \
-        name##_any(const float* x, const bf16_t* w, const float* g, const float* residual, float* y,  \
-                   int T, int K, int out_cols, float eps) {                                           \
-        gemv<EPI, NORM, false>(x, w, g, residual, y, T, K, out_cols, eps);                            \
+        name##_##SUFFIX##_any(const float* x, const WT* w, const float* g, const float* residual,      \
+                              float* y, int T, int K, int out_cols, float eps) {                       \
+        gemv<WT, EPI, NORM, false>(x, w, g, residual, y, T, K, out_cols, eps);                         \
     }
 
-GEMV_ENTRY(gemv_bf16, EPI_NONE, false)
-GEMV_ENTRY(gemv_add_bf16, EPI_ADD, false)
-GEMV_ENTRY(gemv_silu_mul_bf16, EPI_SILU, false)
-GEMV_ENTRY(rms_norm_gemv_bf16, EPI_NONE, true)
+#define GEMV_ENTRIES(WT, SUFFIX)                          \
+    GEMV_ENTRY(gemv, WT, SUFFIX, EPI_NONE, false)         \
+    GEMV_ENTRY(gemv_add, WT, SUFFIX, EPI_ADD, false)      \
+    GEMV_ENTRY(gemv_silu_mul, WT, SUFFIX, EPI_SILU, false) \
+    GEMV_ENTRY(rms_norm_gemv, WT, SUFFIX, EPI_NONE, true)
+
+GEMV_ENTRIES(bf16_t, bf16)
+GEMV_ENTRIES(float, f32)

@@ -73,13 +73,20 @@ pub fn activations(rng: &mut Rng, rows: usize, cols: usize, outliers: bool) -> R
     bf16_exact([rows, cols], v)
 }
 
-/// A weight matrix `[out, inp]` scaled like a trained projection (std `1/sqrt(inp)`).
+/// A weight matrix `[out, inp]` scaled like a trained projection (std `1/sqrt(inp)`), stored
+/// (as checkpoints store it) in bf16 three times out of four, else in f32, so both of a backend's
+/// weight paths are exercised; the values are bf16-exact either way.
 pub fn weights(rng: &mut Rng, out: usize, inp: usize) -> Result<HostTensor> {
     let s = 1.0 / (inp.max(1) as f64).sqrt();
-    bf16_exact(
+    let w = bf16_exact(
         [out, inp],
         (0..out * inp).map(|_| rng.normal() * s).collect(),
-    )
+    )?;
+    Ok(w.to_dtype(if rng.below(4) == 0 {
+        DType::F32
+    } else {
+        DType::BF16
+    }))
 }
 
 /// Norm gains `[n]`, uniform in `(0, max_gain]` (Qwen3's k_norm gains reach ~100).
@@ -151,7 +158,13 @@ pub fn check_gather_rows<B: Backend, R: Backend>(
     let ids: Vec<u32> = (0..1 + rng.below(20))
         .map(|_| rng.below(n) as u32)
         .collect();
-    let (tb, tr) = upload_weight2(b, r, &activations(&mut rng, n, c, true)?)?;
+    let table = activations(&mut rng, n, c, true)?;
+    let table = table.to_dtype(if rng.below(2) == 0 {
+        DType::F32
+    } else {
+        DType::BF16
+    });
+    let (tb, tr) = upload_weight2(b, r, &table)?;
     assert_close(
         "gather_rows",
         b,

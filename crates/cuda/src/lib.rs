@@ -315,10 +315,14 @@ impl CudaBackend {
         self.stream().clone_htod(v).cuda()
     }
 
-    /// Which GEMV entry point serves `(t, k)`, or `None` when cuBLAS should.
+    /// Which GEMV entry point serves `(t, k)` for weights `w`, or `None` when cuBLAS should.
     fn gemv_kernel(&self, base: &str, t: usize, k: usize, w: &CudaTensor) -> Option<String> {
-        (t <= GEMV_MAX_ROWS && w.dtype() == DType::BF16)
-            .then(|| format!("{base}_{}", if k.is_multiple_of(8) { "vec" } else { "any" }))
+        let dtype = match w.buf {
+            Buf::Bf16(_) => "bf16",
+            Buf::F32(_) => "f32",
+        };
+        let layout = if k.is_multiple_of(8) { "vec" } else { "any" };
+        (t <= GEMV_MAX_ROWS).then(|| format!("{base}_{dtype}_{layout}"))
     }
 
     /// Launches one of the GEMV kernels: `y [T, out_cols]` from `x [T, K]`, `w [rows, K]`.
@@ -327,7 +331,7 @@ impl CudaBackend {
         &self,
         kernel: &str,
         x: &CudaSlice<f32>,
-        w: &CudaSlice<u16>,
+        w: &CudaTensor,
         gain: Option<&CudaSlice<f32>>,
         residual: Option<&CudaSlice<f32>>,
         t: usize,
@@ -345,75 +349,98 @@ impl CudaBackend {
         );
         let mut b = self.stream().launch_builder(f);
         // Absent gain/residual: pass x, which the kernel never reads in that role.
-        b.arg(x)
-            .arg(w)
-            .arg(gain.unwrap_or(x))
+        b.arg(x);
+        arg_pool(&mut b, w);
+        b.arg(gain.unwrap_or(x))
             .arg(residual.unwrap_or(x))
             .arg(&mut y);
         b.arg(&ti).arg(&ki).arg(&ni).arg(&eps);
-        // SAFETY: x is [t, k] f32, w has at least out_cols (x2 for silu) rows of k bf16, gain is [k],
+        // SAFETY: x is [t, k] f32, w has at least out_cols (x2 for silu) rows of k elements of the
+        // type the kernel name says, gain is [k],
         // residual and y are [t, out_cols]; t <= MAX_T; grid covers out_cols with 8 warps a block.
         unsafe { b.launch(grid(out_cols.div_ceil(8), 256)) }.cuda()?;
         Ok(y)
     }
 
-    /// `y [T, N] = x [T, K] · w [N, K]ᵀ` on cuBLAS with bf16 tensor cores and fp32 accumulation.
-    /// x is split into bf16 hi + lo parts and multiplied twice (the second GEMM accumulating into
-    /// the first), keeping ~16 mantissa bits of the fp32 activations for twice the FLOPs.
+    /// `y [T, N] = x [T, K] · w [N, K]ᵀ` on cuBLAS with fp32 accumulation. For bf16 weights x is
+    /// split into bf16 hi + lo parts multiplied in turn (the second GEMM accumulating into the
+    /// first): ~16 mantissa bits of the activations on the tensor cores for twice the FLOPs. fp32
+    /// weights (fp32 checkpoints) take one full-precision fp32 GEMM.
     fn cublas_matmul(
         &self,
         x: &CudaSlice<f32>,
-        w: &CudaSlice<u16>,
+        w: &CudaTensor,
         t: usize,
         k: usize,
         n: usize,
     ) -> Result<CudaSlice<f32>> {
-        let total = t * k;
-        // SAFETY: the split kernel writes all t*k elements of both.
-        let mut hi = unsafe { self.stream().alloc::<u16>(total.max(1)) }.cuda()?;
-        // SAFETY: as above.
-        let mut lo = unsafe { self.stream().alloc::<u16>(total.max(1)) }.cuda()?;
-        let mut b = self.stream().launch_builder(self.func("split_f32_bf16x2")?);
-        b.arg(x).arg(&mut hi).arg(&mut lo).arg(&total);
-        // SAFETY: x, hi and lo hold t*k elements; grid-stride loop over them.
-        unsafe { b.launch(elementwise(total)) }.cuda()?;
         let mut y = self.alloc_f32(t * n)?;
-        let (ni, ti, ki) = (i32_of(n, "N")?, i32_of(t, "T")?, i32_of(k, "K")?);
-        let stream = self.stream();
-        for (part, beta) in [(&hi, 0.0f32), (&lo, 1.0f32)] {
-            let alpha = 1.0f32;
-            let (wp, _gw) = w.device_ptr(stream);
-            let (xp, _gx) = part.device_ptr(stream);
-            let (yp, _gy) = y.device_ptr_mut(stream);
-            // SAFETY: column-major view: Yᵀ[N, T] = W[K, N]ᵀ · Xᵀ[K, T]; w holds n*k, the part t*k
-            // and y t*n elements with the leading dimensions given; the handle uses this stream;
-            // alpha and beta outlive the call.
-            unsafe {
-                cudarc::cublas::result::gemm_ex(
-                    *self.inner.blas.handle(),
-                    cublas_sys::cublasOperation_t::CUBLAS_OP_T,
-                    cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    ni,
-                    ti,
-                    ki,
-                    (&alpha as *const f32).cast(),
-                    wp as *const _,
-                    cublas_sys::cudaDataType::CUDA_R_16BF,
-                    ki,
-                    xp as *const _,
-                    cublas_sys::cudaDataType::CUDA_R_16BF,
-                    ki,
-                    (&beta as *const f32).cast(),
-                    yp as *mut _,
-                    cublas_sys::cudaDataType::CUDA_R_32F,
-                    ni,
-                    cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
+        let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
+        let f32t = cublas_sys::cudaDataType::CUDA_R_32F;
+        match &w.buf {
+            Buf::F32(ws) => self.gemm(ws.as_ref(), f32t, x, f32t, &mut y, (t, k, n), 0.0)?,
+            Buf::Bf16(ws) => {
+                let total = t * k;
+                // SAFETY: the split kernel writes all t*k elements of both.
+                let mut hi = unsafe { self.stream().alloc::<u16>(total.max(1)) }.cuda()?;
+                // SAFETY: as above.
+                let mut lo = unsafe { self.stream().alloc::<u16>(total.max(1)) }.cuda()?;
+                let mut b = self.stream().launch_builder(self.func("split_f32_bf16x2")?);
+                b.arg(x).arg(&mut hi).arg(&mut lo).arg(&total);
+                // SAFETY: x, hi and lo hold t*k elements; grid-stride loop over them.
+                unsafe { b.launch(elementwise(total)) }.cuda()?;
+                self.gemm(ws.as_ref(), bf16, &hi, bf16, &mut y, (t, k, n), 0.0)?;
+                self.gemm(ws.as_ref(), bf16, &lo, bf16, &mut y, (t, k, n), 1.0)?;
             }
-            .cuda()?;
         }
         Ok(y)
+    }
+
+    /// One cuBLAS GEMM `y [T, N] = x [T, K] · w [N, K]ᵀ + beta y` (row-major), fp32 compute.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm<W, X>(
+        &self,
+        w: &CudaSlice<W>,
+        w_type: cublas_sys::cudaDataType,
+        x: &CudaSlice<X>,
+        x_type: cublas_sys::cudaDataType,
+        y: &mut CudaSlice<f32>,
+        (t, k, n): (usize, usize, usize),
+        beta: f32,
+    ) -> Result<()> {
+        let (ni, ti, ki) = (i32_of(n, "N")?, i32_of(t, "T")?, i32_of(k, "K")?);
+        let alpha = 1.0f32;
+        let stream = self.stream();
+        let (wp, _gw) = w.device_ptr(stream);
+        let (xp, _gx) = x.device_ptr(stream);
+        let (yp, _gy) = y.device_ptr_mut(stream);
+        // SAFETY: column-major view: Yᵀ[N, T] = W[K, N]ᵀ · Xᵀ[K, T]; w holds n*k, x t*k and y t*n
+        // elements of the types given, with the leading dimensions given; the handle uses this
+        // stream; alpha and beta outlive the call.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.inner.blas.handle(),
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                ti,
+                ki,
+                (&alpha as *const f32).cast(),
+                wp as *const _,
+                w_type,
+                ki,
+                xp as *const _,
+                x_type,
+                ki,
+                (&beta as *const f32).cast(),
+                yp as *mut _,
+                cublas_sys::cudaDataType::CUDA_R_32F,
+                ni,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .cuda()
     }
 
     fn check_attention(&self, cfg: &AttentionConfig) -> Result<()> {
@@ -460,7 +487,9 @@ impl Backend for CudaBackend {
     }
 
     fn upload_weight(&self, host: &HostTensor) -> Result<CudaTensor> {
-        if host.shape().rank() != 2 {
+        // Matrices stored in bf16 stay bf16; any wider storage (fp32 checkpoints, and f16, whose
+        // values bf16 cannot all hold) is kept exactly in fp32.
+        if host.shape().rank() != 2 || host.dtype() != DType::BF16 {
             return self.upload(host);
         }
         let bits: Vec<u16> = match host.to_dtype(DType::BF16).data() {
@@ -701,10 +730,15 @@ impl Backend for CudaBackend {
             return Err(Error::shape("matmul", &x.shape, &w.shape));
         }
         let xs = x.f32("matmul")?;
-        let ws = w.bf16("matmul")?;
+        if w.dtype() == DType::BF16 && x.dtype() != DType::F32 {
+            return Err(Error::UnsupportedDType {
+                op: "matmul",
+                dtype: x.dtype(),
+            });
+        }
         let y = match self.gemv_kernel("gemv_bf16", t, k, w) {
-            Some(kernel) => self.launch_gemv(&kernel, xs, ws, None, None, t, k, n, 0.0)?,
-            None => self.cublas_matmul(xs, ws, t, k, n)?,
+            Some(kernel) => self.launch_gemv(&kernel, xs, w, None, None, t, k, n, 0.0)?,
+            None => self.cublas_matmul(xs, w, t, k, n)?,
         };
         Ok(Self::f32_tensor([t, n], y))
     }
@@ -969,7 +1003,7 @@ impl Backend for CudaBackend {
                 let y = self.launch_gemv(
                     &kernel,
                     x.f32("rms_norm_matmul")?,
-                    w.bf16("rms_norm_matmul")?,
+                    w,
                     Some(norm_w.f32("rms_norm_matmul")?),
                     None,
                     t,
@@ -1071,7 +1105,7 @@ impl Backend for CudaBackend {
                 let y = self.launch_gemv(
                     &kernel,
                     x.f32("matmul_add")?,
-                    w.bf16("matmul_add")?,
+                    w,
                     None,
                     Some(residual.f32("matmul_add")?),
                     t,
@@ -1093,7 +1127,7 @@ impl Backend for CudaBackend {
                 let y = self.launch_gemv(
                     &kernel,
                     x.f32("matmul_silu_mul")?,
-                    w_gate_up.bf16("matmul_silu_mul")?,
+                    w_gate_up,
                     None,
                     None,
                     t,

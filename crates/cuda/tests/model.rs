@@ -203,7 +203,10 @@ fn graph_replay_gives_the_tokens_of_plain_launches() {
         let without =
             generate_greedy(&Qwen3::load(&plain, &dir).unwrap(), &plain, &requests).unwrap();
         for (i, (g, p)) in with_graphs.iter().zip(&without).enumerate() {
-            assert_eq!(g.new_ids, p.new_ids, "{name} case {i}");
+            assert_eq!(
+                g.new_ids, p.new_ids,
+                "{name} case {i}: graphs vs plain launches"
+            );
         }
     }
 }
