@@ -317,12 +317,7 @@ impl CudaBackend {
 
     /// Which GEMV entry point serves `(t, k)` for weights `w`, or `None` when cuBLAS should.
     fn gemv_kernel(&self, base: &str, t: usize, k: usize, w: &CudaTensor) -> Option<String> {
-        let dtype = match w.buf {
-            Buf::Bf16(_) => "bf16",
-            Buf::F32(_) => "f32",
-        };
-        let layout = if k.is_multiple_of(8) { "vec" } else { "any" };
-        (t <= GEMV_MAX_ROWS).then(|| format!("{base}_{dtype}_{layout}"))
+        (t <= GEMV_MAX_ROWS).then(|| gemv_entry(base, w.dtype(), k))
     }
 
     /// Launches one of the GEMV kernels: `y [T, out_cols]` from `x [T, K]`, `w [rows, K]`.
@@ -736,7 +731,7 @@ impl Backend for CudaBackend {
                 dtype: x.dtype(),
             });
         }
-        let y = match self.gemv_kernel("gemv_bf16", t, k, w) {
+        let y = match self.gemv_kernel("gemv", t, k, w) {
             Some(kernel) => self.launch_gemv(&kernel, xs, w, None, None, t, k, n, 0.0)?,
             None => self.cublas_matmul(xs, w, t, k, n)?,
         };
@@ -998,7 +993,7 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         let (t, k) = x.matrix("rms_norm_matmul")?;
         let (n, k2) = w.matrix("rms_norm_matmul")?;
-        match self.gemv_kernel("rms_norm_gemv_bf16", t, k, w) {
+        match self.gemv_kernel("rms_norm_gemv", t, k, w) {
             Some(kernel) if k == k2 && norm_w.shape.dims() == [k] => {
                 let y = self.launch_gemv(
                     &kernel,
@@ -1100,7 +1095,7 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         let (t, k) = x.matrix("matmul_add")?;
         let (n, k2) = w.matrix("matmul_add")?;
-        match self.gemv_kernel("gemv_add_bf16", t, k, w) {
+        match self.gemv_kernel("gemv_add", t, k, w) {
             Some(kernel) if k == k2 && residual.shape.dims() == [t, n] => {
                 let y = self.launch_gemv(
                     &kernel,
@@ -1122,7 +1117,7 @@ impl Backend for CudaBackend {
     fn matmul_silu_mul(&self, x: &CudaTensor, w_gate_up: &CudaTensor) -> Result<CudaTensor> {
         let (t, k) = x.matrix("matmul_silu_mul")?;
         let (n2, k2) = w_gate_up.matrix("matmul_silu_mul")?;
-        match self.gemv_kernel("gemv_silu_mul_bf16", t, k, w_gate_up) {
+        match self.gemv_kernel("gemv_silu_mul", t, k, w_gate_up) {
             Some(kernel) if k == k2 && n2 % 2 == 0 => {
                 let y = self.launch_gemv(
                     &kernel,
@@ -1142,7 +1137,21 @@ impl Backend for CudaBackend {
     }
 }
 
-/// Passes a cache pool (either element type) as a kernel argument.
+/// The GEMV entry point `{base}_{weight dtype}_{vec|any}`: `vec` reads 8 weights per load and
+/// needs `k % 8 == 0`.
+fn gemv_entry(base: &str, w_dtype: DType, k: usize) -> String {
+    let layout = if k.is_multiple_of(8) { "vec" } else { "any" };
+    format!(
+        "{base}_{}_{layout}",
+        if w_dtype == DType::BF16 {
+            "bf16"
+        } else {
+            "f32"
+        }
+    )
+}
+
+/// Passes a tensor's buffer (either element type) as a kernel argument.
 fn arg_pool<'a>(b: &mut LaunchArgs<'a>, pool: &'a CudaTensor) {
     match &pool.buf {
         Buf::Bf16(s) => b.arg(s.as_ref()),
@@ -1177,5 +1186,46 @@ fn cache_slots(pool: &CudaTensor, width: usize, op: &'static str) -> Result<usiz
             op,
             format!("cache shape {} does not hold rows of {width}", pool.shape),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(name: &str) -> bool {
+        kernels::SOURCES
+            .iter()
+            .any(|(_, _, names)| names.contains(&name))
+    }
+
+    /// Every kernel name the backend can ask for exists (checked without a GPU: a typo here
+    /// would otherwise surface only on the device).
+    #[test]
+    fn every_requested_kernel_is_declared() {
+        let src = include_str!("lib.rs");
+        for piece in src.split("self.func(\"").skip(1) {
+            let name = &piece[..piece.find('"').unwrap()];
+            assert!(known(name), "func(\"{name}\") is not in kernels::SOURCES");
+        }
+        for base in ["gemv", "gemv_add", "gemv_silu_mul", "rms_norm_gemv"] {
+            for dtype in [DType::BF16, DType::F32] {
+                for k in [1024, 1023] {
+                    let name = gemv_entry(base, dtype, k);
+                    assert!(known(&name), "{name}");
+                }
+            }
+        }
+        for base in ["write_kv", "qk_norm_rope_write_kv", "attention_paged"] {
+            for suffix in ["kvf32", "kvbf16"] {
+                assert!(known(&format!("{base}_{suffix}")), "{base}_{suffix}");
+            }
+        }
+        for base in ["gemv", "rms_norm_gemv", "gemv_add", "gemv_silu_mul"] {
+            assert!(
+                src.contains(&format!("self.gemv_kernel(\"{base}\"")),
+                "{base} unused"
+            );
+        }
     }
 }

@@ -99,8 +99,11 @@ fn fast_normal(rng: &mut Rng) -> f32 {
 enum Init {
     Normal(f32),
     Uniform(f32, f32),
-    /// Log-uniform in [0.5, 8], with every 32nd channel in [40, 100].
+    /// Log-uniform in [0.5, 8], with every 32nd channel (from channel 5) in [40, 100].
     KNorm,
+    /// Uniform in [0.5, 2], but [0.02, 0.1] on the channels where k_norm is large: a trained
+    /// model's q and k gains keep attention logits moderate where the keys are huge.
+    QNorm,
 }
 
 /// Writes a synthetic checkpoint (config.json, generation_config.json, model.safetensors) to `dir`.
@@ -117,6 +120,11 @@ pub fn write_synthetic(dir: &Path, shape: SynthShape, seed: u64) -> Result<()> {
         Init::Normal(0.03),
     )];
     let s = |fan_in: usize| Init::Normal((fan_in as f32).powf(-0.5));
+    // Projections back into the residual stream are scaled by 1/sqrt(2 layers) (as GPT-2 and its
+    // successors initialise them): each layer nudges the stream instead of replacing it, as in a
+    // trained model. Without it a random 28-layer stack is chaotic, amplifying rounding ~1e4-fold.
+    let branch =
+        |fan_in: usize| Init::Normal((fan_in as f32).powf(-0.5) / (2.0 * layers as f32).sqrt());
     for l in 0..layers {
         let p = format!("model.layers.{l}");
         specs.extend([
@@ -140,17 +148,13 @@ pub fn write_synthetic(dir: &Path, shape: SynthShape, seed: u64) -> Result<()> {
                 vec![kv * d, h],
                 s(h),
             ),
-            (
-                format!("{p}.self_attn.q_norm.weight"),
-                vec![d],
-                Init::Uniform(0.5, 2.0),
-            ),
+            (format!("{p}.self_attn.q_norm.weight"), vec![d], Init::QNorm),
             // Trained Qwen3 k_norm gains are mostly small, with a few channels reaching ~100.
             (format!("{p}.self_attn.k_norm.weight"), vec![d], Init::KNorm),
             (
                 format!("{p}.self_attn.o_proj.weight"),
                 vec![h, heads * d],
-                s(heads * d),
+                branch(heads * d),
             ),
             (
                 format!("{p}.post_attention_layernorm.weight"),
@@ -162,7 +166,7 @@ pub fn write_synthetic(dir: &Path, shape: SynthShape, seed: u64) -> Result<()> {
             (
                 format!("{p}.mlp.down_proj.weight"),
                 vec![h, inter],
-                s(inter),
+                branch(inter),
             ),
         ]);
     }
@@ -209,6 +213,8 @@ pub fn write_synthetic(dir: &Path, shape: SynthShape, seed: u64) -> Result<()> {
                 Init::Normal(sd) => fast_normal(&mut rng) * sd,
                 Init::Uniform(lo, hi) => lo + (hi - lo) * rng.uniform() as f32,
                 Init::KNorm if idx % 32 == 5 => 40.0 + 60.0 * rng.uniform() as f32,
+                Init::QNorm if idx % 32 == 5 => 0.02 + 0.08 * rng.uniform() as f32,
+                Init::QNorm => 0.5 + 1.5 * rng.uniform() as f32,
                 Init::KNorm => 0.5 * 16f32.powf(rng.uniform() as f32),
             };
             if boost_rows && outliers.contains(&(idx / cols)) {
