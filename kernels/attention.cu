@@ -1,10 +1,8 @@
 // The attention block: q/k-norm + RoPE + paged KV-cache write, and split-K ("flash-decoding")
 // attention over the paged cache. Cache pools are [slots, kv_heads * head_dim] in fp32 or bf16
 // (one entry point of each kernel per cache type, suffixed _kvf32 / _kvbf16); norm statistics,
-// gains, RoPE angles (computed in double) and softmax are fp32 or wider.
+// gains, RoPE and softmax are fp32 (RoPE angles are formed and reduced in double first).
 
-#define MAX_G 8      // query heads per KV head handled by one block (Qwen3 dense models: 2..8)
-#define MAX_DPL 8    // head_dim / 32, rounded up (head_dim <= 256)
 #define ATTN_WARPS 4
 
 __device__ __forceinline__ float kv_load(const float* p) { return *p; }
@@ -12,26 +10,63 @@ __device__ __forceinline__ float kv_load(const bf16_t* p) { return bf16_to_f32(*
 __device__ __forceinline__ void kv_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void kv_store(bf16_t* p, float v) { *p = f32_to_bf16(v); }
 
-// cos/sin of pos * theta^(-2i/d), argument and functions in double so long contexts keep precision.
-__device__ __forceinline__ void rope_cs(u32 pos, int i, int d, double theta, float* c, float* s) {
-    const double ang = (double)pos * pow(theta, -2.0 * i / d);
-    double sd, cd;
-    sincos(ang, &sd, &cd);
-    *c = (float)cd;
-    *s = (float)sd;
+// N consecutive cache elements as floats, one vector load (p aligned to N elements).
+template <int N> __device__ __forceinline__ void kv_load_vec(const float* p, float* o) {
+    if (N == 8) {
+        const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+    } else if (N == 4) {
+        const float4 a = *reinterpret_cast<const float4*>(p);
+        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+    } else if (N == 2) {
+        const float2 a = *reinterpret_cast<const float2*>(p);
+        o[0] = a.x; o[1] = a.y;
+    } else {
+        o[0] = *p;
+    }
+}
+template <int N> __device__ __forceinline__ void kv_load_vec(const bf16_t* p, float* o) {
+    if (N == 8) {
+        const uint4 a = *reinterpret_cast<const uint4*>(p);
+        o[0] = bf16_lo(a.x); o[1] = bf16_hi(a.x); o[2] = bf16_lo(a.y); o[3] = bf16_hi(a.y);
+        o[4] = bf16_lo(a.z); o[5] = bf16_hi(a.z); o[6] = bf16_lo(a.w); o[7] = bf16_hi(a.w);
+    } else if (N == 4) {
+        const uint2 a = *reinterpret_cast<const uint2*>(p);
+        o[0] = bf16_lo(a.x); o[1] = bf16_hi(a.x); o[2] = bf16_lo(a.y); o[3] = bf16_hi(a.y);
+    } else if (N == 2) {
+        const u32 a = *reinterpret_cast<const u32*>(p);
+        o[0] = bf16_lo(a); o[1] = bf16_hi(a);
+    } else {
+        o[0] = bf16_to_f32(*p);
+    }
 }
 
-// Split-half RoPE on x [T, n * d]. grid = T, block = 128.
+// cs[2i], cs[2i + 1] = cos, sin of pos * theta^(-2i / d) for i < d / 2, for the whole block.
+// The angle is formed and reduced modulo 2 pi in double, so positions in the tens of thousands
+// keep full fp32 accuracy in the sin/cos.
+__device__ __forceinline__ void rope_table(u32 pos, int d, double log2_theta, float* cs) {
+    for (int i = threadIdx.x; i < d / 2; i += blockDim.x) {
+        double ang = (double)pos * exp2(-2.0 * i / d * log2_theta);
+        ang -= 6.283185307179586 * rint(ang * 0.15915494309189535);
+        float s, c;
+        sincosf((float)ang, &s, &c);
+        cs[2 * i] = c;
+        cs[2 * i + 1] = s;
+    }
+    __syncthreads();
+}
+
+// Split-half RoPE on x [T, n * d]. grid = T, block = 128, shared = d floats.
 extern "C" __global__ void rope_f32(const float* __restrict__ x, const u32* __restrict__ positions,
-                                    float* __restrict__ y, int cols, int d, double theta) {
+                                    float* __restrict__ y, int cols, int d, double log2_theta) {
+    extern __shared__ float cs[];
+    rope_table(positions[blockIdx.x], d, log2_theta, cs);
     const int half = d / 2;
     const size_t row = (size_t)blockIdx.x * cols;
-    const u32 pos = positions[blockIdx.x];
     for (int p = threadIdx.x; p < cols / 2; p += blockDim.x) {
         const int head = p / half, i = p % half;
         const size_t a = row + (size_t)head * d + i, b = a + half;
-        float c, s;
-        rope_cs(pos, i, d, theta, &c, &s);
+        const float c = cs[2 * i], s = cs[2 * i + 1];
         const float xa = x[a], xb = x[b];
         y[a] = xa * c - xb * s;
         y[b] = xb * c + xa * s;
@@ -50,16 +85,18 @@ __device__ void write_kv(const float* __restrict__ k, const float* __restrict__ 
 }
 
 // qkv [T, (H + 2 KV) d]: per-head RMSNorm (q_norm / k_norm over d) then RoPE for q and k heads,
-// q to q_out [T, H d], k and v to the cache. One warp per head. grid = T, block = 32 * warps.
+// q to q_out [T, H d], k and v to the cache. One warp per head. grid = T, block = 32 * warps,
+// shared = d floats (the token's RoPE table).
 template <typename KT>
 __device__ void qk_norm_rope_write_kv(
     const float* __restrict__ qkv, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
     const u32* __restrict__ positions, const u32* __restrict__ slots, float* __restrict__ q_out,
-    KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, int d, double theta, float eps) {
+    KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, int d, double log2_theta, float eps) {
+    extern __shared__ float cs[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const int t = blockIdx.x, half = d / 2, heads = H + 2 * KV;
+    rope_table(positions[t], d, log2_theta, cs);
     const float* row = qkv + (size_t)t * heads * d;
-    const u32 pos = positions[t];
     const size_t slot = (size_t)slots[t] * KV * d;
     for (int h = warp; h < heads; h += nwarps) {
         const float* src = row + (size_t)h * d;
@@ -74,8 +111,7 @@ __device__ void qk_norm_rope_write_kv(
         const float* gain = h < H ? q_norm : k_norm;
         for (int i = lane; i < half; i += 32) {
             const float a = src[i] * inv * gain[i], b = src[i + half] * inv * gain[i + half];
-            float c, s;
-            rope_cs(pos, i, d, theta, &c, &s);
+            const float c = cs[2 * i], s = cs[2 * i + 1];
             const float ra = a * c - b * s, rb = b * c + a * s;
             if (h < H) {
                 float* dst = q_out + (size_t)t * H * d + (size_t)h * d;
@@ -92,77 +128,93 @@ __device__ void qk_norm_rope_write_kv(
 
 // Causal attention over the paged cache, split along the context. Block (t, kv, split) reads the
 // keys and values of KV head `kv` in its slice of token t's context once, for all G query heads
-// that share it (GQA), with an online softmax per warp, then merges its warps. With one split
-// it writes the normalised output; otherwise unnormalised partials (o, max, sum) for
-// attention_combine. Scores use exp2 with log2(e) folded into the scale.
-// grid = (T, KV, splits), block = 32 * ATTN_WARPS.
-template <typename KT>
+// that share it (GQA), with an online softmax per warp over two keys at a time, then merges its
+// warps. Lane l owns head dims [l * DPL, (l + 1) * DPL). With one split it writes the normalised
+// output; otherwise unnormalised partials (o, max, sum) for attention_combine. Scores use exp2
+// with log2(e) folded into the scale. GM and DPL are compile-time bounds on G and d / 32.
+// grid = (T, KV, splits), block = 32 * ATTN_WARPS, shared = ATTN_WARPS * G * (d + 2) floats.
+template <typename KT, int GM, int DPL>
 __device__ void attention_paged(
     const float* __restrict__ q, const KT* __restrict__ kc, const KT* __restrict__ vc,
     const u32* __restrict__ positions, const u32* __restrict__ token_seq,
     const u32* __restrict__ block_tables, int max_blocks, int block_size, int H, int KV, int d,
     float scale_log2, int chunk, float* __restrict__ out, float* __restrict__ part_o,
     float* __restrict__ part_ml) {
-    extern __shared__ float smem[];  // [ATTN_WARPS][G][d + 2]
-    static_assert(sizeof(KT) <= 4, "cache element");
+    extern __shared__ float smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
-    const int G = H / KV, W = KV * d;
+    const int G = H / KV, W = KV * d, d0 = lane * DPL;
+    const bool full = d == 32 * DPL;
     const u32 pos = positions[t];
     const u32* table = block_tables + (size_t)token_seq[t] * max_blocks;
     const int begin = split * chunk;
     const int end = min((int)pos + 1, begin + chunk);
 
-    float qr[MAX_G][MAX_DPL], o[MAX_G][MAX_DPL], m[MAX_G], l[MAX_G];
+    float qr[GM][DPL], o[GM][DPL], m[GM], l[GM];
 #pragma unroll
-    for (int g = 0; g < MAX_G; ++g) {
+    for (int g = 0; g < GM; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
 #pragma unroll
-        for (int j = 0; j < MAX_DPL; ++j) {
-            const int dd = lane + 32 * j;
+        for (int j = 0; j < DPL; ++j) {
+            const int dd = d0 + j;
             qr[g][j] = (g < G && dd < d) ? q[(size_t)t * H * d + (size_t)(kv * G + g) * d + dd] * scale_log2 : 0.0f;
             o[g][j] = 0.0f;
         }
     }
-    for (int key = begin + warp; key < end; key += ATTN_WARPS) {
+    auto load_row = [&](const KT* base, int key, float* f) {
         const size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
-        const KT* kr = kc + slot * W + (size_t)kv * d;
-        const KT* vr = vc + slot * W + (size_t)kv * d;
-        float kf[MAX_DPL], vf[MAX_DPL];
+        const KT* r = base + slot * W + (size_t)kv * d + d0;
+        if (full) {
+            kv_load_vec<DPL>(r, f);
+        } else {
 #pragma unroll
-        for (int j = 0; j < MAX_DPL; ++j) {
-            const int dd = lane + 32 * j;
-            kf[j] = dd < d ? kv_load(kr + dd) : 0.0f;
-            vf[j] = dd < d ? kv_load(vr + dd) : 0.0f;
+            for (int j = 0; j < DPL; ++j) f[j] = d0 + j < d ? kv_load(r + j) : 0.0f;
         }
+    };
+    auto update = [&](const float* kf, const float* vf) {
 #pragma unroll
-        for (int g = 0; g < MAX_G; ++g) {
+        for (int g = 0; g < GM; ++g) {
             if (g < G) {
                 float s = 0.0f;
 #pragma unroll
-                for (int j = 0; j < MAX_DPL; ++j) s += qr[g][j] * kf[j];
+                for (int j = 0; j < DPL; ++j) s += qr[g][j] * kf[j];
                 s = warp_sum(s);
                 const float m_new = fmaxf(m[g], s);
                 const float corr = exp2f(m[g] - m_new), p = exp2f(s - m_new);
                 l[g] = l[g] * corr + p;
 #pragma unroll
-                for (int j = 0; j < MAX_DPL; ++j) o[g][j] = o[g][j] * corr + p * vf[j];
+                for (int j = 0; j < DPL; ++j) o[g][j] = o[g][j] * corr + p * vf[j];
                 m[g] = m_new;
             }
         }
+    };
+    int key = begin + warp;
+    // Two keys per step: both rows' loads are in flight before the first is used.
+    for (; key + ATTN_WARPS < end; key += 2 * ATTN_WARPS) {
+        float k0[DPL], v0[DPL], k1[DPL], v1[DPL];
+        load_row(kc, key, k0);
+        load_row(vc, key, v0);
+        load_row(kc, key + ATTN_WARPS, k1);
+        load_row(vc, key + ATTN_WARPS, v1);
+        update(k0, v0);
+        update(k1, v1);
+    }
+    if (key < end) {
+        float k0[DPL], v0[DPL];
+        load_row(kc, key, k0);
+        load_row(vc, key, v0);
+        update(k0, v0);
     }
     // Merge the warps' partial softmaxes.
     const int stride = d + 2;
     float* mine = smem + (size_t)warp * G * stride;
 #pragma unroll
-    for (int g = 0; g < MAX_G; ++g) {
+    for (int g = 0; g < GM; ++g) {
         if (g < G) {
 #pragma unroll
-            for (int j = 0; j < MAX_DPL; ++j) {
-                const int dd = lane + 32 * j;
-                if (dd < d) mine[g * stride + dd] = o[g][j];
-            }
+            for (int j = 0; j < DPL; ++j)
+                if (d0 + j < d) mine[g * stride + d0 + j] = o[g][j];
             if (lane == 0) {
                 mine[g * stride + d] = m[g];
                 mine[g * stride + d + 1] = l[g];
@@ -197,24 +249,30 @@ __device__ void attention_paged(
     }
 }
 
-#define KV_ENTRIES(KT, SUFFIX)                                                                        \
+#define ATTN_ENTRY(KT, SUFFIX, GM, DPL)                                                                    \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_paged_##SUFFIX##_g##GM##_d##DPL( \
+        const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \
+        const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
+        int chunk, float* out, float* part_o, float* part_ml) {                                             \
+        attention_paged<KT, GM, DPL>(q, kc, vc, positions, token_seq, block_tables, max_blocks, block_size, \
+                                     H, KV, d, scale_log2, chunk, out, part_o, part_ml);                    \
+    }
+
+#define ATTN_DPLS(KT, SUFFIX, GM) \
+    ATTN_ENTRY(KT, SUFFIX, GM, 1) ATTN_ENTRY(KT, SUFFIX, GM, 2) ATTN_ENTRY(KT, SUFFIX, GM, 4) ATTN_ENTRY(KT, SUFFIX, GM, 8)
+
+#define KV_ENTRIES(KT, SUFFIX)                                                                              \
     extern "C" __global__ void write_kv_##SUFFIX(const float* k, const float* v, const u32* slots, KT* kc,   \
                                                  KT* vc, int W) {                                           \
         write_kv<KT>(k, v, slots, kc, vc, W);                                                               \
     }                                                                                                       \
     extern "C" __global__ void qk_norm_rope_write_kv_##SUFFIX(                                              \
         const float* qkv, const float* q_norm, const float* k_norm, const u32* positions, const u32* slots, \
-        float* q_out, KT* kc, KT* vc, int H, int KV, int d, double theta, float eps) {                      \
-        qk_norm_rope_write_kv<KT>(qkv, q_norm, k_norm, positions, slots, q_out, kc, vc, H, KV, d, theta,   \
-                                  eps);                                                                     \
+        float* q_out, KT* kc, KT* vc, int H, int KV, int d, double log2_theta, float eps) {                 \
+        qk_norm_rope_write_kv<KT>(qkv, q_norm, k_norm, positions, slots, q_out, kc, vc, H, KV, d,          \
+                                  log2_theta, eps);                                                         \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_paged_##SUFFIX(                 \
-        const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \
-        const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
-        int chunk, float* out, float* part_o, float* part_ml) {                                             \
-        attention_paged<KT>(q, kc, vc, positions, token_seq, block_tables, max_blocks, block_size, H, KV, d, \
-                            scale_log2, chunk, out, part_o, part_ml);                                       \
-    }
+    ATTN_DPLS(KT, SUFFIX, 1) ATTN_DPLS(KT, SUFFIX, 2) ATTN_DPLS(KT, SUFFIX, 4) ATTN_DPLS(KT, SUFFIX, 8)
 
 KV_ENTRIES(float, kvf32)
 KV_ENTRIES(bf16_t, kvbf16)

@@ -55,39 +55,74 @@ extern "C" __global__ void cast_bf16_f32(const bf16_t* __restrict__ x, float* __
         out[i] = bf16_to_f32(x[i]);
 }
 
-// Index of each row's largest value, lowest index on ties; 0xffffffff if the row holds a NaN.
-// grid = rows, block = 1024.
-extern "C" __global__ void argmax_f32(const float* __restrict__ x, u32* __restrict__ out, int cols) {
-    __shared__ float best_v[32];
-    __shared__ u32 best_i[32];
+// (value, index) pairs: the larger value wins, the lower index on ties.
+__device__ __forceinline__ void argmax_merge(float& bv, u32& bi, float ov, u32 oi) {
+    if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+}
+
+__device__ __forceinline__ void warp_argmax(float& bv, u32& bi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+        const u32 oi = __shfl_xor_sync(FULL_MASK, bi, o);
+        argmax_merge(bv, bi, ov, oi);
+    }
+}
+
+// Block-wide argmax; thread 0 gets the result. `sv`, `si` hold 32 entries.
+__device__ __forceinline__ void block_argmax(float& bv, u32& bi, float* sv, u32* si) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    warp_argmax(bv, bi);
+    if (lane == 0) { sv[warp] = bv; si[warp] = bi; }
+    __syncthreads();
+    if (warp == 0) {
+        bv = lane < nwarps ? sv[lane] : -INFINITY;
+        bi = lane < nwarps ? si[lane] : 0xffffffffu;
+        warp_argmax(bv, bi);
+    }
+}
+
+// Pass 1 of a row-wise argmax: block (row, p) reduces columns [p * chunk, (p + 1) * chunk) to
+// one (value, index), NaN if the slice holds one. grid = (rows, parts), block = 256.
+extern "C" __global__ void argmax_partial_f32(const float* __restrict__ x, float* __restrict__ part_v,
+                                              u32* __restrict__ part_i, int cols, int chunk) {
+    __shared__ float sv[32];
+    __shared__ u32 si[32];
     __shared__ int saw_nan;
     if (threadIdx.x == 0) saw_nan = 0;
     __syncthreads();
     const float* row = x + (size_t)blockIdx.x * cols;
+    const int begin = blockIdx.y * chunk, end = min(cols, begin + chunk);
     float bv = -INFINITY;
-    u32 bi = 0xffffffffu;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float v = row[c];
+    u32 bi = 0xfffffffeu;  // an empty slice never wins a tie against a real column
+    for (int c = begin + threadIdx.x; c < end; c += blockDim.x) {
+        const float v = row[c];
         if (v != v) saw_nan = 1;
-        if (v > bv || (v == bv && (u32)c < bi)) { bv = v; bi = c; }
+        argmax_merge(bv, bi, v, (u32)c);
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(FULL_MASK, bv, o);
-        u32 oi = __shfl_xor_sync(FULL_MASK, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    block_argmax(bv, bi, sv, si);
+    if (threadIdx.x == 0) {
+        const size_t o = (size_t)blockIdx.x * gridDim.y + blockIdx.y;
+        part_v[o] = saw_nan ? __int_as_float(0x7fc00000) : bv;
+        part_i[o] = bi;
     }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) { best_v[warp] = bv; best_i[warp] = bi; }
+}
+
+// Pass 2: each row's parts to its index, 0xffffffff if any part saw a NaN. grid = rows, block = 256.
+extern "C" __global__ void argmax_final_f32(const float* __restrict__ part_v, const u32* __restrict__ part_i,
+                                            u32* __restrict__ out, int parts) {
+    __shared__ float sv[32];
+    __shared__ u32 si[32];
+    __shared__ int saw_nan;
+    if (threadIdx.x == 0) saw_nan = 0;
     __syncthreads();
-    if (warp == 0) {
-        const int nwarps = blockDim.x >> 5;
-        bv = lane < nwarps ? best_v[lane] : -INFINITY;
-        bi = lane < nwarps ? best_i[lane] : 0xffffffffu;
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(FULL_MASK, bv, o);
-            u32 oi = __shfl_xor_sync(FULL_MASK, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-        }
-        if (lane == 0) out[blockIdx.x] = saw_nan ? 0xffffffffu : (bi == 0xffffffffu ? 0u : bi);
+    float bv = -INFINITY;
+    u32 bi = 0xfffffffeu;
+    for (int p = threadIdx.x; p < parts; p += blockDim.x) {
+        const size_t o = (size_t)blockIdx.x * parts + p;
+        const float v = part_v[o];
+        if (v != v) saw_nan = 1;
+        argmax_merge(bv, bi, v, part_i[o]);
     }
+    block_argmax(bv, bi, sv, si);
+    if (threadIdx.x == 0) out[blockIdx.x] = saw_nan ? 0xffffffffu : bi;
 }

@@ -1,12 +1,14 @@
 // Decode-sized matrix products: y[t, n] = sum_k x[t, k] * w[n, k] for T <= MAX_T rows of fp32
-// activations against bf16 (or, for fp32 checkpoints, fp32) weights, fp32 accumulation. Memory-bound on the weights, so each
-// weight row is read once (16-byte loads, coalesced across the warp) for all T rows, and the
-// fusions ride along for free:
-//   NORM: x is replaced by rms_norm(x) * g, the statistic computed per block (the QKV and lm_head
-//         prologue: the original project's RMSNorm+QKV kernel, with the statistic in fp32);
+// activations against bf16 (or, for fp32 checkpoints, fp32) weights, fp32 accumulation.
+// Memory-bound on the weights, so each weight row is read once (16-byte loads, coalesced across
+// the warp) for all T rows, and the fusions ride along for free:
+//   NORM: x is replaced by rms_norm(x) * g, the fp32 statistic computed cooperatively by each
+//         block (the QKV and lm_head prologue: the original project's RMSNorm+QKV kernel, right);
 //   EPI_ADD: y = residual + x w^T (o_proj / down_proj with their residual adds);
 //   EPI_SILU: rows n and n + N/2 are gate and up, y[t, n] = silu(gate) * up.
-// One warp per output column; block = WARPS * 32 threads; grid = ceil(out_cols / WARPS).
+// Block = 8 warps over 8/S output columns; S warps share a column by splitting K (split-K keeps
+// enough loads in flight when N is small), their partial sums meet in shared memory.
+// MT (1 or 8) bounds T at compile time so T = 1 keeps its registers few.
 
 #define MAX_T 8
 #define WARPS 8
@@ -28,14 +30,14 @@ __device__ __forceinline__ void load8(const float* p, float wf[8]) {
 __device__ __forceinline__ float load1(const bf16_t* p) { return bf16_to_f32(*p); }
 __device__ __forceinline__ float load1(const float* p) { return *p; }
 
-template <typename WT, bool VEC>
+// acc[t] += sum over k in [kbeg, kend) of x[t, k] * w[k] (* g[k] when g is given).
+template <typename WT, bool VEC, int MT>
 __device__ __forceinline__ void dot_row(const float* __restrict__ x, const WT* __restrict__ wrow,
-                                        const float* __restrict__ g, int T, int K, int lane,
-                                        float acc[MAX_T]) {
+                                        const float* __restrict__ g, int T, int K, int kbeg, int kend,
+                                        int lane, float acc[MT]) {
     if (VEC) {
-        // K % 8 == 0: lane reads 8 weights (16 bytes) per step.
 #pragma unroll 4
-        for (int k = lane * 8; k < K; k += 256) {
+        for (int k = kbeg + lane * 8; k < kend; k += 256) {
             float wf[8];
             load8(wrow + k, wf);
             if (g != nullptr) {
@@ -45,92 +47,122 @@ __device__ __forceinline__ void dot_row(const float* __restrict__ x, const WT* _
                 wf[4] *= g1.x; wf[5] *= g1.y; wf[6] *= g1.z; wf[7] *= g1.w;
             }
 #pragma unroll
-            for (int t = 0; t < MAX_T; ++t) {
+            for (int t = 0; t < MT; ++t) {
                 if (t < T) {
                     const float4 a = *reinterpret_cast<const float4*>(x + (size_t)t * K + k);
                     const float4 b = *reinterpret_cast<const float4*>(x + (size_t)t * K + k + 4);
-                    float s = a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] +
+                    acc[t] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] +
                               b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
-                    acc[t] += s;
                 }
             }
         }
     } else {
-        for (int k = lane; k < K; k += 32) {
+        for (int k = kbeg + lane; k < kend; k += 32) {
             float wk = load1(wrow + k);
             if (g != nullptr) wk *= g[k];
 #pragma unroll
-            for (int t = 0; t < MAX_T; ++t)
+            for (int t = 0; t < MT; ++t)
                 if (t < T) acc[t] += x[(size_t)t * K + k] * wk;
         }
     }
 }
 
-template <typename WT, int EPI, bool NORM, bool VEC>
+template <typename WT, int MT, int EPI, bool NORM, bool VEC>
 __device__ __forceinline__ void gemv(const float* __restrict__ x, const WT* __restrict__ w,
                                      const float* __restrict__ g, const float* __restrict__ residual,
-                                     float* __restrict__ y, int T, int K, int out_cols, float eps) {
-    __shared__ float inv_rms[MAX_T];
+                                     float* __restrict__ y, int T, int K, int out_cols, int S, float eps) {
+    constexpr int NACC = EPI == EPI_SILU ? 2 : 1;
+    __shared__ float inv_rms[MT];
+    __shared__ float partial[WARPS][NACC * MT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (NORM) {
-        // Warp t computes row t's statistic in fp32.
-        for (int t = warp; t < T; t += WARPS) {
+        // Every warp sums squares over a slice of K for each row; lane t then totals row t.
+        for (int t = 0; t < T; ++t) {
             float ss = 0.0f;
-            for (int k = lane; k < K; k += 32) { float v = x[(size_t)t * K + k]; ss += v * v; }
+            if (VEC) {
+                for (int k = (warp * 32 + lane) * 4; k < K; k += WARPS * 128) {
+                    const float4 v = *reinterpret_cast<const float4*>(x + (size_t)t * K + k);
+                    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+                }
+            } else {
+                for (int k = warp * 32 + lane; k < K; k += WARPS * 32) {
+                    const float v = x[(size_t)t * K + k];
+                    ss += v * v;
+                }
+            }
             ss = warp_sum(ss);
-            if (lane == 0) inv_rms[t] = rsqrtf(ss / K + eps);
+            if (lane == 0) partial[warp][t] = ss;
+        }
+        __syncthreads();
+        if (threadIdx.x < T) {
+            float tot = 0.0f;
+            for (int i = 0; i < WARPS; ++i) tot += partial[i][threadIdx.x];
+            inv_rms[threadIdx.x] = rsqrtf(tot / K + eps);
         }
         __syncthreads();
     }
-    float inv[MAX_T];
+    float inv[MT];
 #pragma unroll
-    for (int t = 0; t < MAX_T; ++t) inv[t] = NORM && t < T ? inv_rms[t] : 1.0f;
+    for (int t = 0; t < MT; ++t) inv[t] = NORM && t < T ? inv_rms[t] : 1.0f;
 
-    const int n = blockIdx.x * WARPS + warp;
-    if (n >= out_cols) return;
-    float acc[MAX_T] = {0, 0, 0, 0, 0, 0, 0, 0};
-    dot_row<WT, VEC>(x, w + (size_t)n * K, NORM ? g : nullptr, T, K, lane, acc);
-    if (EPI == EPI_SILU) {
-        float up[MAX_T] = {0, 0, 0, 0, 0, 0, 0, 0};
-        dot_row<WT, VEC>(x, w + (size_t)(n + out_cols) * K, NORM ? g : nullptr, T, K, lane, up);
+    const int n = blockIdx.x * (WARPS / S) + warp / S;
+    const int part = warp % S, chunk = K / S;
+    float acc[NACC * MT];
 #pragma unroll
-        for (int t = 0; t < MAX_T; ++t) {
-            if (t < T) {
-                const float gs = warp_sum(acc[t]) * inv[t], us = warp_sum(up[t]) * inv[t];
-                if (lane == 0) y[(size_t)t * out_cols + n] = silu(gs) * us;
-            }
+    for (int i = 0; i < NACC * MT; ++i) acc[i] = 0.0f;
+    if (n < out_cols) {
+        const float* gain = NORM ? g : nullptr;
+        dot_row<WT, VEC, MT>(x, w + (size_t)n * K, gain, T, K, part * chunk, (part + 1) * chunk, lane, acc);
+        if (EPI == EPI_SILU)
+            dot_row<WT, VEC, MT>(x, w + (size_t)(n + out_cols) * K, gain, T, K, part * chunk,
+                                 (part + 1) * chunk, lane, acc + MT);
+    }
+#pragma unroll
+    for (int i = 0; i < NACC * MT; ++i) acc[i] = warp_sum(acc[i]);
+    if (S > 1) {
+        if (lane == 0) {
+#pragma unroll
+            for (int i = 0; i < NACC * MT; ++i) partial[warp][i] = acc[i];
         }
-    } else {
+        __syncthreads();
+        if (part != 0) return;
+        for (int s = 1; s < S; ++s) {
 #pragma unroll
-        for (int t = 0; t < MAX_T; ++t) {
-            if (t < T) {
-                const float s = warp_sum(acc[t]) * inv[t];
-                if (lane == 0) {
-                    const size_t o = (size_t)t * out_cols + n;
-                    y[o] = EPI == EPI_ADD ? residual[o] + s : s;
-                }
-            }
+            for (int i = 0; i < NACC * MT; ++i) acc[i] += partial[warp + s][i];
+        }
+    }
+    if (lane != 0 || n >= out_cols) return;
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+        if (t < T) {
+            const size_t o = (size_t)t * out_cols + n;
+            const float s = acc[t] * inv[t];
+            if (EPI == EPI_SILU) y[o] = silu(s) * (acc[MT + t] * inv[t]);
+            else if (EPI == EPI_ADD) y[o] = residual[o] + s;
+            else y[o] = s;
         }
     }
 }
 
-#define GEMV_ENTRY(name, WT, SUFFIX, EPI, NORM)                                                       \
+#define GEMV_ENTRY(name, WT, SUFFIX, MT, EPI, NORM, VEC, LAYOUT)                                      \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                          \
-        name##_##SUFFIX##_vec(const float* x, const WT* w, const float* g, const float* residual,      \
-                              float* y, int T, int K, int out_cols, float eps) {                       \
-        gemv<WT, EPI, NORM, true>(x, w, g, residual, y, T, K, out_cols, eps);                          \
-    }                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                          \
-        name##_##SUFFIX##_any(const float* x, const WT* w, const float* g, const float* residual,      \
-                              float* y, int T, int K, int out_cols, float eps) {                       \
-        gemv<WT, EPI, NORM, false>(x, w, g, residual, y, T, K, out_cols, eps);                         \
+        name##_##SUFFIX##_##LAYOUT##_t##MT(const float* x, const WT* w, const float* g,               \
+                                           const float* residual, float* y, int T, int K,            \
+                                           int out_cols, int S, float eps) {                          \
+        gemv<WT, MT, EPI, NORM, VEC>(x, w, g, residual, y, T, K, out_cols, S, eps);                   \
     }
 
-#define GEMV_ENTRIES(WT, SUFFIX)                          \
-    GEMV_ENTRY(gemv, WT, SUFFIX, EPI_NONE, false)         \
-    GEMV_ENTRY(gemv_add, WT, SUFFIX, EPI_ADD, false)      \
-    GEMV_ENTRY(gemv_silu_mul, WT, SUFFIX, EPI_SILU, false) \
-    GEMV_ENTRY(rms_norm_gemv, WT, SUFFIX, EPI_NONE, true)
+#define GEMV_SHAPES(name, WT, SUFFIX, EPI, NORM)                 \
+    GEMV_ENTRY(name, WT, SUFFIX, 1, EPI, NORM, true, vec)        \
+    GEMV_ENTRY(name, WT, SUFFIX, 8, EPI, NORM, true, vec)        \
+    GEMV_ENTRY(name, WT, SUFFIX, 1, EPI, NORM, false, any)       \
+    GEMV_ENTRY(name, WT, SUFFIX, 8, EPI, NORM, false, any)
+
+#define GEMV_ENTRIES(WT, SUFFIX)                           \
+    GEMV_SHAPES(gemv, WT, SUFFIX, EPI_NONE, false)         \
+    GEMV_SHAPES(gemv_add, WT, SUFFIX, EPI_ADD, false)      \
+    GEMV_SHAPES(gemv_silu_mul, WT, SUFFIX, EPI_SILU, false) \
+    GEMV_SHAPES(rms_norm_gemv, WT, SUFFIX, EPI_NONE, true)
 
 GEMV_ENTRIES(bf16_t, bf16)
 GEMV_ENTRIES(float, f32)

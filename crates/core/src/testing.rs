@@ -205,10 +205,24 @@ pub fn check_rms_norm<B: Backend, R: Backend>(
     )
 }
 
+/// An inner (reduction) dimension: half the time any size up to `max`, half the time a multiple of
+/// 128 up to 1024, the aligned sizes real models have and vectorised kernels split.
+fn inner_dim(rng: &mut Rng, max: usize) -> usize {
+    if rng.below(2) == 0 {
+        1 + rng.below(max)
+    } else {
+        128 * (1 + rng.below(8))
+    }
+}
+
 /// `matmul`, including odd sizes.
 pub fn check_matmul<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
     let mut rng = Rng::new(seed);
-    let (t, k, n) = (1 + rng.below(12), 1 + rng.below(400), 1 + rng.below(400));
+    let (t, k, n) = (
+        1 + rng.below(12),
+        inner_dim(&mut rng, 400),
+        1 + rng.below(400),
+    );
     let (xb, xr) = upload2(b, r, &activations(&mut rng, t, k, false)?)?;
     let (wb, wr) = upload_weight2(b, r, &weights(&mut rng, n, k)?)?;
     assert_close(
@@ -433,7 +447,11 @@ pub fn check_fused_matmuls<B: Backend, R: Backend>(
     seed: u64,
 ) -> Result<()> {
     let mut rng = Rng::new(seed);
-    let (t, k, n) = (1 + rng.below(9), 2 + rng.below(300), 1 + rng.below(300));
+    let (t, k, n) = (
+        1 + rng.below(9),
+        inner_dim(&mut rng, 300).max(2),
+        1 + rng.below(300),
+    );
     let (xb, xr) = upload2(b, r, &activations(&mut rng, t, k, true)?)?;
     let (resb, resr) = upload2(b, r, &activations(&mut rng, t, k, true)?)?;
     let (nb, nr) = upload_weight2(b, r, &gains(&mut rng, k, 3.0)?)?;

@@ -82,16 +82,6 @@ impl CudaTensor {
         }
     }
 
-    fn bf16(&self, op: &'static str) -> Result<&CudaSlice<u16>> {
-        match &self.buf {
-            Buf::Bf16(s) => Ok(s),
-            Buf::F32(_) => Err(Error::UnsupportedDType {
-                op,
-                dtype: DType::F32,
-            }),
-        }
-    }
-
     fn matrix(&self, op: &'static str) -> Result<(usize, usize)> {
         self.shape.as_matrix(op)
     }
@@ -317,7 +307,7 @@ impl CudaBackend {
 
     /// Which GEMV entry point serves `(t, k)` for weights `w`, or `None` when cuBLAS should.
     fn gemv_kernel(&self, base: &str, t: usize, k: usize, w: &CudaTensor) -> Option<String> {
-        (t <= GEMV_MAX_ROWS).then(|| gemv_entry(base, w.dtype(), k))
+        (t <= GEMV_MAX_ROWS).then(|| gemv_entry(base, w.dtype(), k, t))
     }
 
     /// Launches one of the GEMV kernels: `y [T, out_cols]` from `x [T, K]`, `w [rows, K]`.
@@ -349,11 +339,14 @@ impl CudaBackend {
         b.arg(gain.unwrap_or(x))
             .arg(residual.unwrap_or(x))
             .arg(&mut y);
-        b.arg(&ti).arg(&ki).arg(&ni).arg(&eps);
+        let s = gemv_split(out_cols, k);
+        let si = s as i32;
+        b.arg(&ti).arg(&ki).arg(&ni).arg(&si).arg(&eps);
         // SAFETY: x is [t, k] f32, w has at least out_cols (x2 for silu) rows of k elements of the
-        // type the kernel name says, gain is [k],
-        // residual and y are [t, out_cols]; t <= MAX_T; grid covers out_cols with 8 warps a block.
-        unsafe { b.launch(grid(out_cols.div_ceil(8), 256)) }.cuda()?;
+        // type the kernel name says, gain is [k], residual and y are [t, out_cols]; t is within the
+        // entry point's bound; s divides the 8 warps and k into chunks of whole 8-element loads
+        // (1 for the `any` layout); the grid covers out_cols with 8 / s columns a block.
+        unsafe { b.launch(grid(out_cols.div_ceil(8 / s), 256)) }.cuda()?;
         Ok(y)
     }
 
@@ -436,6 +429,45 @@ impl CudaBackend {
             )
         }
         .cuda()
+    }
+
+    /// Row-wise argmax of `logits [rows, V]` into `out[..rows]` (u32::MAX for a row with a NaN),
+    /// in two passes so a 151,936-wide row is spread over many blocks.
+    fn argmax_into(&self, logits: &CudaTensor, out: &mut CudaSlice<u32>) -> Result<()> {
+        let (rows, v) = logits.matrix("argmax")?;
+        if v == 0 || out.len() < rows {
+            return Err(Error::invalid(
+                "argmax",
+                format!("{rows} rows of {v} into {} ids", out.len()),
+            ));
+        }
+        const CHUNK: usize = 2048;
+        let parts = v.div_ceil(CHUNK);
+        let part_v = self.alloc_f32(rows * parts)?;
+        // SAFETY: the partial kernel writes every (row, part) entry.
+        let mut part_i = unsafe { self.stream().alloc::<u32>((rows * parts).max(1)) }.cuda()?;
+        let mut part_v = part_v;
+        let (vi, ci, pi) = (i32_of(v, "V")?, CHUNK as i32, i32_of(parts, "parts")?);
+        let mut b = self
+            .stream()
+            .launch_builder(self.func("argmax_partial_f32")?);
+        b.arg(logits.f32("argmax")?)
+            .arg(&mut part_v)
+            .arg(&mut part_i)
+            .arg(&vi)
+            .arg(&ci);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, parts as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: logits is [rows, v]; the partials hold rows * parts entries, one per block.
+        unsafe { b.launch(cfg) }.cuda()?;
+        let mut b = self.stream().launch_builder(self.func("argmax_final_f32")?);
+        b.arg(&part_v).arg(&part_i).arg(out).arg(&pi);
+        // SAFETY: reads the rows * parts partials just written; out holds at least rows ids.
+        unsafe { b.launch(grid(rows, 256)) }.cuda()?;
+        Ok(())
     }
 
     fn check_attention(&self, cfg: &AttentionConfig) -> Result<()> {
@@ -603,11 +635,13 @@ impl Backend for CudaBackend {
         }
         let mut out = self.alloc_f32(t * c)?;
         let ci = i32_of(c, "cols")?;
-        let mut b = self.stream().launch_builder(self.func("gather_rows_bf16")?);
-        b.arg(table.bf16("embed")?)
-            .arg(&batch.token_ids)
-            .arg(&mut out)
-            .arg(&ci);
+        let kernel = match table.buf {
+            Buf::Bf16(_) => "gather_rows_bf16",
+            Buf::F32(_) => "gather_rows_f32",
+        };
+        let mut b = self.stream().launch_builder(self.func(kernel)?);
+        arg_pool(&mut b, table);
+        b.arg(&batch.token_ids).arg(&mut out).arg(&ci);
         // SAFETY: table is [n, c]; the batch's t ids are < n (checked on the host copy, which
         // update_batch keeps equal to the device one); out is [t, c].
         unsafe { b.launch(grid(t, 256)) }.cuda()?;
@@ -622,13 +656,7 @@ impl Backend for CudaBackend {
                 format!("{rows} rows of {v} logits for this batch"),
             ));
         }
-        let vi = i32_of(v, "V")?;
-        let mut b = self.stream().launch_builder(self.func("argmax_f32")?);
-        b.arg(logits.f32("sample_greedy")?)
-            .arg(&mut batch.sampled)
-            .arg(&vi);
-        // SAFETY: logits is [rows, v]; sampled holds at least rows ids (checked).
-        unsafe { b.launch(grid(rows, 1024)) }.cuda()?;
+        self.argmax_into(logits, &mut batch.sampled)?;
         batch.sampled_rows = rows;
         Ok(())
     }
@@ -808,15 +836,21 @@ impl Backend for CudaBackend {
         }
         let mut y = self.alloc_f32(t * c)?;
         let (ci, di) = (i32_of(c, "C")?, i32_of(d, "d")?);
+        let log2_theta = cfg.rope_theta.log2();
         let mut b = self.stream().launch_builder(self.func("rope_f32")?);
         b.arg(x.f32("rope")?)
             .arg(&batch.positions)
             .arg(&mut y)
             .arg(&ci)
             .arg(&di)
-            .arg(&cfg.rope_theta);
-        // SAFETY: x and y are [t, c] with c % d == 0, positions holds t entries; one block per row.
-        unsafe { b.launch(grid(t, 128)) }.cuda()?;
+            .arg(&log2_theta);
+        let launch = LaunchConfig {
+            shared_mem_bytes: (d * 4) as u32,
+            ..grid(t, 128)
+        };
+        // SAFETY: x and y are [t, c] with c % d == 0, positions holds t entries; one block per row
+        // with d floats of shared memory for the RoPE table.
+        unsafe { b.launch(launch) }.cuda()?;
         Ok(Self::f32_tensor([t, c], y))
     }
 
@@ -913,7 +947,7 @@ impl Backend for CudaBackend {
                 "key and value pools differ in dtype",
             ));
         }
-        let kernel = format!("attention_paged_{}", cache.k.kv_suffix());
+        let kernel = attention_entry(cache.k.kv_suffix(), cfg.group_size(), d);
         let mut b = self.stream().launch_builder(self.func(&kernel)?);
         b.arg(q.f32("attention")?);
         arg_pool(&mut b, &cache.k);
@@ -965,13 +999,9 @@ impl Backend for CudaBackend {
         if v == 0 {
             return Err(Error::invalid("argmax", "zero columns"));
         }
-        // SAFETY: the kernel writes one id per row.
+        // SAFETY: argmax_into writes one id per row.
         let mut ids = unsafe { self.stream().alloc::<u32>(t.max(1)) }.cuda()?;
-        let vi = i32_of(v, "V")?;
-        let mut b = self.stream().launch_builder(self.func("argmax_f32")?);
-        b.arg(logits.f32("argmax")?).arg(&mut ids).arg(&vi);
-        // SAFETY: logits is [t, v]; one block of 1024 threads per row.
-        unsafe { b.launch(grid(t, 1024)) }.cuda()?;
+        self.argmax_into(logits, &mut ids)?;
         let mut host = self.stream().clone_dtoh(&ids).cuda()?;
         host.truncate(t);
         if let Some(r) = host.iter().position(|&i| i == u32::MAX) {
@@ -1080,10 +1110,16 @@ impl Backend for CudaBackend {
         b.arg(&batch.positions).arg(&batch.slots).arg(&mut q);
         arg_pool_mut(&mut b, kpool, "qk_norm_rope_write_kv")?;
         arg_pool_mut(&mut b, vpool, "qk_norm_rope_write_kv")?;
-        b.arg(&hi).arg(&kvi).arg(&di).arg(&cfg.rope_theta).arg(&eps);
+        let log2_theta = cfg.rope_theta.log2();
+        b.arg(&hi).arg(&kvi).arg(&di).arg(&log2_theta).arg(&eps);
         let warps = (h + 2 * kvh).min(16) as u32;
-        // SAFETY: qkv is [t, (h+2kvh)d], q is [t, hd], norms are [d], every slot < slots (checked).
-        unsafe { b.launch(grid(t, 32 * warps)) }.cuda()?;
+        let launch = LaunchConfig {
+            shared_mem_bytes: (d * 4) as u32,
+            ..grid(t, 32 * warps)
+        };
+        // SAFETY: qkv is [t, (h+2kvh)d], q is [t, hd], norms are [d], every slot < slots (checked);
+        // d floats of shared memory hold the token's RoPE table.
+        unsafe { b.launch(launch) }.cuda()?;
         Ok(Self::f32_tensor([t, h * d], q))
     }
 
@@ -1137,18 +1173,36 @@ impl Backend for CudaBackend {
     }
 }
 
-/// The GEMV entry point `{base}_{weight dtype}_{vec|any}`: `vec` reads 8 weights per load and
-/// needs `k % 8 == 0`.
-fn gemv_entry(base: &str, w_dtype: DType, k: usize) -> String {
+/// The GEMV entry point `{base}_{weight dtype}_{vec|any}_t{1|8}`: `vec` reads 8 weights per
+/// load and needs `k % 8 == 0`; `t1` is compiled for a single row (fewer registers).
+fn gemv_entry(base: &str, w_dtype: DType, k: usize, t: usize) -> String {
     let layout = if k.is_multiple_of(8) { "vec" } else { "any" };
-    format!(
-        "{base}_{}_{layout}",
-        if w_dtype == DType::BF16 {
-            "bf16"
-        } else {
-            "f32"
+    let dtype = if w_dtype == DType::BF16 {
+        "bf16"
+    } else {
+        "f32"
+    };
+    format!("{base}_{dtype}_{layout}_t{}", if t == 1 { 1 } else { 8 })
+}
+
+/// Warps sharing one output column (split-K): enough that ~32 warps per SM stream weights when
+/// there are few columns, each warp's K-chunk still whole 8-element loads.
+fn gemv_split(out_cols: usize, k: usize) -> usize {
+    let mut s = 1;
+    if k.is_multiple_of(8) {
+        while s < 8 && out_cols * s < 4224 && k.is_multiple_of(s * 16) {
+            s *= 2;
         }
-    )
+    }
+    s
+}
+
+/// The attention entry point compiled for at least `group` query heads per KV head and head
+/// size `d` (in powers of two: group <= 8, d <= 256, checked by `check_attention`).
+fn attention_entry(kv_suffix: &str, group: usize, d: usize) -> String {
+    let g = group.next_power_of_two();
+    let dpl = d.div_ceil(32).next_power_of_two();
+    format!("attention_paged_{kv_suffix}_g{g}_d{dpl}")
 }
 
 /// Passes a tensor's buffer (either element type) as a kernel argument.
@@ -1211,14 +1265,22 @@ mod tests {
         for base in ["gemv", "gemv_add", "gemv_silu_mul", "rms_norm_gemv"] {
             for dtype in [DType::BF16, DType::F32] {
                 for k in [1024, 1023] {
-                    let name = gemv_entry(base, dtype, k);
-                    assert!(known(&name), "{name}");
+                    for t in [1, 5, 8] {
+                        let name = gemv_entry(base, dtype, k, t);
+                        assert!(known(&name), "{name}");
+                    }
                 }
             }
         }
-        for base in ["write_kv", "qk_norm_rope_write_kv", "attention_paged"] {
-            for suffix in ["kvf32", "kvbf16"] {
+        for suffix in ["kvf32", "kvbf16"] {
+            for base in ["write_kv", "qk_norm_rope_write_kv"] {
                 assert!(known(&format!("{base}_{suffix}")), "{base}_{suffix}");
+            }
+            for group in 1..=8 {
+                for d in [2, 30, 32, 64, 80, 128, 200, 256] {
+                    let name = attention_entry(suffix, group, d);
+                    assert!(known(&name), "{name}");
+                }
             }
         }
         for base in ["gemv", "rms_norm_gemv", "gemv_add", "gemv_silu_mul"] {

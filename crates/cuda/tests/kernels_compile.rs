@@ -20,6 +20,10 @@ fn every_kernel_compiles_with_nvrtc() {
             let ptx = compile(file, src, arch)
                 .unwrap_or_else(|e| panic!("{arch}: {e}"))
                 .to_src();
+            // QFUSE_DUMP_PTX=DIR keeps the PTX, e.g. for `ptxas -v` register and spill reports.
+            if let Ok(dir) = std::env::var("QFUSE_DUMP_PTX") {
+                std::fs::write(format!("{dir}/{file}.{arch}.ptx"), &ptx).unwrap();
+            }
             for name in *entries {
                 assert!(
                     ptx.contains(&format!(".entry {name}(")),
