@@ -41,18 +41,17 @@ template <int N> __device__ __forceinline__ void kv_load_vec(const bf16_t* p, fl
     }
 }
 
+// cos, sin of pos * theta^(-2i / d), the angle formed and reduced modulo 2 pi in double so
+// positions in the tens of thousands keep full fp32 accuracy.
+__device__ __forceinline__ void rope_cs(u32 pos, int i, int d, double log2_theta, float* c, float* s) {
+    double ang = (double)pos * exp2(-2.0 * i / d * log2_theta);
+    ang -= 6.283185307179586 * rint(ang * 0.15915494309189535);
+    sincosf((float)ang, s, c);
+}
+
 // cs[2i], cs[2i + 1] = cos, sin of pos * theta^(-2i / d) for i < d / 2, for the whole block.
-// The angle is formed and reduced modulo 2 pi in double, so positions in the tens of thousands
-// keep full fp32 accuracy in the sin/cos.
 __device__ __forceinline__ void rope_table(u32 pos, int d, double log2_theta, float* cs) {
-    for (int i = threadIdx.x; i < d / 2; i += blockDim.x) {
-        double ang = (double)pos * exp2(-2.0 * i / d * log2_theta);
-        ang -= 6.283185307179586 * rint(ang * 0.15915494309189535);
-        float s, c;
-        sincosf((float)ang, &s, &c);
-        cs[2 * i] = c;
-        cs[2 * i + 1] = s;
-    }
+    for (int i = threadIdx.x; i < d / 2; i += blockDim.x) rope_cs(pos, i, d, log2_theta, cs + 2 * i, cs + 2 * i + 1);
     __syncthreads();
 }
 
@@ -85,43 +84,39 @@ __device__ void write_kv(const float* __restrict__ k, const float* __restrict__ 
 }
 
 // qkv [T, (H + 2 KV) d]: per-head RMSNorm (q_norm / k_norm over d) then RoPE for q and k heads,
-// q to q_out [T, H d], k and v to the cache. One warp per head. grid = T, block = 32 * warps,
-// shared = d floats (the token's RoPE table).
+// q to q_out [T, H d], k and v to the cache. One warp per (token, head): grid = (T, H + 2 KV),
+// block = 32.
 template <typename KT>
 __device__ void qk_norm_rope_write_kv(
     const float* __restrict__ qkv, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
     const u32* __restrict__ positions, const u32* __restrict__ slots, float* __restrict__ q_out,
     KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, int d, double log2_theta, float eps) {
-    extern __shared__ float cs[];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    const int t = blockIdx.x, half = d / 2, heads = H + 2 * KV;
-    rope_table(positions[t], d, log2_theta, cs);
-    const float* row = qkv + (size_t)t * heads * d;
+    const int lane = threadIdx.x, t = blockIdx.x, h = blockIdx.y, half = d / 2, heads = H + 2 * KV;
+    const float* src = qkv + (size_t)t * heads * d + (size_t)h * d;
     const size_t slot = (size_t)slots[t] * KV * d;
-    for (int h = warp; h < heads; h += nwarps) {
-        const float* src = row + (size_t)h * d;
-        if (h >= H + KV) {  // v: copied as is
-            KT* dst = vc + slot + (size_t)(h - H - KV) * d;
-            for (int i = lane; i < d; i += 32) kv_store(dst + i, src[i]);
-            continue;
-        }
-        float ss = 0.0f;
-        for (int i = lane; i < d; i += 32) ss += src[i] * src[i];
-        const float inv = rsqrtf(warp_sum(ss) / d + eps);
-        const float* gain = h < H ? q_norm : k_norm;
-        for (int i = lane; i < half; i += 32) {
-            const float a = src[i] * inv * gain[i], b = src[i + half] * inv * gain[i + half];
-            const float c = cs[2 * i], s = cs[2 * i + 1];
-            const float ra = a * c - b * s, rb = b * c + a * s;
-            if (h < H) {
-                float* dst = q_out + (size_t)t * H * d + (size_t)h * d;
-                dst[i] = ra;
-                dst[i + half] = rb;
-            } else {
-                KT* dst = kc + slot + (size_t)(h - H) * d;
-                kv_store(dst + i, ra);
-                kv_store(dst + i + half, rb);
-            }
+    if (h >= H + KV) {  // v: copied as is
+        KT* dst = vc + slot + (size_t)(h - H - KV) * d;
+        for (int i = lane; i < d; i += 32) kv_store(dst + i, src[i]);
+        return;
+    }
+    float ss = 0.0f;
+    for (int i = lane; i < d; i += 32) ss += src[i] * src[i];
+    const float inv = rsqrtf(warp_sum(ss) / d + eps);
+    const float* gain = h < H ? q_norm : k_norm;
+    const u32 pos = positions[t];
+    for (int i = lane; i < half; i += 32) {
+        const float a = src[i] * inv * gain[i], b = src[i + half] * inv * gain[i + half];
+        float c, s;
+        rope_cs(pos, i, d, log2_theta, &c, &s);
+        const float ra = a * c - b * s, rb = b * c + a * s;
+        if (h < H) {
+            float* dst = q_out + (size_t)t * H * d + (size_t)h * d;
+            dst[i] = ra;
+            dst[i + half] = rb;
+        } else {
+            KT* dst = kc + slot + (size_t)(h - H) * d;
+            kv_store(dst + i, ra);
+            kv_store(dst + i + half, rb);
         }
     }
 }

@@ -3,7 +3,8 @@
 // Memory-bound on the weights, so each weight row is read once (16-byte loads, coalesced across
 // the warp) for all T rows, and the fusions ride along for free:
 //   NORM: x is replaced by rms_norm(x) * g, the fp32 statistic computed cooperatively by each
-//         block (the QKV and lm_head prologue: the original project's RMSNorm+QKV kernel, right);
+//         block (the QKV, gate/up and lm_head prologue: the original project's RMSNorm+QKV
+//         kernel, done right);
 //   EPI_ADD: y = residual + x w^T (o_proj / down_proj with their residual adds);
 //   EPI_SILU: rows n and n + N/2 are gate and up, y[t, n] = silu(gate) * up.
 // Block = 8 warps over 8/S output columns; S warps share a column by splitting K (split-K keeps
@@ -162,7 +163,8 @@ __device__ __forceinline__ void gemv(const float* __restrict__ x, const WT* __re
     GEMV_SHAPES(gemv, WT, SUFFIX, EPI_NONE, false)         \
     GEMV_SHAPES(gemv_add, WT, SUFFIX, EPI_ADD, false)      \
     GEMV_SHAPES(gemv_silu_mul, WT, SUFFIX, EPI_SILU, false) \
-    GEMV_SHAPES(rms_norm_gemv, WT, SUFFIX, EPI_NONE, true)
+    GEMV_SHAPES(rms_norm_gemv, WT, SUFFIX, EPI_NONE, true) \
+    GEMV_SHAPES(rms_norm_gemv_silu_mul, WT, SUFFIX, EPI_SILU, true)
 
 GEMV_ENTRIES(bf16_t, bf16)
 GEMV_ENTRIES(float, f32)

@@ -11,19 +11,3 @@ extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float
     const float inv = rsqrtf(block_sum(ss, scratch) / G + eps);
     for (int i = threadIdx.x; i < G; i += blockDim.x) y[base + i] = x[base + i] * inv * w[i];
 }
-
-// h = x + residual; n = rms_norm(h, w). One block per row of C. grid = rows, block = 256.
-extern "C" __global__ void add_rms_norm_f32(const float* __restrict__ x, const float* __restrict__ residual,
-                                            const float* __restrict__ w, float* __restrict__ h,
-                                            float* __restrict__ n, int C, float eps) {
-    __shared__ float scratch[32];
-    const size_t base = (size_t)blockIdx.x * C;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < C; i += blockDim.x) {
-        float v = x[base + i] + residual[base + i];
-        h[base + i] = v;
-        ss += v * v;
-    }
-    const float inv = rsqrtf(block_sum(ss, scratch) / C + eps);
-    for (int i = threadIdx.x; i < C; i += blockDim.x) n[base + i] = h[base + i] * inv * w[i];
-}

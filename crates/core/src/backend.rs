@@ -204,15 +204,16 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         compose::rms_norm_matmul(self, x, norm_w, w, eps)
     }
 
-    /// Fused residual add and RMSNorm: returns `(h, rms_norm(h))` with `h = x + residual`.
-    fn add_rms_norm(
+    /// Fused `silu_mul(matmul(rms_norm(x, norm_w, eps), w_gate_up))`: the pre-MLP norm with the
+    /// gate/up projection and its activation.
+    fn rms_norm_matmul_silu_mul(
         &self,
         x: &Self::Tensor,
-        residual: &Self::Tensor,
-        w: &Self::Tensor,
+        norm_w: &Self::Tensor,
+        w_gate_up: &Self::Tensor,
         eps: f64,
-    ) -> Result<(Self::Tensor, Self::Tensor)> {
-        compose::add_rms_norm(self, x, residual, w, eps)
+    ) -> Result<Self::Tensor> {
+        compose::rms_norm_matmul_silu_mul(self, x, norm_w, w_gate_up, eps)
     }
 
     /// Fused attention prologue on `qkv [T, (heads + 2 kv_heads) * head_dim]`: per-head q_norm and

@@ -13,17 +13,15 @@ pub fn rms_norm_matmul<B: Backend>(
     b.matmul(&b.rms_norm(x, norm_w, eps)?, w)
 }
 
-/// `(h, rms_norm(h))` with `h = x + residual`.
-pub fn add_rms_norm<B: Backend>(
+/// `silu_mul(matmul(rms_norm(x, norm_w, eps), w_gate_up))`.
+pub fn rms_norm_matmul_silu_mul<B: Backend>(
     b: &B,
     x: &B::Tensor,
-    residual: &B::Tensor,
-    w: &B::Tensor,
+    norm_w: &B::Tensor,
+    w_gate_up: &B::Tensor,
     eps: f64,
-) -> Result<(B::Tensor, B::Tensor)> {
-    let h = b.add(x, residual)?;
-    let n = b.rms_norm(&h, w, eps)?;
-    Ok((h, n))
+) -> Result<B::Tensor> {
+    b.matmul_silu_mul(&b.rms_norm(x, norm_w, eps)?, w_gate_up)
 }
 
 /// Split `qkv`, per-head norms, RoPE, cache write; returns q.

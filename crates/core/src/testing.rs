@@ -439,7 +439,8 @@ pub fn check_qk_norm_rope_write_kv<B: Backend, R: Backend>(
     assert_close("attention after qk_norm_rope_write_kv", b, &ab, r, &ar, tol)
 }
 
-/// The fused matmul family: `rms_norm_matmul`, `add_rms_norm`, `matmul_add`, `matmul_silu_mul`.
+/// The fused matmul family: `rms_norm_matmul`, `rms_norm_matmul_silu_mul`, `matmul_add`,
+/// `matmul_silu_mul`.
 pub fn check_fused_matmuls<B: Backend, R: Backend>(
     b: &B,
     r: &R,
@@ -467,10 +468,14 @@ pub fn check_fused_matmuls<B: Backend, R: Backend>(
         &r.rms_norm_matmul(&xr, &nr, &wr, eps)?,
         tol,
     )?;
-    let (hb, nbo) = b.add_rms_norm(&xb, &resb, &nb, eps)?;
-    let (hr, nro) = r.add_rms_norm(&xr, &resr, &nr, eps)?;
-    assert_close("add_rms_norm (sum)", b, &hb, r, &hr, tol)?;
-    assert_close("add_rms_norm (norm)", b, &nbo, r, &nro, tol)?;
+    assert_close(
+        "rms_norm_matmul_silu_mul",
+        b,
+        &b.rms_norm_matmul_silu_mul(&xb, &nb, &gub, eps)?,
+        r,
+        &r.rms_norm_matmul_silu_mul(&xr, &nr, &gur, eps)?,
+        tol,
+    )?;
     let (nxb, nxr) = (b.rms_norm(&xb, &nb, eps)?, r.rms_norm(&xr, &nr, eps)?);
     let (gb, gr) = (
         b.matmul_silu_mul(&nxb, &gub)?,

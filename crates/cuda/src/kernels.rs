@@ -21,7 +21,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "silu_mul_f32",
             "slice_columns_f32",
             "cast_f32_bf16",
-            "split_f32_bf16x2",
+            "split_f32_bf16x3",
             "cast_bf16_f32",
             "argmax_partial_f32",
             "argmax_final_f32",
@@ -30,7 +30,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "rms_norm.cu",
         include_str!("../../../kernels/rms_norm.cu"),
-        &["rms_norm_f32", "add_rms_norm_f32"],
+        &["rms_norm_f32"],
     ),
     (
         "gemv.cu",
@@ -68,6 +68,14 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "rms_norm_gemv_f32_vec_t8",
             "rms_norm_gemv_f32_any_t1",
             "rms_norm_gemv_f32_any_t8",
+            "rms_norm_gemv_silu_mul_bf16_vec_t1",
+            "rms_norm_gemv_silu_mul_bf16_vec_t8",
+            "rms_norm_gemv_silu_mul_bf16_any_t1",
+            "rms_norm_gemv_silu_mul_bf16_any_t8",
+            "rms_norm_gemv_silu_mul_f32_vec_t1",
+            "rms_norm_gemv_silu_mul_f32_vec_t8",
+            "rms_norm_gemv_silu_mul_f32_any_t1",
+            "rms_norm_gemv_silu_mul_f32_any_t8",
         ],
     ),
     (

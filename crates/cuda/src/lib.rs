@@ -351,9 +351,9 @@ impl CudaBackend {
     }
 
     /// `y [T, N] = x [T, K] · w [N, K]ᵀ` on cuBLAS with fp32 accumulation. For bf16 weights x is
-    /// split into bf16 hi + lo parts multiplied in turn (the second GEMM accumulating into the
-    /// first): ~16 mantissa bits of the activations on the tensor cores for twice the FLOPs. fp32
-    /// weights (fp32 checkpoints) take one full-precision fp32 GEMM.
+    /// split into three bf16 parts (hi + mid + lo) multiplied in turn, each GEMM accumulating into
+    /// the last: the fp32 activations' full precision on the tensor cores for three times the
+    /// FLOPs of one bf16 GEMM. fp32 weights (fp32 checkpoints) take one fp32 GEMM.
     fn cublas_matmul(
         &self,
         x: &CudaSlice<f32>,
@@ -369,16 +369,16 @@ impl CudaBackend {
             Buf::F32(ws) => self.gemm(ws.as_ref(), f32t, x, f32t, &mut y, (t, k, n), 0.0)?,
             Buf::Bf16(ws) => {
                 let total = t * k;
-                // SAFETY: the split kernel writes all t*k elements of both.
-                let mut hi = unsafe { self.stream().alloc::<u16>(total.max(1)) }.cuda()?;
-                // SAFETY: as above.
-                let mut lo = unsafe { self.stream().alloc::<u16>(total.max(1)) }.cuda()?;
-                let mut b = self.stream().launch_builder(self.func("split_f32_bf16x2")?);
-                b.arg(x).arg(&mut hi).arg(&mut lo).arg(&total);
-                // SAFETY: x, hi and lo hold t*k elements; grid-stride loop over them.
+                // SAFETY: the split kernel writes all t*k elements of each part.
+                let alloc = || unsafe { self.stream().alloc::<u16>(total.max(1)) }.cuda();
+                let (mut hi, mut mid, mut lo) = (alloc()?, alloc()?, alloc()?);
+                let mut b = self.stream().launch_builder(self.func("split_f32_bf16x3")?);
+                b.arg(x).arg(&mut hi).arg(&mut mid).arg(&mut lo).arg(&total);
+                // SAFETY: x and the three parts hold t*k elements; grid-stride loop over them.
                 unsafe { b.launch(elementwise(total)) }.cuda()?;
-                self.gemm(ws.as_ref(), bf16, &hi, bf16, &mut y, (t, k, n), 0.0)?;
-                self.gemm(ws.as_ref(), bf16, &lo, bf16, &mut y, (t, k, n), 1.0)?;
+                for (part, beta) in [(&hi, 0.0), (&mid, 1.0), (&lo, 1.0)] {
+                    self.gemm(ws.as_ref(), bf16, part, bf16, &mut y, (t, k, n), beta)?;
+                }
             }
         }
         Ok(y)
@@ -1042,27 +1042,25 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn add_rms_norm(
+    fn rms_norm_matmul_silu_mul(
         &self,
         x: &CudaTensor,
-        residual: &CudaTensor,
-        w: &CudaTensor,
+        norm_w: &CudaTensor,
+        w_gate_up: &CudaTensor,
         eps: f64,
-    ) -> Result<(CudaTensor, CudaTensor)> {
-        let (t, c) = x.matrix("add_rms_norm")?;
-        if residual.shape != x.shape || w.shape.dims() != [c] {
-            return compose::add_rms_norm(self, x, residual, w, eps);
+    ) -> Result<CudaTensor> {
+        let (t, k) = x.matrix("rms_norm_matmul_silu_mul")?;
+        let (n2, k2) = w_gate_up.matrix("rms_norm_matmul_silu_mul")?;
+        match self.gemv_kernel("rms_norm_gemv_silu_mul", t, k, w_gate_up) {
+            Some(kernel) if k == k2 && n2.is_multiple_of(2) && norm_w.shape.dims() == [k] => {
+                let gain = norm_w.f32("rms_norm_matmul_silu_mul")?;
+                let xs = x.f32("rms_norm_matmul_silu_mul")?;
+                let y =
+                    self.launch_gemv(&kernel, xs, w_gate_up, Some(gain), None, t, k, n2 / 2, eps)?;
+                Ok(Self::f32_tensor([t, n2 / 2], y))
+            }
+            _ => compose::rms_norm_matmul_silu_mul(self, x, norm_w, w_gate_up, eps),
         }
-        let (mut h, mut n) = (self.alloc_f32(t * c)?, self.alloc_f32(t * c)?);
-        let (ci, eps) = (i32_of(c, "C")?, eps as f32);
-        let mut b = self.stream().launch_builder(self.func("add_rms_norm_f32")?);
-        b.arg(x.f32("add_rms_norm")?)
-            .arg(residual.f32("add_rms_norm")?)
-            .arg(w.f32("add_rms_norm")?);
-        b.arg(&mut h).arg(&mut n).arg(&ci).arg(&eps);
-        // SAFETY: x, residual, h, n are [t, c], w is [c]; one block per row.
-        unsafe { b.launch(grid(t, 256)) }.cuda()?;
-        Ok((Self::f32_tensor([t, c], h), Self::f32_tensor([t, c], n)))
     }
 
     fn qk_norm_rope_write_kv(
@@ -1112,13 +1110,13 @@ impl Backend for CudaBackend {
         arg_pool_mut(&mut b, vpool, "qk_norm_rope_write_kv")?;
         let log2_theta = cfg.rope_theta.log2();
         b.arg(&hi).arg(&kvi).arg(&di).arg(&log2_theta).arg(&eps);
-        let warps = (h + 2 * kvh).min(16) as u32;
         let launch = LaunchConfig {
-            shared_mem_bytes: (d * 4) as u32,
-            ..grid(t, 32 * warps)
+            grid_dim: (t as u32, (h + 2 * kvh) as u32, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
         };
         // SAFETY: qkv is [t, (h+2kvh)d], q is [t, hd], norms are [d], every slot < slots (checked);
-        // d floats of shared memory hold the token's RoPE table.
+        // one warp per (token, head).
         unsafe { b.launch(launch) }.cuda()?;
         Ok(Self::f32_tensor([t, h * d], q))
     }
@@ -1255,6 +1253,14 @@ mod tests {
 
     /// Every kernel name the backend can ask for exists (checked without a GPU: a typo here
     /// would otherwise surface only on the device).
+    const GEMV_BASES: [&str; 5] = [
+        "gemv",
+        "gemv_add",
+        "gemv_silu_mul",
+        "rms_norm_gemv",
+        "rms_norm_gemv_silu_mul",
+    ];
+
     #[test]
     fn every_requested_kernel_is_declared() {
         let src = include_str!("lib.rs");
@@ -1262,7 +1268,7 @@ mod tests {
             let name = &piece[..piece.find('"').unwrap()];
             assert!(known(name), "func(\"{name}\") is not in kernels::SOURCES");
         }
-        for base in ["gemv", "gemv_add", "gemv_silu_mul", "rms_norm_gemv"] {
+        for base in GEMV_BASES {
             for dtype in [DType::BF16, DType::F32] {
                 for k in [1024, 1023] {
                     for t in [1, 5, 8] {

@@ -336,16 +336,17 @@ impl<B: Backend> Qwen3<B> {
             // 4. Causal GQA attention over each sequence's cache: -> [T, H D]
             let o = b.attention(&q, cache.layer(l), dev_batch, &attn)?;
             inspect(l, Stage::Attention, &o)?;
-            // 5. o_proj, residual add and post_attention_layernorm: -> h, n [T, hidden]
-            let (h, n) = b.add_rms_norm(
-                &b.matmul(&o, &a.o_proj)?,
-                &x,
+            // 5. o_proj with the residual add: -> h [T, hidden]
+            let h = b.matmul_add(&o, &a.o_proj, &x)?;
+            inspect(l, Stage::AttentionResidual, &h)?;
+            // 6. MLP: post_attention_layernorm, silu(gate) * up, then down_proj with the
+            //    residual: -> [T, intermediate] -> [T, hidden]
+            let g = b.rms_norm_matmul_silu_mul(
+                &h,
                 &layer.post_attention_layernorm,
+                &layer.mlp.gate_up_proj,
                 eps,
             )?;
-            inspect(l, Stage::AttentionResidual, &h)?;
-            // 6. MLP: silu(gate) * up, then down_proj with the residual: -> [T, hidden]
-            let g = b.matmul_silu_mul(&n, &layer.mlp.gate_up_proj)?;
             inspect(l, Stage::MlpActivation, &g)?;
             x = b.matmul_add(&g, &layer.mlp.down_proj, &h)?;
             inspect(l, Stage::LayerOutput, &x)?;
