@@ -339,7 +339,7 @@ impl CudaBackend {
         b.arg(gain.unwrap_or(x))
             .arg(residual.unwrap_or(x))
             .arg(&mut y);
-        let s = gemv_split(out_cols, k);
+        let s = gemv_split(out_cols, k, self.inner.sm_count);
         let si = s as i32;
         b.arg(&ti).arg(&ki).arg(&ni).arg(&si).arg(&eps);
         // SAFETY: x is [t, k] f32, w has at least out_cols (x2 for silu) rows of k elements of the
@@ -1183,12 +1183,14 @@ fn gemv_entry(base: &str, w_dtype: DType, k: usize, t: usize) -> String {
     format!("{base}_{dtype}_{layout}_t{}", if t == 1 { 1 } else { 8 })
 }
 
-/// Warps sharing one output column (split-K): enough that ~32 warps per SM stream weights when
-/// there are few columns, each warp's K-chunk still whole 8-element loads.
-fn gemv_split(out_cols: usize, k: usize) -> usize {
+/// Warps sharing one output column (split-K): the most that still fit one wave of ~32 warps per
+/// SM (so narrow outputs keep enough loads in flight without a second, tail wave), each warp's
+/// K-chunk whole 8-element loads.
+fn gemv_split(out_cols: usize, k: usize, sm_count: usize) -> usize {
+    let capacity = 32 * sm_count;
     let mut s = 1;
     if k.is_multiple_of(8) {
-        while s < 8 && out_cols * s < 4224 && k.is_multiple_of(s * 16) {
+        while s < 8 && out_cols * s * 2 <= capacity && k.is_multiple_of(s * 16) {
             s *= 2;
         }
     }

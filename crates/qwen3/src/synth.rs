@@ -201,27 +201,44 @@ pub fn write_synthetic(dir: &Path, shape: SynthShape, seed: u64) -> Result<()> {
     w.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(header.as_bytes()).map_err(io)?;
-    let mut rng = Rng::new(seed ^ 0x5157_454E_3300);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut buf = Vec::new();
-    for (name, dims, init) in &specs {
+    for (t, (name, dims, init)) in specs.iter().enumerate() {
         let n: usize = dims.iter().product();
         let cols = *dims.last().unwrap_or(&1);
         let boost_rows = name.ends_with("down_proj.weight");
         buf.clear();
-        for idx in 0..n {
-            let mut v = match init {
-                Init::Normal(sd) => fast_normal(&mut rng) * sd,
-                Init::Uniform(lo, hi) => lo + (hi - lo) * rng.uniform() as f32,
-                Init::KNorm if idx % 32 == 5 => 40.0 + 60.0 * rng.uniform() as f32,
-                Init::QNorm if idx % 32 == 5 => 0.02 + 0.08 * rng.uniform() as f32,
-                Init::QNorm => 0.5 + 1.5 * rng.uniform() as f32,
-                Init::KNorm => 0.5 * 16f32.powf(rng.uniform() as f32),
-            };
-            if boost_rows && outliers.contains(&(idx / cols)) {
-                v *= 400.0;
+        buf.resize(2 * n, 0u8);
+        // Fixed-size chunks, each with its own stream derived from (seed, tensor, chunk): the
+        // bytes do not depend on how many threads write them.
+        const CHUNK: usize = 1 << 20;
+        let fill = |c: usize, out: &mut [u8]| {
+            let mut rng = Rng::new(seed ^ 0x5157_454E_3300 ^ ((t as u64) << 40) ^ c as u64);
+            for (j, bytes) in out.chunks_exact_mut(2).enumerate() {
+                let idx = c * CHUNK + j;
+                let mut v = match init {
+                    Init::Normal(sd) => fast_normal(&mut rng) * sd,
+                    Init::Uniform(lo, hi) => lo + (hi - lo) * rng.uniform() as f32,
+                    Init::KNorm if idx % 32 == 5 => 40.0 + 60.0 * rng.uniform() as f32,
+                    Init::QNorm if idx % 32 == 5 => 0.02 + 0.08 * rng.uniform() as f32,
+                    Init::QNorm => 0.5 + 1.5 * rng.uniform() as f32,
+                    Init::KNorm => 0.5 * 16f32.powf(rng.uniform() as f32),
+                };
+                if boost_rows && outliers.contains(&(idx / cols)) {
+                    v *= 400.0;
+                }
+                bytes.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
             }
-            buf.extend_from_slice(&bf16::from_f32(v).to_le_bytes());
-        }
+        };
+        let chunks: Vec<(usize, &mut [u8])> = buf.chunks_mut(2 * CHUNK).enumerate().collect();
+        let per_thread = chunks.len().div_ceil(threads).max(1);
+        let mut chunks = chunks;
+        std::thread::scope(|scope| {
+            while !chunks.is_empty() {
+                let batch: Vec<_> = chunks.drain(..per_thread.min(chunks.len())).collect();
+                scope.spawn(move || batch.into_iter().for_each(|(c, out)| fill(c, out)));
+            }
+        });
         w.write_all(&buf).map_err(io)?;
     }
     w.flush().map_err(io)?;
