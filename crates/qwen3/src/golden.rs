@@ -76,6 +76,8 @@ impl GoldenCase {
 /// per row, and the share of rows whose argmax agrees.
 #[derive(Clone, Debug)]
 pub struct LogitsDiff {
+    /// ‖a − b‖ / ‖b‖ over all the logits.
+    pub rel: f64,
     /// max over rows of ‖a − b‖ / ‖b‖.
     pub worst_rel: f64,
     /// Per row, max |a − b|.
@@ -94,6 +96,7 @@ impl LogitsDiff {
         };
         let (mut worst_rel, mut max_abs, mut agree, mut rows) =
             (0.0f64, Vec::new(), 0usize, 0usize);
+        let (mut diff_sq, mut norm_sq) = (0.0f64, 0.0f64);
         for (a, b) in ours.chunks(vocab).zip(reference.chunks(vocab)) {
             let diff: f64 = a
                 .iter()
@@ -102,6 +105,8 @@ impl LogitsDiff {
                 .sum::<f64>()
                 .sqrt();
             let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+            diff_sq += diff * diff;
+            norm_sq += norm * norm;
             let rel = if a.iter().all(|x| x.is_finite()) {
                 diff / norm.max(f64::MIN_POSITIVE)
             } else {
@@ -117,7 +122,13 @@ impl LogitsDiff {
             agree += usize::from(argmax(a) == argmax(b));
             rows += 1;
         }
+        let all_finite = ours.iter().all(|x| x.is_finite());
         LogitsDiff {
+            rel: if all_finite {
+                (diff_sq / norm_sq.max(f64::MIN_POSITIVE)).sqrt()
+            } else {
+                f64::INFINITY
+            },
             worst_rel,
             max_abs,
             top1_agreement: agree as f64 / rows.max(1) as f64,
