@@ -1,17 +1,13 @@
 //! `qfuse generate` end to end: output schema, stop handling, and a one-line error (never a
 //! panic) for every kind of bad input.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::Value;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/golden")
-        .join(name)
-}
+use qfuse_qwen3::golden_dir as fixture;
 
 fn qfuse(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_qfuse"))

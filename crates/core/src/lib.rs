@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod compare;
 pub mod compose;
 mod dtype;
 mod error;
@@ -13,6 +14,7 @@ mod tensor;
 pub mod testing;
 
 pub use backend::{AttentionConfig, Backend, DeviceTensor};
+pub use compare::rel_error;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use kv::{BatchInfo, BlockAllocator, KvCache, LayerKv, SeqChunk};

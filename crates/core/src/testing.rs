@@ -12,7 +12,7 @@ use crate::{
     SeqChunk, Shape,
 };
 
-pub use crate::Rng;
+pub use crate::{rel_error, Rng};
 pub use proptest;
 
 /// The largest relative error a backend may show against the reference.
@@ -29,26 +29,6 @@ impl Tolerance {
     pub const F32: Tolerance = Tolerance { rel: 1e-5 };
     /// bf16 storage of activations or cache, fp32 accumulation.
     pub const BF16: Tolerance = Tolerance { rel: 2e-2 };
-}
-
-/// `‖out − reference‖ / ‖reference‖` (absolute norm when the reference is zero); infinite when
-/// `out` holds a NaN or infinity or the lengths differ.
-pub fn rel_error(out: &[f64], reference: &[f64]) -> f64 {
-    if out.len() != reference.len() || out.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let diff: f64 = out
-        .iter()
-        .zip(reference)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f64>()
-        .sqrt();
-    let norm: f64 = reference.iter().map(|b| b * b).sum::<f64>().sqrt();
-    if norm == 0.0 {
-        diff
-    } else {
-        diff / norm
-    }
 }
 
 /// Values rounded to bf16 so that every backend, whatever it stores, sees exactly these inputs.

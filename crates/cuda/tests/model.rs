@@ -3,19 +3,15 @@
 //! synthetic Qwen3-0.6B checkpoint, on 256+ positions of it; greedy ids equal to transformers'
 //! wherever its top-1 margin exceeds the measured bf16 error; batched equals alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use qfuse_core::{Backend, Error, Rng};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::CudaBackend;
-use qfuse_qwen3::{generate_greedy, GoldenCase, LogitsDiff, Qwen3, Request};
-
-const MODELS: [&str; 4] = [
-    "tied-bf16-gqa2-v4",
-    "untied-f32-mha-v5",
-    "mqa-sharded-bf16",
-    "gqa4-f16",
-];
+use qfuse_qwen3::{
+    generate_greedy, golden_dir as fixture, GoldenCase, LogitsDiff, Qwen3, Request,
+    GOLDEN_MODELS as MODELS,
+};
 const REL_TOL: f64 = 2e-2;
 
 /// The backend, with the KV cache in `QFUSE_KV_DTYPE` (`f32`, the default, or `bf16`).
@@ -38,14 +34,6 @@ fn cuda() -> Option<CudaBackend> {
         }
         Err(e) => panic!("cuda backend: {e}"),
     }
-}
-
-/// The golden fixtures: `QFUSE_FIXTURES` (a test binary run from another checkout) or this repo's.
-fn fixture(name: &str) -> PathBuf {
-    std::env::var("QFUSE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
-        .join(name)
 }
 
 fn logits<B: Backend>(b: &B, model: &Qwen3<B>, tokens: &[u32]) -> Vec<f64> {
@@ -95,15 +83,7 @@ fn golden_fixtures_match_reference_and_transformers() {
         );
         let vocab = cm.config().vocab_size;
         let cases = GoldenCase::load_all(&dir).unwrap();
-        let requests: Vec<Request> = cases
-            .iter()
-            .map(|c| Request {
-                prompt: c.prompt.clone(),
-                max_new_tokens: c.greedy.len(),
-                stop_ids: vec![],
-                top_logits: 0,
-            })
-            .collect();
+        let requests: Vec<Request> = cases.iter().map(|c| c.request(0)).collect();
         let batched = generate_greedy(&gm, &gpu, &requests).unwrap();
         for (i, case) in cases.iter().enumerate() {
             let max_abs = compare(&format!("{name} case {i}"), &gpu, &gm, &cm, &case.tokens());

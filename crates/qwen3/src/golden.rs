@@ -1,9 +1,26 @@
 //! The golden fixtures written by `tools/golden/make_golden.py`: prompts, transformers' greedy
 //! continuations and its float64 teacher-forced logits.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use qfuse_core::{Error, Result};
+use qfuse_core::{rel_error, Error, Result};
 use serde_json::Value;
+
+/// The golden checkpoints `tools/golden/make_golden.py` writes.
+pub const GOLDEN_MODELS: [&str; 4] = [
+    "tied-bf16-gqa2-v4",
+    "untied-f32-mha-v5",
+    "mqa-sharded-bf16",
+    "gqa4-f16",
+];
+
+/// Directory of golden checkpoint `name`: under `QFUSE_FIXTURES` when set (a test binary run
+/// from another checkout), else this repository's `fixtures/golden`.
+pub fn golden_dir(name: &str) -> PathBuf {
+    std::env::var("QFUSE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
+        .join(name)
+}
 
 /// One prompt of a golden checkpoint.
 #[derive(Clone, Debug)]
@@ -22,6 +39,17 @@ impl GoldenCase {
         let mut t = self.prompt.clone();
         t.extend_from_slice(&self.greedy[..self.greedy.len().saturating_sub(1)]);
         t
+    }
+
+    /// Greedy continuation of the prompt for as many tokens as transformers produced, stop ids
+    /// off, reporting `top_logits` logits per step.
+    pub fn request(&self, top_logits: usize) -> crate::Request {
+        crate::Request {
+            prompt: self.prompt.clone(),
+            max_new_tokens: self.greedy.len(),
+            stop_ids: Vec::new(),
+            top_logits,
+        }
     }
 
     /// Every case of the golden checkpoint in `dir`.
@@ -96,23 +124,8 @@ impl LogitsDiff {
         };
         let (mut worst_rel, mut max_abs, mut agree, mut rows) =
             (0.0f64, Vec::new(), 0usize, 0usize);
-        let (mut diff_sq, mut norm_sq) = (0.0f64, 0.0f64);
         for (a, b) in ours.chunks(vocab).zip(reference.chunks(vocab)) {
-            let diff: f64 = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y) * (x - y))
-                .sum::<f64>()
-                .sqrt();
-            let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-            diff_sq += diff * diff;
-            norm_sq += norm * norm;
-            let rel = if a.iter().all(|x| x.is_finite()) {
-                diff / norm.max(f64::MIN_POSITIVE)
-            } else {
-                f64::INFINITY
-            };
-            worst_rel = worst_rel.max(rel);
+            worst_rel = worst_rel.max(rel_error(a, b));
             max_abs.push(
                 a.iter()
                     .zip(b)
@@ -122,13 +135,8 @@ impl LogitsDiff {
             agree += usize::from(argmax(a) == argmax(b));
             rows += 1;
         }
-        let all_finite = ours.iter().all(|x| x.is_finite());
         LogitsDiff {
-            rel: if all_finite {
-                (diff_sq / norm_sq.max(f64::MIN_POSITIVE)).sqrt()
-            } else {
-                f64::INFINITY
-            },
+            rel: rel_error(ours, reference),
             worst_rel,
             max_abs,
             top1_agreement: agree as f64 / rows.max(1) as f64,

@@ -17,6 +17,6 @@ pub use decode::Stepper;
 pub use generate::{
     generate_greedy, top_k, validate, FinishReason, Generation, Request, StepLogits, BLOCK_SIZE,
 };
-pub use golden::{GoldenCase, LogitsDiff};
+pub use golden::{golden_dir, GoldenCase, LogitsDiff, GOLDEN_MODELS};
 pub use model::{expected_tensors, Attention, DecoderLayer, Inspector, Logits, Mlp, Qwen3, Stage};
 pub use synth::{write_synthetic, SynthShape};

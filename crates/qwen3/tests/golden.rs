@@ -1,26 +1,14 @@
 //! cpu-ref against transformers' Qwen3ForCausalLM in float64 (with its three float32 islands
 //! patched to float64, see tools/golden/make_golden.py): logits to ~1e-9, identical greedy ids.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use std::path::{Path, PathBuf};
-
 use qfuse_core::DeviceTensor;
 use qfuse_cpu_ref::CpuRef;
-use qfuse_qwen3::{generate_greedy, GoldenCase, LogitsDiff, Qwen3, Request};
-
-const MODELS: [&str; 4] = [
-    "tied-bf16-gqa2-v4",
-    "untied-f32-mha-v5",
-    "mqa-sharded-bf16",
-    "gqa4-f16",
-];
+use qfuse_qwen3::{
+    generate_greedy, golden_dir as fixture, GoldenCase, LogitsDiff, Qwen3, Request,
+    GOLDEN_MODELS as MODELS,
+};
 /// Largest allowed ‖ours − HF‖ / ‖HF‖ of any row of logits.
 const LOGITS_REL: f64 = 1e-9;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/golden")
-        .join(name)
-}
 
 #[test]
 fn teacher_forced_logits_match_transformers() {
@@ -55,15 +43,7 @@ fn cached_greedy_generation_matches_transformers() {
         let model = Qwen3::load(&CpuRef, &dir).unwrap();
         let vocab = model.config().vocab_size;
         let cases = GoldenCase::load_all(&dir).unwrap();
-        let requests: Vec<Request> = cases
-            .iter()
-            .map(|c| Request {
-                prompt: c.prompt.clone(),
-                max_new_tokens: c.greedy.len(),
-                stop_ids: vec![],
-                top_logits: vocab,
-            })
-            .collect();
+        let requests: Vec<Request> = cases.iter().map(|c| c.request(vocab)).collect();
         // All cases in one batch (batched prefill, then batched decode steps over the cache) ...
         let batched = generate_greedy(&model, &CpuRef, &requests).unwrap();
         for (i, (case, got)) in cases.iter().zip(&batched).enumerate() {
