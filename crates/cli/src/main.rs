@@ -8,7 +8,8 @@ use qfuse_core::Backend;
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 use qfuse_qwen3::{
-    generate_greedy, run_bench, write_synthetic, BenchSpec, Qwen3, Request, SynthShape,
+    check_numerics, generate_greedy, generate_greedy_inspected, run_bench, write_synthetic,
+    BenchSpec, Qwen3, Request, SynthShape, NUMERICS_LIMIT,
 };
 use serde_json::json;
 
@@ -91,6 +92,10 @@ struct GenerateArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+    /// Check every op's output of every forward pass and stop at the first non-finite or
+    /// exploding (|x| > 1e6) activation, naming the layer and op. Slow: a debugging aid.
+    #[arg(long)]
+    check_numerics: bool,
 }
 
 #[derive(clap::Args)]
@@ -209,7 +214,17 @@ impl Job for GenerateArgs {
             stop_ids,
             top_logits: self.top_logits,
         };
-        let out = generate_greedy(&model, &b, &[request])?.remove(0);
+        let out = if self.check_numerics {
+            let mut check = check_numerics(&b, NUMERICS_LIMIT);
+            let out = generate_greedy_inspected(&model, &b, &[request], Some(&mut check))?;
+            eprintln!(
+                "check-numerics: every op's output finite and within |x| <= {NUMERICS_LIMIT:.0e}"
+            );
+            out
+        } else {
+            generate_greedy(&model, &b, &[request])?
+        }
+        .remove(0);
         match self.format {
             Format::Json => {
                 let steps: Vec<_> = out

@@ -156,6 +156,26 @@ fn stops_at_a_stop_id_unless_told_to_ignore_it() {
 }
 
 #[test]
+fn check_numerics_reports_a_healthy_run() {
+    let (code, out, err) = generate(
+        &fixture("tied-bf16-gqa2-v4"),
+        &[
+            "--prompt-ids",
+            "5,6,7",
+            "--max-new-tokens",
+            "4",
+            "--check-numerics",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim().split(',').count(), 4);
+    assert!(
+        err.contains("check-numerics: every op's output finite"),
+        "{err}"
+    );
+}
+
+#[test]
 fn text_output_lists_the_new_ids() {
     let (code, out, _) = generate(
         &fixture("gqa4-f16"),

@@ -2,7 +2,7 @@
 //! then one batched decode step per token.
 use qfuse_core::{Backend, BatchInfo, Error, Result, SeqChunk};
 
-use crate::{Logits, Qwen3, Stepper};
+use crate::{Inspector, Logits, Qwen3, Stepper};
 
 /// Cache positions per block used by [`generate_greedy`].
 pub const BLOCK_SIZE: usize = 16;
@@ -125,6 +125,17 @@ pub fn generate_greedy<B: Backend>(
     b: &B,
     requests: &[Request],
 ) -> Result<Vec<Generation>> {
+    generate_greedy_inspected(model, b, requests, None)
+}
+
+/// [`generate_greedy`] with every forward pass run eagerly through `inspect` when it is given
+/// (see [`Qwen3::forward_inspect`]): an error from it stops generation.
+pub fn generate_greedy_inspected<B: Backend>(
+    model: &Qwen3<B>,
+    b: &B,
+    requests: &[Request],
+    mut inspect: Option<&mut Inspector<'_, B>>,
+) -> Result<Vec<Generation>> {
     for r in requests {
         validate(model, r)?;
     }
@@ -173,10 +184,15 @@ pub fn generate_greedy<B: Backend>(
         let batch = BatchInfo::new(BLOCK_SIZE, chunks)?
             .with_token_ids(ids)?
             .with_capacity(capacity);
-        let next = if want_top(&active, requests) {
-            // Top logits need the full rows on the host: an eager pass.
+        let next = if want_top(&active, requests) || inspect.is_some() {
+            // Top logits need the full rows on the host, inspection every stage: an eager pass.
             let dev = b.prepare_batch(&batch)?;
-            let logits = model.forward(b, &dev, &mut cache, Logits::LastPerSequence)?;
+            let logits = match inspect.as_deref_mut() {
+                Some(f) => {
+                    model.forward_inspect(b, &dev, &mut cache, Logits::LastPerSequence, f)?
+                }
+                None => model.forward(b, &dev, &mut cache, Logits::LastPerSequence)?,
+            };
             let host = b.download(&logits)?.to_f64_vec();
             let vocab = model.config().vocab_size;
             for (row, &i) in active.iter().enumerate() {

@@ -15,8 +15,12 @@ pub use checkpoint::Checkpoint;
 pub use config::Config;
 pub use decode::Stepper;
 pub use generate::{
-    generate_greedy, top_k, validate, FinishReason, Generation, Request, StepLogits, BLOCK_SIZE,
+    generate_greedy, generate_greedy_inspected, top_k, validate, FinishReason, Generation, Request,
+    StepLogits, BLOCK_SIZE,
 };
 pub use golden::{golden_dir, GoldenCase, LogitsDiff, GOLDEN_MODELS};
-pub use model::{expected_tensors, Attention, DecoderLayer, Inspector, Logits, Mlp, Qwen3, Stage};
+pub use model::{
+    check_numerics, expected_tensors, Attention, DecoderLayer, Inspector, Logits, Mlp, Qwen3,
+    Stage, NUMERICS_LIMIT,
+};
 pub use synth::{write_synthetic, SynthShape};

@@ -74,6 +74,65 @@ pub enum Stage {
     Logits,
 }
 
+impl Stage {
+    /// The stage's name in messages and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Embedding => "embedding",
+            Stage::Qkv => "input_layernorm+qkv_proj",
+            Stage::QueryRope => "q_norm/k_norm+rope",
+            Stage::Attention => "attention",
+            Stage::AttentionResidual => "o_proj+residual",
+            Stage::MlpActivation => "post_attention_layernorm+gate_up+silu",
+            Stage::LayerOutput => "down_proj+residual",
+            Stage::Logits => "norm+lm_head",
+        }
+    }
+}
+
+/// Largest magnitude [`check_numerics`] lets pass: trained Qwen3 residual streams carry outlier
+/// channels of 1e3-1e4, so 1e6 is two orders of magnitude past anything a healthy model makes
+/// (the project qfuse replaces saw 1e29 in layer 1).
+pub const NUMERICS_LIMIT: f64 = 1e6;
+
+/// An inspector that stops a forward pass at the first stage whose output holds a non-finite
+/// value or one larger in magnitude than `limit`, naming the layer and op. It downloads every
+/// stage's output, so it is a debugging aid, not a fast path.
+pub fn check_numerics<B: Backend>(
+    b: &B,
+    limit: f64,
+) -> impl FnMut(usize, Stage, &B::Tensor) -> Result<()> + '_ {
+    move |layer, stage, t| {
+        let v = b.download(t)?.to_f64_vec();
+        let non_finite = v.iter().filter(|x| !x.is_finite()).count();
+        let max = v
+            .iter()
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, |m, x| m.max(x.abs()));
+        let at = if stage == Stage::Embedding {
+            "embedding".to_string()
+        } else {
+            format!("layer {layer}, {}", stage.name())
+        };
+        if non_finite > 0 {
+            return Err(Error::invalid(
+                "check-numerics",
+                format!(
+                    "{at}: {non_finite} non-finite values of {} (max finite |x| {max:.3e})",
+                    v.len()
+                ),
+            ));
+        }
+        if max > limit {
+            return Err(Error::invalid(
+                "check-numerics",
+                format!("{at}: max |x| = {max:.3e} exceeds {limit:.0e}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A callback seeing `(layer, stage, tensor)` at every [`Stage`] of a forward pass.
 pub type Inspector<'a, B> = dyn FnMut(usize, Stage, &<B as Backend>::Tensor) -> Result<()> + 'a;
 
