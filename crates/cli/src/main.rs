@@ -8,10 +8,25 @@ use qfuse_core::Backend;
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 use qfuse_qwen3::{
-    check_numerics, generate_greedy, generate_greedy_inspected, run_bench, write_synthetic,
-    BenchSpec, Qwen3, Request, SynthShape, NUMERICS_LIMIT,
+    check_against, check_numerics, generate_greedy, generate_greedy_inspected, run_bench,
+    write_synthetic, BenchSpec, CheckReport, Qwen3, Request, StageDiff, Stats, SynthShape,
+    NUMERICS_LIMIT,
 };
 use serde_json::json;
+
+/// `println!` that ends the program quietly when stdout is a closed pipe (`qfuse … | head`)
+/// instead of panicking, and returns other write errors.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            return Err(e.into());
+        }
+    }};
+}
 
 /// Backends compiled into this build, as `--backend` spells them.
 const AVAILABLE_BACKENDS: &[&str] = &["cpu-ref", "cuda"];
@@ -37,6 +52,36 @@ enum Command {
     Bench(BenchArgs),
     /// Write a synthetic checkpoint (random weights with trained-like statistics).
     Synth(SynthArgs),
+    /// Compare a backend with a reference op by op and layer by layer; exit 1 if it fails.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// The reference backend.
+    #[arg(long, default_value = "cpu-ref")]
+    against: String,
+    /// Prompt token ids, comma-separated (default: --prompt-len random ids).
+    #[arg(long, value_name = "IDS")]
+    prompt_ids: Option<String>,
+    /// Random prompt length when no ids are given.
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// Relative error allowed per op and for the logits (default: 1e-9 for cpu-ref, else 2e-2).
+    #[arg(long)]
+    tolerance: Option<f64>,
+    /// Plant an error in the backend under test: OP:CALL:DELTA scales the output of the CALL-th
+    /// (0-based) call of backend op OP by 1 + DELTA (e.g. matmul:5:1e-3), to see the check find it.
+    #[arg(long, value_name = "OP:CALL:DELTA")]
+    perturb: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -239,11 +284,11 @@ impl Job for GenerateArgs {
                     "finish_reason": out.finish_reason.as_str(),
                     "steps": steps,
                 });
-                println!("{doc}");
+                out!("{doc}");
             }
             Format::Text => {
                 let ids: Vec<String> = out.new_ids.iter().map(u32::to_string).collect();
-                println!("{}", ids.join(","));
+                out!("{}", ids.join(","));
                 for (i, s) in out.steps.iter().enumerate() {
                     let pairs: Vec<String> = s
                         .top_ids
@@ -251,7 +296,7 @@ impl Job for GenerateArgs {
                         .zip(&s.top_logits)
                         .map(|(id, l)| format!("{id}:{l:.6}"))
                         .collect();
-                    println!("step {i}: {}", pairs.join(" "));
+                    out!("step {i}: {}", pairs.join(" "));
                 }
                 eprintln!("finish_reason: {}", out.finish_reason.as_str());
             }
@@ -284,7 +329,7 @@ impl Job for BenchArgs {
         let r = run_bench(&model, &b, &spec)?;
         let share = self.peak_gbs.map(|p| 100.0 * r.weight_gb_s() / p);
         match self.format {
-            Format::Json => println!(
+            Format::Json => out!(
                 "{}",
                 json!({
                     "backend": B::NAME, "batch": r.batch, "prompt_len": r.prompt_len, "new_tokens": r.steps,
@@ -294,7 +339,7 @@ impl Job for BenchArgs {
                 })
             ),
             Format::Text => {
-                println!(
+                out!(
                     "{}: batch {} prompt {} new {} | prefill {:.1} ms ({:.0} tok/s) | decode {:.3} ms/step, {:.1} tok/s, weights {:.1} GB/s{}",
                     B::NAME,
                     r.batch,
@@ -313,8 +358,208 @@ impl Job for BenchArgs {
     }
 }
 
+/// The ops `--perturb` can name (Backend methods that fused ops are composed of).
+const PERTURBABLE: &[&str] = &[
+    "gather_rows",
+    "rms_norm",
+    "matmul",
+    "add",
+    "silu_mul",
+    "slice_columns",
+    "rope",
+    "attention",
+];
+
+fn parse_perturb(s: &str) -> anyhow::Result<(&'static str, usize, f64)> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let [op, call, delta] = parts[..] else {
+        bail!("--perturb {s}: expected OP:CALL:DELTA, e.g. matmul:5:1e-3");
+    };
+    let op = PERTURBABLE.iter().find(|&&o| o == op).with_context(|| {
+        format!(
+            "--perturb: unknown op `{op}`; one of {}",
+            PERTURBABLE.join(", ")
+        )
+    })?;
+    let call = call
+        .parse()
+        .with_context(|| format!("--perturb: `{call}` is not a call index"))?;
+    let delta = delta
+        .parse()
+        .with_context(|| format!("--perturb: `{delta}` is not a number"))?;
+    Ok((op, call, delta))
+}
+
+/// `qfuse check` once the backend under test exists: picks the reference next.
+struct CheckWith<'a, B: Backend> {
+    args: &'a CheckArgs,
+    b: B,
+}
+
+impl Job for CheckArgs {
+    fn run<B: Backend>(&self, b: B) -> anyhow::Result<()> {
+        let against = BackendArgs {
+            backend: self.against.clone(),
+            device: self.backend.device,
+            kv_dtype: KvDtype::F32,
+            no_graphs: true,
+        };
+        match &self.perturb {
+            Some(p) => {
+                let (op, call, delta) = parse_perturb(p)?;
+                with_backend(
+                    &against,
+                    &CheckWith {
+                        args: self,
+                        b: qfuse_core::Perturbed::new(b, op, call, delta),
+                    },
+                )
+            }
+            None => with_backend(&against, &CheckWith { args: self, b }),
+        }
+    }
+}
+
+impl<B: Backend> Job for CheckWith<'_, B> {
+    fn run<R: Backend>(&self, r: R) -> anyhow::Result<()> {
+        let a = self.args;
+        let (model, reference) = (load(&self.b, &a.model)?, load(&r, &a.model)?);
+        let vocab = model.config().vocab_size;
+        let tokens = match &a.prompt_ids {
+            Some(ids) => parse_ids(ids)?,
+            None => {
+                let mut rng = qfuse_core::Rng::new(1);
+                (0..a.prompt_len).map(|_| rng.below(vocab) as u32).collect()
+            }
+        };
+        qfuse_qwen3::validate(
+            &model,
+            &Request {
+                prompt: tokens.clone(),
+                max_new_tokens: 0,
+                stop_ids: vec![],
+                top_logits: 0,
+            },
+        )?;
+        let tolerance = a.tolerance.unwrap_or(if a.backend.backend == "cpu-ref" {
+            1e-9
+        } else {
+            2e-2
+        });
+        let report = check_against(&self.b, &model, &r, &reference, &tokens, tolerance)?;
+        match a.format {
+            Format::Json => out!("{}", check_json(B::NAME, R::NAME, &tokens, &report)),
+            Format::Text => print_check(B::NAME, R::NAME, &tokens, &report)?,
+        }
+        if !report.passed() {
+            bail!(
+                "check failed: {} vs {}: logits relative error {:.3e} (tolerance {:.1e}), top-1 agreement {:.4}{}",
+                B::NAME,
+                R::NAME,
+                report.logits.rel,
+                tolerance,
+                report.logits.top1_agreement,
+                report.first_divergence.map(|i| format!(", first divergence at {}", stage_label(&report.stages[i]))).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn stage_label(s: &StageDiff) -> String {
+    format!("layer {} {}", s.layer, s.stage.name())
+}
+
+fn stats_json(s: &Stats) -> serde_json::Value {
+    let num = |x: f64| {
+        if x.is_finite() {
+            json!(x)
+        } else {
+            serde_json::Value::Null
+        }
+    };
+    json!({"min": num(s.min), "max": num(s.max), "rms": num(s.rms), "non_finite": s.non_finite})
+}
+
+fn check_json(backend: &str, against: &str, tokens: &[u32], r: &CheckReport) -> serde_json::Value {
+    let num = |x: f64| {
+        if x.is_finite() {
+            json!(x)
+        } else {
+            serde_json::Value::Null
+        }
+    };
+    let stages: Vec<_> = r
+        .stages
+        .iter()
+        .map(|s| {
+            json!({"layer": s.layer, "op": s.stage.name(), "rel_error": num(s.rel_error), "max_abs_error": num(s.max_abs_error),
+                   "within_tolerance": s.rel_error <= r.tolerance, "ours": stats_json(&s.ours), "reference": stats_json(&s.reference)})
+        })
+        .collect();
+    let first = r
+        .first_divergence
+        .map(|i| json!({"index": i, "layer": r.stages[i].layer, "op": r.stages[i].stage.name()}));
+    json!({
+        "backend": backend, "against": against, "tokens": tokens.len(), "tolerance": r.tolerance,
+        "stages": stages, "first_divergence": first,
+        "logits": {"rel_error": num(r.logits.rel), "worst_row_rel_error": num(r.logits.worst_rel), "top1_agreement": r.logits.top1_agreement},
+        "passed": r.passed(),
+    })
+}
+
+fn print_check(
+    backend: &str,
+    against: &str,
+    tokens: &[u32],
+    r: &CheckReport,
+) -> anyhow::Result<()> {
+    out!(
+        "{backend} vs {against}: {} tokens teacher-forced, tolerance {:.1e}",
+        tokens.len(),
+        r.tolerance
+    );
+    out!(
+        "{:>5}  {:<38} {:>10} {:>10}  {:>32}  {:>32}  {:>6}",
+        "layer",
+        "op",
+        "rel err",
+        "max abs",
+        "ours min / max / rms",
+        "reference min / max / rms",
+        "nonfin"
+    );
+    let stats = |s: &Stats| format!("{:>10.3e} {:>10.3e} {:>10.3e}", s.min, s.max, s.rms);
+    for (i, s) in r.stages.iter().enumerate() {
+        let mark = match r.first_divergence {
+            Some(f) if f == i => "  <-- first divergence",
+            _ if s.rel_error > r.tolerance => "  !",
+            _ => "",
+        };
+        out!(
+            "{:>5}  {:<38} {:>10.3e} {:>10.3e}  {}  {}  {:>6}{mark}",
+            s.layer,
+            s.stage.name(),
+            s.rel_error,
+            s.max_abs_error,
+            stats(&s.ours),
+            stats(&s.reference),
+            s.ours.non_finite
+        );
+    }
+    out!(
+        "verdict: {} — logits relative error {:.3e} (worst row {:.3e}), top-1 agreement {:.4}",
+        if r.passed() { "PASS" } else { "FAIL" },
+        r.logits.rel,
+        r.logits.worst_rel,
+        r.logits.top1_agreement
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Check(args) => with_backend(&args.backend, &args),
         Command::Generate(args) => with_backend(&args.backend, &args),
         Command::Bench(args) => with_backend(&args.backend, &args),
         Command::Synth(args) => {

@@ -156,6 +156,63 @@ fn stops_at_a_stop_id_unless_told_to_ignore_it() {
 }
 
 #[test]
+fn check_passes_against_itself_and_locates_a_planted_error() {
+    let m = fixture("gqa4-f16");
+    let m = m.to_str().unwrap();
+    let (code, out, err) = qfuse(&[
+        "check",
+        "--model",
+        m,
+        "--prompt-len",
+        "12",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["passed"], true);
+    assert_eq!(v["first_divergence"], Value::Null);
+    assert_eq!(
+        (v["backend"].as_str(), v["against"].as_str()),
+        (Some("cpu-ref"), Some("cpu-ref"))
+    );
+    let stages = v["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 14);
+    for key in [
+        "layer",
+        "op",
+        "rel_error",
+        "max_abs_error",
+        "within_tolerance",
+        "ours",
+        "reference",
+    ] {
+        assert!(stages[3].get(key).is_some(), "{key}");
+    }
+
+    let (code, out, err) = qfuse(&[
+        "check",
+        "--model",
+        m,
+        "--prompt-len",
+        "12",
+        "--perturb",
+        "matmul:5:1e-3",
+    ]);
+    assert_eq!(code, 1);
+    assert!(out.contains("<-- first divergence"), "{out}");
+    assert_fails(
+        (code, String::new(), err),
+        "first divergence at layer 1 o_proj+residual",
+    );
+
+    assert_fails(
+        qfuse(&["check", "--model", m, "--perturb", "conv:1:2"]),
+        "--perturb: unknown op `conv`",
+    );
+}
+
+#[test]
 fn check_numerics_reports_a_healthy_run() {
     let (code, out, err) = generate(
         &fixture("tied-bf16-gqa2-v4"),

@@ -8,6 +8,7 @@ pub mod compose;
 mod dtype;
 mod error;
 mod kv;
+mod perturb;
 mod rng;
 mod tensor;
 #[cfg(feature = "testing")]
@@ -18,5 +19,6 @@ pub use compare::rel_error;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use kv::{BatchInfo, BlockAllocator, KvCache, LayerKv, SeqChunk};
+pub use perturb::Perturbed;
 pub use rng::Rng;
 pub use tensor::{HostData, HostTensor, Shape};

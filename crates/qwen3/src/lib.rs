@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod bench;
+mod check;
 mod checkpoint;
 mod config;
 mod decode;
@@ -11,6 +12,7 @@ mod model;
 mod synth;
 
 pub use bench::{run_bench, BenchReport, BenchSpec};
+pub use check::{check_against, CheckReport, StageDiff, Stats};
 pub use checkpoint::Checkpoint;
 pub use config::Config;
 pub use decode::Stepper;

@@ -314,6 +314,16 @@ impl<B: Backend> Qwen3<B> {
 
     /// Teacher-forced logits `[tokens.len(), vocab]` of one sequence: row `i` scores token `i + 1`.
     pub fn score(&self, b: &B, tokens: &[u32]) -> Result<B::Tensor> {
+        self.score_inspect(b, tokens, &mut |_, _, _| Ok(()))
+    }
+
+    /// [`Qwen3::score`] through an inspector (see [`Qwen3::forward_inspect`]).
+    pub fn score_inspect(
+        &self,
+        b: &B,
+        tokens: &[u32],
+        inspect: &mut Inspector<'_, B>,
+    ) -> Result<B::Tensor> {
         let bs = crate::BLOCK_SIZE;
         let blocks = tokens.len().div_ceil(bs).max(1);
         let mut cache = self.new_cache(b, blocks, bs)?;
@@ -324,7 +334,13 @@ impl<B: Backend> Qwen3<B> {
             block_table: table,
         };
         let info = BatchInfo::new(bs, vec![chunk])?.with_token_ids(tokens.to_vec())?;
-        self.forward(b, &b.prepare_batch(&info)?, &mut cache, Logits::All)
+        self.forward_inspect(
+            b,
+            &b.prepare_batch(&info)?,
+            &mut cache,
+            Logits::All,
+            inspect,
+        )
     }
 
     /// One forward pass over a prepared batch of sequences' new tokens (their ids are in the
