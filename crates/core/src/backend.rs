@@ -57,6 +57,9 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
     type Batch: AsRef<BatchInfo> + AsMut<BatchInfo> + Send + Sync + Debug;
     /// A recorded, replayable sequence of device work (a CUDA graph); `()` where unsupported.
     type Graph;
+    /// A point in the backend's stream of work, for timing (a CUDA event; a host instant on the
+    /// CPU).
+    type Event;
     /// The backend's name as the CLI spells it (`"cpu-ref"`, `"cuda"`, `"wgpu"`).
     const NAME: &'static str;
 
@@ -128,6 +131,12 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         ))
     }
 
+    /// Marks the current point of the queued work.
+    fn record_event(&self) -> Result<Self::Event>;
+
+    /// Seconds of device work between two recorded events (waits for `end` to complete).
+    fn elapsed_s(&self, start: &Self::Event, end: &Self::Event) -> Result<f64>;
+
     /// Gathers rows: `out[t] = table[ids[t]]`, `table [N, C] -> [ids.len(), C]` (embedding lookup,
     /// or picking the last row of each sequence before `lm_head`).
     ///
@@ -165,7 +174,7 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
     /// Writes each token's `k, v [T, kv_heads * head_dim]` to its cache slot.
     fn write_kv(
         &self,
-        cache: &mut LayerKv<Self>,
+        cache: &mut LayerKv<Self::Tensor>,
         k: &Self::Tensor,
         v: &Self::Tensor,
         batch: &Self::Batch,
@@ -177,7 +186,7 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
     fn attention(
         &self,
         q: &Self::Tensor,
-        cache: &LayerKv<Self>,
+        cache: &LayerKv<Self::Tensor>,
         batch: &Self::Batch,
         cfg: &AttentionConfig,
     ) -> Result<Self::Tensor>;
@@ -223,7 +232,7 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         qkv: &Self::Tensor,
         q_norm: &Self::Tensor,
         k_norm: &Self::Tensor,
-        cache: &mut LayerKv<Self>,
+        cache: &mut LayerKv<Self::Tensor>,
         batch: &Self::Batch,
         cfg: &AttentionConfig,
     ) -> Result<Self::Tensor> {

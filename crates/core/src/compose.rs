@@ -30,7 +30,7 @@ pub fn qk_norm_rope_write_kv<B: Backend>(
     qkv: &B::Tensor,
     q_norm: &B::Tensor,
     k_norm: &B::Tensor,
-    cache: &mut LayerKv<B>,
+    cache: &mut LayerKv<B::Tensor>,
     batch: &B::Batch,
     cfg: &AttentionConfig,
 ) -> Result<B::Tensor> {

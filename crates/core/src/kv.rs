@@ -255,19 +255,20 @@ impl BlockAllocator {
     }
 }
 
-/// One layer's key and value block pools, each `[num_blocks, block_size, kv_heads, head_dim]`.
+/// One layer's key and value block pools, each `[num_blocks, block_size, kv_heads, head_dim]`,
+/// as tensors of type `T` (a backend's `Tensor`).
 #[derive(Clone, Debug)]
-pub struct LayerKv<B: Backend> {
+pub struct LayerKv<T> {
     /// Keys (after q/k-norm and RoPE).
-    pub k: B::Tensor,
+    pub k: T,
     /// Values.
-    pub v: B::Tensor,
+    pub v: T,
 }
 
 /// The paged KV cache of every layer, with the allocator of its blocks.
 #[derive(Debug)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<LayerKv<B>>,
+    layers: Vec<LayerKv<B::Tensor>>,
     allocator: BlockAllocator,
     block_size: usize,
 }
@@ -311,12 +312,12 @@ impl<B: Backend> KvCache<B> {
     }
 
     /// Layer `i`'s pools.
-    pub fn layer(&self, i: usize) -> &LayerKv<B> {
+    pub fn layer(&self, i: usize) -> &LayerKv<B::Tensor> {
         &self.layers[i]
     }
 
     /// Layer `i`'s pools, writable.
-    pub fn layer_mut(&mut self, i: usize) -> &mut LayerKv<B> {
+    pub fn layer_mut(&mut self, i: usize) -> &mut LayerKv<B::Tensor> {
         &mut self.layers[i]
     }
 

@@ -49,6 +49,7 @@ impl<B: Backend> Backend for Perturbed<B> {
     type Tensor = B::Tensor;
     type Batch = B::Batch;
     type Graph = ();
+    type Event = B::Event;
     const NAME: &'static str = "perturbed";
 
     fn upload(&self, host: &HostTensor) -> Result<B::Tensor> {
@@ -92,34 +93,29 @@ impl<B: Backend> Backend for Perturbed<B> {
     }
     fn write_kv(
         &self,
-        cache: &mut LayerKv<Self>,
+        cache: &mut LayerKv<Self::Tensor>,
         k: &B::Tensor,
         v: &B::Tensor,
         batch: &B::Batch,
     ) -> Result<()> {
-        let mut inner = LayerKv::<B> {
-            k: cache.k.clone(),
-            v: cache.v.clone(),
-        };
-        self.inner.write_kv(&mut inner, k, v, batch)?;
-        cache.k = inner.k;
-        cache.v = inner.v;
-        Ok(())
+        self.inner.write_kv(cache, k, v, batch)
     }
     fn attention(
         &self,
         q: &B::Tensor,
-        cache: &LayerKv<Self>,
+        cache: &LayerKv<Self::Tensor>,
         batch: &B::Batch,
         cfg: &AttentionConfig,
     ) -> Result<B::Tensor> {
-        let inner = LayerKv::<B> {
-            k: cache.k.clone(),
-            v: cache.v.clone(),
-        };
-        self.maybe("attention", self.inner.attention(q, &inner, batch, cfg)?)
+        self.maybe("attention", self.inner.attention(q, cache, batch, cfg)?)
     }
     fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()
+    }
+    fn record_event(&self) -> Result<B::Event> {
+        self.inner.record_event()
+    }
+    fn elapsed_s(&self, start: &B::Event, end: &B::Event) -> Result<f64> {
+        self.inner.elapsed_s(start, end)
     }
 }

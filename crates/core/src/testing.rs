@@ -306,7 +306,7 @@ impl AttentionCase {
     }
 
     /// An empty one-layer cache for this case.
-    pub fn cache<B: Backend>(&self, b: &B) -> Result<LayerKv<B>> {
+    pub fn cache<B: Backend>(&self, b: &B) -> Result<LayerKv<B::Tensor>> {
         let bs = self.batch.block_size();
         let c = KvCache::new(
             b,
@@ -325,7 +325,7 @@ impl AttentionCase {
         rng: &mut Rng,
         b: &B,
         r: &R,
-    ) -> Result<(LayerKv<B>, LayerKv<R>)> {
+    ) -> Result<(LayerKv<B::Tensor>, LayerKv<R::Tensor>)> {
         let (mut cb, mut cr) = (self.cache(b)?, self.cache(r)?);
         let (t, w) = (
             self.history.num_tokens(),
@@ -410,7 +410,7 @@ pub fn check_qk_norm_rope_write_kv<B: Backend, R: Backend>(
     // keys that k_norm gains of ~100 make large, and with scores that peaked the softmax is too
     // ill-conditioned to compare outputs computed from differently rounded caches.
     let as_ref = |t: &B::Tensor| r.upload(&b.download(t)?);
-    let written = LayerKv::<R> {
+    let written = LayerKv::<R::Tensor> {
         k: as_ref(&cb.k)?,
         v: as_ref(&cb.v)?,
     };

@@ -86,7 +86,7 @@ fn silu(x: f64) -> f64 {
 }
 
 impl CpuRef {
-    fn check_cache(&self, cache: &LayerKv<Self>, cfg: &AttentionConfig) -> Result<usize> {
+    fn check_cache(&self, cache: &LayerKv<CpuTensor>, cfg: &AttentionConfig) -> Result<usize> {
         match cache.k.shape.dims() {
             [blocks, bs, kvh, hd] if *kvh == cfg.num_kv_heads && *hd == cfg.head_dim => {
                 if cache.v.shape != cache.k.shape {
@@ -109,6 +109,7 @@ impl Backend for CpuRef {
     type Tensor = CpuTensor;
     type Batch = BatchInfo;
     type Graph = ();
+    type Event = std::time::Instant;
     const NAME: &'static str = "cpu-ref";
 
     fn upload(&self, host: &HostTensor) -> Result<CpuTensor> {
@@ -266,7 +267,7 @@ impl Backend for CpuRef {
 
     fn write_kv(
         &self,
-        cache: &mut LayerKv<Self>,
+        cache: &mut LayerKv<Self::Tensor>,
         k: &CpuTensor,
         v: &CpuTensor,
         batch: &BatchInfo,
@@ -307,7 +308,7 @@ impl Backend for CpuRef {
     fn attention(
         &self,
         q: &CpuTensor,
-        cache: &LayerKv<Self>,
+        cache: &LayerKv<Self::Tensor>,
         batch: &BatchInfo,
         cfg: &AttentionConfig,
     ) -> Result<CpuTensor> {
@@ -374,5 +375,13 @@ impl Backend for CpuRef {
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn record_event(&self) -> Result<std::time::Instant> {
+        Ok(std::time::Instant::now())
+    }
+
+    fn elapsed_s(&self, start: &std::time::Instant, end: &std::time::Instant) -> Result<f64> {
+        Ok(end.saturating_duration_since(*start).as_secs_f64())
     }
 }

@@ -498,6 +498,7 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Batch = CudaBatch;
     type Graph = CudaGraphExec;
+    type Event = cudarc::driver::CudaEvent;
     const NAME: &'static str = "cuda";
 
     fn upload(&self, host: &HostTensor) -> Result<CudaTensor> {
@@ -856,7 +857,7 @@ impl Backend for CudaBackend {
 
     fn write_kv(
         &self,
-        cache: &mut LayerKv<Self>,
+        cache: &mut LayerKv<Self::Tensor>,
         k: &CudaTensor,
         v: &CudaTensor,
         batch: &CudaBatch,
@@ -891,7 +892,7 @@ impl Backend for CudaBackend {
     fn attention(
         &self,
         q: &CudaTensor,
-        cache: &LayerKv<Self>,
+        cache: &LayerKv<Self::Tensor>,
         batch: &CudaBatch,
         cfg: &AttentionConfig,
     ) -> Result<CudaTensor> {
@@ -1014,6 +1015,21 @@ impl Backend for CudaBackend {
         self.stream().synchronize().cuda()
     }
 
+    fn record_event(&self) -> Result<cudarc::driver::CudaEvent> {
+        self.stream()
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .cuda()
+    }
+
+    fn elapsed_s(
+        &self,
+        start: &cudarc::driver::CudaEvent,
+        end: &cudarc::driver::CudaEvent,
+    ) -> Result<f64> {
+        end.synchronize().cuda()?;
+        Ok(f64::from(start.elapsed_ms(end).cuda()?) / 1e3)
+    }
+
     fn rms_norm_matmul(
         &self,
         x: &CudaTensor,
@@ -1068,7 +1084,7 @@ impl Backend for CudaBackend {
         qkv: &CudaTensor,
         q_norm: &CudaTensor,
         k_norm: &CudaTensor,
-        cache: &mut LayerKv<Self>,
+        cache: &mut LayerKv<Self::Tensor>,
         batch: &CudaBatch,
         cfg: &AttentionConfig,
     ) -> Result<CudaTensor> {
