@@ -13,6 +13,7 @@ mod rng;
 mod tensor;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod unfused;
 
 pub use backend::{AttentionConfig, Backend, DeviceTensor};
 pub use compare::rel_error;
@@ -22,3 +23,4 @@ pub use kv::{BatchInfo, BlockAllocator, KvCache, LayerKv, SeqChunk};
 pub use perturb::Perturbed;
 pub use rng::Rng;
 pub use tensor::{HostData, HostTensor, Shape};
+pub use unfused::{FusedOp, Unfused};

@@ -240,6 +240,12 @@ pub fn check_elementwise<B: Backend, R: Backend>(
     )
 }
 
+/// One layer's cache on the backend under test and on the reference.
+pub type CachePair<B, R> = (
+    LayerKv<<B as Backend>::Tensor>,
+    LayerKv<<R as Backend>::Tensor>,
+);
+
 /// A random attention geometry and a batch of 1–4 sequences with random history lengths and
 /// scattered, shuffled cache blocks.
 pub struct AttentionCase {
@@ -325,7 +331,7 @@ impl AttentionCase {
         rng: &mut Rng,
         b: &B,
         r: &R,
-    ) -> Result<(LayerKv<B::Tensor>, LayerKv<R::Tensor>)> {
+    ) -> Result<CachePair<B, R>> {
         let (mut cb, mut cr) = (self.cache(b)?, self.cache(r)?);
         let (t, w) = (
             self.history.num_tokens(),
