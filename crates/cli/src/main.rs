@@ -1,4 +1,6 @@
 //! `qfuse`: run Qwen3 checkpoints on a chosen backend.
+mod report;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,7 +10,7 @@ use qfuse_core::Backend;
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 use qfuse_qwen3::{
-    check_against, check_numerics, generate_greedy, generate_greedy_inspected, run_bench,
+    check_against, check_numerics, generate_greedy, generate_greedy_inspected, profile, run_bench,
     write_synthetic, BenchSpec, CheckReport, Qwen3, Request, StageDiff, Stats, SynthShape,
     NUMERICS_LIMIT,
 };
@@ -54,6 +56,35 @@ enum Command {
     Synth(SynthArgs),
     /// Compare a backend with a reference op by op and layer by layer; exit 1 if it fails.
     Check(CheckArgs),
+    /// Where decode time goes, and what each fused kernel buys: isolated vs end to end (Amdahl).
+    Profile(ProfileArgs),
+}
+
+#[derive(clap::Args)]
+struct ProfileArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Prompt tokens per sequence (random ids).
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// Decode steps profiled.
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Repetitions of each isolated fused-op timing.
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Also draw the breakdown and predicted-vs-measured speedups as an SVG chart.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -104,6 +135,10 @@ struct BackendArgs {
     /// Launch every kernel instead of replaying decode steps captured as CUDA graphs.
     #[arg(long)]
     no_graphs: bool,
+    /// Run these fused ops as their unfused compositions: OP[,OP…] or `all`
+    /// (rms_norm_matmul, qk_norm_rope_write_kv, matmul_add, matmul_silu_mul, rms_norm_matmul_silu_mul).
+    #[arg(long, value_name = "OPS")]
+    unfused: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -185,9 +220,22 @@ trait Job {
     fn run<B: Backend>(&self, b: B) -> anyhow::Result<()>;
 }
 
+/// Runs `job` on `b`, or on `b` with the fused ops `--unfused` names decomposed.
+fn run_maybe_unfused<B: Backend>(args: &BackendArgs, job: &impl Job, b: B) -> anyhow::Result<()> {
+    match &args.unfused {
+        Some(list) => {
+            let ops = qfuse_core::FusedOp::parse_list(list)?;
+            let names: Vec<&str> = ops.iter().map(|op| op.name()).collect();
+            eprintln!("{}: running unfused: {}", B::NAME, names.join(", "));
+            job.run(qfuse_core::Unfused::new(b, ops))
+        }
+        None => job.run(b),
+    }
+}
+
 fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
     match args.backend.as_str() {
-        "cpu-ref" => job.run(CpuRef::new()),
+        "cpu-ref" => run_maybe_unfused(args, job, CpuRef::new()),
         "cuda" => {
             let kv_dtype = match args.kv_dtype {
                 KvDtype::F32 => qfuse_core::DType::F32,
@@ -210,7 +258,7 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
                 "cuda: {} (KV cache {kv_dtype}, {launches})",
                 b.device_name()
             );
-            job.run(b)
+            run_maybe_unfused(args, job, b)
         }
         name if KNOWN_BACKENDS.contains(&name) => bail!(
             "backend `{name}` is not compiled into this build; available: {}",
@@ -403,6 +451,7 @@ impl Job for CheckArgs {
             device: self.backend.device,
             kv_dtype: KvDtype::F32,
             no_graphs: true,
+            unfused: None,
         };
         match &self.perturb {
             Some(p) => {
@@ -557,8 +606,42 @@ fn print_check(
     Ok(())
 }
 
+impl Job for ProfileArgs {
+    fn run<B: Backend>(&self, b: B) -> anyhow::Result<()> {
+        if self.batch == 0 || self.prompt_len == 0 || self.new_tokens == 0 || self.reps == 0 {
+            bail!("--batch, --prompt-len, --new-tokens and --reps must be positive");
+        }
+        let model = load(&b, &self.model)?;
+        let spec = BenchSpec {
+            batch: self.batch,
+            prompt_len: self.prompt_len,
+            new_tokens: self.new_tokens,
+            seed: 7,
+        };
+        let probe = Request {
+            prompt: vec![0; spec.prompt_len],
+            max_new_tokens: spec.new_tokens,
+            stop_ids: vec![],
+            top_logits: 0,
+        };
+        qfuse_qwen3::validate(&model, &probe)?;
+        let report = profile(&model, &b, &spec, self.reps)?;
+        if let Some(path) = &self.svg {
+            std::fs::write(path, report::profile_svg(B::NAME, &report))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if self.json {
+            out!("{}", report::profile_json(B::NAME, &report));
+        } else {
+            out!("{}", report::profile_text(B::NAME, &report));
+        }
+        Ok(())
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Profile(args) => with_backend(&args.backend, &args),
         Command::Check(args) => with_backend(&args.backend, &args),
         Command::Generate(args) => with_backend(&args.backend, &args),
         Command::Bench(args) => with_backend(&args.backend, &args),

@@ -213,6 +213,114 @@ fn check_passes_against_itself_and_locates_a_planted_error() {
 }
 
 #[test]
+fn profile_accounting_adds_up() {
+    let m = fixture("gqa4-f16");
+    let svg = tempfile::NamedTempFile::new().unwrap();
+    let (code, out, err) = qfuse(&[
+        "profile",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "3",
+        "--reps",
+        "2",
+        "--json",
+        "--svg",
+        svg.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    for key in [
+        "backend",
+        "batch",
+        "prompt_len",
+        "new_tokens",
+        "step_ms",
+        "eager_step_ms",
+        "prefill_ms",
+        "decode",
+        "prefill",
+        "fused",
+    ] {
+        assert!(v.get(key).is_some(), "{key}");
+    }
+    for part in ["decode", "prefill"] {
+        let stages = v[part].as_array().unwrap();
+        let total: f64 = stages.iter().map(|s| s["share"].as_f64().unwrap()).sum();
+        assert!((total - 1.0).abs() < 1e-9, "{part} shares sum to {total}");
+        assert!(stages
+            .iter()
+            .all(|s| s["share"].as_f64().unwrap() >= 0.0 && s["ms"].as_f64().unwrap() >= 0.0));
+        let names: Vec<&str> = stages.iter().map(|s| s["op"].as_str().unwrap()).collect();
+        for want in [
+            "embedding",
+            "attention",
+            "norm+lm_head",
+            "sampling",
+            "host overhead and launch gaps",
+        ] {
+            assert!(names.contains(&want), "{part} lacks {want}: {names:?}");
+        }
+    }
+    let fused = v["fused"].as_array().unwrap();
+    let ops: Vec<&str> = fused.iter().map(|f| f["op"].as_str().unwrap()).collect();
+    assert_eq!(
+        ops,
+        [
+            "rms_norm_matmul",
+            "qk_norm_rope_write_kv",
+            "matmul_add",
+            "rms_norm_matmul_silu_mul"
+        ]
+    );
+    for f in fused {
+        let (p, s) = (
+            f["share_unfused"].as_f64().unwrap(),
+            f["isolated_speedup"].as_f64().unwrap(),
+        );
+        let (fused_ms, unfused_ms) = (
+            f["fused_ms_per_step"].as_f64().unwrap(),
+            f["unfused_ms_per_step"].as_f64().unwrap(),
+        );
+        assert!((s - unfused_ms / fused_ms).abs() < 1e-9 * s);
+        assert!(
+            (f["predicted_speedup"].as_f64().unwrap() - 1.0 / ((1.0 - p) + p / s)).abs() < 1e-12
+        );
+        assert!(p > 0.0 && p <= 1.0 && f["measured_speedup"].as_f64().unwrap() > 0.0);
+    }
+    let drawn = std::fs::read_to_string(svg.path()).unwrap();
+    assert!(drawn.starts_with("<svg") && drawn.trim_end().ends_with("</svg>"));
+    assert_eq!(
+        drawn.matches("predicted ").count(),
+        2 * fused.len(),
+        "a title and a label per prediction"
+    );
+}
+
+#[test]
+fn unfused_runs_give_the_same_tokens() {
+    let m = fixture("mqa-sharded-bf16");
+    let args = [
+        "--prompt-ids",
+        "3,1,4,1,5",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+    ];
+    let (_, fused, _) = generate(&m, &args);
+    let (code, unfused, err) = generate(&m, &[&args[..], &["--unfused", "all"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("running unfused: rms_norm_matmul"), "{err}");
+    assert_eq!(fused, unfused);
+    assert_fails(
+        generate(&m, &[&args[..], &["--unfused", "gemm"]].concat()),
+        "unknown fused op `gemm`",
+    );
+}
+
+#[test]
 fn check_numerics_reports_a_healthy_run() {
     let (code, out, err) = generate(
         &fixture("tied-bf16-gqa2-v4"),

@@ -9,6 +9,7 @@ mod decode;
 mod generate;
 mod golden;
 mod model;
+mod profile;
 mod synth;
 
 pub use bench::{run_bench, BenchReport, BenchSpec};
@@ -25,4 +26,5 @@ pub use model::{
     check_numerics, expected_tensors, Attention, DecoderLayer, Inspector, Logits, Mlp, Qwen3,
     Stage, NUMERICS_LIMIT,
 };
+pub use profile::{amdahl, profile, FusedOpReport, ProfileReport, StageTime, GAPS};
 pub use synth::{write_synthetic, SynthShape};

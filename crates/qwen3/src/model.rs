@@ -263,6 +263,46 @@ impl<B: Backend> Qwen3<B> {
         })
     }
 
+    /// The same weights seen through a wrapper backend with the same tensor type (for example
+    /// [`qfuse_core::Unfused`]); tensors are shared, not copied.
+    pub fn rebind<B2: Backend<Tensor = B::Tensor>>(&self) -> Qwen3<B2> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| DecoderLayer {
+                input_layernorm: l.input_layernorm.clone(),
+                self_attn: Attention {
+                    qkv_proj: l.self_attn.qkv_proj.clone(),
+                    q_norm: l.self_attn.q_norm.clone(),
+                    k_norm: l.self_attn.k_norm.clone(),
+                    o_proj: l.self_attn.o_proj.clone(),
+                },
+                post_attention_layernorm: l.post_attention_layernorm.clone(),
+                mlp: Mlp {
+                    gate_up_proj: l.mlp.gate_up_proj.clone(),
+                    down_proj: l.mlp.down_proj.clone(),
+                },
+            })
+            .collect();
+        Qwen3 {
+            cfg: self.cfg.clone(),
+            embed_tokens: self.embed_tokens.clone(),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+        }
+    }
+
+    /// Gains of the final RMSNorm.
+    pub fn norm(&self) -> &B::Tensor {
+        &self.norm
+    }
+
+    /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
+    pub fn lm_head(&self) -> &B::Tensor {
+        &self.lm_head
+    }
+
     /// The architecture.
     pub fn config(&self) -> &Config {
         &self.cfg
