@@ -33,6 +33,14 @@ fn bench_rms_norm_matmul<B: Backend>(
 fn ops(c: &mut Criterion) {
     // Qwen3-0.6B's QKV projection at decode (T = 1): 1024 -> (16 + 2 * 8) * 128.
     bench_rms_norm_matmul(c, &CpuRef::new(), 1, 1024, 4096);
+    match qfuse_cuda::CudaBackend::new(0) {
+        Ok(gpu) => {
+            for t in [1, 8] {
+                bench_rms_norm_matmul(c, &gpu, t, 1024, 4096);
+            }
+        }
+        Err(e) => eprintln!("skipping cuda benches: {e}"),
+    }
 }
 
 criterion_group!(benches, ops);

@@ -18,8 +18,8 @@ impl<B: Backend> NormMatmulInputs<B> {
         let mut rng = Rng::new(42);
         Ok(NormMatmulInputs {
             x: b.upload(&activations(&mut rng, t, hidden, true)?)?,
-            norm: b.upload(&gains(&mut rng, hidden, 2.0)?)?,
-            w: b.upload(&weights(&mut rng, out, hidden)?)?,
+            norm: b.upload_weight(&gains(&mut rng, hidden, 2.0)?)?,
+            w: b.upload_weight(&weights(&mut rng, out, hidden)?.to_dtype(qfuse_core::DType::BF16))?,
         })
     }
 }
