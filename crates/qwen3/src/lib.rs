@@ -11,6 +11,7 @@ mod golden;
 mod model;
 mod profile;
 mod synth;
+mod text;
 
 pub use bench::{run_bench, BenchReport, BenchSpec};
 pub use check::{check_against, CheckReport, StageDiff, Stats};
@@ -28,3 +29,4 @@ pub use model::{
 };
 pub use profile::{amdahl, profile, FusedOpReport, ProfileReport, StageTime, GAPS};
 pub use synth::{write_synthetic, SynthShape};
+pub use text::{Message, StreamDecoder, Tokenizer};
