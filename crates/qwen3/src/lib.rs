@@ -10,6 +10,7 @@ mod generate;
 mod golden;
 mod model;
 mod profile;
+mod sampling;
 mod synth;
 mod text;
 
@@ -30,3 +31,4 @@ pub use model::{
 pub use profile::{amdahl, profile, FusedOpReport, ProfileReport, StageTime, GAPS};
 pub use synth::{write_synthetic, SynthShape};
 pub use text::{Message, StreamDecoder, Tokenizer};
+pub use sampling::{Sampler, SamplingParams};
