@@ -10,9 +10,8 @@ use qfuse_core::Backend;
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 use qfuse_qwen3::{
-    check_against, check_numerics, generate_greedy, generate_greedy_inspected, profile, run_bench,
-    write_synthetic, BenchSpec, CheckReport, Qwen3, Request, StageDiff, Stats, SynthShape,
-    NUMERICS_LIMIT,
+    check_against, check_numerics, generate, generate_with, profile, run_bench, write_synthetic,
+    BenchSpec, CheckReport, Qwen3, Request, StageDiff, Stats, SynthShape, NUMERICS_LIMIT,
 };
 use serde_json::json;
 
@@ -306,16 +305,17 @@ impl Job for GenerateArgs {
             max_new_tokens: self.max_new_tokens,
             stop_ids,
             top_logits: self.top_logits,
+            sampling: qfuse_qwen3::SamplingParams::greedy(),
         };
         let out = if self.check_numerics {
             let mut check = check_numerics(&b, NUMERICS_LIMIT);
-            let out = generate_greedy_inspected(&model, &b, &[request], Some(&mut check))?;
+            let out = generate_with(&model, &b, &[request], Some(&mut check), &mut |_, _| Ok(()))?;
             eprintln!(
                 "check-numerics: every op's output finite and within |x| <= {NUMERICS_LIMIT:.0e}"
             );
             out
         } else {
-            generate_greedy(&model, &b, &[request])?
+            generate(&model, &b, &[request])?
         }
         .remove(0);
         match self.format {
@@ -481,15 +481,7 @@ impl<B: Backend> Job for CheckWith<'_, B> {
                 (0..a.prompt_len).map(|_| rng.below(vocab) as u32).collect()
             }
         };
-        qfuse_qwen3::validate(
-            &model,
-            &Request {
-                prompt: tokens.clone(),
-                max_new_tokens: 0,
-                stop_ids: vec![],
-                top_logits: 0,
-            },
-        )?;
+        qfuse_qwen3::validate(&model, &Request::greedy(tokens.clone(), 0))?;
         let tolerance = a.tolerance.unwrap_or(if a.backend.backend == "cpu-ref" {
             1e-9
         } else {
@@ -618,13 +610,10 @@ impl Job for ProfileArgs {
             new_tokens: self.new_tokens,
             seed: 7,
         };
-        let probe = Request {
-            prompt: vec![0; spec.prompt_len],
-            max_new_tokens: spec.new_tokens,
-            stop_ids: vec![],
-            top_logits: 0,
-        };
-        qfuse_qwen3::validate(&model, &probe)?;
+        qfuse_qwen3::validate(
+            &model,
+            &Request::greedy(vec![0; spec.prompt_len], spec.new_tokens),
+        )?;
         let report = profile(&model, &b, &spec, self.reps)?;
         if let Some(path) = &self.svg {
             std::fs::write(path, report::profile_svg(B::NAME, &report))

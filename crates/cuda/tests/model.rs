@@ -9,7 +9,7 @@ use qfuse_core::{Backend, Error, Rng};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::CudaBackend;
 use qfuse_qwen3::{
-    generate_greedy, golden_dir as fixture, GoldenCase, LogitsDiff, Qwen3, Request,
+    generate, golden_dir as fixture, GoldenCase, LogitsDiff, Qwen3, Request,
     GOLDEN_MODELS as MODELS,
 };
 const REL_TOL: f64 = 2e-2;
@@ -84,7 +84,7 @@ fn golden_fixtures_match_reference_and_transformers() {
         let vocab = cm.config().vocab_size;
         let cases = GoldenCase::load_all(&dir).unwrap();
         let requests: Vec<Request> = cases.iter().map(|c| c.request(0)).collect();
-        let batched = generate_greedy(&gm, &gpu, &requests).unwrap();
+        let batched = generate(&gm, &gpu, &requests).unwrap();
         for (i, case) in cases.iter().enumerate() {
             let max_abs = compare(&format!("{name} case {i}"), &gpu, &gm, &cm, &case.tokens());
             // Greedy ids must equal transformers' up to the first step whose top-1 margin (HF's
@@ -108,7 +108,7 @@ fn golden_fixtures_match_reference_and_transformers() {
                 "{name} case {i}: {checked}/{} greedy ids checked equal to transformers'",
                 case.greedy.len()
             );
-            let alone = generate_greedy(&gm, &gpu, std::slice::from_ref(&requests[i])).unwrap();
+            let alone = generate(&gm, &gpu, std::slice::from_ref(&requests[i])).unwrap();
             assert_eq!(
                 alone[0].new_ids, batched[i].new_ids,
                 "{name} case {i}: alone vs batched"
@@ -136,17 +136,12 @@ fn synthetic_full_size_matches_reference() {
     compare("synthetic", &gpu, &gm, &cm, &tokens);
     // Several sequences decoded together give each one's tokens alone.
     let requests: Vec<Request> = (0..3)
-        .map(|s| Request {
-            prompt: tokens[s * 20..s * 20 + 10 + s].to_vec(),
-            max_new_tokens: 12,
-            stop_ids: vec![],
-            top_logits: 0,
-        })
+        .map(|s| Request::greedy(tokens[s * 20..s * 20 + 10 + s].to_vec(), 12))
         .collect();
-    let batched = generate_greedy(&gm, &gpu, &requests).unwrap();
+    let batched = generate(&gm, &gpu, &requests).unwrap();
     for (r, got) in requests.iter().zip(&batched) {
         assert_eq!(
-            generate_greedy(&gm, &gpu, std::slice::from_ref(r)).unwrap()[0].new_ids,
+            generate(&gm, &gpu, std::slice::from_ref(r)).unwrap()[0].new_ids,
             got.new_ids
         );
     }
@@ -168,17 +163,10 @@ fn graph_replay_gives_the_tokens_of_plain_launches() {
         let requests: Vec<Request> = GoldenCase::load_all(&dir)
             .unwrap()
             .iter()
-            .map(|c| Request {
-                prompt: c.prompt.clone(),
-                max_new_tokens: 24,
-                stop_ids: vec![],
-                top_logits: 0,
-            })
+            .map(|c| Request::greedy(c.prompt.clone(), 24))
             .collect();
-        let with_graphs =
-            generate_greedy(&Qwen3::load(&gpu, &dir).unwrap(), &gpu, &requests).unwrap();
-        let without =
-            generate_greedy(&Qwen3::load(&plain, &dir).unwrap(), &plain, &requests).unwrap();
+        let with_graphs = generate(&Qwen3::load(&gpu, &dir).unwrap(), &gpu, &requests).unwrap();
+        let without = generate(&Qwen3::load(&plain, &dir).unwrap(), &plain, &requests).unwrap();
         for (i, (g, p)) in with_graphs.iter().zip(&without).enumerate() {
             assert_eq!(
                 g.new_ids, p.new_ids,

@@ -1,10 +1,11 @@
-//! Greedy generation of several sequences at once over the paged KV cache: one batched prefill,
-//! then one batched decode step per token.
+//! Generation of several sequences at once over the paged KV cache: one batched prefill, then
+//! one batched decode step per token; greedy steps replay a captured graph where the backend has
+//! them, sampled ones choose on the host from the downloaded logits.
 use qfuse_core::{Backend, BatchInfo, Error, Result, SeqChunk};
 
-use crate::{Inspector, Logits, Qwen3, Stepper};
+use crate::{Inspector, Logits, Qwen3, Sampler, SamplingParams, Stepper};
 
-/// Cache positions per block used by [`generate_greedy`].
+/// Cache positions per block used by [`generate`].
 pub const BLOCK_SIZE: usize = 16;
 
 /// One sequence to continue.
@@ -18,6 +19,21 @@ pub struct Request {
     pub stop_ids: Vec<u32>,
     /// How many of the largest raw logits to report per generated token (0: none).
     pub top_logits: usize,
+    /// How to pick each token.
+    pub sampling: SamplingParams,
+}
+
+impl Request {
+    /// Greedy continuation of `prompt` for up to `max_new_tokens`, no stop ids, no logits report.
+    pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
+        Request {
+            prompt,
+            max_new_tokens,
+            stop_ids: Vec::new(),
+            top_logits: 0,
+            sampling: SamplingParams::greedy(),
+        }
+    }
 }
 
 /// Why a sequence stopped.
@@ -118,27 +134,35 @@ fn want_top(active: &[usize], requests: &[Request]) -> bool {
     active.iter().any(|&i| requests[i].top_logits > 0)
 }
 
-/// Greedy continuation of every request, batched: all prompts in one prefill, then all unfinished
-/// sequences in one decode step per token.
-pub fn generate_greedy<B: Backend>(
+/// Continues every request, batched: all prompts in one prefill, then all unfinished sequences in
+/// one decode step per token.
+pub fn generate<B: Backend>(
     model: &Qwen3<B>,
     b: &B,
     requests: &[Request],
 ) -> Result<Vec<Generation>> {
-    generate_greedy_inspected(model, b, requests, None)
+    generate_with(model, b, requests, None, &mut |_, _| Ok(()))
 }
 
-/// [`generate_greedy`] with every forward pass run eagerly through `inspect` when it is given
-/// (see [`Qwen3::forward_inspect`]): an error from it stops generation.
-pub fn generate_greedy_inspected<B: Backend>(
+/// [`generate`], calling `on_token(request, id)` as each token is chosen (for streaming; an error
+/// stops generation), and with every forward pass run eagerly through `inspect` when it is given
+/// (see [`Qwen3::forward_inspect`]).
+pub fn generate_with<B: Backend>(
     model: &Qwen3<B>,
     b: &B,
     requests: &[Request],
     mut inspect: Option<&mut Inspector<'_, B>>,
+    on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
 ) -> Result<Vec<Generation>> {
     for r in requests {
         validate(model, r)?;
+        r.sampling.validate()?;
     }
+    let mut samplers: Vec<Sampler> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Sampler::new(r.sampling, i as u64))
+        .collect();
     let blocks: usize = requests
         .iter()
         .map(|r| (r.prompt.len() + r.max_new_tokens).div_ceil(BLOCK_SIZE))
@@ -184,8 +208,10 @@ pub fn generate_greedy_inspected<B: Backend>(
         let batch = BatchInfo::new(BLOCK_SIZE, chunks)?
             .with_token_ids(ids)?
             .with_capacity(capacity);
-        let next = if want_top(&active, requests) || inspect.is_some() {
-            // Top logits need the full rows on the host, inspection every stage: an eager pass.
+        let sampled = active.iter().any(|&i| !requests[i].sampling.is_greedy());
+        let next = if want_top(&active, requests) || inspect.is_some() || sampled {
+            // Top logits and sampling need the full rows on the host, inspection every stage:
+            // an eager pass.
             let dev = b.prepare_batch(&batch)?;
             let logits = match inspect.as_deref_mut() {
                 Some(f) => {
@@ -195,15 +221,17 @@ pub fn generate_greedy_inspected<B: Backend>(
             };
             let host = b.download(&logits)?.to_f64_vec();
             let vocab = model.config().vocab_size;
+            let mut next = Vec::with_capacity(active.len());
             for (row, &i) in active.iter().enumerate() {
+                let row_logits = &host[row * vocab..(row + 1) * vocab];
                 if requests[i].top_logits > 0 {
-                    seqs[i].steps.push(top_k(
-                        &host[row * vocab..(row + 1) * vocab],
-                        requests[i].top_logits,
-                    ));
+                    seqs[i]
+                        .steps
+                        .push(top_k(row_logits, requests[i].top_logits));
                 }
+                next.push(samplers[i].sample(row_logits, &seqs[i].tokens));
             }
-            b.argmax(&logits)?
+            next
         } else {
             stepper.step(model, b, &mut cache, &batch, decode)?
         };
@@ -212,6 +240,7 @@ pub fn generate_greedy_inspected<B: Backend>(
             s.cached = s.tokens.len();
             let id = next[row];
             s.tokens.push(id);
+            on_token(i, id)?;
             if r.stop_ids.contains(&id) {
                 s.finished = Some(FinishReason::Stop);
             } else if s.tokens.len() - s.prompt_len >= r.max_new_tokens {

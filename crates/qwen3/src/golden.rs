@@ -45,10 +45,8 @@ impl GoldenCase {
     /// off, reporting `top_logits` logits per step.
     pub fn request(&self, top_logits: usize) -> crate::Request {
         crate::Request {
-            prompt: self.prompt.clone(),
-            max_new_tokens: self.greedy.len(),
-            stop_ids: Vec::new(),
             top_logits,
+            ..crate::Request::greedy(self.prompt.clone(), self.greedy.len())
         }
     }
 

@@ -20,8 +20,8 @@ pub use checkpoint::Checkpoint;
 pub use config::Config;
 pub use decode::Stepper;
 pub use generate::{
-    generate_greedy, generate_greedy_inspected, top_k, validate, FinishReason, Generation, Request,
-    StepLogits, BLOCK_SIZE,
+    generate, generate_with, top_k, validate, FinishReason, Generation, Request, StepLogits,
+    BLOCK_SIZE,
 };
 pub use golden::{golden_dir, GoldenCase, LogitsDiff, GOLDEN_MODELS};
 pub use model::{
@@ -29,6 +29,6 @@ pub use model::{
     Stage, NUMERICS_LIMIT,
 };
 pub use profile::{amdahl, profile, FusedOpReport, ProfileReport, StageTime, GAPS};
+pub use sampling::{Sampler, SamplingParams};
 pub use synth::{write_synthetic, SynthShape};
 pub use text::{Message, StreamDecoder, Tokenizer};
-pub use sampling::{Sampler, SamplingParams};

@@ -34,20 +34,34 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Always the largest logit.
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, top_k: None, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, presence_penalty: 0.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            seed: 0,
+        }
     }
 
     /// Qwen3's recommended defaults for thinking mode (temperature 0.6, top-k 20, top-p 0.95),
     /// overridden by `dir/generation_config.json` where it sets them.
     pub fn recommended(dir: Option<&Path>) -> Result<Self> {
-        let mut p = SamplingParams { temperature: 0.6, top_k: Some(20), top_p: 0.95, ..Self::greedy() };
+        let mut p = SamplingParams {
+            temperature: 0.6,
+            top_k: Some(20),
+            top_p: 0.95,
+            ..Self::greedy()
+        };
         let Some(path) = dir.map(|d| d.join("generation_config.json")) else {
             return Ok(p);
         };
         let Ok(text) = std::fs::read_to_string(&path) else {
             return Ok(p);
         };
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: invalid JSON: {e}", path.display())))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Model(format!("{}: invalid JSON: {e}", path.display())))?;
         if v.get("do_sample").and_then(Value::as_bool) == Some(false) {
             p.temperature = 0.0;
         }
@@ -66,7 +80,8 @@ impl SamplingParams {
         if let Some(x) = v.get("repetition_penalty").and_then(Value::as_f64) {
             p.repetition_penalty = x;
         }
-        p.validate().map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        p.validate()
+            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
         Ok(p)
     }
 
@@ -77,9 +92,18 @@ impl SamplingParams {
 
     /// Rejects values outside their ranges, naming the setting.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, v: String, want: &str| Err(Error::invalid("sampling", format!("{what} {v} is invalid: {want}")));
+        let bad = |what: &str, v: String, want: &str| {
+            Err(Error::invalid(
+                "sampling",
+                format!("{what} {v} is invalid: {want}"),
+            ))
+        };
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad("temperature", self.temperature.to_string(), "must be finite and >= 0");
+            return bad(
+                "temperature",
+                self.temperature.to_string(),
+                "must be finite and >= 0",
+            );
         }
         if self.top_k == Some(0) {
             return bad("top-k", "0".into(), "must be at least 1");
@@ -91,10 +115,18 @@ impl SamplingParams {
             return bad("min-p", self.min_p.to_string(), "must be in [0, 1)");
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad("repetition penalty", self.repetition_penalty.to_string(), "must be finite and > 0");
+            return bad(
+                "repetition penalty",
+                self.repetition_penalty.to_string(),
+                "must be finite and > 0",
+            );
         }
         if !self.presence_penalty.is_finite() {
-            return bad("presence penalty", self.presence_penalty.to_string(), "must be finite");
+            return bad(
+                "presence penalty",
+                self.presence_penalty.to_string(),
+                "must be finite",
+            );
         }
         Ok(())
     }
@@ -110,7 +142,10 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler; `stream` separates the random streams of requests sharing a seed.
     pub fn new(params: SamplingParams, stream: u64) -> Self {
-        Sampler { params, rng: Rng::new(params.seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)) }
+        Sampler {
+            params,
+            rng: Rng::new(params.seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        }
     }
 
     /// The next token after `history` (prompt and generated ids) given raw `logits`.
@@ -125,11 +160,19 @@ impl Sampler {
                 }
             }
             for (x, _) in z.iter_mut().zip(&seen).filter(|(_, &s)| s) {
-                *x = if *x > 0.0 { *x / p.repetition_penalty } else { *x * p.repetition_penalty };
+                *x = if *x > 0.0 {
+                    *x / p.repetition_penalty
+                } else {
+                    *x * p.repetition_penalty
+                };
                 *x -= p.presence_penalty;
             }
         }
-        let argmax = |v: &[f64]| v.iter().enumerate().fold(0, |b, (i, &x)| if x > v[b] { i } else { b });
+        let argmax = |v: &[f64]| {
+            v.iter()
+                .enumerate()
+                .fold(0, |b, (i, &x)| if x > v[b] { i } else { b })
+        };
         if p.temperature == 0.0 {
             return argmax(&z) as u32;
         }
@@ -140,7 +183,10 @@ impl Sampler {
             order.truncate(k.max(1));
         }
         let max = z[order[0]];
-        let mut probs: Vec<f64> = order.iter().map(|&i| ((z[i] - max) / p.temperature).exp()).collect();
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((z[i] - max) / p.temperature).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         if p.top_p < 1.0 {
@@ -176,7 +222,11 @@ mod tests {
     use super::*;
 
     fn params(temperature: f64) -> SamplingParams {
-        SamplingParams { temperature, seed: 9, ..SamplingParams::greedy() }
+        SamplingParams {
+            temperature,
+            seed: 9,
+            ..SamplingParams::greedy()
+        }
     }
 
     #[test]
@@ -190,7 +240,13 @@ mod tests {
         let logits: Vec<f64> = (0..50).map(|i| (i as f64 * 0.37).sin()).collect();
         let mut best: Vec<usize> = (0..50).collect();
         best.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        let mut s = Sampler::new(SamplingParams { top_k: Some(5), ..params(5.0) }, 0);
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_k: Some(5),
+                ..params(5.0)
+            },
+            0,
+        );
         for _ in 0..2000 {
             let id = s.sample(&logits, &[]) as usize;
             assert!(best[..5].contains(&id), "{id}");
@@ -219,23 +275,55 @@ mod tests {
     fn top_p_and_min_p_cut_the_tail() {
         let logits: Vec<f64> = [1.0f64, 2.0, 3.0, 4.0].iter().map(|x| x.ln()).collect();
         // Cumulative from the top: 0.4, 0.7, 0.9, 1.0 -> top-p 0.65 keeps {3, 2}.
-        let mut s = Sampler::new(SamplingParams { top_p: 0.65, ..params(1.0) }, 1);
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_p: 0.65,
+                ..params(1.0)
+            },
+            1,
+        );
         assert!((0..3000).all(|_| s.sample(&logits, &[]) >= 2));
         // min-p 0.6 keeps tokens with p >= 0.24: {3, 2}.
-        let mut s = Sampler::new(SamplingParams { min_p: 0.6, ..params(1.0) }, 2);
+        let mut s = Sampler::new(
+            SamplingParams {
+                min_p: 0.6,
+                ..params(1.0)
+            },
+            2,
+        );
         assert!((0..3000).all(|_| s.sample(&logits, &[]) >= 2));
     }
 
     #[test]
     fn penalties_discourage_repeats_and_seeds_reproduce() {
         let logits = [2.0, 1.9, -1.0];
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 1.5, ..SamplingParams::greedy() }, 0);
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 1.5,
+                ..SamplingParams::greedy()
+            },
+            0,
+        );
         assert_eq!(s.sample(&logits, &[0]), 1, "2.0 / 1.5 < 1.9");
-        let mut s = Sampler::new(SamplingParams { presence_penalty: 5.0, ..SamplingParams::greedy() }, 0);
+        let mut s = Sampler::new(
+            SamplingParams {
+                presence_penalty: 5.0,
+                ..SamplingParams::greedy()
+            },
+            0,
+        );
         assert_eq!(s.sample(&logits, &[0, 1]), 2);
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, ..params(1.0) }, 0);
-            (0..64).map(|_| s.sample(&[0.0; 16], &[])).collect::<Vec<_>>()
+            let mut s = Sampler::new(
+                SamplingParams {
+                    seed,
+                    ..params(1.0)
+                },
+                0,
+            );
+            (0..64)
+                .map(|_| s.sample(&[0.0; 16], &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(5), draw(5));
         assert_ne!(draw(5), draw(6));
@@ -244,16 +332,55 @@ mod tests {
     #[test]
     fn invalid_values_are_named() {
         for (p, what) in [
-            (SamplingParams { temperature: -1.0, ..SamplingParams::greedy() }, "temperature"),
-            (SamplingParams { top_k: Some(0), ..SamplingParams::greedy() }, "top-k"),
-            (SamplingParams { top_p: 1.5, ..SamplingParams::greedy() }, "top-p"),
-            (SamplingParams { top_p: 0.0, ..SamplingParams::greedy() }, "top-p"),
-            (SamplingParams { min_p: 1.0, ..SamplingParams::greedy() }, "min-p"),
-            (SamplingParams { repetition_penalty: 0.0, ..SamplingParams::greedy() }, "repetition penalty"),
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..SamplingParams::greedy()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_k: Some(0),
+                    ..SamplingParams::greedy()
+                },
+                "top-k",
+            ),
+            (
+                SamplingParams {
+                    top_p: 1.5,
+                    ..SamplingParams::greedy()
+                },
+                "top-p",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..SamplingParams::greedy()
+                },
+                "top-p",
+            ),
+            (
+                SamplingParams {
+                    min_p: 1.0,
+                    ..SamplingParams::greedy()
+                },
+                "min-p",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..SamplingParams::greedy()
+                },
+                "repetition penalty",
+            ),
         ] {
             let err = p.validate().unwrap_err().to_string();
             assert!(err.contains(what), "{err}");
         }
-        assert!(SamplingParams::recommended(None).unwrap().validate().is_ok());
+        assert!(SamplingParams::recommended(None)
+            .unwrap()
+            .validate()
+            .is_ok());
     }
 }

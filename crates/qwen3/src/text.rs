@@ -18,7 +18,10 @@ pub struct Message {
 impl Message {
     /// A message.
     pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.to_string(), content: content.to_string() }
+        Message {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 
@@ -39,15 +42,20 @@ impl Tokenizer {
     /// A missing or malformed `tokenizer.json`, or a malformed `tokenizer_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let json = std::fs::read(&path)
-            .map_err(|e| bad(format!("{}: {e} (the tokenizer is needed for text prompts)", path.display())))?;
+        let json = std::fs::read(&path).map_err(|e| {
+            bad(format!(
+                "{}: {e} (the tokenizer is needed for text prompts)",
+                path.display()
+            ))
+        })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let config = match std::fs::read_to_string(&cfg_path) {
             Ok(text) => Some(text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(bad(format!("{}: {e}", cfg_path.display()))),
         };
-        Self::from_bytes(&json, config.as_deref()).map_err(|e| bad(format!("{}: {e}", dir.display())))
+        Self::from_bytes(&json, config.as_deref())
+            .map_err(|e| bad(format!("{}: {e}", dir.display())))
     }
 
     /// A tokenizer from the bytes of `tokenizer.json` and the text of `tokenizer_config.json`.
@@ -71,19 +79,27 @@ impl Tokenizer {
                 }
             }
         };
-        Ok(Tokenizer { inner, chat_template })
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+        })
     }
 
     /// Token ids of `text`; special-token markup in it (`<|im_start|>`) becomes the special ids. No
     /// BOS is added (Qwen3 has none).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| bad(format!("tokenizing: {e}")))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| bad(format!("tokenizing: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// The text of `ids`, special tokens included unless `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| bad(format!("detokenizing: {e}")))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| bad(format!("detokenizing: {e}")))
     }
 
     /// The id of a token's exact text (e.g. `<|im_end|>`).
@@ -107,20 +123,42 @@ impl Tokenizer {
     ///
     /// # Errors
     /// No template, or one that fails to render (the message says why).
-    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool, enable_thinking: Option<bool>) -> Result<String> {
-        let template = self.chat_template.as_deref().ok_or_else(|| bad("this checkpoint has no chat template"))?;
+    pub fn render_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| bad("this checkpoint has no chat template"))?;
         let mut env = minijinja::Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", template).map_err(|e| bad(format!("chat template does not parse: {e}")))?;
-        let tmpl = env.get_template("chat").map_err(|e| bad(format!("chat template: {e}")))?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| bad(format!("chat template does not parse: {e}")))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| bad(format!("chat template: {e}")))?;
         let ctx = match enable_thinking {
-            Some(t) => minijinja::context! { messages => messages, add_generation_prompt => add_generation_prompt, enable_thinking => t },
-            None => minijinja::context! { messages => messages, add_generation_prompt => add_generation_prompt },
+            Some(t) => {
+                minijinja::context! { messages => messages, add_generation_prompt => add_generation_prompt, enable_thinking => t }
+            }
+            None => {
+                minijinja::context! { messages => messages, add_generation_prompt => add_generation_prompt }
+            }
         };
-        tmpl.render(ctx).map_err(|e| bad(format!("chat template failed to render: {e}")))
+        tmpl.render(ctx)
+            .map_err(|e| bad(format!("chat template failed to render: {e}")))
     }
 }
 
@@ -136,7 +174,12 @@ pub struct StreamDecoder<'a> {
 impl<'a> StreamDecoder<'a> {
     /// A decoder with no ids yet.
     pub fn new(tokenizer: &'a Tokenizer, skip_special: bool) -> Self {
-        StreamDecoder { tokenizer, ids: Vec::new(), emitted: 0, skip_special }
+        StreamDecoder {
+            tokenizer,
+            ids: Vec::new(),
+            emitted: 0,
+            skip_special,
+        }
     }
 
     /// Adds one id; returns the text it completes (empty while a character is still partial).

@@ -4,7 +4,7 @@
 use qfuse_core::DeviceTensor;
 use qfuse_cpu_ref::CpuRef;
 use qfuse_qwen3::{
-    generate_greedy, golden_dir as fixture, GoldenCase, LogitsDiff, Qwen3, Request,
+    generate, golden_dir as fixture, GoldenCase, LogitsDiff, Qwen3, Request,
     GOLDEN_MODELS as MODELS,
 };
 /// Largest allowed ‖ours − HF‖ / ‖HF‖ of any row of logits.
@@ -45,7 +45,7 @@ fn cached_greedy_generation_matches_transformers() {
         let cases = GoldenCase::load_all(&dir).unwrap();
         let requests: Vec<Request> = cases.iter().map(|c| c.request(vocab)).collect();
         // All cases in one batch (batched prefill, then batched decode steps over the cache) ...
-        let batched = generate_greedy(&model, &CpuRef, &requests).unwrap();
+        let batched = generate(&model, &CpuRef, &requests).unwrap();
         for (i, (case, got)) in cases.iter().zip(&batched).enumerate() {
             assert_eq!(got.new_ids, case.greedy, "{name} case {i}: greedy ids");
             // ... and every decode step's logits against HF's teacher-forced row for that position.
@@ -61,7 +61,7 @@ fn cached_greedy_generation_matches_transformers() {
         }
         // ... and each alone gives the same result as in the batch.
         for (i, r) in requests.iter().enumerate() {
-            let alone = generate_greedy(&model, &CpuRef, std::slice::from_ref(r)).unwrap();
+            let alone = generate(&model, &CpuRef, std::slice::from_ref(r)).unwrap();
             assert_eq!(
                 alone[0].new_ids, batched[i].new_ids,
                 "{name} case {i}: alone vs batched"

@@ -3,9 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::Perturbed;
 use qfuse_cpu_ref::CpuRef;
-use qfuse_qwen3::{
-    check_numerics, generate_greedy_inspected, golden_dir, GoldenCase, Qwen3, NUMERICS_LIMIT,
-};
+use qfuse_qwen3::{check_numerics, generate_with, golden_dir, GoldenCase, Qwen3, NUMERICS_LIMIT};
 
 #[test]
 fn healthy_model_passes_and_a_planted_blow_up_is_located() {
@@ -14,11 +12,12 @@ fn healthy_model_passes_and_a_planted_blow_up_is_located() {
 
     let model = Qwen3::load(&CpuRef, &dir).unwrap();
     let mut check = check_numerics(&CpuRef, NUMERICS_LIMIT);
-    generate_greedy_inspected(
+    generate_with(
         &model,
         &CpuRef,
         std::slice::from_ref(&request),
         Some(&mut check),
+        &mut |_, _| Ok(()),
     )
     .unwrap();
 
@@ -27,9 +26,11 @@ fn healthy_model_passes_and_a_planted_blow_up_is_located() {
     let bad = Perturbed::new(CpuRef, "matmul", 5, 1e9);
     let model = Qwen3::load(&bad, &dir).unwrap();
     let mut check = check_numerics(&bad, NUMERICS_LIMIT);
-    let err = generate_greedy_inspected(&model, &bad, &[request], Some(&mut check))
-        .unwrap_err()
-        .to_string();
+    let err = generate_with(&model, &bad, &[request], Some(&mut check), &mut |_, _| {
+        Ok(())
+    })
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("layer 1, o_proj+residual: max |x| ="), "{err}");
 
     // NaN out of layer 0's attention is named as such.
@@ -37,9 +38,11 @@ fn healthy_model_passes_and_a_planted_blow_up_is_located() {
     let model = Qwen3::load(&bad, &dir).unwrap();
     let mut check = check_numerics(&bad, NUMERICS_LIMIT);
     let request = GoldenCase::load_all(&dir).unwrap()[0].request(0);
-    let err = generate_greedy_inspected(&model, &bad, &[request], Some(&mut check))
-        .unwrap_err()
-        .to_string();
+    let err = generate_with(&model, &bad, &[request], Some(&mut check), &mut |_, _| {
+        Ok(())
+    })
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("layer 0, attention:") && err.contains("non-finite values"),
         "{err}"

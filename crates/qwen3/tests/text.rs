@@ -15,11 +15,16 @@ fn tokenizer() -> Tokenizer {
 }
 
 fn fixture(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/text").join(name)).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/text").join(name)).unwrap())
+        .unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -29,7 +34,11 @@ fn ids_and_decodes_match_python_tokenizers() {
         let text = case["text"].as_str().unwrap();
         let want = ids(&case["ids"]);
         assert_eq!(tok.encode(text).unwrap(), want, "{text:?}");
-        assert_eq!(tok.decode(&want, false).unwrap(), case["decoded"].as_str().unwrap(), "{text:?}");
+        assert_eq!(
+            tok.decode(&want, false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
     }
     assert_eq!(tok.token_id("<|im_end|>"), Some(151645));
     assert_eq!(tok.token_id("<|endoftext|>"), Some(151643));
@@ -54,7 +63,10 @@ fn streaming_never_splits_a_character_and_equals_the_one_shot_decode() {
     assert_eq!(emoji.len(), 3, "{emoji:?}");
     let mut stream = StreamDecoder::new(&tok, false);
     let shown: Vec<String> = emoji.iter().map(|&id| stream.push(id).unwrap()).collect();
-    assert!(shown[..shown.len() - 1].iter().all(String::is_empty), "{shown:?}");
+    assert!(
+        shown[..shown.len() - 1].iter().all(String::is_empty),
+        "{shown:?}"
+    );
     assert_eq!(shown.last().unwrap(), "🫠");
 }
 
@@ -70,9 +82,20 @@ fn chat_prompts_match_transformers_apply_chat_template() {
             .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
             .collect();
         let got = tok
-            .render_chat(&messages, case["add_generation_prompt"].as_bool().unwrap(), case["enable_thinking"].as_bool())
+            .render_chat(
+                &messages,
+                case["add_generation_prompt"].as_bool().unwrap(),
+                case["enable_thinking"].as_bool(),
+            )
             .unwrap();
-        assert_eq!(got, case["text"].as_str().unwrap(), "{} (gen {}, thinking {})", case["name"], case["add_generation_prompt"], case["enable_thinking"]);
+        assert_eq!(
+            got,
+            case["text"].as_str().unwrap(),
+            "{} (gen {}, thinking {})",
+            case["name"],
+            case["add_generation_prompt"],
+            case["enable_thinking"]
+        );
     }
 }
 
@@ -81,12 +104,27 @@ fn bad_tokenizer_files_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let err = Tokenizer::from_dir(dir.path()).err().unwrap().to_string();
     assert!(err.contains("tokenizer.json"), "{err}");
-    std::fs::write(dir.path().join("tokenizer.json"), "{\"not\": \"a tokenizer\"}").unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        "{\"not\": \"a tokenizer\"}",
+    )
+    .unwrap();
     let err = Tokenizer::from_dir(dir.path()).err().unwrap().to_string();
     assert!(err.contains("not a valid tokenizer"), "{err}");
-    std::fs::copy(root().join("assets/qwen3-tokenizer/tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
-    std::fs::write(dir.path().join("tokenizer_config.json"), "{\"chat_template\": \"{% if %}\"}").unwrap();
+    std::fs::copy(
+        root().join("assets/qwen3-tokenizer/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        "{\"chat_template\": \"{% if %}\"}",
+    )
+    .unwrap();
     let tok = Tokenizer::from_dir(dir.path()).unwrap();
-    let err = tok.render_chat(&[Message::new("user", "hi")], true, None).unwrap_err().to_string();
+    let err = tok
+        .render_chat(&[Message::new("user", "hi")], true, None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("chat template does not parse"), "{err}");
 }
