@@ -10,8 +10,8 @@ use qfuse_core::Backend;
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 use qfuse_qwen3::{
-    check_against, check_numerics, generate, generate_with, profile, run_bench, write_synthetic,
-    BenchSpec, CheckReport, Qwen3, Request, StageDiff, Stats, SynthShape, NUMERICS_LIMIT,
+    check_against, profile, run_bench, write_synthetic, BenchSpec, CheckReport, Qwen3, Request,
+    StageDiff, Stats, SynthShape,
 };
 use serde_json::json;
 
@@ -28,6 +28,9 @@ macro_rules! out {
         }
     }};
 }
+
+mod textgen;
+use textgen::{ChatArgs, GenerateArgs};
 
 /// Backends compiled into this build, as `--backend` spells them.
 const AVAILABLE_BACKENDS: &[&str] = &["cpu-ref", "cuda"];
@@ -49,6 +52,8 @@ struct Cli {
 enum Command {
     /// Continue a prompt of token ids greedily and print the new ids (or JSON).
     Generate(GenerateArgs),
+    /// Chat with a model: streaming answers, history, /reset, /think on|off, /system, /stats.
+    Chat(ChatArgs),
     /// Time batched prefill and decode end to end.
     Bench(BenchArgs),
     /// Write a synthetic checkpoint (random weights with trained-like statistics).
@@ -144,37 +149,6 @@ struct BackendArgs {
 enum KvDtype {
     F32,
     Bf16,
-}
-
-#[derive(clap::Args)]
-struct GenerateArgs {
-    /// Checkpoint directory (config.json + model.safetensors or sharded safetensors).
-    #[arg(long)]
-    model: PathBuf,
-    #[command(flatten)]
-    backend: BackendArgs,
-    /// Prompt token ids, comma-separated.
-    #[arg(long, value_name = "IDS")]
-    prompt_ids: String,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy (the only mode of this build).
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f64,
-    /// Report the K largest raw logits (before temperature) of every generated token.
-    #[arg(long, value_name = "K", default_value_t = 0)]
-    top_logits: usize,
-    /// Keep generating past stop ids.
-    #[arg(long)]
-    ignore_eos: bool,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "text")]
-    format: Format,
-    /// Check every op's output of every forward pass and stop at the first non-finite or
-    /// exploding (|x| > 1e6) activation, naming the layer and op. Slow: a debugging aid.
-    #[arg(long)]
-    check_numerics: bool,
 }
 
 #[derive(clap::Args)]
@@ -283,74 +257,6 @@ fn parse_ids(s: &str) -> anyhow::Result<Vec<u32>> {
 
 fn load<B: Backend>(b: &B, dir: &std::path::Path) -> anyhow::Result<Qwen3<B>> {
     Qwen3::load(b, dir).with_context(|| format!("loading {}", dir.display()))
-}
-
-impl Job for GenerateArgs {
-    fn run<B: Backend>(&self, b: B) -> anyhow::Result<()> {
-        let prompt = parse_ids(&self.prompt_ids)?;
-        if self.temperature != 0.0 {
-            bail!(
-                "--temperature {}: only 0 (greedy decoding) is supported in this build",
-                self.temperature
-            );
-        }
-        let model = load(&b, &self.model)?;
-        let stop_ids = if self.ignore_eos {
-            Vec::new()
-        } else {
-            model.config().stop_ids(&self.model)?
-        };
-        let request = Request {
-            prompt: prompt.clone(),
-            max_new_tokens: self.max_new_tokens,
-            stop_ids,
-            top_logits: self.top_logits,
-            sampling: qfuse_qwen3::SamplingParams::greedy(),
-        };
-        let out = if self.check_numerics {
-            let mut check = check_numerics(&b, NUMERICS_LIMIT);
-            let out = generate_with(&model, &b, &[request], Some(&mut check), &mut |_, _| Ok(()))?;
-            eprintln!(
-                "check-numerics: every op's output finite and within |x| <= {NUMERICS_LIMIT:.0e}"
-            );
-            out
-        } else {
-            generate(&model, &b, &[request])?
-        }
-        .remove(0);
-        match self.format {
-            Format::Json => {
-                let steps: Vec<_> = out
-                    .steps
-                    .iter()
-                    .map(|s| json!({"top_ids": s.top_ids, "top_logits": s.top_logits}))
-                    .collect();
-                let doc = json!({
-                    "backend": B::NAME,
-                    "prompt_ids": prompt,
-                    "new_ids": out.new_ids,
-                    "finish_reason": out.finish_reason.as_str(),
-                    "steps": steps,
-                });
-                out!("{doc}");
-            }
-            Format::Text => {
-                let ids: Vec<String> = out.new_ids.iter().map(u32::to_string).collect();
-                out!("{}", ids.join(","));
-                for (i, s) in out.steps.iter().enumerate() {
-                    let pairs: Vec<String> = s
-                        .top_ids
-                        .iter()
-                        .zip(&s.top_logits)
-                        .map(|(id, l)| format!("{id}:{l:.6}"))
-                        .collect();
-                    out!("step {i}: {}", pairs.join(" "));
-                }
-                eprintln!("finish_reason: {}", out.finish_reason.as_str());
-            }
-        }
-        Ok(())
-    }
 }
 
 impl Job for BenchArgs {
@@ -631,6 +537,7 @@ impl Job for ProfileArgs {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Profile(args) => with_backend(&args.backend, &args),
+        Command::Chat(args) => with_backend(&args.backend, &args),
         Command::Check(args) => with_backend(&args.backend, &args),
         Command::Generate(args) => with_backend(&args.backend, &args),
         Command::Bench(args) => with_backend(&args.backend, &args),
@@ -638,6 +545,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let shape = SynthShape::from_name(&args.shape)?;
             write_synthetic(&args.out, shape, args.seed)
                 .with_context(|| format!("writing {}", args.out.display()))?;
+            textgen::write_tokenizer(&args.out)?;
             eprintln!(
                 "wrote a synthetic {} checkpoint (random weights, not a trained model) to {}",
                 args.shape,

@@ -21,9 +21,13 @@ fn qfuse(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `qfuse generate --model MODEL EXTRA…`, greedy unless EXTRA sets a temperature.
 fn generate(model: &Path, extra: &[&str]) -> (i32, String, String) {
     let mut args = vec!["generate", "--model", model.to_str().unwrap()];
     args.extend_from_slice(extra);
+    if !extra.contains(&"--temperature") {
+        args.extend_from_slice(&["--temperature", "0"]);
+    }
     qfuse(&args)
 }
 
@@ -380,8 +384,32 @@ fn bad_arguments_are_one_line_errors() {
         "exceeds max_position_embeddings 512",
     );
     assert_fails(
-        generate(&m, &["--prompt-ids", "1", "--temperature", "0.7"]),
-        "--temperature",
+        generate(&m, &["--prompt-ids", "1", "--temperature", "-1"]),
+        "temperature -1 is invalid",
+    );
+    assert_fails(
+        generate(&m, &["--prompt-ids", "1", "--top-p", "1.5"]),
+        "top-p 1.5 is invalid",
+    );
+    assert_fails(
+        generate(&m, &["--prompt-ids", "1", "--top-k", "0"]),
+        "--top-k 0 is invalid",
+    );
+    assert_fails(
+        generate(&m, &["--prompt-ids", "1", "--min-p", "2"]),
+        "min-p 2 is invalid",
+    );
+    assert_fails(
+        generate(&m, &["--prompt", "hello"]),
+        "--prompt needs the checkpoint's tokenizer.json",
+    );
+    assert_fails(
+        generate(&m, &[]),
+        "give the prompt with --prompt TEXT or --prompt-ids IDS",
+    );
+    assert_fails(
+        qfuse(&["generate", "--model", "Qwen/Qwen3-0.6B", "--prompt", "hi"]),
+        "pass its directory with --model DIR",
     );
     assert_fails(
         generate(Path::new("/nonexistent/model"), &["--prompt-ids", "1"]),

@@ -9,9 +9,25 @@ use qfuse_core::{DType, Error, HostTensor, Result, Shape};
 use safetensors::tensor::{Metadata, SafeTensors};
 use safetensors::Dtype;
 
+/// A safetensors file's bytes: memory-mapped from disk, or built in memory.
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Bytes,
     data_start: usize,
     meta: Metadata,
 }
@@ -46,7 +62,11 @@ impl Shard {
         // SAFETY: the mapping is read-only and lives as long as the Shard. Another process
         // truncating the file while it is mapped would fault the reads; checkpoints are not
         // written while a model loads, as with every mmap-based loader.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| io(&path, e))?;
+        let mmap = Bytes::Mapped(unsafe { Mmap::map(&file) }.map_err(|e| io(&path, e))?);
+        Self::parse(path, mmap)
+    }
+
+    fn parse(path: PathBuf, mmap: Bytes) -> Result<Self> {
         let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             Error::Model(format!(
                 "{}: not a valid safetensors file: {e}",
@@ -63,6 +83,16 @@ impl Shard {
 }
 
 impl Checkpoint {
+    /// A checkpoint held in memory: the bytes of one safetensors file (`name` labels messages).
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        let shard = Shard::parse(PathBuf::from(name), Bytes::Owned(bytes))?;
+        let location = shard.meta.tensors().into_keys().map(|n| (n, 0)).collect();
+        Ok(Checkpoint {
+            shards: vec![shard],
+            location,
+        })
+    }
+
     /// Opens `dir/model.safetensors`, or the shards listed in `dir/model.safetensors.index.json`.
     ///
     /// # Errors

@@ -30,5 +30,5 @@ pub use model::{
 };
 pub use profile::{amdahl, profile, FusedOpReport, ProfileReport, StageTime, GAPS};
 pub use sampling::{Sampler, SamplingParams};
-pub use synth::{write_synthetic, SynthShape};
+pub use synth::{synthetic_checkpoint, write_synthetic, SynthShape, GENERATION_CONFIG};
 pub use text::{Message, StreamDecoder, Tokenizer};

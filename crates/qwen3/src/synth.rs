@@ -8,10 +8,12 @@ use std::path::Path;
 use half::bf16;
 use qfuse_core::{Error, Result, Rng};
 
+use crate::{Checkpoint, Config};
+
 /// A model shape to synthesise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SynthShape {
-    /// A few MB: 2 layers, hidden 64, vocab 1024.
+    /// ~20 MB: 2 layers, hidden 64, Qwen3's full 151,936-token vocabulary.
     Tiny,
     /// Qwen3-0.6B: 28 layers, hidden 1024, 16/8 heads of 128, MLP 3072, tied embeddings.
     Qwen3_0_6B,
@@ -48,7 +50,8 @@ impl SynthShape {
     /// (layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, tied)
     fn dims(self) -> (usize, usize, usize, usize, usize, usize, usize, bool) {
         match self {
-            SynthShape::Tiny => (2, 64, 4, 2, 32, 192, 1024, true),
+            // The full vocabulary, so the real tokenizer's every id is valid.
+            SynthShape::Tiny => (2, 64, 4, 2, 32, 192, 151_936, true),
             SynthShape::Qwen3_0_6B => (28, 1024, 16, 8, 128, 3072, 151_936, true),
             SynthShape::Qwen3_1_7B => (28, 2048, 16, 8, 128, 6144, 151_936, true),
             SynthShape::Qwen3_4B => (36, 2560, 32, 8, 128, 9728, 151_936, true),
@@ -106,6 +109,10 @@ enum Init {
     QNorm,
 }
 
+/// `generation_config.json` of every synthetic checkpoint: Qwen3's stop ids and recommended
+/// sampling.
+pub const GENERATION_CONFIG: &str = "{\n  \"eos_token_id\": [151645, 151643],\n  \"do_sample\": true,\n  \"temperature\": 0.6,\n  \"top_k\": 20,\n  \"top_p\": 0.95\n}\n";
+
 /// Writes a synthetic checkpoint (config.json, generation_config.json, model.safetensors) to `dir`.
 pub fn write_synthetic(dir: &Path, shape: SynthShape, seed: u64) -> Result<()> {
     let io = |e: std::io::Error| Error::Io {
@@ -113,6 +120,30 @@ pub fn write_synthetic(dir: &Path, shape: SynthShape, seed: u64) -> Result<()> {
         err: e,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
+    let file = std::fs::File::create(dir.join("model.safetensors")).map_err(io)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
+    write_safetensors(&mut w, shape, seed).map_err(io)?;
+    w.flush().map_err(io)?;
+    std::fs::write(dir.join("config.json"), shape.config_json()).map_err(io)?;
+    std::fs::write(dir.join("generation_config.json"), GENERATION_CONFIG).map_err(io)?;
+    Ok(())
+}
+
+/// A synthetic checkpoint built in memory: its config and tensors.
+pub fn synthetic_checkpoint(shape: SynthShape, seed: u64) -> Result<(Config, Checkpoint)> {
+    let mut bytes = Vec::new();
+    write_safetensors(&mut bytes, shape, seed).map_err(|e| Error::Io {
+        path: "<memory>".into(),
+        err: e,
+    })?;
+    Ok((
+        Config::from_json(&shape.config_json())?,
+        Checkpoint::from_bytes("synthetic", bytes)?,
+    ))
+}
+
+/// The tensors of a synthetic checkpoint, in safetensors layout.
+fn write_safetensors(w: &mut impl Write, shape: SynthShape, seed: u64) -> std::io::Result<()> {
     let (layers, h, heads, kv, d, inter, vocab, tied) = shape.dims();
     let mut specs: Vec<(String, Vec<usize>, Init)> = vec![(
         "model.embed_tokens.weight".into(),
@@ -195,12 +226,8 @@ pub fn write_synthetic(dir: &Path, shape: SynthShape, seed: u64) -> Result<()> {
     while header.len() % 8 != 0 {
         header.push(' ');
     }
-    let path = dir.join("model.safetensors");
-    let file = std::fs::File::create(&path).map_err(io)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
-    w.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(header.as_bytes()).map_err(io)?;
+    w.write_all(&(header.len() as u64).to_le_bytes())?;
+    w.write_all(header.as_bytes())?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut buf = Vec::new();
     for (t, (name, dims, init)) in specs.iter().enumerate() {
@@ -239,14 +266,7 @@ pub fn write_synthetic(dir: &Path, shape: SynthShape, seed: u64) -> Result<()> {
                 scope.spawn(move || batch.into_iter().for_each(|(c, out)| fill(c, out)));
             }
         });
-        w.write_all(&buf).map_err(io)?;
+        w.write_all(&buf)?;
     }
-    w.flush().map_err(io)?;
-    std::fs::write(dir.join("config.json"), shape.config_json()).map_err(io)?;
-    std::fs::write(
-        dir.join("generation_config.json"),
-        "{\n  \"eos_token_id\": [151645, 151643],\n  \"do_sample\": true,\n  \"temperature\": 0.6,\n  \"top_k\": 20,\n  \"top_p\": 0.95\n}\n",
-    )
-    .map_err(io)?;
     Ok(())
 }
