@@ -102,11 +102,11 @@ pub fn load_model<B: Backend>(b: &B, model: Option<&str>) -> anyhow::Result<Load
             sampling: SamplingParams::recommended(None)?,
         });
     };
-    let dir = PathBuf::from(name);
+    let mut dir = PathBuf::from(name);
     if !dir.exists() && looks_like_repo_id(name) {
-        bail!(
-            "`{name}` is not a local directory, and this build cannot download from the Hugging Face Hub (no network here); download the checkpoint elsewhere (e.g. `huggingface-cli download {name}`) and pass its directory with --model DIR"
-        );
+        dir = download(name).with_context(|| {
+            format!("`{name}` is not a local directory and could not be downloaded from the Hugging Face Hub (offline?); pass a local checkpoint directory with --model DIR")
+        })?;
     }
     // Progress for people watching a large checkpoint load; scripts see only results and errors.
     let show = std::io::stderr().is_terminal();
@@ -129,6 +129,46 @@ pub fn load_model<B: Backend>(b: &B, model: Option<&str>) -> anyhow::Result<Load
         model,
         tokenizer,
     })
+}
+
+/// Fetches a Hub repository's checkpoint into the usual Hugging Face cache (`HF_HOME`), or finds
+/// it there, and returns the snapshot directory.
+fn download(repo: &str) -> anyhow::Result<PathBuf> {
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(std::io::stderr().is_terminal())
+        .build()?;
+    let repo = api.model(repo.to_string());
+    let config = repo.get("config.json")?;
+    for optional in [
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        let _ = repo.get(optional);
+    }
+    match repo.get("model.safetensors.index.json") {
+        Ok(index) => {
+            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
+            let mut shards: Vec<&str> = v["weight_map"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(_, f)| f.as_str())
+                .collect();
+            shards.sort_unstable();
+            shards.dedup();
+            for shard in shards {
+                repo.get(shard)?;
+            }
+        }
+        Err(_) => {
+            repo.get("model.safetensors")?;
+        }
+    }
+    config
+        .parent()
+        .map(Path::to_path_buf)
+        .context("the cache path has no parent")
 }
 
 fn looks_like_repo_id(s: &str) -> bool {

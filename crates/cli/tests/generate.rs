@@ -409,7 +409,7 @@ fn bad_arguments_are_one_line_errors() {
     );
     assert_fails(
         qfuse(&["generate", "--model", "Qwen/Qwen3-0.6B", "--prompt", "hi"]),
-        "pass its directory with --model DIR",
+        "could not be downloaded from the Hugging Face Hub (offline?); pass a local checkpoint directory with --model DIR",
     );
     assert_fails(
         generate(Path::new("/nonexistent/model"), &["--prompt-ids", "1"]),

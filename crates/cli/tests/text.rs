@@ -208,3 +208,41 @@ fn synth_writes_a_checkpoint_that_talks() {
     assert_eq!(code, 1);
     assert!(err.contains("unknown shape `qwen3-70b`"), "{err}");
 }
+
+#[test]
+fn ctrl_c_stops_the_answer_but_not_the_chat() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qfuse"))
+        .args(["chat", "--max-new-tokens", "30000", "--temperature", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Talk forever\n/stats\n/quit\n")
+        .unwrap();
+    // Wait until the answer is streaming (the handler is installed before it starts).
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    let started = std::time::Instant::now();
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("[answer stopped]"), "{err}");
+    assert!(
+        err.contains("tokens, time to first token"),
+        "/stats after the interrupt: {err}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 20,
+        "the answer stopped promptly"
+    );
+}
