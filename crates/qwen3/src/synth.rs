@@ -252,7 +252,7 @@ fn write_safetensors(w: &mut impl Write, shape: SynthShape, seed: u64) -> std::i
                     Init::KNorm => 0.5 * 16f32.powf(rng.uniform() as f32),
                 };
                 if boost_rows && outliers.contains(&(idx / cols)) {
-                    v *= 400.0;
+                    v *= 2000.0;
                 }
                 bytes.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
             }
