@@ -1,9 +1,9 @@
 //! End-to-end timing of batched prefill and decode, the figures `qfuse bench` reports.
 use std::time::Instant;
 
-use qfuse_core::{Backend, BatchInfo, Result, Rng, SeqChunk};
+use qfuse_core::{Backend, BatchInfo, KvCache, Result, Rng, SeqChunk};
 
-use crate::{Qwen3, Stepper};
+use crate::{Qwen3, Stepper, BLOCK_SIZE};
 
 /// What to time.
 #[derive(Clone, Copy, Debug)]
@@ -54,44 +54,76 @@ impl BenchReport {
     }
 }
 
-/// Runs a batched prefill of random prompts, then `new_tokens` greedy decode steps, synchronising
-/// the device before each clock read.
-pub fn run_bench<B: Backend>(model: &Qwen3<B>, b: &B, spec: &BenchSpec) -> Result<BenchReport> {
-    let cfg = model.config();
-    let total = spec.prompt_len + spec.new_tokens;
-    let bs = crate::BLOCK_SIZE;
-    let per_seq = total.div_ceil(bs);
-    let mut cache = model.new_cache(b, per_seq * spec.batch, bs)?;
-    let mut rng = Rng::new(spec.seed);
-    let tables: Vec<Vec<u32>> = (0..spec.batch)
-        .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
-        .collect();
-    let ids: Vec<u32> = (0..spec.batch * spec.prompt_len)
-        .map(|_| rng.below(cfg.vocab_size) as u32)
-        .collect();
-    let chunks = |start: usize, len: usize| -> Vec<SeqChunk> {
-        tables
+/// The batch of a benchmark: `batch` sequences of random prompts, each with its own run of cache
+/// blocks for `prompt_len + new_tokens` positions.
+pub(crate) struct Workload<B: Backend> {
+    pub(crate) cache: KvCache<B>,
+    tables: Vec<Vec<u32>>,
+    prompt_ids: Vec<u32>,
+    capacity: usize,
+}
+
+impl<B: Backend> Workload<B> {
+    pub(crate) fn new(model: &Qwen3<B>, b: &B, spec: &BenchSpec) -> Result<Self> {
+        let capacity = spec.prompt_len + spec.new_tokens;
+        let per_seq = capacity.div_ceil(BLOCK_SIZE);
+        let tables = (0..spec.batch)
+            .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+            .collect();
+        let mut rng = Rng::new(spec.seed);
+        let vocab = model.config().vocab_size;
+        let prompt_ids = (0..spec.batch * spec.prompt_len)
+            .map(|_| rng.below(vocab) as u32)
+            .collect();
+        Ok(Workload {
+            cache: model.new_cache(b, per_seq * spec.batch, BLOCK_SIZE)?,
+            tables,
+            prompt_ids,
+            capacity,
+        })
+    }
+
+    /// Every sequence's prompt.
+    pub(crate) fn prefill(&self) -> Result<BatchInfo> {
+        self.step(
+            0,
+            self.prompt_ids.len() / self.tables.len().max(1),
+            self.prompt_ids.clone(),
+        )
+    }
+
+    /// `len` tokens `ids` per sequence from position `start`.
+    pub(crate) fn step(&self, start: usize, len: usize, ids: Vec<u32>) -> Result<BatchInfo> {
+        let chunks = self
+            .tables
             .iter()
             .map(|t| SeqChunk {
                 start_pos: start,
                 len,
                 block_table: t.clone(),
             })
-            .collect()
-    };
+            .collect();
+        Ok(BatchInfo::new(BLOCK_SIZE, chunks)?
+            .with_token_ids(ids)?
+            .with_capacity(self.capacity))
+    }
+}
+
+/// Runs a batched prefill of random prompts, then `new_tokens` greedy decode steps, synchronising
+/// the device before each clock read.
+pub fn run_bench<B: Backend>(model: &Qwen3<B>, b: &B, spec: &BenchSpec) -> Result<BenchReport> {
+    let mut work = Workload::new(model, b, spec)?;
     let mut stepper = Stepper::new();
     b.synchronize()?;
     let t0 = Instant::now();
-    let prompt = BatchInfo::new(bs, chunks(0, spec.prompt_len))?.with_token_ids(ids)?;
-    let mut next = stepper.step(model, b, &mut cache, &prompt, false)?;
+    let prompt = work.prefill()?;
+    let mut next = stepper.step(model, b, &mut work.cache, &prompt, false)?;
     b.synchronize()?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     for step in 0..spec.new_tokens {
-        let info = BatchInfo::new(bs, chunks(spec.prompt_len + step, 1))?
-            .with_token_ids(next)?
-            .with_capacity(total);
-        next = stepper.step(model, b, &mut cache, &info, true)?;
+        let info = work.step(spec.prompt_len + step, 1, next)?;
+        next = stepper.step(model, b, &mut work.cache, &info, true)?;
     }
     b.synchronize()?;
     Ok(BenchReport {

@@ -6,6 +6,7 @@ use qfuse_core::{
     compose, Backend, BatchInfo, FusedOp, HostTensor, KvCache, Result, Rng, SeqChunk, Unfused,
 };
 
+use crate::bench::Workload;
 use crate::{run_bench, BenchSpec, Logits, Qwen3, BLOCK_SIZE};
 
 /// Label of the time not covered by any op: host work and gaps between launches.
@@ -183,33 +184,13 @@ pub fn profile<B: Backend>(
     let step_s = run_bench(model, b, spec)?.ms_per_step() / 1e3;
 
     // 2. The same work eagerly, with an event at every op boundary.
-    let total = spec.prompt_len + spec.new_tokens;
-    let per_seq = total.div_ceil(BLOCK_SIZE);
-    let mut cache = model.new_cache(b, per_seq * spec.batch, BLOCK_SIZE)?;
-    let tables: Vec<Vec<u32>> = (0..spec.batch)
-        .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
-        .collect();
-    let chunks = |start: usize, len: usize| -> Vec<SeqChunk> {
-        tables
-            .iter()
-            .map(|t| SeqChunk {
-                start_pos: start,
-                len,
-                block_table: t.clone(),
-            })
-            .collect()
-    };
-    let mut rng = Rng::new(spec.seed);
-    let ids: Vec<u32> = (0..spec.batch * spec.prompt_len)
-        .map(|_| rng.below(cfg.vocab_size) as u32)
-        .collect();
-    let info = BatchInfo::new(BLOCK_SIZE, chunks(0, spec.prompt_len))?.with_token_ids(ids)?;
-    let (mut next, prefill_times, prefill_s) = instrumented(model, b, &info, &mut cache)?;
+    let mut work = Workload::new(model, b, spec)?;
+    let prompt = work.prefill()?;
+    let (mut next, prefill_times, prefill_s) = instrumented(model, b, &prompt, &mut work.cache)?;
     let (mut decode_times, mut eager_wall) = (OpTimes::new(), 0.0);
     for step in 0..spec.new_tokens {
-        let info =
-            BatchInfo::new(BLOCK_SIZE, chunks(spec.prompt_len + step, 1))?.with_token_ids(next)?;
-        let (n, times, wall) = instrumented(model, b, &info, &mut cache)?;
+        let info = work.step(spec.prompt_len + step, 1, next)?;
+        let (n, times, wall) = instrumented(model, b, &info, &mut work.cache)?;
         next = n;
         eager_wall += wall;
         for (name, t) in times {
