@@ -246,3 +246,61 @@ fn ctrl_c_stops_the_answer_but_not_the_chat() {
         "the answer stopped promptly"
     );
 }
+
+#[test]
+fn bad_text_inputs_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert_eq!(qfuse(&["synth", "--shape", "tiny", "--out", d], "").0, 0);
+    let one_line_error = |args: &[&str], needle: &str| {
+        let (code, out, err) = qfuse(args, "");
+        assert_eq!(code, 1, "{err}");
+        assert!(out.is_empty(), "{out}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(needle) && !err.contains("panicked"),
+            "want {needle:?}: {err}"
+        );
+    };
+    one_line_error(
+        &[
+            "generate",
+            "--model",
+            d,
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "40960",
+        ],
+        "exceeds max_position_embeddings 40960",
+    );
+    let config = dir.path().join("tokenizer_config.json");
+    std::fs::write(
+        &config,
+        r#"{"chat_template": "{% for m in messages %}{{ m.content "}"#,
+    )
+    .unwrap();
+    one_line_error(
+        &["generate", "--model", d, "--prompt", "hi", "--chat"],
+        "chat template does not parse",
+    );
+    std::fs::write(
+        &config,
+        r#"{"chat_template": "{{ raise_exception('no system role') }}"}"#,
+    )
+    .unwrap();
+    one_line_error(
+        &["generate", "--model", d, "--prompt", "hi", "--chat"],
+        "chat template failed to render",
+    );
+    std::fs::write(&config, "{ not json").unwrap();
+    one_line_error(
+        &["generate", "--model", d, "--prompt", "hi"],
+        "tokenizer_config.json: invalid JSON",
+    );
+    std::fs::write(dir.path().join("tokenizer.json"), "[]").unwrap();
+    one_line_error(
+        &["generate", "--model", d, "--prompt", "hi"],
+        "not a valid tokenizer",
+    );
+}
