@@ -33,9 +33,7 @@ mod textgen;
 use textgen::{ChatArgs, GenerateArgs};
 
 /// Backends compiled into this build, as `--backend` spells them.
-const AVAILABLE_BACKENDS: &[&str] = &["cpu-ref", "cuda"];
-/// Backends qfuse knows of that this build may lack.
-const KNOWN_BACKENDS: &[&str] = &["cpu-ref", "cuda", "wgpu"];
+const AVAILABLE_BACKENDS: &[&str] = &["cpu-ref", "cuda", "wgpu"];
 
 #[derive(Parser)]
 #[command(
@@ -233,10 +231,15 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
             );
             run_maybe_unfused(args, job, b)
         }
-        name if KNOWN_BACKENDS.contains(&name) => bail!(
-            "backend `{name}` is not compiled into this build; available: {}",
-            AVAILABLE_BACKENDS.join(", ")
-        ),
+        "wgpu" => {
+            let b =
+                qfuse_wgpu::WgpuBackend::new(args.device).context("starting the wgpu backend")?;
+            eprintln!(
+                "wgpu: {} (weights, activations and KV cache f32)",
+                b.adapter_name()
+            );
+            run_maybe_unfused(args, job, b)
+        }
         name => bail!(
             "unknown backend `{name}`; available: {}",
             AVAILABLE_BACKENDS.join(", ")

@@ -359,12 +359,28 @@ fn bad_arguments_are_one_line_errors() {
     let m = fixture("untied-f32-mha-v5");
     assert_fails(
         generate(&m, &["--prompt-ids", "1,2", "--backend", "tpu"]),
-        "unknown backend `tpu`; available: cpu-ref, cuda",
+        "unknown backend `tpu`; available: cpu-ref, cuda, wgpu",
     );
-    assert_fails(
-        generate(&m, &["--prompt-ids", "1,2", "--backend", "wgpu"]),
-        "backend `wgpu` is not compiled into this build; available: cpu-ref, cuda",
-    );
+    // With an adapter (lavapipe in CI) wgpu gives the reference's greedy tokens; without one, a
+    // clear error.
+    let args = [
+        "--prompt-ids",
+        "12,7,99",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+    ];
+    let wgpu = generate(&m, &[&args[..], &["--backend", "wgpu"]].concat());
+    if wgpu.0 == 0 {
+        assert_eq!(wgpu.1, generate(&m, &args).1);
+        assert!(
+            wgpu.2.contains("wgpu: "),
+            "the adapter is named: {}",
+            wgpu.2
+        );
+    } else {
+        assert_fails(wgpu, "starting the wgpu backend: no device");
+    }
     let cuda = generate(&m, &["--prompt-ids", "1,2", "--backend", "cuda"]);
     if cuda.0 != 0 {
         // No GPU here (CI): a clear error, not a panic.

@@ -1,0 +1,685 @@
+//! `WgpuBackend`: qfuse on any GPU wgpu reaches (Vulkan, Metal, DX12), and on CPUs through a
+//! software Vulkan driver (Mesa lavapipe). Shaders are WGSL from `kernels/wgsl/`; activations,
+//! weights, the KV cache and all accumulation are f32. Each op is one compute dispatch.
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use qfuse_core::{
+    AttentionConfig, Backend, BatchInfo, DType, DeviceTensor, Error, HostData, HostTensor, LayerKv,
+    Result, Shape,
+};
+use wgpu::util::DeviceExt;
+
+/// The WGSL sources and their entry points.
+const SHADERS: &[(&str, &str, &str)] = &[
+    (
+        "gather",
+        include_str!("../../../kernels/wgsl/gather.wgsl"),
+        "main",
+    ),
+    (
+        "rms_norm",
+        include_str!("../../../kernels/wgsl/rms_norm.wgsl"),
+        "main",
+    ),
+    (
+        "matmul",
+        include_str!("../../../kernels/wgsl/matmul.wgsl"),
+        "main",
+    ),
+    (
+        "add",
+        include_str!("../../../kernels/wgsl/elementwise.wgsl"),
+        "add",
+    ),
+    (
+        "silu_mul",
+        include_str!("../../../kernels/wgsl/silu_mul.wgsl"),
+        "main",
+    ),
+    (
+        "slice",
+        include_str!("../../../kernels/wgsl/slice.wgsl"),
+        "main",
+    ),
+    (
+        "rope",
+        include_str!("../../../kernels/wgsl/rope.wgsl"),
+        "main",
+    ),
+    (
+        "write_kv",
+        include_str!("../../../kernels/wgsl/write_kv.wgsl"),
+        "main",
+    ),
+    (
+        "attention",
+        include_str!("../../../kernels/wgsl/attention.wgsl"),
+        "main",
+    ),
+];
+
+/// Most head dims the attention shader's private accumulator holds.
+const MAX_HEAD_DIM: usize = 256;
+/// Workgroups per dispatch dimension (the WebGPU minimum limit).
+const MAX_GROUPS: usize = 65_535;
+
+/// A tensor in a wgpu storage buffer (f32).
+#[derive(Clone)]
+pub struct WgpuTensor {
+    shape: Shape,
+    buf: Arc<wgpu::Buffer>,
+}
+
+impl fmt::Debug for WgpuTensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WgpuTensor(f32 {})", self.shape)
+    }
+}
+
+impl DeviceTensor for WgpuTensor {
+    fn shape(&self) -> &Shape {
+        &self.shape
+    }
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+}
+
+/// A batch's positions, slots and block tables in storage buffers.
+#[derive(Debug)]
+pub struct WgpuBatch {
+    info: BatchInfo,
+    positions: wgpu::Buffer,
+    slots: wgpu::Buffer,
+    token_seq: wgpu::Buffer,
+    tables: wgpu::Buffer,
+    max_blocks: usize,
+}
+
+impl AsRef<BatchInfo> for WgpuBatch {
+    fn as_ref(&self) -> &BatchInfo {
+        &self.info
+    }
+}
+
+impl AsMut<BatchInfo> for WgpuBatch {
+    fn as_mut(&mut self) -> &mut BatchInfo {
+        &mut self.info
+    }
+}
+
+struct Inner {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
+    adapter: String,
+    max_binding: u64,
+}
+
+/// The wgpu backend: one adapter's device and queue with every shader compiled.
+#[derive(Clone)]
+pub struct WgpuBackend {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for WgpuBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WgpuBackend({})", self.inner.adapter)
+    }
+}
+
+fn wgpu_err(e: impl fmt::Display) -> Error {
+    Error::Backend(e.to_string().into())
+}
+
+impl WgpuBackend {
+    /// Opens adapter `ordinal` (in wgpu's enumeration order) and compiles every shader.
+    ///
+    /// # Errors
+    /// [`Error::NoDevice`] when there is no such adapter (no Vulkan/Metal/DX12 driver).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let count = adapters.len();
+        let adapter = adapters.into_iter().nth(ordinal).ok_or_else(|| {
+            Error::NoDevice(format!(
+                "wgpu adapter {ordinal} requested, {count} found (a Vulkan, Metal or DX12 driver is needed; on Linux CPUs, Mesa's lavapipe: mesa-vulkan-drivers)"
+            ))
+        })?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("qfuse"),
+            required_limits: limits.clone(),
+            ..Default::default()
+        };
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&desc)).map_err(wgpu_err)?;
+        let mut pipelines = HashMap::new();
+        for (name, src, entry) in SHADERS {
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(name),
+                source: wgpu::ShaderSource::Wgsl((*src).into()),
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(name),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+            pipelines.insert(*name, pipeline);
+        }
+        let adapter_name = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
+        let max_binding = limits.max_storage_buffer_binding_size;
+        Ok(WgpuBackend {
+            inner: Arc::new(Inner {
+                device,
+                queue,
+                pipelines,
+                adapter: adapter_name,
+                max_binding,
+            }),
+        })
+    }
+
+    /// [`WgpuBackend::new`] for test suites: with `CI=true` a missing adapter is an error like
+    /// any other (CI installs Mesa's lavapipe, so one must be there), elsewhere [`Error::NoDevice`]
+    /// lets the suite skip with a notice.
+    pub fn for_tests(ordinal: usize) -> Result<Self> {
+        match Self::new(ordinal) {
+            Err(Error::NoDevice(why)) if std::env::var("CI").as_deref() == Ok("true") => Err(
+                Error::Backend(format!("CI=true but no wgpu adapter: {why}").into()),
+            ),
+            other => other,
+        }
+    }
+
+    /// The adapter's name, API and kind.
+    pub fn adapter_name(&self) -> &str {
+        &self.inner.adapter
+    }
+
+    fn buffer(&self, bytes: &[u8]) -> Result<wgpu::Buffer> {
+        if bytes.len() as u64 > self.inner.max_binding {
+            return Err(Error::invalid(
+                "wgpu",
+                format!(
+                    "a tensor of {} bytes exceeds the adapter's storage binding limit of {} bytes (splitting large weights is not implemented yet)",
+                    bytes.len(),
+                    self.inner.max_binding
+                ),
+            ));
+        }
+        let padded;
+        let contents = if bytes.is_empty() {
+            padded = [0u8; 4];
+            &padded[..]
+        } else {
+            bytes
+        };
+        Ok(self
+            .inner
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+            }))
+    }
+
+    fn output(&self, shape: impl Into<Shape>) -> Result<WgpuTensor> {
+        let shape = shape.into();
+        let bytes = (shape.numel().max(1) * 4) as u64;
+        if bytes > self.inner.max_binding {
+            return Err(Error::invalid(
+                "wgpu",
+                format!("an output of {bytes} bytes exceeds the adapter's storage binding limit"),
+            ));
+        }
+        let buf = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(WgpuTensor {
+            shape,
+            buf: Arc::new(buf),
+        })
+    }
+
+    fn u32s(&self, v: &[u32]) -> Result<wgpu::Buffer> {
+        self.buffer(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    }
+
+    /// One dispatch of `kernel` with `params` at binding 0 and `buffers` at bindings 1…
+    fn run(
+        &self,
+        kernel: &str,
+        params: &[u32],
+        buffers: &[&wgpu::Buffer],
+        groups: (usize, usize),
+    ) -> Result<()> {
+        let pipeline = self
+            .inner
+            .pipelines
+            .get(kernel)
+            .ok_or_else(|| Error::invalid("wgpu", format!("no shader `{kernel}`")))?;
+        if groups.1 > MAX_GROUPS || groups.0 > MAX_GROUPS {
+            return Err(Error::invalid(
+                "wgpu",
+                format!("{kernel}: {groups:?} workgroups exceed the dispatch limit"),
+            ));
+        }
+        let params = self.u32s(params)?;
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: params.as_entire_binding(),
+        }];
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: b.as_entire_binding(),
+            });
+        }
+        let bind = self
+            .inner
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            });
+        let mut enc = self
+            .inner
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(groups.0.max(1) as u32, groups.1.max(1) as u32, 1);
+        }
+        self.inner.queue.submit([enc.finish()]);
+        Ok(())
+    }
+
+    fn read_bytes(&self, buf: &wgpu::Buffer) -> Result<Vec<u8>> {
+        let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: buf.size(),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .inner
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
+        self.inner.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.inner
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(wgpu_err)?;
+        rx.recv().map_err(wgpu_err)?.map_err(wgpu_err)?;
+        let bytes = staging.get_mapped_range(..).map_err(wgpu_err)?.to_vec();
+        staging.unmap();
+        Ok(bytes)
+    }
+}
+
+fn f32_bits(x: f64) -> u32 {
+    (x as f32).to_bits()
+}
+
+fn u32_of(x: usize) -> Result<u32> {
+    u32::try_from(x).map_err(|_| Error::invalid("wgpu", format!("{x} exceeds u32")))
+}
+
+fn matrix(t: &WgpuTensor, op: &'static str) -> Result<(usize, usize)> {
+    t.shape.as_matrix(op)
+}
+
+/// (cos, sin) of every token's position for each of the d/2 frequencies, computed in f64.
+fn rope_table(batch: &BatchInfo, cfg: &AttentionConfig) -> Vec<f32> {
+    let half = cfg.head_dim / 2;
+    let mut cs = Vec::with_capacity(batch.num_tokens() * half * 2);
+    for &pos in batch.positions() {
+        for i in 0..half {
+            let (s, c) = (f64::from(pos)
+                * cfg.rope_theta.powf(-((2 * i) as f64) / cfg.head_dim as f64))
+            .sin_cos();
+            cs.push(c as f32);
+            cs.push(s as f32);
+        }
+    }
+    cs
+}
+
+impl Backend for WgpuBackend {
+    type Tensor = WgpuTensor;
+    type Batch = WgpuBatch;
+    type Graph = ();
+    type Event = std::time::Instant;
+    const NAME: &'static str = "wgpu";
+
+    fn upload(&self, host: &HostTensor) -> Result<WgpuTensor> {
+        let v: Vec<f32> = match host.data() {
+            HostData::F32(v) => v.clone(),
+            _ => host.to_f64_vec().into_iter().map(|x| x as f32).collect(),
+        };
+        let buf = self.buffer(bytemuck::cast_slice(&v))?;
+        Ok(WgpuTensor {
+            shape: host.shape().clone(),
+            buf: Arc::new(buf),
+        })
+    }
+
+    fn download(&self, t: &WgpuTensor) -> Result<HostTensor> {
+        let bytes = self.read_bytes(&t.buf)?;
+        let mut v: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        v.truncate(t.shape.numel());
+        HostTensor::new(t.shape.clone(), HostData::F32(v))
+    }
+
+    fn zeros(&self, shape: &Shape, _dtype: DType) -> Result<WgpuTensor> {
+        // wgpu zero-initialises new buffers.
+        self.output(shape.clone())
+    }
+
+    fn kv_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn prepare_batch(&self, info: &BatchInfo) -> Result<WgpuBatch> {
+        let max_blocks = info
+            .seqs()
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut tables = vec![0u32; info.seqs().len() * max_blocks];
+        for (s, seq) in info.seqs().iter().enumerate() {
+            tables[s * max_blocks..s * max_blocks + seq.block_table.len()]
+                .copy_from_slice(&seq.block_table);
+        }
+        Ok(WgpuBatch {
+            info: info.clone(),
+            positions: self.u32s(info.positions())?,
+            slots: self.u32s(info.slots())?,
+            token_seq: self.u32s(info.token_seq())?,
+            tables: self.u32s(&tables)?,
+            max_blocks,
+        })
+    }
+
+    fn gather_rows(&self, table: &WgpuTensor, ids: &[u32]) -> Result<WgpuTensor> {
+        let (n, c) = matrix(table, "gather_rows")?;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= n) {
+            return Err(Error::invalid(
+                "gather_rows",
+                format!("id {bad} out of range 0..{n}"),
+            ));
+        }
+        let out = self.output([ids.len(), c])?;
+        if !ids.is_empty() {
+            let idb = self.u32s(ids)?;
+            self.run(
+                "gather",
+                &[u32_of(ids.len())?, u32_of(c)?],
+                &[&table.buf, &idb, &out.buf],
+                (c.div_ceil(64), ids.len()),
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &WgpuTensor, w: &WgpuTensor, eps: f64) -> Result<WgpuTensor> {
+        let (t, c) = matrix(x, "rms_norm")?;
+        let g = match w.shape.dims() {
+            [g] if *g > 0 && c % *g == 0 => *g,
+            _ => return Err(Error::shape("rms_norm", &x.shape, &w.shape)),
+        };
+        let out = self.output([t, c])?;
+        let groups = t * c / g;
+        self.run(
+            "rms_norm",
+            &[u32_of(groups)?, u32_of(g)?, f32_bits(eps)],
+            &[&x.buf, &w.buf, &out.buf],
+            (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS)),
+        )?;
+        Ok(out)
+    }
+
+    fn matmul(&self, x: &WgpuTensor, w: &WgpuTensor) -> Result<WgpuTensor> {
+        let (t, k) = matrix(x, "matmul")?;
+        let (n, k2) = matrix(w, "matmul")?;
+        if k != k2 {
+            return Err(Error::shape("matmul", &x.shape, &w.shape));
+        }
+        let out = self.output([t, n])?;
+        self.run(
+            "matmul",
+            &[u32_of(t)?, u32_of(k)?, u32_of(n)?],
+            &[&x.buf, &w.buf, &out.buf],
+            (n.div_ceil(64), t),
+        )?;
+        Ok(out)
+    }
+
+    fn add(&self, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
+        if a.shape != b.shape {
+            return Err(Error::shape("add", &a.shape, &b.shape));
+        }
+        let n = a.shape.numel();
+        let out = self.output(a.shape.clone())?;
+        let groups = n.div_ceil(64);
+        self.run(
+            "add",
+            &[u32_of(n)?],
+            &[&a.buf, &b.buf, &out.buf],
+            (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS)),
+        )?;
+        Ok(out)
+    }
+
+    fn silu_mul(&self, gate_up: &WgpuTensor) -> Result<WgpuTensor> {
+        let (t, c) = matrix(gate_up, "silu_mul")?;
+        if c % 2 != 0 {
+            return Err(Error::invalid("silu_mul", format!("odd width {c}")));
+        }
+        let out = self.output([t, c / 2])?;
+        self.run(
+            "silu_mul",
+            &[u32_of(t)?, u32_of(c / 2)?],
+            &[&gate_up.buf, &out.buf],
+            ((c / 2).div_ceil(64), t),
+        )?;
+        Ok(out)
+    }
+
+    fn slice_columns(&self, x: &WgpuTensor, start: usize, len: usize) -> Result<WgpuTensor> {
+        let (t, c) = matrix(x, "slice_columns")?;
+        if start + len > c {
+            return Err(Error::invalid(
+                "slice_columns",
+                format!("columns {start}..{} out of range 0..{c}", start + len),
+            ));
+        }
+        let out = self.output([t, len])?;
+        self.run(
+            "slice",
+            &[u32_of(t)?, u32_of(c)?, u32_of(start)?, u32_of(len)?],
+            &[&x.buf, &out.buf],
+            (len.div_ceil(64), t),
+        )?;
+        Ok(out)
+    }
+
+    fn rope(&self, x: &WgpuTensor, batch: &WgpuBatch, cfg: &AttentionConfig) -> Result<WgpuTensor> {
+        let (t, c) = matrix(x, "rope")?;
+        let d = cfg.head_dim;
+        if d == 0 || !d.is_multiple_of(2) || c % d != 0 || t != batch.info.num_tokens() {
+            return Err(Error::invalid(
+                "rope",
+                format!(
+                    "x {} with head_dim {d} and {} batch tokens",
+                    x.shape,
+                    batch.info.num_tokens()
+                ),
+            ));
+        }
+        let cs = self.buffer(bytemuck::cast_slice(&rope_table(&batch.info, cfg)))?;
+        let out = self.output([t, c])?;
+        self.run(
+            "rope",
+            &[u32_of(t)?, u32_of(c)?, u32_of(d)?],
+            &[&x.buf, &cs, &out.buf],
+            ((c / 2).div_ceil(64), t),
+        )?;
+        Ok(out)
+    }
+
+    fn write_kv(
+        &self,
+        cache: &mut LayerKv<WgpuTensor>,
+        k: &WgpuTensor,
+        v: &WgpuTensor,
+        batch: &WgpuBatch,
+    ) -> Result<()> {
+        let (t, w) = matrix(k, "write_kv")?;
+        if v.shape != k.shape || t != batch.info.num_tokens() {
+            return Err(Error::shape("write_kv", &k.shape, &v.shape));
+        }
+        let slots = match cache.k.shape.dims() {
+            [b, bs, h, d] if h * d == w => b * bs,
+            _ => {
+                return Err(Error::invalid(
+                    "write_kv",
+                    format!("cache shape {} does not hold rows of {w}", cache.k.shape),
+                ))
+            }
+        };
+        if let Some(bad) = batch.info.slots().iter().find(|&&s| s as usize >= slots) {
+            return Err(Error::invalid(
+                "write_kv",
+                format!("slot {bad} beyond {slots}"),
+            ));
+        }
+        self.run(
+            "write_kv",
+            &[u32_of(t)?, u32_of(w)?],
+            &[&k.buf, &v.buf, &batch.slots, &cache.k.buf, &cache.v.buf],
+            (w.div_ceil(64), t),
+        )
+    }
+
+    fn attention(
+        &self,
+        q: &WgpuTensor,
+        cache: &LayerKv<WgpuTensor>,
+        batch: &WgpuBatch,
+        cfg: &AttentionConfig,
+    ) -> Result<WgpuTensor> {
+        let (t, c) = matrix(q, "attention")?;
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        if c != h * d
+            || t != batch.info.num_tokens()
+            || kvh == 0
+            || h % kvh != 0
+            || d > MAX_HEAD_DIM
+        {
+            return Err(Error::invalid(
+                "attention",
+                format!(
+                    "q {} for {h} heads of {d} over {kvh} kv heads and {t} tokens",
+                    q.shape
+                ),
+            ));
+        }
+        let slots = match cache.k.shape.dims() {
+            [b, bs, hh, dd] if hh * dd == kvh * d => b * bs,
+            _ => {
+                return Err(Error::invalid(
+                    "attention",
+                    format!("cache shape {}", cache.k.shape),
+                ))
+            }
+        };
+        let bs = batch.info.block_size();
+        if let Some(bad) = batch
+            .info
+            .seqs()
+            .iter()
+            .flat_map(|s| &s.block_table)
+            .find(|&&b| (b as usize + 1) * bs > slots)
+        {
+            return Err(Error::invalid(
+                "attention",
+                format!("block {bad} beyond the cache"),
+            ));
+        }
+        let out = self.output([t, c])?;
+        let params = [
+            u32_of(t)?,
+            u32_of(h)?,
+            u32_of(kvh)?,
+            u32_of(d)?,
+            u32_of(bs)?,
+            u32_of(batch.max_blocks)?,
+            f32_bits(cfg.scale()),
+        ];
+        self.run(
+            "attention",
+            &params,
+            &[
+                &q.buf,
+                &cache.k.buf,
+                &cache.v.buf,
+                &batch.positions,
+                &batch.token_seq,
+                &batch.tables,
+                &out.buf,
+            ],
+            (h.div_ceil(64), t),
+        )?;
+        Ok(out)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.inner
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(wgpu_err)
+    }
+
+    fn record_event(&self) -> Result<std::time::Instant> {
+        // No timestamp queries here: wait for the queue, then read the host clock.
+        self.synchronize()?;
+        Ok(std::time::Instant::now())
+    }
+
+    fn elapsed_s(&self, start: &std::time::Instant, end: &std::time::Instant) -> Result<f64> {
+        Ok(end.saturating_duration_since(*start).as_secs_f64())
+    }
+}
