@@ -25,8 +25,9 @@ pub struct Tolerance {
 impl Tolerance {
     /// f64 arithmetic (another order of summation).
     pub const F64: Tolerance = Tolerance { rel: 1e-12 };
-    /// f32 activations and accumulation.
-    pub const F32: Tolerance = Tolerance { rel: 1e-5 };
+    /// f32 activations and accumulation. Not 1e-5: with k_norm gains of 100 attention scores reach
+    /// ~10², and their f32 rounding alone moves softmax weights by ~1e-5.
+    pub const F32: Tolerance = Tolerance { rel: 1e-4 };
     /// bf16 storage of activations or cache, fp32 accumulation.
     pub const BF16: Tolerance = Tolerance { rel: 2e-2 };
 }

@@ -65,11 +65,35 @@ const MAX_HEAD_DIM: usize = 256;
 /// Workgroups per dispatch dimension (the WebGPU minimum limit).
 const MAX_GROUPS: usize = 65_535;
 
-/// A tensor in a wgpu storage buffer (f32).
+/// A tensor in wgpu storage buffers (f32): one buffer, or for a matrix larger than the adapter's
+/// storage binding limit, consecutive row ranges of `rows_per_part` rows each.
 #[derive(Clone)]
 pub struct WgpuTensor {
     shape: Shape,
-    buf: Arc<wgpu::Buffer>,
+    parts: Arc<Vec<wgpu::Buffer>>,
+    rows_per_part: usize,
+}
+
+impl WgpuTensor {
+    fn single(shape: Shape, buf: wgpu::Buffer) -> Self {
+        let rows = shape.dims().first().copied().unwrap_or(1);
+        WgpuTensor {
+            shape,
+            parts: Arc::new(vec![buf]),
+            rows_per_part: rows,
+        }
+    }
+
+    /// The one buffer of a tensor that is not split.
+    fn buf(&self) -> Result<&wgpu::Buffer> {
+        match self.parts.as_slice() {
+            [b] => Ok(b),
+            _ => Err(Error::invalid(
+                "wgpu",
+                format!("a {} tensor split across {} bindings is only usable as a matmul weight or embedding table", self.shape, self.parts.len()),
+            )),
+        }
+    }
 }
 
 impl fmt::Debug for WgpuTensor {
@@ -113,6 +137,9 @@ impl AsMut<BatchInfo> for WgpuBatch {
 struct Inner {
     device: wgpu::Device,
     queue: wgpu::Queue,
+    /// Dispatches each thread recorded since its last submission: one command buffer per burst of
+    /// ops, sent when that thread reads a result or synchronises.
+    pending: std::sync::Mutex<HashMap<std::thread::ThreadId, wgpu::CommandEncoder>>,
     pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
     adapter: String,
     max_binding: u64,
@@ -140,6 +167,12 @@ impl WgpuBackend {
     /// # Errors
     /// [`Error::NoDevice`] when there is no such adapter (no Vulkan/Metal/DX12 driver).
     pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_binding_limit(ordinal, None)
+    }
+
+    /// [`WgpuBackend::new`] with storage bindings capped below the adapter's limit (for testing
+    /// the splitting of large weights on small ones).
+    pub fn with_binding_limit(ordinal: usize, limit: Option<u64>) -> Result<Self> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
         let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
         let count = adapters.len();
@@ -174,11 +207,14 @@ impl WgpuBackend {
             pipelines.insert(*name, pipeline);
         }
         let adapter_name = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
-        let max_binding = limits.max_storage_buffer_binding_size;
+        let max_binding = limit.map_or(limits.max_storage_buffer_binding_size, |l| {
+            l.min(limits.max_storage_buffer_binding_size)
+        });
         Ok(WgpuBackend {
             inner: Arc::new(Inner {
                 device,
                 queue,
+                pending: std::sync::Mutex::new(HashMap::new()),
                 pipelines,
                 adapter: adapter_name,
                 max_binding,
@@ -250,10 +286,7 @@ impl WgpuBackend {
                 | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        Ok(WgpuTensor {
-            shape,
-            buf: Arc::new(buf),
-        })
+        Ok(WgpuTensor::single(shape, buf))
     }
 
     fn u32s(&self, v: &[u32]) -> Result<wgpu::Buffer> {
@@ -298,24 +331,44 @@ impl WgpuBackend {
                 layout: &pipeline.get_bind_group_layout(0),
                 entries: &entries,
             });
-        let mut enc = self
+        let mut pending = self
             .inner
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: None,
-                timestamp_writes: None,
+            .pending
+            .lock()
+            .map_err(|_| Error::invalid("wgpu", "command encoder lock poisoned"))?;
+        let enc = pending
+            .entry(std::thread::current().id())
+            .or_insert_with(|| {
+                self.inner
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
             });
-            pass.set_pipeline(pipeline);
-            pass.set_bind_group(0, &bind, &[]);
-            pass.dispatch_workgroups(groups.0.max(1) as u32, groups.1.max(1) as u32, 1);
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(groups.0.max(1) as u32, groups.1.max(1) as u32, 1);
+        Ok(())
+    }
+
+    /// Submits the dispatches recorded so far as one command buffer.
+    fn flush(&self) -> Result<()> {
+        let enc = self
+            .inner
+            .pending
+            .lock()
+            .map_err(|_| Error::invalid("wgpu", "command encoder lock poisoned"))?
+            .remove(&std::thread::current().id());
+        if let Some(enc) = enc {
+            self.inner.queue.submit([enc.finish()]);
         }
-        self.inner.queue.submit([enc.finish()]);
         Ok(())
     }
 
     fn read_bytes(&self, buf: &wgpu::Buffer) -> Result<Vec<u8>> {
+        self.flush()?;
         let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
             size: buf.size(),
@@ -383,15 +436,33 @@ impl Backend for WgpuBackend {
             HostData::F32(v) => v.clone(),
             _ => host.to_f64_vec().into_iter().map(|x| x as f32).collect(),
         };
-        let buf = self.buffer(bytemuck::cast_slice(&v))?;
+        let bytes: &[u8] = bytemuck::cast_slice(&v);
+        if bytes.len() as u64 <= self.inner.max_binding || host.shape().rank() != 2 {
+            return Ok(WgpuTensor::single(
+                host.shape().clone(),
+                self.buffer(bytes)?,
+            ));
+        }
+        // Too large for one binding (an embedding of 151,936 rows): split by rows.
+        let (rows, cols) = host.shape().as_matrix("upload")?;
+        let row_bytes = cols * 4;
+        let rows_per_part = (self.inner.max_binding as usize / row_bytes).max(1);
+        let parts = (0..rows)
+            .step_by(rows_per_part)
+            .map(|r| self.buffer(&bytes[r * row_bytes..(r + rows_per_part).min(rows) * row_bytes]))
+            .collect::<Result<Vec<_>>>()?;
         Ok(WgpuTensor {
             shape: host.shape().clone(),
-            buf: Arc::new(buf),
+            parts: Arc::new(parts),
+            rows_per_part,
         })
     }
 
     fn download(&self, t: &WgpuTensor) -> Result<HostTensor> {
-        let bytes = self.read_bytes(&t.buf)?;
+        let mut bytes = Vec::new();
+        for part in t.parts.iter() {
+            bytes.extend(self.read_bytes(part)?);
+        }
         let mut v: Vec<f32> = bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -443,12 +514,22 @@ impl Backend for WgpuBackend {
         let out = self.output([ids.len(), c])?;
         if !ids.is_empty() {
             let idb = self.u32s(ids)?;
-            self.run(
-                "gather",
-                &[u32_of(ids.len())?, u32_of(c)?],
-                &[&table.buf, &idb, &out.buf],
-                (c.div_ceil(64), ids.len()),
-            )?;
+            for (i, part) in table.parts.iter().enumerate() {
+                let start = i * table.rows_per_part;
+                let rows = table.rows_per_part.min(n - start);
+                let params = [
+                    u32_of(ids.len())?,
+                    u32_of(c)?,
+                    u32_of(start)?,
+                    u32_of(rows)?,
+                ];
+                self.run(
+                    "gather",
+                    &params,
+                    &[part, &idb, out.buf()?],
+                    (c.div_ceil(64), ids.len()),
+                )?;
+            }
         }
         Ok(out)
     }
@@ -464,7 +545,7 @@ impl Backend for WgpuBackend {
         self.run(
             "rms_norm",
             &[u32_of(groups)?, u32_of(g)?, f32_bits(eps)],
-            &[&x.buf, &w.buf, &out.buf],
+            &[x.buf()?, w.buf()?, out.buf()?],
             (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS)),
         )?;
         Ok(out)
@@ -477,12 +558,23 @@ impl Backend for WgpuBackend {
             return Err(Error::shape("matmul", &x.shape, &w.shape));
         }
         let out = self.output([t, n])?;
-        self.run(
-            "matmul",
-            &[u32_of(t)?, u32_of(k)?, u32_of(n)?],
-            &[&x.buf, &w.buf, &out.buf],
-            (n.div_ceil(64), t),
-        )?;
+        for (i, part) in w.parts.iter().enumerate() {
+            let start = i * w.rows_per_part;
+            let rows = w.rows_per_part.min(n - start);
+            let params = [
+                u32_of(t)?,
+                u32_of(k)?,
+                u32_of(rows)?,
+                u32_of(n)?,
+                u32_of(start)?,
+            ];
+            self.run(
+                "matmul",
+                &params,
+                &[x.buf()?, part, out.buf()?],
+                (rows.div_ceil(64), t),
+            )?;
+        }
         Ok(out)
     }
 
@@ -496,7 +588,7 @@ impl Backend for WgpuBackend {
         self.run(
             "add",
             &[u32_of(n)?],
-            &[&a.buf, &b.buf, &out.buf],
+            &[a.buf()?, b.buf()?, out.buf()?],
             (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS)),
         )?;
         Ok(out)
@@ -511,7 +603,7 @@ impl Backend for WgpuBackend {
         self.run(
             "silu_mul",
             &[u32_of(t)?, u32_of(c / 2)?],
-            &[&gate_up.buf, &out.buf],
+            &[gate_up.buf()?, out.buf()?],
             ((c / 2).div_ceil(64), t),
         )?;
         Ok(out)
@@ -529,7 +621,7 @@ impl Backend for WgpuBackend {
         self.run(
             "slice",
             &[u32_of(t)?, u32_of(c)?, u32_of(start)?, u32_of(len)?],
-            &[&x.buf, &out.buf],
+            &[x.buf()?, out.buf()?],
             (len.div_ceil(64), t),
         )?;
         Ok(out)
@@ -553,7 +645,7 @@ impl Backend for WgpuBackend {
         self.run(
             "rope",
             &[u32_of(t)?, u32_of(c)?, u32_of(d)?],
-            &[&x.buf, &cs, &out.buf],
+            &[x.buf()?, &cs, out.buf()?],
             ((c / 2).div_ceil(64), t),
         )?;
         Ok(out)
@@ -588,7 +680,13 @@ impl Backend for WgpuBackend {
         self.run(
             "write_kv",
             &[u32_of(t)?, u32_of(w)?],
-            &[&k.buf, &v.buf, &batch.slots, &cache.k.buf, &cache.v.buf],
+            &[
+                k.buf()?,
+                v.buf()?,
+                &batch.slots,
+                cache.k.buf()?,
+                cache.v.buf()?,
+            ],
             (w.div_ceil(64), t),
         )
     }
@@ -652,13 +750,13 @@ impl Backend for WgpuBackend {
             "attention",
             &params,
             &[
-                &q.buf,
-                &cache.k.buf,
-                &cache.v.buf,
+                q.buf()?,
+                cache.k.buf()?,
+                cache.v.buf()?,
                 &batch.positions,
                 &batch.token_seq,
                 &batch.tables,
-                &out.buf,
+                out.buf()?,
             ],
             (h.div_ceil(64), t),
         )?;
@@ -666,6 +764,7 @@ impl Backend for WgpuBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
+        self.flush()?;
         self.inner
             .device
             .poll(wgpu::PollType::wait_indefinitely())
