@@ -41,6 +41,10 @@ fn ops(c: &mut Criterion) {
         }
         Err(e) => eprintln!("skipping cuda benches: {e}"),
     }
+    match qfuse_wgpu::WgpuBackend::new(0) {
+        Ok(gpu) => bench_rms_norm_matmul(c, &gpu, 1, 1024, 4096),
+        Err(e) => eprintln!("skipping wgpu benches: {e}"),
+    }
 }
 
 criterion_group!(benches, ops);
