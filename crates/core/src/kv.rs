@@ -177,6 +177,25 @@ impl BatchInfo {
             + pos % self.block_size
     }
 
+    /// The longest block table.
+    pub fn max_table_len(&self) -> usize {
+        self.seqs
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Block tables flattened to `[seqs, width]`, each zero-padded to `width` (at least
+    /// [`BatchInfo::max_table_len`]): the layout device kernels index.
+    pub fn padded_block_tables(&self, width: usize) -> Vec<u32> {
+        let mut tables = vec![0u32; self.seqs.len() * width];
+        for (s, seq) in self.seqs.iter().enumerate() {
+            tables[s * width..s * width + seq.block_table.len()].copy_from_slice(&seq.block_table);
+        }
+        tables
+    }
+
     /// The last row of every sequence: the rows whose logits decoding needs.
     pub fn last_rows(&self) -> Vec<u32> {
         self.row_starts[1..]

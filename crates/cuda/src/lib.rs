@@ -126,16 +126,6 @@ impl fmt::Debug for CudaGraphExec {
     }
 }
 
-/// Block tables flattened to `[seqs, max_blocks]`, zero-padded.
-fn padded_tables(info: &BatchInfo, max_blocks: usize) -> Vec<u32> {
-    let mut tables = vec![0u32; info.seqs().len() * max_blocks];
-    for (s, seq) in info.seqs().iter().enumerate() {
-        tables[s * max_blocks..s * max_blocks + seq.block_table.len()]
-            .copy_from_slice(&seq.block_table);
-    }
-    tables
-}
-
 struct Inner {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -569,13 +559,10 @@ impl Backend for CudaBackend {
 
     fn prepare_batch(&self, info: &BatchInfo) -> Result<CudaBatch> {
         let capacity = info.capacity().max(info.max_context());
-        let longest = info
-            .seqs()
-            .iter()
-            .map(|s| s.block_table.len())
-            .max()
-            .unwrap_or(0);
-        let max_blocks = longest.max(capacity.div_ceil(info.block_size())).max(1);
+        let max_blocks = info
+            .max_table_len()
+            .max(capacity.div_ceil(info.block_size()))
+            .max(1);
         // SAFETY: sample_greedy writes the rows it reports before read_sampled reads them.
         let sampled = unsafe { self.stream().alloc::<u32>(info.num_tokens().max(1)) }.cuda()?;
         Ok(CudaBatch {
@@ -584,7 +571,7 @@ impl Backend for CudaBackend {
             slots: self.upload_u32(info.slots())?,
             token_seq: self.upload_u32(info.token_seq())?,
             token_ids: self.upload_u32(info.token_ids())?,
-            block_tables: self.upload_u32(&padded_tables(info, max_blocks))?,
+            block_tables: self.upload_u32(&info.padded_block_tables(max_blocks))?,
             sampled,
             sampled_rows: 0,
             max_blocks,
@@ -617,7 +604,7 @@ impl Backend for CudaBackend {
             .cuda()?;
         stream
             .memcpy_htod(
-                &padded_tables(info, batch.max_blocks),
+                &info.padded_block_tables(batch.max_blocks),
                 &mut batch.block_tables,
             )
             .cuda()?;

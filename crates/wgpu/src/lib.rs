@@ -481,18 +481,8 @@ impl Backend for WgpuBackend {
     }
 
     fn prepare_batch(&self, info: &BatchInfo) -> Result<WgpuBatch> {
-        let max_blocks = info
-            .seqs()
-            .iter()
-            .map(|s| s.block_table.len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut tables = vec![0u32; info.seqs().len() * max_blocks];
-        for (s, seq) in info.seqs().iter().enumerate() {
-            tables[s * max_blocks..s * max_blocks + seq.block_table.len()]
-                .copy_from_slice(&seq.block_table);
-        }
+        let max_blocks = info.max_table_len().max(1);
+        let tables = info.padded_block_tables(max_blocks);
         Ok(WgpuBatch {
             info: info.clone(),
             positions: self.u32s(info.positions())?,
