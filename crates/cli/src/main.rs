@@ -235,7 +235,7 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
             let b =
                 qfuse_wgpu::WgpuBackend::new(args.device).context("starting the wgpu backend")?;
             eprintln!(
-                "wgpu: {} (weights, activations and KV cache f32)",
+                "wgpu: {} (bf16 checkpoint weights packed exactly; activations, KV cache and accumulation f32)",
                 b.adapter_name()
             );
             run_maybe_unfused(args, job, b)

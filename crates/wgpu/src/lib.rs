@@ -19,6 +19,16 @@ const SHADERS: &[(&str, &str, &str)] = &[
         "main",
     ),
     (
+        "gather_bf16",
+        include_str!("../../../kernels/wgsl/gather_bf16.wgsl"),
+        "main",
+    ),
+    (
+        "matmul_bf16",
+        include_str!("../../../kernels/wgsl/matmul_bf16.wgsl"),
+        "main",
+    ),
+    (
         "rms_norm",
         include_str!("../../../kernels/wgsl/rms_norm.wgsl"),
         "main",
@@ -70,6 +80,7 @@ const MAX_GROUPS: usize = 65_535;
 #[derive(Clone)]
 pub struct WgpuTensor {
     shape: Shape,
+    dtype: DType,
     parts: Arc<Vec<wgpu::Buffer>>,
     rows_per_part: usize,
 }
@@ -79,6 +90,7 @@ impl WgpuTensor {
         let rows = shape.dims().first().copied().unwrap_or(1);
         WgpuTensor {
             shape,
+            dtype: DType::F32,
             parts: Arc::new(vec![buf]),
             rows_per_part: rows,
         }
@@ -87,7 +99,11 @@ impl WgpuTensor {
     /// The one buffer of a tensor that is not split.
     fn buf(&self) -> Result<&wgpu::Buffer> {
         match self.parts.as_slice() {
-            [b] => Ok(b),
+            [b] if self.dtype == DType::F32 => Ok(b),
+            [_] => Err(Error::invalid(
+                "wgpu",
+                format!("a bf16 {} weight is only usable as a matmul weight or embedding table", self.shape),
+            )),
             _ => Err(Error::invalid(
                 "wgpu",
                 format!("a {} tensor split across {} bindings is only usable as a matmul weight or embedding table", self.shape, self.parts.len()),
@@ -98,7 +114,7 @@ impl WgpuTensor {
 
 impl fmt::Debug for WgpuTensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "WgpuTensor(f32 {})", self.shape)
+        write!(f, "WgpuTensor({} {})", self.dtype, self.shape)
     }
 }
 
@@ -107,7 +123,7 @@ impl DeviceTensor for WgpuTensor {
         &self.shape
     }
     fn dtype(&self) -> DType {
-        DType::F32
+        self.dtype
     }
 }
 
@@ -237,6 +253,35 @@ impl WgpuBackend {
     /// The adapter's name, API and kind.
     pub fn adapter_name(&self) -> &str {
         &self.inner.adapter
+    }
+
+    /// A matrix's bytes (`dtype` elements, row-major) in one buffer, or split by rows into parts
+    /// that each fit a storage binding and hold whole 32-bit words.
+    fn matrix_parts(&self, shape: &Shape, dtype: DType, bytes: &[u8]) -> Result<WgpuTensor> {
+        let (rows, cols) = shape.as_matrix("upload")?;
+        let row_bytes = cols * dtype.size_in_bytes();
+        let mut rows_per_part = rows.max(1);
+        if bytes.len() as u64 > self.inner.max_binding {
+            rows_per_part = (self.inner.max_binding as usize / row_bytes.max(1)).max(1);
+            if !(rows_per_part * row_bytes).is_multiple_of(4) {
+                rows_per_part = (rows_per_part & !1).max(2);
+            }
+        }
+        let parts = (0..rows.max(1))
+            .step_by(rows_per_part)
+            .map(|r| {
+                let end = ((r + rows_per_part).min(rows) * row_bytes).max(r * row_bytes);
+                let mut part = bytes[r * row_bytes..end].to_vec();
+                part.resize(part.len().div_ceil(4) * 4, 0);
+                self.buffer(&part)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(WgpuTensor {
+            shape: shape.clone(),
+            dtype,
+            parts: Arc::new(parts),
+            rows_per_part,
+        })
     }
 
     fn buffer(&self, bytes: &[u8]) -> Result<wgpu::Buffer> {
@@ -436,32 +481,46 @@ impl Backend for WgpuBackend {
             HostData::F32(v) => v.clone(),
             _ => host.to_f64_vec().into_iter().map(|x| x as f32).collect(),
         };
-        let bytes: &[u8] = bytemuck::cast_slice(&v);
-        if bytes.len() as u64 <= self.inner.max_binding || host.shape().rank() != 2 {
+        if host.shape().rank() != 2 {
             return Ok(WgpuTensor::single(
                 host.shape().clone(),
-                self.buffer(bytes)?,
+                self.buffer(bytemuck::cast_slice(&v))?,
             ));
         }
-        // Too large for one binding (an embedding of 151,936 rows): split by rows.
-        let (rows, cols) = host.shape().as_matrix("upload")?;
-        let row_bytes = cols * 4;
-        let rows_per_part = (self.inner.max_binding as usize / row_bytes).max(1);
-        let parts = (0..rows)
-            .step_by(rows_per_part)
-            .map(|r| self.buffer(&bytes[r * row_bytes..(r + rows_per_part).min(rows) * row_bytes]))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(WgpuTensor {
-            shape: host.shape().clone(),
-            parts: Arc::new(parts),
-            rows_per_part,
-        })
+        self.matrix_parts(host.shape(), DType::F32, bytemuck::cast_slice(&v))
+    }
+
+    fn upload_weight(&self, host: &HostTensor) -> Result<WgpuTensor> {
+        match host.data() {
+            // bf16 matrices stay bf16 (exact), packed two to a word.
+            HostData::BF16(v) if host.shape().rank() == 2 => {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+                self.matrix_parts(host.shape(), DType::BF16, &bytes)
+            }
+            _ => self.upload(host),
+        }
     }
 
     fn download(&self, t: &WgpuTensor) -> Result<HostTensor> {
+        let cols = t.shape.dims().last().copied().unwrap_or(1);
+        let (rows, esize) = (t.shape.numel() / cols.max(1), t.dtype.size_in_bytes());
         let mut bytes = Vec::new();
-        for part in t.parts.iter() {
-            bytes.extend(self.read_bytes(part)?);
+        for (i, part) in t.parts.iter().enumerate() {
+            let part_rows = t
+                .rows_per_part
+                .min(rows.saturating_sub(i * t.rows_per_part));
+            let mut b = self.read_bytes(part)?;
+            if t.parts.len() > 1 || t.dtype != DType::F32 {
+                b.truncate(part_rows * cols * esize);
+            }
+            bytes.extend(b);
+        }
+        if t.dtype == DType::BF16 {
+            let v = bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect();
+            return HostTensor::new(t.shape.clone(), HostData::BF16(v));
         }
         let mut v: Vec<f32> = bytes
             .chunks_exact(4)
@@ -513,8 +572,13 @@ impl Backend for WgpuBackend {
                     u32_of(start)?,
                     u32_of(rows)?,
                 ];
+                let kernel = if table.dtype == DType::BF16 {
+                    "gather_bf16"
+                } else {
+                    "gather"
+                };
                 self.run(
-                    "gather",
+                    kernel,
                     &params,
                     &[part, &idb, out.buf()?],
                     (c.div_ceil(64), ids.len()),
@@ -558,8 +622,13 @@ impl Backend for WgpuBackend {
                 u32_of(n)?,
                 u32_of(start)?,
             ];
+            let kernel = if w.dtype == DType::BF16 {
+                "matmul_bf16"
+            } else {
+                "matmul"
+            };
             self.run(
-                "matmul",
+                kernel,
                 &params,
                 &[x.buf()?, part, out.buf()?],
                 (rows.div_ceil(64), t),

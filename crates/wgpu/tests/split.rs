@@ -2,7 +2,7 @@
 //! lavapipe's 128 MiB) are split by rows; matmul and row gathers over them match the reference.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::{activations, rel_error, weights, Rng};
-use qfuse_core::{Backend, Error};
+use qfuse_core::{Backend, DType, DeviceTensor, Error};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_wgpu::WgpuBackend;
 
@@ -18,34 +18,45 @@ fn split_weights_multiply_and_gather_like_whole_ones() {
         Err(e) => panic!("{e}"),
     };
     let mut rng = Rng::new(1);
-    let w = weights(&mut rng, 50, 40).unwrap();
-    let x = activations(&mut rng, 3, 40, true).unwrap();
-    let (wg, wr) = (
-        gpu.upload_weight(&w).unwrap(),
-        CpuRef.upload_weight(&w).unwrap(),
-    );
-    let (xg, xr) = (gpu.upload(&x).unwrap(), CpuRef.upload(&x).unwrap());
-    let got = gpu
-        .download(&gpu.matmul(&xg, &wg).unwrap())
-        .unwrap()
-        .to_f64_vec();
-    let want = CpuRef
-        .download(&CpuRef.matmul(&xr, &wr).unwrap())
-        .unwrap()
-        .to_f64_vec();
-    assert!(rel_error(&got, &want) < 1e-5, "{}", rel_error(&got, &want));
-    let ids = [0, 24, 25, 49, 3, 26];
-    let got = gpu
-        .download(&gpu.gather_rows(&wg, &ids).unwrap())
-        .unwrap()
-        .to_f64_vec();
-    let want = CpuRef
-        .download(&CpuRef.gather_rows(&wr, &ids).unwrap())
-        .unwrap()
-        .to_f64_vec();
-    assert_eq!(got, want);
-    // The split tensor downloads whole, and other ops refuse it clearly.
-    assert_eq!(gpu.download(&wg).unwrap().to_f64_vec(), w.to_f64_vec());
-    let err = gpu.silu_mul(&wg).unwrap_err().to_string();
-    assert!(err.contains("split across 2 bindings"), "{err}");
+    // f32 [50, 40] (8 KB, two parts) and bf16 [120, 40] (9.6 KB packed, three parts).
+    for (rows, dtype) in [(50, DType::F32), (120, DType::BF16)] {
+        let w = weights(&mut rng, rows, 40).unwrap().to_dtype(dtype);
+        let x = activations(&mut rng, 3, 40, true).unwrap();
+        let (wg, wr) = (
+            gpu.upload_weight(&w).unwrap(),
+            CpuRef.upload_weight(&w).unwrap(),
+        );
+        assert_eq!(wg.dtype(), dtype);
+        let (xg, xr) = (gpu.upload(&x).unwrap(), CpuRef.upload(&x).unwrap());
+        let got = gpu
+            .download(&gpu.matmul(&xg, &wg).unwrap())
+            .unwrap()
+            .to_f64_vec();
+        let want = CpuRef
+            .download(&CpuRef.matmul(&xr, &wr).unwrap())
+            .unwrap()
+            .to_f64_vec();
+        assert!(
+            rel_error(&got, &want) < 1e-5,
+            "{dtype}: {}",
+            rel_error(&got, &want)
+        );
+        let ids = [0, 24, 25, 49, 3, 26];
+        let got = gpu
+            .download(&gpu.gather_rows(&wg, &ids).unwrap())
+            .unwrap()
+            .to_f64_vec();
+        let want = CpuRef
+            .download(&CpuRef.gather_rows(&wr, &ids).unwrap())
+            .unwrap()
+            .to_f64_vec();
+        assert_eq!(got, want, "{dtype}");
+        // The split tensor downloads whole, and other ops refuse it clearly.
+        assert_eq!(gpu.download(&wg).unwrap(), w, "{dtype}");
+        let err = gpu.slice_columns(&wg, 0, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("bindings is only usable as a matmul weight or embedding table"),
+            "{err}"
+        );
+    }
 }
