@@ -89,8 +89,8 @@ pub fn load_model<B: Backend>(b: &B, model: Option<&str>) -> anyhow::Result<Load
             "qfuse: no --model given: using the built-in tiny Qwen3 with random weights (its text is gibberish) and the real Qwen3 tokenizer; pass --model DIR for a real checkpoint"
         );
         let (cfg, ckpt) = synthetic_checkpoint(SynthShape::Tiny, 0)?;
-        let stop_ids = cfg.eos_token_ids.clone();
-        let mut stop_ids = stop_ids;
+        // <|im_end|> from the config, and <|endoftext|>, as the synthetic generation_config.json has.
+        let mut stop_ids = cfg.eos_token_ids.clone();
         stop_ids.push(151_643);
         return Ok(Loaded {
             model: Qwen3::from_checkpoint(b, cfg, &ckpt)?,
