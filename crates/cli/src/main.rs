@@ -262,18 +262,23 @@ fn load<B: Backend>(b: &B, dir: &std::path::Path) -> anyhow::Result<Qwen3<B>> {
     Qwen3::load(b, dir).with_context(|| format!("loading {}", dir.display()))
 }
 
+/// The random-prompt workload of `bench` and `profile`.
+fn workload_spec(batch: usize, prompt_len: usize, new_tokens: usize) -> anyhow::Result<BenchSpec> {
+    if batch == 0 || prompt_len == 0 || new_tokens == 0 {
+        bail!("--batch, --prompt-len and --new-tokens must be positive");
+    }
+    Ok(BenchSpec {
+        batch,
+        prompt_len,
+        new_tokens,
+        seed: 7,
+    })
+}
+
 impl Job for BenchArgs {
     fn run<B: Backend>(&self, b: B) -> anyhow::Result<()> {
-        if self.batch == 0 || self.prompt_len == 0 || self.new_tokens == 0 {
-            bail!("--batch, --prompt-len and --new-tokens must be positive");
-        }
+        let spec = workload_spec(self.batch, self.prompt_len, self.new_tokens)?;
         let model = load(&b, &self.model)?;
-        let spec = BenchSpec {
-            batch: self.batch,
-            prompt_len: self.prompt_len,
-            new_tokens: self.new_tokens,
-            seed: 7,
-        };
         // Warm-up: kernel first-launch costs and allocator growth stay out of the figures.
         run_bench(
             &model,
@@ -509,16 +514,11 @@ fn print_check(
 
 impl Job for ProfileArgs {
     fn run<B: Backend>(&self, b: B) -> anyhow::Result<()> {
-        if self.batch == 0 || self.prompt_len == 0 || self.new_tokens == 0 || self.reps == 0 {
-            bail!("--batch, --prompt-len, --new-tokens and --reps must be positive");
+        let spec = workload_spec(self.batch, self.prompt_len, self.new_tokens)?;
+        if self.reps == 0 {
+            bail!("--reps must be positive");
         }
         let model = load(&b, &self.model)?;
-        let spec = BenchSpec {
-            batch: self.batch,
-            prompt_len: self.prompt_len,
-            new_tokens: self.new_tokens,
-            seed: 7,
-        };
         qfuse_qwen3::validate(
             &model,
             &Request::greedy(vec![0; spec.prompt_len], spec.new_tokens),

@@ -30,6 +30,18 @@ impl Shape {
         self.0.iter().product()
     }
 
+    /// Slots of a KV-cache pool `[blocks, block_size, kv_heads, head_dim]` whose rows are `width`
+    /// (`kv_heads * head_dim`) wide, or an error naming `op`.
+    pub fn cache_slots(&self, width: usize, op: &'static str) -> Result<usize> {
+        match self.0.as_slice() {
+            [b, bs, h, d] if h * d == width => Ok(b * bs),
+            _ => Err(Error::invalid(
+                op,
+                format!("cache shape {self} does not hold rows of {width}"),
+            )),
+        }
+    }
+
     /// The two dimensions of a matrix, or an error naming `op` if the rank is not 2.
     pub fn as_matrix(&self, op: &'static str) -> Result<(usize, usize)> {
         match self.0.as_slice() {

@@ -853,7 +853,7 @@ impl Backend for CudaBackend {
         if v.shape != k.shape || t != batch.info.num_tokens() {
             return Err(Error::shape("write_kv", &k.shape, &v.shape));
         }
-        let slots = cache_slots(&cache.k, w, "write_kv")?;
+        let slots = cache.k.shape.cache_slots(w, "write_kv")?;
         if let Some(bad) = batch.info.slots().iter().find(|&&s| s as usize >= slots) {
             return Err(Error::invalid(
                 "write_kv",
@@ -896,7 +896,7 @@ impl Backend for CudaBackend {
                 ),
             ));
         }
-        let slots = cache_slots(&cache.k, kvh * d, "attention")?;
+        let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
         let bs = batch.info.block_size();
         if let Some(bad) = batch
             .info
@@ -1088,7 +1088,10 @@ impl Backend for CudaBackend {
                 format!("qkv {} for {h}+2x{kvh} heads of {d}", qkv.shape),
             ));
         }
-        let slots = cache_slots(&cache.k, kvh * d, "qk_norm_rope_write_kv")?;
+        let slots = cache
+            .k
+            .shape
+            .cache_slots(kvh * d, "qk_norm_rope_write_kv")?;
         if let Some(bad) = batch.info.slots().iter().find(|&&s| s as usize >= slots) {
             return Err(Error::invalid(
                 "qk_norm_rope_write_kv",
@@ -1233,17 +1236,6 @@ fn arg_pool_mut<'a>(
         Buf::F32(s) => b.arg(Arc::get_mut(s).ok_or_else(shared)?),
     };
     Ok(())
-}
-
-/// Slots in a cache pool `[blocks, block_size, kv_heads, head_dim]` whose rows are `width` wide.
-fn cache_slots(pool: &CudaTensor, width: usize, op: &'static str) -> Result<usize> {
-    match pool.shape.dims() {
-        [b, bs, h, d] if h * d == width => Ok(b * bs),
-        _ => Err(Error::invalid(
-            op,
-            format!("cache shape {} does not hold rows of {width}", pool.shape),
-        )),
-    }
 }
 
 #[cfg(test)]

@@ -721,15 +721,7 @@ impl Backend for WgpuBackend {
         if v.shape != k.shape || t != batch.info.num_tokens() {
             return Err(Error::shape("write_kv", &k.shape, &v.shape));
         }
-        let slots = match cache.k.shape.dims() {
-            [b, bs, h, d] if h * d == w => b * bs,
-            _ => {
-                return Err(Error::invalid(
-                    "write_kv",
-                    format!("cache shape {} does not hold rows of {w}", cache.k.shape),
-                ))
-            }
-        };
+        let slots = cache.k.shape.cache_slots(w, "write_kv")?;
         if let Some(bad) = batch.info.slots().iter().find(|&&s| s as usize >= slots) {
             return Err(Error::invalid(
                 "write_kv",
@@ -773,15 +765,7 @@ impl Backend for WgpuBackend {
                 ),
             ));
         }
-        let slots = match cache.k.shape.dims() {
-            [b, bs, hh, dd] if hh * dd == kvh * d => b * bs,
-            _ => {
-                return Err(Error::invalid(
-                    "attention",
-                    format!("cache shape {}", cache.k.shape),
-                ))
-            }
-        };
+        let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
         let bs = batch.info.block_size();
         if let Some(bad) = batch
             .info
