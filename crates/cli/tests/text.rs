@@ -3,12 +3,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use qfuse_qwen3::Tokenizer;
 use serde_json::Value;
 
-fn qfuse(args: &[&str], stdin: &str) -> (i32, String, String) {
+/// Starts `qfuse args`, writes `stdin` to it and closes it; stdout and stderr stay piped.
+fn spawn(args: &[&str], stdin: &str) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_qfuse"))
         .args(args)
         .stdin(Stdio::piped())
@@ -22,7 +23,11 @@ fn qfuse(args: &[&str], stdin: &str) -> (i32, String, String) {
         .unwrap()
         .write_all(stdin.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child
+}
+
+fn qfuse(args: &[&str], stdin: &str) -> (i32, String, String) {
+    let out = spawn(args, stdin).wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8(out.stdout).unwrap(),
@@ -211,19 +216,10 @@ fn synth_writes_a_checkpoint_that_talks() {
 
 #[test]
 fn ctrl_c_stops_the_answer_but_not_the_chat() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qfuse"))
-        .args(["chat", "--max-new-tokens", "30000", "--temperature", "0"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Talk forever\n/stats\n/quit\n")
-        .unwrap();
+    let mut child = spawn(
+        &["chat", "--max-new-tokens", "30000", "--temperature", "0"],
+        "Talk forever\n/stats\n/quit\n",
+    );
     // Wait until the answer is streaming (the handler is installed before it starts).
     let mut first = [0u8; 1];
     std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
