@@ -59,6 +59,7 @@ __device__ __forceinline__ void rope_table(u32 pos, int d, double log2_theta, fl
 extern "C" __global__ void rope_f32(const float* __restrict__ x, const u32* __restrict__ positions,
                                     float* __restrict__ y, int cols, int d, double log2_theta) {
     extern __shared__ float cs[];
+    pdl_begin();
     rope_table(positions[blockIdx.x], d, log2_theta, cs);
     const int half = d / 2;
     const size_t row = (size_t)blockIdx.x * cols;
@@ -76,6 +77,7 @@ extern "C" __global__ void rope_f32(const float* __restrict__ x, const u32* __re
 template <typename KT>
 __device__ void write_kv(const float* __restrict__ k, const float* __restrict__ v,
                          const u32* __restrict__ slots, KT* __restrict__ kc, KT* __restrict__ vc, int W) {
+    pdl_begin();
     const size_t src = (size_t)blockIdx.x * W, dst = (size_t)slots[blockIdx.x] * W;
     for (int i = threadIdx.x; i < W; i += blockDim.x) {
         kv_store(kc + dst + i, k[src + i]);
@@ -85,15 +87,24 @@ __device__ void write_kv(const float* __restrict__ k, const float* __restrict__ 
 
 // qkv [T, (H + 2 KV) d]: per-head RMSNorm (q_norm / k_norm over d) then RoPE for q and k heads,
 // q to q_out [T, H d], k and v to the cache. One warp per (token, head): grid = (T, H + 2 KV),
-// block = 32.
+// block = 32, d <= 256. The RoPE factors depend only on the position, so they are formed before
+// pdl_wait(), while the QKV projection before this kernel finishes.
 template <typename KT>
 __device__ void qk_norm_rope_write_kv(
     const float* __restrict__ qkv, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
     const u32* __restrict__ positions, const u32* __restrict__ slots, float* __restrict__ q_out,
     KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, int d, double log2_theta, float eps) {
     const int lane = threadIdx.x, t = blockIdx.x, h = blockIdx.y, half = d / 2, heads = H + 2 * KV;
-    const float* src = qkv + (size_t)t * heads * d + (size_t)h * d;
+    const u32 pos = positions[t];
     const size_t slot = (size_t)slots[t] * KV * d;
+    float cs[4], sn[4];
+    if (h < H + KV) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (lane + 32 * j < half) rope_cs(pos, lane + 32 * j, d, log2_theta, &cs[j], &sn[j]);
+    }
+    pdl_begin();
+    const float* src = qkv + (size_t)t * heads * d + (size_t)h * d;
     if (h >= H + KV) {  // v: copied as is
         KT* dst = vc + slot + (size_t)(h - H - KV) * d;
         for (int i = lane; i < d; i += 32) kv_store(dst + i, src[i]);
@@ -103,12 +114,12 @@ __device__ void qk_norm_rope_write_kv(
     for (int i = lane; i < d; i += 32) ss += src[i] * src[i];
     const float inv = rsqrtf(warp_sum(ss) / d + eps);
     const float* gain = h < H ? q_norm : k_norm;
-    const u32 pos = positions[t];
-    for (int i = lane; i < half; i += 32) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int i = lane + 32 * j;
+        if (i >= half) break;
         const float a = src[i] * inv * gain[i], b = src[i + half] * inv * gain[i + half];
-        float c, s;
-        rope_cs(pos, i, d, log2_theta, &c, &s);
-        const float ra = a * c - b * s, rb = b * c + a * s;
+        const float ra = a * cs[j] - b * sn[j], rb = b * cs[j] + a * sn[j];
         if (h < H) {
             float* dst = q_out + (size_t)t * H * d + (size_t)h * d;
             dst[i] = ra;
@@ -121,12 +132,17 @@ __device__ void qk_norm_rope_write_kv(
     }
 }
 
-// Causal attention over the paged cache, split along the context. Block (t, kv, split) reads the
-// keys and values of KV head `kv` in its slice of token t's context once, for all G query heads
-// that share it (GQA), with an online softmax per warp over two keys at a time, then merges its
-// warps. Lane l owns head dims [l * DPL, (l + 1) * DPL). With one split it writes the normalised
-// output; otherwise unnormalised partials (o, max, sum) for attention_combine. Scores use exp2
-// with log2(e) folded into the scale. GM and DPL are compile-time bounds on G and d / 32.
+// Causal attention over the paged cache, split along the context ("flash-decoding"). Block
+// (t, kv, split) reads the keys and values of KV head `kv` in its slice of token t's context
+// once, for all G query heads that share it (GQA). Warp w takes keys w, w + ATTN_WARPS, ... in
+// batches of KB, all of a batch's K and V rows in flight together; lanes 0..KB-1 hold the batch's
+// cache slots, looked up one batch ahead (the first before pdl_wait(): block tables are batch
+// metadata, not kernel output). Online softmax per warp, then the warps merge in shared memory.
+// Lane l owns head dims [l * DPL, (l + 1) * DPL). With one active split the block writes the
+// normalised output; otherwise each split writes unnormalised partials (o, max, sum) and the
+// last split to finish (a per-(t, kv) arrival counter, reset by that block) combines them, so no
+// second kernel is needed. Scores use exp2 with log2(e) folded into the scale. GM and DPL are
+// compile-time bounds on G and d / 32.
 // grid = (T, KV, splits), block = 32 * ATTN_WARPS, shared = ATTN_WARPS * G * (d + 2) floats.
 template <typename KT, int GM, int DPL>
 __device__ void attention_paged(
@@ -134,16 +150,26 @@ __device__ void attention_paged(
     const u32* __restrict__ positions, const u32* __restrict__ token_seq,
     const u32* __restrict__ block_tables, int max_blocks, int block_size, int H, int KV, int d,
     float scale_log2, int chunk, float* __restrict__ out, float* __restrict__ part_o,
-    float* __restrict__ part_ml) {
+    float* __restrict__ part_ml, u32* __restrict__ counters) {
+    constexpr int KB = DPL <= 4 ? 8 : 4;
     extern __shared__ float smem[];
+    __shared__ int is_last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
     const int G = H / KV, W = KV * d, d0 = lane * DPL;
     const bool full = d == 32 * DPL;
     const u32 pos = positions[t];
     const u32* table = block_tables + (size_t)token_seq[t] * max_blocks;
     const int begin = split * chunk;
     const int end = min((int)pos + 1, begin + chunk);
+    const int active = min((int)gridDim.z, ((int)pos + chunk) / chunk);
+    auto slot_of = [&](int key) -> u32 {
+        return key < end ? table[key / block_size] * (u32)block_size + (u32)(key % block_size) : 0u;
+    };
+    int key0 = begin + warp;
+    u32 my_slot = lane < KB ? slot_of(key0 + lane * ATTN_WARPS) : 0u;
+    pdl_begin();
+    if (begin >= end) return;  // past the token's position: no keys, not counted in `active`
 
     float qr[GM][DPL], o[GM][DPL], m[GM], l[GM];
 #pragma unroll
@@ -157,9 +183,8 @@ __device__ void attention_paged(
             o[g][j] = 0.0f;
         }
     }
-    auto load_row = [&](const KT* base, int key, float* f) {
-        const size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
-        const KT* r = base + slot * W + (size_t)kv * d + d0;
+    auto load_row = [&](const KT* base, u32 slot, float* f) {
+        const KT* r = base + (size_t)slot * W + (size_t)kv * d + d0;
         if (full) {
             kv_load_vec<DPL>(r, f);
         } else {
@@ -167,41 +192,48 @@ __device__ void attention_paged(
             for (int j = 0; j < DPL; ++j) f[j] = d0 + j < d ? kv_load(r + j) : 0.0f;
         }
     };
-    auto update = [&](const float* kf, const float* vf) {
+    for (; key0 < end; key0 += KB * ATTN_WARPS) {
+        float kf[KB][DPL], vf[KB][DPL];
+#pragma unroll
+        for (int i = 0; i < KB; ++i) {
+            const u32 slot = __shfl_sync(FULL_MASK, my_slot, i);
+            if (key0 + i * ATTN_WARPS < end) {
+                load_row(kc, slot, kf[i]);
+                load_row(vc, slot, vf[i]);
+            }
+        }
+        my_slot = lane < KB ? slot_of(key0 + (KB + lane) * ATTN_WARPS) : 0u;
 #pragma unroll
         for (int g = 0; g < GM; ++g) {
             if (g < G) {
-                float s = 0.0f;
+                float s[KB];
+                float m_new = m[g];
 #pragma unroll
-                for (int j = 0; j < DPL; ++j) s += qr[g][j] * kf[j];
-                s = warp_sum(s);
-                const float m_new = fmaxf(m[g], s);
-                const float corr = exp2f(m[g] - m_new), p = exp2f(s - m_new);
-                l[g] = l[g] * corr + p;
+                for (int i = 0; i < KB; ++i) {
+                    float p = 0.0f;
 #pragma unroll
-                for (int j = 0; j < DPL; ++j) o[g][j] = o[g][j] * corr + p * vf[j];
+                    for (int j = 0; j < DPL; ++j) p += qr[g][j] * kf[i][j];
+                    s[i] = key0 + i * ATTN_WARPS < end ? warp_sum(p) : -INFINITY;
+                    m_new = fmaxf(m_new, s[i]);
+                }
+                const float corr = exp2f(m[g] - m_new);
+                l[g] *= corr;
+#pragma unroll
+                for (int j = 0; j < DPL; ++j) o[g][j] *= corr;
+#pragma unroll
+                for (int i = 0; i < KB; ++i) {
+                    if (key0 + i * ATTN_WARPS < end) {  // vf of a key past the end is unset
+                        const float p = exp2f(s[i] - m_new);
+                        l[g] += p;
+#pragma unroll
+                        for (int j = 0; j < DPL; ++j) o[g][j] += p * vf[i][j];
+                    }
+                }
                 m[g] = m_new;
             }
         }
-    };
-    int key = begin + warp;
-    // Two keys per step: both rows' loads are in flight before the first is used.
-    for (; key + ATTN_WARPS < end; key += 2 * ATTN_WARPS) {
-        float k0[DPL], v0[DPL], k1[DPL], v1[DPL];
-        load_row(kc, key, k0);
-        load_row(vc, key, v0);
-        load_row(kc, key + ATTN_WARPS, k1);
-        load_row(vc, key + ATTN_WARPS, v1);
-        update(k0, v0);
-        update(k1, v1);
     }
-    if (key < end) {
-        float k0[DPL], v0[DPL];
-        load_row(kc, key, k0);
-        load_row(vc, key, v0);
-        update(k0, v0);
-    }
-    // Merge the warps' partial softmaxes.
+    // Merge the warps' partial softmaxes (a warp without keys has m = -inf, l = 0).
     const int stride = d + 2;
     float* mine = smem + (size_t)warp * G * stride;
 #pragma unroll
@@ -222,19 +254,18 @@ __device__ void attention_paged(
         float M = -INFINITY;
         for (int w = 0; w < ATTN_WARPS; ++w) M = fmaxf(M, smem[(w * G + g) * stride + d]);
         float L = 0.0f, O = 0.0f;
-        if (M != -INFINITY) {
-            for (int w = 0; w < ATTN_WARPS; ++w) {
-                const float* p = smem + (w * G + g) * stride;
-                const float f = exp2f(p[d] - M);
-                L += p[d + 1] * f;
-                O += p[dd] * f;
-            }
+        for (int w = 0; w < ATTN_WARPS; ++w) {
+            const float* p = smem + (w * G + g) * stride;
+            if (p[d] == -INFINITY) continue;
+            const float f = exp2f(p[d] - M);
+            L += p[d + 1] * f;
+            O += p[dd] * f;
         }
         const int h = kv * G + g;
-        if (splits == 1) {
+        if (active == 1) {
             out[(size_t)t * H * d + (size_t)h * d + dd] = O / L;
         } else {
-            const size_t pi = ((size_t)t * H + h) * splits + split;
+            const size_t pi = ((size_t)t * H + h) * gridDim.z + split;
             part_o[pi * d + dd] = O;
             if (dd == 0) {
                 part_ml[pi * 2] = M;
@@ -242,15 +273,42 @@ __device__ void attention_paged(
             }
         }
     }
+    if (active == 1) return;
+    // The last of the `active` splits to arrive combines everyone's partials.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32* counter = counters + (size_t)t * KV + kv;
+        is_last = atomicAdd(counter, 1u) == (u32)active - 1;
+        if (is_last) *counter = 0u;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
+        const int g = idx / d, dd = idx % d, h = kv * G + g;
+        const size_t base = ((size_t)t * H + h) * gridDim.z;
+        float M = -INFINITY;
+        for (int sp = 0; sp < active; ++sp) M = fmaxf(M, __ldcg(part_ml + (base + sp) * 2));
+        float L = 0.0f, O = 0.0f;
+        for (int sp = 0; sp < active; ++sp) {
+            const float ms = __ldcg(part_ml + (base + sp) * 2);
+            if (ms == -INFINITY) continue;
+            const float f = exp2f(ms - M);
+            L += __ldcg(part_ml + (base + sp) * 2 + 1) * f;
+            O += __ldcg(part_o + (base + sp) * d + dd) * f;
+        }
+        out[(size_t)t * H * d + (size_t)h * d + dd] = O / L;
+    }
 }
 
 #define ATTN_ENTRY(KT, SUFFIX, GM, DPL)                                                                    \
     extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_paged_##SUFFIX##_g##GM##_d##DPL( \
         const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \
         const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
-        int chunk, float* out, float* part_o, float* part_ml) {                                             \
+        int chunk, float* out, float* part_o, float* part_ml, u32* counters) {                              \
         attention_paged<KT, GM, DPL>(q, kc, vc, positions, token_seq, block_tables, max_blocks, block_size, \
-                                     H, KV, d, scale_log2, chunk, out, part_o, part_ml);                    \
+                                     H, KV, d, scale_log2, chunk, out, part_o, part_ml, counters);          \
     }
 
 #define ATTN_DPLS(KT, SUFFIX, GM) \
@@ -271,23 +329,3 @@ __device__ void attention_paged(
 
 KV_ENTRIES(float, kvf32)
 KV_ENTRIES(bf16_t, kvbf16)
-
-// out[t, h, :] = sum_s o_s 2^(m_s - M) / sum_s l_s 2^(m_s - M). grid = (T, H), block = 128.
-extern "C" __global__ void attention_combine(const float* __restrict__ part_o, const float* __restrict__ part_ml,
-                                             float* __restrict__ out, int H, int d, int splits) {
-    const int t = blockIdx.x, h = blockIdx.y;
-    const size_t base = ((size_t)t * H + h) * splits;
-    float M = -INFINITY;
-    for (int s = 0; s < splits; ++s) M = fmaxf(M, part_ml[(base + s) * 2]);
-    for (int dd = threadIdx.x; dd < d; dd += blockDim.x) {
-        float L = 0.0f, O = 0.0f;
-        for (int s = 0; s < splits; ++s) {
-            const float ms = part_ml[(base + s) * 2];
-            if (ms == -INFINITY) continue;
-            const float f = exp2f(ms - M);
-            L += part_ml[(base + s) * 2 + 1] * f;
-            O += part_o[(base + s) * d + dd] * f;
-        }
-        out[(size_t)t * H * d + (size_t)h * d + dd] = O / L;
-    }
-}

@@ -44,4 +44,26 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(t);
 }
 
+// Programmatic dependent launch (sm_90+; no-ops before). A kernel may be launched while the one
+// before it still runs (crates/cuda/src/launch.rs): until pdl_wait() returns it may read only
+// what no kernel writes (weights, and batch metadata the host copies in before the step) and
+// must write nothing. pdl_wait() returns once every earlier kernel has completed and its writes
+// are visible. pdl_launch_dependents() lets the next kernel start launching now.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// For kernels with nothing worth starting early: wait, then let the next kernel launch.
+__device__ __forceinline__ void pdl_begin() {
+    pdl_wait();
+    pdl_launch_dependents();
+}
+
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }

@@ -3,24 +3,28 @@
 // out[t, :] = table[ids[t], :]; ids were range-checked on the host. grid = T, block = 256.
 extern "C" __global__ void gather_rows_bf16(const bf16_t* __restrict__ table, const u32* __restrict__ ids,
                                             float* __restrict__ out, int cols) {
+    pdl_begin();
     const size_t src = (size_t)ids[blockIdx.x] * cols, dst = (size_t)blockIdx.x * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[dst + c] = bf16_to_f32(table[src + c]);
 }
 
 extern "C" __global__ void gather_rows_f32(const float* __restrict__ table, const u32* __restrict__ ids,
                                            float* __restrict__ out, int cols) {
+    pdl_begin();
     const size_t src = (size_t)ids[blockIdx.x] * cols, dst = (size_t)blockIdx.x * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[dst + c] = table[src + c];
 }
 
 extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b,
                                    float* __restrict__ out, size_t n) {
+    pdl_begin();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         out[i] = a[i] + b[i];
 }
 
 // gate_up [T, 2I] -> out [T, I] = silu(gate) * up. grid = T, block = 256.
 extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate_up, float* __restrict__ out, int inter) {
+    pdl_begin();
     const float* row = gate_up + (size_t)blockIdx.x * 2 * inter;
     for (int i = threadIdx.x; i < inter; i += blockDim.x)
         out[(size_t)blockIdx.x * inter + i] = silu(row[i]) * row[inter + i];
@@ -29,11 +33,13 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate_up, float
 // out [T, len] = x[:, start .. start + len]. grid = T, block = 256.
 extern "C" __global__ void slice_columns_f32(const float* __restrict__ x, float* __restrict__ out, int cols,
                                              int start, int len) {
+    pdl_begin();
     for (int i = threadIdx.x; i < len; i += blockDim.x)
         out[(size_t)blockIdx.x * len + i] = x[(size_t)blockIdx.x * cols + start + i];
 }
 
 extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16_t* __restrict__ out, size_t n) {
+    pdl_begin();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         out[i] = f32_to_bf16(x[i]);
 }
@@ -43,6 +49,7 @@ extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16_t* __
 // bf16 rounding keeps 8, which random-weight models amplify into visibly different logits).
 extern "C" __global__ void split_f32_bf16x3(const float* __restrict__ x, bf16_t* __restrict__ hi,
                                             bf16_t* __restrict__ mid, bf16_t* __restrict__ lo, size_t n) {
+    pdl_begin();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const float v = x[i];
         const bf16_t h = f32_to_bf16(v);
@@ -55,6 +62,7 @@ extern "C" __global__ void split_f32_bf16x3(const float* __restrict__ x, bf16_t*
 }
 
 extern "C" __global__ void cast_bf16_f32(const bf16_t* __restrict__ x, float* __restrict__ out, size_t n) {
+    pdl_begin();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         out[i] = bf16_to_f32(x[i]);
 }
@@ -89,6 +97,7 @@ __device__ __forceinline__ void block_argmax(float& bv, u32& bi, float* sv, u32*
 // one (value, index), NaN if the slice holds one. grid = (rows, parts), block = 256.
 extern "C" __global__ void argmax_partial_f32(const float* __restrict__ x, float* __restrict__ part_v,
                                               u32* __restrict__ part_i, int cols, int chunk) {
+    pdl_begin();
     __shared__ float sv[32];
     __shared__ u32 si[32];
     __shared__ int saw_nan;
@@ -114,6 +123,7 @@ extern "C" __global__ void argmax_partial_f32(const float* __restrict__ x, float
 // Pass 2: each row's parts to its index, 0xffffffff if any part saw a NaN. grid = rows, block = 256.
 extern "C" __global__ void argmax_final_f32(const float* __restrict__ part_v, const u32* __restrict__ part_i,
                                             u32* __restrict__ out, int parts) {
+    pdl_begin();
     __shared__ float sv[32];
     __shared__ u32 si[32];
     __shared__ int saw_nan;

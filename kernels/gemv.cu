@@ -76,6 +76,7 @@ __device__ __forceinline__ void gemv(const float* __restrict__ x, const WT* __re
     __shared__ float inv_rms[MT];
     __shared__ float partial[WARPS][NACC * MT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    pdl_begin();
     if (NORM) {
         // Every warp sums squares over a slice of K for each row; lane t then totals row t.
         for (int t = 0; t < T; ++t) {
@@ -168,3 +169,113 @@ __device__ __forceinline__ void gemv(const float* __restrict__ x, const WT* __re
 
 GEMV_ENTRIES(bf16_t, bf16)
 GEMV_ENTRIES(float, f32)
+
+// The batch-1 decode path (T = 1, bf16 weights, K % 256 == 0), where each kernel reads a few MB
+// once and its fixed costs (launch, first-load latency, tail) decide the speed, not its loop.
+// Warp w of a column group owns R output columns (2R weight rows with SILU: gate and up) over
+// one K-slice of kc * 256 elements (S warps of the group split K). It issues every weight load
+// of its slice, kc 16-byte loads per row per lane, before pdl_wait(): launched as a programmatic
+// dependent launch they overlap the previous kernel's tail. Then it reads x (a few KB, L2-hot).
+// With NORM each warp sums the whole row's squares itself instead of meeting the block at a
+// barrier first; 1/rms scales the finished dot products. KCM bounds kc at compile time.
+// grid = ceil(N / (R * WARPS / S)), block = 32 * WARPS.
+template <int EPI, bool NORM, int R, int KCM>
+__device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_t* __restrict__ w,
+                                        const float* __restrict__ g, const float* __restrict__ residual,
+                                        float* __restrict__ y, int K, int out_cols, int S, int kc, float eps) {
+    constexpr int NR = EPI == EPI_SILU ? 2 * R : R;
+    __shared__ float partial[WARPS][NR];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int part = warp % S;
+    const int n0 = (blockIdx.x * (WARPS / S) + warp / S) * R;
+    const int kbeg = part * kc * 256 + lane * 8;
+    uint4 wv[NR][KCM];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+        const int col = n0 + r % R;
+        const size_t row = (EPI == EPI_SILU && r >= R) ? (size_t)col + out_cols : (size_t)col;
+        const bf16_t* p = w + row * K + kbeg;
+#pragma unroll
+        for (int i = 0; i < KCM; ++i)
+            if (i < kc && col < out_cols) wv[r][i] = __ldg(reinterpret_cast<const uint4*>(p + i * 256));
+    }
+    pdl_wait();
+    pdl_launch_dependents();
+    float acc[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) acc[r] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < KCM; ++i) {
+        if (i < kc) {
+            const int k = kbeg + i * 256;
+            const float4 a = *reinterpret_cast<const float4*>(x + k);
+            const float4 b = *reinterpret_cast<const float4*>(x + k + 4);
+            float xf[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+            if (NORM) {
+                const float4 g0 = *reinterpret_cast<const float4*>(g + k);
+                const float4 g1 = *reinterpret_cast<const float4*>(g + k + 4);
+                xf[0] *= g0.x; xf[1] *= g0.y; xf[2] *= g0.z; xf[3] *= g0.w;
+                xf[4] *= g1.x; xf[5] *= g1.y; xf[6] *= g1.z; xf[7] *= g1.w;
+            }
+#pragma unroll
+            for (int r = 0; r < NR; ++r) {
+                const uint4 v = wv[r][i];
+                acc[r] += xf[0] * bf16_lo(v.x) + xf[1] * bf16_hi(v.x) + xf[2] * bf16_lo(v.y) +
+                          xf[3] * bf16_hi(v.y) + xf[4] * bf16_lo(v.z) + xf[5] * bf16_hi(v.z) +
+                          xf[6] * bf16_lo(v.w) + xf[7] * bf16_hi(v.w);
+            }
+        }
+    }
+    float inv = 1.0f;
+    if (NORM) {
+        float ss = 0.0f;
+        for (int k = lane * 4; k < K; k += 128) {
+            const float4 v = *reinterpret_cast<const float4*>(x + k);
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+        inv = rsqrtf(warp_sum(ss) / K + eps);
+    }
+#pragma unroll
+    for (int r = 0; r < NR; ++r) acc[r] = warp_sum(acc[r]);
+    if (S > 1) {
+        if (lane == 0) {
+#pragma unroll
+            for (int r = 0; r < NR; ++r) partial[warp][r] = acc[r];
+        }
+        __syncthreads();
+        if (part != 0) return;
+        for (int s = 1; s < S; ++s) {
+#pragma unroll
+            for (int r = 0; r < NR; ++r) acc[r] += partial[warp + s][r];
+        }
+    }
+    // Lane r writes column n0 + r.
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int n = n0 + r;
+        if (lane == r && n < out_cols) {
+            const float v = acc[r] * inv;
+            if (EPI == EPI_SILU) y[n] = silu(v) * (acc[R + r] * inv);
+            else if (EPI == EPI_ADD) y[n] = residual[n] + v;
+            else y[n] = v;
+        }
+    }
+}
+
+#define GEMV_T1_ENTRY(name, EPI, NORM, R, KCM)                                                           \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                               \
+        name##_t1_r##R##_k##KCM(const float* x, const bf16_t* w, const float* g, const float* residual,    \
+                                float* y, int K, int out_cols, int S, int kc, float eps) {                 \
+        gemv_t1<EPI, NORM, R, KCM>(x, w, g, residual, y, K, out_cols, S, kc, eps);                         \
+    }
+
+// (R, KCM) keep each warp's weight registers at 16 loads (64 registers).
+#define GEMV_T1_PLAIN(name, EPI, NORM) \
+    GEMV_T1_ENTRY(name, EPI, NORM, 1, 16) GEMV_T1_ENTRY(name, EPI, NORM, 2, 8) GEMV_T1_ENTRY(name, EPI, NORM, 4, 4)
+#define GEMV_T1_SILU(name, NORM) GEMV_T1_ENTRY(name, EPI_SILU, NORM, 1, 8) GEMV_T1_ENTRY(name, EPI_SILU, NORM, 2, 4)
+
+GEMV_T1_PLAIN(gemv, EPI_NONE, false)
+GEMV_T1_PLAIN(gemv_add, EPI_ADD, false)
+GEMV_T1_PLAIN(rms_norm_gemv, EPI_NONE, true)
+GEMV_T1_SILU(gemv_silu_mul, false)
+GEMV_T1_SILU(rms_norm_gemv_silu_mul, true)

@@ -4,6 +4,7 @@
 // y = x * rsqrt(mean(x^2) + eps) * w. grid = rows * C / G, block = min(256, ...) multiple of 32.
 extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
                                         float* __restrict__ y, int G, float eps) {
+    pdl_begin();
     __shared__ float scratch[32];
     const size_t base = (size_t)blockIdx.x * G;
     float ss = 0.0f;

@@ -137,6 +137,10 @@ struct BackendArgs {
     /// Launch every kernel instead of replaying decode steps captured as CUDA graphs.
     #[arg(long)]
     no_graphs: bool,
+    /// Launch each CUDA kernel only after the previous one has drained, instead of as a
+    /// programmatic dependent launch that overlaps its weight loads with the previous kernel.
+    #[arg(long)]
+    no_pdl: bool,
     /// Run these fused ops as their unfused compositions: OP[,OP…] or `all`
     /// (rms_norm_matmul, qk_norm_rope_write_kv, matmul_add, matmul_silu_mul, rms_norm_matmul_silu_mul).
     #[arg(long, value_name = "OPS")]
@@ -217,6 +221,7 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
                 CudaOptions {
                     kv_dtype,
                     graphs: !args.no_graphs,
+                    pdl: !args.no_pdl,
                 },
             )
             .context("starting the cuda backend")?;
@@ -225,8 +230,13 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
             } else {
                 "CUDA graphs"
             };
+            let pdl = if b.uses_pdl() {
+                ", programmatic dependent launch"
+            } else {
+                ""
+            };
             eprintln!(
-                "cuda: {} (KV cache {kv_dtype}, {launches})",
+                "cuda: {} (KV cache {kv_dtype}, {launches}{pdl})",
                 b.device_name()
             );
             run_maybe_unfused(args, job, b)
@@ -365,6 +375,7 @@ impl Job for CheckArgs {
             device: self.backend.device,
             kv_dtype: KvDtype::F32,
             no_graphs: true,
+            no_pdl: false,
             unfused: None,
         };
         match &self.perturb {

@@ -189,10 +189,21 @@ pub fn check_rms_norm<B: Backend, R: Backend>(
 /// An inner (reduction) dimension: half the time any size up to `max`, half the time a multiple of
 /// 128 up to 1024, the aligned sizes real models have and vectorised kernels split.
 fn inner_dim(rng: &mut Rng, max: usize) -> usize {
-    if rng.below(2) == 0 {
-        1 + rng.below(max)
+    match rng.below(3) {
+        0 => 1 + rng.below(max),
+        1 => 128 * (1 + rng.below(8)),
+        // Whole 256-wide slices up to 3,072: the shapes batch-1 GEMV builds specialise for.
+        _ => 256 * (1 + rng.below(12)),
+    }
+}
+
+/// Rows of a matmul: a single row (batch-1 decode, the path with its own kernels) a third of
+/// the time, else 1..=max.
+fn matmul_rows(rng: &mut Rng, max: usize) -> usize {
+    if rng.below(3) == 0 {
+        1
     } else {
-        128 * (1 + rng.below(8))
+        1 + rng.below(max)
     }
 }
 
@@ -200,7 +211,7 @@ fn inner_dim(rng: &mut Rng, max: usize) -> usize {
 pub fn check_matmul<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
     let mut rng = Rng::new(seed);
     let (t, k, n) = (
-        1 + rng.below(12),
+        matmul_rows(&mut rng, 12),
         inner_dim(&mut rng, 400),
         1 + rng.below(400),
     );
@@ -436,7 +447,7 @@ pub fn check_fused_matmuls<B: Backend, R: Backend>(
 ) -> Result<()> {
     let mut rng = Rng::new(seed);
     let (t, k, n) = (
-        1 + rng.below(9),
+        matmul_rows(&mut rng, 9),
         inner_dim(&mut rng, 300).max(2),
         1 + rng.below(300),
     );

@@ -7,15 +7,13 @@
 
 mod error;
 pub mod kernels;
+mod launch;
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
-use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig,
-    PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 use qfuse_core::{
     compose, AttentionConfig, Backend, BatchInfo, DType, DeviceTensor, Error, HostData, HostTensor,
@@ -25,12 +23,15 @@ use qfuse_core::{
 pub use error::CudaError;
 use error::CudaResultExt;
 use kernels::Kernels;
+use launch::Launch;
 
 /// Largest T that takes the fused GEMV path (the kernels' MAX_T).
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Most query heads per KV head the attention kernel handles (its MAX_G).
 const ATTN_MAX_GROUP: usize = 8;
 const ATTN_WARPS: u32 = 4;
+/// Attention arrival counters allocated up front (enough for 8,192 tokens of 8 KV heads).
+const ATTN_COUNTERS: usize = 65_536;
 
 /// A tensor in device memory: bf16 (weight matrices, KV cache) or f32 (everything else).
 #[derive(Clone)]
@@ -85,6 +86,28 @@ impl CudaTensor {
     fn matrix(&self, op: &'static str) -> Result<(usize, usize)> {
         self.shape.as_matrix(op)
     }
+
+    /// The buffer's device address (either element type), as a kernel argument.
+    fn ptr(&self, stream: &CudaStream) -> u64 {
+        match &self.buf {
+            Buf::Bf16(s) => s.device_ptr(stream).0,
+            Buf::F32(s) => s.device_ptr(stream).0,
+        }
+    }
+
+    /// The address of a buffer a kernel will write: it must not be shared with another tensor.
+    fn ptr_mut(&mut self, stream: &CudaStream, op: &'static str) -> Result<u64> {
+        let shared = || {
+            Error::invalid(
+                op,
+                "cache pool is shared; it must be uniquely owned to be written",
+            )
+        };
+        Ok(match &mut self.buf {
+            Buf::Bf16(s) => Arc::get_mut(s).ok_or_else(shared)?.device_ptr_mut(stream).0,
+            Buf::F32(s) => Arc::get_mut(s).ok_or_else(shared)?.device_ptr_mut(stream).0,
+        })
+    }
 }
 
 /// A batch's positions, slots and block tables in device memory.
@@ -134,6 +157,12 @@ struct Inner {
     name: String,
     sm_count: usize,
     options: CudaOptions,
+    /// Programmatic dependent launches in use (option on and the GPU is sm_90 or later).
+    pdl: bool,
+    /// Attention's per-(token, KV head) arrival counters, all zero between kernels. Replaced by
+    /// a larger buffer when a batch needs more; old ones are kept, since captured graphs may
+    /// still point at them.
+    counters: Mutex<Vec<CudaSlice<u32>>>,
 }
 
 /// Settings of a [`CudaBackend`].
@@ -144,6 +173,9 @@ pub struct CudaOptions {
     pub kv_dtype: DType,
     /// Capture decode steps as CUDA graphs and replay them (default), or launch every kernel.
     pub graphs: bool,
+    /// Launch kernels as programmatic dependent launches on sm_90+ (default), so each one's
+    /// weight loads overlap the previous kernel; off launches each after the last has drained.
+    pub pdl: bool,
 }
 
 impl Default for CudaOptions {
@@ -151,6 +183,7 @@ impl Default for CudaOptions {
         CudaOptions {
             kv_dtype: DType::F32,
             graphs: true,
+            pdl: true,
         }
     }
 }
@@ -239,6 +272,8 @@ impl CudaBackend {
         let stream = ctx.new_stream().cuda()?;
         let blas = CudaBlas::new(stream.clone()).cuda()?;
         let kernels = Kernels::load(&ctx)?;
+        let (major, _) = ctx.compute_capability().cuda()?;
+        let counters = stream.alloc_zeros::<u32>(ATTN_COUNTERS).cuda()?;
         let name = ctx.name().cuda()?;
         let sm_count = ctx
             .attribute(
@@ -254,6 +289,8 @@ impl CudaBackend {
                 name,
                 sm_count,
                 options,
+                pdl: options.pdl && major >= 9,
+                counters: Mutex::new(vec![counters]),
             }),
         })
     }
@@ -272,8 +309,36 @@ impl CudaBackend {
         &self.inner.stream
     }
 
-    fn func(&self, name: &str) -> Result<&cudarc::driver::CudaFunction> {
-        self.inner.kernels.get(name).cuda()
+    /// Whether kernels are launched as programmatic dependent launches.
+    pub fn uses_pdl(&self) -> bool {
+        self.inner.pdl
+    }
+
+    /// A launch of kernel `name` on the backend's stream.
+    fn launch(&self, name: &str) -> Result<Launch<'_>> {
+        let f = self.inner.kernels.get(name).cuda()?;
+        Ok(Launch::new(self.stream(), f, self.inner.pdl))
+    }
+
+    /// The address of at least `n` zeroed attention arrival counters.
+    fn counters(&self, n: usize) -> Result<u64> {
+        let mut all = self
+            .inner
+            .counters
+            .lock()
+            .map_err(|_| Error::invalid("attention", "counter lock poisoned"))?;
+        if all.last().is_none_or(|c| c.len() < n) {
+            all.push(
+                self.stream()
+                    .alloc_zeros::<u32>(n.next_power_of_two())
+                    .cuda()?,
+            );
+        }
+        let last = all
+            .last()
+            .ok_or_else(|| Error::invalid("attention", "no counters"))?;
+        let ptr = last.device_ptr(self.stream()).0;
+        Ok(ptr)
     }
 
     fn alloc_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
@@ -295,16 +360,17 @@ impl CudaBackend {
         self.stream().clone_htod(v).cuda()
     }
 
-    /// Which GEMV entry point serves `(t, k)` for weights `w`, or `None` when cuBLAS should.
-    fn gemv_kernel(&self, base: &str, t: usize, k: usize, w: &CudaTensor) -> Option<String> {
-        (t <= GEMV_MAX_ROWS).then(|| gemv_entry(base, w.dtype(), k, t))
+    /// `base` when its GEMV kernels serve `t` rows, `None` when cuBLAS should.
+    fn gemv_kernel<'b>(&self, base: &'b str, t: usize) -> Option<&'b str> {
+        (t <= GEMV_MAX_ROWS).then_some(base)
     }
 
-    /// Launches one of the GEMV kernels: `y [T, out_cols]` from `x [T, K]`, `w [rows, K]`.
+    /// Launches one of the GEMV kernels for `base`: `y [T, out_cols]` from `x [T, K]`,
+    /// `w [rows, K]`; the batch-1 `gemv_t1` build when the shape allows.
     #[allow(clippy::too_many_arguments)]
     fn launch_gemv(
         &self,
-        kernel: &str,
+        base: &str,
         x: &CudaSlice<f32>,
         w: &CudaTensor,
         gain: Option<&CudaSlice<f32>>,
@@ -314,29 +380,48 @@ impl CudaBackend {
         out_cols: usize,
         eps: f64,
     ) -> Result<CudaSlice<f32>> {
-        let mut y = self.alloc_f32(t * out_cols)?;
-        let f = self.func(kernel)?;
+        let y = self.alloc_f32(t * out_cols)?;
         let (ti, ki, ni, eps) = (
             i32_of(t, "T")?,
             i32_of(k, "K")?,
             i32_of(out_cols, "N")?,
             eps as f32,
         );
-        let mut b = self.stream().launch_builder(f);
+        let silu = base.ends_with("silu_mul");
+        let plan = (t == 1 && w.dtype() == DType::BF16)
+            .then(|| GemvT1Plan::choose(k, out_cols, silu, self.inner.sm_count))
+            .flatten();
+        let (name, cfg) = match plan {
+            Some(p) => (
+                p.entry(base),
+                grid(out_cols.div_ceil(p.cols_per_block()), 256),
+            ),
+            None => {
+                let s = gemv_split(out_cols, k, self.inner.sm_count);
+                (
+                    gemv_entry(base, w.dtype(), k, t),
+                    grid(out_cols.div_ceil(8 / s), 256),
+                )
+            }
+        };
+        let mut l = self.launch(&name)?;
         // Absent gain/residual: pass x, which the kernel never reads in that role.
-        b.arg(x);
-        arg_pool(&mut b, w);
-        b.arg(gain.unwrap_or(x))
-            .arg(residual.unwrap_or(x))
-            .arg(&mut y);
-        let s = gemv_split(out_cols, k, self.inner.sm_count);
-        let si = s as i32;
-        b.arg(&ti).arg(&ki).arg(&ni).arg(&si).arg(&eps);
+        l.buf(x).ptr(w.ptr(self.stream()));
+        l.buf(gain.unwrap_or(x)).buf(residual.unwrap_or(x)).buf(&y);
+        match plan {
+            Some(p) => l.i32(ki).i32(ni).i32(p.split as i32).i32(p.kc as i32),
+            None => {
+                let s = gemv_split(out_cols, k, self.inner.sm_count);
+                l.i32(ti).i32(ki).i32(ni).i32(s as i32)
+            }
+        };
+        l.f32(eps);
         // SAFETY: x is [t, k] f32, w has at least out_cols (x2 for silu) rows of k elements of the
         // type the kernel name says, gain is [k], residual and y are [t, out_cols]; t is within the
-        // entry point's bound; s divides the 8 warps and k into chunks of whole 8-element loads
-        // (1 for the `any` layout); the grid covers out_cols with 8 / s columns a block.
-        unsafe { b.launch(grid(out_cols.div_ceil(8 / s), 256)) }.cuda()?;
+        // entry point's bound; the split divides the 8 warps and k into whole 16-byte loads per
+        // lane (kc of them for gemv_t1, within its compile-time bound; 1-element loads for the
+        // `any` layout); the grid covers out_cols.
+        unsafe { l.launch(cfg) }.cuda()?;
         Ok(y)
     }
 
@@ -361,11 +446,11 @@ impl CudaBackend {
                 let total = t * k;
                 // SAFETY: the split kernel writes all t*k elements of each part.
                 let alloc = || unsafe { self.stream().alloc::<u16>(total.max(1)) }.cuda();
-                let (mut hi, mut mid, mut lo) = (alloc()?, alloc()?, alloc()?);
-                let mut b = self.stream().launch_builder(self.func("split_f32_bf16x3")?);
-                b.arg(x).arg(&mut hi).arg(&mut mid).arg(&mut lo).arg(&total);
+                let (hi, mid, lo) = (alloc()?, alloc()?, alloc()?);
+                let mut l = self.launch("split_f32_bf16x3")?;
+                l.buf(x).buf(&hi).buf(&mid).buf(&lo).usize(total);
                 // SAFETY: x and the three parts hold t*k elements; grid-stride loop over them.
-                unsafe { b.launch(elementwise(total)) }.cuda()?;
+                unsafe { l.launch(elementwise(total)) }.cuda()?;
                 for (part, beta) in [(&hi, 0.0), (&mid, 1.0), (&lo, 1.0)] {
                     self.gemm(ws.as_ref(), bf16, part, bf16, &mut y, (t, k, n), beta)?;
                 }
@@ -435,28 +520,25 @@ impl CudaBackend {
         let parts = v.div_ceil(CHUNK);
         let part_v = self.alloc_f32(rows * parts)?;
         // SAFETY: the partial kernel writes every (row, part) entry.
-        let mut part_i = unsafe { self.stream().alloc::<u32>((rows * parts).max(1)) }.cuda()?;
-        let mut part_v = part_v;
+        let part_i = unsafe { self.stream().alloc::<u32>((rows * parts).max(1)) }.cuda()?;
         let (vi, ci, pi) = (i32_of(v, "V")?, CHUNK as i32, i32_of(parts, "parts")?);
-        let mut b = self
-            .stream()
-            .launch_builder(self.func("argmax_partial_f32")?);
-        b.arg(logits.f32("argmax")?)
-            .arg(&mut part_v)
-            .arg(&mut part_i)
-            .arg(&vi)
-            .arg(&ci);
+        let mut l = self.launch("argmax_partial_f32")?;
+        l.buf(logits.f32("argmax")?)
+            .buf(&part_v)
+            .buf(&part_i)
+            .i32(vi)
+            .i32(ci);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, parts as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: logits is [rows, v]; the partials hold rows * parts entries, one per block.
-        unsafe { b.launch(cfg) }.cuda()?;
-        let mut b = self.stream().launch_builder(self.func("argmax_final_f32")?);
-        b.arg(&part_v).arg(&part_i).arg(out).arg(&pi);
+        unsafe { l.launch(cfg) }.cuda()?;
+        let mut l = self.launch("argmax_final_f32")?;
+        l.buf(&part_v).buf(&part_i).buf(out).i32(pi);
         // SAFETY: reads the rows * parts partials just written; out holds at least rows ids.
-        unsafe { b.launch(grid(rows, 256)) }.cuda()?;
+        unsafe { l.launch(grid(rows, 256)) }.cuda()?;
         Ok(())
     }
 
@@ -621,18 +703,15 @@ impl Backend for CudaBackend {
                 format!("token id {bad} out of range 0..{n}"),
             ));
         }
-        let mut out = self.alloc_f32(t * c)?;
-        let ci = i32_of(c, "cols")?;
-        let kernel = match table.buf {
-            Buf::Bf16(_) => "gather_rows_bf16",
-            Buf::F32(_) => "gather_rows_f32",
-        };
-        let mut b = self.stream().launch_builder(self.func(kernel)?);
-        arg_pool(&mut b, table);
-        b.arg(&batch.token_ids).arg(&mut out).arg(&ci);
+        let out = self.alloc_f32(t * c)?;
+        let mut l = self.launch(gather_entry(table))?;
+        l.ptr(table.ptr(self.stream()))
+            .buf(&batch.token_ids)
+            .buf(&out)
+            .i32(i32_of(c, "cols")?);
         // SAFETY: table is [n, c]; the batch's t ids are < n (checked on the host copy, which
         // update_batch keeps equal to the device one); out is [t, c].
-        unsafe { b.launch(grid(t, 256)) }.cuda()?;
+        unsafe { l.launch(grid(t, 256)) }.cuda()?;
         Ok(Self::f32_tensor([t, c], out))
     }
 
@@ -693,24 +772,18 @@ impl Backend for CudaBackend {
                 format!("id {bad} out of range 0..{n}"),
             ));
         }
-        let mut out = self.alloc_f32(ids.len() * c)?;
+        let out = self.alloc_f32(ids.len() * c)?;
         if ids.is_empty() {
             return Ok(Self::f32_tensor([0, c], out));
         }
         let dev_ids = self.upload_u32(ids)?;
-        let ci = i32_of(c, "cols")?;
-        let kernel = match table.buf {
-            Buf::Bf16(_) => "gather_rows_bf16",
-            Buf::F32(_) => "gather_rows_f32",
-        };
-        let mut b = self.stream().launch_builder(self.func(kernel)?);
-        match &table.buf {
-            Buf::Bf16(s) => b.arg(s.as_ref()),
-            Buf::F32(s) => b.arg(s.as_ref()),
-        };
-        b.arg(&dev_ids).arg(&mut out).arg(&ci);
+        let mut l = self.launch(gather_entry(table))?;
+        l.ptr(table.ptr(self.stream()))
+            .buf(&dev_ids)
+            .buf(&out)
+            .i32(i32_of(c, "cols")?);
         // SAFETY: table is [n, c] with every id < n (checked above); out is [ids.len(), c].
-        unsafe { b.launch(grid(ids.len(), 256)) }.cuda()?;
+        unsafe { l.launch(grid(ids.len(), 256)) }.cuda()?;
         Ok(Self::f32_tensor([ids.len(), c], out))
     }
 
@@ -720,17 +793,16 @@ impl Backend for CudaBackend {
             [g] if *g > 0 && c % *g == 0 => *g,
             _ => return Err(Error::shape("rms_norm", &x.shape, &w.shape)),
         };
-        let mut y = self.alloc_f32(t * c)?;
+        let y = self.alloc_f32(t * c)?;
         let threads = (g.div_ceil(32) * 32).min(256) as u32;
-        let (gi, eps) = (i32_of(g, "G")?, eps as f32);
-        let mut b = self.stream().launch_builder(self.func("rms_norm_f32")?);
-        b.arg(x.f32("rms_norm")?)
-            .arg(w.f32("rms_norm")?)
-            .arg(&mut y)
-            .arg(&gi)
-            .arg(&eps);
+        let mut l = self.launch("rms_norm_f32")?;
+        l.buf(x.f32("rms_norm")?)
+            .buf(w.f32("rms_norm")?)
+            .buf(&y)
+            .i32(i32_of(g, "G")?)
+            .f32(eps as f32);
         // SAFETY: x and y are [t, c] with c % g == 0, so t*c/g blocks each own one group; w is [g].
-        unsafe { b.launch(grid(t * c / g, threads)) }.cuda()?;
+        unsafe { l.launch(grid(t * c / g, threads)) }.cuda()?;
         Ok(Self::f32_tensor([t, c], y))
     }
 
@@ -747,8 +819,8 @@ impl Backend for CudaBackend {
                 dtype: x.dtype(),
             });
         }
-        let y = match self.gemv_kernel("gemv", t, k, w) {
-            Some(kernel) => self.launch_gemv(&kernel, xs, w, None, None, t, k, n, 0.0)?,
+        let y = match self.gemv_kernel("gemv", t) {
+            Some(kernel) => self.launch_gemv(kernel, xs, w, None, None, t, k, n, 0.0)?,
             None => self.cublas_matmul(xs, w, t, k, n)?,
         };
         Ok(Self::f32_tensor([t, n], y))
@@ -759,11 +831,11 @@ impl Backend for CudaBackend {
             return Err(Error::shape("add", &a.shape, &b2.shape));
         }
         let n = a.shape.numel();
-        let mut y = self.alloc_f32(n)?;
-        let mut b = self.stream().launch_builder(self.func("add_f32")?);
-        b.arg(a.f32("add")?).arg(b2.f32("add")?).arg(&mut y).arg(&n);
+        let y = self.alloc_f32(n)?;
+        let mut l = self.launch("add_f32")?;
+        l.buf(a.f32("add")?).buf(b2.f32("add")?).buf(&y).usize(n);
         // SAFETY: a, b and y all hold n elements; grid-stride loop.
-        unsafe { b.launch(elementwise(n)) }.cuda()?;
+        unsafe { l.launch(elementwise(n)) }.cuda()?;
         Ok(Self::f32_tensor(a.shape.clone(), y))
     }
 
@@ -773,12 +845,11 @@ impl Backend for CudaBackend {
             return Err(Error::invalid("silu_mul", format!("odd width {c}")));
         }
         let i = c / 2;
-        let mut y = self.alloc_f32(t * i)?;
-        let ii = i32_of(i, "I")?;
-        let mut b = self.stream().launch_builder(self.func("silu_mul_f32")?);
-        b.arg(gate_up.f32("silu_mul")?).arg(&mut y).arg(&ii);
+        let y = self.alloc_f32(t * i)?;
+        let mut l = self.launch("silu_mul_f32")?;
+        l.buf(gate_up.f32("silu_mul")?).buf(&y).i32(i32_of(i, "I")?);
         // SAFETY: gate_up is [t, 2i], y is [t, i]; one block per row.
-        unsafe { b.launch(grid(t, 256)) }.cuda()?;
+        unsafe { l.launch(grid(t, 256)) }.cuda()?;
         Ok(Self::f32_tensor([t, i], y))
     }
 
@@ -790,22 +861,15 @@ impl Backend for CudaBackend {
                 format!("columns {start}..{} out of range 0..{c}", start + len),
             ));
         }
-        let mut y = self.alloc_f32(t * len)?;
-        let (ci, si, li) = (
-            i32_of(c, "C")?,
-            i32_of(start, "start")?,
-            i32_of(len, "len")?,
-        );
-        let mut b = self
-            .stream()
-            .launch_builder(self.func("slice_columns_f32")?);
-        b.arg(x.f32("slice_columns")?)
-            .arg(&mut y)
-            .arg(&ci)
-            .arg(&si)
-            .arg(&li);
+        let y = self.alloc_f32(t * len)?;
+        let mut l = self.launch("slice_columns_f32")?;
+        l.buf(x.f32("slice_columns")?)
+            .buf(&y)
+            .i32(i32_of(c, "C")?)
+            .i32(i32_of(start, "start")?)
+            .i32(i32_of(len, "len")?);
         // SAFETY: x is [t, c], y is [t, len], start + len <= c; one block per row.
-        unsafe { b.launch(grid(t, 256)) }.cuda()?;
+        unsafe { l.launch(grid(t, 256)) }.cuda()?;
         Ok(Self::f32_tensor([t, len], y))
     }
 
@@ -822,23 +886,21 @@ impl Backend for CudaBackend {
                 ),
             ));
         }
-        let mut y = self.alloc_f32(t * c)?;
-        let (ci, di) = (i32_of(c, "C")?, i32_of(d, "d")?);
-        let log2_theta = cfg.rope_theta.log2();
-        let mut b = self.stream().launch_builder(self.func("rope_f32")?);
-        b.arg(x.f32("rope")?)
-            .arg(&batch.positions)
-            .arg(&mut y)
-            .arg(&ci)
-            .arg(&di)
-            .arg(&log2_theta);
+        let y = self.alloc_f32(t * c)?;
+        let mut l = self.launch("rope_f32")?;
+        l.buf(x.f32("rope")?)
+            .buf(&batch.positions)
+            .buf(&y)
+            .i32(i32_of(c, "C")?)
+            .i32(i32_of(d, "d")?)
+            .f64(cfg.rope_theta.log2());
         let launch = LaunchConfig {
             shared_mem_bytes: (d * 4) as u32,
             ..grid(t, 128)
         };
         // SAFETY: x and y are [t, c] with c % d == 0, positions holds t entries; one block per row
         // with d floats of shared memory for the RoPE table.
-        unsafe { b.launch(launch) }.cuda()?;
+        unsafe { l.launch(launch) }.cuda()?;
         Ok(Self::f32_tensor([t, c], y))
     }
 
@@ -860,19 +922,17 @@ impl Backend for CudaBackend {
                 format!("slot {bad} beyond {slots}"),
             ));
         }
-        let wi = i32_of(w, "W")?;
         let (ks, vs) = (k.f32("write_kv")?, v.f32("write_kv")?);
         let LayerKv { k: kpool, v: vpool } = cache;
-        let mut b = self
-            .stream()
-            .launch_builder(self.func(&format!("write_kv_{}", kpool.kv_suffix()))?);
-        b.arg(ks).arg(vs).arg(&batch.slots);
-        arg_pool_mut(&mut b, kpool, "write_kv")?;
-        arg_pool_mut(&mut b, vpool, "write_kv")?;
-        b.arg(&wi);
+        let stream = self.stream();
+        let mut l = self.launch(&format!("write_kv_{}", kpool.kv_suffix()))?;
+        l.buf(ks).buf(vs).buf(&batch.slots);
+        l.ptr(kpool.ptr_mut(stream, "write_kv")?)
+            .ptr(vpool.ptr_mut(stream, "write_kv")?)
+            .i32(i32_of(w, "W")?);
         // SAFETY: k, v are [t, w]; every slot < slots (checked) and pools are [slots, w] of the
         // element type the entry point's suffix names.
-        unsafe { b.launch(grid(t, 256)) }.cuda()?;
+        unsafe { l.launch(grid(t, 256)) }.cuda()?;
         Ok(())
     }
 
@@ -917,40 +977,33 @@ impl Backend for CudaBackend {
         let want = (2 * self.inner.sm_count).div_ceil(t * kvh).max(1);
         let chunk = max_ctx.div_ceil(want).max(32);
         let splits = max_ctx.div_ceil(chunk);
-        let mut out = self.alloc_f32(t * c)?;
-        let mut part_o = self.alloc_f32(if splits > 1 { t * h * splits * d } else { 1 })?;
-        let mut part_ml = self.alloc_f32(if splits > 1 { t * h * splits * 2 } else { 1 })?;
+        let out = self.alloc_f32(t * c)?;
+        let part_o = self.alloc_f32(if splits > 1 { t * h * splits * d } else { 1 })?;
+        let part_ml = self.alloc_f32(if splits > 1 { t * h * splits * 2 } else { 1 })?;
+        let counters = self.counters(t * kvh)?;
         let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
-        let (mb, bsi, hi, kvi, di, chi) = (
-            i32_of(batch.max_blocks, "blocks")?,
-            i32_of(bs, "block size")?,
-            i32_of(h, "H")?,
-            i32_of(kvh, "KV")?,
-            i32_of(d, "d")?,
-            i32_of(chunk, "chunk")?,
-        );
         if cache.k.dtype() != cache.v.dtype() {
             return Err(Error::invalid(
                 "attention",
                 "key and value pools differ in dtype",
             ));
         }
-        let kernel = attention_entry(cache.k.kv_suffix(), cfg.group_size(), d);
-        let mut b = self.stream().launch_builder(self.func(&kernel)?);
-        b.arg(q.f32("attention")?);
-        arg_pool(&mut b, &cache.k);
-        arg_pool(&mut b, &cache.v);
-        b.arg(&batch.positions)
-            .arg(&batch.token_seq)
-            .arg(&batch.block_tables);
-        b.arg(&mb)
-            .arg(&bsi)
-            .arg(&hi)
-            .arg(&kvi)
-            .arg(&di)
-            .arg(&scale_log2)
-            .arg(&chi);
-        b.arg(&mut out).arg(&mut part_o).arg(&mut part_ml);
+        let stream = self.stream();
+        let mut l = self.launch(&attention_entry(cache.k.kv_suffix(), cfg.group_size(), d))?;
+        l.buf(q.f32("attention")?)
+            .ptr(cache.k.ptr(stream))
+            .ptr(cache.v.ptr(stream));
+        l.buf(&batch.positions)
+            .buf(&batch.token_seq)
+            .buf(&batch.block_tables);
+        l.i32(i32_of(batch.max_blocks, "blocks")?)
+            .i32(i32_of(bs, "block size")?)
+            .i32(i32_of(h, "H")?)
+            .i32(i32_of(kvh, "KV")?)
+            .i32(i32_of(d, "d")?)
+            .f32(scale_log2)
+            .i32(i32_of(chunk, "chunk")?);
+        l.buf(&out).buf(&part_o).buf(&part_ml).ptr(counters);
         let cfg_launch = LaunchConfig {
             grid_dim: (t as u32, kvh as u32, splits as u32),
             block_dim: (32 * ATTN_WARPS, 1, 1),
@@ -958,27 +1011,9 @@ impl Backend for CudaBackend {
         };
         // SAFETY: q is [t, h*d]; pools are [slots, kvh*d] and every block of every table is inside
         // (checked); tables are [seqs, max_blocks]; group <= MAX_G and d <= 256 (checked); the
-        // partial buffers hold t*h*splits*(d | 2) floats when splits > 1.
-        unsafe { b.launch(cfg_launch) }.cuda()?;
-        if splits > 1 {
-            let si = i32_of(splits, "splits")?;
-            let mut b = self
-                .stream()
-                .launch_builder(self.func("attention_combine")?);
-            b.arg(&part_o)
-                .arg(&part_ml)
-                .arg(&mut out)
-                .arg(&hi)
-                .arg(&di)
-                .arg(&si);
-            let cfg_c = LaunchConfig {
-                grid_dim: (t as u32, h as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: partials were fully written for every (t, h, split) above; out is [t, h*d].
-            unsafe { b.launch(cfg_c) }.cuda()?;
-        }
+        // partial buffers hold t*h*splits*(d | 2) floats when splits > 1; counters holds t*kvh
+        // zeros, which the kernel leaves zero.
+        unsafe { l.launch(cfg_launch) }.cuda()?;
         Ok(Self::f32_tensor([t, c], out))
     }
 
@@ -1026,10 +1061,10 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         let (t, k) = x.matrix("rms_norm_matmul")?;
         let (n, k2) = w.matrix("rms_norm_matmul")?;
-        match self.gemv_kernel("rms_norm_gemv", t, k, w) {
+        match self.gemv_kernel("rms_norm_gemv", t) {
             Some(kernel) if k == k2 && norm_w.shape.dims() == [k] => {
                 let y = self.launch_gemv(
-                    &kernel,
+                    kernel,
                     x.f32("rms_norm_matmul")?,
                     w,
                     Some(norm_w.f32("rms_norm_matmul")?),
@@ -1054,12 +1089,12 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         let (t, k) = x.matrix("rms_norm_matmul_silu_mul")?;
         let (n2, k2) = w_gate_up.matrix("rms_norm_matmul_silu_mul")?;
-        match self.gemv_kernel("rms_norm_gemv_silu_mul", t, k, w_gate_up) {
+        match self.gemv_kernel("rms_norm_gemv_silu_mul", t) {
             Some(kernel) if k == k2 && n2.is_multiple_of(2) && norm_w.shape.dims() == [k] => {
                 let gain = norm_w.f32("rms_norm_matmul_silu_mul")?;
                 let xs = x.f32("rms_norm_matmul_silu_mul")?;
                 let y =
-                    self.launch_gemv(&kernel, xs, w_gate_up, Some(gain), None, t, k, n2 / 2, eps)?;
+                    self.launch_gemv(kernel, xs, w_gate_up, Some(gain), None, t, k, n2 / 2, eps)?;
                 Ok(Self::f32_tensor([t, n2 / 2], y))
             }
             _ => compose::rms_norm_matmul_silu_mul(self, x, norm_w, w_gate_up, eps),
@@ -1075,6 +1110,7 @@ impl Backend for CudaBackend {
         batch: &CudaBatch,
         cfg: &AttentionConfig,
     ) -> Result<CudaTensor> {
+        self.check_attention(cfg)?;
         let (t, width) = qkv.matrix("qk_norm_rope_write_kv")?;
         let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         if width != cfg.qkv_width()
@@ -1098,7 +1134,7 @@ impl Backend for CudaBackend {
                 format!("slot {bad} beyond {slots}"),
             ));
         }
-        let mut q = self.alloc_f32(t * h * d)?;
+        let q = self.alloc_f32(t * h * d)?;
         let (hi, kvi, di, eps) = (
             i32_of(h, "H")?,
             i32_of(kvh, "KV")?,
@@ -1106,24 +1142,28 @@ impl Backend for CudaBackend {
             cfg.qk_norm_eps as f32,
         );
         let LayerKv { k: kpool, v: vpool } = cache;
-        let f = self.func(&format!("qk_norm_rope_write_kv_{}", kpool.kv_suffix()))?;
-        let mut b = self.stream().launch_builder(f);
-        b.arg(qkv.f32("qk_norm_rope_write_kv")?)
-            .arg(q_norm.f32("qk_norm_rope_write_kv")?)
-            .arg(k_norm.f32("qk_norm_rope_write_kv")?);
-        b.arg(&batch.positions).arg(&batch.slots).arg(&mut q);
-        arg_pool_mut(&mut b, kpool, "qk_norm_rope_write_kv")?;
-        arg_pool_mut(&mut b, vpool, "qk_norm_rope_write_kv")?;
-        let log2_theta = cfg.rope_theta.log2();
-        b.arg(&hi).arg(&kvi).arg(&di).arg(&log2_theta).arg(&eps);
+        let stream = self.stream();
+        let op = "qk_norm_rope_write_kv";
+        let mut l = self.launch(&format!("{op}_{}", kpool.kv_suffix()))?;
+        l.buf(qkv.f32(op)?)
+            .buf(q_norm.f32(op)?)
+            .buf(k_norm.f32(op)?);
+        l.buf(&batch.positions).buf(&batch.slots).buf(&q);
+        l.ptr(kpool.ptr_mut(stream, op)?)
+            .ptr(vpool.ptr_mut(stream, op)?);
+        l.i32(hi)
+            .i32(kvi)
+            .i32(di)
+            .f64(cfg.rope_theta.log2())
+            .f32(eps);
         let launch = LaunchConfig {
             grid_dim: (t as u32, (h + 2 * kvh) as u32, 1),
             block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: qkv is [t, (h+2kvh)d], q is [t, hd], norms are [d], every slot < slots (checked);
-        // one warp per (token, head).
-        unsafe { b.launch(launch) }.cuda()?;
+        // SAFETY: qkv is [t, (h+2kvh)d], q is [t, hd], norms are [d] with d <= 256 (checked),
+        // every slot < slots (checked); one warp per (token, head).
+        unsafe { l.launch(launch) }.cuda()?;
         Ok(Self::f32_tensor([t, h * d], q))
     }
 
@@ -1135,10 +1175,10 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         let (t, k) = x.matrix("matmul_add")?;
         let (n, k2) = w.matrix("matmul_add")?;
-        match self.gemv_kernel("gemv_add", t, k, w) {
+        match self.gemv_kernel("gemv_add", t) {
             Some(kernel) if k == k2 && residual.shape.dims() == [t, n] => {
                 let y = self.launch_gemv(
-                    &kernel,
+                    kernel,
                     x.f32("matmul_add")?,
                     w,
                     None,
@@ -1157,10 +1197,10 @@ impl Backend for CudaBackend {
     fn matmul_silu_mul(&self, x: &CudaTensor, w_gate_up: &CudaTensor) -> Result<CudaTensor> {
         let (t, k) = x.matrix("matmul_silu_mul")?;
         let (n2, k2) = w_gate_up.matrix("matmul_silu_mul")?;
-        match self.gemv_kernel("gemv_silu_mul", t, k, w_gate_up) {
+        match self.gemv_kernel("gemv_silu_mul", t) {
             Some(kernel) if k == k2 && n2 % 2 == 0 => {
                 let y = self.launch_gemv(
-                    &kernel,
+                    kernel,
                     x.f32("matmul_silu_mul")?,
                     w_gate_up,
                     None,
@@ -1203,6 +1243,70 @@ fn gemv_split(out_cols: usize, k: usize, sm_count: usize) -> usize {
     s
 }
 
+/// How `gemv_t1` (the batch-1 bf16 GEMV in `kernels/gemv.cu`) covers one matrix: each warp owns
+/// `rows` output columns over a K-slice of `kc` 16-byte loads per lane per weight row, `split`
+/// warps sharing a column; `kcm` is the entry point's compile-time bound on `kc`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GemvT1Plan {
+    rows: usize,
+    kcm: usize,
+    split: usize,
+    kc: usize,
+}
+
+impl GemvT1Plan {
+    /// The builds compiled: (rows, kcm), each warp holding at most 16 loads (64 registers).
+    const PLAIN: [(usize, usize); 3] = [(4, 4), (2, 8), (1, 16)];
+    const SILU: [(usize, usize); 2] = [(2, 4), (1, 8)];
+
+    /// The first (fewest splits, then most rows a warp) with at least 8 warps per SM, so every
+    /// load of the matrix is in flight at once in about one wave; else the one with most warps.
+    /// `None` when K is not whole 256-element slices (the general kernels take it).
+    fn choose(k: usize, n: usize, silu: bool, sm_count: usize) -> Option<Self> {
+        if k == 0 || !k.is_multiple_of(256) || n == 0 {
+            return None;
+        }
+        let slices = k / 256;
+        let builds: &[(usize, usize)] = if silu { &Self::SILU } else { &Self::PLAIN };
+        let target = 8 * sm_count;
+        let mut best: Option<(usize, Self)> = None;
+        for split in [1, 2, 4, 8] {
+            if !slices.is_multiple_of(split) {
+                continue;
+            }
+            let kc = slices / split;
+            for &(rows, kcm) in builds {
+                if kc > kcm {
+                    continue;
+                }
+                let plan = GemvT1Plan {
+                    rows,
+                    kcm,
+                    split,
+                    kc,
+                };
+                let warps = n.div_ceil(rows) * split;
+                if warps >= target {
+                    return Some(plan);
+                }
+                if best.is_none_or(|(w, _)| warps > w) {
+                    best = Some((warps, plan));
+                }
+            }
+        }
+        best.map(|(_, p)| p)
+    }
+
+    /// Output columns one 8-warp block covers.
+    fn cols_per_block(&self) -> usize {
+        8 / self.split * self.rows
+    }
+
+    fn entry(&self, base: &str) -> String {
+        format!("{base}_t1_r{}_k{}", self.rows, self.kcm)
+    }
+}
+
 /// The attention entry point compiled for at least `group` query heads per KV head and head
 /// size `d` (in powers of two: group <= 8, d <= 256, checked by `check_attention`).
 fn attention_entry(kv_suffix: &str, group: usize, d: usize) -> String {
@@ -1211,31 +1315,12 @@ fn attention_entry(kv_suffix: &str, group: usize, d: usize) -> String {
     format!("attention_paged_{kv_suffix}_g{g}_d{dpl}")
 }
 
-/// Passes a tensor's buffer (either element type) as a kernel argument.
-fn arg_pool<'a>(b: &mut LaunchArgs<'a>, pool: &'a CudaTensor) {
-    match &pool.buf {
-        Buf::Bf16(s) => b.arg(s.as_ref()),
-        Buf::F32(s) => b.arg(s.as_ref()),
-    };
-}
-
-/// Passes a cache pool as a kernel output; it must be uniquely owned.
-fn arg_pool_mut<'a>(
-    b: &mut LaunchArgs<'a>,
-    pool: &'a mut CudaTensor,
-    op: &'static str,
-) -> Result<()> {
-    let shared = || {
-        Error::invalid(
-            op,
-            "cache pool is shared; it must be uniquely owned to be written",
-        )
-    };
-    match &mut pool.buf {
-        Buf::Bf16(s) => b.arg(Arc::get_mut(s).ok_or_else(shared)?),
-        Buf::F32(s) => b.arg(Arc::get_mut(s).ok_or_else(shared)?),
-    };
-    Ok(())
+/// The row-gather entry point for a table's element type.
+fn gather_entry(table: &CudaTensor) -> &'static str {
+    match table.buf {
+        Buf::Bf16(_) => "gather_rows_bf16",
+        Buf::F32(_) => "gather_rows_f32",
+    }
 }
 
 #[cfg(test)]
@@ -1259,11 +1344,107 @@ mod tests {
     ];
 
     #[test]
+    fn gemv_t1_plans_cover_the_matrix_in_whole_slices() {
+        for silu in [false, true] {
+            for k in [256, 1024, 2048, 2560, 3072, 4096, 6144, 9728, 12288] {
+                for n in [1, 7, 1024, 3072, 4096, 151_936] {
+                    for sms in [1, 78, 132] {
+                        let Some(p) = GemvT1Plan::choose(k, n, silu, sms) else {
+                            assert_eq!(k, 9728, "no plan for k={k}");
+                            continue;
+                        };
+                        assert_eq!(p.kc * 256 * p.split, k, "{p:?} k={k}");
+                        assert!(p.kc <= p.kcm && 8 % p.split == 0, "{p:?}");
+                        let builds: &[(usize, usize)] = if silu {
+                            &GemvT1Plan::SILU
+                        } else {
+                            &GemvT1Plan::PLAIN
+                        };
+                        assert!(builds.contains(&(p.rows, p.kcm)), "{p:?}");
+                    }
+                }
+            }
+        }
+        // Qwen3-0.6B on 132 SMs: the QKV projection takes 2 columns a warp in one K-slice, the
+        // down projection splits its 3,072-long rows in two.
+        let qkv = GemvT1Plan::choose(1024, 4096, false, 132).unwrap();
+        assert_eq!((qkv.rows, qkv.split, qkv.kc), (2, 1, 4));
+        let down = GemvT1Plan::choose(3072, 1024, false, 132).unwrap();
+        assert_eq!((down.rows, down.split, down.kc), (1, 2, 6));
+        assert_eq!(GemvT1Plan::choose(1000, 4096, false, 132), None);
+    }
+
+    /// The PDL contract (launch.rs): every kernel waits for the previous one before it reads
+    /// its output. A kernel without a wait could read stale data when launched early.
+    #[test]
+    fn every_kernel_waits_for_its_predecessor() {
+        for (file, src, _) in kernels::SOURCES {
+            for piece in src.split("extern \"C\" __global__").skip(1) {
+                let body_start = piece.find('{').unwrap();
+                let name = piece[..body_start]
+                    .split('(')
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .to_string();
+                let body = &piece[body_start..];
+                let calls_template = body.lines().take(4).any(|l| {
+                    l.contains("gemv<")
+                        || l.contains("gemv_t1<")
+                        || l.contains("attention_paged<")
+                        || l.contains("write_kv<")
+                        || l.contains("qk_norm_rope_write_kv<")
+                });
+                assert!(
+                    body.lines().take(4).any(|l| l.contains("pdl_begin()")) || calls_template,
+                    "{file}: {name} neither waits nor calls a template kernel"
+                );
+            }
+        }
+        let attention = include_str!("../../../kernels/attention.cu");
+        let gemv = include_str!("../../../kernels/gemv.cu");
+        for (name, src) in [
+            ("gemv", gemv),
+            ("gemv_t1", gemv),
+            ("attention_paged", attention),
+            ("qk_norm_rope_write_kv", attention),
+            ("write_kv", attention),
+        ] {
+            let def = src.find(&format!("void {name}(")).unwrap();
+            let body = &src[def..];
+            let end = body.find("\n}\n").unwrap();
+            assert!(
+                body[..end].contains("pdl_begin()") || body[..end].contains("pdl_wait()"),
+                "{name} never waits"
+            );
+        }
+    }
+
+    #[test]
     fn every_requested_kernel_is_declared() {
         let src = include_str!("lib.rs");
-        for piece in src.split("self.func(\"").skip(1) {
+        let mut literal = 0;
+        for piece in src.split("self.launch(\"").skip(1) {
             let name = &piece[..piece.find('"').unwrap()];
-            assert!(known(name), "func(\"{name}\") is not in kernels::SOURCES");
+            assert!(known(name), "launch(\"{name}\") is not in kernels::SOURCES");
+            literal += 1;
+        }
+        assert!(literal >= 8, "only {literal} literal launches found");
+        for silu in [false, true] {
+            for k in [1024, 2048, 2560, 3072, 4096, 6144, 12288] {
+                for n in [1, 1024, 3072, 4096, 151_936] {
+                    if let Some(p) = GemvT1Plan::choose(k, n, silu, 132) {
+                        let bases: &[&str] = if silu {
+                            &["gemv_silu_mul", "rms_norm_gemv_silu_mul"]
+                        } else {
+                            &["gemv", "gemv_add", "rms_norm_gemv"]
+                        };
+                        for base in bases {
+                            assert!(known(&p.entry(base)), "{}", p.entry(base));
+                        }
+                    }
+                }
+            }
         }
         for base in GEMV_BASES {
             for dtype in [DType::BF16, DType::F32] {

@@ -133,7 +133,30 @@ fn synthetic_full_size_matches_reference() {
     let tokens: Vec<u32> = (0..300)
         .map(|_| rng.below(cm.config().vocab_size) as u32)
         .collect();
-    compare("synthetic", &gpu, &gm, &cm, &tokens);
+    let max_abs = compare("synthetic", &gpu, &gm, &cm, &tokens);
+    let tol = 4.0 * max_abs.iter().fold(0.0f64, |a, &b| a.max(b));
+    // Batch-1 greedy decode (the single-row GEMV builds, split attention, graphs and PDL): each
+    // token must be the reference's top-1 at its position, or within the measured error of it.
+    let prompt = tokens[..16].to_vec();
+    let got = generate(&gm, &gpu, &[Request::greedy(prompt.clone(), 48)]).unwrap();
+    let full: Vec<u32> = prompt.iter().chain(&got[0].new_ids).copied().collect();
+    let reference = logits(&CpuRef, &cm, &full);
+    let vocab = cm.config().vocab_size;
+    let mut exact = 0;
+    for (step, &id) in got[0].new_ids.iter().enumerate() {
+        let row = &reference[(prompt.len() - 1 + step) * vocab..][..vocab];
+        let best = row.iter().fold(f64::MIN, |a, &b| a.max(b));
+        assert!(
+            row[id as usize] >= best - tol,
+            "decode step {step}: token {id} scores {} against the reference's best {best} (tolerance {tol:.3e})",
+            row[id as usize]
+        );
+        exact += usize::from(row[id as usize] == best);
+    }
+    println!(
+        "synthetic decode: {exact}/{} greedy tokens are the reference's exact top-1, all within {tol:.3e}",
+        got[0].new_ids.len()
+    );
     // Several sequences decoded together give each one's tokens alone.
     let requests: Vec<Request> = (0..3)
         .map(|s| Request::greedy(tokens[s * 20..s * 20 + 10 + s].to_vec(), 12))
@@ -147,6 +170,8 @@ fn synthetic_full_size_matches_reference() {
     }
 }
 
+/// CUDA graphs and programmatic dependent launches (the defaults) against plain launches, each
+/// kernel starting after the previous one drained.
 #[test]
 fn graph_replay_gives_the_tokens_of_plain_launches() {
     let Some(gpu) = cuda() else { return };
@@ -154,6 +179,7 @@ fn graph_replay_gives_the_tokens_of_plain_launches() {
         0,
         qfuse_cuda::CudaOptions {
             graphs: false,
+            pdl: false,
             ..Default::default()
         },
     )
