@@ -142,16 +142,17 @@ __device__ void qk_norm_rope_write_kv(
 // normalised output; otherwise each split writes unnormalised partials (o, max, sum) and the
 // last split to finish (a per-(t, kv) arrival counter, reset by that block) combines them, so no
 // second kernel is needed. Scores use exp2 with log2(e) folded into the scale. GM and DPL are
-// compile-time bounds on G and d / 32.
+// compile-time bounds on G and d / 32; KBM is the batch: 8 for decode (few tokens, latency-bound:
+// more loads in flight), 2 for prefill (thousands of blocks: fewer registers, more warps).
 // grid = (T, KV, splits), block = 32 * ATTN_WARPS, shared = ATTN_WARPS * G * (d + 2) floats.
-template <typename KT, int GM, int DPL>
+template <typename KT, int GM, int DPL, int KBM>
 __device__ void attention_paged(
     const float* __restrict__ q, const KT* __restrict__ kc, const KT* __restrict__ vc,
     const u32* __restrict__ positions, const u32* __restrict__ token_seq,
     const u32* __restrict__ block_tables, int max_blocks, int block_size, int H, int KV, int d,
     float scale_log2, int chunk, float* __restrict__ out, float* __restrict__ part_o,
     float* __restrict__ part_ml, u32* __restrict__ counters) {
-    constexpr int KB = DPL <= 4 ? 8 : 4;
+    constexpr int KB = DPL <= 4 ? KBM : (KBM < 4 ? KBM : 4);  // K and V rows in registers
     extern __shared__ float smem[];
     __shared__ int is_last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -302,17 +303,18 @@ __device__ void attention_paged(
     }
 }
 
-#define ATTN_ENTRY(KT, SUFFIX, GM, DPL)                                                                    \
-    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_paged_##SUFFIX##_g##GM##_d##DPL( \
+#define ATTN_ENTRY(KT, SUFFIX, GM, DPL, KBM)                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_paged_##SUFFIX##_g##GM##_d##DPL##_k##KBM( \
         const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \
         const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
         int chunk, float* out, float* part_o, float* part_ml, u32* counters) {                              \
-        attention_paged<KT, GM, DPL>(q, kc, vc, positions, token_seq, block_tables, max_blocks, block_size, \
+        attention_paged<KT, GM, DPL, KBM>(q, kc, vc, positions, token_seq, block_tables, max_blocks, block_size, \
                                      H, KV, d, scale_log2, chunk, out, part_o, part_ml, counters);          \
     }
 
+#define ATTN_KBS(KT, SUFFIX, GM, DPL) ATTN_ENTRY(KT, SUFFIX, GM, DPL, 2) ATTN_ENTRY(KT, SUFFIX, GM, DPL, 8)
 #define ATTN_DPLS(KT, SUFFIX, GM) \
-    ATTN_ENTRY(KT, SUFFIX, GM, 1) ATTN_ENTRY(KT, SUFFIX, GM, 2) ATTN_ENTRY(KT, SUFFIX, GM, 4) ATTN_ENTRY(KT, SUFFIX, GM, 8)
+    ATTN_KBS(KT, SUFFIX, GM, 1) ATTN_KBS(KT, SUFFIX, GM, 2) ATTN_KBS(KT, SUFFIX, GM, 4) ATTN_KBS(KT, SUFFIX, GM, 8)
 
 #define KV_ENTRIES(KT, SUFFIX)                                                                              \
     extern "C" __global__ void write_kv_##SUFFIX(const float* k, const float* v, const u32* slots, KT* kc,   \

@@ -12,6 +12,8 @@
 //! transitive: a kernel that passed its wait sees the writes of every kernel launched earlier.
 use std::ffi::c_void;
 
+use crate::pool::Pooled;
+
 use cudarc::driver::{
     sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
 };
@@ -41,6 +43,11 @@ impl<'a> Launch<'a> {
         let (ptr, _sync) = s.device_ptr(self.stream);
         self.args.push(ptr);
         self
+    }
+
+    /// A pooled f32 buffer (typically the kernel's output), passed as its address.
+    pub(crate) fn out(&mut self, p: &Pooled) -> &mut Self {
+        self.buf(p.slice())
     }
 
     /// A device address taken elsewhere (a tensor of either element type).

@@ -8,8 +8,10 @@
 mod error;
 pub mod kernels;
 mod launch;
+mod pool;
 
 use std::fmt;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
@@ -24,6 +26,7 @@ pub use error::CudaError;
 use error::CudaResultExt;
 use kernels::Kernels;
 use launch::Launch;
+use pool::{CaptureSet, Pool, PoolError, Pooled};
 
 /// Largest T that takes the fused GEMV path (the kernels' MAX_T).
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -43,7 +46,7 @@ pub struct CudaTensor {
 #[derive(Clone)]
 enum Buf {
     Bf16(Arc<CudaSlice<u16>>),
-    F32(Arc<CudaSlice<f32>>),
+    F32(Arc<Pooled>),
 }
 
 impl fmt::Debug for CudaTensor {
@@ -75,7 +78,7 @@ impl CudaTensor {
 
     fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
         match &self.buf {
-            Buf::F32(s) => Ok(s),
+            Buf::F32(s) => Ok(s.slice()),
             Buf::Bf16(_) => Err(Error::UnsupportedDType {
                 op,
                 dtype: DType::BF16,
@@ -91,7 +94,7 @@ impl CudaTensor {
     fn ptr(&self, stream: &CudaStream) -> u64 {
         match &self.buf {
             Buf::Bf16(s) => s.device_ptr(stream).0,
-            Buf::F32(s) => s.device_ptr(stream).0,
+            Buf::F32(s) => s.slice().device_ptr(stream).0,
         }
     }
 
@@ -105,7 +108,13 @@ impl CudaTensor {
         };
         Ok(match &mut self.buf {
             Buf::Bf16(s) => Arc::get_mut(s).ok_or_else(shared)?.device_ptr_mut(stream).0,
-            Buf::F32(s) => Arc::get_mut(s).ok_or_else(shared)?.device_ptr_mut(stream).0,
+            Buf::F32(s) => {
+                Arc::get_mut(s)
+                    .ok_or_else(shared)?
+                    .slice_mut()
+                    .device_ptr_mut(stream)
+                    .0
+            }
         })
     }
 }
@@ -140,8 +149,12 @@ impl AsMut<BatchInfo> for CudaBatch {
     }
 }
 
-/// A captured CUDA graph of one decode step.
-pub struct CudaGraphExec(cudarc::driver::CudaGraph);
+/// A captured CUDA graph of one decode step, with the pooled buffers its kernels write (dropped
+/// after the graph: fields drop in order).
+pub struct CudaGraphExec {
+    graph: cudarc::driver::CudaGraph,
+    _buffers: Arc<CaptureSet>,
+}
 
 impl fmt::Debug for CudaGraphExec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -159,6 +172,10 @@ struct Inner {
     options: CudaOptions,
     /// Programmatic dependent launches in use (option on and the GPU is sm_90 or later).
     pdl: bool,
+    /// Activation buffers for reuse, so steps issue no allocations or frees.
+    pool: Arc<Pool>,
+    /// CUDA graph replays so far.
+    replays: AtomicUsize,
     /// Attention's per-(token, KV head) arrival counters, all zero between kernels. Replaced by
     /// a larger buffer when a batch needs more; old ones are kept, since captured graphs may
     /// still point at them.
@@ -291,6 +308,8 @@ impl CudaBackend {
                 options,
                 pdl: options.pdl && major >= 9,
                 counters: Mutex::new(vec![counters]),
+                pool: Arc::new(Pool::default()),
+                replays: AtomicUsize::new(0),
             }),
         })
     }
@@ -307,6 +326,14 @@ impl CudaBackend {
 
     fn stream(&self) -> &Arc<CudaStream> {
         &self.inner.stream
+    }
+
+    /// How many captured decode steps have been replayed (a capture that fails falls back to
+    /// plain launches silently, so tests and benchmarks check this).
+    pub fn graph_replays(&self) -> usize {
+        self.inner
+            .replays
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether kernels are launched as programmatic dependent launches.
@@ -341,12 +368,22 @@ impl CudaBackend {
         Ok(ptr)
     }
 
-    fn alloc_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
-        // SAFETY: every caller launches a kernel that writes all `n` elements before any read.
-        unsafe { self.stream().alloc::<f32>(n.max(1)) }.cuda()
+    /// A buffer of at least `n` f32s from the pool; every caller launches a kernel that writes
+    /// all `n` before any read.
+    fn alloc_f32(&self, n: usize) -> Result<Pooled> {
+        self.inner
+            .pool
+            .alloc(self.stream(), n)
+            .map_err(|e| match e {
+                PoolError::Driver(e) => CudaError::from(e).into(),
+                PoolError::MissDuringCapture(len) => Error::invalid(
+                    "cuda graph capture",
+                    format!("a buffer of {len} floats was not pooled by the warm-up run"),
+                ),
+            })
     }
 
-    fn f32_tensor(shape: impl Into<Shape>, s: CudaSlice<f32>) -> CudaTensor {
+    fn f32_tensor(shape: impl Into<Shape>, s: Pooled) -> CudaTensor {
         CudaTensor {
             shape: shape.into(),
             buf: Buf::F32(Arc::new(s)),
@@ -379,7 +416,7 @@ impl CudaBackend {
         k: usize,
         out_cols: usize,
         eps: f64,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<Pooled> {
         let y = self.alloc_f32(t * out_cols)?;
         let (ti, ki, ni, eps) = (
             i32_of(t, "T")?,
@@ -407,7 +444,7 @@ impl CudaBackend {
         let mut l = self.launch(&name)?;
         // Absent gain/residual: pass x, which the kernel never reads in that role.
         l.buf(x).ptr(w.ptr(self.stream()));
-        l.buf(gain.unwrap_or(x)).buf(residual.unwrap_or(x)).buf(&y);
+        l.buf(gain.unwrap_or(x)).buf(residual.unwrap_or(x)).out(&y);
         match plan {
             Some(p) => l.i32(ki).i32(ni).i32(p.split as i32).i32(p.kc as i32),
             None => {
@@ -436,12 +473,12 @@ impl CudaBackend {
         t: usize,
         k: usize,
         n: usize,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<Pooled> {
         let mut y = self.alloc_f32(t * n)?;
         let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
         let f32t = cublas_sys::cudaDataType::CUDA_R_32F;
         match &w.buf {
-            Buf::F32(ws) => self.gemm(ws.as_ref(), f32t, x, f32t, &mut y, (t, k, n), 0.0)?,
+            Buf::F32(ws) => self.gemm(ws.slice(), f32t, x, f32t, y.slice_mut(), (t, k, n), 0.0)?,
             Buf::Bf16(ws) => {
                 let total = t * k;
                 // SAFETY: the split kernel writes all t*k elements of each part.
@@ -452,7 +489,15 @@ impl CudaBackend {
                 // SAFETY: x and the three parts hold t*k elements; grid-stride loop over them.
                 unsafe { l.launch(elementwise(total)) }.cuda()?;
                 for (part, beta) in [(&hi, 0.0), (&mid, 1.0), (&lo, 1.0)] {
-                    self.gemm(ws.as_ref(), bf16, part, bf16, &mut y, (t, k, n), beta)?;
+                    self.gemm(
+                        ws.as_ref(),
+                        bf16,
+                        part,
+                        bf16,
+                        y.slice_mut(),
+                        (t, k, n),
+                        beta,
+                    )?;
                 }
             }
         }
@@ -519,13 +564,14 @@ impl CudaBackend {
         const CHUNK: usize = 2048;
         let parts = v.div_ceil(CHUNK);
         let part_v = self.alloc_f32(rows * parts)?;
-        // SAFETY: the partial kernel writes every (row, part) entry.
-        let part_i = unsafe { self.stream().alloc::<u32>((rows * parts).max(1)) }.cuda()?;
+        // The indices, u32s, live in a pooled f32 buffer (same size): pooled buffers keep memory
+        // operations out of the step, which would stop the next kernel from launching early.
+        let part_i = self.alloc_f32(rows * parts)?;
         let (vi, ci, pi) = (i32_of(v, "V")?, CHUNK as i32, i32_of(parts, "parts")?);
         let mut l = self.launch("argmax_partial_f32")?;
         l.buf(logits.f32("argmax")?)
-            .buf(&part_v)
-            .buf(&part_i)
+            .out(&part_v)
+            .out(&part_i)
             .i32(vi)
             .i32(ci);
         let cfg = LaunchConfig {
@@ -536,7 +582,7 @@ impl CudaBackend {
         // SAFETY: logits is [rows, v]; the partials hold rows * parts entries, one per block.
         unsafe { l.launch(cfg) }.cuda()?;
         let mut l = self.launch("argmax_final_f32")?;
-        l.buf(&part_v).buf(&part_i).buf(out).i32(pi);
+        l.out(&part_v).out(&part_i).buf(out).i32(pi);
         // SAFETY: reads the rows * parts partials just written; out holds at least rows ids.
         unsafe { l.launch(grid(rows, 256)) }.cuda()?;
         Ok(())
@@ -583,7 +629,10 @@ impl Backend for CudaBackend {
         } else {
             self.stream().clone_htod(&v)
         };
-        Ok(Self::f32_tensor(host.shape().clone(), s.cuda()?))
+        Ok(Self::f32_tensor(
+            host.shape().clone(),
+            Pooled::unpooled(s.cuda()?),
+        ))
     }
 
     fn upload_weight(&self, host: &HostTensor) -> Result<CudaTensor> {
@@ -607,7 +656,7 @@ impl Backend for CudaBackend {
         let n = t.shape.numel();
         match &t.buf {
             Buf::F32(s) => {
-                let mut v = self.stream().clone_dtoh(s.as_ref()).cuda()?;
+                let mut v = self.stream().clone_dtoh(s.slice()).cuda()?;
                 v.truncate(n);
                 HostTensor::new(t.shape.clone(), HostData::F32(v))
             }
@@ -630,7 +679,8 @@ impl Backend for CudaBackend {
                 buf: Buf::Bf16(Arc::new(self.stream().alloc_zeros::<u16>(n).cuda()?)),
             },
             DType::F32 | DType::F64 => {
-                Self::f32_tensor(shape.clone(), self.stream().alloc_zeros::<f32>(n).cuda()?)
+                let zeros = self.stream().alloc_zeros::<f32>(n).cuda()?;
+                Self::f32_tensor(shape.clone(), Pooled::unpooled(zeros))
             }
         })
     }
@@ -707,7 +757,7 @@ impl Backend for CudaBackend {
         let mut l = self.launch(gather_entry(table))?;
         l.ptr(table.ptr(self.stream()))
             .buf(&batch.token_ids)
-            .buf(&out)
+            .out(&out)
             .i32(i32_of(c, "cols")?);
         // SAFETY: table is [n, c]; the batch's t ids are < n (checked on the host copy, which
         // update_batch keeps equal to the device one); out is [t, c].
@@ -744,24 +794,37 @@ impl Backend for CudaBackend {
         if !self.inner.options.graphs {
             return Ok(None);
         }
+        // Run the step once eagerly (it is idempotent: the same cache entries and sampled ids get
+        // written again by the replay) so the pool holds every buffer size it needs, and the
+        // capture records kernels only, no memory operations.
+        f()?;
         let stream = self.stream();
-        stream
+        let buffers = self.inner.pool.begin_capture();
+        let began = stream
             .begin_capture(
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
             )
-            .cuda()?;
-        let recorded = f();
+            .cuda();
+        let recorded = began.and_then(|()| f());
         let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        self.inner.pool.end_capture();
         recorded?;
-        let graph = graph.cuda()?.map(CudaGraphExec);
-        if let Some(g) = &graph {
-            g.0.upload().cuda()?;
-        }
-        Ok(graph)
+        let Some(graph) = graph.cuda()? else {
+            return Ok(None);
+        };
+        graph.upload().cuda()?;
+        Ok(Some(CudaGraphExec {
+            graph,
+            _buffers: buffers,
+        }))
     }
 
     fn replay(&self, graph: &CudaGraphExec) -> Result<()> {
-        graph.0.launch().cuda()
+        graph.graph.launch().cuda()?;
+        self.inner
+            .replays
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn gather_rows(&self, table: &CudaTensor, ids: &[u32]) -> Result<CudaTensor> {
@@ -780,7 +843,7 @@ impl Backend for CudaBackend {
         let mut l = self.launch(gather_entry(table))?;
         l.ptr(table.ptr(self.stream()))
             .buf(&dev_ids)
-            .buf(&out)
+            .out(&out)
             .i32(i32_of(c, "cols")?);
         // SAFETY: table is [n, c] with every id < n (checked above); out is [ids.len(), c].
         unsafe { l.launch(grid(ids.len(), 256)) }.cuda()?;
@@ -798,7 +861,7 @@ impl Backend for CudaBackend {
         let mut l = self.launch("rms_norm_f32")?;
         l.buf(x.f32("rms_norm")?)
             .buf(w.f32("rms_norm")?)
-            .buf(&y)
+            .out(&y)
             .i32(i32_of(g, "G")?)
             .f32(eps as f32);
         // SAFETY: x and y are [t, c] with c % g == 0, so t*c/g blocks each own one group; w is [g].
@@ -833,7 +896,7 @@ impl Backend for CudaBackend {
         let n = a.shape.numel();
         let y = self.alloc_f32(n)?;
         let mut l = self.launch("add_f32")?;
-        l.buf(a.f32("add")?).buf(b2.f32("add")?).buf(&y).usize(n);
+        l.buf(a.f32("add")?).buf(b2.f32("add")?).out(&y).usize(n);
         // SAFETY: a, b and y all hold n elements; grid-stride loop.
         unsafe { l.launch(elementwise(n)) }.cuda()?;
         Ok(Self::f32_tensor(a.shape.clone(), y))
@@ -847,7 +910,7 @@ impl Backend for CudaBackend {
         let i = c / 2;
         let y = self.alloc_f32(t * i)?;
         let mut l = self.launch("silu_mul_f32")?;
-        l.buf(gate_up.f32("silu_mul")?).buf(&y).i32(i32_of(i, "I")?);
+        l.buf(gate_up.f32("silu_mul")?).out(&y).i32(i32_of(i, "I")?);
         // SAFETY: gate_up is [t, 2i], y is [t, i]; one block per row.
         unsafe { l.launch(grid(t, 256)) }.cuda()?;
         Ok(Self::f32_tensor([t, i], y))
@@ -864,7 +927,7 @@ impl Backend for CudaBackend {
         let y = self.alloc_f32(t * len)?;
         let mut l = self.launch("slice_columns_f32")?;
         l.buf(x.f32("slice_columns")?)
-            .buf(&y)
+            .out(&y)
             .i32(i32_of(c, "C")?)
             .i32(i32_of(start, "start")?)
             .i32(i32_of(len, "len")?);
@@ -890,7 +953,7 @@ impl Backend for CudaBackend {
         let mut l = self.launch("rope_f32")?;
         l.buf(x.f32("rope")?)
             .buf(&batch.positions)
-            .buf(&y)
+            .out(&y)
             .i32(i32_of(c, "C")?)
             .i32(i32_of(d, "d")?)
             .f64(cfg.rope_theta.log2());
@@ -989,7 +1052,8 @@ impl Backend for CudaBackend {
             ));
         }
         let stream = self.stream();
-        let mut l = self.launch(&attention_entry(cache.k.kv_suffix(), cfg.group_size(), d))?;
+        let kernel = attention_entry(cache.k.kv_suffix(), cfg.group_size(), d, t);
+        let mut l = self.launch(&kernel)?;
         l.buf(q.f32("attention")?)
             .ptr(cache.k.ptr(stream))
             .ptr(cache.v.ptr(stream));
@@ -1003,7 +1067,7 @@ impl Backend for CudaBackend {
             .i32(i32_of(d, "d")?)
             .f32(scale_log2)
             .i32(i32_of(chunk, "chunk")?);
-        l.buf(&out).buf(&part_o).buf(&part_ml).ptr(counters);
+        l.out(&out).out(&part_o).out(&part_ml).ptr(counters);
         let cfg_launch = LaunchConfig {
             grid_dim: (t as u32, kvh as u32, splits as u32),
             block_dim: (32 * ATTN_WARPS, 1, 1),
@@ -1148,7 +1212,7 @@ impl Backend for CudaBackend {
         l.buf(qkv.f32(op)?)
             .buf(q_norm.f32(op)?)
             .buf(k_norm.f32(op)?);
-        l.buf(&batch.positions).buf(&batch.slots).buf(&q);
+        l.buf(&batch.positions).buf(&batch.slots).out(&q);
         l.ptr(kpool.ptr_mut(stream, op)?)
             .ptr(vpool.ptr_mut(stream, op)?);
         l.i32(hi)
@@ -1308,11 +1372,13 @@ impl GemvT1Plan {
 }
 
 /// The attention entry point compiled for at least `group` query heads per KV head and head
-/// size `d` (in powers of two: group <= 8, d <= 256, checked by `check_attention`).
-fn attention_entry(kv_suffix: &str, group: usize, d: usize) -> String {
+/// size `d` (in powers of two: group <= 8, d <= 256, checked by `check_attention`), with 8 keys
+/// per warp in flight for decode-sized `t`, 2 for prefill.
+fn attention_entry(kv_suffix: &str, group: usize, d: usize, t: usize) -> String {
     let g = group.next_power_of_two();
     let dpl = d.div_ceil(32).next_power_of_two();
-    format!("attention_paged_{kv_suffix}_g{g}_d{dpl}")
+    let kb = if t <= GEMV_MAX_ROWS { 8 } else { 2 };
+    format!("attention_paged_{kv_suffix}_g{g}_d{dpl}_k{kb}")
 }
 
 /// The row-gather entry point for a table's element type.
@@ -1462,8 +1528,10 @@ mod tests {
             }
             for group in 1..=8 {
                 for d in [2, 30, 32, 64, 80, 128, 200, 256] {
-                    let name = attention_entry(suffix, group, d);
-                    assert!(known(&name), "{name}");
+                    for t in [1, 9] {
+                        let name = attention_entry(suffix, group, d, t);
+                        assert!(known(&name), "{name}");
+                    }
                 }
             }
         }

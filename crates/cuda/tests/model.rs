@@ -191,7 +191,12 @@ fn graph_replay_gives_the_tokens_of_plain_launches() {
             .iter()
             .map(|c| Request::greedy(c.prompt.clone(), 24))
             .collect();
+        let replays = gpu.graph_replays();
         let with_graphs = generate(&Qwen3::load(&gpu, &dir).unwrap(), &gpu, &requests).unwrap();
+        assert!(
+            gpu.graph_replays() > replays,
+            "{name}: decode steps were not replayed as graphs (capture failed)"
+        );
         let without = generate(&Qwen3::load(&plain, &dir).unwrap(), &plain, &requests).unwrap();
         for (i, (g, p)) in with_graphs.iter().zip(&without).enumerate() {
             assert_eq!(
