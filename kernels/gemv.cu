@@ -201,7 +201,10 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
     }
     pdl_wait();
     pdl_launch_dependents();
-    float acc[NR];
+    // The residual this lane adds at the end, fetched now so its latency overlaps the weights'.
+    float res = 0.0f;
+    if (EPI == EPI_ADD && lane < R && n0 + lane < out_cols && part == 0) res = residual[n0 + lane];
+    float acc[NR], ss = 0.0f;
 #pragma unroll
     for (int r = 0; r < NR; ++r) acc[r] = 0.0f;
 #pragma unroll
@@ -212,6 +215,8 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
             const float4 b = *reinterpret_cast<const float4*>(x + k + 4);
             float xf[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
             if (NORM) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) ss += xf[j] * xf[j];
                 const float4 g0 = *reinterpret_cast<const float4*>(g + k);
                 const float4 g1 = *reinterpret_cast<const float4*>(g + k + 4);
                 xf[0] *= g0.x; xf[1] *= g0.y; xf[2] *= g0.z; xf[3] *= g0.w;
@@ -228,10 +233,15 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
     }
     float inv = 1.0f;
     if (NORM) {
-        float ss = 0.0f;
-        for (int k = lane * 4; k < K; k += 128) {
-            const float4 v = *reinterpret_cast<const float4*>(x + k);
-            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        // With one K-slice per warp the squares came with the products; otherwise the row's
+        // remaining slices are read here (L2-hot).
+        if (S > 1) {
+            ss = 0.0f;
+#pragma unroll 8
+            for (int k = lane * 4; k < K; k += 128) {
+                const float4 v = *reinterpret_cast<const float4*>(x + k);
+                ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            }
         }
         inv = rsqrtf(warp_sum(ss) / K + eps);
     }
@@ -256,7 +266,7 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
         if (lane == r && n < out_cols) {
             const float v = acc[r] * inv;
             if (EPI == EPI_SILU) y[n] = silu(v) * (acc[R + r] * inv);
-            else if (EPI == EPI_ADD) y[n] = residual[n] + v;
+            else if (EPI == EPI_ADD) y[n] = res + v;
             else y[n] = v;
         }
     }

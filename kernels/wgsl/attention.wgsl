@@ -1,6 +1,10 @@
-// Causal GQA attention over the paged cache, fp32 with an online softmax. One thread per
-// (query head, token) walks keys 0..=pos of the token's sequence through its block table.
-// params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits)]. dispatch (ceil(H / 64), T).
+// Causal GQA attention over the paged cache, fp32 with an online softmax. One workgroup of 64
+// threads per (query head, token) walks keys 0..=pos of the token's sequence through its block
+// table in tiles of 64: thread j scores key j of the tile (q is in workgroup memory), every
+// thread then reads the tile's 64 scores to update the running max and sum (no reduction
+// barriers), and thread i accumulates output dims i, i + 64, ... over the tile's values
+// (consecutive threads read consecutive dims: coalesced).
+// params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits)]. dispatch (H, T); d <= 256.
 @group(0) @binding(0) var<storage, read> p: array<u32>;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> kc: array<f32>;
@@ -10,37 +14,63 @@
 @group(0) @binding(6) var<storage, read> tables: array<u32>;
 @group(0) @binding(7) var<storage, read_write> out: array<f32>;
 
+const TILE: u32 = 64u;
+var<workgroup> qs: array<f32, 256>;
+var<workgroup> scores: array<f32, 64>;
+var<workgroup> bases: array<u32, 64>;
+
 @compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) g: vec3<u32>) {
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let heads = p[1];
     let kvh = p[2];
     let d = p[3];
     let bs = p[4];
     let max_blocks = p[5];
     let scale = bitcast<f32>(p[6]);
-    let h = g.x;
-    let t = g.y;
+    let h = wg.x;
+    let t = wg.y;
     if (h >= heads || t >= p[0]) { return; }
     let kv = h / (heads / kvh);
     let w = kvh * d;
     let qbase = (t * heads + h) * d;
     let table = token_seq[t] * max_blocks;
-    var o: array<f32, 256>;
-    for (var i = 0u; i < d; i++) { o[i] = 0.0; }
+    let keys = positions[t] + 1u;
+    for (var i = lid; i < d; i += TILE) { qs[i] = q[qbase + i] * scale; }
+    var o = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     var m = -3.4e38;
     var l = 0.0;
-    for (var key = 0u; key <= positions[t]; key++) {
-        let slot = tables[table + key / bs] * bs + key % bs;
-        let kbase = slot * w + kv * d;
-        var s = 0.0;
-        for (var i = 0u; i < d; i++) { s += q[qbase + i] * kc[kbase + i]; }
-        s *= scale;
-        let m_new = max(m, s);
-        let corr = exp(m - m_new);
-        let pr = exp(s - m_new);
-        l = l * corr + pr;
-        for (var i = 0u; i < d; i++) { o[i] = o[i] * corr + pr * vc[kbase + i]; }
-        m = m_new;
+    for (var tile = 0u; tile < keys; tile += TILE) {
+        workgroupBarrier();  // qs written; the previous tile's scores and bases consumed
+        let key = tile + lid;
+        var s = -3.4e38;
+        if (key < keys) {
+            let base = (tables[table + key / bs] * bs + key % bs) * w + kv * d;
+            bases[lid] = base;
+            var acc = 0.0;
+            for (var i = 0u; i < d; i++) { acc += qs[i] * kc[base + i]; }
+            s = acc;
+        }
+        scores[lid] = s;
+        workgroupBarrier();
+        let n = min(TILE, keys - tile);
+        var m_tile = m;
+        for (var j = 0u; j < n; j++) { m_tile = max(m_tile, scores[j]); }
+        let corr = exp(m - m_tile);
+        l *= corr;
+        for (var r = 0u; r < 4u; r++) { o[r] *= corr; }
+        for (var j = 0u; j < n; j++) {
+            let pj = exp(scores[j] - m_tile);
+            l += pj;
+            let vb = bases[j];
+            for (var r = 0u; r < 4u; r++) {
+                let i = lid + r * TILE;
+                if (i < d) { o[r] += pj * vc[vb + i]; }
+            }
+        }
+        m = m_tile;
     }
-    for (var i = 0u; i < d; i++) { out[qbase + i] = o[i] / l; }
+    for (var r = 0u; r < 4u; r++) {
+        let i = lid + r * TILE;
+        if (i < d) { out[qbase + i] = o[r] / l; }
+    }
 }

@@ -1,10 +1,13 @@
 // matmul.wgsl with bf16 weights packed two to a u32 word (element i in the low half of word i/2
 // when i is even): exact, half the memory and traffic of f32 weights.
-// params: [T, K, part_rows, N (all rows), n_offset]. dispatch (ceil(part_rows / 64), T).
+// params: [T, K, part_rows, N (all rows), n_offset]. dispatch (ceil(part_rows / 4), 1).
 @group(0) @binding(0) var<storage, read> p: array<u32>;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+const COLS: u32 = 4u;
+var<workgroup> partial: array<f32, 256>;
 
 fn bf16_at(i: u32) -> f32 {
     let word = w[i / 2u];
@@ -13,12 +16,27 @@ fn bf16_at(i: u32) -> f32 {
 }
 
 @compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) g: vec3<u32>) {
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let k = p[1];
-    let col = g.x;
-    let t = g.y;
-    if (col >= p[2] || t >= p[0]) { return; }
-    var acc = 0.0;
-    for (var i = 0u; i < k; i++) { acc += x[t * k + i] * bf16_at(col * k + i); }
-    y[t * p[3] + p[4] + col] = acc;
+    let rows = p[2];
+    let c0 = wg.x * COLS;
+    for (var t = 0u; t < p[0]; t++) {
+        var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+        for (var i = lid; i < k; i += 64u) {
+            let xv = x[t * k + i];
+            for (var c = 0u; c < COLS; c++) {
+                if (c0 + c < rows) { acc[c] += xv * bf16_at((c0 + c) * k + i); }
+            }
+        }
+        for (var c = 0u; c < COLS; c++) { partial[c * 64u + lid] = acc[c]; }
+        workgroupBarrier();
+        for (var s = 32u; s > 0u; s >>= 1u) {
+            if (lid < s) {
+                for (var c = 0u; c < COLS; c++) { partial[c * 64u + lid] += partial[c * 64u + lid + s]; }
+            }
+            workgroupBarrier();
+        }
+        if (lid < COLS && c0 + lid < rows) { y[t * p[3] + p[4] + c0 + lid] = partial[lid * 64u]; }
+        workgroupBarrier();
+    }
 }

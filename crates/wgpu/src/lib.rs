@@ -631,7 +631,7 @@ impl Backend for WgpuBackend {
                 kernel,
                 &params,
                 &[x.buf()?, part, out.buf()?],
-                (rows.div_ceil(64), t),
+                (rows.div_ceil(4), 1),
             )?;
         }
         Ok(out)
@@ -801,7 +801,7 @@ impl Backend for WgpuBackend {
                 &batch.tables,
                 out.buf()?,
             ],
-            (h.div_ceil(64), t),
+            (h, t),
         )?;
         Ok(out)
     }
