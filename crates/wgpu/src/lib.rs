@@ -6,69 +6,101 @@ use std::fmt;
 use std::sync::Arc;
 
 use qfuse_core::{
-    AttentionConfig, Backend, BatchInfo, DType, DeviceTensor, Error, HostData, HostTensor, LayerKv,
-    Result, Shape,
+    compose, AttentionConfig, Backend, BatchInfo, DType, DeviceTensor, Error, HostData, HostTensor,
+    LayerKv, Result, Shape,
 };
 use wgpu::util::DeviceExt;
 
-/// The WGSL sources and their entry points.
-const SHADERS: &[(&str, &str, &str)] = &[
+/// The pipelines: name, WGSL source, entry point, override constants.
+const SHADERS: &[(&str, &str, &str, &[(&str, f64)])] = &[
     (
         "gather",
         include_str!("../../../kernels/wgsl/gather.wgsl"),
         "main",
+        &[],
     ),
     (
         "gather_bf16",
         include_str!("../../../kernels/wgsl/gather_bf16.wgsl"),
         "main",
-    ),
-    (
-        "matmul_bf16",
-        include_str!("../../../kernels/wgsl/matmul_bf16.wgsl"),
-        "main",
+        &[],
     ),
     (
         "rms_norm",
         include_str!("../../../kernels/wgsl/rms_norm.wgsl"),
         "main",
-    ),
-    (
-        "matmul",
-        include_str!("../../../kernels/wgsl/matmul.wgsl"),
-        "main",
+        &[],
     ),
     (
         "add",
         include_str!("../../../kernels/wgsl/elementwise.wgsl"),
         "add",
+        &[],
     ),
     (
         "silu_mul",
         include_str!("../../../kernels/wgsl/silu_mul.wgsl"),
         "main",
+        &[],
     ),
     (
         "slice",
         include_str!("../../../kernels/wgsl/slice.wgsl"),
         "main",
+        &[],
     ),
     (
         "rope",
         include_str!("../../../kernels/wgsl/rope.wgsl"),
         "main",
+        &[],
     ),
     (
         "write_kv",
         include_str!("../../../kernels/wgsl/write_kv.wgsl"),
         "main",
+        &[],
     ),
     (
         "attention",
         include_str!("../../../kernels/wgsl/attention.wgsl"),
         "main",
+        &[],
+    ),
+    (
+        "qk_norm_rope_write_kv",
+        include_str!("../../../kernels/wgsl/qk_norm_rope_write_kv.wgsl"),
+        "main",
+        &[],
+    ),
+    ("matmul", MATMUL_F32, "main", &[]),
+    ("rms_norm_matmul", MATMUL_F32, "main", &[("NORM", 1.0)]),
+    ("matmul_add", MATMUL_F32, "main", &[("EPI", 1.0)]),
+    ("matmul_silu_mul", MATMUL_F32, "main", &[("EPI", 2.0)]),
+    (
+        "rms_norm_matmul_silu_mul",
+        MATMUL_F32,
+        "main",
+        &[("NORM", 1.0), ("EPI", 2.0)],
+    ),
+    ("matmul_bf16", MATMUL_BF16, "main", &[]),
+    (
+        "rms_norm_matmul_bf16",
+        MATMUL_BF16,
+        "main",
+        &[("NORM", 1.0)],
+    ),
+    ("matmul_add_bf16", MATMUL_BF16, "main", &[("EPI", 1.0)]),
+    ("matmul_silu_mul_bf16", MATMUL_BF16, "main", &[("EPI", 2.0)]),
+    (
+        "rms_norm_matmul_silu_mul_bf16",
+        MATMUL_BF16,
+        "main",
+        &[("NORM", 1.0), ("EPI", 2.0)],
     ),
 ];
+const MATMUL_F32: &str = include_str!("../../../kernels/wgsl/matmul.wgsl");
+const MATMUL_BF16: &str = include_str!("../../../kernels/wgsl/matmul_bf16.wgsl");
 
 /// Most head dims the attention shader's private accumulator holds.
 const MAX_HEAD_DIM: usize = 256;
@@ -83,6 +115,45 @@ pub struct WgpuTensor {
     dtype: DType,
     parts: Arc<Vec<wgpu::Buffer>>,
     rows_per_part: usize,
+    /// For an op's output: hands the buffer back to the pool when the last clone drops.
+    _lease: Option<Arc<Lease>>,
+}
+
+/// Idle output buffers by size: creating a buffer per op costs more than most ops on a GPU
+/// (a decode step runs hundreds), so dropped outputs are reused. wgpu orders every use of a
+/// buffer across passes and submissions, so reuse needs no care here.
+#[derive(Default)]
+struct BufferPool {
+    free: std::sync::Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
+}
+
+struct Lease {
+    buf: wgpu::Buffer,
+    pool: Arc<BufferPool>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut free = self
+            .pool
+            .free
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        free.entry(self.buf.size())
+            .or_default()
+            .push(self.buf.clone());
+    }
+}
+
+/// Bytes a request for `bytes` is served with: powers of two up to 16 KiB, then sixteenths of
+/// the next power of two (under 12.5% over), so nearby sizes share buffers.
+fn size_class(bytes: u64) -> u64 {
+    let b = bytes.max(4);
+    if b <= 16_384 {
+        return b.next_power_of_two();
+    }
+    let step = b.next_power_of_two() / 16;
+    b.div_ceil(step) * step
 }
 
 impl WgpuTensor {
@@ -93,6 +164,7 @@ impl WgpuTensor {
             dtype: DType::F32,
             parts: Arc::new(vec![buf]),
             rows_per_part: rows,
+            _lease: None,
         }
     }
 
@@ -136,6 +208,9 @@ pub struct WgpuBatch {
     token_seq: wgpu::Buffer,
     tables: wgpu::Buffer,
     max_blocks: usize,
+    /// The RoPE table for these positions, made by the first op that needs it: (head_dim,
+    /// theta bits, table).
+    rope: std::sync::Mutex<Option<(usize, u64, wgpu::Buffer)>>,
 }
 
 impl AsRef<BatchInfo> for WgpuBatch {
@@ -159,6 +234,8 @@ struct Inner {
     pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
     adapter: String,
     max_binding: u64,
+    outputs: Arc<BufferPool>,
+    params: std::sync::Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
 }
 
 /// The wgpu backend: one adapter's device and queue with every shader compiled.
@@ -177,7 +254,96 @@ fn wgpu_err(e: impl fmt::Display) -> Error {
     Error::Backend(e.to_string().into())
 }
 
+/// Which build of the matmul shader a product runs (its override constants).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gemv {
+    Plain,
+    /// RMSNorm of x with a gain first.
+    Norm,
+    /// Plus a residual.
+    Add,
+    /// silu(gate) * up from the two halves of the weight's rows.
+    SiluMul,
+    NormSiluMul,
+}
+
+impl Gemv {
+    fn pipeline(self, w: DType) -> &'static str {
+        let bf16 = w == DType::BF16;
+        match (self, bf16) {
+            (Gemv::Plain, false) => "matmul",
+            (Gemv::Plain, true) => "matmul_bf16",
+            (Gemv::Norm, false) => "rms_norm_matmul",
+            (Gemv::Norm, true) => "rms_norm_matmul_bf16",
+            (Gemv::Add, false) => "matmul_add",
+            (Gemv::Add, true) => "matmul_add_bf16",
+            (Gemv::SiluMul, false) => "matmul_silu_mul",
+            (Gemv::SiluMul, true) => "matmul_silu_mul_bf16",
+            (Gemv::NormSiluMul, false) => "rms_norm_matmul_silu_mul",
+            (Gemv::NormSiluMul, true) => "rms_norm_matmul_silu_mul_bf16",
+        }
+    }
+
+    fn silu(self) -> bool {
+        matches!(self, Gemv::SiluMul | Gemv::NormSiluMul)
+    }
+}
+
 impl WgpuBackend {
+    /// `x [T, K] · w [N, K]ᵀ` through the matmul shader build `kind`; `aux` is the norm gain
+    /// `[K]` (Norm kinds) or the residual `[T, N]` (Add). `None` when the shapes do not fit the
+    /// fused form (the caller composes it instead).
+    fn gemv(
+        &self,
+        kind: Gemv,
+        x: &WgpuTensor,
+        w: &WgpuTensor,
+        aux: Option<&WgpuTensor>,
+        eps: f64,
+    ) -> Result<Option<WgpuTensor>> {
+        let (t, k) = matrix(x, "matmul")?;
+        let (n, k2) = matrix(w, "matmul")?;
+        let out_cols = if kind.silu() { n / 2 } else { n };
+        let aux_fits = match (kind, aux) {
+            (Gemv::Plain | Gemv::SiluMul, None) => true,
+            (Gemv::Norm | Gemv::NormSiluMul, Some(g)) => g.shape.dims() == [k],
+            (Gemv::Add, Some(r)) => r.shape.dims() == [t, n],
+            _ => false,
+        };
+        let silu_fits = !kind.silu() || (n % 2 == 0 && w.parts.len() == 1);
+        if k != k2 || !aux_fits || !silu_fits {
+            return Ok(None);
+        }
+        let out = self.output([t, out_cols])?;
+        let aux_buf = match aux {
+            Some(a) => a.buf()?,
+            None => x.buf()?,
+        };
+        for (i, part) in w.parts.iter().enumerate() {
+            let start = i * w.rows_per_part;
+            let rows = if kind.silu() {
+                out_cols
+            } else {
+                w.rows_per_part.min(n - start)
+            };
+            let params = [
+                u32_of(t)?,
+                u32_of(k)?,
+                u32_of(rows)?,
+                u32_of(out_cols)?,
+                u32_of(start)?,
+                f32_bits(eps),
+            ];
+            self.run(
+                kind.pipeline(w.dtype),
+                &params,
+                &[x.buf()?, part, out.buf()?, aux_buf],
+                (rows.div_ceil(4), 1),
+            )?;
+        }
+        Ok(Some(out))
+    }
+
     /// Opens adapter `ordinal` (in wgpu's enumeration order) and compiles every shader.
     ///
     /// # Errors
@@ -207,17 +373,23 @@ impl WgpuBackend {
         let (device, queue) =
             pollster::block_on(adapter.request_device(&desc)).map_err(wgpu_err)?;
         let mut pipelines = HashMap::new();
-        for (name, src, entry) in SHADERS {
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(name),
-                source: wgpu::ShaderSource::Wgsl((*src).into()),
+        let mut modules: HashMap<&str, wgpu::ShaderModule> = HashMap::new();
+        for (name, src, entry, constants) in SHADERS {
+            let module = modules.entry(src).or_insert_with(|| {
+                device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(name),
+                    source: wgpu::ShaderSource::Wgsl((*src).into()),
+                })
             });
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(name),
                 layout: None,
-                module: &module,
+                module,
                 entry_point: Some(entry),
-                compilation_options: Default::default(),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    ..Default::default()
+                },
                 cache: None,
             });
             pipelines.insert(*name, pipeline);
@@ -234,6 +406,8 @@ impl WgpuBackend {
                 pipelines,
                 adapter: adapter_name,
                 max_binding,
+                outputs: Arc::new(BufferPool::default()),
+                params: std::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -281,6 +455,7 @@ impl WgpuBackend {
             dtype,
             parts: Arc::new(parts),
             rows_per_part,
+            _lease: None,
         })
     }
 
@@ -314,9 +489,8 @@ impl WgpuBackend {
             }))
     }
 
-    fn output(&self, shape: impl Into<Shape>) -> Result<WgpuTensor> {
-        let shape = shape.into();
-        let bytes = (shape.numel().max(1) * 4) as u64;
+    /// A new zero-filled f32 buffer for `shape`.
+    fn fresh(&self, shape: Shape, bytes: u64) -> Result<WgpuTensor> {
         if bytes > self.inner.max_binding {
             return Err(Error::invalid(
                 "wgpu",
@@ -332,6 +506,65 @@ impl WgpuBackend {
             mapped_at_creation: false,
         });
         Ok(WgpuTensor::single(shape, buf))
+    }
+
+    /// An op's output buffer for `shape`, from the pool (contents undefined: the op writes it).
+    fn output(&self, shape: impl Into<Shape>) -> Result<WgpuTensor> {
+        let shape = shape.into();
+        let need = (shape.numel().max(1) * 4) as u64;
+        let class = size_class(need).min(self.inner.max_binding.max(need));
+        let reused = self
+            .inner
+            .outputs
+            .free
+            .lock()
+            .map_err(|_| Error::invalid("wgpu", "buffer pool lock poisoned"))?
+            .get_mut(&class)
+            .and_then(Vec::pop);
+        let mut t = match reused {
+            Some(buf) => WgpuTensor::single(shape, buf),
+            None => self.fresh(shape, class)?,
+        };
+        t._lease = Some(Arc::new(Lease {
+            buf: t.parts[0].clone(),
+            pool: Arc::clone(&self.inner.outputs),
+        }));
+        Ok(t)
+    }
+
+    /// The batch's RoPE table for `cfg`, computed (in f64) once per batch.
+    fn rope_table(&self, batch: &WgpuBatch, cfg: &AttentionConfig) -> Result<wgpu::Buffer> {
+        let mut cached = batch
+            .rope
+            .lock()
+            .map_err(|_| Error::invalid("rope", "table lock poisoned"))?;
+        let key = (cfg.head_dim, cfg.rope_theta.to_bits());
+        if let Some((d, theta, buf)) = cached.as_ref() {
+            if (*d, *theta) == key {
+                return Ok(buf.clone());
+            }
+        }
+        let buf = self.buffer(bytemuck::cast_slice(&rope_table(&batch.info, cfg)))?;
+        *cached = Some((key.0, key.1, buf.clone()));
+        Ok(buf)
+    }
+
+    /// The params buffer holding `params`, made once per distinct list (a decode step's are the
+    /// same every step).
+    fn params(&self, params: &[u32]) -> Result<wgpu::Buffer> {
+        let mut cache = self
+            .inner
+            .params
+            .lock()
+            .map_err(|_| Error::invalid("wgpu", "params cache lock poisoned"))?;
+        if let Some(b) = cache.get(params) {
+            return Ok(b.clone());
+        }
+        let b = self.u32s(params)?;
+        if cache.len() < 4096 {
+            cache.insert(params.to_vec(), b.clone());
+        }
+        Ok(b)
     }
 
     fn u32s(&self, v: &[u32]) -> Result<wgpu::Buffer> {
@@ -357,7 +590,7 @@ impl WgpuBackend {
                 format!("{kernel}: {groups:?} workgroups exceed the dispatch limit"),
             ));
         }
-        let params = self.u32s(params)?;
+        let params = self.params(params)?;
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: params.as_entire_binding(),
@@ -531,8 +764,8 @@ impl Backend for WgpuBackend {
     }
 
     fn zeros(&self, shape: &Shape, _dtype: DType) -> Result<WgpuTensor> {
-        // wgpu zero-initialises new buffers.
-        self.output(shape.clone())
+        // wgpu zero-initialises new buffers (pooled ones would hold old data).
+        self.fresh(shape.clone(), (shape.numel().max(1) * 4) as u64)
     }
 
     fn kv_dtype(&self) -> DType {
@@ -549,6 +782,7 @@ impl Backend for WgpuBackend {
             token_seq: self.u32s(info.token_seq())?,
             tables: self.u32s(&tables)?,
             max_blocks,
+            rope: std::sync::Mutex::new(None),
         })
     }
 
@@ -606,35 +840,8 @@ impl Backend for WgpuBackend {
     }
 
     fn matmul(&self, x: &WgpuTensor, w: &WgpuTensor) -> Result<WgpuTensor> {
-        let (t, k) = matrix(x, "matmul")?;
-        let (n, k2) = matrix(w, "matmul")?;
-        if k != k2 {
-            return Err(Error::shape("matmul", &x.shape, &w.shape));
-        }
-        let out = self.output([t, n])?;
-        for (i, part) in w.parts.iter().enumerate() {
-            let start = i * w.rows_per_part;
-            let rows = w.rows_per_part.min(n - start);
-            let params = [
-                u32_of(t)?,
-                u32_of(k)?,
-                u32_of(rows)?,
-                u32_of(n)?,
-                u32_of(start)?,
-            ];
-            let kernel = if w.dtype == DType::BF16 {
-                "matmul_bf16"
-            } else {
-                "matmul"
-            };
-            self.run(
-                kernel,
-                &params,
-                &[x.buf()?, part, out.buf()?],
-                (rows.div_ceil(4), 1),
-            )?;
-        }
-        Ok(out)
+        self.gemv(Gemv::Plain, x, w, None, 0.0)?
+            .ok_or_else(|| Error::shape("matmul", &x.shape, &w.shape))
     }
 
     fn add(&self, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
@@ -699,7 +906,7 @@ impl Backend for WgpuBackend {
                 ),
             ));
         }
-        let cs = self.buffer(bytemuck::cast_slice(&rope_table(&batch.info, cfg)))?;
+        let cs = self.rope_table(batch, cfg)?;
         let out = self.output([t, c])?;
         self.run(
             "rope",
@@ -804,6 +1011,105 @@ impl Backend for WgpuBackend {
             (h, t),
         )?;
         Ok(out)
+    }
+
+    fn rms_norm_matmul(
+        &self,
+        x: &WgpuTensor,
+        norm_w: &WgpuTensor,
+        w: &WgpuTensor,
+        eps: f64,
+    ) -> Result<WgpuTensor> {
+        match self.gemv(Gemv::Norm, x, w, Some(norm_w), eps)? {
+            Some(y) => Ok(y),
+            None => compose::rms_norm_matmul(self, x, norm_w, w, eps),
+        }
+    }
+
+    fn rms_norm_matmul_silu_mul(
+        &self,
+        x: &WgpuTensor,
+        norm_w: &WgpuTensor,
+        w_gate_up: &WgpuTensor,
+        eps: f64,
+    ) -> Result<WgpuTensor> {
+        match self.gemv(Gemv::NormSiluMul, x, w_gate_up, Some(norm_w), eps)? {
+            Some(y) => Ok(y),
+            None => compose::rms_norm_matmul_silu_mul(self, x, norm_w, w_gate_up, eps),
+        }
+    }
+
+    fn matmul_add(
+        &self,
+        x: &WgpuTensor,
+        w: &WgpuTensor,
+        residual: &WgpuTensor,
+    ) -> Result<WgpuTensor> {
+        match self.gemv(Gemv::Add, x, w, Some(residual), 0.0)? {
+            Some(y) => Ok(y),
+            None => compose::matmul_add(self, x, w, residual),
+        }
+    }
+
+    fn matmul_silu_mul(&self, x: &WgpuTensor, w_gate_up: &WgpuTensor) -> Result<WgpuTensor> {
+        match self.gemv(Gemv::SiluMul, x, w_gate_up, None, 0.0)? {
+            Some(y) => Ok(y),
+            None => compose::matmul_silu_mul(self, x, w_gate_up),
+        }
+    }
+
+    fn qk_norm_rope_write_kv(
+        &self,
+        qkv: &WgpuTensor,
+        q_norm: &WgpuTensor,
+        k_norm: &WgpuTensor,
+        cache: &mut LayerKv<WgpuTensor>,
+        batch: &WgpuBatch,
+        cfg: &AttentionConfig,
+    ) -> Result<WgpuTensor> {
+        let op = "qk_norm_rope_write_kv";
+        let (t, width) = matrix(qkv, op)?;
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        if width != cfg.qkv_width()
+            || t != batch.info.num_tokens()
+            || d == 0
+            || d % 2 != 0
+            || q_norm.shape.dims() != [d]
+            || k_norm.shape.dims() != [d]
+        {
+            return Err(Error::invalid(
+                op,
+                format!("qkv {} for {h}+2x{kvh} heads of {d}", qkv.shape),
+            ));
+        }
+        let slots = cache.k.shape.cache_slots(kvh * d, op)?;
+        if let Some(bad) = batch.info.slots().iter().find(|&&s| s as usize >= slots) {
+            return Err(Error::invalid(op, format!("slot {bad} beyond {slots}")));
+        }
+        let q = self.output([t, h * d])?;
+        let cs = self.rope_table(batch, cfg)?;
+        self.run(
+            op,
+            &[
+                u32_of(t)?,
+                u32_of(h)?,
+                u32_of(kvh)?,
+                u32_of(d)?,
+                f32_bits(cfg.qk_norm_eps),
+            ],
+            &[
+                qkv.buf()?,
+                q_norm.buf()?,
+                k_norm.buf()?,
+                &cs,
+                &batch.slots,
+                q.buf()?,
+                cache.k.buf()?,
+                cache.v.buf()?,
+            ],
+            (h + 2 * kvh, t),
+        )?;
+        Ok(q)
     }
 
     fn synchronize(&self) -> Result<()> {

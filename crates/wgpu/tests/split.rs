@@ -1,7 +1,7 @@
 //! Matrices larger than a storage binding (Qwen3's 151,936-row embedding is 622 MB in f32, over
 //! lavapipe's 128 MiB) are split by rows; matmul and row gathers over them match the reference.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use qfuse_core::testing::{activations, rel_error, weights, Rng};
+use qfuse_core::testing::{activations, gains, rel_error, weights, Rng};
 use qfuse_core::{Backend, DType, DeviceTensor, Error};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_wgpu::WgpuBackend;
@@ -41,6 +41,29 @@ fn split_weights_multiply_and_gather_like_whole_ones() {
             "{dtype}: {}",
             rel_error(&got, &want)
         );
+        // The fused forms over split weights: norm + product (the tied lm_head) and product +
+        // residual, each part its own dispatch.
+        let gain = gains(&mut rng, 40, 3.0).unwrap();
+        let res = activations(&mut rng, 3, rows, false).unwrap();
+        let (gg, gr) = (gpu.upload(&gain).unwrap(), CpuRef.upload(&gain).unwrap());
+        let (rg, rr) = (gpu.upload(&res).unwrap(), CpuRef.upload(&res).unwrap());
+        let pairs = [
+            (
+                gpu.rms_norm_matmul(&xg, &gg, &wg, 1e-6).unwrap(),
+                CpuRef.rms_norm_matmul(&xr, &gr, &wr, 1e-6).unwrap(),
+            ),
+            (
+                gpu.matmul_add(&xg, &wg, &rg).unwrap(),
+                CpuRef.matmul_add(&xr, &wr, &rr).unwrap(),
+            ),
+        ];
+        for (i, (g, r)) in pairs.iter().enumerate() {
+            let (got, want) = (
+                gpu.download(g).unwrap().to_f64_vec(),
+                CpuRef.download(r).unwrap().to_f64_vec(),
+            );
+            assert!(rel_error(&got, &want) < 1e-5, "{dtype} fused {i}");
+        }
         let ids = [0, 24, 25, 49, 3, 26];
         let got = gpu
             .download(&gpu.gather_rows(&wg, &ids).unwrap())
