@@ -11,8 +11,11 @@ use qfuse_core::{
 };
 use wgpu::util::DeviceExt;
 
+/// A pipeline's override constants (name, value).
+type Constants = &'static [(&'static str, f64)];
+
 /// The pipelines: name, WGSL source, entry point, override constants.
-const SHADERS: &[(&str, &str, &str, &[(&str, f64)])] = &[
+const SHADERS: &[(&str, &str, &str, Constants)] = &[
     (
         "gather",
         include_str!("../../../kernels/wgsl/gather.wgsl"),
