@@ -186,9 +186,10 @@ impl BatchInfo {
             .unwrap_or(0)
     }
 
-    /// Block tables flattened to `[seqs, width]`, each zero-padded to `width` (at least
-    /// [`BatchInfo::max_table_len`]): the layout device kernels index.
+    /// Block tables flattened to `[seqs, width]`, each zero-padded to `width`: the layout device
+    /// kernels index. A `width` below [`BatchInfo::max_table_len`] is raised to it.
     pub fn padded_block_tables(&self, width: usize) -> Vec<u32> {
+        let width = width.max(self.max_table_len());
         let mut tables = vec![0u32; self.seqs.len() * width];
         for (s, seq) in self.seqs.iter().enumerate() {
             tables[s * width..s * width + seq.block_table.len()].copy_from_slice(&seq.block_table);

@@ -76,6 +76,8 @@ const SHADERS: &[(&str, &str, &str, Constants)] = &[
         "main",
         &[],
     ),
+    ("argmax_partial", ARGMAX, "partial", &[]),
+    ("argmax_final", ARGMAX, "final_pass", &[]),
     ("matmul", MATMUL_F32, "main", &[]),
     ("rms_norm_matmul", MATMUL_F32, "main", &[("NORM", 1.0)]),
     ("matmul_add", MATMUL_F32, "main", &[("EPI", 1.0)]),
@@ -102,11 +104,18 @@ const SHADERS: &[(&str, &str, &str, Constants)] = &[
         &[("NORM", 1.0), ("EPI", 2.0)],
     ),
 ];
+const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
 const MATMUL_F32: &str = include_str!("../../../kernels/wgsl/matmul.wgsl");
 const MATMUL_BF16: &str = include_str!("../../../kernels/wgsl/matmul_bf16.wgsl");
 
 /// Most head dims the attention shader's private accumulator holds.
 const MAX_HEAD_DIM: usize = 256;
+/// Dispatches recorded before a command buffer is submitted.
+const SUBMIT_EVERY: usize = 32;
+
+/// Bind groups by pipeline name and bound buffers (params first).
+type BindGroups = HashMap<(String, Vec<wgpu::Buffer>), wgpu::BindGroup>;
+
 /// Workgroups per dispatch dimension (the WebGPU minimum limit).
 const MAX_GROUPS: usize = 65_535;
 
@@ -233,7 +242,8 @@ struct Inner {
     queue: wgpu::Queue,
     /// Dispatches each thread recorded since its last submission: one command buffer per burst of
     /// ops, sent when that thread reads a result or synchronises.
-    pending: std::sync::Mutex<HashMap<std::thread::ThreadId, wgpu::CommandEncoder>>,
+    pending: std::sync::Mutex<HashMap<std::thread::ThreadId, (wgpu::CommandEncoder, usize)>>,
+    bind_groups: std::sync::Mutex<BindGroups>,
     pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
     adapter: String,
     max_binding: u64,
@@ -411,6 +421,7 @@ impl WgpuBackend {
                 max_binding,
                 outputs: Arc::new(BufferPool::default()),
                 params: std::sync::Mutex::new(HashMap::new()),
+                bind_groups: std::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -594,16 +605,70 @@ impl WgpuBackend {
             ));
         }
         let params = self.params(params)?;
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: params.as_entire_binding(),
-        }];
-        for (i, b) in buffers.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: b.as_entire_binding(),
+        let bind = self.bind_group(kernel, pipeline, params, buffers)?;
+        let mut pending = self
+            .inner
+            .pending
+            .lock()
+            .map_err(|_| Error::invalid("wgpu", "command encoder lock poisoned"))?;
+        let thread = std::thread::current().id();
+        let (enc, recorded) = pending.entry(thread).or_insert_with(|| {
+            let enc = self
+                .inner
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            (enc, 0)
+        });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: None,
             });
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(groups.0.max(1) as u32, groups.1.max(1) as u32, 1);
         }
+        *recorded += 1;
+        // Submit in bursts, so the GPU starts on a step while the rest of it is recorded.
+        if *recorded >= SUBMIT_EVERY {
+            if let Some((enc, _)) = pending.remove(&thread) {
+                self.inner.queue.submit([enc.finish()]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The bind group of `buffers` (after `params`) for `kernel`, made once per combination:
+    /// pooled outputs, cached params and reused batches make a decode step's combinations
+    /// recur every step.
+    fn bind_group(
+        &self,
+        kernel: &str,
+        pipeline: &wgpu::ComputePipeline,
+        params: wgpu::Buffer,
+        buffers: &[&wgpu::Buffer],
+    ) -> Result<wgpu::BindGroup> {
+        let mut key = Vec::with_capacity(buffers.len() + 1);
+        key.push(params);
+        key.extend(buffers.iter().map(|b| (*b).clone()));
+        let key = (kernel.to_string(), key);
+        let mut cache = self
+            .inner
+            .bind_groups
+            .lock()
+            .map_err(|_| Error::invalid("wgpu", "bind group cache lock poisoned"))?;
+        if let Some(b) = cache.get(&key) {
+            return Ok(b.clone());
+        }
+        let entries: Vec<wgpu::BindGroupEntry> = key
+            .1
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
         let bind = self
             .inner
             .device
@@ -612,26 +677,12 @@ impl WgpuBackend {
                 layout: &pipeline.get_bind_group_layout(0),
                 entries: &entries,
             });
-        let mut pending = self
-            .inner
-            .pending
-            .lock()
-            .map_err(|_| Error::invalid("wgpu", "command encoder lock poisoned"))?;
-        let enc = pending
-            .entry(std::thread::current().id())
-            .or_insert_with(|| {
-                self.inner
-                    .device
-                    .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
-            });
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: None,
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(pipeline);
-        pass.set_bind_group(0, &bind, &[]);
-        pass.dispatch_workgroups(groups.0.max(1) as u32, groups.1.max(1) as u32, 1);
-        Ok(())
+        // The cache keeps its buffers alive: bound it (one-off buffers, e.g. uploads, churn).
+        if cache.len() >= 8192 {
+            cache.clear();
+        }
+        cache.insert(key, bind.clone());
+        Ok(bind)
     }
 
     /// Submits the dispatches recorded so far as one command buffer.
@@ -642,7 +693,7 @@ impl WgpuBackend {
             .lock()
             .map_err(|_| Error::invalid("wgpu", "command encoder lock poisoned"))?
             .remove(&std::thread::current().id());
-        if let Some(enc) = enc {
+        if let Some((enc, _)) = enc {
             self.inner.queue.submit([enc.finish()]);
         }
         Ok(())
@@ -773,6 +824,30 @@ impl Backend for WgpuBackend {
 
     fn kv_dtype(&self) -> DType {
         DType::F32
+    }
+
+    fn update_batch(&self, batch: &mut WgpuBatch, info: &BatchInfo) -> Result<bool> {
+        let fits = info.num_tokens() == batch.info.num_tokens()
+            && info.seqs().len() == batch.info.seqs().len()
+            && info.max_table_len() <= batch.max_blocks;
+        if !fits {
+            return Ok(false);
+        }
+        let tables = info.padded_block_tables(batch.max_blocks);
+        // Work recorded against the old contents goes first; the writes land before anything
+        // submitted after them.
+        self.flush()?;
+        let q = &self.inner.queue;
+        q.write_buffer(&batch.positions, 0, bytemuck::cast_slice(info.positions()));
+        q.write_buffer(&batch.slots, 0, bytemuck::cast_slice(info.slots()));
+        q.write_buffer(&batch.token_seq, 0, bytemuck::cast_slice(info.token_seq()));
+        q.write_buffer(&batch.tables, 0, bytemuck::cast_slice(&tables));
+        batch.info = info.clone();
+        *batch
+            .rope
+            .lock()
+            .map_err(|_| Error::invalid("rope", "table lock poisoned"))? = None;
+        Ok(true)
     }
 
     fn prepare_batch(&self, info: &BatchInfo) -> Result<WgpuBatch> {
@@ -1013,6 +1088,32 @@ impl Backend for WgpuBackend {
             ],
             (h, t),
         )?;
+        Ok(out)
+    }
+
+    fn argmax(&self, logits: &WgpuTensor) -> Result<Vec<u32>> {
+        let (rows, cols) = matrix(logits, "argmax")?;
+        if cols == 0 {
+            return Err(Error::invalid("argmax", "zero columns"));
+        }
+        const CHUNK: usize = 4096;
+        let parts = cols.div_ceil(CHUNK);
+        let part_v = self.output([rows, parts])?;
+        let part_i = self.output([rows, parts])?;
+        let ids = self.output([rows])?;
+        let params = [u32_of(rows)?, u32_of(cols)?, u32_of(CHUNK)?, u32_of(parts)?];
+        let bufs = [logits.buf()?, part_v.buf()?, part_i.buf()?, ids.buf()?];
+        self.run("argmax_partial", &params, &bufs, (parts, rows))?;
+        self.run("argmax_final", &params, &bufs, (rows, 1))?;
+        let bytes = self.read_bytes(ids.buf()?)?;
+        let mut out: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.truncate(rows);
+        if let Some(r) = out.iter().position(|&i| i == u32::MAX) {
+            return Err(Error::invalid("argmax", format!("NaN logit in row {r}")));
+        }
         Ok(out)
     }
 
