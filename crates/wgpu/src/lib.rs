@@ -88,6 +88,31 @@ const SHADERS: &[(&str, &str, &str, Constants)] = &[
         "main",
         &[("NORM", 1.0), ("EPI", 2.0)],
     ),
+    ("matmul_bf16_v8", MATMUL_BF16_V8, "main", &[]),
+    (
+        "rms_norm_matmul_bf16_v8",
+        MATMUL_BF16_V8,
+        "main",
+        &[("NORM", 1.0)],
+    ),
+    (
+        "matmul_add_bf16_v8",
+        MATMUL_BF16_V8,
+        "main",
+        &[("EPI", 1.0)],
+    ),
+    (
+        "matmul_silu_mul_bf16_v8",
+        MATMUL_BF16_V8,
+        "main",
+        &[("EPI", 2.0)],
+    ),
+    (
+        "rms_norm_matmul_silu_mul_bf16_v8",
+        MATMUL_BF16_V8,
+        "main",
+        &[("NORM", 1.0), ("EPI", 2.0)],
+    ),
     ("matmul_bf16", MATMUL_BF16, "main", &[]),
     (
         "rms_norm_matmul_bf16",
@@ -107,6 +132,7 @@ const SHADERS: &[(&str, &str, &str, Constants)] = &[
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
 const MATMUL_F32: &str = include_str!("../../../kernels/wgsl/matmul.wgsl");
 const MATMUL_BF16: &str = include_str!("../../../kernels/wgsl/matmul_bf16.wgsl");
+const MATMUL_BF16_V8: &str = include_str!("../../../kernels/wgsl/matmul_bf16_v8.wgsl");
 
 /// Most head dims the attention shader's private accumulator holds.
 const MAX_HEAD_DIM: usize = 256;
@@ -347,12 +373,23 @@ impl WgpuBackend {
                 u32_of(start)?,
                 f32_bits(eps),
             ];
-            self.run(
-                kind.pipeline(w.dtype),
-                &params,
-                &[x.buf()?, part, out.buf()?, aux_buf],
-                (rows.div_ceil(4), 1),
-            )?;
+            // bf16 rows of whole 8-element (16-byte) loads take the vectorised build.
+            if w.dtype == DType::BF16 && k.is_multiple_of(8) {
+                let groups = rows.div_ceil(2);
+                self.run(
+                    &format!("{}_v8", kind.pipeline(w.dtype)),
+                    &params,
+                    &[x.buf()?, part, out.buf()?, aux_buf],
+                    (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS)),
+                )?;
+            } else {
+                self.run(
+                    kind.pipeline(w.dtype),
+                    &params,
+                    &[x.buf()?, part, out.buf()?, aux_buf],
+                    (rows.div_ceil(4), 1),
+                )?;
+            }
         }
         Ok(Some(out))
     }
