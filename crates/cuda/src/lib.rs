@@ -1,5 +1,8 @@
 //! `CudaBackend`: qfuse on NVIDIA GPUs. Weights stay bf16 on the device; activations, the residual
-//! stream, norm statistics, RoPE, softmax and every accumulation are fp32; the KV cache is bf16.
+//! stream, norm statistics, RoPE, softmax and every accumulation are fp32; the KV cache is fp32
+//! (or bf16 by option). On sm_90+ every kernel is a programmatic dependent launch (`launch.rs`)
+//! and activation buffers come from a pool (`pool.rs`), so a captured decode step holds kernels
+//! only and each kernel's weight loads overlap the one before it.
 //! Decode-sized products (T <= 8 rows) run in fused GEMV kernels that read each weight once;
 //! larger ones go to cuBLAS (bf16 tensor cores, fp32 accumulation). Kernels are CUDA C++ from
 //! `kernels/`, compiled by NVRTC for the GPU present when the backend is created. The crate

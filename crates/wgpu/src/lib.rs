@@ -1,6 +1,11 @@
 //! `WgpuBackend`: qfuse on any GPU wgpu reaches (Vulkan, Metal, DX12), and on CPUs through a
-//! software Vulkan driver (Mesa lavapipe). Shaders are WGSL from `kernels/wgsl/`; activations,
-//! weights, the KV cache and all accumulation are f32. Each op is one compute dispatch.
+//! software Vulkan driver (Mesa lavapipe). Shaders are WGSL from `kernels/wgsl/`; bf16 checkpoint
+//! matrices stay bf16 (two to a u32 word), activations, the KV cache and all accumulation are f32.
+//! Each op is one or two compute dispatches; the fused ops (norm + GEMV, GEMV + residual,
+//! gate/up + SiLU·up, q/k-norm + RoPE + cache write) are builds of the same shaders chosen by
+//! override constants. Dispatches are recorded per thread and submitted in bursts; outputs,
+//! params and bind groups are reused, so a decode step creates no GPU objects; greedy decoding
+//! reads back only the sampled ids.
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
