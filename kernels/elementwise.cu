@@ -61,6 +61,13 @@ extern "C" __global__ void split_f32_bf16x3(const float* __restrict__ x, bf16_t*
     }
 }
 
+// y = (lo + mid) + hi for the three stacked partial products [3, n] of split_f32_bf16x3's parts.
+extern "C" __global__ void sum3_f32(const float* __restrict__ parts, float* __restrict__ y, size_t n) {
+    pdl_begin();
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] = (parts[2 * n + i] + parts[n + i]) + parts[i];
+}
+
 extern "C" __global__ void cast_bf16_f32(const bf16_t* __restrict__ x, float* __restrict__ out, size_t n) {
     pdl_begin();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)

@@ -22,6 +22,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "slice_columns_f32",
             "cast_f32_bf16",
             "split_f32_bf16x3",
+            "sum3_f32",
             "cast_bf16_f32",
             "argmax_partial_f32",
             "argmax_final_f32",

@@ -466,9 +466,11 @@ impl CudaBackend {
     }
 
     /// `y [T, N] = x [T, K] · w [N, K]ᵀ` on cuBLAS with fp32 accumulation. For bf16 weights x is
-    /// split into three bf16 parts (hi + mid + lo) multiplied in turn, each GEMM accumulating into
-    /// the last: the fp32 activations' full precision on the tensor cores for three times the
-    /// FLOPs of one bf16 GEMM. fp32 weights (fp32 checkpoints) take one fp32 GEMM.
+    /// split into three bf16 parts (hi + mid + lo), stacked as the rows of one `[3T, K]` operand:
+    /// one GEMM (the weights read once, one launch) gives the three partial products, which a
+    /// small kernel sums, smallest first. The fp32 activations keep their full precision on the
+    /// tensor cores for three times the FLOPs of one bf16 GEMM. fp32 weights (fp32 checkpoints)
+    /// take one fp32 GEMM.
     fn cublas_matmul(
         &self,
         x: &CudaSlice<f32>,
@@ -484,24 +486,33 @@ impl CudaBackend {
             Buf::F32(ws) => self.gemm(ws.slice(), f32t, x, f32t, y.slice_mut(), (t, k, n), 0.0)?,
             Buf::Bf16(ws) => {
                 let total = t * k;
-                // SAFETY: the split kernel writes all t*k elements of each part.
-                let alloc = || unsafe { self.stream().alloc::<u16>(total.max(1)) }.cuda();
-                let (hi, mid, lo) = (alloc()?, alloc()?, alloc()?);
+                // The three bf16 parts, [3T, K], live in a pooled f32 buffer of half as many
+                // elements (pooled buffers keep memory operations out of captured steps).
+                let parts = self.alloc_f32((3 * total).div_ceil(2))?;
+                let base = parts.slice().device_ptr(self.stream()).0;
                 let mut l = self.launch("split_f32_bf16x3")?;
-                l.buf(x).buf(&hi).buf(&mid).buf(&lo).usize(total);
-                // SAFETY: x and the three parts hold t*k elements; grid-stride loop over them.
+                l.buf(x)
+                    .ptr(base)
+                    .ptr(base + 2 * total as u64)
+                    .ptr(base + 4 * total as u64)
+                    .usize(total);
+                // SAFETY: x holds t*k floats; the three parts are consecutive t*k-element bf16
+                // ranges of `parts` (3*t*k bf16 fit its (3*t*k)/2 floats); grid-stride loop.
                 unsafe { l.launch(elementwise(total)) }.cuda()?;
-                for (part, beta) in [(&hi, 0.0), (&mid, 1.0), (&lo, 1.0)] {
-                    self.gemm(
-                        ws.as_ref(),
-                        bf16,
-                        part,
-                        bf16,
-                        y.slice_mut(),
-                        (t, k, n),
-                        beta,
-                    )?;
-                }
+                let mut y3 = self.alloc_f32(3 * t * n)?;
+                self.gemm(
+                    ws.as_ref(),
+                    bf16,
+                    parts.slice(),
+                    bf16,
+                    y3.slice_mut(),
+                    (3 * t, k, n),
+                    0.0,
+                )?;
+                let mut l = self.launch("sum3_f32")?;
+                l.out(&y3).out(&y).usize(t * n);
+                // SAFETY: y3 holds 3 * t*n floats (hi, mid, lo products), y holds t*n.
+                unsafe { l.launch(elementwise(t * n)) }.cuda()?;
             }
         }
         Ok(y)

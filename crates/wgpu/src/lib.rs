@@ -141,6 +141,20 @@ const MATMUL_BF16_V8: &str = include_str!("../../../kernels/wgsl/matmul_bf16_v8.
 
 /// Most head dims the attention shader's private accumulator holds.
 const MAX_HEAD_DIM: usize = 256;
+/// A thread's dispatches not yet submitted: one open compute pass on one encoder.
+struct Recording {
+    pass: Option<wgpu::ComputePass<'static>>,
+    enc: wgpu::CommandEncoder,
+    dispatches: usize,
+}
+
+impl Recording {
+    fn finish(mut self) -> wgpu::CommandBuffer {
+        drop(self.pass.take()); // ends the pass, unlocking the encoder
+        self.enc.finish()
+    }
+}
+
 /// Dispatches recorded before a command buffer is submitted.
 const SUBMIT_EVERY: usize = 32;
 
@@ -273,7 +287,7 @@ struct Inner {
     queue: wgpu::Queue,
     /// Dispatches each thread recorded since its last submission: one command buffer per burst of
     /// ops, sent when that thread reads a result or synchronises.
-    pending: std::sync::Mutex<HashMap<std::thread::ThreadId, (wgpu::CommandEncoder, usize)>>,
+    pending: std::sync::Mutex<HashMap<std::thread::ThreadId, Recording>>,
     bind_groups: std::sync::Mutex<BindGroups>,
     pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
     adapter: String,
@@ -654,27 +668,35 @@ impl WgpuBackend {
             .lock()
             .map_err(|_| Error::invalid("wgpu", "command encoder lock poisoned"))?;
         let thread = std::thread::current().id();
-        let (enc, recorded) = pending.entry(thread).or_insert_with(|| {
-            let enc = self
+        let rec = pending.entry(thread).or_insert_with(|| {
+            let mut enc = self
                 .inner
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-            (enc, 0)
+            // One pass for the whole burst: wgpu still orders each dispatch after the ones
+            // whose buffers it reads (a usage scope per dispatch), without a pass per op.
+            let pass = enc
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: None,
+                })
+                .forget_lifetime();
+            Recording {
+                pass: Some(pass),
+                enc,
+                dispatches: 0,
+            }
         });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: None,
-                timestamp_writes: None,
-            });
+        if let Some(pass) = rec.pass.as_mut() {
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(groups.0.max(1) as u32, groups.1.max(1) as u32, 1);
         }
-        *recorded += 1;
+        rec.dispatches += 1;
         // Submit in bursts, so the GPU starts on a step while the rest of it is recorded.
-        if *recorded >= SUBMIT_EVERY {
-            if let Some((enc, _)) = pending.remove(&thread) {
-                self.inner.queue.submit([enc.finish()]);
+        if rec.dispatches >= SUBMIT_EVERY {
+            if let Some(rec) = pending.remove(&thread) {
+                self.inner.queue.submit([rec.finish()]);
             }
         }
         Ok(())
@@ -735,8 +757,8 @@ impl WgpuBackend {
             .lock()
             .map_err(|_| Error::invalid("wgpu", "command encoder lock poisoned"))?
             .remove(&std::thread::current().id());
-        if let Some((enc, _)) = enc {
-            self.inner.queue.submit([enc.finish()]);
+        if let Some(rec) = enc {
+            self.inner.queue.submit([rec.finish()]);
         }
         Ok(())
     }
