@@ -172,6 +172,8 @@ struct Inner {
     kernels: Kernels,
     name: String,
     sm_count: usize,
+    /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
+    gemv_warps: usize,
     options: CudaOptions,
     /// Programmatic dependent launches in use (option on and the GPU is sm_90 or later).
     pdl: bool,
@@ -308,6 +310,7 @@ impl CudaBackend {
                 kernels,
                 name,
                 sm_count,
+                gemv_warps: gemv_warps_per_sm() * sm_count,
                 options,
                 pdl: options.pdl && major >= 9,
                 counters: Mutex::new(vec![counters]),
@@ -429,7 +432,7 @@ impl CudaBackend {
         );
         let silu = base.ends_with("silu_mul");
         let plan = (t == 1 && w.dtype() == DType::BF16)
-            .then(|| GemvT1Plan::choose(k, out_cols, silu, self.inner.sm_count))
+            .then(|| GemvT1Plan::choose(k, out_cols, silu, self.inner.gemv_warps))
             .flatten();
         let (name, cfg) = match plan {
             Some(p) => (
@@ -1321,6 +1324,17 @@ fn gemv_split(out_cols: usize, k: usize, sm_count: usize) -> usize {
     s
 }
 
+/// Warps per SM the batch-1 GEMV plans aim for: 8, or `QFUSE_CUDA_GEMV_WARPS_PER_SM` (1..=64),
+/// a tuning knob for measuring the trade between loads in flight per kernel and room on each SM
+/// for the next kernel's blocks to start early (PDL).
+fn gemv_warps_per_sm() -> usize {
+    std::env::var("QFUSE_CUDA_GEMV_WARPS_PER_SM")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|w| (1..=64).contains(w))
+        .unwrap_or(8)
+}
+
 /// How `gemv_t1` (the batch-1 bf16 GEMV in `kernels/gemv.cu`) covers one matrix: each warp owns
 /// `rows` output columns over a K-slice of `kc` 16-byte loads per lane per weight row, `split`
 /// warps sharing a column; `kcm` is the entry point's compile-time bound on `kc`.
@@ -1337,16 +1351,16 @@ impl GemvT1Plan {
     const PLAIN: [(usize, usize); 3] = [(4, 4), (2, 8), (1, 16)];
     const SILU: [(usize, usize); 2] = [(2, 4), (1, 8)];
 
-    /// The first (fewest splits, then most rows a warp) with at least 8 warps per SM, so every
-    /// load of the matrix is in flight at once in about one wave; else the one with most warps.
-    /// `None` when K is not whole 256-element slices (the general kernels take it).
-    fn choose(k: usize, n: usize, silu: bool, sm_count: usize) -> Option<Self> {
+    /// The first (fewest splits, then most rows a warp) with at least `target` warps (by default
+    /// 8 per SM), so every load of the matrix is in flight at once in about one wave; else the
+    /// one with most warps. `None` when K is not whole 256-element slices (the general kernels
+    /// take it).
+    fn choose(k: usize, n: usize, silu: bool, target: usize) -> Option<Self> {
         if k == 0 || !k.is_multiple_of(256) || n == 0 {
             return None;
         }
         let slices = k / 256;
         let builds: &[(usize, usize)] = if silu { &Self::SILU } else { &Self::PLAIN };
-        let target = 8 * sm_count;
         let mut best: Option<(usize, Self)> = None;
         for split in [1, 2, 4, 8] {
             if !slices.is_multiple_of(split) {
@@ -1429,7 +1443,7 @@ mod tests {
             for k in [256, 1024, 2048, 2560, 3072, 4096, 6144, 9728, 12288] {
                 for n in [1, 7, 1024, 3072, 4096, 151_936] {
                     for sms in [1, 78, 132] {
-                        let Some(p) = GemvT1Plan::choose(k, n, silu, sms) else {
+                        let Some(p) = GemvT1Plan::choose(k, n, silu, 8 * sms) else {
                             assert_eq!(k, 9728, "no plan for k={k}");
                             continue;
                         };
@@ -1447,11 +1461,11 @@ mod tests {
         }
         // Qwen3-0.6B on 132 SMs: the QKV projection takes 2 columns a warp in one K-slice, the
         // down projection splits its 3,072-long rows in two.
-        let qkv = GemvT1Plan::choose(1024, 4096, false, 132).unwrap();
+        let qkv = GemvT1Plan::choose(1024, 4096, false, 8 * 132).unwrap();
         assert_eq!((qkv.rows, qkv.split, qkv.kc), (2, 1, 4));
-        let down = GemvT1Plan::choose(3072, 1024, false, 132).unwrap();
+        let down = GemvT1Plan::choose(3072, 1024, false, 8 * 132).unwrap();
         assert_eq!((down.rows, down.split, down.kc), (1, 2, 6));
-        assert_eq!(GemvT1Plan::choose(1000, 4096, false, 132), None);
+        assert_eq!(GemvT1Plan::choose(1000, 4096, false, 8 * 132), None);
     }
 
     /// The PDL contract (launch.rs): every kernel waits for the previous one before it reads
@@ -1513,7 +1527,7 @@ mod tests {
         for silu in [false, true] {
             for k in [1024, 2048, 2560, 3072, 4096, 6144, 12288] {
                 for n in [1, 1024, 3072, 4096, 151_936] {
-                    if let Some(p) = GemvT1Plan::choose(k, n, silu, 132) {
+                    if let Some(p) = GemvT1Plan::choose(k, n, silu, 8 * 132) {
                         let bases: &[&str] = if silu {
                             &["gemv_silu_mul", "rms_norm_gemv_silu_mul"]
                         } else {

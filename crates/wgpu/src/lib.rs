@@ -81,6 +81,12 @@ const SHADERS: &[(&str, &str, &str, Constants)] = &[
         "main",
         &[],
     ),
+    (
+        "attention_combine",
+        include_str!("../../../kernels/wgsl/attention_combine.wgsl"),
+        "main",
+        &[],
+    ),
     ("argmax_partial", ARGMAX, "partial", &[]),
     ("argmax_final", ARGMAX, "final_pass", &[]),
     ("matmul", MATMUL_F32, "main", &[]),
@@ -649,12 +655,23 @@ impl WgpuBackend {
         buffers: &[&wgpu::Buffer],
         groups: (usize, usize),
     ) -> Result<()> {
+        self.run_3d(kernel, params, buffers, (groups.0, groups.1, 1))
+    }
+
+    /// [`WgpuBackend::run`] over a three-dimensional grid of workgroups.
+    fn run_3d(
+        &self,
+        kernel: &str,
+        params: &[u32],
+        buffers: &[&wgpu::Buffer],
+        groups: (usize, usize, usize),
+    ) -> Result<()> {
         let pipeline = self
             .inner
             .pipelines
             .get(kernel)
             .ok_or_else(|| Error::invalid("wgpu", format!("no shader `{kernel}`")))?;
-        if groups.1 > MAX_GROUPS || groups.0 > MAX_GROUPS {
+        if groups.0 > MAX_GROUPS || groups.1 > MAX_GROUPS || groups.2 > MAX_GROUPS {
             return Err(Error::invalid(
                 "wgpu",
                 format!("{kernel}: {groups:?} workgroups exceed the dispatch limit"),
@@ -690,7 +707,11 @@ impl WgpuBackend {
         if let Some(pass) = rec.pass.as_mut() {
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &bind, &[]);
-            pass.dispatch_workgroups(groups.0.max(1) as u32, groups.1.max(1) as u32, 1);
+            pass.dispatch_workgroups(
+                groups.0.max(1) as u32,
+                groups.1.max(1) as u32,
+                groups.2.max(1) as u32,
+            );
         }
         rec.dispatches += 1;
         // Submit in bursts, so the GPU starts on a step while the rest of it is recorded.
@@ -1129,6 +1150,18 @@ impl Backend for WgpuBackend {
             ));
         }
         let out = self.output([t, c])?;
+        // Split the context so there are a few hundred workgroups even at batch 1 (one per
+        // query head would leave most of a GPU idle), each split a whole number of 64-key tiles.
+        let max_ctx = batch.info.max_context().max(1);
+        let want = (256 / (h * t).max(1)).max(1);
+        let chunk = 64 * max_ctx.div_ceil(64 * want).max(1);
+        let splits = max_ctx.div_ceil(chunk);
+        // Partials [o, max, sum] per (token, head, split); one split writes `out` directly.
+        let part = if splits > 1 {
+            self.output([t * h * splits, d + 2])?
+        } else {
+            self.output([1])?
+        };
         let params = [
             u32_of(t)?,
             u32_of(h)?,
@@ -1137,8 +1170,10 @@ impl Backend for WgpuBackend {
             u32_of(bs)?,
             u32_of(batch.max_blocks)?,
             f32_bits(cfg.scale()),
+            u32_of(splits)?,
+            u32_of(chunk)?,
         ];
-        self.run(
+        self.run_3d(
             "attention",
             &params,
             &[
@@ -1149,9 +1184,18 @@ impl Backend for WgpuBackend {
                 &batch.token_seq,
                 &batch.tables,
                 out.buf()?,
+                part.buf()?,
             ],
-            (h, t),
+            (h, t, splits),
         )?;
+        if splits > 1 {
+            self.run(
+                "attention_combine",
+                &params,
+                &[part.buf()?, out.buf()?],
+                (h, t),
+            )?;
+        }
         Ok(out)
     }
 
