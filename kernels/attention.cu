@@ -331,3 +331,129 @@ __device__ void attention_paged(
 
 KV_ENTRIES(float, kvf32)
 KV_ENTRIES(bf16_t, kvbf16)
+
+// Prefill attention, tiled over queries: block (tile, kv) takes QT consecutive tokens of one
+// sequence (tiles[2 * tile] = first token, tiles[2 * tile + 1] = count) and their G query heads
+// sharing KV head `kv` (PT_ROWS = QT * G = 32 rows), and streams that sequence's keys and values
+// through shared memory PT_KEYS at a time, so each K/V row is read once per 32 query rows instead
+// of once per row (the per-token kernel above re-reads the whole context for every token, which
+// at 2,048 tokens makes prefill L2-bound). Everything stays fp32: the same numerics as the
+// per-token kernel. Thread (r = tid / 8, lane8 = tid % 8) scores keys 2 lane8, 2 lane8 + 1 of row
+// r and owns output dims [16 lane8, 16 lane8 + 16) of row r (so d <= 128); the row's online
+// softmax is reduced over its 8 threads by shuffles. Row r is token r % QT, head r / QT.
+// grid = (tiles, KV), block = 256, shared = (PT_ROWS * d + 2 * PT_KEYS * d + PT_ROWS * PT_KEYS) floats.
+#define PT_ROWS 32
+#define PT_KEYS 16
+
+template <typename KT>
+__device__ void attention_prefill_tiled(
+    const float* __restrict__ q, const KT* __restrict__ kc, const KT* __restrict__ vc,
+    const u32* __restrict__ positions, const u32* __restrict__ token_seq,
+    const u32* __restrict__ block_tables, const u32* __restrict__ tiles, int max_blocks, int block_size,
+    int H, int KV, int d, float scale_log2, float* __restrict__ out) {
+    extern __shared__ float smem[];
+    float* qs = smem;                          // [PT_ROWS][d]
+    float* ks = qs + PT_ROWS * d;              // [PT_KEYS][d]
+    float* vs = ks + PT_KEYS * d;              // [PT_KEYS][d]
+    float* ps = vs + PT_KEYS * d;              // [PT_ROWS][PT_KEYS]
+    const int tid = threadIdx.x, r = tid >> 3, l8 = tid & 7;
+    const int kv = blockIdx.y, G = H / KV, QT = PT_ROWS / G, W = KV * d;
+    const int t0 = (int)tiles[2 * blockIdx.x], count = (int)tiles[2 * blockIdx.x + 1];
+    const int tq = r % QT, g = r / QT;
+    const bool row_ok = tq < count;
+    const u32 my_pos = positions[t0 + (row_ok ? tq : 0)];
+    const int keys = (int)positions[t0 + count - 1] + 1;  // the tile's last token sees the most
+    const u32* table = block_tables + (size_t)token_seq[t0] * max_blocks;
+    pdl_begin();
+    for (int i = tid; i < PT_ROWS * d; i += blockDim.x) {
+        const int rr = i / d, dd = i % d, tt = rr % QT, gg = rr / QT;
+        qs[i] = tt < count ? q[(size_t)(t0 + tt) * H * d + (size_t)(kv * G + gg) * d + dd] * scale_log2 : 0.0f;
+    }
+    float o[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) o[j] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+    const int c0 = l8 * 16;
+    for (int k0 = 0; k0 < keys; k0 += PT_KEYS) {
+        __syncthreads();  // qs written / the previous tile's ks, vs, ps consumed
+        for (int i = tid; i < PT_KEYS * d; i += blockDim.x) {
+            const int kk = i / d, dd = i % d, key = k0 + kk;
+            float kf = 0.0f, vf = 0.0f;
+            if (key < keys) {
+                const size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
+                kf = kv_load(kc + slot * W + (size_t)kv * d + dd);
+                vf = kv_load(vc + slot * W + (size_t)kv * d + dd);
+            }
+            ks[i] = kf;
+            vs[i] = vf;
+        }
+        __syncthreads();
+        // Scores of keys 2 l8 and 2 l8 + 1 for row r.
+        float s0 = 0.0f, s1 = 0.0f;
+        const float* qr = qs + r * d;
+        const float* ka = ks + (2 * l8) * d;
+        const float* kb = ka + d;
+        for (int i = 0; i < d; i += 4) {
+            const float4 qv = *reinterpret_cast<const float4*>(qr + i);
+            const float4 a = *reinterpret_cast<const float4*>(ka + i);
+            const float4 b = *reinterpret_cast<const float4*>(kb + i);
+            s0 += qv.x * a.x + qv.y * a.y + qv.z * a.z + qv.w * a.w;
+            s1 += qv.x * b.x + qv.y * b.y + qv.z * b.z + qv.w * b.w;
+        }
+        const int ka_key = k0 + 2 * l8, kb_key = ka_key + 1;
+        if (!row_ok || ka_key > (int)my_pos) s0 = -INFINITY;
+        if (!row_ok || kb_key > (int)my_pos) s1 = -INFINITY;
+        // The row's max over its 8 threads (lanes 8 apart within one warp share the row).
+        float mt = fmaxf(s0, s1);
+#pragma unroll
+        for (int off = 4; off > 0; off >>= 1) mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, off));
+        const float m_new = fmaxf(m, mt);
+        // A row with no valid key yet keeps m = -inf: guard the exponentials.
+        const float corr = m_new == -INFINITY ? 1.0f : exp2f(m - m_new);
+        const float p0 = m_new == -INFINITY ? 0.0f : exp2f(s0 - m_new);
+        const float p1 = m_new == -INFINITY ? 0.0f : exp2f(s1 - m_new);
+        float ls = p0 + p1;
+#pragma unroll
+        for (int off = 4; off > 0; off >>= 1) ls += __shfl_xor_sync(FULL_MASK, ls, off);
+        l = l * corr + ls;
+        m = m_new;
+        ps[r * PT_KEYS + 2 * l8] = p0;
+        ps[r * PT_KEYS + 2 * l8 + 1] = p1;
+        __syncwarp();  // the row's 8 threads are in this warp
+#pragma unroll
+        for (int j = 0; j < 16; ++j) o[j] *= corr;
+        if (c0 < d) {
+#pragma unroll 4
+            for (int kk = 0; kk < PT_KEYS; ++kk) {
+                const float p = ps[r * PT_KEYS + kk];
+                const float* vr = vs + kk * d + c0;
+#pragma unroll
+                for (int j = 0; j < 16; j += 4) {
+                    const float4 v = *reinterpret_cast<const float4*>(vr + j);
+                    o[j] += p * v.x;
+                    o[j + 1] += p * v.y;
+                    o[j + 2] += p * v.z;
+                    o[j + 3] += p * v.w;
+                }
+            }
+        }
+    }
+    if (row_ok && c0 < d) {
+        float* dst = out + (size_t)(t0 + tq) * H * d + (size_t)(kv * G + g) * d + c0;
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+            if (c0 + j < d) dst[j] = o[j] / l;
+    }
+}
+
+#define PREFILL_ENTRY(KT, SUFFIX)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) attention_prefill_tiled_##SUFFIX(                      \
+        const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \
+        const u32* block_tables, const u32* tiles, int max_blocks, int block_size, int H, int KV, int d,  \
+        float scale_log2, float* out) {                                                                    \
+        attention_prefill_tiled<KT>(q, kc, vc, positions, token_seq, block_tables, tiles, max_blocks,     \
+                                    block_size, H, KV, d, scale_log2, out);                                \
+    }
+
+PREFILL_ENTRY(float, kvf32)
+PREFILL_ENTRY(bf16_t, kvbf16)
