@@ -132,8 +132,6 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "attention_paged_kvf32_g8_d8_k2",
             "attention_paged_kvf32_g8_d8_k8",
             "write_kv_kvbf16",
-            "attention_prefill_tiled_kvf32",
-            "attention_prefill_tiled_kvbf16",
             "qk_norm_rope_write_kv_kvbf16",
             "attention_paged_kvbf16_g1_d1_k2",
             "attention_paged_kvbf16_g1_d1_k8",

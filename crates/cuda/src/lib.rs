@@ -605,76 +605,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Prefill attention tiled over queries (`attention_prefill_tiled` in attention.cu) when the
-    /// batch is made of multi-token chunks (prompts) and the shapes fit it: each block shares
-    /// every K/V row it loads among 32 query rows. `None` leaves it to the per-token kernel.
-    /// Never used inside a captured decode step (chunks of one token), so uploading the tile
-    /// list here is safe.
-    fn attention_prefill_tiled(
-        &self,
-        q: &CudaTensor,
-        cache: &LayerKv<CudaTensor>,
-        batch: &CudaBatch,
-        cfg: &AttentionConfig,
-    ) -> Result<Option<Pooled>> {
-        const ROWS: usize = 32;
-        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let g = cfg.group_size();
-        let seqs = batch.info.seqs();
-        let fits = batch.info.num_tokens() > GEMV_MAX_ROWS
-            && seqs.iter().all(|s| s.len >= 2)
-            && d <= 128
-            && d.is_multiple_of(16)
-            && ROWS.is_multiple_of(g);
-        if !fits {
-            return Ok(None);
-        }
-        let qt = ROWS / g;
-        let mut tiles = Vec::new();
-        let mut first = 0usize;
-        for s in seqs {
-            for start in (0..s.len).step_by(qt) {
-                tiles.push(
-                    u32::try_from(first + start)
-                        .map_err(|_| Error::invalid("attention", "token index exceeds u32"))?,
-                );
-                tiles.push((qt.min(s.len - start)) as u32);
-            }
-            first += s.len;
-        }
-        let n_tiles = tiles.len() / 2;
-        let tiles = self.upload_u32(&tiles)?;
-        let out = self.alloc_f32(batch.info.num_tokens() * h * d)?;
-        let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
-        let stream = self.stream();
-        let mut l = self.launch(&format!("attention_prefill_tiled_{}", cache.k.kv_suffix()))?;
-        l.buf(q.f32("attention")?)
-            .ptr(cache.k.ptr(stream))
-            .ptr(cache.v.ptr(stream));
-        l.buf(&batch.positions)
-            .buf(&batch.token_seq)
-            .buf(&batch.block_tables)
-            .buf(&tiles);
-        l.i32(i32_of(batch.max_blocks, "blocks")?)
-            .i32(i32_of(batch.info.block_size(), "block size")?)
-            .i32(i32_of(h, "H")?)
-            .i32(i32_of(kvh, "KV")?)
-            .i32(i32_of(d, "d")?)
-            .f32(scale_log2)
-            .out(&out);
-        let cfg_launch = LaunchConfig {
-            grid_dim: (n_tiles as u32, kvh as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: ((ROWS * d + 2 * 16 * d + ROWS * 16) * 4) as u32,
-        };
-        // SAFETY: q is [t, h*d] (checked by the caller); pools are [slots, kvh*d] with every
-        // table block inside (checked by the caller); each tile is `count` consecutive tokens of
-        // one sequence with count <= 32 / group; d <= 128 and a multiple of 16; shared memory as
-        // the kernel lays it out; out is [t, h*d].
-        unsafe { l.launch(cfg_launch) }.cuda()?;
-        Ok(Some(out))
-    }
-
     fn check_attention(&self, cfg: &AttentionConfig) -> Result<()> {
         let d = cfg.head_dim;
         if d == 0 || !d.is_multiple_of(2) || d > 256 {
@@ -1120,9 +1050,6 @@ impl Backend for CudaBackend {
                 format!("block {bad} beyond the cache's {} blocks", slots / bs),
             ));
         }
-        if let Some(out) = self.attention_prefill_tiled(q, cache, batch, cfg)? {
-            return Ok(Self::f32_tensor([t, c], out));
-        }
         // Sized by the batch's capacity, not its current context, so a captured step keeps valid
         // launch shapes as the sequences grow; splits past a token's position exit at once.
         let max_ctx = batch.capacity.max(batch.info.max_context()).max(1);
@@ -1559,7 +1486,6 @@ mod tests {
                     l.contains("gemv<")
                         || l.contains("gemv_t1<")
                         || l.contains("attention_paged<")
-                        || l.contains("attention_prefill_tiled<")
                         || l.contains("write_kv<")
                         || l.contains("qk_norm_rope_write_kv<")
                 });
@@ -1575,7 +1501,6 @@ mod tests {
             ("gemv", gemv),
             ("gemv_t1", gemv),
             ("attention_paged", attention),
-            ("attention_prefill_tiled", attention),
             ("qk_norm_rope_write_kv", attention),
             ("write_kv", attention),
         ] {
