@@ -183,11 +183,48 @@ pub struct WgpuTensor {
 }
 
 /// Idle output buffers by size: creating a buffer per op costs more than most ops on a GPU
-/// (a decode step runs hundreds), so dropped outputs are reused. wgpu orders every use of a
-/// buffer across passes and submissions, so reuse needs no care here.
+/// (a decode step runs hundreds), so dropped outputs are reused. wgpu orders the uses of a
+/// buffer in submission order, so the one hazard is a buffer dropped while dispatches that use it
+/// are still recorded on its thread, unsubmitted: another thread could take it and submit a
+/// write first. Such a buffer waits in `retired` until its thread submits.
 #[derive(Default)]
 struct BufferPool {
     free: std::sync::Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
+    retired: std::sync::Mutex<HashMap<std::thread::ThreadId, Vec<wgpu::Buffer>>>,
+    /// Threads with dispatches recorded and not yet submitted.
+    recording: std::sync::Mutex<std::collections::HashSet<std::thread::ThreadId>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update under these locks is a single insert or removal, so a poisoned lock still
+    // guards consistent data.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl BufferPool {
+    fn put(&self, buf: wgpu::Buffer) {
+        let thread = std::thread::current().id();
+        if lock(&self.recording).contains(&thread) {
+            lock(&self.retired).entry(thread).or_default().push(buf);
+        } else {
+            lock(&self.free).entry(buf.size()).or_default().push(buf);
+        }
+    }
+
+    fn started_recording(&self) {
+        lock(&self.recording).insert(std::thread::current().id());
+    }
+
+    /// The current thread submitted everything it recorded: its retired buffers are free.
+    fn submitted(&self) {
+        let thread = std::thread::current().id();
+        lock(&self.recording).remove(&thread);
+        let retired = lock(&self.retired).remove(&thread).unwrap_or_default();
+        let mut free = lock(&self.free);
+        for buf in retired {
+            free.entry(buf.size()).or_default().push(buf);
+        }
+    }
 }
 
 struct Lease {
@@ -197,14 +234,7 @@ struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let mut free = self
-            .pool
-            .free
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        free.entry(self.buf.size())
-            .or_default()
-            .push(self.buf.clone());
+        self.pool.put(self.buf.clone());
     }
 }
 
@@ -698,6 +728,7 @@ impl WgpuBackend {
                     timestamp_writes: None,
                 })
                 .forget_lifetime();
+            self.inner.outputs.started_recording();
             Recording {
                 pass: Some(pass),
                 enc,
@@ -718,6 +749,7 @@ impl WgpuBackend {
         if rec.dispatches >= SUBMIT_EVERY {
             if let Some(rec) = pending.remove(&thread) {
                 self.inner.queue.submit([rec.finish()]);
+                self.inner.outputs.submitted();
             }
         }
         Ok(())
@@ -780,6 +812,7 @@ impl WgpuBackend {
             .remove(&std::thread::current().id());
         if let Some(rec) = enc {
             self.inner.queue.submit([rec.finish()]);
+            self.inner.outputs.submitted();
         }
         Ok(())
     }
