@@ -134,9 +134,7 @@ __device__ void qk_norm_rope_write_kv(
 
 // Causal attention over the paged cache, split along the context ("flash-decoding"). Block
 // (t, kv, split) reads the keys and values of KV head `kv` in its slice of token t's context
-// once, for all G query heads that share it (GQA). For prefill, a tile list gives each block
-// `count` consecutive tokens of one sequence instead, count * G <= GM rows, so each K/V row read
-// serves every row (each row masked causally at its own position). Warp w takes keys w, w + ATTN_WARPS, ... in
+// once, for all G query heads that share it (GQA). Warp w takes keys w, w + ATTN_WARPS, ... in
 // batches of KB, all of a batch's K and V rows in flight together; lanes 0..KB-1 hold the batch's
 // cache slots, looked up one batch ahead (the first before pdl_wait(): block tables are batch
 // metadata, not kernel output). Online softmax per warp, then the warps merge in shared memory.
@@ -153,22 +151,15 @@ __device__ void attention_paged(
     const u32* __restrict__ positions, const u32* __restrict__ token_seq,
     const u32* __restrict__ block_tables, int max_blocks, int block_size, int H, int KV, int d,
     float scale_log2, int chunk, float* __restrict__ out, float* __restrict__ part_o,
-    float* __restrict__ part_ml, u32* __restrict__ counters, const u32* __restrict__ tiles) {
+    float* __restrict__ part_ml, u32* __restrict__ counters) {
     constexpr int KB = DPL <= 4 ? KBM : (KBM < 4 ? KBM : 4);  // K and V rows in registers
     extern __shared__ float smem[];
     __shared__ int is_last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int kv = blockIdx.y, split = blockIdx.z;
-    // Tokens t .. t + count - 1 (one sequence, consecutive positions), all from the tile list
-    // when there is one (prefill), else token blockIdx.x alone.
-    const int t = tiles != nullptr ? (int)tiles[2 * blockIdx.x] : (int)blockIdx.x;
-    const int count = tiles != nullptr ? (int)tiles[2 * blockIdx.x + 1] : 1;
-    const int G = H / KV, R = count * G, W = KV * d, d0 = lane * DPL;
+    const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
+    const int G = H / KV, W = KV * d, d0 = lane * DPL;
     const bool full = d == 32 * DPL;
-    const u32 pos = positions[t + count - 1];  // the last token sees the most keys
-    u32 row_pos[GM];  // row r is token t + r / G, query head kv * G + r % G
-#pragma unroll
-    for (int r = 0; r < GM; ++r) row_pos[r] = r < R ? positions[t + r / G] : 0u;
+    const u32 pos = positions[t];
     const u32* table = block_tables + (size_t)token_seq[t] * max_blocks;
     const int begin = split * chunk;
     const int end = min((int)pos + 1, begin + chunk);
@@ -189,8 +180,7 @@ __device__ void attention_paged(
 #pragma unroll
         for (int j = 0; j < DPL; ++j) {
             const int dd = d0 + j;
-            const size_t row = (size_t)(t + g / G) * H * d + (size_t)(kv * G + g % G) * d;
-            qr[g][j] = (g < R && dd < d) ? q[row + dd] * scale_log2 : 0.0f;
+            qr[g][j] = (g < G && dd < d) ? q[(size_t)t * H * d + (size_t)(kv * G + g) * d + dd] * scale_log2 : 0.0f;
             o[g][j] = 0.0f;
         }
     }
@@ -216,7 +206,7 @@ __device__ void attention_paged(
         my_slot = lane < KB ? slot_of(key0 + (KB + lane) * ATTN_WARPS) : 0u;
 #pragma unroll
         for (int g = 0; g < GM; ++g) {
-            if (g < R) {
+            if (g < G) {
                 float s[KB];
                 float m_new = m[g];
 #pragma unroll
@@ -224,13 +214,9 @@ __device__ void attention_paged(
                     float p = 0.0f;
 #pragma unroll
                     for (int j = 0; j < DPL; ++j) p += qr[g][j] * kf[i][j];
-                    const int key = key0 + i * ATTN_WARPS;
-                    const float sum = key < end ? warp_sum(p) : 0.0f;
-                    s[i] = key < end && key <= (int)row_pos[g] ? sum : -INFINITY;  // causal per row
+                    s[i] = key0 + i * ATTN_WARPS < end ? warp_sum(p) : -INFINITY;
                     m_new = fmaxf(m_new, s[i]);
                 }
-                // A row whose keys so far are all in its future keeps m = -inf and nothing else.
-                if (m_new == -INFINITY) continue;
                 const float corr = exp2f(m[g] - m_new);
                 l[g] *= corr;
 #pragma unroll
@@ -250,10 +236,10 @@ __device__ void attention_paged(
     }
     // Merge the warps' partial softmaxes (a warp without keys has m = -inf, l = 0).
     const int stride = d + 2;
-    float* mine = smem + (size_t)warp * R * stride;
+    float* mine = smem + (size_t)warp * G * stride;
 #pragma unroll
     for (int g = 0; g < GM; ++g) {
-        if (g < R) {
+        if (g < G) {
 #pragma unroll
             for (int j = 0; j < DPL; ++j)
                 if (d0 + j < d) mine[g * stride + d0 + j] = o[g][j];
@@ -264,22 +250,22 @@ __device__ void attention_paged(
         }
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < R * d; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
         const int g = idx / d, dd = idx % d;
         float M = -INFINITY;
-        for (int w = 0; w < ATTN_WARPS; ++w) M = fmaxf(M, smem[(w * R + g) * stride + d]);
+        for (int w = 0; w < ATTN_WARPS; ++w) M = fmaxf(M, smem[(w * G + g) * stride + d]);
         float L = 0.0f, O = 0.0f;
         for (int w = 0; w < ATTN_WARPS; ++w) {
-            const float* p = smem + (w * R + g) * stride;
+            const float* p = smem + (w * G + g) * stride;
             if (p[d] == -INFINITY) continue;
             const float f = exp2f(p[d] - M);
             L += p[d + 1] * f;
             O += p[dd] * f;
         }
-        const int h = kv * G + g % G, tok = t + g / G;
+        const int h = kv * G + g;
         if (active == 1) {
-            out[(size_t)tok * H * d + (size_t)h * d + dd] = O / L;
-        } else {  // decode: one token, R == G
+            out[(size_t)t * H * d + (size_t)h * d + dd] = O / L;
+        } else {
             const size_t pi = ((size_t)t * H + h) * gridDim.z + split;
             part_o[pi * d + dd] = O;
             if (dd == 0) {
@@ -321,9 +307,9 @@ __device__ void attention_paged(
     extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_paged_##SUFFIX##_g##GM##_d##DPL##_k##KBM( \
         const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \
         const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
-        int chunk, float* out, float* part_o, float* part_ml, u32* counters, const u32* tiles) {            \
+        int chunk, float* out, float* part_o, float* part_ml, u32* counters) {                              \
         attention_paged<KT, GM, DPL, KBM>(q, kc, vc, positions, token_seq, block_tables, max_blocks, block_size, \
-                                     H, KV, d, scale_log2, chunk, out, part_o, part_ml, counters, tiles);   \
+                                     H, KV, d, scale_log2, chunk, out, part_o, part_ml, counters);          \
     }
 
 #define ATTN_KBS(KT, SUFFIX, GM, DPL) ATTN_ENTRY(KT, SUFFIX, GM, DPL, 2) ATTN_ENTRY(KT, SUFFIX, GM, DPL, 8)

@@ -1050,30 +1050,12 @@ impl Backend for CudaBackend {
                 format!("block {bad} beyond the cache's {} blocks", slots / bs),
             ));
         }
-        // Prompts (multi-token chunks): blocks take up to ATTN_MAX_GROUP / group consecutive
-        // tokens of one sequence, so each K/V row read serves all their query rows (one split).
-        // Decode batches (one token a sequence, the kind captured as graphs) keep a block per
-        // token; a tile list is uploaded only for the former.
-        let g = cfg.group_size();
-        let qt = ATTN_MAX_GROUP / g;
-        let tiles = (t > GEMV_MAX_ROWS && qt > 1 && batch.info.seqs().iter().any(|s| s.len >= 2))
-            .then(|| query_tiles(batch.info.seqs(), qt))
-            .transpose()?;
-        let (blocks_x, rows) = match &tiles {
-            Some(list) => (list.len() / 2, qt * g),
-            None => (t, g),
-        };
-        let tiles = tiles.map(|list| self.upload_u32(&list)).transpose()?;
         // Sized by the batch's capacity, not its current context, so a captured step keeps valid
         // launch shapes as the sequences grow; splits past a token's position exit at once.
         let max_ctx = batch.capacity.max(batch.info.max_context()).max(1);
         // Enough blocks for two waves over the SMs, each split at least 32 keys long.
-        let want = (2 * self.inner.sm_count).div_ceil(blocks_x * kvh).max(1);
-        let chunk = if tiles.is_some() {
-            max_ctx
-        } else {
-            max_ctx.div_ceil(want).max(32)
-        };
+        let want = (2 * self.inner.sm_count).div_ceil(t * kvh).max(1);
+        let chunk = max_ctx.div_ceil(want).max(32);
         let splits = max_ctx.div_ceil(chunk);
         let out = self.alloc_f32(t * c)?;
         let part_o = self.alloc_f32(if splits > 1 { t * h * splits * d } else { 1 })?;
@@ -1087,7 +1069,7 @@ impl Backend for CudaBackend {
             ));
         }
         let stream = self.stream();
-        let kernel = attention_entry(cache.k.kv_suffix(), rows, d, t);
+        let kernel = attention_entry(cache.k.kv_suffix(), cfg.group_size(), d, t);
         let mut l = self.launch(&kernel)?;
         l.buf(q.f32("attention")?)
             .ptr(cache.k.ptr(stream))
@@ -1103,20 +1085,15 @@ impl Backend for CudaBackend {
             .f32(scale_log2)
             .i32(i32_of(chunk, "chunk")?);
         l.out(&out).out(&part_o).out(&part_ml).ptr(counters);
-        match &tiles {
-            Some(list) => l.buf(list),
-            None => l.ptr(0),
-        };
         let cfg_launch = LaunchConfig {
-            grid_dim: (blocks_x as u32, kvh as u32, splits as u32),
+            grid_dim: (t as u32, kvh as u32, splits as u32),
             block_dim: (32 * ATTN_WARPS, 1, 1),
-            shared_mem_bytes: (ATTN_WARPS as usize * rows * (d + 2) * 4) as u32,
+            shared_mem_bytes: (ATTN_WARPS as usize * cfg.group_size() * (d + 2) * 4) as u32,
         };
         // SAFETY: q is [t, h*d]; pools are [slots, kvh*d] and every block of every table is inside
-        // (checked); tables are [seqs, max_blocks]; rows <= MAX_G (the entry point's bound) and
-        // d <= 256 (checked); each tile is consecutive tokens of one sequence with count * group
-        // <= rows, and tiles come with one split; the partial buffers hold t*h*splits*(d | 2)
-        // floats when splits > 1; counters holds t*kvh zeros, which the kernel leaves zero.
+        // (checked); tables are [seqs, max_blocks]; group <= MAX_G and d <= 256 (checked); the
+        // partial buffers hold t*h*splits*(d | 2) floats when splits > 1; counters holds t*kvh
+        // zeros, which the kernel leaves zero.
         unsafe { l.launch(cfg_launch) }.cuda()?;
         Ok(Self::f32_tensor([t, c], out))
     }
@@ -1422,24 +1399,6 @@ impl GemvT1Plan {
     }
 }
 
-/// `[first token, count]` pairs covering the batch's tokens `qt` at a time, never across
-/// sequences (tokens are laid out sequence by sequence).
-fn query_tiles(seqs: &[qfuse_core::SeqChunk], qt: usize) -> Result<Vec<u32>> {
-    let mut tiles = Vec::new();
-    let mut first = 0usize;
-    for s in seqs {
-        for start in (0..s.len).step_by(qt.max(1)) {
-            tiles.push(
-                u32::try_from(first + start)
-                    .map_err(|_| Error::invalid("attention", "token index exceeds u32"))?,
-            );
-            tiles.push(qt.min(s.len - start) as u32);
-        }
-        first += s.len;
-    }
-    Ok(tiles)
-}
-
 /// The attention entry point compiled for at least `group` query heads per KV head and head
 /// size `d` (in powers of two: group <= 8, d <= 256, checked by `check_attention`), with 8 keys
 /// per warp in flight for decode-sized `t`, 2 for prefill.
@@ -1477,17 +1436,6 @@ mod tests {
         "rms_norm_gemv",
         "rms_norm_gemv_silu_mul",
     ];
-
-    #[test]
-    fn query_tiles_cover_each_sequence_without_crossing() {
-        let seq = |len| qfuse_core::SeqChunk {
-            start_pos: 0,
-            len,
-            block_table: vec![0],
-        };
-        let tiles = query_tiles(&[seq(9), seq(1), seq(4)], 4).unwrap();
-        assert_eq!(tiles, [0, 4, 4, 4, 8, 1, 9, 1, 10, 4]);
-    }
 
     #[test]
     fn gemv_t1_plans_cover_the_matrix_in_whole_slices() {
