@@ -331,3 +331,135 @@ __device__ void attention_paged(
 
 KV_ENTRIES(float, kvf32)
 KV_ENTRIES(bf16_t, kvbf16)
+
+// Prefill-sized attention (T > 8 rows): one block per (token, KV head), a lane per key. Each warp
+// takes 32 keys at a time; lane j scores key j against the G query heads (q in shared memory,
+// broadcast), so a batch of 32 keys costs one max and one sum reduction per head instead of one
+// reduction per key and head (the decode kernel above spreads a key over the lanes, which is
+// right for a few tokens, but at thousands of tokens its per-key shuffle chains bound prefill).
+// Then lane l accumulates output dims [4 l, 4 l + 4) over the batch's values, each key's
+// probability and slot passed along by shuffles. Warps merge in shared memory. d % 4 == 0,
+// d <= 128. grid = (T, KV), block = 32 * ATTN_WARPS, shared = (GM d + ATTN_WARPS GM (d + 2)) floats.
+template <typename KT, int GM>
+__device__ void attention_prefill(
+    const float* __restrict__ q, const KT* __restrict__ kc, const KT* __restrict__ vc,
+    const u32* __restrict__ positions, const u32* __restrict__ token_seq,
+    const u32* __restrict__ block_tables, int max_blocks, int block_size, int H, int KV, int d,
+    float scale_log2, float* __restrict__ out) {
+    extern __shared__ float smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int t = blockIdx.x, kv = blockIdx.y;
+    const int G = H / KV, W = KV * d, d0 = lane * 4;
+    const int keys = (int)positions[t] + 1;
+    const u32* table = block_tables + (size_t)token_seq[t] * max_blocks;
+    float* qs = smem;            // [G][d], pre-scaled
+    float* merge = smem + GM * d;  // [ATTN_WARPS][G][d + 2]
+    pdl_begin();
+    for (int i = threadIdx.x; i < G * d; i += blockDim.x)
+        qs[i] = q[(size_t)t * H * d + (size_t)kv * G * d + i] * scale_log2;
+    __syncthreads();
+    float o[GM][4], m[GM], l[GM];
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[g][j] = 0.0f;
+    }
+    for (int base = warp * 32; base < keys; base += ATTN_WARPS * 32) {
+        const int key = base + lane;
+        const bool valid = key < keys;
+        const u32 slot = valid ? table[key / block_size] * (u32)block_size + (u32)(key % block_size) : 0u;
+        float s[GM];
+#pragma unroll
+        for (int g = 0; g < GM; ++g) s[g] = 0.0f;
+        if (valid) {
+            const KT* kr = kc + (size_t)slot * W + (size_t)kv * d;
+#pragma unroll 4
+            for (int i = 0; i < d; i += 4) {
+                float kf[4];
+                kv_load_vec<4>(kr + i, kf);
+#pragma unroll
+                for (int g = 0; g < GM; ++g) {
+                    if (g < G) {
+                        const float4 qv = *reinterpret_cast<const float4*>(qs + g * d + i);
+                        s[g] += qv.x * kf[0] + qv.y * kf[1] + qv.z * kf[2] + qv.w * kf[3];
+                    }
+                }
+            }
+        }
+        // Online softmax per head over the batch (lane 0's key is always valid: base < keys).
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            if (g < G) {
+                const float sg = valid ? s[g] : -INFINITY;
+                const float m_new = fmaxf(m[g], warp_max(sg));
+                const float corr = exp2f(m[g] - m_new);
+                const float p = valid ? exp2f(sg - m_new) : 0.0f;
+                l[g] = l[g] * corr + warp_sum(p);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) o[g][j] *= corr;
+                s[g] = p;
+                m[g] = m_new;
+            }
+        }
+        const int n = min(32, keys - base);
+        for (int j = 0; j < n; ++j) {
+            const u32 sj = __shfl_sync(FULL_MASK, slot, j);
+            float vf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (d0 < d) kv_load_vec<4>(vc + (size_t)sj * W + (size_t)kv * d + d0, vf);
+#pragma unroll
+            for (int g = 0; g < GM; ++g) {
+                if (g < G) {
+                    const float pj = __shfl_sync(FULL_MASK, s[g], j);
+#pragma unroll
+                    for (int jj = 0; jj < 4; ++jj) o[g][jj] += pj * vf[jj];
+                }
+            }
+        }
+    }
+    const int stride = d + 2;
+    float* mine = merge + (size_t)warp * G * stride;
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        if (g < G) {
+            if (d0 < d) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mine[g * stride + d0 + j] = o[g][j];
+            }
+            if (lane == 0) {
+                mine[g * stride + d] = m[g];
+                mine[g * stride + d + 1] = l[g];
+            }
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
+        const int g = idx / d, dd = idx % d;
+        float M = -INFINITY;
+        for (int w = 0; w < ATTN_WARPS; ++w) M = fmaxf(M, merge[(w * G + g) * stride + d]);
+        float L = 0.0f, O = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; ++w) {
+            const float* p = merge + (w * G + g) * stride;
+            if (p[d] == -INFINITY) continue;  // a warp with no keys
+            const float f = exp2f(p[d] - M);
+            L += p[d + 1] * f;
+            O += p[dd] * f;
+        }
+        out[(size_t)t * H * d + (size_t)(kv * G + g) * d + dd] = O / L;
+    }
+}
+
+#define PREFILL_ENTRY(KT, SUFFIX, GM)                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_prefill_##SUFFIX##_g##GM(     \
+        const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \
+        const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
+        float* out) {                                                                                       \
+        attention_prefill<KT, GM>(q, kc, vc, positions, token_seq, block_tables, max_blocks, block_size, H, \
+                                  KV, d, scale_log2, out);                                                  \
+    }
+#define PREFILL_ENTRIES(KT, SUFFIX)                                                     \
+    PREFILL_ENTRY(KT, SUFFIX, 1) PREFILL_ENTRY(KT, SUFFIX, 2) PREFILL_ENTRY(KT, SUFFIX, 4) \
+    PREFILL_ENTRY(KT, SUFFIX, 8)
+PREFILL_ENTRIES(float, kvf32)
+PREFILL_ENTRIES(bf16_t, kvbf16)

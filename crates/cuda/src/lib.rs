@@ -1050,6 +1050,41 @@ impl Backend for CudaBackend {
                 format!("block {bad} beyond the cache's {} blocks", slots / bs),
             ));
         }
+        if cache.k.dtype() != cache.v.dtype() {
+            return Err(Error::invalid(
+                "attention",
+                "key and value pools differ in dtype",
+            ));
+        }
+        if t > GEMV_MAX_ROWS && d.is_multiple_of(4) && d <= 128 {
+            let out = self.alloc_f32(t * c)?;
+            let stream = self.stream();
+            let gm = cfg.group_size().next_power_of_two();
+            let mut l = self.launch(&format!("attention_prefill_{}_g{gm}", cache.k.kv_suffix()))?;
+            l.buf(q.f32("attention")?)
+                .ptr(cache.k.ptr(stream))
+                .ptr(cache.v.ptr(stream));
+            l.buf(&batch.positions)
+                .buf(&batch.token_seq)
+                .buf(&batch.block_tables);
+            l.i32(i32_of(batch.max_blocks, "blocks")?)
+                .i32(i32_of(bs, "block size")?)
+                .i32(i32_of(h, "H")?)
+                .i32(i32_of(kvh, "KV")?)
+                .i32(i32_of(d, "d")?)
+                .f32((cfg.scale() * std::f64::consts::LOG2_E) as f32)
+                .out(&out);
+            let cfg_launch = LaunchConfig {
+                grid_dim: (t as u32, kvh as u32, 1),
+                block_dim: (32 * ATTN_WARPS, 1, 1),
+                shared_mem_bytes: ((gm * d + ATTN_WARPS as usize * gm * (d + 2)) * 4) as u32,
+            };
+            // SAFETY: q is [t, h*d]; pools are [slots, kvh*d] and every block of every table is
+            // inside (checked); group <= gm <= 8 (checked), d <= 128 and a multiple of 4 (16-byte
+            // aligned rows); shared memory as the kernel lays it out; out is [t, h*d].
+            unsafe { l.launch(cfg_launch) }.cuda()?;
+            return Ok(Self::f32_tensor([t, c], out));
+        }
         // Sized by the batch's capacity, not its current context, so a captured step keeps valid
         // launch shapes as the sequences grow; splits past a token's position exit at once.
         let max_ctx = batch.capacity.max(batch.info.max_context()).max(1);
@@ -1062,12 +1097,6 @@ impl Backend for CudaBackend {
         let part_ml = self.alloc_f32(if splits > 1 { t * h * splits * 2 } else { 1 })?;
         let counters = self.counters(t * kvh)?;
         let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
-        if cache.k.dtype() != cache.v.dtype() {
-            return Err(Error::invalid(
-                "attention",
-                "key and value pools differ in dtype",
-            ));
-        }
         let stream = self.stream();
         let kernel = attention_entry(cache.k.kv_suffix(), cfg.group_size(), d, t);
         let mut l = self.launch(&kernel)?;
@@ -1486,6 +1515,7 @@ mod tests {
                     l.contains("gemv<")
                         || l.contains("gemv_t1<")
                         || l.contains("attention_paged<")
+                        || l.contains("attention_prefill<")
                         || l.contains("write_kv<")
                         || l.contains("qk_norm_rope_write_kv<")
                 });
@@ -1501,6 +1531,7 @@ mod tests {
             ("gemv", gemv),
             ("gemv_t1", gemv),
             ("attention_paged", attention),
+            ("attention_prefill", attention),
             ("qk_norm_rope_write_kv", attention),
             ("write_kv", attention),
         ] {
@@ -1551,6 +1582,10 @@ mod tests {
             }
         }
         for suffix in ["kvf32", "kvbf16"] {
+            for group in 1..=8usize {
+                let name = format!("attention_prefill_{suffix}_g{}", group.next_power_of_two());
+                assert!(known(&name), "{name}");
+            }
             for base in ["write_kv", "qk_norm_rope_write_kv"] {
                 assert!(known(&format!("{base}_{suffix}")), "{base}_{suffix}");
             }
