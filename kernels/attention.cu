@@ -375,7 +375,7 @@ __device__ void attention_prefill(
         for (int g = 0; g < GM; ++g) s[g] = 0.0f;
         if (valid) {
             const KT* kr = kc + (size_t)slot * W + (size_t)kv * d;
-#pragma unroll 4
+#pragma unroll 8
             for (int i = 0; i < d; i += 4) {
                 float kf[4];
                 kv_load_vec<4>(kr + i, kf);
@@ -403,17 +403,27 @@ __device__ void attention_prefill(
                 m[g] = m_new;
             }
         }
+        // Values 8 keys at a time, all 8 rows' loads in flight before the first is used (a key
+        // past the end has p = 0 and a zero row).
         const int n = min(32, keys - base);
-        for (int j = 0; j < n; ++j) {
-            const u32 sj = __shfl_sync(FULL_MASK, slot, j);
-            float vf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (d0 < d) kv_load_vec<4>(vc + (size_t)sj * W + (size_t)kv * d + d0, vf);
+        for (int j0 = 0; j0 < n; j0 += 8) {
+            float vf[8][4];
 #pragma unroll
-            for (int g = 0; g < GM; ++g) {
-                if (g < G) {
-                    const float pj = __shfl_sync(FULL_MASK, s[g], j);
+            for (int jj = 0; jj < 8; ++jj) {
+                const u32 sj = __shfl_sync(FULL_MASK, slot, (j0 + jj) & 31);
 #pragma unroll
-                    for (int jj = 0; jj < 4; ++jj) o[g][jj] += pj * vf[jj];
+                for (int c = 0; c < 4; ++c) vf[jj][c] = 0.0f;
+                if (j0 + jj < n && d0 < d) kv_load_vec<4>(vc + (size_t)sj * W + (size_t)kv * d + d0, vf[jj]);
+            }
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+                for (int g = 0; g < GM; ++g) {
+                    if (g < G) {
+                        const float pj = __shfl_sync(FULL_MASK, s[g], (j0 + jj) & 31);
+#pragma unroll
+                        for (int c = 0; c < 4; ++c) o[g][c] += pj * vf[jj][c];
+                    }
                 }
             }
         }
