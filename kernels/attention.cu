@@ -332,16 +332,16 @@ __device__ void attention_paged(
 KV_ENTRIES(float, kvf32)
 KV_ENTRIES(bf16_t, kvbf16)
 
-// Prefill-sized attention (T > 8 rows): one block per (token, KV head), a lane per key. Each warp
-// takes 32 keys at a time; lane j scores key j against the G query heads (q in shared memory,
-// broadcast), so a batch of 32 keys costs one max and one sum reduction per head instead of one
-// reduction per key and head (the decode kernel above spreads a key over the lanes, which is
-// right for a few tokens, but at thousands of tokens its per-key shuffle chains bound prefill).
+// Attention for many one-token sequences at once (batched decode, T > 8 rows): one block per
+// (token, KV head), a lane per key. Each warp takes 32 keys at a time; lane j scores key j
+// against the G query heads (q in shared memory, broadcast), so a batch of 32 keys costs one max
+// and one sum reduction per head instead of one reduction per key and head as in the split
+// kernel above. (Measured: better for batch-64 decode, worse than the split kernel for prefill.)
 // Then lane l accumulates output dims [4 l, 4 l + 4) over the batch's values, each key's
 // probability and slot passed along by shuffles. Warps merge in shared memory. d % 4 == 0,
 // d <= 128. grid = (T, KV), block = 32 * ATTN_WARPS, shared = (GM d + ATTN_WARPS GM (d + 2)) floats.
 template <typename KT, int GM>
-__device__ void attention_prefill(
+__device__ void attention_many(
     const float* __restrict__ q, const KT* __restrict__ kc, const KT* __restrict__ vc,
     const u32* __restrict__ positions, const u32* __restrict__ token_seq,
     const u32* __restrict__ block_tables, int max_blocks, int block_size, int H, int KV, int d,
@@ -460,16 +460,16 @@ __device__ void attention_prefill(
     }
 }
 
-#define PREFILL_ENTRY(KT, SUFFIX, GM)                                                                      \
-    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_prefill_##SUFFIX##_g##GM(     \
+#define MANY_ENTRY(KT, SUFFIX, GM)                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_many_##SUFFIX##_g##GM(     \
         const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \
         const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
         float* out) {                                                                                       \
-        attention_prefill<KT, GM>(q, kc, vc, positions, token_seq, block_tables, max_blocks, block_size, H, \
+        attention_many<KT, GM>(q, kc, vc, positions, token_seq, block_tables, max_blocks, block_size, H, \
                                   KV, d, scale_log2, out);                                                  \
     }
-#define PREFILL_ENTRIES(KT, SUFFIX)                                                     \
-    PREFILL_ENTRY(KT, SUFFIX, 1) PREFILL_ENTRY(KT, SUFFIX, 2) PREFILL_ENTRY(KT, SUFFIX, 4) \
-    PREFILL_ENTRY(KT, SUFFIX, 8)
-PREFILL_ENTRIES(float, kvf32)
-PREFILL_ENTRIES(bf16_t, kvbf16)
+#define MANY_ENTRIES(KT, SUFFIX)                                                     \
+    MANY_ENTRY(KT, SUFFIX, 1) MANY_ENTRY(KT, SUFFIX, 2) MANY_ENTRY(KT, SUFFIX, 4) \
+    MANY_ENTRY(KT, SUFFIX, 8)
+MANY_ENTRIES(float, kvf32)
+MANY_ENTRIES(bf16_t, kvbf16)

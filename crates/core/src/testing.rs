@@ -278,10 +278,17 @@ impl AttentionCase {
         let num_kv_heads = 1 + rng.below(3);
         let num_heads = num_kv_heads * [1, 2, 3, 4, 8][rng.below(5)];
         let block_size = [1, 3, 16][rng.below(3)];
-        let seqs = 1 + rng.below(4);
+        // A quarter of the cases are a batched decode step: 9-16 sequences, one new token each
+        // (more rows than the decode-sized kernels take at once).
+        let decode_batch = rng.below(4) == 0;
+        let seqs = if decode_batch {
+            9 + rng.below(8)
+        } else {
+            1 + rng.below(4)
+        };
         let lens: Vec<(usize, usize)> = (0..seqs)
             .map(|_| {
-                let len = 1 + rng.below(8);
+                let len = if decode_batch { 1 } else { 1 + rng.below(8) };
                 (rng.below(max_context.saturating_sub(len).max(1)), len)
             })
             .collect();
