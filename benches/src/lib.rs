@@ -1,25 +1,70 @@
 //! Shared setup for qfuse's benches: random inputs shaped like Qwen3-0.6B's decode step.
 use qfuse_core::testing::{activations, gains, weights, Rng};
-use qfuse_core::{Backend, Result};
+use qfuse_core::{Backend, DType, Result};
 
-/// Tensors for one fused RMSNorm + QKV projection: `x [t, hidden]`, gains, `w [out, hidden]`.
-pub struct NormMatmulInputs<B: Backend> {
-    /// Activations.
+/// Qwen3-0.6B's widths.
+const HIDDEN: usize = 1024;
+const QKV: usize = 4096;
+const ATTN: usize = 2048;
+const INTERMEDIATE: usize = 3072;
+
+/// The tensors of one decode step's fused GEMVs at `t` rows, weights in bf16 as checkpoints
+/// store them.
+pub struct DecodeInputs<B: Backend> {
+    /// Residual-stream activations `[t, 1024]`.
     pub x: B::Tensor,
-    /// RMSNorm gains.
+    /// Attention output `[t, 2048]`.
+    pub attn: B::Tensor,
+    /// MLP activations `[t, 3072]`.
+    pub mlp: B::Tensor,
+    /// RMSNorm gains `[1024]`.
     pub norm: B::Tensor,
-    /// Projection weight.
-    pub w: B::Tensor,
+    /// `[4096, 1024]`.
+    pub w_qkv: B::Tensor,
+    /// `[2 x 3072, 1024]`.
+    pub w_gate_up: B::Tensor,
+    /// `[1024, 2048]`.
+    pub w_o: B::Tensor,
+    /// `[1024, 3072]`.
+    pub w_down: B::Tensor,
 }
 
-impl<B: Backend> NormMatmulInputs<B> {
+impl<B: Backend> DecodeInputs<B> {
     /// Random inputs on `b`.
-    pub fn new(b: &B, t: usize, hidden: usize, out: usize) -> Result<Self> {
+    pub fn new(b: &B, t: usize) -> Result<Self> {
         let mut rng = Rng::new(42);
-        Ok(NormMatmulInputs {
-            x: b.upload(&activations(&mut rng, t, hidden, true)?)?,
-            norm: b.upload_weight(&gains(&mut rng, hidden, 2.0)?)?,
-            w: b.upload_weight(&weights(&mut rng, out, hidden)?.to_dtype(qfuse_core::DType::BF16))?,
+        let mut weight = |out, inp| -> Result<B::Tensor> {
+            b.upload_weight(&weights(&mut rng, out, inp)?.to_dtype(DType::BF16))
+        };
+        let (w_qkv, w_gate_up) = (weight(QKV, HIDDEN)?, weight(2 * INTERMEDIATE, HIDDEN)?);
+        let (w_o, w_down) = (weight(HIDDEN, ATTN)?, weight(HIDDEN, INTERMEDIATE)?);
+        let mut rng = Rng::new(7);
+        Ok(DecodeInputs {
+            x: b.upload(&activations(&mut rng, t, HIDDEN, true)?)?,
+            attn: b.upload(&activations(&mut rng, t, ATTN, false)?)?,
+            mlp: b.upload(&activations(&mut rng, t, INTERMEDIATE, false)?)?,
+            norm: b.upload_weight(&gains(&mut rng, HIDDEN, 2.0)?)?,
+            w_qkv,
+            w_gate_up,
+            w_o,
+            w_down,
         })
+    }
+
+    /// Bytes of bf16 weights each product reads once.
+    pub fn qkv_bytes(&self) -> u64 {
+        (2 * QKV * HIDDEN) as u64
+    }
+
+    pub fn gate_up_bytes(&self) -> u64 {
+        (2 * 2 * INTERMEDIATE * HIDDEN) as u64
+    }
+
+    pub fn o_bytes(&self) -> u64 {
+        (2 * HIDDEN * ATTN) as u64
+    }
+
+    pub fn down_bytes(&self) -> u64 {
+        (2 * HIDDEN * INTERMEDIATE) as u64
     }
 }
