@@ -132,6 +132,25 @@ __device__ void qk_norm_rope_write_kv(
     }
 }
 
+// The ATTN_WARPS warps' partial softmaxes for row g, dim dd, from `part` laid out [warp][row]
+// [o (d), max, sum] with `rows` rows: the merged max M, sum L and unnormalised output O. A warp
+// that saw no keys (max -inf) is skipped.
+__device__ __forceinline__ void merge_warps(const float* part, int rows, int d, int g, int dd, float& M,
+                                            float& L, float& O) {
+    const int stride = d + 2;
+    M = -INFINITY;
+    for (int w = 0; w < ATTN_WARPS; ++w) M = fmaxf(M, part[(w * rows + g) * stride + d]);
+    L = 0.0f;
+    O = 0.0f;
+    for (int w = 0; w < ATTN_WARPS; ++w) {
+        const float* p = part + (w * rows + g) * stride;
+        if (p[d] == -INFINITY) continue;
+        const float f = exp2f(p[d] - M);
+        L += p[d + 1] * f;
+        O += p[dd] * f;
+    }
+}
+
 // Causal attention over the paged cache, split along the context ("flash-decoding"). Block
 // (t, kv, split) reads the keys and values of KV head `kv` in its slice of token t's context
 // once, for all G query heads that share it (GQA). Warp w takes keys w, w + ATTN_WARPS, ... in
@@ -252,16 +271,8 @@ __device__ void attention_paged(
     __syncthreads();
     for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
         const int g = idx / d, dd = idx % d;
-        float M = -INFINITY;
-        for (int w = 0; w < ATTN_WARPS; ++w) M = fmaxf(M, smem[(w * G + g) * stride + d]);
-        float L = 0.0f, O = 0.0f;
-        for (int w = 0; w < ATTN_WARPS; ++w) {
-            const float* p = smem + (w * G + g) * stride;
-            if (p[d] == -INFINITY) continue;
-            const float f = exp2f(p[d] - M);
-            L += p[d + 1] * f;
-            O += p[dd] * f;
-        }
+        float M, L, O;
+        merge_warps(smem, G, d, g, dd, M, L, O);
         const int h = kv * G + g;
         if (active == 1) {
             out[(size_t)t * H * d + (size_t)h * d + dd] = O / L;
@@ -446,16 +457,8 @@ __device__ void attention_many(
     __syncthreads();
     for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
         const int g = idx / d, dd = idx % d;
-        float M = -INFINITY;
-        for (int w = 0; w < ATTN_WARPS; ++w) M = fmaxf(M, merge[(w * G + g) * stride + d]);
-        float L = 0.0f, O = 0.0f;
-        for (int w = 0; w < ATTN_WARPS; ++w) {
-            const float* p = merge + (w * G + g) * stride;
-            if (p[d] == -INFINITY) continue;  // a warp with no keys
-            const float f = exp2f(p[d] - M);
-            L += p[d + 1] * f;
-            O += p[dd] * f;
-        }
+        float M, L, O;
+        merge_warps(merge, G, d, g, dd, M, L, O);
         out[(size_t)t * H * d + (size_t)(kv * G + g) * d + dd] = O / L;
     }
 }

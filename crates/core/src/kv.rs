@@ -166,6 +166,31 @@ impl BatchInfo {
         &self.slots
     }
 
+    /// An error naming the first token whose cache slot lies outside a pool of `slots` slots.
+    pub fn check_slots_within(&self, slots: usize, op: &'static str) -> Result<()> {
+        match self.slots.iter().find(|&&s| s as usize >= slots) {
+            Some(bad) => Err(Error::invalid(op, format!("slot {bad} beyond {slots}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// An error naming the first block of any table that lies outside a pool of `slots` slots.
+    pub fn check_blocks_within(&self, slots: usize, op: &'static str) -> Result<()> {
+        let bs = self.block_size;
+        let bad = self
+            .seqs
+            .iter()
+            .flat_map(|s| &s.block_table)
+            .find(|&&b| (b as usize + 1) * bs > slots);
+        match bad {
+            Some(b) => Err(Error::invalid(
+                op,
+                format!("block {b} beyond the cache's {} blocks", slots / bs.max(1)),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The sequence index of every token, `[T]`.
     pub fn token_seq(&self) -> &[u32] {
         &self.token_seq

@@ -996,12 +996,7 @@ impl Backend for CudaBackend {
             return Err(Error::shape("write_kv", &k.shape, &v.shape));
         }
         let slots = cache.k.shape.cache_slots(w, "write_kv")?;
-        if let Some(bad) = batch.info.slots().iter().find(|&&s| s as usize >= slots) {
-            return Err(Error::invalid(
-                "write_kv",
-                format!("slot {bad} beyond {slots}"),
-            ));
-        }
+        batch.info.check_slots_within(slots, "write_kv")?;
         let (ks, vs) = (k.f32("write_kv")?, v.f32("write_kv")?);
         let LayerKv { k: kpool, v: vpool } = cache;
         let stream = self.stream();
@@ -1038,18 +1033,7 @@ impl Backend for CudaBackend {
         }
         let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
         let bs = batch.info.block_size();
-        if let Some(bad) = batch
-            .info
-            .seqs()
-            .iter()
-            .flat_map(|s| &s.block_table)
-            .find(|&&b| (b as usize + 1) * bs > slots)
-        {
-            return Err(Error::invalid(
-                "attention",
-                format!("block {bad} beyond the cache's {} blocks", slots / bs),
-            ));
-        }
+        batch.info.check_blocks_within(slots, "attention")?;
         if cache.k.dtype() != cache.v.dtype() {
             return Err(Error::invalid(
                 "attention",
@@ -1242,12 +1226,9 @@ impl Backend for CudaBackend {
             .k
             .shape
             .cache_slots(kvh * d, "qk_norm_rope_write_kv")?;
-        if let Some(bad) = batch.info.slots().iter().find(|&&s| s as usize >= slots) {
-            return Err(Error::invalid(
-                "qk_norm_rope_write_kv",
-                format!("slot {bad} beyond {slots}"),
-            ));
-        }
+        batch
+            .info
+            .check_slots_within(slots, "qk_norm_rope_write_kv")?;
         let q = self.alloc_f32(t * h * d)?;
         let (hi, kvi, di, eps) = (
             i32_of(h, "H")?,

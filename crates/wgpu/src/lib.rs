@@ -141,8 +141,14 @@ const SHADERS: &[(&str, &str, &str, Constants)] = &[
     ),
 ];
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
-const MATMUL_F32: &str = include_str!("../../../kernels/wgsl/matmul.wgsl");
-const MATMUL_BF16: &str = include_str!("../../../kernels/wgsl/matmul_bf16.wgsl");
+const MATMUL_F32: &str = concat!(
+    include_str!("../../../kernels/wgsl/matmul.wgsl"),
+    include_str!("../../../kernels/wgsl/matmul_body.wgsl")
+);
+const MATMUL_BF16: &str = concat!(
+    include_str!("../../../kernels/wgsl/matmul_bf16.wgsl"),
+    include_str!("../../../kernels/wgsl/matmul_body.wgsl")
+);
 const MATMUL_BF16_V8: &str = include_str!("../../../kernels/wgsl/matmul_bf16_v8.wgsl");
 
 /// Most head dims the attention shader's private accumulator holds.
@@ -1125,12 +1131,7 @@ impl Backend for WgpuBackend {
             return Err(Error::shape("write_kv", &k.shape, &v.shape));
         }
         let slots = cache.k.shape.cache_slots(w, "write_kv")?;
-        if let Some(bad) = batch.info.slots().iter().find(|&&s| s as usize >= slots) {
-            return Err(Error::invalid(
-                "write_kv",
-                format!("slot {bad} beyond {slots}"),
-            ));
-        }
+        batch.info.check_slots_within(slots, "write_kv")?;
         self.run(
             "write_kv",
             &[u32_of(t)?, u32_of(w)?],
@@ -1170,18 +1171,7 @@ impl Backend for WgpuBackend {
         }
         let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
         let bs = batch.info.block_size();
-        if let Some(bad) = batch
-            .info
-            .seqs()
-            .iter()
-            .flat_map(|s| &s.block_table)
-            .find(|&&b| (b as usize + 1) * bs > slots)
-        {
-            return Err(Error::invalid(
-                "attention",
-                format!("block {bad} beyond the cache"),
-            ));
-        }
+        batch.info.check_blocks_within(slots, "attention")?;
         let out = self.output([t, c])?;
         // Split the context so there are a few hundred workgroups even at batch 1 (one per
         // query head would leave most of a GPU idle), each split a whole number of 64-key tiles.
@@ -1328,9 +1318,7 @@ impl Backend for WgpuBackend {
             ));
         }
         let slots = cache.k.shape.cache_slots(kvh * d, op)?;
-        if let Some(bad) = batch.info.slots().iter().find(|&&s| s as usize >= slots) {
-            return Err(Error::invalid(op, format!("slot {bad} beyond {slots}")));
-        }
+        batch.info.check_slots_within(slots, op)?;
         let q = self.output([t, h * d])?;
         let cs = self.rope_table(batch, cfg)?;
         self.run(
