@@ -77,6 +77,21 @@ __device__ __forceinline__ void gemv(const float* __restrict__ x, const WT* __re
     __shared__ float partial[WARPS][NACC * MT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     pdl_begin();
+    const int n = blockIdx.x * (WARPS / S) + warp / S;
+    const int part = warp % S, chunk = K / S;
+    float acc[NACC * MT];
+#pragma unroll
+    for (int i = 0; i < NACC * MT; ++i) acc[i] = 0.0f;
+    if (n < out_cols) {
+        const float* gain = NORM ? g : nullptr;
+        dot_row<WT, VEC, MT>(x, w + (size_t)n * K, gain, T, K, part * chunk, (part + 1) * chunk, lane, acc);
+        if (EPI == EPI_SILU)
+            dot_row<WT, VEC, MT>(x, w + (size_t)(n + out_cols) * K, gain, T, K, part * chunk,
+                                 (part + 1) * chunk, lane, acc + MT);
+    }
+    // The norm statistic after the products (which take rms_norm's gain but not its 1/rms, a
+    // per-row scale applied at the end): the weight loads start at once instead of waiting on
+    // the block's reduction, and x is cache-hot by now.
     if (NORM) {
         // Every warp sums squares over a slice of K for each row; lane t then totals row t.
         for (int t = 0; t < T; ++t) {
@@ -107,18 +122,6 @@ __device__ __forceinline__ void gemv(const float* __restrict__ x, const WT* __re
 #pragma unroll
     for (int t = 0; t < MT; ++t) inv[t] = NORM && t < T ? inv_rms[t] : 1.0f;
 
-    const int n = blockIdx.x * (WARPS / S) + warp / S;
-    const int part = warp % S, chunk = K / S;
-    float acc[NACC * MT];
-#pragma unroll
-    for (int i = 0; i < NACC * MT; ++i) acc[i] = 0.0f;
-    if (n < out_cols) {
-        const float* gain = NORM ? g : nullptr;
-        dot_row<WT, VEC, MT>(x, w + (size_t)n * K, gain, T, K, part * chunk, (part + 1) * chunk, lane, acc);
-        if (EPI == EPI_SILU)
-            dot_row<WT, VEC, MT>(x, w + (size_t)(n + out_cols) * K, gain, T, K, part * chunk,
-                                 (part + 1) * chunk, lane, acc + MT);
-    }
 #pragma unroll
     for (int i = 0; i < NACC * MT; ++i) acc[i] = warp_sum(acc[i]);
     if (S > 1) {
