@@ -173,8 +173,9 @@ __device__ __forceinline__ void gemv(const float* __restrict__ x, const WT* __re
 GEMV_ENTRIES(bf16_t, bf16)
 GEMV_ENTRIES(float, f32)
 
-// The batch-1 decode path (T = 1, bf16 weights, K % 256 == 0), where each kernel reads a few MB
-// once and its fixed costs (launch, first-load latency, tail) decide the speed, not its loop.
+// The decode path (T <= 8 rows, bf16 weights, K % 256 == 0; built for MT = 1 and MT = 8), where
+// each kernel reads a few MB once and its fixed costs (launch, first-load latency, tail) decide
+// the speed, not its loop. Every weight is read once for all T rows.
 // Warp w of a column group owns R output columns (2R weight rows with SILU: gate and up) over
 // one K-slice of kc * 256 elements (S warps of the group split K). It issues every weight load
 // of its slice, kc 16-byte loads per row per lane, before pdl_wait(): launched as a programmatic
@@ -182,12 +183,13 @@ GEMV_ENTRIES(float, f32)
 // With NORM each warp sums the whole row's squares itself instead of meeting the block at a
 // barrier first; 1/rms scales the finished dot products. KCM bounds kc at compile time.
 // grid = ceil(N / (R * WARPS / S)), block = 32 * WARPS.
-template <int EPI, bool NORM, int R, int KCM>
+template <int EPI, bool NORM, int R, int KCM, int MT>
 __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                         const float* __restrict__ g, const float* __restrict__ residual,
-                                        float* __restrict__ y, int K, int out_cols, int S, int kc, float eps) {
+                                        float* __restrict__ y, int T, int K, int out_cols, int S, int kc,
+                                        float eps) {
     constexpr int NR = EPI == EPI_SILU ? 2 * R : R;
-    __shared__ float partial[WARPS][NR];
+    __shared__ float partial[WARPS][NR * MT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int part = warp % S;
     const int n0 = (blockIdx.x * (WARPS / S) + warp / S) * R;
@@ -204,88 +206,128 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
     }
     pdl_wait();
     pdl_launch_dependents();
-    // The residual this lane adds at the end, fetched now so its latency overlaps the weights'.
+    // Lane l writes output (column n0 + l % R, row l / R); its residual is fetched now, so the
+    // latency overlaps the weights'.
+    const int my_r = lane % R, my_t = lane / R;
     float res = 0.0f;
-    if (EPI == EPI_ADD && lane < R && n0 + lane < out_cols && part == 0) res = residual[n0 + lane];
-    float acc[NR], ss = 0.0f;
+    if (EPI == EPI_ADD && my_t < T && n0 + my_r < out_cols && part == 0)
+        res = residual[(size_t)my_t * out_cols + n0 + my_r];
+    float acc[NR][MT], ss[MT];
 #pragma unroll
-    for (int r = 0; r < NR; ++r) acc[r] = 0.0f;
+    for (int t = 0; t < MT; ++t) {
+        ss[t] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < NR; ++r) acc[r][t] = 0.0f;
+    }
 #pragma unroll
     for (int i = 0; i < KCM; ++i) {
         if (i < kc) {
             const int k = kbeg + i * 256;
-            const float4 a = *reinterpret_cast<const float4*>(x + k);
-            const float4 b = *reinterpret_cast<const float4*>(x + k + 4);
-            float xf[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+            float gf[8];
             if (NORM) {
-#pragma unroll
-                for (int j = 0; j < 8; ++j) ss += xf[j] * xf[j];
                 const float4 g0 = *reinterpret_cast<const float4*>(g + k);
                 const float4 g1 = *reinterpret_cast<const float4*>(g + k + 4);
-                xf[0] *= g0.x; xf[1] *= g0.y; xf[2] *= g0.z; xf[3] *= g0.w;
-                xf[4] *= g1.x; xf[5] *= g1.y; xf[6] *= g1.z; xf[7] *= g1.w;
+                gf[0] = g0.x; gf[1] = g0.y; gf[2] = g0.z; gf[3] = g0.w;
+                gf[4] = g1.x; gf[5] = g1.y; gf[6] = g1.z; gf[7] = g1.w;
             }
 #pragma unroll
-            for (int r = 0; r < NR; ++r) {
-                const uint4 v = wv[r][i];
-                acc[r] += xf[0] * bf16_lo(v.x) + xf[1] * bf16_hi(v.x) + xf[2] * bf16_lo(v.y) +
-                          xf[3] * bf16_hi(v.y) + xf[4] * bf16_lo(v.z) + xf[5] * bf16_hi(v.z) +
-                          xf[6] * bf16_lo(v.w) + xf[7] * bf16_hi(v.w);
+            for (int t = 0; t < MT; ++t) {
+                if (t < T) {
+                    const float4 a = *reinterpret_cast<const float4*>(x + (size_t)t * K + k);
+                    const float4 b = *reinterpret_cast<const float4*>(x + (size_t)t * K + k + 4);
+                    float xf[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+                    if (NORM) {
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) {
+                            ss[t] += xf[j] * xf[j];
+                            xf[j] *= gf[j];
+                        }
+                    }
+#pragma unroll
+                    for (int r = 0; r < NR; ++r) {
+                        const uint4 v = wv[r][i];
+                        acc[r][t] += xf[0] * bf16_lo(v.x) + xf[1] * bf16_hi(v.x) + xf[2] * bf16_lo(v.y) +
+                                     xf[3] * bf16_hi(v.y) + xf[4] * bf16_lo(v.z) + xf[5] * bf16_hi(v.z) +
+                                     xf[6] * bf16_lo(v.w) + xf[7] * bf16_hi(v.w);
+                    }
+                }
             }
         }
     }
-    float inv = 1.0f;
-    if (NORM) {
-        // With one K-slice per warp the squares came with the products; otherwise the row's
-        // remaining slices are read here (L2-hot).
-        if (S > 1) {
-            ss = 0.0f;
+    float inv[MT];
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+        inv[t] = 1.0f;
+        if (NORM && t < T) {
+            // With one K-slice per warp the squares came with the products; otherwise the row's
+            // remaining slices are read here (L2-hot).
+            if (S > 1) {
+                ss[t] = 0.0f;
 #pragma unroll 8
-            for (int k = lane * 4; k < K; k += 128) {
-                const float4 v = *reinterpret_cast<const float4*>(x + k);
-                ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+                for (int k = lane * 4; k < K; k += 128) {
+                    const float4 v = *reinterpret_cast<const float4*>(x + (size_t)t * K + k);
+                    ss[t] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+                }
             }
+            inv[t] = rsqrtf(warp_sum(ss[t]) / K + eps);
         }
-        inv = rsqrtf(warp_sum(ss) / K + eps);
     }
 #pragma unroll
-    for (int r = 0; r < NR; ++r) acc[r] = warp_sum(acc[r]);
+    for (int r = 0; r < NR; ++r) {
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+            if (t < T) acc[r][t] = warp_sum(acc[r][t]);
+    }
     if (S > 1) {
         if (lane == 0) {
 #pragma unroll
-            for (int r = 0; r < NR; ++r) partial[warp][r] = acc[r];
+            for (int r = 0; r < NR; ++r) {
+#pragma unroll
+                for (int t = 0; t < MT; ++t) partial[warp][r * MT + t] = acc[r][t];
+            }
         }
         __syncthreads();
         if (part != 0) return;
         for (int s = 1; s < S; ++s) {
 #pragma unroll
-            for (int r = 0; r < NR; ++r) acc[r] += partial[warp + s][r];
+            for (int r = 0; r < NR; ++r) {
+#pragma unroll
+                for (int t = 0; t < MT; ++t) acc[r][t] += partial[warp + s][r * MT + t];
+            }
         }
     }
-    // Lane r writes column n0 + r.
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const int n = n0 + r;
-        if (lane == r && n < out_cols) {
-            const float v = acc[r] * inv;
-            if (EPI == EPI_SILU) y[n] = silu(v) * (acc[R + r] * inv);
-            else if (EPI == EPI_ADD) y[n] = res + v;
-            else y[n] = v;
+    for (int t = 0; t < MT; ++t) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int n = n0 + r;
+            if (t < T && lane == r + R * t && n < out_cols) {
+                const size_t o = (size_t)t * out_cols + n;
+                const float v = acc[r][t] * inv[t];
+                if (EPI == EPI_SILU) y[o] = silu(v) * (acc[R + r][t] * inv[t]);
+                else if (EPI == EPI_ADD) y[o] = res + v;
+                else y[o] = v;
+            }
         }
     }
 }
 
-#define GEMV_T1_ENTRY(name, EPI, NORM, R, KCM)                                                           \
+#define GEMV_T1_ENTRY(name, EPI, NORM, R, KCM, MT)                                                        \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                               \
-        name##_t1_r##R##_k##KCM(const float* x, const bf16_t* w, const float* g, const float* residual,    \
-                                float* y, int K, int out_cols, int S, int kc, float eps) {                 \
-        gemv_t1<EPI, NORM, R, KCM>(x, w, g, residual, y, K, out_cols, S, kc, eps);                         \
+        name##_t##MT##_r##R##_k##KCM(const float* x, const bf16_t* w, const float* g, const float* residual, \
+                                     float* y, int T, int K, int out_cols, int S, int kc, float eps) {     \
+        gemv_t1<EPI, NORM, R, KCM, MT>(x, w, g, residual, y, T, K, out_cols, S, kc, eps);                  \
     }
 
-// (R, KCM) keep each warp's weight registers at 16 loads (64 registers).
-#define GEMV_T1_PLAIN(name, EPI, NORM) \
-    GEMV_T1_ENTRY(name, EPI, NORM, 1, 16) GEMV_T1_ENTRY(name, EPI, NORM, 2, 8) GEMV_T1_ENTRY(name, EPI, NORM, 4, 4)
-#define GEMV_T1_SILU(name, NORM) GEMV_T1_ENTRY(name, EPI_SILU, NORM, 1, 8) GEMV_T1_ENTRY(name, EPI_SILU, NORM, 2, 4)
+// (R, KCM) keep each warp's weight registers at 16 loads (64 registers); MT = 1 for batch-1
+// decode, 8 for batches of 2-8 rows (R * 8 <= 32: a lane for each output).
+#define GEMV_T1_PLAIN(name, EPI, NORM)                                                                  \
+    GEMV_T1_ENTRY(name, EPI, NORM, 1, 16, 1) GEMV_T1_ENTRY(name, EPI, NORM, 2, 8, 1)                     \
+    GEMV_T1_ENTRY(name, EPI, NORM, 4, 4, 1) GEMV_T1_ENTRY(name, EPI, NORM, 1, 16, 8)                     \
+    GEMV_T1_ENTRY(name, EPI, NORM, 2, 8, 8) GEMV_T1_ENTRY(name, EPI, NORM, 4, 4, 8)
+#define GEMV_T1_SILU(name, NORM)                                                                        \
+    GEMV_T1_ENTRY(name, EPI_SILU, NORM, 1, 8, 1) GEMV_T1_ENTRY(name, EPI_SILU, NORM, 2, 4, 1)            \
+    GEMV_T1_ENTRY(name, EPI_SILU, NORM, 1, 8, 8) GEMV_T1_ENTRY(name, EPI_SILU, NORM, 2, 4, 8)
 
 GEMV_T1_PLAIN(gemv, EPI_NONE, false)
 GEMV_T1_PLAIN(gemv_add, EPI_ADD, false)

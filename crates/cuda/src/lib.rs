@@ -431,12 +431,12 @@ impl CudaBackend {
             eps as f32,
         );
         let silu = base.ends_with("silu_mul");
-        let plan = (t == 1 && w.dtype() == DType::BF16)
+        let plan = (t <= GEMV_MAX_ROWS && w.dtype() == DType::BF16)
             .then(|| GemvT1Plan::choose(k, out_cols, silu, self.inner.gemv_warps))
             .flatten();
         let (name, cfg) = match plan {
             Some(p) => (
-                p.entry(base),
+                p.entry(base, t),
                 grid(out_cols.div_ceil(p.cols_per_block()), 256),
             ),
             None => {
@@ -452,7 +452,12 @@ impl CudaBackend {
         l.buf(x).ptr(w.ptr(self.stream()));
         l.buf(gain.unwrap_or(x)).buf(residual.unwrap_or(x)).out(&y);
         match plan {
-            Some(p) => l.i32(ki).i32(ni).i32(p.split as i32).i32(p.kc as i32),
+            Some(p) => l
+                .i32(ti)
+                .i32(ki)
+                .i32(ni)
+                .i32(p.split as i32)
+                .i32(p.kc as i32),
             None => {
                 let s = gemv_split(out_cols, k, self.inner.sm_count);
                 l.i32(ti).i32(ki).i32(ni).i32(s as i32)
@@ -1349,7 +1354,8 @@ fn gemv_warps_per_sm() -> usize {
         .unwrap_or(8)
 }
 
-/// How `gemv_t1` (the batch-1 bf16 GEMV in `kernels/gemv.cu`) covers one matrix: each warp owns
+/// How `gemv_t1` (the decode bf16 GEMV in `kernels/gemv.cu`, built for 1 and for 2–8 rows)
+/// covers one matrix: each warp owns
 /// `rows` output columns over a K-slice of `kc` 16-byte loads per lane per weight row, `split`
 /// warps sharing a column; `kcm` is the entry point's compile-time bound on `kc`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1408,8 +1414,10 @@ impl GemvT1Plan {
         8 / self.split * self.rows
     }
 
-    fn entry(&self, base: &str) -> String {
-        format!("{base}_t1_r{}_k{}", self.rows, self.kcm)
+    /// The build for `t` rows: `t1` (batch 1) or `t8` (2–8 rows).
+    fn entry(&self, base: &str, t: usize) -> String {
+        let mt = if t == 1 { 1 } else { 8 };
+        format!("{base}_t{mt}_r{}_k{}", self.rows, self.kcm)
     }
 }
 
@@ -1550,7 +1558,9 @@ mod tests {
                             &["gemv", "gemv_add", "rms_norm_gemv"]
                         };
                         for base in bases {
-                            assert!(known(&p.entry(base)), "{}", p.entry(base));
+                            for t in [1, 5] {
+                                assert!(known(&p.entry(base, t)), "{}", p.entry(base, t));
+                            }
                         }
                     }
                 }
