@@ -1,18 +1,7 @@
 // out[r, c] = table[ids[r] - row_start, c] for the ids in this part of a table that may be split
-// across bindings by rows. params: [rows, cols, row_start, part_rows].
+// across bindings by rows, an f32 table. params: [rows, cols, row_start, part_rows].
 // dispatch (ceil(cols / 64), rows).
-@group(0) @binding(0) var<storage, read> p: array<u32>;
 @group(0) @binding(1) var<storage, read> table: array<f32>;
-@group(0) @binding(2) var<storage, read> ids: array<u32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) g: vec3<u32>) {
-    let cols = p[1];
-    let c = g.x;
-    let r = g.y;
-    if (c >= cols || r >= p[0]) { return; }
-    let id = ids[r];
-    if (id < p[2] || id >= p[2] + p[3]) { return; }
-    out[r * cols + c] = table[(id - p[2]) * cols + c];
-}
+fn element(i: u32) -> f32 { return table[i]; }
+// The rest is gather_body.wgsl, appended when the shader is built.

@@ -21,18 +21,8 @@ type Constants = &'static [(&'static str, f64)];
 
 /// The pipelines: name, WGSL source, entry point, override constants.
 const SHADERS: &[(&str, &str, &str, Constants)] = &[
-    (
-        "gather",
-        include_str!("../../../kernels/wgsl/gather.wgsl"),
-        "main",
-        &[],
-    ),
-    (
-        "gather_bf16",
-        include_str!("../../../kernels/wgsl/gather_bf16.wgsl"),
-        "main",
-        &[],
-    ),
+    ("gather", GATHER_F32, "main", &[]),
+    ("gather_bf16", GATHER_BF16, "main", &[]),
     (
         "rms_norm",
         include_str!("../../../kernels/wgsl/rms_norm.wgsl"),
@@ -141,6 +131,14 @@ const SHADERS: &[(&str, &str, &str, Constants)] = &[
     ),
 ];
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
+const GATHER_F32: &str = concat!(
+    include_str!("../../../kernels/wgsl/gather.wgsl"),
+    include_str!("../../../kernels/wgsl/gather_body.wgsl")
+);
+const GATHER_BF16: &str = concat!(
+    include_str!("../../../kernels/wgsl/gather_bf16.wgsl"),
+    include_str!("../../../kernels/wgsl/gather_body.wgsl")
+);
 const MATMUL_F32: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul.wgsl"),
     include_str!("../../../kernels/wgsl/matmul_body.wgsl")
