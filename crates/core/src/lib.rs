@@ -9,6 +9,7 @@ mod dtype;
 mod error;
 mod kv;
 mod perturb;
+pub mod reuse;
 mod rng;
 mod tensor;
 #[cfg(feature = "testing")]

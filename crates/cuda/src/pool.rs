@@ -15,31 +15,15 @@
 //! runs the step once eagerly first, which leaves the pool holding every size the step needs.
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, CudaStream, DriverError};
+use qfuse_core::reuse::{lock_unpoisoned as lock, size_class};
 
 /// Bytes of idle buffers kept for reuse; beyond this a dropped buffer is freed.
 const CACHE_LIMIT_BYTES: usize = 2 << 30;
 
 type FreeLists = HashMap<usize, Vec<CudaSlice<f32>>>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock leaves the lists consistent (every update is one push or
-    // pop), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The length a request for `n` elements is served with: powers of two up to 4,096, then steps
-/// of a sixteenth of the next power of two (under 12.5% over), so nearby sizes share buffers.
-pub(crate) fn size_class(n: usize) -> usize {
-    let n = n.max(1);
-    if n <= 4096 {
-        return n.next_power_of_two();
-    }
-    let step = n.next_power_of_two() / 16;
-    n.div_ceil(step) * step
-}
 
 /// Why a buffer could not be had.
 #[derive(Debug)]
@@ -159,26 +143,6 @@ impl Drop for Pooled {
             Home::Unpooled => drop(s),
             Home::Pool(pool) => pool.give(s),
             Home::Capture(set) => lock(&set.free).entry(s.len()).or_default().push(s),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::size_class;
-
-    #[test]
-    fn size_classes_cover_the_request_with_bounded_waste() {
-        for n in (0..20_000).chain([151_936, 1 << 20, 3 * 1024 * 1024 + 5]) {
-            let c = size_class(n);
-            assert!(c >= n.max(1), "{n} -> {c}");
-            if n > 64 {
-                assert!(
-                    (c - n) as f64 <= 0.126 * n as f64 || n <= 4096,
-                    "{n} -> {c}"
-                );
-            }
-            assert_eq!(size_class(c), c, "classes are fixed points");
         }
     }
 }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use qfuse_core::reuse::{lock_unpoisoned as lock, size_class};
 use qfuse_core::{
     compose, AttentionConfig, Backend, BatchInfo, DType, DeviceTensor, Error, HostData, HostTensor,
     LayerKv, Result, Shape,
@@ -199,12 +200,6 @@ struct BufferPool {
     recording: std::sync::Mutex<std::collections::HashSet<std::thread::ThreadId>>,
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every update under these locks is a single insert or removal, so a poisoned lock still
-    // guards consistent data.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl BufferPool {
     fn put(&self, buf: wgpu::Buffer) {
         let thread = std::thread::current().id();
@@ -240,17 +235,6 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.pool.put(self.buf.clone());
     }
-}
-
-/// Bytes a request for `bytes` is served with: powers of two up to 16 KiB, then sixteenths of
-/// the next power of two (under 12.5% over), so nearby sizes share buffers.
-fn size_class(bytes: u64) -> u64 {
-    let b = bytes.max(4);
-    if b <= 16_384 {
-        return b.next_power_of_two();
-    }
-    let step = b.next_power_of_two() / 16;
-    b.div_ceil(step) * step
 }
 
 impl WgpuTensor {
@@ -622,7 +606,8 @@ impl WgpuBackend {
     fn output(&self, shape: impl Into<Shape>) -> Result<WgpuTensor> {
         let shape = shape.into();
         let need = (shape.numel().max(1) * 4) as u64;
-        let class = size_class(need).min(self.inner.max_binding.max(need));
+        let class = (size_class(shape.numel()) * 4) as u64;
+        let class = class.min(self.inner.max_binding.max(need));
         let reused = self
             .inner
             .outputs
