@@ -152,11 +152,13 @@ const MATMUL_BF16_V8: &str = include_str!("../../../kernels/wgsl/matmul_bf16_v8.
 
 /// Most head dims the attention shader's private accumulator holds.
 const MAX_HEAD_DIM: usize = 256;
-/// A thread's dispatches not yet submitted: one open compute pass on one encoder.
+/// A thread's dispatches not yet submitted: one open compute pass on one encoder, and the pooled
+/// output buffers dropped meanwhile (see [`Inner::return_output`]).
 struct Recording {
     pass: Option<wgpu::ComputePass<'static>>,
     enc: wgpu::CommandEncoder,
     dispatches: usize,
+    retired: Vec<wgpu::Buffer>,
 }
 
 impl Recording {
@@ -187,53 +189,14 @@ pub struct WgpuTensor {
     _lease: Option<Arc<Lease>>,
 }
 
-/// Idle output buffers by size: creating a buffer per op costs more than most ops on a GPU
-/// (a decode step runs hundreds), so dropped outputs are reused. wgpu orders the uses of a
-/// buffer in submission order, so the one hazard is a buffer dropped while dispatches that use it
-/// are still recorded on its thread, unsubmitted: another thread could take it and submit a
-/// write first. Such a buffer waits in `retired` until its thread submits.
-#[derive(Default)]
-struct BufferPool {
-    free: std::sync::Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
-    retired: std::sync::Mutex<HashMap<std::thread::ThreadId, Vec<wgpu::Buffer>>>,
-    /// Threads with dispatches recorded and not yet submitted.
-    recording: std::sync::Mutex<std::collections::HashSet<std::thread::ThreadId>>,
-}
-
-impl BufferPool {
-    fn put(&self, buf: wgpu::Buffer) {
-        let thread = std::thread::current().id();
-        if lock(&self.recording).contains(&thread) {
-            lock(&self.retired).entry(thread).or_default().push(buf);
-        } else {
-            lock(&self.free).entry(buf.size()).or_default().push(buf);
-        }
-    }
-
-    fn started_recording(&self) {
-        lock(&self.recording).insert(std::thread::current().id());
-    }
-
-    /// The current thread submitted everything it recorded: its retired buffers are free.
-    fn submitted(&self) {
-        let thread = std::thread::current().id();
-        lock(&self.recording).remove(&thread);
-        let retired = lock(&self.retired).remove(&thread).unwrap_or_default();
-        let mut free = lock(&self.free);
-        for buf in retired {
-            free.entry(buf.size()).or_default().push(buf);
-        }
-    }
-}
-
 struct Lease {
     buf: wgpu::Buffer,
-    pool: Arc<BufferPool>,
+    inner: Arc<Inner>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.pool.put(self.buf.clone());
+        self.inner.return_output(self.buf.clone());
     }
 }
 
@@ -316,8 +279,40 @@ struct Inner {
     pipelines: HashMap<&'static str, wgpu::ComputePipeline>,
     adapter: String,
     max_binding: u64,
-    outputs: Arc<BufferPool>,
+    /// Idle output buffers by size: creating a buffer per op costs more than most ops on a GPU
+    /// (a decode step runs hundreds), so dropped outputs are reused.
+    free_outputs: std::sync::Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     params: std::sync::Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
+}
+
+impl Inner {
+    /// Takes back a dropped output buffer. wgpu orders the uses of a buffer in submission order,
+    /// so the one hazard is a buffer dropped while dispatches that use it are still recorded on
+    /// this thread, unsubmitted: another thread could take it and submit a write first. Such a
+    /// buffer waits in the thread's recording until that is submitted.
+    fn return_output(&self, buf: wgpu::Buffer) {
+        let mut pending = lock(&self.pending);
+        match pending.get_mut(&std::thread::current().id()) {
+            Some(rec) => rec.retired.push(buf),
+            None => {
+                drop(pending);
+                lock(&self.free_outputs)
+                    .entry(buf.size())
+                    .or_default()
+                    .push(buf);
+            }
+        }
+    }
+
+    /// Submits a thread's recording; the buffers retired during it are free from then on.
+    fn submit(&self, mut rec: Recording) {
+        let retired = std::mem::take(&mut rec.retired);
+        self.queue.submit([rec.finish()]);
+        let mut free = lock(&self.free_outputs);
+        for buf in retired {
+            free.entry(buf.size()).or_default().push(buf);
+        }
+    }
 }
 
 /// The wgpu backend: one adapter's device and queue with every shader compiled.
@@ -499,7 +494,7 @@ impl WgpuBackend {
                 pipelines,
                 adapter: adapter_name,
                 max_binding,
-                outputs: Arc::new(BufferPool::default()),
+                free_outputs: std::sync::Mutex::new(HashMap::new()),
                 params: std::sync::Mutex::new(HashMap::new()),
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
             }),
@@ -610,8 +605,7 @@ impl WgpuBackend {
         let class = class.min(self.inner.max_binding.max(need));
         let reused = self
             .inner
-            .outputs
-            .free
+            .free_outputs
             .lock()
             .map_err(|_| Error::invalid("wgpu", "buffer pool lock poisoned"))?
             .get_mut(&class)
@@ -622,7 +616,7 @@ impl WgpuBackend {
         };
         t._lease = Some(Arc::new(Lease {
             buf: t.parts[0].clone(),
-            pool: Arc::clone(&self.inner.outputs),
+            inner: Arc::clone(&self.inner),
         }));
         Ok(t)
     }
@@ -717,11 +711,11 @@ impl WgpuBackend {
                     timestamp_writes: None,
                 })
                 .forget_lifetime();
-            self.inner.outputs.started_recording();
             Recording {
                 pass: Some(pass),
                 enc,
                 dispatches: 0,
+                retired: Vec::new(),
             }
         });
         if let Some(pass) = rec.pass.as_mut() {
@@ -737,8 +731,7 @@ impl WgpuBackend {
         // Submit in bursts, so the GPU starts on a step while the rest of it is recorded.
         if rec.dispatches >= SUBMIT_EVERY {
             if let Some(rec) = pending.remove(&thread) {
-                self.inner.queue.submit([rec.finish()]);
-                self.inner.outputs.submitted();
+                self.inner.submit(rec);
             }
         }
         Ok(())
@@ -800,8 +793,7 @@ impl WgpuBackend {
             .map_err(|_| Error::invalid("wgpu", "command encoder lock poisoned"))?
             .remove(&std::thread::current().id());
         if let Some(rec) = enc {
-            self.inner.queue.submit([rec.finish()]);
-            self.inner.outputs.submitted();
+            self.inner.submit(rec);
         }
         Ok(())
     }
