@@ -172,7 +172,7 @@ impl Recording {
 const SUBMIT_EVERY: usize = 32;
 
 /// Bind groups by pipeline name and bound buffers (params first).
-type BindGroups = HashMap<(String, Vec<wgpu::Buffer>), wgpu::BindGroup>;
+type BindGroups = HashMap<(&'static str, Vec<wgpu::Buffer>), wgpu::BindGroup>;
 
 /// Workgroups per dispatch dimension (the WebGPU minimum limit).
 const MAX_GROUPS: usize = 65_535;
@@ -345,20 +345,34 @@ enum Gemv {
 }
 
 impl Gemv {
-    fn pipeline(self, w: DType) -> &'static str {
-        let bf16 = w == DType::BF16;
-        match (self, bf16) {
-            (Gemv::Plain, false) => "matmul",
-            (Gemv::Plain, true) => "matmul_bf16",
-            (Gemv::Norm, false) => "rms_norm_matmul",
-            (Gemv::Norm, true) => "rms_norm_matmul_bf16",
-            (Gemv::Add, false) => "matmul_add",
-            (Gemv::Add, true) => "matmul_add_bf16",
-            (Gemv::SiluMul, false) => "matmul_silu_mul",
-            (Gemv::SiluMul, true) => "matmul_silu_mul_bf16",
-            (Gemv::NormSiluMul, false) => "rms_norm_matmul_silu_mul",
-            (Gemv::NormSiluMul, true) => "rms_norm_matmul_silu_mul_bf16",
-        }
+    /// The pipeline of this fusion for weights of `w` with rows of `k` elements: bf16 rows of
+    /// whole 8-element (16-byte) loads take the vectorised build (`_v8`).
+    fn pipeline(self, w: DType, k: usize) -> &'static str {
+        let build = match (w, k.is_multiple_of(8)) {
+            (DType::BF16, true) => 2,
+            (DType::BF16, false) => 1,
+            _ => 0,
+        };
+        let names = match self {
+            Gemv::Plain => ["matmul", "matmul_bf16", "matmul_bf16_v8"],
+            Gemv::Norm => [
+                "rms_norm_matmul",
+                "rms_norm_matmul_bf16",
+                "rms_norm_matmul_bf16_v8",
+            ],
+            Gemv::Add => ["matmul_add", "matmul_add_bf16", "matmul_add_bf16_v8"],
+            Gemv::SiluMul => [
+                "matmul_silu_mul",
+                "matmul_silu_mul_bf16",
+                "matmul_silu_mul_bf16_v8",
+            ],
+            Gemv::NormSiluMul => [
+                "rms_norm_matmul_silu_mul",
+                "rms_norm_matmul_silu_mul_bf16",
+                "rms_norm_matmul_silu_mul_bf16_v8",
+            ],
+        };
+        names[build]
     }
 
     fn silu(self) -> bool {
@@ -411,23 +425,20 @@ impl WgpuBackend {
                 u32_of(start)?,
                 f32_bits(eps),
             ];
-            // bf16 rows of whole 8-element (16-byte) loads take the vectorised build.
-            if w.dtype == DType::BF16 && k.is_multiple_of(8) {
+            let pipeline = kind.pipeline(w.dtype, k);
+            // The vectorised build takes 2 columns a workgroup (2-D grid), the others 4.
+            let groups = if pipeline.ends_with("_v8") {
                 let groups = rows.div_ceil(2);
-                self.run(
-                    &format!("{}_v8", kind.pipeline(w.dtype)),
-                    &params,
-                    &[x.buf()?, part, out.buf()?, aux_buf],
-                    (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS)),
-                )?;
+                (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS))
             } else {
-                self.run(
-                    kind.pipeline(w.dtype),
-                    &params,
-                    &[x.buf()?, part, out.buf()?, aux_buf],
-                    (rows.div_ceil(4), 1),
-                )?;
-            }
+                (rows.div_ceil(4), 1)
+            };
+            self.run(
+                pipeline,
+                &params,
+                &[x.buf()?, part, out.buf()?, aux_buf],
+                groups,
+            )?;
         }
         Ok(Some(out))
     }
@@ -663,7 +674,7 @@ impl WgpuBackend {
     /// One dispatch of `kernel` with `params` at binding 0 and `buffers` at bindings 1…
     fn run(
         &self,
-        kernel: &str,
+        kernel: &'static str,
         params: &[u32],
         buffers: &[&wgpu::Buffer],
         groups: (usize, usize),
@@ -674,7 +685,7 @@ impl WgpuBackend {
     /// [`WgpuBackend::run`] over a three-dimensional grid of workgroups.
     fn run_3d(
         &self,
-        kernel: &str,
+        kernel: &'static str,
         params: &[u32],
         buffers: &[&wgpu::Buffer],
         groups: (usize, usize, usize),
@@ -742,7 +753,7 @@ impl WgpuBackend {
     /// recur every step.
     fn bind_group(
         &self,
-        kernel: &str,
+        kernel: &'static str,
         pipeline: &wgpu::ComputePipeline,
         params: wgpu::Buffer,
         buffers: &[&wgpu::Buffer],
@@ -750,7 +761,7 @@ impl WgpuBackend {
         let mut key = Vec::with_capacity(buffers.len() + 1);
         key.push(params);
         key.extend(buffers.iter().map(|b| (*b).clone()));
-        let key = (kernel.to_string(), key);
+        let key = (kernel, key);
         let mut cache = self
             .inner
             .bind_groups
