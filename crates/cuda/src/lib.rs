@@ -434,35 +434,23 @@ impl CudaBackend {
         let plan = (t <= GEMV_MAX_ROWS && w.dtype() == DType::BF16)
             .then(|| GemvT1Plan::choose(k, out_cols, silu, self.inner.gemv_warps))
             .flatten();
-        let (name, cfg) = match plan {
-            Some(p) => (
-                p.entry(base, t),
-                grid(out_cols.div_ceil(p.cols_per_block()), 256),
-            ),
-            None => {
-                let s = gemv_split(out_cols, k, self.inner.sm_count);
-                (
-                    gemv_entry(base, w.dtype(), k, t),
-                    grid(out_cols.div_ceil(8 / s), 256),
-                )
-            }
+        let split = match plan {
+            Some(p) => p.split,
+            None => gemv_split(out_cols, k, self.inner.sm_count),
         };
+        let (name, cols_per_block) = match plan {
+            Some(p) => (p.entry(base, t), p.cols_per_block()),
+            None => (gemv_entry(base, w.dtype(), k, t), 8 / split),
+        };
+        let cfg = grid(out_cols.div_ceil(cols_per_block), 256);
         let mut l = self.launch(&name)?;
         // Absent gain/residual: pass x, which the kernel never reads in that role.
         l.buf(x).ptr(w.ptr(self.stream()));
         l.buf(gain.unwrap_or(x)).buf(residual.unwrap_or(x)).out(&y);
-        match plan {
-            Some(p) => l
-                .i32(ti)
-                .i32(ki)
-                .i32(ni)
-                .i32(p.split as i32)
-                .i32(p.kc as i32),
-            None => {
-                let s = gemv_split(out_cols, k, self.inner.sm_count);
-                l.i32(ti).i32(ki).i32(ni).i32(s as i32)
-            }
-        };
+        l.i32(ti).i32(ki).i32(ni).i32(split as i32);
+        if let Some(p) = plan {
+            l.i32(p.kc as i32);
+        }
         l.f32(eps);
         // SAFETY: x is [t, k] f32, w has at least out_cols (x2 for silu) rows of k elements of the
         // type the kernel name says, gain is [k], residual and y are [t, out_cols]; t is within the
