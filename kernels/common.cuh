@@ -44,6 +44,26 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(t);
 }
 
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < nwarps ? scratch[lane] : -INFINITY;
+    return warp_max(t);
+}
+
+// x = hi + mid + lo, each part the bf16 rounding of what the previous ones leave: products of
+// the parts on bf16 tensor cores keep an fp32 operand's full 24 mantissa bits (one bf16 rounding
+// keeps 8, which random-weight models amplify into visibly different logits).
+__device__ __forceinline__ void split_bf16x3(float x, bf16_t& hi, bf16_t& mid, bf16_t& lo) {
+    hi = f32_to_bf16(x);
+    const float r = x - bf16_to_f32(hi);
+    mid = f32_to_bf16(r);
+    lo = f32_to_bf16(r - bf16_to_f32(mid));
+}
+
 // Programmatic dependent launch (sm_90+; no-ops before). A kernel may be launched while the one
 // before it still runs (crates/cuda/src/launch.rs): until pdl_wait() returns it may read only
 // what no kernel writes (weights, and batch metadata the host copies in before the step) and

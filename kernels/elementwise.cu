@@ -44,21 +44,12 @@ extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16_t* __
         out[i] = f32_to_bf16(x[i]);
 }
 
-// x = hi + mid + lo, each the bf16 rounding of what the previous parts leave: three bf16 GEMMs
-// over the parts keep the fp32 activations' full 24 mantissa bits on the tensor cores (a single
-// bf16 rounding keeps 8, which random-weight models amplify into visibly different logits).
+// The three bf16 parts of x (split_bf16x3) as three arrays, for three-part GEMMs.
 extern "C" __global__ void split_f32_bf16x3(const float* __restrict__ x, bf16_t* __restrict__ hi,
                                             bf16_t* __restrict__ mid, bf16_t* __restrict__ lo, size_t n) {
     pdl_begin();
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float v = x[i];
-        const bf16_t h = f32_to_bf16(v);
-        const float r = v - bf16_to_f32(h);
-        const bf16_t m = f32_to_bf16(r);
-        hi[i] = h;
-        mid[i] = m;
-        lo[i] = f32_to_bf16(r - bf16_to_f32(m));
-    }
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        split_bf16x3(x[i], hi[i], mid[i], lo[i]);
 }
 
 // y = (lo + mid) + hi for the three stacked partial products [3, n] of split_f32_bf16x3's parts.

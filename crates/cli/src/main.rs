@@ -141,6 +141,9 @@ struct BackendArgs {
     /// programmatic dependent launch that overlaps its weight loads with the previous kernel.
     #[arg(long)]
     no_pdl: bool,
+    /// Run prompt attention in the split-K CUDA kernel instead of as tensor-core GEMMs.
+    #[arg(long)]
+    no_attention_gemm: bool,
     /// Run these fused ops as their unfused compositions: OP[,OP…] or `all`
     /// (rms_norm_matmul, qk_norm_rope_write_kv, matmul_add, matmul_silu_mul, rms_norm_matmul_silu_mul).
     #[arg(long, value_name = "OPS")]
@@ -222,6 +225,12 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
                     kv_dtype,
                     graphs: !args.no_graphs,
                     pdl: !args.no_pdl,
+                    attention_gemm_min_rows: if args.no_attention_gemm {
+                        usize::MAX
+                    } else {
+                        qfuse_cuda::ATTENTION_GEMM_MIN_ROWS
+                    },
+                    ..CudaOptions::default()
                 },
             )
             .context("starting the cuda backend")?;
@@ -376,6 +385,7 @@ impl Job for CheckArgs {
             kv_dtype: KvDtype::F32,
             no_graphs: true,
             no_pdl: false,
+            no_attention_gemm: false,
             unfused: None,
         };
         match &self.perturb {
