@@ -93,8 +93,11 @@ template <typename KT>
 __device__ void qk_norm_rope_write_kv(
     const float* __restrict__ qkv, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
     const u32* __restrict__ positions, const u32* __restrict__ slots, float* __restrict__ q_out,
-    KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, int d, double log2_theta, float eps) {
-    const int lane = threadIdx.x, t = blockIdx.x, h = blockIdx.y, half = d / 2, heads = H + 2 * KV;
+    KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, int d, double log2_theta, float eps, int T) {
+    const int lane = threadIdx.x & 31, heads = H + 2 * KV, half = d / 2;
+    const int item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (item >= T * heads) return;
+    const int t = item / heads, h = item % heads;
     const u32 pos = positions[t];
     const size_t slot = (size_t)slots[t] * KV * d;
     float cs[4], sn[4];
@@ -151,6 +154,59 @@ __device__ __forceinline__ void merge_warps(const float* part, int rows, int d, 
     }
 }
 
+// The end of a block of split attention: merge the warps' partials in `merge` (after a barrier);
+// with one active split write the normalised output, else write this split's partials (o, max,
+// sum) and let the last of the `active` splits to arrive (a per-(t, kv) arrival counter, reset by
+// that block) combine everyone's, so no second kernel is needed.
+__device__ void finish_splits(const float* merge, int G, int d, int H, int KV, int t, int kv, int split, int active,
+                              float* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,
+                              u32* __restrict__ counters) {
+    __shared__ int is_last;
+    for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
+        const int g = idx / d, dd = idx % d;
+        float M, L, O;
+        merge_warps(merge, G, d, g, dd, M, L, O);
+        const int h = kv * G + g;
+        if (active == 1) {
+            out[(size_t)t * H * d + (size_t)h * d + dd] = O / L;
+        } else {
+            const size_t pi = ((size_t)t * H + h) * gridDim.z + split;
+            part_o[pi * d + dd] = O;
+            if (dd == 0) {
+                part_ml[pi * 2] = M;
+                part_ml[pi * 2 + 1] = L;
+            }
+        }
+    }
+    if (active == 1) return;
+    // The last of the `active` splits to arrive combines everyone's partials.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32* counter = counters + (size_t)t * KV + kv;
+        is_last = atomicAdd(counter, 1u) == (u32)active - 1;
+        if (is_last) *counter = 0u;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
+        const int g = idx / d, dd = idx % d, h = kv * G + g;
+        const size_t base = ((size_t)t * H + h) * gridDim.z;
+        float M = -INFINITY;
+        for (int sp = 0; sp < active; ++sp) M = fmaxf(M, __ldcg(part_ml + (base + sp) * 2));
+        float L = 0.0f, O = 0.0f;
+        for (int sp = 0; sp < active; ++sp) {
+            const float ms = __ldcg(part_ml + (base + sp) * 2);
+            if (ms == -INFINITY) continue;
+            const float f = exp2f(ms - M);
+            L += __ldcg(part_ml + (base + sp) * 2 + 1) * f;
+            O += __ldcg(part_o + (base + sp) * d + dd) * f;
+        }
+        out[(size_t)t * H * d + (size_t)h * d + dd] = O / L;
+    }
+}
+
 // Causal attention over the paged cache, split along the context ("flash-decoding"). Block
 // (t, kv, split) reads the keys and values of KV head `kv` in its slice of token t's context
 // once, for all G query heads that share it (GQA). Warp w takes keys w, w + ATTN_WARPS, ... in
@@ -173,7 +229,6 @@ __device__ void attention_paged(
     float* __restrict__ part_ml, u32* __restrict__ counters) {
     constexpr int KB = DPL <= 4 ? KBM : (KBM < 4 ? KBM : 4);  // K and V rows in registers
     extern __shared__ float smem[];
-    __shared__ int is_last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
     const int G = H / KV, W = KV * d, d0 = lane * DPL;
@@ -269,49 +324,7 @@ __device__ void attention_paged(
         }
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
-        const int g = idx / d, dd = idx % d;
-        float M, L, O;
-        merge_warps(smem, G, d, g, dd, M, L, O);
-        const int h = kv * G + g;
-        if (active == 1) {
-            out[(size_t)t * H * d + (size_t)h * d + dd] = O / L;
-        } else {
-            const size_t pi = ((size_t)t * H + h) * gridDim.z + split;
-            part_o[pi * d + dd] = O;
-            if (dd == 0) {
-                part_ml[pi * 2] = M;
-                part_ml[pi * 2 + 1] = L;
-            }
-        }
-    }
-    if (active == 1) return;
-    // The last of the `active` splits to arrive combines everyone's partials.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        u32* counter = counters + (size_t)t * KV + kv;
-        is_last = atomicAdd(counter, 1u) == (u32)active - 1;
-        if (is_last) *counter = 0u;
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
-        const int g = idx / d, dd = idx % d, h = kv * G + g;
-        const size_t base = ((size_t)t * H + h) * gridDim.z;
-        float M = -INFINITY;
-        for (int sp = 0; sp < active; ++sp) M = fmaxf(M, __ldcg(part_ml + (base + sp) * 2));
-        float L = 0.0f, O = 0.0f;
-        for (int sp = 0; sp < active; ++sp) {
-            const float ms = __ldcg(part_ml + (base + sp) * 2);
-            if (ms == -INFINITY) continue;
-            const float f = exp2f(ms - M);
-            L += __ldcg(part_ml + (base + sp) * 2 + 1) * f;
-            O += __ldcg(part_o + (base + sp) * d + dd) * f;
-        }
-        out[(size_t)t * H * d + (size_t)h * d + dd] = O / L;
-    }
+    finish_splits(smem, G, d, H, KV, t, kv, split, active, out, part_o, part_ml, counters);
 }
 
 #define ATTN_ENTRY(KT, SUFFIX, GM, DPL, KBM)                                                               \
@@ -334,9 +347,9 @@ __device__ void attention_paged(
     }                                                                                                       \
     extern "C" __global__ void qk_norm_rope_write_kv_##SUFFIX(                                              \
         const float* qkv, const float* q_norm, const float* k_norm, const u32* positions, const u32* slots, \
-        float* q_out, KT* kc, KT* vc, int H, int KV, int d, double log2_theta, float eps) {                 \
+        float* q_out, KT* kc, KT* vc, int H, int KV, int d, double log2_theta, float eps, int T) {          \
         qk_norm_rope_write_kv<KT>(qkv, q_norm, k_norm, positions, slots, q_out, kc, vc, H, KV, d,          \
-                                  log2_theta, eps);                                                         \
+                                  log2_theta, eps, T);                                                      \
     }                                                                                                       \
     ATTN_DPLS(KT, SUFFIX, 1) ATTN_DPLS(KT, SUFFIX, 2) ATTN_DPLS(KT, SUFFIX, 4) ATTN_DPLS(KT, SUFFIX, 8)
 
@@ -349,23 +362,30 @@ KV_ENTRIES(bf16_t, kvbf16)
 // and one sum reduction per head instead of one reduction per key and head as in the split
 // kernel above. (Measured: better for batch-64 decode, worse than the split kernel for prefill.)
 // Then lane l accumulates output dims [4 l, 4 l + 4) over the batch's values, each key's
-// probability and slot passed along by shuffles. Warps merge in shared memory. d % 4 == 0,
-// d <= 128. grid = (T, KV), block = 32 * ATTN_WARPS, shared = (GM d + ATTN_WARPS GM (d + 2)) floats.
+// probability and slot passed along by shuffles. Warps merge in shared memory. Like the kernel
+// above, the context is split into `chunk`-key slices, a block each, combined by the last block
+// to finish (finish_splits): 64 sequences x 8 KV heads are only ~4 blocks per SM without it.
+// d % 4 == 0, d <= 128. grid = (T, KV, splits), block = 32 * ATTN_WARPS,
+// shared = (GM d + ATTN_WARPS GM (d + 2)) floats.
 template <typename KT, int GM>
 __device__ void attention_many(
     const float* __restrict__ q, const KT* __restrict__ kc, const KT* __restrict__ vc,
     const u32* __restrict__ positions, const u32* __restrict__ token_seq,
     const u32* __restrict__ block_tables, int max_blocks, int block_size, int H, int KV, int d,
-    float scale_log2, float* __restrict__ out) {
+    float scale_log2, int chunk, float* __restrict__ out, float* __restrict__ part_o,
+    float* __restrict__ part_ml, u32* __restrict__ counters) {
     extern __shared__ float smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int t = blockIdx.x, kv = blockIdx.y;
+    const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
     const int G = H / KV, W = KV * d, d0 = lane * 4;
     const int keys = (int)positions[t] + 1;
+    const int begin = split * chunk, end = min(keys, begin + chunk);
+    const int active = min((int)gridDim.z, (keys + chunk - 1) / chunk);
     const u32* table = block_tables + (size_t)token_seq[t] * max_blocks;
     float* qs = smem;            // [G][d], pre-scaled
     float* merge = smem + GM * d;  // [ATTN_WARPS][G][d + 2]
     pdl_begin();
+    if (begin >= end) return;  // past the token's position: no keys, not counted in `active`
     for (int i = threadIdx.x; i < G * d; i += blockDim.x)
         qs[i] = q[(size_t)t * H * d + (size_t)kv * G * d + i] * scale_log2;
     __syncthreads();
@@ -377,9 +397,9 @@ __device__ void attention_many(
 #pragma unroll
         for (int j = 0; j < 4; ++j) o[g][j] = 0.0f;
     }
-    for (int base = warp * 32; base < keys; base += ATTN_WARPS * 32) {
+    for (int base = begin + warp * 32; base < end; base += ATTN_WARPS * 32) {
         const int key = base + lane;
-        const bool valid = key < keys;
+        const bool valid = key < end;
         const u32 slot = valid ? table[key / block_size] * (u32)block_size + (u32)(key % block_size) : 0u;
         float s[GM];
 #pragma unroll
@@ -399,7 +419,7 @@ __device__ void attention_many(
                 }
             }
         }
-        // Online softmax per head over the batch (lane 0's key is always valid: base < keys).
+        // Online softmax per head over the batch (lane 0's key is always valid: base < end).
 #pragma unroll
         for (int g = 0; g < GM; ++g) {
             if (g < G) {
@@ -416,7 +436,7 @@ __device__ void attention_many(
         }
         // Values 8 keys at a time, all 8 rows' loads in flight before the first is used (a key
         // past the end has p = 0 and a zero row).
-        const int n = min(32, keys - base);
+        const int n = min(32, end - base);
         for (int j0 = 0; j0 < n; j0 += 8) {
             float vf[8][4];
 #pragma unroll
@@ -455,21 +475,16 @@ __device__ void attention_many(
         }
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
-        const int g = idx / d, dd = idx % d;
-        float M, L, O;
-        merge_warps(merge, G, d, g, dd, M, L, O);
-        out[(size_t)t * H * d + (size_t)(kv * G + g) * d + dd] = O / L;
-    }
+    finish_splits(merge, G, d, H, KV, t, kv, split, active, out, part_o, part_ml, counters);
 }
 
 #define MANY_ENTRY(KT, SUFFIX, GM)                                                                      \
     extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_many_##SUFFIX##_g##GM(     \
         const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \
         const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
-        float* out) {                                                                                       \
+        int chunk, float* out, float* part_o, float* part_ml, u32* counters) {                              \
         attention_many<KT, GM>(q, kc, vc, positions, token_seq, block_tables, max_blocks, block_size, H, \
-                                  KV, d, scale_log2, out);                                                  \
+                                  KV, d, scale_log2, chunk, out, part_o, part_ml, counters);                \
     }
 #define MANY_ENTRIES(KT, SUFFIX)                                                     \
     MANY_ENTRY(KT, SUFFIX, 1) MANY_ENTRY(KT, SUFFIX, 2) MANY_ENTRY(KT, SUFFIX, 4) \

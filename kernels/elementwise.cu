@@ -59,6 +59,27 @@ extern "C" __global__ void sum3_f32(const float* __restrict__ parts, float* __re
         y[i] = (parts[2 * n + i] + parts[n + i]) + parts[i];
 }
 
+// sum3_f32 plus a residual: y = ((lo + mid) + hi) + residual (the order of matmul then add).
+extern "C" __global__ void sum3_add_f32(const float* __restrict__ parts, const float* __restrict__ residual,
+                                        float* __restrict__ y, size_t n) {
+    pdl_begin();
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] = ((parts[2 * n + i] + parts[n + i]) + parts[i]) + residual[i];
+}
+
+// sum3_f32 of gate/up products [3][rows, 2 inter], then silu(gate) * up -> y [rows, inter].
+extern "C" __global__ void sum3_silu_mul_f32(const float* __restrict__ parts, float* __restrict__ y, size_t rows,
+                                             size_t inter) {
+    pdl_begin();
+    const size_t n = rows * 2 * inter;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < rows * inter; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t g = i / inter * 2 * inter + i % inter, u = g + inter;
+        const float gate = (parts[2 * n + g] + parts[n + g]) + parts[g];
+        const float up = (parts[2 * n + u] + parts[n + u]) + parts[u];
+        y[i] = silu(gate) * up;
+    }
+}
+
 extern "C" __global__ void cast_bf16_f32(const bf16_t* __restrict__ x, float* __restrict__ out, size_t n) {
     pdl_begin();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)

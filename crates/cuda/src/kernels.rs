@@ -23,6 +23,8 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "cast_f32_bf16",
             "split_f32_bf16x3",
             "sum3_f32",
+            "sum3_add_f32",
+            "sum3_silu_mul_f32",
             "cast_bf16_f32",
             "argmax_partial_f32",
             "argmax_final_f32",
@@ -31,7 +33,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "rms_norm.cu",
         include_str!("../../../kernels/rms_norm.cu"),
-        &["rms_norm_f32"],
+        &["rms_norm_f32", "rms_norm_split_bf16x3"],
     ),
     (
         "gemv.cu",

@@ -79,6 +79,17 @@ impl CudaTensor {
         }
     }
 
+    /// The bf16 weights (used only after matching on `Buf::Bf16`).
+    fn bf16(&self) -> Result<&CudaSlice<u16>> {
+        match &self.buf {
+            Buf::Bf16(s) => Ok(s),
+            Buf::F32(_) => Err(Error::UnsupportedDType {
+                op: "bf16 weights",
+                dtype: DType::F32,
+            }),
+        }
+    }
+
     fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
         match &self.buf {
             Buf::F32(s) => Ok(s.slice()),
@@ -150,6 +161,28 @@ impl AsMut<BatchInfo> for CudaBatch {
     fn as_mut(&mut self) -> &mut BatchInfo {
         &mut self.info
     }
+}
+
+/// What [`CudaBackend::cublas_bf16`] does to x before splitting it.
+enum Prologue<'a> {
+    /// Nothing.
+    Rows(&'a CudaSlice<f32>),
+    /// RMSNorm with a gain.
+    Norm {
+        x: &'a CudaSlice<f32>,
+        gain: &'a CudaSlice<f32>,
+        eps: f64,
+    },
+}
+
+/// What [`CudaBackend::cublas_bf16`] does with the product.
+enum Epilogue<'a> {
+    /// Stores it.
+    Store,
+    /// Adds a residual of the product's shape.
+    Add(&'a CudaSlice<f32>),
+    /// SiLU of the first half of the columns times the second half.
+    SiluMul,
 }
 
 /// A captured CUDA graph of one decode step, with the pooled buffers its kernels write (dropped
@@ -486,12 +519,9 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// `y [T, N] = x [T, K] · w [N, K]ᵀ` on cuBLAS with fp32 accumulation. For bf16 weights x is
-    /// split into three bf16 parts (hi + mid + lo), stacked as the rows of one `[3T, K]` operand:
-    /// one GEMM (the weights read once, one launch) gives the three partial products, which a
-    /// small kernel sums, smallest first. The fp32 activations keep their full precision on the
-    /// tensor cores for three times the FLOPs of one bf16 GEMM. fp32 weights (fp32 checkpoints)
-    /// take one fp32 GEMM.
+    /// `y [T, N] = x [T, K] · w [N, K]ᵀ` on cuBLAS with fp32 accumulation, for products too tall
+    /// for the GEMV kernels: bf16 weights through [`Self::cublas_bf16`], fp32 weights (fp32
+    /// checkpoints) in one fp32 GEMM.
     fn cublas_matmul(
         &self,
         x: &CudaSlice<f32>,
@@ -500,42 +530,90 @@ impl CudaBackend {
         k: usize,
         n: usize,
     ) -> Result<Pooled> {
-        let mut y = self.alloc_f32(t * n)?;
-        let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
-        let f32t = cublas_sys::cudaDataType::CUDA_R_32F;
         match &w.buf {
-            Buf::F32(ws) => self.gemm(ws.slice(), f32t, x, f32t, y.slice_mut(), (t, k, n), 0.0)?,
-            Buf::Bf16(ws) => {
-                let total = t * k;
-                // The three bf16 parts, [3T, K], live in a pooled f32 buffer of half as many
-                // elements (pooled buffers keep memory operations out of captured steps).
-                let parts = self.alloc_f32((3 * total).div_ceil(2))?;
-                let base = parts.slice().device_ptr(self.stream()).0;
+            Buf::F32(ws) => {
+                let mut y = self.alloc_f32(t * n)?;
+                let f32t = cublas_sys::cudaDataType::CUDA_R_32F;
+                self.gemm(ws.slice(), f32t, x, f32t, y.slice_mut(), (t, k, n), 0.0)?;
+                Ok(y)
+            }
+            Buf::Bf16(ws) => self.cublas_bf16(Prologue::Rows(x), ws, (t, k, n), Epilogue::Store),
+        }
+    }
+
+    /// `epilogue(prologue(x) [T, K] · w [N, K]ᵀ)` for bf16 weights on the tensor cores. x (after
+    /// the prologue's RMSNorm, if any) is split into three bf16 parts (hi + mid + lo), stacked as
+    /// the rows of one `[3T, K]` operand: one GEMM (the weights read once, one launch) gives the
+    /// three partial products, and the epilogue kernel sums them, smallest first, before its
+    /// residual add or SiLU·up. The fp32 activations keep their full precision on the tensor
+    /// cores for three times the FLOPs of one bf16 GEMM; the norm and the epilogue cost no pass
+    /// of their own over the activations.
+    fn cublas_bf16(
+        &self,
+        x: Prologue<'_>,
+        w: &CudaSlice<u16>,
+        (t, k, n): (usize, usize, usize),
+        epilogue: Epilogue<'_>,
+    ) -> Result<Pooled> {
+        let total = t * k;
+        // The three bf16 parts, [3T, K], live in a pooled f32 buffer of half as many elements
+        // (pooled buffers keep memory operations out of captured steps).
+        let parts = self.alloc_f32((3 * total).div_ceil(2))?;
+        let base = parts.slice().device_ptr(self.stream()).0;
+        let (hi, mid, lo) = (base, base + 2 * total as u64, base + 4 * total as u64);
+        match x {
+            Prologue::Rows(x) => {
                 let mut l = self.launch("split_f32_bf16x3")?;
-                l.buf(x)
-                    .ptr(base)
-                    .ptr(base + 2 * total as u64)
-                    .ptr(base + 4 * total as u64)
-                    .usize(total);
+                l.buf(x).ptr(hi).ptr(mid).ptr(lo).usize(total);
                 // SAFETY: x holds t*k floats; the three parts are consecutive t*k-element bf16
                 // ranges of `parts` (3*t*k bf16 fit its (3*t*k)/2 floats); grid-stride loop.
                 unsafe { l.launch(elementwise(total)) }.cuda()?;
-                let mut y3 = self.alloc_f32(3 * t * n)?;
-                self.gemm(
-                    ws.as_ref(),
-                    bf16,
-                    parts.slice(),
-                    bf16,
-                    y3.slice_mut(),
-                    (3 * t, k, n),
-                    0.0,
-                )?;
-                let mut l = self.launch("sum3_f32")?;
-                l.out(&y3).out(&y).usize(t * n);
-                // SAFETY: y3 holds 3 * t*n floats (hi, mid, lo products), y holds t*n.
-                unsafe { l.launch(elementwise(t * n)) }.cuda()?;
+            }
+            Prologue::Norm { x, gain, eps } => {
+                let mut l = self.launch("rms_norm_split_bf16x3")?;
+                l.buf(x).buf(gain).ptr(hi).ptr(mid).ptr(lo);
+                l.i32(i32_of(k, "K")?).f32(eps as f32);
+                // SAFETY: x is [t, k] f32 and gain [k]; the parts as above; a block per row.
+                unsafe { l.launch(grid(t, 256)) }.cuda()?;
             }
         }
+        let mut y3 = self.alloc_f32(3 * t * n)?;
+        let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
+        self.gemm(
+            w,
+            bf16,
+            parts.slice(),
+            bf16,
+            y3.slice_mut(),
+            (3 * t, k, n),
+            0.0,
+        )?;
+        drop(parts);
+        let out_cols = match epilogue {
+            Epilogue::SiluMul => n / 2,
+            _ => n,
+        };
+        let y = self.alloc_f32(t * out_cols)?;
+        let mut l = match epilogue {
+            Epilogue::Store => {
+                let mut l = self.launch("sum3_f32")?;
+                l.out(&y3).out(&y).usize(t * n);
+                l
+            }
+            Epilogue::Add(residual) => {
+                let mut l = self.launch("sum3_add_f32")?;
+                l.out(&y3).buf(residual).out(&y).usize(t * n);
+                l
+            }
+            Epilogue::SiluMul => {
+                let mut l = self.launch("sum3_silu_mul_f32")?;
+                l.out(&y3).out(&y).usize(t).usize(n / 2);
+                l
+            }
+        };
+        // SAFETY: y3 holds the three [t, n] partial products; the residual (when present) and y
+        // are [t, out_cols] (n even for SiLU·up, checked by the callers); grid-stride loops.
+        unsafe { l.launch(elementwise(t * out_cols)) }.cuda()?;
         Ok(y)
     }
 
@@ -1274,47 +1352,32 @@ impl Backend for CudaBackend {
         }
         // Many sequences one token each (batched decode): a lane per key. Measured on the H200
         // (docs/perf.md): batch-64 decode 5.06 → 4.88 ms/step with it, but prefill 2,048 91.8 →
-        // 108 ms, so prompts keep the per-token kernel below.
+        // 108 ms, so prompts keep the per-token kernel below, or the GEMMs.
         let decode_batch = batch.info.seqs().iter().all(|s| s.len == 1);
-        if t > GEMV_MAX_ROWS && decode_batch && d.is_multiple_of(4) && d <= 128 {
-            let out = self.alloc_f32(t * c)?;
-            let stream = self.stream();
-            let gm = cfg.group_size().next_power_of_two();
-            let mut l = self.launch(&format!("attention_many_{}_g{gm}", cache.k.kv_suffix()))?;
-            l.buf(q.f32("attention")?)
-                .ptr(cache.k.ptr(stream))
-                .ptr(cache.v.ptr(stream));
-            l.buf(&batch.positions)
-                .buf(&batch.token_seq)
-                .buf(&batch.block_tables);
-            l.i32(i32_of(batch.max_blocks, "blocks")?)
-                .i32(i32_of(bs, "block size")?)
-                .i32(i32_of(h, "H")?)
-                .i32(i32_of(kvh, "KV")?)
-                .i32(i32_of(d, "d")?)
-                .f32((cfg.scale() * std::f64::consts::LOG2_E) as f32)
-                .out(&out);
-            let cfg_launch = LaunchConfig {
-                grid_dim: (t as u32, kvh as u32, 1),
-                block_dim: (32 * ATTN_WARPS, 1, 1),
-                shared_mem_bytes: ((gm * d + ATTN_WARPS as usize * gm * (d + 2)) * 4) as u32,
-            };
-            // SAFETY: q is [t, h*d]; pools are [slots, kvh*d] and every block of every table is
-            // inside (checked); group <= gm <= 8 (checked), d <= 128 and a multiple of 4 (16-byte
-            // aligned rows); shared memory as the kernel lays it out; out is [t, h*d].
-            unsafe { l.launch(cfg_launch) }.cuda()?;
-            return Ok(Self::f32_tensor([t, c], out));
-        }
+        let many = t > GEMV_MAX_ROWS && decode_batch && d.is_multiple_of(4) && d <= 128;
         let gemm_min = self.inner.options.attention_gemm_min_rows.max(1);
-        if t > GEMV_MAX_ROWS && batch.info.seqs().iter().all(|s| s.len >= gemm_min) {
+        if !many && t > GEMV_MAX_ROWS && batch.info.seqs().iter().all(|s| s.len >= gemm_min) {
             return self.attention_gemm(q, cache, batch, cfg);
         }
-        // Sized by the batch's capacity, not its current context, so a captured step keeps valid
-        // launch shapes as the sequences grow; splits past a token's position exit at once.
+        // Both kernels split each token's context into chunks, a block each, sized by the
+        // batch's capacity, not its current context, so a captured step keeps valid launch
+        // shapes as the sequences grow (splits past a token's position exit at once). The
+        // split-K kernel aims at two waves of blocks, the lane-per-key one (lighter blocks) at
+        // 16 blocks an SM; chunks of at least 32 keys (whole lane-per-key batches).
         let max_ctx = batch.capacity.max(batch.info.max_context()).max(1);
-        // Enough blocks for two waves over the SMs, each split at least 32 keys long.
-        let want = (2 * self.inner.sm_count).div_ceil(t * kvh).max(1);
-        let chunk = max_ctx.div_ceil(want).max(32);
+        let g = cfg.group_size();
+        let (kernel, blocks_per_sm, shared) = if many {
+            let gm = g.next_power_of_two();
+            let kernel = format!("attention_many_{}_g{gm}", cache.k.kv_suffix());
+            (kernel, 16, gm * d + ATTN_WARPS as usize * gm * (d + 2))
+        } else {
+            let kernel = attention_entry(cache.k.kv_suffix(), g, d, t);
+            (kernel, 2, ATTN_WARPS as usize * g * (d + 2))
+        };
+        let want = (blocks_per_sm * self.inner.sm_count)
+            .div_ceil(t * kvh)
+            .max(1);
+        let chunk = max_ctx.div_ceil(want).next_multiple_of(32);
         let splits = max_ctx.div_ceil(chunk);
         let out = self.alloc_f32(t * c)?;
         let part_o = self.alloc_f32(if splits > 1 { t * h * splits * d } else { 1 })?;
@@ -1322,7 +1385,6 @@ impl Backend for CudaBackend {
         let counters = self.counters(t * kvh)?;
         let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
         let stream = self.stream();
-        let kernel = attention_entry(cache.k.kv_suffix(), cfg.group_size(), d, t);
         let mut l = self.launch(&kernel)?;
         l.buf(q.f32("attention")?)
             .ptr(cache.k.ptr(stream))
@@ -1341,12 +1403,13 @@ impl Backend for CudaBackend {
         let cfg_launch = LaunchConfig {
             grid_dim: (t as u32, kvh as u32, splits as u32),
             block_dim: (32 * ATTN_WARPS, 1, 1),
-            shared_mem_bytes: (ATTN_WARPS as usize * cfg.group_size() * (d + 2) * 4) as u32,
+            shared_mem_bytes: (shared * 4) as u32,
         };
         // SAFETY: q is [t, h*d]; pools are [slots, kvh*d] and every block of every table is inside
-        // (checked); tables are [seqs, max_blocks]; group <= MAX_G and d <= 256 (checked); the
-        // partial buffers hold t*h*splits*(d | 2) floats when splits > 1; counters holds t*kvh
-        // zeros, which the kernel leaves zero.
+        // (checked); tables are [seqs, max_blocks]; group <= MAX_G and d <= 256 (checked; the
+        // lane-per-key kernel only for d <= 128, a multiple of 4: 16-byte aligned rows); shared
+        // memory as the kernel lays it out; the partial buffers hold t*h*splits*(d | 2) floats
+        // when splits > 1; counters holds t*kvh zeros, which the kernel leaves zero.
         unsafe { l.launch(cfg_launch) }.cuda()?;
         Ok(Self::f32_tensor([t, c], out))
     }
@@ -1410,6 +1473,15 @@ impl Backend for CudaBackend {
                 )?;
                 Ok(Self::f32_tensor([t, n], y))
             }
+            None if k == k2 && norm_w.shape.dims() == [k] && matches!(w.buf, Buf::Bf16(_)) => {
+                let prologue = Prologue::Norm {
+                    x: x.f32("rms_norm_matmul")?,
+                    gain: norm_w.f32("rms_norm_matmul")?,
+                    eps,
+                };
+                let y = self.cublas_bf16(prologue, w.bf16()?, (t, k, n), Epilogue::Store)?;
+                Ok(Self::f32_tensor([t, n], y))
+            }
             _ => compose::rms_norm_matmul(self, x, norm_w, w, eps),
         }
     }
@@ -1429,6 +1501,20 @@ impl Backend for CudaBackend {
                 let xs = x.f32("rms_norm_matmul_silu_mul")?;
                 let y =
                     self.launch_gemv(kernel, xs, w_gate_up, Some(gain), None, t, k, n2 / 2, eps)?;
+                Ok(Self::f32_tensor([t, n2 / 2], y))
+            }
+            None if k == k2
+                && n2.is_multiple_of(2)
+                && norm_w.shape.dims() == [k]
+                && matches!(w_gate_up.buf, Buf::Bf16(_)) =>
+            {
+                let prologue = Prologue::Norm {
+                    x: x.f32("rms_norm_matmul_silu_mul")?,
+                    gain: norm_w.f32("rms_norm_matmul_silu_mul")?,
+                    eps,
+                };
+                let w = w_gate_up.bf16()?;
+                let y = self.cublas_bf16(prologue, w, (t, k, n2), Epilogue::SiluMul)?;
                 Ok(Self::f32_tensor([t, n2 / 2], y))
             }
             _ => compose::rms_norm_matmul_silu_mul(self, x, norm_w, w_gate_up, eps),
@@ -1486,14 +1572,14 @@ impl Backend for CudaBackend {
             .i32(kvi)
             .i32(di)
             .f64(cfg.rope_theta.log2())
-            .f32(eps);
-        let launch = LaunchConfig {
-            grid_dim: (t as u32, (h + 2 * kvh) as u32, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+            .f32(eps)
+            .i32(i32_of(t, "T")?);
+        // A warp per (token, head), four to a block: one-warp blocks capped a 2,048-token
+        // prompt at 32 warps an SM (85 µs a layer on the H200, for ~65 MB of traffic).
+        const WARPS: usize = 4;
+        let launch = grid((t * (h + 2 * kvh)).div_ceil(WARPS), 32 * WARPS as u32);
         // SAFETY: qkv is [t, (h+2kvh)d], q is [t, hd], norms are [d] with d <= 256 (checked),
-        // every slot < slots (checked); one warp per (token, head).
+        // every slot < slots (checked); one warp per (token, head), warps past the last exit.
         unsafe { l.launch(launch) }.cuda()?;
         Ok(Self::f32_tensor([t, h * d], q))
     }
@@ -1521,6 +1607,12 @@ impl Backend for CudaBackend {
                 )?;
                 Ok(Self::f32_tensor([t, n], y))
             }
+            None if k == k2 && residual.shape.dims() == [t, n] && matches!(w.buf, Buf::Bf16(_)) => {
+                let x = Prologue::Rows(x.f32("matmul_add")?);
+                let epilogue = Epilogue::Add(residual.f32("matmul_add")?);
+                let y = self.cublas_bf16(x, w.bf16()?, (t, k, n), epilogue)?;
+                Ok(Self::f32_tensor([t, n], y))
+            }
             _ => compose::matmul_add(self, x, w, residual),
         }
     }
@@ -1541,6 +1633,12 @@ impl Backend for CudaBackend {
                     n2 / 2,
                     0.0,
                 )?;
+                Ok(Self::f32_tensor([t, n2 / 2], y))
+            }
+            None if k == k2 && n2 % 2 == 0 && matches!(w_gate_up.buf, Buf::Bf16(_)) => {
+                let x = Prologue::Rows(x.f32("matmul_silu_mul")?);
+                let w = w_gate_up.bf16()?;
+                let y = self.cublas_bf16(x, w, (t, k, n2), Epilogue::SiluMul)?;
                 Ok(Self::f32_tensor([t, n2 / 2], y))
             }
             _ => compose::matmul_silu_mul(self, x, w_gate_up),
@@ -1742,6 +1840,7 @@ mod tests {
                         || l.contains("attention_many<")
                         || l.contains("write_kv<")
                         || l.contains("qk_norm_rope_write_kv<")
+                        || l.contains("attention_gemm_gather_kv<")
                 });
                 assert!(
                     body.lines().take(4).any(|l| l.contains("pdl_begin()")) || calls_template,
@@ -1758,6 +1857,7 @@ mod tests {
             ("attention_many", attention),
             ("qk_norm_rope_write_kv", attention),
             ("write_kv", attention),
+            ("attention_gemm_gather_kv", attention),
         ] {
             let def = src.find(&format!("void {name}(")).unwrap();
             let body = &src[def..];
