@@ -207,6 +207,8 @@ struct Inner {
     sm_count: usize,
     /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
     gemv_warps: usize,
+    /// Blocks an SM the lane-per-key attention aims for when it splits contexts (0: no split).
+    attn_many_blocks_per_sm: usize,
     options: CudaOptions,
     /// Programmatic dependent launches in use (option on and the GPU is sm_90 or later).
     pdl: bool,
@@ -369,6 +371,8 @@ impl CudaBackend {
                 name,
                 sm_count,
                 gemv_warps: gemv_warps_per_sm() * sm_count,
+                attn_many_blocks_per_sm: env_knob("QFUSE_CUDA_ATTN_MANY_BLOCKS_PER_SM", 0..=64)
+                    .unwrap_or(16),
                 options,
                 pdl: options.pdl && major >= 9,
                 counters: Mutex::new(vec![counters]),
@@ -1369,7 +1373,8 @@ impl Backend for CudaBackend {
         let (kernel, blocks_per_sm, shared) = if many {
             let gm = g.next_power_of_two();
             let kernel = format!("attention_many_{}_g{gm}", cache.k.kv_suffix());
-            (kernel, 16, gm * d + ATTN_WARPS as usize * gm * (d + 2))
+            let per_sm = self.inner.attn_many_blocks_per_sm;
+            (kernel, per_sm, gm * d + ATTN_WARPS as usize * gm * (d + 2))
         } else {
             let kernel = attention_entry(cache.k.kv_suffix(), g, d, t);
             (kernel, 2, ATTN_WARPS as usize * g * (d + 2))
@@ -1676,11 +1681,16 @@ fn gemv_split(out_cols: usize, k: usize, sm_count: usize) -> usize {
 /// a tuning knob for measuring the trade between loads in flight per kernel and room on each SM
 /// for the next kernel's blocks to start early (PDL).
 fn gemv_warps_per_sm() -> usize {
-    std::env::var("QFUSE_CUDA_GEMV_WARPS_PER_SM")
+    env_knob("QFUSE_CUDA_GEMV_WARPS_PER_SM", 1..=64).unwrap_or(8)
+}
+
+/// A tuning knob from the environment, when set to a number in `range` (for measuring
+/// alternatives on a GPU without rebuilding; defaults are the measured best).
+fn env_knob(name: &str, range: std::ops::RangeInclusive<usize>) -> Option<usize> {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .filter(|w| (1..=64).contains(w))
-        .unwrap_or(8)
+        .filter(|w| range.contains(w))
 }
 
 /// How `gemv_t1` (the decode bf16 GEMV in `kernels/gemv.cu`, built for 1 and for 2–8 rows)
