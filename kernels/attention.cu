@@ -356,17 +356,34 @@ __device__ void attention_paged(
 KV_ENTRIES(float, kvf32)
 KV_ENTRIES(bf16_t, kvbf16)
 
-// Attention for many one-token sequences at once (batched decode, T > 8 rows): one block per
-// (token, KV head), a lane per key. Each warp takes 32 keys at a time; lane j scores key j
-// against the G query heads (q in shared memory, broadcast), so a batch of 32 keys costs one max
-// and one sum reduction per head instead of one reduction per key and head as in the split
-// kernel above. (Measured: better for batch-64 decode, worse than the split kernel for prefill.)
-// Then lane l accumulates output dims [4 l, 4 l + 4) over the batch's values, each key's
-// probability and slot passed along by shuffles. Warps merge in shared memory. Like the kernel
-// above, the context is split into `chunk`-key slices, a block each, combined by the last block
-// to finish (finish_splits): 64 sequences x 8 KV heads are only ~4 blocks per SM without it.
-// d % 4 == 0, d <= 128. grid = (T, KV, splits), block = 32 * ATTN_WARPS,
-// shared = (GM d + ATTN_WARPS GM (d + 2)) floats.
+// Of 8 values per lane, v[r] summed over the warp's 32 lanes lands in every lane with
+// (lane & 7) == r: three halving exchanges (4 + 2 + 1 shuffles) leave each lane one row's sum
+// over its 8-lane group, two more finish it. 9 shuffles for 8 dot products, where a warp_sum per
+// product takes 40.
+__device__ __forceinline__ float transpose_sum8(const float* v, int lane) {
+    const bool b2 = lane & 4, b1 = lane & 2, b0 = lane & 1;
+    float w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        w[i] = (b2 ? v[4 + i] : v[i]) + __shfl_xor_sync(FULL_MASK, b2 ? v[i] : v[4 + i], 4);
+    float x[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+        x[i] = (b1 ? w[2 + i] : w[i]) + __shfl_xor_sync(FULL_MASK, b1 ? w[i] : w[2 + i], 2);
+    float y = (b0 ? x[1] : x[0]) + __shfl_xor_sync(FULL_MASK, b0 ? x[0] : x[1], 1);
+    y += __shfl_xor_sync(FULL_MASK, y, 8);
+    return y + __shfl_xor_sync(FULL_MASK, y, 16);
+}
+
+// Attention for many one-token sequences at once (batched decode, T > 8 rows): a block per
+// (token, KV head, context slice). A warp takes 8 keys at a time and loads their K and V rows
+// together, each row coalesced (lane l holds dims [4 l, 4 l + 4)); the 8 x G scores come out of
+// transpose_sum8 (lane l holds key l & 7's), so a key costs about one shuffle per head, not a
+// 5-shuffle warp_sum. (The first version gave each lane a whole key row: its K loads touched 32
+// rows per instruction and Nsight measured 1.8x the cache's bytes moved from DRAM.) Online
+// softmax per 8 keys, warps merged in shared memory, slices combined by the last block to finish
+// (finish_splits). d % 4 == 0, d <= 128. grid = (T, KV, splits), block = 32 * ATTN_WARPS,
+// shared = ATTN_WARPS GM (d + 2) floats.
 template <typename KT, int GM>
 __device__ void attention_many(
     const float* __restrict__ q, const KT* __restrict__ kc, const KT* __restrict__ vc,
@@ -374,99 +391,87 @@ __device__ void attention_many(
     const u32* __restrict__ block_tables, int max_blocks, int block_size, int H, int KV, int d,
     float scale_log2, int chunk, float* __restrict__ out, float* __restrict__ part_o,
     float* __restrict__ part_ml, u32* __restrict__ counters) {
-    extern __shared__ float smem[];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    extern __shared__ float smem[];  // [ATTN_WARPS][G][d + 2]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane & 7;
     const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
     const int G = H / KV, W = KV * d, d0 = lane * 4;
+    const bool has_dims = d0 < d;
     const int keys = (int)positions[t] + 1;
     const int begin = split * chunk, end = min(keys, begin + chunk);
     const int active = min((int)gridDim.z, (keys + chunk - 1) / chunk);
     const u32* table = block_tables + (size_t)token_seq[t] * max_blocks;
-    float* qs = smem;            // [G][d], pre-scaled
-    float* merge = smem + GM * d;  // [ATTN_WARPS][G][d + 2]
+    auto slot_of = [&](int key) -> u32 {
+        return key < end ? table[key / block_size] * (u32)block_size + (u32)(key % block_size) : 0u;
+    };
+    int kb = begin + warp * 8;
+    u32 my_slot = slot_of(kb + r);  // lane l: the slot of key kb + (l & 7)
     pdl_begin();
     if (begin >= end) return;  // past the token's position: no keys, not counted in `active`
-    for (int i = threadIdx.x; i < G * d; i += blockDim.x)
-        qs[i] = q[(size_t)t * H * d + (size_t)kv * G * d + i] * scale_log2;
-    __syncthreads();
-    float o[GM][4], m[GM], l[GM];
+    float qr[GM][4], o[GM][4], m[GM], l[GM];
 #pragma unroll
     for (int g = 0; g < GM; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) o[g][j] = 0.0f;
+        for (int c = 0; c < 4; ++c) {
+            qr[g][c] = g < G && has_dims ? q[(size_t)t * H * d + (size_t)(kv * G + g) * d + d0 + c] * scale_log2 : 0.0f;
+            o[g][c] = 0.0f;
+        }
     }
-    for (int base = begin + warp * 32; base < end; base += ATTN_WARPS * 32) {
-        const int key = base + lane;
-        const bool valid = key < end;
-        const u32 slot = valid ? table[key / block_size] * (u32)block_size + (u32)(key % block_size) : 0u;
-        float s[GM];
+    for (; kb < end; kb += ATTN_WARPS * 8) {
+        const int n = min(8, end - kb);
+        float kf[8][4], vf[8][4];
 #pragma unroll
-        for (int g = 0; g < GM; ++g) s[g] = 0.0f;
-        if (valid) {
-            const KT* kr = kc + (size_t)slot * W + (size_t)kv * d;
-#pragma unroll 8
-            for (int i = 0; i < d; i += 4) {
-                float kf[4];
-                kv_load_vec<4>(kr + i, kf);
+        for (int j = 0; j < 8; ++j) {
+            const u32 sj = __shfl_sync(FULL_MASK, my_slot, j);
 #pragma unroll
-                for (int g = 0; g < GM; ++g) {
-                    if (g < G) {
-                        const float4 qv = *reinterpret_cast<const float4*>(qs + g * d + i);
-                        s[g] += qv.x * kf[0] + qv.y * kf[1] + qv.z * kf[2] + qv.w * kf[3];
-                    }
-                }
+            for (int c = 0; c < 4; ++c) kf[j][c] = vf[j][c] = 0.0f;
+            if (j < n && has_dims) {
+                const size_t row = (size_t)sj * W + (size_t)kv * d + d0;
+                kv_load_vec<4>(kc + row, kf[j]);
+                kv_load_vec<4>(vc + row, vf[j]);
             }
         }
-        // Online softmax per head over the batch (lane 0's key is always valid: base < end).
+        my_slot = slot_of(kb + ATTN_WARPS * 8 + r);
 #pragma unroll
         for (int g = 0; g < GM; ++g) {
             if (g < G) {
-                const float sg = valid ? s[g] : -INFINITY;
-                const float m_new = fmaxf(m[g], warp_max(sg));
+                float v[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    v[j] = qr[g][0] * kf[j][0] + qr[g][1] * kf[j][1] + qr[g][2] * kf[j][2] + qr[g][3] * kf[j][3];
+                float sc = transpose_sum8(v, lane);  // every lane: it shuffles
+                if (r >= n) sc = -INFINITY;
+                float mx = fmaxf(sc, __shfl_xor_sync(FULL_MASK, sc, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 4));
+                const float m_new = fmaxf(m[g], mx);
                 const float corr = exp2f(m[g] - m_new);
-                const float p = valid ? exp2f(sg - m_new) : 0.0f;
-                l[g] = l[g] * corr + warp_sum(p);
+                const float p = r < n ? exp2f(sc - m_new) : 0.0f;
+                float ps = p + __shfl_xor_sync(FULL_MASK, p, 1);
+                ps += __shfl_xor_sync(FULL_MASK, ps, 2);
+                ps += __shfl_xor_sync(FULL_MASK, ps, 4);
+                l[g] = l[g] * corr + ps;
 #pragma unroll
-                for (int j = 0; j < 4; ++j) o[g][j] *= corr;
-                s[g] = p;
-                m[g] = m_new;
-            }
-        }
-        // Values 8 keys at a time, all 8 rows' loads in flight before the first is used (a key
-        // past the end has p = 0 and a zero row).
-        const int n = min(32, end - base);
-        for (int j0 = 0; j0 < n; j0 += 8) {
-            float vf[8][4];
+                for (int c = 0; c < 4; ++c) o[g][c] *= corr;
 #pragma unroll
-            for (int jj = 0; jj < 8; ++jj) {
-                const u32 sj = __shfl_sync(FULL_MASK, slot, (j0 + jj) & 31);
+                for (int j = 0; j < 8; ++j) {
+                    const float pj = __shfl_sync(FULL_MASK, p, j);
 #pragma unroll
-                for (int c = 0; c < 4; ++c) vf[jj][c] = 0.0f;
-                if (j0 + jj < n && d0 < d) kv_load_vec<4>(vc + (size_t)sj * W + (size_t)kv * d + d0, vf[jj]);
-            }
-#pragma unroll
-            for (int jj = 0; jj < 8; ++jj) {
-#pragma unroll
-                for (int g = 0; g < GM; ++g) {
-                    if (g < G) {
-                        const float pj = __shfl_sync(FULL_MASK, s[g], (j0 + jj) & 31);
-#pragma unroll
-                        for (int c = 0; c < 4; ++c) o[g][c] += pj * vf[jj][c];
-                    }
+                    for (int c = 0; c < 4; ++c) o[g][c] += pj * vf[j][c];
                 }
+                m[g] = m_new;
             }
         }
     }
     const int stride = d + 2;
-    float* mine = merge + (size_t)warp * G * stride;
+    float* mine = smem + (size_t)warp * G * stride;
 #pragma unroll
     for (int g = 0; g < GM; ++g) {
         if (g < G) {
-            if (d0 < d) {
+            if (has_dims) {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) mine[g * stride + d0 + j] = o[g][j];
+                for (int c = 0; c < 4; ++c) mine[g * stride + d0 + c] = o[g][c];
             }
             if (lane == 0) {
                 mine[g * stride + d] = m[g];
@@ -475,7 +480,7 @@ __device__ void attention_many(
         }
     }
     __syncthreads();
-    finish_splits(merge, G, d, H, KV, t, kv, split, active, out, part_o, part_ml, counters);
+    finish_splits(smem, G, d, H, KV, t, kv, split, active, out, part_o, part_ml, counters);
 }
 
 #define MANY_ENTRY(KT, SUFFIX, GM)                                                                      \

@@ -372,7 +372,7 @@ impl CudaBackend {
                 sm_count,
                 gemv_warps: gemv_warps_per_sm() * sm_count,
                 attn_many_blocks_per_sm: env_knob("QFUSE_CUDA_ATTN_MANY_BLOCKS_PER_SM", 0..=64)
-                    .unwrap_or(16),
+                    .unwrap_or(8),
                 options,
                 pdl: options.pdl && major >= 9,
                 counters: Mutex::new(vec![counters]),
@@ -1374,7 +1374,7 @@ impl Backend for CudaBackend {
             let gm = g.next_power_of_two();
             let kernel = format!("attention_many_{}_g{gm}", cache.k.kv_suffix());
             let per_sm = self.inner.attn_many_blocks_per_sm;
-            (kernel, per_sm, gm * d + ATTN_WARPS as usize * gm * (d + 2))
+            (kernel, per_sm, ATTN_WARPS as usize * gm * (d + 2))
         } else {
             let kernel = attention_entry(cache.k.kv_suffix(), g, d, t);
             (kernel, 2, ATTN_WARPS as usize * g * (d + 2))
