@@ -207,7 +207,8 @@ struct Inner {
     sm_count: usize,
     /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
     gemv_warps: usize,
-    /// Blocks an SM the lane-per-key attention aims for when it splits contexts (0: no split).
+    /// Blocks an SM the lane-per-key attention fills when it splits contexts (0: no split; the
+    /// default 4 is what its registers let an SM hold).
     attn_many_blocks_per_sm: usize,
     options: CudaOptions,
     /// Programmatic dependent launches in use (option on and the GPU is sm_90 or later).
@@ -372,7 +373,7 @@ impl CudaBackend {
                 sm_count,
                 gemv_warps: gemv_warps_per_sm() * sm_count,
                 attn_many_blocks_per_sm: env_knob("QFUSE_CUDA_ATTN_MANY_BLOCKS_PER_SM", 0..=64)
-                    .unwrap_or(8),
+                    .unwrap_or(4),
                 options,
                 pdl: options.pdl && major >= 9,
                 counters: Mutex::new(vec![counters]),
@@ -1366,22 +1367,23 @@ impl Backend for CudaBackend {
         // Both kernels split each token's context into chunks, a block each, sized by the
         // batch's capacity, not its current context, so a captured step keeps valid launch
         // shapes as the sequences grow (splits past a token's position exit at once). The
-        // split-K kernel aims at two waves of blocks, the lane-per-key one (lighter blocks) at
-        // 16 blocks an SM; chunks of at least 32 keys (whole lane-per-key batches).
+        // split-K kernel aims at two waves of blocks (rounding up). The lane-per-key one splits
+        // only as far as one wave of resident blocks holds (rounding down): measured on the H200
+        // at batch 64 (docs/perf.md), every split past that lost (3.97 ms/step unsplit, 4.18 at
+        // 2 splits, 4.91 at 9), while few long sequences need splits to fill the GPU.
         let max_ctx = batch.capacity.max(batch.info.max_context()).max(1);
         let g = cfg.group_size();
-        let (kernel, blocks_per_sm, shared) = if many {
+        let (kernel, want, shared) = if many {
             let gm = g.next_power_of_two();
             let kernel = format!("attention_many_{}_g{gm}", cache.k.kv_suffix());
-            let per_sm = self.inner.attn_many_blocks_per_sm;
-            (kernel, per_sm, ATTN_WARPS as usize * gm * (d + 2))
+            let wave = self.inner.attn_many_blocks_per_sm * self.inner.sm_count;
+            (kernel, wave / (t * kvh), ATTN_WARPS as usize * gm * (d + 2))
         } else {
             let kernel = attention_entry(cache.k.kv_suffix(), g, d, t);
-            (kernel, 2, ATTN_WARPS as usize * g * (d + 2))
+            let want = (2 * self.inner.sm_count).div_ceil(t * kvh);
+            (kernel, want, ATTN_WARPS as usize * g * (d + 2))
         };
-        let want = (blocks_per_sm * self.inner.sm_count)
-            .div_ceil(t * kvh)
-            .max(1);
+        let want = want.max(1);
         let chunk = max_ctx.div_ceil(want).next_multiple_of(32);
         let splits = max_ctx.div_ceil(chunk);
         let out = self.alloc_f32(t * c)?;

@@ -115,6 +115,31 @@ const SHADERS: &[(&str, &str, &str, Constants)] = &[
         "main",
         &[("NORM", 1.0), ("EPI", 2.0)],
     ),
+    ("matmul_bf16_wide", MATMUL_BF16_WIDE, "main", &[]),
+    (
+        "rms_norm_matmul_bf16_wide",
+        MATMUL_BF16_WIDE,
+        "main",
+        &[("NORM", 1.0)],
+    ),
+    (
+        "matmul_add_bf16_wide",
+        MATMUL_BF16_WIDE,
+        "main",
+        &[("EPI", 1.0)],
+    ),
+    (
+        "matmul_silu_mul_bf16_wide",
+        MATMUL_BF16_WIDE,
+        "main",
+        &[("EPI", 2.0)],
+    ),
+    (
+        "rms_norm_matmul_silu_mul_bf16_wide",
+        MATMUL_BF16_WIDE,
+        "main",
+        &[("NORM", 1.0), ("EPI", 2.0)],
+    ),
     ("matmul_bf16", MATMUL_BF16, "main", &[]),
     (
         "rms_norm_matmul_bf16",
@@ -149,6 +174,7 @@ const MATMUL_BF16: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_body.wgsl")
 );
 const MATMUL_BF16_V8: &str = include_str!("../../../kernels/wgsl/matmul_bf16_v8.wgsl");
+const MATMUL_BF16_WIDE: &str = include_str!("../../../kernels/wgsl/matmul_bf16_wide.wgsl");
 
 /// Most head dims the attention shader's private accumulator holds.
 const MAX_HEAD_DIM: usize = 256;
@@ -283,6 +309,8 @@ struct Inner {
     /// (a decode step runs hundreds), so dropped outputs are reused.
     free_outputs: std::sync::Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     params: std::sync::Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
+    /// Run bf16 GEMVs in the earlier `_v8` build (`QFUSE_WGPU_GEMV=v8`, for comparison).
+    gemv_v8: bool,
 }
 
 impl Inner {
@@ -346,33 +374,59 @@ enum Gemv {
 
 impl Gemv {
     /// The pipeline of this fusion for weights of `w` with rows of `k` elements: bf16 rows of
-    /// whole 8-element (16-byte) loads take the vectorised build (`_v8`).
-    fn pipeline(self, w: DType, k: usize) -> &'static str {
+    /// whole 8-element (16-byte) loads take a vectorised build, `_wide` (16 columns a 256-thread
+    /// workgroup) unless `v8` asks for the earlier `_v8` (2 columns a 128-thread workgroup).
+    fn pipeline(self, w: DType, k: usize, v8: bool) -> &'static str {
         let build = match (w, k.is_multiple_of(8)) {
-            (DType::BF16, true) => 2,
+            (DType::BF16, true) if v8 => 2,
+            (DType::BF16, true) => 3,
             (DType::BF16, false) => 1,
             _ => 0,
         };
         let names = match self {
-            Gemv::Plain => ["matmul", "matmul_bf16", "matmul_bf16_v8"],
+            Gemv::Plain => [
+                "matmul",
+                "matmul_bf16",
+                "matmul_bf16_v8",
+                "matmul_bf16_wide",
+            ],
             Gemv::Norm => [
                 "rms_norm_matmul",
                 "rms_norm_matmul_bf16",
                 "rms_norm_matmul_bf16_v8",
+                "rms_norm_matmul_bf16_wide",
             ],
-            Gemv::Add => ["matmul_add", "matmul_add_bf16", "matmul_add_bf16_v8"],
+            Gemv::Add => [
+                "matmul_add",
+                "matmul_add_bf16",
+                "matmul_add_bf16_v8",
+                "matmul_add_bf16_wide",
+            ],
             Gemv::SiluMul => [
                 "matmul_silu_mul",
                 "matmul_silu_mul_bf16",
                 "matmul_silu_mul_bf16_v8",
+                "matmul_silu_mul_bf16_wide",
             ],
             Gemv::NormSiluMul => [
                 "rms_norm_matmul_silu_mul",
                 "rms_norm_matmul_silu_mul_bf16",
                 "rms_norm_matmul_silu_mul_bf16_v8",
+                "rms_norm_matmul_silu_mul_bf16_wide",
             ],
         };
         names[build]
+    }
+
+    /// Output columns one workgroup of `pipeline` covers.
+    fn columns_per_workgroup(pipeline: &str) -> usize {
+        if pipeline.ends_with("_wide") {
+            16
+        } else if pipeline.ends_with("_v8") {
+            2
+        } else {
+            4
+        }
     }
 
     fn silu(self) -> bool {
@@ -425,13 +479,13 @@ impl WgpuBackend {
                 u32_of(start)?,
                 f32_bits(eps),
             ];
-            let pipeline = kind.pipeline(w.dtype, k);
-            // The vectorised build takes 2 columns a workgroup (2-D grid), the others 4.
-            let groups = if pipeline.ends_with("_v8") {
-                let groups = rows.div_ceil(2);
+            let pipeline = kind.pipeline(w.dtype, k, self.inner.gemv_v8);
+            // The vectorised builds take a 2-D grid (the lm_head's columns pass 65,535 groups).
+            let groups = rows.div_ceil(Gemv::columns_per_workgroup(pipeline));
+            let groups = if pipeline.ends_with("_wide") || pipeline.ends_with("_v8") {
                 (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS))
             } else {
-                (rows.div_ceil(4), 1)
+                (groups, 1)
             };
             self.run(
                 pipeline,
@@ -507,6 +561,7 @@ impl WgpuBackend {
                 max_binding,
                 free_outputs: std::sync::Mutex::new(HashMap::new()),
                 params: std::sync::Mutex::new(HashMap::new()),
+                gemv_v8: std::env::var("QFUSE_WGPU_GEMV").as_deref() == Ok("v8"),
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
             }),
         })
