@@ -194,7 +194,8 @@ impl Recording {
     }
 }
 
-/// Dispatches recorded before a command buffer is submitted.
+/// Dispatches recorded before a command buffer is submitted (default; `QFUSE_WGPU_SUBMIT_EVERY`
+/// overrides it for measurements).
 const SUBMIT_EVERY: usize = 32;
 
 /// Bind groups by pipeline name and bound buffers (params first).
@@ -311,6 +312,7 @@ struct Inner {
     params: std::sync::Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
     /// Run bf16 GEMVs in the earlier `_v8` build (`QFUSE_WGPU_GEMV=v8`, for comparison).
     gemv_v8: bool,
+    submit_every: usize,
 }
 
 impl Inner {
@@ -562,6 +564,11 @@ impl WgpuBackend {
                 free_outputs: std::sync::Mutex::new(HashMap::new()),
                 params: std::sync::Mutex::new(HashMap::new()),
                 gemv_v8: std::env::var("QFUSE_WGPU_GEMV").as_deref() == Ok("v8"),
+                submit_every: std::env::var("QFUSE_WGPU_SUBMIT_EVERY")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n: &usize| n > 0)
+                    .unwrap_or(SUBMIT_EVERY),
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
             }),
         })
@@ -795,7 +802,7 @@ impl WgpuBackend {
         }
         rec.dispatches += 1;
         // Submit in bursts, so the GPU starts on a step while the rest of it is recorded.
-        if rec.dispatches >= SUBMIT_EVERY {
+        if rec.dispatches >= self.inner.submit_every {
             if let Some(rec) = pending.remove(&thread) {
                 self.inner.submit(rec);
             }
