@@ -196,7 +196,9 @@ impl Recording {
 
 /// Dispatches recorded before a command buffer is submitted (default; `QFUSE_WGPU_SUBMIT_EVERY`
 /// overrides it for measurements).
-const SUBMIT_EVERY: usize = 32;
+/// Measured on the H200 (docs/perf.md): 8 → 4.58–4.70 ms a decode step, 32 → 4.87–5.04, 128 →
+/// 4.96–5.37, one submission a step 5.39–5.48: the GPU should start while the rest is recorded.
+const SUBMIT_EVERY: usize = 8;
 
 /// Bind groups by pipeline name and bound buffers (params first).
 type BindGroups = HashMap<(&'static str, Vec<wgpu::Buffer>), wgpu::BindGroup>;
@@ -310,8 +312,8 @@ struct Inner {
     /// (a decode step runs hundreds), so dropped outputs are reused.
     free_outputs: std::sync::Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     params: std::sync::Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
-    /// Run bf16 GEMVs in the earlier `_v8` build (`QFUSE_WGPU_GEMV=v8`, for comparison).
-    gemv_v8: bool,
+    /// One bf16 GEMV build for every size (`QFUSE_WGPU_GEMV=v8|wide`, for measurements).
+    gemv_build: Option<GemvBuild>,
     submit_every: usize,
 }
 
@@ -361,6 +363,13 @@ fn wgpu_err(e: impl fmt::Display) -> Error {
     Error::Backend(e.to_string().into())
 }
 
+/// The two vectorised bf16 GEMV shaders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GemvBuild {
+    V8,
+    Wide,
+}
+
 /// Which build of the matmul shader a product runs (its override constants).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Gemv {
@@ -375,13 +384,20 @@ enum Gemv {
 }
 
 impl Gemv {
-    /// The pipeline of this fusion for weights of `w` with rows of `k` elements: bf16 rows of
-    /// whole 8-element (16-byte) loads take a vectorised build, `_wide` (16 columns a 256-thread
-    /// workgroup) unless `v8` asks for the earlier `_v8` (2 columns a 128-thread workgroup).
-    fn pipeline(self, w: DType, k: usize, v8: bool) -> &'static str {
+    /// The pipeline of this fusion for `n` output columns of weights of `w` with rows of `k`
+    /// elements: bf16 rows of whole 8-element (16-byte) loads take a vectorised build, `_wide`
+    /// (16 columns a 256-thread workgroup) for matrices of 16,384+ columns, `_v8` (2 columns a
+    /// 128-thread workgroup) below, where `_wide` leaves too few workgroups to fill a GPU
+    /// (measured on the H200, docs/perf.md: the lm_head 0.45 → 0.22 ms with `_wide`, the
+    /// per-layer matrices slower). `force` picks one of the two for every size.
+    fn pipeline(self, w: DType, k: usize, n: usize, force: Option<GemvBuild>) -> &'static str {
+        let wide = match force {
+            Some(b) => b == GemvBuild::Wide,
+            None => n >= 16_384,
+        };
         let build = match (w, k.is_multiple_of(8)) {
-            (DType::BF16, true) if v8 => 2,
-            (DType::BF16, true) => 3,
+            (DType::BF16, true) if wide => 3,
+            (DType::BF16, true) => 2,
             (DType::BF16, false) => 1,
             _ => 0,
         };
@@ -481,7 +497,7 @@ impl WgpuBackend {
                 u32_of(start)?,
                 f32_bits(eps),
             ];
-            let pipeline = kind.pipeline(w.dtype, k, self.inner.gemv_v8);
+            let pipeline = kind.pipeline(w.dtype, k, rows, self.inner.gemv_build);
             // The vectorised builds take a 2-D grid (the lm_head's columns pass 65,535 groups).
             let groups = rows.div_ceil(Gemv::columns_per_workgroup(pipeline));
             let groups = if pipeline.ends_with("_wide") || pipeline.ends_with("_v8") {
@@ -563,7 +579,11 @@ impl WgpuBackend {
                 max_binding,
                 free_outputs: std::sync::Mutex::new(HashMap::new()),
                 params: std::sync::Mutex::new(HashMap::new()),
-                gemv_v8: std::env::var("QFUSE_WGPU_GEMV").as_deref() == Ok("v8"),
+                gemv_build: match std::env::var("QFUSE_WGPU_GEMV").as_deref() {
+                    Ok("v8") => Some(GemvBuild::V8),
+                    Ok("wide") => Some(GemvBuild::Wide),
+                    _ => None,
+                },
                 submit_every: std::env::var("QFUSE_WGPU_SUBMIT_EVERY")
                     .ok()
                     .and_then(|v| v.parse().ok())
