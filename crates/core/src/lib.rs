@@ -7,6 +7,7 @@ mod compare;
 pub mod compose;
 mod dtype;
 mod error;
+pub mod knobs;
 mod kv;
 mod perturb;
 pub mod reuse;

@@ -372,8 +372,11 @@ impl CudaBackend {
                 name,
                 sm_count,
                 gemv_warps: gemv_warps_per_sm() * sm_count,
-                attn_many_blocks_per_sm: env_knob("QFUSE_CUDA_ATTN_MANY_BLOCKS_PER_SM", 0..=64)
-                    .unwrap_or(4),
+                attn_many_blocks_per_sm: qfuse_core::knobs::env_knob(
+                    "QFUSE_CUDA_ATTN_MANY_BLOCKS_PER_SM",
+                    0..=64,
+                )
+                .unwrap_or(4),
                 options,
                 pdl: options.pdl && major >= 9,
                 counters: Mutex::new(vec![counters]),
@@ -1683,16 +1686,7 @@ fn gemv_split(out_cols: usize, k: usize, sm_count: usize) -> usize {
 /// a tuning knob for measuring the trade between loads in flight per kernel and room on each SM
 /// for the next kernel's blocks to start early (PDL).
 fn gemv_warps_per_sm() -> usize {
-    env_knob("QFUSE_CUDA_GEMV_WARPS_PER_SM", 1..=64).unwrap_or(8)
-}
-
-/// A tuning knob from the environment, when set to a number in `range` (for measuring
-/// alternatives on a GPU without rebuilding; defaults are the measured best).
-fn env_knob(name: &str, range: std::ops::RangeInclusive<usize>) -> Option<usize> {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|w| range.contains(w))
+    qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_WARPS_PER_SM", 1..=64).unwrap_or(8)
 }
 
 /// How `gemv_t1` (the decode bf16 GEMV in `kernels/gemv.cu`, built for 1 and for 2–8 rows)

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use qfuse_core::knobs::env_knob;
 use qfuse_core::reuse::{lock_unpoisoned as lock, size_class};
 use qfuse_core::{
     compose, AttentionConfig, Backend, BatchInfo, DType, DeviceTensor, Error, HostData, HostTensor,
@@ -315,6 +316,9 @@ struct Inner {
     /// One bf16 GEMV build for every size (`QFUSE_WGPU_GEMV=v8|wide`, for measurements).
     gemv_build: Option<GemvBuild>,
     submit_every: usize,
+    /// Workgroups attention aims for by splitting contexts (`QFUSE_WGPU_ATTENTION_WORKGROUPS`,
+    /// default 256; at most the heads × tokens means one split and no combine dispatch).
+    attention_workgroups: usize,
 }
 
 impl Inner {
@@ -584,11 +588,10 @@ impl WgpuBackend {
                     Ok("wide") => Some(GemvBuild::Wide),
                     _ => None,
                 },
-                submit_every: std::env::var("QFUSE_WGPU_SUBMIT_EVERY")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|&n: &usize| n > 0)
+                submit_every: env_knob("QFUSE_WGPU_SUBMIT_EVERY", 1..=1 << 20)
                     .unwrap_or(SUBMIT_EVERY),
+                attention_workgroups: env_knob("QFUSE_WGPU_ATTENTION_WORKGROUPS", 1..=1 << 20)
+                    .unwrap_or(256),
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
             }),
         })
@@ -1244,7 +1247,7 @@ impl Backend for WgpuBackend {
         // Split the context so there are a few hundred workgroups even at batch 1 (one per
         // query head would leave most of a GPU idle), each split a whole number of 64-key tiles.
         let max_ctx = batch.info.max_context().max(1);
-        let want = (256 / (h * t).max(1)).max(1);
+        let want = (self.inner.attention_workgroups / (h * t).max(1)).max(1);
         let chunk = 64 * max_ctx.div_ceil(64 * want).max(1);
         let splits = max_ctx.div_ceil(chunk);
         // Partials [o, max, sum] per (token, head, split); one split writes `out` directly.
