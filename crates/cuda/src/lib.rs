@@ -207,6 +207,9 @@ struct Inner {
     sm_count: usize,
     /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
     gemv_warps: usize,
+    /// Fewest one-token sequences that take the batched-decode attention kernel (default 9,
+    /// `QFUSE_CUDA_MANY_ATTENTION_FROM`; fewer take the split-K kernel).
+    many_from: usize,
     /// Blocks an SM the lane-per-key attention fills when it splits contexts (0: no split; the
     /// default 4 is what its registers let an SM hold).
     attn_many_blocks_per_sm: usize,
@@ -372,6 +375,8 @@ impl CudaBackend {
                 name,
                 sm_count,
                 gemv_warps: gemv_warps_per_sm() * sm_count,
+                many_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_MANY_ATTENTION_FROM", 1..=4096)
+                    .unwrap_or(GEMV_MAX_ROWS + 1),
                 attn_many_blocks_per_sm: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_ATTN_MANY_BLOCKS_PER_SM",
                     0..=64,
@@ -1362,7 +1367,7 @@ impl Backend for CudaBackend {
         // (docs/perf.md): batch-64 decode 5.06 → 4.88 ms/step with it, but prefill 2,048 91.8 →
         // 108 ms, so prompts keep the per-token kernel below, or the GEMMs.
         let decode_batch = batch.info.seqs().iter().all(|s| s.len == 1);
-        let many = t > GEMV_MAX_ROWS && decode_batch && d.is_multiple_of(4) && d <= 128;
+        let many = t >= self.inner.many_from && decode_batch && d.is_multiple_of(4) && d <= 128;
         let gemm_min = self.inner.options.attention_gemm_min_rows.max(1);
         if !many && t > GEMV_MAX_ROWS && batch.info.seqs().iter().all(|s| s.len >= gemm_min) {
             return self.attention_gemm(q, cache, batch, cfg);
