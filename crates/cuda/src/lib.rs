@@ -207,8 +207,9 @@ struct Inner {
     sm_count: usize,
     /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
     gemv_warps: usize,
-    /// Fewest one-token sequences that take the batched-decode attention kernel (default 9,
-    /// `QFUSE_CUDA_MANY_ATTENTION_FROM`; fewer take the split-K kernel).
+    /// Fewest one-token sequences that take the lane-per-key decode attention kernel (default
+    /// 1: every decode step; measured on the H200, batch 1 1.016 → 0.93 ms/step against the
+    /// split-K kernel; `QFUSE_CUDA_MANY_ATTENTION_FROM` raises it for comparison).
     many_from: usize,
     /// Blocks an SM the lane-per-key attention fills when it splits contexts (0: no split; the
     /// default 4 is what its registers let an SM hold).
@@ -376,7 +377,7 @@ impl CudaBackend {
                 sm_count,
                 gemv_warps: gemv_warps_per_sm() * sm_count,
                 many_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_MANY_ATTENTION_FROM", 1..=4096)
-                    .unwrap_or(GEMV_MAX_ROWS + 1),
+                    .unwrap_or(1),
                 attn_many_blocks_per_sm: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_ATTN_MANY_BLOCKS_PER_SM",
                     0..=64,
@@ -1363,9 +1364,10 @@ impl Backend for CudaBackend {
                 "key and value pools differ in dtype",
             ));
         }
-        // Many sequences one token each (batched decode): a lane per key. Measured on the H200
-        // (docs/perf.md): batch-64 decode 5.06 → 4.88 ms/step with it, but prefill 2,048 91.8 →
-        // 108 ms, so prompts keep the per-token kernel below, or the GEMMs.
+        // Decode steps (every sequence one token): the coalesced 8-keys-a-warp kernel, from batch
+        // 1 up. Measured on the H200 (docs/perf.md): batch 64 5.0 → 3.97 ms/step, batch 1 1.016
+        // → 0.93 against the split-K kernel. Prompt chunks of 64+ tokens take the GEMMs, shorter
+        // ones the split-K kernel.
         let decode_batch = batch.info.seqs().iter().all(|s| s.len == 1);
         let many = t >= self.inner.many_from && decode_batch && d.is_multiple_of(4) && d <= 128;
         let gemm_min = self.inner.options.attention_gemm_min_rows.max(1);
