@@ -540,96 +540,76 @@ __device__ void attention_many(
 MANY_ENTRIES(float, kvf32)
 MANY_ENTRIES(bf16_t, kvbf16)
 
-// Long prompts: attention as cuBLAS GEMMs on the tensor cores around a softmax kernel, one
-// sequence and one chunk of its query rows at a time (crates/cuda/src/lib.rs, `attention_gemm`).
-// Scores must be fp32-accurate (k_norm gains near 100 make them large), so q and k are split into
-// three bf16 parts each and the six part products of order <= 2 (hi·hi, hi·mid, mid·hi, hi·lo,
-// mid·mid, lo·hi) lie side by side along the inner dimension: one bf16 GEMM of inner size 6d
-// gives each score to ~2^-24. Probabilities are split the same way; V's three parts lie side by
-// side as output columns, and three GEMMs (P's hi part against V's hi|mid|lo, mid against
-// hi|mid, lo against hi) leave the six products in three column groups that a last kernel sums.
+// Long prompts: attention as fp32 cuBLAS GEMMs around a softmax kernel, one sequence and one
+// chunk of its query rows at a time (crates/cuda/src/lib.rs, `attention_gemm`): scores [G n, sk]
+// = q [G n, d] · k [sk, d]ᵀ per KV head (its G query heads' rows stacked), then p · v. fp32
+// SGEMMs, not bf16 tensor cores over split operands: that version (three bf16 parts of q, k, p
+// and v, the six products of order <= 2) was as fast but let the tensor cores' truncating
+// accumulation through, and the synthetic 0.6B's logits moved 3x further from the reference.
 
-// Query rows [row0, row0 + rows) of q [T, H * d] -> qs [H][rows][6d], parts hi, hi, mid, hi, mid,
-// lo (head h = kv * G + g, so each KV head's G query heads are consecutive rows of one matrix).
-// grid = (rows, H), block = 128.
-extern "C" __global__ void attention_gemm_split_q(const float* __restrict__ q, bf16_t* __restrict__ qs, int row0,
-                                                  int rows, int H, int d) {
+// Query rows [row0, row0 + rows) of q [T, H * d] -> qs [H][rows][d] (head h = kv * G + g, so each
+// KV head's G query heads are consecutive rows of one matrix). grid = (rows, H), block = 128.
+extern "C" __global__ void attention_gemm_gather_q(const float* __restrict__ q, float* __restrict__ qs, int row0,
+                                                   int rows, int H, int d) {
     pdl_begin();
     const int r = blockIdx.x, h = blockIdx.y;
     const float* src = q + (size_t)(row0 + r) * H * d + (size_t)h * d;
-    bf16_t* dst = qs + ((size_t)h * rows + r) * 6 * d;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        bf16_t hi, mid, lo;
-        split_bf16x3(src[c], hi, mid, lo);
-        dst[c] = hi; dst[d + c] = hi; dst[2 * d + c] = mid;
-        dst[3 * d + c] = hi; dst[4 * d + c] = mid; dst[5 * d + c] = lo;
-    }
+    float* dst = qs + ((size_t)h * rows + r) * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = src[c];
 }
 
-// Keys and values at positions [0, S) of one sequence (its block table) -> ks [KV][S][6d], parts
-// hi, mid, hi, lo, mid, hi (paired with attention_gemm_split_q's), and vs [KV][S][3d], parts hi,
-// mid, lo. grid = (S, KV), block = 128.
+// Keys and values at positions [0, S) of one sequence (its block table) -> ks, vs [KV][S][d] fp32.
+// grid = (S, KV), block = 128.
 template <typename KT>
 __device__ void attention_gemm_gather_kv(const KT* __restrict__ kc, const KT* __restrict__ vc,
                                          const u32* __restrict__ table, int block_size, int S, int KV, int d,
-                                         bf16_t* __restrict__ ks, bf16_t* __restrict__ vs) {
+                                         float* __restrict__ ks, float* __restrict__ vs) {
     pdl_begin();
     const int j = blockIdx.x, kv = blockIdx.y;
     const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-    const size_t src = slot * KV * d + (size_t)kv * d;
-    bf16_t* kd = ks + ((size_t)kv * S + j) * 6 * d;
-    bf16_t* vd = vs + ((size_t)kv * S + j) * 3 * d;
+    const size_t src = slot * KV * d + (size_t)kv * d, dst = ((size_t)kv * S + j) * d;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        bf16_t hi, mid, lo;
-        split_bf16x3(kv_load(kc + src + c), hi, mid, lo);
-        kd[c] = hi; kd[d + c] = mid; kd[2 * d + c] = hi;
-        kd[3 * d + c] = lo; kd[4 * d + c] = mid; kd[5 * d + c] = hi;
-        split_bf16x3(kv_load(vc + src + c), hi, mid, lo);
-        vd[c] = hi; vd[d + c] = mid; vd[2 * d + c] = lo;
+        ks[dst + c] = kv_load(kc + src + c);
+        vs[dst + c] = kv_load(vc + src + c);
     }
 }
 
-// Scores s [H][rows][ldp] (fp32, unscaled) -> probabilities over keys [0, pos0 + r] of row r
-// (causal; zero for later keys up to sk), as three bf16 parts ps [3][H][rows][ldp].
-// grid = (rows, H), block = 256.
-extern "C" __global__ void attention_gemm_softmax(const float* __restrict__ s, bf16_t* __restrict__ ps, int rows,
-                                                  int H, int sk, int ldp, int pos0, float scale_log2) {
+// Scores s [H][rows][ldp] (unscaled) -> in place, probabilities over keys [0, pos0 + r] of row r
+// (causal; zero for later keys up to sk). grid = (rows, H), block = 256.
+extern "C" __global__ void attention_gemm_softmax(float* __restrict__ s, int rows, int sk, int ldp, int pos0,
+                                                  float scale_log2) {
     pdl_begin();
     __shared__ float scratch[32];
     const int r = blockIdx.x, h = blockIdx.y;
-    const size_t row = ((size_t)h * rows + r) * ldp, part = (size_t)H * rows * ldp;
+    float* row = s + ((size_t)h * rows + r) * ldp;
     const int n = min(pos0 + r + 1, sk);
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, s[row + j]);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, row[j]);
     m = block_max(m, scratch);
     float l = 0.0f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) l += exp2f((s[row + j] - m) * scale_log2);
-    const float inv = 1.0f / block_sum(l, scratch);
-    for (int j = threadIdx.x; j < sk; j += blockDim.x) {
-        const float p = j < n ? exp2f((s[row + j] - m) * scale_log2) * inv : 0.0f;
-        bf16_t hi, mid, lo;
-        split_bf16x3(p, hi, mid, lo);
-        ps[row + j] = hi;
-        ps[part + row + j] = mid;
-        ps[2 * part + row + j] = lo;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float e = exp2f((row[j] - m) * scale_log2);
+        row[j] = e;
+        l += e;
     }
+    const float inv = 1.0f / block_sum(l, scratch);
+    for (int j = threadIdx.x; j < sk; j += blockDim.x) row[j] = j < n ? row[j] * inv : 0.0f;
 }
 
-// The three column groups c3 [H][rows][3d] -> out rows [tok0, tok0 + rows) of [T, H * d], summed
-// smallest first. grid = (rows, H), block = 128.
-extern "C" __global__ void attention_gemm_sum(const float* __restrict__ c3, float* __restrict__ out, int tok0,
-                                              int rows, int H, int d) {
+// o [H][rows][d] -> out rows [tok0, tok0 + rows) of [T, H * d]. grid = (rows, H), block = 128.
+extern "C" __global__ void attention_gemm_scatter(const float* __restrict__ o, float* __restrict__ out, int tok0,
+                                                  int rows, int H, int d) {
     pdl_begin();
     const int r = blockIdx.x, h = blockIdx.y;
-    const float* src = c3 + ((size_t)h * rows + r) * 3 * d;
+    const float* src = o + ((size_t)h * rows + r) * d;
     float* dst = out + (size_t)(tok0 + r) * H * d + (size_t)h * d;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = (src[2 * d + c] + src[d + c]) + src[c];
+    for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = src[c];
 }
 
 #define GATHER_ENTRY(KT, SUFFIX)                                                                           \
     extern "C" __global__ void attention_gemm_gather_kv_##SUFFIX(const KT* kc, const KT* vc, const u32* table, \
                                                                 int block_size, int S, int KV, int d,          \
-                                                                bf16_t* ks, bf16_t* vs) {                      \
+                                                                float* ks, float* vs) {                        \
         attention_gemm_gather_kv<KT>(kc, vc, table, block_size, S, KV, d, ks, vs);                              \
     }
 GATHER_ENTRY(float, kvf32)

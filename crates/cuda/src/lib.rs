@@ -238,8 +238,8 @@ pub struct CudaOptions {
     /// Launch kernels as programmatic dependent launches on sm_90+ (default), so each one's
     /// weight loads overlap the previous kernel; off launches each after the last has drained.
     pub pdl: bool,
-    /// Prompt attention runs as cuBLAS GEMMs on the tensor cores (operands split so scores stay
-    /// fp32-exact, `attention_gemm`) when every sequence of a batch brings at least this many
+    /// Prompt attention runs as fp32 cuBLAS GEMMs (`attention_gemm`) when every sequence of a
+    /// batch brings at least this many
     /// new tokens; shorter chunks take the split-K kernel. `usize::MAX` turns it off.
     pub attention_gemm_min_rows: usize,
     /// Query rows per chunk of the GEMM attention (fewer where the score scratch would pass
@@ -250,8 +250,9 @@ pub struct CudaOptions {
 
 /// Default [`CudaOptions::attention_gemm_min_rows`].
 pub const ATTENTION_GEMM_MIN_ROWS: usize = 64;
-/// Most device memory one chunk of the GEMM attention takes for its scores and probabilities
-/// (10 bytes per query head, row and key); it stays in the buffer pool for the next prompt.
+/// Most device memory one chunk of the GEMM attention takes for its scores (then probabilities,
+/// in place: 4 bytes per query head, row and key); it stays in the buffer pool for the next
+/// prompt.
 pub const ATTENTION_GEMM_SCRATCH_BYTES: usize = 256 << 20;
 
 impl Default for CudaOptions {
@@ -678,57 +679,52 @@ impl CudaBackend {
         .cuda()
     }
 
-    /// A strided-batched cuBLAS GEMM in its own column-major terms, bf16 operands, fp32 result
-    /// and accumulation: for each b < batch, `C_b [m, n] = op(A_b) · B_b [k, n] + beta C_b`, with
-    /// op(A) = Aᵀ (A stored `[k, m]`) when `trans_a`, else A (stored `[m, k]`). Each operand is
-    /// (device address, leading dimension, stride between batch entries) in elements.
+    /// A strided-batched fp32 cuBLAS GEMM in its own column-major terms (fp32 compute, no TF32):
+    /// for each b < batch, `C_b [m, n] = op(A_b) · B_b [k, n]`, with op(A) = Aᵀ (A stored
+    /// `[k, m]`) when `trans_a`, else A (stored `[m, k]`). Each operand is (device address,
+    /// leading dimension, stride between batch entries) in elements.
     ///
     /// # Safety
-    /// Every batch entry of every operand must lie inside a live device buffer of that type.
-    #[allow(clippy::type_complexity)]
-    unsafe fn gemm_strided_bf16(
+    /// Every batch entry of every operand must lie inside a live device buffer of floats.
+    unsafe fn gemm_strided_f32(
         &self,
         trans_a: bool,
         (m, n, k, batch): (usize, usize, usize, usize),
         (a, lda, stride_a): (u64, usize, usize),
         (b, ldb, stride_b): (u64, usize, usize),
         (c, ldc, stride_c): (u64, usize, usize),
-        beta: f32,
     ) -> Result<()> {
-        let alpha = 1.0f32;
-        let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
-        let op = |t: bool| {
-            if t {
-                cublas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let f32t = cublas_sys::cudaDataType::CUDA_R_32F;
+        let op = if trans_a {
+            cublas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublas_sys::cublasOperation_t::CUBLAS_OP_N
         };
-        let stride = |s: usize| s as i64;
         // SAFETY: the caller vouches for the operands; the handle uses this backend's stream;
         // alpha and beta outlive the call.
         unsafe {
             cudarc::cublas::result::gemm_strided_batched_ex(
                 *self.inner.blas.handle(),
-                op(trans_a),
-                op(false),
+                op,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
                 i32_of(m, "M")?,
                 i32_of(n, "N")?,
                 i32_of(k, "K")?,
                 (&alpha as *const f32).cast(),
                 a as *const _,
-                bf16,
+                f32t,
                 i32_of(lda, "lda")?,
-                stride(stride_a),
+                stride_a as i64,
                 b as *const _,
-                bf16,
+                f32t,
                 i32_of(ldb, "ldb")?,
-                stride(stride_b),
+                stride_b as i64,
                 (&beta as *const f32).cast(),
                 c as *mut _,
-                cublas_sys::cudaDataType::CUDA_R_32F,
+                f32t,
                 i32_of(ldc, "ldc")?,
-                stride(stride_c),
+                stride_c as i64,
                 i32_of(batch, "batch")?,
                 cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -774,14 +770,12 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Causal attention of prompt chunks on the tensor cores, one sequence and one chunk of its
-    /// query rows at a time: the scores as one strided-batched bf16 GEMM per chunk (a batch entry
-    /// per KV head, its G query heads stacked as rows) over q and k split into three bf16 parts
-    /// each, whose six products of order <= 2 lie along the inner dimension (6d), so each score
-    /// is fp32-exact; a softmax kernel writing the probabilities as three bf16 parts; three
-    /// GEMMs of those parts against V's parts; a kernel summing the partial products
-    /// (kernels/attention.cu explains the layout). Keys past a chunk's last row are never
-    /// multiplied. Inputs were checked by `attention`.
+    /// Causal attention of prompt chunks as fp32 cuBLAS GEMMs, one sequence and one chunk of its
+    /// query rows at a time: the scores as one strided-batched SGEMM per chunk (a batch entry
+    /// per KV head, its G query heads stacked as rows), a softmax kernel in place, a second
+    /// SGEMM of the probabilities and the values, and a kernel placing the rows in the output
+    /// (kernels/attention.cu explains why fp32 and not bf16 tensor cores). Keys past a chunk's
+    /// last row are never multiplied. Inputs were checked by `attention`.
     fn attention_gemm(
         &self,
         q: &CudaTensor,
@@ -790,21 +784,18 @@ impl CudaBackend {
         cfg: &AttentionConfig,
     ) -> Result<CudaTensor> {
         let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let g = cfg.group_size();
         let t = batch.info.num_tokens();
         let q = q.f32("attention")?;
         let out = self.alloc_f32(t * h * d)?;
         let stream = self.stream();
-        let (kvi, di) = (i32_of(kvh, "KV")?, i32_of(d, "d")?);
         let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
         let tables = batch.block_tables.device_ptr(stream).0;
         for (s, chunk) in batch.info.seqs().iter().enumerate() {
             let rows = batch.info.rows(s);
             let keys = chunk.start_pos + chunk.len;
-            // Every key of the sequence once, split: k [KV][keys][6d], v [KV][keys][3d] (bf16 in
-            // pooled f32 buffers of half as many elements).
-            let ks = self.alloc_f32((kvh * keys * 6 * d).div_ceil(2))?;
-            let vs = self.alloc_f32((kvh * keys * 3 * d).div_ceil(2))?;
+            // Every key and value of the sequence once, contiguous: [KV][keys][d] each.
+            let ks = self.alloc_f32(kvh * keys * d)?;
+            let vs = self.alloc_f32(kvh * keys * d)?;
             let mut l =
                 self.launch(&format!("attention_gemm_gather_kv_{}", cache.k.kv_suffix()))?;
             l.ptr(cache.k.ptr(stream))
@@ -812,14 +803,14 @@ impl CudaBackend {
                 .ptr(tables + (s * batch.max_blocks * 4) as u64)
                 .i32(i32_of(batch.info.block_size(), "block size")?)
                 .i32(i32_of(keys, "keys")?)
-                .i32(kvi)
-                .i32(di)
+                .i32(i32_of(kvh, "KV")?)
+                .i32(i32_of(d, "d")?)
                 .out(&ks)
                 .out(&vs);
             // SAFETY: the pools hold every slot of this sequence's table (checked by `attention`);
-            // the table is row s of [seqs, max_blocks]; ks and vs hold kvh*keys*6d and *3d bf16.
+            // the table is row s of [seqs, max_blocks]; ks and vs hold kvh*keys*d floats.
             unsafe { l.launch(grid2(keys, kvh, 128)) }.cuda()?;
-            let max_rows = ATTENTION_GEMM_SCRATCH_BYTES / (10 * h * keys.next_multiple_of(8));
+            let max_rows = ATTENTION_GEMM_SCRATCH_BYTES / (4 * h * keys.next_multiple_of(8));
             let step = self
                 .inner
                 .options
@@ -835,7 +826,7 @@ impl CudaBackend {
                     (&ks, &vs, keys),
                     &out,
                     (rows.start + a, n, chunk.start_pos + a, sk),
-                    (h, kvh, g, d),
+                    cfg,
                     scale_log2,
                 )?;
                 a += n;
@@ -852,80 +843,60 @@ impl CudaBackend {
         (ks, vs, keys): (&Pooled, &Pooled, usize),
         out: &Pooled,
         (row0, n, pos0, sk): (usize, usize, usize, usize),
-        (h, kvh, g, d): (usize, usize, usize, usize),
+        cfg: &AttentionConfig,
         scale_log2: f32,
     ) -> Result<()> {
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let stream = self.stream();
-        let (hi, di) = (i32_of(h, "H")?, i32_of(d, "d")?);
-        let ni = i32_of(n, "rows")?;
+        let (hi, di, ni) = (i32_of(h, "H")?, i32_of(d, "d")?, i32_of(n, "rows")?);
+        let row0i = i32_of(row0, "row")?;
         let ldp = sk.next_multiple_of(8);
-        let qs = self.alloc_f32((h * n * 6 * d).div_ceil(2))?;
-        let mut l = self.launch("attention_gemm_split_q")?;
-        l.buf(q)
-            .out(&qs)
-            .i32(i32_of(row0, "row")?)
-            .i32(ni)
-            .i32(hi)
-            .i32(di);
-        // SAFETY: q is [T, h*d] with row0 + n <= T; qs holds h*n*6d bf16.
-        unsafe { l.launch(grid2(n, h, 128)) }.cuda()?;
-        // Scores [H][n][ldp]: per KV head, [G n, sk] = qs [G n, 6d] · ks [sk, 6d]ᵀ.
-        let scores = self.alloc_f32(h * n * ldp)?;
-        let rows_g = g * n;
+        let rows_g = cfg.group_size() * n;
         let ptr = |p: &Pooled| p.slice().device_ptr(stream).0;
-        // SAFETY: per KV head b < kvh: ks + b*keys*6d holds sk <= keys rows of 6d bf16, qs +
-        // b*rows_g*6d holds rows_g rows of 6d, scores + b*rows_g*ldp holds rows_g rows of ldp
+        let qs = self.alloc_f32(h * n * d)?;
+        let mut l = self.launch("attention_gemm_gather_q")?;
+        l.buf(q).out(&qs).i32(row0i).i32(ni).i32(hi).i32(di);
+        // SAFETY: q is [T, h*d] with row0 + n <= T; qs holds h*n*d floats.
+        unsafe { l.launch(grid2(n, h, 128)) }.cuda()?;
+        // Scores [H][n][ldp]: per KV head, [G n, sk] = qs [G n, d] · ks [sk, d]ᵀ.
+        let scores = self.alloc_f32(h * n * ldp)?;
+        // SAFETY: per KV head b < kvh: ks + b*keys*d holds sk <= keys rows of d floats, qs +
+        // b*rows_g*d holds rows_g rows of d, scores + b*rows_g*ldp holds rows_g rows of ldp
         // floats (sk <= ldp); all inside their buffers.
         unsafe {
-            self.gemm_strided_bf16(
+            self.gemm_strided_f32(
                 true,
-                (sk, rows_g, 6 * d, kvh),
-                (ptr(ks), 6 * d, keys * 6 * d),
-                (ptr(&qs), 6 * d, rows_g * 6 * d),
+                (sk, rows_g, d, kvh),
+                (ptr(ks), d, keys * d),
+                (ptr(&qs), d, rows_g * d),
                 (ptr(&scores), ldp, rows_g * ldp),
-                0.0,
             )
         }?;
-        let ps = self.alloc_f32((3 * h * n * ldp).div_ceil(2))?;
         let mut l = self.launch("attention_gemm_softmax")?;
         l.out(&scores)
-            .out(&ps)
             .i32(ni)
-            .i32(hi)
             .i32(i32_of(sk, "keys")?)
             .i32(i32_of(ldp, "keys")?)
             .i32(i32_of(pos0, "position")?)
             .f32(scale_log2);
-        // SAFETY: scores is [h, n, ldp] f32 with its first sk columns written; ps holds three
-        // parts of h*n*ldp bf16.
+        // SAFETY: scores is [h, n, ldp] f32 with its first sk columns written.
         unsafe { l.launch(grid2(n, h, 256)) }.cuda()?;
-        drop(scores);
-        // c3 [H][n][3d]: P's part p against V's first 3 - p parts, accumulated.
-        let c3 = self.alloc_f32(h * n * 3 * d)?;
-        for p in 0..3 {
-            let part = ptr(&ps) + (p * h * n * ldp * 2) as u64;
-            // SAFETY: per KV head b: vs + b*keys*3d holds sk <= keys rows of 3d bf16 (the first
-            // (3 - p)d columns read), part + b*rows_g*ldp holds rows_g rows of ldp bf16 (sk
-            // read), c3 + b*rows_g*3d holds rows_g rows of 3d floats.
-            unsafe {
-                self.gemm_strided_bf16(
-                    false,
-                    ((3 - p) * d, rows_g, sk, kvh),
-                    (ptr(vs), 3 * d, keys * 3 * d),
-                    (part, ldp, rows_g * ldp),
-                    (ptr(&c3), 3 * d, rows_g * 3 * d),
-                    if p == 0 { 0.0 } else { 1.0 },
-                )
-            }?;
-        }
-        let mut l = self.launch("attention_gemm_sum")?;
-        l.out(&c3)
-            .out(out)
-            .i32(i32_of(row0, "row")?)
-            .i32(ni)
-            .i32(hi)
-            .i32(di);
-        // SAFETY: c3 is [h, n, 3d]; out is [T, h*d] with row0 + n <= T.
+        // o [H][n][d]: per KV head, [G n, d] = p [G n, sk] · vs [sk, d].
+        let o = qs;
+        // SAFETY: per KV head b: vs + b*keys*d holds sk <= keys rows of d floats, scores +
+        // b*rows_g*ldp holds rows_g rows of ldp (sk read), o + b*rows_g*d holds rows_g rows of d.
+        unsafe {
+            self.gemm_strided_f32(
+                false,
+                (d, rows_g, sk, kvh),
+                (ptr(vs), d, keys * d),
+                (ptr(&scores), ldp, rows_g * ldp),
+                (ptr(&o), d, rows_g * d),
+            )
+        }?;
+        let mut l = self.launch("attention_gemm_scatter")?;
+        l.out(&o).out(out).i32(row0i).i32(ni).i32(hi).i32(di);
+        // SAFETY: o is [h, n, d]; out is [T, h*d] with row0 + n <= T.
         unsafe { l.launch(grid2(n, h, 128)) }.cuda()
     }
 

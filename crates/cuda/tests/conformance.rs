@@ -22,11 +22,10 @@ mod kv_bf16 {
     );
 }
 
-/// Prompt attention through the tensor-core GEMM path for every batch of more than 8 rows (the
+/// Prompt attention through the cuBLAS GEMM path for every batch of more than 8 rows (the
 /// default takes it only for chunks of 64+ tokens), in chunks of 3 query rows so that chunking,
 /// causal key ranges that grow per chunk, and several sequences at once are all drawn. Held to
-/// the f32 tolerance (the f32 cache leaves nothing in bf16 but the weights): the bf16 operand
-/// parts must reproduce fp32 scores, which a two-part split with k_norm gains of 100 would not.
+/// the f32 tolerance (the f32 cache leaves nothing in bf16 but the weights).
 mod attention_gemm {
     use super::*;
 
