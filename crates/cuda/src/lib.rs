@@ -207,11 +207,11 @@ struct Inner {
     sm_count: usize,
     /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
     gemv_warps: usize,
-    /// Fewest one-token sequences that take the lane-per-key decode attention kernel (default
-    /// 1: every decode step; measured on the H200, batch 1 1.016 → 0.93 ms/step against the
-    /// split-K kernel; `QFUSE_CUDA_MANY_ATTENTION_FROM` raises it for comparison).
+    /// Fewest one-token sequences that take the decode attention kernel, `attention_many`
+    /// (default 1: every decode step; measured on the H200, batch 1 1.016 → 0.93 ms/step against
+    /// the split-K kernel; `QFUSE_CUDA_MANY_ATTENTION_FROM` raises it for comparison).
     many_from: usize,
-    /// Blocks an SM the lane-per-key attention fills when it splits contexts (0: no split; the
+    /// Blocks an SM the decode attention kernel fills when it splits contexts (0: no split; the
     /// default 4 is what its registers let an SM hold).
     attn_many_blocks_per_sm: usize,
     options: CudaOptions,
@@ -1348,7 +1348,7 @@ impl Backend for CudaBackend {
         // Both kernels split each token's context into chunks, a block each, sized by the
         // batch's capacity, not its current context, so a captured step keeps valid launch
         // shapes as the sequences grow (splits past a token's position exit at once). The
-        // split-K kernel aims at two waves of blocks (rounding up). The lane-per-key one splits
+        // split-K kernel aims at two waves of blocks (rounding up). The decode kernel splits
         // only as far as one wave of resident blocks holds (rounding down): measured on the H200
         // at batch 64 (docs/perf.md), every split past that lost (3.97 ms/step unsplit, 4.18 at
         // 2 splits, 4.91 at 9), while few long sequences need splits to fill the GPU.
@@ -1398,7 +1398,7 @@ impl Backend for CudaBackend {
         };
         // SAFETY: q is [t, h*d]; pools are [slots, kvh*d] and every block of every table is inside
         // (checked); tables are [seqs, max_blocks]; group <= MAX_G and d <= 256 (checked; the
-        // lane-per-key kernel only for d <= 128, a multiple of 4: 16-byte aligned rows); shared
+        // decode kernel only for d <= 128, a multiple of 4: 16-byte aligned rows); shared
         // memory as the kernel lays it out; the partial buffers hold t*h*splits*(d | 2) floats
         // when splits > 1; counters holds t*kvh zeros, which the kernel leaves zero.
         unsafe { l.launch(cfg_launch) }.cuda()?;
