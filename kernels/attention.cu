@@ -574,10 +574,12 @@ __device__ void attention_gemm_gather_kv(const KT* __restrict__ kc, const KT* __
     }
 }
 
-// Scores s [H][rows][ldp] (unscaled) -> in place, probabilities over keys [0, pos0 + r] of row r
-// (causal; zero for later keys up to sk). grid = (rows, H), block = 256.
-extern "C" __global__ void attention_gemm_softmax(float* __restrict__ s, int rows, int sk, int ldp, int pos0,
-                                                  float scale_log2) {
+// Scores s [H][rows][ldp] (unscaled) -> in place, exp(scale (s - max)) over keys [0, pos0 + r] of
+// row r (causal; zero for later keys up to sk), and the row's sum into sums [H][rows]: the
+// division by it waits for the output rows (attention_gemm_scatter), which saves a pass over the
+// scores. grid = (rows, H), block = 256.
+extern "C" __global__ void attention_gemm_softmax(float* __restrict__ s, float* __restrict__ sums, int rows, int sk,
+                                                  int ldp, int pos0, float scale_log2) {
     pdl_begin();
     __shared__ float scratch[32];
     const int r = blockIdx.x, h = blockIdx.y;
@@ -587,23 +589,25 @@ extern "C" __global__ void attention_gemm_softmax(float* __restrict__ s, int row
     for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, row[j]);
     m = block_max(m, scratch);
     float l = 0.0f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const float e = exp2f((row[j] - m) * scale_log2);
+    for (int j = threadIdx.x; j < sk; j += blockDim.x) {
+        const float e = j < n ? exp2f((row[j] - m) * scale_log2) : 0.0f;
         row[j] = e;
         l += e;
     }
-    const float inv = 1.0f / block_sum(l, scratch);
-    for (int j = threadIdx.x; j < sk; j += blockDim.x) row[j] = j < n ? row[j] * inv : 0.0f;
+    l = block_sum(l, scratch);
+    if (threadIdx.x == 0) sums[(size_t)h * rows + r] = l;
 }
 
-// o [H][rows][d] -> out rows [tok0, tok0 + rows) of [T, H * d]. grid = (rows, H), block = 128.
-extern "C" __global__ void attention_gemm_scatter(const float* __restrict__ o, float* __restrict__ out, int tok0,
-                                                  int rows, int H, int d) {
+// o [H][rows][d] (unnormalised) / sums [H][rows] -> out rows [tok0, tok0 + rows) of [T, H * d].
+// grid = (rows, H), block = 128.
+extern "C" __global__ void attention_gemm_scatter(const float* __restrict__ o, const float* __restrict__ sums,
+                                                  float* __restrict__ out, int tok0, int rows, int H, int d) {
     pdl_begin();
     const int r = blockIdx.x, h = blockIdx.y;
     const float* src = o + ((size_t)h * rows + r) * d;
+    const float l = sums[(size_t)h * rows + r];
     float* dst = out + (size_t)(tok0 + r) * H * d + (size_t)h * d;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = src[c];
+    for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = src[c] / l;
 }
 
 #define GATHER_ENTRY(KT, SUFFIX)                                                                           \

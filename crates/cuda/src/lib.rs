@@ -772,8 +772,9 @@ impl CudaBackend {
 
     /// Causal attention of prompt chunks as fp32 cuBLAS GEMMs, one sequence and one chunk of its
     /// query rows at a time: the scores as one strided-batched SGEMM per chunk (a batch entry
-    /// per KV head, its G query heads stacked as rows), a softmax kernel in place, a second
-    /// SGEMM of the probabilities and the values, and a kernel placing the rows in the output
+    /// per KV head, its G query heads stacked as rows), a softmax kernel in place (the division
+    /// by each row's sum deferred), a second SGEMM of the weights and the values, and a kernel
+    /// dividing and placing the rows in the output
     /// (kernels/attention.cu explains why fp32 and not bf16 tensor cores). Keys past a chunk's
     /// last row are never multiplied. Inputs were checked by `attention`.
     fn attention_gemm(
@@ -872,14 +873,16 @@ impl CudaBackend {
                 (ptr(&scores), ldp, rows_g * ldp),
             )
         }?;
+        let sums = self.alloc_f32(h * n)?;
         let mut l = self.launch("attention_gemm_softmax")?;
         l.out(&scores)
+            .out(&sums)
             .i32(ni)
             .i32(i32_of(sk, "keys")?)
             .i32(i32_of(ldp, "keys")?)
             .i32(i32_of(pos0, "position")?)
             .f32(scale_log2);
-        // SAFETY: scores is [h, n, ldp] f32 with its first sk columns written.
+        // SAFETY: scores is [h, n, ldp] f32 with its first sk columns written; sums holds h*n.
         unsafe { l.launch(grid2(n, h, 256)) }.cuda()?;
         // o [H][n][d]: per KV head, [G n, d] = p [G n, sk] · vs [sk, d].
         let o = qs;
@@ -895,8 +898,14 @@ impl CudaBackend {
             )
         }?;
         let mut l = self.launch("attention_gemm_scatter")?;
-        l.out(&o).out(out).i32(row0i).i32(ni).i32(hi).i32(di);
-        // SAFETY: o is [h, n, d]; out is [T, h*d] with row0 + n <= T.
+        l.out(&o)
+            .out(&sums)
+            .out(out)
+            .i32(row0i)
+            .i32(ni)
+            .i32(hi)
+            .i32(di);
+        // SAFETY: o is [h, n, d] and sums [h, n]; out is [T, h*d] with row0 + n <= T.
         unsafe { l.launch(grid2(n, h, 128)) }.cuda()
     }
 
