@@ -1354,31 +1354,30 @@ impl Backend for CudaBackend {
         if !many && t > GEMV_MAX_ROWS && batch.info.seqs().iter().all(|s| s.len >= gemm_min) {
             return self.attention_gemm(q, cache, batch, cfg);
         }
-        // Both kernels split each token's context into chunks, a block each, sized by the
-        // batch's capacity, not its current context, so a captured step keeps valid launch
-        // shapes as the sequences grow (splits past a token's position exit at once). The
-        // split-K kernel aims at two waves of blocks (rounding up). The decode kernel splits
-        // only as far as one wave of resident blocks holds (rounding down): measured on the H200
-        // at batch 64 (docs/perf.md), every split past that lost (3.97 ms/step unsplit, 4.18 at
-        // 2 splits, 4.91 at 9), while few long sequences need splits to fill the GPU.
+        // Both kernels split each token's context into chunks, a block each (`ContextSplit`),
+        // sized by the batch's capacity, not its current context, so a captured step keeps valid
+        // launch shapes as the sequences grow (splits past a token's position exit at once).
         let max_ctx = batch.capacity.max(batch.info.max_context()).max(1);
         let g = cfg.group_size();
-        let (kernel, want, shared) = if many {
+        let (kernel, shared) = if many {
             let gm = g.next_power_of_two();
             let kernel = format!("attention_many_{}_g{gm}", cache.k.kv_suffix());
-            let wave = self.inner.attn_many_blocks_per_sm * self.inner.sm_count;
-            (kernel, wave / (t * kvh), ATTN_WARPS as usize * gm * (d + 2))
+            (kernel, ATTN_WARPS as usize * gm * (d + 2))
         } else {
             let kernel = attention_entry(cache.k.kv_suffix(), g, d, t);
-            let want = (2 * self.inner.sm_count).div_ceil(t * kvh);
-            (kernel, want, ATTN_WARPS as usize * g * (d + 2))
+            (kernel, ATTN_WARPS as usize * g * (d + 2))
         };
-        // The last block's combine walks every split's partials in turn: past 16 splits it
-        // costs more than the parallelism buys (H200, batch 1 at 2,052 keys: 65 splits 2.46
-        // ms/step, where the split-K kernel's 33 took 2.03).
-        let want = if many { want.clamp(1, 16) } else { want.max(1) };
-        let chunk = max_ctx.div_ceil(want).next_multiple_of(32);
-        let splits = max_ctx.div_ceil(chunk);
+        let blocks = t * kvh;
+        let split = if many {
+            ContextSplit::decode(
+                max_ctx,
+                blocks,
+                self.inner.attn_many_blocks_per_sm * self.inner.sm_count,
+            )
+        } else {
+            ContextSplit::split_k(max_ctx, blocks, self.inner.sm_count)
+        };
+        let (chunk, splits) = (split.chunk, split.splits);
         let out = self.alloc_f32(t * c)?;
         let part_o = self.alloc_f32(if splits > 1 { t * h * splits * d } else { 1 })?;
         let part_ml = self.alloc_f32(if splits > 1 { t * h * splits * 2 } else { 1 })?;
@@ -1679,6 +1678,39 @@ fn gemv_warps_per_sm() -> usize {
     qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_WARPS_PER_SM", 1..=64).unwrap_or(8)
 }
 
+/// How an attention launch cuts each token's context: `splits` blocks of `chunk` keys (a
+/// multiple of 32, whole 8-key groups for each of the decode kernel's warps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ContextSplit {
+    chunk: usize,
+    splits: usize,
+}
+
+impl ContextSplit {
+    fn with_splits(max_ctx: usize, want: usize) -> Self {
+        let chunk = max_ctx.div_ceil(want.max(1)).next_multiple_of(32);
+        ContextSplit {
+            chunk,
+            splits: max_ctx.div_ceil(chunk),
+        }
+    }
+
+    /// The decode kernel (`attention_many`) splits only as far as one wave of resident blocks
+    /// holds (`wave` blocks, rounding down): measured on the H200 at batch 64 (docs/perf.md),
+    /// every split past that lost (3.97 ms/step unsplit, 4.18 at 2 splits, 4.91 at 9), while
+    /// few long sequences need splits to fill the GPU. At most 16: the last block's combine
+    /// walks every split's partials in turn (batch 1 at 2,052 keys: 65 splits 2.46 ms/step,
+    /// where the split-K kernel's 33 took 2.03).
+    fn decode(max_ctx: usize, blocks: usize, wave: usize) -> Self {
+        Self::with_splits(max_ctx, (wave / blocks.max(1)).clamp(1, 16))
+    }
+
+    /// The split-K kernel aims at two waves of blocks over the SMs (rounding up).
+    fn split_k(max_ctx: usize, blocks: usize, sm_count: usize) -> Self {
+        Self::with_splits(max_ctx, (2 * sm_count).div_ceil(blocks.max(1)))
+    }
+}
+
 /// How `gemv_t1` (the decode bf16 GEMV in `kernels/gemv.cu`, built for 1 and for 2–8 rows)
 /// covers one matrix: each warp owns
 /// `rows` output columns over a K-slice of `kc` 16-byte loads per lane per weight row, `split`
@@ -1813,6 +1845,59 @@ mod tests {
         let down = GemvT1Plan::choose(3072, 1024, false, 8 * 132).unwrap();
         assert_eq!((down.rows, down.split, down.kc), (1, 2, 6));
         assert_eq!(GemvT1Plan::choose(1000, 4096, false, 8 * 132), None);
+    }
+
+    /// The context splits the H200 measurements chose (132 SMs, 4 decode blocks an SM).
+    #[test]
+    fn context_splits_follow_the_measured_rules() {
+        let wave = 4 * 132;
+        // Batch 64 x 8 KV heads already fills a wave: no split.
+        assert_eq!(
+            ContextSplit::decode(576, 64 * 8, wave),
+            ContextSplit {
+                chunk: 576,
+                splits: 1
+            }
+        );
+        // Batch 1 at 288 keys: 16 splits wanted (the cap), chunks of the 32-key minimum.
+        assert_eq!(
+            ContextSplit::decode(288, 8, wave),
+            ContextSplit {
+                chunk: 32,
+                splits: 9
+            }
+        );
+        // Batch 1 at 2,052 keys: capped at 16 wanted, 160-key chunks.
+        assert_eq!(
+            ContextSplit::decode(2052, 8, wave),
+            ContextSplit {
+                chunk: 160,
+                splits: 13
+            }
+        );
+        // Splitting switched off (knob 0): one chunk of the whole context.
+        assert_eq!(ContextSplit::decode(100, 8, 0).splits, 1);
+        // Split-K: two waves over the SMs, rounding up.
+        assert_eq!(
+            ContextSplit::split_k(2048, 2048 * 8, 132),
+            ContextSplit {
+                chunk: 2048,
+                splits: 1
+            }
+        );
+        assert_eq!(ContextSplit::split_k(288, 8, 132).splits, 9);
+        for ctx in [1, 31, 32, 33, 1000, 40_000] {
+            for split in [
+                ContextSplit::decode(ctx, 3, wave),
+                ContextSplit::split_k(ctx, 3, 132),
+            ] {
+                assert!(split.chunk % 32 == 0 && split.chunk * split.splits >= ctx);
+                assert!(
+                    split.chunk * (split.splits - 1) < ctx,
+                    "{ctx}: an empty split"
+                );
+            }
+        }
     }
 
     /// The PDL contract (launch.rs): every kernel waits for the previous one before it reads
