@@ -4,7 +4,10 @@
 //! and activation buffers come from a pool (`pool.rs`), so a captured decode step holds kernels
 //! only and each kernel's weight loads overlap the one before it.
 //! Decode-sized products (T <= 8 rows) run in fused GEMV kernels that read each weight once;
-//! larger ones go to cuBLAS (bf16 tensor cores, fp32 accumulation). Kernels are CUDA C++ from
+//! larger ones go to cuBLAS (bf16 tensor cores over three-part splits of the fp32 activations,
+//! with the norm and the epilogue fused into the split and the sum). Decode attention is one
+//! kernel for every batch size; prompt attention (chunks of 64+ tokens) runs as fp32 cuBLAS
+//! GEMMs around a softmax kernel, shorter chunks in a split-K kernel. Kernels are CUDA C++ from
 //! `kernels/`, compiled by NVRTC for the GPU present when the backend is created. The crate
 //! builds without CUDA: libraries are loaded at run time, and their absence is `Error::NoDevice`.
 
