@@ -172,6 +172,27 @@ __device__ __forceinline__ void merge_warps(const float* part, int rows, int d, 
     }
 }
 
+// A warp's online-softmax state into its row of the block's merge area, [ATTN_WARPS][G][d + 2]
+// as [o (d), max, sum] per query head (lane l holds dims [d0, d0 + N)), for merge_warps.
+template <int GM, int N>
+__device__ __forceinline__ void store_warp_partials(float* merge, int G, int d, int d0, const float (&o)[GM][N],
+                                                    const float (&m)[GM], const float (&l)[GM]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, stride = d + 2;
+    float* mine = merge + (size_t)warp * G * stride;
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        if (g < G) {
+#pragma unroll
+            for (int j = 0; j < N; ++j)
+                if (d0 + j < d) mine[g * stride + d0 + j] = o[g][j];
+            if (lane == 0) {
+                mine[g * stride + d] = m[g];
+                mine[g * stride + d + 1] = l[g];
+            }
+        }
+    }
+}
+
 // The end of a block of split attention: merge the warps' partials in `merge` (after a barrier);
 // with one active split write the normalised output, else write this split's partials (o, max,
 // sum) and let the last of the `active` splits to arrive (a per-(t, kv) arrival counter, reset by
@@ -327,20 +348,7 @@ __device__ void attention_paged(
         }
     }
     // Merge the warps' partial softmaxes (a warp without keys has m = -inf, l = 0).
-    const int stride = d + 2;
-    float* mine = smem + (size_t)warp * G * stride;
-#pragma unroll
-    for (int g = 0; g < GM; ++g) {
-        if (g < G) {
-#pragma unroll
-            for (int j = 0; j < DPL; ++j)
-                if (d0 + j < d) mine[g * stride + d0 + j] = o[g][j];
-            if (lane == 0) {
-                mine[g * stride + d] = m[g];
-                mine[g * stride + d + 1] = l[g];
-            }
-        }
-    }
+    store_warp_partials<GM, DPL>(smem, G, d, d0, o, m, l);
     __syncthreads();
     finish_splits(smem, G, d, H, KV, t, kv, split, active, out, part_o, part_ml, counters);
 }
@@ -507,21 +515,7 @@ __device__ void attention_many(
             }
         }
     }
-    const int stride = d + 2;
-    float* mine = smem + (size_t)warp * G * stride;
-#pragma unroll
-    for (int g = 0; g < GM; ++g) {
-        if (g < G) {
-            if (has_dims) {
-#pragma unroll
-                for (int c = 0; c < 4; ++c) mine[g * stride + d0 + c] = o[g][c];
-            }
-            if (lane == 0) {
-                mine[g * stride + d] = m[g];
-                mine[g * stride + d + 1] = l[g];
-            }
-        }
-    }
+    store_warp_partials<GM, 4>(smem, G, d, d0, o, m, l);
     __syncthreads();
     finish_splits(smem, G, d, H, KV, t, kv, split, active, out, part_o, part_ml, counters);
 }

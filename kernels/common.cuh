@@ -33,25 +33,21 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the block; every thread gets the result. `scratch` holds 32 floats.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// `warp_op` (warp_sum or warp_max) over the block; every thread gets the result. `scratch` holds
+// 32 floats; `identity` fills the lanes past the block's warps.
+template <float (*warp_op)(float)>
+__device__ __forceinline__ float block_reduce(float v, float* scratch, float identity) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-    v = warp_sum(v);
+    v = warp_op(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float t = lane < nwarps ? scratch[lane] : 0.0f;
-    return warp_sum(t);
+    float t = lane < nwarps ? scratch[lane] : identity;
+    return warp_op(t);
 }
-
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce<warp_sum>(v, scratch, 0.0f); }
 __device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float t = lane < nwarps ? scratch[lane] : -INFINITY;
-    return warp_max(t);
+    return block_reduce<warp_max>(v, scratch, -INFINITY);
 }
 
 // x = hi + mid + lo, each part the bf16 rounding of what the previous ones leave: products of

@@ -1,15 +1,20 @@
 // RMSNorm: statistic, gain and output in fp32.
 
+// 1 / sqrt(mean(x^2) + eps) of the n values at x, for the whole block.
+__device__ __forceinline__ float block_inv_rms(const float* __restrict__ x, int n, float eps) {
+    __shared__ float scratch[32];
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { float v = x[i]; ss += v * v; }
+    return rsqrtf(block_sum(ss, scratch) / n + eps);
+}
+
 // Each block normalises one group of G consecutive elements (groups tile [rows, C] since C % G == 0).
 // y = x * rsqrt(mean(x^2) + eps) * w. grid = rows * C / G, block = min(256, ...) multiple of 32.
 extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
                                         float* __restrict__ y, int G, float eps) {
     pdl_begin();
-    __shared__ float scratch[32];
     const size_t base = (size_t)blockIdx.x * G;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < G; i += blockDim.x) { float v = x[base + i]; ss += v * v; }
-    const float inv = rsqrtf(block_sum(ss, scratch) / G + eps);
+    const float inv = block_inv_rms(x + base, G, eps);
     for (int i = threadIdx.x; i < G; i += blockDim.x) y[base + i] = x[base + i] * inv * w[i];
 }
 
@@ -19,11 +24,8 @@ extern "C" __global__ void rms_norm_split_bf16x3(const float* __restrict__ x, co
                                                  bf16_t* __restrict__ hi, bf16_t* __restrict__ mid,
                                                  bf16_t* __restrict__ lo, int cols, float eps) {
     pdl_begin();
-    __shared__ float scratch[32];
     const size_t base = (size_t)blockIdx.x * cols;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) { float v = x[base + i]; ss += v * v; }
-    const float inv = rsqrtf(block_sum(ss, scratch) / cols + eps);
+    const float inv = block_inv_rms(x + base, cols, eps);
     for (int i = threadIdx.x; i < cols; i += blockDim.x)
         split_bf16x3(x[base + i] * inv * w[i], hi[base + i], mid[base + i], lo[base + i]);
 }
