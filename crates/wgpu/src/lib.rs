@@ -174,8 +174,14 @@ const MATMUL_BF16: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16.wgsl"),
     include_str!("../../../kernels/wgsl/matmul_body.wgsl")
 );
-const MATMUL_BF16_V8: &str = include_str!("../../../kernels/wgsl/matmul_bf16_v8.wgsl");
-const MATMUL_BF16_WIDE: &str = include_str!("../../../kernels/wgsl/matmul_bf16_wide.wgsl");
+const MATMUL_BF16_V8: &str = concat!(
+    include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
+    include_str!("../../../kernels/wgsl/matmul_bf16_v8.wgsl")
+);
+const MATMUL_BF16_WIDE: &str = concat!(
+    include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
+    include_str!("../../../kernels/wgsl/matmul_bf16_wide.wgsl")
+);
 
 /// Most head dims the attention shader's private accumulator holds.
 const MAX_HEAD_DIM: usize = 256;
