@@ -125,7 +125,7 @@ enum Format {
 
 #[derive(clap::Args)]
 struct BackendArgs {
-    /// Compute backend: cpu-ref or cuda.
+    /// Compute backend: cpu-ref, cuda or wgpu.
     #[arg(long, default_value = "cpu-ref")]
     backend: String,
     /// GPU ordinal for device backends.
@@ -257,7 +257,12 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
                 "wgpu: {} (bf16 checkpoint weights packed exactly; activations, KV cache and accumulation f32)",
                 b.adapter_name()
             );
-            run_maybe_unfused(args, job, b)
+            let report = b.clone();
+            run_maybe_unfused(args, job, b)?;
+            if let Some(times) = report.host_time_report() {
+                eprintln!("{times}");
+            }
+            Ok(())
         }
         name => bail!(
             "unknown backend `{name}`; available: {}",

@@ -8,7 +8,9 @@
 //! reads back only the sampled ids.
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use qfuse_core::knobs::env_knob;
 use qfuse_core::reuse::{lock_unpoisoned as lock, size_class};
@@ -207,6 +209,43 @@ impl Recording {
 /// 4.96–5.37, one submission a step 5.39–5.48: the GPU should start while the rest is recorded.
 const SUBMIT_EVERY: usize = 8;
 
+/// Where the host's time goes (`QFUSE_WGPU_HOST_TIMES=1`): recording dispatches, submitting them,
+/// and waiting for results. A decode step whose wall time is mostly recording and submitting is
+/// bound by the CPU, not the GPU.
+#[derive(Default)]
+struct HostTimes {
+    dispatches: AtomicU64,
+    record_ns: AtomicU64,
+    submits: AtomicU64,
+    submit_ns: AtomicU64,
+    waits: AtomicU64,
+    wait_ns: AtomicU64,
+}
+
+impl HostTimes {
+    fn add(count: &AtomicU64, ns: &AtomicU64, since: Instant) {
+        count.fetch_add(1, Ordering::Relaxed);
+        ns.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn report(&self) -> String {
+        let per = |count: &AtomicU64, ns: &AtomicU64| {
+            let (n, t) = (count.load(Ordering::Relaxed), ns.load(Ordering::Relaxed));
+            format!(
+                "{n} in {:.1} ms ({:.2} µs each)",
+                t as f64 / 1e6,
+                t as f64 / 1e3 / n.max(1) as f64
+            )
+        };
+        format!(
+            "wgpu host times: dispatches recorded {}; submissions {}; waits {}",
+            per(&self.dispatches, &self.record_ns),
+            per(&self.submits, &self.submit_ns),
+            per(&self.waits, &self.wait_ns)
+        )
+    }
+}
+
 /// Bind groups by pipeline name and bound buffers (params first).
 type BindGroups = HashMap<(&'static str, Vec<wgpu::Buffer>), wgpu::BindGroup>;
 
@@ -325,6 +364,7 @@ struct Inner {
     /// Workgroups attention aims for by splitting contexts (`QFUSE_WGPU_ATTENTION_WORKGROUPS`,
     /// default 256; at most the heads × tokens means one split and no combine dispatch).
     attention_workgroups: usize,
+    host_times: Option<HostTimes>,
 }
 
 impl Inner {
@@ -348,8 +388,12 @@ impl Inner {
 
     /// Submits a thread's recording; the buffers retired during it are free from then on.
     fn submit(&self, mut rec: Recording) {
+        let start = Instant::now();
         let retired = std::mem::take(&mut rec.retired);
         self.queue.submit([rec.finish()]);
+        if let Some(t) = &self.host_times {
+            HostTimes::add(&t.submits, &t.submit_ns, start);
+        }
         let mut free = lock(&self.free_outputs);
         for buf in retired {
             free.entry(buf.size()).or_default().push(buf);
@@ -599,6 +643,8 @@ impl WgpuBackend {
                 attention_workgroups: env_knob("QFUSE_WGPU_ATTENTION_WORKGROUPS", 1..=1 << 20)
                     .unwrap_or(256),
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
+                host_times: (std::env::var("QFUSE_WGPU_HOST_TIMES").as_deref() == Ok("1"))
+                    .then(HostTimes::default),
             }),
         })
     }
@@ -618,6 +664,12 @@ impl WgpuBackend {
     /// The adapter's name, API and kind.
     pub fn adapter_name(&self) -> &str {
         &self.inner.adapter
+    }
+
+    /// With `QFUSE_WGPU_HOST_TIMES=1`: the host time spent so far recording dispatches,
+    /// submitting and waiting, one line.
+    pub fn host_time_report(&self) -> Option<String> {
+        self.inner.host_times.as_ref().map(HostTimes::report)
     }
 
     /// A matrix's bytes (`dtype` elements, row-major) in one buffer, or split by rows into parts
@@ -781,6 +833,7 @@ impl WgpuBackend {
         buffers: &[&wgpu::Buffer],
         groups: (usize, usize, usize),
     ) -> Result<()> {
+        let start = Instant::now();
         let pipeline = self
             .inner
             .pipelines
@@ -830,6 +883,9 @@ impl WgpuBackend {
             );
         }
         rec.dispatches += 1;
+        if let Some(t) = &self.inner.host_times {
+            HostTimes::add(&t.dispatches, &t.record_ns, start);
+        }
         // Submit in bursts, so the GPU starts on a step while the rest of it is recorded.
         if rec.dispatches >= self.inner.submit_every {
             if let Some(rec) = pending.remove(&thread) {
@@ -918,10 +974,14 @@ impl WgpuBackend {
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
+        let start = Instant::now();
         self.inner
             .device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(wgpu_err)?;
+        if let Some(t) = &self.inner.host_times {
+            HostTimes::add(&t.waits, &t.wait_ns, start);
+        }
         rx.recv().map_err(wgpu_err)?.map_err(wgpu_err)?;
         let bytes = staging.get_mapped_range(..).map_err(wgpu_err)?.to_vec();
         staging.unmap();
