@@ -259,7 +259,7 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
             );
             let report = b.clone();
             run_maybe_unfused(args, job, b)?;
-            if let Some(times) = report.host_time_report() {
+            if let Some(times) = report.timing_report() {
                 eprintln!("{times}");
             }
             Ok(())

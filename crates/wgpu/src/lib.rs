@@ -8,7 +8,6 @@
 //! reads back only the sampled ids.
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,6 +18,9 @@ use qfuse_core::{
     LayerKv, Result, Shape,
 };
 use wgpu::util::DeviceExt;
+
+mod timing;
+use timing::{DispatchStamps, GpuTimes, HostTimes};
 
 /// A pipeline's override constants (name, value).
 type Constants = &'static [(&'static str, f64)];
@@ -194,13 +196,8 @@ struct Recording {
     enc: wgpu::CommandEncoder,
     dispatches: usize,
     retired: Vec<wgpu::Buffer>,
-}
-
-impl Recording {
-    fn finish(mut self) -> wgpu::CommandBuffer {
-        drop(self.pass.take()); // ends the pass, unlocking the encoder
-        self.enc.finish()
-    }
+    /// With `QFUSE_WGPU_GPU_TIMES=1`: a timestamp after each dispatch.
+    stamps: Option<DispatchStamps>,
 }
 
 /// Dispatches recorded before a command buffer is submitted (default; `QFUSE_WGPU_SUBMIT_EVERY`
@@ -208,43 +205,6 @@ impl Recording {
 /// Measured on the H200 (docs/perf.md): 8 → 4.58–4.70 ms a decode step, 32 → 4.87–5.04, 128 →
 /// 4.96–5.37, one submission a step 5.39–5.48: the GPU should start while the rest is recorded.
 const SUBMIT_EVERY: usize = 8;
-
-/// Where the host's time goes (`QFUSE_WGPU_HOST_TIMES=1`): recording dispatches, submitting them,
-/// and waiting for results. A decode step whose wall time is mostly recording and submitting is
-/// bound by the CPU, not the GPU.
-#[derive(Default)]
-struct HostTimes {
-    dispatches: AtomicU64,
-    record_ns: AtomicU64,
-    submits: AtomicU64,
-    submit_ns: AtomicU64,
-    waits: AtomicU64,
-    wait_ns: AtomicU64,
-}
-
-impl HostTimes {
-    fn add(count: &AtomicU64, ns: &AtomicU64, since: Instant) {
-        count.fetch_add(1, Ordering::Relaxed);
-        ns.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    }
-
-    fn report(&self) -> String {
-        let per = |count: &AtomicU64, ns: &AtomicU64| {
-            let (n, t) = (count.load(Ordering::Relaxed), ns.load(Ordering::Relaxed));
-            format!(
-                "{n} in {:.1} ms ({:.2} µs each)",
-                t as f64 / 1e6,
-                t as f64 / 1e3 / n.max(1) as f64
-            )
-        };
-        format!(
-            "wgpu host times: dispatches recorded {}; submissions {}; waits {}",
-            per(&self.dispatches, &self.record_ns),
-            per(&self.submits, &self.submit_ns),
-            per(&self.waits, &self.wait_ns)
-        )
-    }
-}
 
 /// Bind groups by pipeline name and bound buffers (params first).
 type BindGroups = HashMap<(&'static str, Vec<wgpu::Buffer>), wgpu::BindGroup>;
@@ -365,6 +325,7 @@ struct Inner {
     /// default 256; at most the heads × tokens means one split and no combine dispatch).
     attention_workgroups: usize,
     host_times: Option<HostTimes>,
+    gpu_times: Option<GpuTimes>,
 }
 
 impl Inner {
@@ -390,9 +351,17 @@ impl Inner {
     fn submit(&self, mut rec: Recording) {
         let start = Instant::now();
         let retired = std::mem::take(&mut rec.retired);
-        self.queue.submit([rec.finish()]);
+        drop(rec.pass.take()); // ends the pass, unlocking the encoder
+        let stamps = rec
+            .stamps
+            .take()
+            .map(|s| s.resolve(&self.device, &mut rec.enc));
+        self.queue.submit([rec.enc.finish()]);
         if let Some(t) = &self.host_times {
             HostTimes::add(&t.submits, &t.submit_ns, start);
+        }
+        if let (Some(times), Some(stamps)) = (&self.gpu_times, stamps) {
+            times.collect(&self.device, stamps);
         }
         let mut free = lock(&self.free_outputs);
         for buf in retired {
@@ -590,21 +559,44 @@ impl WgpuBackend {
         })?;
         let info = adapter.get_info();
         let limits = adapter.limits();
+        let timed = std::env::var("QFUSE_WGPU_GPU_TIMES").as_deref() == Ok("1")
+            && adapter.features().contains(GpuTimes::FEATURES);
         let desc = wgpu::DeviceDescriptor {
             label: Some("qfuse"),
             required_limits: limits.clone(),
+            required_features: if timed {
+                GpuTimes::FEATURES
+            } else {
+                wgpu::Features::empty()
+            },
             ..Default::default()
         };
         let (device, queue) =
             pollster::block_on(adapter.request_device(&desc)).map_err(wgpu_err)?;
+        let shader_checks = std::env::var("QFUSE_WGPU_SHADER_CHECKS").as_deref() != Ok("0");
         let mut pipelines = HashMap::new();
         let mut modules: HashMap<&str, wgpu::ShaderModule> = HashMap::new();
         for (name, src, entry, constants) in SHADERS {
             let module = modules.entry(src).or_insert_with(|| {
-                device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                let desc = wgpu::ShaderModuleDescriptor {
                     label: Some(name),
                     source: wgpu::ShaderSource::Wgsl((*src).into()),
-                })
+                };
+                if shader_checks {
+                    device.create_shader_module(desc)
+                } else {
+                    // SAFETY: measurement knob `QFUSE_WGPU_SHADER_CHECKS=0`. Every loop in these
+                    // shaders is bounded by its params, every divisor is a size the host checked
+                    // to be non-zero, and without naga's index clamps a buffer index out of range
+                    // is still bounded where the driver provides robust buffer access (Vulkan's
+                    // robustBufferAccess, which wgpu enables).
+                    unsafe {
+                        device.create_shader_module_trusted(
+                            desc,
+                            wgpu::ShaderRuntimeChecks::unchecked(),
+                        )
+                    }
+                }
             });
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(name),
@@ -626,7 +618,6 @@ impl WgpuBackend {
         Ok(WgpuBackend {
             inner: Arc::new(Inner {
                 device,
-                queue,
                 pending: std::sync::Mutex::new(HashMap::new()),
                 pipelines,
                 adapter: adapter_name,
@@ -645,6 +636,8 @@ impl WgpuBackend {
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
                 host_times: (std::env::var("QFUSE_WGPU_HOST_TIMES").as_deref() == Ok("1"))
                     .then(HostTimes::default),
+                gpu_times: timed.then(|| GpuTimes::new(queue.get_timestamp_period())),
+                queue,
             }),
         })
     }
@@ -666,10 +659,17 @@ impl WgpuBackend {
         &self.inner.adapter
     }
 
-    /// With `QFUSE_WGPU_HOST_TIMES=1`: the host time spent so far recording dispatches,
-    /// submitting and waiting, one line.
-    pub fn host_time_report(&self) -> Option<String> {
-        self.inner.host_times.as_ref().map(HostTimes::report)
+    /// What the timing knobs measured so far: with `QFUSE_WGPU_HOST_TIMES=1`, the host time
+    /// spent recording dispatches, submitting and waiting; with `QFUSE_WGPU_GPU_TIMES=1` (where
+    /// the adapter has timestamps inside passes), each pipeline's device time between the
+    /// timestamps around its dispatches. `None` with neither set.
+    pub fn timing_report(&self) -> Option<String> {
+        let host = self.inner.host_times.as_ref().map(HostTimes::report);
+        let gpu = self.inner.gpu_times.as_ref().map(GpuTimes::report);
+        match (host, gpu) {
+            (Some(h), Some(g)) => Some(format!("{h}\n{g}")),
+            (h, g) => h.or(g),
+        }
     }
 
     /// A matrix's bytes (`dtype` elements, row-major) in one buffer, or split by rows into parts
@@ -866,11 +866,18 @@ impl WgpuBackend {
                     timestamp_writes: None,
                 })
                 .forget_lifetime();
+            let mut pass = pass;
+            let stamps = self
+                .inner
+                .gpu_times
+                .as_ref()
+                .map(|_| DispatchStamps::begin(&self.inner.device, &mut pass));
             Recording {
                 pass: Some(pass),
                 enc,
                 dispatches: 0,
                 retired: Vec::new(),
+                stamps,
             }
         });
         if let Some(pass) = rec.pass.as_mut() {
@@ -881,13 +888,17 @@ impl WgpuBackend {
                 groups.1.max(1) as u32,
                 groups.2.max(1) as u32,
             );
+            if let Some(stamps) = rec.stamps.as_mut() {
+                stamps.after(pass, kernel);
+            }
         }
         rec.dispatches += 1;
         if let Some(t) = &self.inner.host_times {
             HostTimes::add(&t.dispatches, &t.record_ns, start);
         }
         // Submit in bursts, so the GPU starts on a step while the rest of it is recorded.
-        if rec.dispatches >= self.inner.submit_every {
+        let stamps_full = rec.stamps.as_ref().is_some_and(DispatchStamps::full);
+        if rec.dispatches >= self.inner.submit_every || stamps_full {
             if let Some(rec) = pending.remove(&thread) {
                 self.inner.submit(rec);
             }
