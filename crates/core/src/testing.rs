@@ -274,7 +274,12 @@ pub struct AttentionCase {
 impl AttentionCase {
     /// A case drawn from `rng`; `max_context` bounds each sequence's length.
     pub fn random(rng: &mut Rng, max_context: usize) -> Result<Self> {
-        let head_dim = 2 * (1 + rng.below(40));
+        // Mostly small odd-sized heads; one case in eight the real 128 or the largest, 256.
+        let head_dim = if rng.below(8) == 0 {
+            [128, 256][rng.below(2)]
+        } else {
+            2 * (1 + rng.below(40))
+        };
         let num_kv_heads = 1 + rng.below(3);
         let num_heads = num_kv_heads * [1, 2, 3, 4, 8][rng.below(5)];
         let block_size = [1, 3, 16][rng.below(3)];

@@ -189,6 +189,9 @@ const MATMUL_BF16_WIDE: &str = concat!(
 
 /// Most head dims the attention shader's private accumulator holds.
 const MAX_HEAD_DIM: usize = 256;
+/// Query heads one attention workgroup serves (`MAX_G` in attention.wgsl); a KV head with more
+/// gets several workgroups.
+const ATTENTION_MAX_GROUP: usize = 4;
 /// A thread's dispatches not yet submitted: one open compute pass on one encoder, and the pooled
 /// output buffers dropped meanwhile (see [`Inner::return_output`]).
 struct Recording {
@@ -324,6 +327,8 @@ struct Inner {
     /// Workgroups attention aims for by splitting contexts (`QFUSE_WGPU_ATTENTION_WORKGROUPS`,
     /// default 256; at most the heads × tokens means one split and no combine dispatch).
     attention_workgroups: usize,
+    /// Fewest keys in a split of the context (`QFUSE_WGPU_ATTENTION_MIN_CHUNK`).
+    attention_min_chunk: usize,
     host_times: Option<HostTimes>,
     gpu_times: Option<GpuTimes>,
 }
@@ -573,7 +578,8 @@ impl WgpuBackend {
         };
         let (device, queue) =
             pollster::block_on(adapter.request_device(&desc)).map_err(wgpu_err)?;
-        let shader_checks = std::env::var("QFUSE_WGPU_SHADER_CHECKS").as_deref() != Ok("0");
+        let shader_checks =
+            shader_checks(std::env::var("QFUSE_WGPU_SHADER_CHECKS").ok().as_deref());
         let mut pipelines = HashMap::new();
         let mut modules: HashMap<&str, wgpu::ShaderModule> = HashMap::new();
         for (name, src, entry, constants) in SHADERS {
@@ -582,20 +588,16 @@ impl WgpuBackend {
                     label: Some(name),
                     source: wgpu::ShaderSource::Wgsl((*src).into()),
                 };
-                if shader_checks {
-                    device.create_shader_module(desc)
-                } else {
-                    // SAFETY: measurement knob `QFUSE_WGPU_SHADER_CHECKS=0`. Every loop in these
-                    // shaders is bounded by its params, every divisor is a size the host checked
-                    // to be non-zero, and without naga's index clamps a buffer index out of range
-                    // is still bounded where the driver provides robust buffer access (Vulkan's
-                    // robustBufferAccess, which wgpu enables).
-                    unsafe {
-                        device.create_shader_module_trusted(
-                            desc,
-                            wgpu::ShaderRuntimeChecks::unchecked(),
-                        )
-                    }
+                match shader_checks {
+                    None => device.create_shader_module(desc),
+                    // SAFETY: every loop in these shaders ends (each is bounded by sizes from
+                    // params the host checked, far from u32 overflow) and every integer divisor
+                    // is a size the host checked to be non-zero, which is what leaving out
+                    // naga's loop bounding and division guards requires. Without its index
+                    // clamps (`none`, a measurement setting) a buffer index out of range stays
+                    // within the binding where the driver has robust buffer access, which wgpu
+                    // enables on Vulkan.
+                    Some(checks) => unsafe { device.create_shader_module_trusted(desc, checks) },
                 }
             });
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -633,6 +635,8 @@ impl WgpuBackend {
                     .unwrap_or(SUBMIT_EVERY),
                 attention_workgroups: env_knob("QFUSE_WGPU_ATTENTION_WORKGROUPS", 1..=1 << 20)
                     .unwrap_or(256),
+                attention_min_chunk: env_knob("QFUSE_WGPU_ATTENTION_MIN_CHUNK", 1..=1 << 20)
+                    .unwrap_or(64),
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
                 host_times: (std::env::var("QFUSE_WGPU_HOST_TIMES").as_deref() == Ok("1"))
                     .then(HostTimes::default),
@@ -1000,6 +1004,21 @@ impl WgpuBackend {
     }
 }
 
+/// naga's runtime checks for the shaders (`QFUSE_WGPU_SHADER_CHECKS=all|bounds|none`, for
+/// measurements): `all` is wgpu's default (`None` here); `bounds` keeps the index clamps but drops
+/// the loop counters naga adds to every loop and its division guards; `none` drops all three.
+fn shader_checks(knob: Option<&str>) -> Option<wgpu::ShaderRuntimeChecks> {
+    let mut checks = wgpu::ShaderRuntimeChecks::checked();
+    match knob {
+        Some("none") => checks.bounds_checks = false,
+        Some("bounds") => {}
+        _ => return None,
+    }
+    checks.force_loop_bounding = false;
+    checks.int_div_checks = false;
+    Some(checks)
+}
+
 fn f32_bits(x: f64) -> u32 {
     (x as f32).to_bits()
 }
@@ -1321,11 +1340,14 @@ impl Backend for WgpuBackend {
         let bs = batch.info.block_size();
         batch.info.check_blocks_within(slots, "attention")?;
         let out = self.output([t, c])?;
-        // Split the context so there are a few hundred workgroups even at batch 1 (one per
-        // query head would leave most of a GPU idle), each split a whole number of 64-key tiles.
+        // Split the context so there are a few hundred workgroups even at batch 1 (one per KV
+        // head would leave most of a GPU idle), each split a whole number of 32-key tiles and
+        // at least `attention_min_chunk` keys: a split's partials cost a combine dispatch.
         let max_ctx = batch.info.max_context().max(1);
-        let want = (self.inner.attention_workgroups / (h * t).max(1)).max(1);
-        let chunk = 64 * max_ctx.div_ceil(64 * want).max(1);
+        let head_groups = kvh * (h / kvh).div_ceil(ATTENTION_MAX_GROUP);
+        let want = (self.inner.attention_workgroups / (head_groups * t).max(1)).max(1);
+        let chunk = (32 * max_ctx.div_ceil(32 * want))
+            .max(self.inner.attention_min_chunk.next_multiple_of(32));
         let splits = max_ctx.div_ceil(chunk);
         // Partials [o, max, sum] per (token, head, split); one split writes `out` directly.
         let part = if splits > 1 {
@@ -1357,7 +1379,7 @@ impl Backend for WgpuBackend {
                 out.buf()?,
                 part.buf()?,
             ],
-            (h, t, splits),
+            (head_groups, t, splits),
         )?;
         if splits > 1 {
             self.run(
