@@ -1,18 +1,20 @@
 // Causal GQA attention over the paged cache, fp32 with an online softmax, split along the
-// context. Workgroup (kv head × head group, token, split) of 128 threads serves up to MAX_G query
-// heads of one KV head, so each key and value row is read once for all of them. It walks the
-// split's slice of keys 0..=pos through the token's block table in tiles of 32 keys:
-// - scores: four threads a key, each taking every fourth dimension for all the workgroup's heads
-//   (a key row is read by 4 neighbouring threads, and a warp reads 8 rows at once);
-// - one thread per (head, key) sums the four partial dots, then forms the running maximum over
-//   the tile's scores of its head and the key's probability;
-// - values: thread i accumulates output dims i and i + 128 of every head over the tile's rows
-//   (consecutive threads read consecutive dims: coalesced).
-// Loops over heads run to the constant MAX_G (guarded), so the per-head state stays in registers.
+// context. Workgroup (KV head × head group, token, split) of 128 threads serves up to four query
+// heads of one KV head, one per vec4 lane, so each key and value row is read once for all of
+// them. It walks the split's slice of keys 0..=pos through the token's block table in tiles of
+// 32 keys:
+// - scores: four threads a key, each taking runs of 8 dimensions (4 threads read a 128-byte
+//   run of the row together) with the 8 loads issued before the products that use them;
+// - one thread a key sums the four partial dots; every thread then forms the running maximum
+//   from the tile's scores (all hold the same state) and one thread a key its probability;
+// - values: thread i accumulates output dims i and i + 128 over the tile's rows, 8 rows' loads
+//   at a time (consecutive threads read consecutive dims: coalesced).
+// Shader compilers do not unroll these loops for us: issuing loads ahead of their use is what
+// keeps more than one memory access in flight per thread.
 // With one split it writes the normalised output; otherwise partials [o (d), max, sum] per
 // (token, head, split) for attention_combine.wgsl.
 // params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits, chunk].
-// dispatch (KV * ceil(H / KV / MAX_G), T, splits); d <= 256.
+// dispatch (KV * ceil(H / KV / 4), T, splits); d <= 256.
 @group(0) @binding(0) var<storage, read> p: array<u32>;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> kc: array<f32>;
@@ -25,15 +27,27 @@
 
 const TILE: u32 = 32u;
 const PARTS: u32 = 4u;
+const RUN: u32 = 8u;
 const WG: u32 = 128u;
 const MAX_G: u32 = 4u;
 const LOW: f32 = -3.4e38;
-var<workgroup> qs: array<f32, 1024>;       // MAX_G heads × d <= 256, pre-scaled
-var<workgroup> partial: array<f32, 512>;   // MAX_G × WG partial dot products
-var<workgroup> scores: array<f32, 128>;    // MAX_G × TILE
-var<workgroup> probs: array<f32, 128>;     // MAX_G × TILE
-var<workgroup> tile_max: array<f32, 4>;    // MAX_G
-var<workgroup> bases: array<u32, 32>;      // TILE
+var<workgroup> qs: array<vec4<f32>, 264>;   // q of the 4 heads by dim (d <= 256, + a run)
+var<workgroup> partial: array<vec4<f32>, 128>;
+var<workgroup> scores: array<vec4<f32>, 32>;
+var<workgroup> probs: array<vec4<f32>, 32>;
+var<workgroup> bases: array<u32, 32>;
+
+fn k_at(i: u32, ok: bool) -> f32 {
+    var x = 0.0;
+    if (ok) { x = kc[i]; }
+    return x;
+}
+
+fn v_at(i: u32, ok: bool) -> f32 {
+    var x = 0.0;
+    if (ok) { x = vc[i]; }
+    return x;
+}
 
 @compute @workgroup_size(128)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -58,69 +72,105 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let begin = split * chunk;
     let keys = min(positions[t] + 1u, begin + chunk);
     let qbase = (t * heads + h0) * d;
-    for (var i = lid; i < gn * d; i += WG) { qs[i] = q[qbase + i] * scale; }
-    var o = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);  // [g * 2 + r]
-    var m = array<f32, 4>(LOW, LOW, LOW, LOW);
-    var l = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    for (var i = lid; i < d + RUN; i += WG) {
+        var qv = vec4<f32>(0.0);
+        if (i < d) {
+            for (var g = 0u; g < MAX_G; g++) {
+                if (g < gn) { qv[g] = q[qbase + g * d + i] * scale; }
+            }
+        }
+        qs[i] = qv;
+    }
+    // Lanes past gn see q = 0: finite scores whose outputs are never written.
+    var o0 = vec4<f32>(0.0);
+    var o1 = vec4<f32>(0.0);
+    var m = vec4<f32>(LOW);
+    var l = vec4<f32>(0.0);
     let kl = lid / PARTS;
     let kp = lid % PARTS;
+    let has1 = lid + WG < d;
     for (var tile = begin; tile < keys; tile += TILE) {
         workgroupBarrier();  // qs written; the previous tile's probs and bases consumed
         let key = tile + kl;
-        var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+        var acc = vec4<f32>(0.0);
         if (key < keys) {
             let base = (tables[table + key / bs] * bs + key % bs) * w + kv * d;
             if (kp == 0u) { bases[kl] = base; }
-            for (var i = kp; i < d; i += PARTS) {
-                let k = kc[base + i];
-                for (var g = 0u; g < MAX_G; g++) {
-                    if (g < gn) { acc[g] += qs[g * d + i] * k; }
-                }
+            for (var i = kp * RUN; i < d; i += PARTS * RUN) {
+                let k0 = k_at(base + i, true);
+                let k1 = k_at(base + i + 1u, i + 1u < d);
+                let k2 = k_at(base + i + 2u, i + 2u < d);
+                let k3 = k_at(base + i + 3u, i + 3u < d);
+                let k4 = k_at(base + i + 4u, i + 4u < d);
+                let k5 = k_at(base + i + 5u, i + 5u < d);
+                let k6 = k_at(base + i + 6u, i + 6u < d);
+                let k7 = k_at(base + i + 7u, i + 7u < d);
+                acc += qs[i] * k0 + qs[i + 1u] * k1 + qs[i + 2u] * k2 + qs[i + 3u] * k3
+                    + qs[i + 4u] * k4 + qs[i + 5u] * k5 + qs[i + 6u] * k6 + qs[i + 7u] * k7;
             }
         }
-        for (var g = 0u; g < MAX_G; g++) { partial[g * WG + lid] = acc[g]; }
+        partial[lid] = acc;
         workgroupBarrier();
         let n = min(TILE, keys - tile);
-        let g = lid / TILE;
-        let j = lid % TILE;
-        if (lid < gn * TILE && j < n) {
-            let b = g * WG + j * PARTS;
+        if (lid < n) {
+            let b = lid * PARTS;
             scores[lid] = partial[b] + partial[b + 1u] + partial[b + 2u] + partial[b + 3u];
         }
         workgroupBarrier();
-        if (lid < gn * TILE) {
-            // Every thread holds the same running maximum m[g] (same updates, same order).
-            var big = m[g];
-            for (var jj = 0u; jj < n; jj++) { big = max(big, scores[g * TILE + jj]); }
-            var pj = 0.0;
-            if (j < n) { pj = exp(scores[lid] - big); }
-            probs[lid] = pj;
-            if (j == 0u) { tile_max[g] = big; }
-        }
+        var big = m;
+        for (var j = 0u; j < n; j++) { big = max(big, scores[j]); }
+        let corr = exp(m - big);
+        m = big;
+        l *= corr;
+        o0 *= corr;
+        o1 *= corr;
+        if (lid < n) { probs[lid] = exp(scores[lid] - m); }
         workgroupBarrier();
-        for (var g = 0u; g < MAX_G; g++) {
-            if (g < gn) {
-                let corr = exp(m[g] - tile_max[g]);
-                m[g] = tile_max[g];
-                l[g] *= corr;
-                o[g * 2u] *= corr;
-                o[g * 2u + 1u] *= corr;
-            }
+        var j = 0u;
+        for (; j + RUN <= n; j += RUN) {
+            let b0 = bases[j];
+            let b1 = bases[j + 1u];
+            let b2 = bases[j + 2u];
+            let b3 = bases[j + 3u];
+            let b4 = bases[j + 4u];
+            let b5 = bases[j + 5u];
+            let b6 = bases[j + 6u];
+            let b7 = bases[j + 7u];
+            let ok0 = lid < d;
+            let a0 = v_at(b0 + lid, ok0);
+            let a1 = v_at(b1 + lid, ok0);
+            let a2 = v_at(b2 + lid, ok0);
+            let a3 = v_at(b3 + lid, ok0);
+            let a4 = v_at(b4 + lid, ok0);
+            let a5 = v_at(b5 + lid, ok0);
+            let a6 = v_at(b6 + lid, ok0);
+            let a7 = v_at(b7 + lid, ok0);
+            let c0 = v_at(b0 + lid + WG, has1);
+            let c1 = v_at(b1 + lid + WG, has1);
+            let c2 = v_at(b2 + lid + WG, has1);
+            let c3 = v_at(b3 + lid + WG, has1);
+            let c4 = v_at(b4 + lid + WG, has1);
+            let c5 = v_at(b5 + lid + WG, has1);
+            let c6 = v_at(b6 + lid + WG, has1);
+            let c7 = v_at(b7 + lid + WG, has1);
+            let p0 = probs[j];
+            let p1 = probs[j + 1u];
+            let p2 = probs[j + 2u];
+            let p3 = probs[j + 3u];
+            let p4 = probs[j + 4u];
+            let p5 = probs[j + 5u];
+            let p6 = probs[j + 6u];
+            let p7 = probs[j + 7u];
+            l += p0 + p1 + p2 + p3 + p4 + p5 + p6 + p7;
+            o0 += p0 * a0 + p1 * a1 + p2 * a2 + p3 * a3 + p4 * a4 + p5 * a5 + p6 * a6 + p7 * a7;
+            o1 += p0 * c0 + p1 * c1 + p2 * c2 + p3 * c3 + p4 * c4 + p5 * c5 + p6 * c6 + p7 * c7;
         }
-        for (var j = 0u; j < n; j++) {
-            let vb = bases[j];
-            var v0 = 0.0;
-            var v1 = 0.0;
-            if (lid < d) { v0 = vc[vb + lid]; }
-            if (lid + WG < d) { v1 = vc[vb + lid + WG]; }
-            for (var g = 0u; g < MAX_G; g++) {
-                if (g < gn) {
-                    let pj = probs[g * TILE + j];
-                    l[g] += pj;
-                    o[g * 2u] += pj * v0;
-                    o[g * 2u + 1u] += pj * v1;
-                }
-            }
+        for (; j < n; j++) {
+            let b = bases[j];
+            let pj = probs[j];
+            l += pj;
+            o0 += pj * v_at(b + lid, lid < d);
+            o1 += pj * v_at(b + lid + WG, has1);
         }
     }
     for (var g = 0u; g < MAX_G; g++) {
@@ -128,14 +178,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let h = h0 + g;
             if (splits == 1u) {
                 let ob = (t * heads + h) * d;
-                if (lid < d) { out[ob + lid] = o[g * 2u] / l[g]; }
-                if (lid + WG < d) { out[ob + lid + WG] = o[g * 2u + 1u] / l[g]; }
+                if (lid < d) { out[ob + lid] = o0[g] / l[g]; }
+                if (has1) { out[ob + lid + WG] = o1[g] / l[g]; }
             } else {
                 // A split past the token's position has no keys: l = 0 tells the combine to
                 // skip it.
                 let pb = ((t * heads + h) * splits + split) * (d + 2u);
-                if (lid < d) { part[pb + lid] = o[g * 2u]; }
-                if (lid + WG < d) { part[pb + lid + WG] = o[g * 2u + 1u]; }
+                if (lid < d) { part[pb + lid] = o0[g]; }
+                if (has1) { part[pb + lid + WG] = o1[g]; }
                 if (lid == 0u) {
                     part[pb + d] = m[g];
                     part[pb + d + 1u] = l[g];

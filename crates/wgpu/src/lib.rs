@@ -580,6 +580,9 @@ impl WgpuBackend {
             pollster::block_on(adapter.request_device(&desc)).map_err(wgpu_err)?;
         let shader_checks =
             shader_checks(std::env::var("QFUSE_WGPU_SHADER_CHECKS").ok().as_deref());
+        // Every shader writes its workgroup memory before reading it, so the zeroing wgpu adds
+        // at each workgroup's start (`QFUSE_WGPU_ZERO_WORKGROUP=1` keeps it) is work for nothing.
+        let zero_workgroup = std::env::var("QFUSE_WGPU_ZERO_WORKGROUP").as_deref() == Ok("1");
         let mut pipelines = HashMap::new();
         let mut modules: HashMap<&str, wgpu::ShaderModule> = HashMap::new();
         for (name, src, entry, constants) in SHADERS {
@@ -607,7 +610,7 @@ impl WgpuBackend {
                 entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
                     constants,
-                    ..Default::default()
+                    zero_initialize_workgroup_memory: zero_workgroup,
                 },
                 cache: None,
             });
