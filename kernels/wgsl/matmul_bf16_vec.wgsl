@@ -24,33 +24,94 @@ fn dot8(even: vec4<f32>, odd: vec4<f32>, wv: vec4<u32>) -> f32 {
 // One thread's share of row t: the products with columns c0 and c0 + 1 (a; b the up half for
 // EPI 2) over weight vectors j = first, first + step, ..., and with NORM x's sum of squares.
 struct Partials {
-    a: array<f32, 2>,
-    b: array<f32, 2>,
+    a: vec2<f32>,
+    b: vec2<f32>,
     ss: f32,
 }
 
+// Row t's activations for weight vector j, split into even and odd elements (scaled by the
+// norm's gains with NORM), and their sum of squares.
+struct Act {
+    even: vec4<f32>,
+    odd: vec4<f32>,
+    ss: f32,
+}
+
+fn act(t: u32, j: u32) -> Act {
+    let xa = x[t * (p[1] / 4u) + 2u * j];
+    let xb = x[t * (p[1] / 4u) + 2u * j + 1u];
+    var r = Act(vec4<f32>(xa.x, xa.z, xb.x, xb.z), vec4<f32>(xa.y, xa.w, xb.y, xb.w), 0.0);
+    if (NORM) {
+        r.ss = dot(xa, xa) + dot(xb, xb);
+        let g = 8u * j;
+        r.even *= vec4<f32>(aux[g], aux[g + 2u], aux[g + 4u], aux[g + 6u]);
+        r.odd *= vec4<f32>(aux[g + 1u], aux[g + 3u], aux[g + 5u], aux[g + 7u]);
+    }
+    return r;
+}
+
+// Weight vector j of row `row`, or zeros past the matrix.
+fn wv(row: u32, j: u32, ok: bool) -> vec4<u32> {
+    var v = vec4<u32>(0u);
+    if (ok) { v = w[row * (p[1] / 8u) + j]; }
+    return v;
+}
+
+// The products of one activation vector with the weight vectors of both columns (and their up
+// halves).
+fn accumulate(r: ptr<function, Partials>, x8: Act, wa: vec4<u32>, wb: vec4<u32>, ua: vec4<u32>, ub: vec4<u32>) {
+    (*r).a += vec2<f32>(dot8(x8.even, x8.odd, wa), dot8(x8.even, x8.odd, wb));
+    if (EPI == 2u) {
+        (*r).b += vec2<f32>(dot8(x8.even, x8.odd, ua), dot8(x8.even, x8.odd, ub));
+    }
+    (*r).ss += x8.ss;
+}
+
 fn partials(t: u32, c0: u32, first: u32, step: u32) -> Partials {
-    let k = p[1];
     let rows = p[2];
-    let k8 = k / 8u;
-    var r = Partials(array<f32, 2>(0.0, 0.0), array<f32, 2>(0.0, 0.0), 0.0);
-    for (var j = first; j < k8; j += step) {
-        let xa = x[t * (k / 4u) + 2u * j];
-        let xb = x[t * (k / 4u) + 2u * j + 1u];
-        var even = vec4<f32>(xa.x, xa.z, xb.x, xb.z);
-        var odd = vec4<f32>(xa.y, xa.w, xb.y, xb.w);
-        if (NORM) {
-            r.ss += dot(xa, xa) + dot(xb, xb);
-            let g = 8u * j;
-            even *= vec4<f32>(aux[g], aux[g + 2u], aux[g + 4u], aux[g + 6u]);
-            odd *= vec4<f32>(aux[g + 1u], aux[g + 3u], aux[g + 5u], aux[g + 7u]);
-        }
-        for (var c = 0u; c < 2u; c++) {
-            if (c0 + c < rows) {
-                r.a[c] += dot8(even, odd, w[(c0 + c) * k8 + j]);
-                if (EPI == 2u) { r.b[c] += dot8(even, odd, w[(c0 + c + rows) * k8 + j]); }
-            }
-        }
+    let k8 = p[1] / 8u;
+    let ok0 = c0 < rows;
+    let ok1 = c0 + 1u < rows;
+    let up = EPI == 2u;
+    var r = Partials(vec2<f32>(0.0), vec2<f32>(0.0), 0.0);
+    var j = first;
+    // Four weight vectors a column at a time, all loads issued before the products that use
+    // them: the driver does not unroll this loop, and one load in flight per thread starves it.
+    for (; j + 3u * step < k8; j += 4u * step) {
+        let j1 = j + step;
+        let j2 = j + 2u * step;
+        let j3 = j + 3u * step;
+        let wa0 = wv(c0, j, ok0);
+        let wa1 = wv(c0, j1, ok0);
+        let wa2 = wv(c0, j2, ok0);
+        let wa3 = wv(c0, j3, ok0);
+        let wb0 = wv(c0 + 1u, j, ok1);
+        let wb1 = wv(c0 + 1u, j1, ok1);
+        let wb2 = wv(c0 + 1u, j2, ok1);
+        let wb3 = wv(c0 + 1u, j3, ok1);
+        let ua0 = wv(c0 + rows, j, ok0 && up);
+        let ua1 = wv(c0 + rows, j1, ok0 && up);
+        let ua2 = wv(c0 + rows, j2, ok0 && up);
+        let ua3 = wv(c0 + rows, j3, ok0 && up);
+        let ub0 = wv(c0 + 1u + rows, j, ok1 && up);
+        let ub1 = wv(c0 + 1u + rows, j1, ok1 && up);
+        let ub2 = wv(c0 + 1u + rows, j2, ok1 && up);
+        let ub3 = wv(c0 + 1u + rows, j3, ok1 && up);
+        let x0 = act(t, j);
+        let x1 = act(t, j1);
+        let x2 = act(t, j2);
+        let x3 = act(t, j3);
+        accumulate(&r, x0, wa0, wb0, ua0, ub0);
+        accumulate(&r, x1, wa1, wb1, ua1, ub1);
+        accumulate(&r, x2, wa2, wb2, ua2, ub2);
+        accumulate(&r, x3, wa3, wb3, ua3, ub3);
+    }
+    for (; j < k8; j += step) {
+        let wa = wv(c0, j, ok0);
+        let wb = wv(c0 + 1u, j, ok1);
+        let ua = wv(c0 + rows, j, ok0 && up);
+        let ub = wv(c0 + 1u + rows, j, ok1 && up);
+        accumulate(&r, act(t, j), wa, wb, ua, ub);
     }
     return r;
 }
