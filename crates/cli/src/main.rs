@@ -145,7 +145,7 @@ struct BackendArgs {
     #[arg(long)]
     no_attention_gemm: bool,
     /// Run these fused ops as their unfused compositions: OP[,OP…] or `all`
-    /// (rms_norm_matmul, qk_norm_rope_write_kv, matmul_add, matmul_silu_mul, rms_norm_matmul_silu_mul).
+    /// (rms_norm_matmul, qk_norm_rope_write_kv, qk_norm_rope_attention, matmul_add, matmul_silu_mul, rms_norm_matmul_silu_mul).
     #[arg(long, value_name = "OPS")]
     unfused: Option<String>,
 }

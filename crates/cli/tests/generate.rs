@@ -275,6 +275,7 @@ fn profile_accounting_adds_up() {
         [
             "rms_norm_matmul",
             "qk_norm_rope_write_kv",
+            "qk_norm_rope_attention",
             "matmul_add",
             "rms_norm_matmul_silu_mul"
         ]

@@ -239,6 +239,23 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         compose::qk_norm_rope_write_kv(self, qkv, q_norm, k_norm, cache, batch, cfg)
     }
 
+    /// Fused attention with its prologue: [`Backend::qk_norm_rope_write_kv`] then
+    /// [`Backend::attention`] on the q it returns, as one op, so a backend can form q (and the new
+    /// keys) inside the attention kernel where every sequence adds one token (a decode step).
+    /// Returns `[T, heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope_attention(
+        &self,
+        qkv: &Self::Tensor,
+        q_norm: &Self::Tensor,
+        k_norm: &Self::Tensor,
+        cache: &mut LayerKv<Self::Tensor>,
+        batch: &Self::Batch,
+        cfg: &AttentionConfig,
+    ) -> Result<Self::Tensor> {
+        compose::qk_norm_rope_attention(self, qkv, q_norm, k_norm, cache, batch, cfg)
+    }
+
     /// Fused `residual + matmul(x, w)`: o_proj and down_proj with their residual adds.
     fn matmul_add(
         &self,

@@ -24,6 +24,20 @@ pub fn rms_norm_matmul_silu_mul<B: Backend>(
     b.matmul_silu_mul(&b.rms_norm(x, norm_w, eps)?, w_gate_up)
 }
 
+/// `attention(qk_norm_rope_write_kv(qkv, …), …)`.
+pub fn qk_norm_rope_attention<B: Backend>(
+    b: &B,
+    qkv: &B::Tensor,
+    q_norm: &B::Tensor,
+    k_norm: &B::Tensor,
+    cache: &mut LayerKv<B::Tensor>,
+    batch: &B::Batch,
+    cfg: &AttentionConfig,
+) -> Result<B::Tensor> {
+    let q = b.qk_norm_rope_write_kv(qkv, q_norm, k_norm, cache, batch, cfg)?;
+    b.attention(&q, cache, batch, cfg)
+}
+
 /// Split `qkv`, per-head norms, RoPE, cache write; returns q.
 pub fn qk_norm_rope_write_kv<B: Backend>(
     b: &B,

@@ -8,8 +8,8 @@
 //!                            reference: CpuRef = CpuRef::new(), tolerance: Tolerance::BF16);
 //! ```
 use crate::{
-    AttentionConfig, Backend, BatchInfo, DType, Error, HostTensor, KvCache, LayerKv, Result,
-    SeqChunk, Shape,
+    compose, AttentionConfig, Backend, BatchInfo, DType, Error, HostTensor, KvCache, LayerKv,
+    Result, SeqChunk, Shape,
 };
 
 pub use crate::{rel_error, Perturbed, Rng};
@@ -274,6 +274,15 @@ pub struct AttentionCase {
 impl AttentionCase {
     /// A case drawn from `rng`; `max_context` bounds each sequence's length.
     pub fn random(rng: &mut Rng, max_context: usize) -> Result<Self> {
+        Self::draw(rng, max_context, false)
+    }
+
+    /// A decode step: 1 to 16 sequences of one new token each.
+    pub fn random_decode_step(rng: &mut Rng, max_context: usize) -> Result<Self> {
+        Self::draw(rng, max_context, true)
+    }
+
+    fn draw(rng: &mut Rng, max_context: usize, decode_step: bool) -> Result<Self> {
         // Mostly small odd-sized heads; one case in eight the real 128 or the largest, 256.
         let head_dim = if rng.below(8) == 0 {
             [128, 256][rng.below(2)]
@@ -285,8 +294,10 @@ impl AttentionCase {
         let block_size = [1, 3, 16][rng.below(3)];
         // A quarter of the cases are a batched decode step: 9-16 sequences, one new token each
         // (more rows than the decode-sized kernels take at once).
-        let decode_batch = rng.below(4) == 0;
-        let seqs = if decode_batch {
+        let decode_batch = decode_step || rng.below(4) == 0;
+        let seqs = if decode_step {
+            1 + rng.below(16)
+        } else if decode_batch {
             9 + rng.below(8)
         } else {
             1 + rng.below(4)
@@ -449,6 +460,57 @@ pub fn check_qk_norm_rope_write_kv<B: Backend, R: Backend>(
     assert_close("attention after qk_norm_rope_write_kv", b, &ab, r, &ar, tol)
 }
 
+/// The fused `qk_norm_rope_attention` against the same backend's composition of its two ops
+/// (which the checks above hold to the reference), on identical caches: decode steps half the
+/// time (where backends fuse), any batch otherwise; and the keys and values it wrote against the
+/// reference's.
+pub fn check_qk_norm_rope_attention<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    tol: Tolerance,
+    seed: u64,
+) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let case = if rng.below(2) == 0 {
+        AttentionCase::random_decode_step(&mut rng, 300)?
+    } else {
+        AttentionCase::random(&mut rng, 300)?
+    };
+    let mut again = rng.clone();
+    let (mut fused, mut cr) = case.filled_caches(&mut rng, b, r)?;
+    let (mut composed, _) = case.filled_caches(&mut again, b, r)?;
+    let qkv = activations(
+        &mut rng,
+        case.batch.num_tokens(),
+        case.cfg.qkv_width(),
+        true,
+    )?;
+    let (xb, xr) = upload2(b, r, &qkv)?;
+    let (qnb, qnr) = upload_weight2(b, r, &gains(&mut rng, case.cfg.head_dim, 2.0)?)?;
+    let (knb, knr) = upload_weight2(b, r, &gains(&mut rng, case.cfg.head_dim, 100.0)?)?;
+    let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
+    let out_f = b.qk_norm_rope_attention(&xb, &qnb, &knb, &mut fused, &bb, &case.cfg)?;
+    let out_c = compose::qk_norm_rope_attention(b, &xb, &qnb, &knb, &mut composed, &bb, &case.cfg)?;
+    r.qk_norm_rope_write_kv(&xr, &qnr, &knr, &mut cr, &br, &case.cfg)?;
+    assert_close("qk_norm_rope_attention (keys)", b, &fused.k, r, &cr.k, tol)?;
+    assert_close(
+        "qk_norm_rope_attention (values)",
+        b,
+        &fused.v,
+        r,
+        &cr.v,
+        tol,
+    )?;
+    assert_close(
+        "qk_norm_rope_attention vs its composition",
+        b,
+        &out_f,
+        b,
+        &out_c,
+        tol,
+    )
+}
+
 /// The fused matmul family: `rms_norm_matmul`, `rms_norm_matmul_silu_mul`, `matmul_add`,
 /// `matmul_silu_mul`.
 pub fn check_fused_matmuls<B: Backend, R: Backend>(
@@ -583,6 +645,7 @@ macro_rules! backend_tests {
                 #[test] fn rope_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_rope)? }
                 #[test] fn attention_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_attention)? }
                 #[test] fn qk_norm_rope_write_kv_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_qk_norm_rope_write_kv)? }
+                #[test] fn qk_norm_rope_attention_matches_composition(s in any::<u64>()) { run(s, $crate::testing::check_qk_norm_rope_attention)? }
                 #[test] fn fused_matmuls_match_reference(s in any::<u64>()) { run(s, $crate::testing::check_fused_matmuls)? }
                 #[test] fn argmax_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_argmax)? }
             }

@@ -14,6 +14,8 @@ pub enum FusedOp {
     RmsNormMatmul,
     /// [`Backend::qk_norm_rope_write_kv`].
     QkNormRopeWriteKv,
+    /// [`Backend::qk_norm_rope_attention`] (the attention prologue inside the attention kernel).
+    QkNormRopeAttention,
     /// [`Backend::matmul_add`] (o_proj and down_proj with their residual adds).
     MatmulAdd,
     /// [`Backend::matmul_silu_mul`].
@@ -24,9 +26,10 @@ pub enum FusedOp {
 
 impl FusedOp {
     /// Every fused op.
-    pub const ALL: [FusedOp; 5] = [
+    pub const ALL: [FusedOp; 6] = [
         FusedOp::RmsNormMatmul,
         FusedOp::QkNormRopeWriteKv,
+        FusedOp::QkNormRopeAttention,
         FusedOp::MatmulAdd,
         FusedOp::MatmulSiluMul,
         FusedOp::RmsNormMatmulSiluMul,
@@ -37,6 +40,7 @@ impl FusedOp {
         match self {
             FusedOp::RmsNormMatmul => "rms_norm_matmul",
             FusedOp::QkNormRopeWriteKv => "qk_norm_rope_write_kv",
+            FusedOp::QkNormRopeAttention => "qk_norm_rope_attention",
             FusedOp::MatmulAdd => "matmul_add",
             FusedOp::MatmulSiluMul => "matmul_silu_mul",
             FusedOp::RmsNormMatmulSiluMul => "rms_norm_matmul_silu_mul",
@@ -235,6 +239,22 @@ impl<B: Backend> Backend for Unfused<B> {
         } else {
             self.inner
                 .qk_norm_rope_write_kv(qkv, q_norm, k_norm, cache, batch, cfg)
+        }
+    }
+    fn qk_norm_rope_attention(
+        &self,
+        qkv: &B::Tensor,
+        q_norm: &B::Tensor,
+        k_norm: &B::Tensor,
+        cache: &mut LayerKv<B::Tensor>,
+        batch: &B::Batch,
+        cfg: &AttentionConfig,
+    ) -> Result<B::Tensor> {
+        if self.off(FusedOp::QkNormRopeAttention) {
+            compose::qk_norm_rope_attention(self, qkv, q_norm, k_norm, cache, batch, cfg)
+        } else {
+            self.inner
+                .qk_norm_rope_attention(qkv, q_norm, k_norm, cache, batch, cfg)
         }
     }
     fn matmul_add(&self, x: &B::Tensor, w: &B::Tensor, residual: &B::Tensor) -> Result<B::Tensor> {

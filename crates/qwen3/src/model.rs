@@ -392,11 +392,12 @@ impl<B: Backend> Qwen3<B> {
         cache: &mut KvCache<B>,
         logits: Logits,
     ) -> Result<B::Tensor> {
-        self.forward_inspect(b, batch, cache, logits, &mut |_, _, _| Ok(()))
+        self.pass(b, batch, cache, logits, &mut |_, _, _| Ok(()), false)
     }
 
     /// [`Qwen3::forward`], calling `inspect(layer, stage, tensor)` at every [`Stage`]; an error
-    /// from `inspect` stops the pass (numerics checks, layer-by-layer diffing).
+    /// from `inspect` stops the pass (numerics checks, layer-by-layer diffing). Attention runs
+    /// as its two ops, so the inspector sees q between them.
     pub fn forward_inspect(
         &self,
         b: &B,
@@ -404,6 +405,18 @@ impl<B: Backend> Qwen3<B> {
         cache: &mut KvCache<B>,
         logits: Logits,
         inspect: &mut Inspector<'_, B>,
+    ) -> Result<B::Tensor> {
+        self.pass(b, dev_batch, cache, logits, inspect, true)
+    }
+
+    fn pass(
+        &self,
+        b: &B,
+        dev_batch: &B::Batch,
+        cache: &mut KvCache<B>,
+        logits: Logits,
+        inspect: &mut Inspector<'_, B>,
+        inspecting: bool,
     ) -> Result<B::Tensor> {
         let batch = dev_batch.as_ref();
         if let Some(bad) = batch
@@ -439,17 +452,29 @@ impl<B: Backend> Qwen3<B> {
             let qkv = b.rms_norm_matmul(&x, &layer.input_layernorm, &a.qkv_proj, eps)?;
             inspect(l, Stage::Qkv, &qkv)?;
             // 3. Per-head q/k RMSNorm, RoPE, K/V into the paged cache: -> q [T, H D]
-            let q = b.qk_norm_rope_write_kv(
-                &qkv,
-                &a.q_norm,
-                &a.k_norm,
-                cache.layer_mut(l),
-                dev_batch,
-                &attn,
-            )?;
-            inspect(l, Stage::QueryRope, &q)?;
             // 4. Causal GQA attention over each sequence's cache: -> [T, H D]
-            let o = b.attention(&q, cache.layer(l), dev_batch, &attn)?;
+            // One fused op, unless an inspector asks to see q between the two.
+            let o = if inspecting {
+                let q = b.qk_norm_rope_write_kv(
+                    &qkv,
+                    &a.q_norm,
+                    &a.k_norm,
+                    cache.layer_mut(l),
+                    dev_batch,
+                    &attn,
+                )?;
+                inspect(l, Stage::QueryRope, &q)?;
+                b.attention(&q, cache.layer(l), dev_batch, &attn)?
+            } else {
+                b.qk_norm_rope_attention(
+                    &qkv,
+                    &a.q_norm,
+                    &a.k_norm,
+                    cache.layer_mut(l),
+                    dev_batch,
+                    &attn,
+                )?
+            };
             inspect(l, Stage::Attention, &o)?;
             // 5. o_proj with the residual add: -> h [T, hidden]
             let h = b.matmul_add(&o, &a.o_proj, &x)?;

@@ -267,6 +267,31 @@ pub fn profile<B: Backend>(
                 })?;
                 (layers, layers as f64 * f, layers as f64 * u)
             }
+            FusedOp::QkNormRopeAttention => {
+                let cfg_a = cfg.attention();
+                let f = time_op(b, reps, || {
+                    b.qk_norm_rope_attention(
+                        &qkv,
+                        &a.q_norm,
+                        &a.k_norm,
+                        kv.layer_mut(0),
+                        &kv_batch,
+                        &cfg_a,
+                    )
+                })?;
+                let u = time_op(b, reps, || {
+                    compose::qk_norm_rope_attention(
+                        b,
+                        &qkv,
+                        &a.q_norm,
+                        &a.k_norm,
+                        kv.layer_mut(0),
+                        &kv_batch,
+                        &cfg_a,
+                    )
+                })?;
+                (layers, layers as f64 * f, layers as f64 * u)
+            }
             FusedOp::MatmulAdd => {
                 let of = time_op(b, reps, || b.matmul_add(&attn_out, &a.o_proj, &x))?;
                 let ou = time_op(b, reps, || compose::matmul_add(b, &attn_out, &a.o_proj, &x))?;
