@@ -48,12 +48,18 @@ template <> struct KvRaw4<float> {
     float4 v;
     __device__ __forceinline__ void zero() { v = make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
     __device__ __forceinline__ void load(const float* p) { v = *reinterpret_cast<const float4*>(p); }
+    // Four values as the cache stores them.
+    __device__ __forceinline__ void set(const float* f) { v = make_float4(f[0], f[1], f[2], f[3]); }
     __device__ __forceinline__ void get(float* o) const { o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w; }
 };
 template <> struct KvRaw4<bf16_t> {
     uint2 v;
     __device__ __forceinline__ void zero() { v = make_uint2(0u, 0u); }
     __device__ __forceinline__ void load(const bf16_t* p) { v = *reinterpret_cast<const uint2*>(p); }
+    __device__ __forceinline__ void set(const float* f) {
+        v = make_uint2((u32)f32_to_bf16(f[0]) | ((u32)f32_to_bf16(f[1]) << 16),
+                       (u32)f32_to_bf16(f[2]) | ((u32)f32_to_bf16(f[3]) << 16));
+    }
     __device__ __forceinline__ void get(float* o) const {
         o[0] = bf16_lo(v.x); o[1] = bf16_hi(v.x); o[2] = bf16_lo(v.y); o[3] = bf16_hi(v.y);
     }
@@ -410,13 +416,21 @@ __device__ __forceinline__ float transpose_sum8(const float* v, int lane) {
 // softmax per 8 keys, warps merged in shared memory, slices combined by the last block to finish
 // (finish_splits). d % 4 == 0, d <= 128. grid = (T, KV, splits), block = 32 * ATTN_WARPS,
 // shared = ATTN_WARPS GM (d + 2) floats.
-template <typename KT, int GM>
+// QKN (qk_norm_rope_attention): q is the QKV projection [T, (H + 2 KV) d] and the kernel does
+// the attention prologue itself: every warp forms its heads' q (per-head RMSNorm with q_norm,
+// RoPE); the block whose slice holds the token's own key forms that key (k_norm, RoPE) and its
+// value in registers, uses them for that key instead of reading the cache, and its warp 0
+// writes both to the token's cache slot. No block reads that slot from the cache, so the write
+// needs no ordering within the kernel. d % 8 == 0 (RoPE partners sit half / 4 lanes apart).
+template <typename KT, int GM, bool QKN>
 __device__ void attention_many(
     const float* __restrict__ q, const KT* __restrict__ kc, const KT* __restrict__ vc,
     const u32* __restrict__ positions, const u32* __restrict__ token_seq,
     const u32* __restrict__ block_tables, int max_blocks, int block_size, int H, int KV, int d,
     float scale_log2, int chunk, float* __restrict__ out, float* __restrict__ part_o,
-    float* __restrict__ part_ml, u32* __restrict__ counters) {
+    float* __restrict__ part_ml, u32* __restrict__ counters, const float* __restrict__ q_norm,
+    const float* __restrict__ k_norm, const u32* __restrict__ slots, KT* kc_out, KT* vc_out,
+    double log2_theta, float eps) {
     extern __shared__ float smem[];  // [ATTN_WARPS][G][d + 2]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane & 7;
     const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
@@ -431,17 +445,70 @@ __device__ void attention_many(
     };
     int kb = begin + warp * 8;
     u32 my_slot = slot_of(kb + r);  // lane l: the slot of key kb + (l & 7)
+    // QKN: lane l's RoPE factors (dims d0..d0+3 pair with the lane half / 4 away), formed while
+    // the QKV projection before this kernel finishes.
+    const int half = d / 2, last = keys - 1;
+    const bool first_half = d0 < half;
+    const int partner = first_half ? lane + half / 4 : lane - half / 4;
+    float cs[4], sn[4];
+    if (QKN) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) rope_cs((u32)last, (first_half ? d0 : d0 - half) + c, d, log2_theta, &cs[c], &sn[c]);
+    }
     pdl_begin();
     if (begin >= end) return;  // past the token's position: no keys, not counted in `active`
+    // QKN: head `src`'s RMSNorm with `gain`, then RoPE, lane l's four dims (every lane calls it:
+    // it shuffles).
+    auto norm_rope = [&](const float* src, const float* gain, float* res) {
+        float x[4], ss = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            x[c] = has_dims ? src[d0 + c] : 0.0f;
+            ss += x[c] * x[c];
+        }
+        const float inv = rsqrtf(warp_sum(ss) / d + eps);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) x[c] = has_dims ? x[c] * inv * gain[d0 + c] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const float other = __shfl_sync(FULL_MASK, x[c], partner);
+            res[c] = first_half ? x[c] * cs[c] - other * sn[c] : x[c] * cs[c] + other * sn[c];
+        }
+    };
+    const size_t q_row = (size_t)t * (QKN ? H + 2 * KV : H) * d;
     float qr[GM][4], o[GM][4], m[GM], l[GM];
 #pragma unroll
     for (int g = 0; g < GM; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
+        float qh[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const float* src = q + q_row + (size_t)(kv * G + g) * d;
+        if (QKN && g < G) {
+            norm_rope(src, q_norm, qh);
+        } else if (g < G && has_dims) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) qh[c] = src[d0 + c];
+        }
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-            qr[g][c] = g < G && has_dims ? q[(size_t)t * H * d + (size_t)(kv * G + g) * d + d0 + c] * scale_log2 : 0.0f;
+            qr[g][c] = qh[c] * scale_log2;
             o[g][c] = 0.0f;
+        }
+    }
+    // QKN: the token's own key and value, in the block whose slice holds them.
+    float kn[4] = {0.0f, 0.0f, 0.0f, 0.0f}, vn[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (QKN && end == keys) {
+        norm_rope(q + q_row + (size_t)(H + kv) * d, k_norm, kn);
+        const float* vsrc = q + q_row + (size_t)(H + KV + kv) * d;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) vn[c] = has_dims ? vsrc[d0 + c] : 0.0f;
+        if (warp == 0 && has_dims) {
+            const size_t row = (size_t)slots[t] * W + (size_t)kv * d + d0;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                kv_store(kc_out + row + c, kn[c]);
+                kv_store(vc_out + row + c, vn[c]);
+            }
         }
     }
     // For a bf16 cache, double-buffered: a group's K and V rows are loaded (raw, unconverted)
@@ -457,7 +524,10 @@ __device__ void attention_many(
             const u32 sj = __shfl_sync(FULL_MASK, my_slot, j);
             kraw[j].zero();
             vraw[j].zero();
-            if (k0 + j < end && has_dims) {
+            if (QKN && k0 + j == last && has_dims) {
+                kraw[j].set(kn);  // rounded as the cache holds it
+                vraw[j].set(vn);
+            } else if (k0 + j < end && has_dims) {
                 const size_t row = (size_t)sj * W + (size_t)kv * d + d0;
                 kraw[j].load(kc + row);
                 vraw[j].load(vc + row);
@@ -525,8 +595,18 @@ __device__ void attention_many(
         const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \
         const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
         int chunk, float* out, float* part_o, float* part_ml, u32* counters) {                              \
-        attention_many<KT, GM>(q, kc, vc, positions, token_seq, block_tables, max_blocks, block_size, H, \
-                                  KV, d, scale_log2, chunk, out, part_o, part_ml, counters);                \
+        attention_many<KT, GM, false>(q, kc, vc, positions, token_seq, block_tables, max_blocks,          \
+                                      block_size, H, KV, d, scale_log2, chunk, out, part_o, part_ml,      \
+                                      counters, nullptr, nullptr, nullptr, nullptr, nullptr, 0.0, 0.0f);  \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_many_qkn_##SUFFIX##_g##GM( \
+        const float* qkv, KT* kc, KT* vc, const u32* positions, const u32* token_seq,                     \
+        const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
+        int chunk, float* out, float* part_o, float* part_ml, u32* counters, const float* q_norm,          \
+        const float* k_norm, const u32* slots, double log2_theta, float eps) {                             \
+        attention_many<KT, GM, true>(qkv, kc, vc, positions, token_seq, block_tables, max_blocks,         \
+                                     block_size, H, KV, d, scale_log2, chunk, out, part_o, part_ml,       \
+                                     counters, q_norm, k_norm, slots, kc, vc, log2_theta, eps);           \
     }
 #define MANY_ENTRIES(KT, SUFFIX)                                                     \
     MANY_ENTRY(KT, SUFFIX, 1) MANY_ENTRY(KT, SUFFIX, 2) MANY_ENTRY(KT, SUFFIX, 4) \

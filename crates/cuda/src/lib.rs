@@ -773,6 +773,92 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The attention kernels' launch, for [`Backend::attention`] (q `[T, H d]`) and, with
+    /// `qkn`, for [`Backend::qk_norm_rope_attention`] (the QKV projection; `kv` the pools it
+    /// writes). The caller has checked the shapes, the batch against the pools, and that the
+    /// decode kernel (`many`) fits: d <= 128, d % 4 == 0 (d % 8 == 0 with `qkn`).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_attention(
+        &self,
+        input: &CudaTensor,
+        kv: (u64, u64),
+        kv_suffix: &str,
+        batch: &CudaBatch,
+        cfg: &AttentionConfig,
+        many: bool,
+        qkn: Option<(&CudaTensor, &CudaTensor)>,
+    ) -> Result<CudaTensor> {
+        let t = batch.info.num_tokens();
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let c = h * d;
+        let bs = batch.info.block_size();
+        // Both kernels split each token's context into chunks, a block each (`ContextSplit`),
+        // sized by the batch's capacity, not its current context, so a captured step keeps valid
+        // launch shapes as the sequences grow (splits past a token's position exit at once).
+        let max_ctx = batch.capacity.max(batch.info.max_context()).max(1);
+        let g = cfg.group_size();
+        let (kernel, shared) = if many {
+            let gm = g.next_power_of_two();
+            let fused = if qkn.is_some() { "qkn_" } else { "" };
+            let kernel = format!("attention_many_{fused}{kv_suffix}_g{gm}");
+            (kernel, ATTN_WARPS as usize * gm * (d + 2))
+        } else {
+            let kernel = attention_entry(kv_suffix, g, d, t);
+            (kernel, ATTN_WARPS as usize * g * (d + 2))
+        };
+        let blocks = t * kvh;
+        let split = if many {
+            ContextSplit::decode(
+                max_ctx,
+                blocks,
+                self.inner.attn_many_blocks_per_sm * self.inner.sm_count,
+            )
+        } else {
+            ContextSplit::split_k(max_ctx, blocks, self.inner.sm_count)
+        };
+        let (chunk, splits) = (split.chunk, split.splits);
+        let out = self.alloc_f32(t * c)?;
+        let part_o = self.alloc_f32(if splits > 1 { t * h * splits * d } else { 1 })?;
+        let part_ml = self.alloc_f32(if splits > 1 { t * h * splits * 2 } else { 1 })?;
+        let counters = self.counters(t * kvh)?;
+        let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
+        let op = "attention";
+        let mut l = self.launch(&kernel)?;
+        l.buf(input.f32(op)?).ptr(kv.0).ptr(kv.1);
+        l.buf(&batch.positions)
+            .buf(&batch.token_seq)
+            .buf(&batch.block_tables);
+        l.i32(i32_of(batch.max_blocks, "blocks")?)
+            .i32(i32_of(bs, "block size")?)
+            .i32(i32_of(h, "H")?)
+            .i32(i32_of(kvh, "KV")?)
+            .i32(i32_of(d, "d")?)
+            .f32(scale_log2)
+            .i32(i32_of(chunk, "chunk")?);
+        l.out(&out).out(&part_o).out(&part_ml).ptr(counters);
+        if let Some((q_norm, k_norm)) = qkn {
+            l.buf(q_norm.f32(op)?)
+                .buf(k_norm.f32(op)?)
+                .buf(&batch.slots)
+                .f64(cfg.rope_theta.log2())
+                .f32(cfg.qk_norm_eps as f32);
+        }
+        let cfg_launch = LaunchConfig {
+            grid_dim: (t as u32, kvh as u32, splits as u32),
+            block_dim: (32 * ATTN_WARPS, 1, 1),
+            shared_mem_bytes: (shared * 4) as u32,
+        };
+        // SAFETY: the input is q [t, h*d], or with qkn the QKV projection [t, (h+2kvh)*d] with
+        // norms [d] and every slot inside the pools (checked by the caller); pools are [slots,
+        // kvh*d] and every block of every table is inside (checked); tables are [seqs,
+        // max_blocks]; group <= MAX_G and d <= 256 (checked; the decode kernel only for d <= 128,
+        // a multiple of 4 (8 with qkn): 16-byte aligned rows); shared memory as the kernel lays
+        // it out; the partial buffers hold t*h*splits*(d | 2) floats when splits > 1; counters
+        // holds t*kvh zeros, which the kernel leaves zero.
+        unsafe { l.launch(cfg_launch) }.cuda()?;
+        Ok(Self::f32_tensor([t, c], out))
+    }
+
     /// Causal attention of prompt chunks as fp32 cuBLAS GEMMs, one sequence and one chunk of its
     /// query rows at a time: the scores as one strided-batched SGEMM per chunk (a batch entry
     /// per KV head, its G query heads stacked as rows), a softmax kernel in place (the division
@@ -1339,7 +1425,6 @@ impl Backend for CudaBackend {
             ));
         }
         let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
-        let bs = batch.info.block_size();
         batch.info.check_blocks_within(slots, "attention")?;
         if cache.k.dtype() != cache.v.dtype() {
             return Err(Error::invalid(
@@ -1357,63 +1442,8 @@ impl Backend for CudaBackend {
         if !many && t > GEMV_MAX_ROWS && batch.info.seqs().iter().all(|s| s.len >= gemm_min) {
             return self.attention_gemm(q, cache, batch, cfg);
         }
-        // Both kernels split each token's context into chunks, a block each (`ContextSplit`),
-        // sized by the batch's capacity, not its current context, so a captured step keeps valid
-        // launch shapes as the sequences grow (splits past a token's position exit at once).
-        let max_ctx = batch.capacity.max(batch.info.max_context()).max(1);
-        let g = cfg.group_size();
-        let (kernel, shared) = if many {
-            let gm = g.next_power_of_two();
-            let kernel = format!("attention_many_{}_g{gm}", cache.k.kv_suffix());
-            (kernel, ATTN_WARPS as usize * gm * (d + 2))
-        } else {
-            let kernel = attention_entry(cache.k.kv_suffix(), g, d, t);
-            (kernel, ATTN_WARPS as usize * g * (d + 2))
-        };
-        let blocks = t * kvh;
-        let split = if many {
-            ContextSplit::decode(
-                max_ctx,
-                blocks,
-                self.inner.attn_many_blocks_per_sm * self.inner.sm_count,
-            )
-        } else {
-            ContextSplit::split_k(max_ctx, blocks, self.inner.sm_count)
-        };
-        let (chunk, splits) = (split.chunk, split.splits);
-        let out = self.alloc_f32(t * c)?;
-        let part_o = self.alloc_f32(if splits > 1 { t * h * splits * d } else { 1 })?;
-        let part_ml = self.alloc_f32(if splits > 1 { t * h * splits * 2 } else { 1 })?;
-        let counters = self.counters(t * kvh)?;
-        let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
-        let stream = self.stream();
-        let mut l = self.launch(&kernel)?;
-        l.buf(q.f32("attention")?)
-            .ptr(cache.k.ptr(stream))
-            .ptr(cache.v.ptr(stream));
-        l.buf(&batch.positions)
-            .buf(&batch.token_seq)
-            .buf(&batch.block_tables);
-        l.i32(i32_of(batch.max_blocks, "blocks")?)
-            .i32(i32_of(bs, "block size")?)
-            .i32(i32_of(h, "H")?)
-            .i32(i32_of(kvh, "KV")?)
-            .i32(i32_of(d, "d")?)
-            .f32(scale_log2)
-            .i32(i32_of(chunk, "chunk")?);
-        l.out(&out).out(&part_o).out(&part_ml).ptr(counters);
-        let cfg_launch = LaunchConfig {
-            grid_dim: (t as u32, kvh as u32, splits as u32),
-            block_dim: (32 * ATTN_WARPS, 1, 1),
-            shared_mem_bytes: (shared * 4) as u32,
-        };
-        // SAFETY: q is [t, h*d]; pools are [slots, kvh*d] and every block of every table is inside
-        // (checked); tables are [seqs, max_blocks]; group <= MAX_G and d <= 256 (checked; the
-        // decode kernel only for d <= 128, a multiple of 4: 16-byte aligned rows); shared
-        // memory as the kernel lays it out; the partial buffers hold t*h*splits*(d | 2) floats
-        // when splits > 1; counters holds t*kvh zeros, which the kernel leaves zero.
-        unsafe { l.launch(cfg_launch) }.cuda()?;
-        Ok(Self::f32_tensor([t, c], out))
+        let kv = (cache.k.ptr(self.stream()), cache.v.ptr(self.stream()));
+        self.launch_attention(q, kv, cache.k.kv_suffix(), batch, cfg, many, None)
     }
 
     fn argmax(&self, logits: &CudaTensor) -> Result<Vec<u32>> {
@@ -1584,6 +1614,42 @@ impl Backend for CudaBackend {
         // every slot < slots (checked); one warp per (token, head), warps past the last exit.
         unsafe { l.launch(launch) }.cuda()?;
         Ok(Self::f32_tensor([t, h * d], q))
+    }
+
+    fn qk_norm_rope_attention(
+        &self,
+        qkv: &CudaTensor,
+        q_norm: &CudaTensor,
+        k_norm: &CudaTensor,
+        cache: &mut LayerKv<Self::Tensor>,
+        batch: &CudaBatch,
+        cfg: &AttentionConfig,
+    ) -> Result<CudaTensor> {
+        // Decode steps in the decode kernel, which then forms q and the new keys itself (one
+        // launch a layer fewer); anything else as the two ops.
+        let op = "qk_norm_rope_attention";
+        let (t, width) = qkv.matrix(op)?;
+        let (kvh, d) = (cfg.num_kv_heads, cfg.head_dim);
+        let fusable = self.check_attention(cfg).is_ok()
+            && width == cfg.qkv_width()
+            && t == batch.info.num_tokens()
+            && t >= self.inner.many_from
+            && batch.info.seqs().iter().all(|s| s.len == 1)
+            && d.is_multiple_of(8)
+            && d <= 128
+            && q_norm.shape.dims() == [d]
+            && k_norm.shape.dims() == [d]
+            && cache.k.dtype() == cache.v.dtype();
+        if !fusable {
+            return compose::qk_norm_rope_attention(self, qkv, q_norm, k_norm, cache, batch, cfg);
+        }
+        let slots = cache.k.shape.cache_slots(kvh * d, op)?;
+        batch.info.check_slots_within(slots, op)?;
+        batch.info.check_blocks_within(slots, op)?;
+        let suffix = cache.k.kv_suffix();
+        let stream = self.stream();
+        let kv = (cache.k.ptr_mut(stream, op)?, cache.v.ptr_mut(stream, op)?);
+        self.launch_attention(qkv, kv, suffix, batch, cfg, true, Some((q_norm, k_norm)))
     }
 
     fn matmul_add(
