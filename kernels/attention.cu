@@ -457,6 +457,36 @@ __device__ void attention_many(
     }
     pdl_begin();
     if (begin >= end) return;  // past the token's position: no keys, not counted in `active`
+    // QKN: the token's own key and value, formed below by the block whose slice holds them.
+    float kn[4] = {0.0f, 0.0f, 0.0f, 0.0f}, vn[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // For a bf16 cache, double-buffered: a group's K and V rows are loaded (raw, unconverted)
+    // one iteration before they are used, so each warp keeps two groups of 8-byte loads in
+    // flight (single-buffered, Nsight measured 1.5 TB/s against fp32's 3.6). An fp32 cache's
+    // 16-byte loads keep one group (double-buffering them takes 187 registers a thread).
+    constexpr bool DOUBLE = sizeof(KT) == 2;
+    constexpr int STEP = ATTN_WARPS * 8;
+    KvRaw4<KT> kraw[8], vraw[8];
+    auto load_group = [&](int k0) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const u32 sj = __shfl_sync(FULL_MASK, my_slot, j);
+            kraw[j].zero();
+            vraw[j].zero();
+            if (QKN && k0 + j == last && has_dims) {
+                kraw[j].set(kn);  // rounded as the cache holds it
+                vraw[j].set(vn);
+            } else if (k0 + j < end && has_dims) {
+                const size_t row = (size_t)sj * W + (size_t)kv * d + d0;
+                kraw[j].load(kc + row);
+                vraw[j].load(vc + row);
+            }
+        }
+    };
+    // The first group's K and V rows are requested before q is formed, so their latency overlaps
+    // the prologue (with QKN, forming q before them cost ~1 µs a layer at batch 1).
+    const int kb0 = kb;
+    load_group(kb);
+    my_slot = slot_of(kb + STEP + r);
     // QKN: head `src`'s RMSNorm with `gain`, then RoPE, lane l's four dims (every lane calls it:
     // it shuffles).
     auto norm_rope = [&](const float* src, const float* gain, float* res) {
@@ -495,8 +525,6 @@ __device__ void attention_many(
             o[g][c] = 0.0f;
         }
     }
-    // QKN: the token's own key and value, in the block whose slice holds them.
-    float kn[4] = {0.0f, 0.0f, 0.0f, 0.0f}, vn[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (QKN && end == keys) {
         norm_rope(q + q_row + (size_t)(H + kv) * d, k_norm, kn);
         const float* vsrc = q + q_row + (size_t)(H + KV + kv) * d;
@@ -510,37 +538,18 @@ __device__ void attention_many(
                 kv_store(vc_out + row + c, vn[c]);
             }
         }
-    }
-    // For a bf16 cache, double-buffered: a group's K and V rows are loaded (raw, unconverted)
-    // one iteration before they are used, so each warp keeps two groups of 8-byte loads in
-    // flight (single-buffered, Nsight measured 1.5 TB/s against fp32's 3.6). An fp32 cache's
-    // 16-byte loads keep one group (double-buffering them takes 187 registers a thread).
-    constexpr bool DOUBLE = sizeof(KT) == 2;
-    constexpr int STEP = ATTN_WARPS * 8;
-    KvRaw4<KT> kraw[8], vraw[8];
-    auto load_group = [&](int k0) {
+        // The first group was requested before the key existed: put it in place.
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            const u32 sj = __shfl_sync(FULL_MASK, my_slot, j);
-            kraw[j].zero();
-            vraw[j].zero();
-            if (QKN && k0 + j == last && has_dims) {
-                kraw[j].set(kn);  // rounded as the cache holds it
+            if (kb0 + j == last && has_dims) {
+                kraw[j].set(kn);
                 vraw[j].set(vn);
-            } else if (k0 + j < end && has_dims) {
-                const size_t row = (size_t)sj * W + (size_t)kv * d + d0;
-                kraw[j].load(kc + row);
-                vraw[j].load(vc + row);
             }
         }
-    };
-    if (DOUBLE) {
-        load_group(kb);
-        my_slot = slot_of(kb + STEP + r);
     }
     for (; kb < end; kb += STEP) {
         const int n = min(8, end - kb);
-        if (!DOUBLE) {
+        if (!DOUBLE && kb != kb0) {
             load_group(kb);
             my_slot = slot_of(kb + STEP + r);
         }
