@@ -487,49 +487,54 @@ __device__ void attention_many(
     const int kb0 = kb;
     load_group(kb);
     my_slot = slot_of(kb + STEP + r);
-    // QKN: head `src`'s RMSNorm with `gain`, then RoPE, lane l's four dims (every lane calls it:
-    // it shuffles).
-    auto norm_rope = [&](const float* src, const float* gain, float* res) {
-        float x[4], ss = 0.0f;
+    // QKN: RMSNorm of a head's values x (lane l's four dims) with `gain`, then RoPE (every lane
+    // calls it: it shuffles).
+    auto norm_rope = [&](float* x, const float* gain, float* res) {
+        float ss = 0.0f;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            x[c] = has_dims ? src[d0 + c] : 0.0f;
-            ss += x[c] * x[c];
-        }
+        for (int c = 0; c < 4; ++c) ss += x[c] * x[c];
         const float inv = rsqrtf(warp_sum(ss) / d + eps);
 #pragma unroll
-        for (int c = 0; c < 4; ++c) x[c] = has_dims ? x[c] * inv * gain[d0 + c] : 0.0f;
+        for (int c = 0; c < 4; ++c) x[c] *= inv * gain[c];
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             const float other = __shfl_sync(FULL_MASK, x[c], partner);
             res[c] = first_half ? x[c] * cs[c] - other * sn[c] : x[c] * cs[c] + other * sn[c];
         }
     };
+    // Every load of the prologue (q rows; with QKN the token's own key and value rows and both
+    // gains) is issued before any is used, so it costs one round trip, not one per head.
     const size_t q_row = (size_t)t * (QKN ? H + 2 * KV : H) * d;
+    const bool own_key = QKN && end == keys;
+    float qx[GM][4], kx[4], vx[4], gq[4], gk[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+#pragma unroll
+        for (int g = 0; g < GM; ++g)
+            qx[g][c] = g < G && has_dims ? q[q_row + (size_t)(kv * G + g) * d + d0 + c] : 0.0f;
+        const bool kvx = own_key && has_dims;
+        kx[c] = kvx ? q[q_row + (size_t)(H + kv) * d + d0 + c] : 0.0f;
+        vx[c] = kvx ? q[q_row + (size_t)(H + KV + kv) * d + d0 + c] : 0.0f;
+        gq[c] = QKN && has_dims ? q_norm[d0 + c] : 0.0f;
+        gk[c] = own_key && has_dims ? k_norm[d0 + c] : 0.0f;
+    }
     float qr[GM][4], o[GM][4], m[GM], l[GM];
 #pragma unroll
     for (int g = 0; g < GM; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
-        float qh[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        const float* src = q + q_row + (size_t)(kv * G + g) * d;
-        if (QKN && g < G) {
-            norm_rope(src, q_norm, qh);
-        } else if (g < G && has_dims) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) qh[c] = src[d0 + c];
-        }
+        float qh[4] = {qx[g][0], qx[g][1], qx[g][2], qx[g][3]};
+        if (QKN && g < G) norm_rope(qx[g], gq, qh);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             qr[g][c] = qh[c] * scale_log2;
             o[g][c] = 0.0f;
         }
     }
-    if (QKN && end == keys) {
-        norm_rope(q + q_row + (size_t)(H + kv) * d, k_norm, kn);
-        const float* vsrc = q + q_row + (size_t)(H + KV + kv) * d;
+    if (own_key) {
+        norm_rope(kx, gk, kn);
 #pragma unroll
-        for (int c = 0; c < 4; ++c) vn[c] = has_dims ? vsrc[d0 + c] : 0.0f;
+        for (int c = 0; c < 4; ++c) vn[c] = vx[c];
         if (warp == 0 && has_dims) {
             const size_t row = (size_t)slots[t] * W + (size_t)kv * d + d0;
 #pragma unroll
