@@ -214,6 +214,14 @@ struct Inner {
     /// (default 1: every decode step; measured on the H200, batch 1 1.016 → 0.93 ms/step against
     /// the split-K kernel; `QFUSE_CUDA_MANY_ATTENTION_FROM` raises it for comparison).
     many_from: usize,
+    /// Fewest one-token sequences whose decode attention also forms q and the new keys
+    /// (`qk_norm_rope_attention` in one kernel; `QFUSE_CUDA_FUSED_ATTENTION_FROM`). Default 9,
+    /// batched decode: on an H100 it made batch 64 3.63–3.69 → 3.53 ms/step (bf16 cache) and
+    /// left the fp32 cache's unchanged, but batch 1 1.006 → 1.055: there the separate q/k-norm
+    /// kernel hides behind the QKV projection (programmatic dependent launch), while in the
+    /// attention kernel its loads, reductions and RoPE angles lengthen the critical path
+    /// (Nsight: 13.4 µs fused vs 10.5 + 6.1 µs, run one by one).
+    fused_attention_from: usize,
     /// Blocks an SM the decode attention kernel fills when it splits contexts (0: no split; the
     /// default 4 is what its registers let an SM hold).
     attn_many_blocks_per_sm: usize,
@@ -382,6 +390,11 @@ impl CudaBackend {
                 gemv_warps: gemv_warps_per_sm() * sm_count,
                 many_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_MANY_ATTENTION_FROM", 1..=4096)
                     .unwrap_or(1),
+                fused_attention_from: qfuse_core::knobs::env_knob(
+                    "QFUSE_CUDA_FUSED_ATTENTION_FROM",
+                    1..=1 << 20,
+                )
+                .unwrap_or(GEMV_MAX_ROWS + 1),
                 attn_many_blocks_per_sm: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_ATTN_MANY_BLOCKS_PER_SM",
                     0..=64,
@@ -1625,15 +1638,16 @@ impl Backend for CudaBackend {
         batch: &CudaBatch,
         cfg: &AttentionConfig,
     ) -> Result<CudaTensor> {
-        // Decode steps in the decode kernel, which then forms q and the new keys itself (one
-        // launch a layer fewer); anything else as the two ops.
+        // Batched decode steps in the decode kernel, which then forms q and the new keys itself
+        // (one launch a layer fewer; `fused_attention_from` says why not at batch 1); anything
+        // else as the two ops.
         let op = "qk_norm_rope_attention";
         let (t, width) = qkv.matrix(op)?;
         let (kvh, d) = (cfg.num_kv_heads, cfg.head_dim);
         let fusable = self.check_attention(cfg).is_ok()
             && width == cfg.qkv_width()
             && t == batch.info.num_tokens()
-            && t >= self.inner.many_from
+            && t >= self.inner.many_from.max(self.inner.fused_attention_from)
             && batch.info.seqs().iter().all(|s| s.len == 1)
             && d.is_multiple_of(8)
             && d <= 128
