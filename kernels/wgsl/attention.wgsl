@@ -13,17 +13,30 @@
 // keeps more than one memory access in flight per thread.
 // With one split it writes the normalised output; otherwise partials [o (d), max, sum] per
 // (token, head, split) for attention_combine.wgsl.
-// params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits, chunk].
+// QKN (qk_norm_rope_attention, decode steps: one token per sequence): q is the QKV projection
+// [T, (H + 2 KV) d] and the workgroup forms its heads' q itself (q_norm, RoPE from the batch's
+// table cs [T, d/2, (cos, sin)]); the workgroups whose slice holds the token's own key form
+// that key (k_norm, RoPE) and value in workgroup memory and use them for it instead of reading
+// the cache, and the first head group's writes both to the token's slot. No workgroup reads
+// that slot from the cache, so the write needs no ordering.
+// params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits, chunk, eps (f32 bits)].
 // dispatch (KV * ceil(H / KV / 4), T, splits); d <= 256.
 @group(0) @binding(0) var<storage, read> p: array<u32>;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> kc: array<f32>;
-@group(0) @binding(3) var<storage, read> vc: array<f32>;
+@group(0) @binding(2) var<storage, read_write> kc: array<f32>;
+@group(0) @binding(3) var<storage, read_write> vc: array<f32>;
 @group(0) @binding(4) var<storage, read> positions: array<u32>;
 @group(0) @binding(5) var<storage, read> token_seq: array<u32>;
 @group(0) @binding(6) var<storage, read> tables: array<u32>;
 @group(0) @binding(7) var<storage, read_write> out: array<f32>;
 @group(0) @binding(8) var<storage, read_write> part: array<f32>;
+// QKN only (other builds are given stand-ins).
+@group(0) @binding(9) var<storage, read> q_norm: array<f32>;
+@group(0) @binding(10) var<storage, read> k_norm: array<f32>;
+@group(0) @binding(11) var<storage, read> cs: array<f32>;
+@group(0) @binding(12) var<storage, read> slots: array<u32>;
+
+override QKN: bool = false;
 
 const TILE: u32 = 32u;
 const PARTS: u32 = 4u;
@@ -36,6 +49,10 @@ var<workgroup> partial: array<vec4<f32>, 128>;
 var<workgroup> scores: array<vec4<f32>, 32>;
 var<workgroup> probs: array<vec4<f32>, 32>;
 var<workgroup> bases: array<u32, 32>;
+var<workgroup> own_k: array<f32, 264>;     // QKN: the token's own key and value
+var<workgroup> own_v: array<f32, 264>;
+var<workgroup> red_k: array<f32, 128>;
+const OWN: u32 = 0xffffffffu;              // bases[j] of the token's own key (QKN)
 
 fn k_at(i: u32, ok: bool) -> f32 {
     var x = 0.0;
@@ -43,9 +60,16 @@ fn k_at(i: u32, ok: bool) -> f32 {
     return x;
 }
 
-fn v_at(i: u32, ok: bool) -> f32 {
+// Dim i of the value row at `base`, or of the token's own value (base OWN, QKN).
+fn v_at(base: u32, i: u32, ok: bool) -> f32 {
     var x = 0.0;
-    if (ok) { x = vc[i]; }
+    if (ok) {
+        if (QKN && base == OWN) {
+            x = own_v[i];
+        } else {
+            x = vc[base + i];
+        }
+    }
     return x;
 }
 
@@ -71,15 +95,70 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let table = token_seq[t] * max_blocks;
     let begin = split * chunk;
     let keys = min(positions[t] + 1u, begin + chunk);
-    let qbase = (t * heads + h0) * d;
+    var qstride = heads * d;
+    if (QKN) { qstride = (heads + 2u * kvh) * d; }
+    let qrow = t * qstride;
+    let last = keys - 1u;
+    let own = QKN && begin < keys && keys == positions[t] + 1u;  // this slice holds the own key
+    var ssq = vec4<f32>(0.0);
+    var ssk = 0.0;
     for (var i = lid; i < d + RUN; i += WG) {
         var qv = vec4<f32>(0.0);
         if (i < d) {
             for (var g = 0u; g < MAX_G; g++) {
-                if (g < gn) { qv[g] = q[qbase + g * d + i] * scale; }
+                if (g < gn) { qv[g] = q[qrow + (h0 + g) * d + i]; }
+            }
+            if (own) {
+                let kx = q[qrow + (heads + kv) * d + i];
+                own_k[i] = kx;
+                own_v[i] = q[qrow + (heads + kvh + kv) * d + i];
+                ssk += kx * kx;
             }
         }
         qs[i] = qv;
+        ssq += qv * qv;
+    }
+    if (QKN) {
+        // Per-head RMS of q (vec4 lanes) and of the own key, then RoPE in place: thread i
+        // rotates the pairs (i, i + d/2), reading both before writing either.
+        partial[lid] = ssq;
+        red_k[lid] = ssk;
+        workgroupBarrier();
+        for (var s = WG / 2u; s > 0u; s >>= 1u) {
+            if (lid < s) {
+                partial[lid] += partial[lid + s];
+                red_k[lid] += red_k[lid + s];
+            }
+            workgroupBarrier();
+        }
+        let eps = bitcast<f32>(p[9]);
+        let inv_q = inverseSqrt(partial[0] / f32(d) + eps);
+        let inv_k = inverseSqrt(red_k[0] / f32(d) + eps);
+        let half = d / 2u;
+        for (var i = lid; i < half; i += WG) {
+            let c = cs[(t * half + i) * 2u];
+            let sn = cs[(t * half + i) * 2u + 1u];
+            let a = qs[i] * inv_q * q_norm[i];
+            let b = qs[i + half] * inv_q * q_norm[i + half];
+            qs[i] = (a * c - b * sn) * scale;
+            qs[i + half] = (b * c + a * sn) * scale;
+            if (own) {
+                let ka = own_k[i] * inv_k * k_norm[i];
+                let kb = own_k[i + half] * inv_k * k_norm[i + half];
+                own_k[i] = ka * c - kb * sn;
+                own_k[i + half] = kb * c + ka * sn;
+            }
+        }
+        workgroupBarrier();
+        if (own && wg.x % per_kv == 0u) {
+            let dst = slots[t] * w + kv * d;
+            for (var i = lid; i < d; i += WG) {
+                kc[dst + i] = own_k[i];
+                vc[dst + i] = own_v[i];
+            }
+        }
+    } else {
+        for (var i = lid; i < d; i += WG) { qs[i] *= scale; }
     }
     // Lanes past gn see q = 0: finite scores whose outputs are never written.
     var o0 = vec4<f32>(0.0);
@@ -93,7 +172,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();  // qs written; the previous tile's probs and bases consumed
         let key = tile + kl;
         var acc = vec4<f32>(0.0);
-        if (key < keys) {
+        if (own && key == last) {
+            if (kp == 0u) { bases[kl] = OWN; }
+            for (var i = kp * RUN; i < d; i += PARTS * RUN) {
+                for (var u = 0u; u < RUN; u++) { acc += qs[i + u] * own_k[i + u]; }
+            }
+        } else if (key < keys) {
             let base = (tables[table + key / bs] * bs + key % bs) * w + kv * d;
             if (kp == 0u) { bases[kl] = base; }
             for (var i = kp * RUN; i < d; i += PARTS * RUN) {
@@ -137,22 +221,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let b6 = bases[j + 6u];
             let b7 = bases[j + 7u];
             let ok0 = lid < d;
-            let a0 = v_at(b0 + lid, ok0);
-            let a1 = v_at(b1 + lid, ok0);
-            let a2 = v_at(b2 + lid, ok0);
-            let a3 = v_at(b3 + lid, ok0);
-            let a4 = v_at(b4 + lid, ok0);
-            let a5 = v_at(b5 + lid, ok0);
-            let a6 = v_at(b6 + lid, ok0);
-            let a7 = v_at(b7 + lid, ok0);
-            let c0 = v_at(b0 + lid + WG, has1);
-            let c1 = v_at(b1 + lid + WG, has1);
-            let c2 = v_at(b2 + lid + WG, has1);
-            let c3 = v_at(b3 + lid + WG, has1);
-            let c4 = v_at(b4 + lid + WG, has1);
-            let c5 = v_at(b5 + lid + WG, has1);
-            let c6 = v_at(b6 + lid + WG, has1);
-            let c7 = v_at(b7 + lid + WG, has1);
+            let a0 = v_at(b0, lid, ok0);
+            let a1 = v_at(b1, lid, ok0);
+            let a2 = v_at(b2, lid, ok0);
+            let a3 = v_at(b3, lid, ok0);
+            let a4 = v_at(b4, lid, ok0);
+            let a5 = v_at(b5, lid, ok0);
+            let a6 = v_at(b6, lid, ok0);
+            let a7 = v_at(b7, lid, ok0);
+            let c0 = v_at(b0, lid + WG, has1);
+            let c1 = v_at(b1, lid + WG, has1);
+            let c2 = v_at(b2, lid + WG, has1);
+            let c3 = v_at(b3, lid + WG, has1);
+            let c4 = v_at(b4, lid + WG, has1);
+            let c5 = v_at(b5, lid + WG, has1);
+            let c6 = v_at(b6, lid + WG, has1);
+            let c7 = v_at(b7, lid + WG, has1);
             let p0 = probs[j];
             let p1 = probs[j + 1u];
             let p2 = probs[j + 2u];
@@ -169,8 +253,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let b = bases[j];
             let pj = probs[j];
             l += pj;
-            o0 += pj * v_at(b + lid, lid < d);
-            o1 += pj * v_at(b + lid + WG, has1);
+            o0 += pj * v_at(b, lid, lid < d);
+            o1 += pj * v_at(b, lid + WG, has1);
         }
     }
     for (var g = 0u; g < MAX_G; g++) {

@@ -65,12 +65,8 @@ const SHADERS: &[(&str, &str, &str, Constants)] = &[
         "main",
         &[],
     ),
-    (
-        "attention",
-        include_str!("../../../kernels/wgsl/attention.wgsl"),
-        "main",
-        &[],
-    ),
+    ("attention", ATTENTION, "main", &[]),
+    ("attention_qkn", ATTENTION, "main", &[("QKN", 1.0)]),
     (
         "qk_norm_rope_write_kv",
         include_str!("../../../kernels/wgsl/qk_norm_rope_write_kv.wgsl"),
@@ -161,6 +157,7 @@ const SHADERS: &[(&str, &str, &str, Constants)] = &[
         &[("NORM", 1.0), ("EPI", 2.0)],
     ),
 ];
+const ATTENTION: &str = include_str!("../../../kernels/wgsl/attention.wgsl");
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
 const GATHER_F32: &str = concat!(
     include_str!("../../../kernels/wgsl/gather.wgsl"),
@@ -779,6 +776,103 @@ impl WgpuBackend {
         Ok(t)
     }
 
+    /// The attention dispatch (and combine) of [`Backend::attention`] on q `[t, H d]`, or with
+    /// `qkn` (q_norm, k_norm), of [`Backend::qk_norm_rope_attention`] on the QKV projection of a
+    /// decode step, forming q and the new keys in the shader and writing them to `cache`.
+    fn attention_dispatch(
+        &self,
+        input: &WgpuTensor,
+        t: usize,
+        cache: &LayerKv<WgpuTensor>,
+        batch: &WgpuBatch,
+        cfg: &AttentionConfig,
+        qkn: Option<(&WgpuTensor, &WgpuTensor)>,
+    ) -> Result<WgpuTensor> {
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let c = h * d;
+        if t != batch.info.num_tokens() || kvh == 0 || h == 0 || h % kvh != 0 || d > MAX_HEAD_DIM {
+            return Err(Error::invalid(
+                "attention",
+                format!(
+                    "q {} for {h} heads of {d} over {kvh} kv heads and {t} tokens",
+                    input.shape
+                ),
+            ));
+        }
+        let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
+        let bs = batch.info.block_size();
+        batch.info.check_blocks_within(slots, "attention")?;
+        let out = self.output([t, c])?;
+        // Split the context so there are a few hundred workgroups even at batch 1 (one per KV
+        // head would leave most of a GPU idle), each split a whole number of 32-key tiles and
+        // at least `attention_min_chunk` keys: a split's partials cost a combine dispatch.
+        let max_ctx = batch.info.max_context().max(1);
+        let head_groups = kvh * (h / kvh).div_ceil(ATTENTION_MAX_GROUP);
+        let want = (self.inner.attention_workgroups / (head_groups * t).max(1)).max(1);
+        let chunk = (32 * max_ctx.div_ceil(32 * want))
+            .max(self.inner.attention_min_chunk.next_multiple_of(32));
+        let splits = max_ctx.div_ceil(chunk);
+        // Partials [o, max, sum] per (token, head, split); one split writes `out` directly.
+        let part = if splits > 1 {
+            self.output([t * h * splits, d + 2])?
+        } else {
+            self.output([1])?
+        };
+        let params = [
+            u32_of(t)?,
+            u32_of(h)?,
+            u32_of(kvh)?,
+            u32_of(d)?,
+            u32_of(bs)?,
+            u32_of(batch.max_blocks)?,
+            f32_bits(cfg.scale()),
+            u32_of(splits)?,
+            u32_of(chunk)?,
+            f32_bits(cfg.qk_norm_eps),
+        ];
+        // Without qkn the prologue's bindings get stand-ins (read-only, never read).
+        let (kernel, q_norm, k_norm, cs) = match qkn {
+            Some((qn, kn)) => (
+                "attention_qkn",
+                qn.buf()?.clone(),
+                kn.buf()?.clone(),
+                self.rope_table(batch, cfg)?,
+            ),
+            None => {
+                let stand_in = input.buf()?.clone();
+                ("attention", stand_in.clone(), stand_in.clone(), stand_in)
+            }
+        };
+        self.run_3d(
+            kernel,
+            &params,
+            &[
+                input.buf()?,
+                cache.k.buf()?,
+                cache.v.buf()?,
+                &batch.positions,
+                &batch.token_seq,
+                &batch.tables,
+                out.buf()?,
+                part.buf()?,
+                &q_norm,
+                &k_norm,
+                &cs,
+                &batch.slots,
+            ],
+            (head_groups, t, splits),
+        )?;
+        if splits > 1 {
+            self.run(
+                "attention_combine",
+                &params,
+                &[part.buf()?, out.buf()?],
+                (h, t),
+            )?;
+        }
+        Ok(out)
+    }
+
     /// The batch's RoPE table for `cfg`, computed (in f64) once per batch.
     fn rope_table(&self, batch: &WgpuBatch, cfg: &AttentionConfig) -> Result<wgpu::Buffer> {
         let mut cached = batch
@@ -1323,76 +1417,16 @@ impl Backend for WgpuBackend {
         cfg: &AttentionConfig,
     ) -> Result<WgpuTensor> {
         let (t, c) = matrix(q, "attention")?;
-        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        if c != h * d
-            || t != batch.info.num_tokens()
-            || kvh == 0
-            || h == 0
-            || h % kvh != 0
-            || d > MAX_HEAD_DIM
-        {
+        if c != cfg.num_heads * cfg.head_dim {
             return Err(Error::invalid(
                 "attention",
                 format!(
-                    "q {} for {h} heads of {d} over {kvh} kv heads and {t} tokens",
-                    q.shape
+                    "q {} for {} heads of {}",
+                    q.shape, cfg.num_heads, cfg.head_dim
                 ),
             ));
         }
-        let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
-        let bs = batch.info.block_size();
-        batch.info.check_blocks_within(slots, "attention")?;
-        let out = self.output([t, c])?;
-        // Split the context so there are a few hundred workgroups even at batch 1 (one per KV
-        // head would leave most of a GPU idle), each split a whole number of 32-key tiles and
-        // at least `attention_min_chunk` keys: a split's partials cost a combine dispatch.
-        let max_ctx = batch.info.max_context().max(1);
-        let head_groups = kvh * (h / kvh).div_ceil(ATTENTION_MAX_GROUP);
-        let want = (self.inner.attention_workgroups / (head_groups * t).max(1)).max(1);
-        let chunk = (32 * max_ctx.div_ceil(32 * want))
-            .max(self.inner.attention_min_chunk.next_multiple_of(32));
-        let splits = max_ctx.div_ceil(chunk);
-        // Partials [o, max, sum] per (token, head, split); one split writes `out` directly.
-        let part = if splits > 1 {
-            self.output([t * h * splits, d + 2])?
-        } else {
-            self.output([1])?
-        };
-        let params = [
-            u32_of(t)?,
-            u32_of(h)?,
-            u32_of(kvh)?,
-            u32_of(d)?,
-            u32_of(bs)?,
-            u32_of(batch.max_blocks)?,
-            f32_bits(cfg.scale()),
-            u32_of(splits)?,
-            u32_of(chunk)?,
-        ];
-        self.run_3d(
-            "attention",
-            &params,
-            &[
-                q.buf()?,
-                cache.k.buf()?,
-                cache.v.buf()?,
-                &batch.positions,
-                &batch.token_seq,
-                &batch.tables,
-                out.buf()?,
-                part.buf()?,
-            ],
-            (head_groups, t, splits),
-        )?;
-        if splits > 1 {
-            self.run(
-                "attention_combine",
-                &params,
-                &[part.buf()?, out.buf()?],
-                (h, t),
-            )?;
-        }
-        Ok(out)
+        self.attention_dispatch(q, t, cache, batch, cfg, None)
     }
 
     fn argmax(&self, logits: &WgpuTensor) -> Result<Vec<u32>> {
@@ -1464,6 +1498,35 @@ impl Backend for WgpuBackend {
             Some(y) => Ok(y),
             None => compose::matmul_silu_mul(self, x, w_gate_up),
         }
+    }
+
+    fn qk_norm_rope_attention(
+        &self,
+        qkv: &WgpuTensor,
+        q_norm: &WgpuTensor,
+        k_norm: &WgpuTensor,
+        cache: &mut LayerKv<WgpuTensor>,
+        batch: &WgpuBatch,
+        cfg: &AttentionConfig,
+    ) -> Result<WgpuTensor> {
+        // Decode steps (one token per sequence) in one dispatch: a prompt's tokens need each
+        // other's keys in the cache first, so they take the two ops.
+        let op = "qk_norm_rope_attention";
+        let (t, width) = matrix(qkv, op)?;
+        let d = cfg.head_dim;
+        let decode_step = batch.info.seqs().iter().all(|s| s.len == 1);
+        if !decode_step
+            || width != cfg.qkv_width()
+            || d == 0
+            || !d.is_multiple_of(2)
+            || q_norm.shape.dims() != [d]
+            || k_norm.shape.dims() != [d]
+        {
+            return compose::qk_norm_rope_attention(self, qkv, q_norm, k_norm, cache, batch, cfg);
+        }
+        let slots = cache.k.shape.cache_slots(cfg.num_kv_heads * d, op)?;
+        batch.info.check_slots_within(slots, op)?;
+        self.attention_dispatch(qkv, t, cache, batch, cfg, Some((q_norm, k_norm)))
     }
 
     fn qk_norm_rope_write_kv(
