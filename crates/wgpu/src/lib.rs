@@ -116,6 +116,31 @@ const SHADERS: &[(&str, &str, &str, Constants)] = &[
         "main",
         &[("NORM", 1.0), ("EPI", 2.0)],
     ),
+    ("matmul_bf16_sg", MATMUL_BF16_SG, "main", &[]),
+    (
+        "rms_norm_matmul_bf16_sg",
+        MATMUL_BF16_SG,
+        "main",
+        &[("NORM", 1.0)],
+    ),
+    (
+        "matmul_add_bf16_sg",
+        MATMUL_BF16_SG,
+        "main",
+        &[("EPI", 1.0)],
+    ),
+    (
+        "matmul_silu_mul_bf16_sg",
+        MATMUL_BF16_SG,
+        "main",
+        &[("EPI", 2.0)],
+    ),
+    (
+        "rms_norm_matmul_silu_mul_bf16_sg",
+        MATMUL_BF16_SG,
+        "main",
+        &[("NORM", 1.0), ("EPI", 2.0)],
+    ),
     ("matmul_bf16_wide", MATMUL_BF16_WIDE, "main", &[]),
     (
         "rms_norm_matmul_bf16_wide",
@@ -178,6 +203,10 @@ const MATMUL_BF16: &str = concat!(
 const MATMUL_BF16_V8: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
     include_str!("../../../kernels/wgsl/matmul_bf16_v8.wgsl")
+);
+const MATMUL_BF16_SG: &str = concat!(
+    include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
+    include_str!("../../../kernels/wgsl/matmul_bf16_sg.wgsl")
 );
 const MATMUL_BF16_WIDE: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
@@ -388,11 +417,13 @@ fn wgpu_err(e: impl fmt::Display) -> Error {
     Error::Backend(e.to_string().into())
 }
 
-/// The two vectorised bf16 GEMV shaders.
+/// The vectorised bf16 GEMV shaders.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum GemvBuild {
     V8,
     Wide,
+    /// V8's layout reduced with subgroup sums (adapters with SUBGROUP).
+    Subgroup,
 }
 
 /// Which build of the matmul shader a product runs (its override constants).
@@ -416,13 +447,17 @@ impl Gemv {
     /// (measured on the H200, docs/perf.md: the lm_head 0.45 → 0.22 ms with `_wide`, the
     /// per-layer matrices slower). `force` picks one of the two for every size.
     fn pipeline(self, w: DType, k: usize, n: usize, force: Option<GemvBuild>) -> &'static str {
-        let wide = match force {
-            Some(b) => b == GemvBuild::Wide,
-            None => n >= 16_384,
+        let vec_build = match force {
+            Some(b) => b,
+            None if n >= 16_384 => GemvBuild::Wide,
+            None => GemvBuild::V8,
         };
         let build = match (w, k.is_multiple_of(8)) {
-            (DType::BF16, true) if wide => 3,
-            (DType::BF16, true) => 2,
+            (DType::BF16, true) => match vec_build {
+                GemvBuild::V8 => 2,
+                GemvBuild::Wide => 3,
+                GemvBuild::Subgroup => 4,
+            },
             (DType::BF16, false) => 1,
             _ => 0,
         };
@@ -432,30 +467,35 @@ impl Gemv {
                 "matmul_bf16",
                 "matmul_bf16_v8",
                 "matmul_bf16_wide",
+                "matmul_bf16_sg",
             ],
             Gemv::Norm => [
                 "rms_norm_matmul",
                 "rms_norm_matmul_bf16",
                 "rms_norm_matmul_bf16_v8",
                 "rms_norm_matmul_bf16_wide",
+                "rms_norm_matmul_bf16_sg",
             ],
             Gemv::Add => [
                 "matmul_add",
                 "matmul_add_bf16",
                 "matmul_add_bf16_v8",
                 "matmul_add_bf16_wide",
+                "matmul_add_bf16_sg",
             ],
             Gemv::SiluMul => [
                 "matmul_silu_mul",
                 "matmul_silu_mul_bf16",
                 "matmul_silu_mul_bf16_v8",
                 "matmul_silu_mul_bf16_wide",
+                "matmul_silu_mul_bf16_sg",
             ],
             Gemv::NormSiluMul => [
                 "rms_norm_matmul_silu_mul",
                 "rms_norm_matmul_silu_mul_bf16",
                 "rms_norm_matmul_silu_mul_bf16_v8",
                 "rms_norm_matmul_silu_mul_bf16_wide",
+                "rms_norm_matmul_silu_mul_bf16_sg",
             ],
         };
         names[build]
@@ -465,7 +505,7 @@ impl Gemv {
     fn columns_per_workgroup(pipeline: &str) -> usize {
         if pipeline.ends_with("_wide") {
             16
-        } else if pipeline.ends_with("_v8") {
+        } else if pipeline.ends_with("_v8") || pipeline.ends_with("_sg") {
             2
         } else {
             4
@@ -525,7 +565,10 @@ impl WgpuBackend {
             let pipeline = kind.pipeline(w.dtype, k, rows, self.inner.gemv_build);
             // The vectorised builds take a 2-D grid (the lm_head's columns pass 65,535 groups).
             let groups = rows.div_ceil(Gemv::columns_per_workgroup(pipeline));
-            let groups = if pipeline.ends_with("_wide") || pipeline.ends_with("_v8") {
+            let vectorised = ["_wide", "_v8", "_sg"]
+                .iter()
+                .any(|b| pipeline.ends_with(b));
+            let groups = if vectorised {
                 (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS))
             } else {
                 (groups, 1)
@@ -563,14 +606,19 @@ impl WgpuBackend {
         let limits = adapter.limits();
         let timed = std::env::var("QFUSE_WGPU_GPU_TIMES").as_deref() == Ok("1")
             && adapter.features().contains(GpuTimes::FEATURES);
+        // Subgroup operations where the adapter has them (the `_sg` GEMV build needs them).
+        let subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
+        let mut features = wgpu::Features::empty();
+        if timed {
+            features |= GpuTimes::FEATURES;
+        }
+        if subgroups {
+            features |= wgpu::Features::SUBGROUP;
+        }
         let desc = wgpu::DeviceDescriptor {
             label: Some("qfuse"),
             required_limits: limits.clone(),
-            required_features: if timed {
-                GpuTimes::FEATURES
-            } else {
-                wgpu::Features::empty()
-            },
+            required_features: features,
             ..Default::default()
         };
         let (device, queue) =
@@ -580,6 +628,9 @@ impl WgpuBackend {
         let mut pipelines = HashMap::new();
         let mut modules: HashMap<&str, wgpu::ShaderModule> = HashMap::new();
         for (name, src, entry, constants) in SHADERS {
+            if name.ends_with("_sg") && !subgroups {
+                continue;
+            }
             let module = modules.entry(src).or_insert_with(|| {
                 let desc = wgpu::ShaderModuleDescriptor {
                     label: Some(name),
@@ -626,6 +677,7 @@ impl WgpuBackend {
                 gemv_build: match std::env::var("QFUSE_WGPU_GEMV").as_deref() {
                     Ok("v8") => Some(GemvBuild::V8),
                     Ok("wide") => Some(GemvBuild::Wide),
+                    Ok("sg") if subgroups => Some(GemvBuild::Subgroup),
                     _ => None,
                 },
                 submit_every: env_knob("QFUSE_WGPU_SUBMIT_EVERY", 1..=1 << 20)
