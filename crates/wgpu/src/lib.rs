@@ -25,8 +25,11 @@ use timing::{DispatchStamps, GpuTimes, HostTimes};
 /// A pipeline's override constants (name, value).
 type Constants = &'static [(&'static str, f64)];
 
-/// The pipelines: name, WGSL source, entry point, override constants.
-const SHADERS: &[(&str, &str, &str, Constants)] = &[
+/// A pipeline: name, WGSL source, entry point, override constants.
+type Pipeline = (&'static str, &'static str, &'static str, Constants);
+
+/// The pipelines other than the GEMVs.
+const SHADERS: &[Pipeline] = &[
     ("gather", GATHER_F32, "main", &[]),
     ("gather_bf16", GATHER_BF16, "main", &[]),
     (
@@ -81,106 +84,49 @@ const SHADERS: &[(&str, &str, &str, Constants)] = &[
     ),
     ("argmax_partial", ARGMAX, "partial", &[]),
     ("argmax_final", ARGMAX, "final_pass", &[]),
-    ("matmul", MATMUL_F32, "main", &[]),
-    ("rms_norm_matmul", MATMUL_F32, "main", &[("NORM", 1.0)]),
-    ("matmul_add", MATMUL_F32, "main", &[("EPI", 1.0)]),
-    ("matmul_silu_mul", MATMUL_F32, "main", &[("EPI", 2.0)]),
-    (
-        "rms_norm_matmul_silu_mul",
-        MATMUL_F32,
-        "main",
-        &[("NORM", 1.0), ("EPI", 2.0)],
-    ),
-    ("matmul_bf16_v8", MATMUL_BF16_V8, "main", &[]),
-    (
-        "rms_norm_matmul_bf16_v8",
-        MATMUL_BF16_V8,
-        "main",
-        &[("NORM", 1.0)],
-    ),
-    (
-        "matmul_add_bf16_v8",
-        MATMUL_BF16_V8,
-        "main",
-        &[("EPI", 1.0)],
-    ),
-    (
-        "matmul_silu_mul_bf16_v8",
-        MATMUL_BF16_V8,
-        "main",
-        &[("EPI", 2.0)],
-    ),
-    (
-        "rms_norm_matmul_silu_mul_bf16_v8",
-        MATMUL_BF16_V8,
-        "main",
-        &[("NORM", 1.0), ("EPI", 2.0)],
-    ),
-    ("matmul_bf16_sg", MATMUL_BF16_SG, "main", &[]),
-    (
-        "rms_norm_matmul_bf16_sg",
-        MATMUL_BF16_SG,
-        "main",
-        &[("NORM", 1.0)],
-    ),
-    (
-        "matmul_add_bf16_sg",
-        MATMUL_BF16_SG,
-        "main",
-        &[("EPI", 1.0)],
-    ),
-    (
-        "matmul_silu_mul_bf16_sg",
-        MATMUL_BF16_SG,
-        "main",
-        &[("EPI", 2.0)],
-    ),
-    (
-        "rms_norm_matmul_silu_mul_bf16_sg",
-        MATMUL_BF16_SG,
-        "main",
-        &[("NORM", 1.0), ("EPI", 2.0)],
-    ),
-    ("matmul_bf16_wide", MATMUL_BF16_WIDE, "main", &[]),
-    (
-        "rms_norm_matmul_bf16_wide",
-        MATMUL_BF16_WIDE,
-        "main",
-        &[("NORM", 1.0)],
-    ),
-    (
-        "matmul_add_bf16_wide",
-        MATMUL_BF16_WIDE,
-        "main",
-        &[("EPI", 1.0)],
-    ),
-    (
-        "matmul_silu_mul_bf16_wide",
-        MATMUL_BF16_WIDE,
-        "main",
-        &[("EPI", 2.0)],
-    ),
-    (
-        "rms_norm_matmul_silu_mul_bf16_wide",
-        MATMUL_BF16_WIDE,
-        "main",
-        &[("NORM", 1.0), ("EPI", 2.0)],
-    ),
-    ("matmul_bf16", MATMUL_BF16, "main", &[]),
-    (
-        "rms_norm_matmul_bf16",
-        MATMUL_BF16,
-        "main",
-        &[("NORM", 1.0)],
-    ),
-    ("matmul_add_bf16", MATMUL_BF16, "main", &[("EPI", 1.0)]),
-    ("matmul_silu_mul_bf16", MATMUL_BF16, "main", &[("EPI", 2.0)]),
-    (
-        "rms_norm_matmul_silu_mul_bf16",
-        MATMUL_BF16,
-        "main",
-        &[("NORM", 1.0), ("EPI", 2.0)],
-    ),
+];
+
+/// The five fusions of one GEMV shader build, in [`Gemv`]'s order, named `{fusion}{suffix}`.
+macro_rules! gemv_builds {
+    ($suffix:literal, $src:expr) => {
+        [
+            (concat!("matmul", $suffix), $src, "main", &[]),
+            (
+                concat!("rms_norm_matmul", $suffix),
+                $src,
+                "main",
+                &[("NORM", 1.0)],
+            ),
+            (
+                concat!("matmul_add", $suffix),
+                $src,
+                "main",
+                &[("EPI", 1.0)],
+            ),
+            (
+                concat!("matmul_silu_mul", $suffix),
+                $src,
+                "main",
+                &[("EPI", 2.0)],
+            ),
+            (
+                concat!("rms_norm_matmul_silu_mul", $suffix),
+                $src,
+                "main",
+                &[("NORM", 1.0), ("EPI", 2.0)],
+            ),
+        ]
+    };
+}
+
+/// The GEMV pipelines by build (f32 weights, bf16, bf16 vectorised: v8, wide, subgroup) and
+/// fusion ([`Gemv`]).
+const GEMVS: [[Pipeline; 5]; 5] = [
+    gemv_builds!("", MATMUL_F32),
+    gemv_builds!("_bf16", MATMUL_BF16),
+    gemv_builds!("_bf16_v8", MATMUL_BF16_V8),
+    gemv_builds!("_bf16_wide", MATMUL_BF16_WIDE),
+    gemv_builds!("_bf16_sg", MATMUL_BF16_SG),
 ];
 const ATTENTION: &str = include_str!("../../../kernels/wgsl/attention.wgsl");
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
@@ -430,6 +376,7 @@ enum GemvBuild {
 
 /// Which build of the matmul shader a product runs (its override constants).
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
 enum Gemv {
     Plain,
     /// RMSNorm of x with a gain first.
@@ -475,44 +422,7 @@ impl Gemv {
             (DType::BF16, false) => 1,
             _ => 0,
         };
-        let names = match self {
-            Gemv::Plain => [
-                "matmul",
-                "matmul_bf16",
-                "matmul_bf16_v8",
-                "matmul_bf16_wide",
-                "matmul_bf16_sg",
-            ],
-            Gemv::Norm => [
-                "rms_norm_matmul",
-                "rms_norm_matmul_bf16",
-                "rms_norm_matmul_bf16_v8",
-                "rms_norm_matmul_bf16_wide",
-                "rms_norm_matmul_bf16_sg",
-            ],
-            Gemv::Add => [
-                "matmul_add",
-                "matmul_add_bf16",
-                "matmul_add_bf16_v8",
-                "matmul_add_bf16_wide",
-                "matmul_add_bf16_sg",
-            ],
-            Gemv::SiluMul => [
-                "matmul_silu_mul",
-                "matmul_silu_mul_bf16",
-                "matmul_silu_mul_bf16_v8",
-                "matmul_silu_mul_bf16_wide",
-                "matmul_silu_mul_bf16_sg",
-            ],
-            Gemv::NormSiluMul => [
-                "rms_norm_matmul_silu_mul",
-                "rms_norm_matmul_silu_mul_bf16",
-                "rms_norm_matmul_silu_mul_bf16_v8",
-                "rms_norm_matmul_silu_mul_bf16_wide",
-                "rms_norm_matmul_silu_mul_bf16_sg",
-            ],
-        };
-        names[build]
+        GEMVS[build][self as usize].0
     }
 
     /// Output columns one workgroup of `pipeline` covers.
@@ -647,7 +557,7 @@ impl WgpuBackend {
             shader_checks(std::env::var("QFUSE_WGPU_SHADER_CHECKS").ok().as_deref());
         let mut pipelines = HashMap::new();
         let mut modules: HashMap<&str, wgpu::ShaderModule> = HashMap::new();
-        for (name, src, entry, constants) in SHADERS {
+        for (name, src, entry, constants) in SHADERS.iter().chain(GEMVS.iter().flatten()) {
             if name.ends_with("_sg") && !subgroups {
                 continue;
             }
