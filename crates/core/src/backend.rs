@@ -32,6 +32,17 @@ impl AttentionConfig {
         (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
     }
 
+    /// Whether a QKV projection `qkv_width` columns wide and q/k-norm gains of these shapes are
+    /// this config's attention-prologue inputs (with a non-zero, even head_dim for RoPE).
+    pub fn fits_prologue(&self, qkv_width: usize, q_norm: &Shape, k_norm: &Shape) -> bool {
+        let d = self.head_dim;
+        qkv_width == self.qkv_width()
+            && d > 0
+            && d.is_multiple_of(2)
+            && q_norm.dims() == [d]
+            && k_norm.dims() == [d]
+    }
+
     /// Query heads per KV head.
     pub fn group_size(&self) -> usize {
         self.num_heads / self.num_kv_heads

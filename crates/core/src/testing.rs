@@ -378,6 +378,21 @@ impl AttentionCase {
         r.write_kv(&mut cr, &kr, &vr, &r.prepare_batch(&self.history)?)?;
         Ok((cb, cr))
     }
+
+    /// The attention prologue's inputs on both backends: the QKV projection's activations (with
+    /// outliers), q_norm gains up to 2 and k_norm gains up to 100.
+    pub fn prologue_inputs<B: Backend, R: Backend>(
+        &self,
+        rng: &mut Rng,
+        b: &B,
+        r: &R,
+    ) -> Result<[(B::Tensor, R::Tensor); 3]> {
+        let (t, d) = (self.batch.num_tokens(), self.cfg.head_dim);
+        let qkv = upload2(b, r, &activations(rng, t, self.cfg.qkv_width(), true)?)?;
+        let q_norm = upload_weight2(b, r, &gains(rng, d, 2.0)?)?;
+        let k_norm = upload_weight2(b, r, &gains(rng, d, 100.0)?)?;
+        Ok([qkv, q_norm, k_norm])
+    }
 }
 
 /// `rope` at the positions of a random batch.
@@ -432,15 +447,7 @@ pub fn check_qk_norm_rope_write_kv<B: Backend, R: Backend>(
     let mut rng = Rng::new(seed);
     let case = AttentionCase::random(&mut rng, 200)?;
     let (mut cb, mut cr) = case.filled_caches(&mut rng, b, r)?;
-    let qkv = activations(
-        &mut rng,
-        case.batch.num_tokens(),
-        case.cfg.qkv_width(),
-        true,
-    )?;
-    let (xb, xr) = upload2(b, r, &qkv)?;
-    let (qnb, qnr) = upload_weight2(b, r, &gains(&mut rng, case.cfg.head_dim, 2.0)?)?;
-    let (knb, knr) = upload_weight2(b, r, &gains(&mut rng, case.cfg.head_dim, 100.0)?)?;
+    let [(xb, xr), (qnb, qnr), (knb, knr)] = case.prologue_inputs(&mut rng, b, r)?;
     let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
     let qb = b.qk_norm_rope_write_kv(&xb, &qnb, &knb, &mut cb, &bb, &case.cfg)?;
     let qr = r.qk_norm_rope_write_kv(&xr, &qnr, &knr, &mut cr, &br, &case.cfg)?;
@@ -479,15 +486,7 @@ pub fn check_qk_norm_rope_attention<B: Backend, R: Backend>(
     let mut again = rng.clone();
     let (mut fused, mut cr) = case.filled_caches(&mut rng, b, r)?;
     let (mut composed, _) = case.filled_caches(&mut again, b, r)?;
-    let qkv = activations(
-        &mut rng,
-        case.batch.num_tokens(),
-        case.cfg.qkv_width(),
-        true,
-    )?;
-    let (xb, xr) = upload2(b, r, &qkv)?;
-    let (qnb, qnr) = upload_weight2(b, r, &gains(&mut rng, case.cfg.head_dim, 2.0)?)?;
-    let (knb, knr) = upload_weight2(b, r, &gains(&mut rng, case.cfg.head_dim, 100.0)?)?;
+    let [(xb, xr), (qnb, qnr), (knb, knr)] = case.prologue_inputs(&mut rng, b, r)?;
     let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
     let out_f = b.qk_norm_rope_attention(&xb, &qnb, &knb, &mut fused, &bb, &case.cfg)?;
     let out_c = compose::qk_norm_rope_attention(b, &xb, &qnb, &knb, &mut composed, &bb, &case.cfg)?;

@@ -1578,12 +1578,7 @@ impl Backend for CudaBackend {
         self.check_attention(cfg)?;
         let (t, width) = qkv.matrix("qk_norm_rope_write_kv")?;
         let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        if width != cfg.qkv_width()
-            || t != batch.info.num_tokens()
-            || d % 2 != 0
-            || q_norm.shape.dims() != [d]
-            || k_norm.shape.dims() != [d]
-        {
+        if !cfg.fits_prologue(width, &q_norm.shape, &k_norm.shape) || t != batch.info.num_tokens() {
             return Err(Error::invalid(
                 "qk_norm_rope_write_kv",
                 format!("qkv {} for {h}+2x{kvh} heads of {d}", qkv.shape),
@@ -1645,14 +1640,12 @@ impl Backend for CudaBackend {
         let (t, width) = qkv.matrix(op)?;
         let (kvh, d) = (cfg.num_kv_heads, cfg.head_dim);
         let fusable = self.check_attention(cfg).is_ok()
-            && width == cfg.qkv_width()
+            && cfg.fits_prologue(width, &q_norm.shape, &k_norm.shape)
             && t == batch.info.num_tokens()
             && t >= self.inner.many_from.max(self.inner.fused_attention_from)
             && batch.info.seqs().iter().all(|s| s.len == 1)
             && d.is_multiple_of(8)
             && d <= 128
-            && q_norm.shape.dims() == [d]
-            && k_norm.shape.dims() == [d]
             && cache.k.dtype() == cache.v.dtype();
         if !fusable {
             return compose::qk_norm_rope_attention(self, qkv, q_norm, k_norm, cache, batch, cfg);

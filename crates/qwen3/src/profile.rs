@@ -3,11 +3,24 @@
 use std::time::Instant;
 
 use qfuse_core::{
-    compose, Backend, BatchInfo, FusedOp, HostTensor, KvCache, Result, Rng, SeqChunk, Unfused,
+    compose, AttentionConfig, Backend, BatchInfo, FusedOp, HostTensor, KvCache, LayerKv, Result,
+    Rng, SeqChunk, Unfused,
 };
 
 use crate::bench::Workload;
 use crate::{run_bench, BenchSpec, Logits, Qwen3, BLOCK_SIZE};
+
+/// The signature the two attention-prologue ops share (`qk_norm_rope_write_kv` and
+/// `qk_norm_rope_attention`, fused or composed).
+type Prologue<B> = fn(
+    &B,
+    &<B as Backend>::Tensor,
+    &<B as Backend>::Tensor,
+    &<B as Backend>::Tensor,
+    &mut LayerKv<<B as Backend>::Tensor>,
+    &<B as Backend>::Batch,
+    &AttentionConfig,
+) -> Result<<B as Backend>::Tensor>;
 
 /// Label of the time not covered by any op: host work and gaps between launches.
 pub const GAPS: &str = "host overhead and launch gaps";
@@ -242,53 +255,26 @@ pub fn profile<B: Backend>(
                 })?;
                 (layers + 1, layers as f64 * qf + lf, layers as f64 * qu + lu)
             }
-            FusedOp::QkNormRopeWriteKv => {
+            FusedOp::QkNormRopeWriteKv | FusedOp::QkNormRopeAttention => {
+                let (fused_op, composed): (Prologue<B>, Prologue<B>) =
+                    if op == FusedOp::QkNormRopeWriteKv {
+                        (
+                            B::qk_norm_rope_write_kv,
+                            compose::qk_norm_rope_write_kv::<B>,
+                        )
+                    } else {
+                        (
+                            B::qk_norm_rope_attention,
+                            compose::qk_norm_rope_attention::<B>,
+                        )
+                    };
                 let cfg_a = cfg.attention();
+                let (qn, kn) = (&a.q_norm, &a.k_norm);
                 let f = time_op(b, reps, || {
-                    b.qk_norm_rope_write_kv(
-                        &qkv,
-                        &a.q_norm,
-                        &a.k_norm,
-                        kv.layer_mut(0),
-                        &kv_batch,
-                        &cfg_a,
-                    )
+                    fused_op(b, &qkv, qn, kn, kv.layer_mut(0), &kv_batch, &cfg_a)
                 })?;
                 let u = time_op(b, reps, || {
-                    compose::qk_norm_rope_write_kv(
-                        b,
-                        &qkv,
-                        &a.q_norm,
-                        &a.k_norm,
-                        kv.layer_mut(0),
-                        &kv_batch,
-                        &cfg_a,
-                    )
-                })?;
-                (layers, layers as f64 * f, layers as f64 * u)
-            }
-            FusedOp::QkNormRopeAttention => {
-                let cfg_a = cfg.attention();
-                let f = time_op(b, reps, || {
-                    b.qk_norm_rope_attention(
-                        &qkv,
-                        &a.q_norm,
-                        &a.k_norm,
-                        kv.layer_mut(0),
-                        &kv_batch,
-                        &cfg_a,
-                    )
-                })?;
-                let u = time_op(b, reps, || {
-                    compose::qk_norm_rope_attention(
-                        b,
-                        &qkv,
-                        &a.q_norm,
-                        &a.k_norm,
-                        kv.layer_mut(0),
-                        &kv_batch,
-                        &cfg_a,
-                    )
+                    composed(b, &qkv, qn, kn, kv.layer_mut(0), &kv_batch, &cfg_a)
                 })?;
                 (layers, layers as f64 * f, layers as f64 * u)
             }

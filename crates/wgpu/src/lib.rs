@@ -1498,13 +1498,7 @@ impl Backend for WgpuBackend {
         let (t, width) = matrix(qkv, op)?;
         let d = cfg.head_dim;
         let decode_step = batch.info.seqs().iter().all(|s| s.len == 1);
-        if !decode_step
-            || width != cfg.qkv_width()
-            || d == 0
-            || !d.is_multiple_of(2)
-            || q_norm.shape.dims() != [d]
-            || k_norm.shape.dims() != [d]
-        {
+        if !decode_step || !cfg.fits_prologue(width, &q_norm.shape, &k_norm.shape) {
             return compose::qk_norm_rope_attention(self, qkv, q_norm, k_norm, cache, batch, cfg);
         }
         let slots = cache.k.shape.cache_slots(cfg.num_kv_heads * d, op)?;
@@ -1524,13 +1518,7 @@ impl Backend for WgpuBackend {
         let op = "qk_norm_rope_write_kv";
         let (t, width) = matrix(qkv, op)?;
         let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        if width != cfg.qkv_width()
-            || t != batch.info.num_tokens()
-            || d == 0
-            || d % 2 != 0
-            || q_norm.shape.dims() != [d]
-            || k_norm.shape.dims() != [d]
-        {
+        if !cfg.fits_prologue(width, &q_norm.shape, &k_norm.shape) || t != batch.info.num_tokens() {
             return Err(Error::invalid(
                 op,
                 format!("qkv {} for {h}+2x{kvh} heads of {d}", qkv.shape),
