@@ -176,10 +176,12 @@ struct Recording {
 }
 
 /// Dispatches recorded before a command buffer is submitted (default; `QFUSE_WGPU_SUBMIT_EVERY`
-/// overrides it for measurements).
-/// Measured on the H200 (docs/perf.md): 8 → 4.58–4.70 ms a decode step, 32 → 4.87–5.04, 128 →
-/// 4.96–5.37, one submission a step 5.39–5.48: the GPU should start while the rest is recorded.
-const SUBMIT_EVERY: usize = 8;
+/// overrides it for measurements). The GPU should start while the rest of a step is recorded, but
+/// each submission costs the host ~30–130 µs (wgpu processes the pass then). Measured (docs/perf.md):
+/// on the H200 when a step took ~4.5 ms, 8 beat 32 and 128; after the step fell to ~2.2 ms (4th
+/// session, H100, two interleaved sweeps) 4 → 2.62/2.64 ms, 8 → 2.41/2.35, 16 → 2.19/2.24,
+/// 32 → 2.20/2.19, 64 → 2.31/2.15.
+const SUBMIT_EVERY: usize = 16;
 
 /// Bind groups by pipeline name and bound buffers (params first).
 type BindGroups = HashMap<(&'static str, Vec<wgpu::Buffer>), wgpu::BindGroup>;
