@@ -455,8 +455,6 @@ __device__ void attention_many(
 #pragma unroll
         for (int c = 0; c < 4; ++c) rope_cs((u32)last, (first_half ? d0 : d0 - half) + c, d, log2_theta, &cs[c], &sn[c]);
     }
-    pdl_begin();
-    if (begin >= end) return;  // past the token's position: no keys, not counted in `active`
     // QKN: the token's own key and value, formed below by the block whose slice holds them.
     float kn[4] = {0.0f, 0.0f, 0.0f, 0.0f}, vn[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     // For a bf16 cache, double-buffered: a group's K and V rows are loaded (raw, unconverted)
@@ -483,10 +481,22 @@ __device__ void attention_many(
         }
     };
     // The first group's K and V rows are requested before q is formed, so their latency overlaps
-    // the prologue (with QKN, forming q before them cost ~1 µs a layer at batch 1).
+    // the prologue. With QKN they are requested even before waiting for the QKV projection: the
+    // cache rows of earlier tokens do not depend on it (they were written by kernels that
+    // completed before the projection passed its own wait, which this launch follows), and the
+    // token's own row is never read from the cache.
+    // Without QKN the kernel before this one writes the new keys, so the loads wait for it.
     const int kb0 = kb;
-    load_group(kb);
-    my_slot = slot_of(kb + STEP + r);
+    if (QKN) {
+        load_group(kb);
+        my_slot = slot_of(kb + STEP + r);
+    }
+    pdl_begin();
+    if (begin >= end) return;  // past the token's position: no keys, not counted in `active`
+    if (!QKN) {
+        load_group(kb);
+        my_slot = slot_of(kb + STEP + r);
+    }
     // QKN: RMSNorm of a head's values x (lane l's four dims) with `gain`, then RoPE (every lane
     // calls it: it shuffles).
     auto norm_rope = [&](float* x, const float* gain, float* res) {
