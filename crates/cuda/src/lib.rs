@@ -6,7 +6,8 @@
 //! Decode-sized products (T <= 8 rows) run in fused GEMV kernels that read each weight once;
 //! larger ones go to cuBLAS (bf16 tensor cores over three-part splits of the fp32 activations,
 //! with the norm and the epilogue fused into the split and the sum). Decode attention is one
-//! kernel for every batch size; prompt attention (chunks of 64+ tokens) runs as fp32 cuBLAS
+//! kernel for every batch size, which for batched decode (9+ sequences) also forms q and the new
+//! keys (`qk_norm_rope_attention`); prompt attention (chunks of 64+ tokens) runs as fp32 cuBLAS
 //! GEMMs around a softmax kernel, shorter chunks in a split-K kernel. Kernels are CUDA C++ from
 //! `kernels/`, compiled by NVRTC for the GPU present when the backend is created. The crate
 //! builds without CUDA: libraries are loaded at run time, and their absence is `Error::NoDevice`.
