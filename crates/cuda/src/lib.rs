@@ -274,7 +274,12 @@ impl Default for CudaOptions {
             graphs: true,
             pdl: true,
             attention_gemm_min_rows: ATTENTION_GEMM_MIN_ROWS,
-            attention_gemm_chunk_rows: 512,
+            // `QFUSE_CUDA_ATTENTION_GEMM_CHUNK_ROWS` overrides it for measurements.
+            attention_gemm_chunk_rows: qfuse_core::knobs::env_knob(
+                "QFUSE_CUDA_ATTENTION_GEMM_CHUNK_ROWS",
+                1..=1 << 16,
+            )
+            .unwrap_or(512),
         }
     }
 }
