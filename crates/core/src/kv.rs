@@ -141,6 +141,12 @@ impl BatchInfo {
         self.positions.len()
     }
 
+    /// Every sequence brings one new token: a decode step, where a token's attention needs no
+    /// key written by another token of the same batch.
+    pub fn is_decode_step(&self) -> bool {
+        self.seqs.iter().all(|s| s.len == 1)
+    }
+
     /// Cache positions per block.
     pub fn block_size(&self) -> usize {
         self.block_size

@@ -1455,7 +1455,7 @@ impl Backend for CudaBackend {
         // 1 up. Measured on the H200 (docs/perf.md): batch 64 5.0 → 3.97 ms/step, batch 1 1.016
         // → 0.93 against the split-K kernel. Prompt chunks of 64+ tokens take the GEMMs, shorter
         // ones the split-K kernel.
-        let decode_batch = batch.info.seqs().iter().all(|s| s.len == 1);
+        let decode_batch = batch.info.is_decode_step();
         let many = t >= self.inner.many_from && decode_batch && d.is_multiple_of(4) && d <= 128;
         let gemm_min = self.inner.options.attention_gemm_min_rows.max(1);
         if !many && t > GEMV_MAX_ROWS && batch.info.seqs().iter().all(|s| s.len >= gemm_min) {
@@ -1649,7 +1649,7 @@ impl Backend for CudaBackend {
             && cfg.fits_prologue(width, &q_norm.shape, &k_norm.shape)
             && t == batch.info.num_tokens()
             && t >= self.inner.many_from.max(self.inner.fused_attention_from)
-            && batch.info.seqs().iter().all(|s| s.len == 1)
+            && batch.info.is_decode_step()
             && d.is_multiple_of(8)
             && d <= 128
             && cache.k.dtype() == cache.v.dtype();

@@ -119,8 +119,8 @@ macro_rules! gemv_builds {
     };
 }
 
-/// The GEMV pipelines by build (f32 weights, bf16, bf16 vectorised: v8, wide, subgroup) and
-/// fusion ([`Gemv`]).
+/// The GEMV pipelines by build ([`ShaderBuild::row`]: f32 weights, bf16, bf16 vectorised: v8,
+/// wide, subgroup) and fusion ([`Gemv`]).
 const GEMVS: [[Pipeline; 5]; 5] = [
     gemv_builds!("", MATMUL_F32),
     gemv_builds!("_bf16", MATMUL_BF16),
@@ -339,7 +339,7 @@ impl Inner {
             .map(|s| s.resolve(&self.device, &mut rec.enc));
         self.queue.submit([rec.enc.finish()]);
         if let Some(t) = &self.host_times {
-            HostTimes::add(&t.submits, &t.submit_ns, start);
+            t.submit.add(start);
         }
         if let (Some(times), Some(stamps)) = (&self.gpu_times, stamps) {
             times.collect(&self.device, stamps);
@@ -376,7 +376,37 @@ enum GemvBuild {
     Subgroup,
 }
 
-/// Which build of the matmul shader a product runs (its override constants).
+/// A GEMV shader build: its row of [`GEMVS`] and its workgroup layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ShaderBuild {
+    F32,
+    Bf16,
+    /// 16-byte bf16 weight loads, in one of the vectorised layouts.
+    Vec(GemvBuild),
+}
+
+impl ShaderBuild {
+    fn row(self) -> usize {
+        match self {
+            ShaderBuild::F32 => 0,
+            ShaderBuild::Bf16 => 1,
+            ShaderBuild::Vec(GemvBuild::V8) => 2,
+            ShaderBuild::Vec(GemvBuild::Wide) => 3,
+            ShaderBuild::Vec(GemvBuild::Subgroup) => 4,
+        }
+    }
+
+    /// Output columns one workgroup covers.
+    fn columns_per_workgroup(self) -> usize {
+        match self {
+            ShaderBuild::Vec(GemvBuild::Wide) => 16,
+            ShaderBuild::Vec(_) => 2,
+            _ => 4,
+        }
+    }
+}
+
+/// Which fusion of the matmul shader a product runs (its override constants).
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
 enum Gemv {
@@ -391,51 +421,34 @@ enum Gemv {
 }
 
 impl Gemv {
-    /// The pipeline of this fusion for `n` output columns of weights of `w` with rows of `k`
-    /// elements: bf16 rows of whole 8-element (16-byte) loads take a vectorised build, `_wide`
-    /// (16 columns a 256-thread workgroup) for matrices of 16,384+ columns, `_v8` (2 columns a
-    /// 128-thread workgroup) below, where `_wide` leaves too few workgroups to fill a GPU
-    /// (measured on the H200, docs/perf.md: the lm_head 0.45 → 0.22 ms with `_wide`, the
-    /// per-layer matrices slower). `force` picks one of the two for every size.
-    /// The pipeline for `[n, k]` weights of type `w`: for bf16 with k a multiple of 8 the wide
-    /// build from 16,384 columns (the lm_head: 0.446 → 0.219 ms on the H200), else the subgroup
+    /// The shader build for `n` output columns of weights of `w` with rows of `k` elements: bf16
+    /// rows of whole 8-element (16-byte) loads take a vectorised build, `_wide` (16 columns a
+    /// 256-thread workgroup) from 16,384 columns (the lm_head: 0.446 → 0.219 ms on the H200,
+    /// where the per-layer matrices were slower: too few workgroups), below it the subgroup
     /// build where the adapter has subgroups (per dispatch on the H200: o_proj/down 12.8 → 11.1
-    /// µs, gate/up 19.5 → 16.4 µs against v8), else v8; `force` overrides (measurements).
-    fn pipeline(
-        self,
+    /// µs, gate/up 19.5 → 16.4 µs against v8), else `_v8`; `force` overrides (measurements).
+    fn build(
         w: DType,
         k: usize,
         n: usize,
         force: Option<GemvBuild>,
         subgroups: bool,
-    ) -> &'static str {
-        let vec_build = match force {
-            Some(b) => b,
-            None if n >= 16_384 => GemvBuild::Wide,
-            None if subgroups => GemvBuild::Subgroup,
-            None => GemvBuild::V8,
-        };
-        let build = match (w, k.is_multiple_of(8)) {
-            (DType::BF16, true) => match vec_build {
-                GemvBuild::V8 => 2,
-                GemvBuild::Wide => 3,
-                GemvBuild::Subgroup => 4,
-            },
-            (DType::BF16, false) => 1,
-            _ => 0,
-        };
-        GEMVS[build][self as usize].0
+    ) -> ShaderBuild {
+        match (w, k.is_multiple_of(8)) {
+            (DType::BF16, true) => ShaderBuild::Vec(match force {
+                Some(b) => b,
+                None if n >= 16_384 => GemvBuild::Wide,
+                None if subgroups => GemvBuild::Subgroup,
+                None => GemvBuild::V8,
+            }),
+            (DType::BF16, false) => ShaderBuild::Bf16,
+            _ => ShaderBuild::F32,
+        }
     }
 
-    /// Output columns one workgroup of `pipeline` covers.
-    fn columns_per_workgroup(pipeline: &str) -> usize {
-        if pipeline.ends_with("_wide") {
-            16
-        } else if pipeline.ends_with("_v8") || pipeline.ends_with("_sg") {
-            2
-        } else {
-            4
-        }
+    /// This fusion's pipeline in `build`.
+    fn pipeline(self, build: ShaderBuild) -> &'static str {
+        GEMVS[build.row()][self as usize].0
     }
 
     fn silu(self) -> bool {
@@ -488,7 +501,7 @@ impl WgpuBackend {
                 u32_of(start)?,
                 f32_bits(eps),
             ];
-            let pipeline = kind.pipeline(
+            let build = Gemv::build(
                 w.dtype,
                 k,
                 rows,
@@ -496,17 +509,14 @@ impl WgpuBackend {
                 self.inner.subgroups,
             );
             // The vectorised builds take a 2-D grid (the lm_head's columns pass 65,535 groups).
-            let groups = rows.div_ceil(Gemv::columns_per_workgroup(pipeline));
-            let vectorised = ["_wide", "_v8", "_sg"]
-                .iter()
-                .any(|b| pipeline.ends_with(b));
-            let groups = if vectorised {
+            let groups = rows.div_ceil(build.columns_per_workgroup());
+            let groups = if matches!(build, ShaderBuild::Vec(_)) {
                 (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS))
             } else {
                 (groups, 1)
             };
             self.run(
-                pipeline,
+                kind.pipeline(build),
                 &params,
                 &[x.buf()?, part, out.buf()?, aux_buf],
                 groups,
@@ -943,13 +953,12 @@ impl WgpuBackend {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
             // One pass for the whole burst: wgpu still orders each dispatch after the ones
             // whose buffers it reads (a usage scope per dispatch), without a pass per op.
-            let pass = enc
+            let mut pass = enc
                 .begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: None,
                     timestamp_writes: None,
                 })
                 .forget_lifetime();
-            let mut pass = pass;
             let stamps = self
                 .inner
                 .gpu_times
@@ -977,7 +986,7 @@ impl WgpuBackend {
         }
         rec.dispatches += 1;
         if let Some(t) = &self.inner.host_times {
-            HostTimes::add(&t.dispatches, &t.record_ns, start);
+            t.record.add(start);
         }
         // Submit in bursts, so the GPU starts on a step while the rest of it is recorded.
         let stamps_full = rec.stamps.as_ref().is_some_and(DispatchStamps::full);
@@ -1074,7 +1083,7 @@ impl WgpuBackend {
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(wgpu_err)?;
         if let Some(t) = &self.inner.host_times {
-            HostTimes::add(&t.waits, &t.wait_ns, start);
+            t.wait.add(start);
         }
         rx.recv().map_err(wgpu_err)?.map_err(wgpu_err)?;
         let bytes = staging.get_mapped_range(..).map_err(wgpu_err)?.to_vec();
@@ -1499,7 +1508,7 @@ impl Backend for WgpuBackend {
         let op = "qk_norm_rope_attention";
         let (t, width) = matrix(qkv, op)?;
         let d = cfg.head_dim;
-        let decode_step = batch.info.seqs().iter().all(|s| s.len == 1);
+        let decode_step = batch.info.is_decode_step();
         if !decode_step || !cfg.fits_prologue(width, &q_norm.shape, &k_norm.shape) {
             return compose::qk_norm_rope_attention(self, qkv, q_norm, k_norm, cache, batch, cfg);
         }

@@ -7,39 +7,51 @@ use std::time::Instant;
 
 use qfuse_core::reuse::lock_unpoisoned as lock;
 
+/// How many times something happened and the host time it took in all.
+#[derive(Default)]
+pub(crate) struct Tally {
+    count: AtomicU64,
+    ns: AtomicU64,
+}
+
+impl Tally {
+    /// Counts one more, which began at `since`.
+    pub(crate) fn add(&self, since: Instant) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.ns
+            .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn describe(&self) -> String {
+        let (n, t) = (
+            self.count.load(Ordering::Relaxed),
+            self.ns.load(Ordering::Relaxed),
+        );
+        format!(
+            "{n} in {:.1} ms ({:.2} µs each)",
+            t as f64 / 1e6,
+            t as f64 / 1e3 / n.max(1) as f64
+        )
+    }
+}
+
 /// Where the host's time goes (`QFUSE_WGPU_HOST_TIMES=1`): recording dispatches, submitting them,
 /// and waiting for results. A decode step whose wall time is mostly recording and submitting is
 /// bound by the CPU, not the GPU.
 #[derive(Default)]
 pub(crate) struct HostTimes {
-    pub(crate) dispatches: AtomicU64,
-    pub(crate) record_ns: AtomicU64,
-    pub(crate) submits: AtomicU64,
-    pub(crate) submit_ns: AtomicU64,
-    pub(crate) waits: AtomicU64,
-    pub(crate) wait_ns: AtomicU64,
+    pub(crate) record: Tally,
+    pub(crate) submit: Tally,
+    pub(crate) wait: Tally,
 }
 
 impl HostTimes {
-    pub(crate) fn add(count: &AtomicU64, ns: &AtomicU64, since: Instant) {
-        count.fetch_add(1, Ordering::Relaxed);
-        ns.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    }
-
     pub(crate) fn report(&self) -> String {
-        let per = |count: &AtomicU64, ns: &AtomicU64| {
-            let (n, t) = (count.load(Ordering::Relaxed), ns.load(Ordering::Relaxed));
-            format!(
-                "{n} in {:.1} ms ({:.2} µs each)",
-                t as f64 / 1e6,
-                t as f64 / 1e3 / n.max(1) as f64
-            )
-        };
         format!(
             "wgpu host times: dispatches recorded {}; submissions {}; waits {}",
-            per(&self.dispatches, &self.record_ns),
-            per(&self.submits, &self.submit_ns),
-            per(&self.waits, &self.wait_ns)
+            self.record.describe(),
+            self.submit.describe(),
+            self.wait.describe()
         )
     }
 }
