@@ -5,11 +5,6 @@
 
 #define ATTN_WARPS 4
 
-__device__ __forceinline__ float kv_load(const float* p) { return *p; }
-__device__ __forceinline__ float kv_load(const bf16_t* p) { return bf16_to_f32(*p); }
-__device__ __forceinline__ void kv_store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void kv_store(bf16_t* p, float v) { *p = f32_to_bf16(v); }
-
 // N consecutive cache elements as floats, one vector load (p aligned to N elements).
 template <int N> __device__ __forceinline__ void kv_load_vec(const float* p, float* o) {
     if (N == 8) {
@@ -64,14 +59,6 @@ template <> struct KvRaw4<bf16_t> {
         o[0] = bf16_lo(v.x); o[1] = bf16_hi(v.x); o[2] = bf16_lo(v.y); o[3] = bf16_hi(v.y);
     }
 };
-
-// cos, sin of pos * theta^(-2i / d), the angle formed and reduced modulo 2 pi in double so
-// positions in the tens of thousands keep full fp32 accuracy.
-__device__ __forceinline__ void rope_cs(u32 pos, int i, int d, double log2_theta, float* c, float* s) {
-    double ang = (double)pos * exp2(-2.0 * i / d * log2_theta);
-    ang -= 6.283185307179586 * rint(ang * 0.15915494309189535);
-    sincosf((float)ang, s, c);
-}
 
 // cs[2i], cs[2i + 1] = cos, sin of pos * theta^(-2i / d) for i < d / 2, for the whole block.
 __device__ __forceinline__ void rope_table(u32 pos, int d, double log2_theta, float* cs) {

@@ -83,3 +83,17 @@ __device__ __forceinline__ void pdl_begin() {
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+
+// One element of a KV-cache pool (fp32 or bf16), loaded as or stored from fp32.
+__device__ __forceinline__ float kv_load(const float* p) { return *p; }
+__device__ __forceinline__ float kv_load(const bf16_t* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ void kv_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void kv_store(bf16_t* p, float v) { *p = f32_to_bf16(v); }
+
+// cos, sin of pos * theta^(-2i / d), the angle formed and reduced modulo 2 pi in double so
+// positions in the tens of thousands keep full fp32 accuracy.
+__device__ __forceinline__ void rope_cs(u32 pos, int i, int d, double log2_theta, float* c, float* s) {
+    double ang = (double)pos * exp2(-2.0 * i / d * log2_theta);
+    ang -= 6.283185307179586 * rint(ang * 0.15915494309189535);
+    sincosf((float)ang, s, c);
+}

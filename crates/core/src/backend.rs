@@ -54,6 +54,27 @@ impl AttentionConfig {
     }
 }
 
+/// One decoder layer's weights, as [`Backend::decoder_layer`] takes them.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerWeights<'a, T> {
+    /// Gains of the pre-attention RMSNorm, `[hidden]`.
+    pub input_norm: &'a T,
+    /// The fused QKV projection, `[(heads + 2 kv_heads) * head_dim, hidden]`.
+    pub qkv: &'a T,
+    /// Per-head q RMSNorm gains, `[head_dim]`.
+    pub q_norm: &'a T,
+    /// Per-head k RMSNorm gains, `[head_dim]`.
+    pub k_norm: &'a T,
+    /// The attention output projection, `[hidden, heads * head_dim]`.
+    pub o_proj: &'a T,
+    /// Gains of the pre-MLP RMSNorm, `[hidden]`.
+    pub post_norm: &'a T,
+    /// Gate and up projections stacked, `[2 * intermediate, hidden]`.
+    pub gate_up: &'a T,
+    /// The down projection, `[hidden, intermediate]`.
+    pub down: &'a T,
+}
+
 /// A compute backend. `self` is the device handle (context, stream, library handles, kernel cache).
 ///
 /// Ops work on row-major tensors; "rows" are tokens of a flattened batch (`[T, width]`). Unfused
@@ -265,6 +286,23 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         cfg: &AttentionConfig,
     ) -> Result<Self::Tensor> {
         compose::qk_norm_rope_attention(self, qkv, q_norm, k_norm, cache, batch, cfg)
+    }
+
+    /// A whole decoder layer on the residual stream `x [T, hidden]`: input norm + QKV, the
+    /// attention prologue and attention ([`Backend::qk_norm_rope_attention`]), o_proj + residual,
+    /// post-attention norm + gate/up + SiLU·up, down + residual. Returns the layer's output
+    /// `[T, hidden]`. A backend may run it as one kernel where that pays (a batch-1 decode step).
+    #[allow(clippy::too_many_arguments)]
+    fn decoder_layer(
+        &self,
+        x: &Self::Tensor,
+        w: &LayerWeights<'_, Self::Tensor>,
+        cache: &mut LayerKv<Self::Tensor>,
+        batch: &Self::Batch,
+        cfg: &AttentionConfig,
+        eps: f64,
+    ) -> Result<Self::Tensor> {
+        compose::decoder_layer(self, x, w, cache, batch, cfg, eps)
     }
 
     /// Fused `residual + matmul(x, w)`: o_proj and down_proj with their residual adds.

@@ -1,6 +1,8 @@
 //! Fused ops written as compositions of unfused ones: the trait's default bodies, and the
 //! baseline a profiler times each fused kernel against.
-use crate::{AttentionConfig, Backend, DeviceTensor, Error, HostData, LayerKv, Result};
+use crate::{
+    AttentionConfig, Backend, DeviceTensor, Error, HostData, LayerKv, LayerWeights, Result,
+};
 
 /// `matmul(rms_norm(x, norm_w, eps), w)`.
 pub fn rms_norm_matmul<B: Backend>(
@@ -36,6 +38,24 @@ pub fn qk_norm_rope_attention<B: Backend>(
 ) -> Result<B::Tensor> {
     let q = b.qk_norm_rope_write_kv(qkv, q_norm, k_norm, cache, batch, cfg)?;
     b.attention(&q, cache, batch, cfg)
+}
+
+/// A decoder layer as the backend's fused ops, in the order the model runs them.
+#[allow(clippy::too_many_arguments)]
+pub fn decoder_layer<B: Backend>(
+    b: &B,
+    x: &B::Tensor,
+    w: &LayerWeights<'_, B::Tensor>,
+    cache: &mut LayerKv<B::Tensor>,
+    batch: &B::Batch,
+    cfg: &AttentionConfig,
+    eps: f64,
+) -> Result<B::Tensor> {
+    let qkv = b.rms_norm_matmul(x, w.input_norm, w.qkv, eps)?;
+    let o = b.qk_norm_rope_attention(&qkv, w.q_norm, w.k_norm, cache, batch, cfg)?;
+    let h = b.matmul_add(&o, w.o_proj, x)?;
+    let g = b.rms_norm_matmul_silu_mul(&h, w.post_norm, w.gate_up, eps)?;
+    b.matmul_add(&g, w.down, &h)
 }
 
 /// Split `qkv`, per-head norms, RoPE, cache write; returns q.

@@ -17,7 +17,7 @@ mod tensor;
 pub mod testing;
 mod unfused;
 
-pub use backend::{AttentionConfig, Backend, DeviceTensor};
+pub use backend::{AttentionConfig, Backend, DeviceTensor, LayerWeights};
 pub use compare::rel_error;
 pub use dtype::DType;
 pub use error::{Error, Result};

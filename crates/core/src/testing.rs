@@ -9,7 +9,7 @@
 //! ```
 use crate::{
     compose, AttentionConfig, Backend, BatchInfo, DType, Error, HostTensor, KvCache, LayerKv,
-    Result, SeqChunk, Shape,
+    LayerWeights, Result, SeqChunk, Shape,
 };
 
 pub use crate::{rel_error, Perturbed, Rng};
@@ -282,6 +282,22 @@ impl AttentionCase {
         Self::draw(rng, max_context, true)
     }
 
+    /// A batch-1 decode step with Qwen3's head size, 128: one sequence's one new token after
+    /// fewer than `max_context` cached ones (the shape a backend may run as one layer kernel).
+    pub fn single_decode_step(rng: &mut Rng, max_context: usize) -> Result<Self> {
+        let num_kv_heads = 1 + rng.below(3);
+        let cfg = AttentionConfig {
+            num_heads: num_kv_heads * [1, 2, 4, 8][rng.below(4)],
+            num_kv_heads,
+            head_dim: 128,
+            rope_theta: [1e4, 1e6][rng.below(2)],
+            qk_norm_eps: 1e-6,
+        };
+        let block_size = [1, 3, 16][rng.below(3)];
+        let start = rng.below(max_context.max(2) - 1);
+        Self::with_sequences(rng, cfg, block_size, vec![(start, 1)])
+    }
+
     fn draw(rng: &mut Rng, max_context: usize, decode_step: bool) -> Result<Self> {
         // Mostly small odd-sized heads; one case in eight the real 128 or the largest, 256.
         let head_dim = if rng.below(8) == 0 {
@@ -308,6 +324,23 @@ impl AttentionCase {
                 (rng.below(max_context.saturating_sub(len).max(1)), len)
             })
             .collect();
+        let cfg = AttentionConfig {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rope_theta: [1e4, 1e6][rng.below(2)],
+            qk_norm_eps: 1e-6,
+        };
+        Self::with_sequences(rng, cfg, block_size, lens)
+    }
+
+    /// Sequences of `(cached, new)` tokens in shuffled blocks of a pool with two spare blocks.
+    fn with_sequences(
+        rng: &mut Rng,
+        cfg: AttentionConfig,
+        block_size: usize,
+        lens: Vec<(usize, usize)>,
+    ) -> Result<Self> {
         let num_blocks: usize = lens
             .iter()
             .map(|(s, l)| (s + l).div_ceil(block_size))
@@ -331,13 +364,6 @@ impl AttentionCase {
                 block_table: table,
             });
         }
-        let cfg = AttentionConfig {
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            rope_theta: [1e4, 1e6][rng.below(2)],
-            qk_norm_eps: 1e-6,
-        };
         Ok(AttentionCase {
             cfg,
             batch: BatchInfo::new(block_size, chunks)?,
@@ -510,6 +536,95 @@ pub fn check_qk_norm_rope_attention<B: Backend, R: Backend>(
     )
 }
 
+/// The fused `decoder_layer` against the same backend's composition of its ops on identical
+/// caches (the checks above hold those ops to the reference), and the keys and values it wrote
+/// against the reference's. Half the cases are a batch-1 decode step with head size 128 and
+/// bf16 weights, where a backend may run the layer as one kernel; the rest any batch. Compared
+/// is the layer's update `out - x`, which the residual stream's outliers would otherwise hide.
+pub fn check_decoder_layer<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    tol: Tolerance,
+    seed: u64,
+) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let kernel_shaped = rng.below(2) == 0;
+    let case = if kernel_shaped {
+        AttentionCase::single_decode_step(&mut rng, 600)?
+    } else {
+        AttentionCase::random(&mut rng, 300)?
+    };
+    let (cfg, t) = (case.cfg, case.batch.num_tokens());
+    let (hidden, inter) = (8 * (1 + rng.below(64)), 8 * (1 + rng.below(96)));
+    let mut again = rng.clone();
+    let (mut fused, mut cr) = case.filled_caches(&mut rng, b, r)?;
+    let (mut composed, _) = case.filled_caches(&mut again, b, r)?;
+    let matrix = |rng: &mut Rng, out: usize, inp: usize| -> Result<(B::Tensor, R::Tensor)> {
+        let w = weights(rng, out, inp)?;
+        let w = if kernel_shaped {
+            w.to_dtype(DType::BF16)
+        } else {
+            w
+        };
+        upload_weight2(b, r, &w)
+    };
+    let attn_width = cfg.num_heads * cfg.head_dim;
+    let qkv = matrix(&mut rng, cfg.qkv_width(), hidden)?;
+    let o_proj = matrix(&mut rng, hidden, attn_width)?;
+    let gate_up = matrix(&mut rng, 2 * inter, hidden)?;
+    let down = matrix(&mut rng, hidden, inter)?;
+    let input_norm = upload_weight2(b, r, &gains(&mut rng, hidden, 3.0)?)?;
+    let post_norm = upload_weight2(b, r, &gains(&mut rng, hidden, 3.0)?)?;
+    let q_norm = upload_weight2(b, r, &gains(&mut rng, cfg.head_dim, 2.0)?)?;
+    let k_norm = upload_weight2(b, r, &gains(&mut rng, cfg.head_dim, 100.0)?)?;
+    let x = activations(&mut rng, t, hidden, true)?;
+    let (xb, xr) = upload2(b, r, &x)?;
+    let wb = LayerWeights {
+        input_norm: &input_norm.0,
+        qkv: &qkv.0,
+        q_norm: &q_norm.0,
+        k_norm: &k_norm.0,
+        o_proj: &o_proj.0,
+        post_norm: &post_norm.0,
+        gate_up: &gate_up.0,
+        down: &down.0,
+    };
+    let wr = LayerWeights {
+        input_norm: &input_norm.1,
+        qkv: &qkv.1,
+        q_norm: &q_norm.1,
+        k_norm: &k_norm.1,
+        o_proj: &o_proj.1,
+        post_norm: &post_norm.1,
+        gate_up: &gate_up.1,
+        down: &down.1,
+    };
+    let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
+    let eps = 1e-6;
+    let out_f = b.decoder_layer(&xb, &wb, &mut fused, &bb, &cfg, eps)?;
+    let out_c = compose::decoder_layer(b, &xb, &wb, &mut composed, &bb, &cfg, eps)?;
+    r.decoder_layer(&xr, &wr, &mut cr, &br, &cfg, eps)?;
+    assert_close("decoder_layer (keys)", b, &fused.k, r, &cr.k, tol)?;
+    assert_close("decoder_layer (values)", b, &fused.v, r, &cr.v, tol)?;
+    let update = |out: &B::Tensor| -> Result<Vec<f64>> {
+        let o = b.download(out)?.to_f64_vec();
+        Ok(o.iter().zip(x.to_f64_vec()).map(|(o, x)| o - x).collect())
+    };
+    let err = rel_error(&update(&out_f)?, &update(&out_c)?);
+    if err <= tol.rel {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "conformance",
+            format!(
+                "decoder_layer vs its composition on {} (update out - x): relative error {err:.3e} > {:.1e}",
+                B::NAME,
+                tol.rel
+            ),
+        ))
+    }
+}
+
 /// The fused matmul family: `rms_norm_matmul`, `rms_norm_matmul_silu_mul`, `matmul_add`,
 /// `matmul_silu_mul`.
 pub fn check_fused_matmuls<B: Backend, R: Backend>(
@@ -646,6 +761,7 @@ macro_rules! backend_tests {
                 #[test] fn qk_norm_rope_write_kv_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_qk_norm_rope_write_kv)? }
                 #[test] fn qk_norm_rope_attention_matches_composition(s in any::<u64>()) { run(s, $crate::testing::check_qk_norm_rope_attention)? }
                 #[test] fn fused_matmuls_match_reference(s in any::<u64>()) { run(s, $crate::testing::check_fused_matmuls)? }
+                #[test] fn decoder_layer_matches_composition(s in any::<u64>()) { run(s, $crate::testing::check_decoder_layer)? }
                 #[test] fn argmax_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_argmax)? }
             }
         }

@@ -4,7 +4,8 @@
 use std::fmt;
 
 use crate::{
-    compose, AttentionConfig, Backend, BatchInfo, DType, Error, HostTensor, LayerKv, Result, Shape,
+    compose, AttentionConfig, Backend, BatchInfo, DType, Error, HostTensor, LayerKv, LayerWeights,
+    Result, Shape,
 };
 
 /// The fused ops of the [`Backend`] trait.
@@ -22,17 +23,20 @@ pub enum FusedOp {
     MatmulSiluMul,
     /// [`Backend::rms_norm_matmul_silu_mul`] (post-attention norm + gate/up + SiLU·up).
     RmsNormMatmulSiluMul,
+    /// [`Backend::decoder_layer`] (a whole layer as one kernel where a backend has one).
+    DecoderLayer,
 }
 
 impl FusedOp {
     /// Every fused op.
-    pub const ALL: [FusedOp; 6] = [
+    pub const ALL: [FusedOp; 7] = [
         FusedOp::RmsNormMatmul,
         FusedOp::QkNormRopeWriteKv,
         FusedOp::QkNormRopeAttention,
         FusedOp::MatmulAdd,
         FusedOp::MatmulSiluMul,
         FusedOp::RmsNormMatmulSiluMul,
+        FusedOp::DecoderLayer,
     ];
 
     /// The trait method's name, as `--unfused` takes it.
@@ -44,6 +48,7 @@ impl FusedOp {
             FusedOp::MatmulAdd => "matmul_add",
             FusedOp::MatmulSiluMul => "matmul_silu_mul",
             FusedOp::RmsNormMatmulSiluMul => "rms_norm_matmul_silu_mul",
+            FusedOp::DecoderLayer => "decoder_layer",
         }
     }
 
@@ -255,6 +260,24 @@ impl<B: Backend> Backend for Unfused<B> {
         } else {
             self.inner
                 .qk_norm_rope_attention(qkv, q_norm, k_norm, cache, batch, cfg)
+        }
+    }
+    fn decoder_layer(
+        &self,
+        x: &B::Tensor,
+        w: &LayerWeights<'_, B::Tensor>,
+        cache: &mut LayerKv<B::Tensor>,
+        batch: &B::Batch,
+        cfg: &AttentionConfig,
+        eps: f64,
+    ) -> Result<B::Tensor> {
+        // Composed through `self`, so the other ops' settings still apply inside the layer.
+        if self.off(FusedOp::DecoderLayer)
+            || self.unfused.iter().any(|&op| op != FusedOp::DecoderLayer)
+        {
+            compose::decoder_layer(self, x, w, cache, batch, cfg, eps)
+        } else {
+            self.inner.decoder_layer(x, w, cache, batch, cfg, eps)
         }
     }
     fn matmul_add(&self, x: &B::Tensor, w: &B::Tensor, residual: &B::Tensor) -> Result<B::Tensor> {

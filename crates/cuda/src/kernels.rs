@@ -108,6 +108,18 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "layer.cu",
+        include_str!("../../../kernels/layer.cu"),
+        &[
+            "decoder_layer_t1_kvf32_g2",
+            "decoder_layer_t1_kvf32_g4",
+            "decoder_layer_t1_kvf32_g8",
+            "decoder_layer_t1_kvbf16_g2",
+            "decoder_layer_t1_kvbf16_g4",
+            "decoder_layer_t1_kvbf16_g8",
+        ],
+    ),
+    (
         "attention.cu",
         include_str!("../../../kernels/attention.cu"),
         &[

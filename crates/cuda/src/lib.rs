@@ -15,6 +15,7 @@
 mod error;
 pub mod kernels;
 mod launch;
+mod layer;
 mod pool;
 
 use std::fmt;
@@ -26,7 +27,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut
 use half::bf16;
 use qfuse_core::{
     compose, AttentionConfig, Backend, BatchInfo, DType, DeviceTensor, Error, HostData, HostTensor,
-    LayerKv, Result, Shape,
+    LayerKv, LayerWeights, Result, Shape,
 };
 
 pub use error::CudaError;
@@ -229,6 +230,9 @@ struct Inner {
     options: CudaOptions,
     /// Programmatic dependent launches in use (option on and the GPU is sm_90 or later).
     pdl: bool,
+    /// Dynamic shared memory the batch-1 layer kernel may take (`layer.rs`); 0 where it cannot
+    /// run (below sm_90).
+    layer_smem_max: usize,
     /// Activation buffers for reuse, so steps issue no allocations or frees.
     pool: Arc<Pool>,
     /// CUDA graph replays so far.
@@ -377,6 +381,7 @@ impl CudaBackend {
         let stream = ctx.new_stream().cuda()?;
         let blas = CudaBlas::new(stream.clone()).cuda()?;
         let kernels = Kernels::load(&ctx)?;
+        let layer_smem_max = layer::configure(&ctx, &kernels)?;
         let (major, _) = ctx.compute_capability().cuda()?;
         let counters = stream.alloc_zeros::<u32>(ATTN_COUNTERS).cuda()?;
         let name = ctx.name().cuda()?;
@@ -408,6 +413,7 @@ impl CudaBackend {
                 .unwrap_or(4),
                 options,
                 pdl: options.pdl && major >= 9,
+                layer_smem_max,
                 counters: Mutex::new(vec![counters]),
                 pool: Arc::new(Pool::default()),
                 replays: AtomicUsize::new(0),
@@ -1665,6 +1671,22 @@ impl Backend for CudaBackend {
         self.launch_attention(qkv, kv, suffix, batch, cfg, true, Some((q_norm, k_norm)))
     }
 
+    fn decoder_layer(
+        &self,
+        x: &CudaTensor,
+        w: &LayerWeights<'_, CudaTensor>,
+        cache: &mut LayerKv<CudaTensor>,
+        batch: &CudaBatch,
+        cfg: &AttentionConfig,
+        eps: f64,
+    ) -> Result<CudaTensor> {
+        // A batch-1 decode step as one kernel (layer.rs); anything else as the fused ops.
+        match self.decoder_layer_kernel(x, w, cache, batch, cfg, eps)? {
+            Some(out) => Ok(out),
+            None => compose::decoder_layer(self, x, w, cache, batch, cfg, eps),
+        }
+    }
+
     fn matmul_add(
         &self,
         x: &CudaTensor,
@@ -2004,6 +2026,7 @@ mod tests {
                         || l.contains("write_kv<")
                         || l.contains("qk_norm_rope_write_kv<")
                         || l.contains("attention_gemm_gather_kv<")
+                        || l.contains("decoder_layer_t1<")
                 });
                 assert!(
                     body.lines().take(4).any(|l| l.contains("pdl_begin()")) || calls_template,
@@ -2013,7 +2036,9 @@ mod tests {
         }
         let attention = include_str!("../../../kernels/attention.cu");
         let gemv = include_str!("../../../kernels/gemv.cu");
+        let layer = include_str!("../../../kernels/layer.cu");
         for (name, src) in [
+            ("decoder_layer_t1", layer),
             ("gemv", gemv),
             ("gemv_t1", gemv),
             ("attention_paged", attention),

@@ -5,7 +5,9 @@
 //! embedding scaling, no biases. q/k/v and gate/up are fused into one matrix each at load time.
 use std::path::Path;
 
-use qfuse_core::{Backend, BatchInfo, DeviceTensor, Error, HostTensor, KvCache, Result, SeqChunk};
+use qfuse_core::{
+    Backend, BatchInfo, DeviceTensor, Error, HostTensor, KvCache, LayerWeights, Result, SeqChunk,
+};
 
 use crate::{Checkpoint, Config};
 
@@ -51,6 +53,23 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: B::Tensor,
     /// The MLP.
     pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// The layer's weights as [`Backend::decoder_layer`] takes them.
+    pub fn weights(&self) -> LayerWeights<'_, B::Tensor> {
+        let a = &self.self_attn;
+        LayerWeights {
+            input_norm: &self.input_layernorm,
+            qkv: &a.qkv_proj,
+            q_norm: &a.q_norm,
+            k_norm: &a.k_norm,
+            o_proj: &a.o_proj,
+            post_norm: &self.post_attention_layernorm,
+            gate_up: &self.mlp.gate_up_proj,
+            down: &self.mlp.down_proj,
+        }
+    }
 }
 
 /// The points of a forward pass an inspector sees, in order, per layer.
@@ -447,34 +466,36 @@ impl<B: Backend> Qwen3<B> {
         let mut x = b.embed(&self.embed_tokens, dev_batch)?;
         inspect(0, Stage::Embedding, &x)?;
         for (l, layer) in self.layers.iter().enumerate() {
+            if !inspecting {
+                // Steps 2-6 below as one op: a backend may run the layer as one kernel.
+                x = b.decoder_layer(
+                    &x,
+                    &layer.weights(),
+                    cache.layer_mut(l),
+                    dev_batch,
+                    &attn,
+                    eps,
+                )?;
+                continue;
+            }
             let a = &layer.self_attn;
             // 2. input_layernorm + QKV projection: [T, hidden] -> [T, (H + 2 KV) D]
             let qkv = b.rms_norm_matmul(&x, &layer.input_layernorm, &a.qkv_proj, eps)?;
             inspect(l, Stage::Qkv, &qkv)?;
             // 3. Per-head q/k RMSNorm, RoPE, K/V into the paged cache: -> q [T, H D]
             // 4. Causal GQA attention over each sequence's cache: -> [T, H D]
-            // One fused op, unless an inspector asks to see q between the two.
-            let o = if inspecting {
-                let q = b.qk_norm_rope_write_kv(
-                    &qkv,
-                    &a.q_norm,
-                    &a.k_norm,
-                    cache.layer_mut(l),
-                    dev_batch,
-                    &attn,
-                )?;
-                inspect(l, Stage::QueryRope, &q)?;
-                b.attention(&q, cache.layer(l), dev_batch, &attn)?
-            } else {
-                b.qk_norm_rope_attention(
-                    &qkv,
-                    &a.q_norm,
-                    &a.k_norm,
-                    cache.layer_mut(l),
-                    dev_batch,
-                    &attn,
-                )?
-            };
+            // (Two ops here, so the inspector sees q between them; `decoder_layer` runs them
+            // as `qk_norm_rope_attention`.)
+            let q = b.qk_norm_rope_write_kv(
+                &qkv,
+                &a.q_norm,
+                &a.k_norm,
+                cache.layer_mut(l),
+                dev_batch,
+                &attn,
+            )?;
+            inspect(l, Stage::QueryRope, &q)?;
+            let o = b.attention(&q, cache.layer(l), dev_batch, &attn)?;
             inspect(l, Stage::Attention, &o)?;
             // 5. o_proj with the residual add: -> h [T, hidden]
             let h = b.matmul_add(&o, &a.o_proj, &x)?;

@@ -299,6 +299,16 @@ pub fn profile<B: Backend>(
                 })?;
                 (layers, layers as f64 * f, layers as f64 * u)
             }
+            FusedOp::DecoderLayer => {
+                let (cfg_a, w) = (cfg.attention(), l0.weights());
+                let f = time_op(b, reps, || {
+                    b.decoder_layer(&x, &w, kv.layer_mut(0), &kv_batch, &cfg_a, eps)
+                })?;
+                let u = time_op(b, reps, || {
+                    compose::decoder_layer(b, &x, &w, kv.layer_mut(0), &kv_batch, &cfg_a, eps)
+                })?;
+                (layers, layers as f64 * f, layers as f64 * u)
+            }
             // Only inside the composition of rms_norm_matmul_silu_mul: the model never calls it.
             FusedOp::MatmulSiluMul => continue,
         };

@@ -1,0 +1,485 @@
+// A whole decoder layer of a batch-1 decode step in one persistent kernel (sm_90+).
+//
+// At batch 1 every kernel of a layer reads 4-12 MB of weights, and separate kernels pay for each
+// boundary: a launch, a ramp while the first loads come back, a tail while the last blocks
+// finish. PDL hides part of that; what stays is the reason the step ran at a third of the copy
+// bandwidth. Here one block per SM runs the layer's five phases with a grid-wide barrier between
+// them, and the weights never wait for a barrier: each block owns fixed rows of the four
+// matrices, known before the kernel starts, and streams them in order through a ring of
+// shared-memory slots with bulk asynchronous copies (cp.async.bulk, the TMA's 1-D form, completing
+// on an mbarrier). The ring's first slots are requested before pdl_wait(), so a layer's first
+// weights load while the previous layer finishes; each slot is refilled with the block's next
+// chunk as soon as the block has used it, so the memory system stays busy through the barriers.
+//
+// Phases (x the layer input [hidden], all fp32 activations, bf16 weights, fp32 accumulation):
+//   1. qkv = rms_norm(x, input_norm) · Wqkvᵀ                              (rows of Wqkv)
+//   2. per-head q/k RMSNorm + RoPE, the token's k/v into the paged cache, attention over the
+//      cache split along the context (a block per (KV head, slice); the last slice to finish
+//      combines the partial softmaxes)                                    -> attn [H d]
+//   3. h = x + attn · Woᵀ                                                 (rows of Wo)
+//   4. act = silu(rms_norm(h) · Wgateᵀ) * (rms_norm(h) · Wupᵀ)           (gate and up rows)
+//   5. out = h + act · Wdownᵀ                                             (rows of Wdown)
+// Each block stages a phase's input vector in shared memory (normalised by its own reduction)
+// and computes its rows, a warp a row, from the ring.
+//
+// Every block must be resident at once (the grid barrier): the host launches one block per SM
+// and at most the shared memory that lets one fit. The barrier counters are zero between
+// launches: the last block to leave resets them, and the next launch touches them only after
+// its pdl_wait(), when this grid has completed.
+
+#define LAYER_WARPS 8
+#define LAYER_THREADS (32 * LAYER_WARPS)
+#define RING_SLOTS 3
+#define SLOT_BYTES 32768
+#define LAYER_D 128  // head size: lane l holds dims [4 l, 4 l + 4)
+
+#define LAYER_EPI_SCALE 0  // y = dot * inv_rms
+#define LAYER_EPI_ADD 1    // y = residual + dot
+#define LAYER_EPI_SILU 2   // y = silu(gate * inv_rms) * (up * inv_rms)
+
+// One of the layer's matrices: `rows` output rows of `k` bf16 weights (with `pair`, gate/up:
+// output row r reads weight rows r and rows + r).
+struct LayerMat {
+    const bf16_t* w;
+    int rows;
+    int k;
+    int pair;
+};
+
+// This block's share of the four matrices: rows [lo, lo + count) of each, carried by the ring in
+// chunks of `per_chunk` rows (whole rows, at most SLOT_BYTES, 16-byte multiples since k % 8 == 0).
+// Chunks are numbered through the four phases in order; chunk i uses slot i % RING_SLOTS.
+struct LayerPlan {
+    LayerMat mat[4];
+    int lo[4], count[4], per_chunk[4], chunks[4];
+    int total;
+};
+
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile(
+            "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n}"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+// `bytes` (a multiple of 16) from global `src` to shared `dst` (both 16-byte aligned), counted
+// against mbarrier `bar`'s expected transaction bytes.
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+
+__device__ void layer_plan(LayerPlan& p, const bf16_t* w_qkv, const bf16_t* w_o, const bf16_t* w_gu,
+                           const bf16_t* w_down, int hidden, int qkv_rows, int attn_width, int inter) {
+    p.mat[0] = LayerMat{w_qkv, qkv_rows, hidden, 0};
+    p.mat[1] = LayerMat{w_o, hidden, attn_width, 0};
+    p.mat[2] = LayerMat{w_gu, inter, hidden, 1};
+    p.mat[3] = LayerMat{w_down, hidden, inter, 0};
+    p.total = 0;
+    const long long b = blockIdx.x, g = gridDim.x;
+#pragma unroll
+    for (int ph = 0; ph < 4; ++ph) {
+        const long long n = p.mat[ph].rows;
+        p.lo[ph] = (int)(n * b / g);
+        p.count[ph] = (int)(n * (b + 1) / g) - p.lo[ph];
+        p.per_chunk[ph] = SLOT_BYTES / (p.mat[ph].k * 2 * (p.mat[ph].pair ? 2 : 1));
+        p.chunks[ph] = (p.count[ph] + p.per_chunk[ph] - 1) / p.per_chunk[ph];
+        p.total += p.chunks[ph];
+    }
+}
+
+// Requests chunk i into its slot (thread 0 only; the slot's previous chunk has been used).
+__device__ void layer_issue(const LayerPlan& p, int i, u32 ring, u32 bars) {
+    int ph = 0, c = i;
+    while (c >= p.chunks[ph]) {
+        c -= p.chunks[ph];
+        ++ph;
+    }
+    const LayerMat m = p.mat[ph];
+    const int r0 = p.lo[ph] + c * p.per_chunk[ph];
+    const int nr = min(p.per_chunk[ph], p.lo[ph] + p.count[ph] - r0);
+    const u32 bytes = (u32)nr * (u32)m.k * 2u;
+    const int slot = i % RING_SLOTS;
+    const u32 bar = bars + 8u * slot, dst = ring + (u32)slot * SLOT_BYTES;
+    // The slot was last read through the generic proxy; order that before the async writes.
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    mbar_expect_tx(bar, m.pair ? 2u * bytes : bytes);
+    bulk_load(dst, m.w + (size_t)r0 * m.k, bytes, bar);
+    if (m.pair) bulk_load(dst + bytes, m.w + ((size_t)m.rows + r0) * m.k, bytes, bar);
+}
+
+// Every block arrives, then waits for all `target` arrivals (the count only grows within a
+// launch). A wait past ~2 s means a block never arrived (a bug): trap rather than hang.
+__device__ void grid_barrier(u32* count, u32 target) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(count, 1u);
+        const long long t0 = clock64();
+        u32 v;
+        for (;;) {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(count) : "memory");
+            if (v >= target) break;
+            if (clock64() - t0 > 4000000000LL) __trap();
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// xs[0, n) = src (times `gain` when given); returns 1 / rms(src) with a gain, else 1. Ends with
+// the block synchronised. src was written by other blocks: read past L1.
+__device__ float layer_stage(float* xs, const float* src, const float* gain, int n, float eps, float* red) {
+    float ss = 0.0f;
+    for (int k = threadIdx.x * 4; k < n; k += LAYER_THREADS * 4) {
+        float4 v = __ldcg(reinterpret_cast<const float4*>(src + k));
+        if (gain != nullptr) {
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            const float4 g = *reinterpret_cast<const float4*>(gain + k);
+            v.x *= g.x; v.y *= g.y; v.z *= g.z; v.w *= g.w;
+        }
+        *reinterpret_cast<float4*>(xs + k) = v;
+    }
+    if (gain == nullptr) {
+        __syncthreads();
+        return 1.0f;
+    }
+    return rsqrtf(block_sum(ss, red) / n + eps);
+}
+
+// One weight row in shared memory against the staged vector: the warp's sum, in every lane.
+__device__ __forceinline__ float dot_smem(const bf16_t* w, const float* xs, int k, int lane) {
+    const uint4* wv = reinterpret_cast<const uint4*>(w);
+    const float4* xv = reinterpret_cast<const float4*>(xs);
+    float acc = 0.0f;
+    for (int j = lane; j < k / 8; j += 32) {
+        const uint4 v = wv[j];
+        const float4 a = xv[2 * j], b = xv[2 * j + 1];
+        acc += a.x * bf16_lo(v.x) + a.y * bf16_hi(v.x) + a.z * bf16_lo(v.y) + a.w * bf16_hi(v.y) +
+               b.x * bf16_lo(v.z) + b.y * bf16_hi(v.z) + b.z * bf16_lo(v.w) + b.w * bf16_hi(v.w);
+    }
+    return warp_sum(acc);
+}
+
+// Phase `ph`'s rows from the ring (its chunks start at number i0); returns the next chunk's
+// number. Each used slot is refilled with the chunk RING_SLOTS ahead.
+template <int EPI>
+__device__ int layer_rows(const LayerPlan& p, int ph, int i0, const unsigned char* ring, u32 ring_s, u32 bars,
+                          const float* xs, float inv, const float* residual, float* y) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int k = p.mat[ph].k;
+    for (int c = 0; c < p.chunks[ph]; ++c) {
+        const int i = i0 + c, slot = i % RING_SLOTS;
+        mbar_wait(bars + 8u * slot, (u32)(i / RING_SLOTS) & 1u);
+        const int r0 = p.lo[ph] + c * p.per_chunk[ph];
+        const int nr = min(p.per_chunk[ph], p.lo[ph] + p.count[ph] - r0);
+        const bf16_t* base = reinterpret_cast<const bf16_t*>(ring + (size_t)slot * SLOT_BYTES);
+        for (int r = warp; r < nr; r += LAYER_WARPS) {
+            const float a = dot_smem(base + (size_t)r * k, xs, k, lane);
+            if (EPI == LAYER_EPI_SILU) {
+                const float u = dot_smem(base + (size_t)(nr + r) * k, xs, k, lane);
+                if (lane == 0) y[r0 + r] = silu(a * inv) * (u * inv);
+            } else if (EPI == LAYER_EPI_ADD) {
+                if (lane == 0) y[r0 + r] = __ldcg(residual + r0 + r) + a;
+            } else {
+                if (lane == 0) y[r0 + r] = a * inv;
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0 && i + RING_SLOTS < p.total) layer_issue(p, i + RING_SLOTS, ring_s, bars);
+    }
+    return i0 + p.chunks[ph];
+}
+
+// Per-head RMSNorm (gain `gain`) and split-half RoPE (cos/sin table `cs`) of one head of 128
+// values at `src`: lane l's four outputs, dims [4 l, 4 l + 4). Lane l and l ^ 16 hold the pairs
+// (i, i + 64) RoPE rotates together.
+__device__ __forceinline__ void norm_rope4(const float* src, const float* gain, const float* cs, float eps,
+                                           int lane, float out[4]) {
+    const float4 x = __ldcg(reinterpret_cast<const float4*>(src + 4 * lane));
+    const float4 g = *reinterpret_cast<const float4*>(gain + 4 * lane);
+    const float inv = rsqrtf(warp_sum(x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w) / LAYER_D + eps);
+    const float y[4] = {x.x * inv * g.x, x.y * inv * g.y, x.z * inv * g.z, x.w * inv * g.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float partner = __shfl_xor_sync(FULL_MASK, y[j], 16);
+        const int i = (4 * lane + j) & (LAYER_D / 2 - 1);
+        const float c = cs[2 * i], s = cs[2 * i + 1];
+        out[j] = lane < 16 ? y[j] * c - partner * s : y[j] * c + partner * s;
+    }
+}
+
+// Phase 2 (see the top of the file), for G = H / KV <= GM query heads per KV head. The context
+// splits into at most gridDim.x / KV slices of a multiple of 8 keys (at least 32); block b takes
+// slice b % S of KV head b / S, blocks past KV * S have no share. `part` holds
+// [H][gridDim.x / KV][d + 2] partials (o, max, sum); `scratch` GM d + LAYER_WARPS G (d + 2) floats.
+template <typename KT, int GM>
+__device__ void layer_attention(const float* qkv, const float* q_norm, const float* k_norm, KT* kc, KT* vc,
+                                const u32* table, int bs, u32 pos, int H, int KV, float qk_eps, float scale_log2,
+                                const float* cs, float* scratch, float* attn, float* part, u32* counters) {
+    constexpr int d = LAYER_D;
+    __shared__ int is_last;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int G = H / KV, ctx = (int)pos + 1;
+    const int smax = max(1, (int)gridDim.x / KV);
+    const int chunk = max(32, ((ctx + smax - 1) / smax + 7) & ~7);
+    const int S = (ctx + chunk - 1) / chunk;
+    if ((int)blockIdx.x >= KV * S) return;
+    const int kv = blockIdx.x / S, split = blockIdx.x % S;
+    const int begin = split * chunk, end = min(ctx, begin + chunk);
+    const bool has_new = end == ctx;  // this slice ends at the new token
+    const size_t W = (size_t)KV * d;
+    float* qs = scratch;                       // [G][d], scaled for exp2
+    float* merge = scratch + GM * d;     // [warps][G][d + 2]
+    for (int task = warp; task < G + 2; task += LAYER_WARPS) {
+        float v[4];
+        if (task < G) {
+            const int h = kv * G + task;
+            norm_rope4(qkv + (size_t)h * d, q_norm, cs, qk_eps, lane, v);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) qs[task * d + 4 * lane + j] = v[j] * scale_log2;
+        } else if (has_new) {
+            const size_t row = ((size_t)table[pos / bs] * bs + pos % bs) * W + (size_t)kv * d + 4 * lane;
+            if (task == G) {
+                norm_rope4(qkv + (size_t)(H + kv) * d, k_norm, cs, qk_eps, lane, v);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) kv_store(kc + row + j, v[j]);
+            } else {
+                const float4 x = __ldcg(reinterpret_cast<const float4*>(qkv + (size_t)(H + KV + kv) * d + 4 * lane));
+                kv_store(vc + row, x.x);
+                kv_store(vc + row + 1, x.y);
+                kv_store(vc + row + 2, x.z);
+                kv_store(vc + row + 3, x.w);
+            }
+        }
+    }
+    __syncthreads();  // q staged; the new key and value in the cache, visible to the block
+
+    float qr[GM][4], o[GM][4], m[GM], l[GM];
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            qr[g][j] = g < G ? qs[g * d + 4 * lane + j] : 0.0f;
+            o[g][j] = 0.0f;
+        }
+    }
+    // Warp w takes keys begin + 4 w .. + 3, then 32 further on; all four K and V rows in flight.
+    for (int key0 = begin + 4 * warp; key0 < end; key0 += 4 * LAYER_WARPS) {
+        float kf[4][4], vf[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int key = key0 + i;
+            if (key < end) {
+                const size_t row = ((size_t)table[key / bs] * bs + key % bs) * W + (size_t)kv * d + 4 * lane;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    kf[i][j] = kv_load(kc + row + j);
+                    vf[i][j] = kv_load(vc + row + j);
+                }
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            if (g < G) {
+                float s[4], m_new = m[g];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) dot += qr[g][j] * kf[i][j];
+                    s[i] = key0 + i < end ? warp_sum(dot) : -INFINITY;
+                    m_new = fmaxf(m_new, s[i]);
+                }
+                const float corr = exp2f(m[g] - m_new);
+                l[g] *= corr;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) o[g][j] *= corr;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    if (key0 + i < end) {
+                        const float pw = exp2f(s[i] - m_new);
+                        l[g] += pw;
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) o[g][j] += pw * vf[i][j];
+                    }
+                }
+                m[g] = m_new;
+            }
+        }
+    }
+    // The warps' partial softmaxes (a warp without keys has max -inf, sum 0) merged per dim.
+    const int stride = d + 2;
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        if (g < G) {
+            float* mine = merge + (size_t)(warp * G + g) * stride;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) mine[4 * lane + j] = o[g][j];
+            if (lane == 0) {
+                mine[d] = m[g];
+                mine[d + 1] = l[g];
+            }
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < G * d; idx += LAYER_THREADS) {
+        const int g = idx / d, dd = idx % d, h = kv * G + g;
+        float M = -INFINITY, L = 0.0f, O = 0.0f;
+        for (int w = 0; w < LAYER_WARPS; ++w) M = fmaxf(M, merge[(w * G + g) * stride + d]);
+        for (int w = 0; w < LAYER_WARPS; ++w) {
+            const float* pw = merge + (w * G + g) * stride;
+            if (pw[d] == -INFINITY) continue;
+            const float f = exp2f(pw[d] - M);
+            L += pw[d + 1] * f;
+            O += pw[dd] * f;
+        }
+        if (S == 1) {
+            attn[(size_t)h * d + dd] = O / L;
+        } else {
+            float* pp = part + ((size_t)h * smax + split) * stride;
+            pp[dd] = O;
+            if (dd == 0) {
+                pp[d] = M;
+                pp[d + 1] = L;
+            }
+        }
+    }
+    if (S == 1) return;
+    // The last slice of this KV head to finish combines the slices' partials.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        is_last = atomicAdd(counters + kv, 1u) == (u32)S - 1;
+        if (is_last) counters[kv] = 0u;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < G * d; idx += LAYER_THREADS) {
+        const int g = idx / d, dd = idx % d, h = kv * G + g;
+        const float* ph = part + (size_t)h * smax * stride;
+        float M = -INFINITY;
+        for (int sp = 0; sp < S; ++sp) M = fmaxf(M, __ldcg(ph + (size_t)sp * stride + d));
+        float L = 0.0f, O = 0.0f;
+        for (int sp = 0; sp < S; ++sp) {
+            const float ms = __ldcg(ph + (size_t)sp * stride + d);
+            if (ms == -INFINITY) continue;
+            const float f = exp2f(ms - M);
+            L += __ldcg(ph + (size_t)sp * stride + d + 1) * f;
+            O += __ldcg(ph + (size_t)sp * stride + dd) * f;
+        }
+        attn[(size_t)h * d + dd] = O / L;
+    }
+}
+#endif
+
+// The layer (see the top of the file) for one sequence's one new token at positions[0], its
+// cache blocks block_tables[0..]. Scratch (qkv, attn, h, act) and out are distinct buffers; x
+// is read, never written. `counters` holds KV + 2 zeros (attention arrivals, then the grid
+// barrier's arrivals and exits), left zero. Dynamic shared memory: RING_SLOTS * SLOT_BYTES, then
+// `scratch_floats` (the largest staged vector, or the attention's q and merge area), 128 floats
+// of RoPE table, 32 of reduction scratch, RING_SLOTS mbarriers.
+// grid = one block per SM, block = LAYER_THREADS.
+template <typename KT, int GM>
+__device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qkv, const bf16_t* w_o,
+                                 const bf16_t* w_gu, const bf16_t* w_down, const float* in_norm,
+                                 const float* post_norm, const float* q_norm, const float* k_norm, KT* kc, KT* vc,
+                                 const u32* positions, const u32* block_tables, int block_size, float* qkv,
+                                 float* attn, float* h, float* act, float* out, float* part, u32* counters,
+                                 int hidden, int inter, int H, int KV, int scratch_floats, float eps, float qk_eps,
+                                 double log2_theta, float scale_log2) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(128) unsigned char layer_smem[];
+    const unsigned char* ring = layer_smem;
+    float* scratch = reinterpret_cast<float*>(layer_smem + RING_SLOTS * SLOT_BYTES);
+    float* cs = scratch + scratch_floats;
+    float* red = cs + LAYER_D;
+    unsigned long long* bar_mem = reinterpret_cast<unsigned long long*>(red + 32);
+    const u32 ring_s = smem_u32(layer_smem), bars = smem_u32(bar_mem);
+    const int attn_width = H * LAYER_D;
+
+    LayerPlan p;
+    layer_plan(p, w_qkv, w_o, w_gu, w_down, hidden, attn_width + 2 * KV * LAYER_D, attn_width, inter);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < RING_SLOTS; ++s) mbar_init(bars + 8u * s, 1u);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    // Weights and batch metadata are no earlier kernel's output: start before the wait.
+    if (threadIdx.x == 0)
+        for (int i = 0; i < min(RING_SLOTS, p.total); ++i) layer_issue(p, i, ring_s, bars);
+    const u32 pos = positions[0];
+    for (int i = threadIdx.x; i < LAYER_D / 2; i += LAYER_THREADS)
+        rope_cs(pos, i, LAYER_D, log2_theta, cs + 2 * i, cs + 2 * i + 1);
+    pdl_wait();
+    pdl_launch_dependents();
+    u32* sync = counters + KV;
+    const u32 G = gridDim.x;
+
+    float inv = layer_stage(scratch, x, in_norm, hidden, eps, red);
+    int i = layer_rows<LAYER_EPI_SCALE>(p, 0, 0, ring, ring_s, bars, scratch, inv, nullptr, qkv);
+    grid_barrier(sync, G);
+
+    layer_attention<KT, GM>(qkv, q_norm, k_norm, kc, vc, block_tables, block_size, pos, H, KV, qk_eps, scale_log2, cs,
+                        scratch, attn, part, counters);
+    grid_barrier(sync, 2 * G);
+
+    layer_stage(scratch, attn, nullptr, attn_width, eps, red);
+    i = layer_rows<LAYER_EPI_ADD>(p, 1, i, ring, ring_s, bars, scratch, 1.0f, x, h);
+    grid_barrier(sync, 3 * G);
+
+    inv = layer_stage(scratch, h, post_norm, hidden, eps, red);
+    i = layer_rows<LAYER_EPI_SILU>(p, 2, i, ring, ring_s, bars, scratch, inv, nullptr, act);
+    grid_barrier(sync, 4 * G);
+
+    layer_stage(scratch, act, nullptr, inter, eps, red);
+    layer_rows<LAYER_EPI_ADD>(p, 3, i, ring, ring_s, bars, scratch, 1.0f, h, out);
+
+    // The last block out resets the barrier for the next launch.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(sync + 1, 1u) == G - 1) {
+            sync[0] = 0u;
+            sync[1] = 0u;
+        }
+    }
+#else
+    pdl_begin();  // never launched below sm_90 (the host checks)
+#endif
+}
+
+#define LAYER_ENTRY(KT, SUFFIX, GM)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2) decoder_layer_t1_##SUFFIX##_g##GM(                    \
+        const float* x, const bf16_t* w_qkv, const bf16_t* w_o, const bf16_t* w_gu, const bf16_t* w_down,         \
+        const float* in_norm, const float* post_norm, const float* q_norm, const float* k_norm, KT* kc, KT* vc,   \
+        const u32* positions, const u32* block_tables, int block_size, float* qkv, float* attn, float* h,         \
+        float* act, float* out, float* part, u32* counters, int hidden, int inter, int H, int KV,                 \
+        int scratch_floats, float eps, float qk_eps, double log2_theta, float scale_log2) {                        \
+        decoder_layer_t1<KT, GM>(x, w_qkv, w_o, w_gu, w_down, in_norm, post_norm, q_norm, k_norm, kc, vc, positions, \
+                             block_tables, block_size, qkv, attn, h, act, out, part, counters, hidden, inter, H,   \
+                             KV, scratch_floats, eps, qk_eps, log2_theta, scale_log2);                             \
+    }
+
+#define LAYER_ENTRIES(KT, SUFFIX) LAYER_ENTRY(KT, SUFFIX, 2) LAYER_ENTRY(KT, SUFFIX, 4) LAYER_ENTRY(KT, SUFFIX, 8)
+LAYER_ENTRIES(float, kvf32)
+LAYER_ENTRIES(bf16_t, kvbf16)
