@@ -85,6 +85,12 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
                  : "memory");
 }
 
+__device__ __forceinline__ unsigned long long layer_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 __device__ void layer_plan(LayerPlan& p, const bf16_t* w_qkv, const bf16_t* w_o, const bf16_t* w_gu,
                            const bf16_t* w_down, int hidden, int qkv_rows, int attn_width, int inter) {
     p.mat[0] = LayerMat{w_qkv, qkv_rows, hidden, 0};
@@ -181,12 +187,14 @@ __device__ __forceinline__ float dot_smem(const bf16_t* w, const float* xs, int 
 // number. Each used slot is refilled with the chunk RING_SLOTS ahead.
 template <int EPI>
 __device__ int layer_rows(const LayerPlan& p, int ph, int i0, const unsigned char* ring, u32 ring_s, u32 bars,
-                          const float* xs, float inv, const float* residual, float* y) {
+                          const float* xs, float inv, const float* residual, float* y, unsigned long long& waited) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int k = p.mat[ph].k;
     for (int c = 0; c < p.chunks[ph]; ++c) {
         const int i = i0 + c, slot = i % RING_SLOTS;
+        const unsigned long long w0 = layer_now();
         mbar_wait(bars + 8u * slot, (u32)(i / RING_SLOTS) & 1u);
+        waited += layer_now() - w0;
         const int r0 = p.lo[ph] + c * p.per_chunk[ph];
         const int nr = min(p.per_chunk[ph], p.lo[ph] + p.count[ph] - r0);
         const bf16_t* base = reinterpret_cast<const bf16_t*>(ring + (size_t)slot * SLOT_BYTES);
@@ -406,7 +414,7 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
                                  const u32* positions, const u32* block_tables, int block_size, float* qkv,
                                  float* attn, float* h, float* act, float* out, float* part, u32* counters,
                                  int hidden, int inter, int H, int KV, int scratch_floats, float eps, float qk_eps,
-                                 double log2_theta, float scale_log2) {
+                                 double log2_theta, float scale_log2, unsigned long long* trace) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) unsigned char layer_smem[];
     const unsigned char* ring = layer_smem;
@@ -417,6 +425,7 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     const u32 ring_s = smem_u32(layer_smem), bars = smem_u32(bar_mem);
     const int attn_width = H * LAYER_D;
 
+    const unsigned long long t_start = layer_now();
     LayerPlan p;
     layer_plan(p, w_qkv, w_o, w_gu, w_down, hidden, attn_width + 2 * KV * LAYER_D, attn_width, inter);
     if (threadIdx.x == 0) {
@@ -435,24 +444,38 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     u32* sync = counters + KV;
     const u32 G = gridDim.x;
 
+    // With `trace`, thread 0 of every block adds its phases' durations (ns) to trace[0..10),
+    // its ring waits to trace[11], and 1 to trace[12] (QFUSE_CUDA_LAYER_TRACE).
+    unsigned long long stamp[11], waited = 0;
+    stamp[0] = t_start;
+    stamp[1] = layer_now();
     float inv = layer_stage(scratch, x, in_norm, hidden, eps, red);
-    int i = layer_rows<LAYER_EPI_SCALE>(p, 0, 0, ring, ring_s, bars, scratch, inv, nullptr, qkv);
+    int i = layer_rows<LAYER_EPI_SCALE>(p, 0, 0, ring, ring_s, bars, scratch, inv, nullptr, qkv, waited);
+    stamp[2] = layer_now();
     grid_barrier(sync, G);
+    stamp[3] = layer_now();
 
     layer_attention<KT, GM>(qkv, q_norm, k_norm, kc, vc, block_tables, block_size, pos, H, KV, qk_eps, scale_log2, cs,
-                        scratch, attn, part, counters);
+                            scratch, attn, part, counters);
+    stamp[4] = layer_now();
     grid_barrier(sync, 2 * G);
+    stamp[5] = layer_now();
 
     layer_stage(scratch, attn, nullptr, attn_width, eps, red);
-    i = layer_rows<LAYER_EPI_ADD>(p, 1, i, ring, ring_s, bars, scratch, 1.0f, x, h);
+    i = layer_rows<LAYER_EPI_ADD>(p, 1, i, ring, ring_s, bars, scratch, 1.0f, x, h, waited);
+    stamp[6] = layer_now();
     grid_barrier(sync, 3 * G);
+    stamp[7] = layer_now();
 
     inv = layer_stage(scratch, h, post_norm, hidden, eps, red);
-    i = layer_rows<LAYER_EPI_SILU>(p, 2, i, ring, ring_s, bars, scratch, inv, nullptr, act);
+    i = layer_rows<LAYER_EPI_SILU>(p, 2, i, ring, ring_s, bars, scratch, inv, nullptr, act, waited);
+    stamp[8] = layer_now();
     grid_barrier(sync, 4 * G);
+    stamp[9] = layer_now();
 
     layer_stage(scratch, act, nullptr, inter, eps, red);
-    layer_rows<LAYER_EPI_ADD>(p, 3, i, ring, ring_s, bars, scratch, 1.0f, h, out);
+    layer_rows<LAYER_EPI_ADD>(p, 3, i, ring, ring_s, bars, scratch, 1.0f, h, out, waited);
+    stamp[10] = layer_now();
 
     // The last block out resets the barrier for the next launch.
     __syncthreads();
@@ -461,6 +484,11 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
         if (atomicAdd(sync + 1, 1u) == G - 1) {
             sync[0] = 0u;
             sync[1] = 0u;
+        }
+        if (trace != nullptr) {
+            for (int k = 0; k < 10; ++k) atomicAdd(trace + k, stamp[k + 1] - stamp[k]);
+            atomicAdd(trace + 11, waited);
+            atomicAdd(trace + 12, 1ull);
         }
     }
 #else
@@ -474,10 +502,11 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
         const float* in_norm, const float* post_norm, const float* q_norm, const float* k_norm, KT* kc, KT* vc,   \
         const u32* positions, const u32* block_tables, int block_size, float* qkv, float* attn, float* h,         \
         float* act, float* out, float* part, u32* counters, int hidden, int inter, int H, int KV,                 \
-        int scratch_floats, float eps, float qk_eps, double log2_theta, float scale_log2) {                        \
+        int scratch_floats, float eps, float qk_eps, double log2_theta, float scale_log2,                          \
+        unsigned long long* trace) {                                                                               \
         decoder_layer_t1<KT, GM>(x, w_qkv, w_o, w_gu, w_down, in_norm, post_norm, q_norm, k_norm, kc, vc, positions, \
                              block_tables, block_size, qkv, attn, h, act, out, part, counters, hidden, inter, H,   \
-                             KV, scratch_floats, eps, qk_eps, log2_theta, scale_log2);                             \
+                             KV, scratch_floats, eps, qk_eps, log2_theta, scale_log2, trace);                      \
     }
 
 #define LAYER_ENTRIES(KT, SUFFIX) LAYER_ENTRY(KT, SUFFIX, 2) LAYER_ENTRY(KT, SUFFIX, 4) LAYER_ENTRY(KT, SUFFIX, 8)

@@ -248,7 +248,12 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
                 "cuda: {} (KV cache {kv_dtype}, {launches}{pdl})",
                 b.device_name()
             );
-            run_maybe_unfused(args, job, b)
+            let report = b.clone();
+            run_maybe_unfused(args, job, b)?;
+            if let Some(trace) = report.layer_trace_report() {
+                eprintln!("{trace}");
+            }
+            Ok(())
         }
         "wgpu" => {
             let b =

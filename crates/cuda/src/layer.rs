@@ -209,6 +209,10 @@ impl CudaBackend {
             .f32(cfg.qk_norm_eps as f32)
             .f64(cfg.rope_theta.log2())
             .f32(scale_log2);
+        match &self.inner.layer_trace {
+            Some(trace) => l.buf(trace),
+            None => l.ptr(0),
+        };
         let launch = LaunchConfig {
             grid_dim: (self.inner.sm_count as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -219,10 +223,55 @@ impl CudaBackend {
         // gains f32 [hidden] and [d]; the one sequence's slot and blocks lie inside the pools
         // (checked above), its table is row 0 of block_tables; every scratch buffer holds what
         // the kernel writes (part: H x max_splits x (d + 2)); counters holds kvh + 2 zeros, left
-        // zero; shared memory is laid out as layer.cu says and within the configured maximum;
+        // zero; trace is null or 13 u64 sums; shared memory is laid out as layer.cu says and within the configured maximum;
         // one block per SM, each fitting alone, so every block is resident for the grid barrier.
         unsafe { l.launch(launch) }.cuda()?;
         Ok(Some(Self::f32_tensor([1, hidden], out)))
+    }
+}
+
+/// What the trace's sums are, in order (`layer.cu`).
+const TRACE_INTERVALS: [&str; 10] = [
+    "start, first weights requested, waiting on the previous kernel",
+    "stage x + QKV rows",
+    "grid barrier 1",
+    "q/k-norm, RoPE, cache write, attention",
+    "grid barrier 2",
+    "stage attn + o_proj rows",
+    "grid barrier 3",
+    "stage h + gate/up rows",
+    "grid barrier 4",
+    "stage act + down rows",
+];
+
+/// Sums the layer kernel adds to with `QFUSE_CUDA_LAYER_TRACE=1`: ten phase durations, ring
+/// waits and launches x blocks.
+pub(crate) const TRACE_LEN: usize = 13;
+
+impl CudaBackend {
+    /// With `QFUSE_CUDA_LAYER_TRACE=1`: where the layer kernel's time went, per launch (mean of
+    /// its blocks' thread-0 clocks, %globaltimer), since the backend was created.
+    pub fn layer_trace_report(&self) -> Option<String> {
+        let trace = self.inner.layer_trace.as_ref()?;
+        let sums = self.stream().clone_dtoh(trace).ok()?;
+        let n = sums[12];
+        if n == 0 {
+            return Some("layer kernel trace: the kernel never ran".into());
+        }
+        let us = |ns: u64| ns as f64 / n as f64 / 1e3;
+        let mut out = format!(
+            "layer kernel trace (mean over {n} block-launches, thread 0 of each block, µs):\n"
+        );
+        let mut total = 0.0;
+        for (name, &ns) in TRACE_INTERVALS.iter().zip(&sums) {
+            out += &format!("  {:>8.2}  {name}\n", us(ns));
+            total += us(ns);
+        }
+        out += &format!(
+            "  {total:>8.2}  total; of it waiting for ring slots {:.2}",
+            us(sums[11])
+        );
+        Some(out)
     }
 }
 

@@ -233,6 +233,8 @@ struct Inner {
     /// Dynamic shared memory the batch-1 layer kernel may take (`layer.rs`); 0 where it cannot
     /// run (below sm_90).
     layer_smem_max: usize,
+    /// The layer kernel's phase clocks (`QFUSE_CUDA_LAYER_TRACE=1`; `layer.rs`).
+    layer_trace: Option<CudaSlice<u64>>,
     /// Activation buffers for reuse, so steps issue no allocations or frees.
     pool: Arc<Pool>,
     /// CUDA graph replays so far.
@@ -382,6 +384,10 @@ impl CudaBackend {
         let blas = CudaBlas::new(stream.clone()).cuda()?;
         let kernels = Kernels::load(&ctx)?;
         let layer_smem_max = layer::configure(&ctx, &kernels)?;
+        let layer_trace = match std::env::var("QFUSE_CUDA_LAYER_TRACE").as_deref() {
+            Ok("1") => Some(stream.alloc_zeros::<u64>(layer::TRACE_LEN).cuda()?),
+            _ => None,
+        };
         let (major, _) = ctx.compute_capability().cuda()?;
         let counters = stream.alloc_zeros::<u32>(ATTN_COUNTERS).cuda()?;
         let name = ctx.name().cuda()?;
@@ -414,6 +420,7 @@ impl CudaBackend {
                 options,
                 pdl: options.pdl && major >= 9,
                 layer_smem_max,
+                layer_trace,
                 counters: Mutex::new(vec![counters]),
                 pool: Arc::new(Pool::default()),
                 replays: AtomicUsize::new(0),
