@@ -131,12 +131,12 @@ __device__ void layer_issue(const LayerPlan& p, int i, u32 ring, u32 bars) {
 }
 
 // Every block arrives, then waits for all `target` arrivals (the count only grows within a
-// launch). A wait past ~2 s means a block never arrived (a bug): trap rather than hang.
+// launch). The arrival is a release reduction (no round trip for a returned value), the wait an
+// acquire poll. A wait past ~2 s means a block never arrived (a bug): trap rather than hang.
 __device__ void grid_barrier(u32* count, u32 target) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(count, 1u);
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(count) : "memory");
         const long long t0 = clock64();
         u32 v;
         for (;;) {
@@ -144,14 +144,18 @@ __device__ void grid_barrier(u32* count, u32 target) {
             if (v >= target) break;
             if (clock64() - t0 > 4000000000LL) __trap();
         }
-        __threadfence();
     }
     __syncthreads();
 }
 
-// xs[0, n) = src (times `gain` when given); returns 1 / rms(src) with a gain, else 1. Ends with
-// the block synchronised. src was written by other blocks: read past L1.
-__device__ float layer_stage(float* xs, const float* src, const float* gain, int n, float eps, float* red) {
+// xs[0, n) = src (times `gain` when given); returns 1 / rms(src) with a gain, else 1. With
+// `res`, also res_s[0, res_count) = res[res_lo, ...): the residual rows this block will add, read
+// now so their latency overlaps the staging. Ends with the block synchronised. Both were written
+// by other blocks: read past L1.
+__device__ float layer_stage(float* xs, const float* src, const float* gain, int n, float eps, float* red,
+                             const float* res = nullptr, int res_lo = 0, int res_count = 0, float* res_s = nullptr) {
+    float r = 0.0f;
+    if (res != nullptr && (int)threadIdx.x < res_count) r = __ldcg(res + res_lo + threadIdx.x);
     float ss = 0.0f;
     for (int k = threadIdx.x * 4; k < n; k += LAYER_THREADS * 4) {
         float4 v = __ldcg(reinterpret_cast<const float4*>(src + k));
@@ -162,6 +166,10 @@ __device__ float layer_stage(float* xs, const float* src, const float* gain, int
         }
         *reinterpret_cast<float4*>(xs + k) = v;
     }
+    if (res != nullptr) {
+        for (int i = threadIdx.x; i < res_count; i += LAYER_THREADS)
+            res_s[i] = i == (int)threadIdx.x ? r : __ldcg(res + res_lo + i);
+    }
     if (gain == nullptr) {
         __syncthreads();
         return 1.0f;
@@ -169,25 +177,49 @@ __device__ float layer_stage(float* xs, const float* src, const float* gain, int
     return rsqrtf(block_sum(ss, red) / n + eps);
 }
 
-// One weight row in shared memory against the staged vector: the warp's sum, in every lane.
-__device__ __forceinline__ float dot_smem(const bf16_t* w, const float* xs, int k, int lane) {
-    const uint4* wv = reinterpret_cast<const uint4*>(w);
+__device__ __forceinline__ float dot8(uint4 v, float4 a, float4 b) {
+    return a.x * bf16_lo(v.x) + a.y * bf16_hi(v.x) + a.z * bf16_lo(v.y) + a.w * bf16_hi(v.y) + b.x * bf16_lo(v.z) +
+           b.y * bf16_hi(v.z) + b.z * bf16_lo(v.w) + b.w * bf16_hi(v.w);
+}
+
+// Two weight rows in shared memory (w1 may equal w0) against the staged vector: the warp's sums,
+// in every lane. Two k steps at a time, so four smem loads of each row are in flight together.
+__device__ __forceinline__ void dot2_smem(const bf16_t* w0, const bf16_t* w1, const float* xs, int k, int lane,
+                                          float& s0, float& s1) {
+    const uint4* v0 = reinterpret_cast<const uint4*>(w0);
+    const uint4* v1 = reinterpret_cast<const uint4*>(w1);
     const float4* xv = reinterpret_cast<const float4*>(xs);
-    float acc = 0.0f;
-    for (int j = lane; j < k / 8; j += 32) {
-        const uint4 v = wv[j];
-        const float4 a = xv[2 * j], b = xv[2 * j + 1];
-        acc += a.x * bf16_lo(v.x) + a.y * bf16_hi(v.x) + a.z * bf16_lo(v.y) + a.w * bf16_hi(v.y) +
-               b.x * bf16_lo(v.z) + b.y * bf16_hi(v.z) + b.z * bf16_lo(v.w) + b.w * bf16_hi(v.w);
+    const int k8 = k / 8;
+    float a0 = 0.0f, a1 = 0.0f, b0 = 0.0f, b1 = 0.0f;
+    int j = lane;
+    for (; j + 32 < k8; j += 64) {
+        const uint4 p0 = v0[j], p1 = v0[j + 32], q0 = v1[j], q1 = v1[j + 32];
+        const float4 x0 = xv[2 * j], x1 = xv[2 * j + 1], y0 = xv[2 * j + 64], y1 = xv[2 * j + 65];
+        a0 += dot8(p0, x0, x1);
+        a1 += dot8(p1, y0, y1);
+        b0 += dot8(q0, x0, x1);
+        b1 += dot8(q1, y0, y1);
     }
-    return warp_sum(acc);
+    if (j < k8) {
+        const float4 x0 = xv[2 * j], x1 = xv[2 * j + 1];
+        a0 += dot8(v0[j], x0, x1);
+        b0 += dot8(v1[j], x0, x1);
+    }
+    s0 = a0 + a1;
+    s1 = b0 + b1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        s0 += __shfl_xor_sync(FULL_MASK, s0, o);
+        s1 += __shfl_xor_sync(FULL_MASK, s1, o);
+    }
 }
 
 // Phase `ph`'s rows from the ring (its chunks start at number i0); returns the next chunk's
-// number. Each used slot is refilled with the chunk RING_SLOTS ahead.
+// number. Each used slot is refilled with the chunk RING_SLOTS ahead. A warp takes two rows at
+// once (gate and up with SILU); with ADD the residual comes from res_s (staged, by row - lo).
 template <int EPI>
 __device__ int layer_rows(const LayerPlan& p, int ph, int i0, const unsigned char* ring, u32 ring_s, u32 bars,
-                          const float* xs, float inv, const float* residual, float* y, unsigned long long& waited) {
+                          const float* xs, float inv, const float* res_s, float* y, unsigned long long& waited) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int k = p.mat[ph].k;
     for (int c = 0; c < p.chunks[ph]; ++c) {
@@ -198,15 +230,26 @@ __device__ int layer_rows(const LayerPlan& p, int ph, int i0, const unsigned cha
         const int r0 = p.lo[ph] + c * p.per_chunk[ph];
         const int nr = min(p.per_chunk[ph], p.lo[ph] + p.count[ph] - r0);
         const bf16_t* base = reinterpret_cast<const bf16_t*>(ring + (size_t)slot * SLOT_BYTES);
-        for (int r = warp; r < nr; r += LAYER_WARPS) {
-            const float a = dot_smem(base + (size_t)r * k, xs, k, lane);
-            if (EPI == LAYER_EPI_SILU) {
-                const float u = dot_smem(base + (size_t)(nr + r) * k, xs, k, lane);
-                if (lane == 0) y[r0 + r] = silu(a * inv) * (u * inv);
-            } else if (EPI == LAYER_EPI_ADD) {
-                if (lane == 0) y[r0 + r] = __ldcg(residual + r0 + r) + a;
-            } else {
-                if (lane == 0) y[r0 + r] = a * inv;
+        if (EPI == LAYER_EPI_SILU) {
+            for (int r = warp; r < nr; r += LAYER_WARPS) {
+                float g, u;
+                dot2_smem(base + (size_t)r * k, base + (size_t)(nr + r) * k, xs, k, lane, g, u);
+                if (lane == 0) y[r0 + r] = silu(g * inv) * (u * inv);
+            }
+        } else {
+            for (int r = warp; r < nr; r += 2 * LAYER_WARPS) {
+                const int r2 = r + LAYER_WARPS < nr ? r + LAYER_WARPS : r;  // a lone row is computed twice
+                float a, b;
+                dot2_smem(base + (size_t)r * k, base + (size_t)r2 * k, xs, k, lane, a, b);
+                if (lane == 0) {
+                    if (EPI == LAYER_EPI_ADD) {
+                        y[r0 + r] = res_s[r0 + r - p.lo[ph]] + a;
+                        if (r2 > r) y[r0 + r2] = res_s[r0 + r2 - p.lo[ph]] + b;
+                    } else {
+                        y[r0 + r] = a * inv;
+                        if (r2 > r) y[r0 + r2] = b * inv;
+                    }
+                }
             }
         }
         __syncthreads();
@@ -235,8 +278,44 @@ __device__ __forceinline__ void norm_rope4(const float* src, const float* gain, 
 
 // Phase 2 (see the top of the file), for G = H / KV <= GM query heads per KV head. The context
 // splits into at most gridDim.x / KV slices of a multiple of 8 keys (at least 32); block b takes
-// slice b % S of KV head b / S, blocks past KV * S have no share. `part` holds
+// slice b % S of KV head b / S, blocks past KV * S have no share (attn_slice). `part` holds
 // [H][gridDim.x / KV][d + 2] partials (o, max, sum); `scratch` GM d + LAYER_WARPS G (d + 2) floats.
+// This block's share of phase 2: keys [begin, end) of KV head kv, slice `split` of S.
+struct AttnSlice {
+    int kv, split, S, smax, begin, end;
+    bool active;
+};
+
+__device__ AttnSlice attn_slice(u32 pos, int KV) {
+    AttnSlice a;
+    const int ctx = (int)pos + 1;
+    a.smax = max(1, (int)gridDim.x / KV);
+    const int chunk = max(32, ((ctx + a.smax - 1) / a.smax + 7) & ~7);
+    a.S = (ctx + chunk - 1) / chunk;
+    a.active = (int)blockIdx.x < KV * a.S;
+    a.kv = blockIdx.x / a.S;
+    a.split = blockIdx.x % a.S;
+    a.begin = a.split * chunk;
+    a.end = min(ctx, a.begin + chunk);
+    return a;
+}
+
+// Asks L2 for the cached keys and values this block's attention share will read (positions
+// before the new token: no kernel of this step writes them), so phase 2 finds them on chip.
+template <typename KT>
+__device__ void prefetch_slice(const AttnSlice& a, const KT* kc, const KT* vc, const u32* table, int bs, u32 pos,
+                               int KV) {
+    if (!a.active) return;
+    constexpr int lines = LAYER_D * (int)sizeof(KT) / 128;  // 128-byte lines per head row
+    const int keys = min(a.end, (int)pos) - a.begin;
+    for (int i = threadIdx.x; i < keys * 2 * lines; i += LAYER_THREADS) {
+        const int key = a.begin + i / (2 * lines), part = i % (2 * lines);
+        const size_t row = ((size_t)table[key / bs] * bs + key % bs) * KV * LAYER_D + (size_t)a.kv * LAYER_D;
+        const KT* p = (part < lines ? kc : vc) + row + (part % lines) * (128 / sizeof(KT));
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+    }
+}
+
 template <typename KT, int GM>
 __device__ void layer_attention(const float* qkv, const float* q_norm, const float* k_norm, KT* kc, KT* vc,
                                 const u32* table, int bs, u32 pos, int H, int KV, float qk_eps, float scale_log2,
@@ -245,12 +324,9 @@ __device__ void layer_attention(const float* qkv, const float* q_norm, const flo
     __shared__ int is_last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int G = H / KV, ctx = (int)pos + 1;
-    const int smax = max(1, (int)gridDim.x / KV);
-    const int chunk = max(32, ((ctx + smax - 1) / smax + 7) & ~7);
-    const int S = (ctx + chunk - 1) / chunk;
-    if ((int)blockIdx.x >= KV * S) return;
-    const int kv = blockIdx.x / S, split = blockIdx.x % S;
-    const int begin = split * chunk, end = min(ctx, begin + chunk);
+    const AttnSlice a = attn_slice(pos, KV);
+    if (!a.active) return;
+    const int kv = a.kv, split = a.split, S = a.S, smax = a.smax, begin = a.begin, end = a.end;
     const bool has_new = end == ctx;  // this slice ends at the new token
     const size_t W = (size_t)KV * d;
     float* qs = scratch;                       // [G][d], scaled for exp2
@@ -405,7 +481,8 @@ __device__ void layer_attention(const float* qkv, const float* q_norm, const flo
 // is read, never written. `counters` holds KV + 2 zeros (attention arrivals, then the grid
 // barrier's arrivals and exits), left zero. Dynamic shared memory: RING_SLOTS * SLOT_BYTES, then
 // `scratch_floats` (the largest staged vector, or the attention's q and merge area), 128 floats
-// of RoPE table, 32 of reduction scratch, RING_SLOTS mbarriers.
+// of RoPE table, 32 of reduction scratch, `res_floats` (even, at least the rows of a hidden-wide
+// matrix one block owns) of residual rows, RING_SLOTS mbarriers.
 // grid = one block per SM, block = LAYER_THREADS.
 template <typename KT, int GM>
 __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qkv, const bf16_t* w_o,
@@ -413,15 +490,17 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
                                  const float* post_norm, const float* q_norm, const float* k_norm, KT* kc, KT* vc,
                                  const u32* positions, const u32* block_tables, int block_size, float* qkv,
                                  float* attn, float* h, float* act, float* out, float* part, u32* counters,
-                                 int hidden, int inter, int H, int KV, int scratch_floats, float eps, float qk_eps,
-                                 double log2_theta, float scale_log2, unsigned long long* trace) {
+                                 int hidden, int inter, int H, int KV, int scratch_floats, int res_floats, float eps,
+                                 float qk_eps,
+                                 double log2_theta, float scale_log2, int trigger, unsigned long long* trace) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) unsigned char layer_smem[];
     const unsigned char* ring = layer_smem;
     float* scratch = reinterpret_cast<float*>(layer_smem + RING_SLOTS * SLOT_BYTES);
     float* cs = scratch + scratch_floats;
     float* red = cs + LAYER_D;
-    unsigned long long* bar_mem = reinterpret_cast<unsigned long long*>(red + 32);
+    float* res_s = red + 32;  // [res_floats]
+    unsigned long long* bar_mem = reinterpret_cast<unsigned long long*>(res_s + res_floats);
     const u32 ring_s = smem_u32(layer_smem), bars = smem_u32(bar_mem);
     const int attn_width = H * LAYER_D;
 
@@ -437,10 +516,13 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     if (threadIdx.x == 0)
         for (int i = 0; i < min(RING_SLOTS, p.total); ++i) layer_issue(p, i, ring_s, bars);
     const u32 pos = positions[0];
+    prefetch_slice<KT>(attn_slice(pos, KV), kc, vc, block_tables, block_size, pos, KV);
     for (int i = threadIdx.x; i < LAYER_D / 2; i += LAYER_THREADS)
         rope_cs(pos, i, LAYER_D, log2_theta, cs + 2 * i, cs + 2 * i + 1);
     pdl_wait();
-    pdl_launch_dependents();
+    // The next kernel may launch (and request its first weights) from phase `trigger` on:
+    // 0 at once, 1 before gate/up, 2 before down, 3 at the end.
+    if (trigger == 0) pdl_launch_dependents();
     u32* sync = counters + KV;
     const u32 G = gridDim.x;
 
@@ -461,20 +543,23 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     grid_barrier(sync, 2 * G);
     stamp[5] = layer_now();
 
-    layer_stage(scratch, attn, nullptr, attn_width, eps, red);
-    i = layer_rows<LAYER_EPI_ADD>(p, 1, i, ring, ring_s, bars, scratch, 1.0f, x, h, waited);
+    layer_stage(scratch, attn, nullptr, attn_width, eps, red, x, p.lo[1], p.count[1], res_s);
+    i = layer_rows<LAYER_EPI_ADD>(p, 1, i, ring, ring_s, bars, scratch, 1.0f, res_s, h, waited);
     stamp[6] = layer_now();
     grid_barrier(sync, 3 * G);
     stamp[7] = layer_now();
 
+    if (trigger == 1) pdl_launch_dependents();
     inv = layer_stage(scratch, h, post_norm, hidden, eps, red);
     i = layer_rows<LAYER_EPI_SILU>(p, 2, i, ring, ring_s, bars, scratch, inv, nullptr, act, waited);
     stamp[8] = layer_now();
     grid_barrier(sync, 4 * G);
     stamp[9] = layer_now();
 
-    layer_stage(scratch, act, nullptr, inter, eps, red);
-    layer_rows<LAYER_EPI_ADD>(p, 3, i, ring, ring_s, bars, scratch, 1.0f, h, out, waited);
+    if (trigger == 2) pdl_launch_dependents();
+    layer_stage(scratch, act, nullptr, inter, eps, red, h, p.lo[3], p.count[3], res_s);
+    layer_rows<LAYER_EPI_ADD>(p, 3, i, ring, ring_s, bars, scratch, 1.0f, res_s, out, waited);
+    if (trigger == 3) pdl_launch_dependents();
     stamp[10] = layer_now();
 
     // The last block out resets the barrier for the next launch.
@@ -502,11 +587,11 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
         const float* in_norm, const float* post_norm, const float* q_norm, const float* k_norm, KT* kc, KT* vc,   \
         const u32* positions, const u32* block_tables, int block_size, float* qkv, float* attn, float* h,         \
         float* act, float* out, float* part, u32* counters, int hidden, int inter, int H, int KV,                 \
-        int scratch_floats, float eps, float qk_eps, double log2_theta, float scale_log2,                          \
-        unsigned long long* trace) {                                                                               \
+        int scratch_floats, int res_floats, float eps, float qk_eps, double log2_theta, float scale_log2,         \
+        int trigger, unsigned long long* trace) {                                                                  \
         decoder_layer_t1<KT, GM>(x, w_qkv, w_o, w_gu, w_down, in_norm, post_norm, q_norm, k_norm, kc, vc, positions, \
                              block_tables, block_size, qkv, attn, h, act, out, part, counters, hidden, inter, H,   \
-                             KV, scratch_floats, eps, qk_eps, log2_theta, scale_log2, trace);                      \
+                             KV, scratch_floats, res_floats, eps, qk_eps, log2_theta, scale_log2, trigger, trace);  \
     }
 
 #define LAYER_ENTRIES(KT, SUFFIX) LAYER_ENTRY(KT, SUFFIX, 2) LAYER_ENTRY(KT, SUFFIX, 4) LAYER_ENTRY(KT, SUFFIX, 8)

@@ -65,6 +65,8 @@ struct LayerShape {
     group_build: usize,
     /// The shared scratch: the largest staged vector, or attention's q and merge area.
     scratch_floats: usize,
+    /// Shared room for the residual rows of o_proj and down a block owns.
+    res_floats: usize,
     /// Dynamic shared memory: ring, scratch, RoPE table, reduction scratch, mbarriers.
     smem_bytes: usize,
     /// Most context slices per KV head (`gridDim.x / KV` in the kernel).
@@ -94,12 +96,15 @@ impl LayerShape {
             .max(inter)
             .max(attention_floats)
             .next_multiple_of(4);
-        let smem_bytes = RING_SLOTS * SLOT_BYTES + 4 * (scratch_floats + d + 32) + 8 * RING_SLOTS;
+        let res_floats = hidden.div_ceil(blocks).next_multiple_of(4);
+        let smem_bytes =
+            RING_SLOTS * SLOT_BYTES + 4 * (scratch_floats + d + 32 + res_floats) + 8 * RING_SLOTS;
         Some(LayerShape {
             hidden,
             inter,
             group_build,
             scratch_floats,
+            res_floats,
             smem_bytes,
             max_splits: (blocks / kv).max(1),
         })
@@ -204,11 +209,13 @@ impl CudaBackend {
             .i32(i32_of(inter, "intermediate")?)
             .i32(i32_of(h, "H")?)
             .i32(i32_of(kvh, "KV")?)
-            .i32(i32_of(shape.scratch_floats, "scratch")?);
+            .i32(i32_of(shape.scratch_floats, "scratch")?)
+            .i32(i32_of(shape.res_floats, "residual rows")?);
         l.f32(eps as f32)
             .f32(cfg.qk_norm_eps as f32)
             .f64(cfg.rope_theta.log2())
-            .f32(scale_log2);
+            .f32(scale_log2)
+            .i32(self.inner.layer_trigger);
         match &self.inner.layer_trace {
             Some(trace) => l.buf(trace),
             None => l.ptr(0),

@@ -235,6 +235,9 @@ struct Inner {
     layer_smem_max: usize,
     /// The layer kernel's phase clocks (`QFUSE_CUDA_LAYER_TRACE=1`; `layer.rs`).
     layer_trace: Option<CudaSlice<u64>>,
+    /// The layer kernel's phase from which the next kernel may launch (`layer.cu`;
+    /// `QFUSE_CUDA_LAYER_TRIGGER`, 0 at once ... 3 at the end).
+    layer_trigger: i32,
     /// Activation buffers for reuse, so steps issue no allocations or frees.
     pool: Arc<Pool>,
     /// CUDA graph replays so far.
@@ -421,6 +424,8 @@ impl CudaBackend {
                 pdl: options.pdl && major >= 9,
                 layer_smem_max,
                 layer_trace,
+                layer_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_LAYER_TRIGGER", 0..=3)
+                    .unwrap_or(0) as i32,
                 counters: Mutex::new(vec![counters]),
                 pool: Arc::new(Pool::default()),
                 replays: AtomicUsize::new(0),
