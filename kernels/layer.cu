@@ -29,7 +29,6 @@
 
 #define LAYER_WARPS 8
 #define LAYER_THREADS (32 * LAYER_WARPS)
-#define RING_SLOTS 3
 #define SLOT_BYTES 32768
 #define LAYER_D 128  // head size: lane l holds dims [4 l, 4 l + 4)
 
@@ -48,11 +47,12 @@ struct LayerMat {
 
 // This block's share of the four matrices: rows [lo, lo + count) of each, carried by the ring in
 // chunks of `per_chunk` rows (whole rows, at most SLOT_BYTES, 16-byte multiples since k % 8 == 0).
-// Chunks are numbered through the four phases in order; chunk i uses slot i % RING_SLOTS.
+// Chunks are numbered through the four phases in order; chunk i uses slot i % slots.
 struct LayerPlan {
     LayerMat mat[4];
     int lo[4], count[4], per_chunk[4], chunks[4];
     int total;
+    int slots;  // ring slots of SLOT_BYTES
 };
 
 #if __CUDA_ARCH__ >= 900
@@ -121,7 +121,7 @@ __device__ void layer_issue(const LayerPlan& p, int i, u32 ring, u32 bars) {
     const int r0 = p.lo[ph] + c * p.per_chunk[ph];
     const int nr = min(p.per_chunk[ph], p.lo[ph] + p.count[ph] - r0);
     const u32 bytes = (u32)nr * (u32)m.k * 2u;
-    const int slot = i % RING_SLOTS;
+    const int slot = i % p.slots;
     const u32 bar = bars + 8u * slot, dst = ring + (u32)slot * SLOT_BYTES;
     // The slot was last read through the generic proxy; order that before the async writes.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -215,7 +215,7 @@ __device__ __forceinline__ void dot2_smem(const bf16_t* w0, const bf16_t* w1, co
 }
 
 // Phase `ph`'s rows from the ring (its chunks start at number i0); returns the next chunk's
-// number. Each used slot is refilled with the chunk RING_SLOTS ahead. A warp takes two rows at
+// number. Each used slot is refilled with the chunk p.slots ahead. A warp takes two rows at
 // once (gate and up with SILU); with ADD the residual comes from res_s (staged, by row - lo).
 template <int EPI>
 __device__ int layer_rows(const LayerPlan& p, int ph, int i0, const unsigned char* ring, u32 ring_s, u32 bars,
@@ -223,9 +223,9 @@ __device__ int layer_rows(const LayerPlan& p, int ph, int i0, const unsigned cha
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int k = p.mat[ph].k;
     for (int c = 0; c < p.chunks[ph]; ++c) {
-        const int i = i0 + c, slot = i % RING_SLOTS;
+        const int i = i0 + c, slot = i % p.slots;
         const unsigned long long w0 = layer_now();
-        mbar_wait(bars + 8u * slot, (u32)(i / RING_SLOTS) & 1u);
+        mbar_wait(bars + 8u * slot, (u32)(i / p.slots) & 1u);
         waited += layer_now() - w0;
         const int r0 = p.lo[ph] + c * p.per_chunk[ph];
         const int nr = min(p.per_chunk[ph], p.lo[ph] + p.count[ph] - r0);
@@ -253,7 +253,7 @@ __device__ int layer_rows(const LayerPlan& p, int ph, int i0, const unsigned cha
             }
         }
         __syncthreads();
-        if (threadIdx.x == 0 && i + RING_SLOTS < p.total) layer_issue(p, i + RING_SLOTS, ring_s, bars);
+        if (threadIdx.x == 0 && i + p.slots < p.total) layer_issue(p, i + p.slots, ring_s, bars);
     }
     return i0 + p.chunks[ph];
 }
@@ -479,10 +479,10 @@ __device__ void layer_attention(const float* qkv, const float* q_norm, const flo
 // The layer (see the top of the file) for one sequence's one new token at positions[0], its
 // cache blocks block_tables[0..]. Scratch (qkv, attn, h, act) and out are distinct buffers; x
 // is read, never written. `counters` holds KV + 2 zeros (attention arrivals, then the grid
-// barrier's arrivals and exits), left zero. Dynamic shared memory: RING_SLOTS * SLOT_BYTES, then
+// barrier's arrivals and exits), left zero. Dynamic shared memory: ring_slots * SLOT_BYTES, then
 // `scratch_floats` (the largest staged vector, or the attention's q and merge area), 128 floats
 // of RoPE table, 32 of reduction scratch, `res_floats` (even, at least the rows of a hidden-wide
-// matrix one block owns) of residual rows, RING_SLOTS mbarriers.
+// matrix one block owns) of residual rows, ring_slots mbarriers.
 // grid = one block per SM, block = LAYER_THREADS.
 template <typename KT, int GM>
 __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qkv, const bf16_t* w_o,
@@ -490,13 +490,14 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
                                  const float* post_norm, const float* q_norm, const float* k_norm, KT* kc, KT* vc,
                                  const u32* positions, const u32* block_tables, int block_size, float* qkv,
                                  float* attn, float* h, float* act, float* out, float* part, u32* counters,
-                                 int hidden, int inter, int H, int KV, int scratch_floats, int res_floats, float eps,
+                                 int hidden, int inter, int H, int KV, int ring_slots, int scratch_floats,
+                                 int res_floats, float eps,
                                  float qk_eps,
                                  double log2_theta, float scale_log2, int trigger, unsigned long long* trace) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) unsigned char layer_smem[];
     const unsigned char* ring = layer_smem;
-    float* scratch = reinterpret_cast<float*>(layer_smem + RING_SLOTS * SLOT_BYTES);
+    float* scratch = reinterpret_cast<float*>(layer_smem + (size_t)ring_slots * SLOT_BYTES);
     float* cs = scratch + scratch_floats;
     float* red = cs + LAYER_D;
     float* res_s = red + 32;  // [res_floats]
@@ -507,14 +508,15 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     const unsigned long long t_start = layer_now();
     LayerPlan p;
     layer_plan(p, w_qkv, w_o, w_gu, w_down, hidden, attn_width + 2 * KV * LAYER_D, attn_width, inter);
+    p.slots = ring_slots;
     if (threadIdx.x == 0) {
-        for (int s = 0; s < RING_SLOTS; ++s) mbar_init(bars + 8u * s, 1u);
+        for (int s = 0; s < ring_slots; ++s) mbar_init(bars + 8u * s, 1u);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
     // Weights and batch metadata are no earlier kernel's output: start before the wait.
     if (threadIdx.x == 0)
-        for (int i = 0; i < min(RING_SLOTS, p.total); ++i) layer_issue(p, i, ring_s, bars);
+        for (int i = 0; i < min(ring_slots, p.total); ++i) layer_issue(p, i, ring_s, bars);
     const u32 pos = positions[0];
     prefetch_slice<KT>(attn_slice(pos, KV), kc, vc, block_tables, block_size, pos, KV);
     for (int i = threadIdx.x; i < LAYER_D / 2; i += LAYER_THREADS)
@@ -587,11 +589,12 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
         const float* in_norm, const float* post_norm, const float* q_norm, const float* k_norm, KT* kc, KT* vc,   \
         const u32* positions, const u32* block_tables, int block_size, float* qkv, float* attn, float* h,         \
         float* act, float* out, float* part, u32* counters, int hidden, int inter, int H, int KV,                 \
-        int scratch_floats, int res_floats, float eps, float qk_eps, double log2_theta, float scale_log2,         \
+        int ring_slots, int scratch_floats, int res_floats, float eps, float qk_eps, double log2_theta,            \
+        float scale_log2,                                                                                          \
         int trigger, unsigned long long* trace) {                                                                  \
         decoder_layer_t1<KT, GM>(x, w_qkv, w_o, w_gu, w_down, in_norm, post_norm, q_norm, k_norm, kc, vc, positions, \
                              block_tables, block_size, qkv, attn, h, act, out, part, counters, hidden, inter, H,   \
-                             KV, scratch_floats, res_floats, eps, qk_eps, log2_theta, scale_log2, trigger, trace);  \
+                             KV, ring_slots, scratch_floats, res_floats, eps, qk_eps, log2_theta, scale_log2, trigger, trace);  \
     }
 
 #define LAYER_ENTRIES(KT, SUFFIX) LAYER_ENTRY(KT, SUFFIX, 2) LAYER_ENTRY(KT, SUFFIX, 4) LAYER_ENTRY(KT, SUFFIX, 8)

@@ -12,9 +12,12 @@ use crate::error::CudaResultExt;
 use crate::kernels::Kernels;
 use crate::{i32_of, Buf, CudaBackend, CudaBatch, CudaTensor};
 
-/// What `layer.cu` fixes at compile time: the ring, the block, the head size.
-const RING_SLOTS: usize = 3;
+/// What `layer.cu` fixes at compile time: the ring's slot, the block, the head size.
 const SLOT_BYTES: usize = 32_768;
+/// Ring slots: at least two (one in use, one loading), at most what the shared memory holds
+/// up to `MAX_SLOTS`, or `QFUSE_CUDA_LAYER_RING_SLOTS`.
+const MIN_SLOTS: usize = 2;
+const MAX_SLOTS: usize = 8;
 const THREADS: u32 = 256;
 const WARPS: usize = 8;
 const HEAD_DIM: usize = 128;
@@ -67,6 +70,8 @@ struct LayerShape {
     scratch_floats: usize,
     /// Shared room for the residual rows of o_proj and down a block owns.
     res_floats: usize,
+    /// Ring slots of `SLOT_BYTES`.
+    slots: usize,
     /// Dynamic shared memory: ring, scratch, RoPE table, reduction scratch, mbarriers.
     smem_bytes: usize,
     /// Most context slices per KV head (`gridDim.x / KV` in the kernel).
@@ -76,8 +81,16 @@ struct LayerShape {
 impl LayerShape {
     /// The geometry, or `None` where the kernel does not apply: head size other than 128, more
     /// than 8 query heads per KV head, more KV heads than blocks, sizes not whole 16-byte rows,
-    /// or a weight row (a gate/up pair) larger than a ring slot.
-    fn new(cfg: &AttentionConfig, hidden: usize, inter: usize, blocks: usize) -> Option<Self> {
+    /// or a weight row (a gate/up pair) larger than a ring slot, or shared memory (`smem_max`
+    /// bytes) too small for two slots. The ring takes `slots` slots (default: as many as fit).
+    fn new(
+        cfg: &AttentionConfig,
+        hidden: usize,
+        inter: usize,
+        blocks: usize,
+        smem_max: usize,
+        slots: Option<usize>,
+    ) -> Option<Self> {
         let (h, kv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         if d != HEAD_DIM || kv == 0 || !h.is_multiple_of(kv) || kv > blocks {
             return None;
@@ -97,14 +110,20 @@ impl LayerShape {
             .max(attention_floats)
             .next_multiple_of(4);
         let res_floats = hidden.div_ceil(blocks).next_multiple_of(4);
-        let smem_bytes =
-            RING_SLOTS * SLOT_BYTES + 4 * (scratch_floats + d + 32 + res_floats) + 8 * RING_SLOTS;
+        let fixed = 4 * (scratch_floats + d + 32 + res_floats);
+        let fit = (smem_max.saturating_sub(fixed) / (SLOT_BYTES + 8)).min(MAX_SLOTS);
+        let slots = slots.unwrap_or(fit).min(fit);
+        if slots < MIN_SLOTS {
+            return None;
+        }
+        let smem_bytes = slots * (SLOT_BYTES + 8) + fixed;
         Some(LayerShape {
             hidden,
             inter,
             group_build,
             scratch_floats,
             res_floats,
+            slots,
             smem_bytes,
             max_splits: (blocks / kv).max(1),
         })
@@ -152,8 +171,14 @@ impl CudaBackend {
         if !fits {
             return None;
         }
-        LayerShape::new(cfg, hidden, inter, self.inner.sm_count)
-            .filter(|s| s.smem_bytes <= self.inner.layer_smem_max)
+        LayerShape::new(
+            cfg,
+            hidden,
+            inter,
+            self.inner.sm_count,
+            self.inner.layer_smem_max,
+            self.inner.layer_ring_slots,
+        )
     }
 
     /// [`qfuse_core::Backend::decoder_layer`] as one kernel where [`Self::layer_shape`] allows;
@@ -209,6 +234,7 @@ impl CudaBackend {
             .i32(i32_of(inter, "intermediate")?)
             .i32(i32_of(h, "H")?)
             .i32(i32_of(kvh, "KV")?)
+            .i32(i32_of(shape.slots, "ring slots")?)
             .i32(i32_of(shape.scratch_floats, "scratch")?)
             .i32(i32_of(shape.res_floats, "residual rows")?);
         l.f32(eps as f32)
@@ -296,38 +322,46 @@ mod tests {
         }
     }
 
+    /// The opt-in shared memory of an H100/H200 SM's block (227 KiB).
+    const HOPPER: usize = 227 * 1024;
+
     #[test]
-    fn qwen3_shapes_fit_two_blocks_an_sm_where_the_staged_vectors_allow() {
-        // 0.6B: a layer kernel and the next one's block fit an H100/H200 SM (227 KiB) together.
-        let s = LayerShape::new(&cfg(16, 8, 128), 1024, 3072, 132).unwrap();
+    fn qwen3_shapes_take_the_slots_that_fit() {
+        let s = LayerShape::new(&cfg(16, 8, 128), 1024, 3072, 132, HOPPER, None).unwrap();
         assert_eq!(
             (s.group_build, s.scratch_floats, s.max_splits),
             (2, 3072, 16)
         );
+        assert_eq!(s.slots, 6);
+        assert!(s.smem_bytes <= HOPPER, "{s:?}");
+        // Three slots let two blocks (this layer's and the next one's) share an SM.
+        let s = LayerShape::new(&cfg(16, 8, 128), 1024, 3072, 132, HOPPER, Some(3)).unwrap();
         assert!(2 * (s.smem_bytes + 1024) <= 228 * 1024, "{s:?}");
-        // 8B (36 heads would not divide; Qwen3-8B has 32 and 8): one block an SM.
-        let s = LayerShape::new(&cfg(32, 8, 128), 4096, 12_288, 132).unwrap();
-        assert_eq!(s.group_build, 4);
-        assert!(s.smem_bytes <= 227 * 1024, "{s:?}");
+        // 8B: 32 query heads over 8 KV heads; 12,288-float staged vectors leave four slots.
+        let s = LayerShape::new(&cfg(32, 8, 128), 4096, 12_288, 132, HOPPER, None).unwrap();
+        assert_eq!((s.group_build, s.slots), (4, 5));
+        assert!(s.smem_bytes <= HOPPER, "{s:?}");
         // 64 query heads over 8 KV heads (Qwen3-32B's) take the widest build.
-        assert_eq!(
-            LayerShape::new(&cfg(64, 8, 128), 5120, 12_288, 132)
-                .unwrap()
-                .group_build,
-            8
-        );
+        let s = LayerShape::new(&cfg(64, 8, 128), 5120, 12_288, 132, HOPPER, None).unwrap();
+        assert_eq!(s.group_build, 8);
     }
 
     #[test]
     fn shapes_outside_the_kernel_compose() {
-        assert_eq!(LayerShape::new(&cfg(16, 8, 64), 1024, 3072, 132), None);
-        assert_eq!(LayerShape::new(&cfg(32, 2, 128), 1024, 3072, 132), None);
-        assert_eq!(LayerShape::new(&cfg(16, 8, 128), 1020, 3072, 132), None);
+        let new = |c: AttentionConfig, hidden, inter, blocks, smem| {
+            LayerShape::new(&c, hidden, inter, blocks, smem, None)
+        };
+        assert_eq!(new(cfg(16, 8, 64), 1024, 3072, 132, HOPPER), None);
+        assert_eq!(new(cfg(32, 2, 128), 1024, 3072, 132, HOPPER), None);
+        assert_eq!(new(cfg(16, 8, 128), 1020, 3072, 132, HOPPER), None);
         // A gate/up pair of 2 x 8192 bf16 weights is 32 KiB: fits; 8200 does not.
-        assert!(LayerShape::new(&cfg(16, 8, 128), 8192, 3072, 132).is_some());
-        assert_eq!(LayerShape::new(&cfg(16, 8, 128), 8200, 3072, 132), None);
-        assert_eq!(LayerShape::new(&cfg(16, 8, 128), 1024, 16_400, 132), None);
-        assert_eq!(LayerShape::new(&cfg(16, 16, 128), 1024, 3072, 8), None);
+        assert!(new(cfg(16, 8, 128), 8192, 3072, 132, HOPPER).is_some());
+        assert_eq!(new(cfg(16, 8, 128), 8200, 3072, 132, HOPPER), None);
+        assert_eq!(new(cfg(16, 8, 128), 1024, 16_400, 132, HOPPER), None);
+        assert_eq!(new(cfg(16, 16, 128), 1024, 3072, 8, HOPPER), None);
+        // Below sm_90 (no shared memory granted) or too little for two slots.
+        assert_eq!(new(cfg(16, 8, 128), 1024, 3072, 132, 0), None);
+        assert_eq!(new(cfg(16, 8, 128), 1024, 3072, 132, 70_000), None);
     }
 
     #[test]
