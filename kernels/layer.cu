@@ -182,17 +182,17 @@ __device__ __forceinline__ float dot8(uint4 v, float4 a, float4 b) {
            b.y * bf16_hi(v.z) + b.z * bf16_lo(v.w) + b.w * bf16_hi(v.w);
 }
 
-// Two weight rows in shared memory (w1 may equal w0) against the staged vector: the warp's sums,
-// in every lane. Two k steps at a time, so four smem loads of each row are in flight together.
-__device__ __forceinline__ void dot2_smem(const bf16_t* w0, const bf16_t* w1, const float* xs, int k, int lane,
-                                          float& s0, float& s1) {
+// Two weight rows in shared memory (w1 may equal w0) against the staged vector, over the
+// 8-element groups [j0, j1): the warp's sums, in every lane. Two groups a lane at a time, so four
+// smem loads of each row are in flight together.
+__device__ __forceinline__ void dot2_smem(const bf16_t* w0, const bf16_t* w1, const float* xs, int j0, int j1,
+                                          int lane, float& s0, float& s1) {
     const uint4* v0 = reinterpret_cast<const uint4*>(w0);
     const uint4* v1 = reinterpret_cast<const uint4*>(w1);
     const float4* xv = reinterpret_cast<const float4*>(xs);
-    const int k8 = k / 8;
     float a0 = 0.0f, a1 = 0.0f, b0 = 0.0f, b1 = 0.0f;
-    int j = lane;
-    for (; j + 32 < k8; j += 64) {
+    int j = j0 + lane;
+    for (; j + 32 < j1; j += 64) {
         const uint4 p0 = v0[j], p1 = v0[j + 32], q0 = v1[j], q1 = v1[j + 32];
         const float4 x0 = xv[2 * j], x1 = xv[2 * j + 1], y0 = xv[2 * j + 64], y1 = xv[2 * j + 65];
         a0 += dot8(p0, x0, x1);
@@ -200,7 +200,7 @@ __device__ __forceinline__ void dot2_smem(const bf16_t* w0, const bf16_t* w1, co
         b0 += dot8(q0, x0, x1);
         b1 += dot8(q1, y0, y1);
     }
-    if (j < k8) {
+    if (j < j1) {
         const float4 x0 = xv[2 * j], x1 = xv[2 * j + 1];
         a0 += dot8(v0[j], x0, x1);
         b0 += dot8(v1[j], x0, x1);
@@ -214,42 +214,68 @@ __device__ __forceinline__ void dot2_smem(const bf16_t* w0, const bf16_t* w1, co
     }
 }
 
+// The epilogue of output row r (chunk row rc) from its product(s) a (and b: up with SILU).
+template <int EPI>
+__device__ __forceinline__ float layer_out(float a, float b, float inv, const float* res_s, int res_row) {
+    if (EPI == LAYER_EPI_SILU) return silu(a * inv) * (b * inv);
+    if (EPI == LAYER_EPI_ADD) return res_s[res_row] + a;
+    return a * inv;
+}
+
 // Phase `ph`'s rows from the ring (its chunks start at number i0); returns the next chunk's
-// number. Each used slot is refilled with the chunk p.slots ahead. A warp takes two rows at
-// once (gate and up with SILU); with ADD the residual comes from res_s (staged, by row - lo).
+// number. Each used slot is refilled with the chunk p.slots ahead. With 8+ rows in a chunk a warp
+// takes two rows at once (a row and its up row with SILU); with fewer (long rows: a slot holds
+// few) each row's k range is split over 8 / rows warps, whose sums meet in `part` (16 floats).
+// With ADD the residual comes from res_s (staged, by row - lo).
 template <int EPI>
 __device__ int layer_rows(const LayerPlan& p, int ph, int i0, const unsigned char* ring, u32 ring_s, u32 bars,
-                          const float* xs, float inv, const float* res_s, float* y, unsigned long long& waited) {
+                          const float* xs, float inv, const float* res_s, float* y, float* part,
+                          unsigned long long& waited) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int k = p.mat[ph].k;
+    const int k = p.mat[ph].k, k8 = k / 8, lo = p.lo[ph];
     for (int c = 0; c < p.chunks[ph]; ++c) {
         const int i = i0 + c, slot = i % p.slots;
         const unsigned long long w0 = layer_now();
         mbar_wait(bars + 8u * slot, (u32)(i / p.slots) & 1u);
         waited += layer_now() - w0;
-        const int r0 = p.lo[ph] + c * p.per_chunk[ph];
-        const int nr = min(p.per_chunk[ph], p.lo[ph] + p.count[ph] - r0);
+        const int r0 = lo + c * p.per_chunk[ph];
+        const int nr = min(p.per_chunk[ph], lo + p.count[ph] - r0);
         const bf16_t* base = reinterpret_cast<const bf16_t*>(ring + (size_t)slot * SLOT_BYTES);
-        if (EPI == LAYER_EPI_SILU) {
-            for (int r = warp; r < nr; r += LAYER_WARPS) {
-                float g, u;
-                dot2_smem(base + (size_t)r * k, base + (size_t)(nr + r) * k, xs, k, lane, g, u);
-                if (lane == 0) y[r0 + r] = silu(g * inv) * (u * inv);
+        // Warps per row: the most (a power of two) with nr * spr <= LAYER_WARPS.
+        const int spr = nr >= 5 ? 1 : (nr >= 3 ? 2 : (nr == 2 ? 4 : 8));
+        if (spr == 1) {
+            const int step = EPI == LAYER_EPI_SILU ? LAYER_WARPS : 2 * LAYER_WARPS;
+            for (int r = warp; r < nr; r += step) {
+                // The second row: up with SILU, else the row a warp-count on (or r again).
+                const int r2 = EPI == LAYER_EPI_SILU ? nr + r : (r + LAYER_WARPS < nr ? r + LAYER_WARPS : r);
+                float a, b;
+                dot2_smem(base + (size_t)r * k, base + (size_t)r2 * k, xs, 0, k8, lane, a, b);
+                if (lane == 0) {
+                    y[r0 + r] = layer_out<EPI>(a, b, inv, res_s, r0 + r - lo);
+                    if (EPI != LAYER_EPI_SILU && r2 > r)
+                        y[r0 + r2] = layer_out<EPI>(b, 0.0f, inv, res_s, r0 + r2 - lo);
+                }
             }
         } else {
-            for (int r = warp; r < nr; r += 2 * LAYER_WARPS) {
-                const int r2 = r + LAYER_WARPS < nr ? r + LAYER_WARPS : r;  // a lone row is computed twice
-                float a, b;
-                dot2_smem(base + (size_t)r * k, base + (size_t)r2 * k, xs, k, lane, a, b);
-                if (lane == 0) {
-                    if (EPI == LAYER_EPI_ADD) {
-                        y[r0 + r] = res_s[r0 + r - p.lo[ph]] + a;
-                        if (r2 > r) y[r0 + r2] = res_s[r0 + r2 - p.lo[ph]] + b;
-                    } else {
-                        y[r0 + r] = a * inv;
-                        if (r2 > r) y[r0 + r2] = b * inv;
-                    }
+            const int r = warp / spr, sl = warp % spr;
+            float a = 0.0f, b = 0.0f;
+            if (r < nr) {
+                const int r2 = EPI == LAYER_EPI_SILU ? nr + r : r;
+                dot2_smem(base + (size_t)r * k, base + (size_t)r2 * k, xs, k8 * sl / spr, k8 * (sl + 1) / spr,
+                          lane, a, b);
+            }
+            if (lane == 0) {
+                part[2 * warp] = a;
+                part[2 * warp + 1] = b;
+            }
+            __syncthreads();
+            if (r < nr && sl == 0 && lane == 0) {
+                float sa = 0.0f, sb = 0.0f;
+                for (int q = 0; q < spr; ++q) {
+                    sa += part[2 * (warp + q)];
+                    sb += part[2 * (warp + q) + 1];
                 }
+                y[r0 + r] = layer_out<EPI>(sa, sb, inv, res_s, r0 + r - lo);
             }
         }
         __syncthreads();
@@ -481,8 +507,9 @@ __device__ void layer_attention(const float* qkv, const float* q_norm, const flo
 // is read, never written. `counters` holds KV + 2 zeros (attention arrivals, then the grid
 // barrier's arrivals and exits), left zero. Dynamic shared memory: ring_slots * SLOT_BYTES, then
 // `scratch_floats` (the largest staged vector, or the attention's q and merge area), 128 floats
-// of RoPE table, 32 of reduction scratch, `res_floats` (even, at least the rows of a hidden-wide
-// matrix one block owns) of residual rows, ring_slots mbarriers.
+// of RoPE table, 32 of reduction scratch (16 for block sums, 16 for split rows), `res_floats`
+// (even, at least the rows of a hidden-wide matrix one block owns) of residual rows, ring_slots
+// mbarriers.
 // grid = one block per SM, block = LAYER_THREADS.
 template <typename KT, int GM>
 __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qkv, const bf16_t* w_o,
@@ -534,7 +561,7 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     stamp[0] = t_start;
     stamp[1] = layer_now();
     float inv = layer_stage(scratch, x, in_norm, hidden, eps, red);
-    int i = layer_rows<LAYER_EPI_SCALE>(p, 0, 0, ring, ring_s, bars, scratch, inv, nullptr, qkv, waited);
+    int i = layer_rows<LAYER_EPI_SCALE>(p, 0, 0, ring, ring_s, bars, scratch, inv, nullptr, qkv, red + 16, waited);
     stamp[2] = layer_now();
     grid_barrier(sync, G);
     stamp[3] = layer_now();
@@ -546,21 +573,21 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     stamp[5] = layer_now();
 
     layer_stage(scratch, attn, nullptr, attn_width, eps, red, x, p.lo[1], p.count[1], res_s);
-    i = layer_rows<LAYER_EPI_ADD>(p, 1, i, ring, ring_s, bars, scratch, 1.0f, res_s, h, waited);
+    i = layer_rows<LAYER_EPI_ADD>(p, 1, i, ring, ring_s, bars, scratch, 1.0f, res_s, h, red + 16, waited);
     stamp[6] = layer_now();
     grid_barrier(sync, 3 * G);
     stamp[7] = layer_now();
 
     if (trigger == 1) pdl_launch_dependents();
     inv = layer_stage(scratch, h, post_norm, hidden, eps, red);
-    i = layer_rows<LAYER_EPI_SILU>(p, 2, i, ring, ring_s, bars, scratch, inv, nullptr, act, waited);
+    i = layer_rows<LAYER_EPI_SILU>(p, 2, i, ring, ring_s, bars, scratch, inv, nullptr, act, red + 16, waited);
     stamp[8] = layer_now();
     grid_barrier(sync, 4 * G);
     stamp[9] = layer_now();
 
     if (trigger == 2) pdl_launch_dependents();
     layer_stage(scratch, act, nullptr, inter, eps, red, h, p.lo[3], p.count[3], res_s);
-    layer_rows<LAYER_EPI_ADD>(p, 3, i, ring, ring_s, bars, scratch, 1.0f, res_s, out, waited);
+    layer_rows<LAYER_EPI_ADD>(p, 3, i, ring, ring_s, bars, scratch, 1.0f, res_s, out, red + 16, waited);
     if (trigger == 3) pdl_launch_dependents();
     stamp[10] = layer_now();
 
