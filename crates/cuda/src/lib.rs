@@ -7,7 +7,8 @@
 //! larger ones go to cuBLAS (bf16 tensor cores over three-part splits of the fp32 activations,
 //! with the norm and the epilogue fused into the split and the sum). Decode attention is one
 //! kernel for every batch size, which for batched decode (9+ sequences) also forms q and the new
-//! keys (`qk_norm_rope_attention`); prompt attention (chunks of 64+ tokens) runs as fp32 cuBLAS
+//! keys (`qk_norm_rope_attention`); a batch-1 decoder layer can run as one persistent kernel
+//! (`layer.rs`, opt-in: measured slower than the composed step); prompt attention (chunks of 64+ tokens) runs as fp32 cuBLAS
 //! GEMMs around a softmax kernel, shorter chunks in a split-K kernel. Kernels are CUDA C++ from
 //! `kernels/`, compiled by NVRTC for the GPU present when the backend is created. The crate
 //! builds without CUDA: libraries are loaded at run time, and their absence is `Error::NoDevice`.
@@ -231,7 +232,9 @@ struct Inner {
     /// Programmatic dependent launches in use (option on and the GPU is sm_90 or later).
     pdl: bool,
     /// Dynamic shared memory the batch-1 layer kernel may take (`layer.rs`); 0 where it cannot
-    /// run (below sm_90).
+    /// run (below sm_90) or is not asked for: off unless `QFUSE_CUDA_LAYER_KERNEL=1`, since on
+    /// the H200 it lost to the composed step (0.6B: 1.03-1.06 vs 0.90 ms/step; 8B: 6.38 vs 6.09;
+    /// docs/perf.md).
     layer_smem_max: usize,
     /// The layer kernel's phase clocks (`QFUSE_CUDA_LAYER_TRACE=1`; `layer.rs`).
     layer_trace: Option<CudaSlice<u64>>,
@@ -389,7 +392,10 @@ impl CudaBackend {
         let stream = ctx.new_stream().cuda()?;
         let blas = CudaBlas::new(stream.clone()).cuda()?;
         let kernels = Kernels::load(&ctx)?;
-        let layer_smem_max = layer::configure(&ctx, &kernels)?;
+        let layer_smem_max = match std::env::var("QFUSE_CUDA_LAYER_KERNEL").as_deref() {
+            Ok("1") => layer::configure(&ctx, &kernels)?,
+            _ => 0,
+        };
         let layer_trace = match std::env::var("QFUSE_CUDA_LAYER_TRACE").as_deref() {
             Ok("1") => Some(stream.alloc_zeros::<u64>(layer::TRACE_LEN).cuda()?),
             _ => None,
@@ -1696,7 +1702,7 @@ impl Backend for CudaBackend {
         cfg: &AttentionConfig,
         eps: f64,
     ) -> Result<CudaTensor> {
-        // A batch-1 decode step as one kernel (layer.rs); anything else as the fused ops.
+        // A batch-1 decode step as one kernel where asked for (layer.rs); else the fused ops.
         match self.decoder_layer_kernel(x, w, cache, batch, cfg, eps)? {
             Some(out) => Ok(out),
             None => compose::decoder_layer(self, x, w, cache, batch, cfg, eps),
