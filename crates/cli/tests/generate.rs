@@ -277,7 +277,8 @@ fn profile_accounting_adds_up() {
             "qk_norm_rope_write_kv",
             "qk_norm_rope_attention",
             "matmul_add",
-            "rms_norm_matmul_silu_mul"
+            "rms_norm_matmul_silu_mul",
+            "decoder_layer"
         ]
     );
     for f in fused {
