@@ -366,9 +366,7 @@ __device__ void attention_paged(
     }                                                                                                       \
     extern "C" __global__ void qk_norm_rope_write_kv_##SUFFIX(                                              \
         const float* qkv, const float* q_norm, const float* k_norm, const u32* positions, const u32* slots, \
-        float* q_out, KT* kc, KT* vc, int H, int KV, int d, double log2_theta, float eps, int T,            \
-        const unsigned char* pf, unsigned long long pf_bytes) {                                             \
-        prefetch_l2_share(pf, pf_bytes);                                                                    \
+        float* q_out, KT* kc, KT* vc, int H, int KV, int d, double log2_theta, float eps, int T) {          \
         qk_norm_rope_write_kv<KT>(qkv, q_norm, k_norm, positions, slots, q_out, kc, vc, H, KV, d,          \
                                   log2_theta, eps, T);                                                      \
     }                                                                                                       \
@@ -607,9 +605,7 @@ __device__ void attention_many(
     extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_many_##SUFFIX##_g##GM(     \
         const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \
         const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
-        int chunk, float* out, float* part_o, float* part_ml, u32* counters, const unsigned char* pf,       \
-        unsigned long long pf_bytes) {                                                                      \
-        prefetch_l2_share(pf, pf_bytes);                                                                    \
+        int chunk, float* out, float* part_o, float* part_ml, u32* counters) {                              \
         attention_many<KT, GM, false>(q, kc, vc, positions, token_seq, block_tables, max_blocks,          \
                                       block_size, H, KV, d, scale_log2, chunk, out, part_o, part_ml,      \
                                       counters, nullptr, nullptr, nullptr, nullptr, nullptr, 0.0, 0.0f);  \
@@ -618,9 +614,7 @@ __device__ void attention_many(
         const float* qkv, KT* kc, KT* vc, const u32* positions, const u32* token_seq,                     \
         const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
         int chunk, float* out, float* part_o, float* part_ml, u32* counters, const float* q_norm,          \
-        const float* k_norm, const u32* slots, double log2_theta, float eps, const unsigned char* pf,      \
-        unsigned long long pf_bytes) {                                                                      \
-        prefetch_l2_share(pf, pf_bytes);                                                                    \
+        const float* k_norm, const u32* slots, double log2_theta, float eps) {                             \
         attention_many<KT, GM, true>(qkv, kc, vc, positions, token_seq, block_tables, max_blocks,         \
                                      block_size, H, KV, d, scale_log2, chunk, out, part_o, part_ml,       \
                                      counters, q_norm, k_norm, slots, kc, vc, log2_theta, eps);           \

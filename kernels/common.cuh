@@ -97,22 +97,3 @@ __device__ __forceinline__ void rope_cs(u32 pos, int i, int d, double log2_theta
     ang -= 6.283185307179586 * rint(ang * 0.15915494309189535);
     sincosf((float)ang, s, c);
 }
-
-// Asks L2 for this block's share of [pf, pf + bytes): the weights of a matrix product a later
-// kernel runs, requested by a kernel that moves little data itself, so the product finds them
-// on chip (crates/cuda/src/lib.rs, `Backend::decoder_layer`). Weights are no kernel's output:
-// safe before pdl_wait(). Bulk prefetches of up to 16 KiB, pieces spread over the grid's
-// blocks and threads; bytes a multiple of 16, pf 16-byte aligned. Nothing below sm_90.
-__device__ __forceinline__ void prefetch_l2_share(const unsigned char* pf, unsigned long long bytes) {
-#if __CUDA_ARCH__ >= 900
-    if (pf == nullptr || bytes == 0) return;
-    const unsigned long long blocks = (unsigned long long)gridDim.x * gridDim.y * gridDim.z;
-    const unsigned long long b = blockIdx.x + (unsigned long long)gridDim.x * (blockIdx.y + (unsigned long long)gridDim.y * blockIdx.z);
-    const unsigned long long piece = 16384, pieces = (bytes + piece - 1) / piece;
-    for (unsigned long long i = b + blocks * threadIdx.x; i < pieces; i += blocks * blockDim.x) {
-        const unsigned long long off = i * piece;
-        const u32 size = (u32)(bytes - off < piece ? bytes - off : piece);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(pf + off), "r"(size) : "memory");
-    }
-#endif
-}

@@ -312,13 +312,10 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
     }
 }
 
-// pf, pf_bytes: a later product's weights to ask L2 for (prefetch_l2_share; null for none).
 #define GEMV_T1_ENTRY(name, EPI, NORM, R, KCM, MT)                                                        \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                               \
         name##_t##MT##_r##R##_k##KCM(const float* x, const bf16_t* w, const float* g, const float* residual, \
-                                     float* y, int T, int K, int out_cols, int S, int kc, float eps,       \
-                                     const unsigned char* pf, unsigned long long pf_bytes) {               \
-        prefetch_l2_share(pf, pf_bytes);                                                                    \
+                                     float* y, int T, int K, int out_cols, int S, int kc, float eps) {     \
         gemv_t1<EPI, NORM, R, KCM, MT>(x, w, g, residual, y, T, K, out_cols, S, kc, eps);                  \
     }
 

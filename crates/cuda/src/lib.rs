@@ -244,11 +244,6 @@ struct Inner {
     layer_trigger: i32,
     /// The layer kernel's ring slots, if set (`QFUSE_CUDA_LAYER_RING_SLOTS`); else as many as fit.
     layer_ring_slots: Option<usize>,
-    /// Whether decode layers ask L2 for their later products' weights (`L2Prefetch`; on unless
-    /// `QFUSE_CUDA_L2_PREFETCH=0`).
-    l2_prefetch: bool,
-    /// The weights (address, bytes) the next prefetching launch asks L2 for.
-    pending_prefetch: Mutex<Option<(u64, u64)>>,
     /// Activation buffers for reuse, so steps issue no allocations or frees.
     pool: Arc<Pool>,
     /// CUDA graph replays so far.
@@ -441,9 +436,6 @@ impl CudaBackend {
                 layer_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_LAYER_TRIGGER", 0..=3)
                     .unwrap_or(2) as i32,
                 layer_ring_slots: qfuse_core::knobs::env_knob("QFUSE_CUDA_LAYER_RING_SLOTS", 2..=8),
-                l2_prefetch: major >= 9
-                    && std::env::var("QFUSE_CUDA_L2_PREFETCH").as_deref() != Ok("0"),
-                pending_prefetch: Mutex::new(None),
                 counters: Mutex::new(vec![counters]),
                 pool: Arc::new(Pool::default()),
                 replays: AtomicUsize::new(0),
@@ -482,30 +474,6 @@ impl CudaBackend {
     fn launch(&self, name: &str) -> Result<Launch<'_>> {
         let f = self.inner.kernels.get(name).cuda()?;
         Ok(Launch::new(self.stream(), f, self.inner.pdl))
-    }
-
-    /// Makes the next prefetching launch (a batch-1 GEMV, q/k-norm or decode attention kernel)
-    /// ask L2 for `w`'s bytes; `None` clears it.
-    fn prefetch_next(&self, w: Option<&CudaTensor>) {
-        let want = w.map(|w| {
-            let bytes = w.shape.numel() * w.dtype().size_in_bytes();
-            (w.ptr(self.stream()), bytes as u64 & !15)
-        });
-        if let Ok(mut p) = self.inner.pending_prefetch.lock() {
-            *p = want;
-        }
-    }
-
-    /// The pending prefetch as a launch's last two arguments (null, 0 for none), cleared.
-    fn take_prefetch(&self, l: &mut Launch<'_>) {
-        let (ptr, bytes) = self
-            .inner
-            .pending_prefetch
-            .lock()
-            .ok()
-            .and_then(|mut p| p.take())
-            .unwrap_or((0, 0));
-        l.ptr(ptr).usize(bytes as usize);
     }
 
     /// The address of at least `n` zeroed attention arrival counters.
@@ -607,15 +575,11 @@ impl CudaBackend {
             l.i32(p.kc as i32);
         }
         l.f32(eps);
-        if plan.is_some() {
-            self.take_prefetch(&mut l);
-        }
         // SAFETY: x is [t, k] f32, w has at least out_cols (x2 for silu) rows of k elements of the
         // type the kernel name says, gain is [k], residual and y are [t, out_cols]; t is within the
         // entry point's bound; the split divides the 8 warps and k into whole 16-byte loads per
         // lane (kc of them for gemv_t1, within its compile-time bound; 1-element loads for the
-        // `any` layout); the grid covers out_cols; a gemv_t1 prefetch range is a whole weight
-        // tensor (or null).
+        // `any` layout); the grid covers out_cols.
         unsafe { l.launch(cfg) }.cuda()?;
         Ok(y)
     }
@@ -926,9 +890,6 @@ impl CudaBackend {
                 .f64(cfg.rope_theta.log2())
                 .f32(cfg.qk_norm_eps as f32);
         }
-        if many {
-            self.take_prefetch(&mut l);
-        }
         let cfg_launch = LaunchConfig {
             grid_dim: (t as u32, kvh as u32, splits as u32),
             block_dim: (32 * ATTN_WARPS, 1, 1),
@@ -940,8 +901,7 @@ impl CudaBackend {
         // max_blocks]; group <= MAX_G and d <= 256 (checked; the decode kernel only for d <= 128,
         // a multiple of 4 (8 with qkn): 16-byte aligned rows); shared memory as the kernel lays
         // it out; the partial buffers hold t*h*splits*(d | 2) floats when splits > 1; counters
-        // holds t*kvh zeros, which the kernel leaves zero; the decode kernel's prefetch range is a
-        // whole weight tensor (or null).
+        // holds t*kvh zeros, which the kernel leaves zero.
         unsafe { l.launch(cfg_launch) }.cuda()?;
         Ok(Self::f32_tensor([t, c], out))
     }
@@ -1688,14 +1648,12 @@ impl Backend for CudaBackend {
             .f64(cfg.rope_theta.log2())
             .f32(eps)
             .i32(i32_of(t, "T")?);
-        self.take_prefetch(&mut l);
         // A warp per (token, head), four to a block: one-warp blocks capped a 2,048-token
         // prompt at 32 warps an SM (85 µs a layer on the H200, for ~65 MB of traffic).
         const WARPS: usize = 4;
         let launch = grid((t * (h + 2 * kvh)).div_ceil(WARPS), 32 * WARPS as u32);
         // SAFETY: qkv is [t, (h+2kvh)d], q is [t, hd], norms are [d] with d <= 256 (checked),
-        // every slot < slots (checked); one warp per (token, head), warps past the last exit;
-        // the prefetch range is a whole weight tensor (or null).
+        // every slot < slots (checked); one warp per (token, head), warps past the last exit.
         unsafe { l.launch(launch) }.cuda()?;
         Ok(Self::f32_tensor([t, h * d], q))
     }
@@ -1745,36 +1703,10 @@ impl Backend for CudaBackend {
         eps: f64,
     ) -> Result<CudaTensor> {
         // A batch-1 decode step as one kernel where asked for (layer.rs); else the fused ops.
-        if let Some(out) = self.decoder_layer_kernel(x, w, cache, batch, cfg, eps)? {
-            return Ok(out);
+        match self.decoder_layer_kernel(x, w, cache, batch, cfg, eps)? {
+            Some(out) => Ok(out),
+            None => compose::decoder_layer(self, x, w, cache, batch, cfg, eps),
         }
-        let t = batch.info.num_tokens();
-        let bf16 = [w.qkv, w.o_proj, w.gate_up, w.down]
-            .iter()
-            .all(|m| matches!(m.buf, Buf::Bf16(_)));
-        let decode_gemv = t <= GEMV_MAX_ROWS && batch.info.is_decode_step() && bf16;
-        if !(self.inner.l2_prefetch && decode_gemv && t < self.inner.fused_attention_from) {
-            return compose::decoder_layer(self, x, w, cache, batch, cfg, eps);
-        }
-        // The composition, with the kernels that move little data asking L2 for the weights of
-        // products two or three kernels on: the QKV GEMV for o_proj's, q/k-norm for gate/up's,
-        // attention for down's. A decode step's DRAM traffic is weights, and without this it
-        // idles through q/k-norm and attention.
-        let mut attention = || -> Result<CudaTensor> {
-            self.prefetch_next(Some(w.o_proj));
-            let qkv = self.rms_norm_matmul(x, w.input_norm, w.qkv, eps)?;
-            self.prefetch_next(Some(w.gate_up));
-            let q = self.qk_norm_rope_write_kv(&qkv, w.q_norm, w.k_norm, cache, batch, cfg)?;
-            self.prefetch_next(Some(w.down));
-            self.attention(&q, cache, batch, cfg)
-        };
-        let o = attention();
-        // Nothing left pending for a launch outside this layer, on success or not.
-        self.prefetch_next(None);
-        let o = o?;
-        let h = self.matmul_add(&o, w.o_proj, x)?;
-        let g = self.rms_norm_matmul_silu_mul(&h, w.post_norm, w.gate_up, eps)?;
-        self.matmul_add(&g, w.down, &h)
     }
 
     fn matmul_add(
