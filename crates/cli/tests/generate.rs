@@ -277,8 +277,7 @@ fn profile_accounting_adds_up() {
             "qk_norm_rope_write_kv",
             "qk_norm_rope_attention",
             "matmul_add",
-            "rms_norm_matmul_silu_mul",
-            "decoder_layer"
+            "rms_norm_matmul_silu_mul"
         ]
     );
     for f in fused {

@@ -288,6 +288,12 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         compose::qk_norm_rope_attention(self, qkv, q_norm, k_norm, cache, batch, cfg)
     }
 
+    /// Whether [`Backend::decoder_layer`] is more than its composition here (a layer kernel),
+    /// so a profiler has something to compare; `false` by default.
+    fn fuses_decoder_layer(&self) -> bool {
+        false
+    }
+
     /// A whole decoder layer on the residual stream `x [T, hidden]`: input norm + QKV, the
     /// attention prologue and attention ([`Backend::qk_norm_rope_attention`]), o_proj + residual,
     /// post-attention norm + gate/up + SiLU·up, down + residual. Returns the layer's output

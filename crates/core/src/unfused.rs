@@ -262,6 +262,9 @@ impl<B: Backend> Backend for Unfused<B> {
                 .qk_norm_rope_attention(qkv, q_norm, k_norm, cache, batch, cfg)
         }
     }
+    fn fuses_decoder_layer(&self) -> bool {
+        !self.off(FusedOp::DecoderLayer) && self.inner.fuses_decoder_layer()
+    }
     fn decoder_layer(
         &self,
         x: &B::Tensor,

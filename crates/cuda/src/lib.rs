@@ -1693,6 +1693,10 @@ impl Backend for CudaBackend {
         self.launch_attention(qkv, kv, suffix, batch, cfg, true, Some((q_norm, k_norm)))
     }
 
+    fn fuses_decoder_layer(&self) -> bool {
+        self.inner.layer_smem_max > 0
+    }
+
     fn decoder_layer(
         &self,
         x: &CudaTensor,

@@ -299,6 +299,8 @@ pub fn profile<B: Backend>(
                 })?;
                 (layers, layers as f64 * f, layers as f64 * u)
             }
+            // Only where the backend has a layer kernel: else both sides are the composition.
+            FusedOp::DecoderLayer if !b.fuses_decoder_layer() => continue,
             FusedOp::DecoderLayer => {
                 let (cfg_a, w) = (cfg.attention(), l0.weights());
                 let f = time_op(b, reps, || {
