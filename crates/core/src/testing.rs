@@ -579,26 +579,22 @@ pub fn check_decoder_layer<B: Backend, R: Backend>(
     let k_norm = upload_weight2(b, r, &gains(&mut rng, cfg.head_dim, 100.0)?)?;
     let x = activations(&mut rng, t, hidden, true)?;
     let (xb, xr) = upload2(b, r, &x)?;
-    let wb = LayerWeights {
-        input_norm: &input_norm.0,
-        qkv: &qkv.0,
-        q_norm: &q_norm.0,
-        k_norm: &k_norm.0,
-        o_proj: &o_proj.0,
-        post_norm: &post_norm.0,
-        gate_up: &gate_up.0,
-        down: &down.0,
-    };
-    let wr = LayerWeights {
-        input_norm: &input_norm.1,
-        qkv: &qkv.1,
-        q_norm: &q_norm.1,
-        k_norm: &k_norm.1,
-        o_proj: &o_proj.1,
-        post_norm: &post_norm.1,
-        gate_up: &gate_up.1,
-        down: &down.1,
-    };
+    // The layer's weights on one side: the backend under test (0) or the reference (1).
+    macro_rules! side {
+        ($i:tt) => {
+            LayerWeights {
+                input_norm: &input_norm.$i,
+                qkv: &qkv.$i,
+                q_norm: &q_norm.$i,
+                k_norm: &k_norm.$i,
+                o_proj: &o_proj.$i,
+                post_norm: &post_norm.$i,
+                gate_up: &gate_up.$i,
+                down: &down.$i,
+            }
+        };
+    }
+    let (wb, wr) = (side!(0), side!(1));
     let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
     let eps = 1e-6;
     let out_f = b.decoder_layer(&xb, &wb, &mut fused, &bb, &cfg, eps)?;
