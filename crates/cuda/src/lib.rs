@@ -37,6 +37,8 @@ use kernels::Kernels;
 use launch::Launch;
 use pool::{CaptureSet, Pool, PoolError, Pooled};
 
+/// Default fewest keys in a decode attention context split.
+const DECODE_MIN_CHUNK: usize = 32;
 /// Largest T that takes the fused GEMV path (the kernels' MAX_T).
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Most query heads per KV head the attention kernel handles (its MAX_G).
@@ -228,6 +230,9 @@ struct Inner {
     /// Blocks an SM the decode attention kernel fills when it splits contexts (0: no split; the
     /// default 4 is what its registers let an SM hold).
     attn_many_blocks_per_sm: usize,
+    /// Fewest keys in a context split of the decode attention (`QFUSE_CUDA_DECODE_MIN_CHUNK`,
+    /// default [`DECODE_MIN_CHUNK`]).
+    decode_min_chunk: usize,
     options: CudaOptions,
     /// Programmatic dependent launches in use (option on and the GPU is sm_90 or later).
     pdl: bool,
@@ -424,6 +429,11 @@ impl CudaBackend {
                     1..=1 << 20,
                 )
                 .unwrap_or(GEMV_MAX_ROWS + 1),
+                decode_min_chunk: qfuse_core::knobs::env_knob(
+                    "QFUSE_CUDA_DECODE_MIN_CHUNK",
+                    32..=1 << 20,
+                )
+                .unwrap_or(DECODE_MIN_CHUNK),
                 attn_many_blocks_per_sm: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_ATTN_MANY_BLOCKS_PER_SM",
                     0..=64,
@@ -859,6 +869,7 @@ impl CudaBackend {
                 max_ctx,
                 blocks,
                 self.inner.attn_many_blocks_per_sm * self.inner.sm_count,
+                self.inner.decode_min_chunk,
             )
         } else {
             ContextSplit::split_k(max_ctx, blocks, self.inner.sm_count)
@@ -1831,8 +1842,10 @@ impl ContextSplit {
     /// few long sequences need splits to fill the GPU. At most 16: the last block's combine
     /// walks every split's partials in turn (batch 1 at 2,052 keys: 65 splits 2.46 ms/step,
     /// where the split-K kernel's 33 took 2.03).
-    fn decode(max_ctx: usize, blocks: usize, wave: usize) -> Self {
-        Self::with_splits(max_ctx, (wave / blocks.max(1)).clamp(1, 16))
+    /// Each split takes at least `min_chunk` keys.
+    fn decode(max_ctx: usize, blocks: usize, wave: usize, min_chunk: usize) -> Self {
+        let want = (wave / blocks.max(1)).clamp(1, 16);
+        Self::with_splits(max_ctx, want.min(max_ctx.div_ceil(min_chunk.max(1))))
     }
 
     /// The split-K kernel aims at two waves of blocks over the SMs (rounding up).
@@ -1983,7 +1996,7 @@ mod tests {
         let wave = 4 * 132;
         // Batch 64 x 8 KV heads already fills a wave: no split.
         assert_eq!(
-            ContextSplit::decode(576, 64 * 8, wave),
+            ContextSplit::decode(576, 64 * 8, wave, 32),
             ContextSplit {
                 chunk: 576,
                 splits: 1
@@ -1991,7 +2004,7 @@ mod tests {
         );
         // Batch 1 at 288 keys: 16 splits wanted (the cap), chunks of the 32-key minimum.
         assert_eq!(
-            ContextSplit::decode(288, 8, wave),
+            ContextSplit::decode(288, 8, wave, 32),
             ContextSplit {
                 chunk: 32,
                 splits: 9
@@ -1999,14 +2012,14 @@ mod tests {
         );
         // Batch 1 at 2,052 keys: capped at 16 wanted, 160-key chunks.
         assert_eq!(
-            ContextSplit::decode(2052, 8, wave),
+            ContextSplit::decode(2052, 8, wave, 32),
             ContextSplit {
                 chunk: 160,
                 splits: 13
             }
         );
         // Splitting switched off (knob 0): one chunk of the whole context.
-        assert_eq!(ContextSplit::decode(100, 8, 0).splits, 1);
+        assert_eq!(ContextSplit::decode(100, 8, 0, 32).splits, 1);
         // Split-K: two waves over the SMs, rounding up.
         assert_eq!(
             ContextSplit::split_k(2048, 2048 * 8, 132),
@@ -2018,7 +2031,7 @@ mod tests {
         assert_eq!(ContextSplit::split_k(288, 8, 132).splits, 9);
         for ctx in [1, 31, 32, 33, 1000, 40_000] {
             for split in [
-                ContextSplit::decode(ctx, 3, wave),
+                ContextSplit::decode(ctx, 3, wave, 32),
                 ContextSplit::split_k(ctx, 3, 132),
             ] {
                 assert!(split.chunk % 32 == 0 && split.chunk * split.splits >= ctx);
