@@ -14,8 +14,8 @@
 // Phases (x the layer input [hidden], all fp32 activations, bf16 weights, fp32 accumulation):
 //   1. qkv = rms_norm(x, input_norm) · Wqkvᵀ                              (rows of Wqkv)
 //   2. per-head q/k RMSNorm + RoPE, the token's k/v into the paged cache, attention over the
-//      cache split along the context (a block per (KV head, slice); the last slice to finish
-//      combines the partial softmaxes)                                    -> attn [H d]
+//      cache split along the context (a block per (KV head, slice))     -> attn [H d] or partials
+//      (combined by every block as it stages phase 3's input)
 //   3. h = x + attn · Woᵀ                                                 (rows of Wo)
 //   4. act = silu(rms_norm(h) · Wgateᵀ) * (rms_norm(h) · Wupᵀ)           (gate and up rows)
 //   5. out = h + act · Wdownᵀ                                             (rows of Wdown)
@@ -31,6 +31,7 @@
 #define LAYER_THREADS (32 * LAYER_WARPS)
 #define SLOT_BYTES 32768
 #define LAYER_D 128  // head size: lane l holds dims [4 l, 4 l + 4)
+#define LAYER_PART_STRIDE (LAYER_D + 4)  // an attention partial: o [d], max, sum, 2 pad (16-byte rows)
 
 #define LAYER_EPI_SCALE 0  // y = dot * inv_rms
 #define LAYER_EPI_ADD 1    // y = residual + dot
@@ -123,8 +124,7 @@ __device__ void layer_issue(const LayerPlan& p, int i, u32 ring, u32 bars) {
     const u32 bytes = (u32)nr * (u32)m.k * 2u;
     const int slot = i % p.slots;
     const u32 bar = bars + 8u * slot, dst = ring + (u32)slot * SLOT_BYTES;
-    // The slot was last read through the generic proxy; order that before the async writes.
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    // (The slot's last reads finished before the __syncthreads that precedes every refill.)
     mbar_expect_tx(bar, m.pair ? 2u * bytes : bytes);
     bulk_load(dst, m.w + (size_t)r0 * m.k, bytes, bar);
     if (m.pair) bulk_load(dst + bytes, m.w + ((size_t)m.rows + r0) * m.k, bytes, bar);
@@ -345,9 +345,8 @@ __device__ void prefetch_slice(const AttnSlice& a, const KT* kc, const KT* vc, c
 template <typename KT, int GM>
 __device__ void layer_attention(const float* qkv, const float* q_norm, const float* k_norm, KT* kc, KT* vc,
                                 const u32* table, int bs, u32 pos, int H, int KV, float qk_eps, float scale_log2,
-                                const float* cs, float* scratch, float* attn, float* part, u32* counters) {
+                                const float* cs, float* scratch, float* attn, float* part) {
     constexpr int d = LAYER_D;
-    __shared__ int is_last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int G = H / KV, ctx = (int)pos + 1;
     const AttnSlice a = attn_slice(pos, KV);
@@ -357,6 +356,23 @@ __device__ void layer_attention(const float* qkv, const float* q_norm, const flo
     const size_t W = (size_t)KV * d;
     float* qs = scratch;                       // [G][d], scaled for exp2
     float* merge = scratch + GM * d;     // [warps][G][d + 2]
+    // Warp w takes keys begin + 4 w .. + 3, then 32 further on; all four K and V rows in flight.
+    // The first group's cached rows (keys before the new token: nothing this step writes) are
+    // requested before q is formed, so their latency overlaps the prologue.
+    float kf[4][4], vf[4][4];
+    int key0 = begin + 4 * warp;
+    auto load_key = [&](int k0, int i) {
+        const int key = k0 + i;
+        const size_t row = ((size_t)table[key / bs] * bs + key % bs) * W + (size_t)kv * d + 4 * lane;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            kf[i][j] = kv_load(kc + row + j);
+            vf[i][j] = kv_load(vc + row + j);
+        }
+    };
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        if (key0 + i < end && key0 + i != (int)pos) load_key(key0, i);
     for (int task = warp; task < G + 2; task += LAYER_WARPS) {
         float v[4];
         if (task < G) {
@@ -380,6 +396,9 @@ __device__ void layer_attention(const float* qkv, const float* q_norm, const flo
         }
     }
     __syncthreads();  // q staged; the new key and value in the cache, visible to the block
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        if (key0 + i == (int)pos && key0 + i < end) load_key(key0, i);
 
     float qr[GM][4], o[GM][4], m[GM], l[GM];
 #pragma unroll
@@ -392,21 +411,7 @@ __device__ void layer_attention(const float* qkv, const float* q_norm, const flo
             o[g][j] = 0.0f;
         }
     }
-    // Warp w takes keys begin + 4 w .. + 3, then 32 further on; all four K and V rows in flight.
-    for (int key0 = begin + 4 * warp; key0 < end; key0 += 4 * LAYER_WARPS) {
-        float kf[4][4], vf[4][4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int key = key0 + i;
-            if (key < end) {
-                const size_t row = ((size_t)table[key / bs] * bs + key % bs) * W + (size_t)kv * d + 4 * lane;
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    kf[i][j] = kv_load(kc + row + j);
-                    vf[i][j] = kv_load(vc + row + j);
-                }
-            }
-        }
+    for (; key0 < end; key0 += 4 * LAYER_WARPS) {
 #pragma unroll
         for (int g = 0; g < GM; ++g) {
             if (g < G) {
@@ -435,6 +440,10 @@ __device__ void layer_attention(const float* qkv, const float* q_norm, const flo
                 m[g] = m_new;
             }
         }
+        // The next group's rows (all cached before the new token, or it, written above).
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (key0 + 4 * LAYER_WARPS + i < end) load_key(key0 + 4 * LAYER_WARPS, i);
     }
     // The warps' partial softmaxes (a warp without keys has max -inf, sum 0) merged per dim.
     const int stride = d + 2;
@@ -465,7 +474,7 @@ __device__ void layer_attention(const float* qkv, const float* q_norm, const flo
         if (S == 1) {
             attn[(size_t)h * d + dd] = O / L;
         } else {
-            float* pp = part + ((size_t)h * smax + split) * stride;
+            float* pp = part + ((size_t)h * smax + split) * LAYER_PART_STRIDE;
             pp[dd] = O;
             if (dd == 0) {
                 pp[d] = M;
@@ -473,39 +482,50 @@ __device__ void layer_attention(const float* qkv, const float* q_norm, const flo
             }
         }
     }
-    if (S == 1) return;
-    // The last slice of this KV head to finish combines the slices' partials.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        is_last = atomicAdd(counters + kv, 1u) == (u32)S - 1;
-        if (is_last) counters[kv] = 0u;
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    for (int idx = threadIdx.x; idx < G * d; idx += LAYER_THREADS) {
-        const int g = idx / d, dd = idx % d, h = kv * G + g;
-        const float* ph = part + (size_t)h * smax * stride;
-        float M = -INFINITY;
-        for (int sp = 0; sp < S; ++sp) M = fmaxf(M, __ldcg(ph + (size_t)sp * stride + d));
-        float L = 0.0f, O = 0.0f;
-        for (int sp = 0; sp < S; ++sp) {
-            const float ms = __ldcg(ph + (size_t)sp * stride + d);
-            if (ms == -INFINITY) continue;
-            const float f = exp2f(ms - M);
-            L += __ldcg(ph + (size_t)sp * stride + d + 1) * f;
-            O += __ldcg(ph + (size_t)sp * stride + dd) * f;
+}
+
+// Phase 3's input: the attention output, from `attn` (one slice) or combined here from the S
+// slices' partials (each block does it for itself: one L2 pass instead of a last-slice combine
+// and its arrival round trips before the barrier); and, as layer_stage, the block's residual
+// rows. Ends with the block synchronised.
+__device__ void stage_attention(float* xs, const float* attn, const float* part, int S, int smax, int width,
+                                const float* res, int res_lo, int res_count, float* res_s) {
+    float r = 0.0f;
+    if ((int)threadIdx.x < res_count) r = __ldcg(res + res_lo + threadIdx.x);
+    for (int i = threadIdx.x * 4; i < width; i += LAYER_THREADS * 4) {
+        float4 v;
+        if (S == 1) {
+            v = __ldcg(reinterpret_cast<const float4*>(attn + i));
+        } else {
+            const int h = i / LAYER_D, dd = i % LAYER_D;
+            const float* ph = part + (size_t)h * smax * LAYER_PART_STRIDE;
+            float M = -INFINITY;
+            for (int sp = 0; sp < S; ++sp) M = fmaxf(M, __ldcg(ph + (size_t)sp * LAYER_PART_STRIDE + LAYER_D));
+            float L = 0.0f;
+            v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (int sp = 0; sp < S; ++sp) {
+                const float* pp = ph + (size_t)sp * LAYER_PART_STRIDE;
+                const float ms = __ldcg(pp + LAYER_D);
+                if (ms == -INFINITY) continue;
+                const float f = exp2f(ms - M);
+                L += __ldcg(pp + LAYER_D + 1) * f;
+                const float4 o = __ldcg(reinterpret_cast<const float4*>(pp + dd));
+                v.x += o.x * f; v.y += o.y * f; v.z += o.z * f; v.w += o.w * f;
+            }
+            v.x /= L; v.y /= L; v.z /= L; v.w /= L;
         }
-        attn[(size_t)h * d + dd] = O / L;
+        *reinterpret_cast<float4*>(xs + i) = v;
     }
+    for (int i = threadIdx.x; i < res_count; i += LAYER_THREADS)
+        res_s[i] = i == (int)threadIdx.x ? r : __ldcg(res + res_lo + i);
+    __syncthreads();
 }
 #endif
 
 // The layer (see the top of the file) for one sequence's one new token at positions[0], its
 // cache blocks block_tables[0..]. Scratch (qkv, attn, h, act) and out are distinct buffers; x
-// is read, never written. `counters` holds KV + 2 zeros (attention arrivals, then the grid
-// barrier's arrivals and exits), left zero. Dynamic shared memory: ring_slots * SLOT_BYTES, then
+// is read, never written. `counters` holds 2 zeros (the grid barrier's arrivals and exits), left
+// zero; `part` [H][gridDim.x / KV][LAYER_PART_STRIDE] attention partials. Dynamic shared memory: ring_slots * SLOT_BYTES, then
 // `scratch_floats` (the largest staged vector, or the attention's q and merge area), 128 floats
 // of RoPE table, 32 of reduction scratch (16 for block sums, 16 for split rows), `res_floats`
 // (even, at least the rows of a hidden-wide matrix one block owns) of residual rows, ring_slots
@@ -533,10 +553,13 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     const int attn_width = H * LAYER_D;
 
     const unsigned long long t_start = layer_now();
-    LayerPlan p;
-    layer_plan(p, w_qkv, w_o, w_gu, w_down, hidden, attn_width + 2 * KV * LAYER_D, attn_width, inter);
-    p.slots = ring_slots;
+    // The plan in shared memory: every thread reads it in every phase (indexed by phase, it
+    // would live in local memory per thread).
+    __shared__ LayerPlan plan;
+    const LayerPlan& p = plan;
     if (threadIdx.x == 0) {
+        layer_plan(plan, w_qkv, w_o, w_gu, w_down, hidden, attn_width + 2 * KV * LAYER_D, attn_width, inter);
+        plan.slots = ring_slots;
         for (int s = 0; s < ring_slots; ++s) mbar_init(bars + 8u * s, 1u);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -552,7 +575,7 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     // The next kernel may launch (and request its first weights) from phase `trigger` on:
     // 0 at once, 1 before gate/up, 2 before down, 3 at the end.
     if (trigger == 0) pdl_launch_dependents();
-    u32* sync = counters + KV;
+    u32* sync = counters;
     const u32 G = gridDim.x;
 
     // With `trace`, thread 0 of every block adds its phases' durations (ns) to trace[0..10),
@@ -567,12 +590,13 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     stamp[3] = layer_now();
 
     layer_attention<KT, GM>(qkv, q_norm, k_norm, kc, vc, block_tables, block_size, pos, H, KV, qk_eps, scale_log2, cs,
-                            scratch, attn, part, counters);
+                            scratch, attn, part);
     stamp[4] = layer_now();
     grid_barrier(sync, 2 * G);
     stamp[5] = layer_now();
 
-    layer_stage(scratch, attn, nullptr, attn_width, eps, red, x, p.lo[1], p.count[1], res_s);
+    stage_attention(scratch, attn, part, attn_slice(pos, KV).S, max(1, (int)G / KV), attn_width, x, p.lo[1],
+                    p.count[1], res_s);
     i = layer_rows<LAYER_EPI_ADD>(p, 1, i, ring, ring_s, bars, scratch, 1.0f, res_s, h, red + 16, waited);
     stamp[6] = layer_now();
     grid_barrier(sync, 3 * G);

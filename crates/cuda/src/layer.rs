@@ -218,8 +218,8 @@ impl CudaBackend {
         let resid = self.alloc_f32(hidden)?;
         let act = self.alloc_f32(inter)?;
         let out = self.alloc_f32(hidden)?;
-        let part = self.alloc_f32(h * shape.max_splits * (d + 2))?;
-        let counters = self.counters(kvh + 2)?;
+        let part = self.alloc_f32(h * shape.max_splits * (d + 4))?;
+        let counters = self.counters(2)?;
         let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
         let mut l = self.launch(&entry(suffix, shape.group_build))?;
         l.buf(x.f32(op)?);
@@ -264,7 +264,7 @@ impl CudaBackend {
         // checked ([qkv_width, hidden], [hidden, H d], [2 inter, hidden], [hidden, inter]), the
         // gains f32 [hidden] and [d]; the one sequence's slot and blocks lie inside the pools
         // (checked above), its table is row 0 of block_tables; every scratch buffer holds what
-        // the kernel writes (part: H x max_splits x (d + 2)); counters holds kvh + 2 zeros, left
+        // the kernel writes (part: H x max_splits x (d + 4)); counters holds 2 zeros, left
         // zero; trace is null or 13 u64 sums; shared memory is laid out as layer.cu says and within the configured maximum;
         // one block per SM, each fitting alone, so every block is resident for the grid barrier.
         unsafe { l.launch(launch) }.cuda()?;
