@@ -1,4 +1,5 @@
-// A whole decoder layer of a batch-1 decode step in one persistent kernel (sm_90+).
+// A whole decoder layer of a batch-1 decode step in one persistent kernel (sm_90+). Opt-in:
+// correct, but measured slower than the per-op kernels (crates/cuda/src/layer.rs, docs/perf.md).
 //
 // At batch 1 every kernel of a layer reads 4-12 MB of weights, and separate kernels pay for each
 // boundary: a launch, a ramp while the first loads come back, a tail while the last blocks
