@@ -149,14 +149,25 @@ __device__ void grid_barrier(u32* count, u32 target) {
     __syncthreads();
 }
 
+// The residual rows [lo, lo + count) a block will add, staged into res_s around the staging of a
+// phase's input so their latency overlaps it: residual_first requests this thread's first row
+// (before the input's loads), residual_store stores it and the rest (after them).
+__device__ __forceinline__ float residual_first(const float* res, int lo, int count) {
+    return res != nullptr && (int)threadIdx.x < count ? __ldcg(res + lo + threadIdx.x) : 0.0f;
+}
+__device__ __forceinline__ void residual_store(float first, const float* res, int lo, int count, float* res_s) {
+    if (res == nullptr) return;
+    for (int i = threadIdx.x; i < count; i += LAYER_THREADS)
+        res_s[i] = i == (int)threadIdx.x ? first : __ldcg(res + lo + i);
+}
+
 // xs[0, n) = src (times `gain` when given); returns 1 / rms(src) with a gain, else 1. With
 // `res`, also res_s[0, res_count) = res[res_lo, ...): the residual rows this block will add, read
 // now so their latency overlaps the staging. Ends with the block synchronised. Both were written
 // by other blocks: read past L1.
 __device__ float layer_stage(float* xs, const float* src, const float* gain, int n, float eps, float* red,
                              const float* res = nullptr, int res_lo = 0, int res_count = 0, float* res_s = nullptr) {
-    float r = 0.0f;
-    if (res != nullptr && (int)threadIdx.x < res_count) r = __ldcg(res + res_lo + threadIdx.x);
+    const float r = residual_first(res, res_lo, res_count);
     float ss = 0.0f;
     for (int k = threadIdx.x * 4; k < n; k += LAYER_THREADS * 4) {
         float4 v = __ldcg(reinterpret_cast<const float4*>(src + k));
@@ -167,10 +178,7 @@ __device__ float layer_stage(float* xs, const float* src, const float* gain, int
         }
         *reinterpret_cast<float4*>(xs + k) = v;
     }
-    if (res != nullptr) {
-        for (int i = threadIdx.x; i < res_count; i += LAYER_THREADS)
-            res_s[i] = i == (int)threadIdx.x ? r : __ldcg(res + res_lo + i);
-    }
+    residual_store(r, res, res_lo, res_count, res_s);
     if (gain == nullptr) {
         __syncthreads();
         return 1.0f;
@@ -215,7 +223,8 @@ __device__ __forceinline__ void dot2_smem(const bf16_t* w0, const bf16_t* w1, co
     }
 }
 
-// The epilogue of output row r (chunk row rc) from its product(s) a (and b: up with SILU).
+// An output row from its product a (and b, the up product, with SILU); with ADD its residual is
+// res_s[res_row].
 template <int EPI>
 __device__ __forceinline__ float layer_out(float a, float b, float inv, const float* res_s, int res_row) {
     if (EPI == LAYER_EPI_SILU) return silu(a * inv) * (b * inv);
@@ -227,18 +236,19 @@ __device__ __forceinline__ float layer_out(float a, float b, float inv, const fl
 // number. Each used slot is refilled with the chunk p.slots ahead. With 8+ rows in a chunk a warp
 // takes two rows at once (a row and its up row with SILU); with fewer (long rows: a slot holds
 // few) each row's k range is split over 8 / rows warps, whose sums meet in `part` (16 floats).
-// With ADD the residual comes from res_s (staged, by row - lo).
+// With ADD the residual comes from res_s (staged, by row - lo). `waited` (when tracing) sums the
+// time spent waiting for slots.
 template <int EPI>
 __device__ int layer_rows(const LayerPlan& p, int ph, int i0, const unsigned char* ring, u32 ring_s, u32 bars,
                           const float* xs, float inv, const float* res_s, float* y, float* part,
-                          unsigned long long& waited) {
+                          unsigned long long* waited) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int k = p.mat[ph].k, k8 = k / 8, lo = p.lo[ph];
     for (int c = 0; c < p.chunks[ph]; ++c) {
         const int i = i0 + c, slot = i % p.slots;
-        const unsigned long long w0 = layer_now();
+        const unsigned long long w0 = waited != nullptr ? layer_now() : 0ull;
         mbar_wait(bars + 8u * slot, (u32)(i / p.slots) & 1u);
-        waited += layer_now() - w0;
+        if (waited != nullptr) *waited += layer_now() - w0;
         const int r0 = lo + c * p.per_chunk[ph];
         const int nr = min(p.per_chunk[ph], lo + p.count[ph] - r0);
         const bf16_t* base = reinterpret_cast<const bf16_t*>(ring + (size_t)slot * SLOT_BYTES);
@@ -303,11 +313,10 @@ __device__ __forceinline__ void norm_rope4(const float* src, const float* gain, 
     }
 }
 
-// Phase 2 (see the top of the file), for G = H / KV <= GM query heads per KV head. The context
-// splits into at most gridDim.x / KV slices of a multiple of 8 keys (at least 32); block b takes
-// slice b % S of KV head b / S, blocks past KV * S have no share (attn_slice). `part` holds
-// [H][gridDim.x / KV][d + 2] partials (o, max, sum); `scratch` GM d + LAYER_WARPS G (d + 2) floats.
-// This block's share of phase 2: keys [begin, end) of KV head kv, slice `split` of S.
+// This block's share of phase 2: keys [begin, end) of KV head kv, slice `split` of S (at most
+// smax). The context splits into at most gridDim.x / KV slices of a multiple of 8 keys (at least
+// 32); block b takes slice b % S of KV head b / S, blocks past KV * S have no share. Every block
+// derives the same S from the position.
 struct AttnSlice {
     int kv, split, S, smax, begin, end;
     bool active;
@@ -343,14 +352,17 @@ __device__ void prefetch_slice(const AttnSlice& a, const KT* kc, const KT* vc, c
     }
 }
 
+// Phase 2 (see the top of the file) on this block's slice `a`, for G = H / KV <= GM query heads
+// per KV head. One slice writes attn; several write partials to `part`, [H][smax]
+// [LAYER_PART_STRIDE] (o, max, sum), which stage_attention combines. `scratch` holds GM d +
+// LAYER_WARPS G (d + 2) floats.
 template <typename KT, int GM>
-__device__ void layer_attention(const float* qkv, const float* q_norm, const float* k_norm, KT* kc, KT* vc,
-                                const u32* table, int bs, u32 pos, int H, int KV, float qk_eps, float scale_log2,
-                                const float* cs, float* scratch, float* attn, float* part) {
+__device__ void layer_attention(const AttnSlice& a, const float* qkv, const float* q_norm, const float* k_norm,
+                                KT* kc, KT* vc, const u32* table, int bs, u32 pos, int H, int KV, float qk_eps,
+                                float scale_log2, const float* cs, float* scratch, float* attn, float* part) {
     constexpr int d = LAYER_D;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int G = H / KV, ctx = (int)pos + 1;
-    const AttnSlice a = attn_slice(pos, KV);
     if (!a.active) return;
     const int kv = a.kv, split = a.split, S = a.S, smax = a.smax, begin = a.begin, end = a.end;
     const bool has_new = end == ctx;  // this slice ends at the new token
@@ -491,8 +503,7 @@ __device__ void layer_attention(const float* qkv, const float* q_norm, const flo
 // rows. Ends with the block synchronised.
 __device__ void stage_attention(float* xs, const float* attn, const float* part, int S, int smax, int width,
                                 const float* res, int res_lo, int res_count, float* res_s) {
-    float r = 0.0f;
-    if ((int)threadIdx.x < res_count) r = __ldcg(res + res_lo + threadIdx.x);
+    const float r = residual_first(res, res_lo, res_count);
     for (int i = threadIdx.x * 4; i < width; i += LAYER_THREADS * 4) {
         float4 v;
         if (S == 1) {
@@ -517,8 +528,7 @@ __device__ void stage_attention(float* xs, const float* attn, const float* part,
         }
         *reinterpret_cast<float4*>(xs + i) = v;
     }
-    for (int i = threadIdx.x; i < res_count; i += LAYER_THREADS)
-        res_s[i] = i == (int)threadIdx.x ? r : __ldcg(res + res_lo + i);
+    residual_store(r, res, res_lo, res_count, res_s);
     __syncthreads();
 }
 #endif
@@ -526,11 +536,11 @@ __device__ void stage_attention(float* xs, const float* attn, const float* part,
 // The layer (see the top of the file) for one sequence's one new token at positions[0], its
 // cache blocks block_tables[0..]. Scratch (qkv, attn, h, act) and out are distinct buffers; x
 // is read, never written. `counters` holds 2 zeros (the grid barrier's arrivals and exits), left
-// zero; `part` [H][gridDim.x / KV][LAYER_PART_STRIDE] attention partials. Dynamic shared memory: ring_slots * SLOT_BYTES, then
-// `scratch_floats` (the largest staged vector, or the attention's q and merge area), 128 floats
-// of RoPE table, 32 of reduction scratch (16 for block sums, 16 for split rows), `res_floats`
-// (even, at least the rows of a hidden-wide matrix one block owns) of residual rows, ring_slots
-// mbarriers.
+// zero; `part` [H][gridDim.x / KV][LAYER_PART_STRIDE] attention partials. Dynamic shared memory:
+// ring_slots * SLOT_BYTES, then `scratch_floats` (the largest staged vector, or the attention's q
+// and merge area), 128 floats of RoPE table, 32 of reduction scratch (16 for block sums, 16 for
+// split rows), `res_floats` (even, at least the rows of a hidden-wide matrix one block owns) of
+// residual rows, ring_slots mbarriers.
 // grid = one block per SM, block = LAYER_THREADS.
 template <typename KT, int GM>
 __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qkv, const bf16_t* w_o,
@@ -569,7 +579,8 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     if (threadIdx.x == 0)
         for (int i = 0; i < min(ring_slots, p.total); ++i) layer_issue(p, i, ring_s, bars);
     const u32 pos = positions[0];
-    prefetch_slice<KT>(attn_slice(pos, KV), kc, vc, block_tables, block_size, pos, KV);
+    const AttnSlice slice = attn_slice(pos, KV);
+    prefetch_slice<KT>(slice, kc, vc, block_tables, block_size, pos, KV);
     for (int i = threadIdx.x; i < LAYER_D / 2; i += LAYER_THREADS)
         rope_cs(pos, i, LAYER_D, log2_theta, cs + 2 * i, cs + 2 * i + 1);
     pdl_wait();
@@ -582,37 +593,37 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     // With `trace`, thread 0 of every block adds its phases' durations (ns) to trace[0..10),
     // its ring waits to trace[11], and 1 to trace[12] (QFUSE_CUDA_LAYER_TRACE).
     unsigned long long stamp[11], waited = 0;
+    unsigned long long* wait_sum = trace != nullptr ? &waited : nullptr;
     stamp[0] = t_start;
     stamp[1] = layer_now();
     float inv = layer_stage(scratch, x, in_norm, hidden, eps, red);
-    int i = layer_rows<LAYER_EPI_SCALE>(p, 0, 0, ring, ring_s, bars, scratch, inv, nullptr, qkv, red + 16, waited);
+    int i = layer_rows<LAYER_EPI_SCALE>(p, 0, 0, ring, ring_s, bars, scratch, inv, nullptr, qkv, red + 16, wait_sum);
     stamp[2] = layer_now();
     grid_barrier(sync, G);
     stamp[3] = layer_now();
 
-    layer_attention<KT, GM>(qkv, q_norm, k_norm, kc, vc, block_tables, block_size, pos, H, KV, qk_eps, scale_log2, cs,
-                            scratch, attn, part);
+    layer_attention<KT, GM>(slice, qkv, q_norm, k_norm, kc, vc, block_tables, block_size, pos, H, KV, qk_eps,
+                            scale_log2, cs, scratch, attn, part);
     stamp[4] = layer_now();
     grid_barrier(sync, 2 * G);
     stamp[5] = layer_now();
 
-    stage_attention(scratch, attn, part, attn_slice(pos, KV).S, max(1, (int)G / KV), attn_width, x, p.lo[1],
-                    p.count[1], res_s);
-    i = layer_rows<LAYER_EPI_ADD>(p, 1, i, ring, ring_s, bars, scratch, 1.0f, res_s, h, red + 16, waited);
+    stage_attention(scratch, attn, part, slice.S, slice.smax, attn_width, x, p.lo[1], p.count[1], res_s);
+    i = layer_rows<LAYER_EPI_ADD>(p, 1, i, ring, ring_s, bars, scratch, 1.0f, res_s, h, red + 16, wait_sum);
     stamp[6] = layer_now();
     grid_barrier(sync, 3 * G);
     stamp[7] = layer_now();
 
     if (trigger == 1) pdl_launch_dependents();
     inv = layer_stage(scratch, h, post_norm, hidden, eps, red);
-    i = layer_rows<LAYER_EPI_SILU>(p, 2, i, ring, ring_s, bars, scratch, inv, nullptr, act, red + 16, waited);
+    i = layer_rows<LAYER_EPI_SILU>(p, 2, i, ring, ring_s, bars, scratch, inv, nullptr, act, red + 16, wait_sum);
     stamp[8] = layer_now();
     grid_barrier(sync, 4 * G);
     stamp[9] = layer_now();
 
     if (trigger == 2) pdl_launch_dependents();
     layer_stage(scratch, act, nullptr, inter, eps, red, h, p.lo[3], p.count[3], res_s);
-    layer_rows<LAYER_EPI_ADD>(p, 3, i, ring, ring_s, bars, scratch, 1.0f, res_s, out, red + 16, waited);
+    layer_rows<LAYER_EPI_ADD>(p, 3, i, ring, ring_s, bars, scratch, 1.0f, res_s, out, red + 16, wait_sum);
     if (trigger == 3) pdl_launch_dependents();
     stamp[10] = layer_now();
 
