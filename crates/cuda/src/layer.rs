@@ -38,10 +38,10 @@ fn entry(kv_suffix: &str, group_build: usize) -> String {
 }
 
 /// Lets every build of the kernel take the device's opt-in shared memory; returns the most
-/// dynamic shared memory all of them may use, 0 below sm_90 (no bulk copies: never launched).
+/// dynamic shared memory all of them may use, 0 below sm_90 (`major` of the compute capability;
+/// no bulk copies there: never launched).
 /// Called only when the kernel is asked for.
-pub(crate) fn configure(ctx: &Arc<CudaContext>, kernels: &Kernels) -> Result<usize> {
-    let (major, _) = ctx.compute_capability().cuda()?;
+pub(crate) fn configure(ctx: &Arc<CudaContext>, kernels: &Kernels, major: i32) -> Result<usize> {
     if major < 9 {
         return Ok(0);
     }

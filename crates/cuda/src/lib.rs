@@ -397,15 +397,17 @@ impl CudaBackend {
         let stream = ctx.new_stream().cuda()?;
         let blas = CudaBlas::new(stream.clone()).cuda()?;
         let kernels = Kernels::load(&ctx)?;
-        let layer_smem_max = match std::env::var("QFUSE_CUDA_LAYER_KERNEL").as_deref() {
-            Ok("1") => layer::configure(&ctx, &kernels)?,
-            _ => 0,
-        };
-        let layer_trace = match std::env::var("QFUSE_CUDA_LAYER_TRACE").as_deref() {
-            Ok("1") => Some(stream.alloc_zeros::<u64>(layer::TRACE_LEN).cuda()?),
-            _ => None,
-        };
         let (major, _) = ctx.compute_capability().cuda()?;
+        let layer_smem_max = if qfuse_core::knobs::env_flag("QFUSE_CUDA_LAYER_KERNEL") {
+            layer::configure(&ctx, &kernels, major)?
+        } else {
+            0
+        };
+        let layer_trace = if qfuse_core::knobs::env_flag("QFUSE_CUDA_LAYER_TRACE") {
+            Some(stream.alloc_zeros::<u64>(layer::TRACE_LEN).cuda()?)
+        } else {
+            None
+        };
         let counters = stream.alloc_zeros::<u32>(ATTN_COUNTERS).cuda()?;
         let name = ctx.name().cuda()?;
         let sm_count = ctx

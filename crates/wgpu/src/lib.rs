@@ -546,7 +546,7 @@ impl WgpuBackend {
         })?;
         let info = adapter.get_info();
         let limits = adapter.limits();
-        let timed = std::env::var("QFUSE_WGPU_GPU_TIMES").as_deref() == Ok("1")
+        let timed = qfuse_core::knobs::env_flag("QFUSE_WGPU_GPU_TIMES")
             && adapter.features().contains(GpuTimes::FEATURES);
         // Subgroup operations where the adapter has them (the `_sg` GEMV build needs them).
         let subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
@@ -630,7 +630,7 @@ impl WgpuBackend {
                 attention_min_chunk: env_knob("QFUSE_WGPU_ATTENTION_MIN_CHUNK", 1..=1 << 20)
                     .unwrap_or(64),
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
-                host_times: (std::env::var("QFUSE_WGPU_HOST_TIMES").as_deref() == Ok("1"))
+                host_times: qfuse_core::knobs::env_flag("QFUSE_WGPU_HOST_TIMES")
                     .then(HostTimes::default),
                 gpu_times: timed.then(|| GpuTimes::new(queue.get_timestamp_period())),
                 queue,
