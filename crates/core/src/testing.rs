@@ -102,18 +102,20 @@ pub fn assert_close<B: Backend, R: Backend>(
     if o.shape() != e.shape() {
         return Err(Error::shape("assert_close", o.shape(), e.shape()));
     }
-    let err = rel_error(&o.to_f64_vec(), &e.to_f64_vec());
+    within(tol, &o.to_f64_vec(), &e.to_f64_vec(), || {
+        format!("{what}: {} vs {}", B::NAME, R::NAME)
+    })
+}
+
+/// `Ok` when `‖got − want‖ / ‖want‖` is within `tol`; else an error naming what was compared.
+fn within(tol: Tolerance, got: &[f64], want: &[f64], what: impl FnOnce() -> String) -> Result<()> {
+    let err = rel_error(got, want);
     if err <= tol.rel {
         Ok(())
     } else {
         Err(Error::invalid(
             "conformance",
-            format!(
-                "{what}: {} vs {}: relative error {err:.3e} > {:.1e}",
-                B::NAME,
-                R::NAME,
-                tol.rel
-            ),
+            format!("{}: relative error {err:.3e} > {:.1e}", what(), tol.rel),
         ))
     }
 }
@@ -606,19 +608,12 @@ pub fn check_decoder_layer<B: Backend, R: Backend>(
         let o = b.download(out)?.to_f64_vec();
         Ok(o.iter().zip(x.to_f64_vec()).map(|(o, x)| o - x).collect())
     };
-    let err = rel_error(&update(&out_f)?, &update(&out_c)?);
-    if err <= tol.rel {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "conformance",
-            format!(
-                "decoder_layer vs its composition on {} (update out - x): relative error {err:.3e} > {:.1e}",
-                B::NAME,
-                tol.rel
-            ),
-        ))
-    }
+    within(tol, &update(&out_f)?, &update(&out_c)?, || {
+        format!(
+            "decoder_layer vs its composition on {} (update out - x)",
+            B::NAME
+        )
+    })
 }
 
 /// The fused matmul family: `rms_norm_matmul`, `rms_norm_matmul_silu_mul`, `matmul_add`,
