@@ -120,14 +120,13 @@ macro_rules! gemv_builds {
 }
 
 /// The GEMV pipelines by build ([`ShaderBuild::row`]: f32 weights, bf16, bf16 vectorised: v8,
-/// wide, subgroup, subgroup per column pair) and fusion ([`Gemv`]).
-const GEMVS: [[Pipeline; 5]; 6] = [
+/// wide, subgroup) and fusion ([`Gemv`]).
+const GEMVS: [[Pipeline; 5]; 5] = [
     gemv_builds!("", MATMUL_F32),
     gemv_builds!("_bf16", MATMUL_BF16),
     gemv_builds!("_bf16_v8", MATMUL_BF16_V8),
     gemv_builds!("_bf16_wide", MATMUL_BF16_WIDE),
     gemv_builds!("_bf16_sg", MATMUL_BF16_SG),
-    gemv_builds!("_bf16_row", MATMUL_BF16_ROW),
 ];
 const ATTENTION: &str = include_str!("../../../kernels/wgsl/attention.wgsl");
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
@@ -154,10 +153,6 @@ const MATMUL_BF16_V8: &str = concat!(
 const MATMUL_BF16_SG: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
     include_str!("../../../kernels/wgsl/matmul_bf16_sg.wgsl")
-);
-const MATMUL_BF16_ROW: &str = concat!(
-    include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
-    include_str!("../../../kernels/wgsl/matmul_bf16_row.wgsl")
 );
 const MATMUL_BF16_WIDE: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
@@ -191,9 +186,6 @@ const SUBMIT_EVERY: usize = 16;
 /// Bind groups by pipeline name and bound buffers (params first).
 type BindGroups = HashMap<(&'static str, Vec<wgpu::Buffer>), wgpu::BindGroup>;
 
-/// Threads in a workgroup of the `_row` GEMV build (`WG` in matmul_bf16_row.wgsl).
-const ROW_WORKGROUP: usize = 128;
-
 /// How to open a [`WgpuBackend`] beyond the adapter's ordinal: settings that tests and
 /// measurements vary.
 #[derive(Clone, Debug, Default)]
@@ -201,7 +193,7 @@ pub struct WgpuOptions {
     /// Storage bindings capped below the adapter's limit (to test the splitting of large
     /// weights on small adapters).
     pub binding_limit: Option<u64>,
-    /// One vectorised bf16 GEMV build for every size: `v8`, `wide`, `sg` or `row` (default:
+    /// One vectorised bf16 GEMV build for every size: `v8`, `wide` or `sg` (default:
     /// `QFUSE_WGPU_GEMV`, else chosen by size).
     pub gemv: Option<String>,
 }
@@ -319,8 +311,6 @@ struct Inner {
     gemv_build: Option<GemvBuild>,
     /// The device has subgroup operations (and the `_sg` pipelines).
     subgroups: bool,
-    /// The adapter's subgroup size where it is fixed (and the `_row` pipelines).
-    subgroup_size: Option<usize>,
     submit_every: usize,
     /// Workgroups attention aims for by splitting contexts (`QFUSE_WGPU_ATTENTION_WORKGROUPS`,
     /// default 256; at most the heads × tokens means one split and no combine dispatch).
@@ -396,8 +386,6 @@ enum GemvBuild {
     Wide,
     /// V8's layout reduced with subgroup sums (adapters with SUBGROUP).
     Subgroup,
-    /// A subgroup per column pair, no barrier (adapters with SUBGROUP and one subgroup size).
-    Row,
 }
 
 /// A GEMV shader build: its row of [`GEMVS`] and its workgroup layout.
@@ -417,15 +405,13 @@ impl ShaderBuild {
             ShaderBuild::Vec(GemvBuild::V8) => 2,
             ShaderBuild::Vec(GemvBuild::Wide) => 3,
             ShaderBuild::Vec(GemvBuild::Subgroup) => 4,
-            ShaderBuild::Vec(GemvBuild::Row) => 5,
         }
     }
 
-    /// Output columns one workgroup covers, where subgroups are `group` threads.
-    fn columns_per_workgroup(self, group: usize) -> usize {
+    /// Output columns one workgroup covers.
+    fn columns_per_workgroup(self) -> usize {
         match self {
             ShaderBuild::Vec(GemvBuild::Wide) => 16,
-            ShaderBuild::Vec(GemvBuild::Row) => 2 * ROW_WORKGROUP / group,
             ShaderBuild::Vec(_) => 2,
             _ => 4,
         }
@@ -535,8 +521,7 @@ impl WgpuBackend {
                 self.inner.subgroups,
             );
             // The vectorised builds take a 2-D grid (the lm_head's columns pass 65,535 groups).
-            let group = self.inner.subgroup_size.unwrap_or(ROW_WORKGROUP);
-            let groups = rows.div_ceil(build.columns_per_workgroup(group));
+            let groups = rows.div_ceil(build.columns_per_workgroup());
             let groups = if matches!(build, ShaderBuild::Vec(_)) {
                 (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS))
             } else {
@@ -591,16 +576,10 @@ impl WgpuBackend {
             && adapter.features().contains(GpuTimes::FEATURES);
         // Subgroup operations where the adapter has them (the `_sg` GEMV build needs them).
         let subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
-        // The `_row` build needs to know the subgroup size when its pipelines are made.
-        let subgroup_size = (subgroups
-            && info.subgroup_min_size == info.subgroup_max_size
-            && (1..=ROW_WORKGROUP as u32).contains(&info.subgroup_min_size)
-            && (ROW_WORKGROUP as u32).is_multiple_of(info.subgroup_min_size))
-        .then_some(info.subgroup_min_size as usize);
         let env_gemv = std::env::var("QFUSE_WGPU_GEMV").ok();
         let gemv_build = match options.gemv.as_deref().or(env_gemv.as_deref()) {
             None => None,
-            Some(name) => Some(gemv_build_named(name, subgroups, subgroup_size)?),
+            Some(name) => Some(gemv_build_named(name, subgroups)?),
         };
         let mut features = wgpu::Features::empty();
         if timed {
@@ -622,9 +601,7 @@ impl WgpuBackend {
         let mut pipelines = HashMap::new();
         let mut modules: HashMap<&str, wgpu::ShaderModule> = HashMap::new();
         for (name, src, entry, constants) in SHADERS.iter().chain(GEMVS.iter().flatten()) {
-            if (name.ends_with("_sg") && !subgroups)
-                || (name.ends_with("_row") && subgroup_size.is_none())
-            {
+            if name.ends_with("_sg") && !subgroups {
                 continue;
             }
             let module = modules.entry(src).or_insert_with(|| {
@@ -644,17 +621,13 @@ impl WgpuBackend {
                     Some(checks) => unsafe { device.create_shader_module_trusted(desc, checks) },
                 }
             });
-            let mut constants = constants.to_vec();
-            if let (true, Some(size)) = (name.ends_with("_row"), subgroup_size) {
-                constants.push(("GROUP", size as f64));
-            }
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(name),
                 layout: None,
                 module,
                 entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &constants,
+                    constants,
                     ..Default::default()
                 },
                 cache: None,
@@ -675,7 +648,6 @@ impl WgpuBackend {
                 free_outputs: std::sync::Mutex::new(HashMap::new()),
                 params: std::sync::Mutex::new(HashMap::new()),
                 subgroups,
-                subgroup_size,
                 gemv_build,
                 submit_every: env_knob("QFUSE_WGPU_SUBMIT_EVERY", 1..=1 << 20)
                     .unwrap_or(SUBMIT_EVERY),
@@ -709,9 +681,6 @@ impl WgpuBackend {
         let mut builds = vec!["v8", "wide"];
         if self.inner.subgroups {
             builds.push("sg");
-        }
-        if self.inner.subgroup_size.is_some() {
-            builds.push("row");
         }
         builds
     }
@@ -1158,26 +1127,19 @@ impl WgpuBackend {
     }
 }
 
-/// The GEMV build `name` (`v8`, `wide`, `sg`, `row`), if this adapter can run it.
-fn gemv_build_named(
-    name: &str,
-    subgroups: bool,
-    subgroup_size: Option<usize>,
-) -> Result<GemvBuild> {
+/// The GEMV build `name` (`v8`, `wide`, `sg`), if this adapter can run it.
+fn gemv_build_named(name: &str, subgroups: bool) -> Result<GemvBuild> {
     match name {
         "v8" => Ok(GemvBuild::V8),
         "wide" => Ok(GemvBuild::Wide),
         "sg" if subgroups => Ok(GemvBuild::Subgroup),
-        "row" if subgroup_size.is_some() => Ok(GemvBuild::Row),
-        "sg" | "row" => Err(Error::invalid(
+        "sg" => Err(Error::invalid(
             "wgpu",
-            format!(
-                "GEMV build `{name}` needs subgroups of one fixed size, which this adapter lacks"
-            ),
+            "GEMV build `sg` needs subgroup operations, which this adapter lacks",
         )),
         other => Err(Error::invalid(
             "wgpu",
-            format!("unknown GEMV build `{other}` (v8, wide, sg, row)"),
+            format!("unknown GEMV build `{other}` (v8, wide, sg)"),
         )),
     }
 }
