@@ -29,6 +29,40 @@ pub struct DecodeInputs<B: Backend> {
     pub w_down: B::Tensor,
 }
 
+/// Layers of a back-to-back series: Qwen3-0.6B's 28, whose copies of each matrix (117–353 MB)
+/// are several times the 50 MB L2 of an H100 or H200.
+pub const LAYERS: usize = 28;
+
+/// `LAYERS` copies of each decode-step matrix (the same random bf16 values uploaded again: only
+/// the bytes each call reads matter).
+pub struct LayerWeights<B: Backend> {
+    /// `[4096, 1024]` per layer.
+    pub w_qkv: Vec<B::Tensor>,
+    /// `[2 x 3072, 1024]` per layer.
+    pub w_gate_up: Vec<B::Tensor>,
+    /// `[1024, 2048]` per layer.
+    pub w_o: Vec<B::Tensor>,
+    /// `[1024, 3072]` per layer.
+    pub w_down: Vec<B::Tensor>,
+}
+
+impl<B: Backend> LayerWeights<B> {
+    /// Random weights on `b`, `LAYERS` copies of each.
+    pub fn new(b: &B) -> Result<Self> {
+        let mut rng = Rng::new(43);
+        let mut copies = |out, inp| -> Result<Vec<B::Tensor>> {
+            let host = weights(&mut rng, out, inp)?.to_dtype(DType::BF16);
+            (0..LAYERS).map(|_| b.upload_weight(&host)).collect()
+        };
+        Ok(LayerWeights {
+            w_qkv: copies(QKV, HIDDEN)?,
+            w_gate_up: copies(2 * INTERMEDIATE, HIDDEN)?,
+            w_o: copies(HIDDEN, ATTN)?,
+            w_down: copies(HIDDEN, INTERMEDIATE)?,
+        })
+    }
+}
+
 impl<B: Backend> DecodeInputs<B> {
     /// Random inputs on `b`.
     pub fn new(b: &B, t: usize) -> Result<Self> {
