@@ -334,3 +334,80 @@ GEMV_T1_PLAIN(gemv_add, EPI_ADD, false)
 GEMV_T1_PLAIN(rms_norm_gemv, EPI_NONE, true)
 GEMV_T1_SILU(gemv_silu_mul, false)
 GEMV_T1_SILU(rms_norm_gemv_silu_mul, true)
+
+// The batch-1 input norm + QKV projection with the attention prologue in the same kernel (one
+// dependent launch a layer fewer than rms_norm_gemv then qk_norm_rope_write_kv): gemv_t1 writes
+// the raw projection to `qkv` (scratch, [(H + 2 KV) d]); then a value head's blocks copy their own
+// columns to the token's cache slot, and for a query or key head the last of its blocks to finish
+// (an arrival counter per head, reset by that block) does what qk_norm_rope_write_kv does for it:
+// the head's RMSNorm with q_norm / k_norm and RoPE, into q_out or the cache slot. A block never
+// straddles two heads (the host checks d % columns per block == 0). The RoPE factors are formed
+// after the products (a few hundred cycles in one warp of one block per head) rather than before
+// the weight loads, which they would delay in every block.
+template <typename KT, int R, int KCM>
+__device__ __forceinline__ void rms_norm_gemv_qkn_t1(
+    const float* __restrict__ x, const bf16_t* __restrict__ w, const float* __restrict__ g,
+    float* __restrict__ qkv, int K, int S, int kc, float eps, const float* __restrict__ q_norm,
+    const float* __restrict__ k_norm, const u32* __restrict__ positions, const u32* __restrict__ slots,
+    float* __restrict__ q_out, KT* __restrict__ kc_out, KT* __restrict__ vc_out, u32* __restrict__ counters,
+    int H, int KV, int d, double log2_theta, float qk_eps) {
+    const int n_all = (H + 2 * KV) * d;
+    gemv_t1<EPI_NONE, true, R, KCM, 1>(x, w, g, nullptr, qkv, 1, K, n_all, S, kc, eps);
+    const int cols = R * WARPS / S;
+    const int n0 = blockIdx.x * cols;
+    const int head = n0 / d;
+    const size_t slot = (size_t)slots[0] * KV * d;
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    if (head >= H + KV) {  // a value head: this block's columns as they are
+        for (int i = threadIdx.x; i < cols && n0 + i < n_all; i += blockDim.x)
+            kv_store(vc_out + slot + (n0 + i - (H + KV) * d), qkv[n0 + i]);
+        return;
+    }
+    if (threadIdx.x == 0) {
+        u32* counter = counters + head;
+        is_last = atomicAdd(counter, 1u) == (u32)(d / cols) - 1;
+        if (is_last) *counter = 0u;
+    }
+    __syncthreads();
+    if (!is_last || threadIdx.x >= 32) return;
+    __threadfence();
+    const int lane = threadIdx.x, half = d / 2;
+    const float* src = qkv + (size_t)head * d;
+    float ss = 0.0f;
+    for (int i = lane; i < d; i += 32) {
+        const float v = __ldcg(src + i);
+        ss += v * v;
+    }
+    const float inv = rsqrtf(warp_sum(ss) / d + qk_eps);
+    const float* gain = head < H ? q_norm : k_norm;
+    const u32 pos = positions[0];
+    for (int i = lane; i < half; i += 32) {
+        float c, s;
+        rope_cs(pos, i, d, log2_theta, &c, &s);
+        const float a = __ldcg(src + i) * inv * gain[i], b = __ldcg(src + i + half) * inv * gain[i + half];
+        const float ra = a * c - b * s, rb = b * c + a * s;
+        if (head < H) {
+            q_out[(size_t)head * d + i] = ra;
+            q_out[(size_t)head * d + i + half] = rb;
+        } else {
+            KT* dst = kc_out + slot + (size_t)(head - H) * d;
+            kv_store(dst + i, ra);
+            kv_store(dst + i + half, rb);
+        }
+    }
+}
+
+#define QKN_T1_ENTRY(KT, SUFFIX, R, KCM)                                                                      \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) rms_norm_gemv_qkn_t1_##SUFFIX##_r##R##_k##KCM(   \
+        const float* x, const bf16_t* w, const float* g, float* qkv, int K, int S, int kc, float eps,          \
+        const float* q_norm, const float* k_norm, const u32* positions, const u32* slots, float* q_out,       \
+        KT* kc_out, KT* vc_out, u32* counters, int H, int KV, int d, double log2_theta, float qk_eps) {       \
+        rms_norm_gemv_qkn_t1<KT, R, KCM>(x, w, g, qkv, K, S, kc, eps, q_norm, k_norm, positions, slots, q_out, \
+                                         kc_out, vc_out, counters, H, KV, d, log2_theta, qk_eps);             \
+    }
+#define QKN_T1_ENTRIES(KT, SUFFIX) \
+    QKN_T1_ENTRY(KT, SUFFIX, 1, 16) QKN_T1_ENTRY(KT, SUFFIX, 2, 8) QKN_T1_ENTRY(KT, SUFFIX, 4, 4)
+QKN_T1_ENTRIES(float, kvf32)
+QKN_T1_ENTRIES(bf16_t, kvbf16)
