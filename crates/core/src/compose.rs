@@ -53,19 +53,7 @@ pub fn decoder_layer<B: Backend>(
 ) -> Result<B::Tensor> {
     let qkv = b.rms_norm_matmul(x, w.input_norm, w.qkv, eps)?;
     let o = b.qk_norm_rope_attention(&qkv, w.q_norm, w.k_norm, cache, batch, cfg)?;
-    decoder_layer_after_attention(b, x, &o, w, eps)
-}
-
-/// The rest of [`decoder_layer`] once attention has given `o`: o_proj + residual, post-attention
-/// norm + gate/up + SiLU·up, down + residual.
-pub fn decoder_layer_after_attention<B: Backend>(
-    b: &B,
-    x: &B::Tensor,
-    o: &B::Tensor,
-    w: &LayerWeights<'_, B::Tensor>,
-    eps: f64,
-) -> Result<B::Tensor> {
-    let h = b.matmul_add(o, w.o_proj, x)?;
+    let h = b.matmul_add(&o, w.o_proj, x)?;
     let g = b.rms_norm_matmul_silu_mul(&h, w.post_norm, w.gate_up, eps)?;
     b.matmul_add(&g, w.down, &h)
 }

@@ -557,8 +557,8 @@ pub fn check_decoder_layer<B: Backend, R: Backend>(
         AttentionCase::random(&mut rng, 300)?
     };
     let (cfg, t) = (case.cfg, case.batch.num_tokens());
-    // Half the batch-1 cases have a hidden size of whole 256-element slices, the shape decode
-    // kernels fuse further (the CUDA backend's QKV projection with the attention prologue).
+    // Half the batch-1 cases have a hidden size of whole 256-element slices, as real models do:
+    // the shape the decode-sized kernels specialise for (the CUDA backend's batch-1 GEMVs).
     let hidden = if kernel_shaped && rng.below(2) == 0 {
         256 * (1 + rng.below(4))
     } else {

@@ -105,12 +105,6 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "rms_norm_gemv_silu_mul_t8_r1_k8",
             "rms_norm_gemv_silu_mul_t8_r2_k4",
             "rms_norm_gemv_silu_mul_t1_r1_k8",
-            "rms_norm_gemv_qkn_t1_kvf32_r1_k16",
-            "rms_norm_gemv_qkn_t1_kvf32_r2_k8",
-            "rms_norm_gemv_qkn_t1_kvf32_r4_k4",
-            "rms_norm_gemv_qkn_t1_kvbf16_r1_k16",
-            "rms_norm_gemv_qkn_t1_kvbf16_r2_k8",
-            "rms_norm_gemv_qkn_t1_kvbf16_r4_k4",
         ],
     ),
     (

@@ -227,9 +227,6 @@ struct Inner {
     /// attention kernel its loads, reductions and RoPE angles lengthen the critical path
     /// (Nsight: 13.4 µs fused vs 10.5 + 6.1 µs, run one by one).
     fused_attention_from: usize,
-    /// Batch-1 decode steps run the input norm + QKV projection and the attention prologue as
-    /// one kernel (`rms_norm_gemv_qkn_t1`; `QFUSE_CUDA_QKV_PROLOGUE=0` turns it off).
-    qkv_prologue: bool,
     /// Blocks an SM the decode attention kernel fills when it splits contexts (0: no split; the
     /// default 4 is what its registers let an SM hold).
     attn_many_blocks_per_sm: usize,
@@ -434,7 +431,6 @@ impl CudaBackend {
                     1..=1 << 20,
                 )
                 .unwrap_or(GEMV_MAX_ROWS + 1),
-                qkv_prologue: std::env::var("QFUSE_CUDA_QKV_PROLOGUE").as_deref() != Ok("0"),
                 decode_min_chunk: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_DECODE_MIN_CHUNK",
                     32..=1 << 20,
@@ -1060,86 +1056,6 @@ impl CudaBackend {
             .i32(di);
         // SAFETY: o is [h, n, d] and sums [h, n]; out is [T, h*d] with row0 + n <= T.
         unsafe { l.launch(grid2(n, h, 128)) }.cuda()
-    }
-
-    /// A batch-1 decode step's input norm + QKV projection and attention prologue (q/k-norm,
-    /// RoPE, cache write) as one kernel, `rms_norm_gemv_qkn_t1` in gemv.cu; returns q. `None`
-    /// where it does not apply (switched off, not one token of a decode step, weights not bf16,
-    /// K not whole 256-element slices, a head not whole blocks of the GEMV).
-    fn qkv_with_prologue(
-        &self,
-        x: &CudaTensor,
-        w: &LayerWeights<'_, CudaTensor>,
-        cache: &mut LayerKv<CudaTensor>,
-        batch: &CudaBatch,
-        cfg: &AttentionConfig,
-        eps: f64,
-    ) -> Result<Option<CudaTensor>> {
-        let op = "qkv_with_prologue";
-        let (t, k) = x.matrix(op)?;
-        let (n, k2) = w.qkv.matrix(op)?;
-        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let fits = self.inner.qkv_prologue
-            && t == 1
-            && batch.info.num_tokens() == 1
-            && batch.info.is_decode_step()
-            && k == k2
-            && w.input_norm.shape.dims() == [k]
-            && w.qkv.dtype() == DType::BF16
-            && x.dtype() == DType::F32
-            && cfg.fits_prologue(n, &w.q_norm.shape, &w.k_norm.shape)
-            && self.check_attention(cfg).is_ok()
-            && cache.k.dtype() == cache.v.dtype();
-        let plan = fits
-            .then(|| GemvT1Plan::choose(k, n, false, self.inner.gemv_warps))
-            .flatten();
-        let Some(plan) = plan.filter(|p| d.is_multiple_of(p.cols_per_block())) else {
-            return Ok(None);
-        };
-        let slots = cache.k.shape.cache_slots(kvh * d, op)?;
-        batch.info.check_slots_within(slots, op)?;
-        let qkv = self.alloc_f32(n)?;
-        let q = self.alloc_f32(h * d)?;
-        let counters = self.counters(h + kvh)?;
-        let stream = self.stream();
-        let LayerKv { k: kpool, v: vpool } = cache;
-        let name = format!(
-            "rms_norm_gemv_qkn_t1_{}_r{}_k{}",
-            kpool.kv_suffix(),
-            plan.rows,
-            plan.kcm
-        );
-        let mut l = self.launch(&name)?;
-        l.buf(x.f32(op)?)
-            .ptr(w.qkv.ptr(stream))
-            .buf(w.input_norm.f32(op)?)
-            .out(&qkv);
-        l.i32(i32_of(k, "K")?)
-            .i32(plan.split as i32)
-            .i32(plan.kc as i32)
-            .f32(eps as f32);
-        l.buf(w.q_norm.f32(op)?)
-            .buf(w.k_norm.f32(op)?)
-            .buf(&batch.positions)
-            .buf(&batch.slots)
-            .out(&q);
-        l.ptr(kpool.ptr_mut(stream, op)?)
-            .ptr(vpool.ptr_mut(stream, op)?)
-            .ptr(counters);
-        l.i32(i32_of(h, "H")?)
-            .i32(i32_of(kvh, "KV")?)
-            .i32(i32_of(d, "d")?)
-            .f64(cfg.rope_theta.log2())
-            .f32(cfg.qk_norm_eps as f32);
-        let cfg_launch = grid(n / plan.cols_per_block(), 256);
-        // SAFETY: x is [1, k] f32 and the gain [k]; w.qkv is bf16 [n, k] with n = (h + 2 kvh) d
-        // (fits_prologue) and k whole 256-element slices, kc of them per warp within the entry's
-        // bound (the plan); qkv is [n] and q [h d] f32; the q/k gains are [d]; the batch holds one
-        // token whose slot is within both pools (checked above), each kvh * d wide in the pools'
-        // dtype (the entry's suffix); the counters are h + kvh zeroed u32s, left zeroed; d is a
-        // whole number of the grid's n / cols_per_block blocks of cols_per_block columns.
-        unsafe { l.launch(cfg_launch) }.cuda()?;
-        Ok(Some(Self::f32_tensor([1, h * d], q)))
     }
 
     fn check_attention(&self, cfg: &AttentionConfig) -> Result<()> {
@@ -1791,7 +1707,7 @@ impl Backend for CudaBackend {
     }
 
     fn fuses_decoder_layer(&self) -> bool {
-        self.inner.layer_smem_max > 0 || self.inner.qkv_prologue
+        self.inner.layer_smem_max > 0
     }
 
     fn decoder_layer(
@@ -1804,14 +1720,8 @@ impl Backend for CudaBackend {
         eps: f64,
     ) -> Result<CudaTensor> {
         // A batch-1 decode step as one kernel where asked for (layer.rs); else the fused ops.
-        if let Some(out) = self.decoder_layer_kernel(x, w, cache, batch, cfg, eps)? {
-            return Ok(out);
-        }
-        match self.qkv_with_prologue(x, w, cache, batch, cfg, eps)? {
-            Some(q) => {
-                let o = self.attention(&q, cache, batch, cfg)?;
-                compose::decoder_layer_after_attention(self, x, &o, w, eps)
-            }
+        match self.decoder_layer_kernel(x, w, cache, batch, cfg, eps)? {
+            Some(out) => Ok(out),
             None => compose::decoder_layer(self, x, w, cache, batch, cfg, eps),
         }
     }
