@@ -11,9 +11,8 @@
 //   at a time (consecutive threads read consecutive dims: coalesced).
 // Shader compilers do not unroll these loops for us: issuing loads ahead of their use is what
 // keeps more than one memory access in flight per thread.
-// With one split it writes the normalised output; otherwise partials [o (d), max, sum, 2 unused]
-// per (token, head, split) for attention_combine.wgsl (or, in a decode layer, for the o_proj
-// GEMV's COMBINE build; d + 4 keeps each partial row 16-byte aligned for its vec4 reads).
+// With one split it writes the normalised output; otherwise partials [o (d), max, sum] per
+// (token, head, split) for attention_combine.wgsl.
 // QKN (qk_norm_rope_attention, decode steps: one token per sequence): q is the QKV projection
 // [T, (H + 2 KV) d] and the workgroup forms its heads' q itself (q_norm, RoPE from the batch's
 // table cs [T, d/2, (cos, sin)]); the workgroups whose slice holds the token's own key form
@@ -268,7 +267,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             } else {
                 // A split past the token's position has no keys: l = 0 tells the combine to
                 // skip it.
-                let pb = ((t * heads + h) * splits + split) * (d + 4u);
+                let pb = ((t * heads + h) * splits + split) * (d + 2u);
                 if (lid < d) { part[pb + lid] = o0[g]; }
                 if (has1) { part[pb + lid + WG] = o1[g]; }
                 if (lid == 0u) {

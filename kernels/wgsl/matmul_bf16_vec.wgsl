@@ -2,12 +2,8 @@
 // file followed by its own workgroup layout and reduction, joined by the wgpu crate) share: the
 // bindings, the fusions (override constants NORM, EPI), the 16-byte weight loads and the
 // per-column epilogue. Weights are read as vec4<u32> (8 bf16 a load) and x as vec4<f32>, K a
-// multiple of 8. params: [T, K, part_rows, y row stride, n_offset, eps (f32 bits), and with
-// COMBINE: splits, d]. Each thread covers two adjacent output columns.
-// COMBINE (a decode layer's o_proj): x is not the attention output but the partial softmaxes
-// attention.wgsl left for its context splits ([o (d), max, sum, 2 unused] per (token, head,
-// split), K = heads * d, d % 8 == 0), combined as each 8-element run is read, exactly as
-// attention_combine.wgsl does: the layer saves that dispatch and its barrier.
+// multiple of 8. params: [T, K, part_rows, y row stride, n_offset, eps (f32 bits)]. Each thread
+// covers two adjacent output columns.
 @group(0) @binding(0) var<storage, read> p: array<u32>;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
@@ -16,7 +12,6 @@
 
 override NORM: bool = false;
 override EPI: u32 = 0u;
-override COMBINE: bool = false;
 
 // The dot product of 8 activations with 8 bf16 weights packed in `wv` (element 2i in the low
 // half of word i, 2i + 1 in the high half).
@@ -42,52 +37,9 @@ struct Act {
     ss: f32,
 }
 
-// Elements 8j..8j+7 of row t of x, as two vec4s.
-struct Run {
-    a: vec4<f32>,
-    b: vec4<f32>,
-}
-
-// With COMBINE, run j of row t of the attention output from its splits' partials.
-fn combined(t: u32, j: u32) -> Run {
-    let splits = p[6];
-    let d = p[7];
-    let heads = p[1] / d;
-    let e = 8u * j;
-    let stride = (d + 4u) / 4u;
-    let first = (t * heads + e / d) * splits;
-    let at = (e % d) / 4u;
-    var big = -3.4e38;
-    for (var s = 0u; s < splits; s++) {
-        let ml = x[(first + s) * stride + d / 4u];
-        if (ml.y > 0.0) { big = max(big, ml.x); }
-    }
-    var r = Run(vec4<f32>(0.0), vec4<f32>(0.0));
-    var den = 0.0;
-    for (var s = 0u; s < splits; s++) {
-        let row = (first + s) * stride;
-        let ml = x[row + d / 4u];
-        if (ml.y > 0.0) {
-            let f = exp(ml.x - big);
-            r.a += x[row + at] * f;
-            r.b += x[row + at + 1u] * f;
-            den += ml.y * f;
-        }
-    }
-    r.a /= den;
-    r.b /= den;
-    return r;
-}
-
-fn run8(t: u32, j: u32) -> Run {
-    if (COMBINE) { return combined(t, j); }
-    return Run(x[t * (p[1] / 4u) + 2u * j], x[t * (p[1] / 4u) + 2u * j + 1u]);
-}
-
 fn act(t: u32, j: u32) -> Act {
-    let run = run8(t, j);
-    let xa = run.a;
-    let xb = run.b;
+    let xa = x[t * (p[1] / 4u) + 2u * j];
+    let xb = x[t * (p[1] / 4u) + 2u * j + 1u];
     var r = Act(vec4<f32>(xa.x, xa.z, xb.x, xb.z), vec4<f32>(xa.y, xa.w, xb.y, xb.w), 0.0);
     if (NORM) {
         r.ss = dot(xa, xa) + dot(xb, xb);

@@ -15,7 +15,7 @@ use qfuse_core::knobs::env_knob;
 use qfuse_core::reuse::{lock_unpoisoned as lock, size_class};
 use qfuse_core::{
     compose, AttentionConfig, Backend, BatchInfo, DType, DeviceTensor, Error, HostData, HostTensor,
-    LayerKv, LayerWeights, Result, Shape,
+    LayerKv, Result, Shape,
 };
 use wgpu::util::DeviceExt;
 
@@ -127,28 +127,6 @@ const GEMVS: [[Pipeline; 5]; 5] = [
     gemv_builds!("_bf16_v8", MATMUL_BF16_V8),
     gemv_builds!("_bf16_wide", MATMUL_BF16_WIDE),
     gemv_builds!("_bf16_sg", MATMUL_BF16_SG),
-];
-/// The COMBINE builds of o_proj + residual (matmul_bf16_vec.wgsl), one per vectorised build in
-/// [`GemvBuild`]'s order: a decode layer's attention partials combined as the GEMV reads them.
-const COMBINE_GEMVS: [Pipeline; 3] = [
-    (
-        "matmul_combine_add_bf16_v8",
-        MATMUL_BF16_V8,
-        "main",
-        &[("EPI", 1.0), ("COMBINE", 1.0)],
-    ),
-    (
-        "matmul_combine_add_bf16_wide",
-        MATMUL_BF16_WIDE,
-        "main",
-        &[("EPI", 1.0), ("COMBINE", 1.0)],
-    ),
-    (
-        "matmul_combine_add_bf16_sg",
-        MATMUL_BF16_SG,
-        "main",
-        &[("EPI", 1.0), ("COMBINE", 1.0)],
-    ),
 ];
 const ATTENTION: &str = include_str!("../../../kernels/wgsl/attention.wgsl");
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
@@ -622,11 +600,7 @@ impl WgpuBackend {
             shader_checks(std::env::var("QFUSE_WGPU_SHADER_CHECKS").ok().as_deref());
         let mut pipelines = HashMap::new();
         let mut modules: HashMap<&str, wgpu::ShaderModule> = HashMap::new();
-        let all = SHADERS
-            .iter()
-            .chain(GEMVS.iter().flatten())
-            .chain(COMBINE_GEMVS.iter());
-        for (name, src, entry, constants) in all {
+        for (name, src, entry, constants) in SHADERS.iter().chain(GEMVS.iter().flatten()) {
             if name.ends_with("_sg") && !subgroups {
                 continue;
             }
@@ -844,25 +818,6 @@ impl WgpuBackend {
         cfg: &AttentionConfig,
         qkn: Option<(&WgpuTensor, &WgpuTensor)>,
     ) -> Result<WgpuTensor> {
-        match self.attention_partials(input, t, cache, batch, cfg, qkn, false)? {
-            Attended::Rows(out) => Ok(out),
-            Attended::Partials { .. } => Err(Error::invalid("attention", "partials not combined")),
-        }
-    }
-
-    /// [`WgpuBackend::attention_dispatch`], leaving a split context's partial softmaxes
-    /// uncombined when `leave_partials` is set (for the o_proj GEMV's COMBINE build).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_partials(
-        &self,
-        input: &WgpuTensor,
-        t: usize,
-        cache: &LayerKv<WgpuTensor>,
-        batch: &WgpuBatch,
-        cfg: &AttentionConfig,
-        qkn: Option<(&WgpuTensor, &WgpuTensor)>,
-        leave_partials: bool,
-    ) -> Result<Attended> {
         let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let c = h * d;
         if t != batch.info.num_tokens() || kvh == 0 || h == 0 || h % kvh != 0 || d > MAX_HEAD_DIM {
@@ -887,10 +842,9 @@ impl WgpuBackend {
         let chunk = (32 * max_ctx.div_ceil(32 * want))
             .max(self.inner.attention_min_chunk.next_multiple_of(32));
         let splits = max_ctx.div_ceil(chunk);
-        // Partials [o, max, sum, 2 unused] per (token, head, split); one split writes `out`
-        // directly.
+        // Partials [o, max, sum] per (token, head, split); one split writes `out` directly.
         let part = if splits > 1 {
-            self.output([t * h * splits, d + 4])?
+            self.output([t * h * splits, d + 2])?
         } else {
             self.output([1])?
         };
@@ -939,9 +893,6 @@ impl WgpuBackend {
             (head_groups, t, splits),
         )?;
         if splits > 1 {
-            if leave_partials {
-                return Ok(Attended::Partials { part, splits });
-            }
             self.run(
                 "attention_combine",
                 &params,
@@ -949,68 +900,7 @@ impl WgpuBackend {
                 (h, t),
             )?;
         }
-        Ok(Attended::Rows(out))
-    }
-
-    /// A decode layer's attention and o_proj + residual on the QKV projection `qkv` and the
-    /// residual stream `x`: where the context splits, the o_proj GEMV's COMBINE build combines
-    /// the splits' partials as it reads them (no combine dispatch, one barrier fewer); `None`
-    /// where the shapes do not fit it (the caller composes).
-    fn attention_o_proj(
-        &self,
-        qkv: &WgpuTensor,
-        x: &WgpuTensor,
-        w: &LayerWeights<'_, WgpuTensor>,
-        cache: &mut LayerKv<WgpuTensor>,
-        batch: &WgpuBatch,
-        cfg: &AttentionConfig,
-    ) -> Result<Option<WgpuTensor>> {
-        let op = "decoder_layer";
-        let (t, width) = matrix(qkv, op)?;
-        let (hidden, attn_width) = matrix(w.o_proj, op)?;
-        let d = cfg.head_dim;
-        let build = Gemv::build(
-            w.o_proj.dtype,
-            attn_width,
-            hidden,
-            self.inner.gemv_build,
-            self.inner.subgroups,
-        );
-        let fits = batch.info.is_decode_step()
-            && cfg.fits_prologue(width, &w.q_norm.shape, &w.k_norm.shape)
-            && d.is_multiple_of(8)
-            && attn_width == cfg.num_heads * d
-            && x.shape.dims() == [t, hidden]
-            && w.o_proj.parts.len() == 1;
-        let (true, ShaderBuild::Vec(gemv)) = (fits, build) else {
-            return Ok(None);
-        };
-        let slots = cache.k.shape.cache_slots(cfg.num_kv_heads * d, op)?;
-        batch.info.check_slots_within(slots, op)?;
-        let qkn = Some((w.q_norm, w.k_norm));
-        let (part, splits) = match self.attention_partials(qkv, t, cache, batch, cfg, qkn, true)? {
-            Attended::Rows(o) => return Ok(Some(self.matmul_add(&o, w.o_proj, x)?)),
-            Attended::Partials { part, splits } => (part, splits),
-        };
-        let out = self.output([t, hidden])?;
-        let params = [
-            u32_of(t)?,
-            u32_of(attn_width)?,
-            u32_of(hidden)?,
-            u32_of(hidden)?,
-            0,
-            0,
-            u32_of(splits)?,
-            u32_of(d)?,
-        ];
-        let groups = hidden.div_ceil(build.columns_per_workgroup());
-        self.run(
-            combine_pipeline(gemv),
-            &params,
-            &[part.buf()?, &w.o_proj.parts[0], out.buf()?, x.buf()?],
-            (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS)),
-        )?;
-        Ok(Some(out))
+        Ok(out)
     }
 
     /// The batch's RoPE table for `cfg`, computed (in f64) once per batch.
@@ -1234,22 +1124,6 @@ impl WgpuBackend {
         let bytes = staging.get_mapped_range(..).map_err(wgpu_err)?.to_vec();
         staging.unmap();
         Ok(bytes)
-    }
-}
-
-/// What [`WgpuBackend::attention_partials`] leaves: the attention output, or a split context's
-/// partial softmaxes `[t * heads * splits, d + 4]`.
-enum Attended {
-    Rows(WgpuTensor),
-    Partials { part: WgpuTensor, splits: usize },
-}
-
-/// The o_proj + residual GEMV that combines attention's partials as it reads them, in `build`.
-fn combine_pipeline(build: GemvBuild) -> &'static str {
-    match build {
-        GemvBuild::V8 => COMBINE_GEMVS[0].0,
-        GemvBuild::Wide => COMBINE_GEMVS[1].0,
-        GemvBuild::Subgroup => COMBINE_GEMVS[2].0,
     }
 }
 
@@ -1670,33 +1544,6 @@ impl Backend for WgpuBackend {
             Some(y) => Ok(y),
             None => compose::matmul_silu_mul(self, x, w_gate_up),
         }
-    }
-
-    fn fuses_decoder_layer(&self) -> bool {
-        true
-    }
-
-    fn decoder_layer(
-        &self,
-        x: &WgpuTensor,
-        w: &LayerWeights<'_, WgpuTensor>,
-        cache: &mut LayerKv<WgpuTensor>,
-        batch: &WgpuBatch,
-        cfg: &AttentionConfig,
-        eps: f64,
-    ) -> Result<WgpuTensor> {
-        // compose::decoder_layer, but a decode step's o_proj combines attention's context splits
-        // itself (one dispatch and barrier a layer fewer; docs/perf.md).
-        let qkv = self.rms_norm_matmul(x, w.input_norm, w.qkv, eps)?;
-        let h = match self.attention_o_proj(&qkv, x, w, cache, batch, cfg)? {
-            Some(h) => h,
-            None => {
-                let o = self.qk_norm_rope_attention(&qkv, w.q_norm, w.k_norm, cache, batch, cfg)?;
-                self.matmul_add(&o, w.o_proj, x)?
-            }
-        };
-        let g = self.rms_norm_matmul_silu_mul(&h, w.post_norm, w.gate_up, eps)?;
-        self.matmul_add(&g, w.down, &h)
     }
 
     fn qk_norm_rope_attention(
