@@ -183,10 +183,6 @@ struct Recording {
 /// 32 → 2.20/2.19, 64 → 2.31/2.15.
 const SUBMIT_EVERY: usize = 16;
 
-/// Dispatches in the first burst after the host waited for the GPU (default; knob
-/// `QFUSE_WGPU_SUBMIT_FIRST`). Until measured, the same as [`SUBMIT_EVERY`].
-const SUBMIT_FIRST: usize = SUBMIT_EVERY;
-
 /// Bind groups by pipeline name and bound buffers (params first).
 type BindGroups = HashMap<(&'static str, Vec<wgpu::Buffer>), wgpu::BindGroup>;
 
@@ -316,11 +312,6 @@ struct Inner {
     /// The device has subgroup operations (and the `_sg` pipelines).
     subgroups: bool,
     submit_every: usize,
-    /// Dispatches in the first burst after the host waited for the GPU (`QFUSE_WGPU_SUBMIT_FIRST`):
-    /// the queue is empty then, so a smaller burst starts the GPU sooner on the next step.
-    submit_first: usize,
-    /// The host waited for all submitted work and nothing has been submitted since.
-    gpu_idle: std::sync::atomic::AtomicBool,
     /// Workgroups attention aims for by splitting contexts (`QFUSE_WGPU_ATTENTION_WORKGROUPS`,
     /// default 256; at most the heads × tokens means one split and no combine dispatch).
     attention_workgroups: usize,
@@ -351,8 +342,6 @@ impl Inner {
 
     /// Submits a thread's recording; the buffers retired during it are free from then on.
     fn submit(&self, mut rec: Recording) {
-        self.gpu_idle
-            .store(false, std::sync::atomic::Ordering::Relaxed);
         let start = Instant::now();
         let retired = std::mem::take(&mut rec.retired);
         drop(rec.pass.take()); // ends the pass, unlocking the encoder
@@ -662,9 +651,6 @@ impl WgpuBackend {
                 gemv_build,
                 submit_every: env_knob("QFUSE_WGPU_SUBMIT_EVERY", 1..=1 << 20)
                     .unwrap_or(SUBMIT_EVERY),
-                submit_first: env_knob("QFUSE_WGPU_SUBMIT_FIRST", 1..=1 << 20)
-                    .unwrap_or(SUBMIT_FIRST),
-                gpu_idle: std::sync::atomic::AtomicBool::new(true),
                 attention_workgroups: env_knob("QFUSE_WGPU_ATTENTION_WORKGROUPS", 1..=1 << 20)
                     .unwrap_or(256),
                 attention_min_chunk: env_knob("QFUSE_WGPU_ATTENTION_MIN_CHUNK", 1..=1 << 20)
@@ -1039,16 +1025,7 @@ impl WgpuBackend {
         }
         // Submit in bursts, so the GPU starts on a step while the rest of it is recorded.
         let stamps_full = rec.stamps.as_ref().is_some_and(DispatchStamps::full);
-        let idle = self
-            .inner
-            .gpu_idle
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let burst = if idle {
-            self.inner.submit_first
-        } else {
-            self.inner.submit_every
-        };
-        if rec.dispatches >= burst || stamps_full {
+        if rec.dispatches >= self.inner.submit_every || stamps_full {
             if let Some(rec) = pending.remove(&thread) {
                 self.inner.submit(rec);
             }
@@ -1143,9 +1120,6 @@ impl WgpuBackend {
         if let Some(t) = &self.inner.host_times {
             t.wait.add(start);
         }
-        self.inner
-            .gpu_idle
-            .store(true, std::sync::atomic::Ordering::Relaxed);
         rx.recv().map_err(wgpu_err)?.map_err(wgpu_err)?;
         let bytes = staging.get_mapped_range(..).map_err(wgpu_err)?.to_vec();
         staging.unmap();
@@ -1646,11 +1620,8 @@ impl Backend for WgpuBackend {
         self.inner
             .device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(wgpu_err)?;
-        self.inner
-            .gpu_idle
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+            .map(|_| ())
+            .map_err(wgpu_err)
     }
 
     fn record_event(&self) -> Result<std::time::Instant> {
