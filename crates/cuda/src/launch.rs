@@ -25,6 +25,8 @@ pub(crate) struct Launch<'a> {
     func: &'a CudaFunction,
     args: Vec<u64>,
     pdl: bool,
+    /// Blocks along y grouped into one thread-block cluster (sm_90), if any.
+    cluster_y: Option<u32>,
 }
 
 impl<'a> Launch<'a> {
@@ -35,7 +37,14 @@ impl<'a> Launch<'a> {
             func,
             args: Vec::with_capacity(24),
             pdl,
+            cluster_y: None,
         }
+    }
+
+    /// Launches the grid as thread-block clusters of `y` consecutive blocks along y (sm_90).
+    pub(crate) fn cluster_y(&mut self, y: u32) -> &mut Self {
+        self.cluster_y = Some(y);
+        self
     }
 
     /// A device buffer, passed as its address.
@@ -89,11 +98,25 @@ impl<'a> Launch<'a> {
             .iter_mut()
             .map(|a| (a as *mut u64).cast::<c_void>())
             .collect();
-        // SAFETY: an all-zero attribute value is a valid (empty) union; the field set below is
-        // the one the attribute id names.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs = Vec::with_capacity(2);
+        if self.pdl {
+            // SAFETY: an all-zero attribute value is a valid (empty) union; the field set below
+            // is the one the attribute id names.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            attrs.push(attr);
+        }
+        if let Some(y) = self.cluster_y {
+            // SAFETY: as above; clusterDim is the field CLUSTER_DIMENSION names.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attr.value.clusterDim.x = 1;
+            attr.value.clusterDim.y = y;
+            attr.value.clusterDim.z = 1;
+            attrs.push(attr);
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -103,12 +126,12 @@ impl<'a> Launch<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: if self.pdl {
-                &mut attr
-            } else {
+            attrs: if attrs.is_empty() {
                 std::ptr::null_mut()
+            } else {
+                attrs.as_mut_ptr()
             },
-            numAttrs: u32::from(self.pdl),
+            numAttrs: attrs.len() as u32,
         };
         self.stream.context().bind_to_thread()?;
         // SAFETY: config, the function and the parameter slots outlive the call (the driver

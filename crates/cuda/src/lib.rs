@@ -227,6 +227,8 @@ struct Inner {
     /// attention kernel its loads, reductions and RoPE angles lengthen the critical path
     /// (Nsight: 13.4 µs fused vs 10.5 + 6.1 µs, run one by one).
     fused_attention_from: usize,
+    /// Products of 9-64 rows take the tensor-core kernel `gemm_x3` (the option, on sm_90+).
+    gemm_x3: bool,
     /// Blocks an SM the decode attention kernel fills when it splits contexts (0: no split; the
     /// default 4 is what its registers let an SM hold).
     attn_many_blocks_per_sm: usize,
@@ -278,6 +280,10 @@ pub struct CudaOptions {
     /// [`ATTENTION_GEMM_SCRATCH_BYTES`]). Each chunk's GEMMs stop at its last row's keys, so
     /// smaller chunks skip more of the causal mask's zeros, in more launches.
     pub attention_gemm_chunk_rows: usize,
+    /// Products of 9-64 rows (batched decode) run as one tensor-core kernel with the epilogue
+    /// fused (`kernels/gemm_x3.cu`, sm_90 and later; default) rather than a cuBLAS GEMM and a
+    /// sum kernel. `QFUSE_CUDA_GEMM_X3=0` turns the default off, for measurements.
+    pub gemm_x3: bool,
 }
 
 /// Default [`CudaOptions::attention_gemm_min_rows`].
@@ -300,6 +306,7 @@ impl Default for CudaOptions {
                 1..=1 << 16,
             )
             .unwrap_or(512),
+            gemm_x3: std::env::var("QFUSE_CUDA_GEMM_X3").as_deref() != Ok("0"),
         }
     }
 }
@@ -431,6 +438,7 @@ impl CudaBackend {
                     1..=1 << 20,
                 )
                 .unwrap_or(GEMV_MAX_ROWS + 1),
+                gemm_x3: major >= 9 && options.gemm_x3,
                 decode_min_chunk: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_DECODE_MIN_CHUNK",
                     32..=1 << 20,
@@ -654,6 +662,9 @@ impl CudaBackend {
                 unsafe { l.launch(grid(t, 256)) }.cuda()?;
             }
         }
+        if let Some(y) = self.gemm_x3(base, w, (t, k, n), &epilogue)? {
+            return Ok(y);
+        }
         let mut y3 = self.alloc_f32(3 * t * n)?;
         let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
         self.gemm(
@@ -692,6 +703,55 @@ impl CudaBackend {
         // are [t, out_cols] (n even for SiLU·up, checked by the callers); grid-stride loops.
         unsafe { l.launch(elementwise(t * out_cols)) }.cuda()?;
         Ok(y)
+    }
+
+    /// `epilogue(x w^T)` for 9-64 rows from the three bf16 parts of x at `parts` ([3][T][K]) in
+    /// one tensor-core kernel (`kernels/gemm_x3.cu`), instead of a cuBLAS GEMM and a sum kernel;
+    /// `None` where it does not apply (before sm_90, switched off, other shapes).
+    fn gemm_x3(
+        &self,
+        parts: u64,
+        w: &CudaSlice<u16>,
+        (t, k, n): (usize, usize, usize),
+        epilogue: &Epilogue<'_>,
+    ) -> Result<Option<Pooled>> {
+        let silu = matches!(epilogue, Epilogue::SiluMul);
+        let Some(plan) =
+            X3Plan::choose(t, k, n, silu, self.inner.sm_count).filter(|_| self.inner.gemm_x3)
+        else {
+            return Ok(None);
+        };
+        let out_cols = if silu { n / 2 } else { n };
+        let y = self.alloc_f32(t * out_cols)?;
+        let (name, residual) = match epilogue {
+            Epilogue::Store => ("gemm_x3_f32", None),
+            Epilogue::Add(r) => ("gemm_x3_add_f32", Some(*r)),
+            Epilogue::SiluMul => ("gemm_x3_silu_mul_f32", None),
+        };
+        let mut l = self.launch(name)?;
+        l.ptr(parts).buf(w);
+        match residual {
+            Some(r) => l.buf(r),
+            None => l.out(&y),
+        };
+        l.out(&y)
+            .i32(i32_of(t, "T")?)
+            .i32(i32_of(k, "K")?)
+            .i32(i32_of(n, "N")?)
+            .i32(plan.kc as i32);
+        l.cluster_y(plan.slices as u32);
+        let cfg = LaunchConfig {
+            grid_dim: (plan.tiles as u32, plan.slices as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: parts holds the three [t, k] bf16 parts of x back to back; w is [n, k] bf16
+        // (n even for SiLU); the residual (when read) and y are [t, out_cols] f32; t <= 64,
+        // k % 32 == 0 and the slices divide k / 32 into kc chunks (the plan); one cluster of
+        // `slices` blocks per tile, as the kernel's reduction expects; sm_90 (gemm_x3 is set
+        // only there).
+        unsafe { l.launch(cfg) }.cuda()?;
+        Ok(Some(y))
     }
 
     /// One cuBLAS GEMM `y [T, N] = x [T, K] · w [N, K]ᵀ + beta y` (row-major), fp32 compute.
@@ -1856,6 +1916,49 @@ impl ContextSplit {
     }
 }
 
+/// How `gemm_x3` (kernels/gemm_x3.cu) covers a product of 9-64 rows: `tiles` tiles of 128
+/// weight rows (64 output columns with SiLU·up), each split into `slices` slices of `kc` 32-wide
+/// chunks of K, one thread-block cluster of `slices` blocks per tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct X3Plan {
+    tiles: usize,
+    slices: usize,
+    kc: usize,
+}
+
+impl X3Plan {
+    /// The most slices (at most 8, a portable cluster) that divide K's chunks and keep the grid
+    /// within two blocks an SM (what its registers allow); `None` outside 9-64 rows, for K not
+    /// whole 32-element chunks, and for lm_head-sized products (N > 16,384), where each of the
+    /// many tiles re-reading the activations costs more than cuBLAS's GEMM.
+    fn choose(t: usize, k: usize, n: usize, silu: bool, sm_count: usize) -> Option<Self> {
+        if !(GEMV_MAX_ROWS + 1..=64).contains(&t)
+            || k == 0
+            || !k.is_multiple_of(32)
+            || n == 0
+            || n > 16_384
+            || (silu && !n.is_multiple_of(2))
+        {
+            return None;
+        }
+        let tiles = if silu {
+            (n / 2).div_ceil(64)
+        } else {
+            n.div_ceil(128)
+        };
+        let chunks = k / 32;
+        let slices = [8, 4, 2, 1]
+            .into_iter()
+            .find(|&s| chunks.is_multiple_of(s) && tiles * s <= 2 * sm_count)
+            .unwrap_or(1);
+        Some(X3Plan {
+            tiles,
+            slices,
+            kc: chunks / slices,
+        })
+    }
+}
+
 /// How `gemv_t1` (the decode bf16 GEMV in `kernels/gemv.cu`, built for 1 and for 2–8 rows)
 /// covers one matrix: each warp owns
 /// `rows` output columns over a K-slice of `kc` 16-byte loads per lane per weight row, `split`
@@ -1960,6 +2063,51 @@ mod tests {
         "rms_norm_gemv",
         "rms_norm_gemv_silu_mul",
     ];
+
+    #[test]
+    fn gemm_x3_plans_cover_the_product_in_whole_chunks() {
+        assert!(known("gemm_x3_f32") && known("gemm_x3_add_f32") && known("gemm_x3_silu_mul_f32"));
+        for silu in [false, true] {
+            for t in 1..=80 {
+                for (k, n) in [
+                    (1024, 4096),
+                    (1024, 6144),
+                    (2048, 1024),
+                    (3072, 1024),
+                    (96, 36),
+                ] {
+                    let plan = X3Plan::choose(t, k, n, silu, 132);
+                    let Some(p) = plan else {
+                        assert!(!(9..=64).contains(&t), "no plan for t={t} k={k} n={n}");
+                        continue;
+                    };
+                    assert_eq!(p.kc * 32 * p.slices, k, "{p:?}");
+                    assert!([1, 2, 4, 8].contains(&p.slices), "{p:?}");
+                    let rows = if silu {
+                        64 * p.tiles >= n / 2
+                    } else {
+                        128 * p.tiles >= n
+                    };
+                    assert!(rows, "{p:?} n={n}");
+                }
+            }
+        }
+        // The 0.6B's products at 64 rows on 132 SMs: QKV 32 tiles x 8, gate/up 48 x 4, o_proj
+        // and down 8 x 8; the lm_head stays on cuBLAS.
+        assert_eq!(
+            X3Plan::choose(64, 1024, 4096, false, 132).map(|p| (p.tiles, p.slices)),
+            Some((32, 8))
+        );
+        assert_eq!(
+            X3Plan::choose(64, 1024, 6144, true, 132).map(|p| (p.tiles, p.slices)),
+            Some((48, 4))
+        );
+        assert_eq!(
+            X3Plan::choose(64, 3072, 1024, false, 132).map(|p| (p.tiles, p.slices)),
+            Some((8, 8))
+        );
+        assert_eq!(X3Plan::choose(64, 1024, 151_936, false, 132), None);
+    }
 
     #[test]
     fn gemv_t1_plans_cover_the_matrix_in_whole_slices() {
@@ -2068,6 +2216,7 @@ mod tests {
                         || l.contains("qk_norm_rope_write_kv<")
                         || l.contains("attention_gemm_gather_kv<")
                         || l.contains("decoder_layer_t1<")
+                        || l.contains("gemm_x3<")
                 });
                 assert!(
                     body.lines().take(4).any(|l| l.contains("pdl_begin()")) || calls_template,
@@ -2078,7 +2227,9 @@ mod tests {
         let attention = include_str!("../../../kernels/attention.cu");
         let gemv = include_str!("../../../kernels/gemv.cu");
         let layer = include_str!("../../../kernels/layer.cu");
+        let gemm_x3 = include_str!("../../../kernels/gemm_x3.cu");
         for (name, src) in [
+            ("gemm_x3", gemm_x3),
             ("decoder_layer_t1", layer),
             ("gemv", gemv),
             ("gemv_t1", gemv),

@@ -1,0 +1,184 @@
+// Products of 9-64 rows (batched decode steps) on the tensor cores: y = epilogue(x w^T) from the
+// three bf16 parts of x that split_f32_bf16x3 / rms_norm_split_bf16x3 wrote ([3][T][K]: hi, mid,
+// lo; fp32-exact together) and bf16 weights w [N, K]. One kernel replaces a cuBLAS GEMM over the
+// stacked parts and the kernel that summed its three partial products: the weights are read once,
+// the three products accumulate in registers and the epilogue is fused (EPI_NONE: y = x w^T;
+// EPI_ADD: y = residual + x w^T; EPI_SILU: y[:, n] = silu(x w_n^T) * (x w_{n + N/2}^T), N/2 columns).
+//
+// Block: 8 warps over 128 weight rows (16 a warp: two n8 tiles; with EPI_SILU 64 gate rows and the
+// 64 matching up rows) and one slice of K. The S slices of a tile form a thread-block cluster
+// (sm_90): each block leaves its partial tile in shared memory and, after a cluster barrier,
+// reduces 1/S of the tile over all S blocks' tiles (distributed shared memory, always in slice
+// order, so results do not depend on timing) and applies the epilogue.
+//
+// mma.sync m16n8k16 (bf16 in, fp32 accumulate). The dot product is indifferent to the order of k,
+// so each lane loads 16 contiguous bytes (8 k) of its weight row and of its activation rows per
+// 32-k chunk, and the two mma k-steps of a chunk take words (0, 1) and (2, 3) of those loads: A
+// and B use the same k order, so no shuffles or shared-memory staging are needed. The hi part
+// accumulates apart from mid + lo, which are 2^-8 smaller, as the GEMM path summed them.
+// grid = (tiles, S), cluster = (1, S), block = 256; T <= 64, K % 32 == 0, (K / 32) % S == 0.
+
+#ifndef EPI_NONE
+#define EPI_NONE 0
+#define EPI_ADD 1
+#define EPI_SILU 2
+#endif
+#define X3_WARPS 8
+#define X3_ROWS 128
+#define X3_KCM 4
+#define X3_TMAX 64
+
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ u32 x3_smem_addr(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+
+__device__ __forceinline__ void x3_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ u32 x3_cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+// The float at shared address `addr` of the cluster's block `rank`.
+__device__ __forceinline__ float x3_ld_peer(u32 addr, u32 rank) {
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void x3_mma(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
+
+template <int EPI>
+__device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const bf16_t* __restrict__ w,
+                                        const float* __restrict__ residual, float* __restrict__ y, int T, int K,
+                                        int N, int kc) {
+#if __CUDA_ARCH__ >= 900
+    __shared__ float red[X3_TMAX * X3_ROWS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q4 = lane & 3;
+    const int tile = blockIdx.x, S = gridDim.y, slice = blockIdx.y;
+    const int half = N / 2;
+    // This warp's first weight row, and the first of its columns within the block's tile.
+    const int gate_col = tile * 64 + (warp & 3) * 16;
+    const int row0 = EPI == EPI_SILU ? (warp < 4 ? gate_col : half + gate_col) : tile * X3_ROWS + warp * 16;
+    const int col0 = warp * 16;
+    const int mtiles = (T + 15) >> 4;
+    const size_t part_stride = (size_t)T * K;
+    const int kbeg = slice * kc * 32 + q4 * 8;
+    float acc_hi[4][2][4], acc_lo[4][2][4];
+#pragma unroll
+    for (int m = 0; m < 4; ++m)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc_hi[m][nt][i] = acc_lo[m][nt][i] = 0.0f;
+    bool row_ok[2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+        row_ok[nt] = EPI == EPI_SILU ? gate_col + nt * 8 + g < half : row0 + nt * 8 + g < N;
+    uint4 zero;
+    zero.x = zero.y = zero.z = zero.w = 0u;
+    for (int c0 = 0; c0 < kc; c0 += X3_KCM) {
+        // The weights of X3_KCM chunks in flight at once (the first group before the PDL wait:
+        // weights never depend on an earlier kernel).
+        uint4 wv[X3_KCM][2];
+#pragma unroll
+        for (int c = 0; c < X3_KCM; ++c)
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                const size_t r = (size_t)(row0 + nt * 8 + g);
+                wv[c][nt] = (c0 + c < kc && row_ok[nt])
+                                ? __ldg(reinterpret_cast<const uint4*>(w + r * K + kbeg + (c0 + c) * 32))
+                                : zero;
+            }
+        if (c0 == 0) {
+            pdl_wait();
+            pdl_launch_dependents();
+        }
+#pragma unroll
+        for (int c = 0; c < X3_KCM; ++c) {
+            if (c0 + c >= kc) break;
+            const int k = kbeg + (c0 + c) * 32;
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                if (m >= mtiles) break;
+                const int r0 = m * 16 + g, r1 = r0 + 8;
+#pragma unroll
+                for (int p = 0; p < 3; ++p) {
+                    const bf16_t* base = parts + p * part_stride;
+                    const uint4 a0 = r0 < T ? __ldg(reinterpret_cast<const uint4*>(base + (size_t)r0 * K + k)) : zero;
+                    const uint4 a1 = r1 < T ? __ldg(reinterpret_cast<const uint4*>(base + (size_t)r1 * K + k)) : zero;
+#pragma unroll
+                    for (int nt = 0; nt < 2; ++nt) {
+                        float* acc = p == 0 ? acc_hi[m][nt] : acc_lo[m][nt];
+                        x3_mma(acc, a0.x, a1.x, a0.y, a1.y, wv[c][nt].x, wv[c][nt].y);
+                        x3_mma(acc, a0.z, a1.z, a0.w, a1.w, wv[c][nt].z, wv[c][nt].w);
+                    }
+                }
+            }
+        }
+    }
+    // The partial tile, [row t][column], rows past the last m tile left unwritten (never read).
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+        if (m >= mtiles) break;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+            const int col = col0 + nt * 8 + 2 * q4, t0 = m * 16 + g;
+            red[t0 * X3_ROWS + col] = acc_hi[m][nt][0] + acc_lo[m][nt][0];
+            red[t0 * X3_ROWS + col + 1] = acc_hi[m][nt][1] + acc_lo[m][nt][1];
+            red[(t0 + 8) * X3_ROWS + col] = acc_hi[m][nt][2] + acc_lo[m][nt][2];
+            red[(t0 + 8) * X3_ROWS + col + 1] = acc_hi[m][nt][3] + acc_lo[m][nt][3];
+        }
+    }
+    x3_cluster_sync();
+    // This block's share of the tile's outputs, summed over the S slices in order.
+    const u32 rank = x3_cluster_rank();
+    const int cols_out = EPI == EPI_SILU ? 64 : X3_ROWS;
+    const int out_n = EPI == EPI_SILU ? half : N;
+    const int total = T * cols_out, per = (total + S - 1) / S;
+    const int end = (int)(rank + 1) * per < total ? (int)(rank + 1) * per : total;
+    const u32 red_addr = x3_smem_addr(red);
+    for (int idx = (int)rank * per + threadIdx.x; idx < end; idx += blockDim.x) {
+        const int t = idx / cols_out, c = idx % cols_out;
+        const int n = tile * cols_out + c;
+        float a = 0.0f, b = 0.0f;
+        for (int q = 0; q < S; ++q) {
+            a += x3_ld_peer(red_addr + 4u * (u32)(t * X3_ROWS + c), (u32)q);
+            if (EPI == EPI_SILU) b += x3_ld_peer(red_addr + 4u * (u32)(t * X3_ROWS + 64 + c), (u32)q);
+        }
+        if (n < out_n) {
+            const size_t o = (size_t)t * out_n + n;
+            if (EPI == EPI_SILU) y[o] = silu(a) * b;
+            else if (EPI == EPI_ADD) y[o] = residual[o] + a;
+            else y[o] = a;
+        }
+    }
+    // No block may leave while the others still read its tile.
+    x3_cluster_sync();
+#endif
+}
+
+#define X3_ENTRY(name, EPI)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(X3_WARPS * 32, 2)                                             \
+        name(const bf16_t* parts, const bf16_t* w, const float* residual, float* y, int T, int K, int N, int kc) { \
+        gemm_x3<EPI>(parts, w, residual, y, T, K, N, kc);                                                      \
+    }
+
+X3_ENTRY(gemm_x3_f32, EPI_NONE)
+X3_ENTRY(gemm_x3_add_f32, EPI_ADD)
+X3_ENTRY(gemm_x3_silu_mul_f32, EPI_SILU)
