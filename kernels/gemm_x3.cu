@@ -12,10 +12,11 @@
 // order, so results do not depend on timing) and applies the epilogue.
 //
 // mma.sync m16n8k16 (bf16 in, fp32 accumulate). The dot product is indifferent to the order of k,
-// so each lane loads 16 contiguous bytes (8 k) of its weight row and of its activation rows per
-// 32-k chunk, and the two mma k-steps of a chunk take words (0, 1) and (2, 3) of those loads: A
-// and B use the same k order, so no shuffles or shared-memory staging are needed. The hi part
-// accumulates apart from mid + lo, which are 2^-8 smaller, as the GEMM path summed them.
+// so each lane loads 16 contiguous bytes (8 k) of its weight row (from global memory, into
+// registers) and of its activation rows (from shared memory, where the block staged them with
+// cp.async) per 32-k chunk, and the two mma k-steps of a chunk take words (0, 1) and (2, 3) of
+// those loads: A and B use the same k order, so no shuffles are needed. The hi part accumulates
+// apart from mid + lo, which are 2^-8 smaller, as the GEMM path summed them.
 // grid = (tiles, S), cluster = (1, S), block = 256; T <= 64, K % 32 == 0, (K / 32) % S == 0.
 
 #ifndef EPI_NONE
@@ -63,12 +64,20 @@ __device__ __forceinline__ void x3_mma(float c[4], u32 a0, u32 a1, u32 a2, u32 a
 }
 #endif
 
+// One 16-byte unit (8 bf16) of a staged activation row: unit u of row r sits at u ^ 4 on odd rows,
+// so the two rows that a quarter-warp's 16-byte loads touch (g, g + 1) fall in different banks.
+__device__ __forceinline__ int x3_unit(int r, int u) { return (r * 16 + (u ^ ((r & 1) << 2))) * 8; }
+
 template <int EPI>
 __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const bf16_t* __restrict__ w,
                                         const float* __restrict__ residual, float* __restrict__ y, int T, int K,
                                         int N, int kc) {
 #if __CUDA_ARCH__ >= 900
-    __shared__ float red[X3_TMAX * X3_ROWS];
+    // The activations of X3_KCM chunks ([3 parts][64 rows][128 k] bf16, 48 KiB), staged by the
+    // whole block with cp.async; after the products the same memory holds the partial tile
+    // ([64 rows][128 columns] fp32) for the cluster's reduction.
+    __shared__ __align__(16) bf16_t act[3 * X3_TMAX * X3_KCM * 32];
+    float* red = reinterpret_cast<float*>(act);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q4 = lane & 3;
     const int tile = blockIdx.x, S = gridDim.y, slice = blockIdx.y;
     const int half = N / 2;
@@ -76,9 +85,9 @@ __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const 
     const int gate_col = tile * 64 + (warp & 3) * 16;
     const int row0 = EPI == EPI_SILU ? (warp < 4 ? gate_col : half + gate_col) : tile * X3_ROWS + warp * 16;
     const int col0 = warp * 16;
-    const int mtiles = (T + 15) >> 4;
+    const int mtiles = (T + 15) >> 4, rows = 16 * mtiles;
     const size_t part_stride = (size_t)T * K;
-    const int kbeg = slice * kc * 32 + q4 * 8;
+    const int k_slice = slice * kc * 32;
     float acc_hi[4][2][4], acc_lo[4][2][4];
 #pragma unroll
     for (int m = 0; m < 4; ++m)
@@ -92,9 +101,10 @@ __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const 
         row_ok[nt] = EPI == EPI_SILU ? gate_col + nt * 8 + g < half : row0 + nt * 8 + g < N;
     uint4 zero;
     zero.x = zero.y = zero.z = zero.w = 0u;
+    const u32 act_addr = x3_smem_addr(act);
     for (int c0 = 0; c0 < kc; c0 += X3_KCM) {
-        // The weights of X3_KCM chunks in flight at once (the first group before the PDL wait:
-        // weights never depend on an earlier kernel).
+        // This group's weights in registers (the first group's before the PDL wait: weights
+        // never depend on an earlier kernel).
         uint4 wv[X3_KCM][2];
 #pragma unroll
         for (int c = 0; c < X3_KCM; ++c)
@@ -102,26 +112,39 @@ __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const 
             for (int nt = 0; nt < 2; ++nt) {
                 const size_t r = (size_t)(row0 + nt * 8 + g);
                 wv[c][nt] = (c0 + c < kc && row_ok[nt])
-                                ? __ldg(reinterpret_cast<const uint4*>(w + r * K + kbeg + (c0 + c) * 32))
+                                ? __ldg(reinterpret_cast<const uint4*>(w + r * K + k_slice + (c0 + c) * 32 + q4 * 8))
                                 : zero;
             }
         if (c0 == 0) {
             pdl_wait();
             pdl_launch_dependents();
+        } else {
+            __syncthreads();  // every warp is done with the previous group's activations
         }
+        // Stage the group's activations: rows past T are zero-filled.
+        const int chunks = kc - c0 < X3_KCM ? kc - c0 : X3_KCM;
+        const int upr = 4 * chunks, units = 3 * rows * upr;
+        for (int i = threadIdx.x; i < units; i += X3_WARPS * 32) {
+            const int p = i / (rows * upr), rem = i - p * rows * upr, r = rem / upr, u = rem - r * upr;
+            const bf16_t* src = parts + p * part_stride + (size_t)(r < T ? r : 0) * K + k_slice + c0 * 32 + u * 8;
+            const u32 dst = act_addr + 2u * (u32)(p * X3_TMAX * X3_KCM * 32 + x3_unit(r, u));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(r < T ? 16 : 0)
+                         : "memory");
+        }
+        asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+        __syncthreads();
 #pragma unroll
         for (int c = 0; c < X3_KCM; ++c) {
             if (c0 + c >= kc) break;
-            const int k = kbeg + (c0 + c) * 32;
 #pragma unroll
             for (int m = 0; m < 4; ++m) {
                 if (m >= mtiles) break;
                 const int r0 = m * 16 + g, r1 = r0 + 8;
 #pragma unroll
                 for (int p = 0; p < 3; ++p) {
-                    const bf16_t* base = parts + p * part_stride;
-                    const uint4 a0 = r0 < T ? __ldg(reinterpret_cast<const uint4*>(base + (size_t)r0 * K + k)) : zero;
-                    const uint4 a1 = r1 < T ? __ldg(reinterpret_cast<const uint4*>(base + (size_t)r1 * K + k)) : zero;
+                    const bf16_t* base = act + p * X3_TMAX * X3_KCM * 32;
+                    const uint4 a0 = *reinterpret_cast<const uint4*>(base + x3_unit(r0, c * 4 + q4));
+                    const uint4 a1 = *reinterpret_cast<const uint4*>(base + x3_unit(r1, c * 4 + q4));
 #pragma unroll
                     for (int nt = 0; nt < 2; ++nt) {
                         float* acc = p == 0 ? acc_hi[m][nt] : acc_lo[m][nt];
@@ -132,6 +155,7 @@ __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const 
             }
         }
     }
+    __syncthreads();  // the activations are read; their memory takes the partial tile
     // The partial tile, [row t][column], rows past the last m tile left unwritten (never read).
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
@@ -152,14 +176,24 @@ __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const 
     const int out_n = EPI == EPI_SILU ? half : N;
     const int total = T * cols_out, per = (total + S - 1) / S;
     const int end = (int)(rank + 1) * per < total ? (int)(rank + 1) * per : total;
-    const u32 red_addr = x3_smem_addr(red);
+    const u32 red_addr = act_addr;
     for (int idx = (int)rank * per + threadIdx.x; idx < end; idx += blockDim.x) {
         const int t = idx / cols_out, c = idx % cols_out;
         const int n = tile * cols_out + c;
+        float va[8], vb[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+            va[q] = vb[q] = 0.0f;
+            if (q < S) {
+                va[q] = x3_ld_peer(red_addr + 4u * (u32)(t * X3_ROWS + c), (u32)q);
+                if (EPI == EPI_SILU) vb[q] = x3_ld_peer(red_addr + 4u * (u32)(t * X3_ROWS + 64 + c), (u32)q);
+            }
+        }
         float a = 0.0f, b = 0.0f;
-        for (int q = 0; q < S; ++q) {
-            a += x3_ld_peer(red_addr + 4u * (u32)(t * X3_ROWS + c), (u32)q);
-            if (EPI == EPI_SILU) b += x3_ld_peer(red_addr + 4u * (u32)(t * X3_ROWS + 64 + c), (u32)q);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+            a += va[q];
+            b += vb[q];
         }
         if (n < out_n) {
             const size_t o = (size_t)t * out_n + n;
