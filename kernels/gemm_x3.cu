@@ -5,8 +5,9 @@
 // the three products accumulate in registers and the epilogue is fused (EPI_NONE: y = x w^T;
 // EPI_ADD: y = residual + x w^T; EPI_SILU: y[:, n] = silu(x w_n^T) * (x w_{n + N/2}^T), N/2 columns).
 //
-// Block: 8 warps over 128 weight rows (16 a warp: two n8 tiles; with EPI_SILU 64 gate rows and the
-// 64 matching up rows) and one slice of K. The S slices of a tile form a thread-block cluster
+// Block: 8 warps over 128 weight rows (with EPI_SILU 64 gate rows and the 64 matching up rows) and
+// one slice of K; warp w takes rows 32 (w & 1) .. + 32 of x (two m16 tiles) and 32 weight rows
+// (four n8 tiles), so each activation fragment read from shared memory serves four products. The S slices of a tile form a thread-block cluster
 // (sm_90): each block leaves its partial tile in shared memory and, after a cluster barrier,
 // reduces 1/S of the tile over all S blocks' tiles (distributed shared memory, always in slice
 // order, so results do not depend on timing) and applies the epilogue.
@@ -26,7 +27,7 @@
 #endif
 #define X3_WARPS 8
 #define X3_ROWS 128
-#define X3_KCM 4
+#define X3_KCM 2
 #define X3_TMAX 64
 
 #if __CUDA_ARCH__ >= 900
@@ -66,38 +67,40 @@ __device__ __forceinline__ void x3_mma(float c[4], u32 a0, u32 a1, u32 a2, u32 a
 
 // One 16-byte unit (8 bf16) of a staged activation row: unit u of row r sits at u ^ 4 on odd rows,
 // so the two rows that a quarter-warp's 16-byte loads touch (g, g + 1) fall in different banks.
-__device__ __forceinline__ int x3_unit(int r, int u) { return (r * 16 + (u ^ ((r & 1) << 2))) * 8; }
+__device__ __forceinline__ int x3_unit(int r, int u) { return (r * 4 * X3_KCM + (u ^ ((r & 1) << 2))) * 8; }
 
 template <int EPI>
 __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const bf16_t* __restrict__ w,
                                         const float* __restrict__ residual, float* __restrict__ y, int T, int K,
                                         int N, int kc) {
 #if __CUDA_ARCH__ >= 900
-    // The activations of X3_KCM chunks ([3 parts][64 rows][128 k] bf16, 48 KiB), staged by the
+    // The activations of X3_KCM chunks ([3 parts][64 rows][64 k] bf16, 24 KiB), staged by the
     // whole block with cp.async; after the products the same memory holds the partial tile
-    // ([64 rows][128 columns] fp32) for the cluster's reduction.
-    __shared__ __align__(16) bf16_t act[3 * X3_TMAX * X3_KCM * 32];
-    float* red = reinterpret_cast<float*>(act);
+    // ([64 rows][128 columns] fp32, 32 KiB) for the cluster's reduction.
+    __shared__ __align__(16) float red[X3_TMAX * X3_ROWS];
+    bf16_t* act = reinterpret_cast<bf16_t*>(red);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q4 = lane & 3;
     const int tile = blockIdx.x, S = gridDim.y, slice = blockIdx.y;
     const int half = N / 2;
-    // This warp's first weight row, and the first of its columns within the block's tile.
-    const int gate_col = tile * 64 + (warp & 3) * 16;
-    const int row0 = EPI == EPI_SILU ? (warp < 4 ? gate_col : half + gate_col) : tile * X3_ROWS + warp * 16;
-    const int col0 = warp * 16;
+    // This warp's rows of x (m tiles 2 wm, 2 wm + 1), its first weight row, and the first of its
+    // columns within the block's tile.
+    const int wm = warp & 1, wn = warp >> 1;
+    const int gate_col = tile * 64 + (wn & 1) * 32;
+    const int row0 = EPI == EPI_SILU ? (wn < 2 ? gate_col : half + gate_col) : tile * X3_ROWS + wn * 32;
+    const int col0 = wn * 32;
     const int mtiles = (T + 15) >> 4, rows = 16 * mtiles;
     const size_t part_stride = (size_t)T * K;
     const int k_slice = slice * kc * 32;
-    float acc_hi[4][2][4], acc_lo[4][2][4];
+    float acc_hi[2][4][4], acc_lo[2][4][4];
 #pragma unroll
-    for (int m = 0; m < 4; ++m)
+    for (int m = 0; m < 2; ++m)
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
+        for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc_hi[m][nt][i] = acc_lo[m][nt][i] = 0.0f;
-    bool row_ok[2];
+    bool row_ok[4];
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int nt = 0; nt < 4; ++nt)
         row_ok[nt] = EPI == EPI_SILU ? gate_col + nt * 8 + g < half : row0 + nt * 8 + g < N;
     uint4 zero;
     zero.x = zero.y = zero.z = zero.w = 0u;
@@ -105,11 +108,11 @@ __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const 
     for (int c0 = 0; c0 < kc; c0 += X3_KCM) {
         // This group's weights in registers (the first group's before the PDL wait: weights
         // never depend on an earlier kernel).
-        uint4 wv[X3_KCM][2];
+        uint4 wv[X3_KCM][4];
 #pragma unroll
         for (int c = 0; c < X3_KCM; ++c)
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
+            for (int nt = 0; nt < 4; ++nt) {
                 const size_t r = (size_t)(row0 + nt * 8 + g);
                 wv[c][nt] = (c0 + c < kc && row_ok[nt])
                                 ? __ldg(reinterpret_cast<const uint4*>(w + r * K + k_slice + (c0 + c) * 32 + q4 * 8))
@@ -137,16 +140,16 @@ __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const 
         for (int c = 0; c < X3_KCM; ++c) {
             if (c0 + c >= kc) break;
 #pragma unroll
-            for (int m = 0; m < 4; ++m) {
-                if (m >= mtiles) break;
-                const int r0 = m * 16 + g, r1 = r0 + 8;
+            for (int m = 0; m < 2; ++m) {
+                if (2 * wm + m >= mtiles) break;
+                const int r0 = (2 * wm + m) * 16 + g, r1 = r0 + 8;
 #pragma unroll
                 for (int p = 0; p < 3; ++p) {
                     const bf16_t* base = act + p * X3_TMAX * X3_KCM * 32;
                     const uint4 a0 = *reinterpret_cast<const uint4*>(base + x3_unit(r0, c * 4 + q4));
                     const uint4 a1 = *reinterpret_cast<const uint4*>(base + x3_unit(r1, c * 4 + q4));
 #pragma unroll
-                    for (int nt = 0; nt < 2; ++nt) {
+                    for (int nt = 0; nt < 4; ++nt) {
                         float* acc = p == 0 ? acc_hi[m][nt] : acc_lo[m][nt];
                         x3_mma(acc, a0.x, a1.x, a0.y, a1.y, wv[c][nt].x, wv[c][nt].y);
                         x3_mma(acc, a0.z, a1.z, a0.w, a1.w, wv[c][nt].z, wv[c][nt].w);
@@ -158,11 +161,11 @@ __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const 
     __syncthreads();  // the activations are read; their memory takes the partial tile
     // The partial tile, [row t][column], rows past the last m tile left unwritten (never read).
 #pragma unroll
-    for (int m = 0; m < 4; ++m) {
-        if (m >= mtiles) break;
+    for (int m = 0; m < 2; ++m) {
+        if (2 * wm + m >= mtiles) break;
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-            const int col = col0 + nt * 8 + 2 * q4, t0 = m * 16 + g;
+        for (int nt = 0; nt < 4; ++nt) {
+            const int col = col0 + nt * 8 + 2 * q4, t0 = (2 * wm + m) * 16 + g;
             red[t0 * X3_ROWS + col] = acc_hi[m][nt][0] + acc_lo[m][nt][0];
             red[t0 * X3_ROWS + col + 1] = acc_hi[m][nt][1] + acc_lo[m][nt][1];
             red[(t0 + 8) * X3_ROWS + col] = acc_hi[m][nt][2] + acc_lo[m][nt][2];

@@ -1928,7 +1928,7 @@ struct X3Plan {
 
 impl X3Plan {
     /// The most slices (at most 8, a portable cluster) that divide K's chunks and keep the grid
-    /// within two blocks an SM (what its registers allow); `None` outside 9-64 rows, for K not
+    /// within 1.75 blocks an SM; `None` outside 9-64 rows, for K not
     /// whole 32-element chunks, and for lm_head-sized products (N > 16,384), where each of the
     /// many tiles re-reading the activations costs more than cuBLAS's GEMM.
     fn choose(t: usize, k: usize, n: usize, silu: bool, sm_count: usize) -> Option<Self> {
@@ -1947,9 +1947,12 @@ impl X3Plan {
             n.div_ceil(128)
         };
         let chunks = k / 32;
+        // Within 1.75 blocks an SM: clusters must fit whole into a GPC, and two blocks an SM
+        // (256 for 32 x 8 on 132 SMs) left two clusters for a second wave (Nsight: 30 clusters
+        // of 8 resident at once).
         let slices = [8, 4, 2, 1]
             .into_iter()
-            .find(|&s| chunks.is_multiple_of(s) && tiles * s <= 2 * sm_count)
+            .find(|&s| chunks.is_multiple_of(s) && 4 * tiles * s <= 7 * sm_count)
             .unwrap_or(1);
         Some(X3Plan {
             tiles,
@@ -2092,11 +2095,11 @@ mod tests {
                 }
             }
         }
-        // The 0.6B's products at 64 rows on 132 SMs: QKV 32 tiles x 8, gate/up 48 x 4, o_proj
+        // The 0.6B's products at 64 rows on 132 SMs: QKV 32 tiles x 4, gate/up 48 x 4, o_proj
         // and down 8 x 8; the lm_head stays on cuBLAS.
         assert_eq!(
             X3Plan::choose(64, 1024, 4096, false, 132).map(|p| (p.tiles, p.slices)),
-            Some((32, 8))
+            Some((32, 4))
         );
         assert_eq!(
             X3Plan::choose(64, 1024, 6144, true, 132).map(|p| (p.tiles, p.slices)),
