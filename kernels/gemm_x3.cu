@@ -1,3 +1,9 @@
+// OPT-IN (CudaOptions::gemm_x3, QFUSE_CUDA_GEMM_X3=1): correct and more accurate than the cuBLAS
+// path, but ~3x slower per product on the H200 (21-31 us against cuBLAS's 9-11 + 3-4 for the sum
+// kernel): each K group's weight loads and activation staging wait on the group before, so every
+// group pays a DRAM and an L2 round trip in series. A multi-stage pipeline (the whole slice's
+// weights and activations in flight at once, 1 block an SM) is the next step (docs/perf.md).
+//
 // Products of 9-64 rows (batched decode steps) on the tensor cores: y = epilogue(x w^T) from the
 // three bf16 parts of x that split_f32_bf16x3 / rms_norm_split_bf16x3 wrote ([3][T][K]: hi, mid,
 // lo; fp32-exact together) and bf16 weights w [N, K]. One kernel replaces a cuBLAS GEMM over the

@@ -281,8 +281,9 @@ pub struct CudaOptions {
     /// smaller chunks skip more of the causal mask's zeros, in more launches.
     pub attention_gemm_chunk_rows: usize,
     /// Products of 9-64 rows (batched decode) run as one tensor-core kernel with the epilogue
-    /// fused (`kernels/gemm_x3.cu`, sm_90 and later; default) rather than a cuBLAS GEMM and a
-    /// sum kernel. `QFUSE_CUDA_GEMM_X3=0` turns the default off, for measurements.
+    /// fused (`kernels/gemm_x3.cu`, sm_90 and later) rather than a cuBLAS GEMM and a sum kernel.
+    /// Off by default (`QFUSE_CUDA_GEMM_X3=1` turns it on): it is more accurate than the cuBLAS
+    /// path but, without a pipelined K loop, ~3x slower per product on the H200 (docs/perf.md).
     pub gemm_x3: bool,
 }
 
@@ -306,7 +307,7 @@ impl Default for CudaOptions {
                 1..=1 << 16,
             )
             .unwrap_or(512),
-            gemm_x3: std::env::var("QFUSE_CUDA_GEMM_X3").as_deref() != Ok("0"),
+            gemm_x3: qfuse_core::knobs::env_flag("QFUSE_CUDA_GEMM_X3"),
         }
     }
 }
