@@ -14,40 +14,25 @@ use qfuse_benches::{DecodeInputs, LayerWeights, LAYERS};
 use qfuse_core::{compose, Backend, Result};
 use qfuse_cpu_ref::CpuRef;
 
-/// Benches `fused` and `composed` (the same op, unfused) as `{backend}/{name}/{shape}`.
-fn pair<B: Backend>(
-    c: &mut Criterion,
-    name: &str,
-    shape: &str,
-    bytes: u64,
-    b: &B,
-    fused: impl Fn() -> Result<B::Tensor>,
-    composed: impl Fn() -> Result<B::Tensor>,
-) {
-    let mut group = c.benchmark_group(format!("{}/{name}/{shape}", B::NAME));
-    group.throughput(Throughput::Bytes(bytes));
-    group.bench_function("fused", |bench| {
-        bench.iter(|| {
-            let y = fused();
-            b.synchronize().and(y)
-        })
-    });
-    group.bench_function("unfused", |bench| {
-        bench.iter(|| {
-            let y = composed();
-            b.synchronize().and(y)
-        })
-    });
-    group.finish();
-}
-
-/// One layer's call of an op in a back-to-back series.
+/// One layer's call of an op (layer 0 for single calls; each in turn in a back-to-back series).
 type LayerCall<'a, B> = &'a dyn Fn(usize) -> Result<<B as Backend>::Tensor>;
 
-/// Benches `fused` and `composed`, each called for layers 0..LAYERS in turn, as
-/// `{backend}/back_to_back/{name}/{shape}`: device time per call.
-fn back_to_back<B: Backend>(
+/// Which measure of an op to take.
+#[derive(Clone, Copy)]
+enum Measure {
+    /// One call's latency: launch, run, host synchronize.
+    Latency,
+    /// Device time per call of calls run back to back over `LAYERS` copies of the weights.
+    BackToBack,
+}
+
+/// Benches `fused` and `composed` (the same op, unfused) by `measure`: one call on layer 0's
+/// weights as `{backend}/{name}/{shape}`, or calls for layers 0..LAYERS in turn as
+/// `{backend}/back_to_back/{name}/{shape}`.
+#[allow(clippy::too_many_arguments)]
+fn pair<B: Backend>(
     c: &mut Criterion,
+    measure: Measure,
     name: &str,
     shape: &str,
     bytes: u64,
@@ -55,9 +40,22 @@ fn back_to_back<B: Backend>(
     fused: LayerCall<'_, B>,
     composed: LayerCall<'_, B>,
 ) {
-    let mut group = c.benchmark_group(format!("{}/back_to_back/{name}/{shape}", B::NAME));
+    let series_name = match measure {
+        Measure::Latency => "",
+        Measure::BackToBack => "back_to_back/",
+    };
+    let mut group = c.benchmark_group(format!("{}/{series_name}{name}/{shape}", B::NAME));
     group.throughput(Throughput::Bytes(bytes));
     for (label, op) in [("fused", fused), ("unfused", composed)] {
+        if let Measure::Latency = measure {
+            group.bench_function(label, |bench| {
+                bench.iter(|| {
+                    let y = op(0);
+                    b.synchronize().and(y)
+                })
+            });
+            continue;
+        }
         let mut series = || -> Result<()> {
             for layer in 0..LAYERS {
                 op(layer)?;
@@ -111,16 +109,23 @@ fn per_call_device_time<B: Backend>(
     ))
 }
 
-/// The decode step's fused GEMVs at `t` rows, called back to back over `LAYERS` copies of
-/// their weights (device time per call).
-fn decode_gemvs_back_to_back<B: Backend>(c: &mut Criterion, b: &B, t: usize) {
-    let (Ok(d), Ok(l)) = (DecodeInputs::new(b, t), LayerWeights::new(b)) else {
-        eprintln!("{}: could not build back-to-back inputs", B::NAME);
+/// The decode step's fused GEMVs at `t` rows: input norm + QKV (1024 -> 4096), post-attention
+/// norm + gate/up + SiLU·up (1024 -> 2 x 3072), o_proj + residual (2048 -> 1024) and down +
+/// residual (3072 -> 1024), by `measure`. Back to back, each call takes the next of `LAYERS`
+/// copies of its weights; otherwise there is one copy.
+fn decode_gemvs<B: Backend>(c: &mut Criterion, b: &B, t: usize, measure: Measure) {
+    let layers = match measure {
+        Measure::Latency => 1,
+        Measure::BackToBack => LAYERS,
+    };
+    let (Ok(d), Ok(l)) = (DecodeInputs::new(b, t), LayerWeights::new(b, layers)) else {
+        eprintln!("{}: could not build inputs", B::NAME);
         return;
     };
     let eps = 1e-6;
-    back_to_back(
+    pair(
         c,
+        measure,
         "rms_norm_matmul",
         &format!("{t}x1024->4096"),
         d.qkv_bytes(),
@@ -128,8 +133,9 @@ fn decode_gemvs_back_to_back<B: Backend>(c: &mut Criterion, b: &B, t: usize) {
         &|i| b.rms_norm_matmul(&d.x, &d.norm, &l.w_qkv[i], eps),
         &|i| compose::rms_norm_matmul(b, &d.x, &d.norm, &l.w_qkv[i], eps),
     );
-    back_to_back(
+    pair(
         c,
+        measure,
         "rms_norm_matmul_silu_mul",
         &format!("{t}x1024->2x3072"),
         d.gate_up_bytes(),
@@ -137,8 +143,9 @@ fn decode_gemvs_back_to_back<B: Backend>(c: &mut Criterion, b: &B, t: usize) {
         &|i| b.rms_norm_matmul_silu_mul(&d.x, &d.norm, &l.w_gate_up[i], eps),
         &|i| compose::rms_norm_matmul_silu_mul(b, &d.x, &d.norm, &l.w_gate_up[i], eps),
     );
-    back_to_back(
+    pair(
         c,
+        measure,
         "matmul_add",
         &format!("{t}x2048->1024"),
         d.o_bytes(),
@@ -146,8 +153,9 @@ fn decode_gemvs_back_to_back<B: Backend>(c: &mut Criterion, b: &B, t: usize) {
         &|i| b.matmul_add(&d.attn, &l.w_o[i], &d.x),
         &|i| compose::matmul_add(b, &d.attn, &l.w_o[i], &d.x),
     );
-    back_to_back(
+    pair(
         c,
+        measure,
         "matmul_add",
         &format!("{t}x3072->1024"),
         d.down_bytes(),
@@ -157,68 +165,21 @@ fn decode_gemvs_back_to_back<B: Backend>(c: &mut Criterion, b: &B, t: usize) {
     );
 }
 
-/// The decode step's fused GEMVs at `t` rows: input norm + QKV (1024 -> 4096), post-attention
-/// norm + gate/up + SiLU·up (1024 -> 2 x 3072), o_proj + residual (2048 -> 1024) and down +
-/// residual (3072 -> 1024).
-fn decode_gemvs<B: Backend>(c: &mut Criterion, b: &B, t: usize) {
-    let Ok(d) = DecodeInputs::new(b, t) else {
-        eprintln!("{}: could not build inputs", B::NAME);
-        return;
-    };
-    let eps = 1e-6;
-    pair(
-        c,
-        "rms_norm_matmul",
-        &format!("{t}x1024->4096"),
-        d.qkv_bytes(),
-        b,
-        || b.rms_norm_matmul(&d.x, &d.norm, &d.w_qkv, eps),
-        || compose::rms_norm_matmul(b, &d.x, &d.norm, &d.w_qkv, eps),
-    );
-    pair(
-        c,
-        "rms_norm_matmul_silu_mul",
-        &format!("{t}x1024->2x3072"),
-        d.gate_up_bytes(),
-        b,
-        || b.rms_norm_matmul_silu_mul(&d.x, &d.norm, &d.w_gate_up, eps),
-        || compose::rms_norm_matmul_silu_mul(b, &d.x, &d.norm, &d.w_gate_up, eps),
-    );
-    pair(
-        c,
-        "matmul_add",
-        &format!("{t}x2048->1024"),
-        d.o_bytes(),
-        b,
-        || b.matmul_add(&d.attn, &d.w_o, &d.x),
-        || compose::matmul_add(b, &d.attn, &d.w_o, &d.x),
-    );
-    pair(
-        c,
-        "matmul_add",
-        &format!("{t}x3072->1024"),
-        d.down_bytes(),
-        b,
-        || b.matmul_add(&d.mlp, &d.w_down, &d.x),
-        || compose::matmul_add(b, &d.mlp, &d.w_down, &d.x),
-    );
-}
-
 fn ops(c: &mut Criterion) {
-    decode_gemvs(c, &CpuRef::new(), 1);
+    decode_gemvs(c, &CpuRef::new(), 1, Measure::Latency);
     match qfuse_cuda::CudaBackend::new(0) {
         Ok(gpu) => {
             for t in [1, 8] {
-                decode_gemvs(c, &gpu, t);
+                decode_gemvs(c, &gpu, t, Measure::Latency);
             }
-            decode_gemvs_back_to_back(c, &gpu, 1);
+            decode_gemvs(c, &gpu, 1, Measure::BackToBack);
         }
         Err(e) => eprintln!("skipping cuda benches: {e}"),
     }
     match qfuse_wgpu::WgpuBackend::new(0) {
         Ok(gpu) => {
-            decode_gemvs(c, &gpu, 1);
-            decode_gemvs_back_to_back(c, &gpu, 1);
+            decode_gemvs(c, &gpu, 1, Measure::Latency);
+            decode_gemvs(c, &gpu, 1, Measure::BackToBack);
         }
         Err(e) => eprintln!("skipping wgpu benches: {e}"),
     }

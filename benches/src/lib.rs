@@ -8,8 +8,8 @@ const QKV: usize = 4096;
 const ATTN: usize = 2048;
 const INTERMEDIATE: usize = 3072;
 
-/// The tensors of one decode step's fused GEMVs at `t` rows, weights in bf16 as checkpoints
-/// store them.
+/// The activations and norm gains of one decode step's fused GEMVs at `t` rows (their weights:
+/// [`LayerWeights`]).
 pub struct DecodeInputs<B: Backend> {
     /// Residual-stream activations `[t, 1024]`.
     pub x: B::Tensor,
@@ -19,22 +19,14 @@ pub struct DecodeInputs<B: Backend> {
     pub mlp: B::Tensor,
     /// RMSNorm gains `[1024]`.
     pub norm: B::Tensor,
-    /// `[4096, 1024]`.
-    pub w_qkv: B::Tensor,
-    /// `[2 x 3072, 1024]`.
-    pub w_gate_up: B::Tensor,
-    /// `[1024, 2048]`.
-    pub w_o: B::Tensor,
-    /// `[1024, 3072]`.
-    pub w_down: B::Tensor,
 }
 
 /// Layers of a back-to-back series: Qwen3-0.6B's 28, whose copies of each matrix (117–353 MB)
 /// are several times the 50 MB L2 of an H100 or H200.
 pub const LAYERS: usize = 28;
 
-/// `LAYERS` copies of each decode-step matrix (the same random bf16 values uploaded again: only
-/// the bytes each call reads matter).
+/// The decode step's matrices in bf16, as checkpoints store them, one copy per layer (the same
+/// random values uploaded again: only the bytes each call reads matter).
 pub struct LayerWeights<B: Backend> {
     /// `[4096, 1024]` per layer.
     pub w_qkv: Vec<B::Tensor>,
@@ -47,12 +39,12 @@ pub struct LayerWeights<B: Backend> {
 }
 
 impl<B: Backend> LayerWeights<B> {
-    /// Random weights on `b`, `LAYERS` copies of each.
-    pub fn new(b: &B) -> Result<Self> {
+    /// Random weights on `b`, `layers` copies of each.
+    pub fn new(b: &B, layers: usize) -> Result<Self> {
         let mut rng = Rng::new(43);
         let mut copies = |out, inp| -> Result<Vec<B::Tensor>> {
             let host = weights(&mut rng, out, inp)?.to_dtype(DType::BF16);
-            (0..LAYERS).map(|_| b.upload_weight(&host)).collect()
+            (0..layers).map(|_| b.upload_weight(&host)).collect()
         };
         Ok(LayerWeights {
             w_qkv: copies(QKV, HIDDEN)?,
@@ -66,22 +58,12 @@ impl<B: Backend> LayerWeights<B> {
 impl<B: Backend> DecodeInputs<B> {
     /// Random inputs on `b`.
     pub fn new(b: &B, t: usize) -> Result<Self> {
-        let mut rng = Rng::new(42);
-        let mut weight = |out, inp| -> Result<B::Tensor> {
-            b.upload_weight(&weights(&mut rng, out, inp)?.to_dtype(DType::BF16))
-        };
-        let (w_qkv, w_gate_up) = (weight(QKV, HIDDEN)?, weight(2 * INTERMEDIATE, HIDDEN)?);
-        let (w_o, w_down) = (weight(HIDDEN, ATTN)?, weight(HIDDEN, INTERMEDIATE)?);
         let mut rng = Rng::new(7);
         Ok(DecodeInputs {
             x: b.upload(&activations(&mut rng, t, HIDDEN, true)?)?,
             attn: b.upload(&activations(&mut rng, t, ATTN, false)?)?,
             mlp: b.upload(&activations(&mut rng, t, INTERMEDIATE, false)?)?,
             norm: b.upload_weight(&gains(&mut rng, HIDDEN, 2.0)?)?,
-            w_qkv,
-            w_gate_up,
-            w_o,
-            w_down,
         })
     }
 

@@ -623,6 +623,33 @@ pub fn check_decoder_layer<B: Backend, R: Backend>(
     })
 }
 
+/// The five GEMV-family ops on `b`, downloaded: `matmul(x, w)`, `rms_norm_matmul(x, gain, w)`,
+/// `matmul_add(x, w, residual)`, `matmul_silu_mul(x, gate_up)` and
+/// `rms_norm_matmul_silu_mul(x, gain, gate_up)` (eps 1e-6), for tests that hold one backend's
+/// kernel builds or paths against another's.
+pub fn gemv_family<B: Backend>(
+    b: &B,
+    x: &HostTensor,
+    w: &HostTensor,
+    gate_up: &HostTensor,
+    gain: &HostTensor,
+    residual: &HostTensor,
+) -> Result<Vec<Vec<f64>>> {
+    let (x, gain, residual) = (b.upload(x)?, b.upload(gain)?, b.upload(residual)?);
+    let (w, gate_up) = (b.upload_weight(w)?, b.upload_weight(gate_up)?);
+    let eps = 1e-6;
+    [
+        b.matmul(&x, &w)?,
+        b.rms_norm_matmul(&x, &gain, &w, eps)?,
+        b.matmul_add(&x, &w, &residual)?,
+        b.matmul_silu_mul(&x, &gate_up)?,
+        b.rms_norm_matmul_silu_mul(&x, &gain, &gate_up, eps)?,
+    ]
+    .iter()
+    .map(|y| Ok(b.download(y)?.to_f64_vec()))
+    .collect()
+}
+
 /// The fused matmul family: `rms_norm_matmul`, `rms_norm_matmul_silu_mul`, `matmul_add`,
 /// `matmul_silu_mul`.
 pub fn check_fused_matmuls<B: Backend, R: Backend>(

@@ -4,8 +4,8 @@
 //! cuBLAS path it replaces. Skips with a notice where there is no GPU (unless
 //! QFUSE_REQUIRE_GPU=1).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use qfuse_core::testing::{activations, gains, rel_error, weights, Rng};
-use qfuse_core::{Backend, DType, Error, HostTensor};
+use qfuse_core::testing::{activations, gains, gemv_family, rel_error, weights, Rng};
+use qfuse_core::{DType, Error};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 
@@ -22,34 +22,6 @@ fn gpu(gemm_x3: bool) -> Option<CudaBackend> {
         }
         Err(e) => panic!("cuda backend: {e}"),
     }
-}
-
-/// The five GEMV-family ops on `b` for x [t, k], w [n, k], gate/up [2n, k].
-fn products<B: Backend>(
-    b: &B,
-    x: &HostTensor,
-    w: &HostTensor,
-    gu: &HostTensor,
-    g: &HostTensor,
-    r: &HostTensor,
-) -> Vec<Vec<f64>> {
-    let (x, g, r) = (
-        b.upload(x).unwrap(),
-        b.upload(g).unwrap(),
-        b.upload(r).unwrap(),
-    );
-    let (w, gu) = (b.upload_weight(w).unwrap(), b.upload_weight(gu).unwrap());
-    let eps = 1e-6;
-    [
-        b.matmul(&x, &w).unwrap(),
-        b.rms_norm_matmul(&x, &g, &w, eps).unwrap(),
-        b.matmul_add(&x, &w, &r).unwrap(),
-        b.matmul_silu_mul(&x, &gu).unwrap(),
-        b.rms_norm_matmul_silu_mul(&x, &g, &gu, eps).unwrap(),
-    ]
-    .iter()
-    .map(|y| b.download(y).unwrap().to_f64_vec())
-    .collect()
 }
 
 #[test]
@@ -75,9 +47,9 @@ fn gemm_x3_matches_reference_and_cublas_path() {
         let gu = weights(&mut rng, 2 * n, k).unwrap().to_dtype(DType::BF16);
         let g = gains(&mut rng, k, 3.0).unwrap();
         let r = activations(&mut rng, t, n, false).unwrap();
-        let got = products(&x3, &x, &w, &gu, &g, &r);
-        let old = products(&cublas, &x, &w, &gu, &g, &r);
-        let want = products(&CpuRef, &x, &w, &gu, &g, &r);
+        let got = gemv_family(&x3, &x, &w, &gu, &g, &r).unwrap();
+        let old = gemv_family(&cublas, &x, &w, &gu, &g, &r).unwrap();
+        let want = gemv_family(&CpuRef, &x, &w, &gu, &g, &r).unwrap();
         for (i, ((a, c), e)) in got.iter().zip(&old).zip(&want).enumerate() {
             let (err, err_cublas) = (rel_error(a, e), rel_error(c, e));
             eprintln!("T={t} K={k} N={n} op {i}: gemm_x3 {err:.2e}, cuBLAS path {err_cublas:.2e}");

@@ -2,8 +2,8 @@
 //! every size, gives each of the five GEMV fusions the reference's result: the conformance suite
 //! only meets the build the backend picks for its shapes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use qfuse_core::testing::{activations, gains, rel_error, weights, Rng};
-use qfuse_core::{Backend, DType, Error};
+use qfuse_core::testing::{activations, gains, gemv_family, rel_error, weights, Rng};
+use qfuse_core::{DType, Error};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_wgpu::{WgpuBackend, WgpuOptions};
 
@@ -38,46 +38,10 @@ fn every_gemv_build_matches_the_reference() {
             let w2 = weights(&mut rng, 2 * n, k).unwrap().to_dtype(DType::BF16);
             let g = gains(&mut rng, k, 3.0).unwrap();
             let res = activations(&mut rng, t, n, false).unwrap();
-            let (xg, gg, rg) = (
-                gpu.upload(&x).unwrap(),
-                gpu.upload(&g).unwrap(),
-                gpu.upload(&res).unwrap(),
-            );
-            let (wg, w2g) = (
-                gpu.upload_weight(&w).unwrap(),
-                gpu.upload_weight(&w2).unwrap(),
-            );
-            let (xr, gr, rr) = (
-                CpuRef.upload(&x).unwrap(),
-                CpuRef.upload(&g).unwrap(),
-                CpuRef.upload(&res).unwrap(),
-            );
-            let (wr, w2r) = (
-                CpuRef.upload_weight(&w).unwrap(),
-                CpuRef.upload_weight(&w2).unwrap(),
-            );
-            let got = [
-                gpu.matmul(&xg, &wg).unwrap(),
-                gpu.rms_norm_matmul(&xg, &gg, &wg, 1e-6).unwrap(),
-                gpu.matmul_add(&xg, &wg, &rg).unwrap(),
-                gpu.matmul_silu_mul(&xg, &w2g).unwrap(),
-                gpu.rms_norm_matmul_silu_mul(&xg, &gg, &w2g, 1e-6).unwrap(),
-            ];
-            let want = [
-                CpuRef.matmul(&xr, &wr).unwrap(),
-                CpuRef.rms_norm_matmul(&xr, &gr, &wr, 1e-6).unwrap(),
-                CpuRef.matmul_add(&xr, &wr, &rr).unwrap(),
-                CpuRef.matmul_silu_mul(&xr, &w2r).unwrap(),
-                CpuRef
-                    .rms_norm_matmul_silu_mul(&xr, &gr, &w2r, 1e-6)
-                    .unwrap(),
-            ];
+            let got = gemv_family(&gpu, &x, &w, &w2, &g, &res).unwrap();
+            let want = gemv_family(&CpuRef, &x, &w, &w2, &g, &res).unwrap();
             for (i, (g, r)) in got.iter().zip(&want).enumerate() {
-                let (g, r) = (
-                    gpu.download(g).unwrap().to_f64_vec(),
-                    CpuRef.download(r).unwrap().to_f64_vec(),
-                );
-                let e = rel_error(&g, &r);
+                let e = rel_error(g, r);
                 assert!(
                     e < 1e-5,
                     "build {build}, fusion {i}, T={t} K={k} N={n}: {e:e}"
