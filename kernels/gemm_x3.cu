@@ -1,5 +1,5 @@
 // OPT-IN (CudaOptions::gemm_x3, QFUSE_CUDA_GEMM_X3=1): correct and more accurate than the cuBLAS
-// path, but ~3x slower per product on the H200 (21-31 us against cuBLAS's 9-11 + 3-4 for the sum
+// path, but ~2x slower per product on the H200 (21-31 us against cuBLAS's 9-11 + 3-4 for the sum
 // kernel): each K group's weight loads and activation staging wait on the group before, so every
 // group pays a DRAM and an L2 round trip in series. A multi-stage pipeline (the whole slice's
 // weights and activations in flight at once, 1 block an SM) is the next step (docs/perf.md).
@@ -13,10 +13,11 @@
 //
 // Block: 8 warps over 128 weight rows (with EPI_SILU 64 gate rows and the 64 matching up rows) and
 // one slice of K; warp w takes rows 32 (w & 1) .. + 32 of x (two m16 tiles) and 32 weight rows
-// (four n8 tiles), so each activation fragment read from shared memory serves four products. The S slices of a tile form a thread-block cluster
-// (sm_90): each block leaves its partial tile in shared memory and, after a cluster barrier,
-// reduces 1/S of the tile over all S blocks' tiles (distributed shared memory, always in slice
-// order, so results do not depend on timing) and applies the epilogue.
+// (four n8 tiles), so each activation fragment read from shared memory serves four products. The
+// S slices of a tile form a thread-block cluster (sm_90): each block leaves its partial tile in
+// shared memory and, after a cluster barrier, reduces 1/S of the tile over all S blocks' tiles
+// (distributed shared memory, always in slice order, so results do not depend on timing) and
+// applies the epilogue.
 //
 // mma.sync m16n8k16 (bf16 in, fp32 accumulate). The dot product is indifferent to the order of k,
 // so each lane loads 16 contiguous bytes (8 k) of its weight row (from global memory, into

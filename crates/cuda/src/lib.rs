@@ -283,7 +283,7 @@ pub struct CudaOptions {
     /// Products of 9-64 rows (batched decode) run as one tensor-core kernel with the epilogue
     /// fused (`kernels/gemm_x3.cu`, sm_90 and later) rather than a cuBLAS GEMM and a sum kernel.
     /// Off by default (`QFUSE_CUDA_GEMM_X3=1` turns it on): it is more accurate than the cuBLAS
-    /// path but, without a pipelined K loop, ~3x slower per product on the H200 (docs/perf.md).
+    /// path but, without a pipelined K loop, ~2x slower per product on the H200 (docs/perf.md).
     pub gemm_x3: bool,
 }
 
