@@ -193,6 +193,16 @@ enum Epilogue<'a> {
     SiluMul,
 }
 
+impl Epilogue<'_> {
+    /// Columns of the result of a product `n` columns wide.
+    fn out_cols(&self, n: usize) -> usize {
+        match self {
+            Epilogue::SiluMul => n / 2,
+            _ => n,
+        }
+    }
+}
+
 /// A captured CUDA graph of one decode step, with the pooled buffers its kernels write (dropped
 /// after the graph: fields drop in order).
 pub struct CudaGraphExec {
@@ -631,9 +641,10 @@ impl CudaBackend {
     /// the prologue's RMSNorm, if any) is split into three bf16 parts (hi + mid + lo), stacked as
     /// the rows of one `[3T, K]` operand: one GEMM (the weights read once, one launch) gives the
     /// three partial products, and the epilogue kernel sums them, smallest first, before its
-    /// residual add or SiLU·up. The fp32 activations keep their full precision on the tensor
-    /// cores for three times the FLOPs of one bf16 GEMM; the norm and the epilogue cost no pass
-    /// of their own over the activations.
+    /// residual add or SiLU·up (with `gemm_x3` on, one tensor-core kernel replaces the GEMM and
+    /// the sum). The fp32 activations keep their full precision on the tensor cores for three
+    /// times the FLOPs of one bf16 GEMM; the norm and the epilogue cost no pass of their own over
+    /// the activations.
     fn cublas_bf16(
         &self,
         x: Prologue<'_>,
@@ -678,10 +689,7 @@ impl CudaBackend {
             0.0,
         )?;
         drop(parts);
-        let out_cols = match epilogue {
-            Epilogue::SiluMul => n / 2,
-            _ => n,
-        };
+        let out_cols = epilogue.out_cols(n);
         let y = self.alloc_f32(t * out_cols)?;
         let mut l = match epilogue {
             Epilogue::Store => {
@@ -722,8 +730,7 @@ impl CudaBackend {
         else {
             return Ok(None);
         };
-        let out_cols = if silu { n / 2 } else { n };
-        let y = self.alloc_f32(t * out_cols)?;
+        let y = self.alloc_f32(t * epilogue.out_cols(n))?;
         let (name, residual) = match epilogue {
             Epilogue::Store => ("gemm_x3_f32", None),
             Epilogue::Add(r) => ("gemm_x3_add_f32", Some(*r)),
@@ -747,7 +754,7 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         // SAFETY: parts holds the three [t, k] bf16 parts of x back to back; w is [n, k] bf16
-        // (n even for SiLU); the residual (when read) and y are [t, out_cols] f32; t <= 64,
+        // (n even for SiLU); the residual (when read) and y are [t, epilogue.out_cols(n)] f32; t <= 64,
         // k % 32 == 0 and the slices divide k / 32 into kc chunks (the plan); one cluster of
         // `slices` blocks per tile, as the kernel's reduction expects; sm_90 (gemm_x3 is set
         // only there).
