@@ -754,10 +754,10 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         // SAFETY: parts holds the three [t, k] bf16 parts of x back to back; w is [n, k] bf16
-        // (n even for SiLU); the residual (when read) and y are [t, epilogue.out_cols(n)] f32; t <= 64,
-        // k % 32 == 0 and the slices divide k / 32 into kc chunks (the plan); one cluster of
-        // `slices` blocks per tile, as the kernel's reduction expects; sm_90 (gemm_x3 is set
-        // only there).
+        // (n even for SiLU); the residual (when read) and y are [t, epilogue.out_cols(n)] f32;
+        // t <= 64, k % 32 == 0 and the slices divide k / 32 into kc chunks (the plan); one
+        // cluster of `slices` blocks per tile, as the kernel's reduction expects; sm_90
+        // (gemm_x3 is set only there).
         unsafe { l.launch(cfg) }.cuda()?;
         Ok(Some(y))
     }

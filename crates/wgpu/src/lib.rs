@@ -388,6 +388,13 @@ enum GemvBuild {
     Subgroup,
 }
 
+impl GemvBuild {
+    /// Whether an adapter with (or without) subgroup operations runs this build.
+    fn runs_with(self, subgroups: bool) -> bool {
+        self != GemvBuild::Subgroup || subgroups
+    }
+}
+
 /// A GEMV shader build: its row of [`GEMVS`] and its workgroup layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ShaderBuild {
@@ -545,16 +552,6 @@ impl WgpuBackend {
         Self::with_options(ordinal, &WgpuOptions::default())
     }
 
-    /// [`WgpuBackend::new`] with storage bindings capped below the adapter's limit (for testing
-    /// the splitting of large weights on small ones).
-    pub fn with_binding_limit(ordinal: usize, limit: Option<u64>) -> Result<Self> {
-        let options = WgpuOptions {
-            binding_limit: limit,
-            ..WgpuOptions::default()
-        };
-        Self::with_options(ordinal, &options)
-    }
-
     /// [`WgpuBackend::new`] with the settings tests and measurements vary.
     ///
     /// # Errors
@@ -678,11 +675,11 @@ impl WgpuBackend {
 
     /// The vectorised bf16 GEMV builds this adapter runs (names for [`WgpuOptions::gemv`]).
     pub fn gemv_builds(&self) -> Vec<&'static str> {
-        let mut builds = vec!["v8", "wide"];
-        if self.inner.subgroups {
-            builds.push("sg");
-        }
-        builds
+        GEMV_BUILD_NAMES
+            .iter()
+            .filter(|(_, build)| build.runs_with(self.inner.subgroups))
+            .map(|(name, _)| *name)
+            .collect()
     }
 
     /// The adapter's name, API and kind.
@@ -1127,20 +1124,28 @@ impl WgpuBackend {
     }
 }
 
-/// The GEMV build `name` (`v8`, `wide`, `sg`), if this adapter can run it.
+/// The vectorised bf16 GEMV builds by the name `QFUSE_WGPU_GEMV` and [`WgpuOptions::gemv`] use.
+const GEMV_BUILD_NAMES: [(&str, GemvBuild); 3] = [
+    ("v8", GemvBuild::V8),
+    ("wide", GemvBuild::Wide),
+    ("sg", GemvBuild::Subgroup),
+];
+
+/// The GEMV build `name`, if this adapter can run it.
 fn gemv_build_named(name: &str, subgroups: bool) -> Result<GemvBuild> {
-    match name {
-        "v8" => Ok(GemvBuild::V8),
-        "wide" => Ok(GemvBuild::Wide),
-        "sg" if subgroups => Ok(GemvBuild::Subgroup),
-        "sg" => Err(Error::invalid(
+    match GEMV_BUILD_NAMES.iter().find(|(n, _)| *n == name) {
+        Some((_, build)) if build.runs_with(subgroups) => Ok(*build),
+        Some(_) => Err(Error::invalid(
             "wgpu",
-            "GEMV build `sg` needs subgroup operations, which this adapter lacks",
+            format!("GEMV build `{name}` needs subgroup operations, which this adapter lacks"),
         )),
-        other => Err(Error::invalid(
-            "wgpu",
-            format!("unknown GEMV build `{other}` (v8, wide, sg)"),
-        )),
+        None => {
+            let known: Vec<&str> = GEMV_BUILD_NAMES.iter().map(|(n, _)| *n).collect();
+            Err(Error::invalid(
+                "wgpu",
+                format!("unknown GEMV build `{name}` ({})", known.join(", ")),
+            ))
+        }
     }
 }
 

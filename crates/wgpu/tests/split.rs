@@ -4,12 +4,16 @@
 use qfuse_core::testing::{activations, gains, rel_error, weights, Rng};
 use qfuse_core::{Backend, DType, DeviceTensor, Error};
 use qfuse_cpu_ref::CpuRef;
-use qfuse_wgpu::WgpuBackend;
+use qfuse_wgpu::{WgpuBackend, WgpuOptions};
 
 #[test]
 fn split_weights_multiply_and_gather_like_whole_ones() {
     // 4 KiB bindings: a [50, 40] f32 weight (8 KB) lands in parts of 25 rows.
-    let gpu = match WgpuBackend::with_binding_limit(0, Some(4096)) {
+    let options = WgpuOptions {
+        binding_limit: Some(4096),
+        ..WgpuOptions::default()
+    };
+    let gpu = match WgpuBackend::with_options(0, &options) {
         Ok(b) => b,
         Err(Error::NoDevice(why)) if std::env::var("CI").as_deref() != Ok("true") => {
             eprintln!("skipping: {why}");
