@@ -1,31 +1,33 @@
-// OPT-IN (CudaOptions::gemm_x3, QFUSE_CUDA_GEMM_X3=1): correct and more accurate than the cuBLAS
-// path, but ~2x slower per product on the H200 (21-31 us against cuBLAS's 9-11 + 3-4 for the sum
-// kernel): each K group's weight loads and activation staging wait on the group before, so every
-// group pays a DRAM and an L2 round trip in series. A multi-stage pipeline (the whole slice's
-// weights and activations in flight at once, 1 block an SM) is the next step (docs/perf.md).
+// Products of 9-64 rows (batched decode steps, short prompts) on the tensor cores, in one kernel
+// from the fp32 activations: y = epilogue(prologue(x) w^T) with bf16 weights w [N, K].
+//   prologue: x as it is, or (NORM) rms_norm(x) * g, the fp32 statistic summed by the blocks
+//             that read each row's slices and combined across them;
+//   epilogue: EPI_NONE y = x w^T; EPI_ADD y = residual + x w^T; EPI_SILU y[:, n] =
+//             silu(x w_n^T) * (x w_{n + N/2}^T), N/2 columns.
+// Each activation is split into three bf16 parts (hi + mid + lo, fp32-exact together) as the
+// block stages it, so the tensor cores see the activations' full 24-bit mantissas; the hi part
+// accumulates apart from mid + lo, which are 2^-8 smaller. The weights are read once.
 //
-// Products of 9-64 rows (batched decode steps) on the tensor cores: y = epilogue(x w^T) from the
-// three bf16 parts of x that split_f32_bf16x3 / rms_norm_split_bf16x3 wrote ([3][T][K]: hi, mid,
-// lo; fp32-exact together) and bf16 weights w [N, K]. One kernel replaces a cuBLAS GEMM over the
-// stacked parts and the kernel that summed its three partial products: the weights are read once,
-// the three products accumulate in registers and the epilogue is fused (EPI_NONE: y = x w^T;
-// EPI_ADD: y = residual + x w^T; EPI_SILU: y[:, n] = silu(x w_n^T) * (x w_{n + N/2}^T), N/2 columns).
+// Block: 8 warps over 128 weight rows (with EPI_SILU 64 gate rows and the matching 64 up rows)
+// and one slice of K; warp w takes rows 32 (w & 1) .. + 32 of x (two m16 tiles) and 32 weight
+// rows (four n8 tiles). The S slices of a tile form a thread-block cluster (sm_90): each block
+// leaves its partial tile (and, with NORM, its rows' partial sums of squares) in shared memory
+// and, after a cluster barrier, reduces 1/S of the tile over all S blocks (distributed shared
+// memory, always in slice order, so results do not depend on timing) and applies the epilogue.
 //
-// Block: 8 warps over 128 weight rows (with EPI_SILU 64 gate rows and the 64 matching up rows) and
-// one slice of K; warp w takes rows 32 (w & 1) .. + 32 of x (two m16 tiles) and 32 weight rows
-// (four n8 tiles), so each activation fragment read from shared memory serves four products. The
-// S slices of a tile form a thread-block cluster (sm_90): each block leaves its partial tile in
-// shared memory and, after a cluster barrier, reduces 1/S of the tile over all S blocks' tiles
-// (distributed shared memory, always in slice order, so results do not depend on timing) and
-// applies the epilogue.
+// Pipeline: the block's whole weight slice is requested with cp.async at once, before the PDL
+// wait (weights never depend on an earlier kernel), as one commit group per 64-k round. Then the
+// activations go round by round through two shared buffers: a round's fp32 rows are loaded into
+// registers while the round before is multiplied, split into parts and stored; each round waits
+// only for its own weights. Every DRAM byte is in flight from the start, and the multiplies of
+// round r overlap the arrival of rounds r + 1...
 //
 // mma.sync m16n8k16 (bf16 in, fp32 accumulate). The dot product is indifferent to the order of k,
-// so each lane loads 16 contiguous bytes (8 k) of its weight row (from global memory, into
-// registers) and of its activation rows (from shared memory, where the block staged them with
-// cp.async) per 32-k chunk, and the two mma k-steps of a chunk take words (0, 1) and (2, 3) of
-// those loads: A and B use the same k order, so no shuffles are needed. The hi part accumulates
-// apart from mid + lo, which are 2^-8 smaller, as the GEMM path summed them.
-// grid = (tiles, S), cluster = (1, S), block = 256; T <= 64, K % 32 == 0, (K / 32) % S == 0.
+// so each lane reads 16 contiguous bytes (8 k) of its weight row and of its activation rows per
+// 32-k chunk from shared memory, and the chunk's two mma k-steps take words (0, 1) and (2, 3) of
+// those loads: A and B use the same k order, so no shuffles are needed.
+// grid = (tiles, S), cluster = (1, S), block = 256, dynamic shared memory x3_smem_bytes(kc);
+// T <= 64, K % 32 == 0, K / 32 = S * kc.
 
 #ifndef EPI_NONE
 #define EPI_NONE 0
@@ -34,8 +36,13 @@
 #endif
 #define X3_WARPS 8
 #define X3_ROWS 128
-#define X3_KCM 2
 #define X3_TMAX 64
+#define X3_SMAX 16
+// One round: 64 k, 8 sixteen-byte units of bf16 a row.
+#define X3_RK 64
+#define X3_RUNITS 8
+// One part of one round's staged activations, [64 rows][64 k] bf16, in bytes.
+#define X3_APART (X3_TMAX * X3_RK * 2)
 
 #if __CUDA_ARCH__ >= 900
 __device__ __forceinline__ u32 x3_smem_addr(const void* p) {
@@ -70,34 +77,106 @@ __device__ __forceinline__ void x3_mma(float c[4], u32 a0, u32 a1, u32 a2, u32 a
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+
+// Waits until at most `pending` of this thread's cp.async groups are still in flight.
+__device__ __forceinline__ void x3_wait_groups(int pending) {
+    switch (pending) {
+        case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+        case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+        case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+        case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+        case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
+        case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
+        case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
+        default: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
+    }
+}
 #endif
 
-// One 16-byte unit (8 bf16) of a staged activation row: unit u of row r sits at u ^ 4 on odd rows,
-// so the two rows that a quarter-warp's 16-byte loads touch (g, g + 1) fall in different banks.
-__device__ __forceinline__ int x3_unit(int r, int u) { return (r * 4 * X3_KCM + (u ^ ((r & 1) << 2))) * 8; }
+// Byte offset of 16-byte unit u of staged row r whose rows hold `units` units: odd rows swap
+// units in fours so that the two rows a quarter-warp's loads touch fall in different banks
+// (rows of an odd number of 4-unit chunks are already offset by half a 128-byte line).
+__device__ __forceinline__ u32 x3_unit(int r, int u, int units) {
+    const int swap = (units & 4) ? 0 : (r & 1) << 2;
+    return (u32)(r * units + (u ^ swap)) * 16u;
+}
 
-template <int EPI>
-__device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const bf16_t* __restrict__ w,
-                                        const float* __restrict__ residual, float* __restrict__ y, int T, int K,
-                                        int N, int kc) {
+// Splits four activations into their three bf16 parts and stores them (8 bytes each) at byte
+// offset `at` of the three part planes of a staged round.
+__device__ __forceinline__ void x3_store_parts(unsigned char* abuf, u32 at, float4 v) {
+    const float f[4] = {v.x, v.y, v.z, v.w};
+    bf16_t p[3][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) split_bf16x3(f[j], p[0][j], p[1][j], p[2][j]);
+#pragma unroll
+    for (int q = 0; q < 3; ++q) {
+        uint2 packed;
+        packed.x = (u32)p[q][0] | ((u32)p[q][1] << 16);
+        packed.y = (u32)p[q][2] | ((u32)p[q][3] << 16);
+        *reinterpret_cast<uint2*>(abuf + q * X3_APART + at) = packed;
+    }
+}
+
+template <int EPI, bool NORM>
+__device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float* __restrict__ g,
+                                        const bf16_t* __restrict__ w, const float* __restrict__ residual,
+                                        float* __restrict__ y, int T, int K, int N, int kc, float eps) {
 #if __CUDA_ARCH__ >= 900
-    // The activations of X3_KCM chunks ([3 parts][64 rows][64 k] bf16, 24 KiB), staged by the
-    // whole block with cp.async; after the products the same memory holds the partial tile
-    // ([64 rows][128 columns] fp32, 32 KiB) for the cluster's reduction.
-    __shared__ __align__(16) float red[X3_TMAX * X3_ROWS];
-    bf16_t* act = reinterpret_cast<bf16_t*>(red);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q4 = lane & 3;
+    // Dynamic shared memory: the weight slice [128 rows][kc * 32] bf16, then two staged rounds
+    // of activations ([3 parts][64 rows][64 k] bf16 each), which afterwards hold the partial
+    // tile ([64 rows][128 columns] fp32) for the cluster's reduction.
+    extern __shared__ __align__(128) unsigned char x3_smem[];
+    __shared__ float ss_part[X3_TMAX], inv_rms[X3_TMAX];
+    const int w_units = kc * 4;
+    unsigned char* wsm = x3_smem;
+    unsigned char* abufs = x3_smem + (size_t)X3_ROWS * w_units * 16;
+    float* red = reinterpret_cast<float*>(abufs);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g8 = lane >> 2, q4 = lane & 3;
     const int tile = blockIdx.x, S = gridDim.y, slice = blockIdx.y;
     const int half = N / 2;
-    // This warp's rows of x (m tiles 2 wm, 2 wm + 1), its first weight row, and the first of its
-    // columns within the block's tile.
-    const int wm = warp & 1, wn = warp >> 1;
-    const int gate_col = tile * 64 + (wn & 1) * 32;
-    const int row0 = EPI == EPI_SILU ? (wn < 2 ? gate_col : half + gate_col) : tile * X3_ROWS + wn * 32;
-    const int col0 = wn * 32;
-    const int mtiles = (T + 15) >> 4, rows = 16 * mtiles;
-    const size_t part_stride = (size_t)T * K;
     const int k_slice = slice * kc * 32;
+    const int rounds = (kc + 1) >> 1;
+
+    // Every weight of the slice, one commit group per round; rows past the matrix zero-filled.
+    {
+        const u32 wsm_addr = x3_smem_addr(wsm);
+        for (int r = 0; r < rounds; ++r) {
+            const int units = (kc - 2 * r < 2 ? kc - 2 * r : 2) * 4;
+            for (int i = tid; i < X3_ROWS * units; i += X3_WARPS * 32) {
+                const int rr = i / units, u = 2 * 4 * r + i % units;
+                const int col = EPI == EPI_SILU ? tile * 64 + (rr & 63) : tile * X3_ROWS + rr;
+                const bool ok = EPI == EPI_SILU ? col < half : col < N;
+                const size_t row = EPI == EPI_SILU && rr >= 64 ? (size_t)col + half : (size_t)col;
+                const bf16_t* src = w + (ok ? row : 0) * K + k_slice + u * 8;
+                const u32 dst = wsm_addr + x3_unit(rr, u, w_units);
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0)
+                             : "memory");
+            }
+            asm volatile("cp.async.commit_group;" ::: "memory");
+        }
+    }
+    pdl_wait();
+    pdl_launch_dependents();
+
+    // Staging: thread tid owns float4 column su of rows srow + 16 j of every round.
+    const int srow = tid >> 4, su = tid & 15;
+    float4 xv[4], gv;
+    float ss[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    auto load_round = [&](int r) {
+        const int k = k_slice + r * X3_RK + su * 4;
+        const bool in_k = su * 4 < (kc - 2 * r) * 32;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int row = srow + 16 * j;
+            xv[j] = in_k && row < T ? *reinterpret_cast<const float4*>(x + (size_t)row * K + k) : zero4;
+        }
+        if (NORM) gv = in_k ? *reinterpret_cast<const float4*>(g + k) : zero4;
+    };
+
+    const int wm = warp & 1, wn = warp >> 1;
+    const int mtiles = (T + 15) >> 4;
     float acc_hi[2][4][4], acc_lo[2][4][4];
 #pragma unroll
     for (int m = 0; m < 2; ++m)
@@ -105,74 +184,78 @@ __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const 
         for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc_hi[m][nt][i] = acc_lo[m][nt][i] = 0.0f;
-    bool row_ok[4];
+
+    load_round(0);
+    for (int r = 0; r < rounds; ++r) {
+        unsigned char* abuf = abufs + (r & 1) * 3 * X3_APART;
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-        row_ok[nt] = EPI == EPI_SILU ? gate_col + nt * 8 + g < half : row0 + nt * 8 + g < N;
-    uint4 zero;
-    zero.x = zero.y = zero.z = zero.w = 0u;
-    const u32 act_addr = x3_smem_addr(act);
-    for (int c0 = 0; c0 < kc; c0 += X3_KCM) {
-        // This group's weights in registers (the first group's before the PDL wait: weights
-        // never depend on an earlier kernel).
-        uint4 wv[X3_KCM][4];
-#pragma unroll
-        for (int c = 0; c < X3_KCM; ++c)
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-                const size_t r = (size_t)(row0 + nt * 8 + g);
-                wv[c][nt] = (c0 + c < kc && row_ok[nt])
-                                ? __ldg(reinterpret_cast<const uint4*>(w + r * K + k_slice + (c0 + c) * 32 + q4 * 8))
-                                : zero;
+        for (int j = 0; j < 4; ++j) {
+            float4 v = xv[j];
+            if (NORM) {
+                ss[j] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+                v.x *= gv.x; v.y *= gv.y; v.z *= gv.z; v.w *= gv.w;
             }
-        if (c0 == 0) {
-            pdl_wait();
-            pdl_launch_dependents();
-        } else {
-            __syncthreads();  // every warp is done with the previous group's activations
+            const int row = srow + 16 * j;
+            x3_store_parts(abuf, x3_unit(row, su >> 1, X3_RUNITS) + (su & 1) * 8, v);
         }
-        // Stage the group's activations: rows past T are zero-filled.
-        const int chunks = kc - c0 < X3_KCM ? kc - c0 : X3_KCM;
-        const int upr = 4 * chunks, units = 3 * rows * upr;
-        for (int i = threadIdx.x; i < units; i += X3_WARPS * 32) {
-            const int p = i / (rows * upr), rem = i - p * rows * upr, r = rem / upr, u = rem - r * upr;
-            const bf16_t* src = parts + p * part_stride + (size_t)(r < T ? r : 0) * K + k_slice + c0 * 32 + u * 8;
-            const u32 dst = act_addr + 2u * (u32)(p * X3_TMAX * X3_KCM * 32 + x3_unit(r, u));
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(r < T ? 16 : 0)
-                         : "memory");
-        }
-        asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+        if (r + 1 < rounds) load_round(r + 1);
+        x3_wait_groups(rounds - 1 - r);
         __syncthreads();
+        const int chunks = kc - 2 * r < 2 ? kc - 2 * r : 2;
 #pragma unroll
-        for (int c = 0; c < X3_KCM; ++c) {
-            if (c0 + c >= kc) break;
+        for (int c = 0; c < 2; ++c) {
+            if (c >= chunks) break;
+            uint4 b[4];
 #pragma unroll
-            for (int m = 0; m < 2; ++m) {
-                if (2 * wm + m >= mtiles) break;
-                const int r0 = (2 * wm + m) * 16 + g, r1 = r0 + 8;
+            for (int nt = 0; nt < 4; ++nt)
+                b[nt] = *reinterpret_cast<const uint4*>(wsm + x3_unit(wn * 32 + nt * 8 + g8, (2 * r + c) * 4 + q4, w_units));
 #pragma unroll
-                for (int p = 0; p < 3; ++p) {
-                    const bf16_t* base = act + p * X3_TMAX * X3_KCM * 32;
-                    const uint4 a0 = *reinterpret_cast<const uint4*>(base + x3_unit(r0, c * 4 + q4));
-                    const uint4 a1 = *reinterpret_cast<const uint4*>(base + x3_unit(r1, c * 4 + q4));
+            for (int p = 0; p < 3; ++p) {
+                uint4 a0[2], a1[2];
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    const int r0 = (2 * wm + m) * 16 + g8;
+                    a0[m] = *reinterpret_cast<const uint4*>(abuf + p * X3_APART + x3_unit(r0, c * 4 + q4, X3_RUNITS));
+                    a1[m] = *reinterpret_cast<const uint4*>(abuf + p * X3_APART + x3_unit(r0 + 8, c * 4 + q4, X3_RUNITS));
+                }
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    if (2 * wm + m >= mtiles) break;
 #pragma unroll
                     for (int nt = 0; nt < 4; ++nt) {
                         float* acc = p == 0 ? acc_hi[m][nt] : acc_lo[m][nt];
-                        x3_mma(acc, a0.x, a1.x, a0.y, a1.y, wv[c][nt].x, wv[c][nt].y);
-                        x3_mma(acc, a0.z, a1.z, a0.w, a1.w, wv[c][nt].z, wv[c][nt].w);
+                        x3_mma(acc, a0[m].x, a1[m].x, a0[m].y, a1[m].y, b[nt].x, b[nt].y);
+                    }
+                }
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    if (2 * wm + m >= mtiles) break;
+#pragma unroll
+                    for (int nt = 0; nt < 4; ++nt) {
+                        float* acc = p == 0 ? acc_hi[m][nt] : acc_lo[m][nt];
+                        x3_mma(acc, a0[m].z, a1[m].z, a0[m].w, a1[m].w, b[nt].z, b[nt].w);
                     }
                 }
             }
         }
     }
-    __syncthreads();  // the activations are read; their memory takes the partial tile
+    if (NORM) {
+        // Each row's squares over this slice: the 16 threads of a half-warp share rows.
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) ss[j] += __shfl_xor_sync(FULL_MASK, ss[j], o);
+            if (su == 0) ss_part[srow + 16 * j] = ss[j];
+        }
+    }
+    __syncthreads();  // the staged activations are read; their memory takes the partial tile
     // The partial tile, [row t][column], rows past the last m tile left unwritten (never read).
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
         if (2 * wm + m >= mtiles) break;
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
-            const int col = col0 + nt * 8 + 2 * q4, t0 = (2 * wm + m) * 16 + g;
+            const int col = wn * 32 + nt * 8 + 2 * q4, t0 = (2 * wm + m) * 16 + g8;
             red[t0 * X3_ROWS + col] = acc_hi[m][nt][0] + acc_lo[m][nt][0];
             red[t0 * X3_ROWS + col + 1] = acc_hi[m][nt][1] + acc_lo[m][nt][1];
             red[(t0 + 8) * X3_ROWS + col] = acc_hi[m][nt][2] + acc_lo[m][nt][2];
@@ -180,19 +263,29 @@ __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const 
         }
     }
     x3_cluster_sync();
+    if (NORM) {
+        // 1/rms of each row from every slice's squares, in slice order.
+        if (tid < T) {
+            const u32 ss_addr = x3_smem_addr(ss_part) + 4u * (u32)tid;
+            float tot = 0.0f;
+            for (int q = 0; q < S; ++q) tot += x3_ld_peer(ss_addr, (u32)q);
+            inv_rms[tid] = rsqrtf(tot / K + eps);
+        }
+        __syncthreads();
+    }
     // This block's share of the tile's outputs, summed over the S slices in order.
     const u32 rank = x3_cluster_rank();
     const int cols_out = EPI == EPI_SILU ? 64 : X3_ROWS;
     const int out_n = EPI == EPI_SILU ? half : N;
     const int total = T * cols_out, per = (total + S - 1) / S;
     const int end = (int)(rank + 1) * per < total ? (int)(rank + 1) * per : total;
-    const u32 red_addr = act_addr;
-    for (int idx = (int)rank * per + threadIdx.x; idx < end; idx += blockDim.x) {
+    const u32 red_addr = x3_smem_addr(red);
+    for (int idx = (int)rank * per + tid; idx < end; idx += blockDim.x) {
         const int t = idx / cols_out, c = idx % cols_out;
         const int n = tile * cols_out + c;
-        float va[8], vb[8];
+        float va[X3_SMAX], vb[X3_SMAX];
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {
+        for (int q = 0; q < X3_SMAX; ++q) {
             va[q] = vb[q] = 0.0f;
             if (q < S) {
                 va[q] = x3_ld_peer(red_addr + 4u * (u32)(t * X3_ROWS + c), (u32)q);
@@ -201,9 +294,13 @@ __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const 
         }
         float a = 0.0f, b = 0.0f;
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {
+        for (int q = 0; q < X3_SMAX; ++q) {
             a += va[q];
             b += vb[q];
+        }
+        if (NORM) {
+            a *= inv_rms[t];
+            b *= inv_rms[t];
         }
         if (n < out_n) {
             const size_t o = (size_t)t * out_n + n;
@@ -217,12 +314,15 @@ __device__ __forceinline__ void gemm_x3(const bf16_t* __restrict__ parts, const 
 #endif
 }
 
-#define X3_ENTRY(name, EPI)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(X3_WARPS * 32, 2)                                             \
-        name(const bf16_t* parts, const bf16_t* w, const float* residual, float* y, int T, int K, int N, int kc) { \
-        gemm_x3<EPI>(parts, w, residual, y, T, K, N, kc);                                                      \
+#define X3_ENTRY(name, EPI, NORM)                                                                           \
+    extern "C" __global__ void __launch_bounds__(X3_WARPS * 32, 1)                                          \
+        name(const float* x, const float* g, const bf16_t* w, const float* residual, float* y, int T, int K, \
+             int N, int kc, float eps) {                                                                    \
+        gemm_x3<EPI, NORM>(x, g, w, residual, y, T, K, N, kc, eps);                                         \
     }
 
-X3_ENTRY(gemm_x3_f32, EPI_NONE)
-X3_ENTRY(gemm_x3_add_f32, EPI_ADD)
-X3_ENTRY(gemm_x3_silu_mul_f32, EPI_SILU)
+X3_ENTRY(gemm_x3_f32, EPI_NONE, false)
+X3_ENTRY(gemm_x3_add_f32, EPI_ADD, false)
+X3_ENTRY(gemm_x3_silu_mul_f32, EPI_SILU, false)
+X3_ENTRY(rms_norm_gemm_x3_f32, EPI_NONE, true)
+X3_ENTRY(rms_norm_gemm_x3_silu_mul_f32, EPI_SILU, true)

@@ -110,7 +110,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "gemm_x3.cu",
         include_str!("../../../kernels/gemm_x3.cu"),
-        &["gemm_x3_f32", "gemm_x3_add_f32", "gemm_x3_silu_mul_f32"],
+        &crate::x3::ENTRIES,
     ),
     (
         "layer.cu",

@@ -18,6 +18,7 @@ pub mod kernels;
 mod launch;
 mod layer;
 mod pool;
+mod x3;
 
 use std::fmt;
 use std::sync::atomic::AtomicUsize;
@@ -237,8 +238,9 @@ struct Inner {
     /// attention kernel its loads, reductions and RoPE angles lengthen the critical path
     /// (Nsight: 13.4 µs fused vs 10.5 + 6.1 µs, run one by one).
     fused_attention_from: usize,
-    /// Products of 9-64 rows take the tensor-core kernel `gemm_x3` (the option, on sm_90+).
-    gemm_x3: bool,
+    /// Products of 9-64 rows take the tensor-core kernel `gemm_x3` (the option, on sm_90+):
+    /// what the GPU holds of it at once.
+    gemm_x3: Option<x3::Capacity>,
     /// Blocks an SM the decode attention kernel fills when it splits contexts (0: no split; the
     /// default 4 is what its registers let an SM hold).
     attn_many_blocks_per_sm: usize,
@@ -416,6 +418,13 @@ impl CudaBackend {
         let blas = CudaBlas::new(stream.clone()).cuda()?;
         let kernels = Kernels::load(&ctx)?;
         let (major, _) = ctx.compute_capability().cuda()?;
+        let gemm_x3 = if options.gemm_x3 {
+            let max_slices =
+                qfuse_core::knobs::env_knob("QFUSE_CUDA_X3_MAX_SLICES", 1..=16).unwrap_or(16);
+            x3::configure(&ctx, &stream, &kernels, major, max_slices)?
+        } else {
+            None
+        };
         let layer_smem_max = if qfuse_core::knobs::env_flag("QFUSE_CUDA_LAYER_KERNEL") {
             layer::configure(&ctx, &kernels, major)?
         } else {
@@ -449,7 +458,7 @@ impl CudaBackend {
                     1..=1 << 20,
                 )
                 .unwrap_or(GEMV_MAX_ROWS + 1),
-                gemm_x3: major >= 9 && options.gemm_x3,
+                gemm_x3,
                 decode_min_chunk: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_DECODE_MIN_CHUNK",
                     32..=1 << 20,
@@ -652,6 +661,9 @@ impl CudaBackend {
         (t, k, n): (usize, usize, usize),
         epilogue: Epilogue<'_>,
     ) -> Result<Pooled> {
+        if let Some(y) = self.gemm_x3(&x, w, (t, k, n), &epilogue)? {
+            return Ok(y);
+        }
         let total = t * k;
         // The three bf16 parts, [3T, K], live in a pooled f32 buffer of half as many elements
         // (pooled buffers keep memory operations out of captured steps).
@@ -673,9 +685,6 @@ impl CudaBackend {
                 // SAFETY: x is [t, k] f32 and gain [k]; the parts as above; a block per row.
                 unsafe { l.launch(grid(t, 256)) }.cuda()?;
             }
-        }
-        if let Some(y) = self.gemm_x3(base, w, (t, k, n), &epilogue)? {
-            return Ok(y);
         }
         let mut y3 = self.alloc_f32(3 * t * n)?;
         let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
@@ -714,30 +723,40 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// `epilogue(x w^T)` for 9-64 rows from the three bf16 parts of x at `parts` ([3][T][K]) in
-    /// one tensor-core kernel (`kernels/gemm_x3.cu`), instead of a cuBLAS GEMM and a sum kernel;
-    /// `None` where it does not apply (before sm_90, switched off, other shapes).
+    /// `epilogue(prologue(x) w^T)` for 9-64 rows in one tensor-core kernel
+    /// (`kernels/gemm_x3.cu`: the three-part split, the norm and the epilogue fused) instead of a
+    /// split kernel, a cuBLAS GEMM and a sum kernel; `None` where it does not apply (before
+    /// sm_90, switched off, other shapes, a norm with a residual add).
     fn gemm_x3(
         &self,
-        parts: u64,
+        x: &Prologue<'_>,
         w: &CudaSlice<u16>,
         (t, k, n): (usize, usize, usize),
         epilogue: &Epilogue<'_>,
     ) -> Result<Option<Pooled>> {
-        let silu = matches!(epilogue, Epilogue::SiluMul);
-        let Some(plan) =
-            X3Plan::choose(t, k, n, silu, self.inner.sm_count).filter(|_| self.inner.gemm_x3)
-        else {
+        let Some(cap) = &self.inner.gemm_x3 else {
             return Ok(None);
         };
-        let y = self.alloc_f32(t * epilogue.out_cols(n))?;
-        let (name, residual) = match epilogue {
-            Epilogue::Store => ("gemm_x3_f32", None),
-            Epilogue::Add(r) => ("gemm_x3_add_f32", Some(*r)),
-            Epilogue::SiluMul => ("gemm_x3_silu_mul_f32", None),
+        let silu = matches!(epilogue, Epilogue::SiluMul);
+        let Some(plan) = x3::Plan::choose(t, k, n, silu, cap) else {
+            return Ok(None);
         };
+        let (rows, gain, eps) = match x {
+            Prologue::Rows(x) => (*x, None, 0.0),
+            Prologue::Norm { x, gain, eps } => (*x, Some(*gain), *eps as f32),
+        };
+        let (name, residual) = match (gain.is_some(), epilogue) {
+            (false, Epilogue::Store) => ("gemm_x3_f32", None),
+            (false, Epilogue::Add(r)) => ("gemm_x3_add_f32", Some(*r)),
+            (false, Epilogue::SiluMul) => ("gemm_x3_silu_mul_f32", None),
+            (true, Epilogue::Store) => ("rms_norm_gemm_x3_f32", None),
+            (true, Epilogue::SiluMul) => ("rms_norm_gemm_x3_silu_mul_f32", None),
+            (true, Epilogue::Add(_)) => return Ok(None),
+        };
+        let y = self.alloc_f32(t * epilogue.out_cols(n))?;
         let mut l = self.launch(name)?;
-        l.ptr(parts).buf(w);
+        // Absent gain/residual: pass x / y, which the kernel never reads in that role.
+        l.buf(rows).buf(gain.unwrap_or(rows)).buf(w);
         match residual {
             Some(r) => l.buf(r),
             None => l.out(&y),
@@ -746,20 +765,31 @@ impl CudaBackend {
             .i32(i32_of(t, "T")?)
             .i32(i32_of(k, "K")?)
             .i32(i32_of(n, "N")?)
-            .i32(plan.kc as i32);
+            .i32(plan.kc as i32)
+            .f32(eps);
         l.cluster_y(plan.slices as u32);
         let cfg = LaunchConfig {
             grid_dim: (plan.tiles as u32, plan.slices as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: plan.smem_bytes() as u32,
         };
-        // SAFETY: parts holds the three [t, k] bf16 parts of x back to back; w is [n, k] bf16
-        // (n even for SiLU); the residual (when read) and y are [t, epilogue.out_cols(n)] f32;
-        // t <= 64, k % 32 == 0 and the slices divide k / 32 into kc chunks (the plan); one
-        // cluster of `slices` blocks per tile, as the kernel's reduction expects; sm_90
-        // (gemm_x3 is set only there).
+        // SAFETY: x is [t, k] f32, the gain (when read) [k]; w is [n, k] bf16 (n even for SiLU);
+        // the residual (when read) and y are [t, epilogue.out_cols(n)] f32; t <= 64, k % 32 == 0
+        // and the slices divide k / 32 into kc chunks whose block fits the shared memory that
+        // `x3::configure` allowed (the plan); one cluster of `slices` blocks per tile, the grid
+        // resident at once, as the kernel's reduction expects; sm_90 (the capacity exists only
+        // there).
         unsafe { l.launch(cfg) }.cuda()?;
         Ok(Some(y))
+    }
+
+    /// Whether a bf16 product of `t` rows, `k` deep and `n` wide (gate and up rows together with
+    /// `silu`) runs in the `gemm_x3` kernel: for tests and probes that must know which path ran.
+    pub fn gemm_x3_covers(&self, t: usize, k: usize, n: usize, silu: bool) -> bool {
+        self.inner
+            .gemm_x3
+            .as_ref()
+            .is_some_and(|cap| x3::Plan::choose(t, k, n, silu, cap).is_some())
     }
 
     /// One cuBLAS GEMM `y [T, N] = x [T, K] · w [N, K]ᵀ + beta y` (row-major), fp32 compute.
@@ -1924,52 +1954,6 @@ impl ContextSplit {
     }
 }
 
-/// How `gemm_x3` (kernels/gemm_x3.cu) covers a product of 9-64 rows: `tiles` tiles of 128
-/// weight rows (64 output columns with SiLU·up), each split into `slices` slices of `kc` 32-wide
-/// chunks of K, one thread-block cluster of `slices` blocks per tile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct X3Plan {
-    tiles: usize,
-    slices: usize,
-    kc: usize,
-}
-
-impl X3Plan {
-    /// The most slices (at most 8, a portable cluster) that divide K's chunks and keep the grid
-    /// within 1.75 blocks an SM; `None` outside 9-64 rows, for K not
-    /// whole 32-element chunks, and for lm_head-sized products (N > 16,384), where each of the
-    /// many tiles re-reading the activations costs more than cuBLAS's GEMM.
-    fn choose(t: usize, k: usize, n: usize, silu: bool, sm_count: usize) -> Option<Self> {
-        if !(GEMV_MAX_ROWS + 1..=64).contains(&t)
-            || k == 0
-            || !k.is_multiple_of(32)
-            || n == 0
-            || n > 16_384
-            || (silu && !n.is_multiple_of(2))
-        {
-            return None;
-        }
-        let tiles = if silu {
-            (n / 2).div_ceil(64)
-        } else {
-            n.div_ceil(128)
-        };
-        let chunks = k / 32;
-        // Within 1.75 blocks an SM: clusters must fit whole into a GPC, and two blocks an SM
-        // (256 for 32 x 8 on 132 SMs) left two clusters for a second wave (Nsight: 30 clusters
-        // of 8 resident at once).
-        let slices = [8, 4, 2, 1]
-            .into_iter()
-            .find(|&s| chunks.is_multiple_of(s) && 4 * tiles * s <= 7 * sm_count)
-            .unwrap_or(1);
-        Some(X3Plan {
-            tiles,
-            slices,
-            kc: chunks / slices,
-        })
-    }
-}
-
 /// How `gemv_t1` (the decode bf16 GEMV in `kernels/gemv.cu`, built for 1 and for 2–8 rows)
 /// covers one matrix: each warp owns
 /// `rows` output columns over a K-slice of `kc` 16-byte loads per lane per weight row, `split`
@@ -2074,51 +2058,6 @@ mod tests {
         "rms_norm_gemv",
         "rms_norm_gemv_silu_mul",
     ];
-
-    #[test]
-    fn gemm_x3_plans_cover_the_product_in_whole_chunks() {
-        assert!(known("gemm_x3_f32") && known("gemm_x3_add_f32") && known("gemm_x3_silu_mul_f32"));
-        for silu in [false, true] {
-            for t in 1..=80 {
-                for (k, n) in [
-                    (1024, 4096),
-                    (1024, 6144),
-                    (2048, 1024),
-                    (3072, 1024),
-                    (96, 36),
-                ] {
-                    let plan = X3Plan::choose(t, k, n, silu, 132);
-                    let Some(p) = plan else {
-                        assert!(!(9..=64).contains(&t), "no plan for t={t} k={k} n={n}");
-                        continue;
-                    };
-                    assert_eq!(p.kc * 32 * p.slices, k, "{p:?}");
-                    assert!([1, 2, 4, 8].contains(&p.slices), "{p:?}");
-                    let rows = if silu {
-                        64 * p.tiles >= n / 2
-                    } else {
-                        128 * p.tiles >= n
-                    };
-                    assert!(rows, "{p:?} n={n}");
-                }
-            }
-        }
-        // The 0.6B's products at 64 rows on 132 SMs: QKV 32 tiles x 4, gate/up 48 x 4, o_proj
-        // and down 8 x 8; the lm_head stays on cuBLAS.
-        assert_eq!(
-            X3Plan::choose(64, 1024, 4096, false, 132).map(|p| (p.tiles, p.slices)),
-            Some((32, 4))
-        );
-        assert_eq!(
-            X3Plan::choose(64, 1024, 6144, true, 132).map(|p| (p.tiles, p.slices)),
-            Some((48, 4))
-        );
-        assert_eq!(
-            X3Plan::choose(64, 3072, 1024, false, 132).map(|p| (p.tiles, p.slices)),
-            Some((8, 8))
-        );
-        assert_eq!(X3Plan::choose(64, 1024, 151_936, false, 132), None);
-    }
 
     #[test]
     fn gemv_t1_plans_cover_the_matrix_in_whole_slices() {

@@ -31,7 +31,8 @@ fn gemm_x3_matches_reference_and_cublas_path() {
     };
     let mut rng = Rng::new(11);
     // (rows, K, N): the 0.6B's K at 64 and odd row counts (N cut down: the f64 reference is
-    // slow); K whose chunks take 8, 4, 2 or 1 slices; N not a whole number of 128-row tiles.
+    // slow); K whose chunks take 16, 4, 2 or 1 slices, of even and odd chunk counts; N not a
+    // whole number of 128-row tiles; the 0.6B's gate/up plan (48 tiles of 2 slices, 8 rounds).
     for (t, k, n) in [
         (64, 1024, 512),
         (9, 2048, 256),
@@ -41,7 +42,15 @@ fn gemm_x3_matches_reference_and_cublas_path() {
         (64, 64, 200),
         (40, 96, 36),
         (12, 160, 130),
+        (16, 1024, 3072),
     ] {
+        // Every shape here takes the kernel (the gate/up pair at twice n rows included), so no
+        // case passes by falling back to the cuBLAS path.
+        assert!(x3.gemm_x3_covers(t, k, n, false), "T={t} K={k} N={n}");
+        assert!(
+            x3.gemm_x3_covers(t, k, 2 * n, true),
+            "T={t} K={k} N=2x{n} SiLU"
+        );
         let x = activations(&mut rng, t, k, true).unwrap();
         let w = weights(&mut rng, n, k).unwrap().to_dtype(DType::BF16);
         let gu = weights(&mut rng, 2 * n, k).unwrap().to_dtype(DType::BF16);

@@ -1,0 +1,247 @@
+//! Planning for `gemm_x3` (`kernels/gemm_x3.cu`): products of 9-64 rows on the tensor cores, one
+//! kernel from the fp32 activations (three-part bf16 split, norm prologue and epilogue fused).
+//!
+//! Each block holds its whole weight slice in shared memory (requested at once, before the PDL
+//! wait), so a plan must keep every block of the grid resident at the same time: one wave, whole
+//! clusters, at most the clusters the GPU can hold of that size.
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
+use qfuse_core::Result;
+
+use crate::error::CudaResultExt;
+use crate::kernels::Kernels;
+use crate::GEMV_MAX_ROWS;
+
+/// The kernel's entry points.
+pub(crate) const ENTRIES: [&str; 5] = [
+    "gemm_x3_f32",
+    "gemm_x3_add_f32",
+    "gemm_x3_silu_mul_f32",
+    "rms_norm_gemm_x3_f32",
+    "rms_norm_gemm_x3_silu_mul_f32",
+];
+
+/// Slice counts (cluster sizes) a plan may take, most first; 16 is a non-portable cluster size
+/// (sm_90 allows it by function attribute).
+const SLICES: [usize; 5] = [16, 8, 4, 2, 1];
+const THREADS: u32 = 256;
+/// Weight rows of a tile.
+const TILE_ROWS: usize = 128;
+/// Largest row count the kernel takes.
+const MAX_ROWS: usize = 64;
+/// Staged activations: two rounds of [3 parts][64 rows][64 k] bf16.
+const STAGE_BYTES: usize = 2 * 3 * 64 * 64 * 2;
+
+/// Dynamic shared memory of a block whose slice is `kc` 32-wide chunks of K: the weight slice
+/// ([128 rows][kc * 32] bf16) and the staged activations.
+pub(crate) fn smem_bytes(kc: usize) -> usize {
+    kc * 32 * TILE_ROWS * 2 + STAGE_BYTES
+}
+
+/// What the GPU can hold of the kernel at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Capacity {
+    /// Largest slice (in 32-wide chunks) whose block fits the shared memory.
+    pub kc_max: usize,
+    /// Clusters resident at once, by slice count (the order of `SLICES`), one block an SM.
+    pub clusters: [usize; SLICES.len()],
+}
+
+/// Lets the kernel's entry points take the device's opt-in shared memory and clusters of 16, and
+/// measures how many clusters of each size the device holds at once; `max_slices` caps the cluster
+/// size (a knob for comparing plans). `None` below sm_90 (no clusters).
+pub(crate) fn configure(
+    ctx: &Arc<CudaContext>,
+    stream: &CudaStream,
+    kernels: &Kernels,
+    major: i32,
+    max_slices: usize,
+) -> Result<Option<Capacity>> {
+    if major < 9 {
+        return Ok(None);
+    }
+    let optin = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .cuda()?;
+    let mut dynamic = usize::MAX;
+    for name in ENTRIES {
+        let f = kernels.get(name).cuda()?;
+        let fixed = f
+            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+            .cuda()?;
+        let most = (optin - fixed).max(0);
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            most,
+        )
+        .cuda()?;
+        // Where a driver refuses clusters of 16, the occupancy query below finds none.
+        let _ = f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+            1,
+        );
+        dynamic = dynamic.min(most as usize);
+    }
+    let kc_max = dynamic.saturating_sub(STAGE_BYTES) / (32 * TILE_ROWS * 2);
+    if kc_max == 0 {
+        return Ok(None);
+    }
+    let probe = kernels.get(ENTRIES[0]).cuda()?;
+    let mut clusters = [0; SLICES.len()];
+    for (slot, &s) in clusters.iter_mut().zip(&SLICES) {
+        if s <= max_slices {
+            // A failed query (a size the device refuses) leaves no room for that size.
+            *slot = max_active_clusters(probe, stream, s, smem_bytes(kc_max)).unwrap_or(0);
+        }
+    }
+    Ok(Some(Capacity { kc_max, clusters }))
+}
+
+/// Clusters of `slices` blocks, each with `smem` bytes of dynamic shared memory, that the device
+/// holds at once.
+fn max_active_clusters(
+    f: &CudaFunction,
+    stream: &CudaStream,
+    slices: usize,
+    smem: usize,
+) -> std::result::Result<usize, DriverError> {
+    // SAFETY: an all-zero attribute is a valid (empty) union; clusterDim is the field that
+    // CLUSTER_DIMENSION names.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim.x = 1;
+    attr.value.clusterDim.y = slices as u32;
+    attr.value.clusterDim.z = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: 1,
+        gridDimY: slices as u32,
+        gridDimZ: 1,
+        blockDimX: THREADS,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut n: std::ffi::c_int = 0;
+    stream.context().bind_to_thread()?;
+    // SAFETY: config and its one attribute outlive the call, the function is a loaded kernel of
+    // this context, and the driver writes only `n`.
+    unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config) }.result()?;
+    Ok(n.max(0) as usize)
+}
+
+/// How `gemm_x3` covers a product of 9-64 rows: `tiles` tiles of 128 weight rows (64 output
+/// columns with SiLU·up), each split into `slices` slices of `kc` 32-wide chunks of K, one
+/// thread-block cluster of `slices` blocks per tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub tiles: usize,
+    pub slices: usize,
+    pub kc: usize,
+}
+
+impl Plan {
+    /// The most slices that divide K's chunks, keep a block's slice within shared memory and
+    /// keep the whole grid resident; `None` outside 9-64 rows, for K not whole 32-element chunks,
+    /// for lm_head-sized products (N > 16,384: each of the many tiles would re-read the
+    /// activations) and where no slice count fits.
+    pub fn choose(t: usize, k: usize, n: usize, silu: bool, cap: &Capacity) -> Option<Self> {
+        if !(GEMV_MAX_ROWS + 1..=MAX_ROWS).contains(&t)
+            || k == 0
+            || !k.is_multiple_of(32)
+            || n == 0
+            || n > 16_384
+            || (silu && !n.is_multiple_of(2))
+        {
+            return None;
+        }
+        let tiles = if silu {
+            (n / 2).div_ceil(TILE_ROWS / 2)
+        } else {
+            n.div_ceil(TILE_ROWS)
+        };
+        let chunks = k / 32;
+        SLICES
+            .iter()
+            .zip(&cap.clusters)
+            .find(|&(&s, &resident)| {
+                chunks.is_multiple_of(s) && chunks / s <= cap.kc_max && tiles <= resident
+            })
+            .map(|(&slices, _)| Plan {
+                tiles,
+                slices,
+                kc: chunks / slices,
+            })
+    }
+
+    /// Dynamic shared memory of each block.
+    pub fn smem_bytes(&self) -> usize {
+        smem_bytes(self.kc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An H100/H200's figures: 227 KiB of opt-in shared memory, 132 SMs in GPCs of 16-18.
+    const HOPPER: Capacity = Capacity {
+        kc_max: 22,
+        clusters: [8, 16, 32, 66, 132],
+    };
+
+    #[test]
+    fn plans_cover_the_product_in_whole_chunks_and_one_wave() {
+        for silu in [false, true] {
+            for t in 1..=80 {
+                for (k, n) in [
+                    (1024, 4096),
+                    (1024, 6144),
+                    (2048, 1024),
+                    (3072, 1024),
+                    (96, 36),
+                    (160, 130),
+                ] {
+                    let Some(p) = Plan::choose(t, k, n, silu, &HOPPER) else {
+                        assert!(!(9..=64).contains(&t), "no plan for t={t} k={k} n={n}");
+                        continue;
+                    };
+                    assert_eq!(p.kc * 32 * p.slices, k, "{p:?}");
+                    assert!(p.kc <= HOPPER.kc_max, "{p:?}");
+                    let resident = SLICES.iter().position(|&s| s == p.slices).unwrap();
+                    assert!(p.tiles <= HOPPER.clusters[resident], "{p:?}");
+                    let rows = if silu {
+                        64 * p.tiles >= n / 2
+                    } else {
+                        128 * p.tiles >= n
+                    };
+                    assert!(rows, "{p:?} n={n}");
+                    assert!(p.smem_bytes() <= 227 * 1024, "{p:?}");
+                }
+            }
+        }
+        // The 0.6B's products at 64 rows: QKV 32 tiles x 4, gate/up 48 x 2, o_proj and down
+        // 8 x 16; the lm_head stays on cuBLAS, and so does a slice too long for shared memory.
+        let tiles_slices =
+            |k, n, silu| Plan::choose(64, k, n, silu, &HOPPER).map(|p| (p.tiles, p.slices));
+        assert_eq!(tiles_slices(1024, 4096, false), Some((32, 4)));
+        assert_eq!(tiles_slices(1024, 6144, true), Some((48, 2)));
+        assert_eq!(tiles_slices(2048, 1024, false), Some((8, 16)));
+        assert_eq!(tiles_slices(3072, 1024, false), Some((8, 16)));
+        assert_eq!(tiles_slices(1024, 151_936, false), None);
+        assert_eq!(tiles_slices(12_288, 4096, false), None);
+        // Without clusters of 16 (a capped or refusing device) o_proj takes 8.
+        let no16 = Capacity {
+            clusters: [0, 16, 32, 66, 132],
+            ..HOPPER
+        };
+        assert_eq!(
+            Plan::choose(64, 2048, 1024, false, &no16).map(|p| p.slices),
+            Some(8)
+        );
+    }
+}
