@@ -38,9 +38,8 @@
 #define X3_ROWS 128
 #define X3_TMAX 64
 #define X3_SMAX 16
-// One round: 64 k, 8 sixteen-byte units of bf16 a row.
+// One round: 64 k.
 #define X3_RK 64
-#define X3_RUNITS 8
 // One part of one round's staged activations, [64 rows][64 k] bf16, in bytes.
 #define X3_APART (X3_TMAX * X3_RK * 2)
 
@@ -71,7 +70,7 @@ __device__ __forceinline__ float x3_ld_peer(u32 addr, u32 rank) {
 }
 
 __device__ __forceinline__ void x3_mma(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -93,27 +92,32 @@ __device__ __forceinline__ void x3_wait_groups(int pending) {
 }
 #endif
 
-// Byte offset of 16-byte unit u of staged row r whose rows hold `units` units: odd rows swap
-// units in fours so that the two rows a quarter-warp's loads touch fall in different banks
-// (rows of an odd number of 4-unit chunks are already offset by half a 128-byte line).
-__device__ __forceinline__ u32 x3_unit(int r, int u, int units) {
-    const int swap = (units & 4) ? 0 : (r & 1) << 2;
-    return (u32)(r * units + (u ^ swap)) * 16u;
+// Two floats rounded to bf16 (round to nearest even, in hardware), the first in the low half.
+__device__ __forceinline__ u32 x3_pack(float first, float second) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
+    return r;
 }
 
-// Splits four activations into their three bf16 parts and stores them (8 bytes each) at byte
-// offset `at` of the three part planes of a staged round.
-__device__ __forceinline__ void x3_store_parts(unsigned char* abuf, u32 at, float4 v) {
-    const float f[4] = {v.x, v.y, v.z, v.w};
-    bf16_t p[3][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) split_bf16x3(f[j], p[0][j], p[1][j], p[2][j]);
+// Splits four activations of row R (v) and the same four of row R + 8 (u) into their three bf16
+// parts and stores each part's 16 bytes, {R k0-1, R+8 k0-1, R k2-3, R+8 k2-3}: the A operand of
+// one mma k-step, at byte offset `at` of the three part planes of a staged round.
+__device__ __forceinline__ void x3_store_parts(unsigned char* abuf, u32 at, float4 v, float4 u) {
+    float f[8] = {v.x, v.y, u.x, u.y, v.z, v.w, u.z, u.w};
 #pragma unroll
     for (int q = 0; q < 3; ++q) {
-        uint2 packed;
-        packed.x = (u32)p[q][0] | ((u32)p[q][1] << 16);
-        packed.y = (u32)p[q][2] | ((u32)p[q][3] << 16);
-        *reinterpret_cast<uint2*>(abuf + q * X3_APART + at) = packed;
+        uint4 part;
+        part.x = x3_pack(f[0], f[1]);
+        part.y = x3_pack(f[2], f[3]);
+        part.z = x3_pack(f[4], f[5]);
+        part.w = x3_pack(f[6], f[7]);
+        const u32 w[4] = {part.x, part.y, part.z, part.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            f[2 * i] -= bf16_lo(w[i]);
+            f[2 * i + 1] -= bf16_hi(w[i]);
+        }
+        *reinterpret_cast<uint4*>(abuf + q * X3_APART + at) = part;
     }
 }
 
@@ -138,20 +142,34 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     const int k_slice = slice * kc * 32;
     const int rounds = (kc + 1) >> 1;
 
-    // Every weight of the slice, one commit group per round; rows past the matrix zero-filled.
+    // Every weight of the slice, one commit group per round (two chunks: 8 sixteen-byte units a
+    // row); thread tid copies unit tid & 7 of rows tid / 8 + 32 j. Rows past the matrix are
+    // zero-filled. Odd rows swap units in fours (unit u at u ^ 4), so the two rows a quarter-warp's
+    // fragment loads touch fall in different banks; rows of an odd number of chunks are already
+    // offset by half a 128-byte line and keep their order.
+    const u32 wsm_addr = x3_smem_addr(wsm);
+    const int wswap = (w_units & 4) ? 0 : 1;
     {
-        const u32 wsm_addr = x3_smem_addr(wsm);
+        const int u8 = tid & 7;
+        const bf16_t* src[4];
+        u32 dst[4], bytes[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int rr = (tid >> 3) + 32 * j;
+            const int col = EPI == EPI_SILU ? tile * 64 + (rr & 63) : tile * X3_ROWS + rr;
+            const bool ok = EPI == EPI_SILU ? col < half : col < N;
+            const size_t row = EPI == EPI_SILU && rr >= 64 ? (size_t)col + half : (size_t)col;
+            src[j] = w + (ok ? row : 0) * K + k_slice + u8 * 8;
+            dst[j] = wsm_addr + (u32)(rr * w_units + (u8 ^ ((rr & wswap) << 2))) * 16u;
+            bytes[j] = ok ? 16u : 0u;
+        }
         for (int r = 0; r < rounds; ++r) {
-            const int units = (kc - 2 * r < 2 ? kc - 2 * r : 2) * 4;
-            for (int i = tid; i < X3_ROWS * units; i += X3_WARPS * 32) {
-                const int rr = i / units, u = 2 * 4 * r + i % units;
-                const int col = EPI == EPI_SILU ? tile * 64 + (rr & 63) : tile * X3_ROWS + rr;
-                const bool ok = EPI == EPI_SILU ? col < half : col < N;
-                const size_t row = EPI == EPI_SILU && rr >= 64 ? (size_t)col + half : (size_t)col;
-                const bf16_t* src = w + (ok ? row : 0) * K + k_slice + u * 8;
-                const u32 dst = wsm_addr + x3_unit(rr, u, w_units);
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0)
-                             : "memory");
+            if (u8 < 4 || 2 * r + 1 < kc) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst[j] + r * 128u),
+                                 "l"(src[j] + r * X3_RK), "r"(bytes[j])
+                                 : "memory");
             }
             asm volatile("cp.async.commit_group;" ::: "memory");
         }
@@ -159,24 +177,47 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     pdl_wait();
     pdl_launch_dependents();
 
-    // Staging: thread tid owns float4 column su of rows srow + 16 j of every round.
-    const int srow = tid >> 4, su = tid & 15;
-    float4 xv[4], gv;
+    // Staging: thread tid owns float4 column su of the row pairs (R, R + 8) of pair indices
+    // tid / 16 and tid / 16 + 16 (pair p: R = 16 (p / 8) + p % 8) of every round. A staged part
+    // holds, for m tile mt, chunk c, k-step s and lane l = 4 g + q4, the lane's A operand as one
+    // 16-byte unit at ((mt * 4 + c * 2 + s) * 32 + l) * 16: the fragment loads are conflict-free
+    // and need no register shuffling.
+    const int su = tid & 15;
+    int srows[4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int pair = (tid >> 4) + 16 * i;
+        srows[2 * i] = 16 * (pair >> 3) + (pair & 7);
+        srows[2 * i + 1] = srows[2 * i] + 8;
+    }
+    const float* xrow[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) xrow[j] = x + (size_t)srows[j] * K + k_slice + su * 4;
+    const float* grow = g + k_slice + su * 4;
+    u32 stage_at[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int pair = (tid >> 4) + 16 * i, c = su >> 3, q4s = (su >> 1) & 3, s_step = su & 1;
+        stage_at[i] = (u32)((((pair >> 3) * 4 + c * 2 + s_step) * 32 + (pair & 7) * 4 + q4s) * 16);
+    }
+    float4 xv[4], gv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     float ss[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     auto load_round = [&](int r) {
-        const int k = k_slice + r * X3_RK + su * 4;
-        const bool in_k = su * 4 < (kc - 2 * r) * 32;
+        const bool in_k = su < 8 || 2 * r + 1 < kc;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int row = srow + 16 * j;
-            xv[j] = in_k && row < T ? *reinterpret_cast<const float4*>(x + (size_t)row * K + k) : zero4;
-        }
-        if (NORM) gv = in_k ? *reinterpret_cast<const float4*>(g + k) : zero4;
+        for (int j = 0; j < 4; ++j)
+            xv[j] = in_k && srows[j] < T ? *reinterpret_cast<const float4*>(xrow[j] + r * X3_RK) : zero4;
+        if (NORM) gv = in_k ? *reinterpret_cast<const float4*>(grow + r * X3_RK) : zero4;
     };
 
     const int wm = warp & 1, wn = warp >> 1;
     const int mtiles = (T + 15) >> 4;
+    // This lane's fragment loads: weight rows wn * 32 + nt * 8 + g8 (odd g8: chunk parity flipped
+    // by the swap above), and its A operands in m tiles 2 wm, 2 wm + 1.
+    const unsigned char* b_base = wsm + ((wn * 32 + g8) * w_units + q4) * 16;
+    const int b_flip = (g8 & wswap) * 64;
+    const int a_base = (2 * wm * 4 * 32 + lane) * 16;
     float acc_hi[2][4][4], acc_lo[2][4][4];
 #pragma unroll
     for (int m = 0; m < 2; ++m)
@@ -190,50 +231,42 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         unsigned char* abuf = abufs + (r & 1) * 3 * X3_APART;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            float4 v = xv[j];
             if (NORM) {
+                const float4 v = xv[j];
                 ss[j] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-                v.x *= gv.x; v.y *= gv.y; v.z *= gv.z; v.w *= gv.w;
+                xv[j].x *= gv.x; xv[j].y *= gv.y; xv[j].z *= gv.z; xv[j].w *= gv.w;
             }
-            const int row = srow + 16 * j;
-            x3_store_parts(abuf, x3_unit(row, su >> 1, X3_RUNITS) + (su & 1) * 8, v);
         }
+        x3_store_parts(abuf, stage_at[0], xv[0], xv[1]);
+        x3_store_parts(abuf, stage_at[1], xv[2], xv[3]);
         if (r + 1 < rounds) load_round(r + 1);
         x3_wait_groups(rounds - 1 - r);
         __syncthreads();
-        const int chunks = kc - 2 * r < 2 ? kc - 2 * r : 2;
+        const unsigned char* a_row = abuf + a_base;
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-            if (c >= chunks) break;
+            if (c == 1 && 2 * r + 1 >= kc) break;
             uint4 b[4];
+            const unsigned char* b_at = b_base + (((2 * r + c) * 64) ^ b_flip);
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
-                b[nt] = *reinterpret_cast<const uint4*>(wsm + x3_unit(wn * 32 + nt * 8 + g8, (2 * r + c) * 4 + q4, w_units));
+            for (int nt = 0; nt < 4; ++nt) b[nt] = *reinterpret_cast<const uint4*>(b_at + nt * 8 * w_units * 16);
 #pragma unroll
             for (int p = 0; p < 3; ++p) {
-                uint4 a0[2], a1[2];
 #pragma unroll
-                for (int m = 0; m < 2; ++m) {
-                    const int r0 = (2 * wm + m) * 16 + g8;
-                    a0[m] = *reinterpret_cast<const uint4*>(abuf + p * X3_APART + x3_unit(r0, c * 4 + q4, X3_RUNITS));
-                    a1[m] = *reinterpret_cast<const uint4*>(abuf + p * X3_APART + x3_unit(r0 + 8, c * 4 + q4, X3_RUNITS));
-                }
+                for (int st = 0; st < 2; ++st) {
+                    uint4 a[2];
 #pragma unroll
-                for (int m = 0; m < 2; ++m) {
-                    if (2 * wm + m >= mtiles) break;
+                    for (int m = 0; m < 2; ++m)
+                        a[m] = *reinterpret_cast<const uint4*>(a_row + p * X3_APART + (m * 4 + c * 2 + st) * 512);
 #pragma unroll
-                    for (int nt = 0; nt < 4; ++nt) {
-                        float* acc = p == 0 ? acc_hi[m][nt] : acc_lo[m][nt];
-                        x3_mma(acc, a0[m].x, a1[m].x, a0[m].y, a1[m].y, b[nt].x, b[nt].y);
-                    }
-                }
+                    for (int m = 0; m < 2; ++m) {
+                        if (2 * wm + m >= mtiles) break;
 #pragma unroll
-                for (int m = 0; m < 2; ++m) {
-                    if (2 * wm + m >= mtiles) break;
-#pragma unroll
-                    for (int nt = 0; nt < 4; ++nt) {
-                        float* acc = p == 0 ? acc_hi[m][nt] : acc_lo[m][nt];
-                        x3_mma(acc, a0[m].z, a1[m].z, a0[m].w, a1[m].w, b[nt].z, b[nt].w);
+                        for (int nt = 0; nt < 4; ++nt) {
+                            float* acc = p == 0 ? acc_hi[m][nt] : acc_lo[m][nt];
+                            if (st == 0) x3_mma(acc, a[m].x, a[m].y, a[m].z, a[m].w, b[nt].x, b[nt].y);
+                            else x3_mma(acc, a[m].x, a[m].y, a[m].z, a[m].w, b[nt].z, b[nt].w);
+                        }
                     }
                 }
             }
@@ -245,7 +278,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         for (int j = 0; j < 4; ++j) {
 #pragma unroll
             for (int o = 8; o > 0; o >>= 1) ss[j] += __shfl_xor_sync(FULL_MASK, ss[j], o);
-            if (su == 0) ss_part[srow + 16 * j] = ss[j];
+            if (su == 0) ss_part[srows[j]] = ss[j];
         }
     }
     __syncthreads();  // the staged activations are read; their memory takes the partial tile

@@ -783,13 +783,18 @@ impl CudaBackend {
         Ok(Some(y))
     }
 
-    /// Whether a bf16 product of `t` rows, `k` deep and `n` wide (gate and up rows together with
-    /// `silu`) runs in the `gemm_x3` kernel: for tests and probes that must know which path ran.
-    pub fn gemm_x3_covers(&self, t: usize, k: usize, n: usize, silu: bool) -> bool {
-        self.inner
-            .gemm_x3
-            .as_ref()
-            .is_some_and(|cap| x3::Plan::choose(t, k, n, silu, cap).is_some())
+    /// How `gemm_x3` covers a bf16 product of `t` rows, `k` deep and `n` wide (gate and up rows
+    /// together with `silu`), as (tiles, slices, kc), or `None` where another path runs it: for
+    /// tests and probes that must know which path ran.
+    pub fn gemm_x3_plan(
+        &self,
+        t: usize,
+        k: usize,
+        n: usize,
+        silu: bool,
+    ) -> Option<(usize, usize, usize)> {
+        let cap = self.inner.gemm_x3.as_ref()?;
+        x3::Plan::choose(t, k, n, silu, cap).map(|p| (p.tiles, p.slices, p.kc))
     }
 
     /// One cuBLAS GEMM `y [T, N] = x [T, K] · w [N, K]ᵀ + beta y` (row-major), fp32 compute.

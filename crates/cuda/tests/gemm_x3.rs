@@ -29,6 +29,18 @@ fn gemm_x3_matches_reference_and_cublas_path() {
     let (Some(x3), Some(cublas)) = (gpu(true), gpu(false)) else {
         return;
     };
+    // The plans of the 0.6B's four products at 64 rows on this GPU, (tiles, slices, kc).
+    for (k, n, silu) in [
+        (1024, 4096, false),
+        (2048, 1024, false),
+        (1024, 6144, true),
+        (3072, 1024, false),
+    ] {
+        eprintln!(
+            "plan K={k} N={n} silu={silu}: {:?}",
+            x3.gemm_x3_plan(64, k, n, silu)
+        );
+    }
     let mut rng = Rng::new(11);
     // (rows, K, N): the 0.6B's K at 64 and odd row counts (N cut down: the f64 reference is
     // slow); K whose chunks take 16, 4, 2 or 1 slices, of even and odd chunk counts; N not a
