@@ -26,7 +26,10 @@
 // so each lane reads 16 contiguous bytes (8 k) of its weight row and of its activation rows per
 // 32-k chunk from shared memory, and the chunk's two mma k-steps take words (0, 1) and (2, 3) of
 // those loads: A and B use the same k order, so no shuffles are needed.
-// grid = (tiles, S), cluster = (1, S), block = 256, dynamic shared memory x3_smem_bytes(kc);
+// Registers are capped at 128 (X3_MIN_BLOCKS = 2) so that two blocks share an SM where their
+// shared memory allows (slices of up to 8 chunks): twice the warps to hide the fragment loads'
+// latency, and room for twice the clusters.
+// grid = (tiles, S), cluster = (1, S), block = 256, dynamic shared memory x3::smem_bytes(kc);
 // T <= 64, K % 32 == 0, K / 32 = S * kc.
 
 #ifndef EPI_NONE
@@ -37,7 +40,9 @@
 #define X3_WARPS 8
 #define X3_ROWS 128
 #define X3_TMAX 64
-#define X3_SMAX 16
+#ifndef X3_MIN_BLOCKS
+#define X3_MIN_BLOCKS 2
+#endif
 // One round: 64 k.
 #define X3_RK 64
 // One part of one round's staged activations, [64 rows][64 k] bf16, in bytes.
@@ -66,6 +71,16 @@ __device__ __forceinline__ float x3_ld_peer(u32 addr, u32 rank) {
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
     float v;
     asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+// The four floats at shared address `addr` (16-byte aligned) of the cluster's block `rank`.
+__device__ __forceinline__ float4 x3_ld_peer4(u32 addr, u32 rank) {
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(remote) : "memory");
     return v;
 }
 
@@ -243,9 +258,11 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         x3_wait_groups(rounds - 1 - r);
         __syncthreads();
         const unsigned char* a_row = abuf + a_base;
+        // A warp whose m tiles are all past T skips the products; otherwise both of its tiles
+        // run (rows past T are staged as zeros), so no branch divides the mma sequence.
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-            if (c == 1 && 2 * r + 1 >= kc) break;
+            if (2 * wm >= mtiles || (c == 1 && 2 * r + 1 >= kc)) break;
             uint4 b[4];
             const unsigned char* b_at = b_base + (((2 * r + c) * 64) ^ b_flip);
 #pragma unroll
@@ -260,7 +277,6 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
                         a[m] = *reinterpret_cast<const uint4*>(a_row + p * X3_APART + (m * 4 + c * 2 + st) * 512);
 #pragma unroll
                     for (int m = 0; m < 2; ++m) {
-                        if (2 * wm + m >= mtiles) break;
 #pragma unroll
                         for (int nt = 0; nt < 4; ++nt) {
                             float* acc = p == 0 ? acc_hi[m][nt] : acc_lo[m][nt];
@@ -282,10 +298,10 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         }
     }
     __syncthreads();  // the staged activations are read; their memory takes the partial tile
-    // The partial tile, [row t][column], rows past the last m tile left unwritten (never read).
+    // The partial tile, [row t][column]; rows of warps that skipped left unwritten (never read).
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
-        if (2 * wm + m >= mtiles) break;
+        if (2 * wm >= mtiles) break;
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
             const int col = wn * 32 + nt * 8 + 2 * q4, t0 = (2 * wm + m) * 16 + g8;
@@ -306,40 +322,48 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         }
         __syncthreads();
     }
-    // This block's share of the tile's outputs, summed over the S slices in order.
+    // This block's share of the tile's outputs, four columns at a time, summed over the S slices
+    // in order.
     const u32 rank = x3_cluster_rank();
-    const int cols_out = EPI == EPI_SILU ? 64 : X3_ROWS;
+    constexpr int cols_out = EPI == EPI_SILU ? 64 : X3_ROWS;
     const int out_n = EPI == EPI_SILU ? half : N;
-    const int total = T * cols_out, per = (total + S - 1) / S;
+    const int total = T * (cols_out / 4), per = (total + S - 1) / S;
     const int end = (int)(rank + 1) * per < total ? (int)(rank + 1) * per : total;
     const u32 red_addr = x3_smem_addr(red);
-    for (int idx = (int)rank * per + tid; idx < end; idx += blockDim.x) {
-        const int t = idx / cols_out, c = idx % cols_out;
-        const int n = tile * cols_out + c;
-        float va[X3_SMAX], vb[X3_SMAX];
+    for (int idx = (int)rank * per + tid; idx < end; idx += X3_WARPS * 32) {
+        const int t = idx / (cols_out / 4), c = (idx % (cols_out / 4)) * 4;
+        const u32 at = red_addr + 4u * (u32)(t * X3_ROWS + c);
+        // Four slices' loads in flight at a time, added in slice order.
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int q0 = 0; q0 < S; q0 += 4) {
+            float4 va[4], vb[4];
 #pragma unroll
-        for (int q = 0; q < X3_SMAX; ++q) {
-            va[q] = vb[q] = 0.0f;
-            if (q < S) {
-                va[q] = x3_ld_peer(red_addr + 4u * (u32)(t * X3_ROWS + c), (u32)q);
-                if (EPI == EPI_SILU) vb[q] = x3_ld_peer(red_addr + 4u * (u32)(t * X3_ROWS + 64 + c), (u32)q);
+            for (int i = 0; i < 4; ++i) {
+                if (q0 + i < S) {
+                    va[i] = x3_ld_peer4(at, (u32)(q0 + i));
+                    if (EPI == EPI_SILU) vb[i] = x3_ld_peer4(at + 4u * 64u, (u32)(q0 + i));
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                if (q0 + i < S) {
+                    a[0] += va[i].x; a[1] += va[i].y; a[2] += va[i].z; a[3] += va[i].w;
+                    if (EPI == EPI_SILU) {
+                        b[0] += vb[i].x; b[1] += vb[i].y; b[2] += vb[i].z; b[3] += vb[i].w;
+                    }
+                }
             }
         }
-        float a = 0.0f, b = 0.0f;
+        const float inv = NORM ? inv_rms[t] : 1.0f;
 #pragma unroll
-        for (int q = 0; q < X3_SMAX; ++q) {
-            a += va[q];
-            b += vb[q];
-        }
-        if (NORM) {
-            a *= inv_rms[t];
-            b *= inv_rms[t];
-        }
-        if (n < out_n) {
-            const size_t o = (size_t)t * out_n + n;
-            if (EPI == EPI_SILU) y[o] = silu(a) * b;
-            else if (EPI == EPI_ADD) y[o] = residual[o] + a;
-            else y[o] = a;
+        for (int j = 0; j < 4; ++j) {
+            const int n = tile * cols_out + c + j;
+            if (n < out_n) {
+                const size_t o = (size_t)t * out_n + n;
+                if (EPI == EPI_SILU) y[o] = silu(a[j] * inv) * (b[j] * inv);
+                else if (EPI == EPI_ADD) y[o] = residual[o] + a[j];
+                else y[o] = a[j] * inv;
+            }
         }
     }
     // No block may leave while the others still read its tile.
@@ -348,7 +372,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
 }
 
 #define X3_ENTRY(name, EPI, NORM)                                                                           \
-    extern "C" __global__ void __launch_bounds__(X3_WARPS * 32, 1)                                          \
+    extern "C" __global__ void __launch_bounds__(X3_WARPS * 32, X3_MIN_BLOCKS)                                          \
         name(const float* x, const float* g, const bf16_t* w, const float* residual, float* y, int T, int K, \
              int N, int kc, float eps) {                                                                    \
         gemm_x3<EPI, NORM>(x, g, w, residual, y, T, K, N, kc, eps);                                         \

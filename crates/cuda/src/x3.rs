@@ -41,17 +41,20 @@ pub(crate) fn smem_bytes(kc: usize) -> usize {
 }
 
 /// What the GPU can hold of the kernel at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Capacity {
     /// Largest slice (in 32-wide chunks) whose block fits the shared memory.
     pub kc_max: usize,
-    /// Clusters resident at once, by slice count (the order of `SLICES`), one block an SM.
-    pub clusters: [usize; SLICES.len()],
+    /// Clusters resident at once by slice length and count: `clusters[kc - 1][i]` for slices of
+    /// `kc` chunks (their shared memory decides how many blocks share an SM) in clusters of
+    /// `SLICES[i]` blocks.
+    pub clusters: Vec<[usize; SLICES.len()]>,
 }
 
 /// Lets the kernel's entry points take the device's opt-in shared memory and clusters of 16, and
-/// measures how many clusters of each size the device holds at once; `max_slices` caps the cluster
-/// size (a knob for comparing plans). `None` below sm_90 (no clusters).
+/// measures how many clusters of each size and slice length the device holds at once;
+/// `max_slices` caps the cluster size (a knob for comparing plans). `None` below sm_90 (no
+/// clusters).
 pub(crate) fn configure(
     ctx: &Arc<CudaContext>,
     stream: &CudaStream,
@@ -88,14 +91,20 @@ pub(crate) fn configure(
     if kc_max == 0 {
         return Ok(None);
     }
-    let probe = kernels.get(ENTRIES[0]).cuda()?;
-    let mut clusters = [0; SLICES.len()];
-    for (slot, &s) in clusters.iter_mut().zip(&SLICES) {
-        if s <= max_slices {
-            // A failed query (a size the device refuses) leaves no room for that size.
-            *slot = max_active_clusters(probe, stream, s, smem_bytes(kc_max)).unwrap_or(0);
-        }
-    }
+    // The entry with the most registers and static shared memory bounds them all.
+    let probe = kernels.get(ENTRIES[4]).cuda()?;
+    let clusters = (1..=kc_max)
+        .map(|kc| {
+            let mut row = [0; SLICES.len()];
+            for (slot, &s) in row.iter_mut().zip(&SLICES) {
+                if s <= max_slices {
+                    // A failed query (a size the device refuses) leaves no room for that size.
+                    *slot = max_active_clusters(probe, stream, s, smem_bytes(kc)).unwrap_or(0);
+                }
+            }
+            row
+        })
+        .collect();
     Ok(Some(Capacity { kc_max, clusters }))
 }
 
@@ -167,11 +176,14 @@ impl Plan {
         let chunks = k / 32;
         SLICES
             .iter()
-            .zip(&cap.clusters)
-            .find(|&(&s, &resident)| {
-                chunks.is_multiple_of(s) && chunks / s <= cap.kc_max && tiles <= resident
+            .enumerate()
+            .find(|&(i, &s)| {
+                let kc = chunks / s;
+                chunks.is_multiple_of(s)
+                    && (1..=cap.kc_max).contains(&kc)
+                    && tiles <= cap.clusters[kc - 1][i]
             })
-            .map(|(&slices, _)| Plan {
+            .map(|(_, &slices)| Plan {
                 tiles,
                 slices,
                 kc: chunks / slices,
@@ -188,14 +200,27 @@ impl Plan {
 mod tests {
     use super::*;
 
-    /// An H100/H200's figures: 227 KiB of opt-in shared memory, 132 SMs in GPCs of 16-18.
-    const HOPPER: Capacity = Capacity {
-        kc_max: 22,
-        clusters: [8, 16, 32, 66, 132],
-    };
+    /// A model of an H100/H200: 227 KiB of opt-in shared memory (228 an SM, 1 KiB reserved a
+    /// block), two blocks an SM by registers, 132 SMs in GPCs of 14-18 (clusters stay within one).
+    fn hopper() -> Capacity {
+        const GPCS: [usize; 8] = [18, 18, 18, 18, 16, 16, 14, 14];
+        let kc_max = 22;
+        let clusters = (1..=kc_max)
+            .map(|kc| {
+                let per_sm = (228 * 1024 / (smem_bytes(kc) + 1024 + 512)).min(2);
+                let mut row = [0; SLICES.len()];
+                for (slot, &s) in row.iter_mut().zip(&SLICES) {
+                    *slot = GPCS.iter().map(|g| g * per_sm / s).sum();
+                }
+                row
+            })
+            .collect();
+        Capacity { kc_max, clusters }
+    }
 
     #[test]
     fn plans_cover_the_product_in_whole_chunks_and_one_wave() {
+        let hopper = hopper();
         for silu in [false, true] {
             for t in 1..=80 {
                 for (k, n) in [
@@ -206,14 +231,14 @@ mod tests {
                     (96, 36),
                     (160, 130),
                 ] {
-                    let Some(p) = Plan::choose(t, k, n, silu, &HOPPER) else {
+                    let Some(p) = Plan::choose(t, k, n, silu, &hopper) else {
                         assert!(!(9..=64).contains(&t), "no plan for t={t} k={k} n={n}");
                         continue;
                     };
                     assert_eq!(p.kc * 32 * p.slices, k, "{p:?}");
-                    assert!(p.kc <= HOPPER.kc_max, "{p:?}");
-                    let resident = SLICES.iter().position(|&s| s == p.slices).unwrap();
-                    assert!(p.tiles <= HOPPER.clusters[resident], "{p:?}");
+                    assert!(p.kc <= hopper.kc_max, "{p:?}");
+                    let i = SLICES.iter().position(|&s| s == p.slices).unwrap();
+                    assert!(p.tiles <= hopper.clusters[p.kc - 1][i], "{p:?}");
                     let rows = if silu {
                         64 * p.tiles >= n / 2
                     } else {
@@ -224,21 +249,22 @@ mod tests {
                 }
             }
         }
-        // The 0.6B's products at 64 rows: QKV 32 tiles x 4, gate/up 48 x 2, o_proj and down
-        // 8 x 16; the lm_head stays on cuBLAS, and so does a slice too long for shared memory.
+        // The 0.6B's products at 64 rows: QKV 32 tiles x 4 and gate/up 48 x 4 (slices of 8
+        // chunks: two blocks an SM), o_proj and down 8 x 16; the lm_head stays on cuBLAS, and so
+        // does a slice too long for shared memory.
         let tiles_slices =
-            |k, n, silu| Plan::choose(64, k, n, silu, &HOPPER).map(|p| (p.tiles, p.slices));
+            |k, n, silu| Plan::choose(64, k, n, silu, &hopper).map(|p| (p.tiles, p.slices));
         assert_eq!(tiles_slices(1024, 4096, false), Some((32, 4)));
-        assert_eq!(tiles_slices(1024, 6144, true), Some((48, 2)));
+        assert_eq!(tiles_slices(1024, 6144, true), Some((48, 4)));
         assert_eq!(tiles_slices(2048, 1024, false), Some((8, 16)));
         assert_eq!(tiles_slices(3072, 1024, false), Some((8, 16)));
         assert_eq!(tiles_slices(1024, 151_936, false), None);
         assert_eq!(tiles_slices(12_288, 4096, false), None);
         // Without clusters of 16 (a capped or refusing device) o_proj takes 8.
-        let no16 = Capacity {
-            clusters: [0, 16, 32, 66, 132],
-            ..HOPPER
-        };
+        let mut no16 = hopper.clone();
+        for row in &mut no16.clusters {
+            row[0] = 0;
+        }
         assert_eq!(
             Plan::choose(64, 2048, 1024, false, &no16).map(|p| p.slices),
             Some(8)
