@@ -5,8 +5,9 @@
 //   epilogue: EPI_NONE y = x w^T; EPI_ADD y = residual + x w^T; EPI_SILU y[:, n] =
 //             silu(x w_n^T) * (x w_{n + N/2}^T), N/2 columns.
 // Each activation is split into three bf16 parts (hi + mid + lo, fp32-exact together) as the
-// block stages it, so the tensor cores see the activations' full 24-bit mantissas; the hi part
-// accumulates apart from mid + lo, which are 2^-8 smaller. The weights are read once.
+// block stages it, so the tensor cores see the activations' full 24-bit mantissas; the three
+// products share one fp32 accumulator (each add rounds relative to the running sum either way).
+// The weights are read once.
 //
 // Block: 8 warps over 128 weight rows (with EPI_SILU 64 gate rows and the matching 64 up rows)
 // and one slice of K; warp w takes rows 32 (w & 1) .. + 32 of x (two m16 tiles) and 32 weight
@@ -233,13 +234,13 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     const unsigned char* b_base = wsm + ((wn * 32 + g8) * w_units + q4) * 16;
     const int b_flip = (g8 & wswap) * 64;
     const int a_base = (2 * wm * 4 * 32 + lane) * 16;
-    float acc_hi[2][4][4], acc_lo[2][4][4];
+    float acc[2][4][4];
 #pragma unroll
     for (int m = 0; m < 2; ++m)
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc_hi[m][nt][i] = acc_lo[m][nt][i] = 0.0f;
+            for (int i = 0; i < 4; ++i) acc[m][nt][i] = 0.0f;
 
     load_round(0);
     for (int r = 0; r < rounds; ++r) {
@@ -279,9 +280,8 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
                     for (int m = 0; m < 2; ++m) {
 #pragma unroll
                         for (int nt = 0; nt < 4; ++nt) {
-                            float* acc = p == 0 ? acc_hi[m][nt] : acc_lo[m][nt];
-                            if (st == 0) x3_mma(acc, a[m].x, a[m].y, a[m].z, a[m].w, b[nt].x, b[nt].y);
-                            else x3_mma(acc, a[m].x, a[m].y, a[m].z, a[m].w, b[nt].z, b[nt].w);
+                            if (st == 0) x3_mma(acc[m][nt], a[m].x, a[m].y, a[m].z, a[m].w, b[nt].x, b[nt].y);
+                            else x3_mma(acc[m][nt], a[m].x, a[m].y, a[m].z, a[m].w, b[nt].z, b[nt].w);
                         }
                     }
                 }
@@ -305,10 +305,10 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
             const int col = wn * 32 + nt * 8 + 2 * q4, t0 = (2 * wm + m) * 16 + g8;
-            red[t0 * X3_ROWS + col] = acc_hi[m][nt][0] + acc_lo[m][nt][0];
-            red[t0 * X3_ROWS + col + 1] = acc_hi[m][nt][1] + acc_lo[m][nt][1];
-            red[(t0 + 8) * X3_ROWS + col] = acc_hi[m][nt][2] + acc_lo[m][nt][2];
-            red[(t0 + 8) * X3_ROWS + col + 1] = acc_hi[m][nt][3] + acc_lo[m][nt][3];
+            red[t0 * X3_ROWS + col] = acc[m][nt][0];
+            red[t0 * X3_ROWS + col + 1] = acc[m][nt][1];
+            red[(t0 + 8) * X3_ROWS + col] = acc[m][nt][2];
+            red[(t0 + 8) * X3_ROWS + col + 1] = acc[m][nt][3];
         }
     }
     x3_cluster_sync();
@@ -366,8 +366,8 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
             }
         }
     }
-    // No block may leave while the others still read its tile.
-    x3_cluster_sync();
+    // No block may leave while the others still read its tile (nothing to publish: relaxed).
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
 #endif
 }
 
