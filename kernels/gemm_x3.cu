@@ -44,6 +44,8 @@
 #ifndef X3_MIN_BLOCKS
 #define X3_MIN_BLOCKS 2
 #endif
+// Phases the trace times (x3.rs TRACE_PHASES names them).
+#define X3_PHASES 8
 // One round: 64 k.
 #define X3_RK 64
 // One part of one round's staged activations, [64 rows][64 k] bf16, in bytes.
@@ -93,6 +95,12 @@ __device__ __forceinline__ void x3_mma(float c[4], u32 a0, u32 a1, u32 a2, u32 a
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ unsigned long long x3_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 // Waits until at most `pending` of this thread's cp.async groups are still in flight.
 __device__ __forceinline__ void x3_wait_groups(int pending) {
     switch (pending) {
@@ -140,8 +148,14 @@ __device__ __forceinline__ void x3_store_parts(unsigned char* abuf, u32 at, floa
 template <int EPI, bool NORM>
 __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float* __restrict__ g,
                                         const bf16_t* __restrict__ w, const float* __restrict__ residual,
-                                        float* __restrict__ y, int T, int K, int N, int kc, float eps) {
+                                        float* __restrict__ y, int T, int K, int N, int kc, float eps,
+                                        unsigned long long* trace) {
 #if __CUDA_ARCH__ >= 900
+    // With `trace` (QFUSE_CUDA_X3_TRACE), thread 0 of every block adds its phases' durations (ns)
+    // to trace[0..X3_PHASES) and 1 to trace[X3_PHASES].
+    unsigned long long stamp[X3_PHASES + 1];
+    const bool tracing = trace != nullptr && threadIdx.x == 0;
+    if (tracing) stamp[0] = x3_now();
     // Dynamic shared memory: the weight slice [128 rows][kc * 32] bf16, then two staged rounds
     // of activations ([3 parts][64 rows][64 k] bf16 each), which afterwards hold the partial
     // tile ([64 rows][128 columns] fp32) for the cluster's reduction.
@@ -190,8 +204,10 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
             asm volatile("cp.async.commit_group;" ::: "memory");
         }
     }
+    if (tracing) stamp[1] = x3_now();
     pdl_wait();
     pdl_launch_dependents();
+    if (tracing) stamp[2] = x3_now();
 
     // Staging: thread tid owns float4 column su of the row pairs (R, R + 8) of pair indices
     // tid / 16 and tid / 16 + 16 (pair p: R = 16 (p / 8) + p % 8) of every round. A staged part
@@ -255,9 +271,11 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         }
         x3_store_parts(abuf, stage_at[0], xv[0], xv[1]);
         x3_store_parts(abuf, stage_at[1], xv[2], xv[3]);
+        if (tracing && r == 0) stamp[3] = x3_now();
         if (r + 1 < rounds) load_round(r + 1);
         x3_wait_groups(rounds - 1 - r);
         __syncthreads();
+        if (tracing && r == 0) stamp[4] = x3_now();
         const unsigned char* a_row = abuf + a_base;
         // A warp whose m tiles are all past T skips the products; otherwise both of its tiles
         // run (rows past T are staged as zeros), so no branch divides the mma sequence.
@@ -288,6 +306,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
             }
         }
     }
+    if (tracing) stamp[5] = x3_now();
     if (NORM) {
         // Each row's squares over this slice: the 16 threads of a half-warp share rows.
 #pragma unroll
@@ -312,6 +331,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         }
     }
     x3_cluster_sync();
+    if (tracing) stamp[6] = x3_now();
     if (NORM) {
         // 1/rms of each row from every slice's squares, in slice order.
         if (tid < T) {
@@ -366,16 +386,22 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
             }
         }
     }
+    if (tracing) stamp[7] = x3_now();
     // No block may leave while the others still read its tile (nothing to publish: relaxed).
     asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+    if (tracing) {
+        stamp[8] = x3_now();
+        for (int i = 0; i < X3_PHASES; ++i) atomicAdd(trace + i, stamp[i + 1] - stamp[i]);
+        atomicAdd(trace + X3_PHASES, 1ull);
+    }
 #endif
 }
 
 #define X3_ENTRY(name, EPI, NORM)                                                                           \
-    extern "C" __global__ void __launch_bounds__(X3_WARPS * 32, X3_MIN_BLOCKS)                                          \
+    extern "C" __global__ void __launch_bounds__(X3_WARPS * 32, X3_MIN_BLOCKS)                              \
         name(const float* x, const float* g, const bf16_t* w, const float* residual, float* y, int T, int K, \
-             int N, int kc, float eps) {                                                                    \
-        gemm_x3<EPI, NORM>(x, g, w, residual, y, T, K, N, kc, eps);                                         \
+             int N, int kc, float eps, unsigned long long* trace) {                                         \
+        gemm_x3<EPI, NORM>(x, g, w, residual, y, T, K, N, kc, eps, trace);                                  \
     }
 
 X3_ENTRY(gemm_x3_f32, EPI_NONE, false)

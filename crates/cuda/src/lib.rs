@@ -241,6 +241,8 @@ struct Inner {
     /// Products of 9-64 rows take the tensor-core kernel `gemm_x3` (the option, on sm_90+):
     /// what the GPU holds of it at once.
     gemm_x3: Option<x3::Capacity>,
+    /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
+    x3_trace: Option<CudaSlice<u64>>,
     /// Blocks an SM the decode attention kernel fills when it splits contexts (0: no split; the
     /// default 4 is what its registers let an SM hold).
     attn_many_blocks_per_sm: usize,
@@ -425,6 +427,15 @@ impl CudaBackend {
         } else {
             None
         };
+        let x3_trace = if gemm_x3.is_some() && qfuse_core::knobs::env_flag("QFUSE_CUDA_X3_TRACE") {
+            Some(
+                stream
+                    .alloc_zeros::<u64>(x3::ENTRIES.len() * x3::TRACE_SLOTS)
+                    .cuda()?,
+            )
+        } else {
+            None
+        };
         let layer_smem_max = if qfuse_core::knobs::env_flag("QFUSE_CUDA_LAYER_KERNEL") {
             layer::configure(&ctx, &kernels, major)?
         } else {
@@ -459,6 +470,7 @@ impl CudaBackend {
                 )
                 .unwrap_or(GEMV_MAX_ROWS + 1),
                 gemm_x3,
+                x3_trace,
                 decode_min_chunk: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_DECODE_MIN_CHUNK",
                     32..=1 << 20,
@@ -767,6 +779,14 @@ impl CudaBackend {
             .i32(i32_of(n, "N")?)
             .i32(plan.kc as i32)
             .f32(eps);
+        match &self.inner.x3_trace {
+            Some(trace) => {
+                let entry = x3::ENTRIES.iter().position(|e| *e == name).unwrap_or(0);
+                let base = trace.device_ptr(self.stream()).0;
+                l.ptr(base + (entry * x3::TRACE_SLOTS * 8) as u64)
+            }
+            None => l.ptr(0),
+        };
         l.cluster_y(plan.slices as u32);
         let cfg = LaunchConfig {
             grid_dim: (plan.tiles as u32, plan.slices as u32, 1),
@@ -774,6 +794,7 @@ impl CudaBackend {
             shared_mem_bytes: plan.smem_bytes() as u32,
         };
         // SAFETY: x is [t, k] f32, the gain (when read) [k]; w is [n, k] bf16 (n even for SiLU);
+        // the trace (when passed) holds x3::TRACE_SLOTS u64 for this entry point;
         // the residual (when read) and y are [t, epilogue.out_cols(n)] f32; t <= 64, k % 32 == 0
         // and the slices divide k / 32 into kc chunks whose block fits the shared memory that
         // `x3::configure` allowed (the plan); one cluster of `slices` blocks per tile, the grid
@@ -795,6 +816,29 @@ impl CudaBackend {
     ) -> Option<(usize, usize, usize)> {
         let cap = self.inner.gemm_x3.as_ref()?;
         x3::Plan::choose(t, k, n, silu, cap).map(|p| (p.tiles, p.slices, p.kc))
+    }
+
+    /// `gemm_x3`'s phase clocks per entry point (`QFUSE_CUDA_X3_TRACE=1`), mean µs over its
+    /// block-launches; `None` when not traced.
+    pub fn gemm_x3_trace_report(&self) -> Option<String> {
+        let trace = self.inner.x3_trace.as_ref()?;
+        let sums = self.stream().clone_dtoh(trace).ok()?;
+        let mut out = String::from("gemm_x3 trace (mean over block-launches, thread 0, µs):");
+        for (entry, slots) in x3::ENTRIES.iter().zip(sums.chunks(x3::TRACE_SLOTS)) {
+            let n = slots[x3::TRACE_PHASES.len()];
+            if n == 0 {
+                continue;
+            }
+            out += &format!("\n  {entry} ({n} block-launches)");
+            let mut total = 0.0;
+            for (phase, &ns) in x3::TRACE_PHASES.iter().zip(slots) {
+                let us = ns as f64 / n as f64 / 1e3;
+                total += us;
+                out += &format!("\n    {us:>8.2}  {phase}");
+            }
+            out += &format!("\n    {total:>8.2}  total");
+        }
+        Some(out)
     }
 
     /// One cuBLAS GEMM `y [T, N] = x [T, K] · w [N, K]ᵀ + beta y` (row-major), fp32 compute.

@@ -23,6 +23,20 @@ pub(crate) const ENTRIES: [&str; 5] = [
     "rms_norm_gemm_x3_silu_mul_f32",
 ];
 
+/// The phases `QFUSE_CUDA_X3_TRACE=1` times (thread 0 of each block; X3_PHASES in the kernel).
+pub(crate) const TRACE_PHASES: [&str; 8] = [
+    "weight copies issued",
+    "PDL wait",
+    "first round's activations loaded, split and staged",
+    "first round's weights waited for, block barrier",
+    "the products (every round after the first wait)",
+    "partial tile stored, cluster barrier",
+    "slices reduced, epilogue stored",
+    "final cluster barrier",
+];
+/// u64 slots of one entry point's trace: its phases and a count of block-launches.
+pub(crate) const TRACE_SLOTS: usize = 16;
+
 /// Slice counts (cluster sizes) a plan may take, most first; 16 is a non-portable cluster size
 /// (sm_90 allows it by function attribute).
 const SLICES: [usize; 5] = [16, 8, 4, 2, 1];
