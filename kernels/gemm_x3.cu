@@ -258,8 +258,8 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[m][nt][i] = 0.0f;
 
-    // Splits the round's activations (in xv) into the parts and stages them in buffer r & 1.
-    auto stage = [&](int r) {
+    load_round(0);
+    for (int r = 0; r < rounds; ++r) {
         unsigned char* abuf = abufs + (r & 1) * 3 * X3_APART;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -271,22 +271,11 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         }
         x3_store_parts(abuf, stage_at[0], xv[0], xv[1]);
         x3_store_parts(abuf, stage_at[1], xv[2], xv[3]);
-    };
-
-    // Software-pipelined: while round r is multiplied, round r + 1 is staged into the other
-    // buffer and round r + 2's activations are loaded; one block barrier a round publishes both
-    // the staged round and its weights.
-    load_round(0);
-    stage(0);
-    if (tracing) stamp[3] = x3_now();
-    if (rounds > 1) load_round(1);
-    x3_wait_groups(rounds - 1);
-    __syncthreads();
-    if (tracing) stamp[4] = x3_now();
-    for (int r = 0; r < rounds; ++r) {
-        const unsigned char* abuf = abufs + (r & 1) * 3 * X3_APART;
-        if (r + 1 < rounds) stage(r + 1);
-        if (r + 2 < rounds) load_round(r + 2);
+        if (tracing && r == 0) stamp[3] = x3_now();
+        if (r + 1 < rounds) load_round(r + 1);
+        x3_wait_groups(rounds - 1 - r);
+        __syncthreads();
+        if (tracing && r == 0) stamp[4] = x3_now();
         const unsigned char* a_row = abuf + a_base;
         // A warp whose m tiles are all past T skips the products; otherwise both of its tiles
         // run (rows past T are staged as zeros), so no branch divides the mma sequence.
@@ -315,10 +304,6 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
                     }
                 }
             }
-        }
-        if (r + 1 < rounds) {
-            x3_wait_groups(rounds - 2 - r);
-            __syncthreads();
         }
     }
     if (tracing) stamp[5] = x3_now();
@@ -368,19 +353,19 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     for (int idx = (int)rank * per + tid; idx < end; idx += X3_WARPS * 32) {
         const int t = idx / (cols_out / 4), c = (idx % (cols_out / 4)) * 4;
         const u32 at = red_addr + 4u * (u32)(t * X3_ROWS + c);
-        // Eight slices' loads in flight at a time, added in slice order.
+        // Four slices' loads in flight at a time, added in slice order.
         float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int q0 = 0; q0 < S; q0 += 8) {
-            float4 va[8], vb[8];
+        for (int q0 = 0; q0 < S; q0 += 4) {
+            float4 va[4], vb[4];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
+            for (int i = 0; i < 4; ++i) {
                 if (q0 + i < S) {
                     va[i] = x3_ld_peer4(at, (u32)(q0 + i));
                     if (EPI == EPI_SILU) vb[i] = x3_ld_peer4(at + 4u * 64u, (u32)(q0 + i));
                 }
             }
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
+            for (int i = 0; i < 4; ++i) {
                 if (q0 + i < S) {
                     a[0] += va[i].x; a[1] += va[i].y; a[2] += va[i].z; a[3] += va[i].w;
                     if (EPI == EPI_SILU) {
