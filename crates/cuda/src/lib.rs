@@ -4,8 +4,10 @@
 //! and activation buffers come from a pool (`pool.rs`), so a captured decode step holds kernels
 //! only and each kernel's weight loads overlap the one before it.
 //! Decode-sized products (T <= 8 rows) run in fused GEMV kernels that read each weight once;
-//! larger ones go to cuBLAS (bf16 tensor cores over three-part splits of the fp32 activations,
-//! with the norm and the epilogue fused into the split and the sum). Decode attention is one
+//! 9-64 rows on sm_90 in one tensor-core kernel (`x3.rs`, `kernels/gemm_x3.cu`) that splits the
+//! fp32 activations into three bf16 parts as it stages them, with the norm and the epilogue
+//! fused; larger ones go to cuBLAS (bf16 tensor cores over the same three-part splits, with the
+//! norm and the epilogue fused into the split and the sum kernels). Decode attention is one
 //! kernel for every batch size, which for batched decode (9+ sequences) also forms q and the new
 //! keys (`qk_norm_rope_attention`); a batch-1 decoder layer can run as one persistent kernel
 //! (`layer.rs`, opt-in: measured slower than the composed step); prompt attention (chunks of 64+ tokens) runs as fp32 cuBLAS
@@ -294,10 +296,11 @@ pub struct CudaOptions {
     /// [`ATTENTION_GEMM_SCRATCH_BYTES`]). Each chunk's GEMMs stop at its last row's keys, so
     /// smaller chunks skip more of the causal mask's zeros, in more launches.
     pub attention_gemm_chunk_rows: usize,
-    /// Products of 9-64 rows (batched decode) run as one tensor-core kernel with the epilogue
-    /// fused (`kernels/gemm_x3.cu`, sm_90 and later) rather than a cuBLAS GEMM and a sum kernel.
-    /// Off by default (`QFUSE_CUDA_GEMM_X3=1` turns it on): it is more accurate than the cuBLAS
-    /// path but, without a pipelined K loop, ~2x slower per product on the H200 (docs/perf.md).
+    /// Products of 9-64 rows (batched decode, short prompts) run as one tensor-core kernel from
+    /// the fp32 activations, the split, norm and epilogue fused (`kernels/gemm_x3.cu`, sm_90 and
+    /// later), rather than a split kernel, a cuBLAS GEMM and a sum kernel. On by default
+    /// (`QFUSE_CUDA_GEMM_X3=0` turns it off): ~10x more accurate than the cuBLAS path, and on the
+    /// H200 4-15% faster a step at batch 16 and 32, level at 64 (docs/perf.md).
     pub gemm_x3: bool,
 }
 
@@ -321,7 +324,7 @@ impl Default for CudaOptions {
                 1..=1 << 16,
             )
             .unwrap_or(512),
-            gemm_x3: qfuse_core::knobs::env_flag("QFUSE_CUDA_GEMM_X3"),
+            gemm_x3: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMM_X3", 0..=1) != Some(0),
         }
     }
 }
