@@ -2,10 +2,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
-use crate::error::CudaError;
+use crate::error::{CudaError, CudaResultExt};
 
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
@@ -271,6 +272,38 @@ impl Kernels {
             }
         }
         Ok(Kernels { functions })
+    }
+
+    /// Lets each entry point in `names` take the device's opt-in shared memory (kernels that
+    /// stage more than the default 48 KiB); returns the dynamic shared memory all of them may
+    /// use.
+    pub(crate) fn allow_optin_smem<I>(
+        &self,
+        ctx: &Arc<CudaContext>,
+        names: I,
+    ) -> qfuse_core::Result<usize>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .cuda()?;
+        let mut most = usize::MAX;
+        for name in names {
+            let f = self.get(name.as_ref()).cuda()?;
+            let fixed = f
+                .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .cuda()?;
+            let dynamic = (optin - fixed).max(0);
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                dynamic,
+            )
+            .cuda()?;
+            most = most.min(dynamic as usize);
+        }
+        Ok(most)
     }
 
     /// An entry point by name.

@@ -11,7 +11,6 @@
 //! that grid barriers of ~1.6-2.5 µs each lengthen instead of hide (docs/perf.md).
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, LaunchConfig};
 use qfuse_core::{AttentionConfig, DeviceTensor, LayerKv, LayerWeights, Result};
 
@@ -45,26 +44,10 @@ pub(crate) fn configure(ctx: &Arc<CudaContext>, kernels: &Kernels, major: i32) -
     if major < 9 {
         return Ok(0);
     }
-    let optin = ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .cuda()?;
-    let mut most = usize::MAX;
-    for suffix in KV_SUFFIXES {
-        for g in GROUP_BUILDS {
-            let f = kernels.get(&entry(suffix, g)).cuda()?;
-            let fixed = f
-                .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-                .cuda()?;
-            let dynamic = (optin - fixed).max(0);
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                dynamic,
-            )
-            .cuda()?;
-            most = most.min(dynamic as usize);
-        }
-    }
-    Ok(most)
+    let names = KV_SUFFIXES
+        .iter()
+        .flat_map(|suffix| GROUP_BUILDS.iter().map(move |&g| entry(suffix, g)));
+    kernels.allow_optin_smem(ctx, names)
 }
 
 /// One layer's launch geometry, from its sizes alone.

@@ -6,7 +6,7 @@
 //! clusters, at most the clusters the GPU can hold of that size.
 use std::sync::Arc;
 
-use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::{self, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
 use qfuse_core::Result;
 
@@ -79,27 +79,13 @@ pub(crate) fn configure(
     if major < 9 {
         return Ok(None);
     }
-    let optin = ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .cuda()?;
-    let mut dynamic = usize::MAX;
+    let dynamic = kernels.allow_optin_smem(ctx, ENTRIES)?;
     for name in ENTRIES {
-        let f = kernels.get(name).cuda()?;
-        let fixed = f
-            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-            .cuda()?;
-        let most = (optin - fixed).max(0);
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            most,
-        )
-        .cuda()?;
         // Where a driver refuses clusters of 16, the occupancy query below finds none.
-        let _ = f.set_attribute(
+        let _ = kernels.get(name).cuda()?.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
             1,
         );
-        dynamic = dynamic.min(most as usize);
     }
     let kc_max = dynamic.saturating_sub(STAGE_BYTES) / (32 * TILE_ROWS * 2);
     if kc_max == 0 {
