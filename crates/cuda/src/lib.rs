@@ -665,10 +665,10 @@ impl CudaBackend {
     /// the prologue's RMSNorm, if any) is split into three bf16 parts (hi + mid + lo), stacked as
     /// the rows of one `[3T, K]` operand: one GEMM (the weights read once, one launch) gives the
     /// three partial products, and the epilogue kernel sums them, smallest first, before its
-    /// residual add or SiLU·up (with `gemm_x3` on, one tensor-core kernel replaces the GEMM and
-    /// the sum). The fp32 activations keep their full precision on the tensor cores for three
-    /// times the FLOPs of one bf16 GEMM; the norm and the epilogue cost no pass of their own over
-    /// the activations.
+    /// residual add or SiLU·up. Products of 9-64 rows take `gemm_x3` instead (where it applies),
+    /// one tensor-core kernel for the split, the products and the epilogue. The fp32 activations
+    /// keep their full precision on the tensor cores for three times the FLOPs of one bf16 GEMM;
+    /// the norm and the epilogue cost no pass of their own over the activations.
     fn cublas_bf16(
         &self,
         x: Prologue<'_>,
