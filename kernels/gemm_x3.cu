@@ -145,6 +145,42 @@ __device__ __forceinline__ void x3_store_parts(unsigned char* abuf, u32 at, floa
     }
 }
 
+#if __CUDA_ARCH__ >= 900
+// One round's products of a warp (chunks 2r and, where K has it, 2r + 1) over its first MC m
+// tiles: the weight fragments from the slice in shared memory (rows wn * 32 + nt * 8 + g8 at
+// b_base, chunk parity flipped by b_flip), the A operands staged ready-made at a_row.
+template <int MC>
+__device__ __forceinline__ void x3_products(float (&acc)[2][4][4], const unsigned char* a_row,
+                                            const unsigned char* b_base, int b_flip, int w_units, int r, int kc) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        if (c == 1 && 2 * r + 1 >= kc) break;
+        uint4 b[4];
+        const unsigned char* b_at = b_base + (((2 * r + c) * 64) ^ b_flip);
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) b[nt] = *reinterpret_cast<const uint4*>(b_at + nt * 8 * w_units * 16);
+#pragma unroll
+        for (int p = 0; p < 3; ++p) {
+#pragma unroll
+            for (int st = 0; st < 2; ++st) {
+                uint4 a[MC];
+#pragma unroll
+                for (int m = 0; m < MC; ++m)
+                    a[m] = *reinterpret_cast<const uint4*>(a_row + p * X3_APART + (m * 4 + c * 2 + st) * 512);
+#pragma unroll
+                for (int m = 0; m < MC; ++m) {
+#pragma unroll
+                    for (int nt = 0; nt < 4; ++nt) {
+                        if (st == 0) x3_mma(acc[m][nt], a[m].x, a[m].y, a[m].z, a[m].w, b[nt].x, b[nt].y);
+                        else x3_mma(acc[m][nt], a[m].x, a[m].y, a[m].z, a[m].w, b[nt].z, b[nt].w);
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
 template <int EPI, bool NORM>
 __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float* __restrict__ g,
                                         const bf16_t* __restrict__ w, const float* __restrict__ residual,
@@ -276,35 +312,10 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         x3_wait_groups(rounds - 1 - r);
         __syncthreads();
         if (tracing && r == 0) stamp[4] = x3_now();
-        const unsigned char* a_row = abuf + a_base;
-        // A warp whose m tiles are all past T skips the products; otherwise both of its tiles
-        // run (rows past T are staged as zeros), so no branch divides the mma sequence.
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            if (2 * wm >= mtiles || (c == 1 && 2 * r + 1 >= kc)) break;
-            uint4 b[4];
-            const unsigned char* b_at = b_base + (((2 * r + c) * 64) ^ b_flip);
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) b[nt] = *reinterpret_cast<const uint4*>(b_at + nt * 8 * w_units * 16);
-#pragma unroll
-            for (int p = 0; p < 3; ++p) {
-#pragma unroll
-                for (int st = 0; st < 2; ++st) {
-                    uint4 a[2];
-#pragma unroll
-                    for (int m = 0; m < 2; ++m)
-                        a[m] = *reinterpret_cast<const uint4*>(a_row + p * X3_APART + (m * 4 + c * 2 + st) * 512);
-#pragma unroll
-                    for (int m = 0; m < 2; ++m) {
-#pragma unroll
-                        for (int nt = 0; nt < 4; ++nt) {
-                            if (st == 0) x3_mma(acc[m][nt], a[m].x, a[m].y, a[m].z, a[m].w, b[nt].x, b[nt].y);
-                            else x3_mma(acc[m][nt], a[m].x, a[m].y, a[m].z, a[m].w, b[nt].z, b[nt].w);
-                        }
-                    }
-                }
-            }
-        }
+        // Both of the warp's m tiles (rows past T are staged as zeros) unless its second lies
+        // wholly past T.
+        if (2 * wm + 1 < mtiles) x3_products<2>(acc, abuf + a_base, b_base, b_flip, w_units, r, kc);
+        else if (2 * wm < mtiles) x3_products<1>(acc, abuf + a_base, b_base, b_flip, w_units, r, kc);
     }
     if (tracing) stamp[5] = x3_now();
     if (NORM) {
@@ -317,10 +328,10 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         }
     }
     __syncthreads();  // the staged activations are read; their memory takes the partial tile
-    // The partial tile, [row t][column]; rows of warps that skipped left unwritten (never read).
+    // The partial tile, [row t][column]; m tiles past T left unwritten (never read).
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
-        if (2 * wm >= mtiles) break;
+        if (2 * wm + m >= mtiles) break;
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
             const int col = wn * 32 + nt * 8 + 2 * q4, t0 = (2 * wm + m) * 16 + g8;
