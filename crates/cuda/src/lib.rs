@@ -300,7 +300,7 @@ pub struct CudaOptions {
     /// the fp32 activations, the split, norm and epilogue fused (`kernels/gemm_x3.cu`, sm_90 and
     /// later), rather than a split kernel, a cuBLAS GEMM and a sum kernel. On by default
     /// (`QFUSE_CUDA_GEMM_X3=0` turns it off): ~10x more accurate than the cuBLAS path, and on the
-    /// H200 4-15% faster a step at batch 16 and 32, level at 64 (docs/perf.md).
+    /// H200 10-17% faster a step at batch 9-32, level at 64 (docs/perf.md).
     pub gemm_x3: bool,
 }
 
