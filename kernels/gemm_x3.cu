@@ -10,8 +10,8 @@
 // The weights are read once.
 //
 // Block: 8 warps over 128 weight rows (with EPI_SILU 64 gate rows and the matching 64 up rows)
-// and one slice of K; warp w takes rows 32 (w & 1) .. + 32 of x (two m16 tiles) and 32 weight
-// rows (four n8 tiles). The S slices of a tile form a thread-block cluster (sm_90): each block
+// and one slice of K; warp w takes rows 32 (w & 1) .. + 32 of x (two m16 tiles; one, or none,
+// where the rest lie wholly past T) and 32 weight rows (four n8 tiles). The S slices of a tile form a thread-block cluster (sm_90): each block
 // leaves its partial tile (and, with NORM, its rows' partial sums of squares) in shared memory
 // and, after a cluster barrier, reduces 1/S of the tile over all S blocks (distributed shared
 // memory, always in slice order, so results do not depend on timing) and applies the epilogue.
@@ -24,9 +24,10 @@
 // round r overlap the arrival of rounds r + 1...
 //
 // mma.sync m16n8k16 (bf16 in, fp32 accumulate). The dot product is indifferent to the order of k,
-// so each lane reads 16 contiguous bytes (8 k) of its weight row and of its activation rows per
-// 32-k chunk from shared memory, and the chunk's two mma k-steps take words (0, 1) and (2, 3) of
-// those loads: A and B use the same k order, so no shuffles are needed.
+// so each lane reads 16 contiguous bytes (8 k) of its weight row per 32-k chunk from shared
+// memory, and the chunk's two mma k-steps take words (0, 1) and (2, 3) of that load; the
+// activations were staged in the same k order, each lane's A operand of a k-step as one 16-byte
+// unit, so no shuffles are needed.
 // Registers are capped at 128 (X3_MIN_BLOCKS = 2) so that two blocks share an SM where their
 // shared memory allows (slices of up to 8 chunks): twice the warps to hide the fragment loads'
 // latency, and room for twice the clusters.
