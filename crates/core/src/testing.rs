@@ -737,21 +737,28 @@ pub fn cases() -> u32 {
         .unwrap_or(24)
 }
 
+/// A freshly made backend for a test, or `None` with a printed notice (`skipping {what}: no
+/// device (…)`) when the device is missing, unless `QFUSE_REQUIRE_GPU=1`; any other error
+/// panics.
+pub fn device_or_skip<B>(what: &str, made: Result<B>) -> Option<B> {
+    match made {
+        Ok(b) => Some(b),
+        Err(Error::NoDevice(why)) if std::env::var("QFUSE_REQUIRE_GPU").as_deref() != Ok("1") => {
+            eprintln!("skipping {what}: no device ({why})");
+            None
+        }
+        Err(e) => panic!("{what}: could not create the backend: {e}"),
+    }
+}
+
 /// The backend under test, built once per test binary; `None` (with a printed notice) when the
 /// device is missing, unless `QFUSE_REQUIRE_GPU=1`.
 pub fn backend_or_skip<B: Backend>(
     cell: &'static std::sync::OnceLock<Option<B>>,
     make: impl FnOnce() -> Result<B>,
 ) -> Option<&'static B> {
-    cell.get_or_init(|| match make() {
-        Ok(b) => Some(b),
-        Err(Error::NoDevice(why)) if std::env::var("QFUSE_REQUIRE_GPU").as_deref() != Ok("1") => {
-            eprintln!("skipping {} conformance tests: no device ({why})", B::NAME);
-            None
-        }
-        Err(e) => panic!("could not create the {} backend: {e}", B::NAME),
-    })
-    .as_ref()
+    cell.get_or_init(|| device_or_skip(&format!("{} conformance tests", B::NAME), make()))
+        .as_ref()
 }
 
 /// Emits `#[test]`s (proptest, [`cases`] each) checking every op of a backend against a reference.

@@ -4,8 +4,10 @@
 //! cuBLAS path it replaces. Skips with a notice where there is no GPU (unless
 //! QFUSE_REQUIRE_GPU=1).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use qfuse_core::testing::{activations, gains, gemv_family, rel_error, weights, Rng};
-use qfuse_core::{DType, Error};
+use qfuse_core::testing::{
+    activations, device_or_skip, gains, gemv_family, rel_error, weights, Rng,
+};
+use qfuse_core::DType;
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 
@@ -14,14 +16,7 @@ fn gpu(gemm_x3: bool) -> Option<CudaBackend> {
         gemm_x3,
         ..CudaOptions::default()
     };
-    match CudaBackend::with_options(0, options) {
-        Ok(b) => Some(b),
-        Err(Error::NoDevice(why)) if std::env::var("QFUSE_REQUIRE_GPU").as_deref() != Ok("1") => {
-            eprintln!("skipping gemm_x3 tests: no device ({why})");
-            None
-        }
-        Err(e) => panic!("cuda backend: {e}"),
-    }
+    device_or_skip("gemm_x3 tests", CudaBackend::with_options(0, options))
 }
 
 #[test]

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::path::PathBuf;
 
-use qfuse_core::{Backend, Error, Rng};
+use qfuse_core::{Backend, Rng};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::CudaBackend;
 use qfuse_qwen3::{
@@ -20,20 +20,11 @@ fn cuda() -> Option<CudaBackend> {
         Ok("bf16") => qfuse_core::DType::BF16,
         _ => qfuse_core::DType::F32,
     };
-    match CudaBackend::with_options(
-        0,
-        qfuse_cuda::CudaOptions {
-            kv_dtype,
-            ..Default::default()
-        },
-    ) {
-        Ok(b) => Some(b),
-        Err(Error::NoDevice(why)) if std::env::var("QFUSE_REQUIRE_GPU").as_deref() != Ok("1") => {
-            eprintln!("skipping cuda model tests: no device ({why})");
-            None
-        }
-        Err(e) => panic!("cuda backend: {e}"),
-    }
+    let options = qfuse_cuda::CudaOptions {
+        kv_dtype,
+        ..Default::default()
+    };
+    qfuse_core::testing::device_or_skip("cuda model tests", CudaBackend::with_options(0, options))
 }
 
 fn logits<B: Backend>(b: &B, model: &Qwen3<B>, tokens: &[u32]) -> Vec<f64> {

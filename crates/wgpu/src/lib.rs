@@ -661,11 +661,11 @@ impl WgpuBackend {
         })
     }
 
-    /// [`WgpuBackend::new`] for test suites: with `CI=true` a missing adapter is an error like
-    /// any other (CI installs Mesa's lavapipe, so one must be there), elsewhere [`Error::NoDevice`]
-    /// lets the suite skip with a notice.
-    pub fn for_tests(ordinal: usize) -> Result<Self> {
-        match Self::new(ordinal) {
+    /// [`WgpuBackend::with_options`] for test suites: with `CI=true` a missing adapter is an
+    /// error like any other (CI installs Mesa's lavapipe, so one must be there), elsewhere
+    /// [`Error::NoDevice`] lets the suite skip with a notice.
+    pub fn for_tests(ordinal: usize, options: &WgpuOptions) -> Result<Self> {
+        match Self::with_options(ordinal, options) {
             Err(Error::NoDevice(why)) if std::env::var("CI").as_deref() == Ok("true") => Err(
                 Error::Backend(format!("CI=true but no wgpu adapter: {why}").into()),
             ),

@@ -3,10 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::Tolerance;
 use qfuse_cpu_ref::CpuRef;
-use qfuse_wgpu::WgpuBackend;
+use qfuse_wgpu::{WgpuBackend, WgpuOptions};
 
 qfuse_core::backend_tests!(
-    backend: WgpuBackend = WgpuBackend::for_tests(0),
+    backend: WgpuBackend = WgpuBackend::for_tests(0, &WgpuOptions::default()),
     reference: CpuRef = CpuRef::new(),
     tolerance: Tolerance::F32
 );

@@ -2,8 +2,10 @@
 //! every size, gives each of the five GEMV fusions the reference's result: the conformance suite
 //! only meets the build the backend picks for its shapes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use qfuse_core::testing::{activations, gains, gemv_family, rel_error, weights, Rng};
-use qfuse_core::{DType, Error};
+use qfuse_core::testing::{
+    activations, device_or_skip, gains, gemv_family, rel_error, weights, Rng,
+};
+use qfuse_core::DType;
 use qfuse_cpu_ref::CpuRef;
 use qfuse_wgpu::{WgpuBackend, WgpuOptions};
 
@@ -12,14 +14,7 @@ fn backend(gemv: Option<&str>) -> Option<WgpuBackend> {
         gemv: gemv.map(str::to_string),
         ..WgpuOptions::default()
     };
-    match WgpuBackend::with_options(0, &options) {
-        Ok(b) => Some(b),
-        Err(Error::NoDevice(why)) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping: {why}");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
+    device_or_skip("GEMV build tests", WgpuBackend::for_tests(0, &options))
 }
 
 #[test]

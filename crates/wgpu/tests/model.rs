@@ -2,20 +2,19 @@
 //! checkpoint (relative error <= 1e-3, top-1 agreement 1), greedy ids equal to transformers'
 //! where its top-1 margin exceeds 4x the measured error, batched equal to alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use qfuse_core::{Backend, Error};
+use qfuse_core::testing::device_or_skip;
+use qfuse_core::Backend;
 use qfuse_cpu_ref::CpuRef;
 use qfuse_qwen3::{generate, golden_dir, GoldenCase, LogitsDiff, Qwen3, Request, GOLDEN_MODELS};
-use qfuse_wgpu::WgpuBackend;
+use qfuse_wgpu::{WgpuBackend, WgpuOptions};
 
 #[test]
 fn golden_fixtures_match_reference_and_transformers() {
-    let gpu = match WgpuBackend::for_tests(0) {
-        Ok(b) => b,
-        Err(Error::NoDevice(why)) => {
-            eprintln!("skipping wgpu model tests: {why}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(gpu) = device_or_skip(
+        "wgpu model tests",
+        WgpuBackend::for_tests(0, &WgpuOptions::default()),
+    ) else {
+        return;
     };
     eprintln!("wgpu adapter: {}", gpu.adapter_name());
     for name in GOLDEN_MODELS {

@@ -1,8 +1,8 @@
 //! Matrices larger than a storage binding (Qwen3's 151,936-row embedding is 622 MB in f32, over
 //! lavapipe's 128 MiB) are split by rows; matmul and row gathers over them match the reference.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use qfuse_core::testing::{activations, gains, rel_error, weights, Rng};
-use qfuse_core::{Backend, DType, DeviceTensor, Error};
+use qfuse_core::testing::{activations, device_or_skip, gains, rel_error, weights, Rng};
+use qfuse_core::{Backend, DType, DeviceTensor};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_wgpu::{WgpuBackend, WgpuOptions};
 
@@ -13,13 +13,8 @@ fn split_weights_multiply_and_gather_like_whole_ones() {
         binding_limit: Some(4096),
         ..WgpuOptions::default()
     };
-    let gpu = match WgpuBackend::with_options(0, &options) {
-        Ok(b) => b,
-        Err(Error::NoDevice(why)) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping: {why}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(gpu) = device_or_skip("split tests", WgpuBackend::for_tests(0, &options)) else {
+        return;
     };
     let mut rng = Rng::new(1);
     // f32 [50, 40] (8 KB, two parts) and bf16 [120, 40] (9.6 KB packed, three parts).
