@@ -218,6 +218,26 @@ mod tests {
         Capacity { kc_max, clusters }
     }
 
+    /// The kernel's layout constants are the ones the plans and the trace report assume.
+    #[test]
+    fn kernel_constants_match_the_plans() {
+        let src = include_str!("../../../kernels/gemm_x3.cu");
+        let define = |name: &str| -> usize {
+            let line = src
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("no #define {name}"));
+            line.split_whitespace().nth(2).unwrap().parse().unwrap()
+        };
+        assert_eq!(define("X3_ROWS"), TILE_ROWS);
+        assert_eq!(define("X3_TMAX"), MAX_ROWS);
+        assert_eq!(define("X3_WARPS") * 32, THREADS as usize);
+        assert_eq!(define("X3_PHASES"), TRACE_PHASES.len());
+        assert!(TRACE_PHASES.len() < TRACE_SLOTS);
+        // Two staged rounds of [3 parts][64 rows][X3_RK k] bf16.
+        assert_eq!(STAGE_BYTES, 2 * 3 * define("X3_TMAX") * define("X3_RK") * 2);
+    }
+
     #[test]
     fn plans_cover_the_product_in_whole_chunks_and_one_wave() {
         let hopper = hopper();
