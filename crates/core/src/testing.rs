@@ -336,6 +336,17 @@ impl AttentionCase {
         Self::with_sequences(rng, cfg, block_size, lens)
     }
 
+    /// Prompts (or prompt chunks) of `(cached, new)` tokens for the heads of `cfg`, in shuffled
+    /// cache blocks of `block_size`: the long-prompt shapes random cases rarely draw.
+    pub fn prompts(
+        rng: &mut Rng,
+        cfg: AttentionConfig,
+        block_size: usize,
+        lens: Vec<(usize, usize)>,
+    ) -> Result<Self> {
+        Self::with_sequences(rng, cfg, block_size, lens)
+    }
+
     /// Sequences of `(cached, new)` tokens in shuffled blocks of a pool with two spare blocks.
     fn with_sequences(
         rng: &mut Rng,
@@ -453,11 +464,23 @@ pub fn check_attention<B: Backend, R: Backend>(
 ) -> Result<()> {
     let mut rng = Rng::new(seed);
     let case = AttentionCase::random(&mut rng, 300)?;
-    let (cb, cr) = case.filled_caches(&mut rng, b, r)?;
+    check_attention_case(b, r, tol, &mut rng, &case)
+}
+
+/// `write_kv` of `case`'s history with random keys and values, then `attention` for its batch
+/// with random queries, on both backends.
+pub fn check_attention_case<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    tol: Tolerance,
+    rng: &mut Rng,
+    case: &AttentionCase,
+) -> Result<()> {
+    let (cb, cr) = case.filled_caches(rng, b, r)?;
     assert_close("write_kv (keys)", b, &cb.k, r, &cr.k, tol)?;
     assert_close("write_kv (values)", b, &cb.v, r, &cr.v, tol)?;
     let c = case.cfg.num_heads * case.cfg.head_dim;
-    let q = activations(&mut rng, case.batch.num_tokens(), c, false)?;
+    let q = activations(rng, case.batch.num_tokens(), c, false)?;
     let (qb, qr) = upload2(b, r, &q)?;
     let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
     let out_b = b.attention(&qb, &cb, &bb, &case.cfg)?;

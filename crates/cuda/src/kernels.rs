@@ -126,6 +126,17 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "flash.cu",
+        include_str!("../../../kernels/flash.cu"),
+        &[
+            "flash_gather_kv_kvf32",
+            "flash_gather_kv_kvbf16",
+            "flash_prefill_d32",
+            "flash_prefill_d64",
+            "flash_prefill_d128",
+        ],
+    ),
+    (
         "attention.cu",
         include_str!("../../../kernels/attention.cu"),
         &[

@@ -154,6 +154,9 @@ pub struct CudaBatch {
     token_ids: CudaSlice<u32>,
     /// `[seqs, max_blocks]`, each table padded with zeros.
     block_tables: CudaSlice<u32>,
+    /// `[seqs, 4]`: each sequence's first row, new tokens, first position and first key column
+    /// in the flash attention's gathered keys ([`flash_desc`]).
+    flash_desc: CudaSlice<u32>,
     /// Ids written by `sample_greedy` (one per logits row, at most `T`).
     sampled: CudaSlice<u32>,
     sampled_rows: usize,
@@ -245,6 +248,8 @@ struct Inner {
     gemm_x3: Option<x3::Capacity>,
     /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
     x3_trace: Option<CudaSlice<u64>>,
+    /// Dynamic shared memory the flash attention builds may take (0 where the option is off).
+    flash_smem_max: usize,
     /// Blocks an SM the decode attention kernel fills when it splits contexts (0: no split; the
     /// default 4 is what its registers let an SM hold).
     attn_many_blocks_per_sm: usize,
@@ -302,7 +307,15 @@ pub struct CudaOptions {
     /// (`QFUSE_CUDA_GEMM_X3=0` turns it off): ~10x more accurate than the cuBLAS path, and on the
     /// H200 10-17% faster a step at batch 9-32, level at 64 (docs/perf.md).
     pub gemm_x3: bool,
+    /// Prompt attention that takes the GEMM path (see `attention_gemm_min_rows`) runs instead as
+    /// one fp32 kernel that keeps the scores on chip (`kernels/flash.cu`) wherever the head size
+    /// allows (a multiple of 4, at most 128) and the GPU has the shared memory. On by default
+    /// (`QFUSE_CUDA_FLASH_ATTENTION=0` turns it off): the same fp32 arithmetic as the SGEMMs.
+    pub flash_attention: bool,
 }
+
+/// The flash attention's builds, by padded head size.
+const FLASH_BUILDS: [usize; 3] = [32, 64, 128];
 
 /// Default [`CudaOptions::attention_gemm_min_rows`].
 pub const ATTENTION_GEMM_MIN_ROWS: usize = 64;
@@ -310,6 +323,49 @@ pub const ATTENTION_GEMM_MIN_ROWS: usize = 64;
 /// in place: 4 bytes per query head, row and key); it stays in the buffer pool for the next
 /// prompt.
 pub const ATTENTION_GEMM_SCRATCH_BYTES: usize = 256 << 20;
+/// Most device memory one launch of the flash attention takes for its gathered keys and values
+/// (sequences are launched in groups that fit; one longer sequence takes what it needs).
+pub const FLASH_SCRATCH_BYTES: usize = 256 << 20;
+/// Keys per tile of the flash attention; each sequence's gathered keys are padded to a multiple.
+const FLASH_KEY_TILE: usize = 64;
+/// Query rows (tokens times the query heads of a KV head) per block of the flash attention.
+const FLASH_ROW_TILE: usize = 128;
+/// Threads per block of both flash kernels.
+const FLASH_THREADS: u32 = 256;
+
+/// The flash attention's per-sequence descriptor, `[seqs, 4]`: first row, new tokens, first
+/// position, and the first key column of the sequence in the gathered keys (every sequence's keys
+/// padded to [`FLASH_KEY_TILE`]).
+fn flash_desc(info: &BatchInfo) -> Result<Vec<u32>> {
+    let mut desc = Vec::with_capacity(info.seqs().len() * 4);
+    let mut keys = 0usize;
+    for (s, seq) in info.seqs().iter().enumerate() {
+        for v in [info.rows(s).start, seq.len, seq.start_pos, keys] {
+            desc.push(u32::try_from(v).map_err(|_| {
+                Error::invalid("prepare_batch", format!("{v} does not fit 32 bits"))
+            })?);
+        }
+        keys += (seq.start_pos + seq.len).next_multiple_of(FLASH_KEY_TILE);
+    }
+    Ok(desc)
+}
+
+/// The flash attention build for head size `d` (its padded head size), if there is one.
+fn flash_build(d: usize) -> Option<usize> {
+    if !d.is_multiple_of(4) {
+        return None;
+    }
+    FLASH_BUILDS.into_iter().find(|&p| d <= p)
+}
+
+/// Dynamic shared memory of the flash attention build for padded head size `dp`: Qᵀ, Kᵀ, V and
+/// Pᵀ tiles (`kernels/flash.cu`).
+fn flash_smem_bytes(dp: usize) -> usize {
+    4 * (dp * FLASH_ROW_TILE
+        + dp * FLASH_KEY_TILE
+        + FLASH_KEY_TILE * (dp + 4)
+        + FLASH_KEY_TILE * (FLASH_ROW_TILE + 4))
+}
 
 impl Default for CudaOptions {
     fn default() -> Self {
@@ -325,6 +381,8 @@ impl Default for CudaOptions {
             )
             .unwrap_or(512),
             gemm_x3: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMM_X3", 0..=1) != Some(0),
+            flash_attention: qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=1)
+                != Some(0),
         }
     }
 }
@@ -343,6 +401,10 @@ impl fmt::Debug for CudaBackend {
 
 fn i32_of(x: usize, what: &str) -> Result<i32> {
     i32::try_from(x).map_err(|_| Error::invalid("cuda", format!("{what} = {x} exceeds i32")))
+}
+
+fn u32_of(x: usize, what: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| Error::invalid("cuda", format!("{what} = {x} exceeds u32")))
 }
 
 fn grid(blocks: usize, threads: u32) -> LaunchConfig {
@@ -439,6 +501,14 @@ impl CudaBackend {
         } else {
             None
         };
+        let flash_smem_max = if options.flash_attention {
+            kernels.allow_optin_smem(
+                &ctx,
+                FLASH_BUILDS.iter().map(|dp| format!("flash_prefill_d{dp}")),
+            )?
+        } else {
+            0
+        };
         let layer_smem_max = if qfuse_core::knobs::env_flag("QFUSE_CUDA_LAYER_KERNEL") {
             layer::configure(&ctx, &kernels, major)?
         } else {
@@ -474,6 +544,7 @@ impl CudaBackend {
                 .unwrap_or(GEMV_MAX_ROWS + 1),
                 gemm_x3,
                 x3_trace,
+                flash_smem_max,
                 decode_min_chunk: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_DECODE_MIN_CHUNK",
                     32..=1 << 20,
@@ -1135,6 +1206,111 @@ impl CudaBackend {
         Ok(Self::f32_tensor([t, h * d], out))
     }
 
+    /// Prompt attention as [`kernels/flash.cu`]: per group of sequences whose gathered keys and
+    /// values fit [`FLASH_SCRATCH_BYTES`], one kernel gathers them from the paged cache (keys
+    /// transposed) and one computes every query row's attention with the scores on chip.
+    /// `dp` is the build: the head size padded to 32, 64 or 128.
+    fn attention_flash(
+        &self,
+        q: &CudaTensor,
+        cache: &LayerKv<CudaTensor>,
+        batch: &CudaBatch,
+        cfg: &AttentionConfig,
+        dp: usize,
+    ) -> Result<CudaTensor> {
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let g = cfg.group_size();
+        let t = batch.info.num_tokens();
+        let q = q.f32("attention")?;
+        let out = self.alloc_f32(t * h * d)?;
+        let stream = self.stream();
+        let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
+        let seqs = batch.info.seqs();
+        let padded: Vec<usize> = seqs
+            .iter()
+            .map(|s| (s.start_pos + s.len).next_multiple_of(FLASH_KEY_TILE))
+            .collect();
+        let per_key = kvh * d * 8;
+        let tables = batch.block_tables.device_ptr(stream).0;
+        let desc = batch.flash_desc.device_ptr(stream).0;
+        let (hi, kvhi, di) = (i32_of(h, "H")?, i32_of(kvh, "KV")?, i32_of(d, "d")?);
+        let (mut s0, mut koff0) = (0, 0);
+        while s0 < seqs.len() {
+            let (mut s1, mut kp) = (s0 + 1, padded[s0]);
+            while s1 < seqs.len() && (kp + padded[s1]) * per_key <= FLASH_SCRATCH_BYTES {
+                kp += padded[s1];
+                s1 += 1;
+            }
+            let n = s1 - s0;
+            let most_keys = padded[s0..s1].iter().copied().max().unwrap_or(0);
+            let most_tiles = seqs[s0..s1]
+                .iter()
+                .map(|s| (g * s.len).div_ceil(FLASH_ROW_TILE))
+                .max()
+                .unwrap_or(0);
+            let kt = self.alloc_f32(kvh * d * kp)?;
+            let vt = self.alloc_f32(kvh * kp * d)?;
+            let (koff0i, kpi) = (i32_of(koff0, "keys")?, i32_of(kp, "keys")?);
+            let group_desc = desc + (s0 * 16) as u64;
+            let mut l = self.launch(&format!("flash_gather_kv_{}", cache.k.kv_suffix()))?;
+            l.ptr(cache.k.ptr(stream))
+                .ptr(cache.v.ptr(stream))
+                .ptr(tables + (s0 * batch.max_blocks * 4) as u64)
+                .i32(i32_of(batch.max_blocks, "blocks")?)
+                .i32(i32_of(batch.info.block_size(), "block size")?)
+                .ptr(group_desc)
+                .i32(koff0i)
+                .i32(kvhi)
+                .i32(di)
+                .i32(kpi)
+                .out(&kt)
+                .out(&vt);
+            let gather = LaunchConfig {
+                grid_dim: (
+                    u32_of(most_keys / 32, "key groups")?,
+                    u32_of(kvh, "KV")?,
+                    u32_of(n, "sequences")?,
+                ),
+                block_dim: (FLASH_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: rows s0..s1 of the tables and the descriptor belong to these sequences,
+            // whose cache slots are inside the pools (checked by `attention`); each sequence's
+            // keys and values go to its columns [koff - koff0, + padded) of kt [kvh, d, kp] and
+            // vt [kvh, kp, d], which hold them all; d <= 128 (the kernel's staging tile).
+            unsafe { l.launch(gather) }.cuda()?;
+            let mut l = self.launch(&format!("flash_prefill_d{dp}"))?;
+            l.buf(q)
+                .out(&kt)
+                .out(&vt)
+                .out(&out)
+                .ptr(group_desc)
+                .i32(koff0i)
+                .i32(hi)
+                .i32(kvhi)
+                .i32(di)
+                .i32(kpi)
+                .f32(scale_log2);
+            let flash = LaunchConfig {
+                grid_dim: (
+                    u32_of(kvh, "KV")?,
+                    u32_of(n, "sequences")?,
+                    u32_of(most_tiles, "row tiles")?,
+                ),
+                block_dim: (FLASH_THREADS, 1, 1),
+                shared_mem_bytes: u32_of(flash_smem_bytes(dp), "shared memory")?,
+            };
+            // SAFETY: q and out are [t, h*d] and every sequence's rows are inside (descriptor);
+            // kt and vt were filled above for these sequences; d % 4 == 0 and d <= dp (the
+            // build), so rows are 16-byte aligned; the shared memory is the build's layout, within
+            // what `allow_optin_smem` allowed (checked by the caller).
+            unsafe { l.launch(flash) }.cuda()?;
+            koff0 += kp;
+            s0 = s1;
+        }
+        Ok(Self::f32_tensor([t, h * d], out))
+    }
+
     /// One chunk of [`Self::attention_gemm`]: query rows `[row0, row0 + n)` at positions from
     /// `pos0`, against the sequence's first `sk` keys.
     fn attention_gemm_chunk(
@@ -1324,6 +1500,7 @@ impl Backend for CudaBackend {
             token_seq: self.upload_u32(info.token_seq())?,
             token_ids: self.upload_u32(info.token_ids())?,
             block_tables: self.upload_u32(&info.padded_block_tables(max_blocks))?,
+            flash_desc: self.upload_u32(&flash_desc(info)?)?,
             sampled,
             sampled_rows: 0,
             max_blocks,
@@ -1359,6 +1536,9 @@ impl Backend for CudaBackend {
                 &info.padded_block_tables(batch.max_blocks),
                 &mut batch.block_tables,
             )
+            .cuda()?;
+        stream
+            .memcpy_htod(&flash_desc(info)?, &mut batch.flash_desc)
             .cuda()?;
         batch.info = info.clone();
         Ok(true)
@@ -1650,6 +1830,11 @@ impl Backend for CudaBackend {
         let many = t >= self.inner.many_from && decode_batch && d.is_multiple_of(4) && d <= 128;
         let gemm_min = self.inner.options.attention_gemm_min_rows.max(1);
         if !many && t > GEMV_MAX_ROWS && batch.info.seqs().iter().all(|s| s.len >= gemm_min) {
+            if let Some(dp) =
+                flash_build(d).filter(|&dp| flash_smem_bytes(dp) <= self.inner.flash_smem_max)
+            {
+                return self.attention_flash(q, cache, batch, cfg, dp);
+            }
             return self.attention_gemm(q, cache, batch, cfg);
         }
         let kv = (cache.k.ptr(self.stream()), cache.v.ptr(self.stream()));

@@ -22,15 +22,29 @@ mod kv_bf16 {
     );
 }
 
-/// Prompt attention through the cuBLAS GEMM path for every batch of more than 8 rows (the
-/// default takes it only for chunks of 64+ tokens), in chunks of 3 query rows so that chunking,
-/// causal key ranges that grow per chunk, and several sequences at once are all drawn. Held to
-/// the f32 tolerance (the f32 cache leaves nothing in bf16 but the weights).
+/// Prompt attention through the cuBLAS GEMM path (flash attention off) for every batch of more
+/// than 8 rows (the default takes it only for chunks of 64+ tokens), in chunks of 3 query rows so
+/// that chunking, causal key ranges that grow per chunk, and several sequences at once are all
+/// drawn. Held to the f32 tolerance (the f32 cache leaves nothing in bf16 but the weights).
 mod attention_gemm {
     use super::*;
 
     qfuse_core::backend_tests!(
-        backend: CudaBackend = CudaBackend::with_options(0, CudaOptions { attention_gemm_min_rows: 1, attention_gemm_chunk_rows: 3, ..Default::default() }),
+        backend: CudaBackend = CudaBackend::with_options(0, CudaOptions { attention_gemm_min_rows: 1, attention_gemm_chunk_rows: 3, flash_attention: false, ..Default::default() }),
+        reference: CpuRef = CpuRef::new(),
+        tolerance: Tolerance::F32
+    );
+}
+
+/// Prompt attention through the flash kernels (`kernels/flash.cu`) for every batch of more than
+/// 8 rows, wherever the head size allows (a multiple of 4 up to 128; others take the GEMM path):
+/// several sequences with cached history, groups of 1-8 query heads, odd head sizes padded to
+/// the 32/64/128 builds. Long prompts are in `tests/flash.rs`.
+mod attention_flash {
+    use super::*;
+
+    qfuse_core::backend_tests!(
+        backend: CudaBackend = CudaBackend::with_options(0, CudaOptions { attention_gemm_min_rows: 1, ..Default::default() }),
         reference: CpuRef = CpuRef::new(),
         tolerance: Tolerance::F32
     );

@@ -1,0 +1,267 @@
+// Prompt attention that keeps its scores on chip (FlashAttention-style), in fp32 FMAs: the same
+// numbers as the fp32 SGEMM path it replaces (crates/cuda/src/lib.rs, `attention_flash`), without
+// writing, re-reading and rewriting the [heads, rows, keys] score matrix, and with the causal mask
+// skipping whole key tiles instead of whole 512-row chunks. Exactness is the point: bf16 tensor
+// cores over split operands were as fast as the SGEMMs but their truncating accumulation moved the
+// synthetic 0.6B's logits 3x further from the reference (docs/perf.md), so the products stay on
+// the CUDA cores, register-tiled like an SGEMM.
+//
+// Two kernels per launch group of sequences (`desc` row s = row0, len, start_pos, key offset):
+//   flash_gather_kv: each sequence's keys as kt [KV][d][Kp] (transposed, so a key tile is d
+//     contiguous runs of 64 floats) and its values as vt [KV][Kp][d], fp32, zero past its keys;
+//     from the paged cache (fp32 or bf16). Kp = the group's keys, each sequence's rounded up to 64.
+//   flash_prefill_d{32,64,128}: a block per (KV head, sequence, tile of 128 query rows). The rows
+//     are the sequence's tokens times the G query heads that share the KV head, token-major (row
+//     = token * G + g), so a tile covers 128 / G consecutive tokens and needs keys only up to its
+//     last token's position. Heaviest tiles (latest tokens) launch first.
+// Per key tile of 64: S = Q Kᵀ (128 x 64, a thread 8 rows x 4 keys), online softmax per row (max
+// and sum across the 16 threads that share a row), P to shared memory, O += P V (a thread 8 rows x
+// DP/16 dims). K of the next tile streams in (cp.async) during P V, V of the next during the next
+// S. exp2 with log2(e) folded into the scale, as in the other attention kernels.
+
+#define FA_ROWS 128
+#define FA_KEYS 64
+#define FA_THREADS 256
+#define FA_PSTRIDE (FA_ROWS + 4)
+
+__device__ __forceinline__ void fa_copy16(float* dst, const float* src) {
+#if __CUDA_ARCH__ >= 800
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#else
+    *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+#endif
+}
+__device__ __forceinline__ void fa_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most `N` of this thread's committed copy groups are in flight.
+template <int N> __device__ __forceinline__ void fa_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// grid = (ceil(max padded keys / 32), KV, sequences), block = 256; d <= 128.
+template <typename KT>
+__device__ void flash_gather_kv(const KT* __restrict__ kc, const KT* __restrict__ vc, const u32* __restrict__ tables,
+                                int max_blocks, int block_size, const u32* __restrict__ desc, int koff0, int KV, int d,
+                                int Kp, float* __restrict__ kt, float* __restrict__ vt) {
+    pdl_begin();
+    __shared__ float tile[32][129];
+    const int s = blockIdx.z, kv = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int keys = (int)(desc[4 * s + 1] + desc[4 * s + 2]);
+    const int koff = (int)desc[4 * s + 3] - koff0;
+    const int j0 = blockIdx.x * 32;
+    if (j0 >= ((keys + FA_KEYS - 1) / FA_KEYS) * FA_KEYS) return;
+    const u32* table = tables + (size_t)s * max_blocks;
+    for (int jj = warp; jj < 32; jj += FA_THREADS / 32) {
+        const int j = j0 + jj;
+        float* vrow = vt + ((size_t)kv * Kp + koff + j) * d;
+        if (j < keys) {
+            const size_t src = ((size_t)table[j / block_size] * block_size + j % block_size) * KV * d + (size_t)kv * d;
+            for (int c = lane; c < d; c += 32) {
+                tile[jj][c] = kv_load(kc + src + c);
+                vrow[c] = kv_load(vc + src + c);
+            }
+        } else {
+            for (int c = lane; c < d; c += 32) {
+                tile[jj][c] = 0.0f;
+                vrow[c] = 0.0f;
+            }
+        }
+    }
+    __syncthreads();
+    for (int c = warp; c < d; c += FA_THREADS / 32) kt[((size_t)kv * d + c) * Kp + koff + j0 + lane] = tile[lane][c];
+}
+
+// Dynamic shared memory: Qt [DP][128], Kt [DP][64], V [64][DP + 4], Pt [64][128 + 4] floats.
+// q and out are [T, H d]; d <= DP, d % 4 == 0. grid = (KV, sequences, most tiles of a sequence),
+// block = 256.
+template <int DP>
+__device__ void flash_prefill(const float* __restrict__ q, const float* __restrict__ kt, const float* __restrict__ vt,
+                              float* __restrict__ out, const u32* __restrict__ desc, int koff0, int H, int KV, int d,
+                              int Kp, float scale_log2) {
+    constexpr int DV = DP / 16;
+    constexpr int VSTRIDE = DP + 4;
+    extern __shared__ float4 fa_smem[];
+    float* Qt = reinterpret_cast<float*>(fa_smem);
+    float* Ks = Qt + DP * FA_ROWS;
+    float* Vs = Ks + DP * FA_KEYS;
+    float* Pt = Vs + FA_KEYS * VSTRIDE;
+    pdl_begin();
+    const int kv = blockIdx.x, s = blockIdx.y, G = H / KV;
+    const int row0 = (int)desc[4 * s], n = (int)desc[4 * s + 1], pos0 = (int)desc[4 * s + 2];
+    const int koff = (int)desc[4 * s + 3] - koff0;
+    const int rows = G * n, tiles = (rows + FA_ROWS - 1) / FA_ROWS;
+    if ((int)blockIdx.z >= tiles) return;
+    const int base = (tiles - 1 - (int)blockIdx.z) * FA_ROWS;
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int last = min(rows - 1, base + FA_ROWS - 1) / G;
+    const int ntiles = (pos0 + last + 1 + FA_KEYS - 1) / FA_KEYS;
+    const float* kbase = kt + (size_t)kv * d * Kp + koff;
+    const float* vbase = vt + ((size_t)kv * Kp + koff) * d;
+    const int quads = d / 4;
+
+    auto load_k = [&](int k0) {
+        for (int i = tid; i < d * (FA_KEYS / 4); i += FA_THREADS) {
+            const int c = i / (FA_KEYS / 4), ch = i % (FA_KEYS / 4);
+            fa_copy16(Ks + c * FA_KEYS + ch * 4, kbase + (size_t)c * Kp + k0 + ch * 4);
+        }
+    };
+    auto load_v = [&](int k0) {
+        for (int i = tid; i < FA_KEYS * quads; i += FA_THREADS) {
+            const int j = i / quads, ch = i % quads;
+            fa_copy16(Vs + j * VSTRIDE + ch * 4, vbase + (size_t)(k0 + j) * d + ch * 4);
+        }
+    };
+    load_k(0);
+    fa_commit();
+    load_v(0);
+    fa_commit();
+    // Q transposed, lanes over rows (conflict-free stores). Rows past the sequence repeat its
+    // last row, so every row has finite scores; they are not written.
+    for (int i = tid; i < FA_ROWS * quads; i += FA_THREADS) {
+        const int sr = i % FA_ROWS, ch = i / FA_ROWS;
+        const int row = min(base + sr, rows - 1), t = row / G, g = row % G;
+        const float4 v = *reinterpret_cast<const float4*>(q + (size_t)(row0 + t) * H * d + (size_t)(kv * G + g) * d + ch * 4);
+        Qt[(ch * 4 + 0) * FA_ROWS + sr] = v.x;
+        Qt[(ch * 4 + 1) * FA_ROWS + sr] = v.y;
+        Qt[(ch * 4 + 2) * FA_ROWS + sr] = v.z;
+        Qt[(ch * 4 + 3) * FA_ROWS + sr] = v.w;
+    }
+
+    int lim[8];  // the last key each of this thread's rows may see (its token's position)
+    float m[8], l[8], o[8][DV];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        lim[i] = pos0 + min(base + ty * 8 + i, rows - 1) / G;
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < DV; ++e) o[i][e] = 0.0f;
+    }
+
+    for (int kt_i = 0; kt_i < ntiles; ++kt_i) {
+        const int k0 = kt_i * FA_KEYS;
+        fa_wait<1>();  // this tile's K (its V may still be in flight)
+        __syncthreads();
+        float sc[8][4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) sc[i][j] = 0.0f;
+#pragma unroll 4
+        for (int c = 0; c < d; ++c) {
+            const float4 qa = *reinterpret_cast<const float4*>(Qt + c * FA_ROWS + ty * 8);
+            const float4 qb = *reinterpret_cast<const float4*>(Qt + c * FA_ROWS + ty * 8 + 4);
+            const float4 kk = *reinterpret_cast<const float4*>(Ks + c * FA_KEYS + tx * 4);
+            const float qv[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+            const float kv4[4] = {kk.x, kk.y, kk.z, kk.w};
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) sc[i][j] = fmaf(qv[i], kv4[j], sc[i][j]);
+        }
+        // Online softmax; a row's 64 keys are spread over the 16 threads of a half-warp.
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if (k0 + tx * 4 + j > lim[i]) sc[i][j] = -INFINITY;
+                mx = fmaxf(mx, sc[i][j]);
+            }
+#pragma unroll
+            for (int w = 1; w < 16; w <<= 1) mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, w));
+            // Key 0 is in the first tile and visible to every row, so mnew is finite.
+            const float mnew = fmaxf(m[i], mx);
+            const float alpha = exp2f((m[i] - mnew) * scale_log2);
+            float rs = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                sc[i][j] = exp2f((sc[i][j] - mnew) * scale_log2);
+                rs += sc[i][j];
+            }
+#pragma unroll
+            for (int w = 1; w < 16; w <<= 1) rs += __shfl_xor_sync(FULL_MASK, rs, w);
+            l[i] = l[i] * alpha + rs;
+            m[i] = mnew;
+#pragma unroll
+            for (int e = 0; e < DV; ++e) o[i][e] *= alpha;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            float* dst = Pt + (tx * 4 + j) * FA_PSTRIDE + ty * 8;
+            *reinterpret_cast<float4*>(dst) = make_float4(sc[0][j], sc[1][j], sc[2][j], sc[3][j]);
+            *reinterpret_cast<float4*>(dst + 4) = make_float4(sc[4][j], sc[5][j], sc[6][j], sc[7][j]);
+        }
+        fa_wait<0>();  // this tile's V
+        __syncthreads();  // P and V visible; every thread is done with K
+        if (kt_i + 1 < ntiles) load_k(k0 + FA_KEYS);
+        fa_commit();
+        const int kend = min(FA_KEYS, pos0 + last + 1 - k0);  // later keys are masked for every row
+#pragma unroll 4
+        for (int j = 0; j < kend; ++j) {
+            const float4 pa = *reinterpret_cast<const float4*>(Pt + j * FA_PSTRIDE + ty * 8);
+            const float4 pb = *reinterpret_cast<const float4*>(Pt + j * FA_PSTRIDE + ty * 8 + 4);
+            const float p[8] = {pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w};
+            float v[DV];
+            if constexpr (DV % 4 == 0) {
+#pragma unroll
+                for (int e = 0; e < DV; e += 4) {
+                    const float4 vv = *reinterpret_cast<const float4*>(Vs + j * VSTRIDE + tx * DV + e);
+                    v[e] = vv.x;
+                    v[e + 1] = vv.y;
+                    v[e + 2] = vv.z;
+                    v[e + 3] = vv.w;
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < DV; e += 2) {
+                    const float2 vv = *reinterpret_cast<const float2*>(Vs + j * VSTRIDE + tx * DV + e);
+                    v[e] = vv.x;
+                    v[e + 1] = vv.y;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int e = 0; e < DV; ++e) o[i][e] = fmaf(p[i], v[e], o[i][e]);
+        }
+        __syncthreads();  // every thread is done with P and V
+        if (kt_i + 1 < ntiles) load_v(k0 + FA_KEYS);
+        fa_commit();
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int row = base + ty * 8 + i;
+        if (row >= rows) continue;
+        const int t = row / G, g = row % G;
+        float* dst = out + (size_t)(row0 + t) * H * d + (size_t)(kv * G + g) * d;
+#pragma unroll
+        for (int e = 0; e < DV; ++e)
+            if (tx * DV + e < d) dst[tx * DV + e] = o[i][e] / l[i];
+    }
+}
+
+#define FLASH_GATHER_ENTRY(KT, SUFFIX)                                                                            \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_gather_kv_##SUFFIX(                             \
+        const KT* kc, const KT* vc, const u32* tables, int max_blocks, int block_size, const u32* desc, int koff0,  \
+        int KV, int d, int Kp, float* kt, float* vt) {                                                             \
+        flash_gather_kv<KT>(kc, vc, tables, max_blocks, block_size, desc, koff0, KV, d, Kp, kt, vt);             \
+    }
+FLASH_GATHER_ENTRY(float, kvf32)
+FLASH_GATHER_ENTRY(bf16_t, kvbf16)
+
+#define FLASH_ENTRY(DP)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) flash_prefill_d##DP(                              \
+        const float* q, const float* kt, const float* vt, float* out, const u32* desc, int koff0, int H, int KV,  \
+        int d, int Kp, float scale_log2) {                                                                         \
+        flash_prefill<DP>(q, kt, vt, out, desc, koff0, H, KV, d, Kp, scale_log2);                                 \
+    }
+FLASH_ENTRY(32)
+FLASH_ENTRY(64)
+FLASH_ENTRY(128)
