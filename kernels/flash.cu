@@ -265,3 +265,299 @@ FLASH_GATHER_ENTRY(bf16_t, kvbf16)
 FLASH_ENTRY(32)
 FLASH_ENTRY(64)
 FLASH_ENTRY(128)
+
+// ---------------------------------------------------------------------------------------------
+// The same attention on the tensor cores, fp32-accurate by 3xTF32: every operand x is split into
+// big = tf32(x) and small = tf32(x - big) (x to ~2^-22), and each product is big·big + big·small +
+// small·big (mma.m16n8k8 tf32, fp32 accumulate), the dropped small·small being ~2^-22 of it. The
+// tensor cores truncate as they accumulate, so no sum runs long inside them: the scores of a key
+// tile are collected from 32-wide slices of the head dimension, and P·V of each key tile starts
+// from zero and joins the running output as O = O·alpha + tile (fp32 FMAs, round to nearest).
+//
+// Layouts (chosen so every fragment is one conflict-free shared-memory load):
+//   keys, per key: for each 8-wide slice of d, lane t's {big, small} of dims t and t + 4
+//     (flash_tc_gather_kv writes them, tf32-rounded, [KV][Kp][2 DP]);
+//   values, per 8-key block: for each dim, lane t's {big, small} of keys 2t and 2t + 1, the A
+//     operand's column t taking key 2t and column t + 4 key 2t + 1 (a sum's order is free; this
+//     one lets the score fragments be P's A fragments as they are) ([KV][Kp / 8][DP][16]);
+//   q in shared memory as fp32 with each 8-wide slice ordered t, t + 4 (one 8-byte load for a0,
+//     a2), split as used.
+// Block = 8 warps over 128 query rows (warp w rows 16w..16w + 15), 64-key tiles; K of the next
+// tile streams in during P·V, V during the next scores, as in flash_prefill.
+
+__device__ __forceinline__ u32 tf32_bits(float x) {
+    u32 r;
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#else
+    r = __float_as_uint(x) & 0xffffe000u;
+#endif
+    return r;
+}
+
+__device__ __forceinline__ void tf32_split(float x, u32& big, u32& small) {
+    big = tf32_bits(x);
+    small = tf32_bits(x - __uint_as_float(big));
+}
+
+__device__ __forceinline__ void mma_tf32(float c[4], const u32 a[4], u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+// c += a · b with a and b given as (big, small) tf32 parts: three products, the small ones first.
+__device__ __forceinline__ void mma_3xtf32(float c[4], const u32 ab[4], const u32 as[4], float4 b) {
+    mma_tf32(c, as, __float_as_uint(b.x), __float_as_uint(b.z));
+    mma_tf32(c, ab, __float_as_uint(b.y), __float_as_uint(b.w));
+    mma_tf32(c, ab, __float_as_uint(b.x), __float_as_uint(b.z));
+}
+
+// grid = (max padded keys / 8, KV, sequences), block = 256: one 8-key block of one KV head.
+template <typename KT, int DP>
+__device__ void flash_tc_gather_kv(const KT* __restrict__ kc, const KT* __restrict__ vc, const u32* __restrict__ tables,
+                                   int max_blocks, int block_size, const u32* __restrict__ desc, int koff0, int KV,
+                                   int d, int Kp, float* __restrict__ ks, float* __restrict__ vs) {
+    pdl_begin();
+    __shared__ float kt[8][DP], vt[8][DP];
+    const int s = blockIdx.z, kv = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int keys = (int)(desc[4 * s + 1] + desc[4 * s + 2]);
+    const int koff = (int)desc[4 * s + 3] - koff0;
+    const int j0 = blockIdx.x * 8;
+    if (j0 >= ((keys + FA_KEYS - 1) / FA_KEYS) * FA_KEYS) return;
+    const u32* table = tables + (size_t)s * max_blocks;
+    {
+        const int j = j0 + warp;  // 8 warps, a key each
+        const size_t src = j < keys
+            ? ((size_t)table[j / block_size] * block_size + j % block_size) * KV * d + (size_t)kv * d
+            : 0;
+        for (int c = lane; c < DP; c += 32) {
+            const bool in = j < keys && c < d;
+            kt[warp][c] = in ? kv_load(kc + src + c) : 0.0f;
+            vt[warp][c] = in ? kv_load(vc + src + c) : 0.0f;
+        }
+    }
+    __syncthreads();
+    float* kdst = ks + ((size_t)kv * Kp + koff + j0) * 2 * DP;
+    for (int i = threadIdx.x; i < 8 * DP; i += FA_THREADS) {
+        const int key = i / DP, c = i % DP;
+        u32 big, small;
+        tf32_split(kt[key][c], big, small);
+        const int pos = (c / 8) * 16 + (c % 4) * 4 + ((c % 8) / 4) * 2;
+        *reinterpret_cast<float2*>(kdst + key * 2 * DP + pos) = make_float2(__uint_as_float(big), __uint_as_float(small));
+    }
+    float* vdst = vs + ((size_t)kv * Kp + koff + j0) * 2 * DP;
+    for (int i = threadIdx.x; i < 4 * DP; i += FA_THREADS) {
+        const int c = i / 4, t = i % 4;
+        u32 b0, s0, b1, s1;
+        tf32_split(vt[2 * t][c], b0, s0);
+        tf32_split(vt[2 * t + 1][c], b1, s1);
+        *reinterpret_cast<float4*>(vdst + c * 16 + t * 4) =
+            make_float4(__uint_as_float(b0), __uint_as_float(s0), __uint_as_float(b1), __uint_as_float(s1));
+    }
+}
+
+// Dynamic shared memory: q [128][DP + 8], K [64][2 DP + 16], V [64 / 8][DP][16] floats.
+// grid = (KV, sequences, most tiles of a sequence), block = 256.
+template <int DP>
+__device__ void flash_tc_prefill(const float* __restrict__ q, const float* __restrict__ ksplit,
+                                 const float* __restrict__ vsplit, float* __restrict__ out, const u32* __restrict__ desc,
+                                 int koff0, int H, int KV, int d, int Kp, float scale_log2) {
+    constexpr int QS = DP + 8;       // ≡ 8 (mod 32): a half-warp's 8-byte loads of 4 rows miss each other
+    constexpr int KS = 2 * DP + 16;  // ≡ 16 (mod 32): a quarter-warp's 16-byte loads of 2 keys likewise
+    constexpr int NT = FA_KEYS / 8;  // key n-tiles of the scores; k-steps of P·V
+    constexpr int DT = DP / 8;       // k-steps of the scores; d n-tiles of the output
+    extern __shared__ float4 fa_smem[];
+    float* Qs = reinterpret_cast<float*>(fa_smem);
+    float* Ks = Qs + FA_ROWS * QS;
+    float* Vs = Ks + FA_KEYS * KS;
+    pdl_begin();
+    const int kv = blockIdx.x, s = blockIdx.y, G = H / KV;
+    const int row0 = (int)desc[4 * s], n = (int)desc[4 * s + 1], pos0 = (int)desc[4 * s + 2];
+    const int koff = (int)desc[4 * s + 3] - koff0;
+    const int rows = G * n, tiles = (rows + FA_ROWS - 1) / FA_ROWS;
+    if ((int)blockIdx.z >= tiles) return;
+    const int base = (tiles - 1 - (int)blockIdx.z) * FA_ROWS;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int last = min(rows - 1, base + FA_ROWS - 1) / G;
+    const int ntiles = (pos0 + last + 1 + FA_KEYS - 1) / FA_KEYS;
+    const float* kbase = ksplit + ((size_t)kv * Kp + koff) * 2 * DP;
+    const float* vbase = vsplit + ((size_t)kv * Kp + koff) * 2 * DP;
+
+    auto load_k = [&](int k0) {
+        for (int i = tid; i < FA_KEYS * (DP / 2); i += FA_THREADS) {
+            const int key = i / (DP / 2), ch = i % (DP / 2);
+            fa_copy16(Ks + key * KS + ch * 4, kbase + (size_t)(k0 + key) * 2 * DP + ch * 4);
+        }
+    };
+    auto load_v = [&](int k0) {
+        for (int i = tid; i < FA_KEYS * (DP / 2); i += FA_THREADS)
+            fa_copy16(Vs + i * 4, vbase + (size_t)k0 * 2 * DP + i * 4);
+    };
+    load_k(0);
+    fa_commit();
+    load_v(0);
+    fa_commit();
+    // q rows, each 8-wide slice of d stored t, t + 4 (dims past d zero). Rows past the sequence
+    // repeat its last row (finite scores, never written).
+    for (int i = tid; i < FA_ROWS * (DP / 4); i += FA_THREADS) {
+        const int sr = i / (DP / 4), ch = i % (DP / 4);
+        const int row = min(base + sr, rows - 1), tok = row / G, gq = row % G;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (ch * 4 < d)
+            v = *reinterpret_cast<const float4*>(q + (size_t)(row0 + tok) * H * d + (size_t)(kv * G + gq) * d + ch * 4);
+        float* dst = Qs + sr * QS + (ch / 2) * 8 + (ch % 2);
+        dst[0] = v.x;
+        dst[2] = v.y;
+        dst[4] = v.z;
+        dst[6] = v.w;
+    }
+    const int r0 = warp * 16 + g, r1 = r0 + 8;  // this thread's rows in the tile
+    const int lim0 = pos0 + min(base + r0, rows - 1) / G, lim1 = pos0 + min(base + r1, rows - 1) / G;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    float o[DT][4];
+#pragma unroll
+    for (int e = 0; e < DT; ++e) o[e][0] = o[e][1] = o[e][2] = o[e][3] = 0.0f;
+
+    for (int kt_i = 0; kt_i < ntiles; ++kt_i) {
+        const int k0 = kt_i * FA_KEYS;
+        fa_wait<1>();
+        __syncthreads();
+        float sc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < DT; kc += 4) {
+            float part[NT][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) part[nt][0] = part[nt][1] = part[nt][2] = part[nt][3] = 0.0f;
+#pragma unroll
+            for (int ks = kc; ks < kc + 4; ++ks) {
+                const float2 qa = *reinterpret_cast<const float2*>(Qs + r0 * QS + ks * 8 + t * 2);
+                const float2 qb = *reinterpret_cast<const float2*>(Qs + r1 * QS + ks * 8 + t * 2);
+                u32 ab[4], as[4];
+                tf32_split(qa.x, ab[0], as[0]);
+                tf32_split(qb.x, ab[1], as[1]);
+                tf32_split(qa.y, ab[2], as[2]);
+                tf32_split(qb.y, ab[3], as[3]);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const float4 kb = *reinterpret_cast<const float4*>(Ks + (nt * 8 + g) * KS + ks * 16 + t * 4);
+                    mma_3xtf32(part[nt], ab, as, kb);
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) sc[nt][i] += part[nt][i];
+        }
+        // Online softmax: row r0 holds sc[.][0..1], row r1 sc[.][2..3]; a row's keys are spread
+        // over the four lanes of a quad.
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int key = k0 + nt * 8 + 2 * t + u;
+                if (key > lim0) sc[nt][u] = -INFINITY;
+                if (key > lim1) sc[nt][2 + u] = -INFINITY;
+                mx0 = fmaxf(mx0, sc[nt][u]);
+                mx1 = fmaxf(mx1, sc[nt][2 + u]);
+            }
+#pragma unroll
+        for (int w = 1; w < 4; w <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, w));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, w));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite: key 0 is in tile 0
+        const float al0 = exp2f((m0 - mn0) * scale_log2), al1 = exp2f((m1 - mn1) * scale_log2);
+        float rs0 = 0.0f, rs1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                sc[nt][u] = exp2f((sc[nt][u] - mn0) * scale_log2);
+                sc[nt][2 + u] = exp2f((sc[nt][2 + u] - mn1) * scale_log2);
+                rs0 += sc[nt][u];
+                rs1 += sc[nt][2 + u];
+            }
+#pragma unroll
+        for (int w = 1; w < 4; w <<= 1) {
+            rs0 += __shfl_xor_sync(FULL_MASK, rs0, w);
+            rs1 += __shfl_xor_sync(FULL_MASK, rs1, w);
+        }
+        l0 = l0 * al0 + rs0;
+        l1 = l1 * al1 + rs1;
+        m0 = mn0;
+        m1 = mn1;
+        fa_wait<0>();
+        __syncthreads();  // V visible; every warp is done with K
+        if (kt_i + 1 < ntiles) load_k(k0 + FA_KEYS);
+        fa_commit();
+        float ot[DT][4];
+#pragma unroll
+        for (int e = 0; e < DT; ++e) ot[e][0] = ot[e][1] = ot[e][2] = ot[e][3] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            u32 pb[4], ps[4];
+            tf32_split(sc[j][0], pb[0], ps[0]);
+            tf32_split(sc[j][2], pb[1], ps[1]);
+            tf32_split(sc[j][1], pb[2], ps[2]);
+            tf32_split(sc[j][3], pb[3], ps[3]);
+#pragma unroll
+            for (int e = 0; e < DT; ++e) {
+                const float4 vb = *reinterpret_cast<const float4*>(Vs + j * DP * 16 + (e * 8 + g) * 16 + t * 4);
+                mma_3xtf32(ot[e], pb, ps, vb);
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < DT; ++e) {
+            o[e][0] = fmaf(o[e][0], al0, ot[e][0]);
+            o[e][1] = fmaf(o[e][1], al0, ot[e][1]);
+            o[e][2] = fmaf(o[e][2], al1, ot[e][2]);
+            o[e][3] = fmaf(o[e][3], al1, ot[e][3]);
+        }
+        __syncthreads();  // every warp is done with V
+        if (kt_i + 1 < ntiles) load_v(k0 + FA_KEYS);
+        fa_commit();
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = base + (h ? r1 : r0);
+        if (row >= rows) continue;
+        const int tok = row / G, gq = row % G;
+        const float l = h ? l1 : l0;
+        float* dst = out + (size_t)(row0 + tok) * H * d + (size_t)(kv * G + gq) * d;
+#pragma unroll
+        for (int e = 0; e < DT; ++e)
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int c = e * 8 + 2 * t + u;
+                if (c < d) dst[c] = o[e][2 * h + u] / l;
+            }
+    }
+}
+
+#define FLASH_TC_GATHER_ENTRY(KT, SUFFIX, DP)                                                                       \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_tc_gather_kv_##SUFFIX##_d##DP(                    \
+        const KT* kc, const KT* vc, const u32* tables, int max_blocks, int block_size, const u32* desc, int koff0,   \
+        int KV, int d, int Kp, float* ks, float* vs) {                                                               \
+        flash_tc_gather_kv<KT, DP>(kc, vc, tables, max_blocks, block_size, desc, koff0, KV, d, Kp, ks, vs);        \
+    }
+#define FLASH_TC_ENTRY(DP)                                                                                          \
+    FLASH_TC_GATHER_ENTRY(float, kvf32, DP)                                                                         \
+    FLASH_TC_GATHER_ENTRY(bf16_t, kvbf16, DP)                                                                       \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) flash_tc_prefill_d##DP(                            \
+        const float* q, const float* ks, const float* vs, float* out, const u32* desc, int koff0, int H, int KV,     \
+        int d, int Kp, float scale_log2) {                                                                           \
+        flash_tc_prefill<DP>(q, ks, vs, out, desc, koff0, H, KV, d, Kp, scale_log2);                                \
+    }
+FLASH_TC_ENTRY(32)
+FLASH_TC_ENTRY(64)
+FLASH_TC_ENTRY(128)

@@ -248,8 +248,9 @@ struct Inner {
     gemm_x3: Option<x3::Capacity>,
     /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
     x3_trace: Option<CudaSlice<u64>>,
-    /// Dynamic shared memory the flash attention builds may take (0 where the option is off).
-    flash_smem_max: usize,
+    /// The prompt attention kernel that replaces the GEMM path, as this GPU allows, and the
+    /// dynamic shared memory its builds may take (0 where the option is off).
+    flash: (FlashAttention, usize),
     /// Blocks an SM the decode attention kernel fills when it splits contexts (0: no split; the
     /// default 4 is what its registers let an SM hold).
     attn_many_blocks_per_sm: usize,
@@ -308,10 +309,21 @@ pub struct CudaOptions {
     /// H200 10-17% faster a step at batch 9-32, level at 64 (docs/perf.md).
     pub gemm_x3: bool,
     /// Prompt attention that takes the GEMM path (see `attention_gemm_min_rows`) runs instead as
-    /// one fp32 kernel that keeps the scores on chip (`kernels/flash.cu`) wherever the head size
-    /// allows (a multiple of 4, at most 128) and the GPU has the shared memory. On by default
-    /// (`QFUSE_CUDA_FLASH_ATTENTION=0` turns it off): the same fp32 arithmetic as the SGEMMs.
-    pub flash_attention: bool,
+    /// a kernel that keeps the scores on chip (`kernels/flash.cu`) wherever the head size allows
+    /// (a multiple of 4, at most 128) and the GPU has the shared memory
+    /// (`QFUSE_CUDA_FLASH_ATTENTION=0|1|2` picks off, fp32 or 3xTF32).
+    pub flash_attention: FlashAttention,
+}
+
+/// Which prompt attention kernel replaces the GEMM path ([`CudaOptions::flash_attention`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashAttention {
+    /// None: fp32 cuBLAS GEMMs around a softmax kernel.
+    Off,
+    /// fp32 FMAs on the CUDA cores, register-tiled (any GPU).
+    Fp32,
+    /// The tensor cores with fp32-accurate 3xTF32 products (sm_80 and later; elsewhere `Fp32`).
+    Tf32x3,
 }
 
 /// The flash attention's builds, by padded head size.
@@ -358,13 +370,21 @@ fn flash_build(d: usize) -> Option<usize> {
     FLASH_BUILDS.into_iter().find(|&p| d <= p)
 }
 
-/// Dynamic shared memory of the flash attention build for padded head size `dp`: Qᵀ, Kᵀ, V and
-/// Pᵀ tiles (`kernels/flash.cu`).
-fn flash_smem_bytes(dp: usize) -> usize {
-    4 * (dp * FLASH_ROW_TILE
-        + dp * FLASH_KEY_TILE
-        + FLASH_KEY_TILE * (dp + 4)
-        + FLASH_KEY_TILE * (FLASH_ROW_TILE + 4))
+/// Dynamic shared memory of a flash attention build for padded head size `dp`
+/// (`kernels/flash.cu`): fp32 keeps Qᵀ, Kᵀ, V and Pᵀ tiles; 3xTF32 keeps q and the keys' and
+/// values' split parts.
+fn flash_smem_bytes(kind: FlashAttention, dp: usize) -> usize {
+    4 * match kind {
+        FlashAttention::Tf32x3 => {
+            FLASH_ROW_TILE * (dp + 8) + FLASH_KEY_TILE * (2 * dp + 16) + FLASH_KEY_TILE * 2 * dp
+        }
+        _ => {
+            dp * FLASH_ROW_TILE
+                + dp * FLASH_KEY_TILE
+                + FLASH_KEY_TILE * (dp + 4)
+                + FLASH_KEY_TILE * (FLASH_ROW_TILE + 4)
+        }
+    }
 }
 
 impl Default for CudaOptions {
@@ -381,8 +401,12 @@ impl Default for CudaOptions {
             )
             .unwrap_or(512),
             gemm_x3: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMM_X3", 0..=1) != Some(0),
-            flash_attention: qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=1)
-                != Some(0),
+            flash_attention: match qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=2)
+            {
+                Some(0) => FlashAttention::Off,
+                Some(1) => FlashAttention::Fp32,
+                _ => FlashAttention::Tf32x3,
+            },
         }
     }
 }
@@ -501,13 +525,19 @@ impl CudaBackend {
         } else {
             None
         };
-        let flash_smem_max = if options.flash_attention {
-            kernels.allow_optin_smem(
-                &ctx,
-                FLASH_BUILDS.iter().map(|dp| format!("flash_prefill_d{dp}")),
-            )?
-        } else {
-            0
+        let flash = match options.flash_attention {
+            FlashAttention::Off => (FlashAttention::Off, 0),
+            FlashAttention::Tf32x3 if major >= 8 => {
+                let names = FLASH_BUILDS.map(|dp| format!("flash_tc_prefill_d{dp}"));
+                (
+                    FlashAttention::Tf32x3,
+                    kernels.allow_optin_smem(&ctx, names)?,
+                )
+            }
+            FlashAttention::Fp32 | FlashAttention::Tf32x3 => {
+                let names = FLASH_BUILDS.map(|dp| format!("flash_prefill_d{dp}"));
+                (FlashAttention::Fp32, kernels.allow_optin_smem(&ctx, names)?)
+            }
         };
         let layer_smem_max = if qfuse_core::knobs::env_flag("QFUSE_CUDA_LAYER_KERNEL") {
             layer::configure(&ctx, &kernels, major)?
@@ -544,7 +574,7 @@ impl CudaBackend {
                 .unwrap_or(GEMV_MAX_ROWS + 1),
                 gemm_x3,
                 x3_trace,
-                flash_smem_max,
+                flash,
                 decode_min_chunk: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_DECODE_MIN_CHUNK",
                     32..=1 << 20,
@@ -1209,15 +1239,18 @@ impl CudaBackend {
     /// Prompt attention as [`kernels/flash.cu`]: per group of sequences whose gathered keys and
     /// values fit [`FLASH_SCRATCH_BYTES`], one kernel gathers them from the paged cache (keys
     /// transposed) and one computes every query row's attention with the scores on chip.
-    /// `dp` is the build: the head size padded to 32, 64 or 128.
+    /// `kind` is the kernel (fp32 or 3xTF32), `dp` the build: the head size padded to 32, 64 or
+    /// 128.
     fn attention_flash(
         &self,
         q: &CudaTensor,
         cache: &LayerKv<CudaTensor>,
         batch: &CudaBatch,
         cfg: &AttentionConfig,
+        kind: FlashAttention,
         dp: usize,
     ) -> Result<CudaTensor> {
+        let tc = kind == FlashAttention::Tf32x3;
         let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let g = cfg.group_size();
         let t = batch.info.num_tokens();
@@ -1230,7 +1263,9 @@ impl CudaBackend {
             .iter()
             .map(|s| (s.start_pos + s.len).next_multiple_of(FLASH_KEY_TILE))
             .collect();
-        let per_key = kvh * d * 8;
+        // Gathered floats a key of one KV head: its key and value, or their split parts.
+        let key_floats = if tc { 4 * dp } else { 2 * d };
+        let per_key = kvh * key_floats * 4;
         let tables = batch.block_tables.device_ptr(stream).0;
         let desc = batch.flash_desc.device_ptr(stream).0;
         let (hi, kvhi, di) = (i32_of(h, "H")?, i32_of(kvh, "KV")?, i32_of(d, "d")?);
@@ -1248,11 +1283,17 @@ impl CudaBackend {
                 .map(|s| (g * s.len).div_ceil(FLASH_ROW_TILE))
                 .max()
                 .unwrap_or(0);
-            let kt = self.alloc_f32(kvh * d * kp)?;
-            let vt = self.alloc_f32(kvh * kp * d)?;
+            let kt = self.alloc_f32(kvh * kp * key_floats / 2)?;
+            let vt = self.alloc_f32(kvh * kp * key_floats / 2)?;
             let (koff0i, kpi) = (i32_of(koff0, "keys")?, i32_of(kp, "keys")?);
             let group_desc = desc + (s0 * 16) as u64;
-            let mut l = self.launch(&format!("flash_gather_kv_{}", cache.k.kv_suffix()))?;
+            let suffix = cache.k.kv_suffix();
+            let (gather_name, keys_a_block) = if tc {
+                (format!("flash_tc_gather_kv_{suffix}_d{dp}"), 8)
+            } else {
+                (format!("flash_gather_kv_{suffix}"), 32)
+            };
+            let mut l = self.launch(&gather_name)?;
             l.ptr(cache.k.ptr(stream))
                 .ptr(cache.v.ptr(stream))
                 .ptr(tables + (s0 * batch.max_blocks * 4) as u64)
@@ -1267,7 +1308,7 @@ impl CudaBackend {
                 .out(&vt);
             let gather = LaunchConfig {
                 grid_dim: (
-                    u32_of(most_keys / 32, "key groups")?,
+                    u32_of(most_keys / keys_a_block, "key groups")?,
                     u32_of(kvh, "KV")?,
                     u32_of(n, "sequences")?,
                 ),
@@ -1276,10 +1317,16 @@ impl CudaBackend {
             };
             // SAFETY: rows s0..s1 of the tables and the descriptor belong to these sequences,
             // whose cache slots are inside the pools (checked by `attention`); each sequence's
-            // keys and values go to its columns [koff - koff0, + padded) of kt [kvh, d, kp] and
-            // vt [kvh, kp, d], which hold them all; d <= 128 (the kernel's staging tile).
+            // keys and values go to its keys [koff - koff0, + padded) of kt and vt (fp32:
+            // [kvh, d, kp] and [kvh, kp, d]; 3xTF32: [kvh, kp, 2 dp] each), which hold them all;
+            // d <= dp <= 128 (the kernels' staging tiles).
             unsafe { l.launch(gather) }.cuda()?;
-            let mut l = self.launch(&format!("flash_prefill_d{dp}"))?;
+            let prefill = if tc {
+                "flash_tc_prefill"
+            } else {
+                "flash_prefill"
+            };
+            let mut l = self.launch(&format!("{prefill}_d{dp}"))?;
             l.buf(q)
                 .out(&kt)
                 .out(&vt)
@@ -1298,7 +1345,7 @@ impl CudaBackend {
                     u32_of(most_tiles, "row tiles")?,
                 ),
                 block_dim: (FLASH_THREADS, 1, 1),
-                shared_mem_bytes: u32_of(flash_smem_bytes(dp), "shared memory")?,
+                shared_mem_bytes: u32_of(flash_smem_bytes(kind, dp), "shared memory")?,
             };
             // SAFETY: q and out are [t, h*d] and every sequence's rows are inside (descriptor);
             // kt and vt were filled above for these sequences; d % 4 == 0 and d <= dp (the
@@ -1830,10 +1877,11 @@ impl Backend for CudaBackend {
         let many = t >= self.inner.many_from && decode_batch && d.is_multiple_of(4) && d <= 128;
         let gemm_min = self.inner.options.attention_gemm_min_rows.max(1);
         if !many && t > GEMV_MAX_ROWS && batch.info.seqs().iter().all(|s| s.len >= gemm_min) {
-            if let Some(dp) =
-                flash_build(d).filter(|&dp| flash_smem_bytes(dp) <= self.inner.flash_smem_max)
+            let (kind, smem_max) = self.inner.flash;
+            if let Some(dp) = flash_build(d)
+                .filter(|&dp| kind != FlashAttention::Off && flash_smem_bytes(kind, dp) <= smem_max)
             {
-                return self.attention_flash(q, cache, batch, cfg, dp);
+                return self.attention_flash(q, cache, batch, cfg, kind, dp);
             }
             return self.attention_gemm(q, cache, batch, cfg);
         }

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::Tolerance;
 use qfuse_cpu_ref::CpuRef;
-use qfuse_cuda::{CudaBackend, CudaOptions};
+use qfuse_cuda::{CudaBackend, CudaOptions, FlashAttention};
 
 qfuse_core::backend_tests!(
     backend: CudaBackend = CudaBackend::new(0),
@@ -30,21 +30,33 @@ mod attention_gemm {
     use super::*;
 
     qfuse_core::backend_tests!(
-        backend: CudaBackend = CudaBackend::with_options(0, CudaOptions { attention_gemm_min_rows: 1, attention_gemm_chunk_rows: 3, flash_attention: false, ..Default::default() }),
+        backend: CudaBackend = CudaBackend::with_options(0, CudaOptions { attention_gemm_min_rows: 1, attention_gemm_chunk_rows: 3, flash_attention: FlashAttention::Off, ..Default::default() }),
         reference: CpuRef = CpuRef::new(),
         tolerance: Tolerance::F32
     );
 }
 
-/// Prompt attention through the flash kernels (`kernels/flash.cu`) for every batch of more than
-/// 8 rows, wherever the head size allows (a multiple of 4 up to 128; others take the GEMM path):
-/// several sequences with cached history, groups of 1-8 query heads, odd head sizes padded to
-/// the 32/64/128 builds. Long prompts are in `tests/flash.rs`.
+/// Prompt attention through the flash kernels (`kernels/flash.cu`; the default, 3xTF32 on the
+/// tensor cores) for every batch of more than 8 rows, wherever the head size allows (a multiple
+/// of 4 up to 128; others take the GEMM path): several sequences with cached history, groups of
+/// 1-8 query heads, odd head sizes padded to the 32/64/128 builds. Long prompts are in
+/// `tests/flash.rs`.
 mod attention_flash {
     use super::*;
 
     qfuse_core::backend_tests!(
         backend: CudaBackend = CudaBackend::with_options(0, CudaOptions { attention_gemm_min_rows: 1, ..Default::default() }),
+        reference: CpuRef = CpuRef::new(),
+        tolerance: Tolerance::F32
+    );
+}
+
+/// The same through the fp32 flash kernel (CUDA cores).
+mod attention_flash_fp32 {
+    use super::*;
+
+    qfuse_core::backend_tests!(
+        backend: CudaBackend = CudaBackend::with_options(0, CudaOptions { attention_gemm_min_rows: 1, flash_attention: FlashAttention::Fp32, ..Default::default() }),
         reference: CpuRef = CpuRef::new(),
         tolerance: Tolerance::F32
     );

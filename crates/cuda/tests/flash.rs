@@ -1,5 +1,5 @@
-//! Long prompts through the flash attention kernels (`kernels/flash.cu`, the default for prompt
-//! chunks of 64+ tokens) against the f64 reference: several 128-row tiles and 64-key tiles, the
+//! Long prompts through both flash attention kernels (`kernels/flash.cu`: fp32 and 3xTF32, the
+//! default for prompt chunks of 64+ tokens) against the f64 reference: several 128-row tiles and 64-key tiles, the
 //! causal diagonal inside a tile, tiles that straddle tokens (groups of 3), cached history before
 //! the chunk, several sequences in one launch and in separate scratch groups, each of the 32, 64
 //! and 128 builds (head sizes padded up to them), and both cache types. Skips with a notice where
@@ -10,10 +10,25 @@ use qfuse_core::AttentionConfig;
 use qfuse_core::DType;
 use qfuse_core::Rng;
 use qfuse_cpu_ref::CpuRef;
-use qfuse_cuda::{CudaBackend, CudaOptions};
+use qfuse_cuda::{CudaBackend, CudaOptions, FlashAttention};
 
-/// fp32 end to end (the f32 cache): the kernel's only rounding is fp32's.
+/// fp32 end to end (the f32 cache): the fp32 kernel's only rounding is fp32's, and 3xTF32's
+/// products are exact to ~2^-22.
 const FP32_EXACT: Tolerance = Tolerance { rel: 1e-5 };
+
+const KINDS: [FlashAttention; 2] = [FlashAttention::Fp32, FlashAttention::Tf32x3];
+
+fn gpu(kv_dtype: DType, flash_attention: FlashAttention) -> Option<CudaBackend> {
+    let options = CudaOptions {
+        kv_dtype,
+        flash_attention,
+        ..CudaOptions::default()
+    };
+    device_or_skip(
+        "flash attention tests",
+        CudaBackend::with_options(0, options),
+    )
+}
 
 fn cfg(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> AttentionConfig {
     AttentionConfig {
@@ -43,50 +58,49 @@ fn shapes() -> Vec<Shape> {
     ]
 }
 
-fn run(options: CudaOptions, tol: Tolerance, what: &str) {
-    let Some(gpu) = device_or_skip(what, CudaBackend::with_options(0, options)) else {
-        return;
-    };
-    let reference = CpuRef::new();
-    let mut rng = Rng::new(5);
-    for (h, kvh, d, block_size, lens) in shapes() {
-        let case = AttentionCase::prompts(&mut rng, cfg(h, kvh, d), block_size, lens.clone())
-            .expect("case");
-        check_attention_case(&gpu, &reference, tol, &mut rng, &case)
-            .unwrap_or_else(|e| panic!("{h} heads / {kvh} KV / d {d}, {lens:?}: {e}"));
+fn run(kv_dtype: DType, tol: Tolerance) {
+    for kind in KINDS {
+        let Some(gpu) = gpu(kv_dtype, kind) else {
+            return;
+        };
+        let reference = CpuRef::new();
+        let mut rng = Rng::new(5);
+        for (h, kvh, d, block_size, lens) in shapes() {
+            let case = AttentionCase::prompts(&mut rng, cfg(h, kvh, d), block_size, lens.clone())
+                .expect("case");
+            check_attention_case(&gpu, &reference, tol, &mut rng, &case).unwrap_or_else(|e| {
+                panic!("{kind:?}: {h} heads / {kvh} KV / d {d}, {lens:?}: {e}")
+            });
+        }
     }
 }
 
 #[test]
 fn flash_attention_matches_reference_f32_cache() {
-    run(CudaOptions::default(), FP32_EXACT, "flash attention tests");
+    run(DType::F32, FP32_EXACT);
 }
 
 #[test]
 fn flash_attention_matches_reference_bf16_cache() {
-    let options = CudaOptions {
-        kv_dtype: DType::BF16,
-        ..CudaOptions::default()
-    };
-    run(
-        options,
-        Tolerance::BF16,
-        "flash attention tests (bf16 cache)",
-    );
+    run(DType::BF16, Tolerance::BF16);
 }
 
 /// Many sequences whose gathered keys overflow one scratch group (the 256 MiB bound), so the
 /// launch splits into groups with their own key offsets.
 #[test]
 fn flash_attention_splits_long_batches_into_groups() {
-    let Some(gpu) = device_or_skip("flash attention tests", CudaBackend::new(0)) else {
-        return;
-    };
-    let reference = CpuRef::new();
-    let mut rng = Rng::new(9);
-    // 8 KV heads of 128: 8 KiB of gathered K and V a key, so 256 MiB is 32k keys; three
-    // sequences of 12k keys (the new 64 after cached history) need two groups.
+    // 8 KV heads of 128: 8 KiB of gathered K and V a key (16 KiB split for 3xTF32), so 256 MiB
+    // is 32k keys (16k); three sequences of 12k keys (the new 64 after cached history) need two
+    // groups (three).
     let lens = vec![(12_000, 64), (12_000, 64), (12_000, 64)];
-    let case = AttentionCase::prompts(&mut rng, cfg(16, 8, 128), 16, lens).expect("case");
-    check_attention_case(&gpu, &reference, FP32_EXACT, &mut rng, &case).unwrap();
+    for kind in KINDS {
+        let Some(gpu) = gpu(DType::F32, kind) else {
+            return;
+        };
+        let mut rng = Rng::new(9);
+        let case =
+            AttentionCase::prompts(&mut rng, cfg(16, 8, 128), 16, lens.clone()).expect("case");
+        check_attention_case(&gpu, &CpuRef::new(), FP32_EXACT, &mut rng, &case)
+            .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+    }
 }
