@@ -300,9 +300,11 @@ __device__ __forceinline__ void tf32_split(float x, u32& big, u32& small) {
     small = tf32_bits(x - __uint_as_float(big));
 }
 
+// Not volatile: the compiler may interleave independent products (a chain of dependent mma
+// instructions into one accumulator stalls on each one's latency).
 __device__ __forceinline__ void mma_tf32(float c[4], const u32 a[4], u32 b0, u32 b1) {
 #if __CUDA_ARCH__ >= 800
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -312,11 +314,17 @@ __device__ __forceinline__ void mma_tf32(float c[4], const u32 a[4], u32 b0, u32
 #endif
 }
 
-// c += a · b with a and b given as (big, small) tf32 parts: three products, the small ones first.
-__device__ __forceinline__ void mma_3xtf32(float c[4], const u32 ab[4], const u32 as[4], float4 b) {
-    mma_tf32(c, as, __float_as_uint(b.x), __float_as_uint(b.z));
-    mma_tf32(c, ab, __float_as_uint(b.y), __float_as_uint(b.w));
-    mma_tf32(c, ab, __float_as_uint(b.x), __float_as_uint(b.z));
+// c[i] += a · b[i] for N n-tiles, a and each b given as (big, small) tf32 parts (b as {b0 big,
+// b0 small, b1 big, b1 small}): three products each, the small ones first, issued product by
+// product across the n-tiles so that no two in a row share an accumulator.
+template <int N>
+__device__ __forceinline__ void mma_3xtf32(float (*c)[4], const u32 ab[4], const u32 as[4], const float4* b) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) mma_tf32(c[i], as, __float_as_uint(b[i].x), __float_as_uint(b[i].z));
+#pragma unroll
+    for (int i = 0; i < N; ++i) mma_tf32(c[i], ab, __float_as_uint(b[i].y), __float_as_uint(b[i].w));
+#pragma unroll
+    for (int i = 0; i < N; ++i) mma_tf32(c[i], ab, __float_as_uint(b[i].x), __float_as_uint(b[i].z));
 }
 
 // grid = (max padded keys / 8, KV, sequences), block = 256: one 8-key block of one KV head.
@@ -446,11 +454,11 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
                 tf32_split(qb.x, ab[1], as[1]);
                 tf32_split(qa.y, ab[2], as[2]);
                 tf32_split(qb.y, ab[3], as[3]);
+                float4 kb[NT];
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    const float4 kb = *reinterpret_cast<const float4*>(Ks + (nt * 8 + g) * KS + ks * 16 + t * 4);
-                    mma_3xtf32(part[nt], ab, as, kb);
-                }
+                for (int nt = 0; nt < NT; ++nt)
+                    kb[nt] = *reinterpret_cast<const float4*>(Ks + (nt * 8 + g) * KS + ks * 16 + t * 4);
+                mma_3xtf32<NT>(part, ab, as, kb);
             }
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
@@ -500,28 +508,33 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
         __syncthreads();  // V visible; every warp is done with K
         if (kt_i + 1 < ntiles) load_k(k0 + FA_KEYS);
         fa_commit();
-        float ot[DT][4];
+        // P·V in groups of up to 8 output n-tiles (registers), each group's tile sum from zero.
+        constexpr int EG = DT < 8 ? DT : 8;
 #pragma unroll
-        for (int e = 0; e < DT; ++e) ot[e][0] = ot[e][1] = ot[e][2] = ot[e][3] = 0.0f;
+        for (int e0 = 0; e0 < DT; e0 += EG) {
+            float ot[EG][4];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            u32 pb[4], ps[4];
-            tf32_split(sc[j][0], pb[0], ps[0]);
-            tf32_split(sc[j][2], pb[1], ps[1]);
-            tf32_split(sc[j][1], pb[2], ps[2]);
-            tf32_split(sc[j][3], pb[3], ps[3]);
+            for (int e = 0; e < EG; ++e) ot[e][0] = ot[e][1] = ot[e][2] = ot[e][3] = 0.0f;
 #pragma unroll
-            for (int e = 0; e < DT; ++e) {
-                const float4 vb = *reinterpret_cast<const float4*>(Vs + j * DP * 16 + (e * 8 + g) * 16 + t * 4);
-                mma_3xtf32(ot[e], pb, ps, vb);
+            for (int j = 0; j < NT; ++j) {
+                u32 pb[4], ps[4];
+                tf32_split(sc[j][0], pb[0], ps[0]);
+                tf32_split(sc[j][2], pb[1], ps[1]);
+                tf32_split(sc[j][1], pb[2], ps[2]);
+                tf32_split(sc[j][3], pb[3], ps[3]);
+                float4 vb[EG];
+#pragma unroll
+                for (int e = 0; e < EG; ++e)
+                    vb[e] = *reinterpret_cast<const float4*>(Vs + j * DP * 16 + ((e0 + e) * 8 + g) * 16 + t * 4);
+                mma_3xtf32<EG>(ot, pb, ps, vb);
             }
-        }
 #pragma unroll
-        for (int e = 0; e < DT; ++e) {
-            o[e][0] = fmaf(o[e][0], al0, ot[e][0]);
-            o[e][1] = fmaf(o[e][1], al0, ot[e][1]);
-            o[e][2] = fmaf(o[e][2], al1, ot[e][2]);
-            o[e][3] = fmaf(o[e][3], al1, ot[e][3]);
+            for (int e = 0; e < EG; ++e) {
+                o[e0 + e][0] = fmaf(o[e0 + e][0], al0, ot[e][0]);
+                o[e0 + e][1] = fmaf(o[e0 + e][1], al0, ot[e][1]);
+                o[e0 + e][2] = fmaf(o[e0 + e][2], al1, ot[e][2]);
+                o[e0 + e][3] = fmaf(o[e0 + e][3], al1, ot[e][3]);
+            }
         }
         __syncthreads();  // every warp is done with V
         if (kt_i + 1 < ntiles) load_v(k0 + FA_KEYS);
