@@ -141,7 +141,7 @@ struct BackendArgs {
     /// programmatic dependent launch that overlaps its weight loads with the previous kernel.
     #[arg(long)]
     no_pdl: bool,
-    /// Run prompt attention in the split-K CUDA kernel instead of as cuBLAS GEMMs.
+    /// Run prompt attention in the split-K CUDA kernel instead of the flash kernel (or GEMMs).
     #[arg(long)]
     no_attention_gemm: bool,
     /// Run these fused ops as their unfused compositions: OP[,OP…] or `all`

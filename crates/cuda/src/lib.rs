@@ -10,8 +10,10 @@
 //! norm and the epilogue fused into the split and the sum kernels). Decode attention is one
 //! kernel for every batch size, which for batched decode (9+ sequences) also forms q and the new
 //! keys (`qk_norm_rope_attention`); a batch-1 decoder layer can run as one persistent kernel
-//! (`layer.rs`, opt-in: measured slower than the composed step); prompt attention (chunks of 64+ tokens) runs as fp32 cuBLAS
-//! GEMMs around a softmax kernel, shorter chunks in a split-K kernel. Kernels are CUDA C++ from
+//! (`layer.rs`, opt-in: measured slower than the composed step); prompt attention (chunks of 64+
+//! tokens) keeps its scores on chip (`kernels/flash.cu`: 3xTF32 tensor-core products, fp32-exact
+//! to ~2^-22; fp32 FMAs or cuBLAS SGEMMs around a softmax kernel by option), shorter chunks run in
+//! a split-K kernel. Kernels are CUDA C++ from
 //! `kernels/`, compiled by NVRTC for the GPU present when the backend is created. The crate
 //! builds without CUDA: libraries are loaded at run time, and their absence is `Error::NoDevice`.
 
