@@ -250,6 +250,10 @@ struct Inner {
     gemm_x3: Option<x3::Capacity>,
     /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
     x3_trace: Option<CudaSlice<u64>>,
+    /// Fewest rows whose cuBLAS products accumulate the three parts' GEMMs into one output
+    /// (`cublas_bf16_accumulate`) instead of a stacked GEMM and a sum kernel
+    /// (`QFUSE_CUDA_ACCUMULATE_FROM`).
+    accumulate_from: usize,
     /// The prompt attention kernel that replaces the GEMM path, as this GPU allows, and the
     /// dynamic shared memory its builds may take (0 where the option is off).
     flash: (FlashAttention, usize),
@@ -327,6 +331,9 @@ pub enum FlashAttention {
     /// The tensor cores with fp32-accurate 3xTF32 products (sm_80 and later; elsewhere `Fp32`).
     Tf32x3,
 }
+
+/// Default fewest rows for [`CudaBackend::cublas_bf16_accumulate`].
+const ACCUMULATE_FROM: usize = 512;
 
 /// The flash attention's builds, by padded head size.
 const FLASH_BUILDS: [usize; 3] = [32, 64, 128];
@@ -577,6 +584,11 @@ impl CudaBackend {
                 gemm_x3,
                 x3_trace,
                 flash,
+                accumulate_from: qfuse_core::knobs::env_knob(
+                    "QFUSE_CUDA_ACCUMULATE_FROM",
+                    1..=1 << 30,
+                )
+                .unwrap_or(ACCUMULATE_FROM),
                 decode_min_chunk: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_DECODE_MIN_CHUNK",
                     32..=1 << 20,
@@ -804,8 +816,11 @@ impl CudaBackend {
                 unsafe { l.launch(grid(t, 256)) }.cuda()?;
             }
         }
-        let mut y3 = self.alloc_f32(3 * t * n)?;
         let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
+        if t >= self.inner.accumulate_from {
+            return self.cublas_bf16_accumulate(w, (hi, mid, lo), (t, k, n), epilogue);
+        }
+        let mut y3 = self.alloc_f32(3 * t * n)?;
         self.gemm(
             w,
             bf16,
@@ -839,6 +854,50 @@ impl CudaBackend {
         // are [t, out_cols] (n even for SiLU·up, checked by the callers); grid-stride loops.
         unsafe { l.launch(elementwise(t * out_cols)) }.cuda()?;
         Ok(y)
+    }
+
+    /// The products of [`Self::cublas_bf16`] for many rows: the three parts' GEMMs accumulate
+    /// into one fp32 output (lo, then mid, then hi, as the sum kernel adds them) instead of
+    /// writing three partial outputs for a sum kernel to read back; the residual add or SiLU·up
+    /// follows as its own pass.
+    fn cublas_bf16_accumulate(
+        &self,
+        w: &CudaSlice<u16>,
+        (hi, mid, lo): (u64, u64, u64),
+        (t, k, n): (usize, usize, usize),
+        epilogue: Epilogue<'_>,
+    ) -> Result<Pooled> {
+        let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
+        let y = self.alloc_f32(t * n)?;
+        let stream = self.stream();
+        let wp = w.device_ptr(stream).0;
+        let yp = y.slice().device_ptr(stream).0;
+        for (i, part) in [lo, mid, hi].into_iter().enumerate() {
+            let beta = if i == 0 { 0.0 } else { 1.0 };
+            // SAFETY: w holds n*k bf16; each part is t*k bf16 inside the caller's parts buffer;
+            // y holds t*n floats.
+            unsafe { self.gemm_ptr((wp, bf16), (part, bf16), yp, (t, k, n), beta) }?;
+        }
+        match epilogue {
+            Epilogue::Store => Ok(y),
+            Epilogue::Add(residual) => {
+                let out = self.alloc_f32(t * n)?;
+                let mut l = self.launch("add_f32")?;
+                l.out(&y).buf(residual).out(&out).usize(t * n);
+                // SAFETY: y, the residual and out all hold t*n floats; grid-stride loop.
+                unsafe { l.launch(elementwise(t * n)) }.cuda()?;
+                Ok(out)
+            }
+            Epilogue::SiluMul => {
+                let out = self.alloc_f32(t * (n / 2))?;
+                let mut l = self.launch("silu_mul_f32")?;
+                l.out(&y).out(&out).i32(i32_of(n / 2, "I")?);
+                // SAFETY: y is [t, n] (gate then up, n even: checked by the callers), out
+                // [t, n/2]; one block per row.
+                unsafe { l.launch(grid(t, 256)) }.cuda()?;
+                Ok(out)
+            }
+        }
     }
 
     /// `epilogue(prologue(x) w^T)` for 9-64 rows in one tensor-core kernel
@@ -959,15 +1018,31 @@ impl CudaBackend {
         (t, k, n): (usize, usize, usize),
         beta: f32,
     ) -> Result<()> {
-        let (ni, ti, ki) = (i32_of(n, "N")?, i32_of(t, "T")?, i32_of(k, "K")?);
-        let alpha = 1.0f32;
         let stream = self.stream();
         let (wp, _gw) = w.device_ptr(stream);
         let (xp, _gx) = x.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
-        // SAFETY: column-major view: Yᵀ[N, T] = W[K, N]ᵀ · Xᵀ[K, T]; w holds n*k, x t*k and y t*n
-        // elements of the types given, with the leading dimensions given; the handle uses this
-        // stream; alpha and beta outlive the call.
+        // SAFETY: w holds n*k, x t*k and y t*n elements of the types given.
+        unsafe { self.gemm_ptr((wp, w_type), (xp, x_type), yp, (t, k, n), beta) }
+    }
+
+    /// [`Self::gemm`] on device addresses.
+    ///
+    /// # Safety
+    /// `w` must hold n*k, `x` t*k elements of their types and `y` t*n floats.
+    unsafe fn gemm_ptr(
+        &self,
+        (wp, w_type): (u64, cublas_sys::cudaDataType),
+        (xp, x_type): (u64, cublas_sys::cudaDataType),
+        yp: u64,
+        (t, k, n): (usize, usize, usize),
+        beta: f32,
+    ) -> Result<()> {
+        let (ni, ti, ki) = (i32_of(n, "N")?, i32_of(t, "T")?, i32_of(k, "K")?);
+        let alpha = 1.0f32;
+        // SAFETY: column-major view: Yᵀ[N, T] = W[K, N]ᵀ · Xᵀ[K, T]; the buffers hold what the
+        // caller promises, with the leading dimensions given; the handle uses this stream; alpha
+        // and beta outlive the call.
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *self.inner.blas.handle(),
