@@ -250,10 +250,6 @@ struct Inner {
     gemm_x3: Option<x3::Capacity>,
     /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
     x3_trace: Option<CudaSlice<u64>>,
-    /// Fewest rows whose cuBLAS products accumulate the three parts' GEMMs into one output
-    /// (`cublas_bf16_accumulate`) instead of a stacked GEMM and a sum kernel
-    /// (`QFUSE_CUDA_ACCUMULATE_FROM`).
-    accumulate_from: usize,
     /// The prompt attention kernel that replaces the GEMM path, as this GPU allows, and the
     /// dynamic shared memory its builds may take (0 where the option is off).
     flash: (FlashAttention, usize),
@@ -319,6 +315,11 @@ pub struct CudaOptions {
     /// (a multiple of 4, at most 128) and the GPU has the shared memory
     /// (`QFUSE_CUDA_FLASH_ATTENTION=0|1|2` picks off, fp32 or 3xTF32).
     pub flash_attention: FlashAttention,
+    /// Fewest rows whose cuBLAS products accumulate the three bf16 parts' GEMMs into one output
+    /// instead of one stacked GEMM and a sum kernel (`QFUSE_CUDA_ACCUMULATE_FROM`). Default
+    /// [`ACCUMULATE_FROM`]: on the H200 accumulating made a 64 x 512-token prefill (32k rows)
+    /// 6% faster and a 2,048-token one 3% slower (docs/perf.md).
+    pub accumulate_from: usize,
 }
 
 /// Which prompt attention kernel replaces the GEMM path ([`CudaOptions::flash_attention`]).
@@ -332,8 +333,8 @@ pub enum FlashAttention {
     Tf32x3,
 }
 
-/// Default fewest rows for [`CudaBackend::cublas_bf16_accumulate`].
-const ACCUMULATE_FROM: usize = 512;
+/// Default [`CudaOptions::accumulate_from`].
+pub const ACCUMULATE_FROM: usize = 16384;
 
 /// The flash attention's builds, by padded head size.
 const FLASH_BUILDS: [usize; 3] = [32, 64, 128];
@@ -416,6 +417,8 @@ impl Default for CudaOptions {
                 Some(1) => FlashAttention::Fp32,
                 _ => FlashAttention::Tf32x3,
             },
+            accumulate_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_ACCUMULATE_FROM", 1..=1 << 30)
+                .unwrap_or(ACCUMULATE_FROM),
         }
     }
 }
@@ -584,11 +587,6 @@ impl CudaBackend {
                 gemm_x3,
                 x3_trace,
                 flash,
-                accumulate_from: qfuse_core::knobs::env_knob(
-                    "QFUSE_CUDA_ACCUMULATE_FROM",
-                    1..=1 << 30,
-                )
-                .unwrap_or(ACCUMULATE_FROM),
                 decode_min_chunk: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_DECODE_MIN_CHUNK",
                     32..=1 << 20,
@@ -817,7 +815,7 @@ impl CudaBackend {
             }
         }
         let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
-        if t >= self.inner.accumulate_from {
+        if t >= self.inner.options.accumulate_from {
             return self.cublas_bf16_accumulate(w, (hi, mid, lo), (t, k, n), epilogue);
         }
         let mut y3 = self.alloc_f32(3 * t * n)?;

@@ -1,12 +1,13 @@
-//! Products of prompt-sized row counts (512 and more rows accumulate the three bf16 parts'
-//! cuBLAS GEMMs into one output, `cublas_bf16_accumulate`), with each prologue and epilogue,
-//! against the f64 reference. Skips with a notice where there is no GPU (unless
+//! Products of prompt-sized row counts through both cuBLAS paths (the three bf16 parts stacked
+//! into one GEMM and summed, or their GEMMs accumulated into one output: the default from
+//! `ACCUMULATE_FROM` rows, here forced from 65), with each prologue and epilogue, against the
+//! f64 reference. Skips with a notice where there is no GPU (unless
 //! QFUSE_REQUIRE_GPU=1).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::{activations, device_or_skip, gains, gemv_family, rel_error, weights};
 use qfuse_core::Rng;
 use qfuse_cpu_ref::CpuRef;
-use qfuse_cuda::CudaBackend;
+use qfuse_cuda::{CudaBackend, CudaOptions};
 
 const NAMES: [&str; 5] = [
     "matmul",
@@ -18,9 +19,22 @@ const NAMES: [&str; 5] = [
 
 #[test]
 fn prompt_sized_products_match_reference() {
-    let Some(gpu) = device_or_skip("prefill product tests", CudaBackend::new(0)) else {
-        return;
-    };
+    for accumulate_from in [65, usize::MAX] {
+        let options = CudaOptions {
+            accumulate_from,
+            ..CudaOptions::default()
+        };
+        let Some(gpu) = device_or_skip(
+            "prefill product tests",
+            CudaBackend::with_options(0, options),
+        ) else {
+            return;
+        };
+        check(&gpu, accumulate_from);
+    }
+}
+
+fn check(gpu: &CudaBackend, accumulate_from: usize) {
     let mut rng = Rng::new(3);
     // (rows, K, N): just past the threshold, an odd count, and a 2,048-token prompt's QKV width
     // cut down (the f64 reference is the slow side).
@@ -31,12 +45,13 @@ fn prompt_sized_products_match_reference() {
         let gain = gains(&mut rng, k, 3.0).unwrap();
         // matmul_add adds a [t, n] residual.
         let residual = activations(&mut rng, t, n, true).unwrap();
-        let got = gemv_family(&gpu, &x, &w, &gate_up, &gain, &residual).unwrap();
+        let got = gemv_family(gpu, &x, &w, &gate_up, &gain, &residual).unwrap();
         let want = gemv_family(&CpuRef::new(), &x, &w, &gate_up, &gain, &residual).unwrap();
         for ((name, g), r) in NAMES.iter().zip(&got).zip(&want) {
             let err = rel_error(g, r);
-            eprintln!("{t} x {k} -> {n} {name}: {err:.3e}");
-            assert!(err < 2e-5, "{t} x {k} -> {n} {name}: relative error {err:.3e}");
+            let what = format!("accumulating from {accumulate_from}: {t} x {k} -> {n} {name}");
+            eprintln!("{what}: {err:.3e}");
+            assert!(err < 2e-5, "{what}: relative error {err:.3e}");
         }
     }
 }
