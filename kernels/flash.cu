@@ -44,6 +44,39 @@ template <int N> __device__ __forceinline__ void fa_wait() {
 #endif
 }
 
+// Sequence blockIdx.z of a gather launch: its keys (cached and new) and their first column in
+// the gathered buffers. false when the block's first key, j0, is past them (padding included).
+__device__ __forceinline__ bool fa_seq_keys(const u32* __restrict__ desc, int koff0, int j0, int& keys, int& koff) {
+    const int s = blockIdx.z;
+    keys = (int)(desc[4 * s + 1] + desc[4 * s + 2]);
+    koff = (int)desc[4 * s + 3] - koff0;
+    return j0 < ((keys + FA_KEYS - 1) / FA_KEYS) * FA_KEYS;
+}
+
+// A prefill block's work: KV head blockIdx.x of sequence blockIdx.y (its first row in q, new
+// tokens, first position, first gathered key), and of its G * n query rows the 128 from `base`:
+// tiles in reverse order (blockIdx.z = 0 takes the last rows, which see the most keys), the keys
+// its last row sees and the key tiles they span. false when the sequence has no tile blockIdx.z.
+struct FaTile {
+    int kv, G, row0, n, pos0, koff, rows, base, keys, key_tiles;
+};
+__device__ __forceinline__ bool fa_tile(const u32* __restrict__ desc, int koff0, int H, int KV, FaTile& b) {
+    const int s = blockIdx.y;
+    b.kv = blockIdx.x;
+    b.G = H / KV;
+    b.row0 = (int)desc[4 * s];
+    b.n = (int)desc[4 * s + 1];
+    b.pos0 = (int)desc[4 * s + 2];
+    b.koff = (int)desc[4 * s + 3] - koff0;
+    b.rows = b.G * b.n;
+    const int tiles = (b.rows + FA_ROWS - 1) / FA_ROWS;
+    if ((int)blockIdx.z >= tiles) return false;
+    b.base = (tiles - 1 - (int)blockIdx.z) * FA_ROWS;
+    b.keys = b.pos0 + min(b.rows - 1, b.base + FA_ROWS - 1) / b.G + 1;
+    b.key_tiles = (b.keys + FA_KEYS - 1) / FA_KEYS;
+    return true;
+}
+
 // grid = (ceil(max padded keys / 32), KV, sequences), block = 256; d <= 128.
 template <typename KT>
 __device__ void flash_gather_kv(const KT* __restrict__ kc, const KT* __restrict__ vc, const u32* __restrict__ tables,
@@ -52,10 +85,9 @@ __device__ void flash_gather_kv(const KT* __restrict__ kc, const KT* __restrict_
     pdl_begin();
     __shared__ float tile[32][129];
     const int s = blockIdx.z, kv = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int keys = (int)(desc[4 * s + 1] + desc[4 * s + 2]);
-    const int koff = (int)desc[4 * s + 3] - koff0;
     const int j0 = blockIdx.x * 32;
-    if (j0 >= ((keys + FA_KEYS - 1) / FA_KEYS) * FA_KEYS) return;
+    int keys, koff;
+    if (!fa_seq_keys(desc, koff0, j0, keys, koff)) return;
     const u32* table = tables + (size_t)s * max_blocks;
     for (int jj = warp; jj < 32; jj += FA_THREADS / 32) {
         const int j = j0 + jj;
@@ -92,15 +124,10 @@ __device__ void flash_prefill(const float* __restrict__ q, const float* __restri
     float* Vs = Ks + DP * FA_KEYS;
     float* Pt = Vs + FA_KEYS * VSTRIDE;
     pdl_begin();
-    const int kv = blockIdx.x, s = blockIdx.y, G = H / KV;
-    const int row0 = (int)desc[4 * s], n = (int)desc[4 * s + 1], pos0 = (int)desc[4 * s + 2];
-    const int koff = (int)desc[4 * s + 3] - koff0;
-    const int rows = G * n, tiles = (rows + FA_ROWS - 1) / FA_ROWS;
-    if ((int)blockIdx.z >= tiles) return;
-    const int base = (tiles - 1 - (int)blockIdx.z) * FA_ROWS;
+    FaTile tile;
+    if (!fa_tile(desc, koff0, H, KV, tile)) return;
+    const auto [kv, G, row0, n, pos0, koff, rows, base, keys, ntiles] = tile;
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-    const int last = min(rows - 1, base + FA_ROWS - 1) / G;
-    const int ntiles = (pos0 + last + 1 + FA_KEYS - 1) / FA_KEYS;
     const float* kbase = kt + (size_t)kv * d * Kp + koff;
     const float* vbase = vt + ((size_t)kv * Kp + koff) * d;
     const int quads = d / 4;
@@ -202,7 +229,7 @@ __device__ void flash_prefill(const float* __restrict__ q, const float* __restri
         __syncthreads();  // P and V visible; every thread is done with K
         if (kt_i + 1 < ntiles) load_k(k0 + FA_KEYS);
         fa_commit();
-        const int kend = min(FA_KEYS, pos0 + last + 1 - k0);  // later keys are masked for every row
+        const int kend = min(FA_KEYS, keys - k0);  // later keys are masked for every row
 #pragma unroll 4
         for (int j = 0; j < kend; ++j) {
             const float4 pa = *reinterpret_cast<const float4*>(Pt + j * FA_PSTRIDE + ty * 8);
@@ -335,10 +362,9 @@ __device__ void flash_tc_gather_kv(const KT* __restrict__ kc, const KT* __restri
     pdl_begin();
     __shared__ float kt[8][DP], vt[8][DP];
     const int s = blockIdx.z, kv = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int keys = (int)(desc[4 * s + 1] + desc[4 * s + 2]);
-    const int koff = (int)desc[4 * s + 3] - koff0;
     const int j0 = blockIdx.x * 8;
-    if (j0 >= ((keys + FA_KEYS - 1) / FA_KEYS) * FA_KEYS) return;
+    int keys, koff;
+    if (!fa_seq_keys(desc, koff0, j0, keys, koff)) return;
     const u32* table = tables + (size_t)s * max_blocks;
     {
         const int j = j0 + warp;  // 8 warps, a key each
@@ -386,15 +412,10 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
     float* Ks = Qs + FA_ROWS * QS;
     float* Vs = Ks + FA_KEYS * KS;
     pdl_begin();
-    const int kv = blockIdx.x, s = blockIdx.y, G = H / KV;
-    const int row0 = (int)desc[4 * s], n = (int)desc[4 * s + 1], pos0 = (int)desc[4 * s + 2];
-    const int koff = (int)desc[4 * s + 3] - koff0;
-    const int rows = G * n, tiles = (rows + FA_ROWS - 1) / FA_ROWS;
-    if ((int)blockIdx.z >= tiles) return;
-    const int base = (tiles - 1 - (int)blockIdx.z) * FA_ROWS;
+    FaTile tile;
+    if (!fa_tile(desc, koff0, H, KV, tile)) return;
+    const auto [kv, G, row0, n, pos0, koff, rows, base, keys, ntiles] = tile;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    const int last = min(rows - 1, base + FA_ROWS - 1) / G;
-    const int ntiles = (pos0 + last + 1 + FA_KEYS - 1) / FA_KEYS;
     const float* kbase = ksplit + ((size_t)kv * Kp + koff) * 2 * DP;
     const float* vbase = vsplit + ((size_t)kv * Kp + koff) * 2 * DP;
 
