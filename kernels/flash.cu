@@ -283,17 +283,15 @@ __device__ void flash_prefill(const float* __restrict__ q, const float* __restri
 FLASH_GATHER_ENTRY(float, kvf32)
 FLASH_GATHER_ENTRY(bf16_t, kvbf16)
 
-// NAME_dDP: the prefill kernel FN<DP> (flash_prefill or flash_tc_prefill; k and v are the
-// gather's layouts for it).
-#define FLASH_PREFILL_ENTRY(NAME, FN, DP)                                                                          \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) NAME##_d##DP(                                     \
-        const float* q, const float* k, const float* v, float* out, const u32* desc, int koff0, int H, int KV,    \
+#define FLASH_ENTRY(DP)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) flash_prefill_d##DP(                              \
+        const float* q, const float* kt, const float* vt, float* out, const u32* desc, int koff0, int H, int KV,  \
         int d, int Kp, float scale_log2) {                                                                         \
-        FN<DP>(q, k, v, out, desc, koff0, H, KV, d, Kp, scale_log2);                                               \
+        flash_prefill<DP>(q, kt, vt, out, desc, koff0, H, KV, d, Kp, scale_log2);                                 \
     }
-FLASH_PREFILL_ENTRY(flash_prefill, flash_prefill, 32)
-FLASH_PREFILL_ENTRY(flash_prefill, flash_prefill, 64)
-FLASH_PREFILL_ENTRY(flash_prefill, flash_prefill, 128)
+FLASH_ENTRY(32)
+FLASH_ENTRY(64)
+FLASH_ENTRY(128)
 
 // ---------------------------------------------------------------------------------------------
 // The same attention on the tensor cores, fp32-accurate by 3xTF32: every operand x is split into
@@ -586,10 +584,14 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
         int KV, int d, int Kp, float* ks, float* vs) {                                                               \
         flash_tc_gather_kv<KT, DP>(kc, vc, tables, max_blocks, block_size, desc, koff0, KV, d, Kp, ks, vs);        \
     }
-#define FLASH_TC_ENTRY(DP)                          \
-    FLASH_TC_GATHER_ENTRY(float, kvf32, DP)         \
-    FLASH_TC_GATHER_ENTRY(bf16_t, kvbf16, DP)       \
-    FLASH_PREFILL_ENTRY(flash_tc_prefill, flash_tc_prefill, DP)
+#define FLASH_TC_ENTRY(DP)                                                                                          \
+    FLASH_TC_GATHER_ENTRY(float, kvf32, DP)                                                                         \
+    FLASH_TC_GATHER_ENTRY(bf16_t, kvbf16, DP)                                                                       \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) flash_tc_prefill_d##DP(                            \
+        const float* q, const float* ks, const float* vs, float* out, const u32* desc, int koff0, int H, int KV,     \
+        int d, int Kp, float scale_log2) {                                                                           \
+        flash_tc_prefill<DP>(q, ks, vs, out, desc, koff0, H, KV, d, Kp, scale_log2);                                \
+    }
 FLASH_TC_ENTRY(32)
 FLASH_TC_ENTRY(64)
 FLASH_TC_ENTRY(128)
