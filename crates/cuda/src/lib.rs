@@ -2527,6 +2527,10 @@ mod tests {
                         || l.contains("attention_gemm_gather_kv<")
                         || l.contains("decoder_layer_t1<")
                         || l.contains("gemm_x3<")
+                        || l.contains("flash_gather_kv<")
+                        || l.contains("flash_prefill<")
+                        || l.contains("flash_tc_gather_kv<")
+                        || l.contains("flash_tc_prefill<")
                 });
                 assert!(
                     body.lines().take(4).any(|l| l.contains("pdl_begin()")) || calls_template,
@@ -2538,7 +2542,12 @@ mod tests {
         let gemv = include_str!("../../../kernels/gemv.cu");
         let layer = include_str!("../../../kernels/layer.cu");
         let gemm_x3 = include_str!("../../../kernels/gemm_x3.cu");
+        let flash = include_str!("../../../kernels/flash.cu");
         for (name, src) in [
+            ("flash_gather_kv", flash),
+            ("flash_prefill", flash),
+            ("flash_tc_gather_kv", flash),
+            ("flash_tc_prefill", flash),
             ("gemm_x3", gemm_x3),
             ("decoder_layer_t1", layer),
             ("gemv", gemv),
