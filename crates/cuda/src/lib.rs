@@ -2403,6 +2403,67 @@ fn gather_entry(table: &CudaTensor) -> &'static str {
 mod tests {
     use super::*;
 
+    /// `kernels/flash.cu`'s tile sizes are the ones the launches and scratch sizes assume, and
+    /// each build's shared memory fits the GPUs it is meant for (opt-in limits: 227 KiB on
+    /// sm_90, 163 KiB on sm_80).
+    #[test]
+    fn flash_kernel_constants_and_shared_memory() {
+        let src = include_str!("../../../kernels/flash.cu");
+        let define = |name: &str| -> usize {
+            let line = src
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("no #define {name}"));
+            line.split_whitespace().nth(2).unwrap().parse().unwrap()
+        };
+        assert_eq!(define("FA_ROWS"), FLASH_ROW_TILE);
+        assert_eq!(define("FA_KEYS"), FLASH_KEY_TILE);
+        assert_eq!(define("FA_THREADS"), FLASH_THREADS as usize);
+        for dp in FLASH_BUILDS {
+            assert!(
+                flash_smem_bytes(FlashAttention::Tf32x3, dp) <= 232_448,
+                "3xTF32 d{dp}"
+            );
+            assert!(
+                flash_smem_bytes(FlashAttention::Fp32, dp) <= 166_912,
+                "fp32 d{dp}"
+            );
+        }
+        assert_eq!(flash_smem_bytes(FlashAttention::Tf32x3, 128), 204_800);
+        let builds: Vec<_> = [4, 20, 32, 36, 64, 68, 128, 6, 130, 256]
+            .map(flash_build)
+            .into();
+        let want = [
+            Some(32),
+            Some(32),
+            Some(32),
+            Some(64),
+            Some(64),
+            Some(128),
+            Some(128),
+        ];
+        assert_eq!(builds[..7], want);
+        assert_eq!(builds[7..], [None, None, None]);
+    }
+
+    /// The flash descriptor: each sequence's first row, new tokens, first position, and its
+    /// keys' first column with every sequence's keys padded to a whole key tile.
+    #[test]
+    fn flash_descriptor_pads_each_sequence_to_key_tiles() {
+        let seqs = [(0usize, 100usize), (200, 64), (5, 1)]
+            .map(|(start_pos, len)| qfuse_core::SeqChunk {
+                start_pos,
+                len,
+                block_table: vec![0; (start_pos + len).div_ceil(16)],
+            })
+            .into();
+        let info = BatchInfo::new(16, seqs).unwrap();
+        assert_eq!(
+            flash_desc(&info).unwrap(),
+            [0, 100, 0, 0, 100, 64, 200, 128, 164, 1, 5, 128 + 320]
+        );
+    }
+
     fn known(name: &str) -> bool {
         kernels::SOURCES
             .iter()
