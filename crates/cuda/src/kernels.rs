@@ -335,3 +335,17 @@ impl Kernels {
             })
     }
 }
+
+/// The value of `#define NAME VALUE` in a kernel source, for tests that hold the Rust side's
+/// layout constants to the kernels'.
+#[cfg(test)]
+pub(crate) fn define(src: &str, name: &str) -> usize {
+    let line = src
+        .lines()
+        .find(|l| l.starts_with(&format!("#define {name} ")))
+        .unwrap_or_else(|| panic!("no #define {name}"));
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("#define {name} is not a number"))
+}

@@ -2409,13 +2409,7 @@ mod tests {
     #[test]
     fn flash_kernel_constants_and_shared_memory() {
         let src = include_str!("../../../kernels/flash.cu");
-        let define = |name: &str| -> usize {
-            let line = src
-                .lines()
-                .find(|l| l.starts_with(&format!("#define {name} ")))
-                .unwrap_or_else(|| panic!("no #define {name}"));
-            line.split_whitespace().nth(2).unwrap().parse().unwrap()
-        };
+        let define = |name: &str| crate::kernels::define(src, name);
         assert_eq!(define("FA_ROWS"), FLASH_ROW_TILE);
         assert_eq!(define("FA_KEYS"), FLASH_KEY_TILE);
         assert_eq!(define("FA_THREADS"), FLASH_THREADS as usize);

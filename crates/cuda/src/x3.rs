@@ -222,13 +222,7 @@ mod tests {
     #[test]
     fn kernel_constants_match_the_plans() {
         let src = include_str!("../../../kernels/gemm_x3.cu");
-        let define = |name: &str| -> usize {
-            let line = src
-                .lines()
-                .find(|l| l.starts_with(&format!("#define {name} ")))
-                .unwrap_or_else(|| panic!("no #define {name}"));
-            line.split_whitespace().nth(2).unwrap().parse().unwrap()
-        };
+        let define = |name: &str| crate::kernels::define(src, name);
         assert_eq!(define("X3_ROWS"), TILE_ROWS);
         assert_eq!(define("X3_TMAX"), MAX_ROWS);
         assert_eq!(define("X3_WARPS") * 32, THREADS as usize);
