@@ -651,7 +651,7 @@ __device__ void attention_gemm_gather_kv(const KT* __restrict__ kc, const KT* __
                                          float* __restrict__ ks, float* __restrict__ vs) {
     pdl_begin();
     const int j = blockIdx.x, kv = blockIdx.y;
-    const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+    const size_t slot = cache_slot(table, block_size, j);
     const size_t src = slot * KV * d + (size_t)kv * d, dst = ((size_t)kv * S + j) * d;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         ks[dst + c] = kv_load(kc + src + c);

@@ -90,6 +90,11 @@ __device__ __forceinline__ float kv_load(const bf16_t* p) { return bf16_to_f32(*
 __device__ __forceinline__ void kv_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void kv_store(bf16_t* p, float v) { *p = f32_to_bf16(v); }
 
+// The pool slot of a sequence's key j, from its block table.
+__device__ __forceinline__ size_t cache_slot(const u32* __restrict__ table, int block_size, int j) {
+    return (size_t)table[j / block_size] * block_size + j % block_size;
+}
+
 // cos, sin of pos * theta^(-2i / d), the angle formed and reduced modulo 2 pi in double so
 // positions in the tens of thousands keep full fp32 accuracy.
 __device__ __forceinline__ void rope_cs(u32 pos, int i, int d, double log2_theta, float* c, float* s) {

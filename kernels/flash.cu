@@ -93,7 +93,7 @@ __device__ void flash_gather_kv(const KT* __restrict__ kc, const KT* __restrict_
         const int j = j0 + jj;
         float* vrow = vt + ((size_t)kv * Kp + koff + j) * d;
         if (j < keys) {
-            const size_t src = ((size_t)table[j / block_size] * block_size + j % block_size) * KV * d + (size_t)kv * d;
+            const size_t src = cache_slot(table, block_size, j) * KV * d + (size_t)kv * d;
             for (int c = lane; c < d; c += 32) {
                 tile[jj][c] = kv_load(kc + src + c);
                 vrow[c] = kv_load(vc + src + c);
@@ -369,7 +369,7 @@ __device__ void flash_tc_gather_kv(const KT* __restrict__ kc, const KT* __restri
     {
         const int j = j0 + warp;  // 8 warps, a key each
         const size_t src = j < keys
-            ? ((size_t)table[j / block_size] * block_size + j % block_size) * KV * d + (size_t)kv * d
+            ? cache_slot(table, block_size, j) * KV * d + (size_t)kv * d
             : 0;
         for (int c = lane; c < DP; c += 32) {
             const bool in = j < keys && c < d;
