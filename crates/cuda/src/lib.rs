@@ -33,7 +33,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut
 use half::bf16;
 use qfuse_core::{
     compose, AttentionConfig, Backend, BatchInfo, DType, DeviceTensor, Error, HostData, HostTensor,
-    LayerKv, LayerWeights, Result, Shape,
+    LayerKv, LayerWeights, Result, SeqChunk, Shape,
 };
 
 pub use error::CudaError;
@@ -250,9 +250,11 @@ struct Inner {
     gemm_x3: Option<x3::Capacity>,
     /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
     x3_trace: Option<CudaSlice<u64>>,
-    /// The prompt attention kernel that replaces the GEMM path, as this GPU allows, and the
-    /// dynamic shared memory its builds may take (0 where the option is off).
-    flash: (FlashAttention, usize),
+    /// The prompt attention kernels that may replace the GEMM path, in order of preference, each
+    /// with the dynamic shared memory its builds may take (none where the option is off; 3xTF32
+    /// then fp32, so a head size whose 3xTF32 build does not fit, as d = 128 on sm_80, still
+    /// gets the fp32 one).
+    flash: Vec<(FlashAttention, usize)>,
     /// Blocks an SM the decode attention kernel fills when it splits contexts (0: no split; the
     /// default 4 is what its registers let an SM hold).
     attn_many_blocks_per_sm: usize,
@@ -329,7 +331,8 @@ pub enum FlashAttention {
     Off,
     /// fp32 FMAs on the CUDA cores, register-tiled (any GPU).
     Fp32,
-    /// The tensor cores with fp32-accurate 3xTF32 products (sm_80 and later; elsewhere `Fp32`).
+    /// The tensor cores with fp32-accurate 3xTF32 products (sm_80 and later; elsewhere, and for
+    /// head sizes whose build does not fit the GPU's shared memory, `Fp32`).
     Tf32x3,
 }
 
@@ -355,9 +358,15 @@ const FLASH_ROW_TILE: usize = 128;
 /// Threads per block of both flash kernels.
 const FLASH_THREADS: u32 = 256;
 
+/// A sequence's keys in the flash attention's gathered buffers: all of them, cached and new,
+/// padded to whole key tiles.
+fn flash_padded_keys(seq: &SeqChunk) -> usize {
+    (seq.start_pos + seq.len).next_multiple_of(FLASH_KEY_TILE)
+}
+
 /// The flash attention's per-sequence descriptor, `[seqs, 4]`: first row, new tokens, first
-/// position, and the first key column of the sequence in the gathered keys (every sequence's keys
-/// padded to [`FLASH_KEY_TILE`]).
+/// position, and the first key column of the sequence in the gathered keys
+/// ([`flash_padded_keys`] each).
 fn flash_desc(info: &BatchInfo) -> Result<Vec<u32>> {
     let mut desc = Vec::with_capacity(info.seqs().len() * 4);
     let mut keys = 0usize;
@@ -367,7 +376,7 @@ fn flash_desc(info: &BatchInfo) -> Result<Vec<u32>> {
                 Error::invalid("prepare_batch", format!("{v} does not fit 32 bits"))
             })?);
         }
-        keys += (seq.start_pos + seq.len).next_multiple_of(FLASH_KEY_TILE);
+        keys += flash_padded_keys(seq);
     }
     Ok(desc)
 }
@@ -378,6 +387,33 @@ fn flash_build(d: usize) -> Option<usize> {
         return None;
     }
     FLASH_BUILDS.into_iter().find(|&p| d <= p)
+}
+
+/// The prefill kernel of a flash attention kind for padded head size `dp`.
+fn flash_prefill_entry(kind: FlashAttention, dp: usize) -> String {
+    match kind {
+        FlashAttention::Tf32x3 => format!("flash_tc_prefill_d{dp}"),
+        _ => format!("flash_prefill_d{dp}"),
+    }
+}
+
+/// The gather kernel of a flash attention kind for a cache type (`kv_suffix`) and padded head
+/// size `dp`, with the keys each of its blocks gathers.
+fn flash_gather_entry(kind: FlashAttention, kv_suffix: &str, dp: usize) -> (String, usize) {
+    match kind {
+        FlashAttention::Tf32x3 => (format!("flash_tc_gather_kv_{kv_suffix}_d{dp}"), 8),
+        _ => (format!("flash_gather_kv_{kv_suffix}"), 32),
+    }
+}
+
+/// The first of `kinds` (kernel, the shared memory its builds may take) with a build for head
+/// size `d` that fits, and that build.
+fn flash_choice(kinds: &[(FlashAttention, usize)], d: usize) -> Option<(FlashAttention, usize)> {
+    let dp = flash_build(d)?;
+    kinds
+        .iter()
+        .find(|&&(kind, smem_max)| flash_smem_bytes(kind, dp) <= smem_max)
+        .map(|&(kind, _)| (kind, dp))
 }
 
 /// Dynamic shared memory of a flash attention build for padded head size `dp`
@@ -537,20 +573,18 @@ impl CudaBackend {
         } else {
             None
         };
-        let flash = match options.flash_attention {
-            FlashAttention::Off => (FlashAttention::Off, 0),
-            FlashAttention::Tf32x3 if major >= 8 => {
-                let names = FLASH_BUILDS.map(|dp| format!("flash_tc_prefill_d{dp}"));
-                (
-                    FlashAttention::Tf32x3,
-                    kernels.allow_optin_smem(&ctx, names)?,
-                )
-            }
-            FlashAttention::Fp32 | FlashAttention::Tf32x3 => {
-                let names = FLASH_BUILDS.map(|dp| format!("flash_prefill_d{dp}"));
-                (FlashAttention::Fp32, kernels.allow_optin_smem(&ctx, names)?)
-            }
+        let kinds: &[FlashAttention] = match options.flash_attention {
+            FlashAttention::Off => &[],
+            FlashAttention::Tf32x3 if major >= 8 => &[FlashAttention::Tf32x3, FlashAttention::Fp32],
+            FlashAttention::Fp32 | FlashAttention::Tf32x3 => &[FlashAttention::Fp32],
         };
+        let flash = kinds
+            .iter()
+            .map(|&kind| {
+                let names = FLASH_BUILDS.map(|dp| flash_prefill_entry(kind, dp));
+                Ok((kind, kernels.allow_optin_smem(&ctx, names)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let layer_smem_max = if qfuse_core::knobs::env_flag("QFUSE_CUDA_LAYER_KERNEL") {
             layer::configure(&ctx, &kernels, major)?
         } else {
@@ -1334,16 +1368,15 @@ impl CudaBackend {
         let stream = self.stream();
         let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
         let seqs = batch.info.seqs();
-        let padded: Vec<usize> = seqs
-            .iter()
-            .map(|s| (s.start_pos + s.len).next_multiple_of(FLASH_KEY_TILE))
-            .collect();
+        let padded: Vec<usize> = seqs.iter().map(flash_padded_keys).collect();
         // Gathered floats a key of one KV head: its key and value, or their split parts.
         let key_floats = if tc { 4 * dp } else { 2 * d };
         let per_key = kvh * key_floats * 4;
         let tables = batch.block_tables.device_ptr(stream).0;
         let desc = batch.flash_desc.device_ptr(stream).0;
         let (hi, kvhi, di) = (i32_of(h, "H")?, i32_of(kvh, "KV")?, i32_of(d, "d")?);
+        let (gather, keys_a_block) = flash_gather_entry(kind, cache.k.kv_suffix(), dp);
+        let prefill = flash_prefill_entry(kind, dp);
         let (mut s0, mut koff0) = (0, 0);
         while s0 < seqs.len() {
             let (mut s1, mut kp) = (s0 + 1, padded[s0]);
@@ -1362,13 +1395,7 @@ impl CudaBackend {
             let vt = self.alloc_f32(kvh * kp * key_floats / 2)?;
             let (koff0i, kpi) = (i32_of(koff0, "keys")?, i32_of(kp, "keys")?);
             let group_desc = desc + (s0 * 16) as u64;
-            let suffix = cache.k.kv_suffix();
-            let (gather_name, keys_a_block) = if tc {
-                (format!("flash_tc_gather_kv_{suffix}_d{dp}"), 8)
-            } else {
-                (format!("flash_gather_kv_{suffix}"), 32)
-            };
-            let mut l = self.launch(&gather_name)?;
+            let mut l = self.launch(&gather)?;
             l.ptr(cache.k.ptr(stream))
                 .ptr(cache.v.ptr(stream))
                 .ptr(tables + (s0 * batch.max_blocks * 4) as u64)
@@ -1381,7 +1408,7 @@ impl CudaBackend {
                 .i32(kpi)
                 .out(&kt)
                 .out(&vt);
-            let gather = LaunchConfig {
+            let gather_cfg = LaunchConfig {
                 grid_dim: (
                     u32_of(most_keys / keys_a_block, "key groups")?,
                     u32_of(kvh, "KV")?,
@@ -1395,13 +1422,8 @@ impl CudaBackend {
             // keys and values go to its keys [koff - koff0, + padded) of kt and vt (fp32:
             // [kvh, d, kp] and [kvh, kp, d]; 3xTF32: [kvh, kp, 2 dp] each), which hold them all;
             // d <= dp <= 128 (the kernels' staging tiles).
-            unsafe { l.launch(gather) }.cuda()?;
-            let prefill = if tc {
-                "flash_tc_prefill"
-            } else {
-                "flash_prefill"
-            };
-            let mut l = self.launch(&format!("{prefill}_d{dp}"))?;
+            unsafe { l.launch(gather_cfg) }.cuda()?;
+            let mut l = self.launch(&prefill)?;
             l.buf(q)
                 .out(&kt)
                 .out(&vt)
@@ -1413,7 +1435,7 @@ impl CudaBackend {
                 .i32(di)
                 .i32(kpi)
                 .f32(scale_log2);
-            let flash = LaunchConfig {
+            let prefill_cfg = LaunchConfig {
                 grid_dim: (
                     u32_of(kvh, "KV")?,
                     u32_of(n, "sequences")?,
@@ -1426,7 +1448,7 @@ impl CudaBackend {
             // kt and vt were filled above for these sequences; d % 4 == 0 and d <= dp (the
             // build), so rows are 16-byte aligned; the shared memory is the build's layout, within
             // what `allow_optin_smem` allowed (checked by the caller).
-            unsafe { l.launch(flash) }.cuda()?;
+            unsafe { l.launch(prefill_cfg) }.cuda()?;
             koff0 += kp;
             s0 = s1;
         }
@@ -1952,10 +1974,7 @@ impl Backend for CudaBackend {
         let many = t >= self.inner.many_from && decode_batch && d.is_multiple_of(4) && d <= 128;
         let gemm_min = self.inner.options.attention_gemm_min_rows.max(1);
         if !many && t > GEMV_MAX_ROWS && batch.info.seqs().iter().all(|s| s.len >= gemm_min) {
-            let (kind, smem_max) = self.inner.flash;
-            if let Some(dp) = flash_build(d)
-                .filter(|&dp| kind != FlashAttention::Off && flash_smem_bytes(kind, dp) <= smem_max)
-            {
+            if let Some((kind, dp)) = flash_choice(&self.inner.flash, d) {
                 return self.attention_flash(q, cache, batch, cfg, kind, dp);
             }
             return self.attention_gemm(q, cache, batch, cfg);
@@ -2438,6 +2457,24 @@ mod tests {
         ];
         assert_eq!(builds[..7], want);
         assert_eq!(builds[7..], [None, None, None]);
+        // sm_90 (227 KiB) takes 3xTF32; sm_80 (163 KiB) has no room for its d = 128 build and
+        // takes the fp32 one there, 3xTF32 for d = 64; neither fits 48 KiB.
+        let both = |smem| [(FlashAttention::Tf32x3, smem), (FlashAttention::Fp32, smem)];
+        assert_eq!(
+            flash_choice(&both(232_448), 128),
+            Some((FlashAttention::Tf32x3, 128))
+        );
+        assert_eq!(
+            flash_choice(&both(166_912), 128),
+            Some((FlashAttention::Fp32, 128))
+        );
+        assert_eq!(
+            flash_choice(&both(166_912), 64),
+            Some((FlashAttention::Tf32x3, 64))
+        );
+        assert_eq!(flash_choice(&both(49_152), 128), None);
+        assert_eq!(flash_choice(&both(232_448), 130), None);
+        assert_eq!(flash_choice(&[], 128), None);
     }
 
     /// The flash descriptor: each sequence's first row, new tokens, first position, and its
@@ -2445,7 +2482,7 @@ mod tests {
     #[test]
     fn flash_descriptor_pads_each_sequence_to_key_tiles() {
         let seqs = [(0usize, 100usize), (200, 64), (5, 1)]
-            .map(|(start_pos, len)| qfuse_core::SeqChunk {
+            .map(|(start_pos, len)| SeqChunk {
                 start_pos,
                 len,
                 block_table: vec![0; (start_pos + len).div_ceil(16)],
@@ -2633,6 +2670,15 @@ mod tests {
             literal += 1;
         }
         assert!(literal >= 8, "only {literal} literal launches found");
+        for kind in [FlashAttention::Fp32, FlashAttention::Tf32x3] {
+            for dp in FLASH_BUILDS {
+                assert!(known(&flash_prefill_entry(kind, dp)), "{kind:?} d{dp}");
+                for suffix in ["kvf32", "kvbf16"] {
+                    let (gather, _) = flash_gather_entry(kind, suffix, dp);
+                    assert!(known(&gather), "{gather}");
+                }
+            }
+        }
         for silu in [false, true] {
             for k in [1024, 2048, 2560, 3072, 4096, 6144, 12288] {
                 for n in [1, 1024, 3072, 4096, 151_936] {
