@@ -20,6 +20,9 @@ pub enum CudaError {
     /// A cuBLAS call failed.
     #[error("cuBLAS: {0}")]
     Cublas(#[from] CublasError),
+    /// A thread compiling kernels panicked (NVRTC or the cache).
+    #[error("a kernel compile thread panicked")]
+    CompilerPanicked,
     /// A kernel entry point is missing from its compiled module.
     #[error("kernel `{name}` not found in its module")]
     MissingKernel {

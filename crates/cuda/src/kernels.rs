@@ -1,5 +1,6 @@
 //! Kernel sources embedded at build time, compiled by NVRTC for the GPU present, once per process.
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -243,16 +244,120 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     ),
 ];
 
+/// Kernel files that use Hopper's architecture-specific instructions (`wgmma`): compiled for
+/// `sm_90a` and loaded only on compute capability 9.0.
+pub const SM90A_SOURCES: &[(&str, &str, &[&str])] = &[(
+    "gemm_wgmma.cu",
+    include_str!("../../../kernels/gemm_wgmma.cu"),
+    &WGMMA_ENTRIES,
+)];
+
+/// `gemm_wgmma.cu`'s entry points.
+pub const WGMMA_ENTRIES: [&str; 6] = [
+    "wgmma_x3_n128",
+    "wgmma_x3_n256",
+    "wgmma_x3_add_n128",
+    "wgmma_x3_add_n256",
+    "wgmma_x3_silu_mul_n128",
+    "wgmma_x3_silu_mul_n256",
+];
+
+/// NVRTC flags besides the architecture (part of the cache key).
+const COMPILE_FLAGS: [&str; 1] = ["--std=c++17"];
+
 /// Compiles one kernel file (with the shared header prepended) to PTX for `arch` (e.g. `sm_90`).
 pub fn compile(file: &'static str, src: &str, arch: &'static str) -> Result<Ptx, CudaError> {
     let opts = CompileOptions {
         arch: Some(arch),
-        options: vec!["--std=c++17".into()],
+        options: COMPILE_FLAGS.iter().map(|f| f.to_string()).collect(),
         name: Some(file.into()),
         ..Default::default()
     };
     compile_ptx_with_opts(format!("{COMMON}\n{src}"), opts)
         .map_err(|err| CudaError::Nvrtc { file, err })
+}
+
+/// `compile`'s PTX for a file, from the on-disk cache where an identical compile (same header,
+/// source, architecture and NVRTC version) left it, else compiled and stored there; with whether
+/// it came from the cache. The cache lives in `QFUSE_KERNEL_CACHE` (`off` disables it), else
+/// `$XDG_CACHE_HOME/qfuse/kernels`, else `~/.cache/qfuse/kernels`. A cache that cannot be read
+/// or written only costs the compile.
+pub fn cached_ptx(
+    file: &'static str,
+    src: &str,
+    arch: &'static str,
+) -> Result<(Ptx, bool), CudaError> {
+    cached_ptx_in(cache_dir().as_deref(), file, src, arch)
+}
+
+/// [`cached_ptx`] with the cache in `dir` (none: compile).
+pub fn cached_ptx_in(
+    dir: Option<&Path>,
+    file: &'static str,
+    src: &str,
+    arch: &'static str,
+) -> Result<(Ptx, bool), CudaError> {
+    if let Some(path) = dir.map(|d| cache_path(d, file, src, arch)) {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if text.contains(".entry") {
+                return Ok((Ptx::from_src(text), true));
+            }
+        }
+    }
+    Ok((compile_and_cache(dir, file, src, arch)?, false))
+}
+
+/// `compile`, storing the result where [`cached_ptx_in`] looks in `dir` (written to a temporary
+/// name and renamed, so a concurrent reader never sees half a file).
+fn compile_and_cache(
+    dir: Option<&Path>,
+    file: &'static str,
+    src: &str,
+    arch: &'static str,
+) -> Result<Ptx, CudaError> {
+    let ptx = compile(file, src, arch)?;
+    if let Some(dir) = dir {
+        let path = cache_path(dir, file, src, arch);
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        let stored = std::fs::create_dir_all(dir).is_ok()
+            && std::fs::write(&tmp, ptx.to_src()).is_ok()
+            && std::fs::rename(&tmp, &path).is_ok();
+        if !stored {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(ptx)
+}
+
+/// The directory [`cached_ptx`] uses, if any.
+fn cache_dir() -> Option<PathBuf> {
+    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    match env("QFUSE_KERNEL_CACHE") {
+        Some(v) if v == "off" => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => match env("XDG_CACHE_HOME") {
+            Some(v) => Some(PathBuf::from(v).join("qfuse/kernels")),
+            None => Some(PathBuf::from(env("HOME")?).join(".cache/qfuse/kernels")),
+        },
+    }
+}
+
+/// Where the cache in `dir` keeps a file's PTX: named by the file, the architecture and a hash
+/// of everything that decides the output.
+fn cache_path(dir: &Path, file: &str, src: &str, arch: &str) -> PathBuf {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-parameters that outlive the call; only reached once the backend has
+    // checked that libnvrtc is present (or from a compile, which needs it anyway).
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    let key = format!("{COMMON}\0{src}\0{arch}\0{major}.{minor}\0{COMPILE_FLAGS:?}");
+    dir.join(format!("{file}.{arch}.{:016x}.ptx", fnv1a(key.as_bytes())))
+}
+
+/// 64-bit FNV-1a: a hash that stays the same across builds and Rust versions (the cache's key).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The `sm_XY` name NVRTC wants for a compute capability.
@@ -275,13 +380,43 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// Compiles and loads every kernel file for `ctx`'s device.
+    /// Compiles (or finds in the cache, [`cached_ptx`]) and loads every kernel file for `ctx`'s
+    /// device.
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, CudaError> {
         let (major, minor) = ctx.compute_capability()?;
         let arch = arch_name(major, minor);
         let mut functions = HashMap::new();
-        for (file, src, names) in SOURCES {
-            let module = ctx.load_module(compile(file, src, arch)?)?;
+        let hopper: &[_] = if (major, minor) == (9, 0) {
+            SM90A_SOURCES
+        } else {
+            &[]
+        };
+        let files: Vec<_> = SOURCES
+            .iter()
+            .map(|f| (f, arch))
+            .chain(hopper.iter().map(|f| (f, "sm_90a")))
+            .collect();
+        // NVRTC takes most of a backend's start-up (a minute for every file at once on one
+        // core), so the files not cached compile in parallel.
+        let ptx: Vec<(Ptx, bool)> = std::thread::scope(|scope| {
+            let jobs: Vec<_> = files
+                .iter()
+                .map(|((file, src, _), arch)| scope.spawn(move || cached_ptx(file, src, arch)))
+                .collect();
+            jobs.into_iter()
+                .map(|j| j.join().unwrap_or(Err(CudaError::CompilerPanicked)))
+                .collect::<Result<_, _>>()
+        })?;
+        for (((file, src, names), arch), (ptx, from_cache)) in files.into_iter().zip(ptx) {
+            let module = match ctx.load_module(ptx) {
+                Ok(m) => m,
+                // A cached file the driver rejects (truncated, or from another driver) is
+                // compiled afresh.
+                Err(_) if from_cache => {
+                    ctx.load_module(compile_and_cache(cache_dir().as_deref(), file, src, arch)?)?
+                }
+                Err(e) => return Err(e.into()),
+            };
             for name in *names {
                 let f = module
                     .load_function(name)

@@ -248,6 +248,9 @@ struct Inner {
     /// Products of 9-64 rows take the tensor-core kernel `gemm_x3` (the option, on sm_90+):
     /// what the GPU holds of it at once.
     gemm_x3: Option<x3::Capacity>,
+    /// Products of more than 64 rows take `kernels/gemm_wgmma.cu` where the shape allows (the
+    /// option, on compute capability 9.0, its kernels loaded and allowed their shared memory).
+    wgmma: bool,
     /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
     x3_trace: Option<CudaSlice<u64>>,
     /// The prompt attention kernels that may replace the GEMM path, in order of preference, each
@@ -322,6 +325,11 @@ pub struct CudaOptions {
     /// [`ACCUMULATE_FROM`]: on the H200 accumulating made a 64 x 512-token prefill (32k rows)
     /// 6% faster and a 2,048-token one 3% slower (docs/perf.md).
     pub accumulate_from: usize,
+    /// Products of more than 64 rows (prompts) run as one Hopper tensor-core kernel over the
+    /// three bf16 parts with the epilogue fused (`kernels/gemm_wgmma.cu`, compute capability 9.0
+    /// only, shapes whose K is a multiple of 64 and whose output columns fill its tiles) instead
+    /// of cuBLAS plus a sum kernel. On by default; `QFUSE_CUDA_WGMMA=0` turns it off.
+    pub wgmma: bool,
 }
 
 /// Which prompt attention kernel replaces the GEMM path ([`CudaOptions::flash_attention`]).
@@ -334,6 +342,53 @@ pub enum FlashAttention {
     /// The tensor cores with fp32-accurate 3xTF32 products (sm_80 and later; elsewhere, and for
     /// head sizes whose build does not fit the GPU's shared memory, `Fp32`).
     Tf32x3,
+}
+
+/// Rows of a `gemm_wgmma.cu` block (`WG_BM`).
+const WGMMA_ROWS: usize = 128;
+/// Dynamic shared memory of the `gemm_wgmma.cu` builds of 128 and 256 columns (`WG_SMEM_N*`).
+const WGMMA_SMEM_N128: usize = 197_632;
+const WGMMA_SMEM_N256: usize = 164_864;
+
+/// How `gemm_wgmma.cu` covers a product: its build's block width and the blocks across the
+/// output columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct WgmmaPlan {
+    /// Weight rows a block multiplies (128 or 256; with SiLU half gate, half up).
+    bn: usize,
+    /// Blocks across the output columns.
+    col_blocks: usize,
+}
+
+impl WgmmaPlan {
+    /// The wider build where its blocks still fill the GPU once (fewer re-reads of the
+    /// activations), else the narrower one; `None` for shapes neither fits: K not a whole
+    /// number of 64-element rounds, output columns not whole blocks.
+    fn choose(t: usize, k: usize, n: usize, silu: bool, sm_count: usize) -> Option<Self> {
+        if t == 0 || k == 0 || !k.is_multiple_of(64) || (silu && !n.is_multiple_of(2)) {
+            return None;
+        }
+        let cols = if silu { n / 2 } else { n };
+        let fits = |bn: usize| {
+            let per_block = if silu { bn / 2 } else { bn };
+            cols.is_multiple_of(per_block).then_some(WgmmaPlan {
+                bn,
+                col_blocks: cols / per_block,
+            })
+        };
+        match fits(256) {
+            Some(p) if p.col_blocks * t.div_ceil(WGMMA_ROWS) >= sm_count => Some(p),
+            _ => fits(128),
+        }
+    }
+
+    fn smem_bytes(&self) -> usize {
+        if self.bn == 256 {
+            WGMMA_SMEM_N256
+        } else {
+            WGMMA_SMEM_N128
+        }
+    }
 }
 
 /// Default [`CudaOptions::accumulate_from`].
@@ -455,6 +510,7 @@ impl Default for CudaOptions {
             },
             accumulate_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_ACCUMULATE_FROM", 1..=1 << 30)
                 .unwrap_or(ACCUMULATE_FROM),
+            wgmma: qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA", 0..=1) != Some(0),
         }
     }
 }
@@ -556,7 +612,11 @@ impl CudaBackend {
         let stream = ctx.new_stream().cuda()?;
         let blas = CudaBlas::new(stream.clone()).cuda()?;
         let kernels = Kernels::load(&ctx)?;
-        let (major, _) = ctx.compute_capability().cuda()?;
+        let (major, minor) = ctx.compute_capability().cuda()?;
+        let wgmma = options.wgmma && (major, minor) == (9, 0) && {
+            let allowed = kernels.allow_optin_smem(&ctx, kernels::WGMMA_ENTRIES)?;
+            allowed >= WGMMA_SMEM_N128.max(WGMMA_SMEM_N256)
+        };
         let gemm_x3 = if options.gemm_x3 {
             let max_slices =
                 qfuse_core::knobs::env_knob("QFUSE_CUDA_X3_MAX_SLICES", 1..=16).unwrap_or(16);
@@ -619,6 +679,7 @@ impl CudaBackend {
                 )
                 .unwrap_or(GEMV_MAX_ROWS + 1),
                 gemm_x3,
+                wgmma,
                 x3_trace,
                 flash,
                 decode_min_chunk: qfuse_core::knobs::env_knob(
@@ -848,6 +909,9 @@ impl CudaBackend {
                 unsafe { l.launch(grid(t, 256)) }.cuda()?;
             }
         }
+        if let Some(y) = self.wgmma_x3(parts.slice(), w, (t, k, n), &epilogue)? {
+            return Ok(y);
+        }
         let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
         if t >= self.inner.options.accumulate_from {
             return self.cublas_bf16_accumulate(w, (hi, mid, lo), (t, k, n), epilogue);
@@ -932,6 +996,54 @@ impl CudaBackend {
         }
     }
 
+    /// The products of [`Self::cublas_bf16`] from its three parts (`[3T, K]` bf16 in `parts`) in
+    /// one `gemm_wgmma.cu` kernel, the epilogue fused; `None` where it does not apply (not
+    /// compute capability 9.0, switched off, or a shape its tiles do not fit).
+    fn wgmma_x3(
+        &self,
+        parts: &CudaSlice<f32>,
+        w: &CudaSlice<u16>,
+        (t, k, n): (usize, usize, usize),
+        epilogue: &Epilogue<'_>,
+    ) -> Result<Option<Pooled>> {
+        if !self.inner.wgmma {
+            return Ok(None);
+        }
+        let silu = matches!(epilogue, Epilogue::SiluMul);
+        let Some(plan) = WgmmaPlan::choose(t, k, n, silu, self.inner.sm_count) else {
+            return Ok(None);
+        };
+        let (base, residual) = match epilogue {
+            Epilogue::Store => ("wgmma_x3", None),
+            Epilogue::Add(r) => ("wgmma_x3_add", Some(*r)),
+            Epilogue::SiluMul => ("wgmma_x3_silu_mul", None),
+        };
+        let y = self.alloc_f32(t * epilogue.out_cols(n))?;
+        let mut l = self.launch(&format!("{base}_n{}", plan.bn))?;
+        l.buf(parts).buf(w);
+        // Absent residual: pass y, which the kernel never reads in that role.
+        match residual {
+            Some(r) => l.buf(r),
+            None => l.out(&y),
+        };
+        l.out(&y)
+            .i32(i32_of(t, "T")?)
+            .i32(i32_of(k, "K")?)
+            .i32(i32_of(n, "N")?);
+        let cfg = LaunchConfig {
+            grid_dim: (plan.col_blocks as u32, t.div_ceil(WGMMA_ROWS) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: plan.smem_bytes() as u32,
+        };
+        // SAFETY: parts holds the three [t, k] bf16 parts back to back; w is [n, k] bf16; the
+        // residual (when read) and y are [t, epilogue.out_cols(n)] f32; the plan makes k a
+        // multiple of 64 and the grid's column blocks cover the output columns exactly; the
+        // dynamic shared memory is what the build needs and `allow_optin_smem` allowed; compute
+        // capability 9.0 (the sm_90a module is loaded only there).
+        unsafe { l.launch(cfg) }.cuda()?;
+        Ok(Some(y))
+    }
+
     /// `epilogue(prologue(x) w^T)` for 9-64 rows in one tensor-core kernel
     /// (`kernels/gemm_x3.cu`: the three-part split, the norm and the epilogue fused) instead of a
     /// split kernel, a cuBLAS GEMM and a sum kernel; `None` where it does not apply (before
@@ -999,6 +1111,16 @@ impl CudaBackend {
         // there).
         unsafe { l.launch(cfg) }.cuda()?;
         Ok(Some(y))
+    }
+
+    /// The block width (weight rows) of the `gemm_wgmma.cu` build that runs a bf16 product of
+    /// more than 64 rows (`t`, `k` deep, `n` wide, gate and up rows together with `silu`), or
+    /// `None` where cuBLAS runs it: for tests and probes that must know which path ran.
+    pub fn wgmma_plan(&self, t: usize, k: usize, n: usize, silu: bool) -> Option<usize> {
+        if !self.inner.wgmma {
+            return None;
+        }
+        WgmmaPlan::choose(t, k, n, silu, self.inner.sm_count).map(|p| p.bn)
     }
 
     /// How `gemm_x3` covers a bf16 product of `t` rows, `k` deep and `n` wide (gate and up rows
@@ -2498,7 +2620,52 @@ mod tests {
     fn known(name: &str) -> bool {
         kernels::SOURCES
             .iter()
+            .chain(kernels::SM90A_SOURCES)
             .any(|(_, _, names)| names.contains(&name))
+    }
+
+    /// `kernels/gemm_wgmma.cu`'s tile and shared-memory constants are the launches' (and fit the
+    /// 227 KiB sm_90 allows a block); each plan covers the output columns in whole blocks, takes
+    /// the wide build only where its blocks fill the GPU, and names an entry point that exists.
+    #[test]
+    fn wgmma_plans_and_constants() {
+        let src = include_str!("../../../kernels/gemm_wgmma.cu");
+        let define = |name: &str| crate::kernels::define(src, name);
+        assert_eq!(define("WG_BM"), WGMMA_ROWS);
+        assert_eq!(define("WG_SMEM_N128"), WGMMA_SMEM_N128);
+        assert_eq!(define("WG_SMEM_N256"), WGMMA_SMEM_N256);
+        assert!(WGMMA_SMEM_N128.max(WGMMA_SMEM_N256) <= 232_448);
+        // 0.6B at 2,048 rows: QKV wide, o_proj and down narrow (4 x 16 wide blocks would leave
+        // half of 132 SMs idle), gate/up wide.
+        let plan =
+            |t, k, n, silu| WgmmaPlan::choose(t, k, n, silu, 132).map(|p| (p.bn, p.col_blocks));
+        assert_eq!(plan(2048, 1024, 4096, false), Some((256, 16)));
+        assert_eq!(plan(2048, 2048, 1024, false), Some((128, 8)));
+        assert_eq!(plan(2048, 3072, 1024, false), Some((128, 8)));
+        assert_eq!(plan(2048, 1024, 6144, true), Some((256, 24)));
+        assert_eq!(plan(512, 1024, 6144, true), Some((128, 48)));
+        assert_eq!(plan(2048, 1000, 4096, false), None);
+        assert_eq!(plan(2048, 1024, 200, false), None);
+        assert_eq!(plan(2048, 1024, 192, true), None);
+        assert_eq!(plan(0, 1024, 4096, false), None);
+        for t in [65, 100, 128, 129, 777, 2048, 32768] {
+            for k in [64, 128, 1024, 3072, 12288] {
+                for n in [128, 256, 384, 1024, 4096, 6144, 24576] {
+                    for silu in [false, true] {
+                        let Some(p) = WgmmaPlan::choose(t, k, n, silu, 132) else {
+                            continue;
+                        };
+                        let per_block = if silu { p.bn / 2 } else { p.bn };
+                        let cols = if silu { n / 2 } else { n };
+                        assert_eq!(p.col_blocks * per_block, cols, "{t} {k} {n} {silu}");
+                        assert_eq!(k % 64, 0);
+                        for base in ["wgmma_x3", "wgmma_x3_add", "wgmma_x3_silu_mul"] {
+                            assert!(known(&format!("{base}_n{}", p.bn)));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Every kernel name the backend can ask for exists (checked without a GPU: a typo here
@@ -2599,7 +2766,7 @@ mod tests {
     /// its output. A kernel without a wait could read stale data when launched early.
     #[test]
     fn every_kernel_waits_for_its_predecessor() {
-        for (file, src, _) in kernels::SOURCES {
+        for (file, src, _) in kernels::SOURCES.iter().chain(kernels::SM90A_SOURCES) {
             for piece in src.split("extern \"C\" __global__").skip(1) {
                 let body_start = piece.find('{').unwrap();
                 let name = piece[..body_start]
@@ -2623,6 +2790,7 @@ mod tests {
                         || l.contains("flash_prefill<")
                         || l.contains("flash_tc_gather_kv<")
                         || l.contains("flash_tc_prefill<")
+                        || l.contains("gemm_wgmma<")
                 });
                 assert!(
                     body.lines().take(4).any(|l| l.contains("pdl_begin()")) || calls_template,
@@ -2635,7 +2803,9 @@ mod tests {
         let layer = include_str!("../../../kernels/layer.cu");
         let gemm_x3 = include_str!("../../../kernels/gemm_x3.cu");
         let flash = include_str!("../../../kernels/flash.cu");
+        let wgmma = include_str!("../../../kernels/gemm_wgmma.cu");
         for (name, src) in [
+            ("gemm_wgmma", wgmma),
             ("flash_gather_kv", flash),
             ("flash_prefill", flash),
             ("flash_tc_gather_kv", flash),

@@ -1,8 +1,9 @@
-//! Products of prompt-sized row counts through both cuBLAS paths (the three bf16 parts stacked
+//! Products of prompt-sized row counts through every path that runs them, with each prologue and
+//! epilogue, against the f64 reference: the Hopper kernel over the three bf16 parts
+//! (`kernels/gemm_wgmma.cu`, both of its builds), and both cuBLAS paths (the three parts stacked
 //! into one GEMM and summed, or their GEMMs accumulated into one output: the default from
-//! `ACCUMULATE_FROM` rows, here forced from 65), with each prologue and epilogue, against the
-//! f64 reference. Skips with a notice where there is no GPU (unless
-//! QFUSE_REQUIRE_GPU=1).
+//! `ACCUMULATE_FROM` rows, here forced from 65). Skips with a notice where there is no GPU
+//! (unless QFUSE_REQUIRE_GPU=1).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::{activations, device_or_skip, gains, gemv_family, rel_error, weights};
 use qfuse_core::Rng;
@@ -19,8 +20,15 @@ const NAMES: [&str; 5] = [
 
 #[test]
 fn prompt_sized_products_match_reference() {
-    for accumulate_from in [65, usize::MAX] {
+    let paths = [
+        ("wgmma where it applies", true, usize::MAX),
+        ("cuBLAS, accumulating", false, 65),
+        ("cuBLAS, stacked", false, usize::MAX),
+    ];
+    let mut gpus = Vec::new();
+    for (what, wgmma, accumulate_from) in paths {
         let options = CudaOptions {
+            wgmma,
             accumulate_from,
             ..CudaOptions::default()
         };
@@ -30,28 +38,51 @@ fn prompt_sized_products_match_reference() {
         ) else {
             return;
         };
-        check(&gpu, accumulate_from);
+        gpus.push((what, gpu));
     }
-}
-
-fn check(gpu: &CudaBackend, accumulate_from: usize) {
+    let hopper = ["H100", "H200"]
+        .iter()
+        .any(|card| gpus[0].1.device_name().contains(card));
     let mut rng = Rng::new(3);
-    // (rows, K, N): just past the threshold, an odd count, and a 2,048-token prompt's QKV width
-    // cut down (the f64 reference is the slow side).
-    for (t, k, n) in [(512, 256, 384), (777, 320, 200), (2048, 128, 512)] {
+    // (rows, K, N): just past the threshold, an odd count (its N fits no wgmma block), a
+    // 2,048-token prompt's width cut down, a partial last row block over 16 rounds of K, and one
+    // wide enough for the 256-column build.
+    for (t, k, n) in [
+        (512, 256, 384),
+        (777, 320, 200),
+        (2048, 128, 512),
+        (333, 1024, 256),
+        (2048, 64, 4096),
+    ] {
         let x = activations(&mut rng, t, k, true).unwrap();
         let w = weights(&mut rng, n, k).unwrap();
         let gate_up = weights(&mut rng, 2 * n, k).unwrap();
         let gain = gains(&mut rng, k, 3.0).unwrap();
         // matmul_add adds a [t, n] residual.
         let residual = activations(&mut rng, t, n, true).unwrap();
-        let got = gemv_family(gpu, &x, &w, &gate_up, &gain, &residual).unwrap();
         let want = gemv_family(&CpuRef::new(), &x, &w, &gate_up, &gain, &residual).unwrap();
-        for ((name, g), r) in NAMES.iter().zip(&got).zip(&want) {
-            let err = rel_error(g, r);
-            let what = format!("accumulating from {accumulate_from}: {t} x {k} -> {n} {name}");
-            eprintln!("{what}: {err:.3e}");
-            assert!(err < 2e-5, "{what}: relative error {err:.3e}");
+        for (path, gpu) in &gpus {
+            let builds = [
+                gpu.wgmma_plan(t, k, n, false),
+                gpu.wgmma_plan(t, k, 2 * n, true),
+            ];
+            if *path == paths[0].0 && hopper && n != 200 {
+                assert!(
+                    builds.iter().all(Option::is_some),
+                    "{t} x {k} -> {n}: no wgmma"
+                );
+            }
+            let got = gemv_family(gpu, &x, &w, &gate_up, &gain, &residual).unwrap();
+            for (i, ((name, g), r)) in NAMES.iter().zip(&got).zip(&want).enumerate() {
+                let err = rel_error(g, r);
+                let build = match builds[usize::from(i >= 3)] {
+                    Some(bn) if *path == paths[0].0 => format!(" (n{bn})"),
+                    _ => String::new(),
+                };
+                let what = format!("{path}{build}: {t} x {k} -> {n} {name}");
+                eprintln!("{what}: {err:.3e}");
+                assert!(err < 2e-5, "{what}: relative error {err:.3e}");
+            }
         }
     }
 }
