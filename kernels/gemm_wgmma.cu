@@ -151,7 +151,7 @@ __device__ __forceinline__ void wg_load_a(u32 stage, const bf16_t* __restrict__ 
     }
 }
 
-template <int BN, int EPI>
+template <int BN, int EPI, bool SPLIT>
 __device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, const bf16_t* __restrict__ w,
                                            const float* __restrict__ residual, float* __restrict__ y, int T,
                                            int K, int N) {
@@ -173,8 +173,12 @@ __device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, con
         wg_copy_commit();
     }
 
-    // Set by the first product (no instruction outside the wgmma pipeline may write it).
+    // Set by their first products (no instruction outside the wgmma pipeline may write them).
+    // SPLIT keeps the hi part's products in acc and the mid and lo parts' in acc_small: the
+    // tensor cores truncate as they accumulate, relative to the accumulator's magnitude, so the
+    // small parts summed on their own keep their bits (as cuBLAS's separate GEMMs do).
     float acc[BN / 2];
+    float acc_small[SPLIT ? BN / 2 : 1];
 
     for (int kb = 0; kb < rounds; ++kb) {
         const u32 stage = base + (kb % S::STAGES) * S::STAGE_BYTES;
@@ -183,6 +187,7 @@ __device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, con
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         __syncthreads();
         wg_fence_acc(acc);
+        wg_fence_acc(acc_small);
         wg_fence();
 #pragma unroll
         for (int p = 2; p >= 0; --p) {
@@ -190,14 +195,21 @@ __device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, con
             for (int kk = 0; kk < WG_BK / 16; ++kk) {
                 const u32 a = stage + p * S::A_BYTES + g * 64 * 128 + kk * 32;
                 const u32 b = stage + 3 * S::A_BYTES + kk * 32;
-                wg_mma(acc, wg_desc(a), wg_desc(b), kb > 0 || p < 2 || kk > 0);
+                if constexpr (SPLIT) {
+                    if (p > 0) wg_mma(acc_small, wg_desc(a), wg_desc(b), kb > 0 || p < 2 || kk > 0);
+                    else wg_mma(acc, wg_desc(a), wg_desc(b), kb > 0 || kk > 0);
+                } else {
+                    wg_mma(acc, wg_desc(a), wg_desc(b), kb > 0 || p < 2 || kk > 0);
+                }
             }
         }
         wg_commit();
         wg_fence_acc(acc);
+        wg_fence_acc(acc_small);
         // Round kb - 1's products are done (in both warpgroups, after the barrier): its stage is free.
         wg_wait<1>();
         wg_fence_acc(acc);
+        wg_fence_acc(acc_small);
         __syncthreads();
         const int next = kb + S::STAGES - 1;
         if (next < rounds) {
@@ -209,6 +221,11 @@ __device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, con
     }
     wg_wait<0>();
     wg_fence_acc(acc);
+    wg_fence_acc(acc_small);
+    if constexpr (SPLIT) {
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) acc[i] += acc_small[i];
+    }
 
     // Accumulator layout: warp w of the warpgroup holds rows 16w + lane/4 and + 8; for each
     // 8-column group j, columns 8j + 2 (lane % 4) and + 1 (acc[4j..4j+1] row 0, acc[4j+2..] row 8).
@@ -236,12 +253,16 @@ __device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, con
     }
 }
 
-#define WG_ENTRY(name, BN, EPI)                                                                              \
+// Builds: _split_n128 (two accumulators), _n128 and _n256 (one).
+#define WG_ENTRY(name, SUFFIX, BN, EPI, SPLIT)                                                               \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                             \
-        name##_n##BN(const bf16_t* parts, const bf16_t* w, const float* residual, float* y, int T, int K, int N) { \
-        gemm_wgmma<BN, EPI>(parts, w, residual, y, T, K, N);                                               \
+        name##SUFFIX(const bf16_t* parts, const bf16_t* w, const float* residual, float* y, int T, int K, int N) { \
+        gemm_wgmma<BN, EPI, SPLIT>(parts, w, residual, y, T, K, N);                                        \
     }
-#define WG_ENTRIES(name, EPI) WG_ENTRY(name, 128, EPI) WG_ENTRY(name, 256, EPI)
+#define WG_ENTRIES(name, EPI)                          \
+    WG_ENTRY(name, _split_n128, 128, EPI, true)        \
+    WG_ENTRY(name, _n128, 128, EPI, false)             \
+    WG_ENTRY(name, _n256, 256, EPI, false)
 
 WG_ENTRIES(wgmma_x3, WG_EPI_STORE)
 WG_ENTRIES(wgmma_x3_add, WG_EPI_ADD)

@@ -253,11 +253,14 @@ pub const SM90A_SOURCES: &[(&str, &str, &[&str])] = &[(
 )];
 
 /// `gemm_wgmma.cu`'s entry points.
-pub const WGMMA_ENTRIES: [&str; 6] = [
+pub const WGMMA_ENTRIES: [&str; 9] = [
+    "wgmma_x3_split_n128",
     "wgmma_x3_n128",
     "wgmma_x3_n256",
+    "wgmma_x3_add_split_n128",
     "wgmma_x3_add_n128",
     "wgmma_x3_add_n256",
+    "wgmma_x3_silu_mul_split_n128",
     "wgmma_x3_silu_mul_n128",
     "wgmma_x3_silu_mul_n256",
 ];

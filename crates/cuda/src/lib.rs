@@ -249,8 +249,9 @@ struct Inner {
     /// what the GPU holds of it at once.
     gemm_x3: Option<x3::Capacity>,
     /// Products of more than 64 rows take `kernels/gemm_wgmma.cu` where the shape allows (the
-    /// option, on compute capability 9.0, its kernels loaded and allowed their shared memory).
-    wgmma: bool,
+    /// option, on compute capability 9.0, its kernels loaded and allowed their shared memory;
+    /// `Off` otherwise).
+    wgmma: Wgmma,
     /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
     x3_trace: Option<CudaSlice<u64>>,
     /// The prompt attention kernels that may replace the GEMM path, in order of preference, each
@@ -328,8 +329,21 @@ pub struct CudaOptions {
     /// Products of more than 64 rows (prompts) run as one Hopper tensor-core kernel over the
     /// three bf16 parts with the epilogue fused (`kernels/gemm_wgmma.cu`, compute capability 9.0
     /// only, shapes whose K is a multiple of 64 and whose output columns fill its tiles) instead
-    /// of cuBLAS plus a sum kernel. On by default; `QFUSE_CUDA_WGMMA=0` turns it off.
-    pub wgmma: bool,
+    /// of cuBLAS plus a sum kernel (`QFUSE_CUDA_WGMMA=0|1|2`: off, two accumulators, one).
+    pub wgmma: Wgmma,
+}
+
+/// Whether and how `kernels/gemm_wgmma.cu` runs prompt-sized products ([`CudaOptions::wgmma`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wgmma {
+    /// cuBLAS and a sum kernel.
+    Off,
+    /// The hi part's products and the mid and lo parts' in separate accumulators (128-column
+    /// blocks): as accurate as cuBLAS's separate GEMMs. The default.
+    Split,
+    /// All three parts in one accumulator, 128- or 256-column blocks: fewer registers, wider
+    /// blocks, but the small parts' products are truncated against the running sum.
+    OneAccumulator,
 }
 
 /// Which prompt attention kernel replaces the GEMM path ([`CudaOptions::flash_attention`]).
@@ -350,22 +364,36 @@ const WGMMA_ROWS: usize = 128;
 const WGMMA_SMEM_N128: usize = 197_632;
 const WGMMA_SMEM_N256: usize = 164_864;
 
-/// How `gemm_wgmma.cu` covers a product: its build's block width and the blocks across the
-/// output columns.
+/// How `gemm_wgmma.cu` covers a product: its build and the blocks across the output columns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct WgmmaPlan {
     /// Weight rows a block multiplies (128 or 256; with SiLU half gate, half up).
     bn: usize,
+    /// Two accumulators (the `_split` build).
+    split: bool,
     /// Blocks across the output columns.
     col_blocks: usize,
 }
 
 impl WgmmaPlan {
-    /// The wider build where its blocks still fill the GPU once (fewer re-reads of the
-    /// activations), else the narrower one; `None` for shapes neither fits: K not a whole
-    /// number of 64-element rounds, output columns not whole blocks.
-    fn choose(t: usize, k: usize, n: usize, silu: bool, sm_count: usize) -> Option<Self> {
-        if t == 0 || k == 0 || !k.is_multiple_of(64) || (silu && !n.is_multiple_of(2)) {
+    /// With `Split` the 128-column build; with `OneAccumulator` the 256-column one where its
+    /// blocks still fill the GPU once (fewer re-reads of the activations), else the 128-column
+    /// one. `None` when off and for shapes that do not fit: K not a whole number of 64-element
+    /// rounds, output columns not whole blocks.
+    fn choose(
+        kind: Wgmma,
+        t: usize,
+        k: usize,
+        n: usize,
+        silu: bool,
+        sm_count: usize,
+    ) -> Option<Self> {
+        if kind == Wgmma::Off
+            || t == 0
+            || k == 0
+            || !k.is_multiple_of(64)
+            || (silu && !n.is_multiple_of(2))
+        {
             return None;
         }
         let cols = if silu { n / 2 } else { n };
@@ -373,13 +401,25 @@ impl WgmmaPlan {
             let per_block = if silu { bn / 2 } else { bn };
             cols.is_multiple_of(per_block).then_some(WgmmaPlan {
                 bn,
+                split: kind == Wgmma::Split,
                 col_blocks: cols / per_block,
             })
         };
         match fits(256) {
-            Some(p) if p.col_blocks * t.div_ceil(WGMMA_ROWS) >= sm_count => Some(p),
+            Some(p)
+                if kind == Wgmma::OneAccumulator
+                    && p.col_blocks * t.div_ceil(WGMMA_ROWS) >= sm_count =>
+            {
+                Some(p)
+            }
             _ => fits(128),
         }
+    }
+
+    /// The entry point of `base` (`wgmma_x3`, `wgmma_x3_add`, `wgmma_x3_silu_mul`) for this plan.
+    fn entry(&self, base: &str) -> String {
+        let split = if self.split { "_split" } else { "" };
+        format!("{base}{split}_n{}", self.bn)
     }
 
     fn smem_bytes(&self) -> usize {
@@ -510,7 +550,11 @@ impl Default for CudaOptions {
             },
             accumulate_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_ACCUMULATE_FROM", 1..=1 << 30)
                 .unwrap_or(ACCUMULATE_FROM),
-            wgmma: qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA", 0..=1) != Some(0),
+            wgmma: match qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA", 0..=2) {
+                Some(0) => Wgmma::Off,
+                Some(2) => Wgmma::OneAccumulator,
+                _ => Wgmma::Split,
+            },
         }
     }
 }
@@ -613,9 +657,14 @@ impl CudaBackend {
         let blas = CudaBlas::new(stream.clone()).cuda()?;
         let kernels = Kernels::load(&ctx)?;
         let (major, minor) = ctx.compute_capability().cuda()?;
-        let wgmma = options.wgmma && (major, minor) == (9, 0) && {
-            let allowed = kernels.allow_optin_smem(&ctx, kernels::WGMMA_ENTRIES)?;
-            allowed >= WGMMA_SMEM_N128.max(WGMMA_SMEM_N256)
+        let wgmma = if options.wgmma != Wgmma::Off
+            && (major, minor) == (9, 0)
+            && kernels.allow_optin_smem(&ctx, kernels::WGMMA_ENTRIES)?
+                >= WGMMA_SMEM_N128.max(WGMMA_SMEM_N256)
+        {
+            options.wgmma
+        } else {
+            Wgmma::Off
         };
         let gemm_x3 = if options.gemm_x3 {
             let max_slices =
@@ -1006,11 +1055,9 @@ impl CudaBackend {
         (t, k, n): (usize, usize, usize),
         epilogue: &Epilogue<'_>,
     ) -> Result<Option<Pooled>> {
-        if !self.inner.wgmma {
-            return Ok(None);
-        }
         let silu = matches!(epilogue, Epilogue::SiluMul);
-        let Some(plan) = WgmmaPlan::choose(t, k, n, silu, self.inner.sm_count) else {
+        let Some(plan) = WgmmaPlan::choose(self.inner.wgmma, t, k, n, silu, self.inner.sm_count)
+        else {
             return Ok(None);
         };
         let (base, residual) = match epilogue {
@@ -1019,7 +1066,7 @@ impl CudaBackend {
             Epilogue::SiluMul => ("wgmma_x3_silu_mul", None),
         };
         let y = self.alloc_f32(t * epilogue.out_cols(n))?;
-        let mut l = self.launch(&format!("{base}_n{}", plan.bn))?;
+        let mut l = self.launch(&plan.entry(base))?;
         l.buf(parts).buf(w);
         // Absent residual: pass y, which the kernel never reads in that role.
         match residual {
@@ -1116,11 +1163,8 @@ impl CudaBackend {
     /// The block width (weight rows) of the `gemm_wgmma.cu` build that runs a bf16 product of
     /// more than 64 rows (`t`, `k` deep, `n` wide, gate and up rows together with `silu`), or
     /// `None` where cuBLAS runs it: for tests and probes that must know which path ran.
-    pub fn wgmma_plan(&self, t: usize, k: usize, n: usize, silu: bool) -> Option<usize> {
-        if !self.inner.wgmma {
-            return None;
-        }
-        WgmmaPlan::choose(t, k, n, silu, self.inner.sm_count).map(|p| p.bn)
+    pub fn wgmma_plan(&self, t: usize, k: usize, n: usize, silu: bool) -> Option<String> {
+        WgmmaPlan::choose(self.inner.wgmma, t, k, n, silu, self.inner.sm_count).map(|p| p.entry(""))
     }
 
     /// How `gemm_x3` covers a bf16 product of `t` rows, `k` deep and `n` wide (gate and up rows
@@ -2637,8 +2681,10 @@ mod tests {
         assert!(WGMMA_SMEM_N128.max(WGMMA_SMEM_N256) <= 232_448);
         // 0.6B at 2,048 rows: QKV wide, o_proj and down narrow (4 x 16 wide blocks would leave
         // half of 132 SMs idle), gate/up wide.
-        let plan =
-            |t, k, n, silu| WgmmaPlan::choose(t, k, n, silu, 132).map(|p| (p.bn, p.col_blocks));
+        let one = Wgmma::OneAccumulator;
+        let plan = |t, k, n, silu| {
+            WgmmaPlan::choose(one, t, k, n, silu, 132).map(|p| (p.bn, p.col_blocks))
+        };
         assert_eq!(plan(2048, 1024, 4096, false), Some((256, 16)));
         assert_eq!(plan(2048, 2048, 1024, false), Some((128, 8)));
         assert_eq!(plan(2048, 3072, 1024, false), Some((128, 8)));
@@ -2648,11 +2694,21 @@ mod tests {
         assert_eq!(plan(2048, 1024, 200, false), None);
         assert_eq!(plan(2048, 1024, 192, true), None);
         assert_eq!(plan(0, 1024, 4096, false), None);
-        for t in [65, 100, 128, 129, 777, 2048, 32768] {
+        let split = WgmmaPlan::choose(Wgmma::Split, 2048, 1024, 4096, false, 132).unwrap();
+        assert_eq!((split.bn, split.col_blocks), (128, 32));
+        assert_eq!(split.entry("wgmma_x3_add"), "wgmma_x3_add_split_n128");
+        assert_eq!(
+            WgmmaPlan::choose(Wgmma::Off, 2048, 1024, 4096, false, 132),
+            None
+        );
+        for (kind, t) in [Wgmma::Split, one]
+            .into_iter()
+            .flat_map(|kind| [65, 100, 128, 129, 777, 2048, 32768].map(|t| (kind, t)))
+        {
             for k in [64, 128, 1024, 3072, 12288] {
                 for n in [128, 256, 384, 1024, 4096, 6144, 24576] {
                     for silu in [false, true] {
-                        let Some(p) = WgmmaPlan::choose(t, k, n, silu, 132) else {
+                        let Some(p) = WgmmaPlan::choose(kind, t, k, n, silu, 132) else {
                             continue;
                         };
                         let per_block = if silu { p.bn / 2 } else { p.bn };
@@ -2660,7 +2716,7 @@ mod tests {
                         assert_eq!(p.col_blocks * per_block, cols, "{t} {k} {n} {silu}");
                         assert_eq!(k % 64, 0);
                         for base in ["wgmma_x3", "wgmma_x3_add", "wgmma_x3_silu_mul"] {
-                            assert!(known(&format!("{base}_n{}", p.bn)));
+                            assert!(known(&p.entry(base)), "{}", p.entry(base));
                         }
                     }
                 }

@@ -8,7 +8,7 @@
 use qfuse_core::testing::{activations, device_or_skip, gains, gemv_family, rel_error, weights};
 use qfuse_core::Rng;
 use qfuse_cpu_ref::CpuRef;
-use qfuse_cuda::{CudaBackend, CudaOptions};
+use qfuse_cuda::{CudaBackend, CudaOptions, Wgmma};
 
 const NAMES: [&str; 5] = [
     "matmul",
@@ -21,9 +21,10 @@ const NAMES: [&str; 5] = [
 #[test]
 fn prompt_sized_products_match_reference() {
     let paths = [
-        ("wgmma where it applies", true, usize::MAX),
-        ("cuBLAS, accumulating", false, 65),
-        ("cuBLAS, stacked", false, usize::MAX),
+        ("wgmma, two accumulators", Wgmma::Split, usize::MAX),
+        ("wgmma, one accumulator", Wgmma::OneAccumulator, usize::MAX),
+        ("cuBLAS, accumulating", Wgmma::Off, 65),
+        ("cuBLAS, stacked", Wgmma::Off, usize::MAX),
     ];
     let mut gpus = Vec::new();
     for (what, wgmma, accumulate_from) in paths {
@@ -38,21 +39,24 @@ fn prompt_sized_products_match_reference() {
         ) else {
             return;
         };
-        gpus.push((what, gpu));
+        gpus.push((what, wgmma, gpu));
     }
     let hopper = ["H100", "H200"]
         .iter()
-        .any(|card| gpus[0].1.device_name().contains(card));
+        .any(|card| gpus[0].2.device_name().contains(card));
     let mut rng = Rng::new(3);
     // (rows, K, N): just past the threshold, an odd count (its N fits no wgmma block), a
-    // 2,048-token prompt's width cut down, a partial last row block over 16 rounds of K, and one
-    // wide enough for the 256-column build.
+    // 2,048-token prompt's width cut down, a partial last row block over 16 rounds of K, a
+    // down_proj's depth (48 rounds), and two wide enough for the 256-column build (one round,
+    // four).
     for (t, k, n) in [
         (512, 256, 384),
         (777, 320, 200),
         (2048, 128, 512),
         (333, 1024, 256),
+        (300, 3072, 512),
         (2048, 64, 4096),
+        (2048, 256, 4096),
     ] {
         let x = activations(&mut rng, t, k, true).unwrap();
         let w = weights(&mut rng, n, k).unwrap();
@@ -61,23 +65,23 @@ fn prompt_sized_products_match_reference() {
         // matmul_add adds a [t, n] residual.
         let residual = activations(&mut rng, t, n, true).unwrap();
         let want = gemv_family(&CpuRef::new(), &x, &w, &gate_up, &gain, &residual).unwrap();
-        for (path, gpu) in &gpus {
+        for (path, wgmma, gpu) in &gpus {
             let builds = [
                 gpu.wgmma_plan(t, k, n, false),
                 gpu.wgmma_plan(t, k, 2 * n, true),
             ];
-            if *path == paths[0].0 && hopper && n != 200 {
+            if *wgmma != Wgmma::Off && hopper && n != 200 {
                 assert!(
                     builds.iter().all(Option::is_some),
-                    "{t} x {k} -> {n}: no wgmma"
+                    "{path}: {t} x {k} -> {n}: no wgmma"
                 );
             }
             let got = gemv_family(gpu, &x, &w, &gate_up, &gain, &residual).unwrap();
             for (i, ((name, g), r)) in NAMES.iter().zip(&got).zip(&want).enumerate() {
                 let err = rel_error(g, r);
-                let build = match builds[usize::from(i >= 3)] {
-                    Some(bn) if *path == paths[0].0 => format!(" (n{bn})"),
-                    _ => String::new(),
+                let build = match &builds[usize::from(i >= 3)] {
+                    Some(entry) => format!(" ({entry})"),
+                    None => String::new(),
                 };
                 let what = format!("{path}{build}: {t} x {k} -> {n} {name}");
                 eprintln!("{what}: {err:.3e}");
