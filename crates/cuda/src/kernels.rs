@@ -253,17 +253,7 @@ pub const SM90A_SOURCES: &[(&str, &str, &[&str])] = &[(
 )];
 
 /// `gemm_wgmma.cu`'s entry points.
-pub const WGMMA_ENTRIES: [&str; 9] = [
-    "wgmma_x3_split_n128",
-    "wgmma_x3_n128",
-    "wgmma_x3_n256",
-    "wgmma_x3_add_split_n128",
-    "wgmma_x3_add_n128",
-    "wgmma_x3_add_n256",
-    "wgmma_x3_silu_mul_split_n128",
-    "wgmma_x3_silu_mul_n128",
-    "wgmma_x3_silu_mul_n256",
-];
+pub const WGMMA_ENTRIES: [&str; 3] = ["wgmma_x3", "wgmma_x3_add", "wgmma_x3_silu_mul"];
 
 /// NVRTC flags besides the architecture (part of the cache key).
 const COMPILE_FLAGS: [&str; 1] = ["--std=c++17"];

@@ -249,9 +249,8 @@ struct Inner {
     /// what the GPU holds of it at once.
     gemm_x3: Option<x3::Capacity>,
     /// Products of more than 64 rows take `kernels/gemm_wgmma.cu` where the shape allows (the
-    /// option, on compute capability 9.0, its kernels loaded and allowed their shared memory;
-    /// `Off` otherwise).
-    wgmma: Wgmma,
+    /// option, on compute capability 9.0, its kernels loaded and allowed their shared memory).
+    wgmma: bool,
     /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
     x3_trace: Option<CudaSlice<u64>>,
     /// The prompt attention kernels that may replace the GEMM path, in order of preference, each
@@ -329,21 +328,8 @@ pub struct CudaOptions {
     /// Products of more than 64 rows (prompts) run as one Hopper tensor-core kernel over the
     /// three bf16 parts with the epilogue fused (`kernels/gemm_wgmma.cu`, compute capability 9.0
     /// only, shapes whose K is a multiple of 64 and whose output columns fill its tiles) instead
-    /// of cuBLAS plus a sum kernel (`QFUSE_CUDA_WGMMA=0|1|2`: off, two accumulators, one).
-    pub wgmma: Wgmma,
-}
-
-/// Whether and how `kernels/gemm_wgmma.cu` runs prompt-sized products ([`CudaOptions::wgmma`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wgmma {
-    /// cuBLAS and a sum kernel.
-    Off,
-    /// The hi part's products and the mid and lo parts' in separate accumulators (128-column
-    /// blocks): as accurate as cuBLAS's separate GEMMs. The default.
-    Split,
-    /// All three parts in one accumulator, 128- or 256-column blocks: fewer registers, wider
-    /// blocks, but the small parts' products are truncated against the running sum.
-    OneAccumulator,
+    /// of cuBLAS plus a sum kernel. On by default; `QFUSE_CUDA_WGMMA=0` turns it off.
+    pub wgmma: bool,
 }
 
 /// Which prompt attention kernel replaces the GEMM path ([`CudaOptions::flash_attention`]).
@@ -358,77 +344,25 @@ pub enum FlashAttention {
     Tf32x3,
 }
 
-/// Rows of a `gemm_wgmma.cu` block (`WG_BM`).
+/// Rows and weight rows of a `gemm_wgmma.cu` block (`WG_BM`, `WG_BN`), its threads
+/// (`WG_THREADS`) and dynamic shared memory (`WG_SMEM`).
 const WGMMA_ROWS: usize = 128;
-/// Dynamic shared memory of the `gemm_wgmma.cu` builds of 128 and 256 columns (`WG_SMEM_N*`).
-const WGMMA_SMEM_N128: usize = 197_632;
-const WGMMA_SMEM_N256: usize = 164_864;
+const WGMMA_COLS: usize = 128;
+const WGMMA_THREADS: u32 = 288;
+const WGMMA_SMEM: usize = 197_632;
 
-/// How `gemm_wgmma.cu` covers a product: its build and the blocks across the output columns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct WgmmaPlan {
-    /// Weight rows a block multiplies (128 or 256; with SiLU half gate, half up).
-    bn: usize,
-    /// Two accumulators (the `_split` build).
-    split: bool,
-    /// Blocks across the output columns.
-    col_blocks: usize,
-}
-
-impl WgmmaPlan {
-    /// With `Split` the 128-column build; with `OneAccumulator` the 256-column one where its
-    /// blocks still fill the GPU once (fewer re-reads of the activations), else the 128-column
-    /// one. `None` when off and for shapes that do not fit: K not a whole number of 64-element
-    /// rounds, output columns not whole blocks.
-    fn choose(
-        kind: Wgmma,
-        t: usize,
-        k: usize,
-        n: usize,
-        silu: bool,
-        sm_count: usize,
-    ) -> Option<Self> {
-        if kind == Wgmma::Off
-            || t == 0
-            || k == 0
-            || !k.is_multiple_of(64)
-            || (silu && !n.is_multiple_of(2))
-        {
-            return None;
-        }
-        let cols = if silu { n / 2 } else { n };
-        let fits = |bn: usize| {
-            let per_block = if silu { bn / 2 } else { bn };
-            cols.is_multiple_of(per_block).then_some(WgmmaPlan {
-                bn,
-                split: kind == Wgmma::Split,
-                col_blocks: cols / per_block,
-            })
-        };
-        match fits(256) {
-            Some(p)
-                if kind == Wgmma::OneAccumulator
-                    && p.col_blocks * t.div_ceil(WGMMA_ROWS) >= sm_count =>
-            {
-                Some(p)
-            }
-            _ => fits(128),
-        }
-    }
-
-    /// The entry point of `base` (`wgmma_x3`, `wgmma_x3_add`, `wgmma_x3_silu_mul`) for this plan.
-    fn entry(&self, base: &str) -> String {
-        let split = if self.split { "_split" } else { "" };
-        format!("{base}{split}_n{}", self.bn)
-    }
-
-    fn smem_bytes(&self) -> usize {
-        if self.bn == 256 {
-            WGMMA_SMEM_N256
-        } else {
-            WGMMA_SMEM_N128
-        }
-    }
+/// Blocks across the output columns of a `gemm_wgmma.cu` product of `t` rows, `k` deep and `n`
+/// wide (gate and up rows together with `silu`), or `None` where the kernel does not fit: K not a
+/// whole number of 64-element rounds, output columns not whole blocks.
+fn wgmma_col_blocks(t: usize, k: usize, n: usize, silu: bool) -> Option<usize> {
+    let per_block = if silu { WGMMA_COLS / 2 } else { WGMMA_COLS };
+    let cols = if silu { n / 2 } else { n };
+    let fits = t > 0
+        && k > 0
+        && k.is_multiple_of(64)
+        && (!silu || n.is_multiple_of(2))
+        && cols.is_multiple_of(per_block);
+    fits.then_some(cols / per_block)
 }
 
 /// Default [`CudaOptions::accumulate_from`].
@@ -550,11 +484,7 @@ impl Default for CudaOptions {
             },
             accumulate_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_ACCUMULATE_FROM", 1..=1 << 30)
                 .unwrap_or(ACCUMULATE_FROM),
-            wgmma: match qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA", 0..=2) {
-                Some(0) => Wgmma::Off,
-                Some(2) => Wgmma::OneAccumulator,
-                _ => Wgmma::Split,
-            },
+            wgmma: qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA", 0..=1) != Some(0),
         }
     }
 }
@@ -657,15 +587,9 @@ impl CudaBackend {
         let blas = CudaBlas::new(stream.clone()).cuda()?;
         let kernels = Kernels::load(&ctx)?;
         let (major, minor) = ctx.compute_capability().cuda()?;
-        let wgmma = if options.wgmma != Wgmma::Off
+        let wgmma = options.wgmma
             && (major, minor) == (9, 0)
-            && kernels.allow_optin_smem(&ctx, kernels::WGMMA_ENTRIES)?
-                >= WGMMA_SMEM_N128.max(WGMMA_SMEM_N256)
-        {
-            options.wgmma
-        } else {
-            Wgmma::Off
-        };
+            && kernels.allow_optin_smem(&ctx, kernels::WGMMA_ENTRIES)? >= WGMMA_SMEM;
         let gemm_x3 = if options.gemm_x3 {
             let max_slices =
                 qfuse_core::knobs::env_knob("QFUSE_CUDA_X3_MAX_SLICES", 1..=16).unwrap_or(16);
@@ -1056,8 +980,7 @@ impl CudaBackend {
         epilogue: &Epilogue<'_>,
     ) -> Result<Option<Pooled>> {
         let silu = matches!(epilogue, Epilogue::SiluMul);
-        let Some(plan) = WgmmaPlan::choose(self.inner.wgmma, t, k, n, silu, self.inner.sm_count)
-        else {
+        let Some(col_blocks) = wgmma_col_blocks(t, k, n, silu).filter(|_| self.inner.wgmma) else {
             return Ok(None);
         };
         let (base, residual) = match epilogue {
@@ -1066,7 +989,7 @@ impl CudaBackend {
             Epilogue::SiluMul => ("wgmma_x3_silu_mul", None),
         };
         let y = self.alloc_f32(t * epilogue.out_cols(n))?;
-        let mut l = self.launch(&plan.entry(base))?;
+        let mut l = self.launch(base)?;
         l.buf(parts).buf(w);
         // Absent residual: pass y, which the kernel never reads in that role.
         match residual {
@@ -1078,14 +1001,14 @@ impl CudaBackend {
             .i32(i32_of(k, "K")?)
             .i32(i32_of(n, "N")?);
         let cfg = LaunchConfig {
-            grid_dim: (plan.col_blocks as u32, t.div_ceil(WGMMA_ROWS) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: plan.smem_bytes() as u32,
+            grid_dim: (col_blocks as u32, t.div_ceil(WGMMA_ROWS) as u32, 1),
+            block_dim: (WGMMA_THREADS, 1, 1),
+            shared_mem_bytes: WGMMA_SMEM as u32,
         };
         // SAFETY: parts holds the three [t, k] bf16 parts back to back; w is [n, k] bf16; the
         // residual (when read) and y are [t, epilogue.out_cols(n)] f32; the plan makes k a
         // multiple of 64 and the grid's column blocks cover the output columns exactly; the
-        // dynamic shared memory is what the build needs and `allow_optin_smem` allowed; compute
+        // dynamic shared memory is what the kernel needs and `allow_optin_smem` allowed; compute
         // capability 9.0 (the sm_90a module is loaded only there).
         unsafe { l.launch(cfg) }.cuda()?;
         Ok(Some(y))
@@ -1160,11 +1083,11 @@ impl CudaBackend {
         Ok(Some(y))
     }
 
-    /// The block width (weight rows) of the `gemm_wgmma.cu` build that runs a bf16 product of
-    /// more than 64 rows (`t`, `k` deep, `n` wide, gate and up rows together with `silu`), or
-    /// `None` where cuBLAS runs it: for tests and probes that must know which path ran.
-    pub fn wgmma_plan(&self, t: usize, k: usize, n: usize, silu: bool) -> Option<String> {
-        WgmmaPlan::choose(self.inner.wgmma, t, k, n, silu, self.inner.sm_count).map(|p| p.entry(""))
+    /// Whether `gemm_wgmma.cu` runs a bf16 product of more than 64 rows (`t`, `k` deep, `n`
+    /// wide, gate and up rows together with `silu`), rather than cuBLAS: for tests and probes
+    /// that must know which path ran.
+    pub fn uses_wgmma(&self, t: usize, k: usize, n: usize, silu: bool) -> bool {
+        self.inner.wgmma && wgmma_col_blocks(t, k, n, silu).is_some()
     }
 
     /// How `gemm_x3` covers a bf16 product of `t` rows, `k` deep and `n` wide (gate and up rows
@@ -2668,59 +2591,38 @@ mod tests {
             .any(|(_, _, names)| names.contains(&name))
     }
 
-    /// `kernels/gemm_wgmma.cu`'s tile and shared-memory constants are the launches' (and fit the
-    /// 227 KiB sm_90 allows a block); each plan covers the output columns in whole blocks, takes
-    /// the wide build only where its blocks fill the GPU, and names an entry point that exists.
+    /// `kernels/gemm_wgmma.cu`'s tile, thread and shared-memory constants are the launches' (and
+    /// fit the 227 KiB sm_90 allows a block); the blocks cover the output columns exactly, and
+    /// shapes that do not fit go to cuBLAS.
     #[test]
-    fn wgmma_plans_and_constants() {
+    fn wgmma_constants_and_blocks() {
         let src = include_str!("../../../kernels/gemm_wgmma.cu");
         let define = |name: &str| crate::kernels::define(src, name);
         assert_eq!(define("WG_BM"), WGMMA_ROWS);
-        assert_eq!(define("WG_SMEM_N128"), WGMMA_SMEM_N128);
-        assert_eq!(define("WG_SMEM_N256"), WGMMA_SMEM_N256);
-        assert!(WGMMA_SMEM_N128.max(WGMMA_SMEM_N256) <= 232_448);
-        // 0.6B at 2,048 rows: QKV wide, o_proj and down narrow (4 x 16 wide blocks would leave
-        // half of 132 SMs idle), gate/up wide.
-        let one = Wgmma::OneAccumulator;
-        let plan = |t, k, n, silu| {
-            WgmmaPlan::choose(one, t, k, n, silu, 132).map(|p| (p.bn, p.col_blocks))
-        };
-        assert_eq!(plan(2048, 1024, 4096, false), Some((256, 16)));
-        assert_eq!(plan(2048, 2048, 1024, false), Some((128, 8)));
-        assert_eq!(plan(2048, 3072, 1024, false), Some((128, 8)));
-        assert_eq!(plan(2048, 1024, 6144, true), Some((256, 24)));
-        assert_eq!(plan(512, 1024, 6144, true), Some((128, 48)));
-        assert_eq!(plan(2048, 1000, 4096, false), None);
-        assert_eq!(plan(2048, 1024, 200, false), None);
-        assert_eq!(plan(2048, 1024, 192, true), None);
-        assert_eq!(plan(0, 1024, 4096, false), None);
-        let split = WgmmaPlan::choose(Wgmma::Split, 2048, 1024, 4096, false, 132).unwrap();
-        assert_eq!((split.bn, split.col_blocks), (128, 32));
-        assert_eq!(split.entry("wgmma_x3_add"), "wgmma_x3_add_split_n128");
-        assert_eq!(
-            WgmmaPlan::choose(Wgmma::Off, 2048, 1024, 4096, false, 132),
-            None
-        );
-        for (kind, t) in [Wgmma::Split, one]
-            .into_iter()
-            .flat_map(|kind| [65, 100, 128, 129, 777, 2048, 32768].map(|t| (kind, t)))
-        {
-            for k in [64, 128, 1024, 3072, 12288] {
-                for n in [128, 256, 384, 1024, 4096, 6144, 24576] {
-                    for silu in [false, true] {
-                        let Some(p) = WgmmaPlan::choose(kind, t, k, n, silu, 132) else {
-                            continue;
-                        };
-                        let per_block = if silu { p.bn / 2 } else { p.bn };
-                        let cols = if silu { n / 2 } else { n };
-                        assert_eq!(p.col_blocks * per_block, cols, "{t} {k} {n} {silu}");
-                        assert_eq!(k % 64, 0);
-                        for base in ["wgmma_x3", "wgmma_x3_add", "wgmma_x3_silu_mul"] {
-                            assert!(known(&p.entry(base)), "{}", p.entry(base));
-                        }
-                    }
+        assert_eq!(define("WG_BN"), WGMMA_COLS);
+        assert_eq!(define("WG_THREADS"), WGMMA_THREADS as usize);
+        assert_eq!(define("WG_SMEM"), WGMMA_SMEM);
+        const { assert!(WGMMA_SMEM <= 232_448) };
+        // 0.6B: QKV, o_proj, gate/up, down.
+        assert_eq!(wgmma_col_blocks(2048, 1024, 4096, false), Some(32));
+        assert_eq!(wgmma_col_blocks(2048, 2048, 1024, false), Some(8));
+        assert_eq!(wgmma_col_blocks(300, 1024, 6144, true), Some(48));
+        assert_eq!(wgmma_col_blocks(65, 3072, 1024, false), Some(8));
+        assert_eq!(wgmma_col_blocks(2048, 1000, 4096, false), None);
+        assert_eq!(wgmma_col_blocks(2048, 1024, 200, false), None);
+        assert_eq!(wgmma_col_blocks(2048, 1024, 192, true), None);
+        assert_eq!(wgmma_col_blocks(2048, 1024, 129, true), None);
+        assert_eq!(wgmma_col_blocks(0, 1024, 4096, false), None);
+        for n in [128, 256, 384, 1024, 4096, 6144, 24576] {
+            for silu in [false, true] {
+                if let Some(blocks) = wgmma_col_blocks(100, 1024, n, silu) {
+                    let per_block = if silu { WGMMA_COLS / 2 } else { WGMMA_COLS };
+                    assert_eq!(blocks * per_block, if silu { n / 2 } else { n });
                 }
             }
+        }
+        for name in ["wgmma_x3", "wgmma_x3_add", "wgmma_x3_silu_mul"] {
+            assert!(known(name), "{name}");
         }
     }
 
