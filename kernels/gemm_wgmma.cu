@@ -6,8 +6,8 @@
 // kernel that read them back: here the parts accumulate in registers and the epilogue (residual
 // add, SiLU·up) runs on them before the one store.
 //
-// Block: 128 rows x 128 weight rows; two consumer warpgroups of 64 rows each and one producer
-// warp. K advances in rounds of 64. The producer copies a round's tiles (three A parts of
+// Block: 128 rows x 128 weight rows; two consumer warpgroups of 64 rows each and a producer
+// warpgroup. K advances in rounds of 64. The producer copies a round's tiles (three A parts of
 // 128 x 64 and B of 128 x 64, bf16) into one of WG_STAGES shared-memory stages by cp.async, in
 // the 128-byte-swizzled K-major layout that wgmma reads through descriptors, and each of its
 // threads' copies arrive on the stage's "full" mbarrier as they land; the consumers wait on it,
@@ -24,7 +24,8 @@
 #define WG_BK 64
 #define WG_STAGES 3
 #define WG_CONSUMERS 256
-#define WG_THREADS 288
+#define WG_PRODUCERS 128
+#define WG_THREADS 384
 #define WG_EPI_STORE 0
 #define WG_EPI_ADD 1
 #define WG_EPI_SILU 2
@@ -111,14 +112,14 @@ __device__ __forceinline__ void wg_mma(float (&d)[64], unsigned long long a, uns
         : "l"(a), "l"(b), "r"(accumulate));
 }
 
-// Round kb's weight tile, copied by the producer warp: 128 rows of 64 k in 16-byte chunks, eight
-// lanes to a row (each copy instruction covers four whole 128-byte rows).
+// Round kb's weight tile, copied by the producer warpgroup (thread q of 128): 128 rows of 64 k in
+// 16-byte chunks, eight threads to a row (each copy instruction covers four whole 128-byte rows).
 template <int EPI>
 __device__ __forceinline__ void wg_load_b(u32 stage, const bf16_t* __restrict__ w, int K, int N, int n0, int kb,
-                                          int lane) {
-    const int c = lane & 7;
-#pragma unroll 8
-    for (int r = lane >> 3; r < WG_BN; r += 4) {
+                                          int q) {
+    const int c = q & 7;
+#pragma unroll
+    for (int r = q >> 3; r < WG_BN; r += WG_PRODUCERS / 8) {
         const int n = EPI == WG_EPI_SILU ? (r < WG_BN / 2 ? n0 + r : N / 2 + n0 + r - WG_BN / 2) : n0 + r;
         wg_copy16(stage + 3 * WG_A_BYTES + wg_swizzle(r, c), w + (size_t)n * K + kb * WG_BK + c * 8);
     }
@@ -127,10 +128,10 @@ __device__ __forceinline__ void wg_load_b(u32 stage, const bf16_t* __restrict__ 
 // Round kb's three activation tiles, as the weights' (rows past T repeat row T - 1; their
 // outputs are not stored).
 __device__ __forceinline__ void wg_load_a(u32 stage, const bf16_t* __restrict__ parts, int T, int K, int m0, int kb,
-                                          int lane) {
-    const int c = lane & 7;
+                                          int q) {
+    const int c = q & 7;
 #pragma unroll 8
-    for (int i = lane >> 3; i < 3 * WG_BM; i += 4) {
+    for (int i = q >> 3; i < 3 * WG_BM; i += WG_PRODUCERS / 8) {
         const int p = i / WG_BM, r = i % WG_BM;
         const bf16_t* src = parts + ((size_t)p * T + min(m0 + r, T - 1)) * K + kb * WG_BK + c * 8;
         wg_copy16(stage + p * WG_A_BYTES + wg_swizzle(r, c), src);
@@ -150,17 +151,19 @@ __device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, con
     const u32 full0 = (u32)__cvta_generic_to_shared(full), empty0 = (u32)__cvta_generic_to_shared(empty);
     if (tid == 0) {
         for (int s = 0; s < WG_STAGES; ++s) {
-            mbar_init(full0 + 8 * s, 32);               // the producer's lanes, as their copies land
+            mbar_init(full0 + 8 * s, WG_PRODUCERS);       // each producer thread, as its copies land
             mbar_init(empty0 + 8 * s, WG_CONSUMERS / 32);  // each consumer warp, its products done
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
 
-    if (warp == WG_CONSUMERS / 32) {
-        // The producer. The weights of the first rounds do not depend on earlier kernels.
+    if (tid >= WG_CONSUMERS) {
+        // The producers (one warp on each scheduler: a single warp's copies could not keep up).
+        // The weights of the first rounds do not depend on earlier kernels.
+        const int q = tid - WG_CONSUMERS;
         for (int s = 0; s < WG_STAGES && s < rounds; ++s)
-            wg_load_b<EPI>(base + s * WG_STAGE_BYTES, w, K, N, n0, s, lane);
+            wg_load_b<EPI>(base + s * WG_STAGE_BYTES, w, K, N, n0, s, q);
         pdl_wait();
         pdl_launch_dependents();
         for (int kb = 0; kb < rounds; ++kb) {
@@ -168,9 +171,9 @@ __device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, con
             const u32 stage = base + s * WG_STAGE_BYTES;
             if (kb >= WG_STAGES) {
                 mbar_wait(empty0 + 8 * s, (u32)((kb / WG_STAGES - 1) & 1));
-                wg_load_b<EPI>(stage, w, K, N, n0, kb, lane);
+                wg_load_b<EPI>(stage, w, K, N, n0, kb, q);
             }
-            wg_load_a(stage, parts, T, K, m0, kb, lane);
+            wg_load_a(stage, parts, T, K, m0, kb, q);
             mbar_arrive_on_copies(full0 + 8 * s);
         }
         return;

@@ -348,7 +348,7 @@ pub enum FlashAttention {
 /// (`WG_THREADS`) and dynamic shared memory (`WG_SMEM`).
 const WGMMA_ROWS: usize = 128;
 const WGMMA_COLS: usize = 128;
-const WGMMA_THREADS: u32 = 288;
+const WGMMA_THREADS: u32 = 384;
 const WGMMA_SMEM: usize = 197_632;
 
 /// Blocks across the output columns of a `gemm_wgmma.cu` product of `t` rows, `k` deep and `n`
