@@ -7,13 +7,14 @@
 // add, SiLU·up) runs on them before the one store.
 //
 // Block: 128 rows x 128 weight rows; two consumer warpgroups of 64 rows each and a producer
-// warpgroup. K advances in rounds of 64. The producer copies a round's tiles (three A parts of
-// 128 x 64 and B of 128 x 64, bf16) into one of WG_STAGES shared-memory stages by cp.async, in
-// the 128-byte-swizzled K-major layout that wgmma reads through descriptors, and each of its
-// threads' copies arrive on the stage's "full" mbarrier as they land; the consumers wait on it,
-// issue 3 parts x 4 k-steps of m64n128k16, and once those have completed arrive on the stage's
-// "empty" mbarrier, which the producer waits on before refilling it. No block-wide barrier runs
-// in the loop. The hi part's products accumulate apart from the mid and lo parts': the tensor
+// warp. K advances in rounds of 64. One producer thread has the tensor-memory accelerator (TMA)
+// copy a round's tiles (three A parts of 128 x 64 and B of 128 x 64, bf16) into one of WG_STAGES
+// shared-memory stages, in the 128-byte-swizzled K-major layout that wgmma reads through
+// descriptors; the copies complete the stage's "full" mbarrier by their byte count. The
+// consumers wait on it, issue 3 parts x 4 k-steps of m64n128k16, and once those have completed
+// arrive on the stage's "empty" mbarrier, which the producer waits on before refilling it. No
+// block-wide barrier runs in the loop. (Producers issuing the copies as cp.async, one warp or a
+// warpgroup of them, were slower than cuBLAS: docs/perf.md.) The hi part's products accumulate apart from the mid and lo parts': the tensor
 // cores truncate as they accumulate, relative to the accumulator, and one accumulator for all
 // three moved the synthetic 0.6B's logits 3.6x further from the reference (docs/perf.md).
 // With SILU the block's first 64 rows of B are gate rows n0.. and the rest the matching up rows
@@ -24,8 +25,7 @@
 #define WG_BK 64
 #define WG_STAGES 3
 #define WG_CONSUMERS 256
-#define WG_PRODUCERS 128
-#define WG_THREADS 384
+#define WG_THREADS 288
 #define WG_EPI_STORE 0
 #define WG_EPI_ADD 1
 #define WG_EPI_SILU 2
@@ -39,8 +39,19 @@ static_assert(WG_STAGES * WG_STAGE_BYTES + 1024 == WG_SMEM, "WG_SMEM");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-__device__ __forceinline__ void wg_copy16(u32 dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+// A TMA descriptor (CUtensorMap), passed by value as a __grid_constant__ parameter.
+struct __align__(64) TmaMap {
+    unsigned long long v[16];
+};
+
+// Copies the box at (x, y) (x the inner, contiguous coordinate) of the tensor `map` describes to
+// shared memory at `dst`, completing `bar`'s transaction count by its bytes.
+__device__ __forceinline__ void tma_load_2d(u32 dst, const TmaMap* map, int x, int y, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+            dst),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(x), "r"(y), "r"(bar)
+        : "memory");
 }
 
 // mbarriers (shared memory, CTA scope).
@@ -51,9 +62,9 @@ __device__ __forceinline__ void mbar_arrive(u32 bar) {
     unsigned long long state;
     asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];" : "=l"(state) : "r"(bar) : "memory");
 }
-// Arrives on `bar` once every cp.async this thread issued before has landed.
-__device__ __forceinline__ void mbar_arrive_on_copies(u32 bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+// Arrives on `bar` and adds `bytes` to the transactions its current phase waits for.
+__device__ __forceinline__ void mbar_arrive_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
     u32 done = 0;
@@ -112,36 +123,29 @@ __device__ __forceinline__ void wg_mma(float (&d)[64], unsigned long long a, uns
         : "l"(a), "l"(b), "r"(accumulate));
 }
 
-// Round kb's weight tile, copied by the producer warpgroup (thread q of 128): 128 rows of 64 k in
-// 16-byte chunks, eight threads to a row (each copy instruction covers four whole 128-byte rows).
+// Round kb's weight tile: 128 rows (with SILU 64 gate rows and the matching 64 up rows).
 template <int EPI>
-__device__ __forceinline__ void wg_load_b(u32 stage, const bf16_t* __restrict__ w, int K, int N, int n0, int kb,
-                                          int q) {
-    const int c = q & 7;
+__device__ __forceinline__ void wg_load_b(u32 stage, const TmaMap* w, int N, int n0, int kb, u32 bar) {
+    const u32 dst = stage + 3 * WG_A_BYTES;
+    if (EPI == WG_EPI_SILU) {
+        tma_load_2d(dst, w, kb * WG_BK, n0, bar);
+        tma_load_2d(dst + WG_B_BYTES / 2, w, kb * WG_BK, N / 2 + n0, bar);
+    } else {
+        tma_load_2d(dst, w, kb * WG_BK, n0, bar);
+    }
+}
+
+// Round kb's three activation tiles. The parts are one [3T][K] tensor: a tile reaching past a
+// part's last row reads the next part's first rows (or zeros past the last), whose outputs are
+// not stored.
+__device__ __forceinline__ void wg_load_a(u32 stage, const TmaMap* parts, int T, int m0, int kb, u32 bar) {
 #pragma unroll
-    for (int r = q >> 3; r < WG_BN; r += WG_PRODUCERS / 8) {
-        const int n = EPI == WG_EPI_SILU ? (r < WG_BN / 2 ? n0 + r : N / 2 + n0 + r - WG_BN / 2) : n0 + r;
-        wg_copy16(stage + 3 * WG_A_BYTES + wg_swizzle(r, c), w + (size_t)n * K + kb * WG_BK + c * 8);
-    }
-}
-
-// Round kb's three activation tiles, as the weights' (rows past T repeat row T - 1; their
-// outputs are not stored).
-__device__ __forceinline__ void wg_load_a(u32 stage, const bf16_t* __restrict__ parts, int T, int K, int m0, int kb,
-                                          int q) {
-    const int c = q & 7;
-#pragma unroll 8
-    for (int i = q >> 3; i < 3 * WG_BM; i += WG_PRODUCERS / 8) {
-        const int p = i / WG_BM, r = i % WG_BM;
-        const bf16_t* src = parts + ((size_t)p * T + min(m0 + r, T - 1)) * K + kb * WG_BK + c * 8;
-        wg_copy16(stage + p * WG_A_BYTES + wg_swizzle(r, c), src);
-    }
+    for (int p = 0; p < 3; ++p) tma_load_2d(stage + p * WG_A_BYTES, parts, kb * WG_BK, p * T + m0, bar);
 }
 
 template <int EPI>
-__device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, const bf16_t* __restrict__ w,
-                                           const float* __restrict__ residual, float* __restrict__ y, int T,
-                                           int K, int N) {
+__device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w, const float* __restrict__ residual,
+                                           float* __restrict__ y, int T, int K, int N) {
     extern __shared__ unsigned char wg_smem[];
     __shared__ __align__(8) unsigned long long full[WG_STAGES], empty[WG_STAGES];
     const u32 base = ((u32)__cvta_generic_to_shared(wg_smem) + 1023u) & ~1023u;
@@ -151,7 +155,7 @@ __device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, con
     const u32 full0 = (u32)__cvta_generic_to_shared(full), empty0 = (u32)__cvta_generic_to_shared(empty);
     if (tid == 0) {
         for (int s = 0; s < WG_STAGES; ++s) {
-            mbar_init(full0 + 8 * s, WG_PRODUCERS);       // each producer thread, as its copies land
+            mbar_init(full0 + 8 * s, 1);                   // the producer, with the stage's bytes
             mbar_init(empty0 + 8 * s, WG_CONSUMERS / 32);  // each consumer warp, its products done
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -159,22 +163,24 @@ __device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, con
     __syncthreads();
 
     if (tid >= WG_CONSUMERS) {
-        // The producers (one warp on each scheduler: a single warp's copies could not keep up).
-        // The weights of the first rounds do not depend on earlier kernels.
-        const int q = tid - WG_CONSUMERS;
-        for (int s = 0; s < WG_STAGES && s < rounds; ++s)
-            wg_load_b<EPI>(base + s * WG_STAGE_BYTES, w, K, N, n0, s, q);
-        pdl_wait();
-        pdl_launch_dependents();
-        for (int kb = 0; kb < rounds; ++kb) {
-            const int s = kb % WG_STAGES;
-            const u32 stage = base + s * WG_STAGE_BYTES;
-            if (kb >= WG_STAGES) {
-                mbar_wait(empty0 + 8 * s, (u32)((kb / WG_STAGES - 1) & 1));
-                wg_load_b<EPI>(stage, w, K, N, n0, kb, q);
+        // The producer. The weights of the first rounds do not depend on earlier kernels.
+        if (tid == WG_CONSUMERS) {
+            for (int s = 0; s < WG_STAGES && s < rounds; ++s) {
+                mbar_arrive_expect(full0 + 8 * s, WG_STAGE_BYTES);
+                wg_load_b<EPI>(base + s * WG_STAGE_BYTES, w, N, n0, s, full0 + 8 * s);
             }
-            wg_load_a(stage, parts, T, K, m0, kb, q);
-            mbar_arrive_on_copies(full0 + 8 * s);
+            pdl_wait();
+            pdl_launch_dependents();
+            for (int kb = 0; kb < rounds; ++kb) {
+                const int s = kb % WG_STAGES;
+                const u32 stage = base + s * WG_STAGE_BYTES, full = full0 + 8 * s;
+                if (kb >= WG_STAGES) {
+                    mbar_wait(empty0 + 8 * s, (u32)((kb / WG_STAGES - 1) & 1));
+                    mbar_arrive_expect(full, WG_STAGE_BYTES);
+                    wg_load_b<EPI>(stage, w, N, n0, kb, full);
+                }
+                wg_load_a(stage, parts, T, m0, kb, full);
+            }
         }
         return;
     }
@@ -188,8 +194,6 @@ __device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, con
         const int s = kb % WG_STAGES;
         const u32 stage = base + s * WG_STAGE_BYTES;
         mbar_wait(full0 + 8 * s, (u32)((kb / WG_STAGES) & 1));
-        // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         wg_fence_acc(acc);
         wg_fence_acc(acc_small);
         wg_fence();
@@ -246,8 +250,9 @@ __device__ __forceinline__ void gemm_wgmma(const bf16_t* __restrict__ parts, con
 
 #define WG_ENTRY(name, EPI)                                                                                  \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                             \
-        name(const bf16_t* parts, const bf16_t* w, const float* residual, float* y, int T, int K, int N) {   \
-        gemm_wgmma<EPI>(parts, w, residual, y, T, K, N);                                                   \
+        name(const __grid_constant__ TmaMap parts, const __grid_constant__ TmaMap w, const float* residual,  \
+             float* y, int T, int K, int N) {                                                               \
+        gemm_wgmma<EPI>(&parts, &w, residual, y, T, K, N);                                                 \
     }
 
 WG_ENTRY(wgmma_x3, WG_EPI_STORE)

@@ -24,6 +24,8 @@ pub(crate) struct Launch<'a> {
     stream: &'a CudaStream,
     func: &'a CudaFunction,
     args: Vec<u64>,
+    /// Tensor-map parameters (TMA descriptors, 128 bytes each) and the parameter index of each.
+    tensor_maps: Vec<(usize, Box<sys::CUtensorMap>)>,
     pdl: bool,
     /// Blocks along y grouped into one thread-block cluster (sm_90), if any.
     cluster_y: Option<u32>,
@@ -36,6 +38,7 @@ impl<'a> Launch<'a> {
             stream,
             func,
             args: Vec::with_capacity(24),
+            tensor_maps: Vec::new(),
             pdl,
             cluster_y: None,
         }
@@ -62,6 +65,13 @@ impl<'a> Launch<'a> {
     /// A device address taken elsewhere (a tensor of either element type).
     pub(crate) fn ptr(&mut self, ptr: u64) -> &mut Self {
         self.args.push(ptr);
+        self
+    }
+
+    /// A tensor map (TMA descriptor), passed by value (a `__grid_constant__` parameter).
+    pub(crate) fn tensor_map(&mut self, map: sys::CUtensorMap) -> &mut Self {
+        self.tensor_maps
+            .push((self.args.len() + self.tensor_maps.len(), Box::new(map)));
         self
     }
 
@@ -98,6 +108,12 @@ impl<'a> Launch<'a> {
             .iter_mut()
             .map(|a| (a as *mut u64).cast::<c_void>())
             .collect();
+        for (index, map) in &mut self.tensor_maps {
+            params.insert(
+                *index,
+                (&mut **map as *mut sys::CUtensorMap).cast::<c_void>(),
+            );
+        }
         let mut attrs = Vec::with_capacity(2);
         if self.pdl {
             // SAFETY: an all-zero attribute value is a valid (empty) union; the field set below

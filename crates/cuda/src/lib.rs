@@ -348,8 +348,48 @@ pub enum FlashAttention {
 /// (`WG_THREADS`) and dynamic shared memory (`WG_SMEM`).
 const WGMMA_ROWS: usize = 128;
 const WGMMA_COLS: usize = 128;
-const WGMMA_THREADS: u32 = 384;
+const WGMMA_THREADS: u32 = 288;
 const WGMMA_SMEM: usize = 197_632;
+
+/// A TMA descriptor of a row-major `[rows, inner]` bf16 tensor at device address `ptr`, copied in
+/// boxes of `box_rows` rows by 64 elements (128 bytes, the 128-byte swizzle `gemm_wgmma.cu`'s
+/// descriptors expect); rows past the end read as zeros.
+fn tma_map_bf16(
+    ptr: u64,
+    inner: usize,
+    rows: usize,
+    box_rows: usize,
+) -> Result<cudarc::driver::sys::CUtensorMap> {
+    use cudarc::driver::sys as cu;
+    let dims = [inner as u64, rows as u64];
+    let strides = [2 * inner as u64];
+    let boxes = [64u32, u32_of(box_rows, "box rows")?];
+    let element_strides = [1u32, 1];
+    // SAFETY: an all-zero CUtensorMap is plain bytes that the call below overwrites.
+    let mut map: cu::CUtensorMap = unsafe { std::mem::zeroed() };
+    // SAFETY: the map and the four arrays outlive the call and have the rank's lengths (2, 1,
+    // 2, 2); the caller's tensor holds rows * inner bf16 at ptr (16-byte aligned, the stride a
+    // multiple of 16: inner is a multiple of 64); the call only encodes, it reads no memory.
+    unsafe {
+        cu::cuTensorMapEncodeTiled(
+            &mut map,
+            cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            cu::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            cu::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            cu::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()
+    .cuda()?;
+    Ok(map)
+}
 
 /// Blocks across the output columns of a `gemm_wgmma.cu` product of `t` rows, `k` deep and `n`
 /// wide (gate and up rows together with `silu`), or `None` where the kernel does not fit: K not a
@@ -988,9 +1028,15 @@ impl CudaBackend {
             Epilogue::Add(r) => ("wgmma_x3_add", Some(*r)),
             Epilogue::SiluMul => ("wgmma_x3_silu_mul", None),
         };
+        let stream = self.stream();
+        // The parts as one [3T, K] tensor in 128-row boxes; the weights in boxes of a block's
+        // rows (with SiLU two boxes, its gate rows and its up rows).
+        let box_rows = if silu { WGMMA_COLS / 2 } else { WGMMA_COLS };
+        let parts_map = tma_map_bf16(parts.device_ptr(stream).0, k, 3 * t, WGMMA_ROWS)?;
+        let w_map = tma_map_bf16(w.device_ptr(stream).0, k, n, box_rows)?;
         let y = self.alloc_f32(t * epilogue.out_cols(n))?;
         let mut l = self.launch(base)?;
-        l.buf(parts).buf(w);
+        l.tensor_map(parts_map).tensor_map(w_map);
         // Absent residual: pass y, which the kernel never reads in that role.
         match residual {
             Some(r) => l.buf(r),
@@ -1005,7 +1051,8 @@ impl CudaBackend {
             block_dim: (WGMMA_THREADS, 1, 1),
             shared_mem_bytes: WGMMA_SMEM as u32,
         };
-        // SAFETY: parts holds the three [t, k] bf16 parts back to back; w is [n, k] bf16; the
+        // SAFETY: the tensor maps describe the three [t, k] bf16 parts back to back and w, [n, k]
+        // bf16, both alive until the kernel has run (the pool and the weights outlive it); the
         // residual (when read) and y are [t, epilogue.out_cols(n)] f32; the plan makes k a
         // multiple of 64 and the grid's column blocks cover the output columns exactly; the
         // dynamic shared memory is what the kernel needs and `allow_optin_smem` allowed; compute
