@@ -6,15 +6,17 @@
 //! Decode-sized products (T <= 8 rows) run in fused GEMV kernels that read each weight once;
 //! 9-64 rows on sm_90 in one tensor-core kernel (`x3.rs`, `kernels/gemm_x3.cu`) that splits the
 //! fp32 activations into three bf16 parts as it stages them, with the norm and the epilogue
-//! fused; larger ones go to cuBLAS (bf16 tensor cores over the same three-part splits, with the
-//! norm and the epilogue fused into the split and the sum kernels). Decode attention is one
+//! fused; larger ones (prompts) are split into the three parts by one kernel (the norm fused)
+//! and multiplied on compute capability 9.0 by a warp-specialized wgmma kernel fed by TMA, its
+//! epilogue fused (`kernels/gemm_wgmma.cu`), elsewhere by cuBLAS and a sum kernel. Decode attention is one
 //! kernel for every batch size, which for batched decode (9+ sequences) also forms q and the new
 //! keys (`qk_norm_rope_attention`); a batch-1 decoder layer can run as one persistent kernel
 //! (`layer.rs`, opt-in: measured slower than the composed step); prompt attention (chunks of 64+
 //! tokens) keeps its scores on chip (`kernels/flash.cu`: 3xTF32 tensor-core products, fp32-exact
 //! to ~2^-22; fp32 FMAs or cuBLAS SGEMMs around a softmax kernel by option), shorter chunks run in
 //! a split-K kernel. Kernels are CUDA C++ from
-//! `kernels/`, compiled by NVRTC for the GPU present when the backend is created. The crate
+//! `kernels/`, compiled by NVRTC for the GPU present when the backend is created (in parallel,
+//! and cached on disk by source and NVRTC version: `kernels::cached_ptx`). The crate
 //! builds without CUDA: libraries are loaded at run time, and their absence is `Error::NoDevice`.
 
 mod error;
