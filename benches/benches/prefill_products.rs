@@ -5,7 +5,7 @@
 //! has one). One call's latency (launch, run, host synchronize); throughput in prompt tokens.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qfuse_core::testing::{activations, gains, weights, Rng};
-use qfuse_core::{Backend, Result};
+use qfuse_core::{Backend, DType, Result};
 use qfuse_cuda::{CudaBackend, CudaOptions};
 
 const TOKENS: usize = 2048;
@@ -86,7 +86,8 @@ fn prefill_products(c: &mut Criterion) {
                 let mut rng = Rng::new(11);
                 let (k, n) = product.shape();
                 let x = gpu.upload(&activations(&mut rng, TOKENS, k, true)?)?;
-                let w = gpu.upload_weight(&weights(&mut rng, n, k)?)?;
+                // bf16, as checkpoints store them (`weights` makes one matrix in four f32).
+                let w = gpu.upload_weight(&weights(&mut rng, n, k)?.to_dtype(DType::BF16))?;
                 let gain = gpu.upload(&gains(&mut rng, k, 3.0)?)?;
                 let res = gpu.upload(&activations(&mut rng, TOKENS, n, true)?)?;
                 if wgmma && !gpu.uses_wgmma(TOKENS, k, n, matches!(product, Product::NormGateUp)) {

@@ -1132,7 +1132,7 @@ impl CudaBackend {
         Ok(Some(y))
     }
 
-    /// Whether `gemm_wgmma.cu` runs a bf16 product of more than 64 rows (`t`, `k` deep, `n`
+    /// Whether `gemm_wgmma.cu` runs a product with bf16 weights of more than 64 rows (`t`, `k` deep, `n`
     /// wide, gate and up rows together with `silu`), rather than cuBLAS: for tests and probes
     /// that must know which path ran.
     pub fn uses_wgmma(&self, t: usize, k: usize, n: usize, silu: bool) -> bool {

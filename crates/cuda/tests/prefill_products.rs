@@ -6,7 +6,7 @@
 //! (unless QFUSE_REQUIRE_GPU=1).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::{activations, device_or_skip, gains, gemv_family, rel_error, weights};
-use qfuse_core::Rng;
+use qfuse_core::{DType, Rng};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 
@@ -57,8 +57,10 @@ fn prompt_sized_products_match_reference() {
         (2048, 256, 4096),
     ] {
         let x = activations(&mut rng, t, k, true).unwrap();
-        let w = weights(&mut rng, n, k).unwrap();
-        let gate_up = weights(&mut rng, 2 * n, k).unwrap();
+        // bf16 weights (`weights` stores one matrix in four as f32, which takes the fp32 GEMM):
+        // these paths are the bf16 ones.
+        let w = weights(&mut rng, n, k).unwrap().to_dtype(DType::BF16);
+        let gate_up = weights(&mut rng, 2 * n, k).unwrap().to_dtype(DType::BF16);
         let gain = gains(&mut rng, k, 3.0).unwrap();
         // matmul_add adds a [t, n] residual.
         let residual = activations(&mut rng, t, n, true).unwrap();
