@@ -354,8 +354,62 @@ __device__ __forceinline__ void mma_3xtf32(float (*c)[4], const u32 ab[4], const
     for (int i = 0; i < N; ++i) mma_tf32(c[i], ab, __float_as_uint(b[i].x), __float_as_uint(b[i].z));
 }
 
+// The H16 build's scores use fp16 tensor cores (twice tf32's rate, half its operand bytes): q and
+// k rows are scaled by powers of two that bring each row's largest element into [2^14, 2^15)
+// (fp16's normal range, whatever the norm gains), split into hi = fp16(x) and lo = fp16(x - hi)
+// (x to ~2^-22 of its row's largest element), and each score is the three products' sum times
+// the two rows' scales (exact). P·V stays 3xTF32: values have no norm to bound them.
+
+// Two floats as fp16 (round to nearest), the first in the low half.
+__device__ __forceinline__ u32 half2_bits(float lo_elem, float hi_elem) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi_elem), "f"(lo_elem));
+    return r;
+}
+
+// (a, b) -> hi = fp16 pair, lo = fp16 pair of what hi leaves.
+__device__ __forceinline__ void half2_split(float a, float b, u32& hi, u32& lo) {
+    hi = half2_bits(a, b);
+    float ha, hb;
+    asm("{\n.reg .f16 l, h;\nmov.b32 {l, h}, %2;\ncvt.f32.f16 %0, l;\ncvt.f32.f16 %1, h;\n}" : "=f"(ha), "=f"(hb) : "r"(hi));
+    lo = half2_bits(a - ha, b - hb);
+}
+
+// The power of two that brings `m` (a row's largest magnitude) into [2^14, 2^15); 1 for 0 and
+// for non-finite m (which then stays non-finite).
+__device__ __forceinline__ float fp16_row_scale(float m) {
+    return (m > 0.0f && m <= 3.0e38f) ? ldexpf(1.0f, 14 - ilogbf(m)) : 1.0f;
+}
+
+__device__ __forceinline__ void mma_f16(float c[4], const u32 a[4], u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+// c[i] += a · b[i] for N n-tiles from fp16 (hi, lo) parts (b as {b0 hi, b1 hi, b0 lo, b1 lo}):
+// lo·hi, hi·lo, then hi·hi, product by product across the n-tiles.
+template <int N>
+__device__ __forceinline__ void mma_3xf16(float (*c)[4], const u32 ah[4], const u32 al[4], const uint4* b) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) mma_f16(c[i], al, b[i].x, b[i].y);
+#pragma unroll
+    for (int i = 0; i < N; ++i) mma_f16(c[i], ah, b[i].z, b[i].w);
+#pragma unroll
+    for (int i = 0; i < N; ++i) mma_f16(c[i], ah, b[i].x, b[i].y);
+}
+
 // grid = (max padded keys / 8, KV, sequences), block = 256: one 8-key block of one KV head.
-template <typename KT, int DP>
+// H16: keys as scaled fp16 parts, [KV][Kp][DP] words (for each 16-wide slice of d, lane t's
+// {hi(2t, 2t+1), hi(2t+8, 2t+9), lo(2t, 2t+1), lo(2t+8, 2t+9)}), then each key's scale
+// ([KV][Kp] floats, the factor its scores take back).
+template <typename KT, int DP, bool H16>
 __device__ void flash_tc_gather_kv(const KT* __restrict__ kc, const KT* __restrict__ vc, const u32* __restrict__ tables,
                                    int max_blocks, int block_size, const u32* __restrict__ desc, int koff0, int KV,
                                    int d, int Kp, float* __restrict__ ks, float* __restrict__ vs) {
@@ -378,13 +432,37 @@ __device__ void flash_tc_gather_kv(const KT* __restrict__ kc, const KT* __restri
         }
     }
     __syncthreads();
-    float* kdst = ks + ((size_t)kv * Kp + koff + j0) * 2 * DP;
-    for (int i = threadIdx.x; i < 8 * DP; i += FA_THREADS) {
-        const int key = i / DP, c = i % DP;
-        u32 big, small;
-        tf32_split(kt[key][c], big, small);
-        const int pos = (c / 8) * 16 + (c % 4) * 4 + ((c % 8) / 4) * 2;
-        *reinterpret_cast<float2*>(kdst + key * 2 * DP + pos) = make_float2(__uint_as_float(big), __uint_as_float(small));
+    if constexpr (H16) {
+        __shared__ float kscale[8];
+        {
+            float m = 0.0f;
+            for (int c = lane; c < DP; c += 32) m = fmaxf(m, fabsf(kt[warp][c]));
+            m = warp_max(m);
+            if (lane == 0) {
+                kscale[warp] = fp16_row_scale(m);
+                ks[(size_t)KV * Kp * DP + (size_t)kv * Kp + koff + j0 + warp] = 1.0f / fp16_row_scale(m);
+            }
+        }
+        __syncthreads();
+        u32* kdst = reinterpret_cast<u32*>(ks) + ((size_t)kv * Kp + koff + j0) * DP;
+        for (int i = threadIdx.x; i < 8 * (DP / 4); i += FA_THREADS) {
+            const int key = i / (DP / 4), r = i % (DP / 4), c = (r / 4) * 16 + (r % 4) * 2;
+            const float sc = kscale[key];
+            uint4 w;
+            half2_split(kt[key][c] * sc, kt[key][c + 1] * sc, w.x, w.z);
+            half2_split(kt[key][c + 8] * sc, kt[key][c + 9] * sc, w.y, w.w);
+            *reinterpret_cast<uint4*>(kdst + key * DP + r * 4) = w;
+        }
+    } else {
+        float* kdst = ks + ((size_t)kv * Kp + koff + j0) * 2 * DP;
+        for (int i = threadIdx.x; i < 8 * DP; i += FA_THREADS) {
+            const int key = i / DP, c = i % DP;
+            u32 big, small;
+            tf32_split(kt[key][c], big, small);
+            const int pos = (c / 8) * 16 + (c % 4) * 4 + ((c % 8) / 4) * 2;
+            *reinterpret_cast<float2*>(kdst + key * 2 * DP + pos) =
+                make_float2(__uint_as_float(big), __uint_as_float(small));
+        }
     }
     float* vdst = vs + ((size_t)kv * Kp + koff + j0) * 2 * DP;
     for (int i = threadIdx.x; i < 4 * DP; i += FA_THREADS) {
@@ -397,32 +475,45 @@ __device__ void flash_tc_gather_kv(const KT* __restrict__ kc, const KT* __restri
     }
 }
 
-// Dynamic shared memory: q [128][DP + 8], K [64][2 DP + 16], V [64 / 8][DP][16] floats.
+// Dynamic shared memory: q [128][DP + 8], K [64][2 DP + 16], V [64 / 8][DP][16] floats; H16: K
+// [64][DP + 16] words, then the key scales [64] and the q rows' scales [128].
 // grid = (KV, sequences, most tiles of a sequence), block = 256.
-template <int DP>
+template <int DP, bool H16>
 __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __restrict__ ksplit,
                                  const float* __restrict__ vsplit, float* __restrict__ out, const u32* __restrict__ desc,
                                  int koff0, int H, int KV, int d, int Kp, float scale_log2) {
     constexpr int QS = DP + 8;       // ≡ 8 (mod 32): a half-warp's 8-byte loads of 4 rows miss each other
-    constexpr int KS = 2 * DP + 16;  // ≡ 16 (mod 32): a quarter-warp's 16-byte loads of 2 keys likewise
+    // ≡ 16 (mod 32): a quarter-warp's 16-byte loads of 2 keys likewise
+    constexpr int KS = H16 ? DP + 16 : 2 * DP + 16;
     constexpr int NT = FA_KEYS / 8;  // key n-tiles of the scores; k-steps of P·V
     constexpr int DT = DP / 8;       // k-steps of the scores; d n-tiles of the output
     extern __shared__ float4 fa_smem[];
     float* Qs = reinterpret_cast<float*>(fa_smem);
     float* Ks = Qs + FA_ROWS * QS;
     float* Vs = Ks + FA_KEYS * KS;
+    float* kscale = Vs + FA_KEYS * 2 * DP;  // H16 only
+    float* qscale = kscale + FA_KEYS;
     pdl_begin();
     FaTile tile;
     if (!fa_tile(desc, koff0, H, KV, tile)) return;
     const auto [kv, G, row0, n, pos0, koff, rows, base, keys, ntiles] = tile;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    const float* kbase = ksplit + ((size_t)kv * Kp + koff) * 2 * DP;
+    const float* kbase = ksplit + ((size_t)kv * Kp + koff) * (H16 ? DP : 2 * DP);
+    const float* kscale_base = ksplit + (size_t)KV * Kp * DP + (size_t)kv * Kp + koff;  // H16 only
     const float* vbase = vsplit + ((size_t)kv * Kp + koff) * 2 * DP;
 
     auto load_k = [&](int k0) {
-        for (int i = tid; i < FA_KEYS * (DP / 2); i += FA_THREADS) {
-            const int key = i / (DP / 2), ch = i % (DP / 2);
-            fa_copy16(Ks + key * KS + ch * 4, kbase + (size_t)(k0 + key) * 2 * DP + ch * 4);
+        if constexpr (H16) {
+            for (int i = tid; i < FA_KEYS * (DP / 4); i += FA_THREADS) {
+                const int key = i / (DP / 4), ch = i % (DP / 4);
+                fa_copy16(Ks + key * KS + ch * 4, kbase + (size_t)(k0 + key) * DP + ch * 4);
+            }
+            if (tid < FA_KEYS / 4) fa_copy16(kscale + tid * 4, kscale_base + k0 + tid * 4);
+        } else {
+            for (int i = tid; i < FA_KEYS * (DP / 2); i += FA_THREADS) {
+                const int key = i / (DP / 2), ch = i % (DP / 2);
+                fa_copy16(Ks + key * KS + ch * 4, kbase + (size_t)(k0 + key) * 2 * DP + ch * 4);
+            }
         }
     };
     auto load_v = [&](int k0) {
@@ -441,11 +532,29 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (ch * 4 < d)
             v = *reinterpret_cast<const float4*>(q + (size_t)(row0 + tok) * H * d + (size_t)(kv * G + gq) * d + ch * 4);
-        float* dst = Qs + sr * QS + (ch / 2) * 8 + (ch % 2);
-        dst[0] = v.x;
-        dst[2] = v.y;
-        dst[4] = v.z;
-        dst[6] = v.w;
+        if constexpr (H16) {
+            *reinterpret_cast<float4*>(Qs + sr * QS + ch * 4) = v;
+        } else {
+            float* dst = Qs + sr * QS + (ch / 2) * 8 + (ch % 2);
+            dst[0] = v.x;
+            dst[2] = v.y;
+            dst[4] = v.z;
+            dst[6] = v.w;
+        }
+    }
+    if constexpr (H16) {
+        // Each q row scaled into fp16's range (its scale kept to take back from the scores).
+        // Warp w scales its own 16 rows.
+        __syncthreads();
+        for (int i = 0; i < 16; ++i) {
+            float* row = Qs + (warp * 16 + i) * QS;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (lane * 4 < DP) v = *reinterpret_cast<const float4*>(row + lane * 4);
+            const float m = warp_max(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+            const float sc = fp16_row_scale(m);
+            if (lane * 4 < DP) *reinterpret_cast<float4*>(row + lane * 4) = make_float4(v.x * sc, v.y * sc, v.z * sc, v.w * sc);
+            if (lane == 0) qscale[warp * 16 + i] = 1.0f / sc;
+        }
     }
     const int r0 = warp * 16 + g, r1 = r0 + 8;  // this thread's rows in the tile
     const int lim0 = pos0 + min(base + r0, rows - 1) / G, lim1 = pos0 + min(base + r1, rows - 1) / G;
@@ -461,8 +570,49 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
         float sc[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+        if constexpr (H16) {
+            // 32-wide slices of d (two k16 steps) into fresh registers, as below.
 #pragma unroll
-        for (int kc = 0; kc < DT; kc += 4) {
+            for (int kc = 0; kc < DP / 16; kc += 2) {
+                float part[NT][4];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) part[nt][0] = part[nt][1] = part[nt][2] = part[nt][3] = 0.0f;
+#pragma unroll
+                for (int ks = kc; ks < kc + 2; ++ks) {
+                    const float* qa = Qs + r0 * QS + ks * 16 + t * 2;
+                    const float* qb = Qs + r1 * QS + ks * 16 + t * 2;
+                    const float2 a0 = *reinterpret_cast<const float2*>(qa);
+                    const float2 a1 = *reinterpret_cast<const float2*>(qb);
+                    const float2 a2 = *reinterpret_cast<const float2*>(qa + 8);
+                    const float2 a3 = *reinterpret_cast<const float2*>(qb + 8);
+                    u32 ah[4], al[4];
+                    half2_split(a0.x, a0.y, ah[0], al[0]);
+                    half2_split(a1.x, a1.y, ah[1], al[1]);
+                    half2_split(a2.x, a2.y, ah[2], al[2]);
+                    half2_split(a3.x, a3.y, ah[3], al[3]);
+                    uint4 kb[NT];
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+                        kb[nt] = *reinterpret_cast<const uint4*>(Ks + (nt * 8 + g) * KS + ks * 16 + t * 4);
+                    mma_3xf16<NT>(part, ah, al, kb);
+                }
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) sc[nt][i] += part[nt][i];
+            }
+            const float qs0 = qscale[r0], qs1 = qscale[r1];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const float2 kscl = *reinterpret_cast<const float2*>(kscale + nt * 8 + 2 * t);
+                sc[nt][0] *= qs0 * kscl.x;
+                sc[nt][1] *= qs0 * kscl.y;
+                sc[nt][2] *= qs1 * kscl.x;
+                sc[nt][3] *= qs1 * kscl.y;
+            }
+        }
+#pragma unroll
+        for (int kc = 0; kc < (H16 ? 0 : DT); kc += 4) {
             float part[NT][4];
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) part[nt][0] = part[nt][1] = part[nt][2] = part[nt][3] = 0.0f;
@@ -578,20 +728,24 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
     }
 }
 
-#define FLASH_TC_GATHER_ENTRY(KT, SUFFIX, DP)                                                                       \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_tc_gather_kv_##SUFFIX##_d##DP(                    \
+// Builds: flash_tc_* (3xTF32 scores) and flash_h_* (fp16 scores), each for both cache types.
+#define FLASH_TC_GATHER_ENTRY(NAME, KT, SUFFIX, DP, H16)                                                            \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) NAME##_gather_kv_##SUFFIX##_d##DP(                      \
         const KT* kc, const KT* vc, const u32* tables, int max_blocks, int block_size, const u32* desc, int koff0,   \
         int KV, int d, int Kp, float* ks, float* vs) {                                                               \
-        flash_tc_gather_kv<KT, DP>(kc, vc, tables, max_blocks, block_size, desc, koff0, KV, d, Kp, ks, vs);        \
+        flash_tc_gather_kv<KT, DP, H16>(kc, vc, tables, max_blocks, block_size, desc, koff0, KV, d, Kp, ks, vs);   \
     }
-#define FLASH_TC_ENTRY(DP)                                                                                          \
-    FLASH_TC_GATHER_ENTRY(float, kvf32, DP)                                                                         \
-    FLASH_TC_GATHER_ENTRY(bf16_t, kvbf16, DP)                                                                       \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) flash_tc_prefill_d##DP(                            \
+#define FLASH_TC_ENTRY(NAME, DP, H16)                                                                               \
+    FLASH_TC_GATHER_ENTRY(NAME, float, kvf32, DP, H16)                                                              \
+    FLASH_TC_GATHER_ENTRY(NAME, bf16_t, kvbf16, DP, H16)                                                            \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) NAME##_prefill_d##DP(                              \
         const float* q, const float* ks, const float* vs, float* out, const u32* desc, int koff0, int H, int KV,     \
         int d, int Kp, float scale_log2) {                                                                           \
-        flash_tc_prefill<DP>(q, ks, vs, out, desc, koff0, H, KV, d, Kp, scale_log2);                                \
+        flash_tc_prefill<DP, H16>(q, ks, vs, out, desc, koff0, H, KV, d, Kp, scale_log2);                           \
     }
-FLASH_TC_ENTRY(32)
-FLASH_TC_ENTRY(64)
-FLASH_TC_ENTRY(128)
+FLASH_TC_ENTRY(flash_tc, 32, false)
+FLASH_TC_ENTRY(flash_tc, 64, false)
+FLASH_TC_ENTRY(flash_tc, 128, false)
+FLASH_TC_ENTRY(flash_h, 32, true)
+FLASH_TC_ENTRY(flash_h, 64, true)
+FLASH_TC_ENTRY(flash_h, 128, true)

@@ -344,6 +344,10 @@ pub enum FlashAttention {
     /// The tensor cores with fp32-accurate 3xTF32 products (sm_80 and later; elsewhere, and for
     /// head sizes whose build does not fit the GPU's shared memory, `Fp32`).
     Tf32x3,
+    /// As `Tf32x3`, but the scores from fp16 tensor cores (twice tf32's rate): q and k rows
+    /// scaled by powers of two into fp16's range, split into two fp16 parts each (to ~2^-22 of
+    /// the row's largest element), three products; P·V stays 3xTF32 (falls back like `Tf32x3`).
+    F16Scores,
 }
 
 /// Rows and weight rows of a `gemm_wgmma.cu` block (`WG_BM`, `WG_BN`), its threads
@@ -464,6 +468,7 @@ fn flash_build(d: usize) -> Option<usize> {
 fn flash_prefill_entry(kind: FlashAttention, dp: usize) -> String {
     match kind {
         FlashAttention::Tf32x3 => format!("flash_tc_prefill_d{dp}"),
+        FlashAttention::F16Scores => format!("flash_h_prefill_d{dp}"),
         _ => format!("flash_prefill_d{dp}"),
     }
 }
@@ -473,6 +478,7 @@ fn flash_prefill_entry(kind: FlashAttention, dp: usize) -> String {
 fn flash_gather_entry(kind: FlashAttention, kv_suffix: &str, dp: usize) -> (String, usize) {
     match kind {
         FlashAttention::Tf32x3 => (format!("flash_tc_gather_kv_{kv_suffix}_d{dp}"), 8),
+        FlashAttention::F16Scores => (format!("flash_h_gather_kv_{kv_suffix}_d{dp}"), 8),
         _ => (format!("flash_gather_kv_{kv_suffix}"), 32),
     }
 }
@@ -494,6 +500,13 @@ fn flash_smem_bytes(kind: FlashAttention, dp: usize) -> usize {
     4 * match kind {
         FlashAttention::Tf32x3 => {
             FLASH_ROW_TILE * (dp + 8) + FLASH_KEY_TILE * (2 * dp + 16) + FLASH_KEY_TILE * 2 * dp
+        }
+        FlashAttention::F16Scores => {
+            FLASH_ROW_TILE * (dp + 8)
+                + FLASH_KEY_TILE * (dp + 16)
+                + FLASH_KEY_TILE * 2 * dp
+                + FLASH_KEY_TILE
+                + FLASH_ROW_TILE
         }
         _ => {
             dp * FLASH_ROW_TILE
@@ -518,10 +531,11 @@ impl Default for CudaOptions {
             )
             .unwrap_or(512),
             gemm_x3: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMM_X3", 0..=1) != Some(0),
-            flash_attention: match qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=2)
+            flash_attention: match qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=3)
             {
                 Some(0) => FlashAttention::Off,
                 Some(1) => FlashAttention::Fp32,
+                Some(3) => FlashAttention::F16Scores,
                 _ => FlashAttention::Tf32x3,
             },
             accumulate_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_ACCUMULATE_FROM", 1..=1 << 30)
@@ -651,7 +665,14 @@ impl CudaBackend {
         let kinds: &[FlashAttention] = match options.flash_attention {
             FlashAttention::Off => &[],
             FlashAttention::Tf32x3 if major >= 8 => &[FlashAttention::Tf32x3, FlashAttention::Fp32],
-            FlashAttention::Fp32 | FlashAttention::Tf32x3 => &[FlashAttention::Fp32],
+            FlashAttention::F16Scores if major >= 8 => &[
+                FlashAttention::F16Scores,
+                FlashAttention::Tf32x3,
+                FlashAttention::Fp32,
+            ],
+            FlashAttention::Fp32 | FlashAttention::Tf32x3 | FlashAttention::F16Scores => {
+                &[FlashAttention::Fp32]
+            }
         };
         let flash = kinds
             .iter()
@@ -1497,7 +1518,7 @@ impl CudaBackend {
         kind: FlashAttention,
         dp: usize,
     ) -> Result<CudaTensor> {
-        let tc = kind == FlashAttention::Tf32x3;
+        let tc = kind != FlashAttention::Fp32;
         let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let g = cfg.group_size();
         let t = batch.info.num_tokens();
@@ -2581,6 +2602,7 @@ mod tests {
             );
         }
         assert_eq!(flash_smem_bytes(FlashAttention::Tf32x3, 128), 204_800);
+        assert_eq!(flash_smem_bytes(FlashAttention::F16Scores, 128), 172_800);
         let builds: Vec<_> = [4, 20, 32, 36, 64, 68, 128, 6, 130, 256]
             .map(flash_build)
             .into();
@@ -2847,7 +2869,11 @@ mod tests {
             literal += 1;
         }
         assert!(literal >= 8, "only {literal} literal launches found");
-        for kind in [FlashAttention::Fp32, FlashAttention::Tf32x3] {
+        for kind in [
+            FlashAttention::Fp32,
+            FlashAttention::Tf32x3,
+            FlashAttention::F16Scores,
+        ] {
             for dp in FLASH_BUILDS {
                 assert!(known(&flash_prefill_entry(kind, dp)), "{kind:?} d{dp}");
                 for suffix in ["kvf32", "kvbf16"] {

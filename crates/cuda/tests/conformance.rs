@@ -51,6 +51,17 @@ mod attention_flash {
     );
 }
 
+/// The same with the scores on fp16 tensor cores (scaled rows, two fp16 parts each).
+mod attention_flash_f16_scores {
+    use super::*;
+
+    qfuse_core::backend_tests!(
+        backend: CudaBackend = CudaBackend::with_options(0, CudaOptions { attention_gemm_min_rows: 1, flash_attention: FlashAttention::F16Scores, ..Default::default() }),
+        reference: CpuRef = CpuRef::new(),
+        tolerance: Tolerance::F32
+    );
+}
+
 /// The same through the fp32 flash kernel (CUDA cores).
 mod attention_flash_fp32 {
     use super::*;

@@ -1,5 +1,5 @@
-//! Long prompts through both flash attention kernels (`kernels/flash.cu`: fp32 and 3xTF32, the
-//! default for prompt chunks of 64+ tokens) against the f64 reference: several 128-row tiles and 64-key tiles, the
+//! Long prompts through the flash attention kernels (`kernels/flash.cu`: fp32, 3xTF32 (the
+//! default for prompt chunks of 64+ tokens) and fp16 scores) against the f64 reference: several 128-row tiles and 64-key tiles, the
 //! causal diagonal inside a tile, tiles that straddle tokens (groups of 3), cached history before
 //! the chunk, several sequences in one launch and in separate scratch groups, each of the 32, 64
 //! and 128 builds (head sizes padded up to them), and both cache types. Skips with a notice where
@@ -16,7 +16,11 @@ use qfuse_cuda::{CudaBackend, CudaOptions, FlashAttention};
 /// products are exact to ~2^-22.
 const FP32_EXACT: Tolerance = Tolerance { rel: 1e-5 };
 
-const KINDS: [FlashAttention; 2] = [FlashAttention::Fp32, FlashAttention::Tf32x3];
+const KINDS: [FlashAttention; 3] = [
+    FlashAttention::Fp32,
+    FlashAttention::Tf32x3,
+    FlashAttention::F16Scores,
+];
 
 fn gpu(kv_dtype: DType, flash_attention: FlashAttention) -> Option<CudaBackend> {
     let options = CudaOptions {
