@@ -36,7 +36,7 @@ mod attention_gemm {
     );
 }
 
-/// Prompt attention through the flash kernels (`kernels/flash.cu`; the default, 3xTF32 on the
+/// Prompt attention through the flash kernels (`kernels/flash.cu`; the default, fp16 scores on the
 /// tensor cores) for every batch of more than 8 rows, wherever the head size allows (a multiple
 /// of 4 up to 128; others take the GEMM path): several sequences with cached history, groups of
 /// 1-8 query heads, odd head sizes padded to the 32/64/128 builds. Long prompts are in
@@ -51,12 +51,12 @@ mod attention_flash {
     );
 }
 
-/// The same with the scores on fp16 tensor cores (scaled rows, two fp16 parts each).
-mod attention_flash_f16_scores {
+/// The same with the scores in 3xTF32 too.
+mod attention_flash_3xtf32 {
     use super::*;
 
     qfuse_core::backend_tests!(
-        backend: CudaBackend = CudaBackend::with_options(0, CudaOptions { attention_gemm_min_rows: 1, flash_attention: FlashAttention::F16Scores, ..Default::default() }),
+        backend: CudaBackend = CudaBackend::with_options(0, CudaOptions { attention_gemm_min_rows: 1, flash_attention: FlashAttention::Tf32x3, ..Default::default() }),
         reference: CpuRef = CpuRef::new(),
         tolerance: Tolerance::F32
     );
