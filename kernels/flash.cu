@@ -409,7 +409,7 @@ __device__ __forceinline__ void mma_3xf16(float (*c)[4], const u32 ah[4], const 
 // H16: keys as scaled fp16 parts, [KV][Kp][DP] words (for each 16-wide slice of d, lane t's
 // {hi(2t, 2t+1), hi(2t+8, 2t+9), lo(2t, 2t+1), lo(2t+8, 2t+9)}), then each key's scale
 // ([KV][Kp] floats, the factor its scores take back).
-template <typename KT, int DP, bool H16>
+template <typename KT, int DP, int MODE>
 __device__ void flash_tc_gather_kv(const KT* __restrict__ kc, const KT* __restrict__ vc, const u32* __restrict__ tables,
                                    int max_blocks, int block_size, const u32* __restrict__ desc, int koff0, int KV,
                                    int d, int Kp, float* __restrict__ ks, float* __restrict__ vs) {
@@ -419,6 +419,7 @@ __device__ void flash_tc_gather_kv(const KT* __restrict__ kc, const KT* __restri
     const int j0 = blockIdx.x * 8;
     int keys, koff;
     if (!fa_seq_keys(desc, koff0, j0, keys, koff)) return;
+    constexpr bool H16 = MODE >= 1;
     const u32* table = tables + (size_t)s * max_blocks;
     {
         const int j = j0 + warp;  // 8 warps, a key each
@@ -464,6 +465,7 @@ __device__ void flash_tc_gather_kv(const KT* __restrict__ kc, const KT* __restri
                 make_float2(__uint_as_float(big), __uint_as_float(small));
         }
     }
+    if constexpr (MODE == 2) return;  // values: flash_hh_gather_v
     float* vdst = vs + ((size_t)kv * Kp + koff + j0) * 2 * DP;
     for (int i = threadIdx.x; i < 4 * DP; i += FA_THREADS) {
         const int c = i / 4, t = i % 4;
@@ -475,13 +477,62 @@ __device__ void flash_tc_gather_kv(const KT* __restrict__ kc, const KT* __restri
     }
 }
 
+// flash_hh's values: grid = (max padded keys / 64, KV, sequences), block = 256: one key tile of
+// one KV head. Each column of the tile is scaled by the power of two that brings its largest
+// magnitude into [2^14, 2^15) (kept as the factor to take back, [KV][Kp / 64][DP] after the
+// parts) and split into two fp16 parts; per 16 keys and dim, lane t's {hi(2t, 2t+1),
+// hi(2t+8, 2t+9), lo(...), lo(...)} ([KV][Kp][DP] words).
+template <typename KT, int DP>
+__device__ void flash_hh_gather_v(const KT* __restrict__ vc, const u32* __restrict__ tables, int max_blocks,
+                                  int block_size, const u32* __restrict__ desc, int koff0, int KV, int d, int Kp,
+                                  float* __restrict__ vs) {
+    pdl_begin();
+    __shared__ float vt[FA_KEYS][DP];
+    __shared__ float colmax[8][DP];
+    __shared__ float colscale[DP];
+    const int s = blockIdx.z, kv = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int j0 = blockIdx.x * FA_KEYS;
+    int keys, koff;
+    if (!fa_seq_keys(desc, koff0, j0, keys, koff)) return;
+    const u32* table = tables + (size_t)s * max_blocks;
+    for (int c = lane; c < DP; c += 32) colmax[warp][c] = 0.0f;
+    for (int key = warp; key < FA_KEYS; key += 8) {
+        const int j = j0 + key;
+        const size_t src = j < keys ? cache_slot(table, block_size, j) * KV * d + (size_t)kv * d : 0;
+        for (int c = lane; c < DP; c += 32) {
+            const float v = j < keys && c < d ? kv_load(vc + src + c) : 0.0f;
+            vt[key][c] = v;
+            colmax[warp][c] = fmaxf(colmax[warp][c], fabsf(v));
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < DP) {
+        float m = 0.0f;
+        for (int w = 0; w < 8; ++w) m = fmaxf(m, colmax[w][threadIdx.x]);
+        const float sc = fp16_row_scale(m);
+        colscale[threadIdx.x] = sc;
+        vs[(size_t)KV * Kp * DP + ((size_t)kv * (Kp / FA_KEYS) + (koff + j0) / FA_KEYS) * DP + threadIdx.x] = 1.0f / sc;
+    }
+    __syncthreads();
+    u32* vdst = reinterpret_cast<u32*>(vs) + ((size_t)kv * Kp + koff + j0) * DP;
+    for (int i = threadIdx.x; i < (FA_KEYS / 16) * DP * 4; i += FA_THREADS) {
+        const int t = i % 4, c = (i / 4) % DP, b = i / (4 * DP), k = b * 16 + 2 * t;
+        const float sc = colscale[c];
+        uint4 w;
+        half2_split(vt[k][c] * sc, vt[k + 1][c] * sc, w.x, w.z);
+        half2_split(vt[k + 8][c] * sc, vt[k + 9][c] * sc, w.y, w.w);
+        *reinterpret_cast<uint4*>(vdst + (size_t)b * 16 * DP + (c * 4 + t) * 4) = w;
+    }
+}
+
 // Dynamic shared memory: q [128][DP + 8], K [64][2 DP + 16], V [64 / 8][DP][16] floats; H16: K
 // [64][DP + 16] words, then the key scales [64] and the q rows' scales [128].
 // grid = (KV, sequences, most tiles of a sequence), block = 256.
-template <int DP, bool H16>
+template <int DP, int MODE>
 __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __restrict__ ksplit,
                                  const float* __restrict__ vsplit, float* __restrict__ out, const u32* __restrict__ desc,
                                  int koff0, int H, int KV, int d, int Kp, float scale_log2) {
+    constexpr bool H16 = MODE >= 1, HPV = MODE == 2;
     constexpr int QS = DP + 8;       // ≡ 8 (mod 32): a half-warp's 8-byte loads of 4 rows miss each other
     // ≡ 16 (mod 32): a quarter-warp's 16-byte loads of 2 keys likewise
     constexpr int KS = H16 ? DP + 16 : 2 * DP + 16;
@@ -500,7 +551,10 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const float* kbase = ksplit + ((size_t)kv * Kp + koff) * (H16 ? DP : 2 * DP);
     const float* kscale_base = ksplit + (size_t)KV * Kp * DP + (size_t)kv * Kp + koff;  // H16 only
-    const float* vbase = vsplit + ((size_t)kv * Kp + koff) * 2 * DP;
+    const float* vbase = vsplit + ((size_t)kv * Kp + koff) * (HPV ? DP : 2 * DP);
+    // HPV: each key tile's value-column scales, [KV][Kp / 64][DP] after the parts.
+    const float* vscale_base = vsplit + (size_t)KV * Kp * DP + ((size_t)kv * (Kp / FA_KEYS) + koff / FA_KEYS) * DP;
+    float* vscale = Vs + FA_KEYS * DP;  // HPV only
 
     auto load_k = [&](int k0) {
         if constexpr (H16) {
@@ -517,8 +571,14 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
         }
     };
     auto load_v = [&](int k0) {
-        for (int i = tid; i < FA_KEYS * (DP / 2); i += FA_THREADS)
-            fa_copy16(Vs + i * 4, vbase + (size_t)k0 * 2 * DP + i * 4);
+        if constexpr (HPV) {
+            for (int i = tid; i < FA_KEYS * (DP / 4); i += FA_THREADS)
+                fa_copy16(Vs + i * 4, vbase + (size_t)k0 * DP + i * 4);
+            if (tid < DP / 4) fa_copy16(vscale + tid * 4, vscale_base + (size_t)(k0 / FA_KEYS) * DP + tid * 4);
+        } else {
+            for (int i = tid; i < FA_KEYS * (DP / 2); i += FA_THREADS)
+                fa_copy16(Vs + i * 4, vbase + (size_t)k0 * 2 * DP + i * 4);
+        }
     };
     load_k(0);
     fa_commit();
@@ -686,8 +746,34 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
             float ot[EG][4];
 #pragma unroll
             for (int e = 0; e < EG; ++e) ot[e][0] = ot[e][1] = ot[e][2] = ot[e][3] = 0.0f;
+            if constexpr (HPV) {
+                // k16 steps of 16 keys: the score fragments of n-tiles 2j and 2j + 1 are P's A
+                // fragment as they are; values per 16 keys and dim, lane t's {hi(2t, 2t+1),
+                // hi(2t+8, 2t+9), lo(...), lo(...)}, scaled per column (taken back below).
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
+                for (int j = 0; j < NT / 2; ++j) {
+                    u32 ph[4], pl[4];
+                    half2_split(sc[2 * j][0], sc[2 * j][1], ph[0], pl[0]);
+                    half2_split(sc[2 * j][2], sc[2 * j][3], ph[1], pl[1]);
+                    half2_split(sc[2 * j + 1][0], sc[2 * j + 1][1], ph[2], pl[2]);
+                    half2_split(sc[2 * j + 1][2], sc[2 * j + 1][3], ph[3], pl[3]);
+                    uint4 vb[EG];
+#pragma unroll
+                    for (int e = 0; e < EG; ++e)
+                        vb[e] = *reinterpret_cast<const uint4*>(Vs + (j * DP + (e0 + e) * 8 + g) * 16 + t * 4);
+                    mma_3xf16<EG>(ot, ph, pl, vb);
+                }
+#pragma unroll
+                for (int e = 0; e < EG; ++e) {
+                    const float2 vsc = *reinterpret_cast<const float2*>(vscale + (e0 + e) * 8 + 2 * t);
+                    ot[e][0] *= vsc.x;
+                    ot[e][1] *= vsc.y;
+                    ot[e][2] *= vsc.x;
+                    ot[e][3] *= vsc.y;
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < (HPV ? 0 : NT); ++j) {
                 u32 pb[4], ps[4];
                 tf32_split(sc[j][0], pb[0], ps[0]);
                 tf32_split(sc[j][2], pb[1], ps[1]);
@@ -728,24 +814,41 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
     }
 }
 
-// Builds: flash_tc_* (3xTF32 scores) and flash_h_* (fp16 scores), each for both cache types.
-#define FLASH_TC_GATHER_ENTRY(NAME, KT, SUFFIX, DP, H16)                                                            \
+// Builds: flash_tc_* (3xTF32), flash_h_* (fp16 scores) and flash_hh_* (fp16 scores and P·V,
+// the values gathered by flash_hh_gather_v), each for both cache types.
+#define FLASH_TC_GATHER_ENTRY(NAME, KT, SUFFIX, DP, MODE)                                                            \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) NAME##_gather_kv_##SUFFIX##_d##DP(                      \
         const KT* kc, const KT* vc, const u32* tables, int max_blocks, int block_size, const u32* desc, int koff0,   \
         int KV, int d, int Kp, float* ks, float* vs) {                                                               \
-        flash_tc_gather_kv<KT, DP, H16>(kc, vc, tables, max_blocks, block_size, desc, koff0, KV, d, Kp, ks, vs);   \
+        flash_tc_gather_kv<KT, DP, MODE>(kc, vc, tables, max_blocks, block_size, desc, koff0, KV, d, Kp, ks, vs);  \
     }
-#define FLASH_TC_ENTRY(NAME, DP, H16)                                                                               \
-    FLASH_TC_GATHER_ENTRY(NAME, float, kvf32, DP, H16)                                                              \
-    FLASH_TC_GATHER_ENTRY(NAME, bf16_t, kvbf16, DP, H16)                                                            \
+#define FLASH_TC_ENTRY(NAME, DP, MODE)                                                                              \
+    FLASH_TC_GATHER_ENTRY(NAME, float, kvf32, DP, MODE)                                                             \
+    FLASH_TC_GATHER_ENTRY(NAME, bf16_t, kvbf16, DP, MODE)                                                           \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) NAME##_prefill_d##DP(                              \
         const float* q, const float* ks, const float* vs, float* out, const u32* desc, int koff0, int H, int KV,     \
         int d, int Kp, float scale_log2) {                                                                           \
-        flash_tc_prefill<DP, H16>(q, ks, vs, out, desc, koff0, H, KV, d, Kp, scale_log2);                           \
+        flash_tc_prefill<DP, MODE>(q, ks, vs, out, desc, koff0, H, KV, d, Kp, scale_log2);                          \
     }
-FLASH_TC_ENTRY(flash_tc, 32, false)
-FLASH_TC_ENTRY(flash_tc, 64, false)
-FLASH_TC_ENTRY(flash_tc, 128, false)
-FLASH_TC_ENTRY(flash_h, 32, true)
-FLASH_TC_ENTRY(flash_h, 64, true)
-FLASH_TC_ENTRY(flash_h, 128, true)
+FLASH_TC_ENTRY(flash_tc, 32, 0)
+FLASH_TC_ENTRY(flash_tc, 64, 0)
+FLASH_TC_ENTRY(flash_tc, 128, 0)
+FLASH_TC_ENTRY(flash_h, 32, 1)
+FLASH_TC_ENTRY(flash_h, 64, 1)
+FLASH_TC_ENTRY(flash_h, 128, 1)
+FLASH_TC_ENTRY(flash_hh, 32, 2)
+FLASH_TC_ENTRY(flash_hh, 64, 2)
+FLASH_TC_ENTRY(flash_hh, 128, 2)
+
+#define FLASH_HH_GATHER_V_ENTRY(KT, SUFFIX, DP)                                                                     \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_hh_gather_v_##SUFFIX##_d##DP(                      \
+        const KT* vc, const u32* tables, int max_blocks, int block_size, const u32* desc, int koff0, int KV, int d,   \
+        int Kp, float* vs) {                                                                                         \
+        flash_hh_gather_v<KT, DP>(vc, tables, max_blocks, block_size, desc, koff0, KV, d, Kp, vs);                  \
+    }
+#define FLASH_HH_GATHER_V_ENTRIES(DP)               \
+    FLASH_HH_GATHER_V_ENTRY(float, kvf32, DP)       \
+    FLASH_HH_GATHER_V_ENTRY(bf16_t, kvbf16, DP)
+FLASH_HH_GATHER_V_ENTRIES(32)
+FLASH_HH_GATHER_V_ENTRIES(64)
+FLASH_HH_GATHER_V_ENTRIES(128)

@@ -351,6 +351,10 @@ pub enum FlashAttention {
     /// norm to bound them). Where its build does not fit, `Tf32x3`, then `Fp32`. On the H200 a
     /// 2,048-token prefill 19.9 ms against 22.6, as accurate (docs/perf.md).
     F16Scores,
+    /// Scores and P·V both on fp16 tensor cores: values scaled per column of each 64-key tile
+    /// (a power of two that brings the column's largest magnitude into fp16's range), P (in
+    /// [0, 1]) split as it is; falls back like `F16Scores`.
+    F16,
 }
 
 /// Rows and weight rows of a `gemm_wgmma.cu` block (`WG_BM`, `WG_BN`), its threads
@@ -472,6 +476,7 @@ fn flash_prefill_entry(kind: FlashAttention, dp: usize) -> String {
     match kind {
         FlashAttention::Tf32x3 => format!("flash_tc_prefill_d{dp}"),
         FlashAttention::F16Scores => format!("flash_h_prefill_d{dp}"),
+        FlashAttention::F16 => format!("flash_hh_prefill_d{dp}"),
         _ => format!("flash_prefill_d{dp}"),
     }
 }
@@ -482,8 +487,15 @@ fn flash_gather_entry(kind: FlashAttention, kv_suffix: &str, dp: usize) -> (Stri
     match kind {
         FlashAttention::Tf32x3 => (format!("flash_tc_gather_kv_{kv_suffix}_d{dp}"), 8),
         FlashAttention::F16Scores => (format!("flash_h_gather_kv_{kv_suffix}_d{dp}"), 8),
+        FlashAttention::F16 => (format!("flash_hh_gather_kv_{kv_suffix}_d{dp}"), 8),
         _ => (format!("flash_gather_kv_{kv_suffix}"), 32),
     }
+}
+
+/// The separate values gather of a flash attention kind, if it has one (`F16`: a block per
+/// 64-key tile, which its column scales span).
+fn flash_gather_v_entry(kind: FlashAttention, kv_suffix: &str, dp: usize) -> Option<String> {
+    (kind == FlashAttention::F16).then(|| format!("flash_hh_gather_v_{kv_suffix}_d{dp}"))
 }
 
 /// The first of `kinds` (kernel, the shared memory its builds may take) with a build for head
@@ -504,7 +516,7 @@ fn flash_smem_bytes(kind: FlashAttention, dp: usize) -> usize {
         FlashAttention::Tf32x3 => {
             FLASH_ROW_TILE * (dp + 8) + FLASH_KEY_TILE * (2 * dp + 16) + FLASH_KEY_TILE * 2 * dp
         }
-        FlashAttention::F16Scores => {
+        FlashAttention::F16Scores | FlashAttention::F16 => {
             FLASH_ROW_TILE * (dp + 8)
                 + FLASH_KEY_TILE * (dp + 16)
                 + FLASH_KEY_TILE * 2 * dp
@@ -534,11 +546,12 @@ impl Default for CudaOptions {
             )
             .unwrap_or(512),
             gemm_x3: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMM_X3", 0..=1) != Some(0),
-            flash_attention: match qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=3)
+            flash_attention: match qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=4)
             {
                 Some(0) => FlashAttention::Off,
                 Some(1) => FlashAttention::Fp32,
                 Some(2) => FlashAttention::Tf32x3,
+                Some(4) => FlashAttention::F16,
                 _ => FlashAttention::F16Scores,
             },
             accumulate_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_ACCUMULATE_FROM", 1..=1 << 30)
@@ -673,9 +686,15 @@ impl CudaBackend {
                 FlashAttention::Tf32x3,
                 FlashAttention::Fp32,
             ],
-            FlashAttention::Fp32 | FlashAttention::Tf32x3 | FlashAttention::F16Scores => {
-                &[FlashAttention::Fp32]
-            }
+            FlashAttention::F16 if major >= 8 => &[
+                FlashAttention::F16,
+                FlashAttention::Tf32x3,
+                FlashAttention::Fp32,
+            ],
+            FlashAttention::Fp32
+            | FlashAttention::Tf32x3
+            | FlashAttention::F16Scores
+            | FlashAttention::F16 => &[FlashAttention::Fp32],
         };
         let flash = kinds
             .iter()
@@ -1538,6 +1557,7 @@ impl CudaBackend {
         let desc = batch.flash_desc.device_ptr(stream).0;
         let (hi, kvhi, di) = (i32_of(h, "H")?, i32_of(kvh, "KV")?, i32_of(d, "d")?);
         let (gather, keys_a_block) = flash_gather_entry(kind, cache.k.kv_suffix(), dp);
+        let gather_v = flash_gather_v_entry(kind, cache.k.kv_suffix(), dp);
         let prefill = flash_prefill_entry(kind, dp);
         let (mut s0, mut koff0) = (0, 0);
         while s0 < seqs.len() {
@@ -1582,9 +1602,37 @@ impl CudaBackend {
             // SAFETY: rows s0..s1 of the tables and the descriptor belong to these sequences,
             // whose cache slots are inside the pools (checked by `attention`); each sequence's
             // keys and values go to its keys [koff - koff0, + padded) of kt and vt (fp32:
-            // [kvh, d, kp] and [kvh, kp, d]; 3xTF32: [kvh, kp, 2 dp] each), which hold them all;
-            // d <= dp <= 128 (the kernels' staging tiles).
+            // [kvh, d, kp] and [kvh, kp, d]; 3xTF32: [kvh, kp, 2 dp] each; fp16 builds: [kvh, kp,
+            // dp] words and a scale per key or per 64-key tile's column after them), which hold
+            // them all; d <= dp <= 128 (the kernels' staging tiles).
             unsafe { l.launch(gather_cfg) }.cuda()?;
+            if let Some(gather_v) = &gather_v {
+                let mut l = self.launch(gather_v)?;
+                l.ptr(cache.v.ptr(stream))
+                    .ptr(tables + (s0 * batch.max_blocks * 4) as u64)
+                    .i32(i32_of(batch.max_blocks, "blocks")?)
+                    .i32(i32_of(batch.info.block_size(), "block size")?)
+                    .ptr(group_desc)
+                    .i32(koff0i)
+                    .i32(kvhi)
+                    .i32(di)
+                    .i32(kpi)
+                    .out(&vt);
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        u32_of(most_keys / FLASH_KEY_TILE, "key tiles")?,
+                        u32_of(kvh, "KV")?,
+                        u32_of(n, "sequences")?,
+                    ),
+                    block_dim: (FLASH_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: as the gather above; the values of each 64-key tile of a sequence
+                // (padded to whole tiles) go to its keys of vt, [kvh, kp, dp] words, and its
+                // column scales after them, [kvh, kp / 64, dp] floats, inside vt's
+                // kvh * kp * 2 dp floats.
+                unsafe { l.launch(cfg) }.cuda()?;
+            }
             let mut l = self.launch(&prefill)?;
             l.buf(q)
                 .out(&kt)
@@ -2823,6 +2871,7 @@ mod tests {
                         || l.contains("flash_tc_gather_kv<")
                         || l.contains("flash_tc_prefill<")
                         || l.contains("gemm_wgmma<")
+                        || l.contains("flash_hh_gather_v<")
                 });
                 assert!(
                     body.lines().take(4).any(|l| l.contains("pdl_begin()")) || calls_template,
@@ -2838,6 +2887,7 @@ mod tests {
         let wgmma = include_str!("../../../kernels/gemm_wgmma.cu");
         for (name, src) in [
             ("gemm_wgmma", wgmma),
+            ("flash_hh_gather_v", flash),
             ("flash_gather_kv", flash),
             ("flash_prefill", flash),
             ("flash_tc_gather_kv", flash),
@@ -2876,12 +2926,16 @@ mod tests {
             FlashAttention::Fp32,
             FlashAttention::Tf32x3,
             FlashAttention::F16Scores,
+            FlashAttention::F16,
         ] {
             for dp in FLASH_BUILDS {
                 assert!(known(&flash_prefill_entry(kind, dp)), "{kind:?} d{dp}");
                 for suffix in ["kvf32", "kvbf16"] {
                     let (gather, _) = flash_gather_entry(kind, suffix, dp);
                     assert!(known(&gather), "{gather}");
+                    if let Some(gather_v) = flash_gather_v_entry(kind, suffix, dp) {
+                        assert!(known(&gather_v), "{gather_v}");
+                    }
                 }
             }
         }

@@ -16,10 +16,11 @@ use qfuse_cuda::{CudaBackend, CudaOptions, FlashAttention};
 /// products are exact to ~2^-22.
 const FP32_EXACT: Tolerance = Tolerance { rel: 1e-5 };
 
-const KINDS: [FlashAttention; 3] = [
+const KINDS: [FlashAttention; 4] = [
     FlashAttention::Fp32,
     FlashAttention::Tf32x3,
     FlashAttention::F16Scores,
+    FlashAttention::F16,
 ];
 
 fn gpu(kv_dtype: DType, flash_attention: FlashAttention) -> Option<CudaBackend> {
