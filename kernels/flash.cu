@@ -358,7 +358,10 @@ __device__ __forceinline__ void mma_3xtf32(float (*c)[4], const u32 ab[4], const
 // k rows are scaled by powers of two that bring each row's largest element into [2^14, 2^15)
 // (fp16's normal range, whatever the norm gains), split into hi = fp16(x) and lo = fp16(x - hi)
 // (x to ~2^-22 of its row's largest element), and each score is the three products' sum times
-// the two rows' scales (exact). P·V stays 3xTF32: values have no norm to bound them.
+// the two rows' scales (exact). Values have no norm to bound them: the H16 build keeps P·V in
+// 3xTF32; the HH build (the default) scales each column of a 64-key tile instead
+// (flash_hh_gather_v), so its P·V runs on fp16 too, P (in [0, 1]) split as it is, and each
+// tile's sum takes the columns' scales back.
 
 // Two floats as fp16 (round to nearest), the first in the low half.
 __device__ __forceinline__ u32 half2_bits(float lo_elem, float hi_elem) {

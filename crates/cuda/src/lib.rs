@@ -12,9 +12,10 @@
 //! kernel for every batch size, which for batched decode (9+ sequences) also forms q and the new
 //! keys (`qk_norm_rope_attention`); a batch-1 decoder layer can run as one persistent kernel
 //! (`layer.rs`, opt-in: measured slower than the composed step); prompt attention (chunks of 64+
-//! tokens) keeps its scores on chip (`kernels/flash.cu`: tensor-core products of two-part fp16
-//! scaled rows for the scores and 3xTF32 for P·V, fp32-exact to ~2^-22; 3xTF32 throughout, fp32
-//! FMAs or cuBLAS SGEMMs around a softmax kernel by option), shorter chunks run in a split-K
+//! tokens) keeps its scores on chip (`kernels/flash.cu`: fp16 tensor-core products of two-part
+//! operands scaled by powers of two, q and k per row, values per column of a key tile,
+//! fp32-exact to ~2^-22; fp16 scores with 3xTF32 P·V, 3xTF32 throughout, fp32 FMAs or cuBLAS
+//! SGEMMs around a softmax kernel by option), shorter chunks run in a split-K
 //! kernel. Kernels are CUDA C++ from
 //! `kernels/`, compiled by NVRTC for the GPU present when the backend is created (in parallel,
 //! and cached on disk by source and NVRTC version: `kernels::cached_ptx`). The crate
@@ -321,7 +322,8 @@ pub struct CudaOptions {
     /// Prompt attention that takes the GEMM path (see `attention_gemm_min_rows`) runs instead as
     /// a kernel that keeps the scores on chip (`kernels/flash.cu`) wherever the head size allows
     /// (a multiple of 4, at most 128) and the GPU has the shared memory
-    /// (`QFUSE_CUDA_FLASH_ATTENTION=0|1|2|3` picks off, fp32, 3xTF32 or fp16 scores, the default).
+    /// (`QFUSE_CUDA_FLASH_ATTENTION=0|1|2|3|4` picks off, fp32, 3xTF32, fp16 scores, or fp16
+    /// scores and P·V, the default).
     pub flash_attention: FlashAttention,
     /// Fewest rows whose cuBLAS products accumulate the three bf16 parts' GEMMs into one output
     /// instead of one stacked GEMM and a sum kernel (`QFUSE_CUDA_ACCUMULATE_FROM`). Default
@@ -345,15 +347,16 @@ pub enum FlashAttention {
     /// The tensor cores with fp32-accurate 3xTF32 products (sm_80 and later; elsewhere, and for
     /// head sizes whose build does not fit the GPU's shared memory, `Fp32`).
     Tf32x3,
-    /// The default: as `Tf32x3`, but the scores from fp16 tensor cores (twice tf32's rate): q
-    /// and k rows scaled by powers of two into fp16's range, split into two fp16 parts each (to
-    /// ~2^-22 of the row's largest element), three products; P·V stays 3xTF32 (values have no
-    /// norm to bound them). Where its build does not fit, `Tf32x3`, then `Fp32`. On the H200 a
-    /// 2,048-token prefill 19.9 ms against 22.6, as accurate (docs/perf.md).
+    /// As `Tf32x3`, but the scores from fp16 tensor cores (twice tf32's rate): q and k rows
+    /// scaled by powers of two into fp16's range, split into two fp16 parts each (to ~2^-22 of
+    /// the row's largest element), three products; P·V stays 3xTF32. Where its build does not
+    /// fit, `Tf32x3`, then `Fp32`.
     F16Scores,
-    /// Scores and P·V both on fp16 tensor cores: values scaled per column of each 64-key tile
-    /// (a power of two that brings the column's largest magnitude into fp16's range), P (in
-    /// [0, 1]) split as it is; falls back like `F16Scores`.
+    /// The default: scores as `F16Scores`, and P·V on fp16 tensor cores too, the values scaled
+    /// per column of each 64-key tile (a power of two that brings the column's largest
+    /// magnitude into fp16's range) and split in two parts, P (in [0, 1]) split as it is. On the
+    /// H200 a 2,048-token prefill 18.0 ms against 3xTF32's 22.6, as accurate (docs/perf.md).
+    /// Falls back like `F16Scores`.
     F16,
 }
 
@@ -551,8 +554,8 @@ impl Default for CudaOptions {
                 Some(0) => FlashAttention::Off,
                 Some(1) => FlashAttention::Fp32,
                 Some(2) => FlashAttention::Tf32x3,
-                Some(4) => FlashAttention::F16,
-                _ => FlashAttention::F16Scores,
+                Some(3) => FlashAttention::F16Scores,
+                _ => FlashAttention::F16,
             },
             accumulate_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_ACCUMULATE_FROM", 1..=1 << 30)
                 .unwrap_or(ACCUMULATE_FROM),
