@@ -327,19 +327,22 @@ __device__ __forceinline__ void tf32_split(float x, u32& big, u32& small) {
     small = tf32_bits(x - __uint_as_float(big));
 }
 
-// Not volatile: the compiler may interleave independent products (a chain of dependent mma
-// instructions into one accumulator stalls on each one's latency).
-__device__ __forceinline__ void mma_tf32(float c[4], const u32 a[4], u32 b0, u32 b1) {
+// c += a · b for one m16n8 tile, fp32 accumulate: NAME issues INSTR (an mma.sync of 4 A and 2 B
+// registers). Not volatile: the compiler may interleave independent products (a chain of
+// dependent mma instructions into one accumulator stalls on each one's latency).
 #if __CUDA_ARCH__ >= 800
-    asm(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#define FA_MMA(NAME, INSTR)                                                                          \
+    __device__ __forceinline__ void NAME(float c[4], const u32 a[4], u32 b0, u32 b1) {               \
+        asm(INSTR " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                         \
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                        \
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                        \
+    }
 #else
-    __trap();
+#define FA_MMA(NAME, INSTR) \
+    __device__ __forceinline__ void NAME(float c[4], const u32 a[4], u32 b0, u32 b1) { __trap(); }
 #endif
-}
+FA_MMA(mma_tf32, "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32")
+FA_MMA(mma_f16, "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32")
 
 // c[i] += a · b[i] for N n-tiles, a and each b given as (big, small) tf32 parts (b as {b0 big,
 // b0 small, b1 big, b1 small}): three products each, the small ones first, issued product by
@@ -382,18 +385,6 @@ __device__ __forceinline__ void half2_split(float a, float b, u32& hi, u32& lo) 
 // for non-finite m (which then stays non-finite).
 __device__ __forceinline__ float fp16_row_scale(float m) {
     return (m > 0.0f && m <= 3.0e38f) ? ldexpf(1.0f, 14 - ilogbf(m)) : 1.0f;
-}
-
-__device__ __forceinline__ void mma_f16(float c[4], const u32 a[4], u32 b0, u32 b1) {
-#if __CUDA_ARCH__ >= 800
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
 }
 
 // c[i] += a · b[i] for N n-tiles from fp16 (hi, lo) parts (b as {b0 hi, b1 hi, b0 lo, b1 lo}):

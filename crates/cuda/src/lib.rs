@@ -1580,19 +1580,22 @@ impl CudaBackend {
             let vt = self.alloc_f32(kvh * kp * key_floats / 2)?;
             let (koff0i, kpi) = (i32_of(koff0, "keys")?, i32_of(kp, "keys")?);
             let group_desc = desc + (s0 * 16) as u64;
+            // The gathers' parameters between the cache pools and the outputs.
+            let group_args = |l: &mut Launch<'_>| -> Result<()> {
+                l.ptr(tables + (s0 * batch.max_blocks * 4) as u64)
+                    .i32(i32_of(batch.max_blocks, "blocks")?)
+                    .i32(i32_of(batch.info.block_size(), "block size")?)
+                    .ptr(group_desc)
+                    .i32(koff0i)
+                    .i32(kvhi)
+                    .i32(di)
+                    .i32(kpi);
+                Ok(())
+            };
             let mut l = self.launch(&gather)?;
-            l.ptr(cache.k.ptr(stream))
-                .ptr(cache.v.ptr(stream))
-                .ptr(tables + (s0 * batch.max_blocks * 4) as u64)
-                .i32(i32_of(batch.max_blocks, "blocks")?)
-                .i32(i32_of(batch.info.block_size(), "block size")?)
-                .ptr(group_desc)
-                .i32(koff0i)
-                .i32(kvhi)
-                .i32(di)
-                .i32(kpi)
-                .out(&kt)
-                .out(&vt);
+            l.ptr(cache.k.ptr(stream)).ptr(cache.v.ptr(stream));
+            group_args(&mut l)?;
+            l.out(&kt).out(&vt);
             let gather_cfg = LaunchConfig {
                 grid_dim: (
                     u32_of(most_keys / keys_a_block, "key groups")?,
@@ -1611,16 +1614,9 @@ impl CudaBackend {
             unsafe { l.launch(gather_cfg) }.cuda()?;
             if let Some(gather_v) = &gather_v {
                 let mut l = self.launch(gather_v)?;
-                l.ptr(cache.v.ptr(stream))
-                    .ptr(tables + (s0 * batch.max_blocks * 4) as u64)
-                    .i32(i32_of(batch.max_blocks, "blocks")?)
-                    .i32(i32_of(batch.info.block_size(), "block size")?)
-                    .ptr(group_desc)
-                    .i32(koff0i)
-                    .i32(kvhi)
-                    .i32(di)
-                    .i32(kpi)
-                    .out(&vt);
+                l.ptr(cache.v.ptr(stream));
+                group_args(&mut l)?;
+                l.out(&vt);
                 let cfg = LaunchConfig {
                     grid_dim: (
                         u32_of(most_keys / FLASH_KEY_TILE, "key tiles")?,
