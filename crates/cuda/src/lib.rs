@@ -576,6 +576,25 @@ impl fmt::Debug for CudaBackend {
     }
 }
 
+/// The parameters the tensor-core product kernels share after their operands: the residual (y
+/// where there is none: the kernel never reads it in that role), y, T, K, N.
+fn product_args(
+    l: &mut Launch<'_>,
+    residual: Option<&CudaSlice<f32>>,
+    y: &Pooled,
+    (t, k, n): (usize, usize, usize),
+) -> Result<()> {
+    match residual {
+        Some(r) => l.buf(r),
+        None => l.out(y),
+    };
+    l.out(y)
+        .i32(i32_of(t, "T")?)
+        .i32(i32_of(k, "K")?)
+        .i32(i32_of(n, "N")?);
+    Ok(())
+}
+
 fn i32_of(x: usize, what: &str) -> Result<i32> {
     i32::try_from(x).map_err(|_| Error::invalid("cuda", format!("{what} = {x} exceeds i32")))
 }
@@ -1085,15 +1104,7 @@ impl CudaBackend {
         let y = self.alloc_f32(t * epilogue.out_cols(n))?;
         let mut l = self.launch(base)?;
         l.tensor_map(parts_map).tensor_map(w_map);
-        // Absent residual: pass y, which the kernel never reads in that role.
-        match residual {
-            Some(r) => l.buf(r),
-            None => l.out(&y),
-        };
-        l.out(&y)
-            .i32(i32_of(t, "T")?)
-            .i32(i32_of(k, "K")?)
-            .i32(i32_of(n, "N")?);
+        product_args(&mut l, residual, &y, (t, k, n))?;
         let cfg = LaunchConfig {
             grid_dim: (col_blocks as u32, t.div_ceil(WGMMA_ROWS) as u32, 1),
             block_dim: (WGMMA_THREADS, 1, 1),
@@ -1141,18 +1152,10 @@ impl CudaBackend {
         };
         let y = self.alloc_f32(t * epilogue.out_cols(n))?;
         let mut l = self.launch(name)?;
-        // Absent gain/residual: pass x / y, which the kernel never reads in that role.
+        // Absent gain: pass x, which the kernel never reads in that role.
         l.buf(rows).buf(gain.unwrap_or(rows)).buf(w);
-        match residual {
-            Some(r) => l.buf(r),
-            None => l.out(&y),
-        };
-        l.out(&y)
-            .i32(i32_of(t, "T")?)
-            .i32(i32_of(k, "K")?)
-            .i32(i32_of(n, "N")?)
-            .i32(plan.kc as i32)
-            .f32(eps);
+        product_args(&mut l, residual, &y, (t, k, n))?;
+        l.i32(plan.kc as i32).f32(eps);
         match &self.inner.x3_trace {
             Some(trace) => {
                 let entry = x3::ENTRIES.iter().position(|e| *e == name).unwrap_or(0);
@@ -1596,15 +1599,19 @@ impl CudaBackend {
             l.ptr(cache.k.ptr(stream)).ptr(cache.v.ptr(stream));
             group_args(&mut l)?;
             l.out(&kt).out(&vt);
-            let gather_cfg = LaunchConfig {
-                grid_dim: (
-                    u32_of(most_keys / keys_a_block, "key groups")?,
-                    u32_of(kvh, "KV")?,
-                    u32_of(n, "sequences")?,
-                ),
-                block_dim: (FLASH_THREADS, 1, 1),
-                shared_mem_bytes: 0,
+            // A gather's grid: blocks of `keys` keys, KV heads, sequences.
+            let gather_grid = |keys: usize| -> Result<LaunchConfig> {
+                Ok(LaunchConfig {
+                    grid_dim: (
+                        u32_of(most_keys / keys, "key groups")?,
+                        u32_of(kvh, "KV")?,
+                        u32_of(n, "sequences")?,
+                    ),
+                    block_dim: (FLASH_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                })
             };
+            let gather_cfg = gather_grid(keys_a_block)?;
             // SAFETY: rows s0..s1 of the tables and the descriptor belong to these sequences,
             // whose cache slots are inside the pools (checked by `attention`); each sequence's
             // keys and values go to its keys [koff - koff0, + padded) of kt and vt (fp32:
@@ -1617,15 +1624,7 @@ impl CudaBackend {
                 l.ptr(cache.v.ptr(stream));
                 group_args(&mut l)?;
                 l.out(&vt);
-                let cfg = LaunchConfig {
-                    grid_dim: (
-                        u32_of(most_keys / FLASH_KEY_TILE, "key tiles")?,
-                        u32_of(kvh, "KV")?,
-                        u32_of(n, "sequences")?,
-                    ),
-                    block_dim: (FLASH_THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = gather_grid(FLASH_KEY_TILE)?;
                 // SAFETY: as the gather above; the values of each 64-key tile of a sequence
                 // (padded to whole tiles) go to its keys of vt, [kvh, kp, dp] words, and its
                 // column scales after them, [kvh, kp / 64, dp] floats, inside vt's
