@@ -14,9 +14,10 @@
 // consumers wait on it, issue 3 parts x 4 k-steps of m64n128k16, and once those have completed
 // arrive on the stage's "empty" mbarrier, which the producer waits on before refilling it. No
 // block-wide barrier runs in the loop. (Producers issuing the copies as cp.async, one warp or a
-// warpgroup of them, were slower than cuBLAS: docs/perf.md.) The hi part's products accumulate apart from the mid and lo parts': the tensor
-// cores truncate as they accumulate, relative to the accumulator, and one accumulator for all
-// three moved the synthetic 0.6B's logits 3.6x further from the reference (docs/perf.md).
+// warpgroup of them, were slower than cuBLAS: docs/perf.md.) The hi part's products accumulate
+// apart from the mid and lo parts': the tensor cores truncate as they accumulate, relative to
+// the accumulator, and one accumulator for all three moved the synthetic 0.6B's logits 3.6x
+// further from the reference (docs/perf.md).
 // With SILU the block's first 64 rows of B are gate rows n0.. and the rest the matching up rows
 // N/2 + n0.., so one thread holds both accumulators of each of its outputs.
 
