@@ -664,31 +664,32 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
                 sc[nt][2] *= qs1 * kscl.x;
                 sc[nt][3] *= qs1 * kscl.y;
             }
-        }
+        } else {
 #pragma unroll
-        for (int kc = 0; kc < (H16 ? 0 : DT); kc += 4) {
-            float part[NT][4];
+            for (int kc = 0; kc < DT; kc += 4) {
+                float part[NT][4];
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) part[nt][0] = part[nt][1] = part[nt][2] = part[nt][3] = 0.0f;
+                for (int nt = 0; nt < NT; ++nt) part[nt][0] = part[nt][1] = part[nt][2] = part[nt][3] = 0.0f;
 #pragma unroll
-            for (int ks = kc; ks < kc + 4; ++ks) {
-                const float2 qa = *reinterpret_cast<const float2*>(Qs + r0 * QS + ks * 8 + t * 2);
-                const float2 qb = *reinterpret_cast<const float2*>(Qs + r1 * QS + ks * 8 + t * 2);
-                u32 ab[4], as[4];
-                tf32_split(qa.x, ab[0], as[0]);
-                tf32_split(qb.x, ab[1], as[1]);
-                tf32_split(qa.y, ab[2], as[2]);
-                tf32_split(qb.y, ab[3], as[3]);
-                float4 kb[NT];
+                for (int ks = kc; ks < kc + 4; ++ks) {
+                    const float2 qa = *reinterpret_cast<const float2*>(Qs + r0 * QS + ks * 8 + t * 2);
+                    const float2 qb = *reinterpret_cast<const float2*>(Qs + r1 * QS + ks * 8 + t * 2);
+                    u32 ab[4], as[4];
+                    tf32_split(qa.x, ab[0], as[0]);
+                    tf32_split(qb.x, ab[1], as[1]);
+                    tf32_split(qa.y, ab[2], as[2]);
+                    tf32_split(qb.y, ab[3], as[3]);
+                    float4 kb[NT];
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+                        kb[nt] = *reinterpret_cast<const float4*>(Ks + (nt * 8 + g) * KS + ks * 16 + t * 4);
+                    mma_3xtf32<NT>(part, ab, as, kb);
+                }
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
-                    kb[nt] = *reinterpret_cast<const float4*>(Ks + (nt * 8 + g) * KS + ks * 16 + t * 4);
-                mma_3xtf32<NT>(part, ab, as, kb);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) sc[nt][i] += part[nt][i];
             }
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) sc[nt][i] += part[nt][i];
         }
         // Online softmax: row r0 holds sc[.][0..1], row r1 sc[.][2..3]; a row's keys are spread
         // over the four lanes of a quad.
@@ -765,19 +766,20 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
                     ot[e][2] *= vsc.x;
                     ot[e][3] *= vsc.y;
                 }
-            }
+            } else {
 #pragma unroll
-            for (int j = 0; j < (HPV ? 0 : NT); ++j) {
-                u32 pb[4], ps[4];
-                tf32_split(sc[j][0], pb[0], ps[0]);
-                tf32_split(sc[j][2], pb[1], ps[1]);
-                tf32_split(sc[j][1], pb[2], ps[2]);
-                tf32_split(sc[j][3], pb[3], ps[3]);
-                float4 vb[EG];
+                for (int j = 0; j < NT; ++j) {
+                    u32 pb[4], ps[4];
+                    tf32_split(sc[j][0], pb[0], ps[0]);
+                    tf32_split(sc[j][2], pb[1], ps[1]);
+                    tf32_split(sc[j][1], pb[2], ps[2]);
+                    tf32_split(sc[j][3], pb[3], ps[3]);
+                    float4 vb[EG];
 #pragma unroll
-                for (int e = 0; e < EG; ++e)
-                    vb[e] = *reinterpret_cast<const float4*>(Vs + j * DP * 16 + ((e0 + e) * 8 + g) * 16 + t * 4);
-                mma_3xtf32<EG>(ot, pb, ps, vb);
+                    for (int e = 0; e < EG; ++e)
+                        vb[e] = *reinterpret_cast<const float4*>(Vs + j * DP * 16 + ((e0 + e) * 8 + g) * 16 + t * 4);
+                    mma_3xtf32<EG>(ot, pb, ps, vb);
+                }
             }
 #pragma unroll
             for (int e = 0; e < EG; ++e) {

@@ -8,18 +8,19 @@
 //! fp32 activations into three bf16 parts as it stages them, with the norm and the epilogue
 //! fused; larger ones (prompts) are split into the three parts by one kernel (the norm fused)
 //! and multiplied on compute capability 9.0 by a warp-specialized wgmma kernel fed by TMA, its
-//! epilogue fused (`kernels/gemm_wgmma.cu`), elsewhere by cuBLAS and a sum kernel. Decode attention is one
-//! kernel for every batch size, which for batched decode (9+ sequences) also forms q and the new
-//! keys (`qk_norm_rope_attention`); a batch-1 decoder layer can run as one persistent kernel
-//! (`layer.rs`, opt-in: measured slower than the composed step); prompt attention (chunks of 64+
-//! tokens) keeps its scores on chip (`kernels/flash.cu`: fp16 tensor-core products of two-part
-//! operands scaled by powers of two, q and k per row, values per column of a key tile,
-//! fp32-exact to ~2^-22; fp16 scores with 3xTF32 P·V, 3xTF32 throughout, fp32 FMAs or cuBLAS
-//! SGEMMs around a softmax kernel by option), shorter chunks run in a split-K
-//! kernel. Kernels are CUDA C++ from
-//! `kernels/`, compiled by NVRTC for the GPU present when the backend is created (in parallel,
-//! and cached on disk by source and NVRTC version: `kernels::cached_ptx`). The crate
-//! builds without CUDA: libraries are loaded at run time, and their absence is `Error::NoDevice`.
+//! epilogue fused (`kernels/gemm_wgmma.cu`), elsewhere by cuBLAS and a sum kernel. Decode
+//! attention is one kernel for every batch size, which for batched decode (9+ sequences) also
+//! forms q and the new keys (`qk_norm_rope_attention`); a batch-1 decoder layer can run as one
+//! persistent kernel (`layer.rs`, opt-in: measured slower than the composed step); prompt
+//! attention (chunks of 64+ tokens) keeps its scores on chip (`kernels/flash.cu`: fp16
+//! tensor-core products of two-part operands scaled by powers of two, q and k per row, values
+//! per column of a key tile, fp32-exact to ~2^-22; fp16 scores with 3xTF32 P·V, 3xTF32
+//! throughout, fp32 FMAs or cuBLAS SGEMMs around a softmax kernel by option), shorter chunks run
+//! in a split-K kernel. Kernels
+//! are CUDA C++ from `kernels/`, compiled by NVRTC for the GPU present when the backend is
+//! created (in parallel, and cached on disk by source and NVRTC version: `kernels::cached_ptx`).
+//! The crate builds without CUDA: libraries are loaded at run time, and their absence is
+//! `Error::NoDevice`.
 
 mod error;
 pub mod kernels;
@@ -513,7 +514,8 @@ fn flash_choice(kinds: &[(FlashAttention, usize)], d: usize) -> Option<(FlashAtt
 
 /// Dynamic shared memory of a flash attention build for padded head size `dp`
 /// (`kernels/flash.cu`): fp32 keeps Qᵀ, Kᵀ, V and Pᵀ tiles; 3xTF32 keeps q and the keys' and
-/// values' split parts.
+/// values' split parts; the fp16 builds keep q, the keys' fp16 parts, the values' region as
+/// 3xTF32's (the `F16` build uses half of it), and the key and q row scales.
 fn flash_smem_bytes(kind: FlashAttention, dp: usize) -> usize {
     4 * match kind {
         FlashAttention::Tf32x3 => {
@@ -700,27 +702,18 @@ impl CudaBackend {
         } else {
             None
         };
-        let kinds: &[FlashAttention] = match options.flash_attention {
-            FlashAttention::Off => &[],
-            FlashAttention::Tf32x3 if major >= 8 => &[FlashAttention::Tf32x3, FlashAttention::Fp32],
-            FlashAttention::F16Scores if major >= 8 => &[
-                FlashAttention::F16Scores,
-                FlashAttention::Tf32x3,
-                FlashAttention::Fp32,
-            ],
-            FlashAttention::F16 if major >= 8 => &[
-                FlashAttention::F16,
-                FlashAttention::Tf32x3,
-                FlashAttention::Fp32,
-            ],
-            FlashAttention::Fp32
-            | FlashAttention::Tf32x3
-            | FlashAttention::F16Scores
-            | FlashAttention::F16 => &[FlashAttention::Fp32],
+        // The chosen kernel, then the fallbacks for head sizes whose build does not fit: the
+        // tensor-core kinds (sm_80 and later) fall back to 3xTF32, everything to fp32.
+        let kinds: Vec<FlashAttention> = match options.flash_attention {
+            FlashAttention::Off => vec![],
+            FlashAttention::Fp32 => vec![FlashAttention::Fp32],
+            _ if major < 8 => vec![FlashAttention::Fp32],
+            FlashAttention::Tf32x3 => vec![FlashAttention::Tf32x3, FlashAttention::Fp32],
+            fp16 => vec![fp16, FlashAttention::Tf32x3, FlashAttention::Fp32],
         };
         let flash = kinds
-            .iter()
-            .map(|&kind| {
+            .into_iter()
+            .map(|kind| {
                 let names = FLASH_BUILDS.map(|dp| flash_prefill_entry(kind, dp));
                 Ok((kind, kernels.allow_optin_smem(&ctx, names)?))
             })
@@ -1181,9 +1174,9 @@ impl CudaBackend {
         Ok(Some(y))
     }
 
-    /// Whether `gemm_wgmma.cu` runs a product with bf16 weights of more than 64 rows (`t`, `k` deep, `n`
-    /// wide, gate and up rows together with `silu`), rather than cuBLAS: for tests and probes
-    /// that must know which path ran.
+    /// Whether `gemm_wgmma.cu` runs a product with bf16 weights of more than 64 rows (`t`, `k`
+    /// deep, `n` wide, gate and up rows together with `silu`), rather than cuBLAS: for tests and
+    /// probes that must know which path ran.
     pub fn uses_wgmma(&self, t: usize, k: usize, n: usize, silu: bool) -> bool {
         self.inner.wgmma && wgmma_col_blocks(t, k, n, silu).is_some()
     }
@@ -1535,8 +1528,8 @@ impl CudaBackend {
     /// Prompt attention as [`kernels/flash.cu`]: per group of sequences whose gathered keys and
     /// values fit [`FLASH_SCRATCH_BYTES`], one kernel gathers them from the paged cache (keys
     /// transposed) and one computes every query row's attention with the scores on chip.
-    /// `kind` is the kernel (fp32 or 3xTF32), `dp` the build: the head size padded to 32, 64 or
-    /// 128.
+    /// `kind` is the kernel ([`FlashAttention`]), `dp` the build: the head size padded to 32,
+    /// 64 or 128.
     fn attention_flash(
         &self,
         q: &CudaTensor,
