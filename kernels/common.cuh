@@ -84,6 +84,12 @@ __device__ __forceinline__ void pdl_begin() {
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
 
+// What a product kernel does with its dot products (gemv, gemm_x3, gemm_wgmma): store them, add a
+// residual, or (gate and up rows) store SiLU(gate) * up.
+#define EPI_NONE 0
+#define EPI_ADD 1
+#define EPI_SILU 2
+
 // One element of a KV-cache pool (fp32 or bf16), loaded as or stored from fp32.
 __device__ __forceinline__ float kv_load(const float* p) { return *p; }
 __device__ __forceinline__ float kv_load(const bf16_t* p) { return bf16_to_f32(*p); }

@@ -27,9 +27,6 @@
 #define WG_STAGES 3
 #define WG_CONSUMERS 256
 #define WG_THREADS 288
-#define WG_EPI_STORE 0
-#define WG_EPI_ADD 1
-#define WG_EPI_SILU 2
 // One part's A tile, the B tile, a stage (3 A tiles + B), in bytes.
 #define WG_A_BYTES (WG_BM * WG_BK * 2)
 #define WG_B_BYTES (WG_BN * WG_BK * 2)
@@ -128,7 +125,7 @@ __device__ __forceinline__ void wg_mma(float (&d)[64], unsigned long long a, uns
 template <int EPI>
 __device__ __forceinline__ void wg_load_b(u32 stage, const TmaMap* w, int N, int n0, int kb, u32 bar) {
     const u32 dst = stage + 3 * WG_A_BYTES;
-    if (EPI == WG_EPI_SILU) {
+    if (EPI == EPI_SILU) {
         tma_load_2d(dst, w, kb * WG_BK, n0, bar);
         tma_load_2d(dst + WG_B_BYTES / 2, w, kb * WG_BK, N / 2 + n0, bar);
     } else {
@@ -151,7 +148,7 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
     __shared__ __align__(8) unsigned long long full[WG_STAGES], empty[WG_STAGES];
     const u32 base = ((u32)__cvta_generic_to_shared(wg_smem) + 1023u) & ~1023u;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int n0 = blockIdx.x * (EPI == WG_EPI_SILU ? WG_BN / 2 : WG_BN), m0 = blockIdx.y * WG_BM;
+    const int n0 = blockIdx.x * (EPI == EPI_SILU ? WG_BN / 2 : WG_BN), m0 = blockIdx.y * WG_BM;
     const int rounds = K / WG_BK;
     const u32 full0 = (u32)__cvta_generic_to_shared(full), empty0 = (u32)__cvta_generic_to_shared(empty);
     if (tid == 0) {
@@ -226,8 +223,8 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
     // Accumulator layout: warp w of the warpgroup holds rows 16w + lane/4 and + 8; for each
     // 8-column group j, columns 8j + 2 (lane % 4) and + 1 (acc[4j..4j+1] row 0, acc[4j+2..] row 8).
     const int r0 = m0 + g * 64 + (warp & 3) * 16 + (lane >> 2), cq = (lane & 3) * 2;
-    const int out_cols = EPI == WG_EPI_SILU ? N / 2 : N;
-    constexpr int GROUPS = EPI == WG_EPI_SILU ? WG_BN / 16 : WG_BN / 8;
+    const int out_cols = EPI == EPI_SILU ? N / 2 : N;
+    constexpr int GROUPS = EPI == EPI_SILU ? WG_BN / 16 : WG_BN / 8;
 #pragma unroll
     for (int j = 0; j < GROUPS; ++j) {
 #pragma unroll
@@ -236,11 +233,11 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
             if (row >= T) continue;
             const size_t o = (size_t)row * out_cols + n0 + 8 * j + cq;
             float2 v = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-            if (EPI == WG_EPI_ADD) {
+            if (EPI == EPI_ADD) {
                 const float2 r = *reinterpret_cast<const float2*>(residual + o);
                 v.x += r.x;
                 v.y += r.y;
-            } else if (EPI == WG_EPI_SILU) {
+            } else if (EPI == EPI_SILU) {
                 const int u = 4 * (j + WG_BN / 16) + 2 * h;
                 v = make_float2(silu(v.x) * acc[u], silu(v.y) * acc[u + 1]);
             }
@@ -256,9 +253,9 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
         gemm_wgmma<EPI>(&parts, &w, residual, y, T, K, N);                                                 \
     }
 
-WG_ENTRY(wgmma_x3, WG_EPI_STORE)
-WG_ENTRY(wgmma_x3_add, WG_EPI_ADD)
-WG_ENTRY(wgmma_x3_silu_mul, WG_EPI_SILU)
+WG_ENTRY(wgmma_x3, EPI_NONE)
+WG_ENTRY(wgmma_x3_add, EPI_ADD)
+WG_ENTRY(wgmma_x3_silu_mul, EPI_SILU)
 
 #else
 #error "gemm_wgmma.cu uses wgmma: compile it for sm_90a"

@@ -34,11 +34,6 @@
 // grid = (tiles, S), cluster = (1, S), block = 256, dynamic shared memory x3::smem_bytes(kc);
 // T <= 64, K % 32 == 0, K / 32 = S * kc.
 
-#ifndef EPI_NONE
-#define EPI_NONE 0
-#define EPI_ADD 1
-#define EPI_SILU 2
-#endif
 #define X3_WARPS 8
 #define X3_ROWS 128
 #define X3_TMAX 64

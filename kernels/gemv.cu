@@ -13,9 +13,6 @@
 
 #define MAX_T 8
 #define WARPS 8
-#define EPI_NONE 0
-#define EPI_ADD 1
-#define EPI_SILU 2
 
 // Eight consecutive weights starting at `p` (16-byte aligned for bf16, 32 for fp32).
 __device__ __forceinline__ void load8(const bf16_t* p, float wf[8]) {
