@@ -97,27 +97,14 @@ __device__ void write_kv(const float* __restrict__ k, const float* __restrict__ 
 }
 
 // qkv [T, (H + 2 KV) d]: per-head RMSNorm (q_norm / k_norm over d) then RoPE for q and k heads,
-// q to q_out [T, H d], k and v to the cache. One warp per (token, head): grid = (T, H + 2 KV),
-// block = 32, d <= 256. The RoPE factors depend only on the position, so they are formed before
-// pdl_wait(), while the QKV projection before this kernel finishes.
+// q to q_out [T, H d], k and v to the cache, d <= 256. Head h of token t by one warp, whose lane
+// holds the RoPE factors cs[j], sn[j] of pair lane + 32 j.
 template <typename KT>
-__device__ void qk_norm_rope_write_kv(
+__device__ __forceinline__ void qk_norm_rope_head(
     const float* __restrict__ qkv, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
-    const u32* __restrict__ positions, const u32* __restrict__ slots, float* __restrict__ q_out,
-    KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, int d, double log2_theta, float eps, int T) {
-    const int lane = threadIdx.x & 31, heads = H + 2 * KV, half = d / 2;
-    const int item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (item >= T * heads) return;
-    const int t = item / heads, h = item % heads;
-    const u32 pos = positions[t];
-    const size_t slot = (size_t)slots[t] * KV * d;
-    float cs[4], sn[4];
-    if (h < H + KV) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-            if (lane + 32 * j < half) rope_cs(pos, lane + 32 * j, d, log2_theta, &cs[j], &sn[j]);
-    }
-    pdl_begin();
+    size_t slot, float* __restrict__ q_out, KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, int d,
+    float eps, int t, int h, int lane, const float (&cs)[4], const float (&sn)[4]) {
+    const int heads = H + 2 * KV, half = d / 2;
     const float* src = qkv + (size_t)t * heads * d + (size_t)h * d;
     if (h >= H + KV) {  // v: copied as is
         KT* dst = vc + slot + (size_t)(h - H - KV) * d;
@@ -144,6 +131,56 @@ __device__ void qk_norm_rope_write_kv(
             kv_store(dst + i + half, rb);
         }
     }
+}
+
+// qk_norm_rope_head for every (token, head), a warp each: grid = ceil(T (H + 2 KV) / warps a
+// block). The RoPE factors depend only on the position, so they are formed before pdl_wait(),
+// while the QKV projection before this kernel finishes (decode steps).
+template <typename KT>
+__device__ void qk_norm_rope_write_kv(
+    const float* __restrict__ qkv, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
+    const u32* __restrict__ positions, const u32* __restrict__ slots, float* __restrict__ q_out,
+    KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, int d, double log2_theta, float eps, int T) {
+    const int lane = threadIdx.x & 31, heads = H + 2 * KV, half = d / 2;
+    const int item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (item >= T * heads) return;
+    const int t = item / heads, h = item % heads;
+    float cs[4] = {}, sn[4] = {};
+    if (h < H + KV) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (lane + 32 * j < half) rope_cs(positions[t], lane + 32 * j, d, log2_theta, &cs[j], &sn[j]);
+    }
+    pdl_begin();
+    qk_norm_rope_head<KT>(qkv, q_norm, k_norm, (size_t)slots[t] * KV * d, q_out, kc, vc, H, KV, d, eps, t, h,
+                          lane, cs, sn);
+}
+
+// qk_norm_rope_head for prompts: a block per token, its warps taking the heads in turn, and the
+// token's RoPE factors formed once into shared memory (a warp per (token, head) forms them once
+// per head: 24 times at Qwen3-0.6B's shape, in double precision). grid = T, block = 32 x warps.
+template <typename KT>
+__device__ void qk_norm_rope_write_kv_rows(
+    const float* __restrict__ qkv, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
+    const u32* __restrict__ positions, const u32* __restrict__ slots, float* __restrict__ q_out,
+    KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, int d, double log2_theta, float eps) {
+    __shared__ float table_c[128], table_s[128];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int t = blockIdx.x, heads = H + 2 * KV, half = d / 2;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) rope_cs(positions[t], i, d, log2_theta, &table_c[i], &table_s[i]);
+    __syncthreads();
+    float cs[4] = {}, sn[4] = {};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        if (lane + 32 * j < half) {
+            cs[j] = table_c[lane + 32 * j];
+            sn[j] = table_s[lane + 32 * j];
+        }
+    }
+    pdl_begin();
+    const size_t slot = (size_t)slots[t] * KV * d;
+    for (int h = warp; h < heads; h += warps)
+        qk_norm_rope_head<KT>(qkv, q_norm, k_norm, slot, q_out, kc, vc, H, KV, d, eps, t, h, lane, cs, sn);
 }
 
 // The ATTN_WARPS warps' partial softmaxes for row g, dim dd, from `part` laid out [warp][row]
@@ -369,6 +406,12 @@ __device__ void attention_paged(
         float* q_out, KT* kc, KT* vc, int H, int KV, int d, double log2_theta, float eps, int T) {          \
         qk_norm_rope_write_kv<KT>(qkv, q_norm, k_norm, positions, slots, q_out, kc, vc, H, KV, d,          \
                                   log2_theta, eps, T);                                                      \
+    }                                                                                                       \
+    extern "C" __global__ void qk_norm_rope_write_kv_rows_##SUFFIX(                                         \
+        const float* qkv, const float* q_norm, const float* k_norm, const u32* positions, const u32* slots, \
+        float* q_out, KT* kc, KT* vc, int H, int KV, int d, double log2_theta, float eps) {                 \
+        qk_norm_rope_write_kv_rows<KT>(qkv, q_norm, k_norm, positions, slots, q_out, kc, vc, H, KV, d,     \
+                                       log2_theta, eps);                                                    \
     }                                                                                                       \
     ATTN_DPLS(KT, SUFFIX, 1) ATTN_DPLS(KT, SUFFIX, 2) ATTN_DPLS(KT, SUFFIX, 4) ATTN_DPLS(KT, SUFFIX, 8)
 

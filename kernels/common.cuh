@@ -59,6 +59,15 @@ __device__ __forceinline__ void split_bf16x3(float x, bf16_t& hi, bf16_t& mid, b
     mid = f32_to_bf16(r);
     lo = f32_to_bf16(r - bf16_to_f32(mid));
 }
+// The parts at element i of the split arrays; `lo` null keeps hi and mid only (a two-part
+// split: x to ~2^-18 of its magnitude).
+__device__ __forceinline__ void split_bf16_parts(float x, bf16_t* hi, bf16_t* mid, bf16_t* lo, size_t i) {
+    bf16_t h, m, l;
+    split_bf16x3(x, h, m, l);
+    hi[i] = h;
+    mid[i] = m;
+    if (lo != nullptr) lo[i] = l;
+}
 
 // Programmatic dependent launch (sm_90+; no-ops before). A kernel may be launched while the one
 // before it still runs (crates/cuda/src/launch.rs): until pdl_wait() returns it may read only

@@ -44,12 +44,12 @@ extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16_t* __
         out[i] = f32_to_bf16(x[i]);
 }
 
-// The three bf16 parts of x (split_bf16x3) as three arrays, for three-part GEMMs.
+// The bf16 parts of x (split_bf16x3) as three arrays, for three-part GEMMs, or (lo null) as two.
 extern "C" __global__ void split_f32_bf16x3(const float* __restrict__ x, bf16_t* __restrict__ hi,
                                             bf16_t* __restrict__ mid, bf16_t* __restrict__ lo, size_t n) {
     pdl_begin();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        split_bf16x3(x[i], hi[i], mid[i], lo[i]);
+        split_bf16_parts(x[i], hi, mid, lo, i);
 }
 
 // y = (lo + mid) + hi for the three stacked partial products [3, n] of split_f32_bf16x3's parts.

@@ -1,21 +1,22 @@
 // Prompt-sized products (more than 64 rows) on Hopper's warpgroup tensor-core instructions
 // (wgmma; compiled for sm_90a and used only on compute capability 9.0, elsewhere cuBLAS runs
-// them): y = epilogue(sum over p of X_p Wᵀ), where X_p are the three bf16 parts (hi, mid, lo) of
-// the fp32 activations that the split kernel wrote, [3][T][K], and W [N][K] is bf16. It replaces
-// a cuBLAS GEMM over the stacked parts, which wrote three [T][N] partial outputs, and the sum
-// kernel that read them back: here the parts accumulate in registers and the epilogue (residual
-// add, SiLU·up) runs on them before the one store.
+// them): y = epilogue(sum over p of X_p Wᵀ), where X_p are the PARTS bf16 parts of the fp32
+// activations that the split kernel wrote, [PARTS][T][K] (three: hi, mid, lo, the fp32 operand
+// exactly; two: hi and mid, to ~2^-18 of each element, for two thirds of the products), and W
+// [N][K] is bf16. It replaces a cuBLAS GEMM over the stacked parts, which wrote a [T][N] partial
+// output per part, and the sum kernel that read them back: here the parts accumulate in
+// registers and the epilogue (residual add, SiLU·up) runs on them before the one store.
 //
 // Block: 128 rows x 128 weight rows; two consumer warpgroups of 64 rows each and a producer
 // warp. K advances in rounds of 64. One producer thread has the tensor-memory accelerator (TMA)
-// copy a round's tiles (three A parts of 128 x 64 and B of 128 x 64, bf16) into one of WG_STAGES
-// shared-memory stages, in the 128-byte-swizzled K-major layout that wgmma reads through
+// copy a round's tiles (PARTS A tiles of 128 x 64 and B of 128 x 64, bf16) into one of the
+// shared-memory stages (three of 64 KB with three parts, four of 48 KB with two), in the 128-byte-swizzled K-major layout that wgmma reads through
 // descriptors; the copies complete the stage's "full" mbarrier by their byte count. The
-// consumers wait on it, issue 3 parts x 4 k-steps of m64n128k16, and once those have completed
+// consumers wait on it, issue PARTS x 4 k-steps of m64n128k16, and once those have completed
 // arrive on the stage's "empty" mbarrier, which the producer waits on before refilling it. No
 // block-wide barrier runs in the loop. (Producers issuing the copies as cp.async, one warp or a
 // warpgroup of them, were slower than cuBLAS: docs/perf.md.) The hi part's products accumulate
-// apart from the mid and lo parts': the tensor cores truncate as they accumulate, relative to
+// apart from the other parts': the tensor cores truncate as they accumulate, relative to
 // the accumulator, and one accumulator for all three moved the synthetic 0.6B's logits 3.6x
 // further from the reference (docs/perf.md).
 // With SILU the block's first 64 rows of B are gate rows n0.. and the rest the matching up rows
@@ -24,16 +25,21 @@
 #define WG_BM 128
 #define WG_BN 128
 #define WG_BK 64
-#define WG_STAGES 3
 #define WG_CONSUMERS 256
 #define WG_THREADS 288
-// One part's A tile, the B tile, a stage (3 A tiles + B), in bytes.
+// One part's A tile, the B tile, in bytes.
 #define WG_A_BYTES (WG_BM * WG_BK * 2)
 #define WG_B_BYTES (WG_BN * WG_BK * 2)
-#define WG_STAGE_BYTES (3 * WG_A_BYTES + WG_B_BYTES)
 // Dynamic shared memory: the stages + 1 KiB to align the swizzle atoms (crates/cuda/src/lib.rs).
 #define WG_SMEM 197632
-static_assert(WG_STAGES * WG_STAGE_BYTES + 1024 == WG_SMEM, "WG_SMEM");
+// A stage (PARTS A tiles + B) in bytes, and as many stages as the shared memory holds.
+template <int PARTS> struct WgStages {
+    static constexpr int BYTES = PARTS * WG_A_BYTES + WG_B_BYTES;
+    static constexpr int COUNT = (WG_SMEM - 1024) / BYTES;
+};
+static_assert(WgStages<3>::COUNT == 3 && WgStages<2>::COUNT == 4, "stages");
+static_assert(WgStages<3>::COUNT * WgStages<3>::BYTES + 1024 == WG_SMEM, "WG_SMEM");
+static_assert(WgStages<2>::COUNT * WgStages<2>::BYTES + 1024 == WG_SMEM, "WG_SMEM");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -122,9 +128,9 @@ __device__ __forceinline__ void wg_mma(float (&d)[64], unsigned long long a, uns
 }
 
 // Round kb's weight tile: 128 rows (with SILU 64 gate rows and the matching 64 up rows).
-template <int EPI>
+template <int EPI, int PARTS>
 __device__ __forceinline__ void wg_load_b(u32 stage, const TmaMap* w, int N, int n0, int kb, u32 bar) {
-    const u32 dst = stage + 3 * WG_A_BYTES;
+    const u32 dst = stage + PARTS * WG_A_BYTES;
     if (EPI == EPI_SILU) {
         tma_load_2d(dst, w, kb * WG_BK, n0, bar);
         tma_load_2d(dst + WG_B_BYTES / 2, w, kb * WG_BK, N / 2 + n0, bar);
@@ -133,17 +139,19 @@ __device__ __forceinline__ void wg_load_b(u32 stage, const TmaMap* w, int N, int
     }
 }
 
-// Round kb's three activation tiles. The parts are one [3T][K] tensor: a tile reaching past a
-// part's last row reads the next part's first rows (or zeros past the last), whose outputs are
+// Round kb's PARTS activation tiles. The parts are one [PARTS T][K] tensor: a tile reaching past
+// a part's last row reads the next part's first rows (or zeros past the last), whose outputs are
 // not stored.
+template <int PARTS>
 __device__ __forceinline__ void wg_load_a(u32 stage, const TmaMap* parts, int T, int m0, int kb, u32 bar) {
 #pragma unroll
-    for (int p = 0; p < 3; ++p) tma_load_2d(stage + p * WG_A_BYTES, parts, kb * WG_BK, p * T + m0, bar);
+    for (int p = 0; p < PARTS; ++p) tma_load_2d(stage + p * WG_A_BYTES, parts, kb * WG_BK, p * T + m0, bar);
 }
 
-template <int EPI>
+template <int EPI, int PARTS>
 __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w, const float* __restrict__ residual,
                                            float* __restrict__ y, int T, int K, int N) {
+    constexpr int WG_STAGES = WgStages<PARTS>::COUNT, WG_STAGE_BYTES = WgStages<PARTS>::BYTES;
     extern __shared__ unsigned char wg_smem[];
     __shared__ __align__(8) unsigned long long full[WG_STAGES], empty[WG_STAGES];
     const u32 base = ((u32)__cvta_generic_to_shared(wg_smem) + 1023u) & ~1023u;
@@ -165,7 +173,7 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
         if (tid == WG_CONSUMERS) {
             for (int s = 0; s < WG_STAGES && s < rounds; ++s) {
                 mbar_arrive_expect(full0 + 8 * s, WG_STAGE_BYTES);
-                wg_load_b<EPI>(base + s * WG_STAGE_BYTES, w, N, n0, s, full0 + 8 * s);
+                wg_load_b<EPI, PARTS>(base + s * WG_STAGE_BYTES, w, N, n0, s, full0 + 8 * s);
             }
             pdl_wait();
             pdl_launch_dependents();
@@ -175,9 +183,9 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
                 if (kb >= WG_STAGES) {
                     mbar_wait(empty0 + 8 * s, (u32)((kb / WG_STAGES - 1) & 1));
                     mbar_arrive_expect(full, WG_STAGE_BYTES);
-                    wg_load_b<EPI>(stage, w, N, n0, kb, full);
+                    wg_load_b<EPI, PARTS>(stage, w, N, n0, kb, full);
                 }
-                wg_load_a(stage, parts, T, m0, kb, full);
+                wg_load_a<PARTS>(stage, parts, T, m0, kb, full);
             }
         }
         return;
@@ -196,12 +204,12 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
         wg_fence_acc(acc_small);
         wg_fence();
 #pragma unroll
-        for (int p = 2; p >= 0; --p) {
+        for (int p = PARTS - 1; p >= 0; --p) {
 #pragma unroll
             for (int kk = 0; kk < WG_BK / 16; ++kk) {
                 const u32 a = stage + p * WG_A_BYTES + g * 64 * 128 + kk * 32;
-                const u32 b = stage + 3 * WG_A_BYTES + kk * 32;
-                if (p > 0) wg_mma(acc_small, wg_desc(a), wg_desc(b), kb > 0 || p < 2 || kk > 0);
+                const u32 b = stage + PARTS * WG_A_BYTES + kk * 32;
+                if (p > 0) wg_mma(acc_small, wg_desc(a), wg_desc(b), kb > 0 || p < PARTS - 1 || kk > 0);
                 else wg_mma(acc, wg_desc(a), wg_desc(b), kb > 0 || kk > 0);
             }
         }
@@ -246,16 +254,19 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
     }
 }
 
-#define WG_ENTRY(name, EPI)                                                                                  \
+#define WG_ENTRY(name, EPI, PARTS)                                                                           \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                             \
         name(const __grid_constant__ TmaMap parts, const __grid_constant__ TmaMap w, const float* residual,  \
              float* y, int T, int K, int N) {                                                               \
-        gemm_wgmma<EPI>(&parts, &w, residual, y, T, K, N);                                                 \
+        gemm_wgmma<EPI, PARTS>(&parts, &w, residual, y, T, K, N);                                          \
     }
 
-WG_ENTRY(wgmma_x3, EPI_NONE)
-WG_ENTRY(wgmma_x3_add, EPI_ADD)
-WG_ENTRY(wgmma_x3_silu_mul, EPI_SILU)
+WG_ENTRY(wgmma_x3, EPI_NONE, 3)
+WG_ENTRY(wgmma_x3_add, EPI_ADD, 3)
+WG_ENTRY(wgmma_x3_silu_mul, EPI_SILU, 3)
+WG_ENTRY(wgmma_x2, EPI_NONE, 2)
+WG_ENTRY(wgmma_x2_add, EPI_ADD, 2)
+WG_ENTRY(wgmma_x2_silu_mul, EPI_SILU, 2)
 
 #else
 #error "gemm_wgmma.cu uses wgmma: compile it for sm_90a"

@@ -19,7 +19,8 @@ extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float
 }
 
 // RMSNorm of each row of x [rows, cols] (as rms_norm_f32), written as its three bf16 parts
-// (split_bf16x3) for a three-part GEMM: the norm costs no pass of its own. grid = rows, block = 256.
+// (split_bf16x3) for a three-part GEMM, or two with lo null: the norm costs no pass of its own.
+// grid = rows, block = 256.
 extern "C" __global__ void rms_norm_split_bf16x3(const float* __restrict__ x, const float* __restrict__ w,
                                                  bf16_t* __restrict__ hi, bf16_t* __restrict__ mid,
                                                  bf16_t* __restrict__ lo, int cols, float eps) {
@@ -27,5 +28,5 @@ extern "C" __global__ void rms_norm_split_bf16x3(const float* __restrict__ x, co
     const size_t base = (size_t)blockIdx.x * cols;
     const float inv = block_inv_rms(x + base, cols, eps);
     for (int i = threadIdx.x; i < cols; i += blockDim.x)
-        split_bf16x3(x[base + i] * inv * w[i], hi[base + i], mid[base + i], lo[base + i]);
+        split_bf16_parts(x[base + i] * inv * w[i], hi, mid, lo, base + i);
 }

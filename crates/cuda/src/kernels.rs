@@ -177,6 +177,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "rope_f32",
             "write_kv_kvf32",
             "qk_norm_rope_write_kv_kvf32",
+            "qk_norm_rope_write_kv_rows_kvf32",
             "attention_paged_kvf32_g1_d1_k2",
             "attention_paged_kvf32_g1_d1_k8",
             "attention_paged_kvf32_g1_d2_k2",
@@ -232,6 +233,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "attention_gemm_softmax",
             "attention_gemm_scatter",
             "qk_norm_rope_write_kv_kvbf16",
+            "qk_norm_rope_write_kv_rows_kvbf16",
             "attention_paged_kvbf16_g1_d1_k2",
             "attention_paged_kvbf16_g1_d1_k8",
             "attention_paged_kvbf16_g1_d2_k2",
@@ -277,7 +279,14 @@ pub const SM90A_SOURCES: &[(&str, &str, &[&str])] = &[(
 )];
 
 /// `gemm_wgmma.cu`'s entry points.
-pub const WGMMA_ENTRIES: [&str; 3] = ["wgmma_x3", "wgmma_x3_add", "wgmma_x3_silu_mul"];
+pub const WGMMA_ENTRIES: [&str; 6] = [
+    "wgmma_x3",
+    "wgmma_x3_add",
+    "wgmma_x3_silu_mul",
+    "wgmma_x2",
+    "wgmma_x2_add",
+    "wgmma_x2_silu_mul",
+];
 
 /// NVRTC flags besides the architecture (part of the cache key).
 const COMPILE_FLAGS: [&str; 1] = ["--std=c++17"];

@@ -336,6 +336,30 @@ pub struct CudaOptions {
     /// only, shapes whose K is a multiple of 64 and whose output columns fill its tiles) instead
     /// of cuBLAS plus a sum kernel. On by default; `QFUSE_CUDA_WGMMA=0` turns it off.
     pub wgmma: bool,
+    /// How many bf16 parts the fp32 activations of a split product (more than 64 rows, or any
+    /// product `gemm_x3` does not take) are split into for the tensor cores
+    /// (`QFUSE_CUDA_PROMPT_PARTS=2|3`).
+    pub prompt_parts: PromptParts,
+}
+
+/// The bf16 parts of fp32 activations on the tensor cores ([`CudaOptions::prompt_parts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptParts {
+    /// hi + mid: each activation to ~2^-18 of its magnitude (bf16 alone keeps 2^-9), for two
+    /// thirds of the three-part products.
+    Two,
+    /// hi + mid + lo: the fp32 activations exactly.
+    Three,
+}
+
+impl PromptParts {
+    /// How many parts.
+    pub fn count(self) -> usize {
+        match self {
+            PromptParts::Two => 2,
+            PromptParts::Three => 3,
+        }
+    }
 }
 
 /// Which prompt attention kernel replaces the GEMM path ([`CudaOptions::flash_attention`]).
@@ -424,6 +448,10 @@ fn wgmma_col_blocks(t: usize, k: usize, n: usize, silu: bool) -> Option<usize> {
 
 /// Default [`CudaOptions::accumulate_from`].
 pub const ACCUMULATE_FROM: usize = 16384;
+
+/// Most rows whose q/k-norm + RoPE + cache write runs a warp per (token, head); more take a block
+/// per token, which forms each token's RoPE factors once instead of once per head.
+const QK_NORM_PER_HEAD_MAX_ROWS: usize = 64;
 
 /// The flash attention's builds, by padded head size.
 const FLASH_BUILDS: [usize; 3] = [32, 64, 128];
@@ -562,6 +590,10 @@ impl Default for CudaOptions {
             accumulate_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_ACCUMULATE_FROM", 1..=1 << 30)
                 .unwrap_or(ACCUMULATE_FROM),
             wgmma: qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA", 0..=1) != Some(0),
+            prompt_parts: match qfuse_core::knobs::env_knob("QFUSE_CUDA_PROMPT_PARTS", 2..=3) {
+                Some(3) => PromptParts::Three,
+                _ => PromptParts::Two,
+            },
         }
     }
 }
@@ -943,13 +975,16 @@ impl CudaBackend {
     }
 
     /// `epilogue(prologue(x) [T, K] · w [N, K]ᵀ)` for bf16 weights on the tensor cores. x (after
-    /// the prologue's RMSNorm, if any) is split into three bf16 parts (hi + mid + lo), stacked as
-    /// the rows of one `[3T, K]` operand: one GEMM (the weights read once, one launch) gives the
-    /// three partial products, and the epilogue kernel sums them, smallest first, before its
-    /// residual add or SiLU·up. Products of 9-64 rows take `gemm_x3` instead (where it applies),
-    /// one tensor-core kernel for the split, the products and the epilogue. The fp32 activations
-    /// keep their full precision on the tensor cores for three times the FLOPs of one bf16 GEMM;
-    /// the norm and the epilogue cost no pass of their own over the activations.
+    /// the prologue's RMSNorm, if any) is split into bf16 parts, stacked as the rows of one
+    /// `[parts T, K]` operand: two (hi + mid, each activation to ~2^-18 of itself, the default)
+    /// or three (+ lo, exact; [`CudaOptions::prompt_parts`]). On Hopper one `gemm_wgmma.cu`
+    /// kernel takes the parts' products and the epilogue. Elsewhere cuBLAS does: with three
+    /// parts one GEMM (the weights read once, one launch) gives the three partial products, and
+    /// the epilogue kernel sums them, smallest first, before its residual add or SiLU·up; with
+    /// two, or many rows, the parts' GEMMs accumulate into one output. Products of 9-64 rows take
+    /// `gemm_x3` instead (where it applies), one tensor-core kernel for a three-part split, the
+    /// products and the epilogue. The norm and the epilogue cost no pass of their own over the
+    /// activations.
     fn cublas_bf16(
         &self,
         x: Prologue<'_>,
@@ -961,33 +996,45 @@ impl CudaBackend {
             return Ok(y);
         }
         let total = t * k;
-        // The three bf16 parts, [3T, K], live in a pooled f32 buffer of half as many elements
-        // (pooled buffers keep memory operations out of captured steps).
-        let parts = self.alloc_f32((3 * total).div_ceil(2))?;
+        let count = self.inner.options.prompt_parts.count();
+        // The bf16 parts, [count T, K], live in a pooled f32 buffer of half as many elements
+        // (pooled buffers keep memory operations out of captured steps); a null lo asks the
+        // split kernels for two.
+        let parts = self.alloc_f32((count * total).div_ceil(2))?;
         let base = parts.slice().device_ptr(self.stream()).0;
-        let (hi, mid, lo) = (base, base + 2 * total as u64, base + 4 * total as u64);
+        let (hi, mid) = (base, base + 2 * total as u64);
+        let lo = if count == 3 {
+            base + 4 * total as u64
+        } else {
+            0
+        };
         match x {
             Prologue::Rows(x) => {
                 let mut l = self.launch("split_f32_bf16x3")?;
                 l.buf(x).ptr(hi).ptr(mid).ptr(lo).usize(total);
-                // SAFETY: x holds t*k floats; the three parts are consecutive t*k-element bf16
-                // ranges of `parts` (3*t*k bf16 fit its (3*t*k)/2 floats); grid-stride loop.
+                // SAFETY: x holds t*k floats; the parts are consecutive t*k-element bf16 ranges
+                // of `parts` (count*t*k bf16 fit its (count*t*k)/2 floats), lo null with two
+                // (the kernel then writes hi and mid only); grid-stride loop.
                 unsafe { l.launch(elementwise(total)) }.cuda()?;
             }
             Prologue::Norm { x, gain, eps } => {
                 let mut l = self.launch("rms_norm_split_bf16x3")?;
                 l.buf(x).buf(gain).ptr(hi).ptr(mid).ptr(lo);
                 l.i32(i32_of(k, "K")?).f32(eps as f32);
-                // SAFETY: x is [t, k] f32 and gain [k]; the parts as above; a block per row.
+                // SAFETY: x is [t, k] f32 and gain [k]; the parts as above (lo null with two);
+                // a block per row.
                 unsafe { l.launch(grid(t, 256)) }.cuda()?;
             }
         }
-        if let Some(y) = self.wgmma_x3(parts.slice(), w, (t, k, n), &epilogue)? {
+        if let Some(y) = self.wgmma_parts(parts.slice(), count, w, (t, k, n), &epilogue)? {
             return Ok(y);
         }
         let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
+        if count == 2 {
+            return self.cublas_bf16_accumulate(w, &[mid, hi], (t, k, n), epilogue);
+        }
         if t >= self.inner.options.accumulate_from {
-            return self.cublas_bf16_accumulate(w, (hi, mid, lo), (t, k, n), epilogue);
+            return self.cublas_bf16_accumulate(w, &[lo, mid, hi], (t, k, n), epilogue);
         }
         let mut y3 = self.alloc_f32(3 * t * n)?;
         self.gemm(
@@ -1025,14 +1072,14 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// The products of [`Self::cublas_bf16`] for many rows: the three parts' GEMMs accumulate
-    /// into one fp32 output (lo, then mid, then hi, as the sum kernel adds them) instead of
-    /// writing three partial outputs for a sum kernel to read back; the residual add or SiLU·up
-    /// follows as its own pass.
+    /// The products of [`Self::cublas_bf16`] for many rows (and for any count with two parts):
+    /// the parts' GEMMs accumulate into one fp32 output, smallest part first (as the sum kernel
+    /// adds them), instead of writing a partial output per part for a sum kernel to read back;
+    /// the residual add or SiLU·up follows as its own pass.
     fn cublas_bf16_accumulate(
         &self,
         w: &CudaSlice<u16>,
-        (hi, mid, lo): (u64, u64, u64),
+        parts_smallest_first: &[u64],
         (t, k, n): (usize, usize, usize),
         epilogue: Epilogue<'_>,
     ) -> Result<Pooled> {
@@ -1041,7 +1088,7 @@ impl CudaBackend {
         let stream = self.stream();
         let wp = w.device_ptr(stream).0;
         let yp = y.slice().device_ptr(stream).0;
-        for (i, part) in [lo, mid, hi].into_iter().enumerate() {
+        for (i, &part) in parts_smallest_first.iter().enumerate() {
             let beta = if i == 0 { 0.0 } else { 1.0 };
             // SAFETY: w holds n*k bf16; each part is t*k bf16 inside the caller's parts buffer;
             // y holds t*n floats.
@@ -1069,12 +1116,13 @@ impl CudaBackend {
         }
     }
 
-    /// The products of [`Self::cublas_bf16`] from its three parts (`[3T, K]` bf16 in `parts`) in
-    /// one `gemm_wgmma.cu` kernel, the epilogue fused; `None` where it does not apply (not
-    /// compute capability 9.0, switched off, or a shape its tiles do not fit).
-    fn wgmma_x3(
+    /// The products of [`Self::cublas_bf16`] from its `count` parts (`[count T, K]` bf16 in
+    /// `parts`) in one `gemm_wgmma.cu` kernel, the epilogue fused; `None` where it does not apply
+    /// (not compute capability 9.0, switched off, or a shape its tiles do not fit).
+    fn wgmma_parts(
         &self,
         parts: &CudaSlice<f32>,
+        count: usize,
         w: &CudaSlice<u16>,
         (t, k, n): (usize, usize, usize),
         epilogue: &Epilogue<'_>,
@@ -1083,19 +1131,19 @@ impl CudaBackend {
         let Some(col_blocks) = wgmma_col_blocks(t, k, n, silu).filter(|_| self.inner.wgmma) else {
             return Ok(None);
         };
-        let (base, residual) = match epilogue {
-            Epilogue::Store => ("wgmma_x3", None),
-            Epilogue::Add(r) => ("wgmma_x3_add", Some(*r)),
-            Epilogue::SiluMul => ("wgmma_x3_silu_mul", None),
+        let (suffix, residual) = match epilogue {
+            Epilogue::Store => ("", None),
+            Epilogue::Add(r) => ("_add", Some(*r)),
+            Epilogue::SiluMul => ("_silu_mul", None),
         };
         let stream = self.stream();
         // The parts as one [3T, K] tensor in 128-row boxes; the weights in boxes of a block's
         // rows (with SiLU two boxes, its gate rows and its up rows).
         let box_rows = if silu { WGMMA_COLS / 2 } else { WGMMA_COLS };
-        let parts_map = tma_map_bf16(parts.device_ptr(stream).0, k, 3 * t, WGMMA_ROWS)?;
+        let parts_map = tma_map_bf16(parts.device_ptr(stream).0, k, count * t, WGMMA_ROWS)?;
         let w_map = tma_map_bf16(w.device_ptr(stream).0, k, n, box_rows)?;
         let y = self.alloc_f32(t * epilogue.out_cols(n))?;
-        let mut l = self.launch(base)?;
+        let mut l = self.launch(&format!("wgmma_x{count}{suffix}"))?;
         l.tensor_map(parts_map).tensor_map(w_map);
         product_args(&mut l, residual, &y, (t, k, n))?;
         let cfg = LaunchConfig {
@@ -1103,7 +1151,7 @@ impl CudaBackend {
             block_dim: (WGMMA_THREADS, 1, 1),
             shared_mem_bytes: WGMMA_SMEM as u32,
         };
-        // SAFETY: the tensor maps describe the three [t, k] bf16 parts back to back and w, [n, k]
+        // SAFETY: the tensor maps describe the count [t, k] bf16 parts back to back and w, [n, k]
         // bf16, both alive until the kernel has run (the pool and the weights outlive it); the
         // residual (when read) and y are [t, epilogue.out_cols(n)] f32; the plan makes k a
         // multiple of 64 and the grid's column blocks cover the output columns exactly; the
@@ -2326,7 +2374,14 @@ impl Backend for CudaBackend {
         let LayerKv { k: kpool, v: vpool } = cache;
         let stream = self.stream();
         let op = "qk_norm_rope_write_kv";
-        let mut l = self.launch(&format!("{op}_{}", kpool.kv_suffix()))?;
+        // Prompts take the block-per-token build (the RoPE factors formed once per token).
+        let rows = t > QK_NORM_PER_HEAD_MAX_ROWS;
+        let entry = if rows {
+            "qk_norm_rope_write_kv_rows"
+        } else {
+            op
+        };
+        let mut l = self.launch(&format!("{entry}_{}", kpool.kv_suffix()))?;
         l.buf(qkv.f32(op)?)
             .buf(q_norm.f32(op)?)
             .buf(k_norm.f32(op)?);
@@ -2337,14 +2392,20 @@ impl Backend for CudaBackend {
             .i32(kvi)
             .i32(di)
             .f64(cfg.rope_theta.log2())
-            .f32(eps)
-            .i32(i32_of(t, "T")?);
-        // A warp per (token, head), four to a block: one-warp blocks capped a 2,048-token
-        // prompt at 32 warps an SM (85 µs a layer on the H200, for ~65 MB of traffic).
-        const WARPS: usize = 4;
-        let launch = grid((t * (h + 2 * kvh)).div_ceil(WARPS), 32 * WARPS as u32);
+            .f32(eps);
+        let launch = if rows {
+            // A block per token, a warp per head up to 32 (the rest taken in turn).
+            grid(t, 32 * (h + 2 * kvh).min(32) as u32)
+        } else {
+            l.i32(i32_of(t, "T")?);
+            // A warp per (token, head), four to a block: one-warp blocks capped a 2,048-token
+            // prompt at 32 warps an SM (85 µs a layer on the H200, for ~65 MB of traffic).
+            const WARPS: usize = 4;
+            grid((t * (h + 2 * kvh)).div_ceil(WARPS), 32 * WARPS as u32)
+        };
         // SAFETY: qkv is [t, (h+2kvh)d], q is [t, hd], norms are [d] with d <= 256 (checked),
-        // every slot < slots (checked); one warp per (token, head), warps past the last exit.
+        // every slot < slots (checked); one warp per (token, head), warps past the last exit,
+        // or (rows) one block per token whose warps take its heads in turn.
         unsafe { l.launch(launch) }.cuda()?;
         Ok(Self::f32_tensor([t, h * d], q))
     }
@@ -2734,8 +2795,11 @@ mod tests {
                 }
             }
         }
-        for name in ["wgmma_x3", "wgmma_x3_add", "wgmma_x3_silu_mul"] {
-            assert!(known(name), "{name}");
+        for count in [2, 3] {
+            for suffix in ["", "_add", "_silu_mul"] {
+                let name = format!("wgmma_x{count}{suffix}");
+                assert!(known(&name), "{name}");
+            }
         }
     }
 

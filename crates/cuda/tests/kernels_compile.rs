@@ -19,10 +19,18 @@ fn every_kernel_compiles_with_nvrtc() {
         .into_iter()
         .flat_map(|arch| SOURCES.iter().map(move |f| (arch, f)))
         .chain(SM90A_SOURCES.iter().map(|f| ("sm_90a", f)));
+    // QFUSE_KERNEL_CACHE_FILL=DIR leaves the Hopper builds in a PTX cache at DIR, as the backend
+    // would (scripts/gpu-bundle ships it, so the GPU machine skips its first compile).
+    let fill = std::env::var_os("QFUSE_KERNEL_CACHE_FILL").map(std::path::PathBuf::from);
     for (arch, (file, src, entries)) in builds {
-        let ptx = compile(file, src, arch)
-            .unwrap_or_else(|e| panic!("{arch}: {e}"))
-            .to_src();
+        let ptx = match &fill {
+            Some(dir) if arch.starts_with("sm_90") => {
+                cached_ptx_in(Some(dir), file, src, arch).map(|(p, _)| p)
+            }
+            _ => compile(file, src, arch),
+        }
+        .unwrap_or_else(|e| panic!("{arch}: {e}"))
+        .to_src();
         // QFUSE_DUMP_PTX=DIR keeps the PTX, e.g. for `ptxas -v` register and spill reports.
         if let Ok(dir) = std::env::var("QFUSE_DUMP_PTX") {
             std::fs::write(format!("{dir}/{file}.{arch}.ptx"), &ptx).unwrap();

@@ -1,14 +1,14 @@
 //! Products of prompt-sized row counts through every path that runs them, with each prologue and
-//! epilogue, against the f64 reference: the Hopper kernel over the three bf16 parts
-//! (`kernels/gemm_wgmma.cu`), and both cuBLAS paths (the three parts stacked
-//! into one GEMM and summed, or their GEMMs accumulated into one output: the default from
-//! `ACCUMULATE_FROM` rows, here forced from 65). Skips with a notice where there is no GPU
-//! (unless QFUSE_REQUIRE_GPU=1).
+//! epilogue, against the f64 reference: the Hopper kernel over the two or three bf16 parts
+//! (`kernels/gemm_wgmma.cu`), and the cuBLAS paths (three parts stacked into one GEMM and summed,
+//! or their GEMMs accumulated into one output: the default from `ACCUMULATE_FROM` rows, here
+//! forced from 65; two parts accumulated). Skips with a notice where there is no GPU (unless
+//! QFUSE_REQUIRE_GPU=1).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::{activations, device_or_skip, gains, gemv_family, rel_error, weights};
 use qfuse_core::{DType, Rng};
 use qfuse_cpu_ref::CpuRef;
-use qfuse_cuda::{CudaBackend, CudaOptions};
+use qfuse_cuda::{CudaBackend, CudaOptions, PromptParts};
 
 const NAMES: [&str; 5] = [
     "matmul",
@@ -21,15 +21,18 @@ const NAMES: [&str; 5] = [
 #[test]
 fn prompt_sized_products_match_reference() {
     let paths = [
-        ("wgmma", true, usize::MAX),
-        ("cuBLAS, accumulating", false, 65),
-        ("cuBLAS, stacked", false, usize::MAX),
+        ("wgmma, three parts", true, usize::MAX, PromptParts::Three),
+        ("wgmma, two parts", true, usize::MAX, PromptParts::Two),
+        ("cuBLAS, accumulating", false, 65, PromptParts::Three),
+        ("cuBLAS, stacked", false, usize::MAX, PromptParts::Three),
+        ("cuBLAS, two parts", false, usize::MAX, PromptParts::Two),
     ];
     let mut gpus = Vec::new();
-    for (what, wgmma, accumulate_from) in paths {
+    for (what, wgmma, accumulate_from, prompt_parts) in paths {
         let options = CudaOptions {
             wgmma,
             accumulate_from,
+            prompt_parts,
             ..CudaOptions::default()
         };
         let Some(gpu) = device_or_skip(
