@@ -156,31 +156,70 @@ __device__ void qk_norm_rope_write_kv(
                           lane, cs, sn);
 }
 
-// qk_norm_rope_head for prompts: a block per token, its warps taking the heads in turn, and the
-// token's RoPE factors formed once into shared memory (a warp per (token, head) forms them once
-// per head: 24 times at Qwen3-0.6B's shape, in double precision). grid = T, block = 32 x warps.
-template <typename KT>
+// q/k-norm + RoPE + cache write for prompts (as qk_norm_rope_head), a block of QKN_ROWS_WARPS
+// warps per token, for head size D (built for Qwen3's 128; registers indexed at compile time).
+// A warp per (token, head) formed the token's RoPE factors once per
+// head (24 times at Qwen3-0.6B's shape, in double precision) and had four loads in flight; here
+// the block forms them once into shared memory, and each warp takes its heads four at a time,
+// their loads issued together. Lane l holds elements l + 32 j of a head, so RoPE's partners
+// (half apart) sit in the same lane. grid = T, block = 32 x QKN_ROWS_WARPS.
+#define QKN_ROWS_WARPS 4
+template <typename KT, int D>
 __device__ void qk_norm_rope_write_kv_rows(
     const float* __restrict__ qkv, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
     const u32* __restrict__ positions, const u32* __restrict__ slots, float* __restrict__ q_out,
-    KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, int d, double log2_theta, float eps) {
-    __shared__ float table_c[128], table_s[128];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const int t = blockIdx.x, heads = H + 2 * KV, half = d / 2;
+    KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, double log2_theta, float eps) {
+    static_assert(D % 64 == 0 && D <= 256, "D");
+    constexpr int GROUP = 4, NJ = D / 32, PAIRS = D / 64, d = D, half = D / 2;
+    __shared__ float table_c[half], table_s[half];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int t = blockIdx.x, heads = H + 2 * KV;
     for (int i = threadIdx.x; i < half; i += blockDim.x) rope_cs(positions[t], i, d, log2_theta, &table_c[i], &table_s[i]);
     __syncthreads();
-    float cs[4] = {}, sn[4] = {};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        if (lane + 32 * j < half) {
-            cs[j] = table_c[lane + 32 * j];
-            sn[j] = table_s[lane + 32 * j];
-        }
-    }
     pdl_begin();
     const size_t slot = (size_t)slots[t] * KV * d;
-    for (int h = warp; h < heads; h += warps)
-        qk_norm_rope_head<KT>(qkv, q_norm, k_norm, slot, q_out, kc, vc, H, KV, d, eps, t, h, lane, cs, sn);
+    const float* row = qkv + (size_t)t * heads * d;
+    for (int h0 = warp * GROUP; h0 < heads; h0 += QKN_ROWS_WARPS * GROUP) {
+        float v[GROUP][NJ];
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j)
+                if (h0 + g < heads) v[g][j] = row[(size_t)(h0 + g) * d + lane + 32 * j];
+        }
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+            const int h = h0 + g;
+            if (h >= heads) break;
+            if (h >= H + KV) {  // v: copied as is
+                KT* dst = vc + slot + (size_t)(h - H - KV) * d;
+#pragma unroll
+                for (int j = 0; j < NJ; ++j) kv_store(dst + lane + 32 * j, v[g][j]);
+                continue;
+            }
+            float ss = 0.0f;
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) ss += v[g][j] * v[g][j];
+            const float inv = rsqrtf(warp_sum(ss) / d + eps);
+            const float* gain = h < H ? q_norm : k_norm;
+#pragma unroll
+            for (int j = 0; j < PAIRS; ++j) {
+                const int i = lane + 32 * j;
+                const float a = v[g][j] * inv * gain[i], b = v[g][j + PAIRS] * inv * gain[i + half];
+                const float c = table_c[i], sn = table_s[i];
+                const float ra = a * c - b * sn, rb = b * c + a * sn;
+                if (h < H) {
+                    float* dst = q_out + (size_t)t * H * d + (size_t)h * d;
+                    dst[i] = ra;
+                    dst[i + half] = rb;
+                } else {
+                    KT* dst = kc + slot + (size_t)(h - H) * d;
+                    kv_store(dst + i, ra);
+                    kv_store(dst + i + half, rb);
+                }
+            }
+        }
+    }
 }
 
 // The ATTN_WARPS warps' partial softmaxes for row g, dim dd, from `part` laid out [warp][row]
@@ -407,11 +446,11 @@ __device__ void attention_paged(
         qk_norm_rope_write_kv<KT>(qkv, q_norm, k_norm, positions, slots, q_out, kc, vc, H, KV, d,          \
                                   log2_theta, eps, T);                                                      \
     }                                                                                                       \
-    extern "C" __global__ void qk_norm_rope_write_kv_rows_##SUFFIX(                                         \
+    extern "C" __global__ void qk_norm_rope_write_kv_rows_d128_##SUFFIX(                                    \
         const float* qkv, const float* q_norm, const float* k_norm, const u32* positions, const u32* slots, \
-        float* q_out, KT* kc, KT* vc, int H, int KV, int d, double log2_theta, float eps) {                 \
-        qk_norm_rope_write_kv_rows<KT>(qkv, q_norm, k_norm, positions, slots, q_out, kc, vc, H, KV, d,     \
-                                       log2_theta, eps);                                                    \
+        float* q_out, KT* kc, KT* vc, int H, int KV, double log2_theta, float eps) {                        \
+        qk_norm_rope_write_kv_rows<KT, 128>(qkv, q_norm, k_norm, positions, slots, q_out, kc, vc, H, KV,   \
+                                            log2_theta, eps);                                               \
     }                                                                                                       \
     ATTN_DPLS(KT, SUFFIX, 1) ATTN_DPLS(KT, SUFFIX, 2) ATTN_DPLS(KT, SUFFIX, 4) ATTN_DPLS(KT, SUFFIX, 8)
 

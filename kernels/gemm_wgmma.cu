@@ -7,17 +7,19 @@
 // output per part, and the sum kernel that read them back: here the parts accumulate in
 // registers and the epilogue (residual add, SiLU·up) runs on them before the one store.
 //
-// Block: 128 rows x 128 weight rows; two consumer warpgroups of 64 rows each and a producer
-// warp. K advances in rounds of 64. One producer thread has the tensor-memory accelerator (TMA)
-// copy a round's tiles (PARTS A tiles of 128 x 64 and B of 128 x 64, bf16) into one of the
-// shared-memory stages (three of 64 KB with three parts, four of 48 KB with two), in the 128-byte-swizzled K-major layout that wgmma reads through
-// descriptors; the copies complete the stage's "full" mbarrier by their byte count. The
-// consumers wait on it, issue PARTS x 4 k-steps of m64n128k16, and once those have completed
-// arrive on the stage's "empty" mbarrier, which the producer waits on before refilling it. No
-// block-wide barrier runs in the loop. (Producers issuing the copies as cp.async, one warp or a
-// warpgroup of them, were slower than cuBLAS: docs/perf.md.) The hi part's products accumulate
-// apart from the other parts': the tensor cores truncate as they accumulate, relative to
-// the accumulator, and one accumulator for all three moved the synthetic 0.6B's logits 3.6x
+// Tile: 128 rows x 128 weight rows; a block (one an SM: the grid is at most the SM count) takes
+// tile after tile, with two consumer warpgroups of 64 rows each and a producer warp. K advances
+// in rounds of 64. One producer thread has the tensor-memory accelerator (TMA) copy a round's
+// tiles (PARTS A tiles of 128 x 64 and B of 128 x 64, bf16) into one of the shared-memory stages
+// (three of 64 KB with three parts, four of 48 KB with two), in the 128-byte-swizzled K-major
+// layout that wgmma reads through descriptors; the copies complete the stage's "full" mbarrier
+// by their byte count. The consumers wait on it, issue PARTS x 4 k-steps of m64n128k16, and once
+// those have completed arrive on the stage's "empty" mbarrier, which the producer waits on
+// before refilling it. No block-wide barrier runs in the loop, and the producer runs on into
+// the next tile while the consumers store this one. (Producers issuing the copies as cp.async,
+// one warp or a warpgroup of them, were slower than cuBLAS: docs/perf.md.) The hi part's products
+// accumulate apart from the other parts': the tensor cores truncate as they accumulate, relative
+// to the accumulator, and one accumulator for all three moved the synthetic 0.6B's logits 3.6x
 // further from the reference (docs/perf.md).
 // With SILU the block's first 64 rows of B are gate rows n0.. and the rest the matching up rows
 // N/2 + n0.., so one thread holds both accumulators of each of its outputs.
@@ -150,14 +152,14 @@ __device__ __forceinline__ void wg_load_a(u32 stage, const TmaMap* parts, int T,
 
 template <int EPI, int PARTS>
 __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w, const float* __restrict__ residual,
-                                           float* __restrict__ y, int T, int K, int N) {
+                                           float* __restrict__ y, int T, int K, int N, int col_blocks) {
     constexpr int WG_STAGES = WgStages<PARTS>::COUNT, WG_STAGE_BYTES = WgStages<PARTS>::BYTES;
+    constexpr int COLS = EPI == EPI_SILU ? WG_BN / 2 : WG_BN;  // output columns of a tile
     extern __shared__ unsigned char wg_smem[];
     __shared__ __align__(8) unsigned long long full[WG_STAGES], empty[WG_STAGES];
     const u32 base = ((u32)__cvta_generic_to_shared(wg_smem) + 1023u) & ~1023u;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int n0 = blockIdx.x * (EPI == EPI_SILU ? WG_BN / 2 : WG_BN), m0 = blockIdx.y * WG_BM;
-    const int rounds = K / WG_BK;
+    const int rounds = K / WG_BK, tiles = col_blocks * ((T + WG_BM - 1) / WG_BM);
     const u32 full0 = (u32)__cvta_generic_to_shared(full), empty0 = (u32)__cvta_generic_to_shared(empty);
     if (tid == 0) {
         for (int s = 0; s < WG_STAGES; ++s) {
@@ -168,88 +170,104 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
     }
     __syncthreads();
 
+    // Persistent: block b takes tiles b, b + grid, ... (tile = row block x col_blocks + column
+    // block, so the blocks at work share rows of the activations), and the stages run on across
+    // tiles: round r of the block's whole sequence uses stage r % WG_STAGES, whose barriers are
+    // in phase (r / WG_STAGES) & 1. The producer thus fills the next tile's first stages while
+    // the consumers run this tile's epilogue.
     if (tid >= WG_CONSUMERS) {
-        // The producer. The weights of the first rounds do not depend on earlier kernels.
         if (tid == WG_CONSUMERS) {
+            // The producer. The weights of the first rounds do not depend on earlier kernels.
+            const int first_n0 = (int)(blockIdx.x % col_blocks) * COLS;
             for (int s = 0; s < WG_STAGES && s < rounds; ++s) {
                 mbar_arrive_expect(full0 + 8 * s, WG_STAGE_BYTES);
-                wg_load_b<EPI, PARTS>(base + s * WG_STAGE_BYTES, w, N, n0, s, full0 + 8 * s);
+                wg_load_b<EPI, PARTS>(base + s * WG_STAGE_BYTES, w, N, first_n0, s, full0 + 8 * s);
             }
             pdl_wait();
             pdl_launch_dependents();
-            for (int kb = 0; kb < rounds; ++kb) {
-                const int s = kb % WG_STAGES;
-                const u32 stage = base + s * WG_STAGE_BYTES, full = full0 + 8 * s;
-                if (kb >= WG_STAGES) {
-                    mbar_wait(empty0 + 8 * s, (u32)((kb / WG_STAGES - 1) & 1));
-                    mbar_arrive_expect(full, WG_STAGE_BYTES);
-                    wg_load_b<EPI, PARTS>(stage, w, N, n0, kb, full);
+            int round = 0;
+            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+                const int n0 = (tile % col_blocks) * COLS, m0 = (tile / col_blocks) * WG_BM;
+                for (int kb = 0; kb < rounds; ++kb, ++round) {
+                    const int s = round % WG_STAGES;
+                    const u32 stage = base + s * WG_STAGE_BYTES, full = full0 + 8 * s;
+                    if (tile != (int)blockIdx.x || kb >= WG_STAGES) {  // not issued before the wait
+                        if (round >= WG_STAGES) mbar_wait(empty0 + 8 * s, (u32)((round / WG_STAGES - 1) & 1));
+                        mbar_arrive_expect(full, WG_STAGE_BYTES);
+                        wg_load_b<EPI, PARTS>(stage, w, N, n0, kb, full);
+                    }
+                    wg_load_a<PARTS>(stage, parts, T, m0, kb, full);
                 }
-                wg_load_a<PARTS>(stage, parts, T, m0, kb, full);
             }
         }
         return;
     }
 
-    // The consumers: warpgroup g takes rows 64g..64g+63 of the block. Both accumulators are set
-    // by their first products (no instruction outside the wgmma pipeline may write them).
+    // The consumers: warpgroup g takes rows 64g..64g+63 of each tile. Both accumulators are set
+    // by their tile's first products (no instruction outside the wgmma pipeline may write them).
     const int g = warp >> 2;
     pdl_wait();
     float acc[64], acc_small[64];
-    for (int kb = 0; kb < rounds; ++kb) {
-        const int s = kb % WG_STAGES;
-        const u32 stage = base + s * WG_STAGE_BYTES;
-        mbar_wait(full0 + 8 * s, (u32)((kb / WG_STAGES) & 1));
-        wg_fence_acc(acc);
-        wg_fence_acc(acc_small);
-        wg_fence();
+    int round = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int n0 = (tile % col_blocks) * COLS, m0 = (tile / col_blocks) * WG_BM;
+        for (int kb = 0; kb < rounds; ++kb, ++round) {
+            const int s = round % WG_STAGES;
+            const u32 stage = base + s * WG_STAGE_BYTES;
+            mbar_wait(full0 + 8 * s, (u32)((round / WG_STAGES) & 1));
+            wg_fence_acc(acc);
+            wg_fence_acc(acc_small);
+            wg_fence();
 #pragma unroll
-        for (int p = PARTS - 1; p >= 0; --p) {
+            for (int p = PARTS - 1; p >= 0; --p) {
 #pragma unroll
-            for (int kk = 0; kk < WG_BK / 16; ++kk) {
-                const u32 a = stage + p * WG_A_BYTES + g * 64 * 128 + kk * 32;
-                const u32 b = stage + PARTS * WG_A_BYTES + kk * 32;
-                if (p > 0) wg_mma(acc_small, wg_desc(a), wg_desc(b), kb > 0 || p < PARTS - 1 || kk > 0);
-                else wg_mma(acc, wg_desc(a), wg_desc(b), kb > 0 || kk > 0);
+                for (int kk = 0; kk < WG_BK / 16; ++kk) {
+                    const u32 a = stage + p * WG_A_BYTES + g * 64 * 128 + kk * 32;
+                    const u32 b = stage + PARTS * WG_A_BYTES + kk * 32;
+                    if (p > 0) wg_mma(acc_small, wg_desc(a), wg_desc(b), kb > 0 || p < PARTS - 1 || kk > 0);
+                    else wg_mma(acc, wg_desc(a), wg_desc(b), kb > 0 || kk > 0);
+                }
             }
+            wg_commit();
+            wg_fence_acc(acc);
+            wg_fence_acc(acc_small);
+            // The previous round's products have completed: its stage goes back to the producer.
+            wg_wait<1>();
+            wg_fence_acc(acc);
+            wg_fence_acc(acc_small);
+            if (kb > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((round - 1) % WG_STAGES));
         }
-        wg_commit();
+        wg_wait<0>();
         wg_fence_acc(acc);
         wg_fence_acc(acc_small);
-        // Round kb - 1's products have completed: its stage goes back to the producer.
-        wg_wait<1>();
-        wg_fence_acc(acc);
-        wg_fence_acc(acc_small);
-        if (kb > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((kb - 1) % WG_STAGES));
-    }
-    wg_wait<0>();
-    wg_fence_acc(acc);
-    wg_fence_acc(acc_small);
+        // The tile's last stage goes back too, before the epilogue.
+        if (lane == 0) mbar_arrive(empty0 + 8 * ((round - 1) % WG_STAGES));
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] += acc_small[i];
+        for (int i = 0; i < 64; ++i) acc[i] += acc_small[i];
 
-    // Accumulator layout: warp w of the warpgroup holds rows 16w + lane/4 and + 8; for each
-    // 8-column group j, columns 8j + 2 (lane % 4) and + 1 (acc[4j..4j+1] row 0, acc[4j+2..] row 8).
-    const int r0 = m0 + g * 64 + (warp & 3) * 16 + (lane >> 2), cq = (lane & 3) * 2;
-    const int out_cols = EPI == EPI_SILU ? N / 2 : N;
-    constexpr int GROUPS = EPI == EPI_SILU ? WG_BN / 16 : WG_BN / 8;
+        // Accumulator layout: warp w of the warpgroup holds rows 16w + lane/4 and + 8; for each
+        // 8-column group j, columns 8j + 2 (lane % 4) and + 1 (acc[4j..4j+1] row 0, acc[4j+2..] row 8).
+        const int r0 = m0 + g * 64 + (warp & 3) * 16 + (lane >> 2), cq = (lane & 3) * 2;
+        const int out_cols = EPI == EPI_SILU ? N / 2 : N;
+        constexpr int GROUPS = EPI == EPI_SILU ? WG_BN / 16 : WG_BN / 8;
 #pragma unroll
-    for (int j = 0; j < GROUPS; ++j) {
+        for (int j = 0; j < GROUPS; ++j) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int row = r0 + 8 * h;
-            if (row >= T) continue;
-            const size_t o = (size_t)row * out_cols + n0 + 8 * j + cq;
-            float2 v = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-            if (EPI == EPI_ADD) {
-                const float2 r = *reinterpret_cast<const float2*>(residual + o);
-                v.x += r.x;
-                v.y += r.y;
-            } else if (EPI == EPI_SILU) {
-                const int u = 4 * (j + WG_BN / 16) + 2 * h;
-                v = make_float2(silu(v.x) * acc[u], silu(v.y) * acc[u + 1]);
+            for (int h = 0; h < 2; ++h) {
+                const int row = r0 + 8 * h;
+                if (row >= T) continue;
+                const size_t o = (size_t)row * out_cols + n0 + 8 * j + cq;
+                float2 v = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+                if (EPI == EPI_ADD) {
+                    const float2 r = *reinterpret_cast<const float2*>(residual + o);
+                    v.x += r.x;
+                    v.y += r.y;
+                } else if (EPI == EPI_SILU) {
+                    const int u = 4 * (j + WG_BN / 16) + 2 * h;
+                    v = make_float2(silu(v.x) * acc[u], silu(v.y) * acc[u + 1]);
+                }
+                *reinterpret_cast<float2*>(y + o) = v;
             }
-            *reinterpret_cast<float2*>(y + o) = v;
         }
     }
 }
@@ -257,8 +275,8 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
 #define WG_ENTRY(name, EPI, PARTS)                                                                           \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                             \
         name(const __grid_constant__ TmaMap parts, const __grid_constant__ TmaMap w, const float* residual,  \
-             float* y, int T, int K, int N) {                                                               \
-        gemm_wgmma<EPI, PARTS>(&parts, &w, residual, y, T, K, N);                                          \
+             float* y, int T, int K, int N, int col_blocks) {                                               \
+        gemm_wgmma<EPI, PARTS>(&parts, &w, residual, y, T, K, N, col_blocks);                              \
     }
 
 WG_ENTRY(wgmma_x3, EPI_NONE, 3)

@@ -488,6 +488,53 @@ pub fn check_attention_case<B: Backend, R: Backend>(
     assert_close("attention", b, &out_b, r, &out_r, tol)
 }
 
+/// `qk_norm_rope_write_kv` on both backends for `case` (caches filled with its history first):
+/// its q output and the caches it wrote, compared; returns the backend's q and cache.
+fn qk_norm_rope_write_kv_case<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    tol: Tolerance,
+    rng: &mut Rng,
+    case: &AttentionCase,
+    (bb, br): (&B::Batch, &R::Batch),
+) -> Result<(B::Tensor, LayerKv<B::Tensor>)> {
+    let (mut cb, mut cr) = case.filled_caches(rng, b, r)?;
+    let [(xb, xr), (qnb, qnr), (knb, knr)] = case.prologue_inputs(rng, b, r)?;
+    let qb = b.qk_norm_rope_write_kv(&xb, &qnb, &knb, &mut cb, bb, &case.cfg)?;
+    let qr = r.qk_norm_rope_write_kv(&xr, &qnr, &knr, &mut cr, br, &case.cfg)?;
+    assert_close("qk_norm_rope_write_kv (q)", b, &qb, r, &qr, tol)?;
+    assert_close("qk_norm_rope_write_kv (keys)", b, &cb.k, r, &cr.k, tol)?;
+    assert_close("qk_norm_rope_write_kv (values)", b, &cb.v, r, &cr.v, tol)?;
+    Ok((qb, cb))
+}
+
+/// `qk_norm_rope_write_kv` for prompts: 1-3 sequences of 65-300 new tokens after up to 100
+/// cached ones (the row counts random cases never draw, where a backend may change kernels),
+/// head sizes 64, 128, 256 and one that is no multiple of 64.
+pub fn check_qk_norm_rope_write_kv_prompt<B: Backend, R: Backend>(
+    b: &B,
+    r: &R,
+    tol: Tolerance,
+    seed: u64,
+) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let num_kv_heads = 1 + rng.below(3);
+    let cfg = AttentionConfig {
+        num_heads: num_kv_heads * [1, 2, 4][rng.below(3)],
+        num_kv_heads,
+        head_dim: [64, 128, 256, 96][rng.below(4)],
+        rope_theta: [1e4, 1e6][rng.below(2)],
+        qk_norm_eps: 1e-6,
+    };
+    let lens = (0..1 + rng.below(3))
+        .map(|_| (rng.below(101), 65 + rng.below(236)))
+        .collect();
+    let block_size = [1, 16][rng.below(2)];
+    let case = AttentionCase::prompts(&mut rng, cfg, block_size, lens)?;
+    let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
+    qk_norm_rope_write_kv_case(b, r, tol, &mut rng, &case, (&bb, &br)).map(|_| ())
+}
+
 /// The fused `qk_norm_rope_write_kv` (q output and cache contents), then attention on its cache.
 pub fn check_qk_norm_rope_write_kv<B: Backend, R: Backend>(
     b: &B,
@@ -497,14 +544,8 @@ pub fn check_qk_norm_rope_write_kv<B: Backend, R: Backend>(
 ) -> Result<()> {
     let mut rng = Rng::new(seed);
     let case = AttentionCase::random(&mut rng, 200)?;
-    let (mut cb, mut cr) = case.filled_caches(&mut rng, b, r)?;
-    let [(xb, xr), (qnb, qnr), (knb, knr)] = case.prologue_inputs(&mut rng, b, r)?;
     let (bb, br) = (b.prepare_batch(&case.batch)?, r.prepare_batch(&case.batch)?);
-    let qb = b.qk_norm_rope_write_kv(&xb, &qnb, &knb, &mut cb, &bb, &case.cfg)?;
-    let qr = r.qk_norm_rope_write_kv(&xr, &qnr, &knr, &mut cr, &br, &case.cfg)?;
-    assert_close("qk_norm_rope_write_kv (q)", b, &qb, r, &qr, tol)?;
-    assert_close("qk_norm_rope_write_kv (keys)", b, &cb.k, r, &cr.k, tol)?;
-    assert_close("qk_norm_rope_write_kv (values)", b, &cb.v, r, &cr.v, tol)?;
+    let (qb, cb) = qk_norm_rope_write_kv_case(b, r, tol, &mut rng, &case, (&bb, &br))?;
     // Attention on what the backend wrote, given to the reference too: a cache kept in bf16 rounds
     // keys that k_norm gains of ~100 make large, and with scores that peaked the softmax is too
     // ill-conditioned to compare outputs computed from differently rounded caches.
@@ -814,6 +855,7 @@ macro_rules! backend_tests {
                 #[test] fn rope_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_rope)? }
                 #[test] fn attention_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_attention)? }
                 #[test] fn qk_norm_rope_write_kv_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_qk_norm_rope_write_kv)? }
+                #[test] fn qk_norm_rope_write_kv_prompt_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_qk_norm_rope_write_kv_prompt)? }
                 #[test] fn qk_norm_rope_attention_matches_composition(s in any::<u64>()) { run(s, $crate::testing::check_qk_norm_rope_attention)? }
                 #[test] fn fused_matmuls_match_reference(s in any::<u64>()) { run(s, $crate::testing::check_fused_matmuls)? }
                 #[test] fn decoder_layer_matches_composition(s in any::<u64>()) { run(s, $crate::testing::check_decoder_layer)? }

@@ -14,7 +14,7 @@ type Check = fn(&Perturbed<CpuRef>, &CpuRef, Tolerance, u64) -> qfuse_core::Resu
 
 #[test]
 fn every_check_catches_a_perturbed_op() {
-    let cases: [(&str, &str, Check); 8] = [
+    let cases: [(&str, &str, Check); 9] = [
         ("gather_rows", "gather_rows", testing::check_gather_rows),
         ("rms_norm", "rms_norm", testing::check_rms_norm),
         ("matmul", "matmul", testing::check_matmul),
@@ -25,6 +25,11 @@ fn every_check_catches_a_perturbed_op() {
             "rope inside qk_norm_rope_write_kv",
             "rope",
             testing::check_qk_norm_rope_write_kv,
+        ),
+        (
+            "rope inside a prompt's qk_norm_rope_write_kv",
+            "rope",
+            testing::check_qk_norm_rope_write_kv_prompt,
         ),
         (
             "matmul inside rms_norm_matmul",
