@@ -69,6 +69,34 @@ __device__ __forceinline__ void split_bf16_parts(float x, bf16_t* hi, bf16_t* mi
     if (lo != nullptr) lo[i] = l;
 }
 
+// split_bf16_parts for the eight values at x (16-byte aligned), times scale and gain when a gain
+// is given (RMSNorm), as elements 8 i8 .. 8 i8 + 7 of the split arrays (16-byte stores).
+__device__ __forceinline__ void split_bf16_parts8(const float* __restrict__ x, bf16_t* __restrict__ hi,
+                                                  bf16_t* __restrict__ mid, bf16_t* __restrict__ lo, size_t i8,
+                                                  float scale = 1.0f, const float* __restrict__ gain = nullptr) {
+    const float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
+    float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    if (gain != nullptr) {
+        const float4 ga = reinterpret_cast<const float4*>(gain)[0], gb = reinterpret_cast<const float4*>(gain)[1];
+        const float g[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) f[j] = f[j] * scale * g[j];
+    }
+    u32 h[4], m[4], l[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        bf16_t h0, m0, l0, h1, m1, l1;
+        split_bf16x3(f[2 * j], h0, m0, l0);
+        split_bf16x3(f[2 * j + 1], h1, m1, l1);
+        h[j] = (u32)h0 | ((u32)h1 << 16);
+        m[j] = (u32)m0 | ((u32)m1 << 16);
+        l[j] = (u32)l0 | ((u32)l1 << 16);
+    }
+    reinterpret_cast<uint4*>(hi)[i8] = make_uint4(h[0], h[1], h[2], h[3]);
+    reinterpret_cast<uint4*>(mid)[i8] = make_uint4(m[0], m[1], m[2], m[3]);
+    if (lo != nullptr) reinterpret_cast<uint4*>(lo)[i8] = make_uint4(l[0], l[1], l[2], l[3]);
+}
+
 // Programmatic dependent launch (sm_90+; no-ops before). A kernel may be launched while the one
 // before it still runs (crates/cuda/src/launch.rs): until pdl_wait() returns it may read only
 // what no kernel writes (weights, and batch metadata the host copies in before the step) and

@@ -24,6 +24,7 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "slice_columns_f32",
             "cast_f32_bf16",
             "split_f32_bf16x3",
+            "split_f32_bf16x3_v8",
             "sum3_f32",
             "sum3_add_f32",
             "sum3_silu_mul_f32",
@@ -35,7 +36,11 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "rms_norm.cu",
         include_str!("../../../kernels/rms_norm.cu"),
-        &["rms_norm_f32", "rms_norm_split_bf16x3"],
+        &[
+            "rms_norm_f32",
+            "rms_norm_split_bf16x3",
+            "rms_norm_split_bf16x3_v8",
+        ],
     ),
     (
         "gemv.cu",

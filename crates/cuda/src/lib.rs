@@ -1020,21 +1020,38 @@ impl CudaBackend {
         } else {
             0
         };
+        // Eight values a thread (16-byte loads and stores) where rows are whole groups of eight
+        // and x is 16-byte aligned (the parts then are too: pooled buffers are 256-byte aligned).
+        let x_ptr = match &x {
+            Prologue::Rows(x) | Prologue::Norm { x, .. } => x.device_ptr(self.stream()).0,
+        };
+        let v8 = k.is_multiple_of(8) && x_ptr.is_multiple_of(16);
         match x {
             Prologue::Rows(x) => {
-                let mut l = self.launch("split_f32_bf16x3")?;
-                l.buf(x).ptr(hi).ptr(mid).ptr(lo).usize(total);
+                let mut l = self.launch(if v8 {
+                    "split_f32_bf16x3_v8"
+                } else {
+                    "split_f32_bf16x3"
+                })?;
+                let items = if v8 { total / 8 } else { total };
+                l.buf(x).ptr(hi).ptr(mid).ptr(lo).usize(items);
                 // SAFETY: x holds t*k floats; the parts are consecutive t*k-element bf16 ranges
                 // of `parts` (count*t*k bf16 fit its (count*t*k)/2 floats), lo null with two
-                // (the kernel then writes hi and mid only); grid-stride loop.
-                unsafe { l.launch(elementwise(total)) }.cuda()?;
+                // (the kernel then writes hi and mid only); grid-stride loop over the elements,
+                // or (v8) over total/8 groups with x and the parts 16-byte aligned.
+                unsafe { l.launch(elementwise(items)) }.cuda()?;
             }
             Prologue::Norm { x, gain, eps } => {
-                let mut l = self.launch("rms_norm_split_bf16x3")?;
+                let mut l = self.launch(if v8 {
+                    "rms_norm_split_bf16x3_v8"
+                } else {
+                    "rms_norm_split_bf16x3"
+                })?;
                 l.buf(x).buf(gain).ptr(hi).ptr(mid).ptr(lo);
                 l.i32(i32_of(k, "K")?).f32(eps as f32);
-                // SAFETY: x is [t, k] f32 and gain [k]; the parts as above (lo null with two);
-                // a block per row.
+                // SAFETY: x is [t, k] f32 and gain [k] (a weight: its own allocation, 256-byte
+                // aligned); the parts as above (lo null with two); a block per row, (v8) k a
+                // multiple of 8.
                 unsafe { l.launch(grid(t, 256)) }.cuda()?;
             }
         }
@@ -2945,6 +2962,7 @@ mod tests {
                         || l.contains("write_kv<")
                         || l.contains("qk_norm_rope_write_kv<")
                         || l.contains("qk_norm_rope_write_kv_rows<")
+                        || l.contains("rms_norm_split<")
                         || l.contains("attention_gemm_gather_kv<")
                         || l.contains("decoder_layer_t1<")
                         || l.contains("gemm_x3<")
@@ -2982,6 +3000,10 @@ mod tests {
             ("attention_many", attention),
             ("qk_norm_rope_write_kv", attention),
             ("qk_norm_rope_write_kv_rows", attention),
+            (
+                "rms_norm_split",
+                include_str!("../../../kernels/rms_norm.cu"),
+            ),
             ("write_kv", attention),
             ("attention_gemm_gather_kv", attention),
         ] {

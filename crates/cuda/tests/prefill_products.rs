@@ -47,12 +47,14 @@ fn prompt_sized_products_match_reference() {
         .iter()
         .any(|card| gpus[0].2.device_name().contains(card));
     let mut rng = Rng::new(3);
-    // (rows, K, N): just past the threshold, an odd count (its N fits no wgmma block), a
+    // (rows, K, N): just past the threshold, an odd count (its N fits no wgmma block), a K that
+    // is no whole number of 8-value groups (the split's scalar build), a
     // 2,048-token prompt's width cut down, a partial last row block over 16 rounds of K, a
     // down_proj's depth (48 rounds), and wide ones of one round and of four.
     for (t, k, n) in [
         (512, 256, 384),
         (777, 320, 200),
+        (129, 100, 200),
         (2048, 128, 512),
         (333, 1024, 256),
         (300, 3072, 512),
