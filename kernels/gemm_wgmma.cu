@@ -150,9 +150,12 @@ __device__ __forceinline__ void wg_load_a(u32 stage, const TmaMap* parts, int T,
     for (int p = 0; p < PARTS; ++p) tma_load_2d(stage + p * WG_A_BYTES, parts, kb * WG_BK, p * T + m0, bar);
 }
 
-template <int EPI, int PARTS>
+// PARTS_OUT (with SILU): y is the PARTS bf16 parts of the output, [PARTS][T][N / 2], the next
+// product's operand, instead of fp32 (no split pass between the two products).
+template <int EPI, int PARTS, bool PARTS_OUT>
 __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w, const float* __restrict__ residual,
                                            float* __restrict__ y, int T, int K, int N, int col_blocks) {
+    static_assert(!PARTS_OUT || EPI == EPI_SILU, "parts out with SiLU only");
     constexpr int WG_STAGES = WgStages<PARTS>::COUNT, WG_STAGE_BYTES = WgStages<PARTS>::BYTES;
     constexpr int COLS = EPI == EPI_SILU ? WG_BN / 2 : WG_BN;  // output columns of a tile
     extern __shared__ unsigned char wg_smem[];
@@ -266,25 +269,37 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
                     const int u = 4 * (j + WG_BN / 16) + 2 * h;
                     v = make_float2(silu(v.x) * acc[u], silu(v.y) * acc[u + 1]);
                 }
-                *reinterpret_cast<float2*>(y + o) = v;
+                if (PARTS_OUT) {
+                    bf16_t p0[3], p1[3];
+                    split_bf16x3(v.x, p0[0], p0[1], p0[2]);
+                    split_bf16x3(v.y, p1[0], p1[1], p1[2]);
+                    u32* out = reinterpret_cast<u32*>(y);
+                    const size_t part = (size_t)T * out_cols / 2;  // u32 pairs a part
+#pragma unroll
+                    for (int p = 0; p < PARTS; ++p) out[p * part + o / 2] = (u32)p0[p] | ((u32)p1[p] << 16);
+                } else {
+                    *reinterpret_cast<float2*>(y + o) = v;
+                }
             }
         }
     }
 }
 
-#define WG_ENTRY(name, EPI, PARTS)                                                                           \
+#define WG_ENTRY(name, EPI, PARTS, PARTS_OUT)                                                                \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                             \
         name(const __grid_constant__ TmaMap parts, const __grid_constant__ TmaMap w, const float* residual,  \
              float* y, int T, int K, int N, int col_blocks) {                                               \
-        gemm_wgmma<EPI, PARTS>(&parts, &w, residual, y, T, K, N, col_blocks);                              \
+        gemm_wgmma<EPI, PARTS, PARTS_OUT>(&parts, &w, residual, y, T, K, N, col_blocks);                   \
     }
 
-WG_ENTRY(wgmma_x3, EPI_NONE, 3)
-WG_ENTRY(wgmma_x3_add, EPI_ADD, 3)
-WG_ENTRY(wgmma_x3_silu_mul, EPI_SILU, 3)
-WG_ENTRY(wgmma_x2, EPI_NONE, 2)
-WG_ENTRY(wgmma_x2_add, EPI_ADD, 2)
-WG_ENTRY(wgmma_x2_silu_mul, EPI_SILU, 2)
+WG_ENTRY(wgmma_x3, EPI_NONE, 3, false)
+WG_ENTRY(wgmma_x3_add, EPI_ADD, 3, false)
+WG_ENTRY(wgmma_x3_silu_mul, EPI_SILU, 3, false)
+WG_ENTRY(wgmma_x3_silu_mul_parts, EPI_SILU, 3, true)
+WG_ENTRY(wgmma_x2, EPI_NONE, 2, false)
+WG_ENTRY(wgmma_x2_add, EPI_ADD, 2, false)
+WG_ENTRY(wgmma_x2_silu_mul, EPI_SILU, 2, false)
+WG_ENTRY(wgmma_x2_silu_mul_parts, EPI_SILU, 2, true)
 
 #else
 #error "gemm_wgmma.cu uses wgmma: compile it for sm_90a"

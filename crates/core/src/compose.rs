@@ -51,11 +51,35 @@ pub fn decoder_layer<B: Backend>(
     cfg: &AttentionConfig,
     eps: f64,
 ) -> Result<B::Tensor> {
+    let h = attention_block(b, x, w, cache, batch, cfg, eps)?;
+    mlp_block(b, &h, w, eps)
+}
+
+/// A decoder layer's first half: `x + o_proj(attention(qk_norm_rope(qkv(rms_norm(x)))))`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_block<B: Backend>(
+    b: &B,
+    x: &B::Tensor,
+    w: &LayerWeights<'_, B::Tensor>,
+    cache: &mut LayerKv<B::Tensor>,
+    batch: &B::Batch,
+    cfg: &AttentionConfig,
+    eps: f64,
+) -> Result<B::Tensor> {
     let qkv = b.rms_norm_matmul(x, w.input_norm, w.qkv, eps)?;
     let o = b.qk_norm_rope_attention(&qkv, w.q_norm, w.k_norm, cache, batch, cfg)?;
-    let h = b.matmul_add(&o, w.o_proj, x)?;
-    let g = b.rms_norm_matmul_silu_mul(&h, w.post_norm, w.gate_up, eps)?;
-    b.matmul_add(&g, w.down, &h)
+    b.matmul_add(&o, w.o_proj, x)
+}
+
+/// A decoder layer's second half: `h + down(silu_mul(gate_up(rms_norm(h))))`.
+pub fn mlp_block<B: Backend>(
+    b: &B,
+    h: &B::Tensor,
+    w: &LayerWeights<'_, B::Tensor>,
+    eps: f64,
+) -> Result<B::Tensor> {
+    let g = b.rms_norm_matmul_silu_mul(h, w.post_norm, w.gate_up, eps)?;
+    b.matmul_add(&g, w.down, h)
 }
 
 /// Split `qkv`, per-head norms, RoPE, cache write; returns q.

@@ -614,27 +614,50 @@ pub fn check_decoder_layer<B: Backend, R: Backend>(
     seed: u64,
 ) -> Result<()> {
     let mut rng = Rng::new(seed);
-    let kernel_shaped = rng.below(2) == 0;
+    // Cases: a batch-1 decode step (3 in 8), a random batch (3 in 8), or a prompt of 65-200
+    // tokens with Qwen3's head size and whole 128-element tiles (1 in 4: the shapes a backend may
+    // run on prompt-sized kernels, e.g. the CUDA backend's MLP over bf16 parts).
+    let kind = rng.below(8);
+    let (kernel_shaped, prompt) = (kind < 3, kind >= 6);
     let case = if kernel_shaped {
         AttentionCase::single_decode_step(&mut rng, 600)?
+    } else if prompt {
+        let num_kv_heads = 1 + rng.below(2);
+        let cfg = AttentionConfig {
+            num_heads: num_kv_heads * [1, 2][rng.below(2)],
+            num_kv_heads,
+            head_dim: 128,
+            rope_theta: 1e6,
+            qk_norm_eps: 1e-6,
+        };
+        let lens = (0..1 + rng.below(2))
+            .map(|_| (rng.below(51), 65 + rng.below(71)))
+            .collect();
+        AttentionCase::prompts(&mut rng, cfg, 16, lens)?
     } else {
         AttentionCase::random(&mut rng, 300)?
     };
     let (cfg, t) = (case.cfg, case.batch.num_tokens());
     // Half the batch-1 cases have a hidden size of whole 256-element slices, as real models do:
     // the shape the decode-sized kernels specialise for (the CUDA backend's batch-1 GEMVs).
-    let hidden = if kernel_shaped && rng.below(2) == 0 {
+    let hidden = if prompt {
+        256 * (1 + rng.below(2))
+    } else if kernel_shaped && rng.below(2) == 0 {
         256 * (1 + rng.below(4))
     } else {
         8 * (1 + rng.below(64))
     };
-    let inter = 8 * (1 + rng.below(96));
+    let inter = if prompt {
+        128 * (1 + rng.below(3))
+    } else {
+        8 * (1 + rng.below(96))
+    };
     let mut again = rng.clone();
     let (mut fused, mut cr) = case.filled_caches(&mut rng, b, r)?;
     let (mut composed, _) = case.filled_caches(&mut again, b, r)?;
     let matrix = |rng: &mut Rng, out: usize, inp: usize| -> Result<(B::Tensor, R::Tensor)> {
         let w = weights(rng, out, inp)?;
-        let w = if kernel_shaped {
+        let w = if kernel_shaped || prompt {
             w.to_dtype(DType::BF16)
         } else {
             w

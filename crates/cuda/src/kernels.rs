@@ -284,13 +284,15 @@ pub const SM90A_SOURCES: &[(&str, &str, &[&str])] = &[(
 )];
 
 /// `gemm_wgmma.cu`'s entry points.
-pub const WGMMA_ENTRIES: [&str; 6] = [
+pub const WGMMA_ENTRIES: [&str; 8] = [
     "wgmma_x3",
     "wgmma_x3_add",
     "wgmma_x3_silu_mul",
+    "wgmma_x3_silu_mul_parts",
     "wgmma_x2",
     "wgmma_x2_add",
     "wgmma_x2_silu_mul",
+    "wgmma_x2_silu_mul_parts",
 ];
 
 /// NVRTC flags besides the architecture (part of the cache key).

@@ -44,7 +44,7 @@ const THREADS: u32 = 256;
 /// Weight rows of a tile.
 const TILE_ROWS: usize = 128;
 /// Largest row count the kernel takes.
-const MAX_ROWS: usize = 64;
+pub(crate) const MAX_ROWS: usize = 64;
 /// Staged activations: two rounds of [3 parts][64 rows][64 k] bf16.
 const STAGE_BYTES: usize = 2 * 3 * 64 * 64 * 2;
 
