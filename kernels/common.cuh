@@ -69,19 +69,10 @@ __device__ __forceinline__ void split_bf16_parts(float x, bf16_t* hi, bf16_t* mi
     if (lo != nullptr) lo[i] = l;
 }
 
-// split_bf16_parts for the eight values at x (16-byte aligned), times scale and gain when a gain
-// is given (RMSNorm), as elements 8 i8 .. 8 i8 + 7 of the split arrays (16-byte stores).
-__device__ __forceinline__ void split_bf16_parts8(const float* __restrict__ x, bf16_t* __restrict__ hi,
-                                                  bf16_t* __restrict__ mid, bf16_t* __restrict__ lo, size_t i8,
-                                                  float scale = 1.0f, const float* __restrict__ gain = nullptr) {
-    const float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
-    float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-    if (gain != nullptr) {
-        const float4 ga = reinterpret_cast<const float4*>(gain)[0], gb = reinterpret_cast<const float4*>(gain)[1];
-        const float g[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) f[j] = f[j] * scale * g[j];
-    }
+// split_bf16_parts for eight values, as elements 8 i8 .. 8 i8 + 7 of the split arrays (16-byte
+// stores).
+__device__ __forceinline__ void split_bf16_parts8(const float (&f)[8], bf16_t* __restrict__ hi,
+                                                  bf16_t* __restrict__ mid, bf16_t* __restrict__ lo, size_t i8) {
     u32 h[4], m[4], l[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -95,6 +86,12 @@ __device__ __forceinline__ void split_bf16_parts8(const float* __restrict__ x, b
     reinterpret_cast<uint4*>(hi)[i8] = make_uint4(h[0], h[1], h[2], h[3]);
     reinterpret_cast<uint4*>(mid)[i8] = make_uint4(m[0], m[1], m[2], m[3]);
     if (lo != nullptr) reinterpret_cast<uint4*>(lo)[i8] = make_uint4(l[0], l[1], l[2], l[3]);
+}
+
+// The eight values at p (16-byte aligned).
+__device__ __forceinline__ void load8f(const float* __restrict__ p, float (&f)[8]) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 
 // Programmatic dependent launch (sm_90+; no-ops before). A kernel may be launched while the one

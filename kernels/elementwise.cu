@@ -57,8 +57,11 @@ extern "C" __global__ void split_f32_bf16x3(const float* __restrict__ x, bf16_t*
 extern "C" __global__ void split_f32_bf16x3_v8(const float* __restrict__ x, bf16_t* __restrict__ hi,
                                                bf16_t* __restrict__ mid, bf16_t* __restrict__ lo, size_t n8) {
     pdl_begin();
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n8; i += (size_t)gridDim.x * blockDim.x)
-        split_bf16_parts8(x + 8 * i, hi, mid, lo, i);
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n8; i += (size_t)gridDim.x * blockDim.x) {
+        float f[8];
+        load8f(x + 8 * i, f);
+        split_bf16_parts8(f, hi, mid, lo, i);
+    }
 }
 
 // y = (lo + mid) + hi for the three stacked partial products [3, n] of split_f32_bf16x3's parts.

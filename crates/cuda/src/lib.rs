@@ -1105,8 +1105,8 @@ impl CudaBackend {
                 l.i32(i32_of(k, "K")?).f32(eps as f32);
                 // SAFETY: x is [t, k] f32 and gain [k] (a weight: its own allocation, 256-byte
                 // aligned); the parts as above (lo null with two); a block per row, (v8) k a
-                // multiple of 8.
-                unsafe { l.launch(grid(t, 256)) }.cuda()?;
+                // multiple of 8 and 128 threads.
+                unsafe { l.launch(grid(t, if v8 { 128 } else { 256 })) }.cuda()?;
             }
         }
         Ok((parts, count))
