@@ -69,6 +69,28 @@ __device__ __forceinline__ void split_bf16_parts(float x, bf16_t* hi, bf16_t* mi
     if (lo != nullptr) lo[i] = l;
 }
 
+// Two floats rounded to bf16 (round to nearest even, as f32_to_bf16), the first in the low half;
+// one instruction from sm_80 on.
+__device__ __forceinline__ u32 pack_bf16x2(float first, float second) {
+#if __CUDA_ARCH__ >= 800
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
+    return r;
+#else
+    return (u32)f32_to_bf16(first) | ((u32)f32_to_bf16(second) << 16);
+#endif
+}
+
+// split_bf16x3 of two values, each part's pair packed (the first value in the low half).
+__device__ __forceinline__ void split_bf16x3_pair(float a, float b, u32 (&parts)[3]) {
+#pragma unroll
+    for (int p = 0; p < 3; ++p) {
+        parts[p] = pack_bf16x2(a, b);
+        a -= bf16_lo(parts[p]);
+        b -= bf16_hi(parts[p]);
+    }
+}
+
 // split_bf16_parts for eight values, as elements 8 i8 .. 8 i8 + 7 of the split arrays (16-byte
 // stores).
 __device__ __forceinline__ void split_bf16_parts8(const float (&f)[8], bf16_t* __restrict__ hi,
@@ -76,16 +98,32 @@ __device__ __forceinline__ void split_bf16_parts8(const float (&f)[8], bf16_t* _
     u32 h[4], m[4], l[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        bf16_t h0, m0, l0, h1, m1, l1;
-        split_bf16x3(f[2 * j], h0, m0, l0);
-        split_bf16x3(f[2 * j + 1], h1, m1, l1);
-        h[j] = (u32)h0 | ((u32)h1 << 16);
-        m[j] = (u32)m0 | ((u32)m1 << 16);
-        l[j] = (u32)l0 | ((u32)l1 << 16);
+        u32 parts[3];
+        split_bf16x3_pair(f[2 * j], f[2 * j + 1], parts);
+        h[j] = parts[0];
+        m[j] = parts[1];
+        l[j] = parts[2];
     }
     reinterpret_cast<uint4*>(hi)[i8] = make_uint4(h[0], h[1], h[2], h[3]);
     reinterpret_cast<uint4*>(mid)[i8] = make_uint4(m[0], m[1], m[2], m[3]);
     if (lo != nullptr) reinterpret_cast<uint4*>(lo)[i8] = make_uint4(l[0], l[1], l[2], l[3]);
+}
+
+// A 4 x 4 transpose across each quad of lanes (lane q = lane % 4 holds row q, m[j] its column j):
+// afterwards m[s] holds row s's column q. Two exchanges of two values (xor 2, then xor 1).
+__device__ __forceinline__ void quad_transpose(u32 (&m)[4], int lane) {
+    const bool hi = lane & 2, lo = lane & 1;
+    // Rows q % 2 and q % 2 + 2, columns (q & 2) and (q & 2) + 1.
+    u32 r0 = __shfl_xor_sync(FULL_MASK, hi ? m[0] : m[2], 2);
+    u32 r1 = __shfl_xor_sync(FULL_MASK, hi ? m[1] : m[3], 2);
+    const u32 n0 = hi ? r0 : m[0], n1 = hi ? r1 : m[1], n2 = hi ? m[2] : r0, n3 = hi ? m[3] : r1;
+    // Column q of all four rows.
+    r0 = __shfl_xor_sync(FULL_MASK, lo ? n0 : n1, 1);
+    r1 = __shfl_xor_sync(FULL_MASK, lo ? n2 : n3, 1);
+    m[0] = lo ? r0 : n0;
+    m[1] = lo ? n1 : r0;
+    m[2] = lo ? r1 : n2;
+    m[3] = lo ? n3 : r1;
 }
 
 // The eight values at p (16-byte aligned).

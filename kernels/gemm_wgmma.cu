@@ -153,53 +153,32 @@ __device__ __forceinline__ void wg_load_a(u32 stage, const TmaMap* parts, int T,
 // The SiLU·up epilogue writing bf16 parts ([PARTS][T][out_cols] at `out`) for a tile's 64 output
 // columns from n0: lane l holds, for rows r0 and r0 + 8 and each 8-column group j, the column
 // pair 8j + 2 (l % 4) (gate in acc[4j..], up 32 floats on). Each part's pairs are transposed
-// across the lane's quad (shuffles), so that lane q stores whole groups q and q + 4 as 16 bytes:
-// two-pair 4-byte stores left every 32-byte sector half written and cost the kernel ~15%.
+// across the lane's quad, so that lane q stores whole groups q and q + 4 as 16 bytes.
 template <int PARTS>
 __device__ __forceinline__ void wg_store_silu_parts(const float (&acc)[64], bf16_t* __restrict__ out, int r0, int n0,
                                                     int T, int out_cols, int lane) {
-    const int q = lane & 3;
     const size_t part = (size_t)T * out_cols;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int row = r0 + 8 * h;
 #pragma unroll
         for (int blk = 0; blk < 8; blk += 4) {
-            // The parts of groups blk..blk + 3's pairs.
-            u32 packed[PARTS][4];
+            // m[p][jj]: part p of this lane's pair of group blk + jj.
+            u32 m[3][4];
 #pragma unroll
             for (int jj = 0; jj < 4; ++jj) {
                 const int j = blk + jj, u = 4 * (j + 8) + 2 * h;
-                bf16_t a[3], b[3];
-                split_bf16x3(silu(acc[4 * j + 2 * h]) * acc[u], a[0], a[1], a[2]);
-                split_bf16x3(silu(acc[4 * j + 2 * h + 1]) * acc[u + 1], b[0], b[1], b[2]);
+                u32 parts[3];
+                split_bf16x3_pair(silu(acc[4 * j + 2 * h]) * acc[u], silu(acc[4 * j + 2 * h + 1]) * acc[u + 1], parts);
 #pragma unroll
-                for (int p = 0; p < PARTS; ++p) packed[p][jj] = (u32)a[p] | ((u32)b[p] << 16);
+                for (int p = 0; p < 3; ++p) m[p][jj] = parts[p];
             }
 #pragma unroll
             for (int p = 0; p < PARTS; ++p) {
-                // Round k: lane q reads lane (q + k) % 4's pair of group blk + q, which that lane
-                // (its own q' = q + k) finds at index (q' - k) % 4 of the block.
-                u32 got[4];
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    const int want = (q - k) & 3;
-                    u32 v = packed[p][0];
-                    v = want == 1 ? packed[p][1] : v;
-                    v = want == 2 ? packed[p][2] : v;
-                    v = want == 3 ? packed[p][3] : v;
-                    got[k] = __shfl_sync(FULL_MASK, v, (lane & ~3) | ((q + k) & 3));
-                }
-                // got[k] is source lane (q + k) % 4's pair: pair s of the group is got[(s - q) % 4].
-                u32 e[4];
-#pragma unroll
-                for (int s = 0; s < 4; ++s) {
-                    const int k = (s - q) & 3;
-                    e[s] = k == 0 ? got[0] : k == 1 ? got[1] : k == 2 ? got[2] : got[3];
-                }
+                quad_transpose(m[p], lane);
                 if (row < T)
-                    *reinterpret_cast<uint4*>(out + p * part + (size_t)row * out_cols + n0 + 8 * (blk + q)) =
-                        make_uint4(e[0], e[1], e[2], e[3]);
+                    *reinterpret_cast<uint4*>(out + p * part + (size_t)row * out_cols + n0 + 8 * (blk + (lane & 3))) =
+                        make_uint4(m[p][0], m[p][1], m[p][2], m[p][3]);
             }
         }
     }

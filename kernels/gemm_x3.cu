@@ -112,13 +112,6 @@ __device__ __forceinline__ void x3_wait_groups(int pending) {
 }
 #endif
 
-// Two floats rounded to bf16 (round to nearest even, in hardware), the first in the low half.
-__device__ __forceinline__ u32 x3_pack(float first, float second) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(second), "f"(first));
-    return r;
-}
-
 // Splits four activations of row R (v) and the same four of row R + 8 (u) into their three bf16
 // parts and stores each part's 16 bytes, {R k0-1, R+8 k0-1, R k2-3, R+8 k2-3}: the A operand of
 // one mma k-step, at byte offset `at` of the three part planes of a staged round.
@@ -127,10 +120,10 @@ __device__ __forceinline__ void x3_store_parts(unsigned char* abuf, u32 at, floa
 #pragma unroll
     for (int q = 0; q < 3; ++q) {
         uint4 part;
-        part.x = x3_pack(f[0], f[1]);
-        part.y = x3_pack(f[2], f[3]);
-        part.z = x3_pack(f[4], f[5]);
-        part.w = x3_pack(f[6], f[7]);
+        part.x = pack_bf16x2(f[0], f[1]);
+        part.y = pack_bf16x2(f[2], f[3]);
+        part.z = pack_bf16x2(f[4], f[5]);
+        part.w = pack_bf16x2(f[6], f[7]);
         const u32 w[4] = {part.x, part.y, part.z, part.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
