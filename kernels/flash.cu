@@ -597,9 +597,8 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
         }
     }
     if constexpr (H16) {
-        // Each q row scaled into fp16's range (its scale kept to take back from the scores) and
-        // split once, in place: each pair of dims (2c, 2c + 1) becomes its {hi, lo} fp16 pairs,
-        // the A operand as every key tile's scores read it. Warp w takes its own 16 rows.
+        // Each q row scaled into fp16's range (its scale kept to take back from the scores).
+        // Warp w scales its own 16 rows.
         __syncthreads();
         for (int i = 0; i < 16; ++i) {
             float* row = Qs + (warp * 16 + i) * QS;
@@ -607,12 +606,7 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
             if (lane * 4 < DP) v = *reinterpret_cast<const float4*>(row + lane * 4);
             const float m = warp_max(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
             const float sc = fp16_row_scale(m);
-            if (lane * 4 < DP) {
-                uint4 w;
-                half2_split(v.x * sc, v.y * sc, w.x, w.y);
-                half2_split(v.z * sc, v.w * sc, w.z, w.w);
-                *reinterpret_cast<uint4*>(row + lane * 4) = w;
-            }
+            if (lane * 4 < DP) *reinterpret_cast<float4*>(row + lane * 4) = make_float4(v.x * sc, v.y * sc, v.z * sc, v.w * sc);
             if (lane == 0) qscale[warp * 16 + i] = 1.0f / sc;
         }
     }
@@ -639,14 +633,17 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
                 for (int nt = 0; nt < NT; ++nt) part[nt][0] = part[nt][1] = part[nt][2] = part[nt][3] = 0.0f;
 #pragma unroll
                 for (int ks = kc; ks < kc + 2; ++ks) {
-                    // q's fp16 parts, split once above: {hi, lo} of dims (2t, 2t + 1) and + 8.
                     const float* qa = Qs + r0 * QS + ks * 16 + t * 2;
                     const float* qb = Qs + r1 * QS + ks * 16 + t * 2;
-                    const uint2 a0 = *reinterpret_cast<const uint2*>(qa);
-                    const uint2 a1 = *reinterpret_cast<const uint2*>(qb);
-                    const uint2 a2 = *reinterpret_cast<const uint2*>(qa + 8);
-                    const uint2 a3 = *reinterpret_cast<const uint2*>(qb + 8);
-                    const u32 ah[4] = {a0.x, a1.x, a2.x, a3.x}, al[4] = {a0.y, a1.y, a2.y, a3.y};
+                    const float2 a0 = *reinterpret_cast<const float2*>(qa);
+                    const float2 a1 = *reinterpret_cast<const float2*>(qb);
+                    const float2 a2 = *reinterpret_cast<const float2*>(qa + 8);
+                    const float2 a3 = *reinterpret_cast<const float2*>(qb + 8);
+                    u32 ah[4], al[4];
+                    half2_split(a0.x, a0.y, ah[0], al[0]);
+                    half2_split(a1.x, a1.y, ah[1], al[1]);
+                    half2_split(a2.x, a2.y, ah[2], al[2]);
+                    half2_split(a3.x, a3.y, ah[3], al[3]);
                     uint4 kb[NT];
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
