@@ -7,8 +7,10 @@
 //! 9-64 rows on sm_90 in one tensor-core kernel (`x3.rs`, `kernels/gemm_x3.cu`) that splits the
 //! fp32 activations into three bf16 parts as it stages them, with the norm and the epilogue
 //! fused; larger ones (prompts) are split into the three parts by one kernel (the norm fused)
-//! and multiplied on compute capability 9.0 by a warp-specialized wgmma kernel fed by TMA, its
-//! epilogue fused (`kernels/gemm_wgmma.cu`), elsewhere by cuBLAS and a sum kernel. Decode
+//! and multiplied on compute capability 9.0 by a persistent, warp-specialized wgmma kernel fed
+//! by TMA, its epilogue fused (`kernels/gemm_wgmma.cu`; a prompt's gate/up product writes its
+//! SiLU·up as the parts of down's operand: `prompt_mlp`), elsewhere by cuBLAS and a sum kernel.
+//! Decode
 //! attention is one kernel for every batch size, which for batched decode (9+ sequences) also
 //! forms q and the new keys (`qk_norm_rope_attention`); a batch-1 decoder layer can run as one
 //! persistent kernel (`layer.rs`, opt-in: measured slower than the composed step); prompt
