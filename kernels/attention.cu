@@ -96,6 +96,23 @@ __device__ void write_kv(const float* __restrict__ k, const float* __restrict__ 
     }
 }
 
+// RoPE of the normalised pair (a, b) = dims (i, i + d / 2) of head h (< H: q; else a key) of
+// token t, stored to q_out [T, H d] or to the cache at `slot`.
+template <typename KT>
+__device__ __forceinline__ void rope_store(float a, float b, float c, float s, float* __restrict__ q_out,
+                                           KT* __restrict__ kc, size_t slot, int H, int d, int t, int h, int i) {
+    const float ra = a * c - b * s, rb = b * c + a * s;
+    if (h < H) {
+        float* dst = q_out + (size_t)t * H * d + (size_t)h * d;
+        dst[i] = ra;
+        dst[i + d / 2] = rb;
+    } else {
+        KT* dst = kc + slot + (size_t)(h - H) * d;
+        kv_store(dst + i, ra);
+        kv_store(dst + i + d / 2, rb);
+    }
+}
+
 // qkv [T, (H + 2 KV) d]: per-head RMSNorm (q_norm / k_norm over d) then RoPE for q and k heads,
 // q to q_out [T, H d], k and v to the cache, d <= 256. Head h of token t by one warp, whose lane
 // holds the RoPE factors cs[j], sn[j] of pair lane + 32 j.
@@ -119,17 +136,8 @@ __device__ __forceinline__ void qk_norm_rope_head(
     for (int j = 0; j < 4; ++j) {
         const int i = lane + 32 * j;
         if (i >= half) break;
-        const float a = src[i] * inv * gain[i], b = src[i + half] * inv * gain[i + half];
-        const float ra = a * cs[j] - b * sn[j], rb = b * cs[j] + a * sn[j];
-        if (h < H) {
-            float* dst = q_out + (size_t)t * H * d + (size_t)h * d;
-            dst[i] = ra;
-            dst[i + half] = rb;
-        } else {
-            KT* dst = kc + slot + (size_t)(h - H) * d;
-            kv_store(dst + i, ra);
-            kv_store(dst + i + half, rb);
-        }
+        rope_store(src[i] * inv * gain[i], src[i + half] * inv * gain[i + half], cs[j], sn[j], q_out, kc, slot, H, d,
+                   t, h, i);
     }
 }
 
@@ -205,18 +213,8 @@ __device__ void qk_norm_rope_write_kv_rows(
 #pragma unroll
             for (int j = 0; j < PAIRS; ++j) {
                 const int i = lane + 32 * j;
-                const float a = v[g][j] * inv * gain[i], b = v[g][j + PAIRS] * inv * gain[i + half];
-                const float c = table_c[i], sn = table_s[i];
-                const float ra = a * c - b * sn, rb = b * c + a * sn;
-                if (h < H) {
-                    float* dst = q_out + (size_t)t * H * d + (size_t)h * d;
-                    dst[i] = ra;
-                    dst[i + half] = rb;
-                } else {
-                    KT* dst = kc + slot + (size_t)(h - H) * d;
-                    kv_store(dst + i, ra);
-                    kv_store(dst + i + half, rb);
-                }
+                rope_store(v[g][j] * inv * gain[i], v[g][j + PAIRS] * inv * gain[i + half], table_c[i], table_s[i],
+                           q_out, kc, slot, H, d, t, h, i);
             }
         }
     }

@@ -10,9 +10,8 @@
 //! and multiplied on compute capability 9.0 by a persistent, warp-specialized wgmma kernel fed
 //! by TMA, its epilogue fused (`kernels/gemm_wgmma.cu`; a prompt's gate/up product writes its
 //! SiLU·up as the parts of down's operand: `prompt_mlp`), elsewhere by cuBLAS and a sum kernel.
-//! Decode
-//! attention is one kernel for every batch size, which for batched decode (9+ sequences) also
-//! forms q and the new keys (`qk_norm_rope_attention`); a batch-1 decoder layer can run as one
+//! Decode attention is one kernel for every batch size, which for batched decode (9+ sequences)
+//! also forms q and the new keys (`qk_norm_rope_attention`); a batch-1 decoder layer can run as one
 //! persistent kernel (`layer.rs`, opt-in: measured slower than the composed step); prompt
 //! attention (chunks of 64+ tokens) keeps its scores on chip (`kernels/flash.cu`: fp16
 //! tensor-core products of two-part operands scaled by powers of two, q and k per row, values
