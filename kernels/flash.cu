@@ -520,14 +520,12 @@ __device__ void flash_hh_gather_v(const KT* __restrict__ vc, const u32* __restri
 }
 
 // Dynamic shared memory: q [128][DP + 8], K [64][2 DP + 16], V [64 / 8][DP][16] floats; H16: K
-// [64][DP + 16] words, then the key scales [64] and the q rows' scales [128]. With out_parts the
-// output is written as its `parts` bf16 parts instead of fp32 at out (split_bf16x3).
+// [64][DP + 16] words, then the key scales [64] and the q rows' scales [128].
 // grid = (KV, sequences, most tiles of a sequence), block = 256.
 template <int DP, int MODE>
 __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __restrict__ ksplit,
                                  const float* __restrict__ vsplit, float* __restrict__ out, const u32* __restrict__ desc,
-                                 int koff0, int H, int KV, int d, int Kp, float scale_log2,
-                                 bf16_t* __restrict__ out_parts, int parts, size_t part_stride) {
+                                 int koff0, int H, int KV, int d, int Kp, float scale_log2) {
     constexpr bool H16 = MODE >= 1, HPV = MODE == 2;
     constexpr int QS = DP + 8;       // ≡ 8 (mod 32): a half-warp's 8-byte loads of 4 rows miss each other
     // ≡ 16 (mod 32): a quarter-warp's 16-byte loads of 2 keys likewise
@@ -801,26 +799,13 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
         if (row >= rows) continue;
         const int tok = row / G, gq = row % G;
         const float l = h ? l1 : l0;
-        const size_t at = (size_t)(row0 + tok) * H * d + (size_t)(kv * G + gq) * d;
-        if (out_parts != nullptr) {
-            // The output as its `parts` bf16 parts (part_stride apart), the o_proj product's
-            // operand, instead of fp32 and a split pass.
-#pragma unroll
-            for (int e = 0; e < DT; ++e) {
-                const int c = e * 8 + 2 * t;
-                if (c >= d) continue;
-                u32 pr[3];
-                split_bf16x3_pair(o[e][2 * h] / l, o[e][2 * h + 1] / l, pr);
-                for (int p = 0; p < parts; ++p) *reinterpret_cast<u32*>(out_parts + p * part_stride + at + c) = pr[p];
-            }
-            continue;
-        }
+        float* dst = out + (size_t)(row0 + tok) * H * d + (size_t)(kv * G + gq) * d;
 #pragma unroll
         for (int e = 0; e < DT; ++e)
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
                 const int c = e * 8 + 2 * t + u;
-                if (c < d) out[at + c] = o[e][2 * h + u] / l;
+                if (c < d) dst[c] = o[e][2 * h + u] / l;
             }
     }
 }
@@ -838,9 +823,8 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
     FLASH_TC_GATHER_ENTRY(NAME, bf16_t, kvbf16, DP, MODE)                                                           \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) NAME##_prefill_d##DP(                              \
         const float* q, const float* ks, const float* vs, float* out, const u32* desc, int koff0, int H, int KV,     \
-        int d, int Kp, float scale_log2, bf16_t* out_parts, int parts, size_t part_stride) {                         \
-        flash_tc_prefill<DP, MODE>(q, ks, vs, out, desc, koff0, H, KV, d, Kp, scale_log2, out_parts, parts,         \
-                                   part_stride);                                                                     \
+        int d, int Kp, float scale_log2) {                                                                           \
+        flash_tc_prefill<DP, MODE>(q, ks, vs, out, desc, koff0, H, KV, d, Kp, scale_log2);                          \
     }
 FLASH_TC_ENTRY(flash_tc, 32, 0)
 FLASH_TC_ENTRY(flash_tc, 64, 0)

@@ -370,16 +370,6 @@ impl PromptParts {
     }
 }
 
-/// The kernels [`CudaBackend::attention`] runs for a batch.
-enum AttentionRoute {
-    /// The flash kernel of this kind and padded head size.
-    Flash(FlashAttention, usize),
-    /// fp32 cuBLAS GEMMs around a softmax kernel.
-    Gemm,
-    /// The split-K kernel, or (`many`) the decode kernel.
-    Kernel { many: bool },
-}
-
 /// Which prompt attention kernel replaces the GEMM path ([`CudaOptions::flash_attention`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashAttention {
@@ -1226,108 +1216,6 @@ impl CudaBackend {
         Ok(Some(y))
     }
 
-    /// `attention`'s checks: q is `[tokens, heads × head size]`, the batch's blocks lie inside the
-    /// cache pools, and the key and value pools share a dtype.
-    fn check_attention_inputs(
-        &self,
-        q: &CudaTensor,
-        cache: &LayerKv<CudaTensor>,
-        batch: &CudaBatch,
-        cfg: &AttentionConfig,
-    ) -> Result<()> {
-        self.check_attention(cfg)?;
-        let (t, c) = q.matrix("attention")?;
-        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        if c != h * d || t != batch.info.num_tokens() {
-            return Err(Error::invalid(
-                "attention",
-                format!(
-                    "q {} for {h} heads of {d} and {} tokens",
-                    q.shape,
-                    batch.info.num_tokens()
-                ),
-            ));
-        }
-        let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
-        batch.info.check_blocks_within(slots, "attention")?;
-        if cache.k.dtype() != cache.v.dtype() {
-            return Err(Error::invalid(
-                "attention",
-                "key and value pools differ in dtype",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Which kernels `attention` runs for `batch`. Decode steps (every sequence one token): the
-    /// coalesced 8-keys-a-warp kernel, from batch 1 up. Measured on the H200 (docs/perf.md):
-    /// batch 64 5.0 → 3.97 ms/step, batch 1 1.016 → 0.93 against the split-K kernel. Prompt
-    /// chunks of 64+ tokens take the flash kernel (or the GEMMs), shorter ones the split-K kernel.
-    fn attention_route(&self, batch: &CudaBatch, cfg: &AttentionConfig) -> AttentionRoute {
-        let (t, d) = (batch.info.num_tokens(), cfg.head_dim);
-        let decode_batch = batch.info.is_decode_step();
-        let many = t >= self.inner.many_from && decode_batch && d.is_multiple_of(4) && d <= 128;
-        let gemm_min = self.inner.options.attention_gemm_min_rows.max(1);
-        if !many && t > GEMV_MAX_ROWS && batch.info.seqs().iter().all(|s| s.len >= gemm_min) {
-            return match flash_choice(&self.inner.flash, d) {
-                Some((kind, dp)) => AttentionRoute::Flash(kind, dp),
-                None => AttentionRoute::Gemm,
-            };
-        }
-        AttentionRoute::Kernel { many }
-    }
-
-    /// A prompt's attention block, `x + o_proj(attention(qk_norm_rope(qkv(rms_norm(x)))))`,
-    /// with the flash kernel writing its output as the bf16 parts of o_proj's operand (no fp32
-    /// output and split pass between them) and o_proj (residual fused) on `gemm_wgmma.cu`.
-    /// `None` (nothing run) where the attention would not take a tensor-core flash kernel or
-    /// o_proj would not take `gemm_wgmma.cu`.
-    fn prompt_attention_block(
-        &self,
-        x: &CudaTensor,
-        w: &LayerWeights<'_, CudaTensor>,
-        cache: &mut LayerKv<CudaTensor>,
-        batch: &CudaBatch,
-        cfg: &AttentionConfig,
-        eps: f64,
-    ) -> Result<Option<CudaTensor>> {
-        let op = "decoder_layer (attention)";
-        let (t, hidden) = x.matrix(op)?;
-        let (out, width) = w.o_proj.matrix(op)?;
-        let attn_width = cfg.num_heads * cfg.head_dim;
-        let Buf::Bf16(o_proj) = &w.o_proj.buf else {
-            return Ok(None);
-        };
-        let AttentionRoute::Flash(kind, dp) = self.attention_route(batch, cfg) else {
-            return Ok(None);
-        };
-        let fits = self.inner.wgmma
-            && kind != FlashAttention::Fp32
-            && t > x3::MAX_ROWS
-            && t == batch.info.num_tokens()
-            && out == hidden
-            && width == attn_width
-            && wgmma_col_blocks(t, attn_width, hidden, false).is_some();
-        if !fits {
-            return Ok(None);
-        }
-        let qkv = self.rms_norm_matmul(x, w.input_norm, w.qkv, eps)?;
-        let q = self.qk_norm_rope_write_kv(&qkv, w.q_norm, w.k_norm, cache, batch, cfg)?;
-        drop(qkv);
-        self.check_attention_inputs(&q, cache, batch, cfg)?;
-        let count = self.inner.options.prompt_parts.count();
-        let parts = self.attention_flash(&q, cache, batch, cfg, kind, dp, Some(count))?;
-        drop(q);
-        let residual = Epilogue::Add(x.f32(op)?);
-        let shape = (t, attn_width, hidden);
-        match self.wgmma_parts(parts.slice(), count, o_proj, shape, &residual, false)? {
-            Some(h) => Ok(Some(Self::f32_tensor([t, hidden], h))),
-            // Unreachable (`fits` checked what `wgmma_parts` does), but the parts are no
-            // tensor another op could take.
-            None => Err(Error::invalid(op, "o_proj does not fit gemm_wgmma.cu")),
-        }
-    }
-
     /// A prompt's MLP, `h + down(silu_mul(gate_up(rms_norm(h))))`, as three kernels: the norm and
     /// split of h, the gate/up product whose SiLU·up epilogue writes its result as bf16 parts,
     /// and the down product (residual fused) over those parts. The composed ops would write the
@@ -1799,7 +1687,6 @@ impl CudaBackend {
     /// transposed) and one computes every query row's attention with the scores on chip.
     /// `kind` is the kernel ([`FlashAttention`]), `dp` the build: the head size padded to 32,
     /// 64 or 128.
-    #[allow(clippy::too_many_arguments)]
     fn attention_flash(
         &self,
         q: &CudaTensor,
@@ -1808,20 +1695,13 @@ impl CudaBackend {
         cfg: &AttentionConfig,
         kind: FlashAttention,
         dp: usize,
-        parts: Option<usize>,
-    ) -> Result<Pooled> {
+    ) -> Result<CudaTensor> {
         let tc = kind != FlashAttention::Fp32;
         let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let g = cfg.group_size();
         let t = batch.info.num_tokens();
         let q = q.f32("attention")?;
-        // With `parts` (the tensor-core builds only) the output is that many bf16 parts,
-        // [parts][t][h d], in a pooled buffer of half as many floats.
-        let parts = parts.filter(|_| tc);
-        let out = match parts {
-            Some(count) => self.alloc_f32((count * t * h * d).div_ceil(2))?,
-            None => self.alloc_f32(t * h * d)?,
-        };
+        let out = self.alloc_f32(t * h * d)?;
         let stream = self.stream();
         let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
         let seqs = batch.info.seqs();
@@ -1902,28 +1782,17 @@ impl CudaBackend {
                 unsafe { l.launch(cfg) }.cuda()?;
             }
             let mut l = self.launch(&prefill)?;
-            l.buf(q).out(&kt).out(&vt);
-            match parts {
-                // (out unused: the parts go to out_parts.)
-                Some(_) => l.ptr(0),
-                None => l.out(&out),
-            };
-            l.ptr(group_desc)
+            l.buf(q)
+                .out(&kt)
+                .out(&vt)
+                .out(&out)
+                .ptr(group_desc)
                 .i32(koff0i)
                 .i32(hi)
                 .i32(kvhi)
                 .i32(di)
                 .i32(kpi)
                 .f32(scale_log2);
-            if tc {
-                match parts {
-                    Some(count) => l
-                        .ptr(out.slice().device_ptr(stream).0)
-                        .i32(i32_of(count, "parts")?)
-                        .usize(t * h * d),
-                    None => l.ptr(0).i32(0).usize(0),
-                };
-            }
             let prefill_cfg = LaunchConfig {
                 grid_dim: (
                     u32_of(kvh, "KV")?,
@@ -1933,9 +1802,7 @@ impl CudaBackend {
                 block_dim: (FLASH_THREADS, 1, 1),
                 shared_mem_bytes: u32_of(flash_smem_bytes(kind, dp), "shared memory")?,
             };
-            // SAFETY: q and out are [t, h*d] (out: f32, or with parts `count` bf16 arrays of that
-            // shape, part_stride t*h*d apart, which its floats hold) and every sequence's rows
-            // are inside (descriptor);
+            // SAFETY: q and out are [t, h*d] and every sequence's rows are inside (descriptor);
             // kt and vt were filled above for these sequences; d % 4 == 0 and d <= dp (the
             // build), so rows are 16-byte aligned; the shared memory is the build's layout, within
             // what `allow_optin_smem` allowed (checked by the caller).
@@ -1943,7 +1810,7 @@ impl CudaBackend {
             koff0 += kp;
             s0 = s1;
         }
-        Ok(out)
+        Ok(Self::f32_tensor([t, h * d], out))
     }
 
     /// One chunk of [`Self::attention_gemm`]: query rows `[row0, row0 + n)` at positions from
@@ -2436,19 +2303,42 @@ impl Backend for CudaBackend {
         batch: &CudaBatch,
         cfg: &AttentionConfig,
     ) -> Result<CudaTensor> {
-        self.check_attention_inputs(q, cache, batch, cfg)?;
-        let (h, d, t) = (cfg.num_heads, cfg.head_dim, batch.info.num_tokens());
-        match self.attention_route(batch, cfg) {
-            AttentionRoute::Flash(kind, dp) => {
-                let out = self.attention_flash(q, cache, batch, cfg, kind, dp, None)?;
-                Ok(Self::f32_tensor([t, h * d], out))
-            }
-            AttentionRoute::Gemm => self.attention_gemm(q, cache, batch, cfg),
-            AttentionRoute::Kernel { many } => {
-                let kv = (cache.k.ptr(self.stream()), cache.v.ptr(self.stream()));
-                self.launch_attention(q, kv, cache.k.kv_suffix(), batch, cfg, many, None)
-            }
+        self.check_attention(cfg)?;
+        let (t, c) = q.matrix("attention")?;
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        if c != h * d || t != batch.info.num_tokens() {
+            return Err(Error::invalid(
+                "attention",
+                format!(
+                    "q {} for {h} heads of {d} and {} tokens",
+                    q.shape,
+                    batch.info.num_tokens()
+                ),
+            ));
         }
+        let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
+        batch.info.check_blocks_within(slots, "attention")?;
+        if cache.k.dtype() != cache.v.dtype() {
+            return Err(Error::invalid(
+                "attention",
+                "key and value pools differ in dtype",
+            ));
+        }
+        // Decode steps (every sequence one token): the coalesced 8-keys-a-warp kernel, from batch
+        // 1 up. Measured on the H200 (docs/perf.md): batch 64 5.0 → 3.97 ms/step, batch 1 1.016
+        // → 0.93 against the split-K kernel. Prompt chunks of 64+ tokens take the GEMMs, shorter
+        // ones the split-K kernel.
+        let decode_batch = batch.info.is_decode_step();
+        let many = t >= self.inner.many_from && decode_batch && d.is_multiple_of(4) && d <= 128;
+        let gemm_min = self.inner.options.attention_gemm_min_rows.max(1);
+        if !many && t > GEMV_MAX_ROWS && batch.info.seqs().iter().all(|s| s.len >= gemm_min) {
+            if let Some((kind, dp)) = flash_choice(&self.inner.flash, d) {
+                return self.attention_flash(q, cache, batch, cfg, kind, dp);
+            }
+            return self.attention_gemm(q, cache, batch, cfg);
+        }
+        let kv = (cache.k.ptr(self.stream()), cache.v.ptr(self.stream()));
+        self.launch_attention(q, kv, cache.k.kv_suffix(), batch, cfg, many, None)
     }
 
     fn argmax(&self, logits: &CudaTensor) -> Result<Vec<u32>> {
@@ -2683,11 +2573,7 @@ impl Backend for CudaBackend {
         if let Some(out) = self.decoder_layer_kernel(x, w, cache, batch, cfg, eps)? {
             return Ok(out);
         }
-        // And a prompt's attention block with its output in parts (`prompt_attention_block`).
-        let h = match self.prompt_attention_block(x, w, cache, batch, cfg, eps)? {
-            Some(h) => h,
-            None => compose::attention_block(self, x, w, cache, batch, cfg, eps)?,
-        };
+        let h = compose::attention_block(self, x, w, cache, batch, cfg, eps)?;
         match self.prompt_mlp(&h, w, eps)? {
             Some(out) => Ok(out),
             None => compose::mlp_block(self, &h, w, eps),
