@@ -261,10 +261,6 @@ struct Inner {
     /// block fits an SM), or `QFUSE_CUDA_WGMMA_BLOCKS` (a large value gives every tile its own
     /// block, as before the kernel was persistent).
     wgmma_blocks: usize,
-    /// Fewest rows whose products of at least `WGMMA_WIDE_ROWS` weight rows (QKV, gate/up) take
-    /// `gemm_wgmma.cu` ahead of `gemm_x3` (`QFUSE_CUDA_WGMMA_WIDE_FROM`; default past `gemm_x3`'s
-    /// 64 rows, i.e. never).
-    wgmma_wide_from: usize,
     /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
     x3_trace: Option<CudaSlice<u64>>,
     /// The prompt attention kernels that may replace the GEMM path, in order of preference, each
@@ -403,10 +399,6 @@ const WGMMA_ROWS: usize = 128;
 const WGMMA_COLS: usize = 128;
 const WGMMA_THREADS: u32 = 288;
 const WGMMA_SMEM: usize = 197_632;
-/// Weight rows from which a product of `QFUSE_CUDA_WGMMA_WIDE_FROM`-64 rows takes
-/// `gemm_wgmma.cu` (Qwen3-0.6B's QKV and gate/up; not o_proj and down, whose 1,024 columns make
-/// only eight tiles).
-const WGMMA_WIDE_ROWS: usize = 4096;
 
 /// A TMA descriptor of a row-major `[rows, inner]` bf16 tensor at device address `ptr`, copied in
 /// boxes of `box_rows` rows by 64 elements (128 bytes, the 128-byte swizzle `gemm_wgmma.cu`'s
@@ -806,11 +798,6 @@ impl CudaBackend {
                 wgmma,
                 wgmma_blocks: qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA_BLOCKS", 1..=1 << 30)
                     .unwrap_or(sm_count),
-                wgmma_wide_from: qfuse_core::knobs::env_knob(
-                    "QFUSE_CUDA_WGMMA_WIDE_FROM",
-                    GEMV_MAX_ROWS + 1..=1 << 30,
-                )
-                .unwrap_or(x3::MAX_ROWS + 1),
                 x3_trace,
                 flash,
                 decode_min_chunk: qfuse_core::knobs::env_knob(
@@ -1018,11 +1005,8 @@ impl CudaBackend {
         (t, k, n): (usize, usize, usize),
         epilogue: Epilogue<'_>,
     ) -> Result<Pooled> {
-        let silu = matches!(epilogue, Epilogue::SiluMul);
-        if !self.uses_wgmma(t, k, n, silu) {
-            if let Some(y) = self.gemm_x3(&x, w, (t, k, n), &epilogue)? {
-                return Ok(y);
-            }
+        if let Some(y) = self.gemm_x3(&x, w, (t, k, n), &epilogue)? {
+            return Ok(y);
         }
         let (parts, count) = self.split_parts(x, t, k)?;
         let total = t * k;
@@ -1351,8 +1335,7 @@ impl CudaBackend {
     /// deep, `n` wide, gate and up rows together with `silu`), rather than cuBLAS: for tests and
     /// probes that must know which path ran.
     pub fn uses_wgmma(&self, t: usize, k: usize, n: usize, silu: bool) -> bool {
-        let rows = t > x3::MAX_ROWS || (t >= self.inner.wgmma_wide_from && n >= WGMMA_WIDE_ROWS);
-        self.inner.wgmma && rows && wgmma_col_blocks(t, k, n, silu).is_some()
+        self.inner.wgmma && wgmma_col_blocks(t, k, n, silu).is_some()
     }
 
     /// How `gemm_x3` covers a bf16 product of `t` rows, `k` deep and `n` wide (gate and up rows
