@@ -248,17 +248,10 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
     int round = 0;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const int n0 = (tile % col_blocks) * COLS, m0 = (tile / col_blocks) * WG_BM;
-        // A warpgroup whose rows all lie past T (a product of at most 64 rows, or a last row
-        // block's second half) keeps the stages' protocol but issues no products.
-        const bool active = m0 + g * 64 < T;
         for (int kb = 0; kb < rounds; ++kb, ++round) {
             const int s = round % WG_STAGES;
             const u32 stage = base + s * WG_STAGE_BYTES;
             mbar_wait(full0 + 8 * s, (u32)((round / WG_STAGES) & 1));
-            if (!active) {
-                if (lane == 0) mbar_arrive(empty0 + 8 * s);
-                continue;
-            }
             wg_fence_acc(acc);
             wg_fence_acc(acc_small);
             wg_fence();
@@ -281,7 +274,6 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
             wg_fence_acc(acc_small);
             if (kb > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((round - 1) % WG_STAGES));
         }
-        if (!active) continue;
         wg_wait<0>();
         wg_fence_acc(acc);
         wg_fence_acc(acc_small);
