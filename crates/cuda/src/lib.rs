@@ -1011,8 +1011,8 @@ impl CudaBackend {
         let (parts, count) = self.split_parts(x, t, k)?;
         let total = t * k;
         let base = parts.slice().device_ptr(self.stream()).0;
-        let (hi, mid) = (base, base + 2 * total as u64);
-        let lo = base + 4 * total as u64;
+        // The parts' device addresses (lo only exists, and is only used, with three).
+        let (hi, mid, lo) = (base, base + 2 * total as u64, base + 4 * total as u64);
         if let Some(y) = self.wgmma_parts(parts.slice(), count, w, (t, k, n), &epilogue, false)? {
             return Ok(y);
         }
