@@ -734,8 +734,8 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
         __syncthreads();  // V visible; every warp is done with K
         if (kt_i + 1 < ntiles) load_k(k0 + FA_KEYS);
         fa_commit();
-        // P·V in groups of up to 4 output n-tiles (registers), each group's tile sum from zero.
-        constexpr int EG = DT < 4 ? DT : 4;
+        // P·V in groups of up to 8 output n-tiles (registers), each group's tile sum from zero.
+        constexpr int EG = DT < 8 ? DT : 8;
 #pragma unroll
         for (int e0 = 0; e0 < DT; e0 += EG) {
             float ot[EG][4];
