@@ -179,11 +179,10 @@ __device__ void qk_norm_rope_write_kv_rows(
     KT* __restrict__ kc, KT* __restrict__ vc, int H, int KV, double log2_theta, float eps) {
     static_assert(D % 64 == 0 && D <= 256, "D");
     constexpr int GROUP = 4, NJ = D / 32, PAIRS = D / 64, d = D, half = D / 2;
-    __shared__ float table_c[half], table_s[half];
+    __shared__ __align__(8) float table[D];  // {cos, sin} of each pair
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t = blockIdx.x, heads = H + 2 * KV;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) rope_cs(positions[t], i, d, log2_theta, &table_c[i], &table_s[i]);
-    __syncthreads();
+    rope_table(positions[t], d, log2_theta, table);
     pdl_begin();
     const size_t slot = (size_t)slots[t] * KV * d;
     const float* row = qkv + (size_t)t * heads * d;
@@ -213,8 +212,9 @@ __device__ void qk_norm_rope_write_kv_rows(
 #pragma unroll
             for (int j = 0; j < PAIRS; ++j) {
                 const int i = lane + 32 * j;
-                rope_store(v[g][j] * inv * gain[i], v[g][j + PAIRS] * inv * gain[i + half], table_c[i], table_s[i],
-                           q_out, kc, slot, H, d, t, h, i);
+                const float2 cs = *reinterpret_cast<const float2*>(table + 2 * i);
+                rope_store(v[g][j] * inv * gain[i], v[g][j + PAIRS] * inv * gain[i + half], cs.x, cs.y, q_out, kc, slot,
+                           H, d, t, h, i);
             }
         }
     }

@@ -116,22 +116,14 @@ __device__ __forceinline__ void x3_wait_groups(int pending) {
 // parts and stores each part's 16 bytes, {R k0-1, R+8 k0-1, R k2-3, R+8 k2-3}: the A operand of
 // one mma k-step, at byte offset `at` of the three part planes of a staged round.
 __device__ __forceinline__ void x3_store_parts(unsigned char* abuf, u32 at, float4 v, float4 u) {
-    float f[8] = {v.x, v.y, u.x, u.y, v.z, v.w, u.z, u.w};
+    u32 p0[3], p1[3], p2[3], p3[3];
+    split_bf16x3_pair(v.x, v.y, p0);
+    split_bf16x3_pair(u.x, u.y, p1);
+    split_bf16x3_pair(v.z, v.w, p2);
+    split_bf16x3_pair(u.z, u.w, p3);
 #pragma unroll
-    for (int q = 0; q < 3; ++q) {
-        uint4 part;
-        part.x = pack_bf16x2(f[0], f[1]);
-        part.y = pack_bf16x2(f[2], f[3]);
-        part.z = pack_bf16x2(f[4], f[5]);
-        part.w = pack_bf16x2(f[6], f[7]);
-        const u32 w[4] = {part.x, part.y, part.z, part.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            f[2 * i] -= bf16_lo(w[i]);
-            f[2 * i + 1] -= bf16_hi(w[i]);
-        }
-        *reinterpret_cast<uint4*>(abuf + q * X3_APART + at) = part;
-    }
+    for (int q = 0; q < 3; ++q)
+        *reinterpret_cast<uint4*>(abuf + q * X3_APART + at) = make_uint4(p0[q], p1[q], p2[q], p3[q]);
 }
 
 #if __CUDA_ARCH__ >= 900
