@@ -197,6 +197,25 @@ enum Prologue<'a> {
     },
 }
 
+/// The bf16 parts of a product's activations ([`CudaBackend::split_parts`]): the pooled buffer
+/// and each part's device address (lo with three parts only).
+struct SplitParts {
+    buf: Pooled,
+    hi: u64,
+    mid: u64,
+    lo: Option<u64>,
+}
+
+impl SplitParts {
+    fn count(&self) -> usize {
+        if self.lo.is_some() {
+            3
+        } else {
+            2
+        }
+    }
+}
+
 /// What [`CudaBackend::cublas_bf16`] does with the product.
 enum Epilogue<'a> {
     /// Stores it.
@@ -1008,26 +1027,25 @@ impl CudaBackend {
         if let Some(y) = self.gemm_x3(&x, w, (t, k, n), &epilogue)? {
             return Ok(y);
         }
-        let (parts, count) = self.split_parts(x, t, k)?;
-        let total = t * k;
-        let base = parts.slice().device_ptr(self.stream()).0;
-        // The parts' device addresses (lo only exists, and is only used, with three).
-        let (hi, mid, lo) = (base, base + 2 * total as u64, base + 4 * total as u64);
-        if let Some(y) = self.wgmma_parts(parts.slice(), count, w, (t, k, n), &epilogue, false)? {
+        let parts = self.split_parts(x, t, k)?;
+        let count = parts.count();
+        if let Some(y) =
+            self.wgmma_parts(parts.buf.slice(), count, w, (t, k, n), &epilogue, false)?
+        {
             return Ok(y);
         }
         let bf16 = cublas_sys::cudaDataType::CUDA_R_16BF;
-        if count == 2 {
-            return self.cublas_bf16_accumulate(w, &[mid, hi], (t, k, n), epilogue);
-        }
+        let Some(lo) = parts.lo else {
+            return self.cublas_bf16_accumulate(w, &[parts.mid, parts.hi], (t, k, n), epilogue);
+        };
         if t >= self.inner.options.accumulate_from {
-            return self.cublas_bf16_accumulate(w, &[lo, mid, hi], (t, k, n), epilogue);
+            return self.cublas_bf16_accumulate(w, &[lo, parts.mid, parts.hi], (t, k, n), epilogue);
         }
         let mut y3 = self.alloc_f32(3 * t * n)?;
         self.gemm(
             w,
             bf16,
-            parts.slice(),
+            parts.buf.slice(),
             bf16,
             y3.slice_mut(),
             (3 * t, k, n),
@@ -1060,21 +1078,22 @@ impl CudaBackend {
     }
 
     /// `prologue(x)` ([t, k]) as its bf16 parts (`CudaOptions::prompt_parts` of them), `[count
-    /// T, K]` in a pooled buffer, and the count.
-    fn split_parts(&self, x: Prologue<'_>, t: usize, k: usize) -> Result<(Pooled, usize)> {
+    /// T, K]` in a pooled buffer.
+    fn split_parts(&self, x: Prologue<'_>, t: usize, k: usize) -> Result<SplitParts> {
         let total = t * k;
         let count = self.inner.options.prompt_parts.count();
         // The bf16 parts, [count T, K], live in a pooled f32 buffer of half as many elements
-        // (pooled buffers keep memory operations out of captured steps); a null lo asks the
-        // split kernels for two.
-        let parts = self.alloc_f32((count * total).div_ceil(2))?;
-        let base = parts.slice().device_ptr(self.stream()).0;
-        let (hi, mid) = (base, base + 2 * total as u64);
-        let lo = if count == 3 {
-            base + 4 * total as u64
-        } else {
-            0
+        // (pooled buffers keep memory operations out of captured steps).
+        let buf = self.alloc_f32((count * total).div_ceil(2))?;
+        let base = buf.slice().device_ptr(self.stream()).0;
+        let parts = SplitParts {
+            hi: base,
+            mid: base + 2 * total as u64,
+            lo: (count == 3).then_some(base + 4 * total as u64),
+            buf,
         };
+        // A null lo asks the split kernels for two.
+        let (hi, mid, lo) = (parts.hi, parts.mid, parts.lo.unwrap_or(0));
         // Eight values a thread (16-byte loads and stores) where rows are whole groups of eight
         // and x is 16-byte aligned (the parts then are too: pooled buffers are 256-byte aligned).
         let x_ptr = match &x {
@@ -1110,7 +1129,7 @@ impl CudaBackend {
                 unsafe { l.launch(grid(t, if v8 { 128 } else { 256 })) }.cuda()?;
             }
         }
-        Ok((parts, count))
+        Ok(parts)
     }
 
     /// The products of [`Self::cublas_bf16`] for many rows (and for any count with two parts):
@@ -1183,7 +1202,7 @@ impl CudaBackend {
             Epilogue::SiluMul => ("_silu_mul", None),
         };
         let stream = self.stream();
-        // The parts as one [3T, K] tensor in 128-row boxes; the weights in boxes of a block's
+        // The parts as one [count T, K] tensor in 128-row boxes; the weights in boxes of a block's
         // rows (with SiLU two boxes, its gate rows and its up rows).
         let box_rows = if silu { WGMMA_COLS / 2 } else { WGMMA_COLS };
         let parts_map = tma_map_bf16(parts.device_ptr(stream).0, k, count * t, WGMMA_ROWS)?;
@@ -1252,9 +1271,10 @@ impl CudaBackend {
             gain: w.post_norm.f32(op)?,
             eps,
         };
-        let (parts, count) = self.split_parts(prologue, t, hidden)?;
+        let parts = self.split_parts(prologue, t, hidden)?;
+        let count = parts.count();
         let Some(act) = self.wgmma_parts(
-            parts.slice(),
+            parts.buf.slice(),
             count,
             gate_up,
             (t, hidden, n2),
