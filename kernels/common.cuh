@@ -109,6 +109,66 @@ __device__ __forceinline__ void split_bf16_parts8(const float (&f)[8], bf16_t* _
     if (lo != nullptr) reinterpret_cast<uint4*>(lo)[i8] = make_uint4(l[0], l[1], l[2], l[3]);
 }
 
+// Prompt attention's tiles (kernels/flash.cu, kernels/flash_wgmma.cu): query rows a block, keys
+// a step.
+#define FA_ROWS 128
+#define FA_KEYS 64
+
+// Sequence blockIdx.z of a gather launch: its keys (cached and new) and their first column in
+// the gathered buffers. false when the block's first key, j0, is past them (padding included).
+__device__ __forceinline__ bool fa_seq_keys(const u32* __restrict__ desc, int koff0, int j0, int& keys, int& koff) {
+    const int s = blockIdx.z;
+    keys = (int)(desc[4 * s + 1] + desc[4 * s + 2]);
+    koff = (int)desc[4 * s + 3] - koff0;
+    return j0 < ((keys + FA_KEYS - 1) / FA_KEYS) * FA_KEYS;
+}
+
+// A prefill block's work: KV head blockIdx.x of sequence blockIdx.y (its first row in q, new
+// tokens, first position, first gathered key), and of its G * n query rows the 128 from `base`:
+// tiles in reverse order (blockIdx.z = 0 takes the last rows, which see the most keys), the keys
+// its last row sees and the key tiles they span. false when the sequence has no tile blockIdx.z.
+struct FaTile {
+    int kv, G, row0, n, pos0, koff, rows, base, keys, key_tiles;
+};
+__device__ __forceinline__ bool fa_tile(const u32* __restrict__ desc, int koff0, int H, int KV, FaTile& b) {
+    const int s = blockIdx.y;
+    b.kv = blockIdx.x;
+    b.G = H / KV;
+    b.row0 = (int)desc[4 * s];
+    b.n = (int)desc[4 * s + 1];
+    b.pos0 = (int)desc[4 * s + 2];
+    b.koff = (int)desc[4 * s + 3] - koff0;
+    b.rows = b.G * b.n;
+    const int tiles = (b.rows + FA_ROWS - 1) / FA_ROWS;
+    if ((int)blockIdx.z >= tiles) return false;
+    b.base = (tiles - 1 - (int)blockIdx.z) * FA_ROWS;
+    b.keys = b.pos0 + min(b.rows - 1, b.base + FA_ROWS - 1) / b.G + 1;
+    b.key_tiles = (b.keys + FA_KEYS - 1) / FA_KEYS;
+    return true;
+}
+
+// Two floats as fp16 (round to nearest), the first in the low half (the prompt attention's fp16
+// operands: kernels/flash.cu, kernels/flash_wgmma.cu).
+__device__ __forceinline__ u32 half2_bits(float lo_elem, float hi_elem) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi_elem), "f"(lo_elem));
+    return r;
+}
+
+// (a, b) -> hi = fp16 pair, lo = fp16 pair of what hi leaves.
+__device__ __forceinline__ void half2_split(float a, float b, u32& hi, u32& lo) {
+    hi = half2_bits(a, b);
+    float ha, hb;
+    asm("{\n.reg .f16 l, h;\nmov.b32 {l, h}, %2;\ncvt.f32.f16 %0, l;\ncvt.f32.f16 %1, h;\n}" : "=f"(ha), "=f"(hb) : "r"(hi));
+    lo = half2_bits(a - ha, b - hb);
+}
+
+// The power of two that brings `m` (a row's largest magnitude) into [2^14, 2^15); 1 for 0 and
+// for non-finite m (which then stays non-finite).
+__device__ __forceinline__ float fp16_row_scale(float m) {
+    return (m > 0.0f && m <= 3.0e38f) ? ldexpf(1.0f, 14 - ilogbf(m)) : 1.0f;
+}
+
 // A 4 x 4 transpose across each quad of lanes (lane q = lane % 4 holds row q, m[j] its column j):
 // afterwards m[s] holds row s's column q. Two exchanges of two values (xor 2, then xor 1).
 __device__ __forceinline__ void quad_transpose(u32 (&m)[4], int lane) {

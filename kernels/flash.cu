@@ -19,8 +19,6 @@
 // DP/16 dims). K of the next tile streams in (cp.async) during P V, V of the next during the next
 // S. exp2 with log2(e) folded into the scale, as in the other attention kernels.
 
-#define FA_ROWS 128
-#define FA_KEYS 64
 #define FA_THREADS 256
 #define FA_PSTRIDE (FA_ROWS + 4)
 
@@ -42,39 +40,6 @@ template <int N> __device__ __forceinline__ void fa_wait() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
-}
-
-// Sequence blockIdx.z of a gather launch: its keys (cached and new) and their first column in
-// the gathered buffers. false when the block's first key, j0, is past them (padding included).
-__device__ __forceinline__ bool fa_seq_keys(const u32* __restrict__ desc, int koff0, int j0, int& keys, int& koff) {
-    const int s = blockIdx.z;
-    keys = (int)(desc[4 * s + 1] + desc[4 * s + 2]);
-    koff = (int)desc[4 * s + 3] - koff0;
-    return j0 < ((keys + FA_KEYS - 1) / FA_KEYS) * FA_KEYS;
-}
-
-// A prefill block's work: KV head blockIdx.x of sequence blockIdx.y (its first row in q, new
-// tokens, first position, first gathered key), and of its G * n query rows the 128 from `base`:
-// tiles in reverse order (blockIdx.z = 0 takes the last rows, which see the most keys), the keys
-// its last row sees and the key tiles they span. false when the sequence has no tile blockIdx.z.
-struct FaTile {
-    int kv, G, row0, n, pos0, koff, rows, base, keys, key_tiles;
-};
-__device__ __forceinline__ bool fa_tile(const u32* __restrict__ desc, int koff0, int H, int KV, FaTile& b) {
-    const int s = blockIdx.y;
-    b.kv = blockIdx.x;
-    b.G = H / KV;
-    b.row0 = (int)desc[4 * s];
-    b.n = (int)desc[4 * s + 1];
-    b.pos0 = (int)desc[4 * s + 2];
-    b.koff = (int)desc[4 * s + 3] - koff0;
-    b.rows = b.G * b.n;
-    const int tiles = (b.rows + FA_ROWS - 1) / FA_ROWS;
-    if ((int)blockIdx.z >= tiles) return false;
-    b.base = (tiles - 1 - (int)blockIdx.z) * FA_ROWS;
-    b.keys = b.pos0 + min(b.rows - 1, b.base + FA_ROWS - 1) / b.G + 1;
-    b.key_tiles = (b.keys + FA_KEYS - 1) / FA_KEYS;
-    return true;
 }
 
 // grid = (ceil(max padded keys / 32), KV, sequences), block = 256; d <= 128.
@@ -365,27 +330,6 @@ __device__ __forceinline__ void mma_3xtf32(float (*c)[4], const u32 ab[4], const
 // 3xTF32; the HH build (the default) scales each column of a 64-key tile instead
 // (flash_hh_gather_v), so its P·V runs on fp16 too, P (in [0, 1]) split as it is, and each
 // tile's sum takes the columns' scales back.
-
-// Two floats as fp16 (round to nearest), the first in the low half.
-__device__ __forceinline__ u32 half2_bits(float lo_elem, float hi_elem) {
-    u32 r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi_elem), "f"(lo_elem));
-    return r;
-}
-
-// (a, b) -> hi = fp16 pair, lo = fp16 pair of what hi leaves.
-__device__ __forceinline__ void half2_split(float a, float b, u32& hi, u32& lo) {
-    hi = half2_bits(a, b);
-    float ha, hb;
-    asm("{\n.reg .f16 l, h;\nmov.b32 {l, h}, %2;\ncvt.f32.f16 %0, l;\ncvt.f32.f16 %1, h;\n}" : "=f"(ha), "=f"(hb) : "r"(hi));
-    lo = half2_bits(a - ha, b - hb);
-}
-
-// The power of two that brings `m` (a row's largest magnitude) into [2^14, 2^15); 1 for 0 and
-// for non-finite m (which then stays non-finite).
-__device__ __forceinline__ float fp16_row_scale(float m) {
-    return (m > 0.0f && m <= 3.0e38f) ? ldexpf(1.0f, 14 - ilogbf(m)) : 1.0f;
-}
 
 // c[i] += a · b[i] for N n-tiles from fp16 (hi, lo) parts (b as {b0 hi, b1 hi, b0 lo, b1 lo}):
 // lo·hi, hi·lo, then hi·hi, product by product across the n-tiles.

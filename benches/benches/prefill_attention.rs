@@ -55,6 +55,7 @@ fn prefill_attention(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("cuda/prefill_attention/{TOKENS}"));
     group.throughput(Throughput::Elements(TOKENS as u64));
     for (label, flash_attention) in [
+        ("flash_wgmma", FlashAttention::Wgmma),
         ("flash_f16", FlashAttention::F16),
         ("flash_f16_scores", FlashAttention::F16Scores),
         ("flash_3xtf32", FlashAttention::Tf32x3),

@@ -276,12 +276,36 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
 ];
 
 /// Kernel files that use Hopper's architecture-specific instructions (`wgmma`): compiled for
-/// `sm_90a` and loaded only on compute capability 9.0.
-pub const SM90A_SOURCES: &[(&str, &str, &[&str])] = &[(
-    "gemm_wgmma.cu",
-    include_str!("../../../kernels/gemm_wgmma.cu"),
-    &WGMMA_ENTRIES,
-)];
+/// `sm_90a` and loaded only on compute capability 9.0, each with `kernels/hopper.cuh` (their
+/// shared helpers) before it.
+pub const SM90A_SOURCES: &[(&str, &str, &[&str])] = &[
+    (
+        "gemm_wgmma.cu",
+        concat!(
+            include_str!("../../../kernels/hopper.cuh"),
+            "\n",
+            include_str!("../../../kernels/gemm_wgmma.cu")
+        ),
+        &WGMMA_ENTRIES,
+    ),
+    (
+        "flash_wgmma.cu",
+        concat!(
+            include_str!("../../../kernels/hopper.cuh"),
+            "\n",
+            include_str!("../../../kernels/flash_wgmma.cu")
+        ),
+        &FLASH_WGMMA_ENTRIES,
+    ),
+];
+
+/// `flash_wgmma.cu`'s entry points: the two gathers (fp32 and bf16 cache) and the prompt
+/// attention for head sizes up to 128.
+pub const FLASH_WGMMA_ENTRIES: [&str; 3] = [
+    "flash_wg_gather_kvf32",
+    "flash_wg_gather_kvbf16",
+    "flash_wg_prefill_d128",
+];
 
 /// `gemm_wgmma.cu`'s entry points.
 pub const WGMMA_ENTRIES: [&str; 8] = [

@@ -410,6 +410,11 @@ pub enum FlashAttention {
     /// H200 a 2,048-token prefill 18.0 ms against 3xTF32's 22.6, as accurate (docs/perf.md).
     /// Falls back like `F16Scores`.
     F16,
+    /// `F16`'s numbers on Hopper's warpgroup tensor-core instructions (`kernels/flash_wgmma.cu`,
+    /// compute capability 9.0, head sizes of 65-128): the score and output tiles in the
+    /// products' accumulators, the operands read from shared memory by the hardware, each key
+    /// tile one bulk copy. Elsewhere, and for other head sizes, `F16` and its fallbacks.
+    Wgmma,
 }
 
 /// Rows and weight rows of a `gemm_wgmma.cu` block (`WG_BM`, `WG_BN`), its threads
@@ -501,6 +506,11 @@ const FLASH_KEY_TILE: usize = 64;
 const FLASH_ROW_TILE: usize = 128;
 /// Threads per block of both flash kernels.
 const FLASH_THREADS: u32 = 256;
+/// `kernels/flash_wgmma.cu`'s prefill block (`FW_THREADS`: two warpgroups), its dynamic shared memory (`FW_SMEM`) and the bytes of one gathered key tile
+/// of one KV head (`FW_TILE_BYTES`).
+const FLASH_WG_THREADS: u32 = 256;
+const FLASH_WG_SMEM: usize = 201_728;
+const FLASH_WG_TILE_BYTES: usize = 66_304;
 
 /// A sequence's keys in the flash attention's gathered buffers: all of them, cached and new,
 /// padded to whole key tiles.
@@ -533,9 +543,18 @@ fn flash_build(d: usize) -> Option<usize> {
     FLASH_BUILDS.into_iter().find(|&p| d <= p)
 }
 
+/// The padded head sizes a flash attention kind has builds for.
+fn flash_kind_builds(kind: FlashAttention) -> &'static [usize] {
+    match kind {
+        FlashAttention::Wgmma => &[128],
+        _ => &FLASH_BUILDS,
+    }
+}
+
 /// The prefill kernel of a flash attention kind for padded head size `dp`.
 fn flash_prefill_entry(kind: FlashAttention, dp: usize) -> String {
     match kind {
+        FlashAttention::Wgmma => format!("flash_wg_prefill_d{dp}"),
         FlashAttention::Tf32x3 => format!("flash_tc_prefill_d{dp}"),
         FlashAttention::F16Scores => format!("flash_h_prefill_d{dp}"),
         FlashAttention::F16 => format!("flash_hh_prefill_d{dp}"),
@@ -550,6 +569,7 @@ fn flash_gather_entry(kind: FlashAttention, kv_suffix: &str, dp: usize) -> (Stri
         FlashAttention::Tf32x3 => (format!("flash_tc_gather_kv_{kv_suffix}_d{dp}"), 8),
         FlashAttention::F16Scores => (format!("flash_h_gather_kv_{kv_suffix}_d{dp}"), 8),
         FlashAttention::F16 => (format!("flash_hh_gather_kv_{kv_suffix}_d{dp}"), 8),
+        FlashAttention::Wgmma => (format!("flash_wg_gather_{kv_suffix}"), FLASH_KEY_TILE),
         _ => (format!("flash_gather_kv_{kv_suffix}"), 32),
     }
 }
@@ -566,7 +586,9 @@ fn flash_choice(kinds: &[(FlashAttention, usize)], d: usize) -> Option<(FlashAtt
     let dp = flash_build(d)?;
     kinds
         .iter()
-        .find(|&&(kind, smem_max)| flash_smem_bytes(kind, dp) <= smem_max)
+        .find(|&&(kind, smem_max)| {
+            flash_kind_builds(kind).contains(&dp) && flash_smem_bytes(kind, dp) <= smem_max
+        })
         .map(|&(kind, _)| (kind, dp))
 }
 
@@ -575,6 +597,9 @@ fn flash_choice(kinds: &[(FlashAttention, usize)], d: usize) -> Option<(FlashAtt
 /// values' split parts; the fp16 builds keep q, the keys' fp16 parts, the values' region as
 /// 3xTF32's (the `F16` build uses half of it), and the key and q row scales.
 fn flash_smem_bytes(kind: FlashAttention, dp: usize) -> usize {
+    if kind == FlashAttention::Wgmma {
+        return FLASH_WG_SMEM;
+    }
     4 * match kind {
         FlashAttention::Tf32x3 => {
             FLASH_ROW_TILE * (dp + 8) + FLASH_KEY_TILE * (2 * dp + 16) + FLASH_KEY_TILE * 2 * dp
@@ -609,13 +634,14 @@ impl Default for CudaOptions {
             )
             .unwrap_or(512),
             gemm_x3: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMM_X3", 0..=1) != Some(0),
-            flash_attention: match qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=4)
+            flash_attention: match qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=5)
             {
                 Some(0) => FlashAttention::Off,
                 Some(1) => FlashAttention::Fp32,
                 Some(2) => FlashAttention::Tf32x3,
                 Some(3) => FlashAttention::F16Scores,
-                _ => FlashAttention::F16,
+                Some(4) => FlashAttention::F16,
+                _ => FlashAttention::Wgmma,
             },
             accumulate_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_ACCUMULATE_FROM", 1..=1 << 30)
                 .unwrap_or(ACCUMULATE_FROM),
@@ -771,12 +797,27 @@ impl CudaBackend {
             FlashAttention::Fp32 => vec![FlashAttention::Fp32],
             _ if major < 8 => vec![FlashAttention::Fp32],
             FlashAttention::Tf32x3 => vec![FlashAttention::Tf32x3, FlashAttention::Fp32],
+            FlashAttention::Wgmma => {
+                let hopper = (major, minor) == (9, 0);
+                let f16 = [
+                    FlashAttention::F16,
+                    FlashAttention::Tf32x3,
+                    FlashAttention::Fp32,
+                ];
+                hopper
+                    .then_some(FlashAttention::Wgmma)
+                    .into_iter()
+                    .chain(f16)
+                    .collect()
+            }
             fp16 => vec![fp16, FlashAttention::Tf32x3, FlashAttention::Fp32],
         };
         let flash = kinds
             .into_iter()
             .map(|kind| {
-                let names = FLASH_BUILDS.map(|dp| flash_prefill_entry(kind, dp));
+                let names = flash_kind_builds(kind)
+                    .iter()
+                    .map(|&dp| flash_prefill_entry(kind, dp));
                 Ok((kind, kernels.allow_optin_smem(&ctx, names)?))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -1726,8 +1767,16 @@ impl CudaBackend {
         let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
         let seqs = batch.info.seqs();
         let padded: Vec<usize> = seqs.iter().map(flash_padded_keys).collect();
-        // Gathered floats a key of one KV head: its key and value, or their split parts.
-        let key_floats = if tc { 4 * dp } else { 2 * d };
+        // Gathered floats a key of one KV head: its key and value, or their split parts
+        // (`Wgmma`: its tile record's share).
+        let wg = kind == FlashAttention::Wgmma;
+        let key_floats = if wg {
+            FLASH_WG_TILE_BYTES / FLASH_KEY_TILE / 4
+        } else if tc {
+            4 * dp
+        } else {
+            2 * d
+        };
         let per_key = kvh * key_floats * 4;
         let tables = batch.block_tables.device_ptr(stream).0;
         let desc = batch.flash_desc.device_ptr(stream).0;
@@ -1749,8 +1798,13 @@ impl CudaBackend {
                 .map(|s| (g * s.len).div_ceil(FLASH_ROW_TILE))
                 .max()
                 .unwrap_or(0);
-            let kt = self.alloc_f32(kvh * kp * key_floats / 2)?;
-            let vt = self.alloc_f32(kvh * kp * key_floats / 2)?;
+            // `Wgmma`: one buffer of tile records (kt), no vt.
+            let (kt, vt) = if wg {
+                (self.alloc_f32(kvh * kp * key_floats)?, None)
+            } else {
+                let half = kvh * kp * key_floats / 2;
+                (self.alloc_f32(half)?, Some(self.alloc_f32(half)?))
+            };
             let (koff0i, kpi) = (i32_of(koff0, "keys")?, i32_of(kp, "keys")?);
             let group_desc = desc + (s0 * 16) as u64;
             // The gathers' parameters between the cache pools and the outputs.
@@ -1768,7 +1822,10 @@ impl CudaBackend {
             let mut l = self.launch(&gather)?;
             l.ptr(cache.k.ptr(stream)).ptr(cache.v.ptr(stream));
             group_args(&mut l)?;
-            l.out(&kt).out(&vt);
+            l.out(&kt);
+            if let Some(vt) = &vt {
+                l.out(vt);
+            }
             // A gather's grid: blocks of `keys` keys, KV heads, sequences.
             let gather_grid = |keys: usize| -> Result<LaunchConfig> {
                 Ok(LaunchConfig {
@@ -1786,14 +1843,15 @@ impl CudaBackend {
             // whose cache slots are inside the pools (checked by `attention`); each sequence's
             // keys and values go to its keys [koff - koff0, + padded) of kt and vt (fp32:
             // [kvh, d, kp] and [kvh, kp, d]; 3xTF32: [kvh, kp, 2 dp] each; fp16 builds: [kvh, kp,
-            // dp] words and a scale per key or per 64-key tile's column after them), which hold
-            // them all; d <= dp <= 128 (the kernels' staging tiles).
+            // dp] words and a scale per key or per 64-key tile's column after them; `Wgmma`: kt
+            // [kvh, kp / 64] tile records), which hold them all; d <= dp <= 128 (the kernels'
+            // staging tiles).
             unsafe { l.launch(gather_cfg) }.cuda()?;
-            if let Some(gather_v) = &gather_v {
+            if let (Some(gather_v), Some(vt)) = (&gather_v, &vt) {
                 let mut l = self.launch(gather_v)?;
                 l.ptr(cache.v.ptr(stream));
                 group_args(&mut l)?;
-                l.out(&vt);
+                l.out(vt);
                 let cfg = gather_grid(FLASH_KEY_TILE)?;
                 // SAFETY: as the gather above; the values of each 64-key tile of a sequence
                 // (padded to whole tiles) go to its keys of vt, [kvh, kp, dp] words, and its
@@ -1802,10 +1860,11 @@ impl CudaBackend {
                 unsafe { l.launch(cfg) }.cuda()?;
             }
             let mut l = self.launch(&prefill)?;
-            l.buf(q)
-                .out(&kt)
-                .out(&vt)
-                .out(&out)
+            l.buf(q).out(&kt);
+            if let Some(vt) = &vt {
+                l.out(vt);
+            }
+            l.out(&out)
                 .ptr(group_desc)
                 .i32(koff0i)
                 .i32(hi)
@@ -1819,7 +1878,7 @@ impl CudaBackend {
                     u32_of(n, "sequences")?,
                     u32_of(most_tiles, "row tiles")?,
                 ),
-                block_dim: (FLASH_THREADS, 1, 1),
+                block_dim: (if wg { FLASH_WG_THREADS } else { FLASH_THREADS }, 1, 1),
                 shared_mem_bytes: u32_of(flash_smem_bytes(kind, dp), "shared memory")?,
             };
             // SAFETY: q and out are [t, h*d] and every sequence's rows are inside (descriptor);
@@ -2825,10 +2884,37 @@ mod tests {
     #[test]
     fn flash_kernel_constants_and_shared_memory() {
         let src = include_str!("../../../kernels/flash.cu");
+        let common = include_str!("../../../kernels/common.cuh");
         let define = |name: &str| crate::kernels::define(src, name);
-        assert_eq!(define("FA_ROWS"), FLASH_ROW_TILE);
-        assert_eq!(define("FA_KEYS"), FLASH_KEY_TILE);
+        assert_eq!(crate::kernels::define(common, "FA_ROWS"), FLASH_ROW_TILE);
+        assert_eq!(crate::kernels::define(common, "FA_KEYS"), FLASH_KEY_TILE);
         assert_eq!(define("FA_THREADS"), FLASH_THREADS as usize);
+        let wg = include_str!("../../../kernels/flash_wgmma.cu");
+        let wg_define = |name: &str| crate::kernels::define(wg, name);
+        assert_eq!(wg_define("FW_THREADS"), FLASH_WG_THREADS as usize);
+        assert_eq!(wg_define("FW_SMEM"), FLASH_WG_SMEM);
+        assert_eq!(wg_define("FW_TILE_BYTES"), FLASH_WG_TILE_BYTES);
+        const {
+            assert!(
+                FLASH_WG_SMEM <= 232_448 - 1024,
+                "sm_90's opt-in, static memory aside"
+            )
+        };
+        // The wgmma kind has one build (d 65-128); for other head sizes the next kind takes over.
+        let hopper = [
+            (FlashAttention::Wgmma, 231_904),
+            (FlashAttention::F16, 231_904),
+        ];
+        assert_eq!(
+            flash_choice(&hopper, 128),
+            Some((FlashAttention::Wgmma, 128))
+        );
+        assert_eq!(
+            flash_choice(&hopper, 68),
+            Some((FlashAttention::Wgmma, 128))
+        );
+        assert_eq!(flash_choice(&hopper, 64), Some((FlashAttention::F16, 64)));
+        assert_eq!(flash_choice(&hopper, 20), Some((FlashAttention::F16, 32)));
         for dp in FLASH_BUILDS {
             assert!(
                 flash_smem_bytes(FlashAttention::Tf32x3, dp) <= 232_448,
@@ -3074,6 +3160,8 @@ mod tests {
                         || l.contains("flash_tc_prefill<")
                         || l.contains("gemm_wgmma<")
                         || l.contains("flash_hh_gather_v<")
+                        || l.contains("flash_wg_gather<")
+                        || l.contains("flash_wg_prefill(")
                 });
                 assert!(
                     body.lines().take(4).any(|l| l.contains("pdl_begin()")) || calls_template,
@@ -3087,8 +3175,11 @@ mod tests {
         let gemm_x3 = include_str!("../../../kernels/gemm_x3.cu");
         let flash = include_str!("../../../kernels/flash.cu");
         let wgmma = include_str!("../../../kernels/gemm_wgmma.cu");
+        let flash_wg = include_str!("../../../kernels/flash_wgmma.cu");
         for (name, src) in [
             ("gemm_wgmma", wgmma),
+            ("flash_wg_gather", flash_wg),
+            ("flash_wg_prefill", flash_wg),
             ("flash_hh_gather_v", flash),
             ("flash_gather_kv", flash),
             ("flash_prefill", flash),
@@ -3134,8 +3225,9 @@ mod tests {
             FlashAttention::Tf32x3,
             FlashAttention::F16Scores,
             FlashAttention::F16,
+            FlashAttention::Wgmma,
         ] {
-            for dp in FLASH_BUILDS {
+            for &dp in flash_kind_builds(kind) {
                 assert!(known(&flash_prefill_entry(kind, dp)), "{kind:?} d{dp}");
                 for suffix in ["kvf32", "kvbf16"] {
                     let (gather, _) = flash_gather_entry(kind, suffix, dp);

@@ -1,5 +1,6 @@
-//! Long prompts through the flash attention kernels (`kernels/flash.cu`: fp32, 3xTF32 (the
-//! default for prompt chunks of 64+ tokens) and fp16 scores) against the f64 reference: several 128-row tiles and 64-key tiles, the
+//! Long prompts through the flash attention kernels (`kernels/flash.cu`: fp32, 3xTF32, fp16
+//! scores, fp16 scores and P·V; `kernels/flash_wgmma.cu`, the default on compute capability 9.0
+//! for head sizes of 65-128) against the f64 reference: several 128-row tiles and 64-key tiles, the
 //! causal diagonal inside a tile, tiles that straddle tokens (groups of 3), cached history before
 //! the chunk, several sequences in one launch and in separate scratch groups, each of the 32, 64
 //! and 128 builds (head sizes padded up to them), and both cache types. Skips with a notice where
@@ -16,11 +17,12 @@ use qfuse_cuda::{CudaBackend, CudaOptions, FlashAttention};
 /// products are exact to ~2^-22.
 const FP32_EXACT: Tolerance = Tolerance { rel: 1e-5 };
 
-const KINDS: [FlashAttention; 4] = [
+const KINDS: [FlashAttention; 5] = [
     FlashAttention::Fp32,
     FlashAttention::Tf32x3,
     FlashAttention::F16Scores,
     FlashAttention::F16,
+    FlashAttention::Wgmma,
 ];
 
 fn gpu(kv_dtype: DType, flash_attention: FlashAttention) -> Option<CudaBackend> {
@@ -56,6 +58,8 @@ fn shapes() -> Vec<Shape> {
         (8, 1, 128, 3, vec![(200, 100), (0, 77)]),
         // Groups of 3: tiles straddle tokens.
         (6, 2, 128, 16, vec![(5, 200)]),
+        // The 128 builds padded (d = 96; the wgmma kernel's zero dims), several row tiles.
+        (4, 2, 96, 16, vec![(30, 150)]),
         // The 64 build at its size and padded (d = 36), and the 32 build padded (d = 20).
         (8, 2, 64, 1, vec![(64, 130)]),
         (3, 3, 36, 16, vec![(10, 140), (0, 64)]),
