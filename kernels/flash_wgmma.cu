@@ -118,23 +118,36 @@ __device__ void flash_wg_gather(const KT* __restrict__ kc, const KT* __restrict_
     unsigned char* dst = tiles + ((size_t)kv * (Kp / FA_KEYS) + (koff + j0) / FA_KEYS) * FW_TILE_BYTES;
     float* kscale = reinterpret_cast<float*>(dst + 4 * FW_PART);
     float* vscale = kscale + FA_KEYS;
-    // Rows of the tile into x, a warp a key; `src` the key's slot in the pools.
-    auto slot = [&](int key) -> size_t {
-        const int j = j0 + key;
-        return j < keys ? cache_slot(table, block_size, j) * KV * d + (size_t)kv * d : 0;
-    };
-    auto value = [&](const KT* pool, size_t src, int key, int c) -> float {
-        return j0 + key < keys && c < d ? kv_load(pool + src + c) : 0.0f;
+    // Warp w's keys w, w + 8, ... (their slots in the pools) and, per pool, their elements lane,
+    // lane + 32, ... into registers, every load issued before any is used (a block's 64 keys
+    // otherwise cost 16 dependent round trips).
+    size_t src[FA_KEYS / 8];
+#pragma unroll
+    for (int i = 0; i < FA_KEYS / 8; ++i) {
+        const int j = j0 + warp + 8 * i;
+        src[i] = j < keys ? cache_slot(table, block_size, j) * KV * d + (size_t)kv * d : 0;
+    }
+    float v[FA_KEYS / 8][FW_D / 32];
+    auto load = [&](const KT* pool) {
+#pragma unroll
+        for (int i = 0; i < FA_KEYS / 8; ++i)
+#pragma unroll
+            for (int u = 0; u < FW_D / 32; ++u) {
+                const int c = lane + 32 * u;
+                v[i][u] = j0 + warp + 8 * i < keys && c < d ? kv_load(pool + src[i] + c) : 0.0f;
+            }
     };
 
     // Keys: each row's scale from its largest magnitude.
-    for (int key = warp; key < FA_KEYS; key += 8) {
-        const size_t src = slot(key);
+    load(kc);
+#pragma unroll
+    for (int i = 0; i < FA_KEYS / 8; ++i) {
+        const int key = warp + 8 * i;
         float m = 0.0f;
-        for (int c = lane; c < FW_D; c += 32) {
-            const float v = value(kc, src, key, c);
-            x[key][c] = v;
-            m = fmaxf(m, fabsf(v));
+#pragma unroll
+        for (int u = 0; u < FW_D / 32; ++u) {
+            x[key][lane + 32 * u] = v[i][u];
+            m = fmaxf(m, fabsf(v[i][u]));
         }
         m = warp_max(m);
         if (lane == 0) {
@@ -142,15 +155,16 @@ __device__ void flash_wg_gather(const KT* __restrict__ kc, const KT* __restrict_
             kscale[key] = 1.0f / fp16_row_scale(m);
         }
     }
+    load(vc);  // in flight while the keys are split
     __syncthreads();
     // A thread a (key, 8-dim chunk): chunk c of half c / 8 of the key's row.
     for (int i = tid; i < FA_KEYS * (FW_D / 8); i += 256) {
         const int r = i / (FW_D / 8), ch = i % (FW_D / 8);
-        float v[8];
+        float f[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = x[r][ch * 8 + e];
+        for (int e = 0; e < 8; ++e) f[e] = x[r][ch * 8 + e];
         uint4 hi, lo;
-        fw_split8(v, scale[r], hi, lo);
+        fw_split8(f, scale[r], hi, lo);
         const u32 off = (ch / 8) * (FA_KEYS * 128) + wg_swizzle(r, ch % 8);
         *reinterpret_cast<uint4*>(dst + off) = hi;
         *reinterpret_cast<uint4*>(dst + FW_PART + off) = lo;
@@ -158,15 +172,13 @@ __device__ void flash_wg_gather(const KT* __restrict__ kc, const KT* __restrict_
     __syncthreads();
     // Values: each column's scale from its largest magnitude over the tile's keys.
     float cm[FW_D / 32] = {};
-    for (int key = warp; key < FA_KEYS; key += 8) {
-        const size_t src = slot(key);
+#pragma unroll
+    for (int i = 0; i < FA_KEYS / 8; ++i)
 #pragma unroll
         for (int u = 0; u < FW_D / 32; ++u) {
-            const float v = value(vc, src, key, lane + 32 * u);
-            x[key][lane + 32 * u] = v;
-            cm[u] = fmaxf(cm[u], fabsf(v));
+            x[warp + 8 * i][lane + 32 * u] = v[i][u];
+            cm[u] = fmaxf(cm[u], fabsf(v[i][u]));
         }
-    }
 #pragma unroll
     for (int u = 0; u < FW_D / 32; ++u) colmax[warp][lane + 32 * u] = cm[u];
     __syncthreads();
@@ -180,11 +192,11 @@ __device__ void flash_wg_gather(const KT* __restrict__ kc, const KT* __restrict_
     // Vᵀ: a thread a (dim, 8-key chunk).
     for (int i = tid; i < FW_D * (FA_KEYS / 8); i += 256) {
         const int c = i / (FA_KEYS / 8), ch = i % (FA_KEYS / 8);
-        float v[8];
+        float f[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = x[ch * 8 + e][c];
+        for (int e = 0; e < 8; ++e) f[e] = x[ch * 8 + e][c];
         uint4 hi, lo;
-        fw_split8(v, scale[c], hi, lo);
+        fw_split8(f, scale[c], hi, lo);
         const u32 off = wg_swizzle(c, ch);
         *reinterpret_cast<uint4*>(dst + 2 * FW_PART + off) = hi;
         *reinterpret_cast<uint4*>(dst + 3 * FW_PART + off) = lo;
@@ -195,7 +207,7 @@ __device__ void flash_wg_gather(const KT* __restrict__ kc, const KT* __restrict_
 // dynamic shared memory. `tiles` as flash_wg_gather wrote them for this launch group.
 __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned char* __restrict__ tiles,
                                  float* __restrict__ out, const u32* __restrict__ desc, int koff0, int H, int KV,
-                                 int d, int Kp, float scale_log2) {
+                                 int d, int Kp, float scale_log2, int pingpong) {
     extern __shared__ unsigned char fw_smem[];
     __shared__ __align__(8) unsigned long long full[FW_STAGES];
     __shared__ u32 released[FW_STAGES];
@@ -252,6 +264,18 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
     fence_proxy_async();
     named_barrier(1 + wg, 128);
 
+    // Ping-pong (`pingpong`): the warpgroups take turns to issue their products, so that one's
+    // softmax and rescaling run while the other's products keep the tensor cores busy (left to
+    // themselves both wait on the same stage, multiply together, then both leave the tensor
+    // cores idle through their softmax). Turn barriers 3 + wg: a warpgroup waits for its turn
+    // before issuing a phase's products and hands the turn over once they are issued. Warpgroup
+    // 0 starts; warpgroup 1 skips its last hand-over, so every barrier's arrivals balance.
+    auto take_turn = [&] { named_barrier(3 + wg, 256); };
+    auto turn_over = [&](bool more) {
+        if (wg == 0 || more) named_barrier_arrive(4 - wg, 256);
+    };
+    if (pingpong && wg == 1) named_barrier_arrive(3, 256);
+
     const int ra = wg * 64 + wl * 16 + g, rb = ra + 8;  // this thread's rows in the tile
     const int lim0 = pos0 + min(base + ra, rows - 1) / G, lim1 = pos0 + min(base + rb, rows - 1) / G;
     const float qs0 = qscale[ra], qs1 = qscale[rb];
@@ -272,6 +296,7 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
         float sc[32], small[32];
         wg_fence_acc(sc);
         wg_fence_acc(small);
+        if (pingpong) take_turn();
         wg_fence();
 #pragma unroll
         for (int ks = 0; ks < FW_D / 16; ++ks) {
@@ -283,6 +308,7 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
             fw_mma_scores(sc, qh, kh, ks > 0);
         }
         wg_commit();
+        if (pingpong) turn_over(true);
         wg_wait<0>();
         wg_fence_acc(sc);
         wg_fence_acc(small);
@@ -343,6 +369,7 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
         // a3: sc[8 j + 0..1], [8 j + 2..3], [8 j + 4..5], [8 j + 6..7] are exactly that order.
         float ot[64];
         wg_fence_acc(ot);
+        if (pingpong) take_turn();
         wg_fence();
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -352,6 +379,7 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
             fw_mma_values(ot, ph[j], vh, 1);
         }
         wg_commit();
+        if (pingpong) turn_over(kt + 1 < ntiles);
         wg_wait<0>();
         wg_fence_acc(ot);
 #pragma unroll
@@ -401,8 +429,8 @@ FW_GATHER_ENTRY(kvbf16, bf16_t)
 
 extern "C" __global__ void __launch_bounds__(FW_THREADS, 1)
     flash_wg_prefill_d128(const float* q, const unsigned char* tiles, float* out, const u32* desc, int koff0, int H,
-                          int KV, int d, int Kp, float scale_log2) {
-    flash_wg_prefill(q, tiles, out, desc, koff0, H, KV, d, Kp, scale_log2);
+                          int KV, int d, int Kp, float scale_log2, int pingpong) {
+    flash_wg_prefill(q, tiles, out, desc, koff0, H, KV, d, Kp, scale_log2, pingpong);
 }
 
 #else
