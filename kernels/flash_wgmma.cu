@@ -207,7 +207,7 @@ __device__ void flash_wg_gather(const KT* __restrict__ kc, const KT* __restrict_
 // dynamic shared memory. `tiles` as flash_wg_gather wrote them for this launch group.
 __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned char* __restrict__ tiles,
                                  float* __restrict__ out, const u32* __restrict__ desc, int koff0, int H, int KV,
-                                 int d, int Kp, float scale_log2, int pingpong) {
+                                 int d, int Kp, float scale_log2) {
     extern __shared__ unsigned char fw_smem[];
     __shared__ __align__(8) unsigned long long full[FW_STAGES];
     __shared__ u32 released[FW_STAGES];
@@ -264,17 +264,6 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
     fence_proxy_async();
     named_barrier(1 + wg, 128);
 
-    // Ping-pong (`pingpong`): the warpgroups take turns to issue their products, so that one's
-    // softmax and rescaling run while the other's products keep the tensor cores busy (left to
-    // themselves both wait on the same stage, multiply together, then both leave the tensor
-    // cores idle through their softmax). Turn barriers 3 + wg: a warpgroup waits for its turn
-    // before issuing a phase's products and hands the turn over once they are issued. Warpgroup
-    // 0 starts; warpgroup 1 skips its last hand-over, so every barrier's arrivals balance.
-    auto take_turn = [&] { named_barrier(3 + wg, 256); };
-    auto turn_over = [&](bool more) {
-        if (wg == 0 || more) named_barrier_arrive(4 - wg, 256);
-    };
-    if (pingpong && wg == 1) named_barrier_arrive(3, 256);
 
     const int ra = wg * 64 + wl * 16 + g, rb = ra + 8;  // this thread's rows in the tile
     const int lim0 = pos0 + min(base + ra, rows - 1) / G, lim1 = pos0 + min(base + rb, rows - 1) / G;
@@ -296,7 +285,6 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
         float sc[32], small[32];
         wg_fence_acc(sc);
         wg_fence_acc(small);
-        if (pingpong) take_turn();
         wg_fence();
 #pragma unroll
         for (int ks = 0; ks < FW_D / 16; ++ks) {
@@ -308,7 +296,6 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
             fw_mma_scores(sc, qh, kh, ks > 0);
         }
         wg_commit();
-        if (pingpong) turn_over(true);
         wg_wait<0>();
         wg_fence_acc(sc);
         wg_fence_acc(small);
@@ -369,7 +356,6 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
         // a3: sc[8 j + 0..1], [8 j + 2..3], [8 j + 4..5], [8 j + 6..7] are exactly that order.
         float ot[64];
         wg_fence_acc(ot);
-        if (pingpong) take_turn();
         wg_fence();
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -379,7 +365,6 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
             fw_mma_values(ot, ph[j], vh, 1);
         }
         wg_commit();
-        if (pingpong) turn_over(kt + 1 < ntiles);
         wg_wait<0>();
         wg_fence_acc(ot);
 #pragma unroll
@@ -429,8 +414,8 @@ FW_GATHER_ENTRY(kvbf16, bf16_t)
 
 extern "C" __global__ void __launch_bounds__(FW_THREADS, 1)
     flash_wg_prefill_d128(const float* q, const unsigned char* tiles, float* out, const u32* desc, int koff0, int H,
-                          int KV, int d, int Kp, float scale_log2, int pingpong) {
-    flash_wg_prefill(q, tiles, out, desc, koff0, H, KV, d, Kp, scale_log2, pingpong);
+                          int KV, int d, int Kp, float scale_log2) {
+    flash_wg_prefill(q, tiles, out, desc, koff0, H, KV, d, Kp, scale_log2);
 }
 
 #else

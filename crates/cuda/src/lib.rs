@@ -280,9 +280,6 @@ struct Inner {
     /// block fits an SM), or `QFUSE_CUDA_WGMMA_BLOCKS` (a large value gives every tile its own
     /// block, as before the kernel was persistent).
     wgmma_blocks: usize,
-    /// `flash_wgmma.cu`'s warpgroups take turns to issue their products (ping-pong), so that one's
-    /// softmax overlaps the other's products; `QFUSE_CUDA_FLASH_PINGPONG=0` lets them run free.
-    flash_pingpong: bool,
     /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
     x3_trace: Option<CudaSlice<u64>>,
     /// The prompt attention kernels that may replace the GEMM path, in order of preference, each
@@ -859,8 +856,6 @@ impl CudaBackend {
                 .unwrap_or(GEMV_MAX_ROWS + 1),
                 gemm_x3,
                 wgmma,
-                flash_pingpong: qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_PINGPONG", 0..=1)
-                    != Some(0),
                 wgmma_blocks: qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA_BLOCKS", 1..=1 << 30)
                     .unwrap_or(sm_count),
                 x3_trace,
@@ -1877,9 +1872,6 @@ impl CudaBackend {
                 .i32(di)
                 .i32(kpi)
                 .f32(scale_log2);
-            if wg {
-                l.i32(i32::from(self.inner.flash_pingpong));
-            }
             let prefill_cfg = LaunchConfig {
                 grid_dim: (
                     u32_of(kvh, "KV")?,
