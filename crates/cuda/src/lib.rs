@@ -13,11 +13,12 @@
 //! Decode attention is one kernel for every batch size, which for batched decode (9+ sequences)
 //! also forms q and the new keys (`qk_norm_rope_attention`); a batch-1 decoder layer can run as one
 //! persistent kernel (`layer.rs`, opt-in: measured slower than the composed step); prompt
-//! attention (chunks of 64+ tokens) keeps its scores on chip (`kernels/flash.cu`: fp16
-//! tensor-core products of two-part operands scaled by powers of two, q and k per row, values
-//! per column of a key tile, fp32-exact to ~2^-22; fp16 scores with 3xTF32 P·V, 3xTF32
-//! throughout, fp32 FMAs or cuBLAS SGEMMs around a softmax kernel by option), shorter chunks run
-//! in a split-K kernel. Kernels
+//! attention (chunks of 64+ tokens) keeps its scores on chip: fp16 tensor-core products of
+//! two-part operands scaled by powers of two, q and k per row, values per column of a key tile,
+//! fp32-exact to ~2^-22, on compute capability 9.0 as `wgmma` products fed by bulk copies
+//! (`kernels/flash_wgmma.cu`), elsewhere as `mma.sync` (`kernels/flash.cu`; also fp16 scores
+//! with 3xTF32 P·V, 3xTF32 throughout, fp32 FMAs or cuBLAS SGEMMs around a softmax kernel by
+//! option); shorter chunks run in a split-K kernel. Kernels
 //! are CUDA C++ from `kernels/`, compiled by NVRTC for the GPU present when the backend is
 //! created (in parallel, and cached on disk by source and NVRTC version: `kernels::cached_ptx`).
 //! The crate builds without CUDA: libraries are loaded at run time, and their absence is
@@ -345,10 +346,10 @@ pub struct CudaOptions {
     /// H200 10-17% faster a step at batch 9-32, level at 64 (docs/perf.md).
     pub gemm_x3: bool,
     /// Prompt attention that takes the GEMM path (see `attention_gemm_min_rows`) runs instead as
-    /// a kernel that keeps the scores on chip (`kernels/flash.cu`) wherever the head size allows
-    /// (a multiple of 4, at most 128) and the GPU has the shared memory
-    /// (`QFUSE_CUDA_FLASH_ATTENTION=0|1|2|3|4` picks off, fp32, 3xTF32, fp16 scores, or fp16
-    /// scores and P·V, the default).
+    /// a kernel that keeps the scores on chip (`kernels/flash.cu`, `kernels/flash_wgmma.cu`)
+    /// wherever the head size allows (a multiple of 4, at most 128) and the GPU has the shared
+    /// memory (`QFUSE_CUDA_FLASH_ATTENTION=0|1|2|3|4|5` picks off, fp32, 3xTF32, fp16 scores, fp16
+    /// scores and P·V, or the default: the latter on `wgmma` where the GPU has it).
     pub flash_attention: FlashAttention,
     /// Fewest rows whose cuBLAS products accumulate the three bf16 parts' GEMMs into one output
     /// instead of one stacked GEMM and a sum kernel (`QFUSE_CUDA_ACCUMULATE_FROM`). Default
@@ -504,11 +505,10 @@ pub const FLASH_SCRATCH_BYTES: usize = 256 << 20;
 const FLASH_KEY_TILE: usize = 64;
 /// Query rows (tokens times the query heads of a KV head) per block of the flash attention.
 const FLASH_ROW_TILE: usize = 128;
-/// Threads per block of both flash kernels.
+/// Threads per block of every flash kernel (`flash_wgmma.cu`'s prefill: two warpgroups).
 const FLASH_THREADS: u32 = 256;
-/// `kernels/flash_wgmma.cu`'s prefill block (`FW_THREADS`: two warpgroups), its dynamic shared memory (`FW_SMEM`) and the bytes of one gathered key tile
-/// of one KV head (`FW_TILE_BYTES`).
-const FLASH_WG_THREADS: u32 = 256;
+/// `kernels/flash_wgmma.cu`'s prefill dynamic shared memory (`FW_SMEM`) and the bytes of one
+/// gathered key tile of one KV head (`FW_TILE_BYTES`).
 const FLASH_WG_SMEM: usize = 201_728;
 const FLASH_WG_TILE_BYTES: usize = 66_304;
 
@@ -1878,7 +1878,7 @@ impl CudaBackend {
                     u32_of(n, "sequences")?,
                     u32_of(most_tiles, "row tiles")?,
                 ),
-                block_dim: (if wg { FLASH_WG_THREADS } else { FLASH_THREADS }, 1, 1),
+                block_dim: (FLASH_THREADS, 1, 1),
                 shared_mem_bytes: u32_of(flash_smem_bytes(kind, dp), "shared memory")?,
             };
             // SAFETY: q and out are [t, h*d] and every sequence's rows are inside (descriptor);
@@ -2891,7 +2891,7 @@ mod tests {
         assert_eq!(define("FA_THREADS"), FLASH_THREADS as usize);
         let wg = include_str!("../../../kernels/flash_wgmma.cu");
         let wg_define = |name: &str| crate::kernels::define(wg, name);
-        assert_eq!(wg_define("FW_THREADS"), FLASH_WG_THREADS as usize);
+        assert_eq!(wg_define("FW_THREADS"), FLASH_THREADS as usize);
         assert_eq!(wg_define("FW_SMEM"), FLASH_WG_SMEM);
         assert_eq!(wg_define("FW_TILE_BYTES"), FLASH_WG_TILE_BYTES);
         const {
