@@ -31,18 +31,23 @@
 #define FW_D 128
 // One fp16 part of a key tile ([64][128]) or a value tile ([128][64]), bytes.
 #define FW_PART 16384
-// A gathered key tile: four parts, 64 key scales, 128 column scales.
+// A gathered key tile: the key half (two parts, 64 key scales), then the value half (two parts,
+// 128 column scales).
+#define FW_KHALF 33024
+#define FW_VHALF 33280
 #define FW_TILE_BYTES 66304
-// A stage holds one tile, rounded up to whole 1 KiB swizzle-atom groups.
-#define FW_STAGE 67584
+// A stage holds one tile as two halves, each rounded up to whole 1 KiB swizzle-atom groups and
+// loaded (and released) on its own.
+#define FW_HALF_STAGE 33792
 #define FW_STAGES 2
 // Both warpgroups' q rows: [2 warpgroups][hi, lo][2 halves of d][64 rows][128 bytes].
 #define FW_Q_BYTES 65536
 // Dynamic shared memory: 1 KiB of alignment slack, q, the stages (crates/cuda/src/lib.rs).
 #define FW_SMEM 201728
-static_assert(FW_TILE_BYTES == 4 * FW_PART + (FA_KEYS + FW_D) * 4, "tile record");
-static_assert(FW_STAGE % 1024 == 0 && FW_STAGE >= FW_TILE_BYTES, "stage");
-static_assert(FW_SMEM == 1024 + FW_Q_BYTES + FW_STAGES * FW_STAGE, "FW_SMEM");
+static_assert(FW_KHALF == 2 * FW_PART + FA_KEYS * 4 && FW_VHALF == 2 * FW_PART + FW_D * 4, "halves");
+static_assert(FW_TILE_BYTES == FW_KHALF + FW_VHALF, "tile record");
+static_assert(FW_HALF_STAGE % 1024 == 0 && FW_HALF_STAGE >= FW_VHALF && FW_HALF_STAGE >= FW_KHALF, "stage");
+static_assert(FW_SMEM == 1024 + FW_Q_BYTES + FW_STAGES * 2 * FW_HALF_STAGE, "FW_SMEM");
 static_assert(FA_KEYS == 64 && FA_ROWS == 128, "two warpgroups of 64 rows, 64-key tiles");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -116,8 +121,8 @@ __device__ void flash_wg_gather(const KT* __restrict__ kc, const KT* __restrict_
     if (!fa_seq_keys(desc, koff0, j0, keys, koff)) return;
     const u32* table = tables + (size_t)blockIdx.z * max_blocks;
     unsigned char* dst = tiles + ((size_t)kv * (Kp / FA_KEYS) + (koff + j0) / FA_KEYS) * FW_TILE_BYTES;
-    float* kscale = reinterpret_cast<float*>(dst + 4 * FW_PART);
-    float* vscale = kscale + FA_KEYS;
+    float* kscale = reinterpret_cast<float*>(dst + 2 * FW_PART);
+    float* vscale = reinterpret_cast<float*>(dst + FW_KHALF + 2 * FW_PART);
     // Warp w's keys w, w + 8, ... (their slots in the pools) and, per pool, their elements lane,
     // lane + 32, ... into registers, every load issued before any is used (a block's 64 keys
     // otherwise cost 16 dependent round trips).
@@ -198,45 +203,79 @@ __device__ void flash_wg_gather(const KT* __restrict__ kc, const KT* __restrict_
         uint4 hi, lo;
         fw_split8(f, scale[c], hi, lo);
         const u32 off = wg_swizzle(c, ch);
-        *reinterpret_cast<uint4*>(dst + 2 * FW_PART + off) = hi;
-        *reinterpret_cast<uint4*>(dst + 3 * FW_PART + off) = lo;
+        *reinterpret_cast<uint4*>(dst + FW_KHALF + off) = hi;
+        *reinterpret_cast<uint4*>(dst + FW_KHALF + FW_PART + off) = lo;
     }
 }
 
 // grid = (KV, sequences, most row tiles of a sequence), block = FW_THREADS, FW_SMEM bytes of
 // dynamic shared memory. `tiles` as flash_wg_gather wrote them for this launch group.
+// PIPELINE: a warpgroup issues tile kt's scores and tile kt - 1's P·V together and runs kt's
+// softmax while P·V multiplies (FlashAttention-3's intra-warpgroup overlap); otherwise each tile's
+// products are waited on in turn.
+template <bool PIPELINE>
 __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned char* __restrict__ tiles,
                                  float* __restrict__ out, const u32* __restrict__ desc, int koff0, int H, int KV,
                                  int d, int Kp, float scale_log2) {
     extern __shared__ unsigned char fw_smem[];
-    __shared__ __align__(8) unsigned long long full[FW_STAGES];
-    __shared__ u32 released[FW_STAGES];
+    // Per stage: [0] the key half's barrier, [1] the value half's; likewise the release counts.
+    __shared__ __align__(8) unsigned long long full[FW_STAGES][2];
+    __shared__ u32 released[FW_STAGES][2];
     __shared__ float qscale[FA_ROWS];
     const u32 smem = (u32)__cvta_generic_to_shared(fw_smem);
     const u32 qbase = (smem + 1023u) & ~1023u, stage0 = qbase + FW_Q_BYTES;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     FaTile tile;
     if (!fa_tile(desc, koff0, H, KV, tile)) return;
-    const auto [kv, G, row0, n, pos0, koff, rows, base, keys, ntiles] = tile;
+    // (Named, not a structured binding: the lambdas below capture them.)
+    const int kv = tile.kv, G = tile.G, row0 = tile.row0, pos0 = tile.pos0, koff = tile.koff, rows = tile.rows,
+              base = tile.base, ntiles = tile.key_tiles;
     const u32 full0 = (u32)__cvta_generic_to_shared(full);
     if (tid == 0) {
-        for (int s = 0; s < FW_STAGES; ++s) {
-            mbar_init(full0 + 8 * s, 1);  // one arrival, with the tile's bytes
-            released[s] = 0;
-        }
+        for (int s = 0; s < FW_STAGES; ++s)
+            for (int h = 0; h < 2; ++h) {
+                mbar_init(full0 + 16 * s + 8 * h, 1);  // one arrival, with the half's bytes
+                released[s][h] = 0;
+            }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
     pdl_begin();
-    // Key tile kt into stage kt % FW_STAGES (completing the stage's barrier phase kt / FW_STAGES).
+    // Half h (0 keys, 1 values) of key tile kt into its stage kt % FW_STAGES, completing that
+    // barrier's phase kt / FW_STAGES.
     const unsigned char* src = tiles + ((size_t)kv * (Kp / FA_KEYS) + koff / FA_KEYS) * FW_TILE_BYTES;
-    auto load_tile = [&](int kt) {
-        const int s = kt % FW_STAGES;
-        mbar_arrive_expect(full0 + 8 * s, FW_TILE_BYTES);
-        bulk_load(stage0 + s * FW_STAGE, src + (size_t)kt * FW_TILE_BYTES, FW_TILE_BYTES, full0 + 8 * s);
+    auto half_at = [&](int kt, int h) -> u32 { return stage0 + ((kt % FW_STAGES) * 2 + h) * FW_HALF_STAGE; };
+    auto load_half = [&](int kt, int h) {
+        const u32 bar = full0 + 16 * (kt % FW_STAGES) + 8 * h, bytes = h ? FW_VHALF : FW_KHALF;
+        mbar_arrive_expect(bar, bytes);
+        bulk_load(half_at(kt, h), src + (size_t)kt * FW_TILE_BYTES + h * FW_KHALF, bytes, bar);
+    };
+    auto wait_half = [&](int kt, int h) {
+        mbar_wait(full0 + 16 * (kt % FW_STAGES) + 8 * h, (u32)((kt / FW_STAGES) & 1));
+    };
+    // Every lane of the warp is done with half h of tile kt (the values it read from it used):
+    // the warp releases it, and the block's last warp to do so refills it with tile kt + FW_STAGES.
+    auto release_half = [&](int kt, int h) {
+        __syncwarp();
+        if (lane == 0) {
+            // Release (this warp's reads before the count), acquire (the other warps' before the
+            // refill).
+            u32 done;
+            asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;"
+                         : "=r"(done)
+                         : "r"((u32)__cvta_generic_to_shared(&released[kt % FW_STAGES][h]))
+                         : "memory");
+            if (done % (FW_THREADS / 32) == FW_THREADS / 32 - 1 && kt + FW_STAGES < ntiles) {
+                fence_proxy_async();
+                load_half(kt + FW_STAGES, h);
+            }
+        }
     };
     if (tid == 0)
-        for (int kt = 0; kt < FW_STAGES && kt < ntiles; ++kt) load_tile(kt);
+        for (int kt = 0; kt < FW_STAGES && kt < ntiles; ++kt) {
+            load_half(kt, 0);
+            load_half(kt, 1);
+        }
 
     // Warpgroup wg takes the tile's rows 64 wg ..; its warp wl holds rows 16 wl + g and
     // + 8 of them in every accumulator (lane = 4 g + t; columns 8 j + 2 t, + 1 at [4 j], [4 j + 1],
@@ -264,7 +303,6 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
     fence_proxy_async();
     named_barrier(1 + wg, 128);
 
-
     const int ra = wg * 64 + wl * 16 + g, rb = ra + 8;  // this thread's rows in the tile
     const int lim0 = pos0 + min(base + ra, rows - 1) / G, lim1 = pos0 + min(base + rb, rows - 1) / G;
     const float qs0 = qscale[ra], qs1 = qscale[rb];
@@ -273,16 +311,11 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
 #pragma unroll
     for (int i = 0; i < 64; ++i) o[i] = 0.0f;
 
-    for (int kt = 0; kt < ntiles; ++kt) {
-        const int s = kt % FW_STAGES, k0 = kt * FA_KEYS;
-        const u32 st = stage0 + s * FW_STAGE;
-        const float* kscale = reinterpret_cast<const float*>(fw_smem + (st - smem) + 4 * FW_PART);
-        const float* vscale = kscale + FA_KEYS;
-        mbar_wait(full0 + 8 * s, (u32)((kt / FW_STAGES) & 1));
-
-        // S = Q Kᵀ over the 8 k16 steps of d: the small products in one accumulator, hi·hi in
-        // another (the tensor cores truncate relative to the accumulator as they add).
-        float sc[32], small[32];
+    // S = Q Kᵀ of tile kt over the 8 k16 steps of d, committed as one group: the small products
+    // in one accumulator, hi·hi in another (the tensor cores truncate relative to the
+    // accumulator as they add).
+    auto issue_scores = [&](int kt, float (&sc)[32], float (&small)[32]) {
+        const u32 st = half_at(kt, 0);
         wg_fence_acc(sc);
         wg_fence_acc(small);
         wg_fence();
@@ -296,11 +329,13 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
             fw_mma_scores(sc, qh, kh, ks > 0);
         }
         wg_commit();
-        wg_wait<0>();
-        wg_fence_acc(sc);
-        wg_fence_acc(small);
-
-        // Online softmax: a row's keys are spread over the four lanes of a quad.
+    };
+    // The online softmax of tile kt's scores (complete): sc becomes P, relative to the rows'
+    // new maxima; (al0, al1) the factors the output so far takes. A row's keys are spread over
+    // the four lanes of a quad.
+    auto softmax = [&](int kt, float (&sc)[32], const float (&small)[32], float& al0, float& al1) {
+        const float* kscale = reinterpret_cast<const float*>(fw_smem + (half_at(kt, 0) - smem) + 2 * FW_PART);
+        const int k0 = kt * FA_KEYS;
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -323,7 +358,8 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
             mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, w));
         }
         const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite: key 0 is in tile 0
-        const float al0 = exp2f((m0 - mn0) * scale_log2), al1 = exp2f((m1 - mn1) * scale_log2);
+        al0 = exp2f((m0 - mn0) * scale_log2);
+        al1 = exp2f((m1 - mn1) * scale_log2);
         float rs0 = 0.0f, rs1 = 0.0f;
 #pragma unroll
         for (int j = 0; j < 8; ++j)
@@ -343,30 +379,33 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
         l1 = l1 * al1 + rs1;
         m0 = mn0;
         m1 = mn1;
-
-        // P's A fragments for the 4 k16 steps of keys: the score pairs of n-tiles 2 j and 2 j + 1
-        // as they are (rows g, g + 8; keys 2 t, 2 t + 8 of the step), split into hi and lo.
-        u32 ph[4][4], pl[4][4];
+    };
+    // P's A fragments for the 4 k16 steps of keys: the score pairs of n-tiles 2 j and 2 j + 1 as
+    // they are, in the order a0 (row g, keys 2 t..), a1 (row g + 8), a2 (row g, keys 2 t + 8..),
+    // a3 (sc[8 j + 0..1], [+ 2..3], [+ 4..5], [+ 6..7]), split into hi and lo.
+    auto split_p = [&](const float (&sc)[32], u32 (&ph)[4][4], u32 (&pl)[4][4]) {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
-            for (int f = 0; f < 4; ++f)
-                half2_split(sc[8 * j + 2 * f], sc[8 * j + 2 * f + 1], ph[j][f], pl[j][f]);
-        // The fragments in order a0 (row g, keys 2t..), a1 (row g + 8), a2 (row g, keys 2t + 8..),
-        // a3: sc[8 j + 0..1], [8 j + 2..3], [8 j + 4..5], [8 j + 6..7] are exactly that order.
-        float ot[64];
+            for (int f = 0; f < 4; ++f) half2_split(sc[8 * j + 2 * f], sc[8 * j + 2 * f + 1], ph[j][f], pl[j][f]);
+    };
+    // ot = P V of tile kt (its value half waited for), committed as one group.
+    auto issue_values = [&](int kt, const u32 (&ph)[4][4], const u32 (&pl)[4][4], float (&ot)[64]) {
+        const u32 st = half_at(kt, 1);
         wg_fence_acc(ot);
         wg_fence();
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const unsigned long long vh = wg_desc(st + 2 * FW_PART + j * 32), vl = wg_desc(st + 3 * FW_PART + j * 32);
+            const unsigned long long vh = wg_desc(st + j * 32), vl = wg_desc(st + FW_PART + j * 32);
             fw_mma_values(ot, pl[j], vh, j > 0);
             fw_mma_values(ot, ph[j], vl, 1);
             fw_mma_values(ot, ph[j], vh, 1);
         }
         wg_commit();
-        wg_wait<0>();
-        wg_fence_acc(ot);
+    };
+    // o = o·al + ot·(tile kt's column scales).
+    auto accumulate = [&](int kt, const float (&ot)[64], float al0, float al1) {
+        const float* vscale = reinterpret_cast<const float*>(fw_smem + (half_at(kt, 1) - smem) + 2 * FW_PART);
 #pragma unroll
         for (int e = 0; e < 16; ++e) {
             const float2 vs = *reinterpret_cast<const float2*>(vscale + 8 * e + 2 * t);
@@ -375,17 +414,70 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
             o[4 * e + 2] = fmaf(o[4 * e + 2], al1, ot[4 * e + 2] * vs.x);
             o[4 * e + 3] = fmaf(o[4 * e + 3], al1, ot[4 * e + 3] * vs.y);
         }
-        // Every lane's reads of the stage are done (their values used above): the warp releases
-        // it, and the block's last warp to do so refills it with tile kt + FW_STAGES.
-        __syncwarp();
-        if (lane == 0) {
-            __threadfence_block();
-            const u32 done = atomicAdd(&released[s], 1u);
-            if (done % (FW_THREADS / 32) == FW_THREADS / 32 - 1 && kt + FW_STAGES < ntiles) {
-                __threadfence_block();
-                fence_proxy_async();
-                load_tile(kt + FW_STAGES);
-            }
+    };
+
+    if constexpr (PIPELINE) {
+        // Tile 0's scores and softmax; then per tile kt: kt's scores and kt - 1's P·V issued
+        // together, kt's softmax while P·V multiplies, kt - 1 joins the output.
+        u32 ph[4][4], pl[4][4];
+        float al0, al1;
+        {
+            float sc[32], small[32];
+            wait_half(0, 0);
+            issue_scores(0, sc, small);
+            wg_wait<0>();
+            wg_fence_acc(sc);
+            wg_fence_acc(small);
+            softmax(0, sc, small, al0, al1);
+            release_half(0, 0);
+            split_p(sc, ph, pl);
+        }
+        for (int kt = 1; kt < ntiles; ++kt) {
+            float sc[32], small[32], ot[64];
+            wait_half(kt, 0);
+            issue_scores(kt, sc, small);
+            wait_half(kt - 1, 1);
+            issue_values(kt - 1, ph, pl, ot);
+            wg_wait<1>();
+            wg_fence_acc(sc);
+            wg_fence_acc(small);
+            float nal0, nal1;
+            softmax(kt, sc, small, nal0, nal1);
+            release_half(kt, 0);
+            wg_wait<0>();
+            wg_fence_acc(ot);
+            accumulate(kt - 1, ot, al0, al1);
+            release_half(kt - 1, 1);
+            split_p(sc, ph, pl);
+            al0 = nal0;
+            al1 = nal1;
+        }
+        float ot[64];
+        wait_half(ntiles - 1, 1);
+        issue_values(ntiles - 1, ph, pl, ot);
+        wg_wait<0>();
+        wg_fence_acc(ot);
+        accumulate(ntiles - 1, ot, al0, al1);
+        release_half(ntiles - 1, 1);
+    } else {
+        for (int kt = 0; kt < ntiles; ++kt) {
+            float sc[32], small[32], ot[64];
+            u32 ph[4][4], pl[4][4];
+            float al0, al1;
+            wait_half(kt, 0);
+            issue_scores(kt, sc, small);
+            wg_wait<0>();
+            wg_fence_acc(sc);
+            wg_fence_acc(small);
+            softmax(kt, sc, small, al0, al1);
+            release_half(kt, 0);
+            split_p(sc, ph, pl);
+            wait_half(kt, 1);
+            issue_values(kt, ph, pl, ot);
+            wg_wait<0>();
+            wg_fence_acc(ot);
+            accumulate(kt, ot, al0, al1);
+            release_half(kt, 1);
         }
     }
 #pragma unroll
@@ -412,11 +504,14 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
 FW_GATHER_ENTRY(kvf32, float)
 FW_GATHER_ENTRY(kvbf16, bf16_t)
 
-extern "C" __global__ void __launch_bounds__(FW_THREADS, 1)
-    flash_wg_prefill_d128(const float* q, const unsigned char* tiles, float* out, const u32* desc, int koff0, int H,
-                          int KV, int d, int Kp, float scale_log2) {
-    flash_wg_prefill(q, tiles, out, desc, koff0, H, KV, d, Kp, scale_log2);
-}
+#define FW_PREFILL_ENTRY(NAME, PIPELINE)                                                                      \
+    extern "C" __global__ void __launch_bounds__(FW_THREADS, 1)                                               \
+        NAME(const float* q, const unsigned char* tiles, float* out, const u32* desc, int koff0, int H, int KV, \
+             int d, int Kp, float scale_log2) {                                                               \
+        flash_wg_prefill<PIPELINE>(q, tiles, out, desc, koff0, H, KV, d, Kp, scale_log2);                     \
+    }
+FW_PREFILL_ENTRY(flash_wg_prefill_d128, false)
+FW_PREFILL_ENTRY(flash_wg_pipelined_prefill_d128, true)
 
 #else
 #error "flash_wgmma.cu uses wgmma: compile it for sm_90a"
