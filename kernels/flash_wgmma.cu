@@ -1,5 +1,5 @@
 // Prompt attention on Hopper's warpgroup tensor-core instructions (wgmma; compiled for sm_90a and
-// used on compute capability 9.0 for head sizes of 97-128): the numbers of flash.cu's default
+// used on compute capability 9.0 for head sizes of 65-128): the numbers of flash.cu's default
 // fp16 build (flash_hh), with the products moved from mma.sync to wgmma so that the score and
 // output tiles live in the tensor cores' accumulators and the operands are read from shared
 // memory by the hardware, not staged through registers.
@@ -14,18 +14,18 @@
 // Two kernels per launch group of sequences (flash.cu's descriptor and tiling):
 //   flash_wg_gather_{kvf32,kvbf16}: a block per (64-key tile, KV head, sequence) writes the tile
 //     as one contiguous FW_TILE_BYTES record, already in the shared-memory image the products
-//     read: K hi, K lo ([64 keys][128 dims] fp16, K-major), Vᵀ hi, Vᵀ lo ([128 dims][64 keys]),
-//     each in the 128-byte-swizzled layout of wgmma's descriptors, then the keys' scales (64
-//     floats, the factor a score takes back) and the value columns' (128 floats).
+//     read: the key half (K hi, K lo: [64 keys][128 dims] fp16, K-major; the keys' scales, the
+//     factor a score takes back) and the value half (Vᵀ hi, Vᵀ lo: [128 dims][64 keys]; the value
+//     columns' scales), the parts in the 128-byte-swizzled layout of wgmma's descriptors.
 //   flash_wg_prefill: a block per (KV head, sequence, 128 query rows; heaviest tiles first), two
-//     warpgroups of 64 rows. The key tiles the block's rows see stream through two stages, one
-//     bulk copy each (the tensor-memory accelerator) completing the stage's mbarrier; the last
-//     warp to finish with a stage issues its next tile's copy (no producer warp: a ninth warp
+//     warpgroups of 64 rows. The key tiles the block's rows see stream through two stages, each
+//     half of a tile one bulk copy (the tensor-memory accelerator) completing its own mbarrier;
+//     the last warp done with a half issues its next tile's copy (no producer warp: a ninth warp
 //     would share a scheduler's registers with two consumer warps and cap every thread at 168
 //     registers). A warpgroup stages its q rows once (scaled and split, swizzled), then per key
-//     tile: S = Q Kᵀ as 24 m64n64k16 products, the online softmax
-//     on the accumulators, P split into fp16 register fragments, O_tile = P V as 12 m64n128k16
-//     products with P from registers, O = O·alpha + O_tile·colscale.
+//     tile kt: S = Q Kᵀ as 24 m64n64k16 products issued together with tile kt - 1's P·V (12
+//     m64n128k16 products, P's fp16 fragments from registers), kt's online softmax on the
+//     accumulators while P·V multiplies, then O = O·alpha + O_tile·colscale for tile kt - 1.
 
 #define FW_THREADS 256
 #define FW_D 128
@@ -210,10 +210,9 @@ __device__ void flash_wg_gather(const KT* __restrict__ kc, const KT* __restrict_
 
 // grid = (KV, sequences, most row tiles of a sequence), block = FW_THREADS, FW_SMEM bytes of
 // dynamic shared memory. `tiles` as flash_wg_gather wrote them for this launch group.
-// PIPELINE: a warpgroup issues tile kt's scores and tile kt - 1's P·V together and runs kt's
-// softmax while P·V multiplies (FlashAttention-3's intra-warpgroup overlap); otherwise each tile's
-// products are waited on in turn.
-template <bool PIPELINE>
+// A warpgroup issues tile kt's scores and tile kt - 1's P·V together and runs kt's softmax while
+// P·V multiplies (FlashAttention-3's intra-warpgroup overlap; waiting on each tile's products in
+// turn made the kernel 8% slower).
 __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned char* __restrict__ tiles,
                                  float* __restrict__ out, const u32* __restrict__ desc, int koff0, int H, int KV,
                                  int d, int Kp, float scale_log2) {
@@ -416,70 +415,48 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
         }
     };
 
-    if constexpr (PIPELINE) {
-        // Tile 0's scores and softmax; then per tile kt: kt's scores and kt - 1's P·V issued
-        // together, kt's softmax while P·V multiplies, kt - 1 joins the output.
-        u32 ph[4][4], pl[4][4];
-        float al0, al1;
-        {
-            float sc[32], small[32];
-            wait_half(0, 0);
-            issue_scores(0, sc, small);
-            wg_wait<0>();
-            wg_fence_acc(sc);
-            wg_fence_acc(small);
-            softmax(0, sc, small, al0, al1);
-            release_half(0, 0);
-            split_p(sc, ph, pl);
-        }
-        for (int kt = 1; kt < ntiles; ++kt) {
-            float sc[32], small[32], ot[64];
-            wait_half(kt, 0);
-            issue_scores(kt, sc, small);
-            wait_half(kt - 1, 1);
-            issue_values(kt - 1, ph, pl, ot);
-            wg_wait<1>();
-            wg_fence_acc(sc);
-            wg_fence_acc(small);
-            float nal0, nal1;
-            softmax(kt, sc, small, nal0, nal1);
-            release_half(kt, 0);
-            wg_wait<0>();
-            wg_fence_acc(ot);
-            accumulate(kt - 1, ot, al0, al1);
-            release_half(kt - 1, 1);
-            split_p(sc, ph, pl);
-            al0 = nal0;
-            al1 = nal1;
-        }
-        float ot[64];
-        wait_half(ntiles - 1, 1);
-        issue_values(ntiles - 1, ph, pl, ot);
+    // Tile 0's scores and softmax; then per tile kt: kt's scores and kt - 1's P·V issued
+    // together, kt's softmax while P·V multiplies, kt - 1 joins the output.
+    u32 ph[4][4], pl[4][4];
+    float al0, al1;
+    {
+        float sc[32], small[32];
+        wait_half(0, 0);
+        issue_scores(0, sc, small);
+        wg_wait<0>();
+        wg_fence_acc(sc);
+        wg_fence_acc(small);
+        softmax(0, sc, small, al0, al1);
+        release_half(0, 0);
+        split_p(sc, ph, pl);
+    }
+    for (int kt = 1; kt < ntiles; ++kt) {
+        float sc[32], small[32], ot[64];
+        wait_half(kt, 0);
+        issue_scores(kt, sc, small);
+        wait_half(kt - 1, 1);
+        issue_values(kt - 1, ph, pl, ot);
+        wg_wait<1>();
+        wg_fence_acc(sc);
+        wg_fence_acc(small);
+        float nal0, nal1;
+        softmax(kt, sc, small, nal0, nal1);
+        release_half(kt, 0);
         wg_wait<0>();
         wg_fence_acc(ot);
-        accumulate(ntiles - 1, ot, al0, al1);
-        release_half(ntiles - 1, 1);
-    } else {
-        for (int kt = 0; kt < ntiles; ++kt) {
-            float sc[32], small[32], ot[64];
-            u32 ph[4][4], pl[4][4];
-            float al0, al1;
-            wait_half(kt, 0);
-            issue_scores(kt, sc, small);
-            wg_wait<0>();
-            wg_fence_acc(sc);
-            wg_fence_acc(small);
-            softmax(kt, sc, small, al0, al1);
-            release_half(kt, 0);
-            split_p(sc, ph, pl);
-            wait_half(kt, 1);
-            issue_values(kt, ph, pl, ot);
-            wg_wait<0>();
-            wg_fence_acc(ot);
-            accumulate(kt, ot, al0, al1);
-            release_half(kt, 1);
-        }
+        accumulate(kt - 1, ot, al0, al1);
+        release_half(kt - 1, 1);
+        split_p(sc, ph, pl);
+        al0 = nal0;
+        al1 = nal1;
     }
+    float ot[64];
+    wait_half(ntiles - 1, 1);
+    issue_values(ntiles - 1, ph, pl, ot);
+    wg_wait<0>();
+    wg_fence_acc(ot);
+    accumulate(ntiles - 1, ot, al0, al1);
+    release_half(ntiles - 1, 1);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int row = base + (h ? rb : ra);
@@ -504,14 +481,11 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
 FW_GATHER_ENTRY(kvf32, float)
 FW_GATHER_ENTRY(kvbf16, bf16_t)
 
-#define FW_PREFILL_ENTRY(NAME, PIPELINE)                                                                      \
-    extern "C" __global__ void __launch_bounds__(FW_THREADS, 1)                                               \
-        NAME(const float* q, const unsigned char* tiles, float* out, const u32* desc, int koff0, int H, int KV, \
-             int d, int Kp, float scale_log2) {                                                               \
-        flash_wg_prefill<PIPELINE>(q, tiles, out, desc, koff0, H, KV, d, Kp, scale_log2);                     \
-    }
-FW_PREFILL_ENTRY(flash_wg_prefill_d128, false)
-FW_PREFILL_ENTRY(flash_wg_pipelined_prefill_d128, true)
+extern "C" __global__ void __launch_bounds__(FW_THREADS, 1)
+    flash_wg_prefill_d128(const float* q, const unsigned char* tiles, float* out, const u32* desc, int koff0, int H,
+                          int KV, int d, int Kp, float scale_log2) {
+    flash_wg_prefill(q, tiles, out, desc, koff0, H, KV, d, Kp, scale_log2);
+}
 
 #else
 #error "flash_wgmma.cu uses wgmma: compile it for sm_90a"

@@ -301,10 +301,9 @@ pub const SM90A_SOURCES: &[(&str, &str, &[&str])] = &[
 
 /// `flash_wgmma.cu`'s entry points: the two gathers (fp32 and bf16 cache) and the prompt
 /// attention for head sizes up to 128.
-pub const FLASH_WGMMA_ENTRIES: [&str; 4] = [
+pub const FLASH_WGMMA_ENTRIES: [&str; 3] = [
     "flash_wg_gather_kvf32",
     "flash_wg_gather_kvbf16",
-    "flash_wg_pipelined_prefill_d128",
     "flash_wg_prefill_d128",
 ];
 

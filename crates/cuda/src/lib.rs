@@ -281,9 +281,6 @@ struct Inner {
     /// block fits an SM), or `QFUSE_CUDA_WGMMA_BLOCKS` (a large value gives every tile its own
     /// block, as before the kernel was persistent).
     wgmma_blocks: usize,
-    /// `flash_wgmma.cu`'s warpgroups overlap a key tile's softmax with the previous tile's P·V
-    /// (`QFUSE_CUDA_FLASH_PIPELINE=0` waits for each tile's products in turn).
-    flash_pipeline: bool,
     /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
     x3_trace: Option<CudaSlice<u64>>,
     /// The prompt attention kernels that may replace the GEMM path, in order of preference, each
@@ -557,7 +554,7 @@ fn flash_kind_builds(kind: FlashAttention) -> &'static [usize] {
 /// The prefill kernel of a flash attention kind for padded head size `dp`.
 fn flash_prefill_entry(kind: FlashAttention, dp: usize) -> String {
     match kind {
-        FlashAttention::Wgmma => format!("flash_wg_pipelined_prefill_d{dp}"),
+        FlashAttention::Wgmma => format!("flash_wg_prefill_d{dp}"),
         FlashAttention::Tf32x3 => format!("flash_tc_prefill_d{dp}"),
         FlashAttention::F16Scores => format!("flash_h_prefill_d{dp}"),
         FlashAttention::F16 => format!("flash_hh_prefill_d{dp}"),
@@ -818,13 +815,9 @@ impl CudaBackend {
         let flash = kinds
             .into_iter()
             .map(|kind| {
-                let mut names: Vec<String> = flash_kind_builds(kind)
+                let names = flash_kind_builds(kind)
                     .iter()
-                    .map(|&dp| flash_prefill_entry(kind, dp))
-                    .collect();
-                if kind == FlashAttention::Wgmma {
-                    names.push("flash_wg_prefill_d128".into());
-                }
+                    .map(|&dp| flash_prefill_entry(kind, dp));
                 Ok((kind, kernels.allow_optin_smem(&ctx, names)?))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -863,8 +856,6 @@ impl CudaBackend {
                 .unwrap_or(GEMV_MAX_ROWS + 1),
                 gemm_x3,
                 wgmma,
-                flash_pipeline: qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_PIPELINE", 0..=1)
-                    != Some(0),
                 wgmma_blocks: qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA_BLOCKS", 1..=1 << 30)
                     .unwrap_or(sm_count),
                 x3_trace,
@@ -1792,11 +1783,7 @@ impl CudaBackend {
         let (hi, kvhi, di) = (i32_of(h, "H")?, i32_of(kvh, "KV")?, i32_of(d, "d")?);
         let (gather, keys_a_block) = flash_gather_entry(kind, cache.k.kv_suffix(), dp);
         let gather_v = flash_gather_v_entry(kind, cache.k.kv_suffix(), dp);
-        let prefill = if wg && !self.inner.flash_pipeline {
-            format!("flash_wg_prefill_d{dp}")
-        } else {
-            flash_prefill_entry(kind, dp)
-        };
+        let prefill = flash_prefill_entry(kind, dp);
         let (mut s0, mut koff0) = (0, 0);
         while s0 < seqs.len() {
             let (mut s1, mut kp) = (s0 + 1, padded[s0]);
