@@ -147,6 +147,43 @@ __device__ __forceinline__ bool fa_tile(const u32* __restrict__ desc, int koff0,
     return true;
 }
 
+// The online-softmax step of a flash key tile for a thread's two query rows, whose keys are
+// spread over the four lanes of a quad: s[4 j + u] (row 0) and s[4 j + 2 + u] (row 1), u < 2,
+// are the tile's masked scores and mx0, mx1 this thread's maxima of them. s becomes
+// P = exp2((s - m) scale_log2) against the rows' new maxima m0, m1 (finite once a row has seen
+// key 0); the rows' sums l0, l1 are updated, and al0, al1 are the factors the output so far takes.
+template <int N>
+__device__ __forceinline__ void fa_softmax_step(float* s, float mx0, float mx1, float scale_log2, float& m0, float& m1,
+                                                float& l0, float& l1, float& al0, float& al1) {
+#pragma unroll
+    for (int w = 1; w < 4; w <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, w));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, w));
+    }
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    al0 = exp2f((m0 - mn0) * scale_log2);
+    al1 = exp2f((m1 - mn1) * scale_log2);
+    float rs0 = 0.0f, rs1 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            s[4 * j + u] = exp2f((s[4 * j + u] - mn0) * scale_log2);
+            s[4 * j + 2 + u] = exp2f((s[4 * j + 2 + u] - mn1) * scale_log2);
+            rs0 += s[4 * j + u];
+            rs1 += s[4 * j + 2 + u];
+        }
+#pragma unroll
+    for (int w = 1; w < 4; w <<= 1) {
+        rs0 += __shfl_xor_sync(FULL_MASK, rs0, w);
+        rs1 += __shfl_xor_sync(FULL_MASK, rs1, w);
+    }
+    l0 = l0 * al0 + rs0;
+    l1 = l1 * al1 + rs1;
+    m0 = mn0;
+    m1 = mn1;
+}
+
 // Two floats as fp16 (round to nearest), the first in the low half (the prompt attention's fp16
 // operands: kernels/flash.cu, kernels/flash_wgmma.cu).
 __device__ __forceinline__ u32 half2_bits(float lo_elem, float hi_elem) {

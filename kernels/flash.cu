@@ -648,32 +648,8 @@ __device__ void flash_tc_prefill(const float* __restrict__ q, const float* __res
                 mx0 = fmaxf(mx0, sc[nt][u]);
                 mx1 = fmaxf(mx1, sc[nt][2 + u]);
             }
-#pragma unroll
-        for (int w = 1; w < 4; w <<= 1) {
-            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, w));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, w));
-        }
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite: key 0 is in tile 0
-        const float al0 = exp2f((m0 - mn0) * scale_log2), al1 = exp2f((m1 - mn1) * scale_log2);
-        float rs0 = 0.0f, rs1 = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                sc[nt][u] = exp2f((sc[nt][u] - mn0) * scale_log2);
-                sc[nt][2 + u] = exp2f((sc[nt][2 + u] - mn1) * scale_log2);
-                rs0 += sc[nt][u];
-                rs1 += sc[nt][2 + u];
-            }
-#pragma unroll
-        for (int w = 1; w < 4; w <<= 1) {
-            rs0 += __shfl_xor_sync(FULL_MASK, rs0, w);
-            rs1 += __shfl_xor_sync(FULL_MASK, rs1, w);
-        }
-        l0 = l0 * al0 + rs0;
-        l1 = l1 * al1 + rs1;
-        m0 = mn0;
-        m1 = mn1;
+        float al0, al1;
+        fa_softmax_step<4 * NT>(&sc[0][0], mx0, mx1, scale_log2, m0, m1, l0, l1, al0, al1);
         fa_wait<0>();
         __syncthreads();  // V visible; every warp is done with K
         if (kt_i + 1 < ntiles) load_k(k0 + FA_KEYS);

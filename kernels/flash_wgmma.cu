@@ -55,41 +55,20 @@ static_assert(FA_KEYS == 64 && FA_ROWS == 128, "two warpgroups of 64 rows, 64-ke
 // S[64 x 64] = A[64 x 16] · B[64 x 16]ᵀ (+ S when `accumulate`), fp16 operands K-major in shared
 // memory (descriptors), fp32 accumulators.
 __device__ __forceinline__ void fw_mma_scores(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "setp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b), "r"(accumulate));
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" WG_ACC_REGS32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : WG_ACC_OPS32(d)
+                 : "l"(a), "l"(b), "r"(accumulate));
 }
 
 // O[64 x 128] = A[64 x 16] · B[128 x 16]ᵀ (+ O when `accumulate`): A from registers (fp16 pairs
 // in the m16n8k16 A-fragment layout, per warp its 16 rows), B K-major in shared memory.
 __device__ __forceinline__ void fw_mma_values(float (&d)[64], const u32 (&a)[4], unsigned long long b, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "setp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" WG_ACC_REGS64
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : WG_ACC_OPS64(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
 }
 
 __device__ __forceinline__ void st_shared_v2(u32 addr, u32 a, u32 b) {
@@ -329,9 +308,8 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
         }
         wg_commit();
     };
-    // The online softmax of tile kt's scores (complete): sc becomes P, relative to the rows'
-    // new maxima; (al0, al1) the factors the output so far takes. A row's keys are spread over
-    // the four lanes of a quad.
+    // The online softmax of tile kt's scores (complete): the rows' scales and the mask, then
+    // fa_softmax_step (sc becomes P; al0, al1 the factors the output so far takes).
     auto softmax = [&](int kt, float (&sc)[32], const float (&small)[32], float& al0, float& al1) {
         const float* kscale = reinterpret_cast<const float*>(fw_smem + (half_at(kt, 0) - smem) + 2 * FW_PART);
         const int k0 = kt * FA_KEYS;
@@ -351,33 +329,7 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
                 mx1 = fmaxf(mx1, s1);
             }
         }
-#pragma unroll
-        for (int w = 1; w < 4; w <<= 1) {
-            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, w));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, w));
-        }
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite: key 0 is in tile 0
-        al0 = exp2f((m0 - mn0) * scale_log2);
-        al1 = exp2f((m1 - mn1) * scale_log2);
-        float rs0 = 0.0f, rs1 = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                sc[4 * j + u] = exp2f((sc[4 * j + u] - mn0) * scale_log2);
-                sc[4 * j + 2 + u] = exp2f((sc[4 * j + 2 + u] - mn1) * scale_log2);
-                rs0 += sc[4 * j + u];
-                rs1 += sc[4 * j + 2 + u];
-            }
-#pragma unroll
-        for (int w = 1; w < 4; w <<= 1) {
-            rs0 += __shfl_xor_sync(FULL_MASK, rs0, w);
-            rs1 += __shfl_xor_sync(FULL_MASK, rs1, w);
-        }
-        l0 = l0 * al0 + rs0;
-        l1 = l1 * al1 + rs1;
-        m0 = mn0;
-        m1 = mn1;
+        fa_softmax_step<32>(sc, mx0, mx1, scale_log2, m0, m1, l0, l1, al0, al1);
     };
     // P's A fragments for the 4 k16 steps of keys: the score pairs of n-tiles 2 j and 2 j + 1 as
     // they are, in the order a0 (row g, keys 2 t..), a1 (row g + 8), a2 (row g, keys 2 t + 8..),
