@@ -66,15 +66,6 @@ __device__ __forceinline__ void rope_table(u32 pos, int d, double log2_theta, fl
     __syncthreads();
 }
 
-// The batch's RoPE factors, cs [T, d/2] as (cos, sin) of positions[t] * theta^(-2i/d) (the
-// epilogue of a prompt's QKV product reads them: gemm_wgmma.cu's EPI_QKN). grid = T, block = 64.
-extern "C" __global__ void rope_table_f32(const u32* __restrict__ positions, float* __restrict__ cs, int d,
-                                          double log2_theta) {
-    pdl_begin();
-    float* row = cs + (size_t)blockIdx.x * d;
-    for (int i = threadIdx.x; i < d / 2; i += blockDim.x) rope_cs(positions[blockIdx.x], i, d, log2_theta, row + 2 * i, row + 2 * i + 1);
-}
-
 // Split-half RoPE on x [T, n * d]. grid = T, block = 128, shared = d floats.
 extern "C" __global__ void rope_f32(const float* __restrict__ x, const u32* __restrict__ positions,
                                     float* __restrict__ y, int cols, int d, double log2_theta) {

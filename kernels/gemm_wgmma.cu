@@ -109,92 +109,11 @@ __device__ __forceinline__ void wg_store_silu_parts(const float (&acc)[64], bf16
     }
 }
 
-// EPI_QKN: a prompt's QKV product whose epilogue is the attention prologue (head size 128, the
-// tile's 128 columns, so column block n0 / 128 is one head): q and k heads take their per-head
-// RMSNorm (q_norm / k_norm) and RoPE (the batch's table, rope[t * 64 + i] = (cos, sin) of token
-// t's position for pair i); q goes to y [T, H 128], k and v to the cache pools (fp32, or bf16
-// with kv_bf16) at each token's slot. No [T, (H + 2 KV) 128] output is written, nor read back.
-#define EPI_QKN 3
-struct WgQkn {
-    const float* q_norm;
-    const float* k_norm;
-    const float2* rope;
-    const u32* slots;
-    void* kc;
-    void* vc;
-    int kv_bf16, H, KV;
-    float eps;
-};
-
-// Two values at element i of a cache pool row.
-__device__ __forceinline__ void wg_store_kv(void* pool, bool bf16, size_t i, float a, float b) {
-    if (bf16) {
-        kv_store(reinterpret_cast<bf16_t*>(pool) + i, a);
-        kv_store(reinterpret_cast<bf16_t*>(pool) + i + 1, b);
-    } else {
-        *reinterpret_cast<float2*>(reinterpret_cast<float*>(pool) + i) = make_float2(a, b);
-    }
-}
-
-// EPI_QKN's epilogue for one tile. Lane l holds, for rows r0 and r0 + 8, columns 8 j + 2 (l % 4)
-// and + 1 of the head for j < 16: a row's 128 columns are spread over the lane's quad, and
-// pair i < 64 (group j < 8) rotates with i + 64 (group j + 8), in the same lane. The arithmetic is
-// qk_norm_rope_write_kv's (kernels/attention.cu): x * rsqrt(mean(x^2) + eps) * gain, then
-// (a c - b s, b c + a s).
-__device__ __forceinline__ void wg_store_qkn(float (&acc)[64], const WgQkn& a, float* __restrict__ q, int r0, int n0,
-                                             int T, int lane) {
-    constexpr int D = 128;
-    const int head = n0 / D, cq = 2 * (lane & 3);
-    const bool is_q = head < a.H, is_k = !is_q && head < a.H + a.KV;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int row = r0 + 8 * h;
-        if (is_q || is_k) {
-            float ss = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 16; ++j) ss += acc[4 * j + 2 * h] * acc[4 * j + 2 * h] + acc[4 * j + 2 * h + 1] * acc[4 * j + 2 * h + 1];
-            ss += __shfl_xor_sync(FULL_MASK, ss, 1);
-            ss += __shfl_xor_sync(FULL_MASK, ss, 2);
-            const float inv = rsqrtf(ss / D + a.eps);
-            const float* gain = is_q ? a.q_norm : a.k_norm;
-            if (row < T) {
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-#pragma unroll
-                    for (int u = 0; u < 2; ++u) {
-                        const int i = 8 * j + cq + u;
-                        const float2 cs = a.rope[(size_t)row * (D / 2) + i];
-                        float& lo = acc[4 * j + 2 * h + u];
-                        float& hi = acc[4 * (j + 8) + 2 * h + u];
-                        const float x0 = lo * inv * gain[i], x1 = hi * inv * gain[i + D / 2];
-                        lo = x0 * cs.x - x1 * cs.y;
-                        hi = x1 * cs.x + x0 * cs.y;
-                    }
-            }
-        }
-        if (row >= T) continue;
-        if (is_q) {
-            float* dst = q + (size_t)row * a.H * D + (size_t)head * D;
-#pragma unroll
-            for (int j = 0; j < 16; ++j)
-                *reinterpret_cast<float2*>(dst + 8 * j + cq) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-        } else {
-            const int kvh = head - a.H - (is_k ? 0 : a.KV);
-            const size_t base = (size_t)a.slots[row] * a.KV * D + (size_t)kvh * D;
-            void* pool = is_k ? a.kc : a.vc;
-#pragma unroll
-            for (int j = 0; j < 16; ++j)
-                wg_store_kv(pool, a.kv_bf16 != 0, base + 8 * j + cq, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-        }
-    }
-}
-
 // PARTS_OUT (with SILU): y is the PARTS bf16 parts of the output, [PARTS][T][N / 2], the next
 // product's operand, instead of fp32 (no split pass between the two products).
 template <int EPI, int PARTS, bool PARTS_OUT>
 __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w, const float* __restrict__ residual,
-                                           float* __restrict__ y, int T, int K, int N, int col_blocks,
-                                           const WgQkn* qkn) {
+                                           float* __restrict__ y, int T, int K, int N, int col_blocks) {
     static_assert(!PARTS_OUT || EPI == EPI_SILU, "parts out with SiLU only");
     constexpr int WG_STAGES = WgStages<PARTS>::COUNT, WG_STAGE_BYTES = WgStages<PARTS>::BYTES;
     constexpr int COLS = EPI == EPI_SILU ? WG_BN / 2 : WG_BN;  // output columns of a tile
@@ -296,10 +215,6 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
             wg_store_silu_parts<PARTS>(acc, reinterpret_cast<bf16_t*>(y), r0, n0, T, out_cols, lane);
             continue;
         }
-        if constexpr (EPI == EPI_QKN) {
-            wg_store_qkn(acc, *qkn, y, r0, n0, T, lane);
-            continue;
-        }
         constexpr int GROUPS = EPI == EPI_SILU ? WG_BN / 16 : WG_BN / 8;
 #pragma unroll
         for (int j = 0; j < GROUPS; ++j) {
@@ -327,7 +242,7 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                             \
         name(const __grid_constant__ TmaMap parts, const __grid_constant__ TmaMap w, const float* residual,  \
              float* y, int T, int K, int N, int col_blocks) {                                               \
-        gemm_wgmma<EPI, PARTS, PARTS_OUT>(&parts, &w, residual, y, T, K, N, col_blocks, nullptr);          \
+        gemm_wgmma<EPI, PARTS, PARTS_OUT>(&parts, &w, residual, y, T, K, N, col_blocks);                   \
     }
 
 WG_ENTRY(wgmma_x3, EPI_NONE, 3, false)
@@ -338,18 +253,6 @@ WG_ENTRY(wgmma_x2, EPI_NONE, 2, false)
 WG_ENTRY(wgmma_x2_add, EPI_ADD, 2, false)
 WG_ENTRY(wgmma_x2_silu_mul, EPI_SILU, 2, false)
 WG_ENTRY(wgmma_x2_silu_mul_parts, EPI_SILU, 2, true)
-
-// EPI_QKN's entries: the other entries' parameters (residual unused, y = q), then the prologue's.
-#define WG_QKN_ENTRY(name, PARTS)                                                                              \
-    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) name(                                          \
-        const __grid_constant__ TmaMap parts, const __grid_constant__ TmaMap w, const float* residual, float* y, \
-        int T, int K, int N, int col_blocks, const float* q_norm, const float* k_norm, const float2* rope,       \
-        const u32* slots, void* kc, void* vc, int kv_bf16, int H, int KV, float eps) {                          \
-        const WgQkn qkn{q_norm, k_norm, rope, slots, kc, vc, kv_bf16, H, KV, eps};                              \
-        gemm_wgmma<EPI_QKN, PARTS, false>(&parts, &w, residual, y, T, K, N, col_blocks, &qkn);                  \
-    }
-WG_QKN_ENTRY(wgmma_x3_qkn, 3)
-WG_QKN_ENTRY(wgmma_x2_qkn, 2)
 
 #else
 #error "gemm_wgmma.cu uses wgmma: compile it for sm_90a"

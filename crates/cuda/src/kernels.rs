@@ -180,7 +180,6 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
         include_str!("../../../kernels/attention.cu"),
         &[
             "rope_f32",
-            "rope_table_f32",
             "write_kv_kvf32",
             "qk_norm_rope_write_kv_kvf32",
             "qk_norm_rope_write_kv_rows_d128_kvf32",
@@ -309,7 +308,7 @@ pub const FLASH_WGMMA_ENTRIES: [&str; 3] = [
 ];
 
 /// `gemm_wgmma.cu`'s entry points.
-pub const WGMMA_ENTRIES: [&str; 10] = [
+pub const WGMMA_ENTRIES: [&str; 8] = [
     "wgmma_x3",
     "wgmma_x3_add",
     "wgmma_x3_silu_mul",
@@ -318,8 +317,6 @@ pub const WGMMA_ENTRIES: [&str; 10] = [
     "wgmma_x2_add",
     "wgmma_x2_silu_mul",
     "wgmma_x2_silu_mul_parts",
-    "wgmma_x3_qkn",
-    "wgmma_x2_qkn",
 ];
 
 /// NVRTC flags besides the architecture (part of the cache key).

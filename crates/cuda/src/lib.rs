@@ -172,25 +172,6 @@ pub struct CudaBatch {
     max_blocks: usize,
     /// Context the launch shapes are sized for (so a captured step stays valid as it grows).
     capacity: usize,
-    /// The RoPE factors of the batch's positions, built by the first prompt layer that wants them
-    /// ([`CudaBackend::rope_table`]) and dropped when the positions change.
-    rope: Mutex<Option<RopeTable>>,
-}
-
-/// A batch's RoPE factors, `[T, d/2]` (cos, sin), for one (theta, head size).
-struct RopeTable {
-    key: (u64, usize),
-    table: Arc<Pooled>,
-}
-
-impl fmt::Debug for RopeTable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "RopeTable(theta bits {:#x}, d {})",
-            self.key.0, self.key.1
-        )
-    }
 }
 
 impl AsRef<BatchInfo> for CudaBatch {
@@ -300,9 +281,6 @@ struct Inner {
     /// block fits an SM), or `QFUSE_CUDA_WGMMA_BLOCKS` (a large value gives every tile its own
     /// block, as before the kernel was persistent).
     wgmma_blocks: usize,
-    /// A prompt's QKV product writes q and the cache itself (`prompt_attention`);
-    /// `QFUSE_CUDA_PROMPT_QKN=0` composes the product and the q/k-norm kernel instead.
-    prompt_qkn: bool,
     /// `gemm_x3`'s phase clocks, `x3::TRACE_SLOTS` per entry point (`QFUSE_CUDA_X3_TRACE=1`).
     x3_trace: Option<CudaSlice<u64>>,
     /// The prompt attention kernels that may replace the GEMM path, in order of preference, each
@@ -878,7 +856,6 @@ impl CudaBackend {
                 .unwrap_or(GEMV_MAX_ROWS + 1),
                 gemm_x3,
                 wgmma,
-                prompt_qkn: qfuse_core::knobs::env_knob("QFUSE_CUDA_PROMPT_QKN", 0..=1) != Some(0),
                 wgmma_blocks: qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA_BLOCKS", 1..=1 << 30)
                     .unwrap_or(sm_count),
                 x3_trace,
@@ -1265,62 +1242,22 @@ impl CudaBackend {
             Epilogue::Add(r) => ("_add", Some(*r)),
             Epilogue::SiluMul => ("_silu_mul", None),
         };
+        let stream = self.stream();
+        // The parts as one [count T, K] tensor in 128-row boxes; the weights in boxes of a block's
+        // rows (with SiLU two boxes, its gate rows and its up rows).
+        let box_rows = if silu { WGMMA_COLS / 2 } else { WGMMA_COLS };
+        let parts_map = tma_map_bf16(parts.device_ptr(stream).0, k, count * t, WGMMA_ROWS)?;
+        let w_map = tma_map_bf16(w.device_ptr(stream).0, k, n, box_rows)?;
         let out = t * epilogue.out_cols(n);
         let (y, parts_suffix) = if parts_out {
             (self.alloc_f32((count * out).div_ceil(2))?, "_parts")
         } else {
             (self.alloc_f32(out)?, "")
         };
-        let name = format!("wgmma_x{count}{suffix}{parts_suffix}");
-        // SAFETY: the residual (when read) and y are [t, epilogue.out_cols(n)] f32 (y with
-        // parts_out: count bf16 arrays of that shape, which its (count*out)/2 floats hold).
-        unsafe {
-            self.launch_wgmma(
-                &name,
-                (parts, count),
-                w,
-                (t, k, n),
-                col_blocks,
-                residual,
-                &y,
-                |_| Ok(()),
-            )
-        }?;
-        Ok(Some(y))
-    }
-
-    /// Launches `gemm_wgmma.cu`'s entry `name` over the `count` bf16 parts of the activations
-    /// (`[count T, K]` in `parts`) and the weights `w` `[N, K]`, with `col_blocks` column blocks
-    /// a row block: the tensor maps, then `residual` (or y), y, T, K, N and the column blocks,
-    /// then whatever `extra` adds (the QKN entries' prologue parameters).
-    ///
-    /// # Safety
-    /// `residual` and `y` (and what `extra` passes) must be what the entry reads and writes for
-    /// these shapes; `col_blocks` must come from [`wgmma_col_blocks`] for them.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn launch_wgmma(
-        &self,
-        name: &str,
-        (parts, count): (&CudaSlice<f32>, usize),
-        w: &CudaSlice<u16>,
-        (t, k, n): (usize, usize, usize),
-        col_blocks: usize,
-        residual: Option<&CudaSlice<f32>>,
-        y: &Pooled,
-        extra: impl FnOnce(&mut Launch<'_>) -> Result<()>,
-    ) -> Result<()> {
-        let stream = self.stream();
-        let silu = name.contains("silu");
-        // The parts as one [count T, K] tensor in 128-row boxes; the weights in boxes of a block's
-        // rows (with SiLU two boxes, its gate rows and its up rows).
-        let box_rows = if silu { WGMMA_COLS / 2 } else { WGMMA_COLS };
-        let parts_map = tma_map_bf16(parts.device_ptr(stream).0, k, count * t, WGMMA_ROWS)?;
-        let w_map = tma_map_bf16(w.device_ptr(stream).0, k, n, box_rows)?;
-        let mut l = self.launch(name)?;
+        let mut l = self.launch(&format!("wgmma_x{count}{suffix}{parts_suffix}"))?;
         l.tensor_map(parts_map).tensor_map(w_map);
-        product_args(&mut l, residual, y, (t, k, n))?;
+        product_args(&mut l, residual, &y, (t, k, n))?;
         l.i32(i32_of(col_blocks, "column blocks")?);
-        extra(&mut l)?;
         let tiles = col_blocks * t.div_ceil(WGMMA_ROWS);
         let cfg = LaunchConfig {
             grid_dim: (u32_of(tiles.min(self.inner.wgmma_blocks), "blocks")?, 1, 1),
@@ -1329,124 +1266,14 @@ impl CudaBackend {
         };
         // SAFETY: the tensor maps describe the count [t, k] bf16 parts back to back and w, [n, k]
         // bf16, both alive until the kernel has run (the pool and the weights outlive it); the
-        // caller vouches for the residual, y and the extra parameters; the plan makes k a
+        // residual (when read) and y are [t, epilogue.out_cols(n)] f32 (y with parts_out:
+        // count bf16 arrays of that shape, which its (count*out)/2 floats hold); the plan makes k a
         // multiple of 64 and the column blocks cover the output columns exactly, the blocks
         // taking every (row block, column block) tile in turn, none past the last; the
         // dynamic shared memory is what the kernel needs and `allow_optin_smem` allowed; compute
         // capability 9.0 (the sm_90a module is loaded only there).
-        unsafe { l.launch(cfg) }.cuda()
-    }
-
-    /// The batch's RoPE factors for `cfg` (`[T, d/2]` (cos, sin) of each token's position),
-    /// computed once per batch (the first prompt layer that asks) and kept until
-    /// `update_batch` changes the positions.
-    fn rope_table(&self, batch: &CudaBatch, cfg: &AttentionConfig) -> Result<Arc<Pooled>> {
-        let key = (cfg.rope_theta.to_bits(), cfg.head_dim);
-        let mut cached = batch
-            .rope
-            .lock()
-            .map_err(|_| Error::invalid("rope_table", "lock poisoned"))?;
-        if let Some(r) = cached.as_ref().filter(|r| r.key == key) {
-            return Ok(Arc::clone(&r.table));
-        }
-        let (t, d) = (batch.info.num_tokens(), cfg.head_dim);
-        // SAFETY: rope_table_f32 writes all t * d floats before any later kernel on the stream
-        // reads them.
-        let table = Pooled::unpooled(unsafe { self.stream().alloc::<f32>((t * d).max(1)) }.cuda()?);
-        let mut l = self.launch("rope_table_f32")?;
-        l.buf(&batch.positions)
-            .out(&table)
-            .i32(i32_of(d, "d")?)
-            .f64(cfg.rope_theta.log2());
-        // SAFETY: positions holds t entries and the table t * d floats; one block per token.
-        unsafe { l.launch(grid(t, 64)) }.cuda()?;
-        let table = Arc::new(table);
-        *cached = Some(RopeTable {
-            key,
-            table: Arc::clone(&table),
-        });
-        Ok(table)
-    }
-
-    /// A prompt's attention half of a decoder layer, `x + o_proj(attention(...))`, with the
-    /// attention prologue (per-head q/k norms, RoPE, the cache write) fused into the QKV
-    /// product's epilogue (`gemm_wgmma.cu`'s EPI_QKN): the norm and split of x, one product that
-    /// writes q and the cache, the attention, o_proj. The composed ops would write QKV in fp32
-    /// and read it back in a kernel of their own (~23 µs a layer at a 2,048-token prompt of
-    /// Qwen3-0.6B). `None` where the product does not take `gemm_wgmma.cu` or the head size is
-    /// not its tile's 128 columns.
-    fn prompt_attention(
-        &self,
-        x: &CudaTensor,
-        w: &LayerWeights<'_, CudaTensor>,
-        cache: &mut LayerKv<CudaTensor>,
-        batch: &CudaBatch,
-        cfg: &AttentionConfig,
-        eps: f64,
-    ) -> Result<Option<CudaTensor>> {
-        let op = "decoder_layer (attention)";
-        let (t, hidden) = x.matrix(op)?;
-        let (n, k) = w.qkv.matrix(op)?;
-        let Buf::Bf16(qkv) = &w.qkv.buf else {
-            return Ok(None);
-        };
-        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let col_blocks = wgmma_col_blocks(t, hidden, n, false);
-        let fits = self.inner.wgmma
-            && self.inner.prompt_qkn
-            && t > x3::MAX_ROWS
-            && !batch.info.is_decode_step()
-            && t == batch.info.num_tokens()
-            && d == WGMMA_COLS
-            && k == hidden
-            && n == cfg.qkv_width()
-            && cfg.fits_prologue(n, &w.q_norm.shape, &w.k_norm.shape)
-            && w.input_norm.shape.dims() == [hidden]
-            && cache.k.dtype() == cache.v.dtype()
-            && col_blocks.is_some();
-        let Some(col_blocks) = col_blocks.filter(|_| fits) else {
-            return Ok(None);
-        };
-        let slots = cache.k.shape.cache_slots(kvh * d, op)?;
-        batch.info.check_slots_within(slots, op)?;
-        let xs = x.f32(op)?;
-        let prologue = Prologue::Norm {
-            x: xs,
-            gain: w.input_norm.f32(op)?,
-            eps,
-        };
-        let parts = self.split_parts(prologue, t, hidden)?;
-        let count = parts.count();
-        let rope = self.rope_table(batch, cfg)?;
-        let q = self.alloc_f32(t * h * d)?;
-        let stream = self.stream();
-        let bf16_cache = i32::from(cache.k.dtype() == DType::BF16);
-        let (kc, vc) = (cache.k.ptr_mut(stream, op)?, cache.v.ptr_mut(stream, op)?);
-        let name = format!("wgmma_x{count}_qkn");
-        let extra = |l: &mut Launch<'_>| -> Result<()> {
-            l.buf(w.q_norm.f32(op)?)
-                .buf(w.k_norm.f32(op)?)
-                .out(&rope)
-                .buf(&batch.slots)
-                .ptr(kc)
-                .ptr(vc)
-                .i32(bf16_cache)
-                .i32(i32_of(h, "H")?)
-                .i32(i32_of(kvh, "KV")?)
-                .f32(cfg.qk_norm_eps as f32);
-            Ok(())
-        };
-        let shape = (t, hidden, n);
-        let parts_buf = (parts.buf.slice(), count);
-        // SAFETY: y is q, [t, h d] f32; the norms are [d] (fits_prologue), the RoPE table
-        // [t, d/2] pairs, slots t entries each inside the pools (checked above), whose rows are
-        // kvh d elements of the cache's dtype (kv_bf16); d = 128 is the tile's column count, so
-        // each column block is one head (q, then k, then v heads: n = (h + 2 kvh) d).
-        unsafe { self.launch_wgmma(&name, parts_buf, qkv, shape, col_blocks, None, &q, extra) }?;
-        drop(parts);
-        let q = Self::f32_tensor([t, h * d], q);
-        let o = self.attention(&q, cache, batch, cfg)?;
-        self.matmul_add(&o, w.o_proj, x).map(Some)
+        unsafe { l.launch(cfg) }.cuda()?;
+        Ok(Some(y))
     }
 
     /// A prompt's MLP, `h + down(silu_mul(gate_up(rms_norm(h))))`, as three kernels: the norm and
@@ -2259,7 +2086,6 @@ impl Backend for CudaBackend {
             sampled_rows: 0,
             max_blocks,
             capacity,
-            rope: Mutex::new(None),
         })
     }
 
@@ -2296,7 +2122,6 @@ impl Backend for CudaBackend {
             .memcpy_htod(&flash_desc(info)?, &mut batch.flash_desc)
             .cuda()?;
         batch.info = info.clone();
-        batch.rope = Mutex::new(None);
         Ok(true)
     }
 
@@ -2827,10 +2652,7 @@ impl Backend for CudaBackend {
         if let Some(out) = self.decoder_layer_kernel(x, w, cache, batch, cfg, eps)? {
             return Ok(out);
         }
-        let h = match self.prompt_attention(x, w, cache, batch, cfg, eps)? {
-            Some(h) => h,
-            None => compose::attention_block(self, x, w, cache, batch, cfg, eps)?,
-        };
+        let h = compose::attention_block(self, x, w, cache, batch, cfg, eps)?;
         match self.prompt_mlp(&h, w, eps)? {
             Some(out) => Ok(out),
             None => compose::mlp_block(self, &h, w, eps),
