@@ -37,8 +37,6 @@
 @group(0) @binding(12) var<storage, read> slots: array<u32>;
 
 override QKN: bool = false;
-// Sixteen key or value loads a thread in flight before their use (false: eight).
-override WIDE: bool = true;
 
 const TILE: u32 = 32u;
 const PARTS: u32 = 4u;
@@ -182,32 +180,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         } else if (key < keys) {
             let base = (tables[table + key / bs] * bs + key % bs) * w + kv * d;
             if (kp == 0u) { bases[kl] = base; }
-            // Two runs a thread (16 loads issued before their products), then what is left.
-            var i = kp * RUN;
-            for (; WIDE && i + PARTS * RUN < d; i += 2u * PARTS * RUN) {
-                let i2 = i + PARTS * RUN;
-                let k0 = k_at(base + i, true);
-                let k1 = k_at(base + i + 1u, i + 1u < d);
-                let k2 = k_at(base + i + 2u, i + 2u < d);
-                let k3 = k_at(base + i + 3u, i + 3u < d);
-                let k4 = k_at(base + i + 4u, i + 4u < d);
-                let k5 = k_at(base + i + 5u, i + 5u < d);
-                let k6 = k_at(base + i + 6u, i + 6u < d);
-                let k7 = k_at(base + i + 7u, i + 7u < d);
-                let k8 = k_at(base + i2, true);
-                let k9 = k_at(base + i2 + 1u, i2 + 1u < d);
-                let k10 = k_at(base + i2 + 2u, i2 + 2u < d);
-                let k11 = k_at(base + i2 + 3u, i2 + 3u < d);
-                let k12 = k_at(base + i2 + 4u, i2 + 4u < d);
-                let k13 = k_at(base + i2 + 5u, i2 + 5u < d);
-                let k14 = k_at(base + i2 + 6u, i2 + 6u < d);
-                let k15 = k_at(base + i2 + 7u, i2 + 7u < d);
-                acc += qs[i] * k0 + qs[i + 1u] * k1 + qs[i + 2u] * k2 + qs[i + 3u] * k3
-                    + qs[i + 4u] * k4 + qs[i + 5u] * k5 + qs[i + 6u] * k6 + qs[i + 7u] * k7
-                    + qs[i2] * k8 + qs[i2 + 1u] * k9 + qs[i2 + 2u] * k10 + qs[i2 + 3u] * k11
-                    + qs[i2 + 4u] * k12 + qs[i2 + 5u] * k13 + qs[i2 + 6u] * k14 + qs[i2 + 7u] * k15;
-            }
-            for (; i < d; i += PARTS * RUN) {
+            for (var i = kp * RUN; i < d; i += PARTS * RUN) {
                 let k0 = k_at(base + i, true);
                 let k1 = k_at(base + i + 1u, i + 1u < d);
                 let k2 = k_at(base + i + 2u, i + 2u < d);
@@ -238,80 +211,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         if (lid < n) { probs[lid] = exp(scores[lid] - m); }
         workgroupBarrier();
         var j = 0u;
-        // Sixteen rows' loads issued before their use, then eight, then one at a time.
-        for (; WIDE && j + 2u * RUN <= n; j += 2u * RUN) {
-            let b0 = bases[j];
-            let b1 = bases[j + 1u];
-            let b2 = bases[j + 2u];
-            let b3 = bases[j + 3u];
-            let b4 = bases[j + 4u];
-            let b5 = bases[j + 5u];
-            let b6 = bases[j + 6u];
-            let b7 = bases[j + 7u];
-            let b8 = bases[j + 8u];
-            let b9 = bases[j + 9u];
-            let b10 = bases[j + 10u];
-            let b11 = bases[j + 11u];
-            let b12 = bases[j + 12u];
-            let b13 = bases[j + 13u];
-            let b14 = bases[j + 14u];
-            let b15 = bases[j + 15u];
-            let ok0 = lid < d;
-            let a0 = v_at(b0, lid, ok0);
-            let a1 = v_at(b1, lid, ok0);
-            let a2 = v_at(b2, lid, ok0);
-            let a3 = v_at(b3, lid, ok0);
-            let a4 = v_at(b4, lid, ok0);
-            let a5 = v_at(b5, lid, ok0);
-            let a6 = v_at(b6, lid, ok0);
-            let a7 = v_at(b7, lid, ok0);
-            let a8 = v_at(b8, lid, ok0);
-            let a9 = v_at(b9, lid, ok0);
-            let a10 = v_at(b10, lid, ok0);
-            let a11 = v_at(b11, lid, ok0);
-            let a12 = v_at(b12, lid, ok0);
-            let a13 = v_at(b13, lid, ok0);
-            let a14 = v_at(b14, lid, ok0);
-            let a15 = v_at(b15, lid, ok0);
-            let c0 = v_at(b0, lid + WG, has1);
-            let c1 = v_at(b1, lid + WG, has1);
-            let c2 = v_at(b2, lid + WG, has1);
-            let c3 = v_at(b3, lid + WG, has1);
-            let c4 = v_at(b4, lid + WG, has1);
-            let c5 = v_at(b5, lid + WG, has1);
-            let c6 = v_at(b6, lid + WG, has1);
-            let c7 = v_at(b7, lid + WG, has1);
-            let c8 = v_at(b8, lid + WG, has1);
-            let c9 = v_at(b9, lid + WG, has1);
-            let c10 = v_at(b10, lid + WG, has1);
-            let c11 = v_at(b11, lid + WG, has1);
-            let c12 = v_at(b12, lid + WG, has1);
-            let c13 = v_at(b13, lid + WG, has1);
-            let c14 = v_at(b14, lid + WG, has1);
-            let c15 = v_at(b15, lid + WG, has1);
-            let p0 = probs[j];
-            let p1 = probs[j + 1u];
-            let p2 = probs[j + 2u];
-            let p3 = probs[j + 3u];
-            let p4 = probs[j + 4u];
-            let p5 = probs[j + 5u];
-            let p6 = probs[j + 6u];
-            let p7 = probs[j + 7u];
-            let p8 = probs[j + 8u];
-            let p9 = probs[j + 9u];
-            let p10 = probs[j + 10u];
-            let p11 = probs[j + 11u];
-            let p12 = probs[j + 12u];
-            let p13 = probs[j + 13u];
-            let p14 = probs[j + 14u];
-            let p15 = probs[j + 15u];
-            l += p0 + p1 + p2 + p3 + p4 + p5 + p6 + p7
-                + p8 + p9 + p10 + p11 + p12 + p13 + p14 + p15;
-            o0 += p0 * a0 + p1 * a1 + p2 * a2 + p3 * a3 + p4 * a4 + p5 * a5 + p6 * a6 + p7 * a7
-                + p8 * a8 + p9 * a9 + p10 * a10 + p11 * a11 + p12 * a12 + p13 * a13 + p14 * a14 + p15 * a15;
-            o1 += p0 * c0 + p1 * c1 + p2 * c2 + p3 * c3 + p4 * c4 + p5 * c5 + p6 * c6 + p7 * c7
-                + p8 * c8 + p9 * c9 + p10 * c10 + p11 * c11 + p12 * c12 + p13 * c13 + p14 * c14 + p15 * c15;
-        }
         for (; j + RUN <= n; j += RUN) {
             let b0 = bases[j];
             let b1 = bases[j + 1u];

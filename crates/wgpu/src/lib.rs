@@ -70,14 +70,6 @@ const SHADERS: &[Pipeline] = &[
     ),
     ("attention", ATTENTION, "main", &[]),
     ("attention_qkn", ATTENTION, "main", &[("QKN", 1.0)]),
-    // Eight loads in flight a thread instead of sixteen (`QFUSE_WGPU_ATTENTION_WIDE=0`).
-    ("attention_narrow", ATTENTION, "main", &[("WIDE", 0.0)]),
-    (
-        "attention_qkn_narrow",
-        ATTENTION,
-        "main",
-        &[("QKN", 1.0), ("WIDE", 0.0)],
-    ),
     (
         "qk_norm_rope_write_kv",
         include_str!("../../../kernels/wgsl/qk_norm_rope_write_kv.wgsl"),
@@ -325,9 +317,6 @@ struct Inner {
     attention_workgroups: usize,
     /// Fewest keys in a split of the context (`QFUSE_WGPU_ATTENTION_MIN_CHUNK`).
     attention_min_chunk: usize,
-    /// Attention issues sixteen key or value loads a thread before using them, not eight
-    /// (`QFUSE_WGPU_ATTENTION_WIDE=0` for eight).
-    attention_wide: bool,
     host_times: Option<HostTimes>,
     gpu_times: Option<GpuTimes>,
 }
@@ -663,7 +652,6 @@ impl WgpuBackend {
                     .unwrap_or(256),
                 attention_min_chunk: env_knob("QFUSE_WGPU_ATTENTION_MIN_CHUNK", 1..=1 << 20)
                     .unwrap_or(64),
-                attention_wide: env_knob("QFUSE_WGPU_ATTENTION_WIDE", 0..=1) != Some(0),
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
                 host_times: qfuse_core::knobs::env_flag("QFUSE_WGPU_HOST_TIMES")
                     .then(HostTimes::default),
@@ -870,26 +858,16 @@ impl WgpuBackend {
             f32_bits(cfg.qk_norm_eps),
         ];
         // Without qkn the prologue's bindings get stand-ins (read-only, never read).
-        let narrow = !self.inner.attention_wide;
         let (kernel, q_norm, k_norm, cs) = match qkn {
             Some((qn, kn)) => (
-                if narrow {
-                    "attention_qkn_narrow"
-                } else {
-                    "attention_qkn"
-                },
+                "attention_qkn",
                 qn.buf()?.clone(),
                 kn.buf()?.clone(),
                 self.rope_table(batch, cfg)?,
             ),
             None => {
                 let stand_in = input.buf()?.clone();
-                let kernel = if narrow {
-                    "attention_narrow"
-                } else {
-                    "attention"
-                };
-                (kernel, stand_in.clone(), stand_in.clone(), stand_in)
+                ("attention", stand_in.clone(), stand_in.clone(), stand_in)
             }
         };
         self.run_3d(
