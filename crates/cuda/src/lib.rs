@@ -1884,9 +1884,10 @@ impl CudaBackend {
                 shared_mem_bytes: u32_of(flash_smem_bytes(kind, dp), "shared memory")?,
             };
             // SAFETY: q and out are [t, h*d] and every sequence's rows are inside (descriptor);
-            // kt and vt were filled above for these sequences; d % 4 == 0 and d <= dp (the
-            // build), so rows are 16-byte aligned; the shared memory is the build's layout, within
-            // what `allow_optin_smem` allowed (checked by the caller).
+            // kt and vt (`Wgmma`: kt's tile records, 16-byte aligned, one bulk copy per half)
+            // were filled above for these sequences; d % 4 == 0 and d <= dp (the build), so rows
+            // are 16-byte aligned; the shared memory is the build's layout, within what
+            // `allow_optin_smem` allowed (checked by the caller).
             unsafe { l.launch(prefill_cfg) }.cuda()?;
             koff0 += kp;
             s0 = s1;
