@@ -327,7 +327,8 @@ __device__ __forceinline__ void mma_3xtf32(float (*c)[4], const u32 ab[4], const
 // (fp16's normal range, whatever the norm gains), split into hi = fp16(x) and lo = fp16(x - hi)
 // (x to ~2^-22 of its row's largest element), and each score is the three products' sum times
 // the two rows' scales (exact). Values have no norm to bound them: the H16 build keeps P·V in
-// 3xTF32; the HH build (the default) scales each column of a 64-key tile instead
+// 3xTF32; the HH build (the default where flash_wgmma.cu does not run) scales each column of a
+// 64-key tile instead
 // (flash_hh_gather_v), so its P·V runs on fp16 too, P (in [0, 1]) split as it is, and each
 // tile's sum takes the columns' scales back.
 

@@ -1,6 +1,6 @@
 // Prompt attention on Hopper's warpgroup tensor-core instructions (wgmma; compiled for sm_90a and
-// used on compute capability 9.0 for head sizes of 65-128): the numbers of flash.cu's default
-// fp16 build (flash_hh), with the products moved from mma.sync to wgmma so that the score and
+// used on compute capability 9.0 for head sizes of 65-128, the default there): the numbers of
+// flash.cu's fp16 build (flash_hh), with the products moved from mma.sync to wgmma so that the score and
 // output tiles live in the tensor cores' accumulators and the operands are read from shared
 // memory by the hardware, not staged through registers.
 //
