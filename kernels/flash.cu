@@ -328,9 +328,8 @@ __device__ __forceinline__ void mma_3xtf32(float (*c)[4], const u32 ab[4], const
 // (x to ~2^-22 of its row's largest element), and each score is the three products' sum times
 // the two rows' scales (exact). Values have no norm to bound them: the H16 build keeps P·V in
 // 3xTF32; the HH build (the default where flash_wgmma.cu does not run) scales each column of a
-// 64-key tile instead
-// (flash_hh_gather_v), so its P·V runs on fp16 too, P (in [0, 1]) split as it is, and each
-// tile's sum takes the columns' scales back.
+// 64-key tile instead (flash_hh_gather_v), so its P·V runs on fp16 too, P (in [0, 1]) split as
+// it is, and each tile's sum takes the columns' scales back.
 
 // c[i] += a · b[i] for N n-tiles from fp16 (hi, lo) parts (b as {b0 hi, b1 hi, b0 lo, b1 lo}):
 // lo·hi, hi·lo, then hi·hi, product by product across the n-tiles.
