@@ -378,8 +378,9 @@ __device__ void flash_tc_gather_kv(const KT* __restrict__ kc, const KT* __restri
             for (int c = lane; c < DP; c += 32) m = fmaxf(m, fabsf(kt[warp][c]));
             m = warp_max(m);
             if (lane == 0) {
-                kscale[warp] = fp16_row_scale(m);
-                ks[(size_t)KV * Kp * DP + (size_t)kv * Kp + koff + j0 + warp] = 1.0f / fp16_row_scale(m);
+                const float sc = fp16_row_scale(m);
+                kscale[warp] = sc;
+                ks[(size_t)KV * Kp * DP + (size_t)kv * Kp + koff + j0 + warp] = 1.0f / sc;
             }
         }
         __syncthreads();

@@ -135,8 +135,9 @@ __device__ void flash_wg_gather(const KT* __restrict__ kc, const KT* __restrict_
         }
         m = warp_max(m);
         if (lane == 0) {
-            scale[key] = fp16_row_scale(m);
-            kscale[key] = 1.0f / fp16_row_scale(m);
+            const float sc = fp16_row_scale(m);
+            scale[key] = sc;
+            kscale[key] = 1.0f / sc;
         }
     }
     load(vc);  // in flight while the keys are split
@@ -169,8 +170,9 @@ __device__ void flash_wg_gather(const KT* __restrict__ kc, const KT* __restrict_
     if (tid < FW_D) {
         float m = 0.0f;
         for (int w = 0; w < 8; ++w) m = fmaxf(m, colmax[w][tid]);
-        scale[tid] = fp16_row_scale(m);
-        vscale[tid] = 1.0f / fp16_row_scale(m);
+        const float sc = fp16_row_scale(m);
+        scale[tid] = sc;
+        vscale[tid] = 1.0f / sc;
     }
     __syncthreads();
     // Vᵀ: a thread a (dim, 8-key chunk).
@@ -223,14 +225,13 @@ __device__ void flash_wg_prefill(const float* __restrict__ q, const unsigned cha
     // barrier's phase kt / FW_STAGES.
     const unsigned char* src = tiles + ((size_t)kv * (Kp / FA_KEYS) + koff / FA_KEYS) * FW_TILE_BYTES;
     auto half_at = [&](int kt, int h) -> u32 { return stage0 + ((kt % FW_STAGES) * 2 + h) * FW_HALF_STAGE; };
+    auto bar_at = [&](int kt, int h) -> u32 { return full0 + 16 * (kt % FW_STAGES) + 8 * h; };
     auto load_half = [&](int kt, int h) {
-        const u32 bar = full0 + 16 * (kt % FW_STAGES) + 8 * h, bytes = h ? FW_VHALF : FW_KHALF;
-        mbar_arrive_expect(bar, bytes);
-        bulk_load(half_at(kt, h), src + (size_t)kt * FW_TILE_BYTES + h * FW_KHALF, bytes, bar);
+        const u32 bytes = h ? FW_VHALF : FW_KHALF;
+        mbar_arrive_expect(bar_at(kt, h), bytes);
+        bulk_load(half_at(kt, h), src + (size_t)kt * FW_TILE_BYTES + h * FW_KHALF, bytes, bar_at(kt, h));
     };
-    auto wait_half = [&](int kt, int h) {
-        mbar_wait(full0 + 16 * (kt % FW_STAGES) + 8 * h, (u32)((kt / FW_STAGES) & 1));
-    };
+    auto wait_half = [&](int kt, int h) { mbar_wait(bar_at(kt, h), (u32)((kt / FW_STAGES) & 1)); };
     // Every lane of the warp is done with half h of tile kt (the values it read from it used):
     // the warp releases it, and the block's last warp to do so refills it with tile kt + FW_STAGES.
     auto release_half = [&](int kt, int h) {
