@@ -234,15 +234,30 @@ __device__ __forceinline__ void load8f(const float* __restrict__ p, float (&f)[8
 // what no kernel writes (weights, and batch metadata the host copies in before the step) and
 // must write nothing. pdl_wait() returns once every earlier kernel has completed and its writes
 // are visible. pdl_launch_dependents() lets the next kernel start launching now.
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
+//
+// When the next kernel may launch is the host's choice (CudaOptions::pdl_trigger, prepended as
+// QFUSE_PDL_TRIGGER): 0 once this kernel's wait has returned (the previous kernel is done); 1 as
+// soon as a product kernel has requested its weights (pdl_weights_requested), so the next one's
+// weight loads can start under this one's wait; 2 also every other kernel before its wait.
+// Earlier is always safe (the next kernel's own pdl_wait still orders it); what it costs is SM
+// slots held by waiting blocks and their loads queued beside this kernel's.
+#ifndef QFUSE_PDL_TRIGGER
+#define QFUSE_PDL_TRIGGER 0
 #endif
-}
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    if (QFUSE_PDL_TRIGGER >= 2) pdl_launch_dependents();
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// A product kernel has requested all its weights (none of which an earlier kernel writes).
+__device__ __forceinline__ void pdl_weights_requested() {
+    if (QFUSE_PDL_TRIGGER >= 1) pdl_launch_dependents();
 }
 
 // For kernels with nothing worth starting early: wait, then let the next kernel launch.

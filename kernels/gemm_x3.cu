@@ -222,6 +222,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         }
     }
     if (tracing) stamp[1] = x3_now();
+    pdl_weights_requested();
     pdl_wait();
     pdl_launch_dependents();
     if (tracing) stamp[2] = x3_now();

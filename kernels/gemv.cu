@@ -201,6 +201,7 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
         for (int i = 0; i < KCM; ++i)
             if (i < kc && col < out_cols) wv[r][i] = __ldg(reinterpret_cast<const uint4*>(p + i * 256));
     }
+    pdl_weights_requested();
     pdl_wait();
     pdl_launch_dependents();
     // Lane l writes output (column n0 + l % R, row l / R); its residual is fetched now, so the

@@ -319,18 +319,35 @@ pub const WGMMA_ENTRIES: [&str; 8] = [
     "wgmma_x2_silu_mul_parts",
 ];
 
+/// The preprocessor lines that set `common.cuh`'s `QFUSE_PDL_TRIGGER` (when a kernel lets the next
+/// one launch: 0 after its wait, 1 once a product kernel has requested its weights, 2 also
+/// before every other kernel's wait); none for 0, the header's default, so the default build
+/// and its cache key stay as they were.
+pub fn pdl_trigger_defines(trigger: u8) -> String {
+    match trigger {
+        0 => String::new(),
+        n => format!("#define QFUSE_PDL_TRIGGER {n}\n"),
+    }
+}
+
 /// NVRTC flags besides the architecture (part of the cache key).
 const COMPILE_FLAGS: [&str; 1] = ["--std=c++17"];
 
-/// Compiles one kernel file (with the shared header prepended) to PTX for `arch` (e.g. `sm_90`).
-pub fn compile(file: &'static str, src: &str, arch: &'static str) -> Result<Ptx, CudaError> {
+/// Compiles one kernel file (with `defines`, then the shared header, prepended) to PTX for `arch`
+/// (e.g. `sm_90`).
+pub fn compile(
+    file: &'static str,
+    src: &str,
+    arch: &'static str,
+    defines: &str,
+) -> Result<Ptx, CudaError> {
     let opts = CompileOptions {
         arch: Some(arch),
         options: COMPILE_FLAGS.iter().map(|f| f.to_string()).collect(),
         name: Some(file.into()),
         ..Default::default()
     };
-    compile_ptx_with_opts(format!("{COMMON}\n{src}"), opts)
+    compile_ptx_with_opts(format!("{defines}{COMMON}\n{src}"), opts)
         .map_err(|err| CudaError::Nvrtc { file, err })
 }
 
@@ -343,8 +360,9 @@ pub fn cached_ptx(
     file: &'static str,
     src: &str,
     arch: &'static str,
+    defines: &str,
 ) -> Result<(Ptx, bool), CudaError> {
-    cached_ptx_in(cache_dir().as_deref(), file, src, arch)
+    cached_ptx_in(cache_dir().as_deref(), file, src, arch, defines)
 }
 
 /// [`cached_ptx`] with the cache in `dir` (none: compile).
@@ -353,15 +371,16 @@ pub fn cached_ptx_in(
     file: &'static str,
     src: &str,
     arch: &'static str,
+    defines: &str,
 ) -> Result<(Ptx, bool), CudaError> {
-    if let Some(path) = dir.map(|d| cache_path(d, file, src, arch)) {
+    if let Some(path) = dir.map(|d| cache_path(d, file, src, arch, defines)) {
         if let Ok(text) = std::fs::read_to_string(&path) {
             if text.contains(".entry") {
                 return Ok((Ptx::from_src(text), true));
             }
         }
     }
-    Ok((compile_and_cache(dir, file, src, arch)?, false))
+    Ok((compile_and_cache(dir, file, src, arch, defines)?, false))
 }
 
 /// `compile`, storing the result where [`cached_ptx_in`] looks in `dir` (written to a temporary
@@ -371,10 +390,11 @@ fn compile_and_cache(
     file: &'static str,
     src: &str,
     arch: &'static str,
+    defines: &str,
 ) -> Result<Ptx, CudaError> {
-    let ptx = compile(file, src, arch)?;
+    let ptx = compile(file, src, arch, defines)?;
     if let Some(dir) = dir {
-        let path = cache_path(dir, file, src, arch);
+        let path = cache_path(dir, file, src, arch, defines);
         let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
         let stored = std::fs::create_dir_all(dir).is_ok()
             && std::fs::write(&tmp, ptx.to_src()).is_ok()
@@ -401,12 +421,12 @@ fn cache_dir() -> Option<PathBuf> {
 
 /// Where the cache in `dir` keeps a file's PTX: named by the file, the architecture and a hash
 /// of everything that decides the output.
-fn cache_path(dir: &Path, file: &str, src: &str, arch: &str) -> PathBuf {
+fn cache_path(dir: &Path, file: &str, src: &str, arch: &str, defines: &str) -> PathBuf {
     let (mut major, mut minor) = (0, 0);
     // SAFETY: two out-parameters that outlive the call; only reached once the backend has
     // checked that libnvrtc is present (or from a compile, which needs it anyway).
     unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-    let key = format!("{COMMON}\0{src}\0{arch}\0{major}.{minor}\0{COMPILE_FLAGS:?}");
+    let key = format!("{defines}{COMMON}\0{src}\0{arch}\0{major}.{minor}\0{COMPILE_FLAGS:?}");
     dir.join(format!("{file}.{arch}.{:016x}.ptx", fnv1a(key.as_bytes())))
 }
 
@@ -438,8 +458,8 @@ pub struct Kernels {
 
 impl Kernels {
     /// Compiles (or finds in the cache, [`cached_ptx`]) and loads every kernel file for `ctx`'s
-    /// device.
-    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, CudaError> {
+    /// device, each with `defines` (preprocessor lines, e.g. [`pdl_trigger_defines`]) before it.
+    pub fn load(ctx: &Arc<CudaContext>, defines: &str) -> Result<Self, CudaError> {
         let (major, minor) = ctx.compute_capability()?;
         let arch = arch_name(major, minor);
         let mut functions = HashMap::new();
@@ -458,7 +478,9 @@ impl Kernels {
         let ptx: Vec<(Ptx, bool)> = std::thread::scope(|scope| {
             let jobs: Vec<_> = files
                 .iter()
-                .map(|((file, src, _), arch)| scope.spawn(move || cached_ptx(file, src, arch)))
+                .map(|((file, src, _), arch)| {
+                    scope.spawn(move || cached_ptx(file, src, arch, defines))
+                })
                 .collect();
             jobs.into_iter()
                 .map(|j| j.join().unwrap_or(Err(CudaError::CompilerPanicked)))
@@ -470,7 +492,8 @@ impl Kernels {
                 // A cached file the driver rejects (truncated, or from another driver) is
                 // compiled afresh.
                 Err(_) if from_cache => {
-                    ctx.load_module(compile_and_cache(cache_dir().as_deref(), file, src, arch)?)?
+                    let dir = cache_dir();
+                    ctx.load_module(compile_and_cache(dir.as_deref(), file, src, arch, defines)?)?
                 }
                 Err(e) => return Err(e.into()),
             };

@@ -371,6 +371,12 @@ pub struct CudaOptions {
     /// 4.1e-3 to 5.2e-2 of the reference (top-1 0.977; the model test's bounds are 2e-2 and 0.99):
     /// its random weights amplify a 2^-18 change in every activation ~10^4-fold (docs/perf.md).
     pub prompt_parts: PromptParts,
+    /// When a kernel lets the next one launch under programmatic dependent launch
+    /// (`QFUSE_CUDA_PDL_TRIGGER=0|1|2`): 0 (default) once its own wait has returned; 1 as soon as
+    /// a decode product kernel (`gemv_t1`, `gemm_x3`) has requested its weights, so the next
+    /// kernel's weight loads start under this one's wait; 2 also every other kernel before its
+    /// wait. Compiled in (`kernels::pdl_trigger_defines`).
+    pub pdl_trigger: u8,
 }
 
 /// The bf16 parts of fp32 activations on the tensor cores ([`CudaOptions::prompt_parts`]).
@@ -500,6 +506,8 @@ impl Default for CudaOptions {
                 Some(2) => PromptParts::Two,
                 _ => PromptParts::Three,
             },
+            pdl_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_PDL_TRIGGER", 0..=2)
+                .map_or(0, |n| n as u8),
         }
     }
 }
@@ -619,7 +627,7 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().cuda()?;
         let blas = CudaBlas::new(stream.clone()).cuda()?;
-        let kernels = Kernels::load(&ctx)?;
+        let kernels = Kernels::load(&ctx, &kernels::pdl_trigger_defines(options.pdl_trigger))?;
         let (major, minor) = ctx.compute_capability().cuda()?;
         let wgmma = options.wgmma
             && (major, minor) == (9, 0)

@@ -1,7 +1,7 @@
 //! Every kernel file compiles with NVRTC for Hopper and Ampere and exports the entry points the
 //! backend looks up. Needs only libnvrtc (no GPU): CI installs it and sets QFUSE_REQUIRE_NVRTC=1.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use qfuse_cuda::kernels::{cached_ptx_in, compile, SM90A_SOURCES, SOURCES};
+use qfuse_cuda::kernels::{cached_ptx_in, compile, pdl_trigger_defines, SM90A_SOURCES, SOURCES};
 
 #[test]
 fn every_kernel_compiles_with_nvrtc() {
@@ -21,13 +21,24 @@ fn every_kernel_compiles_with_nvrtc() {
         .chain(SM90A_SOURCES.iter().map(|f| ("sm_90a", f)));
     // QFUSE_KERNEL_CACHE_FILL=DIR leaves the Hopper builds in a PTX cache at DIR, as the backend
     // would (scripts/gpu-bundle ships it, so the GPU machine skips its first compile).
+    // QFUSE_KERNEL_CACHE_FILL_PDL_TRIGGERS=1,2 also leaves those CudaOptions::pdl_trigger builds.
     let fill = std::env::var_os("QFUSE_KERNEL_CACHE_FILL").map(std::path::PathBuf::from);
+    if let Some(dir) = &fill {
+        let extra = std::env::var("QFUSE_KERNEL_CACHE_FILL_PDL_TRIGGERS").unwrap_or_default();
+        for trigger in extra.split(',').filter(|t| !t.is_empty()) {
+            let defines = pdl_trigger_defines(trigger.parse().expect("a trigger 0-2"));
+            for (arch, (file, src, _)) in builds.clone().filter(|(a, _)| a.starts_with("sm_90")) {
+                cached_ptx_in(Some(dir), file, src, arch, &defines)
+                    .unwrap_or_else(|e| panic!("{arch}, trigger {trigger}: {e}"));
+            }
+        }
+    }
     for (arch, (file, src, entries)) in builds {
         let ptx = match &fill {
             Some(dir) if arch.starts_with("sm_90") => {
-                cached_ptx_in(Some(dir), file, src, arch).map(|(p, _)| p)
+                cached_ptx_in(Some(dir), file, src, arch, "").map(|(p, _)| p)
             }
-            _ => compile(file, src, arch),
+            _ => compile(file, src, arch, ""),
         }
         .unwrap_or_else(|e| panic!("{arch}: {e}"))
         .to_src();
@@ -59,24 +70,53 @@ fn compiled_kernels_are_cached_on_disk() {
         .iter()
         .find(|(f, _, _)| *f == "rms_norm.cu")
         .unwrap();
-    let (first, hit) = cached_ptx_in(Some(&dir), file, src, "sm_90").unwrap();
+    let (first, hit) = cached_ptx_in(Some(&dir), file, src, "sm_90", "").unwrap();
     assert!(!hit, "empty cache");
     let stored: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(stored.len(), 1, "{stored:?}");
-    let (second, hit) = cached_ptx_in(Some(&dir), file, src, "sm_90").unwrap();
+    let (second, hit) = cached_ptx_in(Some(&dir), file, src, "sm_90", "").unwrap();
     assert!(hit);
     assert_eq!(first.to_src(), second.to_src());
     std::fs::write(&stored[0], "garbage").unwrap();
-    let (third, hit) = cached_ptx_in(Some(&dir), file, src, "sm_90").unwrap();
+    let (third, hit) = cached_ptx_in(Some(&dir), file, src, "sm_90", "").unwrap();
     assert!(!hit, "a file without an entry point is not PTX");
     assert_eq!(third.to_src(), first.to_src());
-    let (_, hit) = cached_ptx_in(Some(&dir), file, src, "sm_80").unwrap();
+    let (_, hit) = cached_ptx_in(Some(&dir), file, src, "sm_80", "").unwrap();
     assert!(!hit, "another architecture");
-    let (_, hit) = cached_ptx_in(Some(&dir), file, &format!("{src}\n"), "sm_90").unwrap();
+    let (_, hit) = cached_ptx_in(Some(&dir), file, &format!("{src}\n"), "sm_90", "").unwrap();
     assert!(!hit, "another source");
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3);
+    let early = pdl_trigger_defines(2);
+    let (other, hit) = cached_ptx_in(Some(&dir), file, src, "sm_90", &early).unwrap();
+    assert!(!hit, "other defines");
+    assert_ne!(other.to_src(), first.to_src());
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 4);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `pdl_trigger` 1 puts a launch of the dependents before the wait of the decode products only.
+#[test]
+fn pdl_trigger_launches_dependents_before_the_wait() {
+    // SAFETY: only tries to dlopen libnvrtc.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("skipping: libnvrtc.so.13 not found");
+        return;
+    }
+    let src_of = |name| SOURCES.iter().find(|(f, _, _)| *f == name).unwrap().1;
+    // The PTX of entry `entry`, up to its first wait: how many launches of the dependents.
+    let launches_before_wait = |file, entry: &str, trigger| {
+        let ptx = compile(file, src_of(file), "sm_90", &pdl_trigger_defines(trigger))
+            .unwrap()
+            .to_src();
+        let body = &ptx[ptx.find(&format!(".entry {entry}(")).unwrap()..];
+        let head = &body[..body.find("griddepcontrol.wait").unwrap()];
+        head.matches("griddepcontrol.launch_dependents").count()
+    };
+    let gemv = "rms_norm_gemv_t1_r4_k4";
+    assert_eq!(launches_before_wait("gemv.cu", gemv, 0), 0);
+    assert_eq!(launches_before_wait("gemv.cu", gemv, 1), 1);
+    assert_eq!(launches_before_wait("rms_norm.cu", "rms_norm_f32", 1), 0);
+    assert_eq!(launches_before_wait("rms_norm.cu", "rms_norm_f32", 2), 1);
 }
