@@ -236,13 +236,14 @@ __device__ __forceinline__ void load8f(const float* __restrict__ p, float (&f)[8
 // are visible. pdl_launch_dependents() lets the next kernel start launching now.
 //
 // When the next kernel may launch is the host's choice (CudaOptions::pdl_trigger, prepended as
-// QFUSE_PDL_TRIGGER): 0 once this kernel's wait has returned (the previous kernel is done); 1 as
-// soon as a product kernel has requested its weights (pdl_weights_requested), so the next one's
-// weight loads can start under this one's wait; 2 also every other kernel before its wait.
-// Earlier is always safe (the next kernel's own pdl_wait still orders it); what it costs is SM
-// slots held by waiting blocks and their loads queued beside this kernel's.
+// QFUSE_PDL_TRIGGER): 0 once this kernel's wait has returned (the previous kernel is done); 1 (the
+// default) as soon as a decode product kernel has requested its weights (pdl_weights_requested),
+// so the next kernel's weight loads start under this one's wait (batch-1 decode 0.907 -> 0.838
+// ms/step on the H200, docs/perf.md); 2 also every other kernel before its wait. Earlier is
+// always safe (the next kernel's own pdl_wait still orders it); what it costs is SM slots held
+// by waiting blocks and their loads queued beside this kernel's.
 #ifndef QFUSE_PDL_TRIGGER
-#define QFUSE_PDL_TRIGGER 0
+#define QFUSE_PDL_TRIGGER 1
 #endif
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if __CUDA_ARCH__ >= 900

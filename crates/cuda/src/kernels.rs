@@ -319,14 +319,42 @@ pub const WGMMA_ENTRIES: [&str; 8] = [
     "wgmma_x2_silu_mul_parts",
 ];
 
-/// The preprocessor lines that set `common.cuh`'s `QFUSE_PDL_TRIGGER` (when a kernel lets the next
-/// one launch: 0 after its wait, 1 once a product kernel has requested its weights, 2 also
-/// before every other kernel's wait); none for 0, the header's default, so the default build
-/// and its cache key stay as they were.
-pub fn pdl_trigger_defines(trigger: u8) -> String {
-    match trigger {
-        0 => String::new(),
-        n => format!("#define QFUSE_PDL_TRIGGER {n}\n"),
+/// Choices compiled into the kernels, as preprocessor lines before each file
+/// ([`KernelBuild::defines`]); the defaults are the headers' own, so the default build needs no
+/// define and keeps its cache key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelBuild {
+    /// `common.cuh`'s `QFUSE_PDL_TRIGGER`: when a kernel lets the next one launch (0 after its
+    /// wait, 1 once a decode product kernel has requested its weights, 2 also before every other
+    /// kernel's wait). See [`CudaOptions::pdl_trigger`](crate::CudaOptions::pdl_trigger).
+    pub pdl_trigger: u8,
+    /// `gemv.cu`'s `QFUSE_GEMV_T1_BLOCKS`: the batch-1 `gemv_t1` builds' register budget as
+    /// blocks an SM (`__launch_bounds__`' second argument): 1 leaves it to the compiler (~90-106
+    /// registers, two blocks an SM), 3 caps it at 80 so three kernels' blocks fit an SM.
+    pub gemv_t1_blocks: u8,
+}
+
+impl Default for KernelBuild {
+    fn default() -> Self {
+        KernelBuild {
+            pdl_trigger: 1,
+            gemv_t1_blocks: 1,
+        }
+    }
+}
+
+impl KernelBuild {
+    /// The preprocessor lines for the choices that differ from the headers' defaults.
+    pub fn defines(&self) -> String {
+        let default = KernelBuild::default();
+        let mut lines = String::new();
+        if self.pdl_trigger != default.pdl_trigger {
+            lines += &format!("#define QFUSE_PDL_TRIGGER {}\n", self.pdl_trigger);
+        }
+        if self.gemv_t1_blocks != default.gemv_t1_blocks {
+            lines += &format!("#define QFUSE_GEMV_T1_BLOCKS {}\n", self.gemv_t1_blocks);
+        }
+        lines
     }
 }
 
@@ -458,7 +486,7 @@ pub struct Kernels {
 
 impl Kernels {
     /// Compiles (or finds in the cache, [`cached_ptx`]) and loads every kernel file for `ctx`'s
-    /// device, each with `defines` (preprocessor lines, e.g. [`pdl_trigger_defines`]) before it.
+    /// device, each with `defines` (preprocessor lines, [`KernelBuild::defines`]) before it.
     pub fn load(ctx: &Arc<CudaContext>, defines: &str) -> Result<Self, CudaError> {
         let (major, minor) = ctx.compute_capability()?;
         let arch = arch_name(major, minor);

@@ -48,7 +48,7 @@ pub use error::CudaError;
 use error::CudaResultExt;
 use flash::{flash_choice, flash_desc, flash_kind_builds, flash_prefill_entry};
 pub use flash::{FlashAttention, FLASH_SCRATCH_BYTES};
-use kernels::Kernels;
+use kernels::{KernelBuild, Kernels};
 use launch::Launch;
 use pool::{CaptureSet, Pool, PoolError, Pooled};
 
@@ -372,11 +372,15 @@ pub struct CudaOptions {
     /// its random weights amplify a 2^-18 change in every activation ~10^4-fold (docs/perf.md).
     pub prompt_parts: PromptParts,
     /// When a kernel lets the next one launch under programmatic dependent launch
-    /// (`QFUSE_CUDA_PDL_TRIGGER=0|1|2`): 0 (default) once its own wait has returned; 1 as soon as
+    /// (`QFUSE_CUDA_PDL_TRIGGER=0|1|2`): 0 once its own wait has returned; 1 (default) as soon as
     /// a decode product kernel (`gemv_t1`, `gemm_x3`) has requested its weights, so the next
-    /// kernel's weight loads start under this one's wait; 2 also every other kernel before its
-    /// wait. Compiled in (`kernels::pdl_trigger_defines`).
+    /// kernel's weight loads start under this one's wait (batch-1 decode 0.907 → 0.838 ms/step
+    /// on the H200); 2 also every other kernel before its wait (no better). Compiled in
+    /// (`kernels::KernelBuild`).
     pub pdl_trigger: u8,
+    /// The batch-1 GEMVs' register budget as blocks an SM (`QFUSE_CUDA_GEMV_T1_BLOCKS=1|2|3`;
+    /// default 1, the compiler's choice; `kernels::KernelBuild::gemv_t1_blocks`).
+    pub gemv_t1_blocks: u8,
 }
 
 /// The bf16 parts of fp32 activations on the tensor cores ([`CudaOptions::prompt_parts`]).
@@ -507,7 +511,9 @@ impl Default for CudaOptions {
                 _ => PromptParts::Three,
             },
             pdl_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_PDL_TRIGGER", 0..=2)
-                .map_or(0, |n| n as u8),
+                .map_or(KernelBuild::default().pdl_trigger, |n| n as u8),
+            gemv_t1_blocks: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_T1_BLOCKS", 1..=3)
+                .map_or(KernelBuild::default().gemv_t1_blocks, |n| n as u8),
         }
     }
 }
@@ -627,7 +633,11 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().cuda()?;
         let blas = CudaBlas::new(stream.clone()).cuda()?;
-        let kernels = Kernels::load(&ctx, &kernels::pdl_trigger_defines(options.pdl_trigger))?;
+        let build = KernelBuild {
+            pdl_trigger: options.pdl_trigger,
+            gemv_t1_blocks: options.gemv_t1_blocks,
+        };
+        let kernels = Kernels::load(&ctx, &build.defines())?;
         let (major, minor) = ctx.compute_capability().cuda()?;
         let wgmma = options.wgmma
             && (major, minor) == (9, 0)
