@@ -332,6 +332,9 @@ pub struct KernelBuild {
     /// blocks an SM (`__launch_bounds__`' second argument): 1 leaves it to the compiler (~90-106
     /// registers, two blocks an SM), 3 caps it at 80 so three kernels' blocks fit an SM.
     pub gemv_t1_blocks: u8,
+    /// `attention.cu`'s `QFUSE_ATTN_EARLY_KV`: the decode attention requests its first group of
+    /// earlier tokens' cache rows before waiting for the q/k-norm kernel (true), or after.
+    pub attention_early_kv: bool,
 }
 
 impl Default for KernelBuild {
@@ -339,6 +342,7 @@ impl Default for KernelBuild {
         KernelBuild {
             pdl_trigger: 1,
             gemv_t1_blocks: 1,
+            attention_early_kv: true,
         }
     }
 }
@@ -353,6 +357,12 @@ impl KernelBuild {
         }
         if self.gemv_t1_blocks != default.gemv_t1_blocks {
             lines += &format!("#define QFUSE_GEMV_T1_BLOCKS {}\n", self.gemv_t1_blocks);
+        }
+        if self.attention_early_kv != default.attention_early_kv {
+            lines += &format!(
+                "#define QFUSE_ATTN_EARLY_KV {}\n",
+                u8::from(self.attention_early_kv)
+            );
         }
         lines
     }

@@ -21,16 +21,18 @@ fn every_kernel_compiles_with_nvrtc() {
         .chain(SM90A_SOURCES.iter().map(|f| ("sm_90a", f)));
     // QFUSE_KERNEL_CACHE_FILL=DIR leaves the Hopper builds in a PTX cache at DIR, as the backend
     // would (scripts/gpu-bundle ships it, so the GPU machine skips its first compile).
-    // QFUSE_KERNEL_CACHE_FILL_BUILDS=0:1,1:3 also leaves those KernelBuilds (pdl_trigger:
-    // gemv_t1_blocks) in the cache.
+    // QFUSE_KERNEL_CACHE_FILL_BUILDS=0:1:1,1:3:1 also leaves those KernelBuilds
+    // (pdl_trigger:gemv_t1_blocks:attention_early_kv) in the cache.
     let fill = std::env::var_os("QFUSE_KERNEL_CACHE_FILL").map(std::path::PathBuf::from);
     if let Some(dir) = &fill {
         let extra = std::env::var("QFUSE_KERNEL_CACHE_FILL_BUILDS").unwrap_or_default();
         for spec in extra.split(',').filter(|t| !t.is_empty()) {
-            let (trigger, blocks) = spec.split_once(':').expect("pdl_trigger:gemv_t1_blocks");
+            let f: Vec<u8> = spec.split(':').map(|v| v.parse().unwrap()).collect();
+            assert_eq!(f.len(), 3, "pdl_trigger:gemv_t1_blocks:attention_early_kv");
             let defines = KernelBuild {
-                pdl_trigger: trigger.parse().unwrap(),
-                gemv_t1_blocks: blocks.parse().unwrap(),
+                pdl_trigger: f[0],
+                gemv_t1_blocks: f[1],
+                attention_early_kv: f[2] != 0,
             }
             .defines();
             for (arch, (file, src, _)) in builds.clone().filter(|(a, _)| a.starts_with("sm_90")) {
