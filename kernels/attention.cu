@@ -483,10 +483,6 @@ __device__ __forceinline__ float transpose_sum8(const float* v, int lane) {
 // softmax per 8 keys, warps merged in shared memory, slices combined by the last block to finish
 // (finish_splits). d % 4 == 0, d <= 128. grid = (T, KV, splits), block = 32 * ATTN_WARPS,
 // shared = ATTN_WARPS GM (d + 2) floats.
-#ifndef QFUSE_ATTN_EARLY_KV
-#define QFUSE_ATTN_EARLY_KV 1
-#endif
-
 // QKN (qk_norm_rope_attention): q is the QKV projection [T, (H + 2 KV) d] and the kernel does
 // the attention prologue itself: every warp forms its heads' q (per-head RMSNorm with q_norm,
 // RoPE); the block whose slice holds the token's own key forms that key (k_norm, RoPE) and its
@@ -535,8 +531,7 @@ __device__ void attention_many(
     constexpr bool DOUBLE = sizeof(KT) == 2;
     constexpr int STEP = ATTN_WARPS * 8;
     KvRaw4<KT> kraw[8], vraw[8];
-    // all_keys false leaves the token's own key and value (zero) for after the wait.
-    auto load_group = [&](int k0, bool all_keys) {
+    auto load_group = [&](int k0) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const u32 sj = __shfl_sync(FULL_MASK, my_slot, j);
@@ -545,41 +540,31 @@ __device__ void attention_many(
             if (QKN && k0 + j == last && has_dims) {
                 kraw[j].set(kn);  // rounded as the cache holds it
                 vraw[j].set(vn);
-            } else if (k0 + j < end && has_dims && (all_keys || k0 + j != last)) {
+            } else if (k0 + j < end && has_dims) {
                 const size_t row = (size_t)sj * W + (size_t)kv * d + d0;
                 kraw[j].load(kc + row);
                 vraw[j].load(vc + row);
             }
         }
     };
-    // The first group's K and V rows are requested before waiting for the kernel before this
-    // one, so their latency overlaps it: the cache rows of earlier tokens do not depend on it
-    // (every sequence brings one token, and the rows of earlier ones were written by kernels that
-    // completed before the QKV projection passed its own wait, which this launch follows). The
-    // token's own row: with QKN never read from the cache; without, written by the kernel before
-    // this one (q/k-norm), so loaded after the wait.
-    // (QFUSE_ATTN_EARLY_KV 0, a measurement build: without QKN the first group waits too.)
-    constexpr bool EARLY = QKN || QFUSE_ATTN_EARLY_KV;
+    // The first group's K and V rows are requested before q is formed, so their latency overlaps
+    // the prologue. With QKN they are requested even before waiting for the QKV projection: the
+    // cache rows of earlier tokens do not depend on it (they were written by kernels that
+    // completed before the projection passed its own wait, which this launch follows), and the
+    // token's own row is never read from the cache.
+    // Without QKN the kernel before this one writes the new keys, so the loads wait for it.
+    // (Requesting the earlier tokens' rows before that wait too, the token's own after it, was
+    // no faster at batch 1 and 8% slower at a 2,048-token context on the H200: docs/perf.md.)
     const int kb0 = kb;
-    const u32 own_slot = EARLY && !QKN && kb0 <= last && last < kb0 + 8 ? slot_of(last) : 0u;
-    if (EARLY) {
-        load_group(kb, false);
+    if (QKN) {
+        load_group(kb);
         my_slot = slot_of(kb + STEP + r);
     }
     pdl_begin();
     if (begin >= end) return;  // past the token's position: no keys, not counted in `active`
-    if (!EARLY) {
-        load_group(kb, true);
+    if (!QKN) {
+        load_group(kb);
         my_slot = slot_of(kb + STEP + r);
-    } else if (!QKN) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            if (kb0 + j == last && last < end && has_dims) {
-                const size_t row = (size_t)own_slot * W + (size_t)kv * d + d0;
-                kraw[j].load(kc + row);
-                vraw[j].load(vc + row);
-            }
-        }
     }
     // QKN: RMSNorm of a head's values x (lane l's four dims) with `gain`, then RoPE (every lane
     // calls it: it shuffles).
@@ -649,7 +634,7 @@ __device__ void attention_many(
     for (; kb < end; kb += STEP) {
         const int n = min(8, end - kb);
         if (!DOUBLE && kb != kb0) {
-            load_group(kb, true);
+            load_group(kb);
             my_slot = slot_of(kb + STEP + r);
         }
         float kf[8][4], vf[8][4];
@@ -659,7 +644,7 @@ __device__ void attention_many(
             vraw[j].get(vf[j]);
         }
         if (DOUBLE) {
-            load_group(kb + STEP, true);
+            load_group(kb + STEP);
             my_slot = slot_of(kb + 2 * STEP + r);
         }
 #pragma unroll

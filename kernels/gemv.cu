@@ -310,11 +310,8 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
     }
 }
 
-#ifndef QFUSE_GEMV_T1_BLOCKS
-#define QFUSE_GEMV_T1_BLOCKS 1
-#endif
 #define GEMV_T1_ENTRY(name, EPI, NORM, R, KCM, MT)                                                        \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MT == 1 ? QFUSE_GEMV_T1_BLOCKS : 1)           \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                               \
         name##_t##MT##_r##R##_k##KCM(const float* x, const bf16_t* w, const float* g, const float* residual, \
                                      float* y, int T, int K, int out_cols, int S, int kc, float eps) {     \
         gemv_t1<EPI, NORM, R, KCM, MT>(x, w, g, residual, y, T, K, out_cols, S, kc, eps);                  \

@@ -328,22 +328,11 @@ pub struct KernelBuild {
     /// wait, 1 once a decode product kernel has requested its weights, 2 also before every other
     /// kernel's wait). See [`CudaOptions::pdl_trigger`](crate::CudaOptions::pdl_trigger).
     pub pdl_trigger: u8,
-    /// `gemv.cu`'s `QFUSE_GEMV_T1_BLOCKS`: the batch-1 `gemv_t1` builds' register budget as
-    /// blocks an SM (`__launch_bounds__`' second argument): 1 leaves it to the compiler (~90-106
-    /// registers, two blocks an SM), 3 caps it at 80 so three kernels' blocks fit an SM.
-    pub gemv_t1_blocks: u8,
-    /// `attention.cu`'s `QFUSE_ATTN_EARLY_KV`: the decode attention requests its first group of
-    /// earlier tokens' cache rows before waiting for the q/k-norm kernel (true), or after.
-    pub attention_early_kv: bool,
 }
 
 impl Default for KernelBuild {
     fn default() -> Self {
-        KernelBuild {
-            pdl_trigger: 1,
-            gemv_t1_blocks: 1,
-            attention_early_kv: true,
-        }
+        KernelBuild { pdl_trigger: 1 }
     }
 }
 
@@ -354,15 +343,6 @@ impl KernelBuild {
         let mut lines = String::new();
         if self.pdl_trigger != default.pdl_trigger {
             lines += &format!("#define QFUSE_PDL_TRIGGER {}\n", self.pdl_trigger);
-        }
-        if self.gemv_t1_blocks != default.gemv_t1_blocks {
-            lines += &format!("#define QFUSE_GEMV_T1_BLOCKS {}\n", self.gemv_t1_blocks);
-        }
-        if self.attention_early_kv != default.attention_early_kv {
-            lines += &format!(
-                "#define QFUSE_ATTN_EARLY_KV {}\n",
-                u8::from(self.attention_early_kv)
-            );
         }
         lines
     }

@@ -378,13 +378,6 @@ pub struct CudaOptions {
     /// on the H200); 2 also every other kernel before its wait (no better). Compiled in
     /// (`kernels::KernelBuild`).
     pub pdl_trigger: u8,
-    /// The batch-1 GEMVs' register budget as blocks an SM (`QFUSE_CUDA_GEMV_T1_BLOCKS=1|2|3`;
-    /// default 1, the compiler's choice; `kernels::KernelBuild::gemv_t1_blocks`).
-    pub gemv_t1_blocks: u8,
-    /// The decode attention requests its first cache rows of earlier tokens before waiting for
-    /// the kernel before it (default; `QFUSE_CUDA_ATTN_EARLY_KV=0` after, for measurements;
-    /// `kernels::KernelBuild::attention_early_kv`).
-    pub attention_early_kv: bool,
 }
 
 /// The bf16 parts of fp32 activations on the tensor cores ([`CudaOptions::prompt_parts`]).
@@ -516,10 +509,6 @@ impl Default for CudaOptions {
             },
             pdl_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_PDL_TRIGGER", 0..=2)
                 .map_or(KernelBuild::default().pdl_trigger, |n| n as u8),
-            gemv_t1_blocks: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_T1_BLOCKS", 1..=3)
-                .map_or(KernelBuild::default().gemv_t1_blocks, |n| n as u8),
-            attention_early_kv: qfuse_core::knobs::env_knob("QFUSE_CUDA_ATTN_EARLY_KV", 0..=1)
-                != Some(0),
         }
     }
 }
@@ -641,8 +630,6 @@ impl CudaBackend {
         let blas = CudaBlas::new(stream.clone()).cuda()?;
         let build = KernelBuild {
             pdl_trigger: options.pdl_trigger,
-            gemv_t1_blocks: options.gemv_t1_blocks,
-            attention_early_kv: options.attention_early_kv,
         };
         let kernels = Kernels::load(&ctx, &build.defines())?;
         let (major, minor) = ctx.compute_capability().cuda()?;

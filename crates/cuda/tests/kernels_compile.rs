@@ -21,18 +21,13 @@ fn every_kernel_compiles_with_nvrtc() {
         .chain(SM90A_SOURCES.iter().map(|f| ("sm_90a", f)));
     // QFUSE_KERNEL_CACHE_FILL=DIR leaves the Hopper builds in a PTX cache at DIR, as the backend
     // would (scripts/gpu-bundle ships it, so the GPU machine skips its first compile).
-    // QFUSE_KERNEL_CACHE_FILL_BUILDS=0:1:1,1:3:1 also leaves those KernelBuilds
-    // (pdl_trigger:gemv_t1_blocks:attention_early_kv) in the cache.
+    // QFUSE_KERNEL_CACHE_FILL_BUILDS=0,2 also leaves those KernelBuilds (by pdl_trigger) there.
     let fill = std::env::var_os("QFUSE_KERNEL_CACHE_FILL").map(std::path::PathBuf::from);
     if let Some(dir) = &fill {
         let extra = std::env::var("QFUSE_KERNEL_CACHE_FILL_BUILDS").unwrap_or_default();
         for spec in extra.split(',').filter(|t| !t.is_empty()) {
-            let f: Vec<u8> = spec.split(':').map(|v| v.parse().unwrap()).collect();
-            assert_eq!(f.len(), 3, "pdl_trigger:gemv_t1_blocks:attention_early_kv");
             let defines = KernelBuild {
-                pdl_trigger: f[0],
-                gemv_t1_blocks: f[1],
-                attention_early_kv: f[2] != 0,
+                pdl_trigger: spec.parse().expect("a pdl_trigger"),
             }
             .defines();
             for (arch, (file, src, _)) in builds.clone().filter(|(a, _)| a.starts_with("sm_90")) {
@@ -96,11 +91,7 @@ fn compiled_kernels_are_cached_on_disk() {
     assert!(!hit, "another architecture");
     let (_, hit) = cached_ptx_in(Some(&dir), file, &format!("{src}\n"), "sm_90", "").unwrap();
     assert!(!hit, "another source");
-    let early = KernelBuild {
-        pdl_trigger: 2,
-        ..KernelBuild::default()
-    }
-    .defines();
+    let early = KernelBuild { pdl_trigger: 2 }.defines();
     let (other, hit) = cached_ptx_in(Some(&dir), file, src, "sm_90", &early).unwrap();
     assert!(!hit, "other defines");
     assert_ne!(other.to_src(), first.to_src());
@@ -109,28 +100,21 @@ fn compiled_kernels_are_cached_on_disk() {
 }
 
 /// `pdl_trigger` 1 (the default) puts a launch of the dependents before the wait of the decode
-/// products only, 2 before every kernel's wait, 0 after it; `gemv_t1_blocks` 3 caps the batch-1
-/// GEMVs' registers at 80.
+/// products only, 2 before every kernel's wait, 0 after it.
 #[test]
-fn kernel_builds_move_the_trigger_and_cap_registers() {
+fn pdl_trigger_builds_launch_dependents_before_the_wait() {
     // SAFETY: only tries to dlopen libnvrtc.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         eprintln!("skipping: libnvrtc.so.13 not found");
         return;
     }
     let src_of = |name| SOURCES.iter().find(|(f, _, _)| *f == name).unwrap().1;
-    let ptx_of = |file, build: KernelBuild| {
-        compile(file, src_of(file), "sm_90", &build.defines())
-            .unwrap()
-            .to_src()
-    };
-    let trigger = |pdl_trigger| KernelBuild {
-        pdl_trigger,
-        ..KernelBuild::default()
-    };
     // How many launches of the dependents entry `entry` has before its first wait.
-    let launches_before_wait = |file, entry: &str, build| {
-        let ptx = ptx_of(file, build);
+    let launches_before_wait = |file, entry: &str, pdl_trigger| {
+        let build = KernelBuild { pdl_trigger };
+        let ptx = compile(file, src_of(file), "sm_90", &build.defines())
+            .unwrap()
+            .to_src();
         let body = &ptx[ptx.find(&format!(".entry {entry}(")).unwrap()..];
         let head = &body[..body.find("griddepcontrol.wait").unwrap()];
         head.matches("griddepcontrol.launch_dependents").count()
@@ -138,31 +122,8 @@ fn kernel_builds_move_the_trigger_and_cap_registers() {
     let gemv = "rms_norm_gemv_t1_r4_k4";
     assert_eq!(KernelBuild::default().defines(), "");
     assert_eq!(KernelBuild::default().pdl_trigger, 1);
-    assert_eq!(launches_before_wait("gemv.cu", gemv, trigger(0)), 0);
-    assert_eq!(launches_before_wait("gemv.cu", gemv, trigger(1)), 1);
-    assert_eq!(
-        launches_before_wait("rms_norm.cu", "rms_norm_f32", trigger(1)),
-        0
-    );
-    assert_eq!(
-        launches_before_wait("rms_norm.cu", "rms_norm_f32", trigger(2)),
-        1
-    );
-    // __launch_bounds__(256, 3) shows in the PTX as .minnctapersm 3 on the batch-1 builds only.
-    let capped = ptx_of(
-        "gemv.cu",
-        KernelBuild {
-            gemv_t1_blocks: 3,
-            ..KernelBuild::default()
-        },
-    );
-    let directives = |ptx: &str, entry: &str| {
-        let body = &ptx[ptx.find(&format!(".entry {entry}(")).unwrap()..];
-        body[..body.find('{').unwrap()].to_string()
-    };
-    assert!(directives(&capped, gemv).contains(".minnctapersm 3"));
-    assert!(!directives(&capped, "rms_norm_gemv_t8_r4_k4").contains(".minnctapersm 3"));
-    assert!(
-        !directives(&ptx_of("gemv.cu", KernelBuild::default()), gemv).contains(".minnctapersm 3")
-    );
+    assert_eq!(launches_before_wait("gemv.cu", gemv, 0), 0);
+    assert_eq!(launches_before_wait("gemv.cu", gemv, 1), 1);
+    assert_eq!(launches_before_wait("rms_norm.cu", "rms_norm_f32", 1), 0);
+    assert_eq!(launches_before_wait("rms_norm.cu", "rms_norm_f32", 2), 1);
 }
