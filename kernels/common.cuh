@@ -293,3 +293,53 @@ __device__ __forceinline__ void rope_cs(u32 pos, int i, int d, double log2_theta
     ang -= 6.283185307179586 * rint(ang * 0.15915494309189535);
     sincosf((float)ang, s, c);
 }
+
+// RoPE of the normalised pair (a, b) = dims (i, i + d / 2) of head h (< H: q; else a key) of
+// token t, stored to q_out [T, H d] or to the cache at `slot`.
+template <typename KT>
+__device__ __forceinline__ void rope_store(float a, float b, float c, float s, float* __restrict__ q_out,
+                                           KT* __restrict__ kc, size_t slot, int H, int d, int t, int h, int i) {
+    const float ra = a * c - b * s, rb = b * c + a * s;
+    if (h < H) {
+        float* dst = q_out + (size_t)t * H * d + (size_t)h * d;
+        dst[i] = ra;
+        dst[i + d / 2] = rb;
+    } else {
+        KT* dst = kc + slot + (size_t)(h - H) * d;
+        kv_store(dst + i, ra);
+        kv_store(dst + i + d / 2, rb);
+    }
+}
+
+#if __CUDA_ARCH__ >= 900
+// Thread-block clusters (sm_90): a barrier over every thread of the cluster whose release/acquire
+// makes each block's shared-memory writes before it visible to the others after it.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+// The float at shared address `addr` of the cluster's block `rank`.
+__device__ __forceinline__ float ld_peer(u32 addr, u32 rank) {
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+// The four floats at shared address `addr` (16-byte aligned) of the cluster's block `rank`.
+__device__ __forceinline__ float4 ld_peer4(u32 addr, u32 rank) {
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(remote) : "memory");
+    return v;
+}
+#endif
