@@ -96,6 +96,23 @@ __device__ void write_kv(const float* __restrict__ k, const float* __restrict__ 
     }
 }
 
+// RoPE of the normalised pair (a, b) = dims (i, i + d / 2) of head h (< H: q; else a key) of
+// token t, stored to q_out [T, H d] or to the cache at `slot`.
+template <typename KT>
+__device__ __forceinline__ void rope_store(float a, float b, float c, float s, float* __restrict__ q_out,
+                                           KT* __restrict__ kc, size_t slot, int H, int d, int t, int h, int i) {
+    const float ra = a * c - b * s, rb = b * c + a * s;
+    if (h < H) {
+        float* dst = q_out + (size_t)t * H * d + (size_t)h * d;
+        dst[i] = ra;
+        dst[i + d / 2] = rb;
+    } else {
+        KT* dst = kc + slot + (size_t)(h - H) * d;
+        kv_store(dst + i, ra);
+        kv_store(dst + i + d / 2, rb);
+    }
+}
+
 // qkv [T, (H + 2 KV) d]: per-head RMSNorm (q_norm / k_norm over d) then RoPE for q and k heads,
 // q to q_out [T, H d], k and v to the cache, d <= 256. Head h of token t by one warp, whose lane
 // holds the RoPE factors cs[j], sn[j] of pair lane + 32 j.

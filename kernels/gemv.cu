@@ -180,77 +180,16 @@ GEMV_ENTRIES(float, f32)
 // With NORM each warp sums the whole row's squares itself instead of meeting the block at a
 // barrier first; 1/rms scales the finished dot products. KCM bounds kc at compile time.
 // grid = ceil(N / (R * WARPS / S)), block = 32 * WARPS.
-//
-// EPI_QKN (batch-1 QKV with the attention prologue; T = 1, S = 1, head size QKN_D): the blocks of
-// one head form a cluster (block = head * C + rank, C = QKN_D / (R * WARPS)); each keeps its
-// columns in shared memory, and after a cluster barrier the head's first block gathers them
-// through distributed shared memory and does what qk_norm_rope_write_kv would for the head:
-// q (RMSNorm with q_norm, RoPE) to q_out, the key (k_norm, RoPE) or the value to the token's
-// cache slot. No fp32 QKV output, and no kernel between this one and attention.
-#define EPI_QKN 3
-#define QKN_D 128
-template <typename KT>
-struct QknArgs {
-    const float *q_norm, *k_norm;
-    const u32 *positions, *slots;
-    float* q_out;
-    KT *kc, *vc;
-    int H, KV;
-    double log2_theta;
-    float eps;
-};
-
-// EPI_QKN's epilogue: lane r < R of warp w holds the product `v` of the block's column w R + r.
-template <int R, typename KT>
-__device__ __forceinline__ void qkn_epilogue(float v, int lane, int warp, int block, const float (&cs)[2],
-                                             const float (&sn)[2], const QknArgs<KT>& qa) {
-#if __CUDA_ARCH__ >= 900
-    constexpr int CPB = R * WARPS, C = QKN_D / CPB, d = QKN_D;
-    static_assert(C * CPB == QKN_D && C <= 8, "a head is a portable cluster of whole blocks");
-    __shared__ float cols[CPB];
-    if (lane < R) cols[warp * R + lane] = v;
-    cluster_sync();
-    if (block % C == 0 && warp == 0) {
-        const u32 base = (u32)__cvta_generic_to_shared(cols);
-        float e[4];  // the head's elements lane + 32 j
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int i = lane + 32 * j;
-            e[j] = ld_peer(base + 4u * (u32)(i % CPB), (u32)(i / CPB));
-        }
-        const int h = block / C, H = qa.H, KV = qa.KV;
-        const size_t slot = (size_t)qa.slots[0] * KV * d;
-        if (h >= H + KV) {  // a value: stored as is
-#pragma unroll
-            for (int j = 0; j < 4; ++j) kv_store(qa.vc + slot + (size_t)(h - H - KV) * d + lane + 32 * j, e[j]);
-        } else {  // as qk_norm_rope_head, in the same order
-            float ss = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) ss += e[j] * e[j];
-            const float inv = rsqrtf(warp_sum(ss) / d + qa.eps);
-            const float* gain = h < H ? qa.q_norm : qa.k_norm;
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const int i = lane + 32 * j;
-                rope_store(e[j] * inv * gain[i], e[j + 2] * inv * gain[i + d / 2], cs[j], sn[j], qa.q_out, qa.kc,
-                           slot, H, d, 0, h, i);
-            }
-        }
-    }
-    cluster_sync();  // each block's columns stay until the head's first block has read them
-#endif
-}
-
-template <int EPI, bool NORM, int R, int KCM, int MT, typename KT = float>
+template <int EPI, bool NORM, int R, int KCM, int MT>
 __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                         const float* __restrict__ g, const float* __restrict__ residual,
                                         float* __restrict__ y, int T, int K, int out_cols, int S, int kc,
-                                        float eps, int block, const QknArgs<KT>& qa = {}) {
+                                        float eps) {
     constexpr int NR = EPI == EPI_SILU ? 2 * R : R;
     __shared__ float partial[WARPS][NR * MT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int part = warp % S;
-    const int n0 = (block * (WARPS / S) + warp / S) * R;
+    const int n0 = (blockIdx.x * (WARPS / S) + warp / S) * R;
     const int kbeg = part * kc * 256 + lane * 8;
     uint4 wv[NR][KCM];
 #pragma unroll
@@ -261,13 +200,6 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
 #pragma unroll
         for (int i = 0; i < KCM; ++i)
             if (i < kc && col < out_cols) wv[r][i] = __ldg(reinterpret_cast<const uint4*>(p + i * 256));
-    }
-    // QKN: the head's first block forms lane l's RoPE factors of pairs l and l + 32 now (they
-    // depend only on the position).
-    float cs[2] = {}, sn[2] = {};
-    if (EPI == EPI_QKN && block % (QKN_D / (R * WARPS)) == 0 && warp == 0) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) rope_cs(qa.positions[0], lane + 32 * j, QKN_D, qa.log2_theta, &cs[j], &sn[j]);
     }
     pdl_weights_requested();
     pdl_wait();
@@ -362,14 +294,6 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
             }
         }
     }
-    if constexpr (EPI == EPI_QKN) {
-        float mine = 0.0f;
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-            if (lane == r) mine = acc[r][0] * inv[0];
-        qkn_epilogue<R, KT>(mine, lane, warp, block, cs, sn, qa);
-        return;
-    }
 #pragma unroll
     for (int t = 0; t < MT; ++t) {
 #pragma unroll
@@ -390,7 +314,7 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                               \
         name##_t##MT##_r##R##_k##KCM(const float* x, const bf16_t* w, const float* g, const float* residual, \
                                      float* y, int T, int K, int out_cols, int S, int kc, float eps) {     \
-        gemv_t1<EPI, NORM, R, KCM, MT>(x, w, g, residual, y, T, K, out_cols, S, kc, eps, blockIdx.x);      \
+        gemv_t1<EPI, NORM, R, KCM, MT>(x, w, g, residual, y, T, K, out_cols, S, kc, eps);                  \
     }
 
 // (R, KCM) keep each warp's weight registers at 16 loads (64 registers); MT = 1 for batch-1
@@ -408,19 +332,3 @@ GEMV_T1_PLAIN(gemv_add, EPI_ADD, false)
 GEMV_T1_PLAIN(rms_norm_gemv, EPI_NONE, true)
 GEMV_T1_SILU(gemv_silu_mul, false)
 GEMV_T1_SILU(rms_norm_gemv_silu_mul, true)
-
-// The batch-1 input norm + QKV product with the attention prologue (EPI_QKN above) for a cache of
-// KT, head size QKN_D. grid = (H + 2 KV, C), clusters of (1, C), C = QKN_D / (R * WARPS).
-#define GEMV_QKN_ENTRY(R, KCM, KT, SUFFIX)                                                                    \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) rms_norm_gemv_qkn_r##R##_k##KCM##_##SUFFIX(       \
-        const float* x, const bf16_t* w, const float* g, int K, int kc, float eps, const float* q_norm,        \
-        const float* k_norm, const u32* positions, const u32* slots, float* q_out, KT* kcache, KT* vcache,     \
-        int H, int KV, double log2_theta, float qk_eps) {                                                      \
-        const QknArgs<KT> qa{q_norm, k_norm, positions, slots, q_out, kcache, vcache, H, KV, log2_theta, qk_eps}; \
-        gemv_t1<EPI_QKN, true, R, KCM, 1, KT>(x, w, g, nullptr, nullptr, 1, K, (H + 2 * KV) * QKN_D, 1, kc, eps,  \
-                                             blockIdx.x * (QKN_D / (R * WARPS)) + blockIdx.y, qa);             \
-    }
-GEMV_QKN_ENTRY(4, 4, float, kvf32)
-GEMV_QKN_ENTRY(4, 4, bf16_t, kvbf16)
-GEMV_QKN_ENTRY(2, 8, float, kvf32)
-GEMV_QKN_ENTRY(2, 8, bf16_t, kvbf16)

@@ -112,10 +112,6 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "rms_norm_gemv_silu_mul_t8_r1_k8",
             "rms_norm_gemv_silu_mul_t8_r2_k4",
             "rms_norm_gemv_silu_mul_t1_r1_k8",
-            "rms_norm_gemv_qkn_r4_k4_kvf32",
-            "rms_norm_gemv_qkn_r4_k4_kvbf16",
-            "rms_norm_gemv_qkn_r2_k8_kvf32",
-            "rms_norm_gemv_qkn_r2_k8_kvbf16",
         ],
     ),
     (

@@ -300,8 +300,6 @@ struct Inner {
     options: CudaOptions,
     /// Programmatic dependent launches in use (option on and the GPU is sm_90 or later).
     pdl: bool,
-    /// [`CudaOptions::qkv_prologue`] on and the GPU has thread-block clusters (sm_90+).
-    qkv_prologue: bool,
     /// Dynamic shared memory the batch-1 layer kernel may take (`layer.rs`); 0 where it cannot
     /// run (below sm_90) or is not asked for: off unless `QFUSE_CUDA_LAYER_KERNEL=1`, since on
     /// the H200 it lost to the composed step (0.6B: 1.03-1.06 vs 0.90 ms/step; 8B: 6.38 vs 6.09;
@@ -380,11 +378,6 @@ pub struct CudaOptions {
     /// on the H200); 2 also every other kernel before its wait (no better). Compiled in
     /// (`kernels::KernelBuild`).
     pub pdl_trigger: u8,
-    /// A batch-1 decode step's input norm + QKV product also does the attention prologue (q/k
-    /// norms, RoPE, cache write) for head size 128 on sm_90+: the blocks of a head form a
-    /// cluster and the head's first block finishes it from their shared memory, so no q/k-norm
-    /// kernel runs between the product and attention (`QFUSE_CUDA_QKV_PROLOGUE=0` turns it off).
-    pub qkv_prologue: bool,
 }
 
 /// The bf16 parts of fp32 activations on the tensor cores ([`CudaOptions::prompt_parts`]).
@@ -516,7 +509,6 @@ impl Default for CudaOptions {
             },
             pdl_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_PDL_TRIGGER", 0..=2)
                 .map_or(KernelBuild::default().pdl_trigger, |n| n as u8),
-            qkv_prologue: qfuse_core::knobs::env_knob("QFUSE_CUDA_QKV_PROLOGUE", 0..=1) != Some(0),
         }
     }
 }
@@ -742,7 +734,6 @@ impl CudaBackend {
                 .unwrap_or(4),
                 options,
                 pdl: options.pdl && major >= 9,
-                qkv_prologue: options.qkv_prologue && major >= 9,
                 layer_smem_max,
                 layer_trace,
                 layer_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_LAYER_TRIGGER", 0..=3)
@@ -841,78 +832,6 @@ impl CudaBackend {
     /// `base` when its GEMV kernels serve `t` rows, `None` when cuBLAS should.
     fn gemv_kernel<'b>(&self, base: &'b str, t: usize) -> Option<&'b str> {
         (t <= GEMV_MAX_ROWS).then_some(base)
-    }
-
-    /// q `[1, H d]` of a batch-1 decode step from the layer input `x [1, K]`, its key and value
-    /// written to the cache: the input norm, the QKV product and the attention prologue (q/k
-    /// norms, RoPE, cache write) in one kernel (`rms_norm_gemv_qkn_*`, [`CudaOptions::qkv_prologue`]).
-    /// `None` where it does not apply (another batch, head size, weight type, or K not whole
-    /// 256-element slices of at most 2,048): the caller composes the ops.
-    fn qkv_prologue(
-        &self,
-        x: &CudaTensor,
-        w: &LayerWeights<'_, CudaTensor>,
-        cache: &mut LayerKv<CudaTensor>,
-        batch: &CudaBatch,
-        cfg: &AttentionConfig,
-        eps: f64,
-    ) -> Result<Option<CudaTensor>> {
-        let op = "qkv_prologue";
-        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let (Ok((t, k)), Ok((n, k2))) = (x.matrix(op), w.qkv.matrix(op)) else {
-            return Ok(None);
-        };
-        let Some((entry, cluster)) = qkv_prologue_entry(k, cache.k.kv_suffix()) else {
-            return Ok(None);
-        };
-        let applies = self.inner.qkv_prologue
-            && t == 1
-            && batch.info.num_tokens() == 1
-            && batch.info.is_decode_step()
-            && d == 128
-            && k == k2
-            && n == cfg.qkv_width()
-            && cfg.fits_prologue(n, &w.q_norm.shape, &w.k_norm.shape)
-            && w.input_norm.shape.dims() == [k]
-            && w.qkv.dtype() == DType::BF16
-            && cache.k.dtype() == cache.v.dtype()
-            && self.check_attention(cfg).is_ok();
-        if !applies {
-            return Ok(None);
-        }
-        let slots = cache.k.shape.cache_slots(kvh * d, op)?;
-        batch.info.check_slots_within(slots, op)?;
-        let q = self.alloc_f32(h * d)?;
-        let LayerKv { k: kpool, v: vpool } = cache;
-        let stream = self.stream();
-        let mut l = self.launch(&entry)?;
-        l.buf(x.f32(op)?)
-            .ptr(w.qkv.ptr(stream))
-            .buf(w.input_norm.f32(op)?);
-        l.i32(i32_of(k, "K")?)
-            .i32(i32_of(k / 256, "slices")?)
-            .f32(eps as f32);
-        l.buf(w.q_norm.f32(op)?).buf(w.k_norm.f32(op)?);
-        l.buf(&batch.positions).buf(&batch.slots).out(&q);
-        l.ptr(kpool.ptr_mut(stream, op)?)
-            .ptr(vpool.ptr_mut(stream, op)?);
-        l.i32(i32_of(h, "H")?)
-            .i32(i32_of(kvh, "KV")?)
-            .f64(cfg.rope_theta.log2())
-            .f32(cfg.qk_norm_eps as f32);
-        l.cluster_y(cluster as u32);
-        let launch = LaunchConfig {
-            grid_dim: ((h + 2 * kvh) as u32, cluster as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: x is [1, k] f32 and the input norm [k]; the weights are bf16 [(h + 2kvh) 128,
-        // k] with k whole 256-element slices within the entry's bound; the norms are [128]; q is
-        // [h 128]; the token's slot is inside both pools (checked), which are [slots, kvh 128] of
-        // the suffix's type; one cluster of the entry's blocks per head, sm_90+ (checked when
-        // the backend was made).
-        unsafe { l.launch(launch) }.cuda()?;
-        Ok(Some(Self::f32_tensor([1, h * d], q)))
     }
 
     /// Launches one of the GEMV kernels for `base`: `y [T, out_cols]` from `x [T, K]`,
@@ -2446,13 +2365,7 @@ impl Backend for CudaBackend {
         if let Some(out) = self.decoder_layer_kernel(x, w, cache, batch, cfg, eps)? {
             return Ok(out);
         }
-        let h = match self.qkv_prologue(x, w, cache, batch, cfg, eps)? {
-            Some(q) => {
-                let o = self.attention(&q, cache, batch, cfg)?;
-                self.matmul_add(&o, w.o_proj, x)?
-            }
-            None => compose::attention_block(self, x, w, cache, batch, cfg, eps)?,
-        };
+        let h = compose::attention_block(self, x, w, cache, batch, cfg, eps)?;
         match self.prompt_mlp(&h, w, eps)? {
             Some(out) => Ok(out),
             None => compose::mlp_block(self, &h, w, eps),
@@ -2654,21 +2567,6 @@ impl GemvT1Plan {
         let mt = if t == 1 { 1 } else { 8 };
         format!("{base}_t{mt}_r{}_k{}", self.rows, self.kcm)
     }
-}
-
-/// The batch-1 QKV product with the attention prologue (`rms_norm_gemv_qkn_*` in
-/// `kernels/gemv.cu`) for hidden size `k` and a cache of `kv_suffix`, with the blocks a head's
-/// cluster takes; `None` unless `k` is whole 256-element slices, at most 2,048. Each warp holds R
-/// columns of 16 loads a lane: R = 4 takes k <= 1,024, R = 2 k <= 2,048; a head's 128 columns are
-/// 128 / (8 R) blocks of 8 warps.
-fn qkv_prologue_entry(k: usize, kv_suffix: &str) -> Option<(String, usize)> {
-    let rows = match (k % 256, k / 256) {
-        (0, 1..=4) => 4,
-        (0, 5..=8) => 2,
-        _ => return None,
-    };
-    let entry = format!("rms_norm_gemv_qkn_r{rows}_k{}_{kv_suffix}", 16 / rows);
-    Some((entry, 128 / (8 * rows)))
 }
 
 /// The attention entry point compiled for at least `group` query heads per KV head and head
@@ -2953,18 +2851,6 @@ mod tests {
                 }
             }
         }
-        for k in [256, 768, 1024, 1280, 2048] {
-            for suffix in ["kvf32", "kvbf16"] {
-                let (entry, cluster) = qkv_prologue_entry(k, suffix).unwrap();
-                assert!(known(&entry), "{entry}");
-                assert!(
-                    cluster * 8 * if k <= 1024 { 4 } else { 2 } == 128,
-                    "{entry}"
-                );
-            }
-        }
-        assert!(qkv_prologue_entry(2304, "kvf32").is_none());
-        assert!(qkv_prologue_entry(1000, "kvf32").is_none());
         for silu in [false, true] {
             for k in [1024, 2048, 2560, 3072, 4096, 6144, 12288] {
                 for n in [1, 1024, 3072, 4096, 151_936] {
