@@ -297,34 +297,6 @@ pub const SM90A_SOURCES: &[(&str, &str, &[&str])] = &[
         ),
         &FLASH_WGMMA_ENTRIES,
     ),
-    (
-        "gemv_tma.cu",
-        concat!(
-            include_str!("../../../kernels/hopper.cuh"),
-            "\n",
-            include_str!("../../../kernels/gemv_tma.cu")
-        ),
-        &GEMV_TMA_ENTRIES,
-    ),
-];
-
-/// `gemv_tma.cu`'s entry points: each batch-1 product fusion with 1, 2 or 4 columns a warp.
-pub const GEMV_TMA_ENTRIES: [&str; 15] = [
-    "gemv_tma_c1",
-    "gemv_tma_c2",
-    "gemv_tma_c4",
-    "gemv_add_tma_c1",
-    "gemv_add_tma_c2",
-    "gemv_add_tma_c4",
-    "rms_norm_gemv_tma_c1",
-    "rms_norm_gemv_tma_c2",
-    "rms_norm_gemv_tma_c4",
-    "gemv_silu_mul_tma_c1",
-    "gemv_silu_mul_tma_c2",
-    "gemv_silu_mul_tma_c4",
-    "rms_norm_gemv_silu_mul_tma_c1",
-    "rms_norm_gemv_silu_mul_tma_c2",
-    "rms_norm_gemv_silu_mul_tma_c4",
 ];
 
 /// `flash_wgmma.cu`'s entry points: the two gathers (fp32 and bf16 cache) and the prompt

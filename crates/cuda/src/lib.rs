@@ -300,9 +300,6 @@ struct Inner {
     options: CudaOptions,
     /// Programmatic dependent launches in use (option on and the GPU is sm_90 or later).
     pdl: bool,
-    /// [`CudaOptions::gemv_tma`] on, compute capability 9.0, its kernels allowed
-    /// [`GEMV_TMA_SMEM`] bytes of dynamic shared memory.
-    gemv_tma: bool,
     /// Dynamic shared memory the batch-1 layer kernel may take (`layer.rs`); 0 where it cannot
     /// run (below sm_90) or is not asked for: off unless `QFUSE_CUDA_LAYER_KERNEL=1`, since on
     /// the H200 it lost to the composed step (0.6B: 1.03-1.06 vs 0.90 ms/step; 8B: 6.38 vs 6.09;
@@ -381,11 +378,6 @@ pub struct CudaOptions {
     /// on the H200); 2 also every other kernel before its wait (no better). Compiled in
     /// (`kernels::KernelBuild`).
     pub pdl_trigger: u8,
-    /// Batch-1 decode products stage their weights in shared memory by bulk copies
-    /// (`kernels/gemv_tma.cu`, compute capability 9.0) instead of registers (`gemv_t1`), so
-    /// three product kernels' blocks share an SM and their copies stream while earlier kernels
-    /// finish (`QFUSE_CUDA_GEMV_TMA=0` turns it off).
-    pub gemv_tma: bool,
 }
 
 /// The bf16 parts of fp32 activations on the tensor cores ([`CudaOptions::prompt_parts`]).
@@ -517,7 +509,6 @@ impl Default for CudaOptions {
             },
             pdl_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_PDL_TRIGGER", 0..=2)
                 .map_or(KernelBuild::default().pdl_trigger, |n| n as u8),
-            gemv_tma: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_TMA", 0..=1) != Some(0),
         }
     }
 }
@@ -645,9 +636,6 @@ impl CudaBackend {
         let wgmma = options.wgmma
             && (major, minor) == (9, 0)
             && kernels.allow_optin_smem(&ctx, kernels::WGMMA_ENTRIES)? >= WGMMA_SMEM;
-        let gemv_tma = options.gemv_tma
-            && (major, minor) == (9, 0)
-            && kernels.allow_optin_smem(&ctx, kernels::GEMV_TMA_ENTRIES)? >= GEMV_TMA_SMEM;
         let gemm_x3 = if options.gemm_x3 {
             let max_slices =
                 qfuse_core::knobs::env_knob("QFUSE_CUDA_X3_MAX_SLICES", 1..=16).unwrap_or(16);
@@ -746,7 +734,6 @@ impl CudaBackend {
                 .unwrap_or(4),
                 options,
                 pdl: options.pdl && major >= 9,
-                gemv_tma,
                 layer_smem_max,
                 layer_trace,
                 layer_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_LAYER_TRIGGER", 0..=3)
@@ -870,27 +857,6 @@ impl CudaBackend {
             eps as f32,
         );
         let silu = base.ends_with("silu_mul");
-        let tma = (t == 1 && w.dtype() == DType::BF16 && self.inner.gemv_tma)
-            .then(|| gemv_tma_cols_per_warp(k, out_cols, silu, self.inner.sm_count))
-            .flatten();
-        if let Some(cpw) = tma {
-            let rows = 8 * cpw * if silu { 2 } else { 1 };
-            let mut l = self.launch(&format!("{base}_tma_c{cpw}"))?;
-            l.buf(x).ptr(w.ptr(self.stream()));
-            l.buf(gain.unwrap_or(x)).buf(residual.unwrap_or(x)).out(&y);
-            l.i32(ki).i32(ni).f32(eps);
-            let cfg = LaunchConfig {
-                grid_dim: (out_cols.div_ceil(8 * cpw) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: (rows * k * 2) as u32,
-            };
-            // SAFETY: x is [1, k] f32, w has out_cols (x2 for silu) bf16 rows of k elements (k a
-            // multiple of 256: whole 16-byte loads per lane), gain is [k], residual and y are
-            // [1, out_cols]; the shared memory holds the block's rows, at most GEMV_TMA_SMEM
-            // (allowed when the backend was made); the grid covers out_cols.
-            unsafe { l.launch(cfg) }.cuda()?;
-            return Ok(y);
-        }
         let plan = (t <= GEMV_MAX_ROWS && w.dtype() == DType::BF16)
             .then(|| GemvT1Plan::choose(k, out_cols, silu, self.inner.gemv_warps))
             .flatten();
@@ -2603,26 +2569,6 @@ impl GemvT1Plan {
     }
 }
 
-/// Dynamic shared memory a `gemv_tma.cu` block may take: three fit an SM of the H100/H200.
-const GEMV_TMA_SMEM: usize = 65_536;
-
-/// Columns a warp for the batch-1 `gemv_tma.cu` product of `n` output columns over `k`: the
-/// most (4, 2 or 1) whose block's rows (8 warps' columns, twice that with SiLU's up rows) fit
-/// [`GEMV_TMA_SMEM`] while the grid still gives nearly every SM a block; `None` where none does,
-/// `k` is not whole 256-element slices, or `n` is past a decoder layer's products (the lm_head
-/// keeps `gemv_t1`, which streams it at the copy bandwidth already).
-fn gemv_tma_cols_per_warp(k: usize, n: usize, silu: bool, sm_count: usize) -> Option<usize> {
-    if k == 0 || !k.is_multiple_of(256) || n == 0 || n > 16_384 {
-        return None;
-    }
-    let rows_per_col = if silu { 2 } else { 1 };
-    [4, 2, 1].into_iter().find(|&cpw| {
-        let cols = 8 * cpw;
-        cols * rows_per_col * k * 2 <= GEMV_TMA_SMEM
-            && (n.div_ceil(cols) * 16 >= sm_count * 15 || cpw == 1)
-    })
-}
-
 /// The attention entry point compiled for at least `group` query heads per KV head and head
 /// size `d` (in powers of two: group <= 8, d <= 256, checked by `check_attention`), with 8 keys
 /// per warp in flight for decode-sized `t`, 2 for prefill.
@@ -2710,36 +2656,6 @@ mod tests {
         "rms_norm_gemv",
         "rms_norm_gemv_silu_mul",
     ];
-
-    #[test]
-    fn gemv_tma_plans_fit_three_blocks_an_sm() {
-        // Qwen3-0.6B on 132 SMs: QKV 4 columns a warp (128 blocks of 64 KB), gate/up 2 (192
-        // of 64 KB), o_proj and down 1 (128 of 32 and 48 KB); the 8B's gate/up and down rows
-        // do not fit, nor does anything past 16,384 columns or K not whole 256-element slices.
-        assert_eq!(gemv_tma_cols_per_warp(1024, 4096, false, 132), Some(4));
-        assert_eq!(gemv_tma_cols_per_warp(1024, 3072, true, 132), Some(2));
-        assert_eq!(gemv_tma_cols_per_warp(2048, 1024, false, 132), Some(1));
-        assert_eq!(gemv_tma_cols_per_warp(3072, 1024, false, 132), Some(1));
-        assert_eq!(gemv_tma_cols_per_warp(4096, 6144, false, 132), Some(1));
-        assert_eq!(gemv_tma_cols_per_warp(4096, 12288, true, 132), None);
-        assert_eq!(gemv_tma_cols_per_warp(12288, 4096, false, 132), None);
-        assert_eq!(gemv_tma_cols_per_warp(1024, 151_936, false, 132), None);
-        assert_eq!(gemv_tma_cols_per_warp(1000, 4096, false, 132), None);
-        for k in (256..=8192).step_by(256) {
-            for n in [1, 7, 64, 1024, 3072, 4096, 16_384] {
-                for silu in [false, true] {
-                    if let Some(cpw) = gemv_tma_cols_per_warp(k, n, silu, 132) {
-                        let rows = 8 * cpw * if silu { 2 } else { 1 };
-                        assert!(rows * k * 2 <= GEMV_TMA_SMEM, "{k} {n} {silu}");
-                        assert!(3 * (GEMV_TMA_SMEM + 1024) <= 228 * 1024);
-                        let base = if silu { "gemv_silu_mul" } else { "gemv" };
-                        assert!(known(&format!("{base}_tma_c{cpw}")));
-                        assert!(known(&format!("rms_norm_{base}_tma_c{cpw}")));
-                    }
-                }
-            }
-        }
-    }
 
     #[test]
     fn gemv_t1_plans_cover_the_matrix_in_whole_slices() {
@@ -2859,7 +2775,6 @@ mod tests {
                         || l.contains("flash_hh_gather_v<")
                         || l.contains("flash_wg_gather<")
                         || l.contains("flash_wg_prefill(")
-                        || l.contains("gemv_tma<")
                 });
                 assert!(
                     body.lines().take(4).any(|l| l.contains("pdl_begin()")) || calls_template,
@@ -2874,9 +2789,7 @@ mod tests {
         let flash = include_str!("../../../kernels/flash.cu");
         let wgmma = include_str!("../../../kernels/gemm_wgmma.cu");
         let flash_wg = include_str!("../../../kernels/flash_wgmma.cu");
-        let gemv_tma = include_str!("../../../kernels/gemv_tma.cu");
         for (name, src) in [
-            ("gemv_tma", gemv_tma),
             ("gemm_wgmma", wgmma),
             ("flash_wg_gather", flash_wg),
             ("flash_wg_prefill", flash_wg),
