@@ -250,28 +250,10 @@ __device__ __forceinline__ void pdl_launch_dependents() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-// QFUSE_TRACE (CudaOptions::trace, a measurement build): the first thread of every kernel's
-// first block prints the file, its grid and block, and %globaltimer before and after its wait:
-// when the kernel started and when the one before it had finished.
-#ifndef QFUSE_TRACE
-#define QFUSE_TRACE 0
-#endif
 __device__ __forceinline__ void pdl_wait() {
-#if QFUSE_TRACE
-    const bool tracer = (blockIdx.x | blockIdx.y | blockIdx.z | threadIdx.x) == 0;
-    unsigned long long t0 = 0, t1 = 0;
-    if (tracer) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-#endif
 #if __CUDA_ARCH__ >= 900
     if (QFUSE_PDL_TRIGGER >= 2) pdl_launch_dependents();
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-#if QFUSE_TRACE
-    if (tracer) {
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
-        printf("qfuse_trace %s %u %u %u %u %llu %llu\n", __FILE__, gridDim.x, gridDim.y, gridDim.z, blockDim.x, t0,
-               t1);
-    }
 #endif
 }
 // A product kernel has requested all its weights (none of which an earlier kernel writes).

@@ -328,17 +328,11 @@ pub struct KernelBuild {
     /// wait, 1 once a decode product kernel has requested its weights, 2 also before every other
     /// kernel's wait). See [`CudaOptions::pdl_trigger`](crate::CudaOptions::pdl_trigger).
     pub pdl_trigger: u8,
-    /// `common.cuh`'s `QFUSE_TRACE`: every kernel's first thread prints %globaltimer before and
-    /// after its wait (a measurement build; see [`CudaOptions::trace`](crate::CudaOptions::trace)).
-    pub trace: bool,
 }
 
 impl Default for KernelBuild {
     fn default() -> Self {
-        KernelBuild {
-            pdl_trigger: 1,
-            trace: false,
-        }
+        KernelBuild { pdl_trigger: 1 }
     }
 }
 
@@ -349,9 +343,6 @@ impl KernelBuild {
         let mut lines = String::new();
         if self.pdl_trigger != default.pdl_trigger {
             lines += &format!("#define QFUSE_PDL_TRIGGER {}\n", self.pdl_trigger);
-        }
-        if self.trace {
-            lines += "#define QFUSE_TRACE 1\n";
         }
         lines
     }

@@ -378,11 +378,6 @@ pub struct CudaOptions {
     /// on the H200); 2 also every other kernel before its wait (no better). Compiled in
     /// (`kernels::KernelBuild`).
     pub pdl_trigger: u8,
-    /// A measurement build (`QFUSE_CUDA_TRACE=1`): every kernel's first thread prints
-    /// `qfuse_trace FILE GRID_X GRID_Y GRID_Z BLOCK T0 T1` to stdout, T0 and T1 the %globaltimer
-    /// (ns) before and after its programmatic-dependent-launch wait, so a captured step's
-    /// timeline can be read: when each kernel started, and when the one before it finished.
-    pub trace: bool,
 }
 
 /// The bf16 parts of fp32 activations on the tensor cores ([`CudaOptions::prompt_parts`]).
@@ -514,7 +509,6 @@ impl Default for CudaOptions {
             },
             pdl_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_PDL_TRIGGER", 0..=2)
                 .map_or(KernelBuild::default().pdl_trigger, |n| n as u8),
-            trace: qfuse_core::knobs::env_flag("QFUSE_CUDA_TRACE"),
         }
     }
 }
@@ -636,7 +630,6 @@ impl CudaBackend {
         let blas = CudaBlas::new(stream.clone()).cuda()?;
         let build = KernelBuild {
             pdl_trigger: options.pdl_trigger,
-            trace: options.trace,
         };
         let kernels = Kernels::load(&ctx, &build.defines())?;
         let (major, minor) = ctx.compute_capability().cuda()?;
