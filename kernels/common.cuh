@@ -229,6 +229,13 @@ __device__ __forceinline__ void load8f(const float* __restrict__ p, float (&f)[8
     f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 
+// The device's nanosecond clock (the same on every SM), for the trace builds' stamps.
+__device__ __forceinline__ unsigned long long globaltimer_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 // Programmatic dependent launch (sm_90+; no-ops before). A kernel may be launched while the one
 // before it still runs (crates/cuda/src/launch.rs): until pdl_wait() returns it may read only
 // what no kernel writes (weights, and batch metadata the host copies in before the step) and
@@ -250,22 +257,56 @@ __device__ __forceinline__ void pdl_launch_dependents() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void pdl_wait() {
+// QFUSE_TRACE (CudaOptions::trace, a measurement build): the first thread of every kernel's
+// first block stamps %globaltimer before and after its wait (when the kernel started, and when
+// the kernels before it had finished) into this module's ring of records, with its grid, block
+// and the source line of the wait; the host reads the ring with cuModuleGetGlobal
+// (crates/cuda/src/trace.rs). A record is {t0, t1, grid x | grid y*z << 32, block x | line << 32}.
+// Stores, not prints: a print would make each kernel's completion wait for the host.
+#ifndef QFUSE_TRACE
+#define QFUSE_TRACE 0
+#endif
+#if QFUSE_TRACE
+#define QFUSE_TRACE_RECORDS 4096
+__device__ unsigned int qfuse_trace_count;
+__device__ unsigned long long qfuse_trace_records[QFUSE_TRACE_RECORDS * 4];
+#endif
+__device__ __forceinline__ void pdl_wait_at(unsigned line) {
+#if QFUSE_TRACE
+    const bool tracer = (blockIdx.x | blockIdx.y | blockIdx.z | threadIdx.x | threadIdx.y | threadIdx.z) == 0;
+    const unsigned long long t0 = tracer ? globaltimer_ns() : 0;
+#else
+    (void)line;
+#endif
 #if __CUDA_ARCH__ >= 900
     if (QFUSE_PDL_TRIGGER >= 2) pdl_launch_dependents();
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+#if QFUSE_TRACE
+    if (tracer) {
+        const unsigned long long t1 = globaltimer_ns();
+        const unsigned i = atomicAdd(&qfuse_trace_count, 1u) % QFUSE_TRACE_RECORDS;
+        unsigned long long* r = qfuse_trace_records + 4 * (size_t)i;
+        r[0] = t0;
+        r[1] = t1;
+        r[2] = gridDim.x | (unsigned long long)(gridDim.y * gridDim.z) << 32;
+        r[3] = blockDim.x * blockDim.y * blockDim.z | (unsigned long long)line << 32;
+    }
+#endif
 }
+// The source line names the kernel in a trace build.
+#define pdl_wait() pdl_wait_at(__LINE__)
 // A product kernel has requested all its weights (none of which an earlier kernel writes).
 __device__ __forceinline__ void pdl_weights_requested() {
     if (QFUSE_PDL_TRIGGER >= 1) pdl_launch_dependents();
 }
 
 // For kernels with nothing worth starting early: wait, then let the next kernel launch.
-__device__ __forceinline__ void pdl_begin() {
-    pdl_wait();
+__device__ __forceinline__ void pdl_begin_at(unsigned line) {
+    pdl_wait_at(line);
     pdl_launch_dependents();
 }
+#define pdl_begin() pdl_begin_at(__LINE__)
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
 

@@ -91,12 +91,6 @@ __device__ __forceinline__ void x3_mma(float c[4], u32 a0, u32 a1, u32 a2, u32 a
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ unsigned long long x3_now() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
 // Waits until at most `pending` of this thread's cp.async groups are still in flight.
 __device__ __forceinline__ void x3_wait_groups(int pending) {
     switch (pending) {
@@ -172,7 +166,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     // to trace[0..X3_PHASES) and 1 to trace[X3_PHASES].
     unsigned long long stamp[X3_PHASES + 1];
     const bool tracing = trace != nullptr && threadIdx.x == 0;
-    if (tracing) stamp[0] = x3_now();
+    if (tracing) stamp[0] = globaltimer_ns();
     // Dynamic shared memory: the weight slice [128 rows][kc * 32] bf16, then two staged rounds
     // of activations ([3 parts][64 rows][64 k] bf16 each), which afterwards hold the partial
     // tile ([64 rows][128 columns] fp32) for the cluster's reduction.
@@ -221,11 +215,11 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
             asm volatile("cp.async.commit_group;" ::: "memory");
         }
     }
-    if (tracing) stamp[1] = x3_now();
+    if (tracing) stamp[1] = globaltimer_ns();
     pdl_weights_requested();
     pdl_wait();
     pdl_launch_dependents();
-    if (tracing) stamp[2] = x3_now();
+    if (tracing) stamp[2] = globaltimer_ns();
 
     // Staging: thread tid owns float4 column su of the row pairs (R, R + 8) of pair indices
     // tid / 16 and tid / 16 + 16 (pair p: R = 16 (p / 8) + p % 8) of every round. A staged part
@@ -289,17 +283,17 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         }
         x3_store_parts(abuf, stage_at[0], xv[0], xv[1]);
         x3_store_parts(abuf, stage_at[1], xv[2], xv[3]);
-        if (tracing && r == 0) stamp[3] = x3_now();
+        if (tracing && r == 0) stamp[3] = globaltimer_ns();
         if (r + 1 < rounds) load_round(r + 1);
         x3_wait_groups(rounds - 1 - r);
         __syncthreads();
-        if (tracing && r == 0) stamp[4] = x3_now();
+        if (tracing && r == 0) stamp[4] = globaltimer_ns();
         // Both of the warp's m tiles (rows past T are staged as zeros) unless its second lies
         // wholly past T.
         if (2 * wm + 1 < mtiles) x3_products<2>(acc, abuf + a_base, b_base, b_flip, w_units, r, kc);
         else if (2 * wm < mtiles) x3_products<1>(acc, abuf + a_base, b_base, b_flip, w_units, r, kc);
     }
-    if (tracing) stamp[5] = x3_now();
+    if (tracing) stamp[5] = globaltimer_ns();
     if (NORM) {
         // Each row's squares over this slice: the 16 threads of a half-warp share rows.
 #pragma unroll
@@ -324,7 +318,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         }
     }
     x3_cluster_sync();
-    if (tracing) stamp[6] = x3_now();
+    if (tracing) stamp[6] = globaltimer_ns();
     if (NORM) {
         // 1/rms of each row from every slice's squares, in slice order.
         if (tid < T) {
@@ -379,11 +373,11 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
             }
         }
     }
-    if (tracing) stamp[7] = x3_now();
+    if (tracing) stamp[7] = globaltimer_ns();
     // No block may leave while the others still read its tile (nothing to publish: relaxed).
     asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
     if (tracing) {
-        stamp[8] = x3_now();
+        stamp[8] = globaltimer_ns();
         for (int i = 0; i < X3_PHASES; ++i) atomicAdd(trace + i, stamp[i + 1] - stamp[i]);
         atomicAdd(trace + X3_PHASES, 1ull);
     }

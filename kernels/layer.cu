@@ -87,12 +87,6 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
                  : "memory");
 }
 
-__device__ __forceinline__ unsigned long long layer_now() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
 __device__ void layer_plan(LayerPlan& p, const bf16_t* w_qkv, const bf16_t* w_o, const bf16_t* w_gu,
                            const bf16_t* w_down, int hidden, int qkv_rows, int attn_width, int inter) {
     p.mat[0] = LayerMat{w_qkv, qkv_rows, hidden, 0};
@@ -246,9 +240,9 @@ __device__ int layer_rows(const LayerPlan& p, int ph, int i0, const unsigned cha
     const int k = p.mat[ph].k, k8 = k / 8, lo = p.lo[ph];
     for (int c = 0; c < p.chunks[ph]; ++c) {
         const int i = i0 + c, slot = i % p.slots;
-        const unsigned long long w0 = waited != nullptr ? layer_now() : 0ull;
+        const unsigned long long w0 = waited != nullptr ? globaltimer_ns() : 0ull;
         mbar_wait(bars + 8u * slot, (u32)(i / p.slots) & 1u);
-        if (waited != nullptr) *waited += layer_now() - w0;
+        if (waited != nullptr) *waited += globaltimer_ns() - w0;
         const int r0 = lo + c * p.per_chunk[ph];
         const int nr = min(p.per_chunk[ph], lo + p.count[ph] - r0);
         const bf16_t* base = reinterpret_cast<const bf16_t*>(ring + (size_t)slot * SLOT_BYTES);
@@ -563,7 +557,7 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     const u32 ring_s = smem_u32(layer_smem), bars = smem_u32(bar_mem);
     const int attn_width = H * LAYER_D;
 
-    const unsigned long long t_start = layer_now();
+    const unsigned long long t_start = globaltimer_ns();
     // The plan in shared memory: every thread reads it in every phase (indexed by phase, it
     // would live in local memory per thread).
     __shared__ LayerPlan plan;
@@ -595,37 +589,37 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     unsigned long long stamp[11], waited = 0;
     unsigned long long* wait_sum = trace != nullptr ? &waited : nullptr;
     stamp[0] = t_start;
-    stamp[1] = layer_now();
+    stamp[1] = globaltimer_ns();
     float inv = layer_stage(scratch, x, in_norm, hidden, eps, red);
     int i = layer_rows<LAYER_EPI_SCALE>(p, 0, 0, ring, ring_s, bars, scratch, inv, nullptr, qkv, red + 16, wait_sum);
-    stamp[2] = layer_now();
+    stamp[2] = globaltimer_ns();
     grid_barrier(sync, G);
-    stamp[3] = layer_now();
+    stamp[3] = globaltimer_ns();
 
     layer_attention<KT, GM>(slice, qkv, q_norm, k_norm, kc, vc, block_tables, block_size, pos, H, KV, qk_eps,
                             scale_log2, cs, scratch, attn, part);
-    stamp[4] = layer_now();
+    stamp[4] = globaltimer_ns();
     grid_barrier(sync, 2 * G);
-    stamp[5] = layer_now();
+    stamp[5] = globaltimer_ns();
 
     stage_attention(scratch, attn, part, slice.S, slice.smax, attn_width, x, p.lo[1], p.count[1], res_s);
     i = layer_rows<LAYER_EPI_ADD>(p, 1, i, ring, ring_s, bars, scratch, 1.0f, res_s, h, red + 16, wait_sum);
-    stamp[6] = layer_now();
+    stamp[6] = globaltimer_ns();
     grid_barrier(sync, 3 * G);
-    stamp[7] = layer_now();
+    stamp[7] = globaltimer_ns();
 
     if (trigger == 1) pdl_launch_dependents();
     inv = layer_stage(scratch, h, post_norm, hidden, eps, red);
     i = layer_rows<LAYER_EPI_SILU>(p, 2, i, ring, ring_s, bars, scratch, inv, nullptr, act, red + 16, wait_sum);
-    stamp[8] = layer_now();
+    stamp[8] = globaltimer_ns();
     grid_barrier(sync, 4 * G);
-    stamp[9] = layer_now();
+    stamp[9] = globaltimer_ns();
 
     if (trigger == 2) pdl_launch_dependents();
     layer_stage(scratch, act, nullptr, inter, eps, red, h, p.lo[3], p.count[3], res_s);
     layer_rows<LAYER_EPI_ADD>(p, 3, i, ring, ring_s, bars, scratch, 1.0f, res_s, out, red + 16, wait_sum);
     if (trigger == 3) pdl_launch_dependents();
-    stamp[10] = layer_now();
+    stamp[10] = globaltimer_ns();
 
     // The last block out resets the barrier for the next launch.
     __syncthreads();

@@ -256,6 +256,9 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
             if let Some(trace) = report.gemm_x3_trace_report() {
                 eprintln!("{trace}");
             }
+            if let Some(trace) = report.kernel_trace_report() {
+                eprintln!("{trace}");
+            }
             Ok(())
         }
         "wgpu" => {

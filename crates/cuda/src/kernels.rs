@@ -4,12 +4,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaFunction};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 use crate::error::{CudaError, CudaResultExt};
 
-const COMMON: &str = include_str!("../../../kernels/common.cuh");
+pub(crate) const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// Every kernel file with its entry points.
 pub const SOURCES: &[(&str, &str, &[&str])] = &[
@@ -328,21 +328,44 @@ pub struct KernelBuild {
     /// wait, 1 once a decode product kernel has requested its weights, 2 also before every other
     /// kernel's wait). See [`CudaOptions::pdl_trigger`](crate::CudaOptions::pdl_trigger).
     pub pdl_trigger: u8,
+    /// `common.cuh`'s `QFUSE_TRACE`: every kernel stamps %globaltimer before and after its wait
+    /// into its module's ring (a measurement build; see [`CudaOptions::trace`](crate::CudaOptions::trace)).
+    pub trace: bool,
 }
 
 impl Default for KernelBuild {
     fn default() -> Self {
-        KernelBuild { pdl_trigger: 1 }
+        KernelBuild {
+            pdl_trigger: 1,
+            trace: false,
+        }
     }
 }
 
 impl KernelBuild {
+    /// A build named as `scripts/gpu-bundle`'s `BUILDS=` names it: an optional `pdl_trigger`
+    /// digit, then `t` for the trace build (`0`, `2`, `t`, `0t`); `None` for anything else.
+    pub fn from_spec(spec: &str) -> Option<Self> {
+        let (trigger, trace) = match spec.strip_suffix('t') {
+            Some(rest) => (rest, true),
+            None => (spec, false),
+        };
+        let pdl_trigger = match trigger {
+            "" if trace => KernelBuild::default().pdl_trigger,
+            t => t.parse().ok().filter(|&t| t <= 2)?,
+        };
+        Some(KernelBuild { pdl_trigger, trace })
+    }
+
     /// The preprocessor lines for the choices that differ from the headers' defaults.
     pub fn defines(&self) -> String {
         let default = KernelBuild::default();
         let mut lines = String::new();
         if self.pdl_trigger != default.pdl_trigger {
             lines += &format!("#define QFUSE_PDL_TRIGGER {}\n", self.pdl_trigger);
+        }
+        if self.trace {
+            lines += "#define QFUSE_TRACE 1\n";
         }
         lines
     }
@@ -365,8 +388,18 @@ pub fn compile(
         name: Some(file.into()),
         ..Default::default()
     };
-    compile_ptx_with_opts(format!("{defines}{COMMON}\n{src}"), opts)
+    compile_ptx_with_opts(format!("{}{src}", prelude(defines)), opts)
         .map_err(|err| CudaError::Nvrtc { file, err })
+}
+
+/// What `compile` puts before a kernel file: the defines, then the shared header.
+fn prelude(defines: &str) -> String {
+    format!("{defines}{COMMON}\n")
+}
+
+/// The line of a compiled program (what `__LINE__` says) that holds a kernel file's first line.
+pub fn first_source_line(defines: &str) -> usize {
+    prelude(defines).matches('\n').count() + 1
 }
 
 /// `compile`'s PTX for a file, from the on-disk cache where an identical compile (same header,
@@ -472,6 +505,8 @@ pub fn arch_name(major: i32, minor: i32) -> &'static str {
 /// Every entry point, loaded.
 pub struct Kernels {
     functions: HashMap<&'static str, CudaFunction>,
+    /// Every loaded module with its file name and source, for reading a trace build's rings.
+    pub(crate) modules: Vec<(&'static str, &'static str, Arc<CudaModule>)>,
 }
 
 impl Kernels {
@@ -481,6 +516,7 @@ impl Kernels {
         let (major, minor) = ctx.compute_capability()?;
         let arch = arch_name(major, minor);
         let mut functions = HashMap::new();
+        let mut modules = Vec::new();
         let hopper: &[_] = if (major, minor) == (9, 0) {
             SM90A_SOURCES
         } else {
@@ -523,8 +559,9 @@ impl Kernels {
                     })?;
                 functions.insert(*name, f);
             }
+            modules.push((*file, *src, module));
         }
-        Ok(Kernels { functions })
+        Ok(Kernels { functions, modules })
     }
 
     /// Lets each entry point in `names` take the device's opt-in shared memory (kernels that

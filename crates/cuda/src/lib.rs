@@ -30,6 +30,7 @@ pub mod kernels;
 mod launch;
 mod layer;
 mod pool;
+mod trace;
 mod x3;
 
 use std::fmt;
@@ -378,6 +379,11 @@ pub struct CudaOptions {
     /// on the H200); 2 also every other kernel before its wait (no better). Compiled in
     /// (`kernels::KernelBuild`).
     pub pdl_trigger: u8,
+    /// A measurement build (`QFUSE_CUDA_TRACE=1`): every kernel's first thread stamps
+    /// %globaltimer before and after its programmatic-dependent-launch wait into its module's
+    /// ring, so [`CudaBackend::kernel_trace_report`] can show where a captured decode step's time
+    /// goes (when each kernel started, and when the ones before it had finished).
+    pub trace: bool,
 }
 
 /// The bf16 parts of fp32 activations on the tensor cores ([`CudaOptions::prompt_parts`]).
@@ -509,6 +515,7 @@ impl Default for CudaOptions {
             },
             pdl_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_PDL_TRIGGER", 0..=2)
                 .map_or(KernelBuild::default().pdl_trigger, |n| n as u8),
+            trace: qfuse_core::knobs::env_flag("QFUSE_CUDA_TRACE"),
         }
     }
 }
@@ -630,6 +637,7 @@ impl CudaBackend {
         let blas = CudaBlas::new(stream.clone()).cuda()?;
         let build = KernelBuild {
             pdl_trigger: options.pdl_trigger,
+            trace: options.trace,
         };
         let kernels = Kernels::load(&ctx, &build.defines())?;
         let (major, minor) = ctx.compute_capability().cuda()?;

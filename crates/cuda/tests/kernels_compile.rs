@@ -21,15 +21,15 @@ fn every_kernel_compiles_with_nvrtc() {
         .chain(SM90A_SOURCES.iter().map(|f| ("sm_90a", f)));
     // QFUSE_KERNEL_CACHE_FILL=DIR leaves the Hopper builds in a PTX cache at DIR, as the backend
     // would (scripts/gpu-bundle ships it, so the GPU machine skips its first compile).
-    // QFUSE_KERNEL_CACHE_FILL_BUILDS=0,2 also leaves those KernelBuilds (by pdl_trigger) there.
+    // QFUSE_KERNEL_CACHE_FILL_BUILDS=0,2,t also leaves those KernelBuilds there
+    // (KernelBuild::from_spec).
     let fill = std::env::var_os("QFUSE_KERNEL_CACHE_FILL").map(std::path::PathBuf::from);
     if let Some(dir) = &fill {
         let extra = std::env::var("QFUSE_KERNEL_CACHE_FILL_BUILDS").unwrap_or_default();
         for spec in extra.split(',').filter(|t| !t.is_empty()) {
-            let defines = KernelBuild {
-                pdl_trigger: spec.parse().expect("a pdl_trigger"),
-            }
-            .defines();
+            let defines = KernelBuild::from_spec(spec)
+                .unwrap_or_else(|| panic!("`{spec}` names no KernelBuild"))
+                .defines();
             for (arch, (file, src, _)) in builds.clone().filter(|(a, _)| a.starts_with("sm_90")) {
                 cached_ptx_in(Some(dir), file, src, arch, &defines)
                     .unwrap_or_else(|e| panic!("{arch}, build {spec}: {e}"));
@@ -91,7 +91,7 @@ fn compiled_kernels_are_cached_on_disk() {
     assert!(!hit, "another architecture");
     let (_, hit) = cached_ptx_in(Some(&dir), file, &format!("{src}\n"), "sm_90", "").unwrap();
     assert!(!hit, "another source");
-    let early = KernelBuild { pdl_trigger: 2 }.defines();
+    let early = KernelBuild::from_spec("2").unwrap().defines();
     let (other, hit) = cached_ptx_in(Some(&dir), file, src, "sm_90", &early).unwrap();
     assert!(!hit, "other defines");
     assert_ne!(other.to_src(), first.to_src());
@@ -111,7 +111,10 @@ fn pdl_trigger_builds_launch_dependents_before_the_wait() {
     let src_of = |name| SOURCES.iter().find(|(f, _, _)| *f == name).unwrap().1;
     // How many launches of the dependents entry `entry` has before its first wait.
     let launches_before_wait = |file, entry: &str, pdl_trigger| {
-        let build = KernelBuild { pdl_trigger };
+        let build = KernelBuild {
+            pdl_trigger,
+            ..KernelBuild::default()
+        };
         let ptx = compile(file, src_of(file), "sm_90", &build.defines())
             .unwrap()
             .to_src();
@@ -126,4 +129,33 @@ fn pdl_trigger_builds_launch_dependents_before_the_wait() {
     assert_eq!(launches_before_wait("gemv.cu", gemv, 1), 1);
     assert_eq!(launches_before_wait("rms_norm.cu", "rms_norm_f32", 1), 0);
     assert_eq!(launches_before_wait("rms_norm.cu", "rms_norm_f32", 2), 1);
+}
+
+/// The trace build gives every module its ring of stamps, taken around each wait; the default
+/// build has neither.
+#[test]
+fn the_trace_build_stamps_every_wait() {
+    // SAFETY: only tries to dlopen libnvrtc.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("skipping: libnvrtc.so.13 not found");
+        return;
+    }
+    let traced = KernelBuild::from_spec("t").unwrap();
+    assert!(traced.trace);
+    assert_eq!(traced.pdl_trigger, KernelBuild::default().pdl_trigger);
+    for (file, src, _) in SOURCES
+        .iter()
+        .filter(|(f, _, _)| ["rms_norm.cu", "gemv.cu"].contains(f))
+    {
+        let ptx_of = |build: KernelBuild| {
+            compile(file, src, "sm_90", &build.defines())
+                .unwrap()
+                .to_src()
+        };
+        let (with, without) = (ptx_of(traced), ptx_of(KernelBuild::default()));
+        assert!(with.contains("qfuse_trace_records"), "{file}");
+        assert!(with.contains("%globaltimer"), "{file}");
+        assert!(!without.contains("qfuse_trace"), "{file}");
+        assert!(!without.contains("%globaltimer"), "{file}");
+    }
 }
