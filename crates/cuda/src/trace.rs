@@ -15,10 +15,12 @@ use crate::CudaBackend;
 const RING: usize = 4096;
 const WORDS: usize = 4;
 
-/// Host gap that separates two steps: a step's first kernel is launched by the host after the
-/// step before has finished, while inside a step each kernel is launched before or just after
-/// the one before it passes its wait.
+/// What separates two steps: a step's first kernel is launched by the host after the step
+/// before has finished, so it finds nothing to wait for, and it starts well after the last wait
+/// returned. (Inside a step a kernel may also start long after the one before it passed its
+/// wait, as one that follows the multi-wave lm_head, but then it waits for that kernel.)
 const STEP_GAP_NS: u64 = 20_000;
+const NO_WAIT_NS: u64 = 1_000;
 
 /// One kernel launch's stamps.
 #[derive(Clone, Debug, PartialEq)]
@@ -92,7 +94,8 @@ fn steps(stamps: &[Stamp]) -> Vec<&[Stamp]> {
     let mut out = Vec::new();
     let mut begin = 0;
     for i in 1..stamps.len() {
-        if stamps[i].t0 > stamps[i - 1].t1 + STEP_GAP_NS {
+        let waited = stamps[i].t1.saturating_sub(stamps[i].t0);
+        if stamps[i].t0 > stamps[i - 1].t1 + STEP_GAP_NS && waited < NO_WAIT_NS {
             out.push(&stamps[begin..i]);
             begin = i;
         }
@@ -173,6 +176,26 @@ impl CudaBackend {
     /// kernel's share of the critical path, how long it waited), read from every module's
     /// ring; `None` when not traced or the rings cannot be read.
     pub fn kernel_trace_report(&self) -> Option<String> {
+        Some(report(&mut self.kernel_stamps()?))
+    }
+
+    /// With `QFUSE_CUDA_TRACE=1`: every stamp the rings hold, one launch a line in the order
+    /// the waits returned (`t0_ns t1_ns kernel grid_x grid_yz block`), for offline analysis.
+    pub fn kernel_trace_lines(&self) -> Option<String> {
+        let mut stamps = self.kernel_stamps()?;
+        stamps.sort_by_key(|s| s.t1);
+        let mut out = String::new();
+        for s in &stamps {
+            let _ = writeln!(
+                out,
+                "{} {} {} {} {} {}",
+                s.t0, s.t1, s.kernel, s.grid.0, s.grid.1, s.block
+            );
+        }
+        Some(out)
+    }
+
+    fn kernel_stamps(&self) -> Option<Vec<Stamp>> {
         let options = &self.inner.options;
         if !options.trace {
             return None;
@@ -202,7 +225,7 @@ impl CudaBackend {
                 .collect();
             stamps.extend(decode_ring(file, src, first_line, count, &words));
         }
-        Some(report(&mut stamps))
+        Some(stamps)
     }
 }
 
@@ -299,14 +322,15 @@ mod tests {
 
     #[test]
     fn steps_split_at_the_hosts_gaps() {
-        // Two steps of three kernels, each kernel launched before the one before it finished.
+        // Two steps of three kernels, each kernel launched before the one before it finished,
+        // but the third one of the first step only 40 µs after the second passed its wait.
         let s = [
-            stamp(0, 1_000),
+            stamp(0, 100),
             stamp(500, 5_000),
-            stamp(4_000, 9_000),
-            stamp(60_000, 60_100),
-            stamp(60_050, 64_000),
-            stamp(63_000, 70_000),
+            stamp(45_000, 49_000),
+            stamp(100_000, 100_100),
+            stamp(100_050, 104_000),
+            stamp(103_000, 110_000),
         ];
         let split = steps(&s);
         assert_eq!(split.len(), 2);
