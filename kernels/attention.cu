@@ -4,6 +4,8 @@
 // gains, RoPE and softmax are fp32 (RoPE angles are formed and reduced in double first).
 
 #define ATTN_WARPS 4
+// Most splits of a decode context (ContextSplit::decode's cap; a cluster of 16 is non-portable).
+#define ATTN_MAX_SPLITS 16
 
 // N consecutive cache elements as floats, one vector load (p aligned to N elements).
 template <int N> __device__ __forceinline__ void kv_load_vec(const float* p, float* o) {
@@ -313,6 +315,60 @@ __device__ void finish_splits(const float* merge, int G, int d, int H, int KV, i
     }
 }
 
+// finish_splits for a launch whose splits of each (token, KV head) form one thread-block cluster
+// (sm_90; the host's choice, QFUSE_CUDA_ATTN_CLUSTER): each block leaves its merged partials
+// (o, max, sum) in its own shared memory, and after one cluster barrier block `rank` combines
+// 1/n of the G x d outputs from every split's shared memory. No partials go through global
+// memory, and no fence, arrival counter or re-read of them sits on the critical path (at batch 1
+// those were most of the kernel's ~10.8 µs a layer, docs/perf.md). Every block of the cluster,
+// idle splits included, passes both barriers; only the first `active` hold keys.
+#if __CUDA_ARCH__ >= 900
+template <int GM>
+__device__ void finish_splits_cluster(const float* merge, int G, int d, int H, int t, int kv, int active,
+                                      float* __restrict__ out) {
+    __shared__ float part_o[GM * 128];  // [G][d]
+    __shared__ float part_ml[GM * 2];   // [G] (max, sum)
+    for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
+        const int g = idx / d, dd = idx % d;
+        float M, L, O;
+        merge_warps(merge, G, d, g, dd, M, L, O);
+        part_o[idx] = O;
+        if (dd == 0) {
+            part_ml[2 * g] = M;
+            part_ml[2 * g + 1] = L;
+        }
+    }
+    cluster_sync();
+    const int n = (int)cluster_size(), rank = (int)cluster_rank();
+    const int per = (G * d + n - 1) / n, last = min(G * d, (rank + 1) * per);
+    const u32 o_addr = smem_addr(part_o), ml_addr = smem_addr(part_ml);
+    for (int idx = rank * per + threadIdx.x; idx < last; idx += blockDim.x) {
+        const int g = idx / d, dd = idx % d;
+        // Every split's loads issued before any is used: one round trip.
+        float ms[ATTN_MAX_SPLITS], ls[ATTN_MAX_SPLITS], os[ATTN_MAX_SPLITS];
+#pragma unroll
+        for (int j = 0; j < ATTN_MAX_SPLITS; ++j) {
+            ms[j] = j < active ? ld_peer(ml_addr + 8u * g, j) : -INFINITY;
+            ls[j] = j < active ? ld_peer(ml_addr + 8u * g + 4u, j) : 0.0f;
+            os[j] = j < active ? ld_peer(o_addr + 4u * idx, j) : 0.0f;
+        }
+        float M = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < ATTN_MAX_SPLITS; ++j) M = fmaxf(M, ms[j]);
+        float L = 0.0f, O = 0.0f;
+#pragma unroll
+        for (int j = 0; j < ATTN_MAX_SPLITS; ++j) {
+            if (ms[j] == -INFINITY) continue;
+            const float f = exp2f(ms[j] - M);
+            L += ls[j] * f;
+            O += os[j] * f;
+        }
+        out[(size_t)t * H * d + (size_t)(kv * G + g) * d + dd] = O / L;
+    }
+    cluster_sync_relaxed();
+}
+#endif
+
 // Causal attention over the paged cache, split along the context ("flash-decoding"). Block
 // (t, kv, split) reads the keys and values of KV head `kv` in its slice of token t's context
 // once, for all G query heads that share it (GQA). Warp w takes keys w, w + ATTN_WARPS, ... in
@@ -561,7 +617,14 @@ __device__ void attention_many(
         my_slot = slot_of(kb + STEP + r);
     }
     pdl_begin();
-    if (begin >= end) return;  // past the token's position: no keys, not counted in `active`
+    // A split past the token's position has no keys and is not counted in `active`; launched
+    // as a cluster it still takes part in the combine's barriers (with nothing to offer).
+#if __CUDA_ARCH__ >= 900
+    const bool clustered = cluster_size() > 1;
+#else
+    const bool clustered = false;
+#endif
+    if (begin >= end && !clustered) return;
     if (!QKN) {
         load_group(kb);
         my_slot = slot_of(kb + STEP + r);
@@ -584,7 +647,7 @@ __device__ void attention_many(
     // Every load of the prologue (q rows; with QKN the token's own key and value rows and both
     // gains) is issued before any is used, so it costs one round trip, not one per head.
     const size_t q_row = (size_t)t * (QKN ? H + 2 * KV : H) * d;
-    const bool own_key = QKN && end == keys;
+    const bool own_key = QKN && begin < end && end == keys;
     float qx[GM][4], kx[4], vx[4], gq[4], gk[4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -680,6 +743,12 @@ __device__ void attention_many(
     }
     store_warp_partials<GM, 4>(smem, G, d, d0, o, m, l);
     __syncthreads();
+#if __CUDA_ARCH__ >= 900
+    if (clustered) {
+        finish_splits_cluster<GM>(smem, G, d, H, t, kv, active, out);
+        return;
+    }
+#endif
     finish_splits(smem, G, d, H, KV, t, kv, split, active, out, part_o, part_ml, counters);
 }
 

@@ -229,6 +229,57 @@ __device__ __forceinline__ void load8f(const float* __restrict__ p, float (&f)[8
     f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 
+// Thread-block clusters (sm_90): a block's shared-memory address, the cluster barrier (release
+// this block's shared-memory writes, acquire the others'), this block's rank and the cluster's
+// size (1 when launched without clusters), and loads from a peer block's shared memory.
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// A barrier with nothing to publish: no block leaves while the others still read its memory.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+__device__ __forceinline__ u32 cluster_size() {
+    u32 n;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+    return n;
+}
+
+// The float at shared address `addr` of the cluster's block `rank`.
+__device__ __forceinline__ float ld_peer(u32 addr, u32 rank) {
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+// The four floats at shared address `addr` (16-byte aligned) of the cluster's block `rank`.
+__device__ __forceinline__ float4 ld_peer4(u32 addr, u32 rank) {
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(remote) : "memory");
+    return v;
+}
+#endif
+
 // The device's nanosecond clock (the same on every SM), for the trace builds' stamps.
 __device__ __forceinline__ unsigned long long globaltimer_ns() {
     unsigned long long t;

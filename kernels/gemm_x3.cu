@@ -48,41 +48,6 @@
 #define X3_APART (X3_TMAX * X3_RK * 2)
 
 #if __CUDA_ARCH__ >= 900
-__device__ __forceinline__ u32 x3_smem_addr(const void* p) {
-    unsigned long long a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-    return (u32)a;
-}
-
-__device__ __forceinline__ void x3_cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-__device__ __forceinline__ u32 x3_cluster_rank() {
-    u32 r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-
-// The float at shared address `addr` of the cluster's block `rank`.
-__device__ __forceinline__ float x3_ld_peer(u32 addr, u32 rank) {
-    u32 remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
-    float v;
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-    return v;
-}
-
-// The four floats at shared address `addr` (16-byte aligned) of the cluster's block `rank`.
-__device__ __forceinline__ float4 x3_ld_peer4(u32 addr, u32 rank) {
-    u32 remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
-    float4 v;
-    asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "r"(remote) : "memory");
-    return v;
-}
-
 __device__ __forceinline__ void x3_mma(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -188,7 +153,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     // zero-filled. Odd rows swap units in fours (unit u at u ^ 4), so the two rows a quarter-warp's
     // fragment loads touch fall in different banks; rows of an odd number of chunks are already
     // offset by half a 128-byte line and keep their order.
-    const u32 wsm_addr = x3_smem_addr(wsm);
+    const u32 wsm_addr = smem_addr(wsm);
     const int wswap = (w_units & 4) ? 0 : 1;
     {
         const int u8 = tid & 7;
@@ -317,26 +282,26 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
             red[(t0 + 8) * X3_ROWS + col + 1] = acc[m][nt][3];
         }
     }
-    x3_cluster_sync();
+    cluster_sync();
     if (tracing) stamp[6] = globaltimer_ns();
     if (NORM) {
         // 1/rms of each row from every slice's squares, in slice order.
         if (tid < T) {
-            const u32 ss_addr = x3_smem_addr(ss_part) + 4u * (u32)tid;
+            const u32 ss_addr = smem_addr(ss_part) + 4u * (u32)tid;
             float tot = 0.0f;
-            for (int q = 0; q < S; ++q) tot += x3_ld_peer(ss_addr, (u32)q);
+            for (int q = 0; q < S; ++q) tot += ld_peer(ss_addr, (u32)q);
             inv_rms[tid] = rsqrtf(tot / K + eps);
         }
         __syncthreads();
     }
     // This block's share of the tile's outputs, four columns at a time, summed over the S slices
     // in order.
-    const u32 rank = x3_cluster_rank();
+    const u32 rank = cluster_rank();
     constexpr int cols_out = EPI == EPI_SILU ? 64 : X3_ROWS;
     const int out_n = EPI == EPI_SILU ? half : N;
     const int total = T * (cols_out / 4), per = (total + S - 1) / S;
     const int end = (int)(rank + 1) * per < total ? (int)(rank + 1) * per : total;
-    const u32 red_addr = x3_smem_addr(red);
+    const u32 red_addr = smem_addr(red);
     for (int idx = (int)rank * per + tid; idx < end; idx += X3_WARPS * 32) {
         const int t = idx / (cols_out / 4), c = (idx % (cols_out / 4)) * 4;
         const u32 at = red_addr + 4u * (u32)(t * X3_ROWS + c);
@@ -347,8 +312,8 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 if (q0 + i < S) {
-                    va[i] = x3_ld_peer4(at, (u32)(q0 + i));
-                    if (EPI == EPI_SILU) vb[i] = x3_ld_peer4(at + 4u * 64u, (u32)(q0 + i));
+                    va[i] = ld_peer4(at, (u32)(q0 + i));
+                    if (EPI == EPI_SILU) vb[i] = ld_peer4(at + 4u * 64u, (u32)(q0 + i));
                 }
             }
 #pragma unroll
@@ -375,7 +340,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     }
     if (tracing) stamp[7] = globaltimer_ns();
     // No block may leave while the others still read its tile (nothing to publish: relaxed).
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+    cluster_sync_relaxed();
     if (tracing) {
         stamp[8] = globaltimer_ns();
         for (int i = 0; i < X3_PHASES; ++i) atomicAdd(trace + i, stamp[i + 1] - stamp[i]);

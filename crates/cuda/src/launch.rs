@@ -27,8 +27,8 @@ pub(crate) struct Launch<'a> {
     /// Tensor-map parameters (TMA descriptors, 128 bytes each) and the parameter index of each.
     tensor_maps: Vec<(usize, Box<sys::CUtensorMap>)>,
     pdl: bool,
-    /// Blocks along y grouped into one thread-block cluster (sm_90), if any.
-    cluster_y: Option<u32>,
+    /// The thread-block cluster's shape (sm_90), if any.
+    cluster: Option<(u32, u32, u32)>,
 }
 
 impl<'a> Launch<'a> {
@@ -40,13 +40,14 @@ impl<'a> Launch<'a> {
             args: Vec::with_capacity(24),
             tensor_maps: Vec::new(),
             pdl,
-            cluster_y: None,
+            cluster: None,
         }
     }
 
-    /// Launches the grid as thread-block clusters of `y` consecutive blocks along y (sm_90).
-    pub(crate) fn cluster_y(&mut self, y: u32) -> &mut Self {
-        self.cluster_y = Some(y);
+    /// Launches the grid as thread-block clusters of `x` × `y` × `z` consecutive blocks (sm_90;
+    /// each must divide the grid's).
+    pub(crate) fn cluster(&mut self, x: u32, y: u32, z: u32) -> &mut Self {
+        self.cluster = Some((x, y, z));
         self
     }
 
@@ -124,13 +125,13 @@ impl<'a> Launch<'a> {
             attr.value.programmaticStreamSerializationAllowed = 1;
             attrs.push(attr);
         }
-        if let Some(y) = self.cluster_y {
+        if let Some((x, y, z)) = self.cluster {
             // SAFETY: as above; clusterDim is the field CLUSTER_DIMENSION names.
             let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
             attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-            attr.value.clusterDim.x = 1;
+            attr.value.clusterDim.x = x;
             attr.value.clusterDim.y = y;
-            attr.value.clusterDim.z = 1;
+            attr.value.clusterDim.z = z;
             attrs.push(attr);
         }
         let config = sys::CUlaunchConfig {

@@ -298,6 +298,11 @@ struct Inner {
     /// Fewest keys in a context split of the decode attention (`QFUSE_CUDA_DECODE_MIN_CHUNK`,
     /// default [`DECODE_MIN_CHUNK`]).
     decode_min_chunk: usize,
+    /// Most splits the decode attention launches as one thread-block cluster, combining them
+    /// in distributed shared memory (`kernels/attention.cu`, `finish_splits_cluster`); 0: no
+    /// clusters (before sm_90, or `QFUSE_CUDA_ATTN_CLUSTER=0`), the splits combine through
+    /// global memory and an arrival counter.
+    attn_cluster: usize,
     options: CudaOptions,
     /// Programmatic dependent launches in use (option on and the GPU is sm_90 or later).
     pdl: bool,
@@ -701,6 +706,13 @@ impl CudaBackend {
         } else {
             None
         };
+        let attn_cluster = if major >= 9
+            && qfuse_core::knobs::env_knob("QFUSE_CUDA_ATTN_CLUSTER", 0..=1) != Some(0)
+        {
+            decode_attention_clusters(&kernels)?
+        } else {
+            0
+        };
         let counters = stream.alloc_zeros::<u32>(ATTN_COUNTERS).cuda()?;
         let name = ctx.name().cuda()?;
         let sm_count = ctx
@@ -735,6 +747,7 @@ impl CudaBackend {
                     32..=1 << 20,
                 )
                 .unwrap_or(DECODE_MIN_CHUNK),
+                attn_cluster,
                 attn_many_blocks_per_sm: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_ATTN_MANY_BLOCKS_PER_SM",
                     0..=64,
@@ -1245,7 +1258,7 @@ impl CudaBackend {
             }
             None => l.ptr(0),
         };
-        l.cluster_y(plan.slices as u32);
+        l.cluster(1, plan.slices as u32, 1);
         let cfg = LaunchConfig {
             grid_dim: (plan.tiles as u32, plan.slices as u32, 1),
             block_dim: (256, 1, 1),
@@ -1505,9 +1518,20 @@ impl CudaBackend {
             ContextSplit::split_k(max_ctx, blocks, self.inner.sm_count)
         };
         let (chunk, splits) = (split.chunk, split.splits);
+        // A decode context's splits as one cluster combine in shared memory.
+        let cluster = many && splits > 1 && splits <= self.inner.attn_cluster;
+        let global_combine = splits > 1 && !cluster;
         let out = self.alloc_f32(t * c)?;
-        let part_o = self.alloc_f32(if splits > 1 { t * h * splits * d } else { 1 })?;
-        let part_ml = self.alloc_f32(if splits > 1 { t * h * splits * 2 } else { 1 })?;
+        let part_o = self.alloc_f32(if global_combine {
+            t * h * splits * d
+        } else {
+            1
+        })?;
+        let part_ml = self.alloc_f32(if global_combine {
+            t * h * splits * 2
+        } else {
+            1
+        })?;
         let counters = self.counters(t * kvh)?;
         let scale_log2 = (cfg.scale() * std::f64::consts::LOG2_E) as f32;
         let op = "attention";
@@ -1531,6 +1555,9 @@ impl CudaBackend {
                 .f64(cfg.rope_theta.log2())
                 .f32(cfg.qk_norm_eps as f32);
         }
+        if cluster {
+            l.cluster(1, 1, splits as u32);
+        }
         let cfg_launch = LaunchConfig {
             grid_dim: (t as u32, kvh as u32, splits as u32),
             block_dim: (32 * ATTN_WARPS, 1, 1),
@@ -1541,8 +1568,10 @@ impl CudaBackend {
         // kvh*d] and every block of every table is inside (checked); tables are [seqs,
         // max_blocks]; group <= MAX_G and d <= 256 (checked; the decode kernel only for d <= 128,
         // a multiple of 4 (8 with qkn): 16-byte aligned rows); shared memory as the kernel lays
-        // it out; the partial buffers hold t*h*splits*(d | 2) floats when splits > 1; counters
-        // holds t*kvh zeros, which the kernel leaves zero.
+        // it out; the partial buffers hold t*h*splits*(d | 2) floats when the splits combine
+        // through them; counters holds t*kvh zeros, which the kernel leaves zero; a cluster
+        // spans the z extent (2..=attn_cluster <= 16 blocks, allowed by
+        // decode_attention_clusters), which it divides.
         unsafe { l.launch(cfg_launch) }.cuda()?;
         Ok(Self::f32_tensor([t, c], out))
     }
@@ -2481,6 +2510,24 @@ fn gemv_warps_per_sm() -> usize {
 struct ContextSplit {
     chunk: usize,
     splits: usize,
+}
+
+/// The most splits the decode attention kernels may launch as one cluster: 16 where each entry
+/// point is allowed that non-portable size (H100/H200), else the portable 8.
+fn decode_attention_clusters(kernels: &Kernels) -> Result<usize> {
+    let mut most = 16;
+    for (_, _, names) in kernels::SOURCES {
+        for name in names.iter().filter(|n| n.starts_with("attention_many")) {
+            let allowed = kernels.get(name).cuda()?.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                1,
+            );
+            if allowed.is_err() {
+                most = 8;
+            }
+        }
+    }
+    Ok(most)
 }
 
 impl ContextSplit {
