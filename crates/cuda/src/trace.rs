@@ -89,6 +89,23 @@ fn decode_ring(file: &str, src: &str, first_line: usize, count: u32, words: &[u6
         .collect()
 }
 
+/// The stamps of every ring (each with whether it wrapped) from when all of them hold every
+/// launch: a ring that wrapped lost its older stamps, so before its oldest kept one the other
+/// rings' stamps would make partial steps.
+fn complete_window(rings: Vec<(Vec<Stamp>, bool)>) -> Vec<Stamp> {
+    let horizon = rings
+        .iter()
+        .filter(|(_, wrapped)| *wrapped)
+        .filter_map(|(stamps, _)| stamps.iter().map(|s| s.t1).min())
+        .max()
+        .unwrap_or(0);
+    rings
+        .into_iter()
+        .flat_map(|(stamps, _)| stamps)
+        .filter(|s| s.t1 >= horizon)
+        .collect()
+}
+
 /// Splits stamps (sorted by wait return) into steps at the host's gaps.
 fn steps(stamps: &[Stamp]) -> Vec<&[Stamp]> {
     let mut out = Vec::new();
@@ -208,7 +225,7 @@ impl CudaBackend {
         let first_line = first_source_line(&defines);
         let stream = self.stream();
         stream.synchronize().ok()?;
-        let mut stamps = Vec::new();
+        let mut rings = Vec::new();
         for (file, src, module) in &self.inner.kernels.modules {
             // A module none of whose kernels waits has no ring.
             let Ok(count) = module.get_global("qfuse_trace_count", stream) else {
@@ -223,9 +240,10 @@ impl CudaBackend {
                 .chunks_exact(8)
                 .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
                 .collect();
-            stamps.extend(decode_ring(file, src, first_line, count, &words));
+            let wrapped = count as usize > RING;
+            rings.push((decode_ring(file, src, first_line, count, &words), wrapped));
         }
-        Some(stamps)
+        Some(complete_window(rings))
     }
 }
 
@@ -336,6 +354,19 @@ mod tests {
         assert_eq!(split.len(), 2);
         assert_eq!(split[0].len(), 3);
         assert_eq!(split[1][0], s[3]);
+    }
+
+    #[test]
+    fn only_the_span_every_ring_still_holds_is_kept() {
+        let ring = |ts: &[u64]| ts.iter().map(|&t| stamp(t, t)).collect::<Vec<_>>();
+        let rings = vec![
+            (ring(&[10, 20, 30]), false),
+            (ring(&[15, 25]), true),
+            (ring(&[5, 40]), true),
+            (ring(&[1, 50]), false),
+        ];
+        let kept: Vec<u64> = complete_window(rings).iter().map(|s| s.t1).collect();
+        assert_eq!(kept, [20, 30, 15, 25, 40, 50]);
     }
 
     #[test]
