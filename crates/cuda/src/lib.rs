@@ -2512,10 +2512,14 @@ struct ContextSplit {
     splits: usize,
 }
 
+/// Most splits of a decode context (`ATTN_MAX_SPLITS` in `kernels/attention.cu`, whose cluster
+/// combine holds one register per split).
+const DECODE_MAX_SPLITS: usize = 16;
+
 /// The most splits the decode attention kernels may launch as one cluster: 16 where each entry
 /// point is allowed that non-portable size (H100/H200), else the portable 8.
 fn decode_attention_clusters(kernels: &Kernels) -> Result<usize> {
-    let mut most = 16;
+    let mut most = DECODE_MAX_SPLITS;
     for (_, _, names) in kernels::SOURCES {
         for name in names.iter().filter(|n| n.starts_with("attention_many")) {
             let allowed = kernels.get(name).cuda()?.set_attribute(
@@ -2542,12 +2546,13 @@ impl ContextSplit {
     /// The decode kernel (`attention_many`) splits only as far as one wave of resident blocks
     /// holds (`wave` blocks, rounding down): measured on the H200 at batch 64 (docs/perf.md),
     /// every split past that lost (3.97 ms/step unsplit, 4.18 at 2 splits, 4.91 at 9), while
-    /// few long sequences need splits to fill the GPU. At most 16: the last block's combine
-    /// walks every split's partials in turn (batch 1 at 2,052 keys: 65 splits 2.46 ms/step,
-    /// where the split-K kernel's 33 took 2.03).
+    /// few long sequences need splits to fill the GPU. At most [`DECODE_MAX_SPLITS`]: the
+    /// largest cluster on sm_90, where a context's splits combine as one; elsewhere the last
+    /// block's combine walks every split's partials in turn (batch 1 at 2,052 keys: 65 splits
+    /// 2.46 ms/step, where the split-K kernel's 33 took 2.03).
     /// Each split takes at least `min_chunk` keys.
     fn decode(max_ctx: usize, blocks: usize, wave: usize, min_chunk: usize) -> Self {
-        let want = (wave / blocks.max(1)).clamp(1, 16);
+        let want = (wave / blocks.max(1)).clamp(1, DECODE_MAX_SPLITS);
         Self::with_splits(max_ctx, want.min(max_ctx.div_ceil(min_chunk.max(1))))
     }
 
@@ -2652,6 +2657,26 @@ mod tests {
             .iter()
             .chain(kernels::SM90A_SOURCES)
             .any(|(_, _, names)| names.contains(&name))
+    }
+
+    /// The splits' cap is what the kernel's cluster combine holds, and the cap is kept.
+    #[test]
+    fn decode_splits_fit_the_cluster_combine() {
+        let attention = include_str!("../../../kernels/attention.cu");
+        assert_eq!(
+            crate::kernels::define(attention, "ATTN_MAX_SPLITS"),
+            DECODE_MAX_SPLITS
+        );
+        for ctx in [1, 33, 288, 2_112, 40_000] {
+            for blocks in [1, 8, 64 * 8] {
+                let s = ContextSplit::decode(ctx, blocks, 4 * 132, 32);
+                assert!(
+                    (1..=DECODE_MAX_SPLITS).contains(&s.splits),
+                    "{ctx} {blocks}"
+                );
+                assert!(s.splits * s.chunk >= ctx);
+            }
+        }
     }
 
     /// The block-per-token q/k-norm launch has the block the kernel is written for.
