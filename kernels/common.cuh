@@ -309,10 +309,11 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 // QFUSE_TRACE (CudaOptions::trace, a measurement build): the first thread of every kernel's
-// first block stamps %globaltimer before and after its wait (when the kernel started, and when
-// the kernels before it had finished) into this module's ring of records, with its grid, block
-// and the source line of the wait; the host reads the ring with cuModuleGetGlobal
-// (crates/cuda/src/trace.rs). A record is {t0, t1, grid x | grid y*z << 32, block x | line << 32}.
+// first and last block stamps %globaltimer before and after its wait (when the block started,
+// and when the kernels before it had finished) into this module's ring of records, with its
+// grid, block and the source line of the wait; the host reads the ring with cuModuleGetGlobal
+// (crates/cuda/src/trace.rs). A record is {t0, t1, grid x | grid y*z << 32, block threads |
+// line << 32 | last block << 63}.
 // Stores, not prints: a print would make each kernel's completion wait for the host.
 #ifndef QFUSE_TRACE
 #define QFUSE_TRACE 0
@@ -324,7 +325,11 @@ __device__ unsigned long long qfuse_trace_records[QFUSE_TRACE_RECORDS * 4];
 #endif
 __device__ __forceinline__ void pdl_wait_at(unsigned line) {
 #if QFUSE_TRACE
-    const bool tracer = (blockIdx.x | blockIdx.y | blockIdx.z | threadIdx.x | threadIdx.y | threadIdx.z) == 0;
+    // The first block, and the last one (flagged; it starts when the launch's last wave does).
+    const bool first_block = (blockIdx.x | blockIdx.y | blockIdx.z) == 0;
+    const bool last_block =
+        blockIdx.x == gridDim.x - 1 && blockIdx.y == gridDim.y - 1 && blockIdx.z == gridDim.z - 1;
+    const bool tracer = (first_block || last_block) && (threadIdx.x | threadIdx.y | threadIdx.z) == 0;
     const unsigned long long t0 = tracer ? globaltimer_ns() : 0;
 #else
     (void)line;
@@ -341,7 +346,8 @@ __device__ __forceinline__ void pdl_wait_at(unsigned line) {
         r[0] = t0;
         r[1] = t1;
         r[2] = gridDim.x | (unsigned long long)(gridDim.y * gridDim.z) << 32;
-        r[3] = blockDim.x * blockDim.y * blockDim.z | (unsigned long long)line << 32;
+        r[3] = blockDim.x * blockDim.y * blockDim.z | (unsigned long long)line << 32 |
+               (unsigned long long)(!first_block) << 63;
     }
 #endif
 }

@@ -29,9 +29,11 @@ struct Stamp {
     kernel: String,
     grid: (u64, u64),
     block: u64,
-    /// %globaltimer (ns) before and after the wait.
+    /// %globaltimer (ns) before and after the first block's wait.
     t0: u64,
     t1: u64,
+    /// When the launch's last block started, where it has more than one.
+    last_start: Option<u64>,
 }
 
 impl Stamp {
@@ -66,27 +68,60 @@ fn function_at(src: &str, line: usize) -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
-/// A ring's records (`count` written, the last `RING` kept), oldest first, named from `src`.
+/// A ring's records (`count` written, the last `RING` kept), oldest first, named from `src`,
+/// with each last block's record folded into its launch's.
 fn decode_ring(file: &str, src: &str, first_line: usize, count: u32, words: &[u64]) -> Vec<Stamp> {
     let kept = (count as usize).min(RING);
     let start = count as usize - kept;
-    (start..count as usize)
+    let (mut firsts, mut lasts) = (Vec::new(), Vec::new());
+    for r in (start..count as usize)
         .filter_map(|i| words.get((i % RING) * WORDS..(i % RING + 1) * WORDS))
-        .map(|r| {
-            let line = (r[3] >> 32) as usize;
-            let own = line.checked_sub(first_line).map(|l| l + 1);
-            let function = own
-                .and_then(|l| function_at(src, l))
-                .unwrap_or_else(|| "?".into());
-            Stamp {
-                kernel: format!("{}:{function}", file.trim_end_matches(".cu")),
-                grid: (r[2] & 0xffff_ffff, r[2] >> 32),
-                block: r[3] & 0xffff_ffff,
-                t0: r[0],
-                t1: r[1],
-            }
-        })
-        .collect()
+    {
+        let line = ((r[3] >> 32) & 0x7fff_ffff) as usize;
+        let own = line.checked_sub(first_line).map(|l| l + 1);
+        let function = own
+            .and_then(|l| function_at(src, l))
+            .unwrap_or_else(|| "?".into());
+        let stamp = Stamp {
+            kernel: format!("{}:{function}", file.trim_end_matches(".cu")),
+            grid: (r[2] & 0xffff_ffff, r[2] >> 32),
+            block: r[3] & 0xffff_ffff,
+            t0: r[0],
+            t1: r[1],
+            last_start: None,
+        };
+        if r[3] >> 63 == 1 {
+            lasts.push(stamp);
+        } else {
+            firsts.push(stamp);
+        }
+    }
+    fold_last_blocks(&mut firsts, &lasts);
+    firsts
+}
+
+/// Gives each launch its last block's start. A launch's first block starts no later than its
+/// last, and the next launch of any kernel starts only after every block of this one has (it
+/// launches once they all let it), so a last block belongs to the latest launch of its kernel
+/// whose first block started at or before it.
+fn fold_last_blocks(firsts: &mut [Stamp], lasts: &[Stamp]) {
+    let mut order: Vec<usize> = (0..firsts.len()).collect();
+    order.sort_by_key(|&i| firsts[i].t0);
+    for last in lasts {
+        let owner = order
+            .iter()
+            .rev()
+            .copied()
+            .filter(|&i| firsts[i].t0 <= last.t0)
+            .find(|&i| {
+                let f = &firsts[i];
+                (f.kernel.as_str(), f.grid, f.block)
+                    == (last.kernel.as_str(), last.grid, last.block)
+            });
+        if let Some(i) = owner {
+            firsts[i].last_start = Some(last.t0);
+        }
+    }
 }
 
 /// The stamps of every ring (each with whether it wrapped) from when all of them hold every
@@ -145,41 +180,49 @@ fn report(stamps: &mut [Stamp]) -> String {
         steps.len(),
         us(step[step.len() - 1].t1 - step[0].t1),
     );
-    // Per kernel: launches, mean share of the critical path, total, mean time waited.
-    let mut by_kernel: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
+    // Per kernel: launches, mean share of the critical path, total, mean time waited, and when
+    // the last block started relative to the wait's return (after it: a later wave).
+    let signed_us = |a: u64, b: u64| (a as f64 - b as f64) / 1e3;
+    let mut by_kernel: BTreeMap<String, (usize, u64, u64, f64)> = BTreeMap::new();
     for pair in step.windows(2) {
         let e = by_kernel.entry(pair[0].label()).or_default();
         e.0 += 1;
         e.1 += pair[1].t1 - pair[0].t1;
         e.2 += pair[0].t1.saturating_sub(pair[0].t0);
+        e.3 += pair[0].last_start.map_or(0.0, |l| signed_us(l, pair[0].t1));
     }
     let mut rows: Vec<_> = by_kernel.into_iter().collect();
-    rows.sort_by_key(|(_, (_, share, _))| std::cmp::Reverse(*share));
+    rows.sort_by_key(|(_, (_, share, _, _))| std::cmp::Reverse(*share));
     let _ = writeln!(
         out,
-        "  {:<48} {:>5} {:>9} {:>9} {:>9}",
-        "kernel grid/block", "n", "µs each", "µs total", "waited"
+        "  {:<48} {:>5} {:>9} {:>9} {:>9} {:>10}",
+        "kernel grid/block", "n", "µs each", "µs total", "waited", "last block"
     );
-    for (label, (n, share, waited)) in rows {
+    for (label, (n, share, waited, last)) in rows {
         let _ = writeln!(
             out,
-            "  {label:<48} {n:>5} {:>9.2} {:>9.1} {:>9.2}",
+            "  {label:<48} {n:>5} {:>9.2} {:>9.1} {:>9.2} {:>+10.2}",
             us(share) / n as f64,
             us(share),
-            us(waited) / n as f64
+            us(waited) / n as f64,
+            last / n as f64
         );
     }
     let _ = writeln!(
         out,
-        "  the step in order (µs from its first wait's return: launched, wait returned; share):"
+        "  the step in order (µs from its first wait's return: launched, wait returned, last \
+         block started; share):"
     );
     let origin = step[0].t1;
     for (i, s) in step.iter().enumerate() {
         let share = step.get(i + 1).map_or(0.0, |n| us(n.t1 - s.t1));
+        let last = s.last_start.map_or(String::from("-"), |l| {
+            format!("{:.2}", signed_us(l, origin))
+        });
         let _ = writeln!(
             out,
-            "  {:>9.2} {:>9.2} {share:>7.2}  {}",
-            (s.t0 as f64 - origin as f64) / 1e3,
+            "  {:>9.2} {:>9.2} {last:>9} {share:>7.2}  {}",
+            signed_us(s.t0, origin),
             us(s.t1 - origin),
             s.label()
         );
@@ -197,7 +240,8 @@ impl CudaBackend {
     }
 
     /// With `QFUSE_CUDA_TRACE=1`: every stamp the rings hold, one launch a line in the order
-    /// the waits returned (`t0_ns t1_ns kernel grid_x grid_yz block`), for offline analysis.
+    /// the waits returned (`t0_ns t1_ns kernel grid_x grid_yz block last_block_start_ns`, 0
+    /// for a launch of one block), for offline analysis.
     pub fn kernel_trace_lines(&self) -> Option<String> {
         let mut stamps = self.kernel_stamps()?;
         stamps.sort_by_key(|s| s.t1);
@@ -205,8 +249,14 @@ impl CudaBackend {
         for s in &stamps {
             let _ = writeln!(
                 out,
-                "{} {} {} {} {} {}",
-                s.t0, s.t1, s.kernel, s.grid.0, s.grid.1, s.block
+                "{} {} {} {} {} {} {}",
+                s.t0,
+                s.t1,
+                s.kernel,
+                s.grid.0,
+                s.grid.1,
+                s.block,
+                s.last_start.unwrap_or(0)
             );
         }
         Some(out)
@@ -335,6 +385,7 @@ mod tests {
             block: 32,
             t0,
             t1,
+            last_start: None,
         }
     }
 
@@ -354,6 +405,38 @@ mod tests {
         assert_eq!(split.len(), 2);
         assert_eq!(split[0].len(), 3);
         assert_eq!(split[1][0], s[3]);
+    }
+
+    #[test]
+    fn a_last_block_joins_the_latest_launch_of_its_kernel_started_before_it() {
+        let with = |kernel: &str, t0: u64| Stamp {
+            kernel: kernel.into(),
+            ..stamp(t0, t0 + 10)
+        };
+        // Two launches of `a` back to back with `b` between, and a second wave of the first `a`.
+        let mut firsts = vec![with("a", 0), with("b", 50), with("a", 100)];
+        let lasts = [with("a", 40), with("a", 130), with("b", 60), with("c", 70)];
+        fold_last_blocks(&mut firsts, &lasts);
+        let got: Vec<_> = firsts.iter().map(|s| s.last_start).collect();
+        assert_eq!(got, [Some(40), Some(60), Some(130)]);
+    }
+
+    #[test]
+    fn a_ring_folds_the_flagged_last_block_into_its_launch() {
+        let words = [
+            5,
+            8,
+            4 | 1 << 32,
+            128 | 15 << 32,
+            9,
+            9,
+            4 | 1 << 32,
+            128 | 15 << 32 | 1 << 63,
+        ];
+        let stamps = decode_ring("f.cu", SRC, 11, 2, &words);
+        assert_eq!(stamps.len(), 1);
+        assert_eq!((stamps[0].t0, stamps[0].last_start), (5, Some(9)));
+        assert_eq!(stamps[0].kernel, "f:body");
     }
 
     #[test]
