@@ -100,26 +100,33 @@ fn decode_ring(file: &str, src: &str, first_line: usize, count: u32, words: &[u6
     firsts
 }
 
-/// Gives each launch its last block's start. A launch's first block starts no later than its
-/// last, and the next launch of any kernel starts only after every block of this one has (it
-/// launches once they all let it), so a last block belongs to the latest launch of its kernel
-/// whose first block started at or before it.
+/// Gives each launch its last block's start. Every block's wait returns before its launch
+/// completes, and no block of a later launch passes its wait before that, so by wait return
+/// the two records of one launch are adjacent among its kernel's records (in either order;
+/// block 0 need not start first). A record left without its partner (the ring dropped it) is
+/// skipped.
 fn fold_last_blocks(firsts: &mut [Stamp], lasts: &[Stamp]) {
-    let mut order: Vec<usize> = (0..firsts.len()).collect();
-    order.sort_by_key(|&i| firsts[i].t0);
-    for last in lasts {
-        let owner = order
-            .iter()
-            .rev()
-            .copied()
-            .filter(|&i| firsts[i].t0 <= last.t0)
-            .find(|&i| {
-                let f = &firsts[i];
-                (f.kernel.as_str(), f.grid, f.block)
-                    == (last.kernel.as_str(), last.grid, last.block)
-            });
-        if let Some(i) = owner {
-            firsts[i].last_start = Some(last.t0);
+    let key = |s: &Stamp| -> (String, (u64, u64), u64) { (s.kernel.clone(), s.grid, s.block) };
+    // (wait return, index into firsts or None for a last block's start) by kernel.
+    let mut by_kernel: BTreeMap<(String, (u64, u64), u64), Vec<(u64, Result<usize, u64>)>> =
+        BTreeMap::new();
+    for (i, f) in firsts.iter().enumerate() {
+        by_kernel.entry(key(f)).or_default().push((f.t1, Ok(i)));
+    }
+    for l in lasts {
+        by_kernel.entry(key(l)).or_default().push((l.t1, Err(l.t0)));
+    }
+    for records in by_kernel.values_mut() {
+        records.sort_by_key(|r| r.0);
+        let mut pending: Option<Result<usize, u64>> = None;
+        for &(_, r) in records.iter() {
+            pending = match (pending, r) {
+                (Some(Ok(i)), Err(start)) | (Some(Err(start)), Ok(i)) => {
+                    firsts[i].last_start = Some(start);
+                    None
+                }
+                _ => Some(r),
+            };
         }
     }
 }
@@ -408,17 +415,23 @@ mod tests {
     }
 
     #[test]
-    fn a_last_block_joins_the_latest_launch_of_its_kernel_started_before_it() {
-        let with = |kernel: &str, t0: u64| Stamp {
+    fn a_last_block_joins_the_launch_beside_it_in_wait_order() {
+        let with = |kernel: &str, t0: u64, t1: u64| Stamp {
             kernel: kernel.into(),
-            ..stamp(t0, t0 + 10)
+            ..stamp(t0, t1)
         };
-        // Two launches of `a` back to back with `b` between, and a second wave of the first `a`.
-        let mut firsts = vec![with("a", 0), with("b", 50), with("a", 100)];
-        let lasts = [with("a", 40), with("a", 130), with("b", 60), with("c", 70)];
+        // Two launches of `a` with `b` between: the first `a`'s last block passed its wait
+        // before block 0 did; the second `a` had a later wave; `c` lost its first block.
+        let mut firsts = vec![with("a", 0, 10), with("b", 50, 60), with("a", 100, 110)];
+        let lasts = [
+            with("a", 1, 8),
+            with("b", 51, 61),
+            with("a", 130, 130),
+            with("c", 70, 71),
+        ];
         fold_last_blocks(&mut firsts, &lasts);
         let got: Vec<_> = firsts.iter().map(|s| s.last_start).collect();
-        assert_eq!(got, [Some(40), Some(60), Some(130)]);
+        assert_eq!(got, [Some(1), Some(51), Some(130)]);
     }
 
     #[test]
