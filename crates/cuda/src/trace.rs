@@ -106,10 +106,11 @@ fn decode_ring(file: &str, src: &str, first_line: usize, count: u32, words: &[u6
 /// block 0 need not start first). A record left without its partner (the ring dropped it) is
 /// skipped.
 fn fold_last_blocks(firsts: &mut [Stamp], lasts: &[Stamp]) {
-    let key = |s: &Stamp| -> (String, (u64, u64), u64) { (s.kernel.clone(), s.grid, s.block) };
-    // (wait return, index into firsts or None for a last block's start) by kernel.
-    let mut by_kernel: BTreeMap<(String, (u64, u64), u64), Vec<(u64, Result<usize, u64>)>> =
-        BTreeMap::new();
+    /// A launch's first block (its index in `firsts`) or a last block's start.
+    type Record = Result<usize, u64>;
+    let key = |s: &Stamp| (s.kernel.clone(), s.grid, s.block);
+    // (wait return, record) by kernel.
+    let mut by_kernel: BTreeMap<_, Vec<(u64, Record)>> = BTreeMap::new();
     for (i, f) in firsts.iter().enumerate() {
         by_kernel.entry(key(f)).or_default().push((f.t1, Ok(i)));
     }
@@ -118,7 +119,7 @@ fn fold_last_blocks(firsts: &mut [Stamp], lasts: &[Stamp]) {
     }
     for records in by_kernel.values_mut() {
         records.sort_by_key(|r| r.0);
-        let mut pending: Option<Result<usize, u64>> = None;
+        let mut pending: Option<Record> = None;
         for &(_, r) in records.iter() {
             pending = match (pending, r) {
                 (Some(Ok(i)), Err(start)) | (Some(Err(start)), Ok(i)) => {
