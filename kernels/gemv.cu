@@ -179,17 +179,22 @@ GEMV_ENTRIES(float, f32)
 // dependent launch they overlap the previous kernel's tail. Then it reads x (a few KB, L2-hot).
 // With NORM each warp sums the whole row's squares itself instead of meeting the block at a
 // barrier first; 1/rms scales the finished dot products. KCM bounds kc at compile time.
-// grid = ceil(N / (R * WARPS / S)), block = 32 * WARPS.
+// A block has GEMV_T1_WARPS warps (KernelBuild::gemv_t1_warps; S divides it): at ~96 registers
+// a thread, two 8-warp blocks fill an SM's register file, five 4-warp ones (docs/perf.md).
+// grid = ceil(N / (R * GEMV_T1_WARPS / S)), block = 32 * GEMV_T1_WARPS.
+#ifndef GEMV_T1_WARPS
+#define GEMV_T1_WARPS 8
+#endif
 template <int EPI, bool NORM, int R, int KCM, int MT>
 __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                         const float* __restrict__ g, const float* __restrict__ residual,
                                         float* __restrict__ y, int T, int K, int out_cols, int S, int kc,
                                         float eps) {
     constexpr int NR = EPI == EPI_SILU ? 2 * R : R;
-    __shared__ float partial[WARPS][NR * MT];
+    __shared__ float partial[GEMV_T1_WARPS][NR * MT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int part = warp % S;
-    const int n0 = (blockIdx.x * (WARPS / S) + warp / S) * R;
+    const int n0 = (blockIdx.x * (GEMV_T1_WARPS / S) + warp / S) * R;
     const int kbeg = part * kc * 256 + lane * 8;
     uint4 wv[NR][KCM];
 #pragma unroll
@@ -311,7 +316,7 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
 }
 
 #define GEMV_T1_ENTRY(name, EPI, NORM, R, KCM, MT)                                                        \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                               \
+    extern "C" __global__ void __launch_bounds__(GEMV_T1_WARPS * 32)                                       \
         name##_t##MT##_r##R##_k##KCM(const float* x, const bf16_t* w, const float* g, const float* residual, \
                                      float* y, int T, int K, int out_cols, int S, int kc, float eps) {     \
         gemv_t1<EPI, NORM, R, KCM, MT>(x, w, g, residual, y, T, K, out_cols, S, kc, eps);                  \

@@ -331,6 +331,9 @@ pub struct KernelBuild {
     /// `common.cuh`'s `QFUSE_TRACE`: every kernel stamps %globaltimer before and after its wait
     /// into its module's ring (a measurement build; see [`CudaOptions::trace`](crate::CudaOptions::trace)).
     pub trace: bool,
+    /// `gemv.cu`'s `GEMV_T1_WARPS`: warps of a batch-1 product block (8, 4 or 2). See
+    /// [`CudaOptions::gemv_t1_warps`](crate::CudaOptions::gemv_t1_warps).
+    pub gemv_t1_warps: u8,
 }
 
 impl Default for KernelBuild {
@@ -338,23 +341,35 @@ impl Default for KernelBuild {
         KernelBuild {
             pdl_trigger: 1,
             trace: false,
+            gemv_t1_warps: 8,
         }
     }
 }
 
 impl KernelBuild {
     /// A build named as `scripts/gpu-bundle`'s `BUILDS=` names it: an optional `pdl_trigger`
-    /// digit, then `t` for the trace build (`0`, `2`, `t`, `0t`); `None` for anything else.
+    /// digit, an optional `w` and a batch-1 product block's warps, then `t` for the trace build
+    /// (`0`, `2`, `t`, `0t`, `w4`, `w4t`); `None` for anything else or nothing.
     pub fn from_spec(spec: &str) -> Option<Self> {
-        let (trigger, trace) = match spec.strip_suffix('t') {
-            Some(rest) => (rest, true),
-            None => (spec, false),
-        };
-        let pdl_trigger = match trigger {
-            "" if trace => KernelBuild::default().pdl_trigger,
-            t => t.parse().ok().filter(|&t| t <= 2)?,
-        };
-        Some(KernelBuild { pdl_trigger, trace })
+        let mut build = KernelBuild::default();
+        let mut rest = spec;
+        if let Some(t) = rest.chars().next().and_then(|c| c.to_digit(10)) {
+            build.pdl_trigger = u8::try_from(t).ok().filter(|&t| t <= 2)?;
+            rest = &rest[1..];
+        }
+        if let Some(after) = rest.strip_prefix('w') {
+            let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            build.gemv_t1_warps = after[..digits]
+                .parse()
+                .ok()
+                .filter(|w| [2, 4, 8].contains(w))?;
+            rest = &after[digits..];
+        }
+        if let Some(after) = rest.strip_prefix('t') {
+            build.trace = true;
+            rest = after;
+        }
+        (rest.is_empty() && !spec.is_empty()).then_some(build)
     }
 
     /// The preprocessor lines for the choices that differ from the headers' defaults.
@@ -366,6 +381,9 @@ impl KernelBuild {
         }
         if self.trace {
             lines += "#define QFUSE_TRACE 1\n";
+        }
+        if self.gemv_t1_warps != default.gemv_t1_warps {
+            lines += &format!("#define GEMV_T1_WARPS {}\n", self.gemv_t1_warps);
         }
         lines
     }

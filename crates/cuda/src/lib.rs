@@ -259,6 +259,8 @@ struct Inner {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: Kernels,
+    /// The choices compiled into `kernels`.
+    build: KernelBuild,
     name: String,
     sm_count: usize,
     /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
@@ -389,6 +391,10 @@ pub struct CudaOptions {
     /// ring, so [`CudaBackend::kernel_trace_report`] can show where a captured decode step's time
     /// goes (when each kernel started, and when the ones before it had finished).
     pub trace: bool,
+    /// Warps of a batch-1 product block (`QFUSE_CUDA_GEMV_T1_WARPS=2|4|8`, default 8; compiled
+    /// in). At the products' ~96 registers a thread an SM holds two 8-warp blocks or five
+    /// 4-warp ones, so with smaller blocks the next product's blocks fit beside this one's.
+    pub gemv_t1_warps: u8,
 }
 
 /// The bf16 parts of fp32 activations on the tensor cores ([`CudaOptions::prompt_parts`]).
@@ -521,6 +527,10 @@ impl Default for CudaOptions {
             pdl_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_PDL_TRIGGER", 0..=2)
                 .map_or(KernelBuild::default().pdl_trigger, |n| n as u8),
             trace: qfuse_core::knobs::env_flag("QFUSE_CUDA_TRACE"),
+            gemv_t1_warps: match qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_T1_WARPS", 2..=8) {
+                Some(w @ (2 | 4)) => w as u8,
+                _ => KernelBuild::default().gemv_t1_warps,
+            },
         }
     }
 }
@@ -643,6 +653,7 @@ impl CudaBackend {
         let build = KernelBuild {
             pdl_trigger: options.pdl_trigger,
             trace: options.trace,
+            gemv_t1_warps: options.gemv_t1_warps,
         };
         let kernels = Kernels::load(&ctx, &build.defines())?;
         let (major, minor) = ctx.compute_capability().cuda()?;
@@ -726,6 +737,7 @@ impl CudaBackend {
                 stream,
                 blas,
                 kernels,
+                build,
                 name,
                 sm_count,
                 gemv_warps: gemv_warps_per_sm() * sm_count,
@@ -878,18 +890,23 @@ impl CudaBackend {
             eps as f32,
         );
         let silu = base.ends_with("silu_mul");
+        let block_warps = usize::from(self.inner.build.gemv_t1_warps);
         let plan = (t <= GEMV_MAX_ROWS && w.dtype() == DType::BF16)
-            .then(|| GemvT1Plan::choose(k, out_cols, silu, self.inner.gemv_warps))
+            .then(|| GemvT1Plan::choose(k, out_cols, silu, self.inner.gemv_warps, block_warps))
             .flatten();
         let split = match plan {
             Some(p) => p.split,
             None => gemv_split(out_cols, k, self.inner.sm_count),
         };
-        let (name, cols_per_block) = match plan {
-            Some(p) => (p.entry(base, t), p.cols_per_block()),
-            None => (gemv_entry(base, w.dtype(), k, t), 8 / split),
+        let (name, cols_per_block, threads) = match plan {
+            Some(p) => (
+                p.entry(base, t),
+                p.cols_per_block(block_warps),
+                32 * block_warps as u32,
+            ),
+            None => (gemv_entry(base, w.dtype(), k, t), 8 / split, 256),
         };
-        let cfg = grid(out_cols.div_ceil(cols_per_block), 256);
+        let cfg = grid(out_cols.div_ceil(cols_per_block), threads);
         let mut l = self.launch(&name)?;
         // Absent gain/residual: pass x, which the kernel never reads in that role.
         l.buf(x).ptr(w.ptr(self.stream()));
@@ -901,8 +918,8 @@ impl CudaBackend {
         l.f32(eps);
         // SAFETY: x is [t, k] f32, w has at least out_cols (x2 for silu) rows of k elements of the
         // type the kernel name says, gain is [k], residual and y are [t, out_cols]; t is within the
-        // entry point's bound; the split divides the 8 warps and k into whole 16-byte loads per
-        // lane (kc of them for gemv_t1, within its compile-time bound; 1-element loads for the
+        // entry point's bound; the split divides the block's warps (8, or gemv_t1's compiled
+        // GEMV_T1_WARPS) and k into whole 16-byte loads per lane (kc of them for gemv_t1, within its compile-time bound; 1-element loads for the
         // `any` layout); the grid covers out_cols.
         unsafe { l.launch(cfg) }.cuda()?;
         Ok(y)
@@ -2583,7 +2600,7 @@ impl GemvT1Plan {
     /// 8 per SM), so every load of the matrix is in flight at once in about one wave; else the
     /// one with most warps. `None` when K is not whole 256-element slices (the general kernels
     /// take it).
-    fn choose(k: usize, n: usize, silu: bool, target: usize) -> Option<Self> {
+    fn choose(k: usize, n: usize, silu: bool, target: usize, block_warps: usize) -> Option<Self> {
         if k == 0 || !k.is_multiple_of(256) || n == 0 {
             return None;
         }
@@ -2591,7 +2608,7 @@ impl GemvT1Plan {
         let builds: &[(usize, usize)] = if silu { &Self::SILU } else { &Self::PLAIN };
         let mut best: Option<(usize, Self)> = None;
         for split in [1, 2, 4, 8] {
-            if !slices.is_multiple_of(split) {
+            if !slices.is_multiple_of(split) || !block_warps.is_multiple_of(split) {
                 continue;
             }
             let kc = slices / split;
@@ -2617,9 +2634,9 @@ impl GemvT1Plan {
         best.map(|(_, p)| p)
     }
 
-    /// Output columns one 8-warp block covers.
-    fn cols_per_block(&self) -> usize {
-        8 / self.split * self.rows
+    /// Output columns one block of `block_warps` warps covers.
+    fn cols_per_block(&self, block_warps: usize) -> usize {
+        block_warps / self.split * self.rows
     }
 
     /// The build for `t` rows: `t1` (batch 1) or `t8` (2–8 rows).
@@ -2742,13 +2759,23 @@ mod tests {
         for silu in [false, true] {
             for k in [256, 1024, 2048, 2560, 3072, 4096, 6144, 9728, 12288] {
                 for n in [1, 7, 1024, 3072, 4096, 151_936] {
-                    for sms in [1, 78, 132] {
-                        let Some(p) = GemvT1Plan::choose(k, n, silu, 8 * sms) else {
-                            assert_eq!(k, 9728, "no plan for k={k}");
+                    for (sms, block_warps) in [1, 78, 132].into_iter().zip([8, 4, 2]) {
+                        let Some(p) = GemvT1Plan::choose(k, n, silu, 8 * sms, block_warps) else {
+                            // None only where K is not whole slices, or no split a block
+                            // allows leaves a slice its compiled loads.
+                            let most = if silu { 8 } else { 16 };
+                            let fits = (k % 256 == 0)
+                                && [1, 2, 4, 8].iter().any(|&s| {
+                                    block_warps % s == 0
+                                        && (k / 256) % s == 0
+                                        && k / 256 / s <= most
+                                });
+                            assert!(!fits, "no plan for k={k} n={n} block {block_warps}");
                             continue;
                         };
                         assert_eq!(p.kc * 256 * p.split, k, "{p:?} k={k}");
-                        assert!(p.kc <= p.kcm && 8 % p.split == 0, "{p:?}");
+                        assert!(p.kc <= p.kcm && block_warps % p.split == 0, "{p:?}");
+                        assert!(p.cols_per_block(block_warps) >= 1, "{p:?}");
                         let builds: &[(usize, usize)] = if silu {
                             &GemvT1Plan::SILU
                         } else {
@@ -2761,11 +2788,11 @@ mod tests {
         }
         // Qwen3-0.6B on 132 SMs: the QKV projection takes 2 columns a warp in one K-slice, the
         // down projection splits its 3,072-long rows in two.
-        let qkv = GemvT1Plan::choose(1024, 4096, false, 8 * 132).unwrap();
+        let qkv = GemvT1Plan::choose(1024, 4096, false, 8 * 132, 8).unwrap();
         assert_eq!((qkv.rows, qkv.split, qkv.kc), (2, 1, 4));
-        let down = GemvT1Plan::choose(3072, 1024, false, 8 * 132).unwrap();
+        let down = GemvT1Plan::choose(3072, 1024, false, 8 * 132, 8).unwrap();
         assert_eq!((down.rows, down.split, down.kc), (1, 2, 6));
-        assert_eq!(GemvT1Plan::choose(1000, 4096, false, 8 * 132), None);
+        assert_eq!(GemvT1Plan::choose(1000, 4096, false, 8 * 132, 8), None);
     }
 
     /// The context splits the H200 measurements chose (132 SMs, 4 decode blocks an SM).
@@ -2934,7 +2961,7 @@ mod tests {
         for silu in [false, true] {
             for k in [1024, 2048, 2560, 3072, 4096, 6144, 12288] {
                 for n in [1, 1024, 3072, 4096, 151_936] {
-                    if let Some(p) = GemvT1Plan::choose(k, n, silu, 8 * 132) {
+                    if let Some(p) = GemvT1Plan::choose(k, n, silu, 8 * 132, 8) {
                         let bases: &[&str] = if silu {
                             &["gemv_silu_mul", "rms_norm_gemv_silu_mul"]
                         } else {

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::kernels::{first_source_line, KernelBuild};
+use crate::kernels::first_source_line;
+#[cfg(test)]
+use crate::kernels::KernelBuild;
 use crate::CudaBackend;
 
 /// The ring's length in records (`QFUSE_TRACE_RECORDS` in `common.cuh`) and a record's words.
@@ -271,15 +273,10 @@ impl CudaBackend {
     }
 
     fn kernel_stamps(&self) -> Option<Vec<Stamp>> {
-        let options = &self.inner.options;
-        if !options.trace {
+        if !self.inner.build.trace {
             return None;
         }
-        let defines = KernelBuild {
-            pdl_trigger: options.pdl_trigger,
-            trace: true,
-        }
-        .defines();
+        let defines = self.inner.build.defines();
         let first_line = first_source_line(&defines);
         let stream = self.stream();
         stream.synchronize().ok()?;
@@ -344,6 +341,17 @@ mod tests {
         assert_eq!(b("3"), None);
         assert_eq!(b(""), None);
         assert_eq!(b("x"), None);
+        assert_eq!(b("2t"), Some((2, true)));
+        let w = |s| KernelBuild::from_spec(s).map(|b| (b.pdl_trigger, b.gemv_t1_warps, b.trace));
+        assert_eq!(w("w4"), Some((1, 4, false)));
+        assert_eq!(w("0w2t"), Some((0, 2, true)));
+        assert_eq!(w("w3"), None);
+        assert_eq!(w("w"), None);
+        assert_eq!(w("w4x"), None);
+        assert_eq!(
+            KernelBuild::from_spec("w4").unwrap().defines(),
+            "#define GEMV_T1_WARPS 4\n"
+        );
         assert_eq!(
             KernelBuild::from_spec("t").unwrap().defines(),
             "#define QFUSE_TRACE 1\n"

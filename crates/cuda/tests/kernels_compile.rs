@@ -159,3 +159,26 @@ fn the_trace_build_stamps_every_wait() {
         assert!(!without.contains("%globaltimer"), "{file}");
     }
 }
+
+/// The batch-1 product blocks are as wide as the build says; the default is 8 warps.
+#[test]
+fn gemv_t1_blocks_take_the_builds_warps() {
+    // SAFETY: only tries to dlopen libnvrtc.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("skipping: libnvrtc.so.13 not found");
+        return;
+    }
+    let (file, src, _) = SOURCES.iter().find(|(f, _, _)| *f == "gemv.cu").unwrap();
+    for (spec, threads) in [("1", 256), ("w4", 128), ("w2", 64)] {
+        let build = KernelBuild::from_spec(spec).unwrap();
+        let ptx = compile(file, src, "sm_90", &build.defines())
+            .unwrap()
+            .to_src();
+        let entry = &ptx[ptx.find(".entry rms_norm_gemv_t1_r4_k4(").unwrap()..];
+        let head = &entry[..entry.find('{').unwrap()];
+        assert!(
+            head.contains(&format!(".maxntid {threads}")),
+            "{spec}: {head}"
+        );
+    }
+}
