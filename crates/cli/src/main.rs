@@ -256,15 +256,13 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
             if let Some(trace) = report.gemm_x3_trace_report() {
                 eprintln!("{trace}");
             }
-            if let Some(trace) = report.kernel_trace_report() {
-                eprintln!("{trace}");
-            }
-            // The trace build's every stamp, for offline analysis.
-            if let (Ok(path), Some(lines)) = (
-                std::env::var("QFUSE_CUDA_TRACE_FILE"),
-                report.kernel_trace_lines(),
-            ) {
-                std::fs::write(&path, lines).with_context(|| format!("writing {path}"))?;
+            if let Some(trace) = report.kernel_trace() {
+                eprintln!("{}", trace.report());
+                // Every stamp, for offline analysis.
+                if let Ok(path) = std::env::var("QFUSE_CUDA_TRACE_FILE") {
+                    std::fs::write(&path, trace.lines())
+                        .with_context(|| format!("writing {path}"))?;
+                }
             }
             Ok(())
         }

@@ -52,6 +52,7 @@ pub use flash::{FlashAttention, FLASH_SCRATCH_BYTES};
 use kernels::{KernelBuild, Kernels};
 use launch::Launch;
 use pool::{CaptureSet, Pool, PoolError, Pooled};
+pub use trace::KernelTrace;
 
 /// Default fewest keys in a decode attention context split.
 const DECODE_MIN_CHUNK: usize = 32;
@@ -388,7 +389,7 @@ pub struct CudaOptions {
     pub pdl_trigger: u8,
     /// A measurement build (`QFUSE_CUDA_TRACE=1`): every kernel's first thread stamps
     /// %globaltimer before and after its programmatic-dependent-launch wait into its module's
-    /// ring, so [`CudaBackend::kernel_trace_report`] can show where a captured decode step's time
+    /// ring, so [`CudaBackend::kernel_trace`] can show where a captured decode step's time
     /// goes (when each kernel started, and when the ones before it had finished).
     pub trace: bool,
     /// Warps of a batch-1 product block (`QFUSE_CUDA_GEMV_T1_WARPS=2|4|8`, default 8; compiled
@@ -919,8 +920,9 @@ impl CudaBackend {
         // SAFETY: x is [t, k] f32, w has at least out_cols (x2 for silu) rows of k elements of the
         // type the kernel name says, gain is [k], residual and y are [t, out_cols]; t is within the
         // entry point's bound; the split divides the block's warps (8, or gemv_t1's compiled
-        // GEMV_T1_WARPS) and k into whole 16-byte loads per lane (kc of them for gemv_t1, within its compile-time bound; 1-element loads for the
-        // `any` layout); the grid covers out_cols.
+        // GEMV_T1_WARPS) and k into whole 16-byte loads per lane (kc of them for gemv_t1, within
+        // its compile-time bound; 1-element loads for the `any` layout); the grid covers
+        // out_cols.
         unsafe { l.launch(cfg) }.cuda()?;
         Ok(y)
     }

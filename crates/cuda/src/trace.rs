@@ -76,16 +76,21 @@ fn decode_ring(file: &str, src: &str, first_line: usize, count: u32, words: &[u6
     let kept = (count as usize).min(RING);
     let start = count as usize - kept;
     let (mut firsts, mut lasts) = (Vec::new(), Vec::new());
+    // A ring holds thousands of records from a few waits: each wait's line is named once.
+    let mut kernels: BTreeMap<usize, String> = BTreeMap::new();
     for r in (start..count as usize)
         .filter_map(|i| words.get((i % RING) * WORDS..(i % RING + 1) * WORDS))
     {
         let line = ((r[3] >> 32) & 0x7fff_ffff) as usize;
-        let own = line.checked_sub(first_line).map(|l| l + 1);
-        let function = own
-            .and_then(|l| function_at(src, l))
-            .unwrap_or_else(|| "?".into());
+        let kernel = kernels.entry(line).or_insert_with(|| {
+            let own = line.checked_sub(first_line).map(|l| l + 1);
+            let function = own
+                .and_then(|l| function_at(src, l))
+                .unwrap_or_else(|| "?".into());
+            format!("{}:{function}", file.trim_end_matches(".cu"))
+        });
         let stamp = Stamp {
-            kernel: format!("{}:{function}", file.trim_end_matches(".cu")),
+            kernel: kernel.clone(),
             grid: (r[2] & 0xffff_ffff, r[2] >> 32),
             block: r[3] & 0xffff_ffff,
             t0: r[0],
@@ -168,9 +173,9 @@ fn steps(stamps: &[Stamp]) -> Vec<&[Stamp]> {
     out
 }
 
-/// Where the last step of the most common length (a decode step, not a prompt) spent its time.
-fn report(stamps: &mut [Stamp]) -> String {
-    stamps.sort_by_key(|s| s.t1);
+/// Where the last step of the most common length (a decode step, not a prompt) spent its time,
+/// from stamps sorted by wait return.
+fn report(stamps: &[Stamp]) -> String {
     let steps = steps(stamps);
     let mut lengths: BTreeMap<usize, usize> = BTreeMap::new();
     for s in &steps {
@@ -241,22 +246,29 @@ fn report(stamps: &mut [Stamp]) -> String {
     out
 }
 
-impl CudaBackend {
-    /// With `QFUSE_CUDA_TRACE=1`: the last decode step's kernels from their wait stamps (each
-    /// kernel's share of the critical path, how long it waited), read from every module's
-    /// ring; `None` when not traced or the rings cannot be read.
-    pub fn kernel_trace_report(&self) -> Option<String> {
-        Some(report(&mut self.kernel_stamps()?))
+/// What a trace build's rings held, read once: every launch's stamps in the order their waits
+/// returned.
+pub struct KernelTrace {
+    stamps: Vec<Stamp>,
+}
+
+impl KernelTrace {
+    fn new(mut stamps: Vec<Stamp>) -> Self {
+        stamps.sort_by_key(|s| s.t1);
+        KernelTrace { stamps }
     }
 
-    /// With `QFUSE_CUDA_TRACE=1`: every stamp the rings hold, one launch a line in the order
-    /// the waits returned (`t0_ns t1_ns kernel grid_x grid_yz block last_block_start_ns`, 0
-    /// for a launch of one block), for offline analysis.
-    pub fn kernel_trace_lines(&self) -> Option<String> {
-        let mut stamps = self.kernel_stamps()?;
-        stamps.sort_by_key(|s| s.t1);
+    /// The last decode step's kernels: each one's share of the critical path, how long it
+    /// waited, when its last block started, and the step in order.
+    pub fn report(&self) -> String {
+        report(&self.stamps)
+    }
+
+    /// Every stamp, one launch a line (`t0_ns t1_ns kernel grid_x grid_yz block
+    /// last_block_start_ns`, 0 for a launch of one block), for offline analysis.
+    pub fn lines(&self) -> String {
         let mut out = String::new();
-        for s in &stamps {
+        for s in &self.stamps {
             let _ = writeln!(
                 out,
                 "{} {} {} {} {} {} {}",
@@ -269,7 +281,15 @@ impl CudaBackend {
                 s.last_start.unwrap_or(0)
             );
         }
-        Some(out)
+        out
+    }
+}
+
+impl CudaBackend {
+    /// With `QFUSE_CUDA_TRACE=1`: every module's ring, read; `None` when not traced or the
+    /// rings cannot be read.
+    pub fn kernel_trace(&self) -> Option<KernelTrace> {
+        self.kernel_stamps().map(KernelTrace::new)
     }
 
     fn kernel_stamps(&self) -> Option<Vec<Stamp>> {
@@ -511,7 +531,7 @@ mod tests {
         for (i, st) in s.iter_mut().enumerate() {
             st.kernel = format!("k{}", i % 3);
         }
-        let r = report(&mut s);
+        let r = KernelTrace::new(s).report();
         assert!(r.contains("8 launches in 3 steps"), "{r}");
         assert!(r.contains("11.0 µs from"), "{r}");
         // k2 (index 5) took 3 µs of the last step, k0 (index 6) 8 µs.

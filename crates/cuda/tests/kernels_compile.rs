@@ -62,9 +62,7 @@ fn every_kernel_compiles_with_nvrtc() {
 /// file that is not PTX is compiled over, and another architecture or source is another entry.
 #[test]
 fn compiled_kernels_are_cached_on_disk() {
-    // SAFETY: only tries to dlopen libnvrtc.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        eprintln!("skipping: libnvrtc.so.13 not found");
+    if !nvrtc_present() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("qfuse-ptx-cache-test-{}", std::process::id()));
@@ -103,9 +101,7 @@ fn compiled_kernels_are_cached_on_disk() {
 /// products only, 2 before every kernel's wait, 0 after it.
 #[test]
 fn pdl_trigger_builds_launch_dependents_before_the_wait() {
-    // SAFETY: only tries to dlopen libnvrtc.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        eprintln!("skipping: libnvrtc.so.13 not found");
+    if !nvrtc_present() {
         return;
     }
     let src_of = |name| SOURCES.iter().find(|(f, _, _)| *f == name).unwrap().1;
@@ -135,9 +131,7 @@ fn pdl_trigger_builds_launch_dependents_before_the_wait() {
 /// build has neither.
 #[test]
 fn the_trace_build_stamps_every_wait() {
-    // SAFETY: only tries to dlopen libnvrtc.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        eprintln!("skipping: libnvrtc.so.13 not found");
+    if !nvrtc_present() {
         return;
     }
     let traced = KernelBuild::from_spec("t").unwrap();
@@ -163,9 +157,7 @@ fn the_trace_build_stamps_every_wait() {
 /// The batch-1 product blocks are as wide as the build says; the default is 8 warps.
 #[test]
 fn gemv_t1_blocks_take_the_builds_warps() {
-    // SAFETY: only tries to dlopen libnvrtc.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        eprintln!("skipping: libnvrtc.so.13 not found");
+    if !nvrtc_present() {
         return;
     }
     let (file, src, _) = SOURCES.iter().find(|(f, _, _)| *f == "gemv.cu").unwrap();
@@ -181,4 +173,14 @@ fn gemv_t1_blocks_take_the_builds_warps() {
             "{spec}: {head}"
         );
     }
+}
+
+/// Whether libnvrtc can be loaded; prints the skip notice when not.
+fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen libnvrtc.
+    let present = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+    if !present {
+        eprintln!("skipping: libnvrtc.so.13 not found");
+    }
+    present
 }
