@@ -58,11 +58,6 @@ struct LayerPlan {
 };
 
 #if __CUDA_ARCH__ >= 900
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    unsigned long long a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-    return (u32)a;
-}
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
 }
@@ -554,7 +549,7 @@ __device__ void decoder_layer_t1(const float* __restrict__ x, const bf16_t* w_qk
     float* red = cs + LAYER_D;
     float* res_s = red + 32;  // [res_floats]
     unsigned long long* bar_mem = reinterpret_cast<unsigned long long*>(res_s + res_floats);
-    const u32 ring_s = smem_u32(layer_smem), bars = smem_u32(bar_mem);
+    const u32 ring_s = smem_addr(layer_smem), bars = smem_addr(bar_mem);
     const int attn_width = H * LAYER_D;
 
     const unsigned long long t_start = globaltimer_ns();
