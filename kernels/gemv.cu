@@ -322,15 +322,21 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
         gemv_t1<EPI, NORM, R, KCM, MT>(x, w, g, residual, y, T, K, out_cols, S, kc, eps);                  \
     }
 
-// (R, KCM) keep each warp's weight registers at 16 loads (64 registers); MT = 1 for batch-1
-// decode, 8 for batches of 2-8 rows (R * 8 <= 32: a lane for each output).
-#define GEMV_T1_PLAIN(name, EPI, NORM)                                                                  \
-    GEMV_T1_ENTRY(name, EPI, NORM, 1, 16, 1) GEMV_T1_ENTRY(name, EPI, NORM, 2, 8, 1)                     \
-    GEMV_T1_ENTRY(name, EPI, NORM, 4, 4, 1) GEMV_T1_ENTRY(name, EPI, NORM, 1, 16, 8)                     \
-    GEMV_T1_ENTRY(name, EPI, NORM, 2, 8, 8) GEMV_T1_ENTRY(name, EPI, NORM, 4, 4, 8)
-#define GEMV_T1_SILU(name, NORM)                                                                        \
-    GEMV_T1_ENTRY(name, EPI_SILU, NORM, 1, 8, 1) GEMV_T1_ENTRY(name, EPI_SILU, NORM, 2, 4, 1)            \
-    GEMV_T1_ENTRY(name, EPI_SILU, NORM, 1, 8, 8) GEMV_T1_ENTRY(name, EPI_SILU, NORM, 2, 4, 8)
+// (R, KCM): R output columns a warp, at most KCM loads a weight row per lane, at most 16 loads
+// (64 registers) a warp; MT = 1 for batch-1 decode, 8 for batches of 2-8 rows (R * 8 <= 32: a
+// lane for each output). ptxas sizes the registers by KCM, not by the kc a launch uses, so the
+// plan takes the smallest KCM that holds its kc: o_proj's 4 loads a lane take 36 registers as
+// r1_k4 and 94 as r1_k16, and the registers decide how many blocks of the next kernels find
+// room on an SM before their wait (docs/perf.md, 14th session).
+#define GEMV_T1_MTS(name, EPI, NORM, R, KCM) \
+    GEMV_T1_ENTRY(name, EPI, NORM, R, KCM, 1) GEMV_T1_ENTRY(name, EPI, NORM, R, KCM, 8)
+#define GEMV_T1_PLAIN(name, EPI, NORM)                                                            \
+    GEMV_T1_MTS(name, EPI, NORM, 4, 4) GEMV_T1_MTS(name, EPI, NORM, 2, 4)                         \
+    GEMV_T1_MTS(name, EPI, NORM, 2, 8) GEMV_T1_MTS(name, EPI, NORM, 1, 4)                         \
+    GEMV_T1_MTS(name, EPI, NORM, 1, 8) GEMV_T1_MTS(name, EPI, NORM, 1, 16)
+#define GEMV_T1_SILU(name, NORM)                                                                  \
+    GEMV_T1_MTS(name, EPI_SILU, NORM, 2, 4) GEMV_T1_MTS(name, EPI_SILU, NORM, 1, 4)               \
+    GEMV_T1_MTS(name, EPI_SILU, NORM, 1, 8)
 
 GEMV_T1_PLAIN(gemv, EPI_NONE, false)
 GEMV_T1_PLAIN(gemv_add, EPI_ADD, false)

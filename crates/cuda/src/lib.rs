@@ -266,6 +266,9 @@ struct Inner {
     sm_count: usize,
     /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
     gemv_warps: usize,
+    /// Whether a batch-1 GEMV takes the build with the fewest loads that holds its slice (see
+    /// `GemvT1Plan::choose`; default on, `QFUSE_CUDA_GEMV_T1_TIGHT=0` for the widest).
+    gemv_t1_tight: bool,
     /// Fewest one-token sequences that take the decode attention kernel, `attention_many`
     /// (default 1: every decode step; measured on the H200, batch 1 1.016 → 0.93 ms/step against
     /// the split-K kernel; `QFUSE_CUDA_MANY_ATTENTION_FROM` raises it for comparison).
@@ -742,6 +745,8 @@ impl CudaBackend {
                 name,
                 sm_count,
                 gemv_warps: gemv_warps_per_sm() * sm_count,
+                gemv_t1_tight: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_T1_TIGHT", 0..=1)
+                    .is_none_or(|v| v == 1),
                 many_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_MANY_ATTENTION_FROM", 1..=4096)
                     .unwrap_or(1),
                 fused_attention_from: qfuse_core::knobs::env_knob(
@@ -893,7 +898,16 @@ impl CudaBackend {
         let silu = base.ends_with("silu_mul");
         let block_warps = usize::from(self.inner.build.gemv_t1_warps);
         let plan = (t <= GEMV_MAX_ROWS && w.dtype() == DType::BF16)
-            .then(|| GemvT1Plan::choose(k, out_cols, silu, self.inner.gemv_warps, block_warps))
+            .then(|| {
+                GemvT1Plan::choose(
+                    k,
+                    out_cols,
+                    silu,
+                    self.inner.gemv_warps,
+                    block_warps,
+                    self.inner.gemv_t1_tight,
+                )
+            })
             .flatten();
         let split = match plan {
             Some(p) => p.split,
@@ -2595,14 +2609,24 @@ struct GemvT1Plan {
 
 impl GemvT1Plan {
     /// The builds compiled: (rows, kcm), each warp holding at most 16 loads (64 registers).
-    const PLAIN: [(usize, usize); 3] = [(4, 4), (2, 8), (1, 16)];
-    const SILU: [(usize, usize); 2] = [(2, 4), (1, 8)];
+    const PLAIN: [(usize, usize); 6] = [(4, 4), (2, 4), (2, 8), (1, 4), (1, 8), (1, 16)];
+    const SILU: [(usize, usize); 3] = [(2, 4), (1, 4), (1, 8)];
 
     /// The first (fewest splits, then most rows a warp) with at least `target` warps (by default
     /// 8 per SM), so every load of the matrix is in flight at once in about one wave; else the
-    /// one with most warps. `None` when K is not whole 256-element slices (the general kernels
-    /// take it).
-    fn choose(k: usize, n: usize, silu: bool, target: usize, block_warps: usize) -> Option<Self> {
+    /// one with most warps. Of the builds for those rows, the one with the fewest loads that
+    /// still holds the slice when `tight` (ptxas sizes registers by the build's bound, and the
+    /// registers decide how many blocks share an SM), else the most (the builds before the 14th
+    /// session, kept for measuring: `QFUSE_CUDA_GEMV_T1_TIGHT=0`). `None` when K is not whole
+    /// 256-element slices (the general kernels take it).
+    fn choose(
+        k: usize,
+        n: usize,
+        silu: bool,
+        target: usize,
+        block_warps: usize,
+        tight: bool,
+    ) -> Option<Self> {
         if k == 0 || !k.is_multiple_of(256) || n == 0 {
             return None;
         }
@@ -2614,10 +2638,14 @@ impl GemvT1Plan {
                 continue;
             }
             let kc = slices / split;
-            for &(rows, kcm) in builds {
-                if kc > kcm {
+            for rows in [4, 2, 1] {
+                let holding = builds
+                    .iter()
+                    .filter(|&&(r, kcm)| r == rows && kc <= kcm)
+                    .map(|&(_, kcm)| kcm);
+                let Some(kcm) = (if tight { holding.min() } else { holding.max() }) else {
                     continue;
-                }
+                };
                 let plan = GemvT1Plan {
                     rows,
                     kcm,
@@ -2758,11 +2786,12 @@ mod tests {
 
     #[test]
     fn gemv_t1_plans_cover_the_matrix_in_whole_slices() {
-        for silu in [false, true] {
+        for (silu, tight) in [(false, true), (true, true), (false, false), (true, false)] {
             for k in [256, 1024, 2048, 2560, 3072, 4096, 6144, 9728, 12288] {
                 for n in [1, 7, 1024, 3072, 4096, 151_936] {
                     for (sms, block_warps) in [1, 78, 132].into_iter().zip([8, 4, 2]) {
-                        let Some(p) = GemvT1Plan::choose(k, n, silu, 8 * sms, block_warps) else {
+                        let Some(p) = GemvT1Plan::choose(k, n, silu, 8 * sms, block_warps, tight)
+                        else {
                             // None only where K is not whole slices, or no split a block
                             // allows leaves a slice its compiled loads.
                             let most = if silu { 8 } else { 16 };
@@ -2784,17 +2813,38 @@ mod tests {
                             &GemvT1Plan::PLAIN
                         };
                         assert!(builds.contains(&(p.rows, p.kcm)), "{p:?}");
+                        // Tight or wide, the same cover; only the registers' bound differs, and
+                        // the tight one is the least that holds the slice.
+                        let other = GemvT1Plan::choose(k, n, silu, 8 * sms, block_warps, !tight);
+                        let other = other.expect("a plan either way");
+                        assert_eq!((p.rows, p.split, p.kc), (other.rows, other.split, other.kc));
+                        let least = builds
+                            .iter()
+                            .filter(|&&(r, m)| r == p.rows && p.kc <= m)
+                            .map(|&(_, m)| m)
+                            .min();
+                        assert_eq!(p.kcm == least.unwrap(), tight || p.kcm == other.kcm);
                     }
                 }
             }
         }
         // Qwen3-0.6B on 132 SMs: the QKV projection takes 2 columns a warp in one K-slice, the
         // down projection splits its 3,072-long rows in two.
-        let qkv = GemvT1Plan::choose(1024, 4096, false, 8 * 132, 8).unwrap();
-        assert_eq!((qkv.rows, qkv.split, qkv.kc), (2, 1, 4));
-        let down = GemvT1Plan::choose(3072, 1024, false, 8 * 132, 8).unwrap();
-        assert_eq!((down.rows, down.split, down.kc), (1, 2, 6));
-        assert_eq!(GemvT1Plan::choose(1000, 4096, false, 8 * 132, 8), None);
+        let qkv = GemvT1Plan::choose(1024, 4096, false, 8 * 132, 8, true).unwrap();
+        assert_eq!((qkv.rows, qkv.split, qkv.kc, qkv.kcm), (2, 1, 4, 4));
+        let down = GemvT1Plan::choose(3072, 1024, false, 8 * 132, 8, true).unwrap();
+        assert_eq!((down.rows, down.split, down.kc, down.kcm), (1, 2, 6, 8));
+        let o_proj = GemvT1Plan::choose(2048, 1024, false, 8 * 132, 8, true).unwrap();
+        assert_eq!(
+            (o_proj.rows, o_proj.split, o_proj.kc, o_proj.kcm),
+            (1, 2, 4, 4)
+        );
+        let wide = GemvT1Plan::choose(2048, 1024, false, 8 * 132, 8, false).unwrap();
+        assert_eq!(wide.kcm, 16);
+        assert_eq!(
+            GemvT1Plan::choose(1000, 4096, false, 8 * 132, 8, true),
+            None
+        );
     }
 
     /// The context splits the H200 measurements chose (132 SMs, 4 decode blocks an SM).
@@ -2960,10 +3010,10 @@ mod tests {
                 }
             }
         }
-        for silu in [false, true] {
+        for (silu, tight) in [(false, true), (true, true), (false, false), (true, false)] {
             for k in [1024, 2048, 2560, 3072, 4096, 6144, 12288] {
                 for n in [1, 1024, 3072, 4096, 151_936] {
-                    if let Some(p) = GemvT1Plan::choose(k, n, silu, 8 * 132, 8) {
+                    if let Some(p) = GemvT1Plan::choose(k, n, silu, 8 * 132, 8, tight) {
                         let bases: &[&str] = if silu {
                             &["gemv_silu_mul", "rms_norm_gemv_silu_mul"]
                         } else {
