@@ -266,9 +266,11 @@ struct Inner {
     sm_count: usize,
     /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
     gemv_warps: usize,
-    /// Whether a batch-1 GEMV takes the build with the fewest loads that holds its slice (see
-    /// `GemvT1Plan::choose`; default on, `QFUSE_CUDA_GEMV_T1_TIGHT=0` for the widest).
-    gemv_t1_tight: bool,
+    /// Fewest rows for which a decode GEMV takes the build with the fewest loads that holds its
+    /// slice (see `GemvT1Plan::choose`; `QFUSE_CUDA_GEMV_T1_TIGHT_FROM`, 9: never).
+    gemv_t1_tight_from: usize,
+    /// Diagnostic (`QFUSE_CUDA_GEMV_T1_TIGHT_K`): at batch 1, only products of this K are tight.
+    gemv_t1_tight_k: Option<usize>,
     /// Fewest one-token sequences that take the decode attention kernel, `attention_many`
     /// (default 1: every decode step; measured on the H200, batch 1 1.016 → 0.93 ms/step against
     /// the split-K kernel; `QFUSE_CUDA_MANY_ATTENTION_FROM` raises it for comparison).
@@ -745,8 +747,15 @@ impl CudaBackend {
                 name,
                 sm_count,
                 gemv_warps: gemv_warps_per_sm() * sm_count,
-                gemv_t1_tight: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_T1_TIGHT", 0..=1)
-                    .is_none_or(|v| v == 1),
+                gemv_t1_tight_from: qfuse_core::knobs::env_knob(
+                    "QFUSE_CUDA_GEMV_T1_TIGHT_FROM",
+                    1..=GEMV_MAX_ROWS + 1,
+                )
+                .unwrap_or(1),
+                gemv_t1_tight_k: qfuse_core::knobs::env_knob(
+                    "QFUSE_CUDA_GEMV_T1_TIGHT_K",
+                    1..=1 << 20,
+                ),
                 many_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_MANY_ATTENTION_FROM", 1..=4096)
                     .unwrap_or(1),
                 fused_attention_from: qfuse_core::knobs::env_knob(
@@ -905,7 +914,8 @@ impl CudaBackend {
                     silu,
                     self.inner.gemv_warps,
                     block_warps,
-                    self.inner.gemv_t1_tight,
+                    t >= self.inner.gemv_t1_tight_from
+                        && (t > 1 || self.inner.gemv_t1_tight_k.is_none_or(|tk| tk == k)),
                 )
             })
             .flatten();
