@@ -189,7 +189,7 @@ template <int EPI, bool NORM, int R, int KCM, int MT>
 __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                         const float* __restrict__ g, const float* __restrict__ residual,
                                         float* __restrict__ y, int T, int K, int out_cols, int S, int kc,
-                                        float eps) {
+                                        int early, float eps) {
     constexpr int NR = EPI == EPI_SILU ? 2 * R : R;
     __shared__ float partial[GEMV_T1_WARPS][NR * MT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -206,7 +206,9 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
         for (int i = 0; i < KCM; ++i)
             if (i < kc && col < out_cols) wv[r][i] = __ldg(reinterpret_cast<const uint4*>(p + i * 256));
     }
-    pdl_weights_requested();
+    // early = 0: the next kernel launches only once this one's wait has returned, so its weight
+    // loads do not run beside the kernel before this one (the product after attention).
+    if (early) pdl_weights_requested();
     pdl_wait();
     pdl_launch_dependents();
     // Lane l writes output (column n0 + l % R, row l / R); its residual is fetched now, so the
@@ -318,8 +320,9 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
 #define GEMV_T1_ENTRY(name, EPI, NORM, R, KCM, MT)                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_T1_WARPS * 32)                                       \
         name##_t##MT##_r##R##_k##KCM(const float* x, const bf16_t* w, const float* g, const float* residual, \
-                                     float* y, int T, int K, int out_cols, int S, int kc, float eps) {     \
-        gemv_t1<EPI, NORM, R, KCM, MT>(x, w, g, residual, y, T, K, out_cols, S, kc, eps);                  \
+                                     float* y, int T, int K, int out_cols, int S, int kc, int early,       \
+                                     float eps) {                                                          \
+        gemv_t1<EPI, NORM, R, KCM, MT>(x, w, g, residual, y, T, K, out_cols, S, kc, early, eps);           \
     }
 
 // (R, KCM): R output columns a warp, at most KCM loads a weight row per lane, at most 16 loads
