@@ -189,7 +189,7 @@ template <int EPI, bool NORM, int R, int KCM, int MT>
 __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_t* __restrict__ w,
                                         const float* __restrict__ g, const float* __restrict__ residual,
                                         float* __restrict__ y, int T, int K, int out_cols, int S, int kc,
-                                        int early, float eps) {
+                                        float eps) {
     constexpr int NR = EPI == EPI_SILU ? 2 * R : R;
     __shared__ float partial[GEMV_T1_WARPS][NR * MT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -206,9 +206,7 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
         for (int i = 0; i < KCM; ++i)
             if (i < kc && col < out_cols) wv[r][i] = __ldg(reinterpret_cast<const uint4*>(p + i * 256));
     }
-    // early = 0: the next kernel launches only once this one's wait has returned, so its weight
-    // loads do not run beside the kernel before this one (the product after attention).
-    if (early) pdl_weights_requested();
+    pdl_weights_requested();
     pdl_wait();
     pdl_launch_dependents();
     // Lane l writes output (column n0 + l % R, row l / R); its residual is fetched now, so the
@@ -320,17 +318,18 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
 #define GEMV_T1_ENTRY(name, EPI, NORM, R, KCM, MT)                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_T1_WARPS * 32)                                       \
         name##_t##MT##_r##R##_k##KCM(const float* x, const bf16_t* w, const float* g, const float* residual, \
-                                     float* y, int T, int K, int out_cols, int S, int kc, int early,       \
-                                     float eps) {                                                          \
-        gemv_t1<EPI, NORM, R, KCM, MT>(x, w, g, residual, y, T, K, out_cols, S, kc, early, eps);           \
+                                     float* y, int T, int K, int out_cols, int S, int kc, float eps) {     \
+        gemv_t1<EPI, NORM, R, KCM, MT>(x, w, g, residual, y, T, K, out_cols, S, kc, eps);                  \
     }
 
 // (R, KCM): R output columns a warp, at most KCM loads a weight row per lane, at most 16 loads
 // (64 registers) a warp; MT = 1 for batch-1 decode, 8 for batches of 2-8 rows (R * 8 <= 32: a
-// lane for each output). ptxas sizes the registers by KCM, not by the kc a launch uses, so the
-// plan takes the smallest KCM that holds its kc: o_proj's 4 loads a lane take 36 registers as
-// r1_k4 and 94 as r1_k16, and the registers decide how many blocks of the next kernels find
-// room on an SM before their wait (docs/perf.md, 14th session).
+// lane for each output). ptxas sizes the registers by KCM, not by the kc a launch uses (o_proj's
+// 4 loads a lane: 36 registers as r1_k4, 94 as r1_k16; at 2-8 rows 48 against 98), and the
+// registers decide how many blocks of the next kernels find room on an SM before their wait.
+// Batches of 2-8 rows take the smallest KCM that holds their kc (batch 4 6% faster on the H200);
+// batch 1 the largest: its next kernels' loads would then run beside attention and slow it
+// (docs/perf.md, 14th session).
 #define GEMV_T1_MTS(name, EPI, NORM, R, KCM) \
     GEMV_T1_ENTRY(name, EPI, NORM, R, KCM, 1) GEMV_T1_ENTRY(name, EPI, NORM, R, KCM, 8)
 #define GEMV_T1_PLAIN(name, EPI, NORM)                                                            \

@@ -34,7 +34,7 @@ mod trace;
 mod x3;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
@@ -267,17 +267,10 @@ struct Inner {
     /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
     gemv_warps: usize,
     /// Fewest rows for which a decode GEMV takes the build with the fewest loads that holds its
-    /// slice (see `GemvT1Plan::choose`; `QFUSE_CUDA_GEMV_T1_TIGHT_FROM`, 9: never).
+    /// slice (see `GemvT1Plan::choose`): 2 (measured on the H200: batch 4 1.55 against 1.66
+    /// ms/step; batch 1 0.73 against 0.71, its next kernels' loads then run beside attention);
+    /// `QFUSE_CUDA_GEMV_T1_TIGHT_FROM` (1..=9; 9: never).
     gemv_t1_tight_from: usize,
-    /// Diagnostic (`QFUSE_CUDA_GEMV_T1_TIGHT_K`): at batch 1, only products of this K are tight.
-    gemv_t1_tight_k: Option<usize>,
-    /// Whether the batch-1 product launched right after an attention kernel (o_proj) lets the
-    /// next kernel launch only once its own wait has returned, i.e. once attention is done
-    /// (`QFUSE_CUDA_LATE_AFTER_ATTENTION=1`): its successor's weight loads then do not run beside
-    /// attention.
-    late_after_attention: bool,
-    /// Set by each attention launch, cleared by the next product launch.
-    after_attention: AtomicBool,
     /// Fewest one-token sequences that take the decode attention kernel, `attention_many`
     /// (default 1: every decode step; measured on the H200, batch 1 1.016 → 0.93 ms/step against
     /// the split-K kernel; `QFUSE_CUDA_MANY_ATTENTION_FROM` raises it for comparison).
@@ -758,15 +751,7 @@ impl CudaBackend {
                     "QFUSE_CUDA_GEMV_T1_TIGHT_FROM",
                     1..=GEMV_MAX_ROWS + 1,
                 )
-                .unwrap_or(1),
-                gemv_t1_tight_k: qfuse_core::knobs::env_knob(
-                    "QFUSE_CUDA_GEMV_T1_TIGHT_K",
-                    1..=1 << 20,
-                ),
-                late_after_attention: qfuse_core::knobs::env_flag(
-                    "QFUSE_CUDA_LATE_AFTER_ATTENTION",
-                ),
-                after_attention: AtomicBool::new(false),
+                .unwrap_or(2),
                 many_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_MANY_ATTENTION_FROM", 1..=4096)
                     .unwrap_or(1),
                 fused_attention_from: qfuse_core::knobs::env_knob(
@@ -822,7 +807,9 @@ impl CudaBackend {
     /// How many captured decode steps have been replayed (a capture that fails falls back to
     /// plain launches silently, so tests and benchmarks check this).
     pub fn graph_replays(&self) -> usize {
-        self.inner.replays.load(Ordering::Relaxed)
+        self.inner
+            .replays
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether kernels are launched as programmatic dependent launches.
@@ -923,8 +910,7 @@ impl CudaBackend {
                     silu,
                     self.inner.gemv_warps,
                     block_warps,
-                    t >= self.inner.gemv_t1_tight_from
-                        && (t > 1 || self.inner.gemv_t1_tight_k.is_none_or(|tk| tk == k)),
+                    t >= self.inner.gemv_t1_tight_from,
                 )
             })
             .flatten();
@@ -947,11 +933,7 @@ impl CudaBackend {
         l.buf(gain.unwrap_or(x)).buf(residual.unwrap_or(x)).out(&y);
         l.i32(ti).i32(ki).i32(ni).i32(split as i32);
         if let Some(p) = plan {
-            // The product right after an attention kernel (o_proj) may let the next kernel
-            // launch only at its own wait (`late_after_attention`).
-            let after_attention = self.inner.after_attention.swap(false, Ordering::Relaxed);
-            let early = !(after_attention && self.inner.late_after_attention);
-            l.i32(p.kc as i32).i32(i32::from(early));
+            l.i32(p.kc as i32);
         }
         l.f32(eps);
         // SAFETY: x is [t, k] f32, w has at least out_cols (x2 for silu) rows of k elements of the
@@ -1544,7 +1526,6 @@ impl CudaBackend {
         many: bool,
         qkn: Option<(&CudaTensor, &CudaTensor)>,
     ) -> Result<CudaTensor> {
-        self.inner.after_attention.store(true, Ordering::Relaxed);
         let t = batch.info.num_tokens();
         let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let c = h * d;
@@ -2009,7 +1990,9 @@ impl Backend for CudaBackend {
 
     fn replay(&self, graph: &CudaGraphExec) -> Result<()> {
         graph.graph.launch().cuda()?;
-        self.inner.replays.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .replays
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -2638,8 +2621,7 @@ impl GemvT1Plan {
     /// 8 per SM), so every load of the matrix is in flight at once in about one wave; else the
     /// one with most warps. Of the builds for those rows, the one with the fewest loads that
     /// still holds the slice when `tight` (ptxas sizes registers by the build's bound, and the
-    /// registers decide how many blocks share an SM), else the most (the builds before the 14th
-    /// session, kept for measuring: `QFUSE_CUDA_GEMV_T1_TIGHT=0`). `None` when K is not whole
+    /// registers decide how many blocks share an SM), else the most (batch 1's choice). `None` when K is not whole
     /// 256-element slices (the general kernels take it).
     fn choose(
         k: usize,
