@@ -346,16 +346,28 @@ pub const WGMMA_ENTRIES: [&str; 8] = [
 /// define and keeps its cache key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelBuild {
-    /// `common.cuh`'s `QFUSE_PDL_TRIGGER`: when a kernel lets the next one launch (0 after its
-    /// wait, 1 once a decode product kernel has requested its weights, 2 also before every other
-    /// kernel's wait). See [`CudaOptions::pdl_trigger`](crate::CudaOptions::pdl_trigger).
+    /// `common.cuh`'s `QFUSE_PDL_TRIGGER`: when a kernel lets the next one launch under
+    /// programmatic dependent launch (`QFUSE_CUDA_PDL_TRIGGER=0|1|2`): 0 once its own wait has
+    /// returned; 1 (default) as soon as a decode product kernel (`gemv_t1`, `gemm_x3`) has
+    /// requested its weights, so the next kernel's weight loads start under this one's wait
+    /// (batch-1 decode 0.907 → 0.838 ms/step on the H200); 2 also every other kernel before its
+    /// wait (no better).
     pub pdl_trigger: u8,
-    /// `common.cuh`'s `QFUSE_TRACE`: every kernel stamps %globaltimer before and after its wait
-    /// into its module's ring (a measurement build; see [`CudaOptions::trace`](crate::CudaOptions::trace)).
+    /// `common.cuh`'s `QFUSE_TRACE`, a measurement build (`QFUSE_CUDA_TRACE=1`): every kernel's
+    /// first thread stamps %globaltimer before and after its wait into its module's ring, so
+    /// [`CudaBackend::kernel_trace`](crate::CudaBackend::kernel_trace) can show where a captured
+    /// decode step's time goes.
     pub trace: bool,
-    /// `gemv.cu`'s `GEMV_T1_WARPS`: warps of a batch-1 product block (8, 4 or 2). See
-    /// [`CudaOptions::gemv_t1_warps`](crate::CudaOptions::gemv_t1_warps).
+    /// `gemv.cu`'s `GEMV_T1_WARPS`: warps of a batch-1 product block
+    /// (`QFUSE_CUDA_GEMV_T1_WARPS=2|4|8`, default 8). At the products' ~96 registers a thread an
+    /// SM holds two 8-warp blocks or five 4-warp ones.
     pub gemv_t1_warps: u8,
+    /// `attention.cu`'s `ATTN_CLUSTER_PULL` (`QFUSE_CUDA_ATTN_CLUSTER_PULL=1`): the decode
+    /// attention's clustered splits combine as the 13th session built it, every block loading
+    /// its share of the outputs from every split's shared memory after a barrier and a second
+    /// barrier before any leaves, instead of each split storing its partials into the combining
+    /// blocks' shared memory before the one barrier.
+    pub attn_cluster_pull: bool,
 }
 
 impl Default for KernelBuild {
@@ -364,14 +376,31 @@ impl Default for KernelBuild {
             pdl_trigger: 1,
             trace: false,
             gemv_t1_warps: 8,
+            attn_cluster_pull: false,
         }
     }
 }
 
 impl KernelBuild {
+    /// The build the `QFUSE_CUDA_*` knobs ask for (see each field); the default where unset.
+    pub fn from_env() -> Self {
+        let default = KernelBuild::default();
+        KernelBuild {
+            pdl_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_PDL_TRIGGER", 0..=2)
+                .map_or(default.pdl_trigger, |n| n as u8),
+            trace: qfuse_core::knobs::env_flag("QFUSE_CUDA_TRACE"),
+            gemv_t1_warps: match qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_T1_WARPS", 2..=8) {
+                Some(w @ (2 | 4)) => w as u8,
+                _ => default.gemv_t1_warps,
+            },
+            attn_cluster_pull: qfuse_core::knobs::env_flag("QFUSE_CUDA_ATTN_CLUSTER_PULL"),
+        }
+    }
+
     /// A build named as `scripts/gpu-bundle`'s `BUILDS=` names it: an optional `pdl_trigger`
-    /// digit, an optional `w` and a batch-1 product block's warps, then `t` for the trace build
-    /// (`0`, `2`, `t`, `0t`, `w4`, `w4t`); `None` for anything else or nothing.
+    /// digit, an optional `w` and a batch-1 product block's warps, `p` for the pulling cluster
+    /// combine, then `t` for the trace build (`0`, `2`, `t`, `0t`, `w4`, `w4t`, `p`, `pt`);
+    /// `None` for anything else or nothing.
     pub fn from_spec(spec: &str) -> Option<Self> {
         let mut build = KernelBuild::default();
         let mut rest = spec;
@@ -386,6 +415,10 @@ impl KernelBuild {
                 .ok()
                 .filter(|w| [2, 4, 8].contains(w))?;
             rest = &after[digits..];
+        }
+        if let Some(after) = rest.strip_prefix('p') {
+            build.attn_cluster_pull = true;
+            rest = after;
         }
         if let Some(after) = rest.strip_prefix('t') {
             build.trace = true;
@@ -406,6 +439,9 @@ impl KernelBuild {
         }
         if self.gemv_t1_warps != default.gemv_t1_warps {
             lines += &format!("#define GEMV_T1_WARPS {}\n", self.gemv_t1_warps);
+        }
+        if self.attn_cluster_pull {
+            lines += "#define ATTN_CLUSTER_PULL 1\n";
         }
         lines
     }

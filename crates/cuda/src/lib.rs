@@ -385,22 +385,11 @@ pub struct CudaOptions {
     /// 4.1e-3 to 5.2e-2 of the reference (top-1 0.977; the model test's bounds are 2e-2 and 0.99):
     /// its random weights amplify a 2^-18 change in every activation ~10^4-fold (docs/perf.md).
     pub prompt_parts: PromptParts,
-    /// When a kernel lets the next one launch under programmatic dependent launch
-    /// (`QFUSE_CUDA_PDL_TRIGGER=0|1|2`): 0 once its own wait has returned; 1 (default) as soon as
-    /// a decode product kernel (`gemv_t1`, `gemm_x3`) has requested its weights, so the next
-    /// kernel's weight loads start under this one's wait (batch-1 decode 0.907 → 0.838 ms/step
-    /// on the H200); 2 also every other kernel before its wait (no better). Compiled in
-    /// (`kernels::KernelBuild`).
-    pub pdl_trigger: u8,
-    /// A measurement build (`QFUSE_CUDA_TRACE=1`): every kernel's first thread stamps
-    /// %globaltimer before and after its programmatic-dependent-launch wait into its module's
-    /// ring, so [`CudaBackend::kernel_trace`] can show where a captured decode step's time
-    /// goes (when each kernel started, and when the ones before it had finished).
-    pub trace: bool,
-    /// Warps of a batch-1 product block (`QFUSE_CUDA_GEMV_T1_WARPS=2|4|8`, default 8; compiled
-    /// in). At the products' ~96 registers a thread an SM holds two 8-warp blocks or five
-    /// 4-warp ones, so with smaller blocks the next product's blocks fit beside this one's.
-    pub gemv_t1_warps: u8,
+    /// The choices compiled into the kernels (`kernels::KernelBuild`: when a kernel lets the next
+    /// one launch, the trace build, a batch-1 product block's warps, how the decode attention's
+    /// clustered splits combine), from `QFUSE_CUDA_PDL_TRIGGER`, `QFUSE_CUDA_TRACE`,
+    /// `QFUSE_CUDA_GEMV_T1_WARPS` and `QFUSE_CUDA_ATTN_CLUSTER_PULL` ([`KernelBuild::from_env`]).
+    pub kernel_build: KernelBuild,
 }
 
 /// The bf16 parts of fp32 activations on the tensor cores ([`CudaOptions::prompt_parts`]).
@@ -530,13 +519,7 @@ impl Default for CudaOptions {
                 Some(2) => PromptParts::Two,
                 _ => PromptParts::Three,
             },
-            pdl_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_PDL_TRIGGER", 0..=2)
-                .map_or(KernelBuild::default().pdl_trigger, |n| n as u8),
-            trace: qfuse_core::knobs::env_flag("QFUSE_CUDA_TRACE"),
-            gemv_t1_warps: match qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_T1_WARPS", 2..=8) {
-                Some(w @ (2 | 4)) => w as u8,
-                _ => KernelBuild::default().gemv_t1_warps,
-            },
+            kernel_build: KernelBuild::from_env(),
         }
     }
 }
@@ -656,11 +639,7 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().cuda()?;
         let blas = CudaBlas::new(stream.clone()).cuda()?;
-        let build = KernelBuild {
-            pdl_trigger: options.pdl_trigger,
-            trace: options.trace,
-            gemv_t1_warps: options.gemv_t1_warps,
-        };
+        let build = options.kernel_build;
         let kernels = Kernels::load(&ctx, &build.defines())?;
         let (major, minor) = ctx.compute_capability().cuda()?;
         let wgmma = options.wgmma

@@ -1,4 +1,4 @@
-//! The trace build's timeline (`QFUSE_CUDA_TRACE=1`, [`CudaOptions::trace`](crate::CudaOptions)):
+//! The trace build's timeline (`QFUSE_CUDA_TRACE=1`, [`KernelBuild::trace`](crate::kernels::KernelBuild::trace)):
 //! every kernel's first thread stamps %globaltimer before and after its programmatic-dependent-
 //! launch wait into its module's ring (`common.cuh`). A kernel's wait returns once the kernels
 //! before it have finished, so the time from one kernel's wait returning to the next one's is
@@ -375,6 +375,15 @@ mod tests {
         assert_eq!(
             KernelBuild::from_spec("t").unwrap().defines(),
             "#define QFUSE_TRACE 1\n"
+        );
+        let p = |s| KernelBuild::from_spec(s).map(|b| (b.attn_cluster_pull, b.trace));
+        assert_eq!(p("p"), Some((true, false)));
+        assert_eq!(p("pt"), Some((true, true)));
+        assert_eq!(p("tp"), None);
+        assert_eq!(p("w4"), Some((false, false)));
+        assert_eq!(
+            KernelBuild::from_spec("p").unwrap().defines(),
+            "#define ATTN_CLUSTER_PULL 1\n"
         );
     }
 
