@@ -316,27 +316,16 @@ __device__ void finish_splits(const float* merge, int G, int d, int H, int KV, i
 }
 
 // finish_splits for a launch whose splits of each (token, KV head) form one thread-block cluster
-// (sm_90; the host's choice, QFUSE_CUDA_ATTN_CLUSTER): block `rank` combines outputs
-// [rank per, (rank + 1) per) of the G x d, and every split that holds keys stores its merged
-// partials for them (o; max and sum per head) straight into that block's shared memory, then
-// one cluster barrier publishes them all: each block combines from its own shared memory and
-// leaves. No partials go through global memory, and no fence, arrival counter or remote load
-// sits on the critical path (at batch 1 the global combine was most of the kernel's ~10.8 µs a
-// layer, docs/perf.md). Every block of the cluster, idle splits (past the token's position)
-// included, passes the barrier; only the first `active` hold keys. ATTN_CLUSTER_PULL (a
-// KernelBuild choice) keeps the 13th session's version: each block leaves its partials in its
-// own shared memory, and after the barrier the combining blocks load them, with a second barrier
-// before any block leaves.
+// (sm_90; the host's choice, QFUSE_CUDA_ATTN_CLUSTER): each block leaves its merged partials
+// (o, max, sum) in its own shared memory, and after one cluster barrier block `rank` combines
+// 1/n of the G x d outputs from every split's shared memory. No partials go through global
+// memory, and no fence, arrival counter or re-read of them sits on the critical path (at batch 1
+// those were most of the kernel's ~10.8 µs a layer, docs/perf.md). Every block of the cluster,
+// idle splits included, passes both barriers; only the first `active` hold keys.
 #if __CUDA_ARCH__ >= 900
-#ifndef ATTN_CLUSTER_PULL
-#define ATTN_CLUSTER_PULL 0
-#endif
 template <int GM>
 __device__ void finish_splits_cluster(const float* merge, int G, int d, int H, int t, int kv, int active,
                                       float* __restrict__ out) {
-    const int n = (int)cluster_size(), rank = (int)cluster_rank();
-    const int per = (G * d + n - 1) / n, last = min(G * d, (rank + 1) * per);
-#if ATTN_CLUSTER_PULL
     __shared__ float part_o[GM * 128];  // [G][d]
     __shared__ float part_ml[GM * 2];   // [G] (max, sum)
     for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
@@ -350,50 +339,18 @@ __device__ void finish_splits_cluster(const float* merge, int G, int d, int H, i
         }
     }
     cluster_sync();
+    const int n = (int)cluster_size(), rank = (int)cluster_rank();
+    const int per = (G * d + n - 1) / n, last = min(G * d, (rank + 1) * per);
     const u32 o_addr = smem_addr(part_o), ml_addr = smem_addr(part_ml);
-#else
-    // inbox_o[s * per + i]: split s's o for output rank * per + i; inbox_ml[s][g]: its (max, sum)
-    // for head g. n * per < G * d + n.
-    __shared__ float inbox_o[GM * 128 + ATTN_MAX_SPLITS];
-    __shared__ float inbox_ml[ATTN_MAX_SPLITS][GM * 2];
-    // Every block has started (each arrived at the kernel's start; attention_many): the inboxes
-    // exist.
-    cluster_wait();
-    if (rank < active) {
-        const u32 o_addr = smem_addr(inbox_o) + 4u * (u32)(rank * per);
-        for (int idx = threadIdx.x; idx < G * d; idx += blockDim.x) {
-            float M, L, O;
-            merge_warps(merge, G, d, idx / d, idx % d, M, L, O);
-            const int owner = idx / per;
-            st_peer(o_addr + 4u * (u32)(idx - owner * per), (u32)owner, O);
-        }
-        // Every combining block gets every head's (max, sum): n * G pairs.
-        const u32 ml_addr = smem_addr(&inbox_ml[rank][0]);
-        for (int idx = threadIdx.x; idx < n * G; idx += blockDim.x) {
-            const int owner = idx / G, g = idx % G;
-            float M, L, O;
-            merge_warps(merge, G, d, g, 0, M, L, O);
-            st_peer(ml_addr + 8u * g, (u32)owner, M);
-            st_peer(ml_addr + 8u * g + 4u, (u32)owner, L);
-        }
-    }
-    cluster_sync();
-#endif
     for (int idx = rank * per + threadIdx.x; idx < last; idx += blockDim.x) {
         const int g = idx / d, dd = idx % d;
-        // Every split's values read before any is used: one round trip.
+        // Every split's loads issued before any is used: one round trip.
         float ms[ATTN_MAX_SPLITS], ls[ATTN_MAX_SPLITS], os[ATTN_MAX_SPLITS];
 #pragma unroll
         for (int j = 0; j < ATTN_MAX_SPLITS; ++j) {
-#if ATTN_CLUSTER_PULL
             ms[j] = j < active ? ld_peer(ml_addr + 8u * g, j) : -INFINITY;
             ls[j] = j < active ? ld_peer(ml_addr + 8u * g + 4u, j) : 0.0f;
             os[j] = j < active ? ld_peer(o_addr + 4u * idx, j) : 0.0f;
-#else
-            ms[j] = j < active ? inbox_ml[j][2 * g] : -INFINITY;
-            ls[j] = j < active ? inbox_ml[j][2 * g + 1] : 0.0f;
-            os[j] = j < active ? inbox_o[j * per + idx - rank * per] : 0.0f;
-#endif
         }
         float M = -INFINITY;
 #pragma unroll
@@ -408,9 +365,7 @@ __device__ void finish_splits_cluster(const float* merge, int G, int d, int H, i
         }
         out[(size_t)t * H * d + (size_t)(kv * G + g) * d + dd] = O / L;
     }
-#if ATTN_CLUSTER_PULL
     cluster_sync_relaxed();
-#endif
 }
 #endif
 
@@ -600,14 +555,6 @@ __device__ void attention_many(
     const float* __restrict__ k_norm, const u32* __restrict__ slots, KT* kc_out, KT* vc_out,
     double log2_theta, float eps) {
     extern __shared__ float smem[];  // [ATTN_WARPS][G][d + 2]
-#if __CUDA_ARCH__ >= 900
-    const bool clustered = cluster_size() > 1;
-    // The push combine's first barrier phase (finish_splits_cluster): arrived at now, waited
-    // for before the first store into a peer, by when every block has long started.
-    if (clustered && !ATTN_CLUSTER_PULL) cluster_arrive_relaxed();
-#else
-    const bool clustered = false;
-#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane & 7;
     const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
     const int G = H / KV, W = KV * d, d0 = lane * 4;
@@ -672,6 +619,11 @@ __device__ void attention_many(
     pdl_begin();
     // A split past the token's position has no keys and is not counted in `active`; launched
     // as a cluster it still takes part in the combine's barriers (with nothing to offer).
+#if __CUDA_ARCH__ >= 900
+    const bool clustered = cluster_size() > 1;
+#else
+    const bool clustered = false;
+#endif
     if (begin >= end && !clustered) return;
     if (!QKN) {
         load_group(kb);

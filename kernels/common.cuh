@@ -231,8 +231,7 @@ __device__ __forceinline__ void load8f(const float* __restrict__ p, float (&f)[8
 
 // Thread-block clusters (sm_90): a block's shared-memory address, the cluster barrier (release
 // this block's shared-memory writes, acquire the others'), this block's rank and the cluster's
-// size (1 when launched without clusters), and loads from and stores to a peer block's shared
-// memory.
+// size (1 when launched without clusters), and loads from a peer block's shared memory.
 #if __CUDA_ARCH__ >= 900
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     unsigned long long a;
@@ -243,14 +242,6 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
-
-// The two halves of a barrier with nothing to publish, split so that a block can arrive early
-// and wait later: a block may touch a peer's shared memory only once every block of the cluster
-// has started, i.e. after a wait whose phase every block arrived at.
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 
 // A barrier with nothing to publish: no block leaves while the others still read its memory.
 __device__ __forceinline__ void cluster_sync_relaxed() {
@@ -276,14 +267,6 @@ __device__ __forceinline__ float ld_peer(u32 addr, u32 rank) {
     float v;
     asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
     return v;
-}
-
-// Stores v at shared address `addr` of the cluster's block `rank` (visible to it after the
-// next cluster barrier, whose arrive releases it).
-__device__ __forceinline__ void st_peer(u32 addr, u32 rank, float v) {
-    u32 remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
-    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(v) : "memory");
 }
 
 // The four floats at shared address `addr` (16-byte aligned) of the cluster's block `rank`.

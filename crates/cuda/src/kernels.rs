@@ -362,12 +362,6 @@ pub struct KernelBuild {
     /// (`QFUSE_CUDA_GEMV_T1_WARPS=2|4|8`, default 8). At the products' ~96 registers a thread an
     /// SM holds two 8-warp blocks or five 4-warp ones.
     pub gemv_t1_warps: u8,
-    /// `attention.cu`'s `ATTN_CLUSTER_PULL` (`QFUSE_CUDA_ATTN_CLUSTER_PULL=1`): the decode
-    /// attention's clustered splits combine as the 13th session built it, every block loading
-    /// its share of the outputs from every split's shared memory after a barrier and a second
-    /// barrier before any leaves, instead of each split storing its partials into the combining
-    /// blocks' shared memory before the one barrier.
-    pub attn_cluster_pull: bool,
 }
 
 impl Default for KernelBuild {
@@ -376,7 +370,6 @@ impl Default for KernelBuild {
             pdl_trigger: 1,
             trace: false,
             gemv_t1_warps: 8,
-            attn_cluster_pull: false,
         }
     }
 }
@@ -393,14 +386,12 @@ impl KernelBuild {
                 Some(w @ (2 | 4)) => w as u8,
                 _ => default.gemv_t1_warps,
             },
-            attn_cluster_pull: qfuse_core::knobs::env_flag("QFUSE_CUDA_ATTN_CLUSTER_PULL"),
         }
     }
 
     /// A build named as `scripts/gpu-bundle`'s `BUILDS=` names it: an optional `pdl_trigger`
-    /// digit, an optional `w` and a batch-1 product block's warps, `p` for the pulling cluster
-    /// combine, then `t` for the trace build (`0`, `2`, `t`, `0t`, `w4`, `w4t`, `p`, `pt`);
-    /// `None` for anything else or nothing.
+    /// digit, an optional `w` and a batch-1 product block's warps, then `t` for the trace build
+    /// (`0`, `2`, `t`, `0t`, `w4`, `w4t`); `None` for anything else or nothing.
     pub fn from_spec(spec: &str) -> Option<Self> {
         let mut build = KernelBuild::default();
         let mut rest = spec;
@@ -415,10 +406,6 @@ impl KernelBuild {
                 .ok()
                 .filter(|w| [2, 4, 8].contains(w))?;
             rest = &after[digits..];
-        }
-        if let Some(after) = rest.strip_prefix('p') {
-            build.attn_cluster_pull = true;
-            rest = after;
         }
         if let Some(after) = rest.strip_prefix('t') {
             build.trace = true;
@@ -439,9 +426,6 @@ impl KernelBuild {
         }
         if self.gemv_t1_warps != default.gemv_t1_warps {
             lines += &format!("#define GEMV_T1_WARPS {}\n", self.gemv_t1_warps);
-        }
-        if self.attn_cluster_pull {
-            lines += "#define ATTN_CLUSTER_PULL 1\n";
         }
         lines
     }

@@ -386,9 +386,9 @@ pub struct CudaOptions {
     /// its random weights amplify a 2^-18 change in every activation ~10^4-fold (docs/perf.md).
     pub prompt_parts: PromptParts,
     /// The choices compiled into the kernels (`kernels::KernelBuild`: when a kernel lets the next
-    /// one launch, the trace build, a batch-1 product block's warps, how the decode attention's
-    /// clustered splits combine), from `QFUSE_CUDA_PDL_TRIGGER`, `QFUSE_CUDA_TRACE`,
-    /// `QFUSE_CUDA_GEMV_T1_WARPS` and `QFUSE_CUDA_ATTN_CLUSTER_PULL` ([`KernelBuild::from_env`]).
+    /// one launch, the trace build, a batch-1 product block's warps), from
+    /// `QFUSE_CUDA_PDL_TRIGGER`, `QFUSE_CUDA_TRACE` and `QFUSE_CUDA_GEMV_T1_WARPS`
+    /// ([`KernelBuild::from_env`]).
     pub kernel_build: KernelBuild,
 }
 

@@ -376,15 +376,6 @@ mod tests {
             KernelBuild::from_spec("t").unwrap().defines(),
             "#define QFUSE_TRACE 1\n"
         );
-        let p = |s| KernelBuild::from_spec(s).map(|b| (b.attn_cluster_pull, b.trace));
-        assert_eq!(p("p"), Some((true, false)));
-        assert_eq!(p("pt"), Some((true, true)));
-        assert_eq!(p("tp"), None);
-        assert_eq!(p("w4"), Some((false, false)));
-        assert_eq!(
-            KernelBuild::from_spec("p").unwrap().defines(),
-            "#define ATTN_CLUSTER_PULL 1\n"
-        );
     }
 
     #[test]
