@@ -2801,12 +2801,12 @@ mod tests {
                         let other = GemvT1Plan::choose(k, n, silu, 8 * sms, block_warps, !tight);
                         let other = other.expect("a plan either way");
                         assert_eq!((p.rows, p.split, p.kc), (other.rows, other.split, other.kc));
-                        let least = builds
+                        let holding = builds
                             .iter()
                             .filter(|&&(r, m)| r == p.rows && p.kc <= m)
-                            .map(|&(_, m)| m)
-                            .min();
-                        assert_eq!(p.kcm == least.unwrap(), tight || p.kcm == other.kcm);
+                            .map(|&(_, m)| m);
+                        let want = if tight { holding.min() } else { holding.max() };
+                        assert_eq!(Some(p.kcm), want, "{p:?} tight {tight}");
                     }
                 }
             }
