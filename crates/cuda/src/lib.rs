@@ -2600,8 +2600,8 @@ impl GemvT1Plan {
     /// 8 per SM), so every load of the matrix is in flight at once in about one wave; else the
     /// one with most warps. Of the builds for those rows, the one with the fewest loads that
     /// still holds the slice when `tight` (ptxas sizes registers by the build's bound, and the
-    /// registers decide how many blocks share an SM), else the most (batch 1's choice). `None` when K is not whole
-    /// 256-element slices (the general kernels take it).
+    /// registers decide how many blocks share an SM), else the most (batch 1's choice). `None`
+    /// when K is not whole 256-element slices (the general kernels take it).
     fn choose(
         k: usize,
         n: usize,
