@@ -327,7 +327,8 @@ __device__ __forceinline__ void gemv_t1(const float* __restrict__ x, const bf16_
 // lane for each output). ptxas sizes the registers by KCM, not by the kc a launch uses (o_proj's
 // 4 loads a lane: 36 registers as r1_k4, 94 as r1_k16; at 2-8 rows 48 against 98), and the
 // registers decide how many blocks of the next kernels find room on an SM before their wait.
-// Batches of 2-8 rows take the smallest KCM that holds their kc (batch 4 6% faster on the H200);
+// Batches of 2-8 rows take the smallest KCM that holds their kc (on the H200 batch 2 10% faster,
+// batch 4 6%, batch 8 level);
 // batch 1 the largest: its next kernels' loads would then run beside attention and slow it
 // (docs/perf.md, 14th session).
 #define GEMV_T1_MTS(name, EPI, NORM, R, KCM) \

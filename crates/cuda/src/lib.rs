@@ -267,8 +267,9 @@ struct Inner {
     /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
     gemv_warps: usize,
     /// Fewest rows for which a decode GEMV takes the build with the fewest loads that holds its
-    /// slice (see `GemvT1Plan::choose`): 2 (measured on the H200: batch 4 1.55 against 1.66
-    /// ms/step; batch 1 0.73 against 0.71, its next kernels' loads then run beside attention);
+    /// slice (see `GemvT1Plan::choose`): 2 (measured on the H200: batch 2 1.25 against 1.38
+    /// ms/step, batch 4 1.55 against 1.66, batch 8 level; batch 1 0.73 against 0.71, its next
+    /// kernels' loads then run beside attention);
     /// `QFUSE_CUDA_GEMV_T1_TIGHT_FROM` (1..=9; 9: never).
     gemv_t1_tight_from: usize,
     /// Fewest one-token sequences that take the decode attention kernel, `attention_many`
