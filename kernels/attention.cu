@@ -553,7 +553,7 @@ __device__ void attention_many(
     float scale_log2, int chunk, float* __restrict__ out, float* __restrict__ part_o,
     float* __restrict__ part_ml, u32* __restrict__ counters, const float* __restrict__ q_norm,
     const float* __restrict__ k_norm, const u32* __restrict__ slots, KT* kc_out, KT* vc_out,
-    double log2_theta, float eps) {
+    double log2_theta, float eps, int early_rows) {
     extern __shared__ float smem[];  // [ATTN_WARPS][G][d + 2]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane & 7;
     const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
@@ -611,8 +611,11 @@ __device__ void attention_many(
     // Without QKN the kernel before this one writes the new keys, so the loads wait for it.
     // (Requesting the earlier tokens' rows before that wait too, the token's own after it, was
     // no faster at batch 1 and 8% slower at a 2,048-token context on the H200: docs/perf.md.)
+    // early_rows = 0 (QKN only, a measurement choice): the first group after the wait instead,
+    // so its loads do not run beside the QKV projection this launch overlaps.
     const int kb0 = kb;
-    if (QKN) {
+    const bool rows_before_wait = QKN && early_rows;
+    if (rows_before_wait) {
         load_group(kb);
         my_slot = slot_of(kb + STEP + r);
     }
@@ -625,7 +628,7 @@ __device__ void attention_many(
     const bool clustered = false;
 #endif
     if (begin >= end && !clustered) return;
-    if (!QKN) {
+    if (!rows_before_wait) {
         load_group(kb);
         my_slot = slot_of(kb + STEP + r);
     }
@@ -759,16 +762,18 @@ __device__ void attention_many(
         int chunk, float* out, float* part_o, float* part_ml, u32* counters) {                              \
         attention_many<KT, GM, false>(q, kc, vc, positions, token_seq, block_tables, max_blocks,          \
                                       block_size, H, KV, d, scale_log2, chunk, out, part_o, part_ml,      \
-                                      counters, nullptr, nullptr, nullptr, nullptr, nullptr, 0.0, 0.0f);  \
+                                      counters, nullptr, nullptr, nullptr, nullptr, nullptr, 0.0, 0.0f,  \
+                                      0);                                                                 \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_many_qkn_##SUFFIX##_g##GM( \
         const float* qkv, KT* kc, KT* vc, const u32* positions, const u32* token_seq,                     \
         const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
         int chunk, float* out, float* part_o, float* part_ml, u32* counters, const float* q_norm,          \
-        const float* k_norm, const u32* slots, double log2_theta, float eps) {                             \
+        const float* k_norm, const u32* slots, double log2_theta, float eps, int early_rows) {             \
         attention_many<KT, GM, true>(qkv, kc, vc, positions, token_seq, block_tables, max_blocks,         \
                                      block_size, H, KV, d, scale_log2, chunk, out, part_o, part_ml,       \
-                                     counters, q_norm, k_norm, slots, kc, vc, log2_theta, eps);           \
+                                     counters, q_norm, k_norm, slots, kc, vc, log2_theta, eps,            \
+                                     early_rows);                                                         \
     }
 #define MANY_ENTRIES(KT, SUFFIX)                                                     \
     MANY_ENTRY(KT, SUFFIX, 1) MANY_ENTRY(KT, SUFFIX, 2) MANY_ENTRY(KT, SUFFIX, 4) \

@@ -272,6 +272,11 @@ struct Inner {
     /// kernels' loads then run beside attention);
     /// `QFUSE_CUDA_GEMV_T1_TIGHT_FROM` (1..=9; 9: never).
     gemv_t1_tight_from: usize,
+    /// Whether the decode attention that forms q and the new keys itself (`attention_many_qkn`)
+    /// requests its first cache rows before its wait, under the QKV projection (default), or
+    /// after it (`QFUSE_CUDA_QKN_EARLY_ROWS=0`, for measuring which of its early rows and its
+    /// early blocks slow that projection; docs/perf.md, next steps after the 14th session).
+    qkn_early_rows: bool,
     /// Fewest one-token sequences that take the decode attention kernel, `attention_many`
     /// (default 1: every decode step; measured on the H200, batch 1 1.016 → 0.93 ms/step against
     /// the split-K kernel; `QFUSE_CUDA_MANY_ATTENTION_FROM` raises it for comparison).
@@ -732,6 +737,8 @@ impl CudaBackend {
                     1..=GEMV_MAX_ROWS + 1,
                 )
                 .unwrap_or(2),
+                qkn_early_rows: qfuse_core::knobs::env_knob("QFUSE_CUDA_QKN_EARLY_ROWS", 0..=1)
+                    != Some(0),
                 many_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_MANY_ATTENTION_FROM", 1..=4096)
                     .unwrap_or(1),
                 fused_attention_from: qfuse_core::knobs::env_knob(
@@ -1571,7 +1578,8 @@ impl CudaBackend {
                 .buf(k_norm.f32(op)?)
                 .buf(&batch.slots)
                 .f64(cfg.rope_theta.log2())
-                .f32(cfg.qk_norm_eps as f32);
+                .f32(cfg.qk_norm_eps as f32)
+                .i32(i32::from(self.inner.qkn_early_rows));
         }
         if cluster {
             l.cluster(1, 1, splits as u32);
