@@ -3002,20 +3002,29 @@ mod tests {
                 }
             }
         }
-        for (silu, tight) in [(false, true), (true, true), (false, false), (true, false)] {
-            for k in [1024, 2048, 2560, 3072, 4096, 6144, 12288] {
-                for n in [1, 1024, 3072, 4096, 151_936] {
-                    if let Some(p) = GemvT1Plan::choose(k, n, silu, 8 * 132, 8, tight) {
-                        let bases: &[&str] = if silu {
-                            &["gemv_silu_mul", "rms_norm_gemv_silu_mul"]
-                        } else {
-                            &["gemv", "gemv_add", "rms_norm_gemv"]
-                        };
-                        for base in bases {
-                            for t in [1, 5] {
-                                assert!(known(&p.entry(base, t)), "{}", p.entry(base, t));
-                            }
-                        }
+        // Every build a plan may take (the plans' test keeps them to these lists), for each base
+        // and both row bounds.
+        let t1_builds = [
+            (
+                &GemvT1Plan::PLAIN[..],
+                &["gemv", "gemv_add", "rms_norm_gemv"][..],
+            ),
+            (
+                &GemvT1Plan::SILU[..],
+                &["gemv_silu_mul", "rms_norm_gemv_silu_mul"][..],
+            ),
+        ];
+        for (builds, bases) in t1_builds {
+            for &(rows, kcm) in builds {
+                let p = GemvT1Plan {
+                    rows,
+                    kcm,
+                    split: 1,
+                    kc: 1,
+                };
+                for base in bases {
+                    for t in [1, 5] {
+                        assert!(known(&p.entry(base, t)), "{}", p.entry(base, t));
                     }
                 }
             }
