@@ -260,8 +260,6 @@ struct Inner {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: Kernels,
-    /// The choices compiled into `kernels`.
-    build: KernelBuild,
     name: String,
     sm_count: usize,
     /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
@@ -317,6 +315,7 @@ struct Inner {
     /// clusters (before sm_90, or `QFUSE_CUDA_ATTN_CLUSTER=0`), the splits combine through
     /// global memory and an arrival counter.
     attn_cluster: usize,
+    /// The settings, among them the choices compiled into `kernels` (`kernel_build`).
     options: CudaOptions,
     /// Programmatic dependent launches in use (option on and the GPU is sm_90 or later).
     pdl: bool,
@@ -645,8 +644,7 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().cuda()?;
         let blas = CudaBlas::new(stream.clone()).cuda()?;
-        let build = options.kernel_build;
-        let kernels = Kernels::load(&ctx, &build.defines())?;
+        let kernels = Kernels::load(&ctx, &options.kernel_build.defines())?;
         let (major, minor) = ctx.compute_capability().cuda()?;
         let wgmma = options.wgmma
             && (major, minor) == (9, 0)
@@ -728,7 +726,6 @@ impl CudaBackend {
                 stream,
                 blas,
                 kernels,
-                build,
                 name,
                 sm_count,
                 gemv_warps: gemv_warps_per_sm() * sm_count,
@@ -888,7 +885,7 @@ impl CudaBackend {
             eps as f32,
         );
         let silu = base.ends_with("silu_mul");
-        let block_warps = usize::from(self.inner.build.gemv_t1_warps);
+        let block_warps = usize::from(self.inner.options.kernel_build.gemv_t1_warps);
         let plan = (t <= GEMV_MAX_ROWS && w.dtype() == DType::BF16)
             .then(|| {
                 GemvT1Plan::choose(

@@ -293,10 +293,10 @@ impl CudaBackend {
     }
 
     fn kernel_stamps(&self) -> Option<Vec<Stamp>> {
-        if !self.inner.build.trace {
+        if !self.inner.options.kernel_build.trace {
             return None;
         }
-        let defines = self.inner.build.defines();
+        let defines = self.inner.options.kernel_build.defines();
         let first_line = first_source_line(&defines);
         let stream = self.stream();
         stream.synchronize().ok()?;
