@@ -34,6 +34,16 @@
 // grid = (tiles, S), cluster = (1, S), block = 256, dynamic shared memory x3::smem_bytes(kc);
 // T <= 64, K % 32 == 0, K / 32 = S * kc.
 
+// X3_WGMMA (the same file compiled for sm_90a as gemm_x3_wg.cu, entry points suffixed _wg): the
+// products run on warpgroup tensor-core instructions instead of mma.sync. Each warpgroup
+// multiplies all 64 activation rows by its 64 weight rows (m64n64k16, both operands read from
+// shared memory by descriptor, so no fragment loads pass through registers); the weights land
+// in 128-byte-swizzled K-major tiles of one 64-k round each and a round's activation parts in
+// one [64 rows][64 k] tile per part, the layout gemm_wgmma.cu's TMA copies produce. The hi
+// part accumulates apart from mid + lo (as in gemm_wgmma.cu). One staging buffer: a round is
+// staged, multiplied and waited for before the next is staged (the next round's rows are in
+// registers meanwhile). Rows past T are staged as zeros and multiplied all the same.
+
 #define X3_WARPS 8
 #define X3_ROWS 128
 #define X3_TMAX 64
@@ -46,6 +56,56 @@
 #define X3_RK 64
 // One part of one round's staged activations, [64 rows][64 k] bf16, in bytes.
 #define X3_APART (X3_TMAX * X3_RK * 2)
+
+#define X3W_ROUND_BYTES 16384
+#define X3W_STAGE_BYTES 33280
+#ifdef X3_WGMMA
+#define X3_WG 1
+#define X3_NAME(name) name##_wg
+// The dynamic shared memory past the 1 KiB alignment of the swizzled tiles: the weight slice's
+// rounds (16 KiB each) and then the staged round (three 8 KiB part tiles), whose memory
+// afterwards holds the partial tile (32 KiB) and the rows' squares and 1/rms (256 B each).
+#else
+#define X3_WG 0
+#define X3_NAME(name) name
+#endif
+
+#if X3_WG
+// D[64 x 64] (+)= A[64 x 16] · B[64 x 16]ᵀ, both K-major 128-byte-swizzled tiles in shared memory.
+__device__ __forceinline__ void x3w_mma(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_ACC_REGS32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : WG_ACC_OPS32(d)
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// A round's products: KSTEPS k-steps of each part, mid and lo into acc_lo, hi into acc_hi; the
+// first round's first products set the accumulators (`later` false).
+template <int KSTEPS>
+__device__ __forceinline__ void x3w_round(float (&acc_hi)[32], float (&acc_lo)[32], u32 a_addr, u32 b_addr,
+                                          bool later) {
+#pragma unroll
+    for (int p = 2; p >= 0; --p) {
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            const unsigned long long a = wg_desc(a_addr + (u32)(p * X3_APART + kk * 32));
+            const unsigned long long b = wg_desc(b_addr + (u32)(kk * 32));
+            if (p > 0) x3w_mma(acc_lo, a, b, later || p < 2 || kk > 0);
+            else x3w_mma(acc_hi, a, b, later || kk > 0);
+        }
+    }
+}
+
+// Splits four activations (k 4 s .. 4 s + 3 of a round, row t) into their three bf16 parts and
+// stores each part's 8 bytes at byte offset `at` of its part tile.
+__device__ __forceinline__ void x3w_store_parts(unsigned char* abuf, u32 at, float4 v) {
+    u32 a[3], b[3];
+    split_bf16x3_pair(v.x, v.y, a);
+    split_bf16x3_pair(v.z, v.w, b);
+#pragma unroll
+    for (int q = 0; q < 3; ++q) *reinterpret_cast<uint2*>(abuf + q * X3_APART + at) = make_uint2(a[q], b[q]);
+}
+#endif
 
 #if __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void x3_mma(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -136,10 +196,18 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     // of activations ([3 parts][64 rows][64 k] bf16 each), which afterwards hold the partial
     // tile ([64 rows][128 columns] fp32) for the cluster's reduction.
     extern __shared__ __align__(128) unsigned char x3_smem[];
-    __shared__ float ss_part[X3_TMAX], inv_rms[X3_TMAX];
     const int w_units = kc * 4;
+#if X3_WG
+    // The host adds 1 KiB for this alignment (x3::smem_bytes).
+    unsigned char* wsm = x3_smem + ((1024u - (smem_addr(x3_smem) & 1023u)) & 1023u);
+    unsigned char* abufs = wsm + (size_t)((kc + 1) >> 1) * X3W_ROUND_BYTES;
+    float* ss_part = reinterpret_cast<float*>(abufs + 32768);
+    float* inv_rms = ss_part + X3_TMAX;
+#else
+    __shared__ float ss_part[X3_TMAX], inv_rms[X3_TMAX];
     unsigned char* wsm = x3_smem;
     unsigned char* abufs = x3_smem + (size_t)X3_ROWS * w_units * 16;
+#endif
     float* red = reinterpret_cast<float*>(abufs);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g8 = lane >> 2, q4 = lane & 3;
@@ -166,14 +234,15 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
             const bool ok = EPI == EPI_SILU ? col < half : col < N;
             const size_t row = EPI == EPI_SILU && rr >= 64 ? (size_t)col + half : (size_t)col;
             src[j] = w + (ok ? row : 0) * K + k_slice + u8 * 8;
-            dst[j] = wsm_addr + (u32)(rr * w_units + (u8 ^ ((rr & wswap) << 2))) * 16u;
+            dst[j] = X3_WG ? wsm_addr + (u32)(rr * 128 + ((u8 ^ (rr & 7)) << 4))
+                           : wsm_addr + (u32)(rr * w_units + (u8 ^ ((rr & wswap) << 2))) * 16u;
             bytes[j] = ok ? 16u : 0u;
         }
         for (int r = 0; r < rounds; ++r) {
             if (u8 < 4 || 2 * r + 1 < kc) {
 #pragma unroll
                 for (int j = 0; j < 4; ++j)
-                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst[j] + r * 128u),
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst[j] + r * (X3_WG ? X3W_ROUND_BYTES : 128u)),
                                  "l"(src[j] + r * X3_RK), "r"(bytes[j])
                                  : "memory");
             }
@@ -235,6 +304,50 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[m][nt][i] = 0.0f;
 
+#if X3_WG
+    // Warpgroup wg multiplies the 64 rows by weight rows 64 wg .. 64 wg + 63 (with SiLU: gate
+    // rows for wg 0, up rows for wg 1); lane (warp w4, g8, q4) ends up holding rows 16 w4 + g8
+    // (+ 8) of columns 64 wg + 8 j + 2 q4 (+ 1).
+    const int wg = warp >> 2;
+    u32 stage_w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+        stage_w[j] = (u32)(srows[j] * 128 + (((su >> 1) ^ (srows[j] & 7)) << 4) + (su & 1) * 8);
+    const u32 a_addr = smem_addr(abufs), b_addr = wsm_addr + (u32)wg * 64u * 128u;
+    float acc_hi[32], acc_lo[32];
+    load_round(0);
+    for (int r = 0; r < rounds; ++r) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (NORM) {
+                const float4 v = xv[j];
+                ss[j] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+                xv[j].x *= gv.x; xv[j].y *= gv.y; xv[j].z *= gv.z; xv[j].w *= gv.w;
+            }
+            x3w_store_parts(abufs, stage_w[j], xv[j]);
+        }
+        if (tracing && r == 0) stamp[3] = globaltimer_ns();
+        if (r + 1 < rounds) load_round(r + 1);
+        x3_wait_groups(rounds - 1 - r);
+        // The staged parts (ordinary stores) and the copied weights become the async proxy's
+        // operands.
+        fence_proxy_async();
+        __syncthreads();
+        if (tracing && r == 0) stamp[4] = globaltimer_ns();
+        const u32 b_round = b_addr + (u32)r * X3W_ROUND_BYTES;
+        wg_fence_acc(acc_hi);
+        wg_fence_acc(acc_lo);
+        wg_fence();
+        // kc is even here (the host's plan), so every round is two chunks, four k-steps. (A
+        // wgmma under a per-round condition makes ptxas wait between the products.)
+        x3w_round<4>(acc_hi, acc_lo, a_addr, b_round, r > 0);
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_acc(acc_hi);
+        wg_fence_acc(acc_lo);
+        __syncthreads();  // the staged round is read: the next one may take its place
+    }
+#else
     load_round(0);
     for (int r = 0; r < rounds; ++r) {
         unsigned char* abuf = abufs + (r & 1) * 3 * X3_APART;
@@ -258,6 +371,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         if (2 * wm + 1 < mtiles) x3_products<2>(acc, abuf + a_base, b_base, b_flip, w_units, r, kc);
         else if (2 * wm < mtiles) x3_products<1>(acc, abuf + a_base, b_base, b_flip, w_units, r, kc);
     }
+#endif
     if (tracing) stamp[5] = globaltimer_ns();
     if (NORM) {
         // Each row's squares over this slice: the 16 threads of a half-warp share rows.
@@ -269,7 +383,23 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         }
     }
     __syncthreads();  // the staged activations are read; their memory takes the partial tile
-    // The partial tile, [row t][column]; m tiles past T left unwritten (never read).
+    // The partial tile, [row t][column]; rows (m tiles) past T left unwritten (never read).
+#if X3_WG
+    {
+        const int w4 = warp & 3;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int t0 = 16 * w4 + g8 + 8 * h, col = wg * 64 + 8 * j + 2 * q4;
+                if (t0 < T) {
+                    red[t0 * X3_ROWS + col] = acc_hi[4 * j + 2 * h] + acc_lo[4 * j + 2 * h];
+                    red[t0 * X3_ROWS + col + 1] = acc_hi[4 * j + 2 * h + 1] + acc_lo[4 * j + 2 * h + 1];
+                }
+            }
+        }
+    }
+#else
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
         if (2 * wm + m >= mtiles) break;
@@ -282,6 +412,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
             red[(t0 + 8) * X3_ROWS + col + 1] = acc[m][nt][3];
         }
     }
+#endif
     cluster_sync();
     if (tracing) stamp[6] = globaltimer_ns();
     if (NORM) {
@@ -351,7 +482,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
 
 #define X3_ENTRY(name, EPI, NORM)                                                                           \
     extern "C" __global__ void __launch_bounds__(X3_WARPS * 32, X3_MIN_BLOCKS)                              \
-        name(const float* x, const float* g, const bf16_t* w, const float* residual, float* y, int T, int K, \
+        X3_NAME(name)(const float* x, const float* g, const bf16_t* w, const float* residual, float* y, int T, int K, \
              int N, int kc, float eps, unsigned long long* trace) {                                         \
         gemm_x3<EPI, NORM>(x, g, w, residual, y, T, K, N, kc, eps, trace);                                  \
     }

@@ -319,6 +319,15 @@ pub const SM90A_SOURCES: &[(&str, &str, &[&str])] = &[
         ),
         &FLASH_WGMMA_ENTRIES,
     ),
+    (
+        "gemm_x3_wg.cu",
+        concat!(
+            include_str!("../../../kernels/hopper.cuh"),
+            "\n#define X3_WGMMA 1\n",
+            include_str!("../../../kernels/gemm_x3.cu")
+        ),
+        &crate::x3::WG_ENTRIES,
+    ),
 ];
 
 /// `flash_wgmma.cu`'s entry points: the two gathers (fp32 and bf16 cache) and the prompt

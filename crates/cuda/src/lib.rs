@@ -262,6 +262,8 @@ struct Inner {
     kernels: Kernels,
     name: String,
     sm_count: usize,
+    /// The GPU's compute capability (major, minor).
+    capability: (i32, i32),
     /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
     gemv_warps: usize,
     /// Fewest rows for which a decode GEMV takes the build with the fewest loads that holds its
@@ -290,6 +292,10 @@ struct Inner {
     /// Products of 9-64 rows take the tensor-core kernel `gemm_x3` (the option, on sm_90+):
     /// what the GPU holds of it at once.
     gemm_x3: Option<x3::Capacity>,
+    /// The same for its `wgmma` build, which runs products of `x3_wgmma_from` rows or more.
+    gemm_x3_wg: Option<x3::Capacity>,
+    /// [`CudaOptions::x3_wgmma_from`].
+    x3_wgmma_from: usize,
     /// Products of more than 64 rows take `kernels/gemm_wgmma.cu` where the shape allows (the
     /// option, on compute capability 9.0, its kernels loaded and allowed their shared memory).
     wgmma: bool,
@@ -367,6 +373,11 @@ pub struct CudaOptions {
     /// (`QFUSE_CUDA_GEMM_X3=0` turns it off): ~10x more accurate than the cuBLAS path, and on the
     /// H200 10-17% faster a step at batch 9-32, level at 64 (docs/perf.md).
     pub gemm_x3: bool,
+    /// Fewest rows whose `gemm_x3` products run on `wgmma` (its sm_90a build, compute capability
+    /// 9.0) rather than `mma.sync`; more than 64 never (`QFUSE_CUDA_X3_WGMMA_FROM`). The `wgmma`
+    /// build multiplies all 64 rows whatever T is, where the `mma.sync` build skips m tiles
+    /// wholly past T.
+    pub x3_wgmma_from: usize,
     /// Prompt attention that takes the GEMM path (see `attention_gemm_min_rows`) runs instead as
     /// a kernel that keeps the scores on chip (`kernels/flash.cu`, `kernels/flash_wgmma.cu`)
     /// wherever the head size allows (a multiple of 4, at most 128) and the GPU has the shared
@@ -508,6 +519,8 @@ impl Default for CudaOptions {
             )
             .unwrap_or(512),
             gemm_x3: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMM_X3", 0..=1) != Some(0),
+            x3_wgmma_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_X3_WGMMA_FROM", 1..=1 << 20)
+                .unwrap_or(x3::MAX_ROWS + 1),
             flash_attention: match qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=5)
             {
                 Some(0) => FlashAttention::Off,
@@ -649,13 +662,20 @@ impl CudaBackend {
         let wgmma = options.wgmma
             && (major, minor) == (9, 0)
             && kernels.allow_optin_smem(&ctx, kernels::WGMMA_ENTRIES)? >= WGMMA_SMEM;
+        let max_slices =
+            qfuse_core::knobs::env_knob("QFUSE_CUDA_X3_MAX_SLICES", 1..=16).unwrap_or(16);
         let gemm_x3 = if options.gemm_x3 {
-            let max_slices =
-                qfuse_core::knobs::env_knob("QFUSE_CUDA_X3_MAX_SLICES", 1..=16).unwrap_or(16);
-            x3::configure(&ctx, &stream, &kernels, major, max_slices)?
+            x3::configure(&ctx, &stream, &kernels, major, max_slices, x3::Build::Mma)?
         } else {
             None
         };
+        let gemm_x3_wg =
+            if options.gemm_x3 && options.x3_wgmma_from <= x3::MAX_ROWS && (major, minor) == (9, 0)
+            {
+                x3::configure(&ctx, &stream, &kernels, major, max_slices, x3::Build::Wgmma)?
+            } else {
+                None
+            };
         let x3_trace = if gemm_x3.is_some() && qfuse_core::knobs::env_flag("QFUSE_CUDA_X3_TRACE") {
             Some(
                 stream
@@ -744,6 +764,8 @@ impl CudaBackend {
                 )
                 .unwrap_or(GEMV_MAX_ROWS + 1),
                 gemm_x3,
+                gemm_x3_wg,
+                x3_wgmma_from: options.x3_wgmma_from,
                 wgmma,
                 wgmma_blocks: qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA_BLOCKS", 1..=1 << 30)
                     .unwrap_or(sm_count),
@@ -762,6 +784,7 @@ impl CudaBackend {
                 .unwrap_or(4),
                 options,
                 pdl: options.pdl && major >= 9,
+                capability: (major, minor),
                 layer_smem_max,
                 layer_trace,
                 layer_trigger: qfuse_core::knobs::env_knob("QFUSE_CUDA_LAYER_TRIGGER", 0..=3)
@@ -786,6 +809,11 @@ impl CudaBackend {
 
     fn stream(&self) -> &Arc<CudaStream> {
         &self.inner.stream
+    }
+
+    /// The GPU's compute capability, (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.inner.capability
     }
 
     /// How many captured decode steps have been replayed (a capture that fails falls back to
@@ -1247,11 +1275,8 @@ impl CudaBackend {
         (t, k, n): (usize, usize, usize),
         epilogue: &Epilogue<'_>,
     ) -> Result<Option<Pooled>> {
-        let Some(cap) = &self.inner.gemm_x3 else {
-            return Ok(None);
-        };
         let silu = matches!(epilogue, Epilogue::SiluMul);
-        let Some(plan) = x3::Plan::choose(t, k, n, silu, cap) else {
+        let Some(plan) = self.x3_plan(t, k, n, silu) else {
             return Ok(None);
         };
         let (rows, gain, eps) = match x {
@@ -1266,6 +1291,8 @@ impl CudaBackend {
             (true, Epilogue::SiluMul) => ("rms_norm_gemm_x3_silu_mul_f32", None),
             (true, Epilogue::Add(_)) => return Ok(None),
         };
+        let entry = x3::ENTRIES.iter().position(|e| *e == name).unwrap_or(0);
+        let name = plan.build.entries()[entry];
         let y = self.alloc_f32(t * epilogue.out_cols(n))?;
         let mut l = self.launch(name)?;
         // Absent gain: pass x, which the kernel never reads in that role.
@@ -1274,7 +1301,6 @@ impl CudaBackend {
         l.i32(plan.kc as i32).f32(eps);
         match &self.inner.x3_trace {
             Some(trace) => {
-                let entry = x3::ENTRIES.iter().position(|e| *e == name).unwrap_or(0);
                 let base = trace.device_ptr(self.stream()).0;
                 l.ptr(base + (entry * x3::TRACE_SLOTS * 8) as u64)
             }
@@ -1292,9 +1318,22 @@ impl CudaBackend {
         // and the slices divide k / 32 into kc chunks whose block fits the shared memory that
         // `x3::configure` allowed (the plan); one cluster of `slices` blocks per tile, the grid
         // resident at once, as the kernel's reduction expects; sm_90 (the capacity exists only
-        // there).
+        // there); the wgmma build only on compute capability 9.0 with kc even (its capacity and
+        // plan), its shared memory including the alignment it takes.
         unsafe { l.launch(cfg) }.cuda()?;
         Ok(Some(y))
+    }
+
+    /// The `gemm_x3` plan of a product of `t` rows (its `wgmma` build from `x3_wgmma_from` rows
+    /// where that build has a plan), or `None` where another path runs it.
+    fn x3_plan(&self, t: usize, k: usize, n: usize, silu: bool) -> Option<x3::Plan> {
+        let wg = self
+            .inner
+            .gemm_x3_wg
+            .as_ref()
+            .filter(|_| t >= self.inner.x3_wgmma_from)
+            .and_then(|cap| x3::Plan::choose(t, k, n, silu, cap));
+        wg.or_else(|| x3::Plan::choose(t, k, n, silu, self.inner.gemm_x3.as_ref()?))
     }
 
     /// Whether `gemm_wgmma.cu` runs a product with bf16 weights of more than 64 rows (`t`, `k`
@@ -1314,8 +1353,14 @@ impl CudaBackend {
         n: usize,
         silu: bool,
     ) -> Option<(usize, usize, usize)> {
-        let cap = self.inner.gemm_x3.as_ref()?;
-        x3::Plan::choose(t, k, n, silu, cap).map(|p| (p.tiles, p.slices, p.kc))
+        self.x3_plan(t, k, n, silu)
+            .map(|p| (p.tiles, p.slices, p.kc))
+    }
+
+    /// Whether `gemm_x3`'s `wgmma` build runs that product (see [`Self::gemm_x3_plan`]).
+    pub fn gemm_x3_on_wgmma(&self, t: usize, k: usize, n: usize, silu: bool) -> bool {
+        self.x3_plan(t, k, n, silu)
+            .is_some_and(|p| p.build == x3::Build::Wgmma)
     }
 
     /// `gemm_x3`'s phase clocks per entry point (`QFUSE_CUDA_X3_TRACE=1`), mean µs over its

@@ -23,6 +23,16 @@ pub(crate) const ENTRIES: [&str; 5] = [
     "rms_norm_gemm_x3_silu_mul_f32",
 ];
 
+/// The same entry points of the build whose products run on `wgmma` (`gemm_x3.cu` compiled for
+/// sm_90a with `X3_WGMMA` as `gemm_x3_wg.cu`), in the same order.
+pub(crate) const WG_ENTRIES: [&str; 5] = [
+    "gemm_x3_f32_wg",
+    "gemm_x3_add_f32_wg",
+    "gemm_x3_silu_mul_f32_wg",
+    "rms_norm_gemm_x3_f32_wg",
+    "rms_norm_gemm_x3_silu_mul_f32_wg",
+];
+
 /// The phases `QFUSE_CUDA_X3_TRACE=1` times (thread 0 of each block; X3_PHASES in the kernel).
 pub(crate) const TRACE_PHASES: [&str; 8] = [
     "weight copies issued",
@@ -47,16 +57,52 @@ const TILE_ROWS: usize = 128;
 pub(crate) const MAX_ROWS: usize = 64;
 /// Staged activations: two rounds of [3 parts][64 rows][64 k] bf16.
 const STAGE_BYTES: usize = 2 * 3 * 64 * 64 * 2;
+/// The `wgmma` build's staged round, whose memory then holds the partial tile ([64][128] fp32)
+/// and the rows' squares and 1/rms ([64] fp32 each): X3W_STAGE_BYTES.
+const WG_STAGE_BYTES: usize = 64 * 128 * 4 + 2 * 64 * 4;
+/// The `wgmma` build's weight tile of one 64-k round, [128 rows][64] bf16: X3W_ROUND_BYTES.
+const WG_ROUND_BYTES: usize = TILE_ROWS * 64 * 2;
+/// What the `wgmma` build adds for aligning its tiles to the 1 KiB its swizzle repeats over.
+const WG_ALIGN: usize = 1024;
 
-/// Dynamic shared memory of a block whose slice is `kc` 32-wide chunks of K: the weight slice
-/// ([128 rows][kc * 32] bf16) and the staged activations.
-pub(crate) fn smem_bytes(kc: usize) -> usize {
-    kc * 32 * TILE_ROWS * 2 + STAGE_BYTES
+/// Which build of the kernel runs the products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Build {
+    /// `mma.sync` from fragments staged in shared memory (sm_90).
+    Mma,
+    /// `wgmma` reading both operands from shared memory (sm_90a); slices of whole 64-k rounds.
+    Wgmma,
+}
+
+impl Build {
+    /// The build's entry points, in [`ENTRIES`]' order.
+    pub(crate) fn entries(self) -> [&'static str; 5] {
+        match self {
+            Build::Mma => ENTRIES,
+            Build::Wgmma => WG_ENTRIES,
+        }
+    }
+
+    /// Dynamic shared memory of a block whose slice is `kc` 32-wide chunks of K: the weight
+    /// slice ([128 rows][kc * 32] bf16) and the staged activations.
+    pub(crate) fn smem_bytes(self, kc: usize) -> usize {
+        match self {
+            Build::Mma => kc * 32 * TILE_ROWS * 2 + STAGE_BYTES,
+            Build::Wgmma => WG_ALIGN + kc.div_ceil(2) * WG_ROUND_BYTES + WG_STAGE_BYTES,
+        }
+    }
+
+    /// Whether a slice of `kc` chunks suits the build.
+    fn takes(self, kc: usize) -> bool {
+        self == Build::Mma || kc.is_multiple_of(2)
+    }
 }
 
 /// What the GPU can hold of the kernel at once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Capacity {
+    /// The build measured.
+    pub build: Build,
     /// Largest slice (in 32-wide chunks) whose block fits the shared memory.
     pub kc_max: usize,
     /// Clusters resident at once by slice length and count: `clusters[kc - 1][i]` for slices of
@@ -75,37 +121,47 @@ pub(crate) fn configure(
     kernels: &Kernels,
     major: i32,
     max_slices: usize,
+    build: Build,
 ) -> Result<Option<Capacity>> {
     if major < 9 {
         return Ok(None);
     }
-    let dynamic = kernels.allow_optin_smem(ctx, ENTRIES)?;
-    for name in ENTRIES {
+    let entries = build.entries();
+    let dynamic = kernels.allow_optin_smem(ctx, entries)?;
+    for name in entries {
         // Where a driver refuses clusters of 16, the occupancy query below finds none.
         let _ = kernels.get(name).cuda()?.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
             1,
         );
     }
-    let kc_max = dynamic.saturating_sub(STAGE_BYTES) / (32 * TILE_ROWS * 2);
+    let kc_max = (1..=64)
+        .take_while(|&kc| build.smem_bytes(kc) <= dynamic)
+        .last()
+        .unwrap_or(0);
     if kc_max == 0 {
         return Ok(None);
     }
     // The entry with the most registers and static shared memory bounds them all.
-    let probe = kernels.get(ENTRIES[4]).cuda()?;
+    let probe = kernels.get(entries[4]).cuda()?;
     let clusters = (1..=kc_max)
         .map(|kc| {
             let mut row = [0; SLICES.len()];
             for (slot, &s) in row.iter_mut().zip(&SLICES) {
                 if s <= max_slices {
                     // A failed query (a size the device refuses) leaves no room for that size.
-                    *slot = max_active_clusters(probe, stream, s, smem_bytes(kc)).unwrap_or(0);
+                    *slot =
+                        max_active_clusters(probe, stream, s, build.smem_bytes(kc)).unwrap_or(0);
                 }
             }
             row
         })
         .collect();
-    Ok(Some(Capacity { kc_max, clusters }))
+    Ok(Some(Capacity {
+        build,
+        kc_max,
+        clusters,
+    }))
 }
 
 /// Clusters of `slices` blocks, each with `smem` bytes of dynamic shared memory, that the device
@@ -151,6 +207,7 @@ pub(crate) struct Plan {
     pub tiles: usize,
     pub slices: usize,
     pub kc: usize,
+    pub build: Build,
 }
 
 impl Plan {
@@ -181,18 +238,20 @@ impl Plan {
                 let kc = chunks / s;
                 chunks.is_multiple_of(s)
                     && (1..=cap.kc_max).contains(&kc)
+                    && cap.build.takes(kc)
                     && tiles <= cap.clusters[kc - 1][i]
             })
             .map(|(_, &slices)| Plan {
                 tiles,
                 slices,
                 kc: chunks / slices,
+                build: cap.build,
             })
     }
 
     /// Dynamic shared memory of each block.
     pub fn smem_bytes(&self) -> usize {
-        smem_bytes(self.kc)
+        self.build.smem_bytes(self.kc)
     }
 }
 
@@ -202,12 +261,15 @@ mod tests {
 
     /// A model of an H100/H200: 227 KiB of opt-in shared memory (228 an SM, 1 KiB reserved a
     /// block), two blocks an SM by registers, 132 SMs in GPCs of 14-18 (clusters stay within one).
-    fn hopper() -> Capacity {
+    fn hopper(build: Build) -> Capacity {
         const GPCS: [usize; 8] = [18, 18, 18, 18, 16, 16, 14, 14];
-        let kc_max = 22;
+        let kc_max = (1..=64)
+            .take_while(|&kc| build.smem_bytes(kc) <= 227 * 1024 - 512)
+            .last()
+            .unwrap();
         let clusters = (1..=kc_max)
             .map(|kc| {
-                let per_sm = (228 * 1024 / (smem_bytes(kc) + 1024 + 512)).min(2);
+                let per_sm = (228 * 1024 / (build.smem_bytes(kc) + 1024 + 512)).min(2);
                 let mut row = [0; SLICES.len()];
                 for (slot, &s) in row.iter_mut().zip(&SLICES) {
                     *slot = GPCS.iter().map(|g| g * per_sm / s).sum();
@@ -215,7 +277,11 @@ mod tests {
                 row
             })
             .collect();
-        Capacity { kc_max, clusters }
+        Capacity {
+            build,
+            kc_max,
+            clusters,
+        }
     }
 
     /// The kernel's layout constants are the ones the plans and the trace report assume.
@@ -230,11 +296,28 @@ mod tests {
         assert!(TRACE_PHASES.len() < TRACE_SLOTS);
         // Two staged rounds of [3 parts][64 rows][X3_RK k] bf16.
         assert_eq!(STAGE_BYTES, 2 * 3 * define("X3_TMAX") * define("X3_RK") * 2);
+        // The wgmma build: a round's weight tile, and a staged round that can hold the partial
+        // tile and the rows' two statistics.
+        assert_eq!(define("X3W_ROUND_BYTES"), WG_ROUND_BYTES);
+        assert_eq!(define("X3W_STAGE_BYTES"), WG_STAGE_BYTES);
+        assert!(WG_STAGE_BYTES >= 3 * define("X3_TMAX") * define("X3_RK") * 2);
+        for build in [Build::Mma, Build::Wgmma] {
+            assert_eq!(build.entries().len(), ENTRIES.len());
+        }
+        for (mma, wg) in ENTRIES.iter().zip(WG_ENTRIES) {
+            assert_eq!(format!("{mma}_wg"), wg);
+        }
     }
 
     #[test]
     fn plans_cover_the_product_in_whole_chunks_and_one_wave() {
-        let hopper = hopper();
+        for build in [Build::Mma, Build::Wgmma] {
+            plans_cover(build);
+        }
+    }
+
+    fn plans_cover(build: Build) {
+        let hopper = hopper(build);
         for silu in [false, true] {
             for t in 1..=80 {
                 for (k, n) in [
@@ -246,10 +329,16 @@ mod tests {
                     (160, 130),
                 ] {
                     let Some(p) = Plan::choose(t, k, n, silu, &hopper) else {
-                        assert!(!(9..=64).contains(&t), "no plan for t={t} k={k} n={n}");
+                        // The wgmma build takes slices of whole 64-k rounds only.
+                        let odd = (k / 32) % 2 == 1;
+                        assert!(
+                            !(9..=64).contains(&t) || (build == Build::Wgmma && odd),
+                            "no plan for t={t} k={k} n={n}"
+                        );
                         continue;
                     };
                     assert_eq!(p.kc * 32 * p.slices, k, "{p:?}");
+                    assert!(build == Build::Mma || p.kc % 2 == 0, "{p:?}");
                     assert!(p.kc <= hopper.kc_max, "{p:?}");
                     let i = SLICES.iter().position(|&s| s == p.slices).unwrap();
                     assert!(p.tiles <= hopper.clusters[p.kc - 1][i], "{p:?}");

@@ -11,9 +11,11 @@ use qfuse_core::DType;
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 
-fn gpu(gemm_x3: bool) -> Option<CudaBackend> {
+/// A backend with `gemm_x3` on (its products on `wgmma` from `wgmma_from` rows) or off.
+fn gpu(gemm_x3: bool, wgmma_from: usize) -> Option<CudaBackend> {
     let options = CudaOptions {
         gemm_x3,
+        x3_wgmma_from: wgmma_from,
         ..CudaOptions::default()
     };
     device_or_skip("gemm_x3 tests", CudaBackend::with_options(0, options))
@@ -21,9 +23,27 @@ fn gpu(gemm_x3: bool) -> Option<CudaBackend> {
 
 #[test]
 fn gemm_x3_matches_reference_and_cublas_path() {
-    let (Some(x3), Some(cublas)) = (gpu(true), gpu(false)) else {
+    let (Some(x3), Some(cublas)) = (gpu(true, 65), gpu(false, 65)) else {
         return;
     };
+    check(&x3, &cublas, false);
+}
+
+/// The same products with the `wgmma` build from 9 rows: every shape whose slices are whole
+/// 64-k rounds must take it on compute capability 9.0.
+#[test]
+fn gemm_x3_on_wgmma_matches_reference_and_cublas_path() {
+    let (Some(x3), Some(cublas)) = (gpu(true, 9), gpu(false, 65)) else {
+        return;
+    };
+    if x3.compute_capability() != (9, 0) {
+        eprintln!("gemm_x3 on wgmma: compute capability 9.0 only; skipped");
+        return;
+    }
+    check(&x3, &cublas, true);
+}
+
+fn check(x3: &CudaBackend, cublas: &CudaBackend, wgmma: bool) {
     // The plans of the 0.6B's four products at 64 rows on this GPU, (tiles, slices, kc).
     for (k, n, silu) in [
         (1024, 4096, false),
@@ -61,13 +81,19 @@ fn gemm_x3_matches_reference_and_cublas_path() {
             x3.gemm_x3_plan(t, k, 2 * n, true).is_some(),
             "T={t} K={k} N=2x{n} SiLU"
         );
+        let on_wgmma = x3.gemm_x3_on_wgmma(t, k, n, false);
+        eprintln!("T={t} K={k} N={n}: wgmma build {on_wgmma}");
+        if wgmma && k % 64 == 0 && k >= 1024 {
+            assert!(on_wgmma, "T={t} K={k} N={n} did not take the wgmma build");
+        }
+        assert!(wgmma || !on_wgmma);
         let x = activations(&mut rng, t, k, true).unwrap();
         let w = weights(&mut rng, n, k).unwrap().to_dtype(DType::BF16);
         let gu = weights(&mut rng, 2 * n, k).unwrap().to_dtype(DType::BF16);
         let g = gains(&mut rng, k, 3.0).unwrap();
         let r = activations(&mut rng, t, n, false).unwrap();
-        let got = gemv_family(&x3, &x, &w, &gu, &g, &r).unwrap();
-        let old = gemv_family(&cublas, &x, &w, &gu, &g, &r).unwrap();
+        let got = gemv_family(x3, &x, &w, &gu, &g, &r).unwrap();
+        let old = gemv_family(cublas, &x, &w, &gu, &g, &r).unwrap();
         let want = gemv_family(&CpuRef, &x, &w, &gu, &g, &r).unwrap();
         for (i, ((a, c), e)) in got.iter().zip(&old).zip(&want).enumerate() {
             let (err, err_cublas) = (rel_error(a, e), rel_error(c, e));
