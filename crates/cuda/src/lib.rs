@@ -374,9 +374,10 @@ pub struct CudaOptions {
     /// H200 10-17% faster a step at batch 9-32, level at 64 (docs/perf.md).
     pub gemm_x3: bool,
     /// Fewest rows whose `gemm_x3` products run on `wgmma` (its sm_90a build, compute capability
-    /// 9.0) rather than `mma.sync`; more than 64 never (`QFUSE_CUDA_X3_WGMMA_FROM`). The `wgmma`
-    /// build multiplies all 64 rows whatever T is, where the `mma.sync` build skips m tiles
-    /// wholly past T.
+    /// 9.0) rather than `mma.sync`; more than 64 never (`QFUSE_CUDA_X3_WGMMA_FROM`, default 33).
+    /// The `wgmma` build multiplies all 64 rows whatever T is, where the `mma.sync` build skips m
+    /// tiles wholly past T: on the H200 it made batch 64 3-4% faster a step, batch 32 level and
+    /// batch 16 7% slower (docs/perf.md).
     pub x3_wgmma_from: usize,
     /// Prompt attention that takes the GEMM path (see `attention_gemm_min_rows`) runs instead as
     /// a kernel that keeps the scores on chip (`kernels/flash.cu`, `kernels/flash_wgmma.cu`)
@@ -520,7 +521,7 @@ impl Default for CudaOptions {
             .unwrap_or(512),
             gemm_x3: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMM_X3", 0..=1) != Some(0),
             x3_wgmma_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_X3_WGMMA_FROM", 1..=1 << 20)
-                .unwrap_or(x3::MAX_ROWS + 1),
+                .unwrap_or(33),
             flash_attention: match qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=5)
             {
                 Some(0) => FlashAttention::Off,
