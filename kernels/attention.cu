@@ -755,6 +755,267 @@ __device__ void attention_many(
     finish_splits(smem, G, d, H, KV, t, kv, split, active, out, part_o, part_ml, counters);
 }
 
+// Eight bf16 values as four packed pairs, and back (rounded as the cache holds them).
+__device__ __forceinline__ void unpack_bf16x8(uint4 r, float (&f)[8]) {
+    f[0] = bf16_lo(r.x); f[1] = bf16_hi(r.x); f[2] = bf16_lo(r.y); f[3] = bf16_hi(r.y);
+    f[4] = bf16_lo(r.z); f[5] = bf16_hi(r.z); f[6] = bf16_lo(r.w); f[7] = bf16_hi(r.w);
+}
+__device__ __forceinline__ uint4 pack_bf16x8(const float (&f)[8]) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = (u32)f32_to_bf16(f[2 * i]) | ((u32)f32_to_bf16(f[2 * i + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// attention_many for a bf16 cache with every row read in 16-byte loads (d % 8 == 0, d <= 128,
+// G <= 2). Lane l of a warp takes dims 8 (l & 15) .. + 7 of keys kb + (l >> 4) + 2 i, i < 4, of
+// each group of 8: half a warp reads a row. Against the 8-byte layout (a lane's 4 dims of all 8
+// keys) a group costs each lane 8 loads instead of 16, each head's scores a 5-shuffle transpose
+// instead of 9 and its probabilities 4 broadcasts instead of 8: that kernel was issue-bound at
+// batch 64 (Nsight: SM 62% busy, DRAM 47%, 2.9 TB/s). The two halves' partial outputs are added
+// once at the end. q, and with QKN the token's own key and value, are formed in the 4-dims-a-lane
+// layout (their RoPE pairs lanes) and then moved to this one by shuffles; the rest is
+// attention_many's (double-buffered groups, online softmax per group, warps merged in shared
+// memory, splits combined by finish_splits or a cluster).
+template <int GM, bool QKN>
+__device__ void attention_many_w16(
+    const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    const u32* __restrict__ positions, const u32* __restrict__ token_seq,
+    const u32* __restrict__ block_tables, int max_blocks, int block_size, int H, int KV, int d,
+    float scale_log2, int chunk, float* __restrict__ out, float* __restrict__ part_o,
+    float* __restrict__ part_ml, u32* __restrict__ counters, const float* __restrict__ q_norm,
+    const float* __restrict__ k_norm, const u32* __restrict__ slots, bf16_t* kc_out, bf16_t* vc_out,
+    double log2_theta, float eps, int early_rows) {
+    extern __shared__ float smem[];  // [ATTN_WARPS][G][d + 2]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, hw = lane >> 4, m16 = lane & 15;
+    const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
+    const int G = H / KV, W = KV * d, d0 = lane * 4, e0 = m16 * 8;
+    const bool has_dims = d0 < d, has8 = e0 < d;
+    const int keys = (int)positions[t] + 1;
+    const int begin = split * chunk, end = min(keys, begin + chunk);
+    const int active = min((int)gridDim.z, (keys + chunk - 1) / chunk);
+    const u32* table = block_tables + (size_t)token_seq[t] * max_blocks;
+    auto slot_of = [&](int key) -> u32 {
+        return key < end ? table[key / block_size] * (u32)block_size + (u32)(key % block_size) : 0u;
+    };
+    int kb = begin + warp * 8;
+    u32 my_slot = slot_of(kb + (lane & 7));  // lane l: the slot of key kb + (l & 7)
+    const int half = d / 2, last = keys - 1;
+    const bool first_half = d0 < half;
+    const int partner = first_half ? lane + half / 4 : lane - half / 4;
+    float cs[4], sn[4];
+    if (QKN) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) rope_cs((u32)last, (first_half ? d0 : d0 - half) + c, d, log2_theta, &cs[c], &sn[c]);
+    }
+    // QKN: the token's own key and value in this layout, formed below by the block whose slice
+    // holds them.
+    uint4 kn8 = make_uint4(0u, 0u, 0u, 0u), vn8 = kn8;
+    constexpr int STEP = ATTN_WARPS * 8;
+    uint4 kraw[4], vraw[4];
+    auto load_group = [&](int k0) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int j = hw + 2 * i;
+            const u32 sj = __shfl_sync(FULL_MASK, my_slot, j);
+            kraw[i] = make_uint4(0u, 0u, 0u, 0u);
+            vraw[i] = kraw[i];
+            if (QKN && k0 + j == last && has8) {
+                kraw[i] = kn8;
+                vraw[i] = vn8;
+            } else if (k0 + j < end && has8) {
+                const size_t row = (size_t)sj * W + (size_t)kv * d + e0;
+                kraw[i] = *reinterpret_cast<const uint4*>(kc + row);
+                vraw[i] = *reinterpret_cast<const uint4*>(vc + row);
+            }
+        }
+    };
+    // As in attention_many: with QKN the first group is requested before the wait (early_rows).
+    const int kb0 = kb;
+    const bool rows_before_wait = QKN && early_rows;
+    if (rows_before_wait) {
+        load_group(kb);
+        my_slot = slot_of(kb + STEP + (lane & 7));
+    }
+    pdl_begin();
+#if __CUDA_ARCH__ >= 900
+    const bool clustered = cluster_size() > 1;
+#else
+    const bool clustered = false;
+#endif
+    if (begin >= end && !clustered) return;
+    if (!rows_before_wait) {
+        load_group(kb);
+        my_slot = slot_of(kb + STEP + (lane & 7));
+    }
+    auto norm_rope = [&](float* x, const float* gain, float* res) {
+        float ss = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) ss += x[c] * x[c];
+        const float inv = rsqrtf(warp_sum(ss) / d + eps);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) x[c] *= inv * gain[c];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const float other = __shfl_sync(FULL_MASK, x[c], partner);
+            res[c] = first_half ? x[c] * cs[c] - other * sn[c] : x[c] * cs[c] + other * sn[c];
+        }
+    };
+    // Four values a lane (lane l: dims 4 l ..) to eight (lane l: dims 8 (l & 15) ..).
+    auto widen = [&](const float* x4, float* x8) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            x8[c] = __shfl_sync(FULL_MASK, x4[c], 2 * m16);
+            x8[4 + c] = __shfl_sync(FULL_MASK, x4[c], 2 * m16 + 1);
+        }
+    };
+    const size_t q_row = (size_t)t * (QKN ? H + 2 * KV : H) * d;
+    const bool own_key = QKN && begin < end && end == keys;
+    float qx[GM][4], kx[4], vx[4], gq[4], gk[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+#pragma unroll
+        for (int g = 0; g < GM; ++g)
+            qx[g][c] = g < G && has_dims ? q[q_row + (size_t)(kv * G + g) * d + d0 + c] : 0.0f;
+        const bool kvx = own_key && has_dims;
+        kx[c] = kvx ? q[q_row + (size_t)(H + kv) * d + d0 + c] : 0.0f;
+        vx[c] = kvx ? q[q_row + (size_t)(H + KV + kv) * d + d0 + c] : 0.0f;
+        gq[c] = QKN && has_dims ? q_norm[d0 + c] : 0.0f;
+        gk[c] = own_key && has_dims ? k_norm[d0 + c] : 0.0f;
+    }
+    float qr[GM][8], o[GM][8], m[GM], l[GM];
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+        float qh[4] = {qx[g][0], qx[g][1], qx[g][2], qx[g][3]};
+        if (QKN && g < G) norm_rope(qx[g], gq, qh);
+        widen(qh, qr[g]);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            qr[g][c] *= scale_log2;
+            o[g][c] = 0.0f;
+        }
+    }
+    if (own_key) {
+        float kn[4], k8[8], v8[8];
+        norm_rope(kx, gk, kn);
+        if (warp == 0 && has_dims) {
+            const size_t row = (size_t)slots[t] * W + (size_t)kv * d + d0;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                kv_store(kc_out + row + c, kn[c]);
+                kv_store(vc_out + row + c, vx[c]);
+            }
+        }
+        widen(kn, k8);
+        widen(vx, v8);
+        kn8 = pack_bf16x8(k8);
+        vn8 = pack_bf16x8(v8);
+        // The first group was requested before the key existed: put it in place.
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if (kb0 + hw + 2 * i == last && has8) {
+                kraw[i] = kn8;
+                vraw[i] = vn8;
+            }
+        }
+    }
+    // This lane's score, after the transpose: key hw + 2 (m16 & 3) of the group.
+    const int j_mine = hw + 2 * (m16 & 3);
+    const bool b1 = m16 & 2, b0 = m16 & 1;
+    for (; kb < end; kb += STEP) {
+        const int n = min(8, end - kb);
+        float kf[4][8], vf[4][8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            unpack_bf16x8(kraw[i], kf[i]);
+            unpack_bf16x8(vraw[i], vf[i]);
+        }
+        load_group(kb + STEP);
+        my_slot = slot_of(kb + 2 * STEP + (lane & 7));
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            if (g < G) {
+                float v[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    v[i] = 0.0f;
+#pragma unroll
+                    for (int c = 0; c < 8; ++c) v[i] += qr[g][c] * kf[i][c];
+                }
+                // Transpose-sum over the half-warp: two halving exchanges leave each lane key
+                // m16 & 3's sum over its 4-lane group, two more finish it.
+                float w[2];
+#pragma unroll
+                for (int x = 0; x < 2; ++x)
+                    w[x] = (b1 ? v[2 + x] : v[x]) + __shfl_xor_sync(FULL_MASK, b1 ? v[x] : v[2 + x], 2);
+                float sc = (b0 ? w[1] : w[0]) + __shfl_xor_sync(FULL_MASK, b0 ? w[0] : w[1], 1);
+                sc += __shfl_xor_sync(FULL_MASK, sc, 4);
+                sc += __shfl_xor_sync(FULL_MASK, sc, 8);
+                if (j_mine >= n) sc = -INFINITY;
+                float mx = fmaxf(sc, __shfl_xor_sync(FULL_MASK, sc, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 16));
+                const float m_new = fmaxf(m[g], mx);
+                const float corr = exp2f(m[g] - m_new);
+                const float p = j_mine < n ? exp2f(sc - m_new) : 0.0f;
+                float ps = p + __shfl_xor_sync(FULL_MASK, p, 1);
+                ps += __shfl_xor_sync(FULL_MASK, ps, 2);
+                ps += __shfl_xor_sync(FULL_MASK, ps, 16);
+                l[g] = l[g] * corr + ps;
+#pragma unroll
+                for (int c = 0; c < 8; ++c) o[g][c] *= corr;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float pi = __shfl_sync(FULL_MASK, p, hw * 16 + i);
+#pragma unroll
+                    for (int c = 0; c < 8; ++c) o[g][c] += pi * vf[i][c];
+                }
+                m[g] = m_new;
+            }
+        }
+    }
+    // The halves read different keys under the same running max: add their outputs.
+#pragma unroll
+    for (int g = 0; g < GM; ++g)
+#pragma unroll
+        for (int c = 0; c < 8; ++c) o[g][c] += __shfl_xor_sync(FULL_MASK, o[g][c], 16);
+    store_warp_partials<GM, 8>(smem, G, d, e0, o, m, l);
+    __syncthreads();
+#if __CUDA_ARCH__ >= 900
+    if (clustered) {
+        finish_splits_cluster<GM>(smem, G, d, H, t, kv, active, out);
+        return;
+    }
+#endif
+    finish_splits(smem, G, d, H, KV, t, kv, split, active, out, part_o, part_ml, counters);
+}
+
+#define W16_ENTRY(GM)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS, 4) attention_many_w16_kvbf16_g##GM(  \
+        const float* q, const bf16_t* kc, const bf16_t* vc, const u32* positions, const u32* token_seq,     \
+        const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
+        int chunk, float* out, float* part_o, float* part_ml, u32* counters) {                              \
+        attention_many_w16<GM, false>(q, kc, vc, positions, token_seq, block_tables, max_blocks,          \
+                                      block_size, H, KV, d, scale_log2, chunk, out, part_o, part_ml,      \
+                                      counters, nullptr, nullptr, nullptr, nullptr, nullptr, 0.0, 0.0f,  \
+                                      0);                                                                 \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS, 4) attention_many_qkn_w16_kvbf16_g##GM( \
+        const float* qkv, bf16_t* kc, bf16_t* vc, const u32* positions, const u32* token_seq,             \
+        const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
+        int chunk, float* out, float* part_o, float* part_ml, u32* counters, const float* q_norm,          \
+        const float* k_norm, const u32* slots, double log2_theta, float eps, int early_rows) {             \
+        attention_many_w16<GM, true>(qkv, kc, vc, positions, token_seq, block_tables, max_blocks,         \
+                                     block_size, H, KV, d, scale_log2, chunk, out, part_o, part_ml,       \
+                                     counters, q_norm, k_norm, slots, kc, vc, log2_theta, eps,            \
+                                     early_rows);                                                         \
+    }
+// (G = 4 spills at 128 registers: it keeps the 8-byte layout.)
+W16_ENTRY(1)
+W16_ENTRY(2)
+
 #define MANY_ENTRY(KT, SUFFIX, GM)                                                                      \
     extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_many_##SUFFIX##_g##GM(     \
         const float* q, const KT* kc, const KT* vc, const u32* positions, const u32* token_seq,            \

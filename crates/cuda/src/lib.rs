@@ -277,6 +277,12 @@ struct Inner {
     /// after it (`QFUSE_CUDA_QKN_EARLY_ROWS=0`, for measuring which of its early rows and its
     /// early blocks slow that projection; docs/perf.md, next steps after the 14th session).
     qkn_early_rows: bool,
+    /// Whether the decode attention over a bf16 cache reads each row in 16-byte loads, half a
+    /// warp a row (`attention_many_w16`, for groups of at most 2 query heads and head sizes a
+    /// multiple of 8), rather than 8-byte loads, a lane's four dims of eight rows: fewer loads
+    /// and shuffles for a kernel Nsight found issue-bound at batch 64 (docs/perf.md, 15th
+    /// session); `QFUSE_CUDA_ATTN_W16=0` turns it off.
+    attn_w16: bool,
     /// Fewest one-token sequences that take the decode attention kernel, `attention_many`
     /// (default 1: every decode step; measured on the H200, batch 1 1.016 → 0.93 ms/step against
     /// the split-K kernel; `QFUSE_CUDA_MANY_ATTENTION_FROM` raises it for comparison).
@@ -435,6 +441,19 @@ const WGMMA_ROWS: usize = 128;
 const WGMMA_COLS: usize = 128;
 const WGMMA_THREADS: u32 = 288;
 const WGMMA_SMEM: usize = 197_632;
+
+/// The decode attention kernel (`attention_many`) for `g` query heads a KV head of `d` dims,
+/// fused with q/k-norm (`qkn`) or not: its 16-byte-load build (`w16`, where allowed) for a bf16
+/// cache, at most 2 heads a group and d a multiple of 8; else the 8-byte build.
+fn many_entry(qkn: bool, kv_suffix: &str, g: usize, d: usize, w16: bool) -> String {
+    let gm = g.next_power_of_two();
+    let fused = if qkn { "qkn_" } else { "" };
+    if w16 && kv_suffix == "kvbf16" && gm <= 2 && d.is_multiple_of(8) {
+        format!("attention_many_{fused}w16_{kv_suffix}_g{gm}")
+    } else {
+        format!("attention_many_{fused}{kv_suffix}_g{gm}")
+    }
+}
 
 /// A TMA descriptor of a row-major `[rows, inner]` bf16 tensor at device address `ptr`, copied in
 /// boxes of `box_rows` rows by 64 elements (128 bytes, the 128-byte swizzle `gemm_wgmma.cu`'s
@@ -757,6 +776,7 @@ impl CudaBackend {
                 .unwrap_or(2),
                 qkn_early_rows: qfuse_core::knobs::env_knob("QFUSE_CUDA_QKN_EARLY_ROWS", 0..=1)
                     != Some(0),
+                attn_w16: qfuse_core::knobs::env_knob("QFUSE_CUDA_ATTN_W16", 0..=1) != Some(0),
                 many_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_MANY_ATTENTION_FROM", 1..=4096)
                     .unwrap_or(1),
                 fused_attention_from: qfuse_core::knobs::env_knob(
@@ -1567,8 +1587,8 @@ impl CudaBackend {
         let g = cfg.group_size();
         let (kernel, shared) = if many {
             let gm = g.next_power_of_two();
-            let fused = if qkn.is_some() { "qkn_" } else { "" };
-            let kernel = format!("attention_many_{fused}{kv_suffix}_g{gm}");
+            let w16 = self.inner.attn_w16;
+            let kernel = many_entry(qkn.is_some(), kv_suffix, g, d, w16);
             (kernel, ATTN_WARPS as usize * gm * (d + 2))
         } else {
             let kernel = attention_entry(kv_suffix, g, d, t);
@@ -2954,6 +2974,7 @@ mod tests {
                         || l.contains("gemv_t1<")
                         || l.contains("attention_paged<")
                         || l.contains("attention_many<")
+                        || l.contains("attention_many_w16<")
                         || l.contains("write_kv<")
                         || l.contains("qk_norm_rope_write_kv<")
                         || l.contains("qk_norm_rope_write_kv_rows<")
@@ -3084,8 +3105,14 @@ mod tests {
         }
         for suffix in ["kvf32", "kvbf16"] {
             for group in 1..=8usize {
-                let name = format!("attention_many_{suffix}_g{}", group.next_power_of_two());
-                assert!(known(&name), "{name}");
+                for qkn in [false, true] {
+                    for w16 in [false, true] {
+                        for d in [64, 100, 128] {
+                            let name = many_entry(qkn, suffix, group, d, w16);
+                            assert!(known(&name), "{name}");
+                        }
+                    }
+                }
             }
             for base in ["write_kv", "qk_norm_rope_write_kv"] {
                 assert!(known(&format!("{base}_{suffix}")), "{base}_{suffix}");
