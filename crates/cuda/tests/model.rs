@@ -14,14 +14,18 @@ use qfuse_qwen3::{
 };
 const REL_TOL: f64 = 2e-2;
 
-/// The backend, with the KV cache in `QFUSE_KV_DTYPE` (`f32`, the default, or `bf16`).
-fn cuda() -> Option<CudaBackend> {
-    let kv_dtype = match std::env::var("QFUSE_KV_DTYPE").as_deref() {
+/// The KV cache's type: `QFUSE_KV_DTYPE` (`f32`, the default, or `bf16`).
+fn kv_dtype() -> qfuse_core::DType {
+    match std::env::var("QFUSE_KV_DTYPE").as_deref() {
         Ok("bf16") => qfuse_core::DType::BF16,
         _ => qfuse_core::DType::F32,
-    };
+    }
+}
+
+/// The backend, with the KV cache in `kv_dtype()`.
+fn cuda() -> Option<CudaBackend> {
     let options = qfuse_cuda::CudaOptions {
-        kv_dtype,
+        kv_dtype: kv_dtype(),
         ..Default::default()
     };
     qfuse_core::testing::device_or_skip("cuda model tests", CudaBackend::with_options(0, options))
@@ -171,6 +175,8 @@ fn graph_replay_gives_the_tokens_of_plain_launches() {
         qfuse_cuda::CudaOptions {
             graphs: false,
             pdl: false,
+            // The same cache as `gpu`: only the launches differ.
+            kv_dtype: kv_dtype(),
             ..Default::default()
         },
     )
