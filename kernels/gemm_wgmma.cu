@@ -54,6 +54,15 @@ __device__ __forceinline__ void wg_mma(float (&d)[64], unsigned long long a, uns
                  : "l"(a), "l"(b), "r"(accumulate));
 }
 
+// D[64 x 64] = A[64 x 16] · B[64 x 16]ᵀ (+ D when `accumulate`): the 64-row build's product,
+// each warpgroup taking half of a tile's 128 weight rows.
+__device__ __forceinline__ void wg_mma_n64(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_ACC_REGS32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : WG_ACC_OPS32(d)
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
 // Round kb's weight tile: 128 rows (with SILU 64 gate rows and the matching 64 up rows).
 template <int EPI, int PARTS>
 __device__ __forceinline__ void wg_load_b(u32 stage, const TmaMap* w, int N, int n0, int kb, u32 bar) {
@@ -69,6 +78,7 @@ __device__ __forceinline__ void wg_load_b(u32 stage, const TmaMap* w, int N, int
 // Round kb's PARTS activation tiles. The parts are one [PARTS T][K] tensor: a tile reaching past
 // a part's last row reads the next part's first rows (or zeros past the last), whose outputs are
 // not stored.
+// (ROWS64: the map's boxes are 64 rows, the tile's only rows.)
 template <int PARTS>
 __device__ __forceinline__ void wg_load_a(u32 stage, const TmaMap* parts, int T, int m0, int kb, u32 bar) {
 #pragma unroll
@@ -111,10 +121,18 @@ __device__ __forceinline__ void wg_store_silu_parts(const float (&acc)[64], bf16
 
 // PARTS_OUT (with SILU): y is the PARTS bf16 parts of the output, [PARTS][T][N / 2], the next
 // product's operand, instead of fp32 (no split pass between the two products).
-template <int EPI, int PARTS, bool PARTS_OUT>
+// ROWS64 (T <= 64, EPI_NONE: the lm_head of a batched decode step): the tile's only 64 rows are
+// read (the parts' map has 64-row boxes), and warpgroup g multiplies them by weight rows 64 g ..
+// 64 g + 63 (m64n64k16), where the 128-row build multiplies 64 rows past T and re-reads twice the
+// activations per weight byte.
+template <int EPI, int PARTS, bool PARTS_OUT, bool ROWS64 = false>
 __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w, const float* __restrict__ residual,
                                            float* __restrict__ y, int T, int K, int N, int col_blocks) {
     static_assert(!PARTS_OUT || EPI == EPI_SILU, "parts out with SiLU only");
+    static_assert(!ROWS64 || (EPI == EPI_NONE && !PARTS_OUT), "the 64-row build stores only");
+    constexpr int NACC = ROWS64 ? 32 : 64;
+    // A stage's bytes in flight: the parts' boxes are half as tall in the 64-row build.
+    constexpr u32 STAGE_TX = PARTS * (ROWS64 ? WG_A_BYTES / 2 : WG_A_BYTES) + WG_B_BYTES;
     constexpr int WG_STAGES = WgStages<PARTS>::COUNT, WG_STAGE_BYTES = WgStages<PARTS>::BYTES;
     constexpr int COLS = EPI == EPI_SILU ? WG_BN / 2 : WG_BN;  // output columns of a tile
     extern __shared__ unsigned char wg_smem[];
@@ -142,7 +160,7 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
             // The producer. The weights of the first rounds do not depend on earlier kernels.
             const int first_n0 = (int)(blockIdx.x % col_blocks) * COLS;
             for (int s = 0; s < WG_STAGES && s < rounds; ++s) {
-                mbar_arrive_expect(full0 + 8 * s, WG_STAGE_BYTES);
+                mbar_arrive_expect(full0 + 8 * s, STAGE_TX);
                 wg_load_b<EPI, PARTS>(base + s * WG_STAGE_BYTES, w, N, first_n0, s, full0 + 8 * s);
             }
             pdl_wait();
@@ -155,7 +173,7 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
                     const u32 stage = base + s * WG_STAGE_BYTES, full = full0 + 8 * s;
                     if (tile != (int)blockIdx.x || kb >= WG_STAGES) {  // not issued before the wait
                         if (round >= WG_STAGES) mbar_wait(empty0 + 8 * s, (u32)((round / WG_STAGES - 1) & 1));
-                        mbar_arrive_expect(full, WG_STAGE_BYTES);
+                        mbar_arrive_expect(full, STAGE_TX);
                         wg_load_b<EPI, PARTS>(stage, w, N, n0, kb, full);
                     }
                     wg_load_a<PARTS>(stage, parts, T, m0, kb, full);
@@ -169,7 +187,7 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
     // by their tile's first products (no instruction outside the wgmma pipeline may write them).
     const int g = warp >> 2;
     pdl_wait();
-    float acc[64], acc_small[64];
+    float acc[NACC], acc_small[NACC];
     int round = 0;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const int n0 = (tile % col_blocks) * COLS, m0 = (tile / col_blocks) * WG_BM;
@@ -184,10 +202,17 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
             for (int p = PARTS - 1; p >= 0; --p) {
 #pragma unroll
                 for (int kk = 0; kk < WG_BK / 16; ++kk) {
-                    const u32 a = stage + p * WG_A_BYTES + g * 64 * 128 + kk * 32;
-                    const u32 b = stage + PARTS * WG_A_BYTES + kk * 32;
-                    if (p > 0) wg_mma(acc_small, wg_desc(a), wg_desc(b), kb > 0 || p < PARTS - 1 || kk > 0);
-                    else wg_mma(acc, wg_desc(a), wg_desc(b), kb > 0 || kk > 0);
+                    if constexpr (ROWS64) {
+                        const u32 a = stage + p * WG_A_BYTES + kk * 32;
+                        const u32 b = stage + PARTS * WG_A_BYTES + g * 64 * 128 + kk * 32;
+                        if (p > 0) wg_mma_n64(acc_small, wg_desc(a), wg_desc(b), kb > 0 || p < PARTS - 1 || kk > 0);
+                        else wg_mma_n64(acc, wg_desc(a), wg_desc(b), kb > 0 || kk > 0);
+                    } else {
+                        const u32 a = stage + p * WG_A_BYTES + g * 64 * 128 + kk * 32;
+                        const u32 b = stage + PARTS * WG_A_BYTES + kk * 32;
+                        if (p > 0) wg_mma(acc_small, wg_desc(a), wg_desc(b), kb > 0 || p < PARTS - 1 || kk > 0);
+                        else wg_mma(acc, wg_desc(a), wg_desc(b), kb > 0 || kk > 0);
+                    }
                 }
             }
             wg_commit();
@@ -205,8 +230,22 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
         // The tile's last stage goes back too, before the epilogue.
         if (lane == 0) mbar_arrive(empty0 + 8 * ((round - 1) % WG_STAGES));
 #pragma unroll
-        for (int i = 0; i < 64; ++i) acc[i] += acc_small[i];
+        for (int i = 0; i < NACC; ++i) acc[i] += acc_small[i];
 
+        if constexpr (ROWS64) {
+            // Warp w of warpgroup g: rows 16 w + lane / 4 (+ 8) of columns n0 + 64 g + 8 j + 2 (lane % 4) (+ 1).
+            const int r0 = (warp & 3) * 16 + (lane >> 2), c0 = n0 + g * 64 + (lane & 3) * 2;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = r0 + 8 * h;
+                    if (row < T)
+                        *reinterpret_cast<float2*>(y + (size_t)row * N + c0 + 8 * j) =
+                            make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+                }
+            }
+        } else {
         // Accumulator layout: warp w of the warpgroup holds rows 16w + lane/4 and + 8; for each
         // 8-column group j, columns 8j + 2 (lane % 4) and + 1 (acc[4j..4j+1] row 0, acc[4j+2..] row 8).
         const int r0 = m0 + g * 64 + (warp & 3) * 16 + (lane >> 2), cq = (lane & 3) * 2;
@@ -235,24 +274,27 @@ __device__ __forceinline__ void gemm_wgmma(const TmaMap* parts, const TmaMap* w,
                 *reinterpret_cast<float2*>(y + o) = v;
             }
         }
+        }
     }
 }
 
-#define WG_ENTRY(name, EPI, PARTS, PARTS_OUT)                                                                \
+#define WG_ENTRY(name, EPI, PARTS, PARTS_OUT, ROWS64)                                                        \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                             \
         name(const __grid_constant__ TmaMap parts, const __grid_constant__ TmaMap w, const float* residual,  \
              float* y, int T, int K, int N, int col_blocks) {                                               \
-        gemm_wgmma<EPI, PARTS, PARTS_OUT>(&parts, &w, residual, y, T, K, N, col_blocks);                   \
+        gemm_wgmma<EPI, PARTS, PARTS_OUT, ROWS64>(&parts, &w, residual, y, T, K, N, col_blocks);           \
     }
 
-WG_ENTRY(wgmma_x3, EPI_NONE, 3, false)
-WG_ENTRY(wgmma_x3_add, EPI_ADD, 3, false)
-WG_ENTRY(wgmma_x3_silu_mul, EPI_SILU, 3, false)
-WG_ENTRY(wgmma_x3_silu_mul_parts, EPI_SILU, 3, true)
-WG_ENTRY(wgmma_x2, EPI_NONE, 2, false)
-WG_ENTRY(wgmma_x2_add, EPI_ADD, 2, false)
-WG_ENTRY(wgmma_x2_silu_mul, EPI_SILU, 2, false)
-WG_ENTRY(wgmma_x2_silu_mul_parts, EPI_SILU, 2, true)
+WG_ENTRY(wgmma_x3, EPI_NONE, 3, false, false)
+WG_ENTRY(wgmma_x3_add, EPI_ADD, 3, false, false)
+WG_ENTRY(wgmma_x3_silu_mul, EPI_SILU, 3, false, false)
+WG_ENTRY(wgmma_x3_silu_mul_parts, EPI_SILU, 3, true, false)
+WG_ENTRY(wgmma_x2, EPI_NONE, 2, false, false)
+WG_ENTRY(wgmma_x2_add, EPI_ADD, 2, false, false)
+WG_ENTRY(wgmma_x2_silu_mul, EPI_SILU, 2, false, false)
+WG_ENTRY(wgmma_x2_silu_mul_parts, EPI_SILU, 2, true, false)
+WG_ENTRY(wgmma_x3_rows64, EPI_NONE, 3, false, true)
+WG_ENTRY(wgmma_x2_rows64, EPI_NONE, 2, false, true)
 
 #else
 #error "gemm_wgmma.cu uses wgmma: compile it for sm_90a"

@@ -343,7 +343,7 @@ pub const FLASH_WGMMA_ENTRIES: [&str; 3] = [
 ];
 
 /// `gemm_wgmma.cu`'s entry points.
-pub const WGMMA_ENTRIES: [&str; 8] = [
+pub const WGMMA_ENTRIES: [&str; 10] = [
     "wgmma_x3",
     "wgmma_x3_add",
     "wgmma_x3_silu_mul",
@@ -352,6 +352,8 @@ pub const WGMMA_ENTRIES: [&str; 8] = [
     "wgmma_x2_add",
     "wgmma_x2_silu_mul",
     "wgmma_x2_silu_mul_parts",
+    "wgmma_x3_rows64",
+    "wgmma_x2_rows64",
 ];
 
 /// Choices compiled into the kernels, as preprocessor lines before each file

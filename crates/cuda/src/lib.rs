@@ -304,6 +304,11 @@ struct Inner {
     x3_wgmma_from: usize,
     /// [`CudaOptions::x3_push`].
     x3_push: bool,
+    /// Whether a `gemm_wgmma.cu` product of at most 64 rows that stores plainly (the lm_head of
+    /// a batched decode step) takes the kernel's 64-row build, each warpgroup multiplying the
+    /// 64 rows by half the tile's weight rows, rather than the 128-row tile
+    /// (`QFUSE_CUDA_WGMMA_ROWS64=0`).
+    wgmma_rows64: bool,
     /// Products of more than 64 rows take `kernels/gemm_wgmma.cu` where the shape allows (the
     /// option, on compute capability 9.0, its kernels loaded and allowed their shared memory).
     wgmma: bool,
@@ -796,6 +801,8 @@ impl CudaBackend {
                 gemm_x3_wg,
                 x3_wgmma_from: options.x3_wgmma_from,
                 x3_push: options.x3_push,
+                wgmma_rows64: qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA_ROWS64", 0..=1)
+                    != Some(0),
                 wgmma,
                 wgmma_blocks: qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA_BLOCKS", 1..=1 << 30)
                     .unwrap_or(sm_count),
@@ -1205,11 +1212,17 @@ impl CudaBackend {
             Epilogue::Add(r) => ("_add", Some(*r)),
             Epilogue::SiluMul => ("_silu_mul", None),
         };
+        // At most 64 rows storing plainly (a batched step's lm_head): the 64-row build.
+        let rows64 = self.inner.wgmma_rows64
+            && t <= WGMMA_ROWS / 2
+            && matches!(epilogue, Epilogue::Store)
+            && !parts_out;
         let stream = self.stream();
-        // The parts as one [count T, K] tensor in 128-row boxes; the weights in boxes of a block's
-        // rows (with SiLU two boxes, its gate rows and its up rows).
+        // The parts as one [count T, K] tensor in 128-row boxes (64 in the 64-row build); the
+        // weights in boxes of a block's rows (with SiLU two boxes, its gate rows and its up rows).
         let box_rows = if silu { WGMMA_COLS / 2 } else { WGMMA_COLS };
-        let parts_map = tma_map_bf16(parts.device_ptr(stream).0, k, count * t, WGMMA_ROWS)?;
+        let part_box = if rows64 { WGMMA_ROWS / 2 } else { WGMMA_ROWS };
+        let parts_map = tma_map_bf16(parts.device_ptr(stream).0, k, count * t, part_box)?;
         let w_map = tma_map_bf16(w.device_ptr(stream).0, k, n, box_rows)?;
         let out = t * epilogue.out_cols(n);
         let (y, parts_suffix) = if parts_out {
@@ -1217,7 +1230,10 @@ impl CudaBackend {
         } else {
             (self.alloc_f32(out)?, "")
         };
-        let mut l = self.launch(&format!("wgmma_x{count}{suffix}{parts_suffix}"))?;
+        let rows_suffix = if rows64 { "_rows64" } else { "" };
+        let mut l = self.launch(&format!(
+            "wgmma_x{count}{suffix}{parts_suffix}{rows_suffix}"
+        ))?;
         l.tensor_map(parts_map).tensor_map(w_map);
         product_args(&mut l, residual, &y, (t, k, n))?;
         l.i32(i32_of(col_blocks, "column blocks")?);
@@ -1234,7 +1250,8 @@ impl CudaBackend {
         // multiple of 64 and the column blocks cover the output columns exactly, the blocks
         // taking every (row block, column block) tile in turn, none past the last; the
         // dynamic shared memory is what the kernel needs and `allow_optin_smem` allowed; compute
-        // capability 9.0 (the sm_90a module is loaded only there).
+        // capability 9.0 (the sm_90a module is loaded only there); the 64-row build only for
+        // t <= 64 (one row block) with the parts' boxes of 64 rows, storing plainly.
         unsafe { l.launch(cfg) }.cuda()?;
         Ok(Some(y))
     }

@@ -93,3 +93,56 @@ fn prompt_sized_products_match_reference() {
         }
     }
 }
+
+/// Products of 9–64 rows that `gemm_wgmma.cu` runs: with `gemm_x3` off every fitting shape, and
+/// with it on the lm_head-sized ones it refuses (N > 16,384). A plain store of at most 64 rows
+/// takes the kernel's 64-row build, the other epilogues its 128-row tile.
+#[test]
+fn batch_sized_products_on_wgmma_match_reference() {
+    let mut gpus = Vec::new();
+    for gemm_x3 in [false, true] {
+        let options = CudaOptions {
+            gemm_x3,
+            ..CudaOptions::default()
+        };
+        let Some(gpu) = device_or_skip(
+            "batch-sized wgmma product tests",
+            CudaBackend::with_options(0, options),
+        ) else {
+            return;
+        };
+        gpus.push((gemm_x3, gpu));
+    }
+    if gpus[0].1.compute_capability() != (9, 0) {
+        eprintln!("batch-sized wgmma products: compute capability 9.0 only; skipped");
+        return;
+    }
+    let mut rng = Rng::new(5);
+    for (gemm_x3, t, k, n) in [
+        (false, 64, 1024, 512),
+        (false, 9, 256, 384),
+        (false, 33, 128, 256),
+        (true, 64, 256, 16_512),
+        (true, 17, 128, 16_512),
+    ] {
+        let gpu = &gpus[usize::from(gemm_x3)].1;
+        assert!(gpu.uses_wgmma(t, k, n, false), "{t} x {k} -> {n}: no wgmma");
+        assert!(
+            gpu.gemm_x3_plan(t, k, n, false).is_none(),
+            "{t} x {k} -> {n} took gemm_x3"
+        );
+        let x = activations(&mut rng, t, k, true).unwrap();
+        let w = weights(&mut rng, n, k).unwrap().to_dtype(DType::BF16);
+        let gate_up = weights(&mut rng, 2 * n, k).unwrap().to_dtype(DType::BF16);
+        let gain = gains(&mut rng, k, 3.0).unwrap();
+        let residual = activations(&mut rng, t, n, true).unwrap();
+        let want = gemv_family(&CpuRef::new(), &x, &w, &gate_up, &gain, &residual).unwrap();
+        let got = gemv_family(gpu, &x, &w, &gate_up, &gain, &residual).unwrap();
+        for ((name, g), r) in NAMES.iter().zip(&got).zip(&want) {
+            let err = rel_error(g, r);
+            let what = format!("gemm_x3 {gemm_x3}: {t} x {k} -> {n} {name}");
+            eprintln!("{what}: {err:.3e}");
+            assert!(err < 2e-5, "{what}: relative error {err:.3e}");
+        }
+    }
+}
