@@ -269,13 +269,6 @@ __device__ __forceinline__ float ld_peer(u32 addr, u32 rank) {
     return v;
 }
 
-// Stores a, b at shared address `addr` (8-byte aligned) of the cluster's block `rank`.
-__device__ __forceinline__ void st_peer2(u32 addr, u32 rank, float a, float b) {
-    u32 remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
-    asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" ::"r"(remote), "f"(a), "f"(b) : "memory");
-}
-
 // The four floats at shared address `addr` (16-byte aligned) of the cluster's block `rank`.
 __device__ __forceinline__ float4 ld_peer4(u32 addr, u32 rank) {
     u32 remote;

@@ -185,7 +185,7 @@ template <int EPI, bool NORM>
 __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float* __restrict__ g,
                                         const bf16_t* __restrict__ w, const float* __restrict__ residual,
                                         float* __restrict__ y, int T, int K, int N, int kc, float eps,
-                                        unsigned long long* trace, int push) {
+                                        unsigned long long* trace) {
 #if __CUDA_ARCH__ >= 900
     // With `trace` (QFUSE_CUDA_X3_TRACE), thread 0 of every block adds its phases' durations (ns)
     // to trace[0..X3_PHASES) and 1 to trace[X3_PHASES].
@@ -382,11 +382,81 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
             if (su == 0) ss_part[srows[j]] = ss[j];
         }
     }
+    __syncthreads();  // the staged activations are read; their memory takes the partial tile
+    // The partial tile, [row t][column]; rows (m tiles) past T left unwritten (never read).
+#if X3_WG
+    {
+        const int w4 = warp & 3;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int t0 = 16 * w4 + g8 + 8 * h, col = wg * 64 + 8 * j + 2 * q4;
+                if (t0 < T) {
+                    red[t0 * X3_ROWS + col] = acc_hi[4 * j + 2 * h] + acc_lo[4 * j + 2 * h];
+                    red[t0 * X3_ROWS + col + 1] = acc_hi[4 * j + 2 * h + 1] + acc_lo[4 * j + 2 * h + 1];
+                }
+            }
+        }
+    }
+#else
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        if (2 * wm + m >= mtiles) break;
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const int col = wn * 32 + nt * 8 + 2 * q4, t0 = (2 * wm + m) * 16 + g8;
+            red[t0 * X3_ROWS + col] = acc[m][nt][0];
+            red[t0 * X3_ROWS + col + 1] = acc[m][nt][1];
+            red[(t0 + 8) * X3_ROWS + col] = acc[m][nt][2];
+            red[(t0 + 8) * X3_ROWS + col + 1] = acc[m][nt][3];
+        }
+    }
+#endif
+    cluster_sync();
+    if (tracing) stamp[6] = globaltimer_ns();
+    if (NORM) {
+        // 1/rms of each row from every slice's squares, in slice order.
+        if (tid < T) {
+            const u32 ss_addr = smem_addr(ss_part) + 4u * (u32)tid;
+            float tot = 0.0f;
+            for (int q = 0; q < S; ++q) tot += ld_peer(ss_addr, (u32)q);
+            inv_rms[tid] = rsqrtf(tot / K + eps);
+        }
+        __syncthreads();
+    }
+    // This block's share of the tile's outputs, four columns at a time, summed over the S slices
+    // in order.
     const u32 rank = cluster_rank();
     constexpr int cols_out = EPI == EPI_SILU ? 64 : X3_ROWS;
     const int out_n = EPI == EPI_SILU ? half : N;
-    // Output columns c..c+3 of row t from their sums over the slices (with SiLU the up sums b).
-    auto store_outputs = [&](int t, int c, const float (&a)[4], const float (&b)[4]) {
+    const int total = T * (cols_out / 4), per = (total + S - 1) / S;
+    const int end = (int)(rank + 1) * per < total ? (int)(rank + 1) * per : total;
+    const u32 red_addr = smem_addr(red);
+    for (int idx = (int)rank * per + tid; idx < end; idx += X3_WARPS * 32) {
+        const int t = idx / (cols_out / 4), c = (idx % (cols_out / 4)) * 4;
+        const u32 at = red_addr + 4u * (u32)(t * X3_ROWS + c);
+        // Four slices' loads in flight at a time, added in slice order.
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int q0 = 0; q0 < S; q0 += 4) {
+            float4 va[4], vb[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                if (q0 + i < S) {
+                    va[i] = ld_peer4(at, (u32)(q0 + i));
+                    if (EPI == EPI_SILU) vb[i] = ld_peer4(at + 4u * 64u, (u32)(q0 + i));
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                if (q0 + i < S) {
+                    a[0] += va[i].x; a[1] += va[i].y; a[2] += va[i].z; a[3] += va[i].w;
+                    if (EPI == EPI_SILU) {
+                        b[0] += vb[i].x; b[1] += vb[i].y; b[2] += vb[i].z; b[3] += vb[i].w;
+                    }
+                }
+            }
+        }
         const float inv = NORM ? inv_rms[t] : 1.0f;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -398,128 +468,10 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
                 else y[o] = a[j] * inv;
             }
         }
-    };
-    // 1/rms of each row from every slice's squares, in slice order (after a cluster barrier).
-    auto row_norms = [&]() {
-        if (NORM && tid < T) {
-            const u32 ss_addr = smem_addr(ss_part) + 4u * (u32)tid;
-            float tot = 0.0f;
-            for (int q = 0; q < S; ++q) tot += ld_peer(ss_addr, (u32)q);
-            inv_rms[tid] = rsqrtf(tot / K + eps);
-        }
-    };
-    // Where a partial output pair goes: with `push` into row t's owner's staging memory (see
-    // below), else into this block's partial tile.
-    const int lg_s = 31 - __clz(S), rows_per = (T + S - 1) >> lg_s;
-    const u32 recv = smem_addr(red);
-    auto pair = [&](int t, int col, float a, float b) {
-        if (push) {
-            const u32 at = recv + 4u * (u32)((((int)rank * rows_per + (t >> lg_s)) * X3_ROWS) + col);
-            st_peer2(at, (u32)(t & (S - 1)), a, b);
-        } else {
-            red[t * X3_ROWS + col] = a;
-            red[t * X3_ROWS + col + 1] = b;
-        }
-    };
-    // This thread's partial outputs, two adjacent columns at a time, to `pair`.
-    auto each_pair = [&]() {
-#if X3_WG
-        const int w4 = warp & 3;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int t0 = 16 * w4 + g8 + 8 * h, col = wg * 64 + 8 * j + 2 * q4;
-                if (t0 < T)
-                    pair(t0, col, acc_hi[4 * j + 2 * h] + acc_lo[4 * j + 2 * h],
-                         acc_hi[4 * j + 2 * h + 1] + acc_lo[4 * j + 2 * h + 1]);
-            }
-        }
-#else
-#pragma unroll
-        for (int m = 0; m < 2; ++m) {
-            if (2 * wm + m >= mtiles) break;
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-                const int col = wn * 32 + nt * 8 + 2 * q4, t0 = (2 * wm + m) * 16 + g8;
-                if (t0 < T) pair(t0, col, acc[m][nt][0], acc[m][nt][1]);
-                if (t0 + 8 < T) pair(t0 + 8, col, acc[m][nt][2], acc[m][nt][3]);
-            }
-        }
-#endif
-    };
-    if (push) {
-        // Row t of the tile belongs to block t % S (S is a power of two): every block pushes its
-        // partial of that row into the owner's staging memory, [slice][t / S][128 columns], and
-        // after a second barrier each owner adds its rows' S partials from its own memory, in
-        // slice order. Remote stores do not wait for a reply, where pulling costs a round trip
-        // per group of slices.
-        cluster_sync();  // every block's staged activations are read: its memory takes pushes
-        row_norms();
-        each_pair();
-        cluster_sync();  // the pushes (and the squares' reads) are done
-        if (tracing) stamp[6] = globaltimer_ns();
-        constexpr int units = cols_out / 4;
-        for (int idx = tid; idx < rows_per * units; idx += X3_WARPS * 32) {
-            const int lr = idx / units, c = (idx % units) * 4, t = lr * S + (int)rank;
-            if (t >= T) continue;
-            float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int q = 0; q < S; ++q) {
-                const float* row = red + (size_t)(q * rows_per + lr) * X3_ROWS;
-                const float4 va = *reinterpret_cast<const float4*>(row + c);
-                a[0] += va.x; a[1] += va.y; a[2] += va.z; a[3] += va.w;
-                if (EPI == EPI_SILU) {
-                    const float4 vb = *reinterpret_cast<const float4*>(row + 64 + c);
-                    b[0] += vb.x; b[1] += vb.y; b[2] += vb.z; b[3] += vb.w;
-                }
-            }
-            store_outputs(t, c, a, b);
-        }
-        if (tracing) stamp[7] = globaltimer_ns();
-        // No barrier to leave: no block reads another's memory after the second one.
-    } else {
-        __syncthreads();  // the staged activations are read; their memory takes the partial tile
-        // The partial tile, [row t][column]; rows past T left unwritten (never read).
-        each_pair();
-        cluster_sync();
-        if (tracing) stamp[6] = globaltimer_ns();
-        row_norms();
-        if (NORM) __syncthreads();
-        // This block's share of the tile's outputs, four columns at a time, summed over the S
-        // slices in order.
-        const int total = T * (cols_out / 4), per = (total + S - 1) / S;
-        const int end = (int)(rank + 1) * per < total ? (int)(rank + 1) * per : total;
-        const u32 red_addr = smem_addr(red);
-        for (int idx = (int)rank * per + tid; idx < end; idx += X3_WARPS * 32) {
-            const int t = idx / (cols_out / 4), c = (idx % (cols_out / 4)) * 4;
-            const u32 at = red_addr + 4u * (u32)(t * X3_ROWS + c);
-            // Four slices' loads in flight at a time, added in slice order.
-            float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int q0 = 0; q0 < S; q0 += 4) {
-                float4 va[4], vb[4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    if (q0 + i < S) {
-                        va[i] = ld_peer4(at, (u32)(q0 + i));
-                        if (EPI == EPI_SILU) vb[i] = ld_peer4(at + 4u * 64u, (u32)(q0 + i));
-                    }
-                }
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    if (q0 + i < S) {
-                        a[0] += va[i].x; a[1] += va[i].y; a[2] += va[i].z; a[3] += va[i].w;
-                        if (EPI == EPI_SILU) {
-                            b[0] += vb[i].x; b[1] += vb[i].y; b[2] += vb[i].z; b[3] += vb[i].w;
-                        }
-                    }
-                }
-            }
-            store_outputs(t, c, a, b);
-        }
-        if (tracing) stamp[7] = globaltimer_ns();
-        // No block may leave while the others still read its tile (nothing to publish: relaxed).
-        cluster_sync_relaxed();
     }
+    if (tracing) stamp[7] = globaltimer_ns();
+    // No block may leave while the others still read its tile (nothing to publish: relaxed).
+    cluster_sync_relaxed();
     if (tracing) {
         stamp[8] = globaltimer_ns();
         for (int i = 0; i < X3_PHASES; ++i) atomicAdd(trace + i, stamp[i + 1] - stamp[i]);
@@ -531,8 +483,8 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
 #define X3_ENTRY(name, EPI, NORM)                                                                           \
     extern "C" __global__ void __launch_bounds__(X3_WARPS * 32, X3_MIN_BLOCKS)                              \
         X3_NAME(name)(const float* x, const float* g, const bf16_t* w, const float* residual, float* y, int T, int K, \
-             int N, int kc, float eps, unsigned long long* trace, int push) {                               \
-        gemm_x3<EPI, NORM>(x, g, w, residual, y, T, K, N, kc, eps, trace, push);                            \
+             int N, int kc, float eps, unsigned long long* trace) {                                         \
+        gemm_x3<EPI, NORM>(x, g, w, residual, y, T, K, N, kc, eps, trace);                                  \
     }
 
 X3_ENTRY(gemm_x3_f32, EPI_NONE, false)

@@ -302,8 +302,6 @@ struct Inner {
     gemm_x3_wg: Option<x3::Capacity>,
     /// [`CudaOptions::x3_wgmma_from`].
     x3_wgmma_from: usize,
-    /// [`CudaOptions::x3_push`].
-    x3_push: bool,
     /// Whether a `gemm_wgmma.cu` product of at most 64 rows that stores plainly (the lm_head of
     /// a batched decode step) takes the kernel's 64-row build, each warpgroup multiplying the
     /// 64 rows by half the tile's weight rows, rather than the 128-row tile
@@ -392,11 +390,6 @@ pub struct CudaOptions {
     /// tiles wholly past T: on the H200 it made batch 64 3-4% faster a step, batch 32 level and
     /// batch 16 7% slower (docs/perf.md).
     pub x3_wgmma_from: usize,
-    /// Whether `gemm_x3`'s slices reduce by pushing each partial row to the block that owns it
-    /// (remote stores, a cluster barrier, then each owner adds the slices from its own memory),
-    /// or by pulling every slice's partials with remote loads (`QFUSE_CUDA_X3_PUSH=0`). Both
-    /// add in slice order.
-    pub x3_push: bool,
     /// Prompt attention that takes the GEMM path (see `attention_gemm_min_rows`) runs instead as
     /// a kernel that keeps the scores on chip (`kernels/flash.cu`, `kernels/flash_wgmma.cu`)
     /// wherever the head size allows (a multiple of 4, at most 128) and the GPU has the shared
@@ -553,7 +546,6 @@ impl Default for CudaOptions {
             gemm_x3: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMM_X3", 0..=1) != Some(0),
             x3_wgmma_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_X3_WGMMA_FROM", 1..=1 << 20)
                 .unwrap_or(33),
-            x3_push: qfuse_core::knobs::env_knob("QFUSE_CUDA_X3_PUSH", 0..=1) != Some(0),
             flash_attention: match qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=5)
             {
                 Some(0) => FlashAttention::Off,
@@ -800,7 +792,6 @@ impl CudaBackend {
                 gemm_x3,
                 gemm_x3_wg,
                 x3_wgmma_from: options.x3_wgmma_from,
-                x3_push: options.x3_push,
                 wgmma_rows64: qfuse_core::knobs::env_knob("QFUSE_CUDA_WGMMA_ROWS64", 0..=1)
                     != Some(0),
                 wgmma,
@@ -1353,7 +1344,6 @@ impl CudaBackend {
             }
             None => l.ptr(0),
         };
-        l.i32(i32::from(self.inner.x3_push));
         l.cluster(1, plan.slices as u32, 1);
         let cfg = LaunchConfig {
             grid_dim: (plan.tiles as u32, plan.slices as u32, 1),
@@ -1364,8 +1354,7 @@ impl CudaBackend {
         // the trace (when passed) holds x3::TRACE_SLOTS u64 for this entry point;
         // the residual (when read) and y are [t, epilogue.out_cols(n)] f32; t <= 64, k % 32 == 0
         // and the slices divide k / 32 into kc chunks whose block fits the shared memory that
-        // `x3::configure` allowed (the plan); one cluster of `slices` blocks per tile (a power of
-        // two, as the push reduction's row ownership needs: x3::SLICES), the grid
+        // `x3::configure` allowed (the plan); one cluster of `slices` blocks per tile, the grid
         // resident at once, as the kernel's reduction expects; sm_90 (the capacity exists only
         // there); the wgmma build only on compute capability 9.0 with kc even (its capacity and
         // plan), its shared memory including the alignment it takes.

@@ -40,16 +40,15 @@ pub(crate) const TRACE_PHASES: [&str; 8] = [
     "first round's activations loaded, split and staged",
     "first round's weights waited for, block barrier",
     "the products (every round after the first wait)",
-    "partial tile stored, cluster barrier (push: barrier, partials pushed, barrier)",
+    "partial tile stored, cluster barrier",
     "slices reduced, epilogue stored",
-    "final cluster barrier (none with push)",
+    "final cluster barrier",
 ];
 /// u64 slots of one entry point's trace: its phases and a count of block-launches.
 pub(crate) const TRACE_SLOTS: usize = 16;
 
 /// Slice counts (cluster sizes) a plan may take, most first; 16 is a non-portable cluster size
-/// (sm_90 allows it by function attribute). Powers of two: the kernel's push reduction gives row
-/// t to block t % S.
+/// (sm_90 allows it by function attribute).
 const SLICES: [usize; 5] = [16, 8, 4, 2, 1];
 const THREADS: u32 = 256;
 /// Weight rows of a tile.
@@ -308,11 +307,6 @@ mod tests {
         for (mma, wg) in ENTRIES.iter().zip(WG_ENTRIES) {
             assert_eq!(format!("{mma}_wg"), wg);
         }
-    }
-
-    #[test]
-    fn slice_counts_are_powers_of_two() {
-        assert!(SLICES.iter().all(|s| s.is_power_of_two()));
     }
 
     #[test]

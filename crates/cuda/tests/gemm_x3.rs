@@ -11,13 +11,11 @@ use qfuse_core::DType;
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 
-/// A backend with `gemm_x3` on (its products on `wgmma` from `wgmma_from` rows, its slices
-/// reduced by pushing or pulling) or off.
-fn gpu(gemm_x3: bool, wgmma_from: usize, push: bool) -> Option<CudaBackend> {
+/// A backend with `gemm_x3` on (its products on `wgmma` from `wgmma_from` rows) or off.
+fn gpu(gemm_x3: bool, wgmma_from: usize) -> Option<CudaBackend> {
     let options = CudaOptions {
         gemm_x3,
         x3_wgmma_from: wgmma_from,
-        x3_push: push,
         ..CudaOptions::default()
     };
     device_or_skip("gemm_x3 tests", CudaBackend::with_options(0, options))
@@ -25,33 +23,17 @@ fn gpu(gemm_x3: bool, wgmma_from: usize, push: bool) -> Option<CudaBackend> {
 
 #[test]
 fn gemm_x3_matches_reference_and_cublas_path() {
-    let (Some(x3), Some(cublas)) = (gpu(true, 65, true), gpu(false, 65, true)) else {
+    let (Some(x3), Some(cublas)) = (gpu(true, 65), gpu(false, 65)) else {
         return;
     };
     check(&x3, &cublas, false);
-}
-
-/// The slices reduced by pulling (remote loads) instead of pushing, on both builds.
-#[test]
-fn gemm_x3_pulling_matches_reference_and_cublas_path() {
-    let (Some(mma), Some(wg), Some(cublas)) = (
-        gpu(true, 65, false),
-        gpu(true, 9, false),
-        gpu(false, 65, true),
-    ) else {
-        return;
-    };
-    check(&mma, &cublas, false);
-    if wg.compute_capability() == (9, 0) {
-        check(&wg, &cublas, true);
-    }
 }
 
 /// The same products with the `wgmma` build from 9 rows: every shape whose slices are whole
 /// 64-k rounds must take it on compute capability 9.0.
 #[test]
 fn gemm_x3_on_wgmma_matches_reference_and_cublas_path() {
-    let (Some(x3), Some(cublas)) = (gpu(true, 9, true), gpu(false, 65, true)) else {
+    let (Some(x3), Some(cublas)) = (gpu(true, 9), gpu(false, 65)) else {
         return;
     };
     if x3.compute_capability() != (9, 0) {
