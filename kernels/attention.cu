@@ -530,6 +530,145 @@ __device__ __forceinline__ float transpose_sum8(const float* v, int lane) {
     return y + __shfl_xor_sync(FULL_MASK, y, 16);
 }
 
+// One group's online-softmax update of a head in the decode attention: sc is this lane's score
+// (of one of the group's keys, which lie on the lanes 1, 2 and `far` apart), `valid` whether that
+// key exists. Updates the running max m and sum l, sets `corr` (how much earlier outputs shrink)
+// and returns the lane's probability.
+__device__ __forceinline__ float online_softmax_group(float sc, bool valid, int far, float& m, float& l,
+                                                      float& corr) {
+    if (!valid) sc = -INFINITY;
+    float mx = fmaxf(sc, __shfl_xor_sync(FULL_MASK, sc, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+    mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, far));
+    const float m_new = fmaxf(m, mx);
+    corr = exp2f(m - m_new);
+    const float p = valid ? exp2f(sc - m_new) : 0.0f;
+    float ps = p + __shfl_xor_sync(FULL_MASK, p, 1);
+    ps += __shfl_xor_sync(FULL_MASK, ps, 2);
+    ps += __shfl_xor_sync(FULL_MASK, ps, far);
+    l = l * corr + ps;
+    m = m_new;
+    return p;
+}
+
+// What both decode attention builds (attention_many, attention_many_w16) share: the block's
+// token, KV head and context slice, its keys' cache slots and, with QKN, lane l's RoPE factors
+// (dims d0..d0+3 pair with the lane half / 4 away), formed while the kernel before finishes.
+struct ManyBlock {
+    int lane, warp, t, kv, G, W, d, d0, keys, begin, end, active, last, partner, block_size;
+    bool has_dims, first_half;
+    const u32* table;
+    float cs[4], sn[4];
+
+    template <bool QKN>
+    __device__ __forceinline__ void init(const u32* __restrict__ positions, const u32* __restrict__ token_seq,
+                                         const u32* __restrict__ block_tables, int max_blocks, int bs, int H,
+                                         int KV, int dim, int chunk, double log2_theta) {
+        lane = threadIdx.x & 31;
+        warp = threadIdx.x >> 5;
+        t = blockIdx.x;
+        kv = blockIdx.y;
+        G = H / KV;
+        d = dim;
+        W = KV * d;
+        d0 = lane * 4;
+        has_dims = d0 < d;
+        keys = (int)positions[t] + 1;
+        begin = (int)blockIdx.z * chunk;
+        end = min(keys, begin + chunk);
+        active = min((int)gridDim.z, (keys + chunk - 1) / chunk);
+        table = block_tables + (size_t)token_seq[t] * max_blocks;
+        block_size = bs;
+        const int half = d / 2;
+        last = keys - 1;
+        first_half = d0 < half;
+        partner = first_half ? lane + half / 4 : lane - half / 4;
+        if constexpr (QKN) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                rope_cs((u32)last, (first_half ? d0 : d0 - half) + c, d, log2_theta, &cs[c], &sn[c]);
+        }
+    }
+
+    // The cache slot of `key` (0 past the slice).
+    __device__ __forceinline__ u32 slot_of(int key) const {
+        return key < end ? table[key / block_size] * (u32)block_size + (u32)(key % block_size) : 0u;
+    }
+
+    // QKN: RMSNorm of a head's values x (lane l's four dims) with `gain`, then RoPE into res
+    // (every lane calls it: it shuffles).
+    __device__ __forceinline__ void norm_rope(float* x, const float* gain, float* res, float eps) const {
+        float ss = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) ss += x[c] * x[c];
+        const float inv = rsqrtf(warp_sum(ss) / d + eps);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) x[c] *= inv * gain[c];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const float other = __shfl_sync(FULL_MASK, x[c], partner);
+            res[c] = first_half ? x[c] * cs[c] - other * sn[c] : x[c] * cs[c] + other * sn[c];
+        }
+    }
+};
+
+// The decode attention's prologue loads, every one issued before any is used (one round trip,
+// not one per head): lane l's four dims of the block's query heads (the QKV projection's with
+// QKN), and with `own_key` the token's key and value rows and both gains.
+template <int GM, bool QKN>
+__device__ __forceinline__ void many_prologue_loads(const ManyBlock& b, const float* __restrict__ q,
+                                                    const float* __restrict__ q_norm,
+                                                    const float* __restrict__ k_norm, int H, int KV, bool own_key,
+                                                    float (&qx)[GM][4], float (&kx)[4], float (&vx)[4],
+                                                    float (&gq)[4], float (&gk)[4]) {
+    const int d = b.d, d0 = b.d0;
+    const size_t q_row = (size_t)b.t * (QKN ? H + 2 * KV : H) * d;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+#pragma unroll
+        for (int g = 0; g < GM; ++g)
+            qx[g][c] = g < b.G && b.has_dims ? q[q_row + (size_t)(b.kv * b.G + g) * d + d0 + c] : 0.0f;
+        const bool kvx = own_key && b.has_dims;
+        kx[c] = kvx ? q[q_row + (size_t)(H + b.kv) * d + d0 + c] : 0.0f;
+        vx[c] = kvx ? q[q_row + (size_t)(H + KV + b.kv) * d + d0 + c] : 0.0f;
+        gq[c] = QKN && b.has_dims ? q_norm[d0 + c] : 0.0f;
+        gk[c] = own_key && b.has_dims ? k_norm[d0 + c] : 0.0f;
+    }
+}
+
+// QKN: warp 0 writes the token's own key and value (lane l's four dims) to its cache slot. No
+// block reads that slot from the cache, so the write needs no ordering within the kernel.
+template <typename KT>
+__device__ __forceinline__ void many_store_own_key(const ManyBlock& b, const u32* __restrict__ slots, KT* kc_out,
+                                                   KT* vc_out, const float (&kn)[4], const float (&vn)[4]) {
+    if (b.warp == 0 && b.has_dims) {
+        const size_t row = (size_t)slots[b.t] * b.W + (size_t)b.kv * b.d + b.d0;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            kv_store(kc_out + row + c, kn[c]);
+            kv_store(vc_out + row + c, vn[c]);
+        }
+    }
+}
+
+// The end of a decode attention block: its warps' partials (N dims a lane from e0) merged in
+// shared memory, then the context's splits combined in the cluster or by the last to finish.
+template <int GM, int N>
+__device__ __forceinline__ void many_finish(float* smem, const ManyBlock& b, int e0, const float (&o)[GM][N],
+                                            const float (&m)[GM], const float (&l)[GM], bool clustered, int H,
+                                            int KV, float* __restrict__ out, float* __restrict__ part_o,
+                                            float* __restrict__ part_ml, u32* __restrict__ counters) {
+    store_warp_partials<GM, N>(smem, b.G, b.d, e0, o, m, l);
+    __syncthreads();
+#if __CUDA_ARCH__ >= 900
+    if (clustered) {
+        finish_splits_cluster<GM>(smem, b.G, b.d, H, b.t, b.kv, b.active, out);
+        return;
+    }
+#endif
+    finish_splits(smem, b.G, b.d, H, KV, b.t, b.kv, (int)blockIdx.z, b.active, out, part_o, part_ml, counters);
+}
+
 // Attention for many one-token sequences at once (batched decode, T > 8 rows): a block per
 // (token, KV head, context slice). A warp takes 8 keys at a time and loads their K and V rows
 // together, each row coalesced (lane l holds dims [4 l, 4 l + 4)); the 8 x G scores come out of
@@ -555,29 +694,13 @@ __device__ void attention_many(
     const float* __restrict__ k_norm, const u32* __restrict__ slots, KT* kc_out, KT* vc_out,
     double log2_theta, float eps, int early_rows) {
     extern __shared__ float smem[];  // [ATTN_WARPS][G][d + 2]
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane & 7;
-    const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
-    const int G = H / KV, W = KV * d, d0 = lane * 4;
-    const bool has_dims = d0 < d;
-    const int keys = (int)positions[t] + 1;
-    const int begin = split * chunk, end = min(keys, begin + chunk);
-    const int active = min((int)gridDim.z, (keys + chunk - 1) / chunk);
-    const u32* table = block_tables + (size_t)token_seq[t] * max_blocks;
-    auto slot_of = [&](int key) -> u32 {
-        return key < end ? table[key / block_size] * (u32)block_size + (u32)(key % block_size) : 0u;
-    };
-    int kb = begin + warp * 8;
-    u32 my_slot = slot_of(kb + r);  // lane l: the slot of key kb + (l & 7)
-    // QKN: lane l's RoPE factors (dims d0..d0+3 pair with the lane half / 4 away), formed while
-    // the QKV projection before this kernel finishes.
-    const int half = d / 2, last = keys - 1;
-    const bool first_half = d0 < half;
-    const int partner = first_half ? lane + half / 4 : lane - half / 4;
-    float cs[4], sn[4];
-    if (QKN) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) rope_cs((u32)last, (first_half ? d0 : d0 - half) + c, d, log2_theta, &cs[c], &sn[c]);
-    }
+    ManyBlock b;
+    b.init<QKN>(positions, token_seq, block_tables, max_blocks, block_size, H, KV, d, chunk, log2_theta);
+    const int lane = b.lane, r = lane & 7, G = b.G, W = b.W, d0 = b.d0, kv = b.kv;
+    const int end = b.end, last = b.last;
+    const bool has_dims = b.has_dims;
+    int kb = b.begin + b.warp * 8;
+    u32 my_slot = b.slot_of(kb + r);  // lane l: the slot of key kb + (l & 7)
     // QKN: the token's own key and value, formed below by the block whose slice holds them.
     float kn[4] = {0.0f, 0.0f, 0.0f, 0.0f}, vn[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     // For a bf16 cache, double-buffered: a group's K and V rows are loaded (raw, unconverted)
@@ -617,7 +740,7 @@ __device__ void attention_many(
     const bool rows_before_wait = QKN && early_rows;
     if (rows_before_wait) {
         load_group(kb);
-        my_slot = slot_of(kb + STEP + r);
+        my_slot = b.slot_of(kb + STEP + r);
     }
     pdl_begin();
     // A split past the token's position has no keys and is not counted in `active`; launched
@@ -627,49 +750,21 @@ __device__ void attention_many(
 #else
     const bool clustered = false;
 #endif
-    if (begin >= end && !clustered) return;
+    if (b.begin >= end && !clustered) return;
     if (!rows_before_wait) {
         load_group(kb);
-        my_slot = slot_of(kb + STEP + r);
+        my_slot = b.slot_of(kb + STEP + r);
     }
-    // QKN: RMSNorm of a head's values x (lane l's four dims) with `gain`, then RoPE (every lane
-    // calls it: it shuffles).
-    auto norm_rope = [&](float* x, const float* gain, float* res) {
-        float ss = 0.0f;
-#pragma unroll
-        for (int c = 0; c < 4; ++c) ss += x[c] * x[c];
-        const float inv = rsqrtf(warp_sum(ss) / d + eps);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) x[c] *= inv * gain[c];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const float other = __shfl_sync(FULL_MASK, x[c], partner);
-            res[c] = first_half ? x[c] * cs[c] - other * sn[c] : x[c] * cs[c] + other * sn[c];
-        }
-    };
-    // Every load of the prologue (q rows; with QKN the token's own key and value rows and both
-    // gains) is issued before any is used, so it costs one round trip, not one per head.
-    const size_t q_row = (size_t)t * (QKN ? H + 2 * KV : H) * d;
-    const bool own_key = QKN && begin < end && end == keys;
+    const bool own_key = QKN && b.begin < end && end == b.keys;
     float qx[GM][4], kx[4], vx[4], gq[4], gk[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-#pragma unroll
-        for (int g = 0; g < GM; ++g)
-            qx[g][c] = g < G && has_dims ? q[q_row + (size_t)(kv * G + g) * d + d0 + c] : 0.0f;
-        const bool kvx = own_key && has_dims;
-        kx[c] = kvx ? q[q_row + (size_t)(H + kv) * d + d0 + c] : 0.0f;
-        vx[c] = kvx ? q[q_row + (size_t)(H + KV + kv) * d + d0 + c] : 0.0f;
-        gq[c] = QKN && has_dims ? q_norm[d0 + c] : 0.0f;
-        gk[c] = own_key && has_dims ? k_norm[d0 + c] : 0.0f;
-    }
+    many_prologue_loads<GM, QKN>(b, q, q_norm, k_norm, H, KV, own_key, qx, kx, vx, gq, gk);
     float qr[GM][4], o[GM][4], m[GM], l[GM];
 #pragma unroll
     for (int g = 0; g < GM; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
         float qh[4] = {qx[g][0], qx[g][1], qx[g][2], qx[g][3]};
-        if (QKN && g < G) norm_rope(qx[g], gq, qh);
+        if (QKN && g < G) b.norm_rope(qx[g], gq, qh, eps);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             qr[g][c] = qh[c] * scale_log2;
@@ -677,17 +772,10 @@ __device__ void attention_many(
         }
     }
     if (own_key) {
-        norm_rope(kx, gk, kn);
+        b.norm_rope(kx, gk, kn, eps);
 #pragma unroll
         for (int c = 0; c < 4; ++c) vn[c] = vx[c];
-        if (warp == 0 && has_dims) {
-            const size_t row = (size_t)slots[t] * W + (size_t)kv * d + d0;
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                kv_store(kc_out + row + c, kn[c]);
-                kv_store(vc_out + row + c, vn[c]);
-            }
-        }
+        many_store_own_key<KT>(b, slots, kc_out, vc_out, kn, vn);
         // The first group was requested before the key existed: put it in place.
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -701,7 +789,7 @@ __device__ void attention_many(
         const int n = min(8, end - kb);
         if (!DOUBLE && kb != kb0) {
             load_group(kb);
-            my_slot = slot_of(kb + STEP + r);
+            my_slot = b.slot_of(kb + STEP + r);
         }
         float kf[8][4], vf[8][4];
 #pragma unroll
@@ -711,7 +799,7 @@ __device__ void attention_many(
         }
         if (DOUBLE) {
             load_group(kb + STEP);
-            my_slot = slot_of(kb + 2 * STEP + r);
+            my_slot = b.slot_of(kb + 2 * STEP + r);
         }
 #pragma unroll
         for (int g = 0; g < GM; ++g) {
@@ -720,18 +808,9 @@ __device__ void attention_many(
 #pragma unroll
                 for (int j = 0; j < 8; ++j)
                     v[j] = qr[g][0] * kf[j][0] + qr[g][1] * kf[j][1] + qr[g][2] * kf[j][2] + qr[g][3] * kf[j][3];
-                float sc = transpose_sum8(v, lane);  // every lane: it shuffles
-                if (r >= n) sc = -INFINITY;
-                float mx = fmaxf(sc, __shfl_xor_sync(FULL_MASK, sc, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 4));
-                const float m_new = fmaxf(m[g], mx);
-                const float corr = exp2f(m[g] - m_new);
-                const float p = r < n ? exp2f(sc - m_new) : 0.0f;
-                float ps = p + __shfl_xor_sync(FULL_MASK, p, 1);
-                ps += __shfl_xor_sync(FULL_MASK, ps, 2);
-                ps += __shfl_xor_sync(FULL_MASK, ps, 4);
-                l[g] = l[g] * corr + ps;
+                const float sc = transpose_sum8(v, lane);  // every lane: it shuffles
+                float corr;
+                const float p = online_softmax_group(sc, r < n, 4, m[g], l[g], corr);
 #pragma unroll
                 for (int c = 0; c < 4; ++c) o[g][c] *= corr;
 #pragma unroll
@@ -740,19 +819,10 @@ __device__ void attention_many(
 #pragma unroll
                     for (int c = 0; c < 4; ++c) o[g][c] += pj * vf[j][c];
                 }
-                m[g] = m_new;
             }
         }
     }
-    store_warp_partials<GM, 4>(smem, G, d, d0, o, m, l);
-    __syncthreads();
-#if __CUDA_ARCH__ >= 900
-    if (clustered) {
-        finish_splits_cluster<GM>(smem, G, d, H, t, kv, active, out);
-        return;
-    }
-#endif
-    finish_splits(smem, G, d, H, KV, t, kv, split, active, out, part_o, part_ml, counters);
+    many_finish<GM, 4>(smem, b, d0, o, m, l, clustered, H, KV, out, part_o, part_ml, counters);
 }
 
 // Eight bf16 values as four packed pairs, and back (rounded as the cache holds them).
@@ -787,27 +857,13 @@ __device__ void attention_many_w16(
     const float* __restrict__ k_norm, const u32* __restrict__ slots, bf16_t* kc_out, bf16_t* vc_out,
     double log2_theta, float eps, int early_rows) {
     extern __shared__ float smem[];  // [ATTN_WARPS][G][d + 2]
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, hw = lane >> 4, m16 = lane & 15;
-    const int t = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
-    const int G = H / KV, W = KV * d, d0 = lane * 4, e0 = m16 * 8;
-    const bool has_dims = d0 < d, has8 = e0 < d;
-    const int keys = (int)positions[t] + 1;
-    const int begin = split * chunk, end = min(keys, begin + chunk);
-    const int active = min((int)gridDim.z, (keys + chunk - 1) / chunk);
-    const u32* table = block_tables + (size_t)token_seq[t] * max_blocks;
-    auto slot_of = [&](int key) -> u32 {
-        return key < end ? table[key / block_size] * (u32)block_size + (u32)(key % block_size) : 0u;
-    };
-    int kb = begin + warp * 8;
-    u32 my_slot = slot_of(kb + (lane & 7));  // lane l: the slot of key kb + (l & 7)
-    const int half = d / 2, last = keys - 1;
-    const bool first_half = d0 < half;
-    const int partner = first_half ? lane + half / 4 : lane - half / 4;
-    float cs[4], sn[4];
-    if (QKN) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) rope_cs((u32)last, (first_half ? d0 : d0 - half) + c, d, log2_theta, &cs[c], &sn[c]);
-    }
+    ManyBlock b;
+    b.init<QKN>(positions, token_seq, block_tables, max_blocks, block_size, H, KV, d, chunk, log2_theta);
+    const int lane = b.lane, hw = lane >> 4, m16 = lane & 15;
+    const int G = b.G, W = b.W, kv = b.kv, e0 = m16 * 8, end = b.end, last = b.last;
+    const bool has8 = e0 < d;
+    int kb = b.begin + b.warp * 8;
+    u32 my_slot = b.slot_of(kb + (lane & 7));  // lane l: the slot of key kb + (l & 7)
     // QKN: the token's own key and value in this layout, formed below by the block whose slice
     // holds them.
     uint4 kn8 = make_uint4(0u, 0u, 0u, 0u), vn8 = kn8;
@@ -835,7 +891,7 @@ __device__ void attention_many_w16(
     const bool rows_before_wait = QKN && early_rows;
     if (rows_before_wait) {
         load_group(kb);
-        my_slot = slot_of(kb + STEP + (lane & 7));
+        my_slot = b.slot_of(kb + STEP + (lane & 7));
     }
     pdl_begin();
 #if __CUDA_ARCH__ >= 900
@@ -843,24 +899,11 @@ __device__ void attention_many_w16(
 #else
     const bool clustered = false;
 #endif
-    if (begin >= end && !clustered) return;
+    if (b.begin >= end && !clustered) return;
     if (!rows_before_wait) {
         load_group(kb);
-        my_slot = slot_of(kb + STEP + (lane & 7));
+        my_slot = b.slot_of(kb + STEP + (lane & 7));
     }
-    auto norm_rope = [&](float* x, const float* gain, float* res) {
-        float ss = 0.0f;
-#pragma unroll
-        for (int c = 0; c < 4; ++c) ss += x[c] * x[c];
-        const float inv = rsqrtf(warp_sum(ss) / d + eps);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) x[c] *= inv * gain[c];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const float other = __shfl_sync(FULL_MASK, x[c], partner);
-            res[c] = first_half ? x[c] * cs[c] - other * sn[c] : x[c] * cs[c] + other * sn[c];
-        }
-    };
     // Four values a lane (lane l: dims 4 l ..) to eight (lane l: dims 8 (l & 15) ..).
     auto widen = [&](const float* x4, float* x8) {
 #pragma unroll
@@ -869,27 +912,16 @@ __device__ void attention_many_w16(
             x8[4 + c] = __shfl_sync(FULL_MASK, x4[c], 2 * m16 + 1);
         }
     };
-    const size_t q_row = (size_t)t * (QKN ? H + 2 * KV : H) * d;
-    const bool own_key = QKN && begin < end && end == keys;
+    const bool own_key = QKN && b.begin < end && end == b.keys;
     float qx[GM][4], kx[4], vx[4], gq[4], gk[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-#pragma unroll
-        for (int g = 0; g < GM; ++g)
-            qx[g][c] = g < G && has_dims ? q[q_row + (size_t)(kv * G + g) * d + d0 + c] : 0.0f;
-        const bool kvx = own_key && has_dims;
-        kx[c] = kvx ? q[q_row + (size_t)(H + kv) * d + d0 + c] : 0.0f;
-        vx[c] = kvx ? q[q_row + (size_t)(H + KV + kv) * d + d0 + c] : 0.0f;
-        gq[c] = QKN && has_dims ? q_norm[d0 + c] : 0.0f;
-        gk[c] = own_key && has_dims ? k_norm[d0 + c] : 0.0f;
-    }
+    many_prologue_loads<GM, QKN>(b, q, q_norm, k_norm, H, KV, own_key, qx, kx, vx, gq, gk);
     float qr[GM][8], o[GM][8], m[GM], l[GM];
 #pragma unroll
     for (int g = 0; g < GM; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
         float qh[4] = {qx[g][0], qx[g][1], qx[g][2], qx[g][3]};
-        if (QKN && g < G) norm_rope(qx[g], gq, qh);
+        if (QKN && g < G) b.norm_rope(qx[g], gq, qh, eps);
         widen(qh, qr[g]);
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
@@ -899,15 +931,8 @@ __device__ void attention_many_w16(
     }
     if (own_key) {
         float kn[4], k8[8], v8[8];
-        norm_rope(kx, gk, kn);
-        if (warp == 0 && has_dims) {
-            const size_t row = (size_t)slots[t] * W + (size_t)kv * d + d0;
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                kv_store(kc_out + row + c, kn[c]);
-                kv_store(vc_out + row + c, vx[c]);
-            }
-        }
+        b.norm_rope(kx, gk, kn, eps);
+        many_store_own_key<bf16_t>(b, slots, kc_out, vc_out, kn, vx);
         widen(kn, k8);
         widen(vx, v8);
         kn8 = pack_bf16x8(k8);
@@ -933,7 +958,7 @@ __device__ void attention_many_w16(
             unpack_bf16x8(vraw[i], vf[i]);
         }
         load_group(kb + STEP);
-        my_slot = slot_of(kb + 2 * STEP + (lane & 7));
+        my_slot = b.slot_of(kb + 2 * STEP + (lane & 7));
 #pragma unroll
         for (int g = 0; g < GM; ++g) {
             if (g < G) {
@@ -953,17 +978,8 @@ __device__ void attention_many_w16(
                 float sc = (b0 ? w[1] : w[0]) + __shfl_xor_sync(FULL_MASK, b0 ? w[0] : w[1], 1);
                 sc += __shfl_xor_sync(FULL_MASK, sc, 4);
                 sc += __shfl_xor_sync(FULL_MASK, sc, 8);
-                if (j_mine >= n) sc = -INFINITY;
-                float mx = fmaxf(sc, __shfl_xor_sync(FULL_MASK, sc, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 16));
-                const float m_new = fmaxf(m[g], mx);
-                const float corr = exp2f(m[g] - m_new);
-                const float p = j_mine < n ? exp2f(sc - m_new) : 0.0f;
-                float ps = p + __shfl_xor_sync(FULL_MASK, p, 1);
-                ps += __shfl_xor_sync(FULL_MASK, ps, 2);
-                ps += __shfl_xor_sync(FULL_MASK, ps, 16);
-                l[g] = l[g] * corr + ps;
+                float corr;
+                const float p = online_softmax_group(sc, j_mine < n, 16, m[g], l[g], corr);
 #pragma unroll
                 for (int c = 0; c < 8; ++c) o[g][c] *= corr;
 #pragma unroll
@@ -972,7 +988,6 @@ __device__ void attention_many_w16(
 #pragma unroll
                     for (int c = 0; c < 8; ++c) o[g][c] += pi * vf[i][c];
                 }
-                m[g] = m_new;
             }
         }
     }
@@ -981,15 +996,7 @@ __device__ void attention_many_w16(
     for (int g = 0; g < GM; ++g)
 #pragma unroll
         for (int c = 0; c < 8; ++c) o[g][c] += __shfl_xor_sync(FULL_MASK, o[g][c], 16);
-    store_warp_partials<GM, 8>(smem, G, d, e0, o, m, l);
-    __syncthreads();
-#if __CUDA_ARCH__ >= 900
-    if (clustered) {
-        finish_splits_cluster<GM>(smem, G, d, H, t, kv, active, out);
-        return;
-    }
-#endif
-    finish_splits(smem, G, d, H, KV, t, kv, split, active, out, part_o, part_ml, counters);
+    many_finish<GM, 8>(smem, b, e0, o, m, l, clustered, H, KV, out, part_o, part_ml, counters);
 }
 
 #define W16_ENTRY(GM)                                                                                   \

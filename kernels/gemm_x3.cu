@@ -131,6 +131,13 @@ __device__ __forceinline__ void x3_wait_groups(int pending) {
 }
 #endif
 
+// RMSNorm's part of staging four activations: their squares added to the row's sum, then the
+// gain applied (the 1/rms factor waits for the epilogue).
+__device__ __forceinline__ void x3_norm_prologue(float4& v, float4 g, float& ss) {
+    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    v.x *= g.x; v.y *= g.y; v.z *= g.z; v.w *= g.w;
+}
+
 // Splits four activations of row R (v) and the same four of row R + 8 (u) into their three bf16
 // parts and stores each part's 16 bytes, {R k0-1, R+8 k0-1, R k2-3, R+8 k2-3}: the A operand of
 // one mma k-step, at byte offset `at` of the three part planes of a staged round.
@@ -319,11 +326,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     for (int r = 0; r < rounds; ++r) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            if (NORM) {
-                const float4 v = xv[j];
-                ss[j] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-                xv[j].x *= gv.x; xv[j].y *= gv.y; xv[j].z *= gv.z; xv[j].w *= gv.w;
-            }
+            if (NORM) x3_norm_prologue(xv[j], gv, ss[j]);
             x3w_store_parts(abufs, stage_w[j], xv[j]);
         }
         if (tracing && r == 0) stamp[3] = globaltimer_ns();
@@ -353,11 +356,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         unsigned char* abuf = abufs + (r & 1) * 3 * X3_APART;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            if (NORM) {
-                const float4 v = xv[j];
-                ss[j] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-                xv[j].x *= gv.x; xv[j].y *= gv.y; xv[j].z *= gv.z; xv[j].w *= gv.w;
-            }
+            if (NORM) x3_norm_prologue(xv[j], gv, ss[j]);
         }
         x3_store_parts(abuf, stage_at[0], xv[0], xv[1]);
         x3_store_parts(abuf, stage_at[1], xv[2], xv[3]);
