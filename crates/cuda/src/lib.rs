@@ -264,16 +264,15 @@ struct Inner {
     sm_count: usize,
     /// The GPU's compute capability (major, minor).
     capability: (i32, i32),
-    /// Warps a batch-1 GEMV aims to run as (see `GemvT1Plan::choose`).
+    /// Warps a decode GEMV (1-8 rows) aims to run as (see `GemvT1Plan::choose`): 16 an SM by
+    /// default (measured on the H200 with the tight builds below: batch 2, 4 and 8 17-19%
+    /// faster than at 8 an SM, batch 1 level to 1% faster; with the widest builds batch 1 is
+    /// 25% slower at 16; docs/perf.md, 15th session).
     gemv_warps: usize,
-    /// Warps a GEMV of 2-8 rows aims to run as: twice batch 1's by default (measured on the
-    /// H200: 16 warps an SM made batch 2, 4 and 8 17-19% faster than 8, where batch 1 is 25%
-    /// slower with 16; docs/perf.md, 15th session).
-    gemv_warps_rows: usize,
     /// Fewest rows for which a decode GEMV takes the build with the fewest loads that holds its
-    /// slice (see `GemvT1Plan::choose`): 2 (measured on the H200: batch 2 1.25 against 1.38
-    /// ms/step, batch 4 1.55 against 1.66, batch 8 level; batch 1 0.73 against 0.71, its next
-    /// kernels' loads then run beside attention);
+    /// slice (see `GemvT1Plan::choose`): 1, every decode GEMV (measured on the H200 at 8 warps
+    /// an SM: batch 2 1.25 against 1.38 ms/step, batch 4 1.55 against 1.66, batch 8 level, but
+    /// batch 1 0.73 against 0.71; at 16 an SM batch 1 is level or faster with them);
     /// `QFUSE_CUDA_GEMV_T1_TIGHT_FROM` (1..=9; 9: never).
     gemv_t1_tight_from: usize,
     /// Whether the decode attention that forms q and the new keys itself (`attention_many_qkn`)
@@ -777,13 +776,12 @@ impl CudaBackend {
                 kernels,
                 name,
                 sm_count,
-                gemv_warps: gemv_warps_per_sm(1) * sm_count,
-                gemv_warps_rows: gemv_warps_per_sm(2) * sm_count,
+                gemv_warps: gemv_warps_per_sm() * sm_count,
                 gemv_t1_tight_from: qfuse_core::knobs::env_knob(
                     "QFUSE_CUDA_GEMV_T1_TIGHT_FROM",
                     1..=GEMV_MAX_ROWS + 1,
                 )
-                .unwrap_or(2),
+                .unwrap_or(1),
                 qkn_early_rows: qfuse_core::knobs::env_knob("QFUSE_CUDA_QKN_EARLY_ROWS", 0..=1)
                     != Some(0),
                 attn_w16: qfuse_core::knobs::env_knob("QFUSE_CUDA_ATTN_W16", 0..=1) != Some(0),
@@ -953,11 +951,7 @@ impl CudaBackend {
                     k,
                     out_cols,
                     silu,
-                    if t == 1 {
-                        self.inner.gemv_warps
-                    } else {
-                        self.inner.gemv_warps_rows
-                    },
+                    self.inner.gemv_warps,
                     block_warps,
                     t >= self.inner.gemv_t1_tight_from,
                 )
@@ -2612,17 +2606,11 @@ fn gemv_split(out_cols: usize, k: usize, sm_count: usize) -> usize {
     s
 }
 
-/// Warps per SM the GEMV plans of `rows` rows aim for: at batch 1 8, or
-/// `QFUSE_CUDA_GEMV_WARPS_PER_SM` (1..=64); at 2-8 rows 16, or
-/// `QFUSE_CUDA_GEMV_ROWS_WARPS_PER_SM`. Tuning knobs for the trade between loads in flight per
-/// kernel and room on each SM for the next kernel's blocks to start early (PDL): at batch 1 the
-/// room wins, with more rows (more arithmetic a weight) the loads.
-fn gemv_warps_per_sm(rows: usize) -> usize {
-    if rows == 1 {
-        qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_WARPS_PER_SM", 1..=64).unwrap_or(8)
-    } else {
-        qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_ROWS_WARPS_PER_SM", 1..=64).unwrap_or(16)
-    }
+/// Warps per SM the decode GEMV plans aim for: 16, or `QFUSE_CUDA_GEMV_WARPS_PER_SM` (1..=64), a
+/// tuning knob for the trade between loads in flight per kernel and room on each SM for the next
+/// kernel's blocks to start early (PDL).
+fn gemv_warps_per_sm() -> usize {
+    qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMV_WARPS_PER_SM", 1..=64).unwrap_or(16)
 }
 
 /// How an attention launch cuts each token's context: `splits` blocks of `chunk` keys (a
