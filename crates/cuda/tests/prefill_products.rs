@@ -18,6 +18,47 @@ const NAMES: [&str; 5] = [
     "rms_norm_matmul_silu_mul",
 ];
 
+/// A product family's inputs: x [t, k], bf16 weights w [n, k] and gate/up [2n, k] (`weights`
+/// stores one matrix in four as f32, which takes the fp32 GEMM: these paths are the bf16 ones),
+/// the norm's gain and matmul_add's [t, n] residual.
+struct Inputs {
+    x: qfuse_core::HostTensor,
+    w: qfuse_core::HostTensor,
+    gate_up: qfuse_core::HostTensor,
+    gain: qfuse_core::HostTensor,
+    residual: qfuse_core::HostTensor,
+}
+
+impl Inputs {
+    fn new(rng: &mut Rng, t: usize, k: usize, n: usize) -> Self {
+        Inputs {
+            x: activations(rng, t, k, true).unwrap(),
+            w: weights(rng, n, k).unwrap().to_dtype(DType::BF16),
+            gate_up: weights(rng, 2 * n, k).unwrap().to_dtype(DType::BF16),
+            gain: gains(rng, k, 3.0).unwrap(),
+            residual: activations(rng, t, n, true).unwrap(),
+        }
+    }
+
+    /// The five products of `NAMES` on backend `b`.
+    fn family<B: qfuse_core::Backend>(&self, b: &B) -> Vec<Vec<f64>> {
+        gemv_family(
+            b,
+            &self.x,
+            &self.w,
+            &self.gate_up,
+            &self.gain,
+            &self.residual,
+        )
+        .unwrap()
+    }
+}
+
+/// The backend with `options`, or `None` (and a notice) where there is no GPU.
+fn gpu_with(options: CudaOptions) -> Option<CudaBackend> {
+    device_or_skip("product tests", CudaBackend::with_options(0, options))
+}
+
 #[test]
 fn prompt_sized_products_match_reference() {
     let paths = [
@@ -35,10 +76,7 @@ fn prompt_sized_products_match_reference() {
             prompt_parts,
             ..CudaOptions::default()
         };
-        let Some(gpu) = device_or_skip(
-            "prefill product tests",
-            CudaBackend::with_options(0, options),
-        ) else {
+        let Some(gpu) = gpu_with(options) else {
             return;
         };
         gpus.push((what, wgmma, gpu));
@@ -61,15 +99,8 @@ fn prompt_sized_products_match_reference() {
         (2048, 64, 4096),
         (2048, 256, 4096),
     ] {
-        let x = activations(&mut rng, t, k, true).unwrap();
-        // bf16 weights (`weights` stores one matrix in four as f32, which takes the fp32 GEMM):
-        // these paths are the bf16 ones.
-        let w = weights(&mut rng, n, k).unwrap().to_dtype(DType::BF16);
-        let gate_up = weights(&mut rng, 2 * n, k).unwrap().to_dtype(DType::BF16);
-        let gain = gains(&mut rng, k, 3.0).unwrap();
-        // matmul_add adds a [t, n] residual.
-        let residual = activations(&mut rng, t, n, true).unwrap();
-        let want = gemv_family(&CpuRef::new(), &x, &w, &gate_up, &gain, &residual).unwrap();
+        let inputs = Inputs::new(&mut rng, t, k, n);
+        let want = inputs.family(&CpuRef::new());
         for (path, wgmma, gpu) in &gpus {
             let ran = [
                 gpu.uses_wgmma(t, k, n, false),
@@ -78,7 +109,7 @@ fn prompt_sized_products_match_reference() {
             if *wgmma && hopper && n != 200 {
                 assert!(ran.iter().all(|&r| r), "{path}: {t} x {k} -> {n}: no wgmma");
             }
-            let got = gemv_family(gpu, &x, &w, &gate_up, &gain, &residual).unwrap();
+            let got = inputs.family(gpu);
             for (i, ((name, g), r)) in NAMES.iter().zip(&got).zip(&want).enumerate() {
                 let err = rel_error(g, r);
                 let path = if ran[usize::from(i >= 3)] || !*wgmma {
@@ -105,10 +136,7 @@ fn batch_sized_products_on_wgmma_match_reference() {
             gemm_x3,
             ..CudaOptions::default()
         };
-        let Some(gpu) = device_or_skip(
-            "batch-sized wgmma product tests",
-            CudaBackend::with_options(0, options),
-        ) else {
+        let Some(gpu) = gpu_with(options) else {
             return;
         };
         gpus.push((gemm_x3, gpu));
@@ -131,13 +159,9 @@ fn batch_sized_products_on_wgmma_match_reference() {
             gpu.gemm_x3_plan(t, k, n, false).is_none(),
             "{t} x {k} -> {n} took gemm_x3"
         );
-        let x = activations(&mut rng, t, k, true).unwrap();
-        let w = weights(&mut rng, n, k).unwrap().to_dtype(DType::BF16);
-        let gate_up = weights(&mut rng, 2 * n, k).unwrap().to_dtype(DType::BF16);
-        let gain = gains(&mut rng, k, 3.0).unwrap();
-        let residual = activations(&mut rng, t, n, true).unwrap();
-        let want = gemv_family(&CpuRef::new(), &x, &w, &gate_up, &gain, &residual).unwrap();
-        let got = gemv_family(gpu, &x, &w, &gate_up, &gain, &residual).unwrap();
+        let inputs = Inputs::new(&mut rng, t, k, n);
+        let want = inputs.family(&CpuRef::new());
+        let got = inputs.family(gpu);
         for ((name, g), r) in NAMES.iter().zip(&got).zip(&want) {
             let err = rel_error(g, r);
             let what = format!("gemm_x3 {gemm_x3}: {t} x {k} -> {n} {name}");
