@@ -24,9 +24,7 @@ template <int N> __device__ __forceinline__ void kv_load_vec(const float* p, flo
 }
 template <int N> __device__ __forceinline__ void kv_load_vec(const bf16_t* p, float* o) {
     if (N == 8) {
-        const uint4 a = *reinterpret_cast<const uint4*>(p);
-        o[0] = bf16_lo(a.x); o[1] = bf16_hi(a.x); o[2] = bf16_lo(a.y); o[3] = bf16_hi(a.y);
-        o[4] = bf16_lo(a.z); o[5] = bf16_hi(a.z); o[6] = bf16_lo(a.w); o[7] = bf16_hi(a.w);
+        unpack_bf16x8(*reinterpret_cast<const uint4*>(p), o);
     } else if (N == 4) {
         const uint2 a = *reinterpret_cast<const uint2*>(p);
         o[0] = bf16_lo(a.x); o[1] = bf16_hi(a.x); o[2] = bf16_lo(a.y); o[3] = bf16_hi(a.y);
@@ -825,16 +823,10 @@ __device__ void attention_many(
     many_finish<GM, 4>(smem, b, d0, o, m, l, clustered, H, KV, out, part_o, part_ml, counters);
 }
 
-// Eight bf16 values as four packed pairs, and back (rounded as the cache holds them).
-__device__ __forceinline__ void unpack_bf16x8(uint4 r, float (&f)[8]) {
-    f[0] = bf16_lo(r.x); f[1] = bf16_hi(r.x); f[2] = bf16_lo(r.y); f[3] = bf16_hi(r.y);
-    f[4] = bf16_lo(r.z); f[5] = bf16_hi(r.z); f[6] = bf16_lo(r.w); f[7] = bf16_hi(r.w);
-}
+// Eight floats as four packed bf16 pairs (rounded to nearest even, as the cache holds them).
 __device__ __forceinline__ uint4 pack_bf16x8(const float (&f)[8]) {
-    u32 w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = (u32)f32_to_bf16(f[2 * i]) | ((u32)f32_to_bf16(f[2 * i + 1]) << 16);
-    return make_uint4(w[0], w[1], w[2], w[3]);
+    return make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]),
+                      pack_bf16x2(f[6], f[7]));
 }
 
 // attention_many for a bf16 cache with every row read in 16-byte loads (d % 8 == 0, d <= 128,

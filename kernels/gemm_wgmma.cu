@@ -54,15 +54,6 @@ __device__ __forceinline__ void wg_mma(float (&d)[64], unsigned long long a, uns
                  : "l"(a), "l"(b), "r"(accumulate));
 }
 
-// D[64 x 64] = A[64 x 16] · B[64 x 16]ᵀ (+ D when `accumulate`): the 64-row build's product,
-// each warpgroup taking half of a tile's 128 weight rows.
-__device__ __forceinline__ void wg_mma_n64(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_ACC_REGS32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : WG_ACC_OPS32(d)
-                 : "l"(a), "l"(b), "r"(accumulate));
-}
-
 // Round kb's weight tile: 128 rows (with SILU 64 gate rows and the matching 64 up rows).
 template <int EPI, int PARTS>
 __device__ __forceinline__ void wg_load_b(u32 stage, const TmaMap* w, int N, int n0, int kb, u32 bar) {

@@ -57,41 +57,34 @@
 // One part of one round's staged activations, [64 rows][64 k] bf16, in bytes.
 #define X3_APART (X3_TMAX * X3_RK * 2)
 
+// The wgmma build's dynamic shared memory past the 1 KiB alignment of the swizzled tiles: the
+// weight slice's rounds (16 KiB each) and then the staged round (three 8 KiB part tiles), whose
+// memory afterwards holds the partial tile (32 KiB) and the rows' squares and 1/rms (256 B each).
 #define X3W_ROUND_BYTES 16384
 #define X3W_STAGE_BYTES 33280
 #ifdef X3_WGMMA
 #define X3_WG 1
 #define X3_NAME(name) name##_wg
-// The dynamic shared memory past the 1 KiB alignment of the swizzled tiles: the weight slice's
-// rounds (16 KiB each) and then the staged round (three 8 KiB part tiles), whose memory
-// afterwards holds the partial tile (32 KiB) and the rows' squares and 1/rms (256 B each).
 #else
 #define X3_WG 0
 #define X3_NAME(name) name
 #endif
 
 #if X3_WG
-// D[64 x 64] (+)= A[64 x 16] · B[64 x 16]ᵀ, both K-major 128-byte-swizzled tiles in shared memory.
-__device__ __forceinline__ void x3w_mma(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_ACC_REGS32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : WG_ACC_OPS32(d)
-                 : "l"(a), "l"(b), "r"(accumulate));
-}
-
-// A round's products: KSTEPS k-steps of each part, mid and lo into acc_lo, hi into acc_hi; the
-// first round's first products set the accumulators (`later` false).
-template <int KSTEPS>
+// A round's products: the four k-steps (64 k) of each part, mid and lo into acc_lo, hi into
+// acc_hi; the first round's first products set the accumulators (`later` false). The host's
+// plan keeps kc even, so every round is whole (a wgmma under a per-round condition makes ptxas
+// wait between the products).
 __device__ __forceinline__ void x3w_round(float (&acc_hi)[32], float (&acc_lo)[32], u32 a_addr, u32 b_addr,
                                           bool later) {
 #pragma unroll
     for (int p = 2; p >= 0; --p) {
 #pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) {
+        for (int kk = 0; kk < X3_RK / 16; ++kk) {
             const unsigned long long a = wg_desc(a_addr + (u32)(p * X3_APART + kk * 32));
             const unsigned long long b = wg_desc(b_addr + (u32)(kk * 32));
-            if (p > 0) x3w_mma(acc_lo, a, b, later || p < 2 || kk > 0);
-            else x3w_mma(acc_hi, a, b, later || kk > 0);
+            if (p > 0) wg_mma_n64(acc_lo, a, b, later || p < 2 || kk > 0);
+            else wg_mma_n64(acc_hi, a, b, later || kk > 0);
         }
     }
 }
@@ -279,12 +272,6 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
 #pragma unroll
     for (int j = 0; j < 4; ++j) xrow[j] = x + (size_t)srows[j] * K + k_slice + su * 4;
     const float* grow = g + k_slice + su * 4;
-    u32 stage_at[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int pair = (tid >> 4) + 16 * i, c = su >> 3, q4s = (su >> 1) & 3, s_step = su & 1;
-        stage_at[i] = (u32)((((pair >> 3) * 4 + c * 2 + s_step) * 32 + (pair & 7) * 4 + q4s) * 16);
-    }
     float4 xv[4], gv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     float ss[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const float4 zero4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -295,21 +282,6 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
             xv[j] = in_k && srows[j] < T ? *reinterpret_cast<const float4*>(xrow[j] + r * X3_RK) : zero4;
         if (NORM) gv = in_k ? *reinterpret_cast<const float4*>(grow + r * X3_RK) : zero4;
     };
-
-    const int wm = warp & 1, wn = warp >> 1;
-    const int mtiles = (T + 15) >> 4;
-    // This lane's fragment loads: weight rows wn * 32 + nt * 8 + g8 (odd g8: chunk parity flipped
-    // by the swap above), and its A operands in m tiles 2 wm, 2 wm + 1.
-    const unsigned char* b_base = wsm + ((wn * 32 + g8) * w_units + q4) * 16;
-    const int b_flip = (g8 & wswap) * 64;
-    const int a_base = (2 * wm * 4 * 32 + lane) * 16;
-    float acc[2][4][4];
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[m][nt][i] = 0.0f;
 
 #if X3_WG
     // Warpgroup wg multiplies the 64 rows by weight rows 64 wg .. 64 wg + 63 (with SiLU: gate
@@ -341,9 +313,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         wg_fence_acc(acc_hi);
         wg_fence_acc(acc_lo);
         wg_fence();
-        // kc is even here (the host's plan), so every round is two chunks, four k-steps. (A
-        // wgmma under a per-round condition makes ptxas wait between the products.)
-        x3w_round<4>(acc_hi, acc_lo, a_addr, b_round, r > 0);
+        x3w_round(acc_hi, acc_lo, a_addr, b_round, r > 0);
         wg_commit();
         wg_wait<0>();
         wg_fence_acc(acc_hi);
@@ -351,6 +321,27 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         __syncthreads();  // the staged round is read: the next one may take its place
     }
 #else
+    u32 stage_at[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int pair = (tid >> 4) + 16 * i, c = su >> 3, q4s = (su >> 1) & 3, s_step = su & 1;
+        stage_at[i] = (u32)((((pair >> 3) * 4 + c * 2 + s_step) * 32 + (pair & 7) * 4 + q4s) * 16);
+    }
+    const int wm = warp & 1, wn = warp >> 1;
+    const int mtiles = (T + 15) >> 4;
+    // This lane's fragment loads: weight rows wn * 32 + nt * 8 + g8 (odd g8: chunk parity flipped
+    // by the swap above), and its A operands in m tiles 2 wm, 2 wm + 1.
+    const unsigned char* b_base = wsm + ((wn * 32 + g8) * w_units + q4) * 16;
+    const int b_flip = (g8 & wswap) * 64;
+    const int a_base = (2 * wm * 4 * 32 + lane) * 16;
+    float acc[2][4][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[m][nt][i] = 0.0f;
+
     load_round(0);
     for (int r = 0; r < rounds; ++r) {
         unsigned char* abuf = abufs + (r & 1) * 3 * X3_APART;

@@ -16,9 +16,7 @@
 
 // Eight consecutive weights starting at `p` (16-byte aligned for bf16, 32 for fp32).
 __device__ __forceinline__ void load8(const bf16_t* p, float wf[8]) {
-    const uint4 wv = __ldg(reinterpret_cast<const uint4*>(p));
-    wf[0] = bf16_lo(wv.x); wf[1] = bf16_hi(wv.x); wf[2] = bf16_lo(wv.y); wf[3] = bf16_hi(wv.y);
-    wf[4] = bf16_lo(wv.z); wf[5] = bf16_hi(wv.z); wf[6] = bf16_lo(wv.w); wf[7] = bf16_hi(wv.w);
+    unpack_bf16x8(__ldg(reinterpret_cast<const uint4*>(p)), wf);
 }
 __device__ __forceinline__ void load8(const float* p, float wf[8]) {
     const float4 a = __ldg(reinterpret_cast<const float4*>(p));

@@ -90,6 +90,15 @@ template <int R> __device__ __forceinline__ void wg_fence_acc(float (&d)[R]) {
     "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
     "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
+// D[64 x 64] = A[64 x 16] · B[64 x 16]ᵀ (+ D when `accumulate`), both operands K-major,
+// 128-byte-swizzled tiles in shared memory (gemm_wgmma.cu's 64-row build, gemm_x3's wgmma build).
+__device__ __forceinline__ void wg_mma_n64(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" WG_ACC_REGS32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : WG_ACC_OPS32(d)
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
 // Copies `bytes` (a multiple of 16) from global `src` to shared `dst` (both 16-byte aligned) as
 // one bulk transfer, completing `bar`'s transaction count by its bytes.
 __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
