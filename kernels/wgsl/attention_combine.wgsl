@@ -5,9 +5,32 @@
 @group(0) @binding(1) var<storage, read> part: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
-const COMBINE_WG: u32 = 64u;
-
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    combine(wg.x, wg.y, lid);
+    let heads = p[1];
+    let d = p[3];
+    let splits = p[7];
+    let h = wg.x;
+    let t = wg.y;
+    if (h >= heads || t >= p[0]) { return; }
+    let base = (t * heads + h) * splits;
+    var big = -3.4e38;
+    for (var s = 0u; s < splits; s++) {
+        let pb = (base + s) * (d + 2u);
+        if (part[pb + d + 1u] > 0.0) { big = max(big, part[pb + d]); }
+    }
+    for (var i = lid; i < d; i += 64u) {
+        var num = 0.0;
+        var den = 0.0;
+        for (var s = 0u; s < splits; s++) {
+            let pb = (base + s) * (d + 2u);
+            let l = part[pb + d + 1u];
+            if (l > 0.0) {
+                let f = exp(part[pb + d] - big);
+                num += part[pb + i] * f;
+                den += l * f;
+            }
+        }
+        out[(t * heads + h) * d + i] = num / den;
+    }
 }

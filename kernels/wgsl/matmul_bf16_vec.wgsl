@@ -1,9 +1,9 @@
 // What the vectorised bf16 GEMV builds (matmul_bf16_v8.wgsl, matmul_bf16_wide.wgsl; each is this
 // file followed by its own workgroup layout and reduction, joined by the wgpu crate) share: the
 // bindings, the fusions (override constants NORM, EPI), the 16-byte weight loads and the
-// per-column epilogue; bf16_dot.wgsl is joined to them too. Weights are read as vec4<u32> (8 bf16
-// a load) and x as vec4<f32>, K a multiple of 8. params: [T, K, part_rows, y row stride,
-// n_offset, eps (f32 bits)]. Each thread covers two adjacent output columns.
+// per-column epilogue. Weights are read as vec4<u32> (8 bf16 a load) and x as vec4<f32>, K a
+// multiple of 8. params: [T, K, part_rows, y row stride, n_offset, eps (f32 bits)]. Each thread
+// covers two adjacent output columns.
 @group(0) @binding(0) var<storage, read> p: array<u32>;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
@@ -12,6 +12,14 @@
 
 override NORM: bool = false;
 override EPI: u32 = 0u;
+
+// The dot product of 8 activations with 8 bf16 weights packed in `wv` (element 2i in the low
+// half of word i, 2i + 1 in the high half).
+fn dot8(even: vec4<f32>, odd: vec4<f32>, wv: vec4<u32>) -> f32 {
+    let lo = bitcast<vec4<f32>>(wv << vec4<u32>(16u));
+    let hi = bitcast<vec4<f32>>(wv & vec4<u32>(0xffff0000u));
+    return dot(even, lo) + dot(odd, hi);
+}
 
 // One thread's share of row t: the products with columns c0 and c0 + 1 (a; b the up half for
 // EPI 2) over weight vectors j = first, first + step, ..., and with NORM x's sum of squares.

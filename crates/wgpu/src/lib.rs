@@ -15,7 +15,7 @@ use qfuse_core::knobs::env_knob;
 use qfuse_core::reuse::{lock_unpoisoned as lock, size_class};
 use qfuse_core::{
     compose, AttentionConfig, Backend, BatchInfo, DType, DeviceTensor, Error, HostData, HostTensor,
-    LayerKv, LayerWeights, Result, Shape,
+    LayerKv, Result, Shape,
 };
 use wgpu::util::DeviceExt;
 
@@ -76,7 +76,12 @@ const SHADERS: &[Pipeline] = &[
         "main",
         &[],
     ),
-    ("attention_combine", COMBINE, "main", &[]),
+    (
+        "attention_combine",
+        include_str!("../../../kernels/wgsl/attention_combine.wgsl"),
+        "main",
+        &[],
+    ),
     ("argmax_partial", ARGMAX, "partial", &[]),
     ("argmax_final", ARGMAX, "final_pass", &[]),
 ];
@@ -123,27 +128,7 @@ const GEMVS: [[Pipeline; 5]; 5] = [
     gemv_builds!("_bf16_wide", MATMUL_BF16_WIDE),
     gemv_builds!("_bf16_sg", MATMUL_BF16_SG),
 ];
-const ATTENTION: &str = concat!(
-    include_str!("../../../kernels/wgsl/attention.wgsl"),
-    include_str!("../../../kernels/wgsl/attention_body.wgsl")
-);
-const COMBINE: &str = concat!(
-    include_str!("../../../kernels/wgsl/attention_combine.wgsl"),
-    include_str!("../../../kernels/wgsl/attention_combine_body.wgsl")
-);
-/// A batch-1 decode step's whole decoder layer (see [`WgpuBackend::layer_dispatch`]).
-const LAYER: &str = concat!(
-    include_str!("../../../kernels/wgsl/layer.wgsl"),
-    include_str!("../../../kernels/wgsl/attention_body.wgsl"),
-    include_str!("../../../kernels/wgsl/attention_combine_body.wgsl"),
-    include_str!("../../../kernels/wgsl/bf16_dot.wgsl")
-);
-/// `layer.wgsl`'s storage bindings and workgroup memory (bytes, rounded up): the adapter must
-/// allow both for the layer pipeline to exist.
-const LAYER_BINDINGS: u32 = 24;
-const LAYER_WORKGROUP_BYTES: u32 = 28 * 1024;
-/// The longest rows (K) `layer.wgsl` stages in workgroup memory.
-const LAYER_MAX_K: usize = 4096;
+const ATTENTION: &str = include_str!("../../../kernels/wgsl/attention.wgsl");
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
 const GATHER_F32: &str = concat!(
     include_str!("../../../kernels/wgsl/gather.wgsl"),
@@ -163,38 +148,16 @@ const MATMUL_BF16: &str = concat!(
 );
 const MATMUL_BF16_V8: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
-    include_str!("../../../kernels/wgsl/bf16_dot.wgsl"),
     include_str!("../../../kernels/wgsl/matmul_bf16_v8.wgsl")
 );
 const MATMUL_BF16_SG: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
-    include_str!("../../../kernels/wgsl/bf16_dot.wgsl"),
     include_str!("../../../kernels/wgsl/matmul_bf16_sg.wgsl")
 );
 const MATMUL_BF16_WIDE: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
-    include_str!("../../../kernels/wgsl/bf16_dot.wgsl"),
     include_str!("../../../kernels/wgsl/matmul_bf16_wide.wgsl")
 );
-
-/// The layer pipeline: `layer.wgsl` with attention's q/k-norm prologue.
-const LAYER_PIPELINE: Pipeline = ("layer", LAYER, "main", &[("QKN", 1.0)]);
-/// Workgroups of a layer dispatch by default (`QFUSE_WGPU_LAYER_WORKGROUPS`): enough 16 KB
-/// batches of weight loads in flight to cover the memory's latency on a large GPU; a workgroup
-/// with no ticket left ends at once.
-const LAYER_WORKGROUPS: usize = 512;
-
-/// Threads of a `layer.wgsl` workgroup.
-const LAYER_THREADS: usize = 128;
-
-/// How attention splits a batch's contexts ([`WgpuBackend::attention_split`]).
-struct Split {
-    /// Workgroups a token and split: KV heads × groups of at most four of their query heads.
-    head_groups: usize,
-    splits: usize,
-    /// Keys a split.
-    chunk: usize,
-}
 
 /// Most head dims the attention shader's private accumulator holds.
 const MAX_HEAD_DIM: usize = 256;
@@ -354,11 +317,6 @@ struct Inner {
     attention_workgroups: usize,
     /// Fewest keys in a split of the context (`QFUSE_WGPU_ATTENTION_MIN_CHUNK`).
     attention_min_chunk: usize,
-    /// Workgroups of a `layer.wgsl` dispatch; `None` where the adapter cannot run that pipeline
-    /// or `QFUSE_WGPU_LAYER_WORKGROUPS=0` turns it off.
-    layer_workgroups: Option<usize>,
-    /// `layer.wgsl`'s counters (zero between its dispatches: its last workgroup resets them).
-    layer_counters: wgpu::Buffer,
     host_times: Option<HostTimes>,
     gpu_times: Option<GpuTimes>,
 }
@@ -639,16 +597,7 @@ impl WgpuBackend {
             shader_checks(std::env::var("QFUSE_WGPU_SHADER_CHECKS").ok().as_deref());
         let mut pipelines = HashMap::new();
         let mut modules: HashMap<&str, wgpu::ShaderModule> = HashMap::new();
-        // The layer pipeline needs more bindings and workgroup memory than WebGPU's defaults.
-        let layer_workgroups =
-            env_knob("QFUSE_WGPU_LAYER_WORKGROUPS", 0..=MAX_GROUPS).unwrap_or(LAYER_WORKGROUPS);
-        let layer_fits = layer_workgroups > 0
-            && limits.max_storage_buffers_per_shader_stage >= LAYER_BINDINGS
-            && limits.max_compute_workgroup_storage_size >= LAYER_WORKGROUP_BYTES;
-        let layer = layer_fits.then_some(&LAYER_PIPELINE);
-        for (name, src, entry, constants) in
-            SHADERS.iter().chain(GEMVS.iter().flatten()).chain(layer)
-        {
+        for (name, src, entry, constants) in SHADERS.iter().chain(GEMVS.iter().flatten()) {
             if name.ends_with("_sg") && !subgroups {
                 continue;
             }
@@ -686,13 +635,6 @@ impl WgpuBackend {
         let max_binding = limit.map_or(limits.max_storage_buffer_binding_size, |l| {
             l.min(limits.max_storage_buffer_binding_size)
         });
-        // Zeroed by wgpu at creation.
-        let layer_counters = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("layer counters"),
-            size: 32,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
         Ok(WgpuBackend {
             inner: Arc::new(Inner {
                 device,
@@ -710,8 +652,6 @@ impl WgpuBackend {
                     .unwrap_or(256),
                 attention_min_chunk: env_knob("QFUSE_WGPU_ATTENTION_MIN_CHUNK", 1..=1 << 20)
                     .unwrap_or(64),
-                layer_workgroups: layer_fits.then_some(layer_workgroups),
-                layer_counters,
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
                 host_times: qfuse_core::knobs::env_flag("QFUSE_WGPU_HOST_TIMES")
                     .then(HostTimes::default),
@@ -887,10 +827,36 @@ impl WgpuBackend {
             ));
         }
         let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
+        let bs = batch.info.block_size();
         batch.info.check_blocks_within(slots, "attention")?;
         let out = self.output([t, c])?;
-        let split = self.attention_split(batch, cfg, t);
-        let (part, params) = self.attention_params(batch, cfg, t, &split)?;
+        // Split the context so there are a few hundred workgroups even at batch 1 (one per KV
+        // head would leave most of a GPU idle), each split a whole number of 32-key tiles and
+        // at least `attention_min_chunk` keys: a split's partials cost a combine dispatch.
+        let max_ctx = batch.info.max_context().max(1);
+        let head_groups = kvh * (h / kvh).div_ceil(ATTENTION_MAX_GROUP);
+        let want = (self.inner.attention_workgroups / (head_groups * t).max(1)).max(1);
+        let chunk = (32 * max_ctx.div_ceil(32 * want))
+            .max(self.inner.attention_min_chunk.next_multiple_of(32));
+        let splits = max_ctx.div_ceil(chunk);
+        // Partials [o, max, sum] per (token, head, split); one split writes `out` directly.
+        let part = if splits > 1 {
+            self.output([t * h * splits, d + 2])?
+        } else {
+            self.output([1])?
+        };
+        let params = [
+            u32_of(t)?,
+            u32_of(h)?,
+            u32_of(kvh)?,
+            u32_of(d)?,
+            u32_of(bs)?,
+            u32_of(batch.max_blocks)?,
+            f32_bits(cfg.scale()),
+            u32_of(splits)?,
+            u32_of(chunk)?,
+            f32_bits(cfg.qk_norm_eps),
+        ];
         // Without qkn the prologue's bindings get stand-ins (read-only, never read).
         let (kernel, q_norm, k_norm, cs) = match qkn {
             Some((qn, kn)) => (
@@ -921,9 +887,9 @@ impl WgpuBackend {
                 &cs,
                 &batch.slots,
             ],
-            (split.head_groups, t, split.splits),
+            (head_groups, t, splits),
         )?;
-        if split.splits > 1 {
+        if splits > 1 {
             self.run(
                 "attention_combine",
                 &params,
@@ -932,165 +898,6 @@ impl WgpuBackend {
             )?;
         }
         Ok(out)
-    }
-
-    /// How attention splits the contexts of `t` tokens: so there are a few hundred workgroups
-    /// even at batch 1 (one per KV head would leave most of a GPU idle), each split a whole
-    /// number of 32-key tiles and at least `attention_min_chunk` keys (a split's partials cost a
-    /// combine).
-    fn attention_split(&self, batch: &WgpuBatch, cfg: &AttentionConfig, t: usize) -> Split {
-        let (h, kvh) = (cfg.num_heads, cfg.num_kv_heads);
-        let max_ctx = batch.info.max_context().max(1);
-        let head_groups = kvh * (h / kvh).div_ceil(ATTENTION_MAX_GROUP);
-        let want = (self.inner.attention_workgroups / (head_groups * t).max(1)).max(1);
-        let chunk = (32 * max_ctx.div_ceil(32 * want))
-            .max(self.inner.attention_min_chunk.next_multiple_of(32));
-        Split {
-            head_groups,
-            splits: max_ctx.div_ceil(chunk),
-            chunk,
-        }
-    }
-
-    /// attention.wgsl's params and the buffer for its partials ([o, max, sum] per (token, head,
-    /// split); with one split the output is written directly and this is a stand-in).
-    fn attention_params(
-        &self,
-        batch: &WgpuBatch,
-        cfg: &AttentionConfig,
-        t: usize,
-        split: &Split,
-    ) -> Result<(WgpuTensor, [u32; 10])> {
-        let (h, d) = (cfg.num_heads, cfg.head_dim);
-        let part = if split.splits > 1 {
-            self.output([t * h * split.splits, d + 2])?
-        } else {
-            self.output([1])?
-        };
-        let params = [
-            u32_of(t)?,
-            u32_of(h)?,
-            u32_of(cfg.num_kv_heads)?,
-            u32_of(d)?,
-            u32_of(batch.info.block_size())?,
-            u32_of(batch.max_blocks)?,
-            f32_bits(cfg.scale()),
-            u32_of(split.splits)?,
-            u32_of(split.chunk)?,
-            f32_bits(cfg.qk_norm_eps),
-        ];
-        Ok((part, params))
-    }
-
-    /// A batch-1 decode step's decoder layer as one dispatch of `layer.wgsl` (one dependent
-    /// dispatch instead of six); `None` where it does not apply: another batch, weights that are
-    /// not bf16 in one binding, rows longer than [`LAYER_MAX_K`] or not whole 8-element loads,
-    /// or an adapter without the pipeline.
-    #[allow(clippy::too_many_arguments)]
-    fn layer_dispatch(
-        &self,
-        x: &WgpuTensor,
-        w: &LayerWeights<'_, WgpuTensor>,
-        cache: &mut LayerKv<WgpuTensor>,
-        batch: &WgpuBatch,
-        cfg: &AttentionConfig,
-        eps: f64,
-    ) -> Result<Option<WgpuTensor>> {
-        let Some(groups) = self.inner.layer_workgroups else {
-            return Ok(None);
-        };
-        let (t, hidden) = matrix(x, "decoder_layer")?;
-        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let (attn, qkv_rows) = (h * d, cfg.qkv_width());
-        let inter = w.down.shape.dims().get(1).copied().unwrap_or(0);
-        let bf16 = |m: &WgpuTensor, dims: [usize; 2]| {
-            m.dtype == DType::BF16 && m.parts.len() == 1 && m.shape.dims() == dims
-        };
-        let gain = |g: &WgpuTensor, n: usize| g.dtype == DType::F32 && g.shape.dims() == [n];
-        let row_fits = |k: usize| k > 0 && k.is_multiple_of(8) && k <= LAYER_MAX_K;
-        let fits = t == 1
-            && batch.info.is_decode_step()
-            && kvh > 0
-            && h.is_multiple_of(kvh)
-            && d <= MAX_HEAD_DIM
-            && cfg.fits_prologue(qkv_rows, &w.q_norm.shape, &w.k_norm.shape)
-            && [hidden, attn, inter].into_iter().all(row_fits)
-            && bf16(w.qkv, [qkv_rows, hidden])
-            && bf16(w.o_proj, [hidden, attn])
-            && bf16(w.gate_up, [2 * inter, hidden])
-            && bf16(w.down, [hidden, inter])
-            && gain(w.input_norm, hidden)
-            && gain(w.post_norm, hidden);
-        if !fits {
-            return Ok(None);
-        }
-        let slots = cache.k.shape.cache_slots(kvh * d, "decoder_layer")?;
-        batch.info.check_slots_within(slots, "decoder_layer")?;
-        batch.info.check_blocks_within(slots, "decoder_layer")?;
-        let split = self.attention_split(batch, cfg, t);
-        let (part, attention) = self.attention_params(batch, cfg, t, &split)?;
-        // Rows an item of each product: each row's threads hold at most 8 weight vectors at
-        // once, 16-64 threads a row.
-        let rows = |k: usize| LAYER_THREADS / (k / 8).div_ceil(8).next_power_of_two().clamp(16, 64);
-        let rows = [rows(hidden), rows(attn), rows(hidden), rows(inter)];
-        let items = [
-            qkv_rows.div_ceil(rows[0]),
-            split.head_groups * split.splits,
-            if split.splits > 1 { h } else { 0 },
-            hidden.div_ceil(rows[1]),
-            inter.div_ceil(rows[2] / 2),
-            hidden.div_ceil(rows[3]),
-        ];
-        let mut params = attention.to_vec();
-        for v in [hidden, attn, inter, qkv_rows] {
-            params.push(u32_of(v)?);
-        }
-        params.push(f32_bits(eps));
-        for v in items
-            .into_iter()
-            .chain([groups])
-            .chain(rows)
-            .chain([split.head_groups])
-        {
-            params.push(u32_of(v)?);
-        }
-        let q = self.output([1, qkv_rows])?;
-        let out = self.output([1, attn])?;
-        let hbuf = self.output([1, hidden])?;
-        let act = self.output([1, inter])?;
-        let y = self.output([1, hidden])?;
-        let cs = self.rope_table(batch, cfg)?;
-        self.run(
-            "layer",
-            &params,
-            &[
-                x.buf()?,
-                &w.qkv.parts[0],
-                &w.o_proj.parts[0],
-                &w.gate_up.parts[0],
-                &w.down.parts[0],
-                w.input_norm.buf()?,
-                w.post_norm.buf()?,
-                w.q_norm.buf()?,
-                w.k_norm.buf()?,
-                cache.k.buf()?,
-                cache.v.buf()?,
-                &batch.positions,
-                &batch.token_seq,
-                &batch.tables,
-                &batch.slots,
-                &cs,
-                q.buf()?,
-                part.buf()?,
-                out.buf()?,
-                hbuf.buf()?,
-                act.buf()?,
-                y.buf()?,
-                &self.inner.layer_counters,
-            ],
-            (groups, 1),
-        )?;
-        Ok(Some(y))
     }
 
     /// The batch's RoPE table for `cfg`, computed (in f64) once per batch.
@@ -1741,25 +1548,6 @@ impl Backend for WgpuBackend {
         match self.gemv(Gemv::SiluMul, x, w_gate_up, None, 0.0)? {
             Some(y) => Ok(y),
             None => compose::matmul_silu_mul(self, x, w_gate_up),
-        }
-    }
-
-    fn fuses_decoder_layer(&self) -> bool {
-        self.inner.layer_workgroups.is_some()
-    }
-
-    fn decoder_layer(
-        &self,
-        x: &WgpuTensor,
-        w: &LayerWeights<'_, WgpuTensor>,
-        cache: &mut LayerKv<WgpuTensor>,
-        batch: &WgpuBatch,
-        cfg: &AttentionConfig,
-        eps: f64,
-    ) -> Result<WgpuTensor> {
-        match self.layer_dispatch(x, w, cache, batch, cfg, eps)? {
-            Some(y) => Ok(y),
-            None => compose::decoder_layer(self, x, w, cache, batch, cfg, eps),
         }
     }
 
