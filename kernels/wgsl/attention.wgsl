@@ -11,21 +11,15 @@
 //   at a time (consecutive threads read consecutive dims: coalesced).
 // Shader compilers do not unroll these loops for us: issuing loads ahead of their use is what
 // keeps more than one memory access in flight per thread.
-// With one split it writes the normalised output. Otherwise each split writes its partials
-// [o (d), max, sum] per head to `part` and counts its arrival (an atomic a token and head
-// group); the last split to arrive combines every split's partials into the output and resets
-// the count for the next dispatch (a combine dispatch would cost a dependent dispatch's ~7 µs a
-// layer: docs/perf.md). Writes, a storage barrier (device-scope release), the count; the last
-// one's storage barrier (acquire), its reads. A head's partials start on a 128-byte line of
-// their own, and only its group's last split reads them, so no cache holds a stale copy.
+// With one split it writes the normalised output; otherwise partials [o (d), max, sum] per
+// (token, head, split) for attention_combine.wgsl.
 // QKN (qk_norm_rope_attention, decode steps: one token per sequence): q is the QKV projection
 // [T, (H + 2 KV) d] and the workgroup forms its heads' q itself (q_norm, RoPE from the batch's
 // table cs [T, d/2, (cos, sin)]); the workgroups whose slice holds the token's own key form
 // that key (k_norm, RoPE) and value in workgroup memory and use them for it instead of reading
 // the cache, and the first head group's writes both to the token's slot. No workgroup reads
 // that slot from the cache, so the write needs no ordering.
-// params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits, chunk, eps (f32 bits),
-// floats of a head's partials (splits * (d + 2), rounded up to whole 32-float lines)].
+// params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits, chunk, eps (f32 bits)].
 // dispatch (KV * ceil(H / KV / 4), T, splits); d <= 256.
 @group(0) @binding(0) var<storage, read> p: array<u32>;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
@@ -41,8 +35,6 @@
 @group(0) @binding(10) var<storage, read> k_norm: array<f32>;
 @group(0) @binding(11) var<storage, read> cs: array<f32>;
 @group(0) @binding(12) var<storage, read> slots: array<u32>;
-// Splits arrived per (token, head group); zero between dispatches.
-@group(0) @binding(13) var<storage, read_write> arrivals: array<atomic<u32>>;
 
 override QKN: bool = false;
 
@@ -61,7 +53,6 @@ var<workgroup> own_k: array<f32, 264>;     // QKN: the token's own key and value
 var<workgroup> own_v: array<f32, 264>;
 var<workgroup> red_k: array<f32, 128>;
 const OWN: u32 = 0xffffffffu;              // bases[j] of the token's own key (QKN)
-var<workgroup> arrived: u32;               // splits arrived before this one
 
 fn k_at(i: u32, ok: bool) -> f32 {
     var x = 0.0;
@@ -276,7 +267,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             } else {
                 // A split past the token's position has no keys: l = 0 tells the combine to
                 // skip it.
-                let pb = (t * heads + h) * p[10] + split * (d + 2u);
+                let pb = ((t * heads + h) * splits + split) * (d + 2u);
                 if (lid < d) { part[pb + lid] = o0[g]; }
                 if (has1) { part[pb + lid + WG] = o1[g]; }
                 if (lid == 0u) {
@@ -285,42 +276,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 }
             }
         }
-    }
-    if (splits == 1u) { return; }
-    storageBarrier();
-    let counter = t * (kvh * per_kv) + wg.x;
-    if (lid == 0u) { arrived = atomicAdd(&arrivals[counter], 1u); }
-    if (workgroupUniformLoad(&arrived) != splits - 1u) { return; }
-    storageBarrier();
-    for (var g = 0u; g < gn; g++) {
-        combine(t, h0 + g, lid);
-    }
-    if (lid == 0u) { atomicStore(&arrivals[counter], 0u); }
-}
-
-// out[t, h, :] = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M) over the splits' partials;
-// splits without keys (sum 0) are skipped.
-fn combine(t: u32, h: u32, lid: u32) {
-    let d = p[3];
-    let splits = p[7];
-    let base = (t * p[1] + h) * p[10];
-    var big = LOW;
-    for (var s = 0u; s < splits; s++) {
-        let pb = base + s * (d + 2u);
-        if (part[pb + d + 1u] > 0.0) { big = max(big, part[pb + d]); }
-    }
-    for (var i = lid; i < d; i += WG) {
-        var num = 0.0;
-        var den = 0.0;
-        for (var s = 0u; s < splits; s++) {
-            let pb = base + s * (d + 2u);
-            let l = part[pb + d + 1u];
-            if (l > 0.0) {
-                let f = exp(part[pb + d] - big);
-                num += part[pb + i] * f;
-                den += l * f;
-            }
-        }
-        out[(t * p[1] + h) * d + i] = num / den;
     }
 }

@@ -76,6 +76,12 @@ const SHADERS: &[Pipeline] = &[
         "main",
         &[],
     ),
+    (
+        "attention_combine",
+        include_str!("../../../kernels/wgsl/attention_combine.wgsl"),
+        "main",
+        &[],
+    ),
     ("argmax_partial", ARGMAX, "partial", &[]),
     ("argmax_final", ARGMAX, "final_pass", &[]),
 ];
@@ -307,12 +313,10 @@ struct Inner {
     subgroups: bool,
     submit_every: usize,
     /// Workgroups attention aims for by splitting contexts (`QFUSE_WGPU_ATTENTION_WORKGROUPS`,
-    /// default 256; at most the heads × tokens means one split and no combine).
+    /// default 256; at most the heads × tokens means one split and no combine dispatch).
     attention_workgroups: usize,
     /// Fewest keys in a split of the context (`QFUSE_WGPU_ATTENTION_MIN_CHUNK`).
     attention_min_chunk: usize,
-    /// attention.wgsl's arrival counts ([`WgpuBackend::arrivals`]).
-    arrivals: std::sync::Mutex<Option<wgpu::Buffer>>,
     host_times: Option<HostTimes>,
     gpu_times: Option<GpuTimes>,
 }
@@ -648,7 +652,6 @@ impl WgpuBackend {
                     .unwrap_or(256),
                 attention_min_chunk: env_knob("QFUSE_WGPU_ATTENTION_MIN_CHUNK", 1..=1 << 20)
                     .unwrap_or(64),
-                arrivals: std::sync::Mutex::new(None),
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
                 host_times: qfuse_core::knobs::env_flag("QFUSE_WGPU_HOST_TIMES")
                     .then(HostTimes::default),
@@ -829,22 +832,19 @@ impl WgpuBackend {
         let out = self.output([t, c])?;
         // Split the context so there are a few hundred workgroups even at batch 1 (one per KV
         // head would leave most of a GPU idle), each split a whole number of 32-key tiles and
-        // at least `attention_min_chunk` keys: a split's partials cost the last split a combine.
+        // at least `attention_min_chunk` keys: a split's partials cost a combine dispatch.
         let max_ctx = batch.info.max_context().max(1);
         let head_groups = kvh * (h / kvh).div_ceil(ATTENTION_MAX_GROUP);
         let want = (self.inner.attention_workgroups / (head_groups * t).max(1)).max(1);
         let chunk = (32 * max_ctx.div_ceil(32 * want))
             .max(self.inner.attention_min_chunk.next_multiple_of(32));
         let splits = max_ctx.div_ceil(chunk);
-        // Partials [o, max, sum] per (token, head, split), each head's on whole 128-byte lines;
-        // one split writes `out` directly.
-        let head_stride = (splits * (d + 2)).next_multiple_of(32);
+        // Partials [o, max, sum] per (token, head, split); one split writes `out` directly.
         let part = if splits > 1 {
-            self.output([t * h, head_stride])?
+            self.output([t * h * splits, d + 2])?
         } else {
             self.output([1])?
         };
-        let arrivals = self.arrivals(t * head_groups)?;
         let params = [
             u32_of(t)?,
             u32_of(h)?,
@@ -856,7 +856,6 @@ impl WgpuBackend {
             u32_of(splits)?,
             u32_of(chunk)?,
             f32_bits(cfg.qk_norm_eps),
-            u32_of(head_stride)?,
         ];
         // Without qkn the prologue's bindings get stand-ins (read-only, never read).
         let (kernel, q_norm, k_norm, cs) = match qkn {
@@ -887,34 +886,18 @@ impl WgpuBackend {
                 &k_norm,
                 &cs,
                 &batch.slots,
-                &arrivals,
             ],
             (head_groups, t, splits),
         )?;
-        Ok(out)
-    }
-
-    /// attention.wgsl's arrival counts for `n` (token, head group) pairs: one zeroed buffer kept
-    /// and grown, which every dispatch leaves zeroed (the last split resets its count).
-    fn arrivals(&self, n: usize) -> Result<wgpu::Buffer> {
-        let mut held = lock(&self.inner.arrivals);
-        let bytes = (n.max(1) * 4) as u64;
-        if held.as_ref().is_none_or(|b| b.size() < bytes) {
-            if bytes > self.inner.max_binding {
-                return Err(Error::invalid(
-                    "attention",
-                    format!("{n} arrival counts exceed the adapter's storage binding limit"),
-                ));
-            }
-            *held = Some(self.inner.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("attention arrivals"),
-                size: bytes.next_power_of_two(),
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            }));
+        if splits > 1 {
+            self.run(
+                "attention_combine",
+                &params,
+                &[part.buf()?, out.buf()?],
+                (h, t),
+            )?;
         }
-        held.clone()
-            .ok_or_else(|| Error::invalid("attention", "no arrival counts"))
+        Ok(out)
     }
 
     /// The batch's RoPE table for `cfg`, computed (in f64) once per batch.
