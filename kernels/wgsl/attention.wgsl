@@ -10,8 +10,9 @@
 //   dims: coalesced); dims i + 128 (head sizes past 128) are read 8 rows at a time after;
 // - one thread a key sums the four partial dots; every thread then forms the running maximum
 //   from the tile's scores (all hold the same state) and one thread a key its probability.
-// Shader compilers do not unroll these loops for us, and at batch 1 a tile's time is its
-// dependent rounds of loads: a tile takes two (the rows' keys, then their values), not nine.
+// The rows' addresses (from the block table) for the next tile are formed while a tile's loads
+// are in flight. Shader compilers do not unroll these loops for us, and at batch 1 a tile's
+// time is its dependent rounds of loads: a tile takes one (keys and values together), not nine.
 // With one split it writes the normalised output; otherwise partials [o (d), max, sum] per
 // (token, head, split) for attention_combine.wgsl.
 // QKN (qk_norm_rope_attention, decode steps: one token per sequence): q is the QKV projection
@@ -49,7 +50,7 @@ var<workgroup> qs: array<vec4<f32>, 264>;   // q of the 4 heads by dim (d <= 256
 var<workgroup> partial: array<vec4<f32>, 128>;
 var<workgroup> scores: array<vec4<f32>, 32>;
 var<workgroup> probs: array<vec4<f32>, 32>;
-var<workgroup> bases: array<u32, 32>;
+var<workgroup> bases: array<u32, 64>;   // two tiles' row addresses
 var<workgroup> own_k: array<f32, 264>;     // QKN: the token's own key and value
 var<workgroup> own_v: array<f32, 264>;
 var<workgroup> red_k: array<f32, 128>;
@@ -84,10 +85,20 @@ fn run_dot(base: u32, i: u32, d: u32) -> vec4<f32> {
         + qs[q + 5u] * k5 + qs[q + 6u] * k6 + qs[q + 7u] * k7;
 }
 
-// Dim i of the value rows of the tile's keys j..j+3 (zeros from key n on).
-fn v4(j: u32, n: u32, i: u32, ok: bool) -> vec4<f32> {
-    return vec4<f32>(v_at(bases[j], i, ok && j < n), v_at(bases[j + 1u], i, ok && j + 1u < n),
-        v_at(bases[j + 2u], i, ok && j + 2u < n), v_at(bases[j + 3u], i, ok && j + 3u < n));
+// Dim i of the value rows of the tile's keys j..j+3 (zeros from key n on); the tile's row
+// addresses start at bases[cur].
+fn v4(cur: u32, j: u32, n: u32, i: u32, ok: bool) -> vec4<f32> {
+    let b = cur + j;
+    return vec4<f32>(v_at(bases[b], i, ok && j < n), v_at(bases[b + 1u], i, ok && j + 1u < n),
+        v_at(bases[b + 2u], i, ok && j + 2u < n), v_at(bases[b + 3u], i, ok && j + 3u < n));
+}
+
+// Where key `key`'s row starts in the cache (OWN for the token's own key when this slice forms
+// it, 0 past the slice's keys).
+fn row_base(key: u32, keys: u32, own: bool, table: u32, bs: u32, w: u32, off: u32) -> u32 {
+    if (key >= keys) { return 0u; }
+    if (own && key == keys - 1u) { return OWN; }
+    return (tables[table + key / bs] * bs + key % bs) * w + off;
 }
 
 // The probabilities of keys j..j+3 (by head lane) times their value dims v.
@@ -120,7 +131,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var qstride = heads * d;
     if (QKN) { qstride = (heads + 2u * kvh) * d; }
     let qrow = t * qstride;
-    let last = keys - 1u;
     let own = QKN && begin < keys && keys == positions[t] + 1u;  // this slice holds the own key
     var ssq = vec4<f32>(0.0);
     var ssk = 0.0;
@@ -190,37 +200,44 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let kl = lid / PARTS;
     let kp = lid % PARTS;
     let has1 = lid + WG < d;
+    // The row addresses of a tile's keys, double-buffered: the first tile's now, each next
+    // tile's while this one's loads are in flight, so each tile's key and value loads go out
+    // together in one round.
+    let row_off = kv * d;
+    if (lid < TILE) { bases[lid] = row_base(begin + lid, keys, own, table, bs, w, row_off); }
+    var cur = 0u;
     for (var tile = begin; tile < keys; tile += TILE) {
-        workgroupBarrier();  // qs written; the previous tile's probs and bases consumed
+        workgroupBarrier();  // qs and this tile's bases written; the previous tile's probs consumed
         let key = tile + kl;
         let n = min(TILE, keys - tile);
+        let base = bases[cur + kl];
         var acc = vec4<f32>(0.0);
-        if (own && key == last) {
-            if (kp == 0u) { bases[kl] = OWN; }
+        if (QKN && key < keys && base == OWN) {
             for (var i = kp * RUN; i < d; i += PARTS * RUN) {
                 for (var u = 0u; u < RUN; u++) { acc += qs[i + u] * own_k[i + u]; }
             }
         } else if (key < keys) {
-            let base = (tables[table + key / bs] * bs + key % bs) * w + kv * d;
-            if (kp == 0u) { bases[kl] = base; }
             // 128 dims an iteration: four runs of 8 a thread, 32 loads in flight.
             for (var i = kp * RUN; i < d; i += 4u * PARTS * RUN) {
                 acc += run_dot(base, i, d) + run_dot(base, i + PARTS * RUN, d)
                     + run_dot(base, i + 2u * PARTS * RUN, d) + run_dot(base, i + 3u * PARTS * RUN, d);
             }
         }
+        // The tile's value rows for dim lid: they do not wait for the scores.
+        let ok0 = lid < d;
+        let va = v4(cur, 0u, n, lid, ok0);
+        let vb = v4(cur, 4u, n, lid, ok0);
+        let vc4 = v4(cur, 8u, n, lid, ok0);
+        let vd = v4(cur, 12u, n, lid, ok0);
+        let ve = v4(cur, 16u, n, lid, ok0);
+        let vf = v4(cur, 20u, n, lid, ok0);
+        let vg = v4(cur, 24u, n, lid, ok0);
+        let vh = v4(cur, 28u, n, lid, ok0);
+        if (lid < TILE) {
+            bases[(cur ^ TILE) + lid] = row_base(tile + TILE + lid, keys, own, table, bs, w, row_off);
+        }
         partial[lid] = acc;
         workgroupBarrier();
-        // The tile's value rows for dim lid, requested now: they do not wait for the scores.
-        let ok0 = lid < d;
-        let va = v4(0u, n, lid, ok0);
-        let vb = v4(4u, n, lid, ok0);
-        let vc4 = v4(8u, n, lid, ok0);
-        let vd = v4(12u, n, lid, ok0);
-        let ve = v4(16u, n, lid, ok0);
-        let vf = v4(20u, n, lid, ok0);
-        let vg = v4(24u, n, lid, ok0);
-        let vh = v4(28u, n, lid, ok0);
         if (lid < n) {
             let b = lid * PARTS;
             scores[lid] = partial[b] + partial[b + 1u] + partial[b + 2u] + partial[b + 3u];
@@ -245,20 +262,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         if (has1) {
             var j = 0u;
             for (; j + RUN <= n; j += RUN) {
-                let c0 = v_at(bases[j], lid + WG, true);
-                let c1 = v_at(bases[j + 1u], lid + WG, true);
-                let c2 = v_at(bases[j + 2u], lid + WG, true);
-                let c3 = v_at(bases[j + 3u], lid + WG, true);
-                let c4 = v_at(bases[j + 4u], lid + WG, true);
-                let c5 = v_at(bases[j + 5u], lid + WG, true);
-                let c6 = v_at(bases[j + 6u], lid + WG, true);
-                let c7 = v_at(bases[j + 7u], lid + WG, true);
+                let c0 = v_at(bases[cur + j], lid + WG, true);
+                let c1 = v_at(bases[cur + j + 1u], lid + WG, true);
+                let c2 = v_at(bases[cur + j + 2u], lid + WG, true);
+                let c3 = v_at(bases[cur + j + 3u], lid + WG, true);
+                let c4 = v_at(bases[cur + j + 4u], lid + WG, true);
+                let c5 = v_at(bases[cur + j + 5u], lid + WG, true);
+                let c6 = v_at(bases[cur + j + 6u], lid + WG, true);
+                let c7 = v_at(bases[cur + j + 7u], lid + WG, true);
                 o1 += probs[j] * c0 + probs[j + 1u] * c1 + probs[j + 2u] * c2 + probs[j + 3u] * c3
                     + probs[j + 4u] * c4 + probs[j + 5u] * c5 + probs[j + 6u] * c6
                     + probs[j + 7u] * c7;
             }
-            for (; j < n; j++) { o1 += probs[j] * v_at(bases[j], lid + WG, true); }
+            for (; j < n; j++) { o1 += probs[j] * v_at(bases[cur + j], lid + WG, true); }
         }
+        cur ^= TILE;
     }
     for (var g = 0u; g < MAX_G; g++) {
         if (g < gn) {
