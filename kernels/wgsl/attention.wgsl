@@ -4,15 +4,13 @@
 // them. It walks the split's slice of keys 0..=pos through the token's block table in tiles of
 // 32 keys:
 // - scores: four threads a key, each taking runs of 8 dimensions (4 threads read a 128-byte
-//   run of the row together), four runs' 32 loads issued before the products that use them;
-// - values: thread i holds dim i of all the tile's 32 rows, requested as soon as the rows'
-//   addresses are known, before the scores are summed (consecutive threads read consecutive
-//   dims: coalesced); dims i + 128 (head sizes past 128) are read 8 rows at a time after;
+//   run of the row together) with the 8 loads issued before the products that use them;
 // - one thread a key sums the four partial dots; every thread then forms the running maximum
-//   from the tile's scores (all hold the same state) and one thread a key its probability.
-// The rows' addresses (from the block table) for the next tile are formed while a tile's loads
-// are in flight. Shader compilers do not unroll these loops for us, and at batch 1 a tile's
-// time is its dependent rounds of loads: a tile takes one (keys and values together), not nine.
+//   from the tile's scores (all hold the same state) and one thread a key its probability;
+// - values: thread i accumulates output dims i and i + 128 over the tile's rows, 8 rows' loads
+//   at a time (consecutive threads read consecutive dims: coalesced).
+// Shader compilers do not unroll these loops for us: issuing loads ahead of their use is what
+// keeps more than one memory access in flight per thread.
 // With one split it writes the normalised output; otherwise partials [o (d), max, sum] per
 // (token, head, split) for attention_combine.wgsl.
 // QKN (qk_norm_rope_attention, decode steps: one token per sequence): q is the QKV projection
@@ -50,60 +48,29 @@ var<workgroup> qs: array<vec4<f32>, 264>;   // q of the 4 heads by dim (d <= 256
 var<workgroup> partial: array<vec4<f32>, 128>;
 var<workgroup> scores: array<vec4<f32>, 32>;
 var<workgroup> probs: array<vec4<f32>, 32>;
-var<workgroup> bases: array<u32, 64>;   // two tiles' row addresses
+var<workgroup> bases: array<u32, 32>;
 var<workgroup> own_k: array<f32, 264>;     // QKN: the token's own key and value
 var<workgroup> own_v: array<f32, 264>;
 var<workgroup> red_k: array<f32, 128>;
 const OWN: u32 = 0xffffffffu;              // bases[j] of the token's own key (QKN)
 
-// Loads without branches (an index past the data reads element 0, then is zeroed), so a batch
-// of them issues together.
 fn k_at(i: u32, ok: bool) -> f32 {
-    return select(0.0, kc[select(0u, i, ok)], ok);
+    var x = 0.0;
+    if (ok) { x = kc[i]; }
+    return x;
 }
 
 // Dim i of the value row at `base`, or of the token's own value (base OWN, QKN).
 fn v_at(base: u32, i: u32, ok: bool) -> f32 {
-    let mine = QKN && base == OWN;
-    let x = vc[select(0u, base + i, ok && !mine)];
-    return select(select(0.0, x, ok), own_v[min(i, 263u)], ok && mine);
-}
-
-// The dot of q (the group's heads, by vec4 lane) with the run of 8 key dims from i of the row
-// at `base` (dims past d are zeros).
-fn run_dot(base: u32, i: u32, d: u32) -> vec4<f32> {
-    let k0 = k_at(base + i, i < d);
-    let k1 = k_at(base + i + 1u, i + 1u < d);
-    let k2 = k_at(base + i + 2u, i + 2u < d);
-    let k3 = k_at(base + i + 3u, i + 3u < d);
-    let k4 = k_at(base + i + 4u, i + 4u < d);
-    let k5 = k_at(base + i + 5u, i + 5u < d);
-    let k6 = k_at(base + i + 6u, i + 6u < d);
-    let k7 = k_at(base + i + 7u, i + 7u < d);
-    let q = min(i, 256u);
-    return qs[q] * k0 + qs[q + 1u] * k1 + qs[q + 2u] * k2 + qs[q + 3u] * k3 + qs[q + 4u] * k4
-        + qs[q + 5u] * k5 + qs[q + 6u] * k6 + qs[q + 7u] * k7;
-}
-
-// Dim i of the value rows of the tile's keys j..j+3 (zeros from key n on); the tile's row
-// addresses start at bases[cur].
-fn v4(cur: u32, j: u32, n: u32, i: u32, ok: bool) -> vec4<f32> {
-    let b = cur + j;
-    return vec4<f32>(v_at(bases[b], i, ok && j < n), v_at(bases[b + 1u], i, ok && j + 1u < n),
-        v_at(bases[b + 2u], i, ok && j + 2u < n), v_at(bases[b + 3u], i, ok && j + 3u < n));
-}
-
-// Where key `key`'s row starts in the cache (OWN for the token's own key when this slice forms
-// it, 0 past the slice's keys).
-fn row_base(key: u32, keys: u32, own: bool, table: u32, bs: u32, w: u32, off: u32) -> u32 {
-    if (key >= keys) { return 0u; }
-    if (own && key == keys - 1u) { return OWN; }
-    return (tables[table + key / bs] * bs + key % bs) * w + off;
-}
-
-// The probabilities of keys j..j+3 (by head lane) times their value dims v.
-fn pv4(j: u32, v: vec4<f32>) -> vec4<f32> {
-    return probs[j] * v.x + probs[j + 1u] * v.y + probs[j + 2u] * v.z + probs[j + 3u] * v.w;
+    var x = 0.0;
+    if (ok) {
+        if (QKN && base == OWN) {
+            x = own_v[i];
+        } else {
+            x = vc[base + i];
+        }
+    }
+    return x;
 }
 
 @compute @workgroup_size(128)
@@ -131,6 +98,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var qstride = heads * d;
     if (QKN) { qstride = (heads + 2u * kvh) * d; }
     let qrow = t * qstride;
+    let last = keys - 1u;
     let own = QKN && begin < keys && keys == positions[t] + 1u;  // this slice holds the own key
     var ssq = vec4<f32>(0.0);
     var ssk = 0.0;
@@ -200,44 +168,34 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let kl = lid / PARTS;
     let kp = lid % PARTS;
     let has1 = lid + WG < d;
-    // The row addresses of a tile's keys, double-buffered: the first tile's now, each next
-    // tile's while this one's loads are in flight, so each tile's key and value loads go out
-    // together in one round.
-    let row_off = kv * d;
-    if (lid < TILE) { bases[lid] = row_base(begin + lid, keys, own, table, bs, w, row_off); }
-    var cur = 0u;
     for (var tile = begin; tile < keys; tile += TILE) {
-        workgroupBarrier();  // qs and this tile's bases written; the previous tile's probs consumed
+        workgroupBarrier();  // qs written; the previous tile's probs and bases consumed
         let key = tile + kl;
-        let n = min(TILE, keys - tile);
-        let base = bases[cur + kl];
         var acc = vec4<f32>(0.0);
-        if (QKN && key < keys && base == OWN) {
+        if (own && key == last) {
+            if (kp == 0u) { bases[kl] = OWN; }
             for (var i = kp * RUN; i < d; i += PARTS * RUN) {
                 for (var u = 0u; u < RUN; u++) { acc += qs[i + u] * own_k[i + u]; }
             }
         } else if (key < keys) {
-            // 128 dims an iteration: four runs of 8 a thread, 32 loads in flight.
-            for (var i = kp * RUN; i < d; i += 4u * PARTS * RUN) {
-                acc += run_dot(base, i, d) + run_dot(base, i + PARTS * RUN, d)
-                    + run_dot(base, i + 2u * PARTS * RUN, d) + run_dot(base, i + 3u * PARTS * RUN, d);
+            let base = (tables[table + key / bs] * bs + key % bs) * w + kv * d;
+            if (kp == 0u) { bases[kl] = base; }
+            for (var i = kp * RUN; i < d; i += PARTS * RUN) {
+                let k0 = k_at(base + i, true);
+                let k1 = k_at(base + i + 1u, i + 1u < d);
+                let k2 = k_at(base + i + 2u, i + 2u < d);
+                let k3 = k_at(base + i + 3u, i + 3u < d);
+                let k4 = k_at(base + i + 4u, i + 4u < d);
+                let k5 = k_at(base + i + 5u, i + 5u < d);
+                let k6 = k_at(base + i + 6u, i + 6u < d);
+                let k7 = k_at(base + i + 7u, i + 7u < d);
+                acc += qs[i] * k0 + qs[i + 1u] * k1 + qs[i + 2u] * k2 + qs[i + 3u] * k3
+                    + qs[i + 4u] * k4 + qs[i + 5u] * k5 + qs[i + 6u] * k6 + qs[i + 7u] * k7;
             }
-        }
-        // The tile's value rows for dim lid: they do not wait for the scores.
-        let ok0 = lid < d;
-        let va = v4(cur, 0u, n, lid, ok0);
-        let vb = v4(cur, 4u, n, lid, ok0);
-        let vc4 = v4(cur, 8u, n, lid, ok0);
-        let vd = v4(cur, 12u, n, lid, ok0);
-        let ve = v4(cur, 16u, n, lid, ok0);
-        let vf = v4(cur, 20u, n, lid, ok0);
-        let vg = v4(cur, 24u, n, lid, ok0);
-        let vh = v4(cur, 28u, n, lid, ok0);
-        if (lid < TILE) {
-            bases[(cur ^ TILE) + lid] = row_base(tile + TILE + lid, keys, own, table, bs, w, row_off);
         }
         partial[lid] = acc;
         workgroupBarrier();
+        let n = min(TILE, keys - tile);
         if (lid < n) {
             let b = lid * PARTS;
             scores[lid] = partial[b] + partial[b + 1u] + partial[b + 2u] + partial[b + 3u];
@@ -250,33 +208,54 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         l *= corr;
         o0 *= corr;
         o1 *= corr;
-        // Keys past the tile's last get probability 0 (their value rows are zeros).
-        if (lid < TILE) { probs[lid] = select(vec4<f32>(0.0), exp(scores[lid] - m), lid < n); }
+        if (lid < n) { probs[lid] = exp(scores[lid] - m); }
         workgroupBarrier();
-        o0 += pv4(0u, va) + pv4(4u, vb) + pv4(8u, vc4) + pv4(12u, vd) + pv4(16u, ve)
-            + pv4(20u, vf) + pv4(24u, vg) + pv4(28u, vh);
-        for (var j = 0u; j < TILE; j += 4u) {
-            l += probs[j] + probs[j + 1u] + probs[j + 2u] + probs[j + 3u];
+        var j = 0u;
+        for (; j + RUN <= n; j += RUN) {
+            let b0 = bases[j];
+            let b1 = bases[j + 1u];
+            let b2 = bases[j + 2u];
+            let b3 = bases[j + 3u];
+            let b4 = bases[j + 4u];
+            let b5 = bases[j + 5u];
+            let b6 = bases[j + 6u];
+            let b7 = bases[j + 7u];
+            let ok0 = lid < d;
+            let a0 = v_at(b0, lid, ok0);
+            let a1 = v_at(b1, lid, ok0);
+            let a2 = v_at(b2, lid, ok0);
+            let a3 = v_at(b3, lid, ok0);
+            let a4 = v_at(b4, lid, ok0);
+            let a5 = v_at(b5, lid, ok0);
+            let a6 = v_at(b6, lid, ok0);
+            let a7 = v_at(b7, lid, ok0);
+            let c0 = v_at(b0, lid + WG, has1);
+            let c1 = v_at(b1, lid + WG, has1);
+            let c2 = v_at(b2, lid + WG, has1);
+            let c3 = v_at(b3, lid + WG, has1);
+            let c4 = v_at(b4, lid + WG, has1);
+            let c5 = v_at(b5, lid + WG, has1);
+            let c6 = v_at(b6, lid + WG, has1);
+            let c7 = v_at(b7, lid + WG, has1);
+            let p0 = probs[j];
+            let p1 = probs[j + 1u];
+            let p2 = probs[j + 2u];
+            let p3 = probs[j + 3u];
+            let p4 = probs[j + 4u];
+            let p5 = probs[j + 5u];
+            let p6 = probs[j + 6u];
+            let p7 = probs[j + 7u];
+            l += p0 + p1 + p2 + p3 + p4 + p5 + p6 + p7;
+            o0 += p0 * a0 + p1 * a1 + p2 * a2 + p3 * a3 + p4 * a4 + p5 * a5 + p6 * a6 + p7 * a7;
+            o1 += p0 * c0 + p1 * c1 + p2 * c2 + p3 * c3 + p4 * c4 + p5 * c5 + p6 * c6 + p7 * c7;
         }
-        // Dims past 128 (head sizes up to 256): 8 rows a round.
-        if (has1) {
-            var j = 0u;
-            for (; j + RUN <= n; j += RUN) {
-                let c0 = v_at(bases[cur + j], lid + WG, true);
-                let c1 = v_at(bases[cur + j + 1u], lid + WG, true);
-                let c2 = v_at(bases[cur + j + 2u], lid + WG, true);
-                let c3 = v_at(bases[cur + j + 3u], lid + WG, true);
-                let c4 = v_at(bases[cur + j + 4u], lid + WG, true);
-                let c5 = v_at(bases[cur + j + 5u], lid + WG, true);
-                let c6 = v_at(bases[cur + j + 6u], lid + WG, true);
-                let c7 = v_at(bases[cur + j + 7u], lid + WG, true);
-                o1 += probs[j] * c0 + probs[j + 1u] * c1 + probs[j + 2u] * c2 + probs[j + 3u] * c3
-                    + probs[j + 4u] * c4 + probs[j + 5u] * c5 + probs[j + 6u] * c6
-                    + probs[j + 7u] * c7;
-            }
-            for (; j < n; j++) { o1 += probs[j] * v_at(bases[cur + j], lid + WG, true); }
+        for (; j < n; j++) {
+            let b = bases[j];
+            let pj = probs[j];
+            l += pj;
+            o0 += pj * v_at(b, lid, lid < d);
+            o1 += pj * v_at(b, lid + WG, has1);
         }
-        cur ^= TILE;
     }
     for (var g = 0u; g < MAX_G; g++) {
         if (g < gn) {
