@@ -120,13 +120,14 @@ macro_rules! gemv_builds {
 }
 
 /// The GEMV pipelines by build ([`ShaderBuild::row`]: f32 weights, bf16, bf16 vectorised: v8,
-/// wide, subgroup) and fusion ([`Gemv`]).
-const GEMVS: [[Pipeline; 5]; 5] = [
+/// wide, subgroup, tiled) and fusion ([`Gemv`]).
+const GEMVS: [[Pipeline; 5]; 6] = [
     gemv_builds!("", MATMUL_F32),
     gemv_builds!("_bf16", MATMUL_BF16),
     gemv_builds!("_bf16_v8", MATMUL_BF16_V8),
     gemv_builds!("_bf16_wide", MATMUL_BF16_WIDE),
     gemv_builds!("_bf16_sg", MATMUL_BF16_SG),
+    gemv_builds!("_bf16_tiled", MATMUL_BF16_TILED),
 ];
 const ATTENTION: &str = include_str!("../../../kernels/wgsl/attention.wgsl");
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
@@ -153,6 +154,10 @@ const MATMUL_BF16_V8: &str = concat!(
 const MATMUL_BF16_SG: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
     include_str!("../../../kernels/wgsl/matmul_bf16_sg.wgsl")
+);
+const MATMUL_BF16_TILED: &str = concat!(
+    include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
+    include_str!("../../../kernels/wgsl/matmul_bf16_tiled.wgsl")
 );
 const MATMUL_BF16_WIDE: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
@@ -197,6 +202,13 @@ pub struct WgpuOptions {
     /// `QFUSE_WGPU_GEMV`, else chosen by size).
     pub gemv: Option<String>,
 }
+
+/// The tiled GEMM's tile (`matmul_bf16_tiled.wgsl`): rows (tokens) and output columns.
+const TILE_ROWS: usize = 64;
+const TILE_COLUMNS: usize = 64;
+/// Fewest rows whose products take the tiled GEMM by default: decode batches stay on the GEMV
+/// builds, which read each weight once a row but need no staging.
+const TILED_FROM: usize = 16;
 
 /// Workgroups per dispatch dimension (the WebGPU minimum limit).
 const MAX_GROUPS: usize = 65_535;
@@ -307,8 +319,12 @@ struct Inner {
     /// (a decode step runs hundreds), so dropped outputs are reused.
     free_outputs: std::sync::Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     params: std::sync::Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
-    /// One bf16 GEMV build for every size (`QFUSE_WGPU_GEMV=v8|wide|sg`, for measurements).
+    /// One bf16 GEMV build for every size (`QFUSE_WGPU_GEMV=v8|wide|sg|tiled`, for
+    /// measurements).
     gemv_build: Option<GemvBuild>,
+    /// Fewest rows (tokens) whose bf16 products take the tiled GEMM
+    /// (`QFUSE_WGPU_TILED_FROM`).
+    tiled_from: usize,
     /// The device has subgroup operations (and the `_sg` pipelines).
     subgroups: bool,
     submit_every: usize,
@@ -386,6 +402,8 @@ enum GemvBuild {
     Wide,
     /// V8's layout reduced with subgroup sums (adapters with SUBGROUP).
     Subgroup,
+    /// A tiled GEMM, 64 rows × 64 columns a workgroup: prompt-sized T.
+    Tiled,
 }
 
 impl GemvBuild {
@@ -412,6 +430,7 @@ impl ShaderBuild {
             ShaderBuild::Vec(GemvBuild::V8) => 2,
             ShaderBuild::Vec(GemvBuild::Wide) => 3,
             ShaderBuild::Vec(GemvBuild::Subgroup) => 4,
+            ShaderBuild::Vec(GemvBuild::Tiled) => 5,
         }
     }
 
@@ -419,6 +438,7 @@ impl ShaderBuild {
     fn columns_per_workgroup(self) -> usize {
         match self {
             ShaderBuild::Vec(GemvBuild::Wide) => 16,
+            ShaderBuild::Vec(GemvBuild::Tiled) => TILE_COLUMNS,
             ShaderBuild::Vec(_) => 2,
             _ => 4,
         }
@@ -440,22 +460,25 @@ enum Gemv {
 }
 
 impl Gemv {
-    /// The shader build for `n` output columns of weights of `w` with rows of `k` elements: bf16
-    /// rows of whole 8-element (16-byte) loads take a vectorised build, `_wide` (16 columns a
-    /// 256-thread workgroup) from 16,384 columns (the lm_head: 0.446 → 0.219 ms on the H200,
-    /// where the per-layer matrices were slower: too few workgroups), below it the subgroup
-    /// build where the adapter has subgroups (per dispatch on the H200: o_proj/down 12.8 → 11.1
-    /// µs, gate/up 19.5 → 16.4 µs against v8), else `_v8`; `force` overrides (measurements).
+    /// The shader build for `t` rows (tokens) and `n` output columns of weights of `w` with rows
+    /// of `k` elements: bf16 rows of whole 8-element (16-byte) loads take a vectorised build: the
+    /// tiled GEMM from `tiled_from` rows (a prompt: the GEMV builds read every weight once a
+    /// row), `_wide` (16 columns a 256-thread workgroup) from 16,384 columns (the lm_head: 0.446
+    /// → 0.219 ms on the H200, where the per-layer matrices were slower: too few workgroups),
+    /// below it the subgroup build where the adapter has subgroups (per dispatch on the H200:
+    /// o_proj/down 12.8 → 11.1 µs, gate/up 19.5 → 16.4 µs against v8), else `_v8`; `force`
+    /// overrides (measurements, tests).
     fn build(
         w: DType,
-        k: usize,
-        n: usize,
+        (t, k, n): (usize, usize, usize),
+        tiled_from: usize,
         force: Option<GemvBuild>,
         subgroups: bool,
     ) -> ShaderBuild {
         match (w, k.is_multiple_of(8)) {
             (DType::BF16, true) => ShaderBuild::Vec(match force {
                 Some(b) => b,
+                None if t >= tiled_from => GemvBuild::Tiled,
                 None if n >= 16_384 => GemvBuild::Wide,
                 None if subgroups => GemvBuild::Subgroup,
                 None => GemvBuild::V8,
@@ -522,17 +545,18 @@ impl WgpuBackend {
             ];
             let build = Gemv::build(
                 w.dtype,
-                k,
-                rows,
+                (t, k, rows),
+                self.inner.tiled_from,
                 self.inner.gemv_build,
                 self.inner.subgroups,
             );
-            // The vectorised builds take a 2-D grid (the lm_head's columns pass 65,535 groups).
+            // The vectorised builds take a 2-D grid (the lm_head's columns pass 65,535 groups),
+            // the tiled one (column tiles, row tiles).
             let groups = rows.div_ceil(build.columns_per_workgroup());
-            let groups = if matches!(build, ShaderBuild::Vec(_)) {
-                (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS))
-            } else {
-                (groups, 1)
+            let groups = match build {
+                ShaderBuild::Vec(GemvBuild::Tiled) => (groups, t.div_ceil(TILE_ROWS)),
+                ShaderBuild::Vec(_) => (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS)),
+                _ => (groups, 1),
             };
             self.run(
                 kind.pipeline(build),
@@ -646,6 +670,7 @@ impl WgpuBackend {
                 params: std::sync::Mutex::new(HashMap::new()),
                 subgroups,
                 gemv_build,
+                tiled_from: env_knob("QFUSE_WGPU_TILED_FROM", 1..=1 << 30).unwrap_or(TILED_FROM),
                 submit_every: env_knob("QFUSE_WGPU_SUBMIT_EVERY", 1..=1 << 20)
                     .unwrap_or(SUBMIT_EVERY),
                 attention_workgroups: env_knob("QFUSE_WGPU_ATTENTION_WORKGROUPS", 1..=1 << 20)
@@ -1125,10 +1150,11 @@ impl WgpuBackend {
 }
 
 /// The vectorised bf16 GEMV builds by the name `QFUSE_WGPU_GEMV` and [`WgpuOptions::gemv`] use.
-const GEMV_BUILD_NAMES: [(&str, GemvBuild); 3] = [
+const GEMV_BUILD_NAMES: [(&str, GemvBuild); 4] = [
     ("v8", GemvBuild::V8),
     ("wide", GemvBuild::Wide),
     ("sg", GemvBuild::Subgroup),
+    ("tiled", GemvBuild::Tiled),
 ];
 
 /// The GEMV build `name`, if this adapter can run it.

@@ -1,4 +1,4 @@
-//! Every vectorised bf16 GEMV build the adapter runs (`v8`, `wide`, `sg`), forced for
+//! Every vectorised bf16 GEMV build the adapter runs (`v8`, `wide`, `sg`, `tiled`), forced for
 //! every size, gives each of the five GEMV fusions the reference's result: the conformance suite
 //! only meets the build the backend picks for its shapes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -26,8 +26,16 @@ fn every_gemv_build_matches_the_reference() {
         let gpu = backend(Some(build)).unwrap();
         let mut rng = Rng::new(7);
         // (rows T, K, output columns N): K = 8 · 17 leaves a remainder after the unrolled loop
-        // turns; odd N leaves a column pair half full; 3 rows read each weight row thrice.
-        for (t, k, n) in [(1, 1024, 96), (1, 136, 37), (3, 264, 50), (2, 3072, 9)] {
+        // turns (and half a 16-k step of the tiled build); odd N leaves a column pair half
+        // full; 3 rows read each weight row thrice; 70 and 130 rows span partial row tiles.
+        for (t, k, n) in [
+            (1, 1024, 96),
+            (1, 136, 37),
+            (3, 264, 50),
+            (2, 3072, 9),
+            (70, 136, 130),
+            (130, 1024, 67),
+        ] {
             let x = activations(&mut rng, t, k, true).unwrap();
             let w = weights(&mut rng, n, k).unwrap().to_dtype(DType::BF16);
             let w2 = weights(&mut rng, 2 * n, k).unwrap().to_dtype(DType::BF16);
