@@ -131,6 +131,20 @@ const GEMVS: [[Pipeline; 5]; 6] = [
 ];
 const ATTENTION: &str = include_str!("../../../kernels/wgsl/attention.wgsl");
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
+/// Prompt attention, query-blocked (`attention_flash.wgsl`); needs more workgroup memory than
+/// WebGPU's default limit, so it exists only where the adapter allows [`FLASH_WORKGROUP_BYTES`].
+const FLASH_PIPELINE: Pipeline = (
+    "attention_flash",
+    include_str!("../../../kernels/wgsl/attention_flash.wgsl"),
+    "main",
+    &[],
+);
+const FLASH_WORKGROUP_BYTES: u32 = 27 * 1024;
+/// Tokens of a sequence one `attention_flash.wgsl` workgroup serves (its `QB`).
+const FLASH_QUERIES: usize = 8;
+/// Fewest tokens in a batch whose (prompt) attention takes the flash shader by default
+/// (`QFUSE_WGPU_FLASH_FROM`).
+const FLASH_FROM: usize = 32;
 const GATHER_F32: &str = concat!(
     include_str!("../../../kernels/wgsl/gather.wgsl"),
     include_str!("../../../kernels/wgsl/gather_body.wgsl")
@@ -198,9 +212,12 @@ pub struct WgpuOptions {
     /// Storage bindings capped below the adapter's limit (to test the splitting of large
     /// weights on small adapters).
     pub binding_limit: Option<u64>,
-    /// One vectorised bf16 GEMV build for every size: `v8`, `wide` or `sg` (default:
+    /// One vectorised bf16 GEMV build for every size: `v8`, `wide`, `sg` or `tiled` (default:
     /// `QFUSE_WGPU_GEMV`, else chosen by size).
     pub gemv: Option<String>,
+    /// Fewest tokens of a prompt batch whose attention takes the flash shader (default:
+    /// `QFUSE_WGPU_FLASH_FROM`, else 32).
+    pub flash_from: Option<usize>,
 }
 
 /// The tiled GEMM's tile (`matmul_bf16_tiled.wgsl`): rows (tokens) and output columns.
@@ -293,6 +310,9 @@ pub struct WgpuBatch {
     /// The RoPE table for these positions, made by the first op that needs it: (head_dim,
     /// theta bits, table).
     rope: std::sync::Mutex<Option<(usize, u64, wgpu::Buffer)>>,
+    /// The flash prompt attention's query blocks ([first token, tokens] each, and their count),
+    /// made by the first op that needs them.
+    flash_blocks: std::sync::Mutex<Option<(usize, wgpu::Buffer)>>,
 }
 
 impl AsRef<BatchInfo> for WgpuBatch {
@@ -335,6 +355,9 @@ struct Inner {
     attention_workgroups: usize,
     /// Fewest keys in a split of the context (`QFUSE_WGPU_ATTENTION_MIN_CHUNK`).
     attention_min_chunk: usize,
+    /// Fewest tokens of a prompt batch whose attention takes `attention_flash.wgsl`
+    /// (`QFUSE_WGPU_FLASH_FROM`; `None` where the adapter lacks the workgroup memory).
+    flash_from: Option<usize>,
     host_times: Option<HostTimes>,
     gpu_times: Option<GpuTimes>,
 }
@@ -623,7 +646,11 @@ impl WgpuBackend {
             shader_checks(std::env::var("QFUSE_WGPU_SHADER_CHECKS").ok().as_deref());
         let mut pipelines = HashMap::new();
         let mut modules: HashMap<&str, wgpu::ShaderModule> = HashMap::new();
-        for (name, src, entry, constants) in SHADERS.iter().chain(GEMVS.iter().flatten()) {
+        let flash_fits = limits.max_compute_workgroup_storage_size >= FLASH_WORKGROUP_BYTES;
+        let flash = flash_fits.then_some(&FLASH_PIPELINE);
+        for (name, src, entry, constants) in
+            SHADERS.iter().chain(GEMVS.iter().flatten()).chain(flash)
+        {
             if name.ends_with("_sg") && !subgroups {
                 continue;
             }
@@ -679,6 +706,12 @@ impl WgpuBackend {
                     .unwrap_or(256),
                 attention_min_chunk: env_knob("QFUSE_WGPU_ATTENTION_MIN_CHUNK", 1..=1 << 20)
                     .unwrap_or(64),
+                flash_from: flash_fits.then(|| {
+                    options
+                        .flash_from
+                        .or_else(|| env_knob("QFUSE_WGPU_FLASH_FROM", 1..=1 << 30))
+                        .unwrap_or(FLASH_FROM)
+                }),
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
                 host_times: qfuse_core::knobs::env_flag("QFUSE_WGPU_HOST_TIMES")
                     .then(HostTimes::default),
@@ -698,6 +731,11 @@ impl WgpuBackend {
             ),
             other => other,
         }
+    }
+
+    /// Whether this adapter runs the flash prompt attention (enough workgroup memory).
+    pub fn has_flash_attention(&self) -> bool {
+        self.inner.flash_from.is_some()
     }
 
     /// The vectorised bf16 GEMV builds this adapter runs (names for [`WgpuOptions::gemv`]).
@@ -925,6 +963,90 @@ impl WgpuBackend {
             )?;
         }
         Ok(out)
+    }
+
+    /// A prompt batch's attention on `attention_flash.wgsl` (query blocks of [`FLASH_QUERIES`]
+    /// tokens of one sequence, each key and value row read once a block); `None` where it does
+    /// not apply: a decode step, fewer tokens than `flash_from`, a head size past 128 or not a
+    /// multiple of 4, or an adapter without the pipeline.
+    fn flash_dispatch(
+        &self,
+        q: &WgpuTensor,
+        t: usize,
+        cache: &LayerKv<WgpuTensor>,
+        batch: &WgpuBatch,
+        cfg: &AttentionConfig,
+    ) -> Result<Option<WgpuTensor>> {
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let fits = self.inner.flash_from.is_some_and(|from| t >= from)
+            && !batch.info.is_decode_step()
+            && t == batch.info.num_tokens()
+            && kvh > 0
+            && h > 0
+            && h.is_multiple_of(kvh)
+            && d > 0
+            && d <= 128
+            && d.is_multiple_of(4);
+        if !fits {
+            return Ok(None);
+        }
+        let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
+        batch.info.check_blocks_within(slots, "attention")?;
+        let out = self.output([t, h * d])?;
+        let Some((blocks, count)) = self.flash_blocks(batch)? else {
+            return Ok(None);
+        };
+        let params = [
+            u32_of(t)?,
+            u32_of(h)?,
+            u32_of(kvh)?,
+            u32_of(d)?,
+            u32_of(batch.info.block_size())?,
+            u32_of(batch.max_blocks)?,
+            f32_bits(cfg.scale()),
+        ];
+        let head_groups = kvh * (h / kvh).div_ceil(ATTENTION_MAX_GROUP);
+        self.run(
+            "attention_flash",
+            &params,
+            &[
+                q.buf()?,
+                cache.k.buf()?,
+                cache.v.buf()?,
+                &batch.positions,
+                &batch.token_seq,
+                &batch.tables,
+                out.buf()?,
+                &blocks,
+            ],
+            (head_groups, count),
+        )?;
+        Ok(Some(out))
+    }
+
+    /// The batch's flash query blocks: each sequence's new tokens in runs of [`FLASH_QUERIES`],
+    /// as [first token, tokens] pairs, and how many; made once per batch. `None` when there are
+    /// more blocks than a dispatch dimension takes.
+    fn flash_blocks(&self, batch: &WgpuBatch) -> Result<Option<(wgpu::Buffer, usize)>> {
+        let mut cached = lock(&batch.flash_blocks);
+        if let Some((count, buf)) = cached.as_ref() {
+            return Ok(Some((buf.clone(), *count)));
+        }
+        let mut pairs = Vec::new();
+        for s in 0..batch.info.seqs().len() {
+            let rows = batch.info.rows(s);
+            for first in rows.clone().step_by(FLASH_QUERIES) {
+                pairs.push(u32_of(first)?);
+                pairs.push(u32_of(FLASH_QUERIES.min(rows.end - first))?);
+            }
+        }
+        let count = pairs.len() / 2;
+        if count > MAX_GROUPS {
+            return Ok(None);
+        }
+        let buf = self.u32s(&pairs)?;
+        *cached = Some((count, buf.clone()));
+        Ok(Some((buf, count)))
     }
 
     /// The batch's RoPE table for `cfg`, computed (in f64) once per batch.
@@ -1313,6 +1435,7 @@ impl Backend for WgpuBackend {
             .rope
             .lock()
             .map_err(|_| Error::invalid("rope", "table lock poisoned"))? = None;
+        *lock(&batch.flash_blocks) = None;
         Ok(true)
     }
 
@@ -1327,6 +1450,7 @@ impl Backend for WgpuBackend {
             tables: self.u32s(&tables)?,
             max_blocks,
             rope: std::sync::Mutex::new(None),
+            flash_blocks: std::sync::Mutex::new(None),
         })
     }
 
@@ -1504,6 +1628,9 @@ impl Backend for WgpuBackend {
                     q.shape, cfg.num_heads, cfg.head_dim
                 ),
             ));
+        }
+        if let Some(out) = self.flash_dispatch(q, t, cache, batch, cfg)? {
+            return Ok(out);
         }
         self.attention_dispatch(q, t, cache, batch, cfg, None)
     }
