@@ -892,14 +892,13 @@ impl WgpuBackend {
             ));
         }
         let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
-        let bs = batch.info.block_size();
         batch.info.check_blocks_within(slots, "attention")?;
         let out = self.output([t, c])?;
         // Split the context so there are a few hundred workgroups even at batch 1 (one per KV
         // head would leave most of a GPU idle), each split a whole number of 32-key tiles and
         // at least `attention_min_chunk` keys: a split's partials cost a combine dispatch.
         let max_ctx = batch.info.max_context().max(1);
-        let head_groups = kvh * (h / kvh).div_ceil(ATTENTION_MAX_GROUP);
+        let head_groups = head_groups(cfg);
         let want = (self.inner.attention_workgroups / (head_groups * t).max(1)).max(1);
         let chunk = (32 * max_ctx.div_ceil(32 * want))
             .max(self.inner.attention_min_chunk.next_multiple_of(32));
@@ -910,18 +909,7 @@ impl WgpuBackend {
         } else {
             self.output([1])?
         };
-        let params = [
-            u32_of(t)?,
-            u32_of(h)?,
-            u32_of(kvh)?,
-            u32_of(d)?,
-            u32_of(bs)?,
-            u32_of(batch.max_blocks)?,
-            f32_bits(cfg.scale()),
-            u32_of(splits)?,
-            u32_of(chunk)?,
-            f32_bits(cfg.qk_norm_eps),
-        ];
+        let params = attention_params(batch, cfg, t, splits, chunk)?;
         // Without qkn the prologue's bindings get stand-ins (read-only, never read).
         let (kernel, q_norm, k_norm, cs) = match qkn {
             Some((qn, kn)) => (
@@ -935,17 +923,19 @@ impl WgpuBackend {
                 ("attention", stand_in.clone(), stand_in.clone(), stand_in)
             }
         };
+        let [qb, kb, vb, positions, token_seq, tables, ob] =
+            attention_buffers(input, cache, batch, &out)?;
         self.run_3d(
             kernel,
             &params,
             &[
-                input.buf()?,
-                cache.k.buf()?,
-                cache.v.buf()?,
-                &batch.positions,
-                &batch.token_seq,
-                &batch.tables,
-                out.buf()?,
+                qb,
+                kb,
+                vb,
+                positions,
+                token_seq,
+                tables,
+                ob,
                 part.buf()?,
                 &q_norm,
                 &k_norm,
@@ -996,30 +986,14 @@ impl WgpuBackend {
         let Some((blocks, count)) = self.flash_blocks(batch)? else {
             return Ok(None);
         };
-        let params = [
-            u32_of(t)?,
-            u32_of(h)?,
-            u32_of(kvh)?,
-            u32_of(d)?,
-            u32_of(batch.info.block_size())?,
-            u32_of(batch.max_blocks)?,
-            f32_bits(cfg.scale()),
-        ];
-        let head_groups = kvh * (h / kvh).div_ceil(ATTENTION_MAX_GROUP);
+        let params = attention_params(batch, cfg, t, 1, 0)?;
+        let [qb, kb, vb, positions, token_seq, tables, ob] =
+            attention_buffers(q, cache, batch, &out)?;
         self.run(
             "attention_flash",
             &params,
-            &[
-                q.buf()?,
-                cache.k.buf()?,
-                cache.v.buf()?,
-                &batch.positions,
-                &batch.token_seq,
-                &batch.tables,
-                out.buf()?,
-                &blocks,
-            ],
-            (head_groups, count),
+            &[qb, kb, vb, positions, token_seq, tables, ob, &blocks],
+            (head_groups(cfg), count),
         )?;
         Ok(Some(out))
     }
@@ -1314,6 +1288,55 @@ fn shader_checks(knob: Option<&str>) -> Option<wgpu::ShaderRuntimeChecks> {
     checks.force_loop_bounding = false;
     checks.int_div_checks = false;
     Some(checks)
+}
+
+/// attention.wgsl's params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits,
+/// chunk, q/k-norm eps (f32 bits)] (attention_flash.wgsl reads the first seven).
+fn attention_params(
+    batch: &WgpuBatch,
+    cfg: &AttentionConfig,
+    t: usize,
+    splits: usize,
+    chunk: usize,
+) -> Result<[u32; 10]> {
+    Ok([
+        u32_of(t)?,
+        u32_of(cfg.num_heads)?,
+        u32_of(cfg.num_kv_heads)?,
+        u32_of(cfg.head_dim)?,
+        u32_of(batch.info.block_size())?,
+        u32_of(batch.max_blocks)?,
+        f32_bits(cfg.scale()),
+        u32_of(splits)?,
+        u32_of(chunk)?,
+        f32_bits(cfg.qk_norm_eps),
+    ])
+}
+
+/// The bindings both attention shaders open with: q, the cache's keys and values, the batch's
+/// positions, token sequences and block tables, the output.
+fn attention_buffers<'a>(
+    q: &'a WgpuTensor,
+    cache: &'a LayerKv<WgpuTensor>,
+    batch: &'a WgpuBatch,
+    out: &'a WgpuTensor,
+) -> Result<[&'a wgpu::Buffer; 7]> {
+    Ok([
+        q.buf()?,
+        cache.k.buf()?,
+        cache.v.buf()?,
+        &batch.positions,
+        &batch.token_seq,
+        &batch.tables,
+        out.buf()?,
+    ])
+}
+
+/// Attention workgroups a token (and split): each KV head's query heads in groups of up to
+/// four, one per vec4 lane.
+fn head_groups(cfg: &AttentionConfig) -> usize {
+    let (h, kvh) = (cfg.num_heads, cfg.num_kv_heads);
+    kvh * (h / kvh).div_ceil(ATTENTION_MAX_GROUP)
 }
 
 fn f32_bits(x: f64) -> u32 {
