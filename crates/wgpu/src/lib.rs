@@ -605,7 +605,7 @@ impl WgpuBackend {
     ///
     /// # Errors
     /// As [`WgpuBackend::new`]; a GEMV build this adapter cannot run is named in an
-    /// [`Error::Invalid`].
+    /// [`Error::InvalidArgument`].
     pub fn with_options(ordinal: usize, options: &WgpuOptions) -> Result<Self> {
         let limit = options.binding_limit;
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
