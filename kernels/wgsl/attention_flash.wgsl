@@ -8,8 +8,9 @@
 //   loads a thread, one round), its values requested into registers at the same time;
 // - scores: thread (query lid / 16, key lid % 16) takes the dot over d, keys past the query's
 //   position masked;
-// - one thread a query updates its running max and sum and turns the scores into
-//   probabilities; the values replace the keys in workgroup memory;
+// - every thread turns its score into a probability against its query's new running max, one
+//   thread a query updates the running max and sum; the values replace the keys in workgroup
+//   memory;
 // - thread i accumulates output dim i of every query of the block.
 // params: attention.wgsl's (scale at 6); blocks: [first token, tokens] per block.
 // dispatch (KV * ceil(H / KV / 4), blocks); d <= 128 and a multiple of 4.
@@ -28,10 +29,15 @@ const QB: u32 = 8u;
 const KT: u32 = 16u;
 const MAX_G: u32 = 4u;
 const MAX_D4: u32 = 32u;                     // 128 dims as vec4s
+// Row strides padded by one vec4: the 16 keys a score step reads (and the queries) then fall in
+// different banks, where a 512-byte stride put them all in the same ones.
+const Q_STRIDE: u32 = 129u;
+const KV_STRIDE: u32 = 33u;
 const LOW: f32 = -3.4e38;
-var<workgroup> qs: array<vec4<f32>, 1024>;  // [QB][128]: queries (heads by lane), scaled
-var<workgroup> kvt: array<vec4<f32>, 512>;  // [KT][32]: the tile's keys, then its values
-var<workgroup> sc: array<vec4<f32>, 128>;   // [QB][KT]: scores, then probabilities
+var<workgroup> qs: array<vec4<f32>, 1032>;  // [QB][129]: queries (heads by lane), scaled
+var<workgroup> kvt: array<vec4<f32>, 528>;  // [KT][33]: the tile's keys, then its values
+var<workgroup> sc: array<vec4<f32>, 128>;   // [QB][KT]: scores
+var<workgroup> pr: array<vec4<f32>, 128>;   // [QB][KT]: probabilities
 var<workgroup> ms: array<vec4<f32>, 8>;     // [QB]: running max
 var<workgroup> ls: array<vec4<f32>, 8>;     // [QB]: running sum
 var<workgroup> corr: array<vec4<f32>, 8>;   // [QB]: this tile's correction of o
@@ -75,7 +81,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 if (g < gn) { v[g] = q[((first + qi) * heads + h0 + g) * d + dim] * scale; }
             }
         }
-        qs[i] = v;
+        qs[qi * Q_STRIDE + dim] = v;
     }
     if (lid < QB) {
         ms[lid] = vec4<f32>(LOW);
@@ -113,42 +119,42 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let v1 = tile_vec(true, r0 + 4u, c0, n, d4);
         let v2 = tile_vec(true, r0 + 8u, c0, n, d4);
         let v3 = tile_vec(true, r0 + 12u, c0, n, d4);
-        kvt[lid] = k0;
-        kvt[lid + 128u] = k1;
-        kvt[lid + 256u] = k2;
-        kvt[lid + 384u] = k3;
+        let at = r0 * KV_STRIDE + c0;
+        kvt[at] = k0;
+        kvt[at + 4u * KV_STRIDE] = k1;
+        kvt[at + 8u * KV_STRIDE] = k2;
+        kvt[at + 12u * KV_STRIDE] = k3;
         workgroupBarrier();
         // Score (sq, sk): four accumulators over the dims, 4 dims a step.
         var s = vec4<f32>(0.0);
         for (var c = 0u; c < d4; c++) {
-            let kk = kvt[sk * MAX_D4 + c];
-            let qb = sq * 128u + 4u * c;
+            let kk = kvt[sk * KV_STRIDE + c];
+            let qb = sq * Q_STRIDE + 4u * c;
             s += qs[qb] * kk.x + qs[qb + 1u] * kk.y + qs[qb + 2u] * kk.z + qs[qb + 3u] * kk.w;
         }
         let key = tile + sk;
         if (sq >= count || sk >= n || key > pos0 + sq) { s = vec4<f32>(LOW); }
         sc[lid] = s;
         workgroupBarrier();
-        // The values replace the keys; one thread a query updates its softmax state.
-        kvt[lid] = v0;
-        kvt[lid + 128u] = v1;
-        kvt[lid + 256u] = v2;
-        kvt[lid + 384u] = v3;
-        if (lid < QB) {
-            var big = ms[lid];
-            for (var j = 0u; j < KT; j++) { big = max(big, sc[lid * KT + j]); }
-            let c = exp(ms[lid] - big);
+        // The values replace the keys; every thread turns its score into a probability against
+        // its query's new running max, then one thread a query updates the softmax state.
+        kvt[at] = v0;
+        kvt[at + 4u * KV_STRIDE] = v1;
+        kvt[at + 8u * KV_STRIDE] = v2;
+        kvt[at + 12u * KV_STRIDE] = v3;
+        let old = ms[sq];
+        var big = old;
+        for (var j = 0u; j < KT; j++) { big = max(big, sc[sq * KT + j]); }
+        // Masked keys (LOW) get 0, also while every key so far is masked (big LOW).
+        pr[lid] = select(vec4<f32>(0.0), exp(s - big), s > vec4<f32>(0.5 * LOW));
+        workgroupBarrier();
+        if (sk == 0u) {
             var sum = vec4<f32>(0.0);
-            for (var j = 0u; j < KT; j++) {
-                let x = sc[lid * KT + j];
-                // Masked keys (LOW) get 0, also while every key so far is masked (big LOW).
-                let pj = select(vec4<f32>(0.0), exp(x - big), x > vec4<f32>(0.5 * LOW));
-                sc[lid * KT + j] = pj;
-                sum += pj;
-            }
-            ms[lid] = big;
-            ls[lid] = ls[lid] * c + sum;
-            corr[lid] = c;
+            for (var j = 0u; j < KT; j++) { sum += pr[sq * KT + j]; }
+            let c = exp(old - big);
+            ms[sq] = big;
+            ls[sq] = ls[sq] * c + sum;
+            corr[sq] = c;
         }
         workgroupBarrier();
         if (lid < d) {
@@ -161,15 +167,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             o6 *= corr[6];
             o7 *= corr[7];
             for (var j = 0u; j < n; j++) {
-                let v = kvt[j * MAX_D4 + lid / 4u][lid % 4u];
-                o0 += sc[j] * v;
-                o1 += sc[KT + j] * v;
-                o2 += sc[2u * KT + j] * v;
-                o3 += sc[3u * KT + j] * v;
-                o4 += sc[4u * KT + j] * v;
-                o5 += sc[5u * KT + j] * v;
-                o6 += sc[6u * KT + j] * v;
-                o7 += sc[7u * KT + j] * v;
+                let v = kvt[j * KV_STRIDE + lid / 4u][lid % 4u];
+                o0 += pr[j] * v;
+                o1 += pr[KT + j] * v;
+                o2 += pr[2u * KT + j] * v;
+                o3 += pr[3u * KT + j] * v;
+                o4 += pr[4u * KT + j] * v;
+                o5 += pr[5u * KT + j] * v;
+                o6 += pr[6u * KT + j] * v;
+                o7 += pr[7u * KT + j] * v;
             }
         }
     }

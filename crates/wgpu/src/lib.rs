@@ -139,7 +139,7 @@ const FLASH_PIPELINE: Pipeline = (
     "main",
     &[],
 );
-const FLASH_WORKGROUP_BYTES: u32 = 27 * 1024;
+const FLASH_WORKGROUP_BYTES: u32 = 30 * 1024;
 /// Tokens of a sequence one `attention_flash.wgsl` workgroup serves (its `QB`).
 const FLASH_QUERIES: usize = 8;
 /// Fewest tokens in a batch whose (prompt) attention takes the flash shader by default
