@@ -16,25 +16,24 @@ var<workgroup> wt: array<vec4<f32>, 256>;  // [TK][TN / 4]: columns 4c..4c+3 at 
 var<workgroup> ut: array<vec4<f32>, 256>;  // the up half's (EPI 2)
 var<workgroup> sq: array<vec4<f32>, 256>;  // NORM: each thread's sums of squares of its 4 rows
 
-// Weight vector j (8 weights from k = 8 j) of row `row`, or zeros.
-fn wvec(row: u32, j: u32, ok: bool) -> vec4<u32> {
-    return select(vec4<u32>(0u), w[select(0u, row * (p[1] / 8u) + j, ok)], ok);
+// Weight vector j (8 weights from k = 8 j) of row `row` (rows of k8 vectors), or zeros.
+fn wvec(row: u32, j: u32, k8: u32, ok: bool) -> vec4<u32> {
+    return select(vec4<u32>(0u), w[select(0u, row * k8 + j, ok)], ok);
 }
 
-// Stages the 8 k from 8 j of columns 4 cq..4 cq + 3 (rows `row`.., zeros past `rows`) at
-// `base` (wt, or ut for the up half).
+// Stages the 8 k from 8 j of weight rows `row`..`row` + 3 (zeros from `rows_end` on) as
+// columns 4 cq..4 cq + 3 of the tile, from k row kk0: into ut for the up half, else wt.
 fn stage_w(row: u32, rows_end: u32, j: u32, k8: u32, cq: u32, kk0: u32, up: bool) {
     let ok = j < k8;
-    let a = wvec(row, j, ok && row < rows_end);
-    let b = wvec(row + 1u, j, ok && row + 1u < rows_end);
-    let c = wvec(row + 2u, j, ok && row + 2u < rows_end);
-    let d = wvec(row + 3u, j, ok && row + 3u < rows_end);
-    let sh = vec4<u32>(16u);
-    let mask = vec4<u32>(0xffff0000u);
+    let a = wvec(row, j, k8, ok && row < rows_end);
+    let b = wvec(row + 1u, j, k8, ok && row + 1u < rows_end);
+    let c = wvec(row + 2u, j, k8, ok && row + 2u < rows_end);
+    let d = wvec(row + 3u, j, k8, ok && row + 3u < rows_end);
     // Element 2e of a vector is in word e's low half, 2e + 1 in its high half.
     for (var e = 0u; e < 4u; e++) {
-        let lo = bitcast<vec4<f32>>(vec4<u32>(a[e], b[e], c[e], d[e]) << sh);
-        let hi = bitcast<vec4<f32>>(vec4<u32>(a[e], b[e], c[e], d[e]) & mask);
+        let words = vec4<u32>(a[e], b[e], c[e], d[e]);
+        let lo = bf16_lo(words);
+        let hi = bf16_hi(words);
         let i = (kk0 + 2u * e) * (TN / 4u) + cq;
         if (up) {
             ut[i] = lo;

@@ -16,9 +16,16 @@ override EPI: u32 = 0u;
 // The dot product of 8 activations with 8 bf16 weights packed in `wv` (element 2i in the low
 // half of word i, 2i + 1 in the high half).
 fn dot8(even: vec4<f32>, odd: vec4<f32>, wv: vec4<u32>) -> f32 {
-    let lo = bitcast<vec4<f32>>(wv << vec4<u32>(16u));
-    let hi = bitcast<vec4<f32>>(wv & vec4<u32>(0xffff0000u));
-    return dot(even, lo) + dot(odd, hi);
+    return dot(even, bf16_lo(wv)) + dot(odd, bf16_hi(wv));
+}
+
+// The bf16 values in the low (even elements) or high (odd elements) halves of four words.
+fn bf16_lo(v: vec4<u32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>(v << vec4<u32>(16u));
+}
+
+fn bf16_hi(v: vec4<u32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>(v & vec4<u32>(0xffff0000u));
 }
 
 // One thread's share of row t: the products with columns c0 and c0 + 1 (a; b the up half for

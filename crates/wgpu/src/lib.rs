@@ -982,10 +982,10 @@ impl WgpuBackend {
         }
         let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
         batch.info.check_blocks_within(slots, "attention")?;
-        let out = self.output([t, h * d])?;
         let Some((blocks, count)) = self.flash_blocks(batch)? else {
             return Ok(None);
         };
+        let out = self.output([t, h * d])?;
         let params = attention_params(batch, cfg, t, 1, 0)?;
         let [qb, kb, vb, positions, token_seq, tables, ob] =
             attention_buffers(q, cache, batch, &out)?;
