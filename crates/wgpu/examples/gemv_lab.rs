@@ -1,6 +1,6 @@
 //! The batch-1 decode products as they run in a decode step, each dispatch waiting for the one
 //! before, timed by device timestamps: the backend's subgroup GEMV build (`matmul_bf16_vec.wgsl`
-//! + `matmul_bf16_sg.wgsl`) against variants of it read from WGSL files at run time, so one GPU
+//! followed by `matmul_bf16_sg.wgsl`) against variants of it read from WGSL files at run time, so one GPU
 //! call compares several shader designs without a Rust toolchain there.
 //!
 //! A variant is a whole shader with the vectorised builds' bindings, params and fusion
