@@ -1,4 +1,4 @@
-// lab variant (generated from attention.wgsl): ablation: no value loads (output differs)
+// lab variant (generated from attention.wgsl by generate.py): ablation: no value loads (output differs)
 // Causal GQA attention over the paged cache, fp32 with an online softmax, split along the
 // context. Workgroup (KV head × head group, token, split) of 128 threads serves up to four query
 // heads of one KV head, one per vec4 lane, so each key and value row is read once for all of

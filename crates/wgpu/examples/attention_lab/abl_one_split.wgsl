@@ -1,4 +1,4 @@
-// lab variant (generated from attention.wgsl): ablation: the whole context in one split, no combine
+// lab variant (generated from attention.wgsl by generate.py): ablation: the whole context in one split, no combine
 // lab: chunk=4096
 // Causal GQA attention over the paged cache, fp32 with an online softmax, split along the
 // context. Workgroup (KV head × head group, token, split) of 128 threads serves up to four query
