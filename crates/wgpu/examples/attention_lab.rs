@@ -94,7 +94,7 @@ fn case(gpu: &Gpu, ctx: usize) -> Case {
 
 fn run() -> Res<()> {
     let variants = Variant::with_args(Variant::new("backend", ATTENTION.to_string()))?;
-    let gpu = Gpu::open(wgpu::Features::empty())?;
+    let gpu = Gpu::open(wgpu::Features::SUBGROUP)?;
     let combine = gpu.pipeline(&Variant::new("combine", COMBINE.to_string()), &[])?;
     let contexts: &[usize] = if gpu.cpu { &CONTEXTS[..2] } else { &CONTEXTS };
     let reps = if gpu.cpu { (1, 3) } else { REPS };

@@ -75,3 +75,75 @@ write("keys_one_round", "design: a thread's key loads of a tile in one round", k
 write("values_one_round", "design: a tile's value rows in one round", vals)
 write("both_one_round", "design: key loads and value rows each in one round", both)
 write("both_one_round_c32", "design: both in one round, splits of 32 keys\n// lab: chunk=32", both)
+
+# Design: keys read like values, a thread a dim (lanes of a subgroup read consecutive words of
+# one key row, coalesced), every key of the tile in one round; each key's dot summed by
+# subgroupAdd, then across the workgroup's subgroups in workgroup memory. Needs subgroups of at
+# least 8 lanes (the `red` array holds 32 keys x 16 subgroups).
+start = SRC.index("        let key = tile + kl;")
+end_marker = """            scores[lid] = partial[b] + partial[b + 1u] + partial[b + 2u] + partial[b + 3u];
+        }
+        workgroupBarrier();
+"""
+end = SRC.index(end_marker) + len(end_marker)
+kl = "\n".join(
+    "        let k%d = key_dim(%du, lid, lid < d, n);\n        let h%d = key_dim(%du, lid + WG, has1, n);" % (j, j, j, j)
+    for j in range(32)
+)
+red = "\n".join(
+    "        let s%d = subgroupAdd(q0 * k%d + q1 * h%d);" % (j, j, j) for j in range(32)
+)
+store = "\n".join("            red[%du * n_sg + sg] = s%d;" % (j, j) for j in range(32))
+COALESCED = """        let n = min(TILE, keys - tile);
+        if (lid < n) {
+            let key = tile + lid;
+            if (own && key == last) {
+                bases[lid] = OWN;
+            } else {
+                bases[lid] = (tables[table + key / bs] * bs + key %% bs) * w + kv * d;
+            }
+        }
+        workgroupBarrier();
+        let q0 = qs[lid];
+        let q1 = qs[lid + WG];
+%s
+%s
+        if (lane == 0u) {
+%s
+        }
+        workgroupBarrier();
+        if (lid < n) {
+            var s = vec4<f32>(0.0);
+            for (var g = 0u; g < n_sg; g++) { s += red[lid * n_sg + g]; }
+            scores[lid] = s;
+        }
+        workgroupBarrier();
+""" % (kl, red, store)
+co = SRC[:start] + COALESCED + SRC[end:]
+co = sub(co, "var<workgroup> bases: array<u32, 32>;", "var<workgroup> bases: array<u32, 32>;\nvar<workgroup> red: array<vec4<f32>, 512>;  // per key and subgroup (>= 8 lanes)")
+co = sub(co, "var<workgroup> qs: array<vec4<f32>, 264>;", "var<workgroup> qs: array<vec4<f32>, 264>;  // (lab: + WG read past d as zeros)")
+co = sub(co, """fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {""",
+         """fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) n_sg: u32,
+) {""")
+co = sub(co, """@compute @workgroup_size(128)""", """// Dim i of the tile's key j (0 past the tile or the head), from the cache or the token's own key.
+fn key_dim(j: u32, i: u32, ok: bool, n: u32) -> f32 {
+    var x = 0.0;
+    if (ok && j < n) {
+        let base = bases[j];
+        if (QKN && base == OWN) {
+            x = own_k[i];
+        } else {
+            x = kc[base + i];
+        }
+    }
+    return x;
+}
+
+@compute @workgroup_size(128)""")
+write("keys_coalesced", "design: keys a dim a thread, coalesced, one round; subgroup sums", co)
+write("keys_coalesced_c32", "design: keys coalesced, splits of 32 keys\n// lab: chunk=32", co)
