@@ -26,8 +26,8 @@ const BLOCK: usize = 16;
 const RUNS: usize = 7;
 const REPS: (usize, usize) = (28, 280);
 /// Context lengths (keys, the token's own included): a 32-token prompt's first and last steps
-/// of 256, its middle, and a long context.
-const CONTEXTS: [usize; 4] = [33, 160, 288, 2048];
+/// of 256, its middle, the edges of one and two 32-key tiles, and long contexts.
+const CONTEXTS: [usize; 8] = [33, 64, 65, 96, 160, 288, 1024, 2048];
 
 fn main() -> ExitCode {
     match run() {
