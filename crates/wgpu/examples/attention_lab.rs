@@ -9,6 +9,7 @@
 //! KV heads × head groups, 1) change how it is run. Qwen3-0.6B's heads (16 query, 8 KV, 128
 //! dims), one token at each of several context lengths. A figure is (T(280) − T(28)) / 252 pairs,
 //! median of seven runs. Every variant's output is checked against the backend shader's.
+//! `LAB_COMBINE=file.wgsl` runs every variant with another combine shader.
 //!
 //! Run: `cargo run --release -p qfuse-wgpu --example attention_lab -- [variant.wgsl ...]`.
 use std::process::ExitCode;
@@ -39,10 +40,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// The backend's split: a few hundred workgroups, whole 32-key tiles, at least 64 keys.
+/// The backend's split: a few hundred workgroups, whole 32-key tiles.
 fn backend_chunk(ctx: usize) -> usize {
     let want = 256 / KV_HEADS;
-    (32 * ctx.div_ceil(32 * want)).max(64)
+    32 * ctx.div_ceil(32 * want)
 }
 
 struct Case {
@@ -95,7 +96,15 @@ fn case(gpu: &Gpu, ctx: usize) -> Case {
 fn run() -> Res<()> {
     let variants = Variant::with_args(Variant::new("backend", ATTENTION.to_string()))?;
     let gpu = Gpu::open(wgpu::Features::SUBGROUP)?;
-    let combine = gpu.pipeline(&Variant::new("combine", COMBINE.to_string()), &[])?;
+    // LAB_COMBINE: another combine shader (a file) for every variant.
+    let combine_source = match std::env::var("LAB_COMBINE") {
+        Ok(path) => {
+            println!("combine: {path}");
+            std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?
+        }
+        Err(_) => COMBINE.to_string(),
+    };
+    let combine = gpu.pipeline(&Variant::new("combine", combine_source), &[])?;
     let contexts: &[usize] = if gpu.cpu { &CONTEXTS[..2] } else { &CONTEXTS };
     let reps = if gpu.cpu { (1, 3) } else { REPS };
     println!(

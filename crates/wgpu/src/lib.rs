@@ -178,6 +178,11 @@ const MATMUL_BF16_WIDE: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_wide.wgsl")
 );
 
+/// Fewest keys in a decode attention split by default (`QFUSE_WGPU_ATTENTION_MIN_CHUNK`): one
+/// 32-key tile. The attention's tiles run one after another in a workgroup (~6 µs each on the
+/// H200), so more, shorter splits finish sooner once their combine merges splits in parallel
+/// (docs/perf.md, 17th session: 64 → 32 took 160 keys from 23.3 to ~15 µs a layer).
+const ATTENTION_MIN_CHUNK: usize = 32;
 /// Most head dims the attention shader's private accumulator holds.
 const MAX_HEAD_DIM: usize = 256;
 /// Query heads one attention workgroup serves (`MAX_G` in attention.wgsl); a KV head with more
@@ -705,7 +710,7 @@ impl WgpuBackend {
                 attention_workgroups: env_knob("QFUSE_WGPU_ATTENTION_WORKGROUPS", 1..=1 << 20)
                     .unwrap_or(256),
                 attention_min_chunk: env_knob("QFUSE_WGPU_ATTENTION_MIN_CHUNK", 1..=1 << 20)
-                    .unwrap_or(64),
+                    .unwrap_or(ATTENTION_MIN_CHUNK),
                 flash_from: flash_fits.then(|| {
                     options
                         .flash_from

@@ -24,6 +24,7 @@ def sub(src, old, new):
 write("abl_qkn0", "ablation: without the q/k-norm + RoPE prologue (output differs)\n// lab: qkn=0", SRC)
 write("abl_one_split", "ablation: the whole context in one split, no combine\n// lab: chunk=4096", SRC)
 write("abl_chunk32", "ablation: splits of 32 keys\n// lab: chunk=32", SRC)
+write("abl_chunk64", "ablation: splits of 64 keys (the rule before the 17th session)\n// lab: chunk=64", SRC)
 write("abl_no_values", "ablation: no value loads (output differs)", sub(SRC, "x = vc[base + i];", "x = 0.0;"))
 write("abl_no_keys", "ablation: no key loads (output differs)", sub(SRC, "if (ok) { x = kc[i]; }", "if (ok) { x = 0.0; }"))
 

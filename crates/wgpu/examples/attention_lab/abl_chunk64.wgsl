@@ -1,0 +1,282 @@
+// lab variant (generated from attention.wgsl by generate.py): ablation: splits of 64 keys (the rule before the 17th session)
+// lab: chunk=64
+// Causal GQA attention over the paged cache, fp32 with an online softmax, split along the
+// context. Workgroup (KV head × head group, token, split) of 128 threads serves up to four query
+// heads of one KV head, one per vec4 lane, so each key and value row is read once for all of
+// them. It walks the split's slice of keys 0..=pos through the token's block table in tiles of
+// 32 keys:
+// - scores: four threads a key, each taking runs of 8 dimensions (4 threads read a 128-byte
+//   run of the row together) with the 8 loads issued before the products that use them;
+// - one thread a key sums the four partial dots; every thread then forms the running maximum
+//   from the tile's scores (all hold the same state) and one thread a key its probability;
+// - values: thread i accumulates output dims i and i + 128 over the tile's rows, 8 rows' loads
+//   at a time (consecutive threads read consecutive dims: coalesced).
+// Shader compilers do not unroll these loops for us: issuing loads ahead of their use is what
+// keeps more than one memory access in flight per thread.
+// With one split it writes the normalised output; otherwise partials [o (d), max, sum] per
+// (token, head, split) for attention_combine.wgsl.
+// QKN (qk_norm_rope_attention, decode steps: one token per sequence): q is the QKV projection
+// [T, (H + 2 KV) d] and the workgroup forms its heads' q itself (q_norm, RoPE from the batch's
+// table cs [T, d/2, (cos, sin)]); the workgroups whose slice holds the token's own key form
+// that key (k_norm, RoPE) and value in workgroup memory and use them for it instead of reading
+// the cache, and the first head group's writes both to the token's slot. No workgroup reads
+// that slot from the cache, so the write needs no ordering.
+// params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits, chunk, eps (f32 bits)].
+// dispatch (KV * ceil(H / KV / 4), T, splits); d <= 256.
+@group(0) @binding(0) var<storage, read> p: array<u32>;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read_write> kc: array<f32>;
+@group(0) @binding(3) var<storage, read_write> vc: array<f32>;
+@group(0) @binding(4) var<storage, read> positions: array<u32>;
+@group(0) @binding(5) var<storage, read> token_seq: array<u32>;
+@group(0) @binding(6) var<storage, read> tables: array<u32>;
+@group(0) @binding(7) var<storage, read_write> out: array<f32>;
+@group(0) @binding(8) var<storage, read_write> part: array<f32>;
+// QKN only (other builds are given stand-ins).
+@group(0) @binding(9) var<storage, read> q_norm: array<f32>;
+@group(0) @binding(10) var<storage, read> k_norm: array<f32>;
+@group(0) @binding(11) var<storage, read> cs: array<f32>;
+@group(0) @binding(12) var<storage, read> slots: array<u32>;
+
+override QKN: bool = false;
+
+const TILE: u32 = 32u;
+const PARTS: u32 = 4u;
+const RUN: u32 = 8u;
+const WG: u32 = 128u;
+const MAX_G: u32 = 4u;
+const LOW: f32 = -3.4e38;
+var<workgroup> qs: array<vec4<f32>, 264>;   // q of the 4 heads by dim (d <= 256, + a run)
+var<workgroup> partial: array<vec4<f32>, 128>;
+var<workgroup> scores: array<vec4<f32>, 32>;
+var<workgroup> probs: array<vec4<f32>, 32>;
+var<workgroup> bases: array<u32, 32>;
+var<workgroup> own_k: array<f32, 264>;     // QKN: the token's own key and value
+var<workgroup> own_v: array<f32, 264>;
+var<workgroup> red_k: array<f32, 128>;
+const OWN: u32 = 0xffffffffu;              // bases[j] of the token's own key (QKN)
+
+fn k_at(i: u32, ok: bool) -> f32 {
+    var x = 0.0;
+    if (ok) { x = kc[i]; }
+    return x;
+}
+
+// Dim i of the value row at `base`, or of the token's own value (base OWN, QKN).
+fn v_at(base: u32, i: u32, ok: bool) -> f32 {
+    var x = 0.0;
+    if (ok) {
+        if (QKN && base == OWN) {
+            x = own_v[i];
+        } else {
+            x = vc[base + i];
+        }
+    }
+    return x;
+}
+
+@compute @workgroup_size(128)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let heads = p[1];
+    let kvh = p[2];
+    let d = p[3];
+    let bs = p[4];
+    let max_blocks = p[5];
+    let scale = bitcast<f32>(p[6]);
+    let splits = p[7];
+    let chunk = p[8];
+    let group = heads / kvh;
+    let per_kv = (group + MAX_G - 1u) / MAX_G;
+    let kv = wg.x / per_kv;
+    let t = wg.y;
+    let split = wg.z;
+    if (kv >= kvh || t >= p[0]) { return; }
+    let h0 = kv * group + (wg.x % per_kv) * MAX_G;
+    let gn = min(MAX_G, (kv + 1u) * group - h0);
+    let w = kvh * d;
+    let table = token_seq[t] * max_blocks;
+    let begin = split * chunk;
+    let keys = min(positions[t] + 1u, begin + chunk);
+    var qstride = heads * d;
+    if (QKN) { qstride = (heads + 2u * kvh) * d; }
+    let qrow = t * qstride;
+    let last = keys - 1u;
+    let own = QKN && begin < keys && keys == positions[t] + 1u;  // this slice holds the own key
+    var ssq = vec4<f32>(0.0);
+    var ssk = 0.0;
+    for (var i = lid; i < d + RUN; i += WG) {
+        var qv = vec4<f32>(0.0);
+        if (i < d) {
+            for (var g = 0u; g < MAX_G; g++) {
+                if (g < gn) { qv[g] = q[qrow + (h0 + g) * d + i]; }
+            }
+            if (own) {
+                let kx = q[qrow + (heads + kv) * d + i];
+                own_k[i] = kx;
+                own_v[i] = q[qrow + (heads + kvh + kv) * d + i];
+                ssk += kx * kx;
+            }
+        }
+        qs[i] = qv;
+        ssq += qv * qv;
+    }
+    if (QKN) {
+        // Per-head RMS of q (vec4 lanes) and of the own key, then RoPE in place: thread i
+        // rotates the pairs (i, i + d/2), reading both before writing either.
+        partial[lid] = ssq;
+        red_k[lid] = ssk;
+        workgroupBarrier();
+        for (var s = WG / 2u; s > 0u; s >>= 1u) {
+            if (lid < s) {
+                partial[lid] += partial[lid + s];
+                red_k[lid] += red_k[lid + s];
+            }
+            workgroupBarrier();
+        }
+        let eps = bitcast<f32>(p[9]);
+        let inv_q = inverseSqrt(partial[0] / f32(d) + eps);
+        let inv_k = inverseSqrt(red_k[0] / f32(d) + eps);
+        let half = d / 2u;
+        for (var i = lid; i < half; i += WG) {
+            let c = cs[(t * half + i) * 2u];
+            let sn = cs[(t * half + i) * 2u + 1u];
+            let a = qs[i] * inv_q * q_norm[i];
+            let b = qs[i + half] * inv_q * q_norm[i + half];
+            qs[i] = (a * c - b * sn) * scale;
+            qs[i + half] = (b * c + a * sn) * scale;
+            if (own) {
+                let ka = own_k[i] * inv_k * k_norm[i];
+                let kb = own_k[i + half] * inv_k * k_norm[i + half];
+                own_k[i] = ka * c - kb * sn;
+                own_k[i + half] = kb * c + ka * sn;
+            }
+        }
+        workgroupBarrier();
+        if (own && wg.x % per_kv == 0u) {
+            let dst = slots[t] * w + kv * d;
+            for (var i = lid; i < d; i += WG) {
+                kc[dst + i] = own_k[i];
+                vc[dst + i] = own_v[i];
+            }
+        }
+    } else {
+        for (var i = lid; i < d; i += WG) { qs[i] *= scale; }
+    }
+    // Lanes past gn see q = 0: finite scores whose outputs are never written.
+    var o0 = vec4<f32>(0.0);
+    var o1 = vec4<f32>(0.0);
+    var m = vec4<f32>(LOW);
+    var l = vec4<f32>(0.0);
+    let kl = lid / PARTS;
+    let kp = lid % PARTS;
+    let has1 = lid + WG < d;
+    for (var tile = begin; tile < keys; tile += TILE) {
+        workgroupBarrier();  // qs written; the previous tile's probs and bases consumed
+        let key = tile + kl;
+        var acc = vec4<f32>(0.0);
+        if (own && key == last) {
+            if (kp == 0u) { bases[kl] = OWN; }
+            for (var i = kp * RUN; i < d; i += PARTS * RUN) {
+                for (var u = 0u; u < RUN; u++) { acc += qs[i + u] * own_k[i + u]; }
+            }
+        } else if (key < keys) {
+            let base = (tables[table + key / bs] * bs + key % bs) * w + kv * d;
+            if (kp == 0u) { bases[kl] = base; }
+            for (var i = kp * RUN; i < d; i += PARTS * RUN) {
+                let k0 = k_at(base + i, true);
+                let k1 = k_at(base + i + 1u, i + 1u < d);
+                let k2 = k_at(base + i + 2u, i + 2u < d);
+                let k3 = k_at(base + i + 3u, i + 3u < d);
+                let k4 = k_at(base + i + 4u, i + 4u < d);
+                let k5 = k_at(base + i + 5u, i + 5u < d);
+                let k6 = k_at(base + i + 6u, i + 6u < d);
+                let k7 = k_at(base + i + 7u, i + 7u < d);
+                acc += qs[i] * k0 + qs[i + 1u] * k1 + qs[i + 2u] * k2 + qs[i + 3u] * k3
+                    + qs[i + 4u] * k4 + qs[i + 5u] * k5 + qs[i + 6u] * k6 + qs[i + 7u] * k7;
+            }
+        }
+        partial[lid] = acc;
+        workgroupBarrier();
+        let n = min(TILE, keys - tile);
+        if (lid < n) {
+            let b = lid * PARTS;
+            scores[lid] = partial[b] + partial[b + 1u] + partial[b + 2u] + partial[b + 3u];
+        }
+        workgroupBarrier();
+        var big = m;
+        for (var j = 0u; j < n; j++) { big = max(big, scores[j]); }
+        let corr = exp(m - big);
+        m = big;
+        l *= corr;
+        o0 *= corr;
+        o1 *= corr;
+        if (lid < n) { probs[lid] = exp(scores[lid] - m); }
+        workgroupBarrier();
+        var j = 0u;
+        for (; j + RUN <= n; j += RUN) {
+            let b0 = bases[j];
+            let b1 = bases[j + 1u];
+            let b2 = bases[j + 2u];
+            let b3 = bases[j + 3u];
+            let b4 = bases[j + 4u];
+            let b5 = bases[j + 5u];
+            let b6 = bases[j + 6u];
+            let b7 = bases[j + 7u];
+            let ok0 = lid < d;
+            let a0 = v_at(b0, lid, ok0);
+            let a1 = v_at(b1, lid, ok0);
+            let a2 = v_at(b2, lid, ok0);
+            let a3 = v_at(b3, lid, ok0);
+            let a4 = v_at(b4, lid, ok0);
+            let a5 = v_at(b5, lid, ok0);
+            let a6 = v_at(b6, lid, ok0);
+            let a7 = v_at(b7, lid, ok0);
+            let c0 = v_at(b0, lid + WG, has1);
+            let c1 = v_at(b1, lid + WG, has1);
+            let c2 = v_at(b2, lid + WG, has1);
+            let c3 = v_at(b3, lid + WG, has1);
+            let c4 = v_at(b4, lid + WG, has1);
+            let c5 = v_at(b5, lid + WG, has1);
+            let c6 = v_at(b6, lid + WG, has1);
+            let c7 = v_at(b7, lid + WG, has1);
+            let p0 = probs[j];
+            let p1 = probs[j + 1u];
+            let p2 = probs[j + 2u];
+            let p3 = probs[j + 3u];
+            let p4 = probs[j + 4u];
+            let p5 = probs[j + 5u];
+            let p6 = probs[j + 6u];
+            let p7 = probs[j + 7u];
+            l += p0 + p1 + p2 + p3 + p4 + p5 + p6 + p7;
+            o0 += p0 * a0 + p1 * a1 + p2 * a2 + p3 * a3 + p4 * a4 + p5 * a5 + p6 * a6 + p7 * a7;
+            o1 += p0 * c0 + p1 * c1 + p2 * c2 + p3 * c3 + p4 * c4 + p5 * c5 + p6 * c6 + p7 * c7;
+        }
+        for (; j < n; j++) {
+            let b = bases[j];
+            let pj = probs[j];
+            l += pj;
+            o0 += pj * v_at(b, lid, lid < d);
+            o1 += pj * v_at(b, lid + WG, has1);
+        }
+    }
+    for (var g = 0u; g < MAX_G; g++) {
+        if (g < gn) {
+            let h = h0 + g;
+            if (splits == 1u) {
+                let ob = (t * heads + h) * d;
+                if (lid < d) { out[ob + lid] = o0[g] / l[g]; }
+                if (has1) { out[ob + lid + WG] = o1[g] / l[g]; }
+            } else {
+                // A split past the token's position has no keys: l = 0 tells the combine to
+                // skip it.
+                let pb = ((t * heads + h) * splits + split) * (d + 2u);
+                if (lid < d) { part[pb + lid] = o0[g]; }
+                if (has1) { part[pb + lid + WG] = o1[g]; }
+                if (lid == 0u) {
+                    part[pb + d] = m[g];
+                    part[pb + d + 1u] = l[g];
+                }
+            }
+        }
+    }
+}
