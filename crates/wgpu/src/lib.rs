@@ -20,7 +20,7 @@ use qfuse_core::{
 use wgpu::util::DeviceExt;
 
 mod timing;
-use timing::{DispatchStamps, GpuTimes, HostTimes};
+use timing::{DispatchStamps, GpuTimes, HostTimes, PassTimes};
 
 /// A pipeline's override constants (name, value).
 type Constants = &'static [(&'static str, f64)];
@@ -197,6 +197,8 @@ struct Recording {
     retired: Vec<wgpu::Buffer>,
     /// With `QFUSE_WGPU_GPU_TIMES=1`: a timestamp after each dispatch.
     stamps: Option<DispatchStamps>,
+    /// With `QFUSE_WGPU_PASS_TIMES=1`: the pass's start and end.
+    pass_stamps: Option<wgpu::QuerySet>,
 }
 
 /// Dispatches recorded before a command buffer is submitted (default; `QFUSE_WGPU_SUBMIT_EVERY`
@@ -365,6 +367,7 @@ struct Inner {
     flash_from: Option<usize>,
     host_times: Option<HostTimes>,
     gpu_times: Option<GpuTimes>,
+    pass_times: Option<PassTimes>,
 }
 
 impl Inner {
@@ -395,6 +398,9 @@ impl Inner {
             .stamps
             .take()
             .map(|s| s.resolve(&self.device, &mut rec.enc));
+        if let (Some(times), Some(set)) = (&self.pass_times, rec.pass_stamps.take()) {
+            times.resolve(&self.device, &mut rec.enc, &set);
+        }
         self.queue.submit([rec.enc.finish()]);
         if let Some(t) = &self.host_times {
             t.submit.add(start);
@@ -625,6 +631,8 @@ impl WgpuBackend {
         let limits = adapter.limits();
         let timed = qfuse_core::knobs::env_flag("QFUSE_WGPU_GPU_TIMES")
             && adapter.features().contains(GpuTimes::FEATURES);
+        let pass_timed = qfuse_core::knobs::env_flag("QFUSE_WGPU_PASS_TIMES")
+            && adapter.features().contains(PassTimes::FEATURES);
         // Subgroup operations where the adapter has them (the `_sg` GEMV build needs them).
         let subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
         let env_gemv = std::env::var("QFUSE_WGPU_GEMV").ok();
@@ -635,6 +643,9 @@ impl WgpuBackend {
         let mut features = wgpu::Features::empty();
         if timed {
             features |= GpuTimes::FEATURES;
+        }
+        if pass_timed {
+            features |= PassTimes::FEATURES;
         }
         if subgroups {
             features |= wgpu::Features::SUBGROUP;
@@ -721,6 +732,7 @@ impl WgpuBackend {
                 host_times: qfuse_core::knobs::env_flag("QFUSE_WGPU_HOST_TIMES")
                     .then(HostTimes::default),
                 gpu_times: timed.then(|| GpuTimes::new(queue.get_timestamp_period())),
+                pass_times: pass_timed.then(|| PassTimes::new(queue.get_timestamp_period())),
                 queue,
             }),
         })
@@ -760,14 +772,21 @@ impl WgpuBackend {
     /// What the timing knobs measured so far: with `QFUSE_WGPU_HOST_TIMES=1`, the host time
     /// spent recording dispatches, submitting and waiting; with `QFUSE_WGPU_GPU_TIMES=1` (where
     /// the adapter has timestamps inside passes), each pipeline's device time between the
-    /// timestamps around its dispatches. `None` with neither set.
+    /// timestamps around its dispatches; with `QFUSE_WGPU_PASS_TIMES=1`, how long the device was
+    /// busy with the submitted passes and idle between them. `None` with none set.
     pub fn timing_report(&self) -> Option<String> {
-        let host = self.inner.host_times.as_ref().map(HostTimes::report);
-        let gpu = self.inner.gpu_times.as_ref().map(GpuTimes::report);
-        match (host, gpu) {
-            (Some(h), Some(g)) => Some(format!("{h}\n{g}")),
-            (h, g) => h.or(g),
-        }
+        let reports: Vec<String> = [
+            self.inner.host_times.as_ref().map(HostTimes::report),
+            self.inner.gpu_times.as_ref().map(GpuTimes::report),
+            self.inner
+                .pass_times
+                .as_ref()
+                .map(|t| t.report(&self.inner.device)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        (!reports.is_empty()).then(|| reports.join("\n"))
     }
 
     /// A matrix's bytes (`dtype` elements, row-major) in one buffer, or split by rows into parts
@@ -1111,12 +1130,23 @@ impl WgpuBackend {
                 .inner
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            let pass_stamps = self
+                .inner
+                .pass_times
+                .as_ref()
+                .map(|_| PassTimes::query_set(&self.inner.device));
             // One pass for the whole burst: wgpu still orders each dispatch after the ones
             // whose buffers it reads (a usage scope per dispatch), without a pass per op.
             let mut pass = enc
                 .begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: None,
-                    timestamp_writes: None,
+                    timestamp_writes: pass_stamps.as_ref().map(|set| {
+                        wgpu::ComputePassTimestampWrites {
+                            query_set: set,
+                            beginning_of_pass_write_index: Some(0),
+                            end_of_pass_write_index: Some(1),
+                        }
+                    }),
                 })
                 .forget_lifetime();
             let stamps = self
@@ -1130,6 +1160,7 @@ impl WgpuBackend {
                 dispatches: 0,
                 retired: Vec::new(),
                 stamps,
+                pass_stamps,
             }
         });
         if let Some(pass) = rec.pass.as_mut() {

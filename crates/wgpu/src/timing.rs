@@ -193,3 +193,103 @@ impl GpuTimes {
         out
     }
 }
+
+/// When each submitted pass began and ended on the device (`QFUSE_WGPU_PASS_TIMES=1`): two
+/// timestamps a submission, read only when reported, so the host keeps running ahead of the
+/// device. Busy time against the span between the first pass's start and the last's end says
+/// whether the device ever waits for the host, and for how long.
+pub(crate) struct PassTimes {
+    ns_per_tick: f64,
+    pending: Mutex<Vec<wgpu::Buffer>>,
+}
+
+impl PassTimes {
+    pub(crate) const FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY;
+
+    pub(crate) fn new(ns_per_tick: f32) -> Self {
+        PassTimes {
+            ns_per_tick: f64::from(ns_per_tick),
+            pending: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A query set for one pass's two timestamps.
+    pub(crate) fn query_set(device: &wgpu::Device) -> wgpu::QuerySet {
+        device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("pass stamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        })
+    }
+
+    /// Copies `set`'s stamps to a mappable buffer at the end of `enc` (its pass already ended),
+    /// to be read at the report.
+    pub(crate) fn resolve(
+        &self,
+        device: &wgpu::Device,
+        enc: &mut wgpu::CommandEncoder,
+        set: &wgpu::QuerySet,
+    ) {
+        let buffer = |usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: 16,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let resolved = buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
+        let readback = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+        enc.resolve_query_set(set, 0..2, &resolved, 0);
+        enc.copy_buffer_to_buffer(&resolved, 0, &readback, 0, 16);
+        lock(&self.pending).push(readback);
+    }
+
+    /// Reads every pass's stamps so far and sums them up.
+    pub(crate) fn report(&self, device: &wgpu::Device) -> String {
+        let buffers = std::mem::take(&mut *lock(&self.pending));
+        for b in &buffers {
+            b.slice(..).map_async(wgpu::MapMode::Read, |_| {});
+        }
+        if device.poll(wgpu::PollType::wait_indefinitely()).is_err() {
+            return "wgpu pass times: the device could not be polled".into();
+        }
+        let mut passes: Vec<(u64, u64)> = buffers
+            .iter()
+            .filter_map(|b| {
+                let view = b.slice(..).get_mapped_range().ok()?;
+                let t: Vec<u64> = view
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect();
+                Some((t[0], t[1]))
+            })
+            .collect();
+        passes.sort_unstable();
+        let (Some(first), Some(last)) = (passes.first(), passes.last()) else {
+            return "wgpu pass times: no passes".into();
+        };
+        let ms = |ticks: u64| ticks as f64 * self.ns_per_tick / 1e6;
+        let busy: u64 = passes.iter().map(|(b, e)| e.saturating_sub(*b)).sum();
+        let span = last.1.saturating_sub(first.0);
+        let mut gaps: Vec<u64> = passes
+            .windows(2)
+            .map(|w| w[1].0.saturating_sub(w[0].1))
+            .collect();
+        gaps.sort_unstable();
+        let idle: u64 = gaps.iter().sum();
+        let median = gaps.get(gaps.len() / 2).copied().unwrap_or(0);
+        let long = gaps.iter().filter(|g| ms(**g) > 0.05).count();
+        format!(
+            "wgpu pass times: {} passes, device busy {:.1} ms of a {:.1} ms span ({:.0}%); idle between passes {:.1} ms, median gap {:.1} µs, {} gaps over 50 µs ({:.1} ms)",
+            passes.len(),
+            ms(busy),
+            ms(span),
+            100.0 * busy as f64 / span.max(1) as f64,
+            ms(idle),
+            ms(median) * 1e3,
+            long,
+            ms(gaps.iter().filter(|g| ms(**g) > 0.05).sum())
+        )
+    }
+}
