@@ -315,8 +315,9 @@ pub struct WgpuBatch {
     tables: wgpu::Buffer,
     max_blocks: usize,
     /// The RoPE table for these positions, made by the first op that needs it: (head_dim,
-    /// theta bits, table).
-    rope: std::sync::Mutex<Option<(usize, u64, wgpu::Buffer)>>,
+    /// theta bits, table). [`Backend::update_batch`] rewrites it in place, so a decode step's
+    /// attention binds the same buffer every step (and finds its bind group cached).
+    rope: std::sync::Mutex<Option<(usize, u64, WgpuTensor)>>,
     /// The flash prompt attention's query blocks ([first token, tokens] each, and their count),
     /// made by the first op that needs them.
     flash_blocks: std::sync::Mutex<Option<(usize, wgpu::Buffer)>>,
@@ -347,6 +348,8 @@ struct Inner {
     /// Idle output buffers by size: creating a buffer per op costs more than most ops on a GPU
     /// (a decode step runs hundreds), so dropped outputs are reused.
     free_outputs: std::sync::Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
+    /// Idle mappable buffers for reading results back, by size (a decode step reads its ids).
+    free_staging: std::sync::Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     params: std::sync::Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
     /// One bf16 GEMV build for every size (`QFUSE_WGPU_GEMV=v8|wide|sg|tiled`, for
     /// measurements).
@@ -712,6 +715,7 @@ impl WgpuBackend {
                 adapter: adapter_name,
                 max_binding,
                 free_outputs: std::sync::Mutex::new(HashMap::new()),
+                free_staging: std::sync::Mutex::new(HashMap::new()),
                 params: std::sync::Mutex::new(HashMap::new()),
                 subgroups,
                 gemv_build,
@@ -1054,14 +1058,30 @@ impl WgpuBackend {
             .lock()
             .map_err(|_| Error::invalid("rope", "table lock poisoned"))?;
         let key = (cfg.head_dim, cfg.rope_theta.to_bits());
-        if let Some((d, theta, buf)) = cached.as_ref() {
+        if let Some((d, theta, table)) = cached.as_ref() {
             if (*d, *theta) == key {
-                return Ok(buf.clone());
+                return Ok(table.buf()?.clone());
             }
         }
-        let buf = self.buffer(bytemuck::cast_slice(&rope_table(&batch.info, cfg)))?;
-        *cached = Some((key.0, key.1, buf.clone()));
+        let values = rope_table(&batch.info, cfg.head_dim, cfg.rope_theta);
+        let table = self.upload_pooled(bytemuck::cast_slice(&values))?;
+        let buf = table.buf()?.clone();
+        *cached = Some((key.0, key.1, table));
         Ok(buf)
+    }
+
+    /// `words` in a buffer from the output pool, written by the queue: the same few buffers
+    /// serve every decode step's small uploads, so the dispatches that bind them find their
+    /// bind groups cached. A pooled buffer is free only once no unsubmitted dispatch uses it
+    /// ([`Inner::return_output`]), and the write lands before any dispatch recorded after it.
+    fn upload_pooled(&self, words: &[u32]) -> Result<WgpuTensor> {
+        let t = self.output([words.len()])?;
+        if !words.is_empty() {
+            self.inner
+                .queue
+                .write_buffer(t.buf()?, 0, bytemuck::cast_slice(words));
+        }
+        Ok(t)
     }
 
     /// The params buffer holding `params`, made once per distinct list (a decode step's are the
@@ -1211,6 +1231,7 @@ impl WgpuBackend {
         if let Some(b) = cache.get(&key) {
             return Ok(b.clone());
         }
+        let start = Instant::now();
         let entries: Vec<wgpu::BindGroupEntry> = key
             .1
             .iter()
@@ -1233,6 +1254,9 @@ impl WgpuBackend {
             cache.clear();
         }
         cache.insert(key, bind.clone());
+        if let Some(t) = &self.inner.host_times {
+            t.bind_groups.add(start);
+        }
         Ok(bind)
     }
 
@@ -1251,19 +1275,35 @@ impl WgpuBackend {
     }
 
     fn read_bytes(&self, buf: &wgpu::Buffer) -> Result<Vec<u8>> {
-        self.flush()?;
-        let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: buf.size(),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
+        let pooled = lock(&self.inner.free_staging)
+            .get_mut(&buf.size())
+            .and_then(Vec::pop);
+        let staging = pooled.unwrap_or_else(|| {
+            self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: buf.size(),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
         });
-        let mut enc = self
-            .inner
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
-        self.inner.queue.submit([enc.finish()]);
+        // The copy ends the thread's recording, in the same submission as the work it reads.
+        let pending = lock(&self.inner.pending).remove(&std::thread::current().id());
+        match pending {
+            Some(mut rec) => {
+                drop(rec.pass.take()); // ends the pass, unlocking the encoder
+                rec.enc
+                    .copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
+                self.inner.submit(rec);
+            }
+            None => {
+                let mut enc = self
+                    .inner
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+                enc.copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
+                self.inner.queue.submit([enc.finish()]);
+            }
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
@@ -1279,6 +1319,10 @@ impl WgpuBackend {
         rx.recv().map_err(wgpu_err)?.map_err(wgpu_err)?;
         let bytes = staging.get_mapped_range(..).map_err(wgpu_err)?.to_vec();
         staging.unmap();
+        lock(&self.inner.free_staging)
+            .entry(staging.size())
+            .or_default()
+            .push(staging);
         Ok(bytes)
     }
 }
@@ -1388,14 +1432,13 @@ fn matrix(t: &WgpuTensor, op: &'static str) -> Result<(usize, usize)> {
 }
 
 /// (cos, sin) of every token's position for each of the d/2 frequencies, computed in f64.
-fn rope_table(batch: &BatchInfo, cfg: &AttentionConfig) -> Vec<f32> {
-    let half = cfg.head_dim / 2;
+fn rope_table(batch: &BatchInfo, head_dim: usize, theta: f64) -> Vec<f32> {
+    let half = head_dim / 2;
     let mut cs = Vec::with_capacity(batch.num_tokens() * half * 2);
     for &pos in batch.positions() {
         for i in 0..half {
-            let (s, c) = (f64::from(pos)
-                * cfg.rope_theta.powf(-((2 * i) as f64) / cfg.head_dim as f64))
-            .sin_cos();
+            let (s, c) =
+                (f64::from(pos) * theta.powf(-((2 * i) as f64) / head_dim as f64)).sin_cos();
             cs.push(c as f32);
             cs.push(s as f32);
         }
@@ -1490,16 +1533,19 @@ impl Backend for WgpuBackend {
         q.write_buffer(&batch.token_seq, 0, bytemuck::cast_slice(info.token_seq()));
         q.write_buffer(&batch.tables, 0, bytemuck::cast_slice(&tables));
         batch.info = info.clone();
-        *batch
-            .rope
-            .lock()
-            .map_err(|_| Error::invalid("rope", "table lock poisoned"))? = None;
+        // The RoPE table for the new positions, in the same buffer (same token count).
+        if let Some((d, theta, table)) = lock(&batch.rope).as_ref() {
+            let values = rope_table(info, *d, f64::from_bits(*theta));
+            q.write_buffer(table.buf()?, 0, bytemuck::cast_slice(&values));
+        }
         *lock(&batch.flash_blocks) = None;
         Ok(true)
     }
 
     fn prepare_batch(&self, info: &BatchInfo) -> Result<WgpuBatch> {
-        let max_blocks = info.max_table_len().max(1);
+        // Room for the tables to grow, so decode steps keep updating this batch in place
+        // (the same buffers, the same cached bind groups) for many blocks.
+        let max_blocks = info.max_table_len().max(1).next_power_of_two();
         let tables = info.padded_block_tables(max_blocks);
         Ok(WgpuBatch {
             info: info.clone(),
@@ -1523,7 +1569,7 @@ impl Backend for WgpuBackend {
         }
         let out = self.output([ids.len(), c])?;
         if !ids.is_empty() {
-            let idb = self.u32s(ids)?;
+            let idb = self.upload_pooled(ids)?;
             for (i, part) in table.parts.iter().enumerate() {
                 let start = i * table.rows_per_part;
                 let rows = table.rows_per_part.min(n - start);
@@ -1541,7 +1587,7 @@ impl Backend for WgpuBackend {
                 self.run(
                     kernel,
                     &params,
-                    &[part, &idb, out.buf()?],
+                    &[part, idb.buf()?, out.buf()?],
                     (c.div_ceil(64), ids.len()),
                 )?;
             }

@@ -43,13 +43,16 @@ pub(crate) struct HostTimes {
     pub(crate) record: Tally,
     pub(crate) submit: Tally,
     pub(crate) wait: Tally,
+    /// Bind groups made because the cache had none for a dispatch's buffers (part of `record`).
+    pub(crate) bind_groups: Tally,
 }
 
 impl HostTimes {
     pub(crate) fn report(&self) -> String {
         format!(
-            "wgpu host times: dispatches recorded {}; submissions {}; waits {}",
+            "wgpu host times: dispatches recorded {} (bind groups made {}); submissions {}; waits {}",
             self.record.describe(),
+            self.bind_groups.describe(),
             self.submit.describe(),
             self.wait.describe()
         )
