@@ -338,11 +338,6 @@ impl AsMut<BatchInfo> for WgpuBatch {
 struct Inner {
     device: wgpu::Device,
     queue: wgpu::Queue,
-    /// The submission thread's queue (`None` with `QFUSE_WGPU_SUBMIT_THREAD=0`): ending a
-    /// recording's pass, finishing it and submitting it costs the host ~90 µs a burst on the
-    /// H200's machine, as much as recording it, so another thread does it while this one
-    /// records the next burst.
-    submitter: Option<std::sync::mpsc::Sender<SubmitJob>>,
     /// Dispatches each thread recorded since its last submission: one command buffer per burst of
     /// ops, sent when that thread reads a result or synchronises.
     pending: std::sync::Mutex<HashMap<std::thread::ThreadId, Recording>>,
@@ -378,91 +373,21 @@ struct Inner {
     pass_times: Option<PassTimes>,
 }
 
-/// Work for the submission thread, done in the order sent.
-enum SubmitJob {
-    /// Submit this recording, then free the buffers retired during it.
-    Submit(Box<Recording>),
-    /// Free this buffer (once the recordings sent before it are submitted).
-    Retire(wgpu::Buffer),
-    /// Answer once everything sent before has been submitted.
-    Sync(std::sync::mpsc::Sender<()>),
-}
-
-/// The submission thread: runs jobs until the backend is dropped (its sender with it).
-fn submit_thread(inner: std::sync::Weak<Inner>, jobs: std::sync::mpsc::Receiver<SubmitJob>) {
-    while let Ok(job) = jobs.recv() {
-        match job {
-            SubmitJob::Submit(rec) => {
-                if let Some(inner) = inner.upgrade() {
-                    inner.submit(*rec);
-                }
-            }
-            SubmitJob::Retire(buf) => {
-                if let Some(inner) = inner.upgrade() {
-                    inner.free(buf);
-                }
-            }
-            SubmitJob::Sync(done) => {
-                let _ = done.send(());
-            }
-        }
-    }
-}
-
 impl Inner {
     /// Takes back a dropped output buffer. wgpu orders the uses of a buffer in submission order,
-    /// so the one hazard is a buffer dropped while dispatches that use it are recorded but not
-    /// yet submitted: another thread could take it and submit a write first, or a queued write
-    /// (`upload_pooled`) could land before them. Such a buffer waits in the thread's recording,
-    /// or behind the recordings sent to the submission thread, until those are submitted.
+    /// so the one hazard is a buffer dropped while dispatches that use it are still recorded on
+    /// this thread, unsubmitted: another thread could take it and submit a write first. Such a
+    /// buffer waits in the thread's recording until that is submitted.
     fn return_output(&self, buf: wgpu::Buffer) {
         let mut pending = lock(&self.pending);
         match pending.get_mut(&std::thread::current().id()) {
             Some(rec) => rec.retired.push(buf),
             None => {
                 drop(pending);
-                match &self.submitter {
-                    Some(jobs) => {
-                        if let Err(std::sync::mpsc::SendError(SubmitJob::Retire(buf))) =
-                            jobs.send(SubmitJob::Retire(buf))
-                        {
-                            self.free(buf);
-                        }
-                    }
-                    None => self.free(buf),
-                }
-            }
-        }
-    }
-
-    fn free(&self, buf: wgpu::Buffer) {
-        lock(&self.free_outputs)
-            .entry(buf.size())
-            .or_default()
-            .push(buf);
-    }
-
-    /// Hands a recording to the submission thread (or submits it here without one).
-    fn send(&self, rec: Recording) {
-        match &self.submitter {
-            Some(jobs) => {
-                if let Err(std::sync::mpsc::SendError(SubmitJob::Submit(rec))) =
-                    jobs.send(SubmitJob::Submit(Box::new(rec)))
-                {
-                    self.submit(*rec);
-                }
-            }
-            None => self.submit(rec),
-        }
-    }
-
-    /// Waits until every recording sent so far has been submitted to the queue (so a queued
-    /// write lands after them, and a readback's wait covers them).
-    fn sync(&self) {
-        if let Some(jobs) = &self.submitter {
-            let (done, wait) = std::sync::mpsc::channel();
-            if jobs.send(SubmitJob::Sync(done)).is_ok() {
-                let _ = wait.recv();
+                lock(&self.free_outputs)
+                    .entry(buf.size())
+                    .or_default()
+                    .push(buf);
             }
         }
     }
@@ -486,8 +411,9 @@ impl Inner {
         if let (Some(times), Some(stamps)) = (&self.gpu_times, stamps) {
             times.collect(&self.device, stamps);
         }
+        let mut free = lock(&self.free_outputs);
         for buf in retired {
-            self.free(buf);
+            free.entry(buf.size()).or_default().push(buf);
         }
     }
 }
@@ -781,24 +707,8 @@ impl WgpuBackend {
         let max_binding = limit.map_or(limits.max_storage_buffer_binding_size, |l| {
             l.min(limits.max_storage_buffer_binding_size)
         });
-        let threaded = !matches!(
-            std::env::var("QFUSE_WGPU_SUBMIT_THREAD").as_deref(),
-            Ok("0")
-        );
         Ok(WgpuBackend {
-            inner: Arc::new_cyclic(|weak| Inner {
-                submitter: threaded
-                    .then(|| {
-                        let (jobs, incoming) = std::sync::mpsc::channel();
-                        let weak = weak.clone();
-                        // Detached: it ends when the backend's sender drops.
-                        std::thread::Builder::new()
-                            .name("qfuse-wgpu-submit".into())
-                            .spawn(move || submit_thread(weak, incoming))
-                            .map(|_| jobs)
-                            .ok()
-                    })
-                    .flatten(),
+            inner: Arc::new(Inner {
                 device,
                 pending: std::sync::Mutex::new(HashMap::new()),
                 pipelines,
@@ -1293,7 +1203,7 @@ impl WgpuBackend {
         let stamps_full = rec.stamps.as_ref().is_some_and(DispatchStamps::full);
         if rec.dispatches >= self.inner.submit_every || stamps_full {
             if let Some(rec) = pending.remove(&thread) {
-                self.inner.send(rec);
+                self.inner.submit(rec);
             }
         }
         Ok(())
@@ -1359,9 +1269,8 @@ impl WgpuBackend {
             .map_err(|_| Error::invalid("wgpu", "command encoder lock poisoned"))?
             .remove(&std::thread::current().id());
         if let Some(rec) = enc {
-            self.inner.send(rec);
+            self.inner.submit(rec);
         }
-        self.inner.sync();
         Ok(())
     }
 
@@ -1384,11 +1293,9 @@ impl WgpuBackend {
                 drop(rec.pass.take()); // ends the pass, unlocking the encoder
                 rec.enc
                     .copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
-                self.inner.send(rec);
-                self.inner.sync();
+                self.inner.submit(rec);
             }
             None => {
-                self.inner.sync();
                 let mut enc = self
                     .inner
                     .device
