@@ -194,6 +194,8 @@ struct Recording {
     pass: Option<wgpu::ComputePass<'static>>,
     enc: wgpu::CommandEncoder,
     dispatches: usize,
+    /// Dispatches this burst takes before it is submitted.
+    limit: usize,
     retired: Vec<wgpu::Buffer>,
     /// With `QFUSE_WGPU_GPU_TIMES=1`: a timestamp after each dispatch.
     stamps: Option<DispatchStamps>,
@@ -208,6 +210,8 @@ struct Recording {
 /// session, H100, two interleaved sweeps) 4 → 2.62/2.64 ms, 8 → 2.41/2.35, 16 → 2.19/2.24,
 /// 32 → 2.20/2.19, 64 → 2.31/2.15.
 const SUBMIT_EVERY: usize = 16;
+/// The largest burst (`QFUSE_WGPU_SUBMIT_MAX`): bursts double from [`SUBMIT_EVERY`] up to it.
+const SUBMIT_MAX: usize = 16;
 
 /// Bind groups by pipeline name and bound buffers (params first).
 type BindGroups = HashMap<(&'static str, Vec<wgpu::Buffer>), wgpu::BindGroup>;
@@ -359,7 +363,12 @@ struct Inner {
     tiled_from: usize,
     /// The device has subgroup operations (and the `_sg` pipelines).
     subgroups: bool,
+    /// A thread's first burst after a readback or flush (`QFUSE_WGPU_SUBMIT_EVERY`); each next
+    /// burst is twice the last, up to `submit_max` (`QFUSE_WGPU_SUBMIT_MAX`).
     submit_every: usize,
+    submit_max: usize,
+    /// Each thread's next burst size, while it grows.
+    next_burst: std::sync::Mutex<HashMap<std::thread::ThreadId, usize>>,
     /// Workgroups attention aims for by splitting contexts (`QFUSE_WGPU_ATTENTION_WORKGROUPS`,
     /// default 256; at most the heads × tokens means one split and no combine dispatch).
     attention_workgroups: usize,
@@ -722,6 +731,8 @@ impl WgpuBackend {
                 tiled_from: env_knob("QFUSE_WGPU_TILED_FROM", 1..=1 << 30).unwrap_or(TILED_FROM),
                 submit_every: env_knob("QFUSE_WGPU_SUBMIT_EVERY", 1..=1 << 20)
                     .unwrap_or(SUBMIT_EVERY),
+                submit_max: env_knob("QFUSE_WGPU_SUBMIT_MAX", 1..=1 << 20).unwrap_or(SUBMIT_MAX),
+                next_burst: std::sync::Mutex::new(HashMap::new()),
                 attention_workgroups: env_knob("QFUSE_WGPU_ATTENTION_WORKGROUPS", 1..=1 << 20)
                     .unwrap_or(256),
                 attention_min_chunk: env_knob("QFUSE_WGPU_ATTENTION_MIN_CHUNK", 1..=1 << 20)
@@ -1145,6 +1156,10 @@ impl WgpuBackend {
             .lock()
             .map_err(|_| Error::invalid("wgpu", "command encoder lock poisoned"))?;
         let thread = std::thread::current().id();
+        let limit = lock(&self.inner.next_burst)
+            .get(&thread)
+            .copied()
+            .unwrap_or(self.inner.submit_every);
         let rec = pending.entry(thread).or_insert_with(|| {
             let mut enc = self
                 .inner
@@ -1178,6 +1193,7 @@ impl WgpuBackend {
                 pass: Some(pass),
                 enc,
                 dispatches: 0,
+                limit,
                 retired: Vec::new(),
                 stamps,
                 pass_stamps,
@@ -1201,8 +1217,12 @@ impl WgpuBackend {
         }
         // Submit in bursts, so the GPU starts on a step while the rest of it is recorded.
         let stamps_full = rec.stamps.as_ref().is_some_and(DispatchStamps::full);
-        if rec.dispatches >= self.inner.submit_every || stamps_full {
+        if rec.dispatches >= rec.limit || stamps_full {
             if let Some(rec) = pending.remove(&thread) {
+                let next = (rec.limit * 2)
+                    .min(self.inner.submit_max)
+                    .max(self.inner.submit_every);
+                lock(&self.inner.next_burst).insert(thread, next);
                 self.inner.submit(rec);
             }
         }
@@ -1262,6 +1282,7 @@ impl WgpuBackend {
 
     /// Submits the dispatches recorded so far as one command buffer.
     fn flush(&self) -> Result<()> {
+        lock(&self.inner.next_burst).remove(&std::thread::current().id());
         let enc = self
             .inner
             .pending
@@ -1286,7 +1307,9 @@ impl WgpuBackend {
                 mapped_at_creation: false,
             })
         });
-        // The copy ends the thread's recording, in the same submission as the work it reads.
+        // The copy ends the thread's recording, in the same submission as the work it reads;
+        // the next work (a decode step's next step) starts with a small burst again.
+        lock(&self.inner.next_burst).remove(&std::thread::current().id());
         let pending = lock(&self.inner.pending).remove(&std::thread::current().id());
         match pending {
             Some(mut rec) => {
