@@ -351,7 +351,11 @@ struct Inner {
     max_binding: u64,
     /// Idle output buffers by size: creating a buffer per op costs more than most ops on a GPU
     /// (a decode step runs hundreds), so dropped outputs are reused.
-    free_outputs: std::sync::Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
+    /// Each size's set is ordered and hands out its first buffer, so which buffer an op gets
+    /// depends only on which are free, not on the order they came back in: a decode step then
+    /// binds the same buffers every step and finds its bind groups cached (a stack's order
+    /// drifted from step to step and made ~18 bind groups a step on the 0.6B model).
+    free_outputs: std::sync::Mutex<HashMap<u64, std::collections::BTreeSet<wgpu::Buffer>>>,
     /// Idle mappable buffers for reading results back, by size (a decode step reads its ids).
     free_staging: std::sync::Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     params: std::sync::Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
@@ -396,7 +400,7 @@ impl Inner {
                 lock(&self.free_outputs)
                     .entry(buf.size())
                     .or_default()
-                    .push(buf);
+                    .insert(buf);
             }
         }
     }
@@ -422,7 +426,7 @@ impl Inner {
         }
         let mut free = lock(&self.free_outputs);
         for buf in retired {
-            free.entry(buf.size()).or_default().push(buf);
+            free.entry(buf.size()).or_default().insert(buf);
         }
     }
 }
@@ -895,7 +899,7 @@ impl WgpuBackend {
             .lock()
             .map_err(|_| Error::invalid("wgpu", "buffer pool lock poisoned"))?
             .get_mut(&class)
-            .and_then(Vec::pop);
+            .and_then(std::collections::BTreeSet::pop_first);
         let mut t = match reused {
             Some(buf) => WgpuTensor::single(shape, buf),
             None => self.fresh(shape, class)?,
