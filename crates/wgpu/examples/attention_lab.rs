@@ -11,6 +11,8 @@
 //! median of seven runs. Every variant's output is checked against the backend shader's.
 //! `LAB_COMBINE=file.wgsl` runs every variant with another combine shader.
 //!
+//! `attention_lab/generate.py` writes the ablations and designs `PROBE=attention_lab` runs.
+//!
 //! Run: `cargo run --release -p qfuse-wgpu --example attention_lab -- [variant.wgsl ...]`.
 use std::process::ExitCode;
 

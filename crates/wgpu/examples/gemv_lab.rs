@@ -12,6 +12,8 @@
 //! dispatches, median of seven runs; "apart" is the same with an output per dispatch (no
 //! barriers: the streaming rate). Every variant's output is checked against the backend build's.
 //!
+//! `gemv_lab/generate.py` writes the variants `PROBE=gemv_lab` runs.
+//!
 //! Run: `cargo run --release -p qfuse-wgpu --example gemv_lab -- [variant.wgsl ...]`.
 use std::process::ExitCode;
 
