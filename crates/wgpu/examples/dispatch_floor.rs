@@ -44,36 +44,23 @@ fn main() -> ExitCode {
     }
 }
 
-type Res<T> = std::result::Result<T, String>;
+mod common;
+use common::{median, Res};
 
+/// The wgpu side: the shared lab device, and what the runs bind.
 struct Gpu {
-    device: wgpu::Device,
-    queue: wgpu::Queue,
+    lab: common::Gpu,
     /// Two pipelines of the same shader, for runs that switch pipelines every dispatch as a
     /// decode step does.
     pipelines: [wgpu::ComputePipeline; 2],
     /// One small storage buffer per dispatch of the longest run (the independent variant).
     buffers: Vec<wgpu::Buffer>,
     groups: Vec<wgpu::BindGroup>,
-    ns_per_tick: f64,
 }
 
 fn run() -> Res<()> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
-    let adapter = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::VULKAN))
-        .into_iter()
-        .next()
-        .ok_or("no Vulkan adapter")?;
-    if !adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
-        return Err("the adapter has no timestamp queries".into());
-    }
-    println!("adapter: {}", adapter.get_info().name);
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        label: Some("dispatch_floor"),
-        required_features: wgpu::Features::TIMESTAMP_QUERY,
-        ..Default::default()
-    }))
-    .map_err(|e| e.to_string())?;
+    let lab = common::Gpu::open(wgpu::Features::empty())?;
+    let device = &lab.device;
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some("bump"),
         source: wgpu::ShaderSource::Wgsl(SHADER.into()),
@@ -129,14 +116,11 @@ fn run() -> Res<()> {
             })
         })
         .collect();
-    let ns_per_tick = f64::from(queue.get_timestamp_period());
     let gpu = Gpu {
-        device,
-        queue,
+        lab,
         pipelines,
         buffers,
         groups,
-        ns_per_tick,
     };
     let raw = Raw::new(&gpu)?;
     println!(
@@ -197,29 +181,10 @@ fn run() -> Res<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 impl Gpu {
     /// Device ns of `n` dispatches of `grid` workgroups in one wgpu compute pass.
     fn wgpu_run(&self, n: u32, grid: u32, shared: bool, switch: bool) -> Res<f64> {
-        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: None,
-            ty: wgpu::QueryType::Timestamp,
-            count: 2,
-        });
-        let mut enc = self.device.create_command_encoder(&Default::default());
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: None,
-                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                    query_set: &set,
-                    beginning_of_pass_write_index: Some(0),
-                    end_of_pass_write_index: Some(1),
-                }),
-            });
+        self.lab.timed(|pass| {
             pass.set_pipeline(&self.pipelines[0]);
             for i in 0..n as usize {
                 if switch {
@@ -228,33 +193,7 @@ impl Gpu {
                 pass.set_bind_group(0, &self.groups[if shared { 0 } else { i }], &[]);
                 pass.dispatch_workgroups(grid, 1, 1);
             }
-        }
-        let resolved = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: 16,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: 16,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        enc.resolve_query_set(&set, 0..2, &resolved, 0);
-        enc.copy_buffer_to_buffer(&resolved, 0, &readback, 0, 16);
-        self.queue.submit([enc.finish()]);
-        let slice = readback.slice(..);
-        slice.map_async(wgpu::MapMode::Read, |_| {});
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| e.to_string())?;
-        let view = slice.get_mapped_range().map_err(|e| e.to_string())?;
-        let t: Vec<u64> = view
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
-        Ok(t[1].saturating_sub(t[0]) as f64 * self.ns_per_tick)
+        })
     }
 }
 
@@ -283,7 +222,8 @@ impl Raw {
     fn new(gpu: &Gpu) -> Res<Raw> {
         // SAFETY: the hal device is only read for its handles; wgpu keeps it alive as long as
         // `gpu.device`, which outlives every use below (the process ends after them).
-        let hal = unsafe { gpu.device.as_hal::<Vulkan>() }.ok_or("the adapter is not Vulkan")?;
+        let hal =
+            unsafe { gpu.lab.device.as_hal::<Vulkan>() }.ok_or("the adapter is not Vulkan")?;
         let device = hal.raw_device().clone();
         let queue = hal.raw_queue();
         let family = hal.queue_family_index();
@@ -401,7 +341,7 @@ impl Raw {
                 buffer,
                 pool,
                 queries,
-                ns_per_tick: gpu.ns_per_tick,
+                ns_per_tick: gpu.lab.ns_per_tick(),
             })
         }
     }

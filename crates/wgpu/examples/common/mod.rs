@@ -121,6 +121,11 @@ impl Gpu {
         })
     }
 
+    /// Nanoseconds a device timestamp tick.
+    pub fn ns_per_tick(&self) -> f64 {
+        self.ns_per_tick
+    }
+
     pub fn buffer(&self, bytes: &[u8], usage: wgpu::BufferUsages) -> wgpu::Buffer {
         use wgpu::util::DeviceExt;
         self.device
