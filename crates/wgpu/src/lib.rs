@@ -397,11 +397,16 @@ impl Inner {
             Some(rec) => rec.retired.push(buf),
             None => {
                 drop(pending);
-                lock(&self.free_outputs)
-                    .entry(buf.size())
-                    .or_default()
-                    .insert(buf);
+                self.free(vec![buf]);
             }
+        }
+    }
+
+    /// Puts `bufs` back in the output pool.
+    fn free(&self, bufs: Vec<wgpu::Buffer>) {
+        let mut free = lock(&self.free_outputs);
+        for buf in bufs {
+            free.entry(buf.size()).or_default().insert(buf);
         }
     }
 
@@ -424,10 +429,7 @@ impl Inner {
         if let (Some(times), Some(stamps)) = (&self.gpu_times, stamps) {
             times.collect(&self.device, stamps);
         }
-        let mut free = lock(&self.free_outputs);
-        for buf in retired {
-            free.entry(buf.size()).or_default().insert(buf);
-        }
+        self.free(retired);
     }
 }
 
@@ -1286,17 +1288,18 @@ impl WgpuBackend {
 
     /// Submits the dispatches recorded so far as one command buffer.
     fn flush(&self) -> Result<()> {
-        lock(&self.inner.next_burst).remove(&std::thread::current().id());
-        let enc = self
-            .inner
-            .pending
-            .lock()
-            .map_err(|_| Error::invalid("wgpu", "command encoder lock poisoned"))?
-            .remove(&std::thread::current().id());
-        if let Some(rec) = enc {
+        if let Some(rec) = self.take_recording() {
             self.inner.submit(rec);
         }
         Ok(())
+    }
+
+    /// This thread's open recording, taken for submission; its next one starts with the first
+    /// (small) burst again.
+    fn take_recording(&self) -> Option<Recording> {
+        let thread = std::thread::current().id();
+        lock(&self.inner.next_burst).remove(&thread);
+        lock(&self.inner.pending).remove(&thread)
     }
 
     fn read_bytes(&self, buf: &wgpu::Buffer) -> Result<Vec<u8>> {
@@ -1311,11 +1314,8 @@ impl WgpuBackend {
                 mapped_at_creation: false,
             })
         });
-        // The copy ends the thread's recording, in the same submission as the work it reads;
-        // the next work (a decode step's next step) starts with a small burst again.
-        lock(&self.inner.next_burst).remove(&std::thread::current().id());
-        let pending = lock(&self.inner.pending).remove(&std::thread::current().id());
-        match pending {
+        // The copy ends the thread's recording, in the same submission as the work it reads.
+        match self.take_recording() {
             Some(mut rec) => {
                 drop(rec.pass.take()); // ends the pass, unlocking the encoder
                 rec.enc

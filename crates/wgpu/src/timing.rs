@@ -101,26 +101,42 @@ impl DispatchStamps {
         enc: &mut wgpu::CommandEncoder,
     ) -> ResolvedStamps {
         let count = self.kernels.len() as u32 + 1;
-        let bytes = u64::from(count) * 8;
-        let resolved = device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: bytes,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let readback = device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        enc.resolve_query_set(&self.set, 0..count, &resolved, 0);
-        enc.copy_buffer_to_buffer(&resolved, 0, &readback, 0, bytes);
         ResolvedStamps {
-            readback,
+            readback: resolve_stamps(device, enc, &self.set, count),
             kernels: self.kernels,
         }
     }
+}
+
+/// Copies the first `count` stamps of `set` to a new mappable buffer at the end of `enc`.
+fn resolve_stamps(
+    device: &wgpu::Device,
+    enc: &mut wgpu::CommandEncoder,
+    set: &wgpu::QuerySet,
+    count: u32,
+) -> wgpu::Buffer {
+    let bytes = u64::from(count) * 8;
+    let buffer = |usage| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let resolved = buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
+    let readback = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+    enc.resolve_query_set(set, 0..count, &resolved, 0);
+    enc.copy_buffer_to_buffer(&resolved, 0, &readback, 0, bytes);
+    readback
+}
+
+/// A mapped stamp buffer's ticks.
+fn ticks(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect()
 }
 
 /// A submitted recording's stamps, readable once the queue reaches them.
@@ -161,11 +177,8 @@ impl GpuTimes {
         if !matches!(rx.recv(), Ok(Ok(()))) {
             return;
         }
-        let ticks: Vec<u64> = match slice.get_mapped_range() {
-            Ok(view) => view
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect(),
+        let ticks = match slice.get_mapped_range() {
+            Ok(view) => ticks(&view),
             Err(_) => return,
         };
         stamps.readback.unmap();
@@ -233,19 +246,7 @@ impl PassTimes {
         enc: &mut wgpu::CommandEncoder,
         set: &wgpu::QuerySet,
     ) {
-        let buffer = |usage| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: None,
-                size: 16,
-                usage,
-                mapped_at_creation: false,
-            })
-        };
-        let resolved = buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
-        let readback = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
-        enc.resolve_query_set(set, 0..2, &resolved, 0);
-        enc.copy_buffer_to_buffer(&resolved, 0, &readback, 0, 16);
-        lock(&self.pending).push(readback);
+        lock(&self.pending).push(resolve_stamps(device, enc, set, 2));
     }
 
     /// Reads every pass's stamps so far and sums them up.
@@ -260,12 +261,8 @@ impl PassTimes {
         let mut passes: Vec<(u64, u64)> = buffers
             .iter()
             .filter_map(|b| {
-                let view = b.slice(..).get_mapped_range().ok()?;
-                let t: Vec<u64> = view
-                    .chunks_exact(8)
-                    .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                    .collect();
-                Some((t[0], t[1]))
+                let t = ticks(&b.slice(..).get_mapped_range().ok()?);
+                Some((*t.first()?, *t.get(1)?))
             })
             .collect();
         passes.sort_unstable();
@@ -282,7 +279,7 @@ impl PassTimes {
         gaps.sort_unstable();
         let idle: u64 = gaps.iter().sum();
         let median = gaps.get(gaps.len() / 2).copied().unwrap_or(0);
-        let long = gaps.iter().filter(|g| ms(**g) > 0.05).count();
+        let long: Vec<u64> = gaps.iter().copied().filter(|g| ms(*g) > 0.05).collect();
         format!(
             "wgpu pass times: {} passes, device busy {:.1} ms of a {:.1} ms span ({:.0}%); idle between passes {:.1} ms, median gap {:.1} µs, {} gaps over 50 µs ({:.1} ms)",
             passes.len(),
@@ -291,8 +288,8 @@ impl PassTimes {
             100.0 * busy as f64 / span.max(1) as f64,
             ms(idle),
             ms(median) * 1e3,
-            long,
-            ms(gaps.iter().filter(|g| ms(**g) > 0.05).sum())
+            long.len(),
+            ms(long.iter().sum())
         )
     }
 }
