@@ -33,13 +33,7 @@ const REPS: (usize, usize) = (28, 280);
 const CONTEXTS: [usize; 8] = [33, 64, 65, 96, 160, 288, 1024, 2048];
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("attention_lab: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit("attention_lab", run())
 }
 
 /// The backend's split: a few hundred workgroups, whole 32-key tiles.

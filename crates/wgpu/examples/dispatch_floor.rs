@@ -35,13 +35,7 @@ const LONG: u32 = 1000;
 const GRIDS: [u32; 2] = [1, 1024];
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dispatch_floor: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit("dispatch_floor", run())
 }
 
 mod common;

@@ -36,13 +36,7 @@ const PRODUCTS: [(&str, bool, u32, usize, usize); 4] = [
 ];
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("gemv_lab: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit("gemv_lab", run())
 }
 
 /// One product's buffers: params, x, the weights' per-layer copies, aux, and outputs.

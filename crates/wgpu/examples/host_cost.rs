@@ -16,13 +16,7 @@ const DISPATCHES: usize = 2000;
 const RUNS: usize = 5;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("host_cost: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit("host_cost", run())
 }
 
 /// A shader reading word 0 of `k - 1` buffers and writing their sum to the last.

@@ -60,6 +60,17 @@ impl Variant {
     }
 }
 
+/// A lab's exit: success, or its error on one line and a failing status.
+pub fn exit(lab: &str, result: Res<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{lab}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
