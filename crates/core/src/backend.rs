@@ -142,9 +142,30 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         Ok(())
     }
 
-    /// The ids the last [`Backend::sample_greedy`] on this batch stored.
+    /// The ids the last [`Backend::sample_greedy`] on this batch stored; where
+    /// [`Backend::start_read_sampled`] was called since, the ids it started reading (waiting
+    /// for them only, not for work queued after it).
     fn read_sampled(&self, batch: &Self::Batch) -> Result<Vec<u32>> {
         Ok(batch.as_ref().sampled().to_vec())
+    }
+
+    /// Starts copying the ids of the last [`Backend::sample_greedy`] on `batch` to the host, for
+    /// the next [`Backend::read_sampled`], which then waits for that copy only, not for work
+    /// queued after this call (the next decode step, queued ahead, whose own sampling
+    /// overwrites the ids on the device). The default does nothing: `read_sampled` copies.
+    fn start_read_sampled(&self, batch: &Self::Batch) -> Result<()> {
+        let _ = batch;
+        Ok(())
+    }
+
+    /// [`Backend::update_batch`] for `info`, the next decode step of the batch's sequences (one
+    /// new token each), whose token ids are the ones the last [`Backend::sample_greedy`] on
+    /// `batch` left on the device; `info`'s own ids are ignored. The step can then be queued
+    /// before those ids reach the host. Returns `false` (leaving `batch` as it was) when it
+    /// cannot, as `update_batch` does; the default never can.
+    fn advance_batch(&self, batch: &mut Self::Batch, info: &BatchInfo) -> Result<bool> {
+        let _ = (batch, info);
+        Ok(false)
     }
 
     /// Records the device work `f` issues as a graph without running it, or returns `None` (and

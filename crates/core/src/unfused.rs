@@ -146,6 +146,12 @@ impl<B: Backend> Backend for Unfused<B> {
     fn read_sampled(&self, batch: &B::Batch) -> Result<Vec<u32>> {
         self.inner.read_sampled(batch)
     }
+    fn start_read_sampled(&self, batch: &B::Batch) -> Result<()> {
+        self.inner.start_read_sampled(batch)
+    }
+    fn advance_batch(&self, batch: &mut B::Batch, info: &BatchInfo) -> Result<bool> {
+        self.inner.advance_batch(batch, info)
+    }
     fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<B::Graph>> {
         self.inner.capture(f)
     }

@@ -130,6 +130,11 @@ struct Seq {
     finished: Option<FinishReason>,
 }
 
+/// Positions a request's forward passes cover: its last generated token is never fed back.
+fn processed_positions(r: &Request) -> usize {
+    (r.prompt.len() + r.max_new_tokens).saturating_sub(1)
+}
+
 fn want_top(active: &[usize], requests: &[Request]) -> bool {
     active.iter().any(|&i| requests[i].top_logits > 0)
 }
@@ -151,8 +156,34 @@ pub fn generate_with<B: Backend>(
     model: &Qwen3<B>,
     b: &B,
     requests: &[Request],
+    inspect: Option<&mut Inspector<'_, B>>,
+    on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+) -> Result<Vec<Generation>> {
+    let mut stepper = Stepper::new();
+    run(model, b, requests, inspect, on_token, &mut stepper)
+}
+
+/// [`generate`] with greedy decode steps queued one ahead or not (see [`Stepper`]), whatever
+/// `QFUSE_DECODE_AHEAD` says; also returns how many steps queued ahead were used. For tests
+/// and measurements: both must give the same ids.
+pub fn generate_ahead<B: Backend>(
+    model: &Qwen3<B>,
+    b: &B,
+    requests: &[Request],
+    ahead: bool,
+) -> Result<(Vec<Generation>, usize)> {
+    let mut stepper = Stepper::with_ahead(ahead);
+    let out = run(model, b, requests, None, &mut |_, _| Ok(()), &mut stepper)?;
+    Ok((out, stepper.used_ahead()))
+}
+
+fn run<B: Backend>(
+    model: &Qwen3<B>,
+    b: &B,
+    requests: &[Request],
     mut inspect: Option<&mut Inspector<'_, B>>,
     on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+    stepper: &mut Stepper<B>,
 ) -> Result<Vec<Generation>> {
     for r in requests {
         validate(model, r)?;
@@ -179,7 +210,6 @@ pub fn generate_with<B: Backend>(
             finished: (r.max_new_tokens == 0).then_some(FinishReason::Length),
         })
         .collect();
-    let mut stepper = Stepper::new();
     loop {
         let active: Vec<usize> = (0..seqs.len())
             .filter(|&i| seqs[i].finished.is_none())
@@ -191,7 +221,12 @@ pub fn generate_with<B: Backend>(
         let mut decode = true;
         for &i in &active {
             let s = &mut seqs[i];
-            cache.allocator().reserve(&mut s.table, s.tokens.len())?;
+            // One position ahead where the sequence goes on, so the stepper can queue its next
+            // step before this one's token is read.
+            let ahead = (s.tokens.len() + 1).min(processed_positions(&requests[i]));
+            cache
+                .allocator()
+                .reserve(&mut s.table, ahead.max(s.tokens.len()))?;
             ids.extend_from_slice(&s.tokens[s.cached..]);
             decode &= s.tokens.len() - s.cached == 1;
             chunks.push(SeqChunk {
@@ -202,7 +237,7 @@ pub fn generate_with<B: Backend>(
         }
         let capacity = active
             .iter()
-            .map(|&i| requests[i].prompt.len() + requests[i].max_new_tokens)
+            .map(|&i| processed_positions(&requests[i]))
             .max()
             .unwrap_or(0);
         let batch = BatchInfo::new(BLOCK_SIZE, chunks)?
@@ -259,4 +294,54 @@ pub fn generate_with<B: Backend>(
             steps: s.steps,
         })
         .collect())
+}
+
+/// Greedy generation with decode steps queued ahead and without, on requests whose batch
+/// changes as they run: three prompts of different lengths (5, 14 and 30 tokens) whose
+/// sequences stop at a stop id mid-block, at their length limit where a block ends, and at a stop
+/// id where a block ends, the stop ids picked from a first run without them. Device backends'
+/// tests require the ids equal and some steps used.
+pub fn decode_ahead_runs<B: Backend>(model: &Qwen3<B>, b: &B) -> Result<DecodeAheadRuns> {
+    let vocab = model.config().vocab_size as u32;
+    let prompt = |len: usize, seed: u32| -> Vec<u32> {
+        (0..len as u32)
+            .map(|i| (i * 7919 + seed * 104_729) % vocab)
+            .collect()
+    };
+    let mut requests = vec![
+        Request::greedy(prompt(5, 1), 40),
+        // 14 + 18 = 32 positions: the last step ends at a block edge.
+        Request::greedy(prompt(14, 2), 18),
+        Request::greedy(prompt(30, 3), 35),
+    ];
+    let (free, _) = generate_ahead(model, b, &requests, false)?;
+    // A stop at the first new id (at or after `step`) not generated before it.
+    let stop_at = |ids: &[u32], step: usize| -> Vec<u32> {
+        (step..ids.len())
+            .find(|&k| !ids[..k].contains(&ids[k]))
+            .map(|k| vec![ids[k]])
+            .unwrap_or_default()
+    };
+    // Sequence 0 stops mid-block (step 6: its 12th token), sequence 2 at step 1 (its 32nd).
+    requests[0].stop_ids = stop_at(&free[0].new_ids, 6);
+    requests[2].stop_ids = stop_at(&free[2].new_ids, 1);
+    let (ahead, used) = generate_ahead(model, b, &requests, true)?;
+    let (plain, _) = generate_ahead(model, b, &requests, false)?;
+    let ids = |g: Vec<Generation>| g.into_iter().map(|g| g.new_ids).collect();
+    Ok(DecodeAheadRuns {
+        ahead: ids(ahead),
+        plain: ids(plain),
+        used,
+    })
+}
+
+/// What [`decode_ahead_runs`] generated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeAheadRuns {
+    /// Each request's new ids, decode steps queued ahead.
+    pub ahead: Vec<Vec<u32>>,
+    /// The same, without.
+    pub plain: Vec<Vec<u32>>,
+    /// Steps found queued ahead in the first run.
+    pub used: usize,
 }

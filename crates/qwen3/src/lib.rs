@@ -20,8 +20,8 @@ pub use checkpoint::Checkpoint;
 pub use config::Config;
 pub use decode::Stepper;
 pub use generate::{
-    generate, generate_with, top_k, validate, FinishReason, Generation, Request, StepLogits,
-    BLOCK_SIZE,
+    decode_ahead_runs, generate, generate_ahead, generate_with, top_k, validate, DecodeAheadRuns,
+    FinishReason, Generation, Request, StepLogits, BLOCK_SIZE,
 };
 pub use golden::{golden_dir, GoldenCase, LogitsDiff, GOLDEN_MODELS};
 pub use model::{

@@ -325,6 +325,22 @@ pub struct WgpuBatch {
     /// The flash prompt attention's query blocks ([first token, tokens] each, and their count),
     /// made by the first op that needs them.
     flash_blocks: std::sync::Mutex<Option<(usize, wgpu::Buffer)>>,
+    /// The ids [`Backend::sample_greedy`] chose, one per logits row (`sampled_rows` of them),
+    /// kept on the device: a step recorded ahead gathers its embeddings from them.
+    sampled: wgpu::Buffer,
+    sampled_rows: usize,
+    /// The embedding reads `sampled` instead of the info's token ids
+    /// ([`Backend::advance_batch`]).
+    ids_on_device: bool,
+    /// A copy of `sampled` on its way to the host ([`Backend::start_read_sampled`]).
+    reading: std::sync::Mutex<Option<Reading>>,
+}
+
+/// A buffer's copy into a mappable staging buffer, submitted but not yet waited for.
+#[derive(Debug)]
+struct Reading {
+    staging: wgpu::Buffer,
+    submission: wgpu::SubmissionIndex,
 }
 
 impl AsRef<BatchInfo> for WgpuBatch {
@@ -411,7 +427,7 @@ impl Inner {
     }
 
     /// Submits a thread's recording; the buffers retired during it are free from then on.
-    fn submit(&self, mut rec: Recording) {
+    fn submit(&self, mut rec: Recording) -> wgpu::SubmissionIndex {
         let start = Instant::now();
         let retired = std::mem::take(&mut rec.retired);
         drop(rec.pass.take()); // ends the pass, unlocking the encoder
@@ -422,7 +438,7 @@ impl Inner {
         if let (Some(times), Some(set)) = (&self.pass_times, rec.pass_stamps.take()) {
             times.resolve(&self.device, &mut rec.enc, &set);
         }
-        self.queue.submit([rec.enc.finish()]);
+        let submission = self.queue.submit([rec.enc.finish()]);
         if let Some(t) = &self.host_times {
             t.submit.add(start);
         }
@@ -430,6 +446,7 @@ impl Inner {
             times.collect(&self.device, stamps);
         }
         self.free(retired);
+        submission
     }
 }
 
@@ -1286,6 +1303,60 @@ impl WgpuBackend {
         Ok(bind)
     }
 
+    /// `out[r] = table[ids[r]]` for the first `rows` ids of a device buffer, across the table's
+    /// parts (an id in none of them leaves its row unwritten).
+    fn gather(&self, table: &WgpuTensor, ids: &wgpu::Buffer, rows: usize) -> Result<WgpuTensor> {
+        let (n, c) = matrix(table, "gather_rows")?;
+        let out = self.output([rows, c])?;
+        let kernel = if table.dtype == DType::BF16 {
+            "gather_bf16"
+        } else {
+            "gather"
+        };
+        for (i, part) in table.parts.iter().enumerate() {
+            let start = i * table.rows_per_part;
+            let part_rows = table.rows_per_part.min(n - start);
+            let params = [
+                u32_of(rows)?,
+                u32_of(c)?,
+                u32_of(start)?,
+                u32_of(part_rows)?,
+            ];
+            self.run(
+                kernel,
+                &params,
+                &[part, ids, out.buf()?],
+                (c.div_ceil(64), rows),
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// Queues the row-wise argmax of `logits [rows, V]` into `ids` (`u32::MAX` for a row with a
+    /// NaN).
+    fn argmax_into(&self, logits: &WgpuTensor, ids: &wgpu::Buffer) -> Result<()> {
+        let (rows, cols) = matrix(logits, "argmax")?;
+        if cols == 0 {
+            return Err(Error::invalid("argmax", "zero columns"));
+        }
+        const CHUNK: usize = 4096;
+        let parts = cols.div_ceil(CHUNK);
+        let part_v = self.output([rows, parts])?;
+        let part_i = self.output([rows, parts])?;
+        let params = [u32_of(rows)?, u32_of(cols)?, u32_of(CHUNK)?, u32_of(parts)?];
+        let bufs = [logits.buf()?, part_v.buf()?, part_i.buf()?, ids];
+        self.run("argmax_partial", &params, &bufs, (parts, rows))?;
+        self.run("argmax_final", &params, &bufs, (rows, 1))
+    }
+
+    /// Puts a staging buffer back in its pool.
+    fn return_staging(&self, staging: wgpu::Buffer) {
+        lock(&self.inner.free_staging)
+            .entry(staging.size())
+            .or_default()
+            .push(staging);
+    }
+
     /// Submits the dispatches recorded so far as one command buffer.
     fn flush(&self) -> Result<()> {
         if let Some(rec) = self.take_recording() {
@@ -1303,6 +1374,12 @@ impl WgpuBackend {
     }
 
     fn read_bytes(&self, buf: &wgpu::Buffer) -> Result<Vec<u8>> {
+        let reading = self.start_read(buf);
+        self.finish_read(reading)
+    }
+
+    /// Submits the work recorded so far with a copy of `buf` into a staging buffer at its end.
+    fn start_read(&self, buf: &wgpu::Buffer) -> Reading {
         let pooled = lock(&self.inner.free_staging)
             .get_mut(&buf.size())
             .and_then(Vec::pop);
@@ -1315,12 +1392,12 @@ impl WgpuBackend {
             })
         });
         // The copy ends the thread's recording, in the same submission as the work it reads.
-        match self.take_recording() {
+        let submission = match self.take_recording() {
             Some(mut rec) => {
                 drop(rec.pass.take()); // ends the pass, unlocking the encoder
                 rec.enc
                     .copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
-                self.inner.submit(rec);
+                self.inner.submit(rec)
             }
             None => {
                 let mut enc = self
@@ -1328,9 +1405,22 @@ impl WgpuBackend {
                     .device
                     .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
                 enc.copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
-                self.inner.queue.submit([enc.finish()]);
+                self.inner.queue.submit([enc.finish()])
             }
+        };
+        Reading {
+            staging,
+            submission,
         }
+    }
+
+    /// Waits for a [`WgpuBackend::start_read`]'s submission (not for any submitted after it)
+    /// and returns the bytes copied.
+    fn finish_read(&self, reading: Reading) -> Result<Vec<u8>> {
+        let Reading {
+            staging,
+            submission,
+        } = reading;
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
@@ -1338,7 +1428,10 @@ impl WgpuBackend {
         let start = Instant::now();
         self.inner
             .device
-            .poll(wgpu::PollType::wait_indefinitely())
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(submission),
+                timeout: None,
+            })
             .map_err(wgpu_err)?;
         if let Some(t) = &self.inner.host_times {
             t.wait.add(start);
@@ -1346,10 +1439,7 @@ impl WgpuBackend {
         rx.recv().map_err(wgpu_err)?.map_err(wgpu_err)?;
         let bytes = staging.get_mapped_range(..).map_err(wgpu_err)?.to_vec();
         staging.unmap();
-        lock(&self.inner.free_staging)
-            .entry(staging.size())
-            .or_default()
-            .push(staging);
+        self.return_staging(staging);
         Ok(bytes)
     }
 }
@@ -1444,6 +1534,19 @@ fn attention_buffers<'a>(
 fn head_groups(cfg: &AttentionConfig) -> usize {
     let (h, kvh) = (cfg.num_heads, cfg.num_kv_heads);
     kvh * (h / kvh).div_ceil(ATTENTION_MAX_GROUP)
+}
+
+/// The first `rows` ids of an argmax read back; a NaN row's id (`u32::MAX`) is an error.
+fn ids_of(bytes: &[u8], rows: usize) -> Result<Vec<u32>> {
+    let ids: Vec<u32> = bytes
+        .chunks_exact(4)
+        .take(rows)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if let Some(r) = ids.iter().position(|&i| i == u32::MAX) {
+        return Err(Error::invalid("argmax", format!("NaN logit in row {r}")));
+    }
+    Ok(ids)
 }
 
 fn f32_bits(x: f64) -> u32 {
@@ -1566,7 +1669,60 @@ impl Backend for WgpuBackend {
             q.write_buffer(table.buf()?, 0, bytemuck::cast_slice(&values));
         }
         *lock(&batch.flash_blocks) = None;
+        batch.ids_on_device = false;
         Ok(true)
+    }
+
+    fn advance_batch(&self, batch: &mut WgpuBatch, info: &BatchInfo) -> Result<bool> {
+        let advanced = info.is_decode_step()
+            && batch.sampled_rows == info.num_tokens()
+            && self.update_batch(batch, info)?;
+        batch.ids_on_device = advanced;
+        Ok(advanced)
+    }
+
+    fn embed(&self, table: &WgpuTensor, batch: &WgpuBatch) -> Result<WgpuTensor> {
+        if batch.ids_on_device {
+            // Ids from the device's argmax: below the vocabulary, or all ones for a NaN row,
+            // which the gather skips (and read_sampled reports).
+            self.gather(table, &batch.sampled, batch.sampled_rows)
+        } else {
+            self.gather_rows(table, batch.info.token_ids())
+        }
+    }
+
+    fn sample_greedy(&self, logits: &WgpuTensor, batch: &mut WgpuBatch) -> Result<()> {
+        let (rows, _) = matrix(logits, "sample_greedy")?;
+        let need = (rows.max(1) * 4) as u64;
+        if batch.sampled.size() < need {
+            batch.sampled = self.fresh(Shape::from([rows]), need)?.buf()?.clone();
+        }
+        self.argmax_into(logits, &batch.sampled)?;
+        batch.sampled_rows = rows;
+        Ok(())
+    }
+
+    fn start_read_sampled(&self, batch: &WgpuBatch) -> Result<()> {
+        let mut reading = lock(&batch.reading);
+        if reading.is_none() {
+            *reading = Some(self.start_read(&batch.sampled));
+        }
+        Ok(())
+    }
+
+    fn read_sampled(&self, batch: &WgpuBatch) -> Result<Vec<u32>> {
+        if batch.sampled_rows == 0 {
+            return Err(Error::invalid(
+                "read_sampled",
+                "no ids sampled on this batch",
+            ));
+        }
+        let started = lock(&batch.reading).take();
+        let reading = match started {
+            Some(r) => r,
+            None => self.start_read(&batch.sampled),
+        };
+        ids_of(&self.finish_read(reading)?, batch.sampled_rows)
     }
 
     fn prepare_batch(&self, info: &BatchInfo) -> Result<WgpuBatch> {
@@ -1583,6 +1739,16 @@ impl Backend for WgpuBackend {
             max_blocks,
             rope: std::sync::Mutex::new(None),
             flash_blocks: std::sync::Mutex::new(None),
+            sampled: self
+                .fresh(
+                    Shape::from([info.num_tokens()]),
+                    (info.num_tokens().max(1) * 4) as u64,
+                )?
+                .buf()?
+                .clone(),
+            sampled_rows: 0,
+            ids_on_device: false,
+            reading: std::sync::Mutex::new(None),
         })
     }
 
@@ -1594,32 +1760,11 @@ impl Backend for WgpuBackend {
                 format!("id {bad} out of range 0..{n}"),
             ));
         }
-        let out = self.output([ids.len(), c])?;
-        if !ids.is_empty() {
-            let idb = self.upload_pooled(ids)?;
-            for (i, part) in table.parts.iter().enumerate() {
-                let start = i * table.rows_per_part;
-                let rows = table.rows_per_part.min(n - start);
-                let params = [
-                    u32_of(ids.len())?,
-                    u32_of(c)?,
-                    u32_of(start)?,
-                    u32_of(rows)?,
-                ];
-                let kernel = if table.dtype == DType::BF16 {
-                    "gather_bf16"
-                } else {
-                    "gather"
-                };
-                self.run(
-                    kernel,
-                    &params,
-                    &[part, idb.buf()?, out.buf()?],
-                    (c.div_ceil(64), ids.len()),
-                )?;
-            }
+        if ids.is_empty() {
+            return self.output([0, c]);
         }
-        Ok(out)
+        let idb = self.upload_pooled(ids)?;
+        self.gather(table, idb.buf()?, ids.len())
     }
 
     fn rms_norm(&self, x: &WgpuTensor, w: &WgpuTensor, eps: f64) -> Result<WgpuTensor> {
@@ -1768,29 +1913,10 @@ impl Backend for WgpuBackend {
     }
 
     fn argmax(&self, logits: &WgpuTensor) -> Result<Vec<u32>> {
-        let (rows, cols) = matrix(logits, "argmax")?;
-        if cols == 0 {
-            return Err(Error::invalid("argmax", "zero columns"));
-        }
-        const CHUNK: usize = 4096;
-        let parts = cols.div_ceil(CHUNK);
-        let part_v = self.output([rows, parts])?;
-        let part_i = self.output([rows, parts])?;
+        let (rows, _) = matrix(logits, "argmax")?;
         let ids = self.output([rows])?;
-        let params = [u32_of(rows)?, u32_of(cols)?, u32_of(CHUNK)?, u32_of(parts)?];
-        let bufs = [logits.buf()?, part_v.buf()?, part_i.buf()?, ids.buf()?];
-        self.run("argmax_partial", &params, &bufs, (parts, rows))?;
-        self.run("argmax_final", &params, &bufs, (rows, 1))?;
-        let bytes = self.read_bytes(ids.buf()?)?;
-        let mut out: Vec<u32> = bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        out.truncate(rows);
-        if let Some(r) = out.iter().position(|&i| i == u32::MAX) {
-            return Err(Error::invalid("argmax", format!("NaN logit in row {r}")));
-        }
-        Ok(out)
+        self.argmax_into(logits, ids.buf()?)?;
+        ids_of(&self.read_bytes(ids.buf()?)?, rows)
     }
 
     fn rms_norm_matmul(

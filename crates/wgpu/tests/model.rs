@@ -5,7 +5,9 @@
 use qfuse_core::testing::device_or_skip;
 use qfuse_core::Backend;
 use qfuse_cpu_ref::CpuRef;
-use qfuse_qwen3::{generate, golden_dir, GoldenCase, LogitsDiff, Qwen3, Request, GOLDEN_MODELS};
+use qfuse_qwen3::{
+    decode_ahead_runs, generate, golden_dir, GoldenCase, LogitsDiff, Qwen3, Request, GOLDEN_MODELS,
+};
 use qfuse_wgpu::{WgpuBackend, WgpuOptions};
 
 #[test]
@@ -66,5 +68,25 @@ fn golden_fixtures_match_reference_and_transformers() {
                 "{name} case {i}: alone vs batched"
             );
         }
+    }
+}
+
+#[test]
+fn decode_steps_queued_ahead_give_the_same_ids() {
+    let Some(gpu) = device_or_skip(
+        "wgpu decode-ahead test",
+        WgpuBackend::for_tests(0, &WgpuOptions::default()),
+    ) else {
+        return;
+    };
+    for name in GOLDEN_MODELS {
+        let model = Qwen3::load(&gpu, &golden_dir(name)).unwrap();
+        let runs = decode_ahead_runs(&model, &gpu).unwrap();
+        println!(
+            "{name}: {} steps queued ahead and used; ids {:?}",
+            runs.used, runs.ahead
+        );
+        assert_eq!(runs.ahead, runs.plain, "{name}");
+        assert!(runs.used > 0, "{name}: no step was queued ahead");
     }
 }
