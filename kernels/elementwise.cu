@@ -1,18 +1,23 @@
 // Row gathers, elementwise ops, casts and argmax: the small ops around the fused kernels.
 
-// out[t, :] = table[ids[t], :]; ids were range-checked on the host. grid = T, block = 256.
+// out[t, :] = table[ids[t], :] for a table of `rows` rows. Ids from the host were range-checked
+// there; ids an argmax left on the device (a decode step queued ahead) are below the vocabulary
+// or all ones for a NaN row, whose output row is zeros (the host reports the NaN).
+// grid = T, block = 256.
 extern "C" __global__ void gather_rows_bf16(const bf16_t* __restrict__ table, const u32* __restrict__ ids,
-                                            float* __restrict__ out, int cols) {
+                                            float* __restrict__ out, int cols, int rows) {
     pdl_begin();
-    const size_t src = (size_t)ids[blockIdx.x] * cols, dst = (size_t)blockIdx.x * cols;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[dst + c] = bf16_to_f32(table[src + c]);
+    const u32 id = ids[blockIdx.x];
+    const size_t src = (size_t)id * cols, dst = (size_t)blockIdx.x * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[dst + c] = id < (u32)rows ? bf16_to_f32(table[src + c]) : 0.f;
 }
 
 extern "C" __global__ void gather_rows_f32(const float* __restrict__ table, const u32* __restrict__ ids,
-                                           float* __restrict__ out, int cols) {
+                                           float* __restrict__ out, int cols, int rows) {
     pdl_begin();
-    const size_t src = (size_t)ids[blockIdx.x] * cols, dst = (size_t)blockIdx.x * cols;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[dst + c] = table[src + c];
+    const u32 id = ids[blockIdx.x];
+    const size_t src = (size_t)id * cols, dst = (size_t)blockIdx.x * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[dst + c] = id < (u32)rows ? table[src + c] : 0.f;
 }
 
 extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b,

@@ -174,6 +174,9 @@ pub struct CudaBatch {
     /// Ids written by `sample_greedy` (one per logits row, at most `T`).
     sampled: CudaSlice<u32>,
     sampled_rows: usize,
+    /// Page-locked host memory `sampled` is copied into by `start_read_sampled` (made by its
+    /// first call), and whether a copy was started since the last `read_sampled`.
+    reading: Mutex<(Option<cudarc::driver::PinnedHostSlice<u32>>, bool)>,
     max_blocks: usize,
     /// Context the launch shapes are sized for (so a captured step stays valid as it grows).
     capacity: usize,
@@ -1943,6 +1946,7 @@ impl Backend for CudaBackend {
             flash_desc: self.upload_u32(&flash_desc(info)?)?,
             sampled,
             sampled_rows: 0,
+            reading: Mutex::new((None, false)),
             max_blocks,
             capacity,
         })
@@ -1984,6 +1988,21 @@ impl Backend for CudaBackend {
         Ok(true)
     }
 
+    fn advance_batch(&self, batch: &mut CudaBatch, info: &BatchInfo) -> Result<bool> {
+        if !info.is_decode_step()
+            || batch.sampled_rows != info.num_tokens()
+            || !self.update_batch(batch, info)?
+        {
+            return Ok(false);
+        }
+        // After update_batch's copy of the placeholder ids, on the same stream.
+        let CudaBatch {
+            sampled, token_ids, ..
+        } = batch;
+        self.stream().memcpy_dtod(sampled, token_ids).cuda()?;
+        Ok(true)
+    }
+
     fn embed(&self, table: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
         let (n, c) = table.matrix("embed")?;
         let t = batch.info.num_tokens();
@@ -1998,9 +2017,10 @@ impl Backend for CudaBackend {
         l.ptr(table.ptr(self.stream()))
             .buf(&batch.token_ids)
             .out(&out)
-            .i32(i32_of(c, "cols")?);
-        // SAFETY: table is [n, c]; the batch's t ids are < n (checked on the host copy, which
-        // update_batch keeps equal to the device one); out is [t, c].
+            .i32(i32_of(c, "cols")?)
+            .i32(i32_of(n, "rows")?);
+        // SAFETY: table is [n, c] and the kernel reads only rows of ids < n (the host's ids were
+        // checked above; advance_batch's come from an argmax); out is [t, c].
         unsafe { l.launch(grid(t, 256)) }.cuda()?;
         Ok(Self::f32_tensor([t, c], out))
     }
@@ -2018,8 +2038,46 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn start_read_sampled(&self, batch: &CudaBatch) -> Result<()> {
+        let mut reading = batch
+            .reading
+            .lock()
+            .map_err(|_| Error::invalid("start_read_sampled", "lock poisoned"))?;
+        let (host, started) = &mut *reading;
+        if *started {
+            return Ok(());
+        }
+        let host = match host {
+            Some(h) => h,
+            None => {
+                // SAFETY: the slice is read only after the copy into it (below) completes.
+                let h = unsafe {
+                    self.inner
+                        .ctx
+                        .alloc_pinned_with_flags::<u32>(batch.sampled.len(), 0)
+                }
+                .cuda()?;
+                host.insert(h)
+            }
+        };
+        // The copy records the slice's event, which read_sampled waits for.
+        self.stream().memcpy_dtoh(&batch.sampled, host).cuda()?;
+        *started = true;
+        Ok(())
+    }
+
     fn read_sampled(&self, batch: &CudaBatch) -> Result<Vec<u32>> {
-        let mut ids = self.stream().clone_dtoh(&batch.sampled).cuda()?;
+        let mut reading = batch
+            .reading
+            .lock()
+            .map_err(|_| Error::invalid("read_sampled", "lock poisoned"))?;
+        let mut ids = match &mut *reading {
+            (Some(host), started @ true) => {
+                *started = false;
+                host.as_slice().cuda()?.to_vec()
+            }
+            _ => self.stream().clone_dtoh(&batch.sampled).cuda()?,
+        };
         ids.truncate(batch.sampled_rows);
         if let Some(r) = ids.iter().position(|&i| i == u32::MAX) {
             return Err(Error::invalid(
@@ -2084,7 +2142,8 @@ impl Backend for CudaBackend {
         l.ptr(table.ptr(self.stream()))
             .buf(&dev_ids)
             .out(&out)
-            .i32(i32_of(c, "cols")?);
+            .i32(i32_of(c, "cols")?)
+            .i32(i32_of(n, "rows")?);
         // SAFETY: table is [n, c] with every id < n (checked above); out is [ids.len(), c].
         unsafe { l.launch(grid(ids.len(), 256)) }.cuda()?;
         Ok(Self::f32_tensor([ids.len(), c], out))

@@ -9,7 +9,7 @@ use qfuse_core::{Backend, Rng};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::CudaBackend;
 use qfuse_qwen3::{
-    generate, golden_dir as fixture, GoldenCase, LogitsDiff, Qwen3, Request,
+    decode_ahead_runs, generate, golden_dir as fixture, GoldenCase, LogitsDiff, Qwen3, Request,
     GOLDEN_MODELS as MODELS,
 };
 const REL_TOL: f64 = 2e-2;
@@ -200,6 +200,34 @@ fn graph_replay_gives_the_tokens_of_plain_launches() {
                 g.new_ids, p.new_ids,
                 "{name} case {i}: graphs vs plain launches"
             );
+        }
+    }
+}
+
+/// Decode steps queued one ahead on the device's own ids give the ids of steps queued one at a
+/// time, as graph replays and as plain launches, while the batch changes under them.
+#[test]
+fn decode_steps_queued_ahead_give_the_same_ids() {
+    let Some(gpu) = cuda() else { return };
+    let plain = CudaBackend::with_options(
+        0,
+        qfuse_cuda::CudaOptions {
+            graphs: false,
+            kv_dtype: kv_dtype(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for name in MODELS {
+        let dir = fixture(name);
+        for b in [&gpu, &plain] {
+            let runs = decode_ahead_runs(&Qwen3::load(b, &dir).unwrap(), b).unwrap();
+            println!(
+                "{name}: {} steps queued ahead and used; ids {:?}",
+                runs.used, runs.ahead
+            );
+            assert_eq!(runs.ahead, runs.plain, "{name}");
+            assert!(runs.used > 0, "{name}: no step was queued ahead");
         }
     }
 }
