@@ -340,11 +340,12 @@ impl Job for BenchArgs {
                     "prefill_s": r.prefill_s, "prefill_tok_s": r.prefill_tok_s(), "decode_s": r.decode_s,
                     "decode_tok_s": r.decode_tok_s(), "ms_per_step": r.ms_per_step(),
                     "weight_bytes": r.weight_bytes, "weight_gb_s": r.weight_gb_s(), "percent_of_peak": share,
+                    "steps_queued_ahead": r.steps_ahead,
                 })
             ),
             Format::Text => {
                 out!(
-                    "{}: batch {} prompt {} new {} | prefill {:.1} ms ({:.0} tok/s) | decode {:.3} ms/step, {:.1} tok/s, weights {:.1} GB/s{}",
+                    "{}: batch {} prompt {} new {} | prefill {:.1} ms ({:.0} tok/s) | decode {:.3} ms/step, {:.1} tok/s, weights {:.1} GB/s{} | {} steps queued ahead",
                     B::NAME,
                     r.batch,
                     r.prompt_len,
@@ -354,7 +355,8 @@ impl Job for BenchArgs {
                     r.ms_per_step(),
                     r.decode_tok_s(),
                     r.weight_gb_s(),
-                    share.map(|s| format!(" ({s:.0}% of {:.0} GB/s)", self.peak_gbs.unwrap_or(0.0))).unwrap_or_default()
+                    share.map(|s| format!(" ({s:.0}% of {:.0} GB/s)", self.peak_gbs.unwrap_or(0.0))).unwrap_or_default(),
+                    r.steps_ahead
                 );
             }
         }

@@ -33,6 +33,8 @@ pub struct BenchReport {
     pub prompt_len: usize,
     /// Bytes of weights each forward pass reads.
     pub weight_bytes: usize,
+    /// Decode steps found already queued, one ahead (see [`Stepper`]).
+    pub steps_ahead: usize,
 }
 
 impl BenchReport {
@@ -133,5 +135,6 @@ pub fn run_bench<B: Backend>(model: &Qwen3<B>, b: &B, spec: &BenchSpec) -> Resul
         batch: spec.batch,
         prompt_len: spec.prompt_len,
         weight_bytes: model.weight_bytes(),
+        steps_ahead: stepper.used_ahead(),
     })
 }
