@@ -254,6 +254,12 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
     /// Waits until all queued work has finished.
     fn synchronize(&self) -> Result<()>;
 
+    /// Sends the work recorded so far to the device without waiting for it, where a backend
+    /// records work before submitting it (wgpu's command buffers); the default does nothing.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Fused `matmul(rms_norm(x, norm_w, eps), w)`: the pre-attention norm with the QKV
     /// projection, or the final norm with `lm_head`.
     fn rms_norm_matmul(

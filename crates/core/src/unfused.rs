@@ -152,6 +152,9 @@ impl<B: Backend> Backend for Unfused<B> {
     fn advance_batch(&self, batch: &mut B::Batch, info: &BatchInfo) -> Result<bool> {
         self.inner.advance_batch(batch, info)
     }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
     fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<B::Graph>> {
         self.inner.capture(f)
     }

@@ -174,9 +174,9 @@ pub struct CudaBatch {
     /// Ids written by `sample_greedy` (one per logits row, at most `T`).
     sampled: CudaSlice<u32>,
     sampled_rows: usize,
-    /// Page-locked host memory `sampled` is copied into by `start_read_sampled` (made by its
-    /// first call), and whether a copy was started since the last `read_sampled`.
-    reading: Mutex<(Option<cudarc::driver::PinnedHostSlice<u32>>, bool)>,
+    /// Where `start_read_sampled` copies `sampled` to (made by its first call), and whether a
+    /// copy was started since the last `read_sampled`.
+    reading: Mutex<(Option<SampledCopy>, bool)>,
     max_blocks: usize,
     /// Context the launch shapes are sized for (so a captured step stays valid as it grows).
     capacity: usize,
@@ -192,6 +192,15 @@ impl AsMut<BatchInfo> for CudaBatch {
     fn as_mut(&mut self) -> &mut BatchInfo {
         &mut self.info
     }
+}
+
+/// Page-locked host memory for a batch's sampled ids, and an event recorded after each copy into
+/// it. The backend turns cudarc's own event tracking off, so the slice's built-in event is never
+/// recorded: waiting on it would not wait for the copy.
+#[derive(Debug)]
+struct SampledCopy {
+    host: cudarc::driver::PinnedHostSlice<u32>,
+    copied: cudarc::driver::CudaEvent,
 }
 
 /// What [`CudaBackend::cublas_bf16`] does to x before splitting it.
@@ -2043,25 +2052,26 @@ impl Backend for CudaBackend {
             .reading
             .lock()
             .map_err(|_| Error::invalid("start_read_sampled", "lock poisoned"))?;
-        let (host, started) = &mut *reading;
+        let (copy, started) = &mut *reading;
         if *started {
             return Ok(());
         }
-        let host = match host {
-            Some(h) => h,
+        let copy = match copy {
+            Some(c) => c,
             None => {
-                // SAFETY: the slice is read only after the copy into it (below) completes.
-                let h = unsafe {
-                    self.inner
-                        .ctx
-                        .alloc_pinned_with_flags::<u32>(batch.sampled.len(), 0)
-                }
-                .cuda()?;
-                host.insert(h)
+                let ctx = &self.inner.ctx;
+                // SAFETY: the slice is read only after a copy into it (below) completes.
+                let host =
+                    unsafe { ctx.alloc_pinned_with_flags::<u32>(batch.sampled.len(), 0) }.cuda()?;
+                copy.insert(SampledCopy {
+                    host,
+                    copied: ctx.new_event(None).cuda()?,
+                })
             }
         };
-        // The copy records the slice's event, which read_sampled waits for.
-        self.stream().memcpy_dtoh(&batch.sampled, host).cuda()?;
+        let stream = self.stream();
+        stream.memcpy_dtoh(&batch.sampled, &mut copy.host).cuda()?;
+        copy.copied.record(stream).cuda()?;
         *started = true;
         Ok(())
     }
@@ -2072,9 +2082,10 @@ impl Backend for CudaBackend {
             .lock()
             .map_err(|_| Error::invalid("read_sampled", "lock poisoned"))?;
         let mut ids = match &mut *reading {
-            (Some(host), started @ true) => {
+            (Some(copy), started @ true) => {
                 *started = false;
-                host.as_slice().cuda()?.to_vec()
+                copy.copied.synchronize().cuda()?;
+                copy.host.as_slice().cuda()?.to_vec()
             }
             _ => self.stream().clone_dtoh(&batch.sampled).cuda()?,
         };

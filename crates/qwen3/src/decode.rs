@@ -108,6 +108,8 @@ impl<B: Backend> Stepper<B> {
         b.start_read_sampled(batch)?;
         if let Some(next) = self.ahead.then(|| next_step(info)).flatten() {
             if self.queue(model, b, cache, &next, true)? {
+                // All of it on its way, so the device goes on to it when this step ends.
+                b.flush()?;
                 self.queued = Some((next, Vec::new()));
             }
         }

@@ -1357,14 +1357,6 @@ impl WgpuBackend {
             .push(staging);
     }
 
-    /// Submits the dispatches recorded so far as one command buffer.
-    fn flush(&self) -> Result<()> {
-        if let Some(rec) = self.take_recording() {
-            self.inner.submit(rec);
-        }
-        Ok(())
-    }
-
     /// This thread's open recording, taken for submission; its next one starts with the first
     /// (small) burst again.
     fn take_recording(&self) -> Option<Recording> {
@@ -2031,6 +2023,14 @@ impl Backend for WgpuBackend {
             (h + 2 * kvh, t),
         )?;
         Ok(q)
+    }
+
+    /// Submits this thread's dispatches recorded so far as one command buffer.
+    fn flush(&self) -> Result<()> {
+        if let Some(rec) = self.take_recording() {
+            self.inner.submit(rec);
+        }
+        Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {
