@@ -142,17 +142,18 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         Ok(())
     }
 
-    /// The ids the last [`Backend::sample_greedy`] on this batch stored; where
-    /// [`Backend::start_read_sampled`] was called since, the ids it started reading (waiting
-    /// for them only, not for work queued after it).
+    /// The ids the last [`Backend::sample_greedy`] on this batch stored; where reads were
+    /// started by [`Backend::start_read_sampled`] and not yet returned, the ids of the oldest
+    /// (waiting for that copy only, not for work queued after it).
     fn read_sampled(&self, batch: &Self::Batch) -> Result<Vec<u32>> {
         Ok(batch.as_ref().sampled().to_vec())
     }
 
     /// Starts copying the ids of the last [`Backend::sample_greedy`] on `batch` to the host, for
-    /// the next [`Backend::read_sampled`], which then waits for that copy only, not for work
+    /// a later [`Backend::read_sampled`], which then waits for that copy only, not for work
     /// queued after this call (the next decode step, queued ahead, whose own sampling
-    /// overwrites the ids on the device). The default does nothing: `read_sampled` copies.
+    /// overwrites the ids on the device). Each call starts one more copy; reads return them
+    /// oldest first. The default does nothing: `read_sampled` copies.
     fn start_read_sampled(&self, batch: &Self::Batch) -> Result<()> {
         let _ = batch;
         Ok(())

@@ -174,9 +174,9 @@ pub struct CudaBatch {
     /// Ids written by `sample_greedy` (one per logits row, at most `T`).
     sampled: CudaSlice<u32>,
     sampled_rows: usize,
-    /// Where `start_read_sampled` copies `sampled` to (made by its first call), and whether a
-    /// copy was started since the last `read_sampled`.
-    reading: Mutex<(Option<SampledCopy>, bool)>,
+    /// Copies of `sampled` to the host that `start_read_sampled` started, oldest first, and
+    /// idle ones to reuse.
+    reading: Mutex<SampledCopies>,
     max_blocks: usize,
     /// Context the launch shapes are sized for (so a captured step stays valid as it grows).
     capacity: usize,
@@ -201,6 +201,12 @@ impl AsMut<BatchInfo> for CudaBatch {
 struct SampledCopy {
     host: cudarc::driver::PinnedHostSlice<u32>,
     copied: cudarc::driver::CudaEvent,
+}
+
+#[derive(Debug, Default)]
+struct SampledCopies {
+    in_flight: std::collections::VecDeque<SampledCopy>,
+    idle: Vec<SampledCopy>,
 }
 
 /// What [`CudaBackend::cublas_bf16`] does to x before splitting it.
@@ -1955,7 +1961,7 @@ impl Backend for CudaBackend {
             flash_desc: self.upload_u32(&flash_desc(info)?)?,
             sampled,
             sampled_rows: 0,
-            reading: Mutex::new((None, false)),
+            reading: Mutex::new(SampledCopies::default()),
             max_blocks,
             capacity,
         })
@@ -2052,27 +2058,23 @@ impl Backend for CudaBackend {
             .reading
             .lock()
             .map_err(|_| Error::invalid("start_read_sampled", "lock poisoned"))?;
-        let (copy, started) = &mut *reading;
-        if *started {
-            return Ok(());
-        }
-        let copy = match copy {
+        let mut copy = match reading.idle.pop() {
             Some(c) => c,
             None => {
                 let ctx = &self.inner.ctx;
                 // SAFETY: the slice is read only after a copy into it (below) completes.
                 let host =
                     unsafe { ctx.alloc_pinned_with_flags::<u32>(batch.sampled.len(), 0) }.cuda()?;
-                copy.insert(SampledCopy {
+                SampledCopy {
                     host,
                     copied: ctx.new_event(None).cuda()?,
-                })
+                }
             }
         };
         let stream = self.stream();
         stream.memcpy_dtoh(&batch.sampled, &mut copy.host).cuda()?;
         copy.copied.record(stream).cuda()?;
-        *started = true;
+        reading.in_flight.push_back(copy);
         Ok(())
     }
 
@@ -2081,13 +2083,14 @@ impl Backend for CudaBackend {
             .reading
             .lock()
             .map_err(|_| Error::invalid("read_sampled", "lock poisoned"))?;
-        let mut ids = match &mut *reading {
-            (Some(copy), started @ true) => {
-                *started = false;
+        let mut ids = match reading.in_flight.pop_front() {
+            Some(copy) => {
                 copy.copied.synchronize().cuda()?;
-                copy.host.as_slice().cuda()?.to_vec()
+                let ids = copy.host.as_slice().cuda()?.to_vec();
+                reading.idle.push(copy);
+                ids
             }
-            _ => self.stream().clone_dtoh(&batch.sampled).cuda()?,
+            None => self.stream().clone_dtoh(&batch.sampled).cuda()?,
         };
         ids.truncate(batch.sampled_rows);
         if let Some(r) = ids.iter().position(|&i| i == u32::MAX) {

@@ -228,6 +228,14 @@ fn decode_steps_queued_ahead_give_the_same_ids() {
             );
             assert_eq!(runs.ahead, runs.plain, "{name}");
             assert!(runs.used > 0, "{name}: no step was queued ahead");
+            assert_eq!(
+                runs.forced_ahead, runs.forced_plain,
+                "{name}: steps fed other ids"
+            );
+            assert!(
+                runs.forced_used > 0,
+                "{name}: no forced step was queued ahead"
+            );
         }
     }
 }

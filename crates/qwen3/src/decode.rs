@@ -96,19 +96,25 @@ impl<B: Backend> Stepper<B> {
             b.sample_greedy(&logits, &mut batch)?;
             return b.read_sampled(&batch);
         }
-        let already = queued.is_some_and(|(next, ids)| continues(&next, info, &ids));
+        let already = queued
+            .as_ref()
+            .is_some_and(|(next, ids)| continues(next, info, ids));
         if already {
             self.used_ahead += 1;
         } else {
+            if let (Some(_), Some(batch)) = (&queued, &self.batch) {
+                // The step queued ahead is not wanted: take its ids off the batch's reads, so
+                // the next read returns this step's. (Its error, if any, is not this step's.)
+                let _ = b.read_sampled(batch);
+            }
             self.queue(model, b, cache, info, false)?;
+            self.start_read(b)?;
         }
-        let Some(batch) = self.batch.as_ref() else {
-            return Err(qfuse_core::Error::invalid("Stepper::step", "no batch"));
-        };
-        b.start_read_sampled(batch)?;
         if let Some(next) = self.ahead.then(|| next_step(info)).flatten() {
             if self.queue(model, b, cache, &next, true)? {
-                // All of it on its way, so the device goes on to it when this step ends.
+                // Its ids' copy goes with it (read at the next call), and all of it is on its
+                // way, so the device goes on to it when this step ends.
+                self.start_read(b)?;
                 b.flush()?;
                 self.queued = Some((next, Vec::new()));
             }
@@ -121,6 +127,14 @@ impl<B: Backend> Stepper<B> {
             prev.clone_from(&ids);
         }
         Ok(ids)
+    }
+
+    /// Starts reading the ids of the step last queued.
+    fn start_read(&self, b: &B) -> Result<()> {
+        match self.batch.as_ref() {
+            Some(batch) => b.start_read_sampled(batch),
+            None => Err(qfuse_core::Error::invalid("Stepper::step", "no batch")),
+        }
     }
 
     /// Queues the decode step `info` and its sampling, on the batch rewritten in place (replaying

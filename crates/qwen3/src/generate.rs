@@ -328,11 +328,59 @@ pub fn decode_ahead_runs<B: Backend>(model: &Qwen3<B>, b: &B) -> Result<DecodeAh
     let (ahead, used) = generate_ahead(model, b, &requests, true)?;
     let (plain, _) = generate_ahead(model, b, &requests, false)?;
     let ids = |g: Vec<Generation>| g.into_iter().map(|g| g.new_ids).collect();
+    let (forced_ahead, forced_used) = forced_steps(model, b, true)?;
+    let (forced_plain, _) = forced_steps(model, b, false)?;
     Ok(DecodeAheadRuns {
         ahead: ids(ahead),
         plain: ids(plain),
         used,
+        forced_ahead,
+        forced_plain,
+        forced_used,
     })
+}
+
+/// Greedy steps of one sequence through a [`Stepper`] whose caller feeds every third step an id
+/// other than the one returned, so the step queued ahead is dropped and the batch rewritten in
+/// place; returns the ids and the steps found queued ahead.
+fn forced_steps<B: Backend>(model: &Qwen3<B>, b: &B, ahead: bool) -> Result<(Vec<u32>, usize)> {
+    let vocab = model.config().vocab_size as u32;
+    let (prompt_len, steps): (usize, usize) = (5, 24);
+    let capacity = prompt_len + steps;
+    let table: Vec<u32> = (0..capacity.div_ceil(BLOCK_SIZE) as u32).collect();
+    let mut cache = model.new_cache(b, table.len(), BLOCK_SIZE)?;
+    let info = |start_pos: usize, ids: Vec<u32>| -> Result<BatchInfo> {
+        let chunk = SeqChunk {
+            start_pos,
+            len: ids.len(),
+            block_table: table.clone(),
+        };
+        Ok(BatchInfo::new(BLOCK_SIZE, vec![chunk])?
+            .with_token_ids(ids)?
+            .with_capacity(capacity))
+    };
+    let prompt = (0..prompt_len as u32)
+        .map(|i| (i * 31 + 7) % vocab)
+        .collect();
+    let mut stepper = Stepper::with_ahead(ahead);
+    let mut next = stepper.step(model, b, &mut cache, &info(0, prompt)?, false)?;
+    let mut out = Vec::new();
+    for k in 0..steps - 1 {
+        let fed = if k % 3 == 1 {
+            (next[0] + 1) % vocab
+        } else {
+            next[0]
+        };
+        next = stepper.step(
+            model,
+            b,
+            &mut cache,
+            &info(prompt_len + k, vec![fed])?,
+            true,
+        )?;
+        out.push(next[0]);
+    }
+    Ok((out, stepper.used_ahead()))
 }
 
 /// What [`decode_ahead_runs`] generated.
@@ -344,4 +392,11 @@ pub struct DecodeAheadRuns {
     pub plain: Vec<Vec<u32>>,
     /// Steps found queued ahead in the first run.
     pub used: usize,
+    /// Ids of one sequence stepped with every third step fed another id than returned,
+    /// decode steps queued ahead.
+    pub forced_ahead: Vec<u32>,
+    /// The same, without.
+    pub forced_plain: Vec<u32>,
+    /// Steps found queued ahead in the forced run.
+    pub forced_used: usize,
 }

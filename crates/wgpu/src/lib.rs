@@ -204,14 +204,17 @@ struct Recording {
 }
 
 /// Dispatches recorded before a command buffer is submitted (default; `QFUSE_WGPU_SUBMIT_EVERY`
-/// overrides it for measurements). The GPU should start while the rest of a step is recorded, but
-/// each submission costs the host ~30–130 µs (wgpu processes the pass then). Measured (docs/perf.md):
-/// on the H200 when a step took ~4.5 ms, 8 beat 32 and 128; after the step fell to ~2.2 ms (4th
-/// session, H100, two interleaved sweeps) 4 → 2.62/2.64 ms, 8 → 2.41/2.35, 16 → 2.19/2.24,
-/// 32 → 2.20/2.19, 64 → 2.31/2.15.
-const SUBMIT_EVERY: usize = 16;
+/// overrides it for measurements). Each submission costs the host ~70–130 µs (wgpu processes
+/// the pass then) and the device a ~24 µs gap. While decode steps were recorded one at a time,
+/// small bursts let the GPU start on a step while the rest of it was recorded (4th session:
+/// 16 best). Greedy decode steps are now queued one ahead (the device has the next step's
+/// work while the host records the one after), so few large submissions win: on the H200
+/// (docs/perf.md, 18th session) batch 1 went 1.565 (16, 16) → 1.373 (64, 256) → 1.357
+/// (256, 256) ms/step; the first burst stays at 64 so an eagerly recorded pass (a sampled
+/// step, a prompt) still starts early.
+const SUBMIT_EVERY: usize = 64;
 /// The largest burst (`QFUSE_WGPU_SUBMIT_MAX`): bursts double from [`SUBMIT_EVERY`] up to it.
-const SUBMIT_MAX: usize = 16;
+const SUBMIT_MAX: usize = 256;
 
 /// Bind groups by pipeline name and bound buffers (params first).
 type BindGroups = HashMap<(&'static str, Vec<wgpu::Buffer>), wgpu::BindGroup>;
@@ -332,8 +335,9 @@ pub struct WgpuBatch {
     /// The embedding reads `sampled` instead of the info's token ids
     /// ([`Backend::advance_batch`]).
     ids_on_device: bool,
-    /// A copy of `sampled` on its way to the host ([`Backend::start_read_sampled`]).
-    reading: std::sync::Mutex<Option<Reading>>,
+    /// Copies of `sampled` on their way to the host, oldest first
+    /// ([`Backend::start_read_sampled`]).
+    reading: std::sync::Mutex<std::collections::VecDeque<Reading>>,
 }
 
 /// A buffer's copy into a mappable staging buffer, submitted but not yet waited for.
@@ -1695,10 +1699,8 @@ impl Backend for WgpuBackend {
     }
 
     fn start_read_sampled(&self, batch: &WgpuBatch) -> Result<()> {
-        let mut reading = lock(&batch.reading);
-        if reading.is_none() {
-            *reading = Some(self.start_read(&batch.sampled));
-        }
+        let reading = self.start_read(&batch.sampled);
+        lock(&batch.reading).push_back(reading);
         Ok(())
     }
 
@@ -1709,7 +1711,7 @@ impl Backend for WgpuBackend {
                 "no ids sampled on this batch",
             ));
         }
-        let started = lock(&batch.reading).take();
+        let started = lock(&batch.reading).pop_front();
         let reading = match started {
             Some(r) => r,
             None => self.start_read(&batch.sampled),
@@ -1740,7 +1742,7 @@ impl Backend for WgpuBackend {
                 .clone(),
             sampled_rows: 0,
             ids_on_device: false,
-            reading: std::sync::Mutex::new(None),
+            reading: std::sync::Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
