@@ -12,7 +12,11 @@
 //! dispatches, median of seven runs; "apart" is the same with an output per dispatch (no
 //! barriers: the streaming rate). Every variant's output is checked against the backend build's.
 //!
-//! `gemv_lab/generate.py` writes the variants `PROBE=gemv_lab` runs.
+//! With `LAB_LM_HEAD=1` it times the final norm + lm_head instead (151,936 rows of 1,024; 16,384
+//! on a CPU driver, whose bindings hold 128 MiB) over two copies of its weights, against the
+//! backend's `_wide` build, which serves it.
+//!
+//! `gemv_lab/generate.py` writes the variants `PROBE=gemv_lab` and `PROBE=lm_head_lab` run.
 //!
 //! Run: `cargo run --release -p qfuse-wgpu --example gemv_lab -- [variant.wgsl ...]`.
 use std::process::ExitCode;
@@ -22,6 +26,7 @@ use common::{noise, rel_err, Gpu, Res, Variant};
 
 const VEC: &str = include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl");
 const SG: &str = include_str!("../../../kernels/wgsl/matmul_bf16_sg.wgsl");
+const WIDE: &str = include_str!("../../../kernels/wgsl/matmul_bf16_wide.wgsl");
 
 const LAYERS: usize = 28;
 const RUNS: usize = 7;
@@ -52,16 +57,36 @@ struct Product {
 }
 
 fn run() -> Res<()> {
-    let variants = Variant::with_args(Variant::new("backend sg", format!("{VEC}{SG}")))?;
+    let lm_head = std::env::var("LAB_LM_HEAD").as_deref() == Ok("1");
+    let base = if lm_head {
+        Variant::new(
+            "backend wide",
+            format!("// lab: columns=16\n{VEC}{WIDE}"),
+        )
+    } else {
+        Variant::new("backend sg", format!("{VEC}{SG}"))
+    };
+    let variants = Variant::with_args(base)?;
     let gpu = Gpu::open(wgpu::Features::SUBGROUP)?;
-    // On a CPU driver one layer's copy is enough to check the variants.
-    let layers = if gpu.cpu { 1 } else { LAYERS };
+    // On a CPU driver one layer's copy is enough to check the variants; the lm_head's weights
+    // exceed the L2 cache by themselves.
+    let layers = match (gpu.cpu, lm_head) {
+        (true, _) => 1,
+        (false, true) => 2,
+        (false, false) => LAYERS,
+    };
+    let lm_rows = if gpu.cpu { 16_384 } else { 151_936 };
+    let products: &[(&str, bool, u32, usize, usize)] = if lm_head {
+        &[("norm + lm_head", true, 0, 1024, lm_rows)]
+    } else {
+        &PRODUCTS
+    };
     let reps = (layers, layers * LONG);
     println!(
         "µs a dependent dispatch (median of {RUNS}, over {} dispatches), and apart (no barriers)",
         reps.1 - reps.0
     );
-    for (name, norm, epi, k, n) in PRODUCTS {
+    for &(name, norm, epi, k, n) in products {
         let p = product(&gpu, epi, k, n, layers);
         let mut reference: Option<Vec<f32>> = None;
         for v in &variants {
