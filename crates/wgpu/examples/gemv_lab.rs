@@ -59,10 +59,7 @@ struct Product {
 fn run() -> Res<()> {
     let lm_head = std::env::var("LAB_LM_HEAD").as_deref() == Ok("1");
     let base = if lm_head {
-        Variant::new(
-            "backend wide",
-            format!("// lab: columns=16\n{VEC}{WIDE}"),
-        )
+        Variant::new("backend wide", format!("// lab: columns=16\n{VEC}{WIDE}"))
     } else {
         Variant::new("backend sg", format!("{VEC}{SG}"))
     };

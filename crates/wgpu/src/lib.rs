@@ -121,13 +121,14 @@ macro_rules! gemv_builds {
 
 /// The GEMV pipelines by build ([`ShaderBuild::row`]: f32 weights, bf16, bf16 vectorised: v8,
 /// wide, subgroup, tiled) and fusion ([`Gemv`]).
-const GEMVS: [[Pipeline; 5]; 6] = [
+const GEMVS: [[Pipeline; 5]; 7] = [
     gemv_builds!("", MATMUL_F32),
     gemv_builds!("_bf16", MATMUL_BF16),
     gemv_builds!("_bf16_v8", MATMUL_BF16_V8),
     gemv_builds!("_bf16_wide", MATMUL_BF16_WIDE),
     gemv_builds!("_bf16_sg", MATMUL_BF16_SG),
     gemv_builds!("_bf16_tiled", MATMUL_BF16_TILED),
+    gemv_builds!("_bf16_wide_sg", MATMUL_BF16_WIDE_SG),
 ];
 const ATTENTION: &str = include_str!("../../../kernels/wgsl/attention.wgsl");
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
@@ -176,6 +177,10 @@ const MATMUL_BF16_TILED: &str = concat!(
 const MATMUL_BF16_WIDE: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
     include_str!("../../../kernels/wgsl/matmul_bf16_wide.wgsl")
+);
+const MATMUL_BF16_WIDE_SG: &str = concat!(
+    include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
+    include_str!("../../../kernels/wgsl/matmul_bf16_wide_sg.wgsl")
 );
 
 /// Fewest keys in a decode attention split by default (`QFUSE_WGPU_ATTENTION_MIN_CHUNK`): one
@@ -226,7 +231,7 @@ pub struct WgpuOptions {
     /// Storage bindings capped below the adapter's limit (to test the splitting of large
     /// weights on small adapters).
     pub binding_limit: Option<u64>,
-    /// One vectorised bf16 GEMV build for every size: `v8`, `wide`, `sg` or `tiled` (default:
+    /// One vectorised bf16 GEMV build for every size: `v8`, `wide`, `sg`, `tiled` or `wide_sg` (default:
     /// `QFUSE_WGPU_GEMV`, else chosen by size).
     pub gemv: Option<String>,
     /// Fewest tokens of a prompt batch whose attention takes the flash shader (default:
@@ -379,14 +384,14 @@ struct Inner {
     /// Idle mappable buffers for reading results back, by size (a decode step reads its ids).
     free_staging: std::sync::Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     params: std::sync::Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
-    /// One bf16 GEMV build for every size (`QFUSE_WGPU_GEMV=v8|wide|sg|tiled`, for
+    /// One bf16 GEMV build for every size (`QFUSE_WGPU_GEMV=v8|wide|sg|tiled|wide_sg`, for
     /// measurements).
     gemv_build: Option<GemvBuild>,
     /// Fewest rows (tokens) whose bf16 products take the tiled GEMM
     /// (`QFUSE_WGPU_TILED_FROM`).
     tiled_from: usize,
-    /// The device has subgroup operations (and the `_sg` pipelines).
-    subgroups: bool,
+    /// The device's subgroup operations (the `_sg` pipelines need them).
+    subgroups: Subgroups,
     /// A thread's first burst after a readback or flush (`QFUSE_WGPU_SUBMIT_EVERY`); each next
     /// burst is twice the last, up to `submit_max` (`QFUSE_WGPU_SUBMIT_MAX`).
     submit_every: usize,
@@ -479,13 +484,29 @@ enum GemvBuild {
     Subgroup,
     /// A tiled GEMM, 64 rows × 64 columns a workgroup: prompt-sized T.
     Tiled,
+    /// Wide's layout reduced with subgroup sums (subgroups of at most 32 threads).
+    WideSubgroup,
 }
 
 impl GemvBuild {
-    /// Whether an adapter with (or without) subgroup operations runs this build.
-    fn runs_with(self, subgroups: bool) -> bool {
-        self != GemvBuild::Subgroup || subgroups
+    /// Whether an adapter with `subgroups` runs this build.
+    fn runs_with(self, subgroups: Subgroups) -> bool {
+        match self {
+            GemvBuild::Subgroup => subgroups != Subgroups::None,
+            GemvBuild::WideSubgroup => subgroups == Subgroups::UpTo32,
+            _ => true,
+        }
     }
+}
+
+/// The adapter's subgroup operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Subgroups {
+    None,
+    /// Subgroups of at most 32 threads (NVIDIA's 32, lavapipe's 8).
+    UpTo32,
+    /// Possibly larger ones (64 on some AMD GPUs).
+    Wider,
 }
 
 /// A GEMV shader build: its row of [`GEMVS`] and its workgroup layout.
@@ -506,13 +527,14 @@ impl ShaderBuild {
             ShaderBuild::Vec(GemvBuild::Wide) => 3,
             ShaderBuild::Vec(GemvBuild::Subgroup) => 4,
             ShaderBuild::Vec(GemvBuild::Tiled) => 5,
+            ShaderBuild::Vec(GemvBuild::WideSubgroup) => 6,
         }
     }
 
     /// Output columns one workgroup covers.
     fn columns_per_workgroup(self) -> usize {
         match self {
-            ShaderBuild::Vec(GemvBuild::Wide) => 16,
+            ShaderBuild::Vec(GemvBuild::Wide | GemvBuild::WideSubgroup) => 16,
             ShaderBuild::Vec(GemvBuild::Tiled) => TILE_COLUMNS,
             ShaderBuild::Vec(_) => 2,
             _ => 4,
@@ -540,22 +562,24 @@ impl Gemv {
     /// tiled GEMM from `tiled_from` rows (a prompt: the GEMV builds read every weight once a
     /// row), `_wide` (16 columns a 256-thread workgroup) from 16,384 columns (the lm_head: 0.446
     /// → 0.219 ms on the H200, where the per-layer matrices were slower: too few workgroups),
-    /// below it the subgroup build where the adapter has subgroups (per dispatch on the H200:
-    /// o_proj/down 12.8 → 11.1 µs, gate/up 19.5 → 16.4 µs against v8), else `_v8`; `force`
-    /// overrides (measurements, tests).
+    /// reduced with subgroup sums where subgroups are at most 32 threads (the final norm +
+    /// lm_head 144 → 122 µs, 18th session), below it the subgroup build where the adapter has
+    /// subgroups (per dispatch on the H200: o_proj/down 12.8 → 11.1 µs, gate/up 19.5 → 16.4 µs
+    /// against v8), else `_v8`; `force` overrides (measurements, tests).
     fn build(
         w: DType,
         (t, k, n): (usize, usize, usize),
         tiled_from: usize,
         force: Option<GemvBuild>,
-        subgroups: bool,
+        subgroups: Subgroups,
     ) -> ShaderBuild {
         match (w, k.is_multiple_of(8)) {
             (DType::BF16, true) => ShaderBuild::Vec(match force {
                 Some(b) => b,
                 None if t >= tiled_from => GemvBuild::Tiled,
+                None if n >= 16_384 && subgroups == Subgroups::UpTo32 => GemvBuild::WideSubgroup,
                 None if n >= 16_384 => GemvBuild::Wide,
-                None if subgroups => GemvBuild::Subgroup,
+                None if subgroups != Subgroups::None => GemvBuild::Subgroup,
                 None => GemvBuild::V8,
             }),
             (DType::BF16, false) => ShaderBuild::Bf16,
@@ -672,8 +696,13 @@ impl WgpuBackend {
             && adapter.features().contains(GpuTimes::FEATURES);
         let pass_timed = qfuse_core::knobs::env_flag("QFUSE_WGPU_PASS_TIMES")
             && adapter.features().contains(PassTimes::FEATURES);
-        // Subgroup operations where the adapter has them (the `_sg` GEMV build needs them).
-        let subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
+        // Subgroup operations where the adapter has them (the `_sg` GEMV builds need them).
+        let has_subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
+        let subgroups = match (has_subgroups, info.subgroup_max_size) {
+            (false, _) => Subgroups::None,
+            (true, 1..=32) => Subgroups::UpTo32,
+            (true, _) => Subgroups::Wider,
+        };
         let env_gemv = std::env::var("QFUSE_WGPU_GEMV").ok();
         let gemv_build = match options.gemv.as_deref().or(env_gemv.as_deref()) {
             None => None,
@@ -686,7 +715,7 @@ impl WgpuBackend {
         if pass_timed {
             features |= PassTimes::FEATURES;
         }
-        if subgroups {
+        if has_subgroups {
             features |= wgpu::Features::SUBGROUP;
         }
         let desc = wgpu::DeviceDescriptor {
@@ -706,7 +735,7 @@ impl WgpuBackend {
         for (name, src, entry, constants) in
             SHADERS.iter().chain(GEMVS.iter().flatten()).chain(flash)
         {
-            if name.ends_with("_sg") && !subgroups {
+            if name.ends_with("_sg") && subgroups == Subgroups::None {
                 continue;
             }
             let module = modules.entry(src).or_insert_with(|| {
@@ -1441,20 +1470,21 @@ impl WgpuBackend {
 }
 
 /// The vectorised bf16 GEMV builds by the name `QFUSE_WGPU_GEMV` and [`WgpuOptions::gemv`] use.
-const GEMV_BUILD_NAMES: [(&str, GemvBuild); 4] = [
+const GEMV_BUILD_NAMES: [(&str, GemvBuild); 5] = [
     ("v8", GemvBuild::V8),
     ("wide", GemvBuild::Wide),
     ("sg", GemvBuild::Subgroup),
     ("tiled", GemvBuild::Tiled),
+    ("wide_sg", GemvBuild::WideSubgroup),
 ];
 
 /// The GEMV build `name`, if this adapter can run it.
-fn gemv_build_named(name: &str, subgroups: bool) -> Result<GemvBuild> {
+fn gemv_build_named(name: &str, subgroups: Subgroups) -> Result<GemvBuild> {
     match GEMV_BUILD_NAMES.iter().find(|(n, _)| *n == name) {
         Some((_, build)) if build.runs_with(subgroups) => Ok(*build),
         Some(_) => Err(Error::invalid(
             "wgpu",
-            format!("GEMV build `{name}` needs subgroup operations, which this adapter lacks"),
+            format!("GEMV build `{name}` needs subgroup operations (wide_sg: of at most 32 threads), which this adapter lacks"),
         )),
         None => {
             let known: Vec<&str> = GEMV_BUILD_NAMES.iter().map(|(n, _)| *n).collect();

@@ -1,4 +1,4 @@
-//! Every vectorised bf16 GEMV build the adapter runs (`v8`, `wide`, `sg`, `tiled`), forced for
+//! Every vectorised bf16 GEMV build the adapter runs (`v8`, `wide`, `sg`, `tiled`, `wide_sg`), forced for
 //! every size, gives each of the five GEMV fusions the reference's result: the conformance suite
 //! only meets the build the backend picks for its shapes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
