@@ -143,6 +143,8 @@ fn main(
 """
 write("lm_wide_sg", "wide, each group reduced with subgroup sums", VEC + WIDE[:MAIN] + WIDE_SG_MAIN,
       columns=16)
+# The `_wide` build itself, to time it on the per-layer products (whose lab baseline is `_sg`).
+write("lm_wide", "the backend's wide build", VEC + WIDE, columns=16)
 
 # N columns a group (8N a workgroup): 4N weight loads a lane in flight (CUDA's lm_head GEMV,
 # four rows a warp, holds sixteen). Plain products only (the lm_head's NORM, EPI 0); the
