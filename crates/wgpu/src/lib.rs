@@ -557,16 +557,20 @@ enum Gemv {
 }
 
 impl Gemv {
-    /// The shader build for `t` rows (tokens) and `n` output columns of weights of `w` with rows
-    /// of `k` elements: bf16 rows of whole 8-element (16-byte) loads take a vectorised build: the
-    /// tiled GEMM from `tiled_from` rows (a prompt: the GEMV builds read every weight once a
-    /// row), `_wide` (16 columns a 256-thread workgroup) from 16,384 columns (the lm_head: 0.446
-    /// → 0.219 ms on the H200, where the per-layer matrices were slower: too few workgroups),
-    /// reduced with subgroup sums where subgroups are at most 32 threads (the final norm +
-    /// lm_head 144 → 122 µs, 18th session), below it the subgroup build where the adapter has
+    /// The shader build of this fusion for `t` rows (tokens) and `n` output columns of weights
+    /// of `w` with rows of `k` elements: bf16 rows of whole 8-element (16-byte) loads take a
+    /// vectorised build: the tiled GEMM from `tiled_from` rows (a prompt: the GEMV builds read
+    /// every weight once a row), `_wide` (16 columns a 256-thread workgroup) from 16,384
+    /// columns (the lm_head: 0.446 → 0.219 ms on the H200, where the per-layer matrices were
+    /// slower: too few workgroups), reduced with subgroup sums where subgroups are at most 32
+    /// threads (`wide_sg`: the final norm + lm_head 144 → 122 µs, 18th session), which also
+    /// serves products of 4,096+ columns of rows of at most 1,024 without SiLU (the 0.6B's
+    /// norm + QKV 9.37 → 7.65 µs a dependent dispatch, where o_proj, gate/up and down were
+    /// slower on it: too few workgroups); below it the subgroup build where the adapter has
     /// subgroups (per dispatch on the H200: o_proj/down 12.8 → 11.1 µs, gate/up 19.5 → 16.4 µs
     /// against v8), else `_v8`; `force` overrides (measurements, tests).
     fn build(
+        self,
         w: DType,
         (t, k, n): (usize, usize, usize),
         tiled_from: usize,
@@ -579,6 +583,13 @@ impl Gemv {
                 None if t >= tiled_from => GemvBuild::Tiled,
                 None if n >= 16_384 && subgroups == Subgroups::UpTo32 => GemvBuild::WideSubgroup,
                 None if n >= 16_384 => GemvBuild::Wide,
+                None if n >= 4_096
+                    && k <= 1_024
+                    && !self.silu()
+                    && subgroups == Subgroups::UpTo32 =>
+                {
+                    GemvBuild::WideSubgroup
+                }
                 None if subgroups != Subgroups::None => GemvBuild::Subgroup,
                 None => GemvBuild::V8,
             }),
@@ -642,7 +653,7 @@ impl WgpuBackend {
                 u32_of(start)?,
                 f32_bits(eps),
             ];
-            let build = Gemv::build(
+            let build = kind.build(
                 w.dtype,
                 (t, k, rows),
                 self.inner.tiled_from,
@@ -2082,5 +2093,42 @@ impl Backend for WgpuBackend {
 
     fn elapsed_s(&self, start: &std::time::Instant, end: &std::time::Instant) -> Result<f64> {
         Ok(end.saturating_duration_since(*start).as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn products_take_the_build_measured_fastest_for_their_shape() {
+        use GemvBuild::{Subgroup, Tiled, Wide, WideSubgroup, V8};
+        let pick = |kind: Gemv, (t, k, n), subgroups| {
+            kind.build(DType::BF16, (t, k, n), TILED_FROM, None, subgroups)
+        };
+        let up32 = Subgroups::UpTo32;
+        let cases = [
+            // The 0.6B's final norm + lm_head, QKV, gate/up (output columns), o_proj, down.
+            (Gemv::Norm, (1, 1024, 151_936), up32, WideSubgroup),
+            (Gemv::Norm, (1, 1024, 151_936), Subgroups::Wider, Wide),
+            (Gemv::Norm, (1, 1024, 151_936), Subgroups::None, Wide),
+            (Gemv::Norm, (1, 1024, 4096), up32, WideSubgroup),
+            (Gemv::Norm, (1, 1024, 4096), Subgroups::Wider, Subgroup),
+            (Gemv::Norm, (1, 1024, 4096), Subgroups::None, V8),
+            (Gemv::NormSiluMul, (1, 1024, 3072), up32, Subgroup),
+            (Gemv::NormSiluMul, (1, 1024, 8192), up32, Subgroup),
+            (Gemv::Add, (1, 2048, 1024), up32, Subgroup),
+            (Gemv::Add, (1, 3072, 1024), up32, Subgroup),
+            // Rows longer than measured keep the subgroup build (an 8B's o_proj).
+            (Gemv::Add, (1, 4096, 4096), up32, Subgroup),
+            (Gemv::Norm, (TILED_FROM, 1024, 4096), up32, Tiled),
+        ];
+        for (kind, shape, subgroups, want) in cases {
+            assert_eq!(
+                pick(kind, shape, subgroups),
+                ShaderBuild::Vec(want),
+                "{shape:?} {subgroups:?}"
+            );
+        }
     }
 }
