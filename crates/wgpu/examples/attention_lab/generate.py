@@ -148,3 +148,84 @@ fn key_dim(j: u32, i: u32, ok: bool, n: u32) -> f32 {
 @compute @workgroup_size(128)""")
 write("keys_coalesced", "design: keys a dim a thread, coalesced, one round; subgroup sums", co)
 write("keys_coalesced_c32", "design: keys coalesced, splits of 32 keys\n// lab: chunk=32", co)
+
+# Design: subgroup operations instead of workgroup-memory passes and barriers (any subgroup
+# size of at least 4 that divides 128, with subgroups made of consecutive invocations, as on
+# NVIDIA and lavapipe):
+# - the q/k-norm prologue's sums of squares: a subgroup sum, then one barrier and a few adds
+#   (was a seven-barrier tree);
+# - a key's four partial dots added by two shuffles within its four lanes (was a workgroup-memory
+#   pass and a barrier);
+# - the tile's maximum: a subgroup maximum over the scores (was every thread reading all 32);
+# - each probability computed where the value loop uses it (was a pass and a barrier).
+sgv = sub(SRC, "fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {",
+          """fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_invocation_id) sl: u32,
+    @builtin(subgroup_size) sgs: u32,
+) {
+    let sg = lid / sgs;
+    let nsg = WG / sgs;""")
+sgv = sub(sgv, """        partial[lid] = ssq;
+        red_k[lid] = ssk;
+        workgroupBarrier();
+        for (var s = WG / 2u; s > 0u; s >>= 1u) {
+            if (lid < s) {
+                partial[lid] += partial[lid + s];
+                red_k[lid] += red_k[lid + s];
+            }
+            workgroupBarrier();
+        }
+        let eps = bitcast<f32>(p[9]);
+        let inv_q = inverseSqrt(partial[0] / f32(d) + eps);
+        let inv_k = inverseSqrt(red_k[0] / f32(d) + eps);""", """        let sq = subgroupAdd(ssq);
+        let sk = subgroupAdd(ssk);
+        if (sl == 0u) {
+            partial[sg] = sq;
+            red_k[sg] = sk;
+        }
+        workgroupBarrier();
+        var tq = vec4<f32>(0.0);
+        var tk = 0.0;
+        for (var s = 0u; s < nsg; s++) {
+            tq += partial[s];
+            tk += red_k[s];
+        }
+        let eps = bitcast<f32>(p[9]);
+        let inv_q = inverseSqrt(tq / f32(d) + eps);
+        let inv_k = inverseSqrt(tk / f32(d) + eps);""")
+sgv = sub(sgv, """        partial[lid] = acc;
+        workgroupBarrier();
+        let n = min(TILE, keys - tile);
+        if (lid < n) {
+            let b = lid * PARTS;
+            scores[lid] = partial[b] + partial[b + 1u] + partial[b + 2u] + partial[b + 3u];
+        }
+        workgroupBarrier();
+        var big = m;
+        for (var j = 0u; j < n; j++) { big = max(big, scores[j]); }
+        let corr = exp(m - big);
+        m = big;
+        l *= corr;
+        o0 *= corr;
+        o1 *= corr;
+        if (lid < n) { probs[lid] = exp(scores[lid] - m); }
+        workgroupBarrier();""", """        var sdot = acc + subgroupShuffleXor(acc, 1u);
+        sdot += subgroupShuffleXor(sdot, 2u);
+        let n = min(TILE, keys - tile);
+        if (kp == 0u && kl < n) { scores[kl] = sdot; }
+        workgroupBarrier();
+        var big = m;
+        for (var j = sl; j < n; j += sgs) { big = max(big, scores[j]); }
+        big = subgroupMax(big);
+        let corr = exp(m - big);
+        m = big;
+        l *= corr;
+        o0 *= corr;
+        o1 *= corr;""")
+for i in range(8):
+    sgv = sub(sgv, "            let p%d = probs[j + %du];" % (i, i) if i else "            let p0 = probs[j];",
+              "            let p%d = exp(scores[j + %du] - m);" % (i, i) if i else "            let p0 = exp(scores[j] - m);")
+sgv = sub(sgv, "            let pj = probs[j];", "            let pj = exp(scores[j] - m);")
+write("sg_tile", "subgroup sums, shuffles and maximum instead of workgroup passes and barriers", sgv)
