@@ -5,10 +5,13 @@
 // 32 keys:
 // - scores: four threads a key, each taking runs of 8 dimensions (4 threads read a 128-byte
 //   run of the row together) with the 8 loads issued before the products that use them;
-// - one thread a key sums the four partial dots; every thread then forms the running maximum
-//   from the tile's scores (all hold the same state) and one thread a key its probability;
+// - a key's four partial dots are summed (`tile_scores`), every thread forms the running
+//   maximum from the tile's scores (`tile_max`; all hold the same state);
 // - values: thread i accumulates output dims i and i + 128 over the tile's rows, 8 rows' loads
-//   at a time (consecutive threads read consecutive dims: coalesced).
+//   at a time (consecutive threads read consecutive dims: coalesced), each row's probability
+//   formed where it is used.
+// This file ends before those reductions and the entry point: attention_wg.wgsl (workgroup
+// memory and barriers) or attention_sg.wgsl (subgroup operations) follows it.
 // Shader compilers do not unroll these loops for us: issuing loads ahead of their use is what
 // keeps more than one memory access in flight per thread.
 // With one split it writes the normalised output; otherwise partials [o (d), max, sum] per
@@ -47,7 +50,6 @@ const LOW: f32 = -3.4e38;
 var<workgroup> qs: array<vec4<f32>, 264>;   // q of the 4 heads by dim (d <= 256, + a run)
 var<workgroup> partial: array<vec4<f32>, 128>;
 var<workgroup> scores: array<vec4<f32>, 32>;
-var<workgroup> probs: array<vec4<f32>, 32>;
 var<workgroup> bases: array<u32, 32>;
 var<workgroup> own_k: array<f32, 264>;     // QKN: the token's own key and value
 var<workgroup> own_v: array<f32, 264>;
@@ -73,8 +75,16 @@ fn v_at(base: u32, i: u32, ok: bool) -> f32 {
     return x;
 }
 
-@compute @workgroup_size(128)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+// Sums over the workgroup's threads (`workgroup_sums`): q's sums of squares (vec4 lanes) and
+// the own key's.
+struct Sums {
+    q: vec4<f32>,
+    k: f32,
+}
+
+// The workgroup's work; `sl` and `sgs` are the thread's subgroup lane and the subgroup size
+// (0 and 1 where the reductions use no subgroups).
+fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
     let heads = p[1];
     let kvh = p[2];
     let d = p[3];
@@ -121,19 +131,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (QKN) {
         // Per-head RMS of q (vec4 lanes) and of the own key, then RoPE in place: thread i
         // rotates the pairs (i, i + d/2), reading both before writing either.
-        partial[lid] = ssq;
-        red_k[lid] = ssk;
-        workgroupBarrier();
-        for (var s = WG / 2u; s > 0u; s >>= 1u) {
-            if (lid < s) {
-                partial[lid] += partial[lid + s];
-                red_k[lid] += red_k[lid + s];
-            }
-            workgroupBarrier();
-        }
+        let sums = workgroup_sums(ssq, ssk, lid, sl, sgs);
         let eps = bitcast<f32>(p[9]);
-        let inv_q = inverseSqrt(partial[0] / f32(d) + eps);
-        let inv_k = inverseSqrt(red_k[0] / f32(d) + eps);
+        let inv_q = inverseSqrt(sums.q / f32(d) + eps);
+        let inv_k = inverseSqrt(sums.k / f32(d) + eps);
         let half = d / 2u;
         for (var i = lid; i < half; i += WG) {
             let c = cs[(t * half + i) * 2u];
@@ -169,7 +170,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let kp = lid % PARTS;
     let has1 = lid + WG < d;
     for (var tile = begin; tile < keys; tile += TILE) {
-        workgroupBarrier();  // qs written; the previous tile's probs and bases consumed
+        workgroupBarrier();  // qs written; the previous tile's scores and bases consumed
         let key = tile + kl;
         var acc = vec4<f32>(0.0);
         if (own && key == last) {
@@ -193,23 +194,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     + qs[i + 4u] * k4 + qs[i + 5u] * k5 + qs[i + 6u] * k6 + qs[i + 7u] * k7;
             }
         }
-        partial[lid] = acc;
-        workgroupBarrier();
         let n = min(TILE, keys - tile);
-        if (lid < n) {
-            let b = lid * PARTS;
-            scores[lid] = partial[b] + partial[b + 1u] + partial[b + 2u] + partial[b + 3u];
-        }
-        workgroupBarrier();
-        var big = m;
-        for (var j = 0u; j < n; j++) { big = max(big, scores[j]); }
+        tile_scores(acc, lid, n);
+        let big = tile_max(m, n, sl, sgs);
         let corr = exp(m - big);
         m = big;
         l *= corr;
         o0 *= corr;
         o1 *= corr;
-        if (lid < n) { probs[lid] = exp(scores[lid] - m); }
-        workgroupBarrier();
         var j = 0u;
         for (; j + RUN <= n; j += RUN) {
             let b0 = bases[j];
@@ -237,21 +229,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let c5 = v_at(b5, lid + WG, has1);
             let c6 = v_at(b6, lid + WG, has1);
             let c7 = v_at(b7, lid + WG, has1);
-            let p0 = probs[j];
-            let p1 = probs[j + 1u];
-            let p2 = probs[j + 2u];
-            let p3 = probs[j + 3u];
-            let p4 = probs[j + 4u];
-            let p5 = probs[j + 5u];
-            let p6 = probs[j + 6u];
-            let p7 = probs[j + 7u];
+            let p0 = exp(scores[j] - m);
+            let p1 = exp(scores[j + 1u] - m);
+            let p2 = exp(scores[j + 2u] - m);
+            let p3 = exp(scores[j + 3u] - m);
+            let p4 = exp(scores[j + 4u] - m);
+            let p5 = exp(scores[j + 5u] - m);
+            let p6 = exp(scores[j + 6u] - m);
+            let p7 = exp(scores[j + 7u] - m);
             l += p0 + p1 + p2 + p3 + p4 + p5 + p6 + p7;
             o0 += p0 * a0 + p1 * a1 + p2 * a2 + p3 * a3 + p4 * a4 + p5 * a5 + p6 * a6 + p7 * a7;
             o1 += p0 * c0 + p1 * c1 + p2 * c2 + p3 * c3 + p4 * c4 + p5 * c5 + p6 * c6 + p7 * c7;
         }
         for (; j < n; j++) {
             let b = bases[j];
-            let pj = probs[j];
+            let pj = exp(scores[j] - m);
             l += pj;
             o0 += pj * v_at(b, lid, lid < d);
             o1 += pj * v_at(b, lid + WG, has1);

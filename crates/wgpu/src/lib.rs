@@ -70,6 +70,8 @@ const SHADERS: &[Pipeline] = &[
     ),
     ("attention", ATTENTION, "main", &[]),
     ("attention_qkn", ATTENTION, "main", &[("QKN", 1.0)]),
+    ("attention_sg", ATTENTION_SG, "main", &[]),
+    ("attention_qkn_sg", ATTENTION_SG, "main", &[("QKN", 1.0)]),
     (
         "qk_norm_rope_write_kv",
         include_str!("../../../kernels/wgsl/qk_norm_rope_write_kv.wgsl"),
@@ -130,7 +132,15 @@ const GEMVS: [[Pipeline; 5]; 7] = [
     gemv_builds!("_bf16_tiled", MATMUL_BF16_TILED),
     gemv_builds!("_bf16_wide_sg", MATMUL_BF16_WIDE_SG),
 ];
-const ATTENTION: &str = include_str!("../../../kernels/wgsl/attention.wgsl");
+const ATTENTION: &str = concat!(
+    include_str!("../../../kernels/wgsl/attention.wgsl"),
+    include_str!("../../../kernels/wgsl/attention_wg.wgsl")
+);
+/// The decode attention with its reductions in subgroup operations (subgroups of 4 to 32).
+const ATTENTION_SG: &str = concat!(
+    include_str!("../../../kernels/wgsl/attention.wgsl"),
+    include_str!("../../../kernels/wgsl/attention_sg.wgsl")
+);
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
 /// Prompt attention, query-blocked (`attention_flash.wgsl`); needs more workgroup memory than
 /// WebGPU's default limit, so it exists only where the adapter allows [`FLASH_WORKGROUP_BYTES`].
@@ -237,6 +247,9 @@ pub struct WgpuOptions {
     /// Fewest tokens of a prompt batch whose attention takes the flash shader (default:
     /// `QFUSE_WGPU_FLASH_FROM`, else 32).
     pub flash_from: Option<usize>,
+    /// Leave the adapter's subgroup operations unused (to test the builds for adapters without
+    /// them; also `QFUSE_WGPU_SUBGROUPS=0`).
+    pub no_subgroups: bool,
 }
 
 /// The tiled GEMM's tile (`matmul_bf16_tiled.wgsl`): rows (tokens) and output columns.
@@ -503,10 +516,12 @@ impl GemvBuild {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Subgroups {
     None,
-    /// Subgroups of at most 32 threads (NVIDIA's 32, lavapipe's 8).
+    /// Subgroups of 4 to 32 threads (NVIDIA's 32, lavapipe's 8): the builds that lay groups of
+    /// threads out on subgroups (`wide_sg`, `attention_sg`) assume it, and that a subgroup is
+    /// consecutive invocations (true on both).
     UpTo32,
-    /// Possibly larger ones (64 on some AMD GPUs).
-    Wider,
+    /// Possibly larger (64 on some AMD GPUs) or smaller ones.
+    Other,
 }
 
 /// A GEMV shader build: its row of [`GEMVS`] and its workgroup layout.
@@ -708,11 +723,17 @@ impl WgpuBackend {
         let pass_timed = qfuse_core::knobs::env_flag("QFUSE_WGPU_PASS_TIMES")
             && adapter.features().contains(PassTimes::FEATURES);
         // Subgroup operations where the adapter has them (the `_sg` GEMV builds need them).
-        let has_subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
-        let subgroups = match (has_subgroups, info.subgroup_max_size) {
-            (false, _) => Subgroups::None,
-            (true, 1..=32) => Subgroups::UpTo32,
-            (true, _) => Subgroups::Wider,
+        let has_subgroups = adapter.features().contains(wgpu::Features::SUBGROUP)
+            && !options.no_subgroups
+            && env_knob("QFUSE_WGPU_SUBGROUPS", 0..=1) != Some(0);
+        let subgroups = match (
+            has_subgroups,
+            info.subgroup_min_size,
+            info.subgroup_max_size,
+        ) {
+            (false, ..) => Subgroups::None,
+            (true, 4.., ..=32) => Subgroups::UpTo32,
+            (true, ..) => Subgroups::Other,
         };
         let env_gemv = std::env::var("QFUSE_WGPU_GEMV").ok();
         let gemv_build = match options.gemv.as_deref().or(env_gemv.as_deref()) {
@@ -1017,16 +1038,22 @@ impl WgpuBackend {
         };
         let params = attention_params(batch, cfg, t, splits, chunk)?;
         // Without qkn the prologue's bindings get stand-ins (read-only, never read).
+        let sg = self.inner.subgroups == Subgroups::UpTo32;
         let (kernel, q_norm, k_norm, cs) = match qkn {
             Some((qn, kn)) => (
-                "attention_qkn",
+                if sg {
+                    "attention_qkn_sg"
+                } else {
+                    "attention_qkn"
+                },
                 qn.buf()?.clone(),
                 kn.buf()?.clone(),
                 self.rope_table(batch, cfg)?,
             ),
             None => {
                 let stand_in = input.buf()?.clone();
-                ("attention", stand_in.clone(), stand_in.clone(), stand_in)
+                let kernel = if sg { "attention_sg" } else { "attention" };
+                (kernel, stand_in.clone(), stand_in.clone(), stand_in)
             }
         };
         let [qb, kb, vb, positions, token_seq, tables, ob] =
@@ -2110,10 +2137,10 @@ mod tests {
         let cases = [
             // The 0.6B's final norm + lm_head, QKV, gate/up (output columns), o_proj, down.
             (Gemv::Norm, (1, 1024, 151_936), up32, WideSubgroup),
-            (Gemv::Norm, (1, 1024, 151_936), Subgroups::Wider, Wide),
+            (Gemv::Norm, (1, 1024, 151_936), Subgroups::Other, Wide),
             (Gemv::Norm, (1, 1024, 151_936), Subgroups::None, Wide),
             (Gemv::Norm, (1, 1024, 4096), up32, WideSubgroup),
-            (Gemv::Norm, (1, 1024, 4096), Subgroups::Wider, Subgroup),
+            (Gemv::Norm, (1, 1024, 4096), Subgroups::Other, Subgroup),
             (Gemv::Norm, (1, 1024, 4096), Subgroups::None, V8),
             (Gemv::NormSiluMul, (1, 1024, 3072), up32, Subgroup),
             (Gemv::NormSiluMul, (1, 1024, 8192), up32, Subgroup),
