@@ -110,6 +110,22 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
     let qrow = t * qstride;
     let last = keys - 1u;
     let own = QKN && begin < keys && keys == positions[t] + 1u;  // this slice holds the own key
+    let kl = lid / PARTS;
+    let kp = lid % PARTS;
+    // Requested before the prologue's barriers, so their latency overlaps it: the block-table
+    // entry of this thread's key in the first tile, and (QKN) the RoPE table entries and gains
+    // of this thread's pair of dims (d <= 256: at most one pair a thread).
+    var first_block = 0u;
+    if (begin + kl < keys) { first_block = tables[table + (begin + kl) / bs]; }
+    let half = d / 2u;
+    var rope = vec2<f32>(0.0);  // cos, sin
+    var gq = vec2<f32>(0.0);
+    var gk = vec2<f32>(0.0);
+    if (QKN && lid < half) {
+        rope = vec2<f32>(cs[(t * half + lid) * 2u], cs[(t * half + lid) * 2u + 1u]);
+        gq = vec2<f32>(q_norm[lid], q_norm[lid + half]);
+        gk = vec2<f32>(k_norm[lid], k_norm[lid + half]);
+    }
     var ssq = vec4<f32>(0.0);
     var ssk = 0.0;
     for (var i = lid; i < d + RUN; i += WG) {
@@ -135,17 +151,17 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
         let eps = bitcast<f32>(p[9]);
         let inv_q = inverseSqrt(sums.q / f32(d) + eps);
         let inv_k = inverseSqrt(sums.k / f32(d) + eps);
-        let half = d / 2u;
-        for (var i = lid; i < half; i += WG) {
-            let c = cs[(t * half + i) * 2u];
-            let sn = cs[(t * half + i) * 2u + 1u];
-            let a = qs[i] * inv_q * q_norm[i];
-            let b = qs[i + half] * inv_q * q_norm[i + half];
+        if (lid < half) {
+            let i = lid;
+            let c = rope.x;
+            let sn = rope.y;
+            let a = qs[i] * inv_q * gq.x;
+            let b = qs[i + half] * inv_q * gq.y;
             qs[i] = (a * c - b * sn) * scale;
             qs[i + half] = (b * c + a * sn) * scale;
             if (own) {
-                let ka = own_k[i] * inv_k * k_norm[i];
-                let kb = own_k[i + half] * inv_k * k_norm[i + half];
+                let ka = own_k[i] * inv_k * gk.x;
+                let kb = own_k[i + half] * inv_k * gk.y;
                 own_k[i] = ka * c - kb * sn;
                 own_k[i + half] = kb * c + ka * sn;
             }
@@ -166,8 +182,6 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
     var o1 = vec4<f32>(0.0);
     var m = vec4<f32>(LOW);
     var l = vec4<f32>(0.0);
-    let kl = lid / PARTS;
-    let kp = lid % PARTS;
     let has1 = lid + WG < d;
     for (var tile = begin; tile < keys; tile += TILE) {
         workgroupBarrier();  // qs written; the previous tile's scores and bases consumed
@@ -179,7 +193,9 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
                 for (var u = 0u; u < RUN; u++) { acc += qs[i + u] * own_k[i + u]; }
             }
         } else if (key < keys) {
-            let base = (tables[table + key / bs] * bs + key % bs) * w + kv * d;
+            var block = first_block;
+            if (tile != begin) { block = tables[table + key / bs]; }
+            let base = (block * bs + key % bs) * w + kv * d;
             if (kp == 0u) { bases[kl] = base; }
             for (var i = kp * RUN; i < d; i += PARTS * RUN) {
                 let k0 = k_at(base + i, true);
