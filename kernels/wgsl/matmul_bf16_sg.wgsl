@@ -1,8 +1,8 @@
-// The vectorised bf16 GEMV (after matmul_bf16_vec.wgsl) laid out as the v8 build, a 128-thread
-// workgroup per 2 output columns, but reduced with subgroup sums: each subgroup adds its
-// threads' partials in registers, its first thread stores them, and after one barrier two
-// threads add the subgroups' sums (the v8 build's barrier tree takes seven). Needs the adapter's
-// SUBGROUP feature (any subgroup size dividing 128).
+// The vectorised bf16 GEMV (after matmul_bf16_vec.wgsl and matmul_bf16_sg_sums.wgsl) laid out
+// as the v8 build, a 128-thread workgroup per 2 output columns, but reduced with subgroup sums:
+// each subgroup adds its threads' partials in registers, its first thread stores them, and
+// after one barrier two threads add the subgroups' sums (the v8 build's barrier tree takes
+// seven). Needs the adapter's SUBGROUP feature (any subgroup size dividing 128).
 // dispatch (min(groups, 65535), ceil(groups / 65535)) for groups = ceil(part_rows / 2).
 
 const WG: u32 = 128u;
@@ -21,29 +21,11 @@ fn main(
     let c0 = (wg.x + wg.y * 65535u) * 2u;
     for (var t = 0u; t < p[0]; t++) {
         let r = partials(t, c0, lid, WG);
-        let a = vec2<f32>(subgroupAdd(r.a.x), subgroupAdd(r.a.y));
-        var b = vec2<f32>(0.0);
-        if (EPI == 2u) { b = vec2<f32>(subgroupAdd(r.b.x), subgroupAdd(r.b.y)); }
-        var ss = 0.0;
-        if (NORM) { ss = subgroupAdd(r.ss); }
-        if (lane == 0u) {
-            sums[sg * 5u] = a.x;
-            sums[sg * 5u + 1u] = a.y;
-            sums[sg * 5u + 2u] = b.x;
-            sums[sg * 5u + 3u] = b.y;
-            sums[sg * 5u + 4u] = ss;
-        }
+        store_subgroup_sums(r, lane, sg);
         workgroupBarrier();
         if (lid < 2u && c0 + lid < rows) {
-            var ta = 0.0;
-            var tb = 0.0;
-            var tss = 0.0;
-            for (var s = 0u; s < n_sg; s++) {
-                ta += sums[s * 5u + lid];
-                tb += sums[s * 5u + 2u + lid];
-                tss += sums[s * 5u + 4u];
-            }
-            finish(t, c0 + lid, ta, tb, tss);
+            let tot = column_sums(0u, n_sg, lid);
+            finish(t, c0 + lid, tot.x, tot.y, tot.z);
         }
         workgroupBarrier();
     }

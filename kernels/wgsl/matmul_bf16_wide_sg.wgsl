@@ -1,9 +1,9 @@
-// The `_wide` GEMV layout (after matmul_bf16_vec.wgsl): 256 threads as 8 groups of 32, each group
-// 2 output columns, 16 columns a workgroup; but each group's 32 partials are added with subgroup
-// sums, so after the one barrier a column's thread adds a few subgroups' sums instead of 32
-// partials. Needs subgroups of at most 32 threads (a subgroup within one group); the wgpu crate
-// picks it only where the adapter's largest subgroup is. Final norm + lm_head on the H200
-// (docs/perf.md, 18th session, gemv_lab): 144 → 122 µs.
+// The `_wide` GEMV layout (after matmul_bf16_vec.wgsl and matmul_bf16_sg_sums.wgsl): 256
+// threads as 8 groups of 32, each group 2 output columns, 16 columns a workgroup; but each
+// group's 32 partials are added with subgroup sums, so after the one barrier a column's thread
+// adds a few subgroups' sums instead of 32 partials. Needs subgroups of 4 to 32 consecutive
+// threads (a subgroup within one group); the wgpu crate picks it only there. Final norm +
+// lm_head on the H200 (docs/perf.md, 18th session, gemv_lab): 144 → 122 µs.
 // dispatch (min(groups, 65535), ceil(groups / 65535)) for groups = ceil(part_rows / 16).
 
 const LANES: u32 = 32u;
@@ -25,30 +25,12 @@ fn main(
     let c0 = (wg.x + wg.y * 65535u) * GROUPS * 2u + grp * 2u;
     for (var t = 0u; t < p[0]; t++) {
         let r = partials(t, c0, lane, LANES);
-        let a = vec2<f32>(subgroupAdd(r.a.x), subgroupAdd(r.a.y));
-        var b = vec2<f32>(0.0);
-        if (EPI == 2u) { b = vec2<f32>(subgroupAdd(r.b.x), subgroupAdd(r.b.y)); }
-        var ss = 0.0;
-        if (NORM) { ss = subgroupAdd(r.ss); }
-        if (sl == 0u) {
-            sums[sg * 5u] = a.x;
-            sums[sg * 5u + 1u] = a.y;
-            sums[sg * 5u + 2u] = b.x;
-            sums[sg * 5u + 3u] = b.y;
-            sums[sg * 5u + 4u] = ss;
-        }
+        store_subgroup_sums(r, sl, lid / sgs);
         workgroupBarrier();
         if (lane < 2u && c0 + lane < rows) {
             let per = LANES / sgs;
-            var ta = 0.0;
-            var tb = 0.0;
-            var tss = 0.0;
-            for (var s = grp * per; s < (grp + 1u) * per; s++) {
-                ta += sums[s * 5u + lane];
-                tb += sums[s * 5u + 2u + lane];
-                tss += sums[s * 5u + 4u];
-            }
-            finish(t, c0 + lane, ta, tb, tss);
+            let tot = column_sums(grp * per, per, lane);
+            finish(t, c0 + lane, tot.x, tot.y, tot.z);
         }
         workgroupBarrier();
     }

@@ -119,10 +119,7 @@ impl<B: Backend> Stepper<B> {
                 self.queued = Some((next, Vec::new()));
             }
         }
-        let Some(batch) = self.batch.as_ref() else {
-            return Err(qfuse_core::Error::invalid("Stepper::step", "no batch"));
-        };
-        let ids = b.read_sampled(batch)?;
+        let ids = b.read_sampled(self.batch()?)?;
         if let Some((_, prev)) = self.queued.as_mut() {
             prev.clone_from(&ids);
         }
@@ -131,10 +128,12 @@ impl<B: Backend> Stepper<B> {
 
     /// Starts reading the ids of the step last queued.
     fn start_read(&self, b: &B) -> Result<()> {
-        match self.batch.as_ref() {
-            Some(batch) => b.start_read_sampled(batch),
-            None => Err(qfuse_core::Error::invalid("Stepper::step", "no batch")),
-        }
+        b.start_read_sampled(self.batch()?)
+    }
+
+    /// The batch the last step was queued on.
+    fn batch(&self) -> Result<&B::Batch> {
+        self.batch.as_ref().ok_or_else(no_batch)
     }
 
     /// Queues the decode step `info` and its sampling, on the batch rewritten in place (replaying
@@ -173,9 +172,7 @@ impl<B: Backend> Stepper<B> {
             }
             self.batch = Some(batch);
         }
-        let Some(batch) = self.batch.as_mut() else {
-            return Err(qfuse_core::Error::invalid("Stepper::step", "no batch"));
-        };
+        let batch = self.batch.as_mut().ok_or_else(no_batch)?;
         match &self.graph {
             Some(g) => b.replay(g)?,
             None => {
@@ -185,6 +182,10 @@ impl<B: Backend> Stepper<B> {
         }
         Ok(true)
     }
+}
+
+fn no_batch() -> qfuse_core::Error {
+    qfuse_core::Error::invalid("Stepper::step", "no batch")
 }
 
 /// The decode step after `info` (a decode step): every sequence one position on, when its block

@@ -400,3 +400,64 @@ pub struct DecodeAheadRuns {
     /// Steps found queued ahead in the forced run.
     pub forced_used: usize,
 }
+
+impl DecodeAheadRuns {
+    /// What a device backend's test requires of the runs but they show, if anything: ids queued
+    /// ahead differing from ids stepped one at a time, or no step queued ahead at all.
+    pub fn failure(&self) -> Option<String> {
+        if self.ahead != self.plain {
+            Some(format!(
+                "ids {:?} queued ahead, {:?} not",
+                self.ahead, self.plain
+            ))
+        } else if self.forced_ahead != self.forced_plain {
+            Some(format!(
+                "steps fed other ids: {:?} queued ahead, {:?} not",
+                self.forced_ahead, self.forced_plain
+            ))
+        } else if self.used == 0 || self.forced_used == 0 {
+            Some("no step was queued ahead".to_string())
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_ahead_runs_fail_on_any_difference_or_no_step_ahead() {
+        let good = DecodeAheadRuns {
+            ahead: vec![vec![1, 2], vec![3]],
+            plain: vec![vec![1, 2], vec![3]],
+            used: 2,
+            forced_ahead: vec![4, 5],
+            forced_plain: vec![4, 5],
+            forced_used: 1,
+        };
+        assert_eq!(good.failure(), None);
+        let bad = [
+            DecodeAheadRuns {
+                ahead: vec![vec![1, 9], vec![3]],
+                ..good.clone()
+            },
+            DecodeAheadRuns {
+                forced_ahead: vec![4, 6],
+                ..good.clone()
+            },
+            DecodeAheadRuns {
+                used: 0,
+                ..good.clone()
+            },
+            DecodeAheadRuns {
+                forced_used: 0,
+                ..good.clone()
+            },
+        ];
+        for runs in bad {
+            assert!(runs.failure().is_some(), "{runs:?}");
+        }
+    }
+}

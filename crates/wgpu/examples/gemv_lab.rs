@@ -25,6 +25,7 @@ mod common;
 use common::{noise, rel_err, Gpu, Res, Variant};
 
 const VEC: &str = include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl");
+const SG_SUMS: &str = include_str!("../../../kernels/wgsl/matmul_bf16_sg_sums.wgsl");
 const SG: &str = include_str!("../../../kernels/wgsl/matmul_bf16_sg.wgsl");
 const WIDE: &str = include_str!("../../../kernels/wgsl/matmul_bf16_wide.wgsl");
 
@@ -61,7 +62,7 @@ fn run() -> Res<()> {
     let base = if lm_head {
         Variant::new("backend wide", format!("// lab: columns=16\n{VEC}{WIDE}"))
     } else {
-        Variant::new("backend sg", format!("{VEC}{SG}"))
+        Variant::new("backend sg", format!("{VEC}{SG_SUMS}{SG}"))
     };
     let variants = Variant::with_args(base)?;
     let gpu = Gpu::open(wgpu::Features::SUBGROUP)?;

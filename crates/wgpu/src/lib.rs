@@ -178,6 +178,7 @@ const MATMUL_BF16_V8: &str = concat!(
 );
 const MATMUL_BF16_SG: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
+    include_str!("../../../kernels/wgsl/matmul_bf16_sg_sums.wgsl"),
     include_str!("../../../kernels/wgsl/matmul_bf16_sg.wgsl")
 );
 const MATMUL_BF16_TILED: &str = concat!(
@@ -190,6 +191,7 @@ const MATMUL_BF16_WIDE: &str = concat!(
 );
 const MATMUL_BF16_WIDE_SG: &str = concat!(
     include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
+    include_str!("../../../kernels/wgsl/matmul_bf16_sg_sums.wgsl"),
     include_str!("../../../kernels/wgsl/matmul_bf16_wide_sg.wgsl")
 );
 

@@ -82,19 +82,9 @@ fn decode_steps_queued_ahead_give_the_same_ids() {
     for name in GOLDEN_MODELS {
         let model = Qwen3::load(&gpu, &golden_dir(name)).unwrap();
         let runs = decode_ahead_runs(&model, &gpu).unwrap();
-        println!(
-            "{name}: {} steps queued ahead and used; ids {:?}",
-            runs.used, runs.ahead
-        );
-        assert_eq!(runs.ahead, runs.plain, "{name}");
-        assert!(runs.used > 0, "{name}: no step was queued ahead");
-        assert_eq!(
-            runs.forced_ahead, runs.forced_plain,
-            "{name}: steps fed other ids"
-        );
-        assert!(
-            runs.forced_used > 0,
-            "{name}: no forced step was queued ahead"
-        );
+        println!("{name}: {} steps queued ahead and used", runs.used);
+        if let Some(failure) = runs.failure() {
+            panic!("{name}: {failure}");
+        }
     }
 }

@@ -11,7 +11,10 @@ import re
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = os.path.join(HERE, "../../../../kernels/wgsl/")
 VEC = open(KERNELS + "matmul_bf16_vec.wgsl").read()
-SG = open(KERNELS + "matmul_bf16_sg.wgsl").read()
+# The subgroup builds' shared sums come with each of them.
+SG_SUMS = open(KERNELS + "matmul_bf16_sg_sums.wgsl").read()
+SG = SG_SUMS + open(KERNELS + "matmul_bf16_sg.wgsl").read()
+WIDE_SG = SG_SUMS + open(KERNELS + "matmul_bf16_wide_sg.wgsl").read()
 WIDE = open(KERNELS + "matmul_bf16_wide.wgsl").read()
 
 
@@ -91,58 +94,10 @@ for wg in (64, 32):
 
 # The lm_head (NORM, EPI 0, K = 1,024: four weight vectors a lane a column) on the `_wide`
 # layout: 8 groups of 32 lanes, the group's columns reduced after one barrier.
-MAIN = WIDE.index("@compute @workgroup_size(256)")
 
-# Each group's partials added with subgroup sums (any subgroup size dividing 32): each
-# subgroup's first lane stores its sums, then one thread a column adds its group's subgroups.
-WIDE_SG_MAIN = """// Per subgroup: a, b for both columns, x's sum of squares.
-var<workgroup> sums: array<f32, 1280>;
-
-@compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(subgroup_invocation_id) sl: u32,
-    @builtin(subgroup_size) sgs: u32,
-) {
-    let rows = p[2];
-    let grp = lid / LANES;
-    let lane = lid % LANES;
-    let sg = lid / sgs;
-    let c0 = (wg.x + wg.y * 65535u) * GROUPS * 2u + grp * 2u;
-    for (var t = 0u; t < p[0]; t++) {
-        let r = partials(t, c0, lane, LANES);
-        let a = vec2<f32>(subgroupAdd(r.a.x), subgroupAdd(r.a.y));
-        var b = vec2<f32>(0.0);
-        if (EPI == 2u) { b = vec2<f32>(subgroupAdd(r.b.x), subgroupAdd(r.b.y)); }
-        var ss = 0.0;
-        if (NORM) { ss = subgroupAdd(r.ss); }
-        if (sl == 0u) {
-            sums[sg * 5u] = a.x;
-            sums[sg * 5u + 1u] = a.y;
-            sums[sg * 5u + 2u] = b.x;
-            sums[sg * 5u + 3u] = b.y;
-            sums[sg * 5u + 4u] = ss;
-        }
-        workgroupBarrier();
-        if (lane < 2u && c0 + lane < rows) {
-            let per = LANES / sgs;
-            var ta = 0.0;
-            var tb = 0.0;
-            var tss = 0.0;
-            for (var s = grp * per; s < (grp + 1u) * per; s++) {
-                ta += sums[s * 5u + lane];
-                tb += sums[s * 5u + 2u + lane];
-                tss += sums[s * 5u + 4u];
-            }
-            finish(t, c0 + lane, ta, tb, tss);
-        }
-        workgroupBarrier();
-    }
-}
-"""
-write("lm_wide_sg", "wide, each group reduced with subgroup sums", VEC + WIDE[:MAIN] + WIDE_SG_MAIN,
-      columns=16)
+# The backend's `wide_sg` build (each group's partials added with subgroup sums), to compare
+# with `_wide` on the lm_head and on the per-layer products.
+write("lm_wide_sg", "the backend's wide_sg build", VEC + WIDE_SG, columns=16)
 # The `_wide` build itself, to time it on the per-layer products (whose lab baseline is `_sg`).
 write("lm_wide", "the backend's wide build", VEC + WIDE, columns=16)
 
