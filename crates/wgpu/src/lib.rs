@@ -518,9 +518,9 @@ impl GemvBuild {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Subgroups {
     None,
-    /// Subgroups of 4 to 32 threads (NVIDIA's 32, lavapipe's 8): the builds that lay groups of
-    /// threads out on subgroups (`wide_sg`, `attention_sg`) assume it, and that a subgroup is
-    /// consecutive invocations (true on both).
+    /// Subgroups of 4 to 32 consecutive invocations (NVIDIA's 32, lavapipe's 8; checked when the
+    /// device opens by [`subgroups_consecutive`]), which the builds that lay groups of threads
+    /// out on subgroups (`wide_sg`, `attention_sg`) need.
     UpTo32,
     /// Possibly larger (64 on some AMD GPUs) or smaller ones.
     Other,
@@ -728,7 +728,7 @@ impl WgpuBackend {
         let has_subgroups = adapter.features().contains(wgpu::Features::SUBGROUP)
             && !options.no_subgroups
             && env_knob("QFUSE_WGPU_SUBGROUPS", 0..=1) != Some(0);
-        let subgroups = match (
+        let mut subgroups = match (
             has_subgroups,
             info.subgroup_min_size,
             info.subgroup_max_size,
@@ -736,11 +736,6 @@ impl WgpuBackend {
             (false, ..) => Subgroups::None,
             (true, 4.., ..=32) => Subgroups::UpTo32,
             (true, ..) => Subgroups::Other,
-        };
-        let env_gemv = std::env::var("QFUSE_WGPU_GEMV").ok();
-        let gemv_build = match options.gemv.as_deref().or(env_gemv.as_deref()) {
-            None => None,
-            Some(name) => Some(gemv_build_named(name, subgroups)?),
         };
         let mut features = wgpu::Features::empty();
         if timed {
@@ -760,6 +755,14 @@ impl WgpuBackend {
         };
         let (device, queue) =
             pollster::block_on(adapter.request_device(&desc)).map_err(wgpu_err)?;
+        if subgroups == Subgroups::UpTo32 && !subgroups_consecutive(&device, &queue)? {
+            subgroups = Subgroups::Other;
+        }
+        let env_gemv = std::env::var("QFUSE_WGPU_GEMV").ok();
+        let gemv_build = match options.gemv.as_deref().or(env_gemv.as_deref()) {
+            None => None,
+            Some(name) => Some(gemv_build_named(name, subgroups)?),
+        };
         let shader_checks =
             shader_checks(std::env::var("QFUSE_WGPU_SHADER_CHECKS").ok().as_deref());
         let mut pipelines = HashMap::new();
@@ -1507,6 +1510,78 @@ impl WgpuBackend {
         self.return_staging(staging);
         Ok(bytes)
     }
+}
+
+/// Whether the device's subgroups are consecutive invocations of 4 to 32 threads in workgroups
+/// of 128 and 256, which the builds laying groups of threads out on subgroups assume (the
+/// Vulkan and WGSL specifications leave it to the implementation; NVIDIA's and lavapipe's are):
+/// `subgroup_layout.wgsl` run once.
+fn subgroups_consecutive(device: &wgpu::Device, queue: &wgpu::Queue) -> Result<bool> {
+    const LAYOUT: &str = include_str!("../../../kernels/wgsl/subgroup_layout.wgsl");
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("subgroup_layout"),
+        source: wgpu::ShaderSource::Wgsl(LAYOUT.into()),
+    });
+    let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+    let mut outputs = Vec::new();
+    for (entry, threads) in [("main128", 128u64), ("main256", 256)] {
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions::default(),
+            cache: None,
+        });
+        let out = device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: threads * 4,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: threads * 4,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[wgpu::BindGroupEntry {
+                binding: 0,
+                resource: out.as_entire_binding(),
+            }],
+        });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(1, 1, 1);
+        }
+        enc.copy_buffer_to_buffer(&out, 0, &staging, 0, threads * 4);
+        outputs.push(staging);
+    }
+    queue.submit([enc.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for staging in &outputs {
+        let tx = tx.clone();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+    }
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(wgpu_err)?;
+    let mut all = true;
+    for staging in &outputs {
+        rx.recv().map_err(wgpu_err)?.map_err(wgpu_err)?;
+        let bytes = staging.get_mapped_range(..).map_err(wgpu_err)?;
+        all &= bytes
+            .chunks_exact(4)
+            .all(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) == 1);
+    }
+    Ok(all)
 }
 
 /// The vectorised bf16 GEMV builds by the name `QFUSE_WGPU_GEMV` and [`WgpuOptions::gemv`] use.
