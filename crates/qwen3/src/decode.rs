@@ -108,38 +108,27 @@ impl<B: Backend> Stepper<B> {
                 let _ = b.read_sampled(batch);
             }
             self.queue(model, b, cache, info, false)?;
-            self.start_read(b)?;
         }
         if let Some(next) = self.ahead.then(|| next_step(info)).flatten() {
             if self.queue(model, b, cache, &next, true)? {
-                // Its ids' copy goes with it (read at the next call), and all of it is on its
-                // way, so the device goes on to it when this step ends.
-                self.start_read(b)?;
+                // All of it (its ids' copy included, read at the next call) on its way, so the
+                // device goes on to it when this step ends.
                 b.flush()?;
                 self.queued = Some((next, Vec::new()));
             }
         }
-        let ids = b.read_sampled(self.batch()?)?;
+        let ids = b.read_sampled(self.batch.as_ref().ok_or_else(no_batch)?)?;
         if let Some((_, prev)) = self.queued.as_mut() {
             prev.clone_from(&ids);
         }
         Ok(ids)
     }
 
-    /// Starts reading the ids of the step last queued.
-    fn start_read(&self, b: &B) -> Result<()> {
-        b.start_read_sampled(self.batch()?)
-    }
-
-    /// The batch the last step was queued on.
-    fn batch(&self) -> Result<&B::Batch> {
-        self.batch.as_ref().ok_or_else(no_batch)
-    }
-
-    /// Queues the decode step `info` and its sampling, on the batch rewritten in place (replaying
-    /// the captured graph) where it can be. `on_device`: the step's token ids are the ones the
-    /// last step sampled, still on the device; the step is then queued only where the backend
-    /// can do that in place ([`Backend::advance_batch`]), and the return says whether it was.
+    /// Queues the decode step `info`, its sampling and the start of its ids' read, on the batch
+    /// rewritten in place (replaying the captured graph) where it can be. `on_device`: the
+    /// step's token ids are the ones the last step sampled, still on the device; the step is
+    /// then queued only where the backend can do that in place ([`Backend::advance_batch`]),
+    /// and the return says whether it was.
     fn queue(
         &mut self,
         model: &Qwen3<B>,
@@ -180,6 +169,7 @@ impl<B: Backend> Stepper<B> {
                 b.sample_greedy(&logits, batch)?;
             }
         }
+        b.start_read_sampled(batch)?;
         Ok(true)
     }
 }
