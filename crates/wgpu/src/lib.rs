@@ -1451,14 +1451,7 @@ impl WgpuBackend {
         let pooled = lock(&self.inner.free_staging)
             .get_mut(&buf.size())
             .and_then(Vec::pop);
-        let staging = pooled.unwrap_or_else(|| {
-            self.inner.device.create_buffer(&wgpu::BufferDescriptor {
-                label: None,
-                size: buf.size(),
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        });
+        let staging = pooled.unwrap_or_else(|| staging_buffer(&self.inner.device, buf.size()));
         // The copy ends the thread's recording, in the same submission as the work it reads.
         let submission = match self.take_recording() {
             Some(mut rec) => {
@@ -1489,24 +1482,12 @@ impl WgpuBackend {
             staging,
             submission,
         } = reading;
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        let start = Instant::now();
-        self.inner
-            .device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(submission),
-                timeout: None,
-            })
-            .map_err(wgpu_err)?;
-        if let Some(t) = &self.inner.host_times {
-            t.wait.add(start);
-        }
-        rx.recv().map_err(wgpu_err)?.map_err(wgpu_err)?;
-        let bytes = staging.get_mapped_range(..).map_err(wgpu_err)?.to_vec();
-        staging.unmap();
+        let bytes = map_read(
+            &self.inner.device,
+            &staging,
+            submission,
+            self.inner.host_times.as_ref().map(|t| &t.wait),
+        )?;
         self.return_staging(staging);
         Ok(bytes)
     }
@@ -1539,12 +1520,7 @@ fn subgroups_consecutive(device: &wgpu::Device, queue: &wgpu::Queue) -> Result<b
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        let staging = device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: threads * 4,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let staging = staging_buffer(device, threads * 4);
         let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &pipeline.get_bind_group_layout(0),
@@ -1562,26 +1538,53 @@ fn subgroups_consecutive(device: &wgpu::Device, queue: &wgpu::Queue) -> Result<b
         enc.copy_buffer_to_buffer(&out, 0, &staging, 0, threads * 4);
         outputs.push(staging);
     }
-    queue.submit([enc.finish()]);
-    let (tx, rx) = std::sync::mpsc::channel();
-    for staging in &outputs {
-        let tx = tx.clone();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-    }
-    device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(wgpu_err)?;
+    let submission = queue.submit([enc.finish()]);
     let mut all = true;
     for staging in &outputs {
-        rx.recv().map_err(wgpu_err)?.map_err(wgpu_err)?;
-        let bytes = staging.get_mapped_range(..).map_err(wgpu_err)?;
+        let bytes = map_read(device, staging, submission.clone(), None)?;
         all &= bytes
             .chunks_exact(4)
             .all(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) == 1);
     }
     Ok(all)
+}
+
+/// A mappable buffer of `size` bytes that copies land in for the host to read.
+fn staging_buffer(device: &wgpu::Device, size: u64) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// The bytes of `staging` once `submission` (which copies into it) has completed, waiting for
+/// nothing submitted after it; the wait's host time goes to `wait` where given. Unmaps it again.
+fn map_read(
+    device: &wgpu::Device,
+    staging: &wgpu::Buffer,
+    submission: wgpu::SubmissionIndex,
+    wait: Option<&timing::Tally>,
+) -> Result<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    let start = Instant::now();
+    device
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(submission),
+            timeout: None,
+        })
+        .map_err(wgpu_err)?;
+    if let Some(w) = wait {
+        w.add(start);
+    }
+    rx.recv().map_err(wgpu_err)?.map_err(wgpu_err)?;
+    let bytes = staging.get_mapped_range(..).map_err(wgpu_err)?.to_vec();
+    staging.unmap();
+    Ok(bytes)
 }
 
 /// The vectorised bf16 GEMV builds by the name `QFUSE_WGPU_GEMV` and [`WgpuOptions::gemv`] use.
