@@ -36,18 +36,6 @@ template <int N> __device__ __forceinline__ void kv_load_vec(const bf16_t* p, fl
     }
 }
 
-// cp.async of 16 bytes from global src to shared dst, or (ok false) 16 zero bytes, nothing read.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
-    const u32 d = (u32)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(ok ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Waits until at most N of this thread's cp.async groups are in flight.
-template <int N> __device__ __forceinline__ void cp_async_wait_pending() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
 // Four consecutive cache elements held as loaded (16 bytes of fp32 or 8 of bf16), converted to
 // floats only when used, so a load issued early does not stall at its conversion.
 template <typename KT> struct KvRaw4;
@@ -694,7 +682,7 @@ __device__ __forceinline__ void many_finish(float* smem, const ManyBlock& b, int
 // value in registers, uses them for that key instead of reading the cache, and its warp 0
 // writes both to the token's cache slot. No block reads that slot from the cache, so the write
 // needs no ordering within the kernel. d % 8 == 0 (RoPE partners sit half / 4 lanes apart).
-template <typename KT, int GM, bool QKN, int STAGES = 0>
+template <typename KT, int GM, bool QKN>
 __device__ void attention_many(
     const float* __restrict__ q, const KT* __restrict__ kc, const KT* __restrict__ vc,
     const u32* __restrict__ positions, const u32* __restrict__ token_seq,
@@ -717,55 +705,23 @@ __device__ void attention_many(
     // one iteration before they are used, so each warp keeps two groups of 8-byte loads in
     // flight (single-buffered, Nsight measured 1.5 TB/s against fp32's 3.6). An fp32 cache's
     // 16-byte loads keep one group (double-buffering them takes 187 registers a thread).
-    // STAGES > 0 (fp32 cache): the rows go by cp.async into a ring of STAGES groups in shared
-    // memory instead (each lane copies and later reads only its own 16 bytes of each row, so no
-    // barrier), STAGES - 1 groups in flight while one is used, without holding registers.
-    constexpr bool STAGED = STAGES > 0;
-    static_assert(!STAGED || sizeof(KT) == 4, "the staged build reads an fp32 cache");
     constexpr bool DOUBLE = sizeof(KT) == 2;
     constexpr int STEP = ATTN_WARPS * 8;
     KvRaw4<KT> kraw[8], vraw[8];
-    // The warp's ring: [STAGES][16 rows (8 K, then 8 V)][32 lanes] float4, past the merge area.
-    float4* ring = reinterpret_cast<float4*>(smem + ATTN_WARPS * GM * (d + 2)) + b.warp * (STAGES * 16 * 32);
-    auto ring_at = [&](int stage, int row) -> float4* { return ring + (stage * 16 + row) * 32 + lane; };
-    auto load_group_to = [&](int k0, int stage) {
+    auto load_group = [&](int k0) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const u32 sj = __shfl_sync(FULL_MASK, my_slot, j);
-            if constexpr (STAGED) {
-                if (QKN && k0 + j == last && has_dims) {
-                    *ring_at(stage, j) = make_float4(kn[0], kn[1], kn[2], kn[3]);
-                    *ring_at(stage, 8 + j) = make_float4(vn[0], vn[1], vn[2], vn[3]);
-                } else {
-                    // Keys past the slice are zero-filled (src-size 0: nothing read).
-                    const bool ok = k0 + j < end && has_dims;
-                    const size_t row = ok ? (size_t)sj * W + (size_t)kv * d + d0 : 0;
-                    cp_async16(ring_at(stage, j), kc + row, ok);
-                    cp_async16(ring_at(stage, 8 + j), vc + row, ok);
-                }
-            } else {
-                kraw[j].zero();
-                vraw[j].zero();
-                if (QKN && k0 + j == last && has_dims) {
-                    kraw[j].set(kn);  // rounded as the cache holds it
-                    vraw[j].set(vn);
-                } else if (k0 + j < end && has_dims) {
-                    const size_t row = (size_t)sj * W + (size_t)kv * d + d0;
-                    kraw[j].load(kc + row);
-                    vraw[j].load(vc + row);
-                }
+            kraw[j].zero();
+            vraw[j].zero();
+            if (QKN && k0 + j == last && has_dims) {
+                kraw[j].set(kn);  // rounded as the cache holds it
+                vraw[j].set(vn);
+            } else if (k0 + j < end && has_dims) {
+                const size_t row = (size_t)sj * W + (size_t)kv * d + d0;
+                kraw[j].load(kc + row);
+                vraw[j].load(vc + row);
             }
-        }
-        if constexpr (STAGED) cp_async_commit();
-    };
-    // The first STAGES - 1 groups (one without staging), each lane's slot of the next group's
-    // key looked up one group ahead.
-    auto load_first = [&](int k0) {
-        constexpr int FIRST = STAGED ? STAGES - 1 : 1;
-#pragma unroll
-        for (int s = 0; s < FIRST; ++s) {
-            load_group_to(k0 + s * STEP, s);
-            my_slot = b.slot_of(k0 + (s + 1) * STEP + r);
         }
     };
     // The first group's K and V rows are requested before q is formed, so their latency overlaps
@@ -780,7 +736,10 @@ __device__ void attention_many(
     // so its loads do not run beside the QKV projection this launch overlaps.
     const int kb0 = kb;
     const bool rows_before_wait = QKN && early_rows;
-    if (rows_before_wait) load_first(kb);
+    if (rows_before_wait) {
+        load_group(kb);
+        my_slot = b.slot_of(kb + STEP + r);
+    }
     pdl_begin();
     // A split past the token's position has no keys and is not counted in `active`; launched
     // as a cluster it still takes part in the combine's barriers (with nothing to offer).
@@ -789,11 +748,11 @@ __device__ void attention_many(
 #else
     const bool clustered = false;
 #endif
-    if (b.begin >= end && !clustered) {
-        if constexpr (STAGED) cp_async_wait_all();
-        return;
+    if (b.begin >= end && !clustered) return;
+    if (!rows_before_wait) {
+        load_group(kb);
+        my_slot = b.slot_of(kb + STEP + r);
     }
-    if (!rows_before_wait) load_first(kb);
     const bool own_key = QKN && b.begin < end && end == b.keys;
     float qx[GM][4], kx[4], vx[4], gq[4], gk[4];
     many_prologue_loads<GM, QKN>(b, q, q_norm, k_norm, H, KV, own_key, qx, kx, vx, gq, gk);
@@ -815,52 +774,30 @@ __device__ void attention_many(
 #pragma unroll
         for (int c = 0; c < 4; ++c) vn[c] = vx[c];
         many_store_own_key<KT>(b, slots, kc_out, vc_out, kn, vn);
-        // The first groups were requested before the key existed: put it in place.
+        // The first group was requested before the key existed: put it in place.
 #pragma unroll
-        for (int s = 0; s < (STAGED ? STAGES - 1 : 1); ++s) {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                if (kb0 + s * STEP + j == last && has_dims) {
-                    if constexpr (STAGED) {
-                        *ring_at(s, j) = make_float4(kn[0], kn[1], kn[2], kn[3]);
-                        *ring_at(s, 8 + j) = make_float4(vn[0], vn[1], vn[2], vn[3]);
-                    } else {
-                        kraw[j].set(kn);
-                        vraw[j].set(vn);
-                    }
-                }
+        for (int j = 0; j < 8; ++j) {
+            if (kb0 + j == last && has_dims) {
+                kraw[j].set(kn);
+                vraw[j].set(vn);
             }
         }
     }
-    for (int it = 0; kb < end; kb += STEP, ++it) {
+    for (; kb < end; kb += STEP) {
         const int n = min(8, end - kb);
+        if (!DOUBLE && kb != kb0) {
+            load_group(kb);
+            my_slot = b.slot_of(kb + STEP + r);
+        }
         float kf[8][4], vf[8][4];
-        if constexpr (STAGED) {
-            // Group it + STAGES - 1 into the stage the last group was read from, then wait for
-            // this one (its stage's rows were read into registers an iteration ago).
-            load_group_to(kb + (STAGES - 1) * STEP, (it + STAGES - 1) % STAGES);
-            my_slot = b.slot_of(kb + STAGES * STEP + r);
-            cp_async_wait_pending<STAGES - 1>();
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float4 kq = *ring_at(it % STAGES, j), vq = *ring_at(it % STAGES, 8 + j);
-                kf[j][0] = kq.x; kf[j][1] = kq.y; kf[j][2] = kq.z; kf[j][3] = kq.w;
-                vf[j][0] = vq.x; vf[j][1] = vq.y; vf[j][2] = vq.z; vf[j][3] = vq.w;
-            }
-        } else {
-            if (!DOUBLE && kb != kb0) {
-                load_group_to(kb, 0);
-                my_slot = b.slot_of(kb + STEP + r);
-            }
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                kraw[j].get(kf[j]);
-                vraw[j].get(vf[j]);
-            }
-            if (DOUBLE) {
-                load_group_to(kb + STEP, 0);
-                my_slot = b.slot_of(kb + 2 * STEP + r);
-            }
+        for (int j = 0; j < 8; ++j) {
+            kraw[j].get(kf[j]);
+            vraw[j].get(vf[j]);
+        }
+        if (DOUBLE) {
+            load_group(kb + STEP);
+            my_slot = b.slot_of(kb + 2 * STEP + r);
         }
 #pragma unroll
         for (int g = 0; g < GM; ++g) {
@@ -883,7 +820,6 @@ __device__ void attention_many(
             }
         }
     }
-    if constexpr (STAGED) cp_async_wait_all();  // the zero-filled groups past the slice
     many_finish<GM, 4>(smem, b, d0, o, m, l, clustered, H, KV, out, part_o, part_ml, counters);
 }
 
@@ -1104,32 +1040,6 @@ W16_ENTRY(2)
     MANY_ENTRY(KT, SUFFIX, 8)
 MANY_ENTRIES(float, kvf32)
 MANY_ENTRIES(bf16_t, kvbf16)
-
-// The fp32 cache's build with its rows staged through shared memory (attention_many's STAGES).
-#define STAGED_ENTRY(GM, S)                                                                              \
-    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_many_s##S##_kvf32_g##GM(     \
-        const float* q, const float* kc, const float* vc, const u32* positions, const u32* token_seq,      \
-        const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
-        int chunk, float* out, float* part_o, float* part_ml, u32* counters) {                              \
-        attention_many<float, GM, false, S>(q, kc, vc, positions, token_seq, block_tables, max_blocks,    \
-                                            block_size, H, KV, d, scale_log2, chunk, out, part_o, part_ml, \
-                                            counters, nullptr, nullptr, nullptr, nullptr, nullptr, 0.0,    \
-                                            0.0f, 0);                                                      \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) attention_many_qkn_s##S##_kvf32_g##GM( \
-        const float* qkv, float* kc, float* vc, const u32* positions, const u32* token_seq,               \
-        const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
-        int chunk, float* out, float* part_o, float* part_ml, u32* counters, const float* q_norm,          \
-        const float* k_norm, const u32* slots, double log2_theta, float eps, int early_rows) {             \
-        attention_many<float, GM, true, S>(qkv, kc, vc, positions, token_seq, block_tables, max_blocks,   \
-                                           block_size, H, KV, d, scale_log2, chunk, out, part_o, part_ml,  \
-                                           counters, q_norm, k_norm, slots, kc, vc, log2_theta, eps,       \
-                                           early_rows);                                                    \
-    }
-STAGED_ENTRY(1, 2)
-STAGED_ENTRY(2, 2)
-STAGED_ENTRY(1, 3)
-STAGED_ENTRY(2, 3)
 
 // Long prompts: attention as fp32 cuBLAS GEMMs around a softmax kernel, one sequence and one
 // chunk of its query rows at a time (crates/cuda/src/lib.rs, `attention_gemm`): scores [G n, sk]

@@ -304,11 +304,6 @@ struct Inner {
     /// and shuffles for a kernel Nsight found issue-bound at batch 64 (docs/perf.md, 15th
     /// session); `QFUSE_CUDA_ATTN_W16=0` turns it off.
     attn_w16: bool,
-    /// How many groups of eight keys each warp of the decode attention over an fp32 cache keeps
-    /// staged in shared memory by `cp.async` (`attention_many_s{2,3}`, for groups of at most 2
-    /// query heads): 0 loads them into registers, one group at a time;
-    /// `QFUSE_CUDA_ATTN_STAGES` (0, 2 or 3).
-    attn_stages: usize,
     /// Fewest one-token sequences that take the decode attention kernel, `attention_many`
     /// (default 1: every decode step; measured on the H200, batch 1 1.016 → 0.93 ms/step against
     /// the split-K kernel; `QFUSE_CUDA_MANY_ATTENTION_FROM` raises it for comparison).
@@ -475,35 +470,15 @@ const WGMMA_SMEM: usize = 197_632;
 
 /// The decode attention kernel (`attention_many`) for `g` query heads a KV head of `d` dims,
 /// fused with q/k-norm (`qkn`) or not: its 16-byte-load build (`w16`, where allowed) for a bf16
-/// cache, at most 2 heads a group and d a multiple of 8; for an fp32 cache with `stages` (2 or
-/// 3) and at most 2 heads a group, the build staging its rows in shared memory; else the
-/// build loading into registers.
-fn many_entry(qkn: bool, kv_suffix: &str, g: usize, d: usize, w16: bool, stages: usize) -> String {
+/// cache, at most 2 heads a group and d a multiple of 8; else the 8-byte build.
+fn many_entry(qkn: bool, kv_suffix: &str, g: usize, d: usize, w16: bool) -> String {
     let gm = g.next_power_of_two();
     let fused = if qkn { "qkn_" } else { "" };
     if w16 && kv_suffix == "kvbf16" && gm <= 2 && d.is_multiple_of(8) {
         format!("attention_many_{fused}w16_{kv_suffix}_g{gm}")
-    } else if matches!(stages, 2 | 3) && kv_suffix == "kvf32" && gm <= 2 {
-        format!("attention_many_{fused}s{stages}_{kv_suffix}_g{gm}")
     } else {
         format!("attention_many_{fused}{kv_suffix}_g{gm}")
     }
-}
-
-/// Whether a decode attention entry point is a staged build (`attention_many_*s{2,3}_*`).
-fn is_staged_many(name: &str) -> bool {
-    name.contains("_s2_") || name.contains("_s3_")
-}
-
-/// Dynamic shared memory of a decode attention build (floats): the warps' merge area, and a
-/// staged build's ring of `stages` groups of 16 rows of 32 lanes' four floats a warp.
-fn many_shared_floats(kernel: &str, gm: usize, d: usize, stages: usize) -> usize {
-    let ring = if is_staged_many(kernel) {
-        ATTN_WARPS as usize * stages * 16 * 32 * 4
-    } else {
-        0
-    };
-    ATTN_WARPS as usize * gm * (d + 2) + ring
 }
 
 /// A TMA descriptor of a row-major `[rows, inner]` bf16 tensor at device address `ptr`, copied in
@@ -787,24 +762,6 @@ impl CudaBackend {
                 Ok((kind, kernels.allow_optin_smem(&ctx, names)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        // The staged decode attention needs more than the default 48 KiB at 3 stages.
-        let attn_stages = match qfuse_core::knobs::env_knob("QFUSE_CUDA_ATTN_STAGES", 0..=3) {
-            Some(stages @ (2 | 3)) => {
-                let names = kernels::SOURCES
-                    .iter()
-                    .flat_map(|(_, _, names)| names.iter())
-                    .filter(|n| n.starts_with("attention_many_") && is_staged_many(n));
-                let allowed = kernels.allow_optin_smem(&ctx, names)?;
-                // Its largest launch: 2 heads a group of the decode kernel's largest d, 128.
-                let most = many_shared_floats("_s3_", 2, 128, stages) * 4;
-                if allowed >= most {
-                    stages
-                } else {
-                    0
-                }
-            }
-            _ => 0,
-        };
         let layer_smem_max = if qfuse_core::knobs::env_flag("QFUSE_CUDA_LAYER_KERNEL") {
             layer::configure(&ctx, &kernels, major)?
         } else {
@@ -846,7 +803,6 @@ impl CudaBackend {
                 qkn_early_rows: qfuse_core::knobs::env_knob("QFUSE_CUDA_QKN_EARLY_ROWS", 0..=1)
                     != Some(0),
                 attn_w16: qfuse_core::knobs::env_knob("QFUSE_CUDA_ATTN_W16", 0..=1) != Some(0),
-                attn_stages,
                 many_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_MANY_ATTENTION_FROM", 1..=4096)
                     .unwrap_or(1),
                 fused_attention_from: qfuse_core::knobs::env_knob(
@@ -1669,10 +1625,9 @@ impl CudaBackend {
         let g = cfg.group_size();
         let (kernel, shared) = if many {
             let gm = g.next_power_of_two();
-            let (w16, stages) = (self.inner.attn_w16, self.inner.attn_stages);
-            let kernel = many_entry(qkn.is_some(), kv_suffix, g, d, w16, stages);
-            let shared = many_shared_floats(&kernel, gm, d, stages);
-            (kernel, shared)
+            let w16 = self.inner.attn_w16;
+            let kernel = many_entry(qkn.is_some(), kv_suffix, g, d, w16);
+            (kernel, ATTN_WARPS as usize * gm * (d + 2))
         } else {
             let kernel = attention_entry(kv_suffix, g, d, t);
             (kernel, ATTN_WARPS as usize * g * (d + 2))
@@ -3245,11 +3200,9 @@ mod tests {
             for group in 1..=8usize {
                 for qkn in [false, true] {
                     for w16 in [false, true] {
-                        for stages in [0, 2, 3] {
-                            for d in [64, 100, 128] {
-                                let name = many_entry(qkn, suffix, group, d, w16, stages);
-                                assert!(known(&name), "{name}");
-                            }
+                        for d in [64, 100, 128] {
+                            let name = many_entry(qkn, suffix, group, d, w16);
+                            assert!(known(&name), "{name}");
                         }
                     }
                 }
