@@ -1041,35 +1041,6 @@ W16_ENTRY(2)
 MANY_ENTRIES(float, kvf32)
 MANY_ENTRIES(bf16_t, kvbf16)
 
-// The fp32 cache's build with a register cap, so that MB blocks share an SM (more warps'
-// loads in flight): attention_many_{,qkn_}kvf32_g{GM}_mb{MB}.
-#define MANY_MB_ENTRY(GM, MB)                                                                            \
-    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS, MB) attention_many_kvf32_g##GM##_mb##MB( \
-        const float* q, const float* kc, const float* vc, const u32* positions, const u32* token_seq,      \
-        const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d, float scale_log2,    \
-        int chunk, float* out, float* part_o, float* part_ml, u32* counters) {                              \
-        attention_many<float, GM, false>(q, kc, vc, positions, token_seq, block_tables, max_blocks,       \
-                                         block_size, H, KV, d, scale_log2, chunk, out, part_o, part_ml,   \
-                                         counters, nullptr, nullptr, nullptr, nullptr, nullptr, 0.0, 0.0f, \
-                                         0);                                                              \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS, MB)                                     \
-        attention_many_qkn_kvf32_g##GM##_mb##MB(                                                          \
-            const float* qkv, float* kc, float* vc, const u32* positions, const u32* token_seq,           \
-            const u32* block_tables, int max_blocks, int block_size, int H, int KV, int d,                 \
-            float scale_log2, int chunk, float* out, float* part_o, float* part_ml, u32* counters,         \
-            const float* q_norm, const float* k_norm, const u32* slots, double log2_theta, float eps,      \
-            int early_rows) {                                                                             \
-        attention_many<float, GM, true>(qkv, kc, vc, positions, token_seq, block_tables, max_blocks,      \
-                                        block_size, H, KV, d, scale_log2, chunk, out, part_o, part_ml,    \
-                                        counters, q_norm, k_norm, slots, kc, vc, log2_theta, eps,         \
-                                        early_rows);                                                      \
-    }
-MANY_MB_ENTRY(1, 5)
-MANY_MB_ENTRY(2, 5)
-MANY_MB_ENTRY(1, 6)
-MANY_MB_ENTRY(2, 6)
-
 // Long prompts: attention as fp32 cuBLAS GEMMs around a softmax kernel, one sequence and one
 // chunk of its query rows at a time (crates/cuda/src/lib.rs, `attention_gemm`): scores [G n, sk]
 // = q [G n, d] · k [sk, d]ᵀ per KV head (its G query heads' rows stacked), then p · v. fp32

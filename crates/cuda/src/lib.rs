@@ -304,10 +304,6 @@ struct Inner {
     /// and shuffles for a kernel Nsight found issue-bound at batch 64 (docs/perf.md, 15th
     /// session); `QFUSE_CUDA_ATTN_W16=0` turns it off.
     attn_w16: bool,
-    /// Blocks an SM the decode attention over an fp32 cache is built for, for groups of at most
-    /// 2 query heads: 0 lets the compiler take the registers it wants (127: four blocks an
-    /// SM), 5 or 6 caps them (`attention_many_*_mb{5,6}`); `QFUSE_CUDA_ATTN_MIN_BLOCKS`.
-    attn_min_blocks: usize,
     /// Fewest one-token sequences that take the decode attention kernel, `attention_many`
     /// (default 1: every decode step; measured on the H200, batch 1 1.016 → 0.93 ms/step against
     /// the split-K kernel; `QFUSE_CUDA_MANY_ATTENTION_FROM` raises it for comparison).
@@ -474,23 +470,12 @@ const WGMMA_SMEM: usize = 197_632;
 
 /// The decode attention kernel (`attention_many`) for `g` query heads a KV head of `d` dims,
 /// fused with q/k-norm (`qkn`) or not: its 16-byte-load build (`w16`, where allowed) for a bf16
-/// cache, at most 2 heads a group and d a multiple of 8; for an fp32 cache and at most 2 heads
-/// a group with `min_blocks` 5 or 6, the build capped for that many blocks an SM; else the
-/// plain build.
-fn many_entry(
-    qkn: bool,
-    kv_suffix: &str,
-    g: usize,
-    d: usize,
-    w16: bool,
-    min_blocks: usize,
-) -> String {
+/// cache, at most 2 heads a group and d a multiple of 8; else the 8-byte build.
+fn many_entry(qkn: bool, kv_suffix: &str, g: usize, d: usize, w16: bool) -> String {
     let gm = g.next_power_of_two();
     let fused = if qkn { "qkn_" } else { "" };
     if w16 && kv_suffix == "kvbf16" && gm <= 2 && d.is_multiple_of(8) {
         format!("attention_many_{fused}w16_{kv_suffix}_g{gm}")
-    } else if matches!(min_blocks, 5 | 6) && kv_suffix == "kvf32" && gm <= 2 {
-        format!("attention_many_{fused}{kv_suffix}_g{gm}_mb{min_blocks}")
     } else {
         format!("attention_many_{fused}{kv_suffix}_g{gm}")
     }
@@ -818,13 +803,6 @@ impl CudaBackend {
                 qkn_early_rows: qfuse_core::knobs::env_knob("QFUSE_CUDA_QKN_EARLY_ROWS", 0..=1)
                     != Some(0),
                 attn_w16: qfuse_core::knobs::env_knob("QFUSE_CUDA_ATTN_W16", 0..=1) != Some(0),
-                attn_min_blocks: match qfuse_core::knobs::env_knob(
-                    "QFUSE_CUDA_ATTN_MIN_BLOCKS",
-                    0..=6,
-                ) {
-                    Some(mb @ (5 | 6)) => mb,
-                    _ => 0,
-                },
                 many_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_MANY_ATTENTION_FROM", 1..=4096)
                     .unwrap_or(1),
                 fused_attention_from: qfuse_core::knobs::env_knob(
@@ -1647,8 +1625,8 @@ impl CudaBackend {
         let g = cfg.group_size();
         let (kernel, shared) = if many {
             let gm = g.next_power_of_two();
-            let (w16, min_blocks) = (self.inner.attn_w16, self.inner.attn_min_blocks);
-            let kernel = many_entry(qkn.is_some(), kv_suffix, g, d, w16, min_blocks);
+            let w16 = self.inner.attn_w16;
+            let kernel = many_entry(qkn.is_some(), kv_suffix, g, d, w16);
             (kernel, ATTN_WARPS as usize * gm * (d + 2))
         } else {
             let kernel = attention_entry(kv_suffix, g, d, t);
@@ -3222,11 +3200,9 @@ mod tests {
             for group in 1..=8usize {
                 for qkn in [false, true] {
                     for w16 in [false, true] {
-                        for min_blocks in [0, 5, 6] {
-                            for d in [64, 100, 128] {
-                                let name = many_entry(qkn, suffix, group, d, w16, min_blocks);
-                                assert!(known(&name), "{name}");
-                            }
+                        for d in [64, 100, 128] {
+                            let name = many_entry(qkn, suffix, group, d, w16);
+                            assert!(known(&name), "{name}");
                         }
                     }
                 }
