@@ -228,7 +228,8 @@ struct Recording {
 /// work while the host records the one after), so few large submissions win: on the H200
 /// (docs/perf.md, 18th session) batch 1 went 1.565 (16, 16) → 1.373 (64, 256) → 1.357
 /// (256, 256) ms/step; the first burst stays at 64 so an eagerly recorded pass (a sampled
-/// step, a prompt) still starts early.
+/// step, a prompt) still starts early. A step queued behind the one the device is running
+/// (`advance_batch`) has nothing to start early for: it starts at the largest burst.
 const SUBMIT_EVERY: usize = 64;
 /// The largest burst (`QFUSE_WGPU_SUBMIT_MAX`): bursts double from [`SUBMIT_EVERY`] up to it.
 const SUBMIT_MAX: usize = 256;
@@ -1433,6 +1434,19 @@ impl WgpuBackend {
             .push(staging);
     }
 
+    /// How many dispatches this thread's next submission may gather.
+    #[cfg(test)]
+    fn burst_limit(&self) -> usize {
+        let thread = std::thread::current().id();
+        match lock(&self.inner.pending).get(&thread) {
+            Some(rec) => rec.limit,
+            None => lock(&self.inner.next_burst)
+                .get(&thread)
+                .copied()
+                .unwrap_or(self.inner.submit_every),
+        }
+    }
+
     /// This thread's open recording, taken for submission; its next one starts with the first
     /// (small) burst again.
     fn take_recording(&self) -> Option<Recording> {
@@ -1822,6 +1836,11 @@ impl Backend for WgpuBackend {
             && batch.sampled_rows == info.num_tokens()
             && self.update_batch(batch, info)?;
         batch.ids_on_device = advanced;
+        if advanced {
+            // The device is busy with the step this one follows: submit it in the fewest bursts.
+            let thread = std::thread::current().id();
+            lock(&self.inner.next_burst).insert(thread, self.inner.submit_max);
+        }
         Ok(advanced)
     }
 
@@ -2206,6 +2225,60 @@ impl Backend for WgpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_queued_behind_another_is_submitted_in_the_largest_bursts() -> Result<()> {
+        use qfuse_core::{HostTensor, SeqChunk};
+        let Some(b) = qfuse_core::testing::device_or_skip("the burst test", WgpuBackend::new(0))
+        else {
+            return Ok(());
+        };
+        let (every, max) = (b.inner.submit_every, b.inner.submit_max);
+        assert!(
+            every < max,
+            "defaults {every} and {max} leave nothing to tell apart"
+        );
+        let step = |pos: usize| {
+            BatchInfo::new(
+                16,
+                vec![SeqChunk {
+                    start_pos: pos,
+                    len: 1,
+                    block_table: vec![0],
+                }],
+            )
+        };
+        let mut batch = b.prepare_batch(&step(3)?)?;
+        // Nothing sampled yet: the batch is rewritten from the host, an eager pass.
+        assert!(!b.advance_batch(&mut batch, &step(4)?)?);
+        assert_eq!(b.burst_limit(), every);
+        let logits = b.upload(&HostTensor::from_f64(
+            Shape::from([1, 5]),
+            vec![0.0, 2.0, 1.0, 0.0, 0.0],
+        )?)?;
+        b.sample_greedy(&logits, &mut batch)?;
+        b.start_read_sampled(&batch)?;
+        assert_eq!(
+            b.burst_limit(),
+            every,
+            "the read submits; the next pass starts small"
+        );
+        assert!(b.advance_batch(&mut batch, &step(4)?)?);
+        assert_eq!(b.burst_limit(), max, "queued behind the running step");
+        let table = b.upload(&HostTensor::from_f64(
+            Shape::from([5, 2]),
+            (0..10).map(f64::from).collect(),
+        )?)?;
+        let x = b.embed(&table, &batch)?;
+        assert_eq!(
+            b.burst_limit(),
+            max,
+            "the queued step's recording keeps the largest burst"
+        );
+        assert_eq!(b.read_sampled(&batch)?, vec![1]);
+        assert_eq!(b.download(&x)?.to_f64_vec(), vec![2.0, 3.0]);
+        Ok(())
+    }
 
     #[test]
     fn products_take_the_build_measured_fastest_for_their_shape() {
