@@ -1,15 +1,17 @@
 // Causal GQA attention over the paged cache, fp32 with an online softmax, split along the
-// context. Workgroup (KV head × head group, token, split) of 128 threads serves up to four query
-// heads of one KV head, one per vec4 lane, so each key and value row is read once for all of
-// them. It walks the split's slice of keys 0..=pos through the token's block table in tiles of
-// 32 keys:
-// - scores: four threads a key, each taking runs of 8 dimensions (4 threads read a 128-byte
-//   run of the row together) with the 8 loads issued before the products that use them;
-// - a key's four partial dots are summed (`tile_scores`), every thread forms the running
-//   maximum from the tile's scores (`tile_max`; all hold the same state);
-// - values: thread i accumulates output dims i and i + 128 over the tile's rows, 8 rows' loads
+// context. Workgroup (KV head × head group, token, split) of WG threads (128, or 256 in the
+// subgroup build where subgroups have at least 8) serves up to four query heads of one KV head,
+// one per vec4 lane, so each key and value row is read once for all of them. It walks the
+// split's slice of keys 0..=pos through the token's block table in tiles of 32 keys:
+// - scores: PARTS = WG / 32 threads a key (4 or 8), each taking runs of 8 dimensions (4 threads
+//   read a 128-byte run of the row together) with the 8 loads issued before the products that
+//   use them;
+// - a key's partial dots are summed (`tile_scores`), every thread forms the running maximum
+//   from the tile's scores (`tile_max`; all hold the same state);
+// - values: thread i accumulates output dims i and i + WG over the tile's rows, 8 rows' loads
 //   at a time (consecutive threads read consecutive dims: coalesced), each row's probability
-//   formed where it is used.
+//   formed where it is used. Where d <= WG / 2 the workgroup's two halves take the tile's two
+//   halves of keys instead, each over all dims, and add their sums at the end.
 // This file ends before those reductions and the entry point: attention_wg.wgsl (workgroup
 // memory and barriers) or attention_sg.wgsl (subgroup operations) follows it.
 // Shader compilers do not unroll these loops for us: issuing loads ahead of their use is what
@@ -41,19 +43,25 @@
 
 override QKN: bool = false;
 
+// Threads a workgroup, and threads a key in a tile's scores (so WG / PARTS = TILE): 128 and 4,
+// or 256 and 8 (the subgroup build, subgroups of at least 8). With 256 and d <= 128 the two
+// halves of the workgroup add the values of a tile's two halves of keys (under the same running
+// max, so their sums add at the end): each thread's rounds of key loads and of value rows are
+// halved.
+override WG: u32 = 128u;
+override PARTS: u32 = 4u;
 const TILE: u32 = 32u;
-const PARTS: u32 = 4u;
 const RUN: u32 = 8u;
-const WG: u32 = 128u;
 const MAX_G: u32 = 4u;
 const LOW: f32 = -3.4e38;
 var<workgroup> qs: array<vec4<f32>, 264>;   // q of the 4 heads by dim (d <= 256, + a run)
-var<workgroup> partial: array<vec4<f32>, 128>;
+var<workgroup> partial: array<vec4<f32>, 256>;
 var<workgroup> scores: array<vec4<f32>, 32>;
 var<workgroup> bases: array<u32, 32>;
 var<workgroup> own_k: array<f32, 264>;     // QKN: the token's own key and value
 var<workgroup> own_v: array<f32, 264>;
-var<workgroup> red_k: array<f32, 128>;
+var<workgroup> red_k: array<f32, 256>;
+var<workgroup> lsum: vec4<f32>;
 const OWN: u32 = 0xffffffffu;              // bases[j] of the token's own key (QKN)
 
 fn k_at(i: u32, ok: bool) -> f32 {
@@ -183,6 +191,10 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
     var m = vec4<f32>(LOW);
     var l = vec4<f32>(0.0);
     let has1 = lid + WG < d;
+    // Value dims: thread `dim` of half `vh` (two halves only where a half covers d).
+    let halves = select(1u, 2u, d <= WG / 2u);
+    let dim = lid % (WG / halves);
+    let vh = lid / (WG / halves);
     for (var tile = begin; tile < keys; tile += TILE) {
         workgroupBarrier();  // qs written; the previous tile's scores and bases consumed
         let key = tile + kl;
@@ -218,8 +230,10 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
         l *= corr;
         o0 *= corr;
         o1 *= corr;
-        var j = 0u;
-        for (; j + RUN <= n; j += RUN) {
+        let per = (n + halves - 1u) / halves;
+        var j = vh * per;
+        let jend = min(n, j + per);
+        for (; j + RUN <= jend; j += RUN) {
             let b0 = bases[j];
             let b1 = bases[j + 1u];
             let b2 = bases[j + 2u];
@@ -228,15 +242,15 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
             let b5 = bases[j + 5u];
             let b6 = bases[j + 6u];
             let b7 = bases[j + 7u];
-            let ok0 = lid < d;
-            let a0 = v_at(b0, lid, ok0);
-            let a1 = v_at(b1, lid, ok0);
-            let a2 = v_at(b2, lid, ok0);
-            let a3 = v_at(b3, lid, ok0);
-            let a4 = v_at(b4, lid, ok0);
-            let a5 = v_at(b5, lid, ok0);
-            let a6 = v_at(b6, lid, ok0);
-            let a7 = v_at(b7, lid, ok0);
+            let ok0 = dim < d;
+            let a0 = v_at(b0, dim, ok0);
+            let a1 = v_at(b1, dim, ok0);
+            let a2 = v_at(b2, dim, ok0);
+            let a3 = v_at(b3, dim, ok0);
+            let a4 = v_at(b4, dim, ok0);
+            let a5 = v_at(b5, dim, ok0);
+            let a6 = v_at(b6, dim, ok0);
+            let a7 = v_at(b7, dim, ok0);
             let c0 = v_at(b0, lid + WG, has1);
             let c1 = v_at(b1, lid + WG, has1);
             let c2 = v_at(b2, lid + WG, has1);
@@ -257,12 +271,23 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
             o0 += p0 * a0 + p1 * a1 + p2 * a2 + p3 * a3 + p4 * a4 + p5 * a5 + p6 * a6 + p7 * a7;
             o1 += p0 * c0 + p1 * c1 + p2 * c2 + p3 * c3 + p4 * c4 + p5 * c5 + p6 * c6 + p7 * c7;
         }
-        for (; j < n; j++) {
+        for (; j < jend; j++) {
             let b = bases[j];
             let pj = exp(scores[j] - m);
             l += pj;
-            o0 += pj * v_at(b, lid, lid < d);
+            o0 += pj * v_at(b, dim, dim < d);
             o1 += pj * v_at(b, lid + WG, has1);
+        }
+    }
+    if (halves == 2u) {
+        if (vh == 1u) {
+            partial[dim] = o0;
+            if (dim == 0u) { lsum = l; }
+        }
+        workgroupBarrier();
+        if (vh == 0u) {
+            o0 += partial[dim];
+            l += lsum;
         }
     }
     for (var g = 0u; g < MAX_G; g++) {

@@ -21,12 +21,13 @@ fn workgroup_sums(ssq: vec4<f32>, ssk: f32, lid: u32, sl: u32, sgs: u32) -> Sums
     return r;
 }
 
-// scores[k] for the tile's keys k < n: key k's four threads (4k..4k + 3, in one subgroup) add
-// their partial dots by two shuffles, and the first stores the sum; every thread sees them
-// after it returns.
+// scores[k] for the tile's keys k < n: key k's PARTS threads (in one subgroup) add their
+// partial dots by shuffles, and the first stores the sum; every thread sees them after it
+// returns.
 fn tile_scores(acc: vec4<f32>, lid: u32, n: u32) {
     var sum = acc + subgroupShuffleXor(acc, 1u);
     sum += subgroupShuffleXor(sum, 2u);
+    if (PARTS == 8u) { sum += subgroupShuffleXor(sum, 4u); }
     if (lid % PARTS == 0u && lid / PARTS < n) { scores[lid / PARTS] = sum; }
     workgroupBarrier();
 }
@@ -38,7 +39,7 @@ fn tile_max(m: vec4<f32>, n: u32, sl: u32, sgs: u32) -> vec4<f32> {
     return subgroupMax(big);
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,

@@ -16,14 +16,15 @@ fn workgroup_sums(ssq: vec4<f32>, ssk: f32, lid: u32, sl: u32, sgs: u32) -> Sums
     return Sums(partial[0], red_k[0]);
 }
 
-// scores[k] for the tile's keys k < n: the four partial dots of key k's threads (4k..4k + 3)
-// added; every thread sees them after it returns.
+// scores[k] for the tile's keys k < n: the PARTS partial dots of key k's threads added; every
+// thread sees them after it returns.
 fn tile_scores(acc: vec4<f32>, lid: u32, n: u32) {
     partial[lid] = acc;
     workgroupBarrier();
     if (lid < n) {
-        let b = lid * PARTS;
-        scores[lid] = partial[b] + partial[b + 1u] + partial[b + 2u] + partial[b + 3u];
+        var sum = vec4<f32>(0.0);
+        for (var u = 0u; u < PARTS; u++) { sum += partial[lid * PARTS + u]; }
+        scores[lid] = sum;
     }
     workgroupBarrier();
 }
@@ -35,7 +36,7 @@ fn tile_max(m: vec4<f32>, n: u32, sl: u32, sgs: u32) -> vec4<f32> {
     return big;
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     attend(wg, lid, 0u, 1u);
 }

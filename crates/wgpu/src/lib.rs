@@ -72,6 +72,19 @@ const SHADERS: &[Pipeline] = &[
     ("attention_qkn", ATTENTION, "main", &[("QKN", 1.0)]),
     ("attention_sg", ATTENTION_SG, "main", &[]),
     ("attention_qkn_sg", ATTENTION_SG, "main", &[("QKN", 1.0)]),
+    // 256 threads, 8 a key (`attention.wgsl`'s WG and PARTS): subgroups of at least 8.
+    (
+        "attention_256_sg",
+        ATTENTION_SG,
+        "main",
+        &[("WG", 256.0), ("PARTS", 8.0)],
+    ),
+    (
+        "attention_qkn_256_sg",
+        ATTENTION_SG,
+        "main",
+        &[("QKN", 1.0), ("WG", 256.0), ("PARTS", 8.0)],
+    ),
     (
         "qk_norm_rope_write_kv",
         include_str!("../../../kernels/wgsl/qk_norm_rope_write_kv.wgsl"),
@@ -419,6 +432,10 @@ struct Inner {
     attention_workgroups: usize,
     /// Fewest keys in a split of the context (`QFUSE_WGPU_ATTENTION_MIN_CHUNK`).
     attention_min_chunk: usize,
+    /// Whether the subgroup build of the decode attention runs 256 threads a workgroup (8 a
+    /// key; the halves of a tile's keys add their values apart where d <= 128) rather than 128
+    /// (`QFUSE_WGPU_ATTENTION_THREADS=128|256`; needs subgroups of 8 to 32).
+    attention_256: bool,
     /// Fewest tokens of a prompt batch whose attention takes `attention_flash.wgsl`
     /// (`QFUSE_WGPU_FLASH_FROM`; `None` where the adapter lacks the workgroup memory).
     flash_from: Option<usize>,
@@ -829,6 +846,9 @@ impl WgpuBackend {
                 next_burst: std::sync::Mutex::new(HashMap::new()),
                 attention_workgroups: env_knob("QFUSE_WGPU_ATTENTION_WORKGROUPS", 1..=1 << 20)
                     .unwrap_or(256),
+                attention_256: subgroups == Subgroups::UpTo32
+                    && info.subgroup_min_size >= 8
+                    && env_knob("QFUSE_WGPU_ATTENTION_THREADS", 128..=256).unwrap_or(256) == 256,
                 attention_min_chunk: env_knob("QFUSE_WGPU_ATTENTION_MIN_CHUNK", 1..=1 << 20)
                     .unwrap_or(ATTENTION_MIN_CHUNK),
                 flash_from: flash_fits.then(|| {
@@ -1045,12 +1065,13 @@ impl WgpuBackend {
         let params = attention_params(batch, cfg, t, splits, chunk)?;
         // Without qkn the prologue's bindings get stand-ins (read-only, never read).
         let sg = self.inner.subgroups == Subgroups::UpTo32;
+        let wide = self.inner.attention_256;
         let (kernel, q_norm, k_norm, cs) = match qkn {
             Some((qn, kn)) => (
-                if sg {
-                    "attention_qkn_sg"
-                } else {
-                    "attention_qkn"
+                match (sg, wide) {
+                    (true, true) => "attention_qkn_256_sg",
+                    (true, false) => "attention_qkn_sg",
+                    _ => "attention_qkn",
                 },
                 qn.buf()?.clone(),
                 kn.buf()?.clone(),
@@ -1058,7 +1079,11 @@ impl WgpuBackend {
             ),
             None => {
                 let stand_in = input.buf()?.clone();
-                let kernel = if sg { "attention_sg" } else { "attention" };
+                let kernel = match (sg, wide) {
+                    (true, true) => "attention_256_sg",
+                    (true, false) => "attention_sg",
+                    _ => "attention",
+                };
                 (kernel, stand_in.clone(), stand_in.clone(), stand_in)
             }
         };

@@ -33,3 +33,10 @@ write("abl_no_keys", "ablation: no key loads (output differs)", sub(SRC, "if (ok
 # The designs measured before (a tile's key loads or value rows in one round, keys read a dim a
 # thread, the reductions in subgroup operations: docs/perf.md, 17th and 18th sessions) were
 # dropped from here when the last of them became the backend's build.
+
+
+# Design wg256: the backend shader at 256 threads, 8 a key (its WG and PARTS overrides), where
+# the halves of the workgroup add the values of a tile's halves of keys (d <= 128).
+w = sub(SRC, "override WG: u32 = 128u;", "override WG: u32 = 256u;")
+w = sub(w, "override PARTS: u32 = 4u;", "override PARTS: u32 = 8u;")
+write("wg256", "256 threads: 8 a key, and two halves over the tile's values (d <= 128)", w)
