@@ -432,9 +432,12 @@ struct Inner {
     attention_workgroups: usize,
     /// Fewest keys in a split of the context (`QFUSE_WGPU_ATTENTION_MIN_CHUNK`).
     attention_min_chunk: usize,
-    /// Whether the subgroup build of the decode attention runs 256 threads a workgroup (8 a
-    /// key; the halves of a tile's keys add their values apart where d <= 128) rather than 128
-    /// (`QFUSE_WGPU_ATTENTION_THREADS=128|256`; needs subgroups of 8 to 32).
+    /// Whether the subgroup build of the decode attention may run 256 threads a workgroup (8 a
+    /// key; the halves of a tile's keys add their values apart where d <= 128) rather than 128,
+    /// where the context's splits are fewer than the workgroup target
+    /// (`QFUSE_WGPU_ATTENTION_THREADS=128|256`; needs subgroups of 8 to 32). On an H100
+    /// (docs/perf.md, 19th session) batch 1 1.39–1.59 → 1.36 ms/step, batch 4 2.63–2.76 →
+    /// 2.56–2.87.
     attention_256: bool,
     /// Fewest tokens of a prompt batch whose attention takes `attention_flash.wgsl`
     /// (`QFUSE_WGPU_FLASH_FROM`; `None` where the adapter lacks the workgroup memory).
@@ -1065,7 +1068,11 @@ impl WgpuBackend {
         let params = attention_params(batch, cfg, t, splits, chunk)?;
         // Without qkn the prologue's bindings get stand-ins (read-only, never read).
         let sg = self.inner.subgroups == Subgroups::UpTo32;
-        let wide = self.inner.attention_256;
+        // 256 threads only while the splits stay below the workgroup target: at 1,024 and
+        // 2,048 keys (32 splits a head group) they were slower (attention_lab on an H100,
+        // 22.8 → 24.2 and 30.8 → 33.5 µs), at 64-288 keys faster (15.5 → 14.7 at 160).
+        let wide =
+            self.inner.attention_256 && head_groups * t * splits < self.inner.attention_workgroups;
         let (kernel, q_norm, k_norm, cs) = match qkn {
             Some((qn, kn)) => (
                 match (sg, wide) {
