@@ -83,6 +83,60 @@ fn v_at(base: u32, i: u32, ok: bool) -> f32 {
     return x;
 }
 
+// A run of 8 key dims from i of the row at `base` (dims past d read as 0), loaded.
+struct Run8 {
+    a: vec4<f32>,
+    b: vec4<f32>,
+}
+
+fn load_run(base: u32, i: u32, d: u32) -> Run8 {
+    return Run8(
+        vec4<f32>(k_at(base + i, true), k_at(base + i + 1u, i + 1u < d),
+            k_at(base + i + 2u, i + 2u < d), k_at(base + i + 3u, i + 3u < d)),
+        vec4<f32>(k_at(base + i + 4u, i + 4u < d), k_at(base + i + 5u, i + 5u < d),
+            k_at(base + i + 6u, i + 6u < d), k_at(base + i + 7u, i + 7u < d)),
+    );
+}
+
+// q's dot with a loaded run of dims i..i + 7 (vec4 lanes: the heads).
+fn dot_run(i: u32, r: Run8) -> vec4<f32> {
+    return qs[i] * r.a.x + qs[i + 1u] * r.a.y + qs[i + 2u] * r.a.z + qs[i + 3u] * r.a.w
+        + qs[i + 4u] * r.b.x + qs[i + 5u] * r.b.y + qs[i + 6u] * r.b.z + qs[i + 7u] * r.b.w;
+}
+
+// Dim `at` of the value rows of the tile's keys j..j + 7, loaded (zero where !ok).
+fn load_rows(j: u32, at: u32, ok: bool) -> Run8 {
+    return Run8(
+        vec4<f32>(v_at(bases[j], at, ok), v_at(bases[j + 1u], at, ok),
+            v_at(bases[j + 2u], at, ok), v_at(bases[j + 3u], at, ok)),
+        vec4<f32>(v_at(bases[j + 4u], at, ok), v_at(bases[j + 5u], at, ok),
+            v_at(bases[j + 6u], at, ok), v_at(bases[j + 7u], at, ok)),
+    );
+}
+
+// Keys j..j + 7's probabilities under the running max m (vec4 lanes: the heads): their sum
+// and their values' weighted sum.
+struct Weighed {
+    l: vec4<f32>,
+    o: vec4<f32>,
+}
+
+fn weigh_rows(j: u32, m: vec4<f32>, v: Run8) -> Weighed {
+    let p0 = exp(scores[j] - m);
+    let p1 = exp(scores[j + 1u] - m);
+    let p2 = exp(scores[j + 2u] - m);
+    let p3 = exp(scores[j + 3u] - m);
+    let p4 = exp(scores[j + 4u] - m);
+    let p5 = exp(scores[j + 5u] - m);
+    let p6 = exp(scores[j + 6u] - m);
+    let p7 = exp(scores[j + 7u] - m);
+    return Weighed(
+        p0 + p1 + p2 + p3 + p4 + p5 + p6 + p7,
+        p0 * v.a.x + p1 * v.a.y + p2 * v.a.z + p3 * v.a.w + p4 * v.b.x + p5 * v.b.y + p6 * v.b.z
+            + p7 * v.b.w,
+    );
+}
+
 // Sums over the workgroup's threads (`workgroup_sums`): q's sums of squares (vec4 lanes) and
 // the own key's.
 struct Sums {
@@ -195,6 +249,7 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
     let halves = select(1u, 2u, d <= WG / 2u);
     let dim = lid % (WG / halves);
     let vh = lid / (WG / halves);
+    let ok0 = dim < d;
     for (var tile = begin; tile < keys; tile += TILE) {
         workgroupBarrier();  // qs written; the previous tile's scores and bases consumed
         let key = tile + kl;
@@ -209,18 +264,15 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
             if (tile != begin) { block = tables[table + key / bs]; }
             let base = (block * bs + key % bs) * w + kv * d;
             if (kp == 0u) { bases[kl] = base; }
-            for (var i = kp * RUN; i < d; i += PARTS * RUN) {
-                let k0 = k_at(base + i, true);
-                let k1 = k_at(base + i + 1u, i + 1u < d);
-                let k2 = k_at(base + i + 2u, i + 2u < d);
-                let k3 = k_at(base + i + 3u, i + 3u < d);
-                let k4 = k_at(base + i + 4u, i + 4u < d);
-                let k5 = k_at(base + i + 5u, i + 5u < d);
-                let k6 = k_at(base + i + 6u, i + 6u < d);
-                let k7 = k_at(base + i + 7u, i + 7u < d);
-                acc += qs[i] * k0 + qs[i + 1u] * k1 + qs[i + 2u] * k2 + qs[i + 3u] * k3
-                    + qs[i + 4u] * k4 + qs[i + 5u] * k5 + qs[i + 6u] * k6 + qs[i + 7u] * k7;
+            // Two runs' loads at a time (a thread's share of a 128-dim key at 8 threads a key).
+            let far = PARTS * RUN;
+            var i = kp * RUN;
+            for (; i + far < d; i += 2u * far) {
+                let r0 = load_run(base, i, d);
+                let r1 = load_run(base, i + far, d);
+                acc += dot_run(i, r0) + dot_run(i + far, r1);
             }
+            if (i < d) { acc += dot_run(i, load_run(base, i, d)); }
         }
         let n = min(TILE, keys - tile);
         tile_scores(acc, lid, n);
@@ -233,6 +285,17 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
         let per = (n + halves - 1u) / halves;
         var j = vh * per;
         let jend = min(n, j + per);
+        if (halves == 2u) {
+            // A half's 16 keys' value rows at its one dim in one round (no dims past WG).
+            for (; j + 2u * RUN <= jend; j += 2u * RUN) {
+                let va = load_rows(j, dim, ok0);
+                let vb = load_rows(j + RUN, dim, ok0);
+                let wa = weigh_rows(j, m, va);
+                let wb = weigh_rows(j + RUN, m, vb);
+                l += wa.l + wb.l;
+                o0 += wa.o + wb.o;
+            }
+        }
         for (; j + RUN <= jend; j += RUN) {
             let b0 = bases[j];
             let b1 = bases[j + 1u];
@@ -242,7 +305,6 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
             let b5 = bases[j + 5u];
             let b6 = bases[j + 6u];
             let b7 = bases[j + 7u];
-            let ok0 = dim < d;
             let a0 = v_at(b0, dim, ok0);
             let a1 = v_at(b1, dim, ok0);
             let a2 = v_at(b2, dim, ok0);
