@@ -114,27 +114,23 @@ fn load_rows(j: u32, at: u32, ok: bool) -> Run8 {
     );
 }
 
-// Keys j..j + 7's probabilities under the running max m (vec4 lanes: the heads): their sum
-// and their values' weighted sum.
-struct Weighed {
-    l: vec4<f32>,
-    o: vec4<f32>,
+// Keys j..j + 7's probabilities under the running max m (vec4 lanes: the heads).
+fn probs(j: u32, m: vec4<f32>) -> array<vec4<f32>, 8> {
+    return array<vec4<f32>, 8>(
+        exp(scores[j] - m), exp(scores[j + 1u] - m), exp(scores[j + 2u] - m),
+        exp(scores[j + 3u] - m), exp(scores[j + 4u] - m), exp(scores[j + 5u] - m),
+        exp(scores[j + 6u] - m), exp(scores[j + 7u] - m),
+    );
 }
 
-fn weigh_rows(j: u32, m: vec4<f32>, v: Run8) -> Weighed {
-    let p0 = exp(scores[j] - m);
-    let p1 = exp(scores[j + 1u] - m);
-    let p2 = exp(scores[j + 2u] - m);
-    let p3 = exp(scores[j + 3u] - m);
-    let p4 = exp(scores[j + 4u] - m);
-    let p5 = exp(scores[j + 5u] - m);
-    let p6 = exp(scores[j + 6u] - m);
-    let p7 = exp(scores[j + 7u] - m);
-    return Weighed(
-        p0 + p1 + p2 + p3 + p4 + p5 + p6 + p7,
-        p0 * v.a.x + p1 * v.a.y + p2 * v.a.z + p3 * v.a.w + p4 * v.b.x + p5 * v.b.y + p6 * v.b.z
-            + p7 * v.b.w,
-    );
+fn prob_sum(p: array<vec4<f32>, 8>) -> vec4<f32> {
+    return p[0] + p[1] + p[2] + p[3] + p[4] + p[5] + p[6] + p[7];
+}
+
+// The rows' values weighted by their probabilities, summed.
+fn weigh(p: array<vec4<f32>, 8>, v: Run8) -> vec4<f32> {
+    return p[0] * v.a.x + p[1] * v.a.y + p[2] * v.a.z + p[3] * v.a.w + p[4] * v.b.x
+        + p[5] * v.b.y + p[6] * v.b.z + p[7] * v.b.w;
 }
 
 // Sums over the workgroup's threads (`workgroup_sums`): q's sums of squares (vec4 lanes) and
@@ -290,48 +286,19 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
             for (; j + 2u * RUN <= jend; j += 2u * RUN) {
                 let va = load_rows(j, dim, ok0);
                 let vb = load_rows(j + RUN, dim, ok0);
-                let wa = weigh_rows(j, m, va);
-                let wb = weigh_rows(j + RUN, m, vb);
-                l += wa.l + wb.l;
-                o0 += wa.o + wb.o;
+                let pa = probs(j, m);
+                let pb = probs(j + RUN, m);
+                l += prob_sum(pa) + prob_sum(pb);
+                o0 += weigh(pa, va) + weigh(pb, vb);
             }
         }
         for (; j + RUN <= jend; j += RUN) {
-            let b0 = bases[j];
-            let b1 = bases[j + 1u];
-            let b2 = bases[j + 2u];
-            let b3 = bases[j + 3u];
-            let b4 = bases[j + 4u];
-            let b5 = bases[j + 5u];
-            let b6 = bases[j + 6u];
-            let b7 = bases[j + 7u];
-            let a0 = v_at(b0, dim, ok0);
-            let a1 = v_at(b1, dim, ok0);
-            let a2 = v_at(b2, dim, ok0);
-            let a3 = v_at(b3, dim, ok0);
-            let a4 = v_at(b4, dim, ok0);
-            let a5 = v_at(b5, dim, ok0);
-            let a6 = v_at(b6, dim, ok0);
-            let a7 = v_at(b7, dim, ok0);
-            let c0 = v_at(b0, lid + WG, has1);
-            let c1 = v_at(b1, lid + WG, has1);
-            let c2 = v_at(b2, lid + WG, has1);
-            let c3 = v_at(b3, lid + WG, has1);
-            let c4 = v_at(b4, lid + WG, has1);
-            let c5 = v_at(b5, lid + WG, has1);
-            let c6 = v_at(b6, lid + WG, has1);
-            let c7 = v_at(b7, lid + WG, has1);
-            let p0 = exp(scores[j] - m);
-            let p1 = exp(scores[j + 1u] - m);
-            let p2 = exp(scores[j + 2u] - m);
-            let p3 = exp(scores[j + 3u] - m);
-            let p4 = exp(scores[j + 4u] - m);
-            let p5 = exp(scores[j + 5u] - m);
-            let p6 = exp(scores[j + 6u] - m);
-            let p7 = exp(scores[j + 7u] - m);
-            l += p0 + p1 + p2 + p3 + p4 + p5 + p6 + p7;
-            o0 += p0 * a0 + p1 * a1 + p2 * a2 + p3 * a3 + p4 * a4 + p5 * a5 + p6 * a6 + p7 * a7;
-            o1 += p0 * c0 + p1 * c1 + p2 * c2 + p3 * c3 + p4 * c4 + p5 * c5 + p6 * c6 + p7 * c7;
+            let va = load_rows(j, dim, ok0);
+            let vc = load_rows(j, lid + WG, has1);
+            let pa = probs(j, m);
+            l += prob_sum(pa);
+            o0 += weigh(pa, va);
+            o1 += weigh(pa, vc);
         }
         for (; j < jend; j++) {
             let b = bases[j];
