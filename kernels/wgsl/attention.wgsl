@@ -4,14 +4,15 @@
 // one per vec4 lane, so each key and value row is read once for all of them. It walks the
 // split's slice of keys 0..=pos through the token's block table in tiles of 32 keys:
 // - scores: PARTS = WG / 32 threads a key (4 or 8), each taking runs of 8 dimensions (4 threads
-//   read a 128-byte run of the row together) with the 8 loads issued before the products that
-//   use them;
+//   read a 128-byte run of the row together), two runs' 16 loads issued before the products
+//   that use them;
 // - a key's partial dots are summed (`tile_scores`), every thread forms the running maximum
 //   from the tile's scores (`tile_max`; all hold the same state);
 // - values: thread i accumulates output dims i and i + WG over the tile's rows, 8 rows' loads
 //   at a time (consecutive threads read consecutive dims: coalesced), each row's probability
 //   formed where it is used. Where d <= WG / 2 the workgroup's two halves take the tile's two
-//   halves of keys instead, each over all dims, and add their sums at the end.
+//   halves of keys instead, each over all dims (16 rows' loads at a time), and add their sums
+//   at the end.
 // This file ends before those reductions and the entry point: attention_wg.wgsl (workgroup
 // memory and barriers) or attention_sg.wgsl (subgroup operations) follows it.
 // Shader compilers do not unroll these loops for us: issuing loads ahead of their use is what
