@@ -247,6 +247,13 @@ const SUBMIT_EVERY: usize = 64;
 /// The largest burst (`QFUSE_WGPU_SUBMIT_MAX`): bursts double from [`SUBMIT_EVERY`] up to it.
 const SUBMIT_MAX: usize = 256;
 
+/// The decode attention's pipelines, without and with the q/k-norm prologue (QKN), by build:
+/// workgroup reductions, subgroup reductions, subgroup reductions at 256 threads.
+const ATTENTION_PIPELINES: [[&str; 3]; 2] = [
+    ["attention", "attention_sg", "attention_256_sg"],
+    ["attention_qkn", "attention_qkn_sg", "attention_qkn_256_sg"],
+];
+
 /// Bind groups by pipeline name and bound buffers (params first).
 type BindGroups = HashMap<(&'static str, Vec<wgpu::Buffer>), wgpu::BindGroup>;
 
@@ -1066,32 +1073,27 @@ impl WgpuBackend {
             self.output([1])?
         };
         let params = attention_params(batch, cfg, t, splits, chunk)?;
-        // Without qkn the prologue's bindings get stand-ins (read-only, never read).
-        let sg = self.inner.subgroups == Subgroups::UpTo32;
         // 256 threads only while the splits stay below the workgroup target: at 1,024 and
         // 2,048 keys (32 splits a head group) they were slower (attention_lab on an H100,
         // 22.8 → 24.2 and 30.8 → 33.5 µs), at 64-288 keys faster (15.5 → 14.7 at 160).
         let wide =
             self.inner.attention_256 && head_groups * t * splits < self.inner.attention_workgroups;
-        let (kernel, q_norm, k_norm, cs) = match qkn {
+        let build = match (self.inner.subgroups == Subgroups::UpTo32, wide) {
+            (true, true) => 2,
+            (true, false) => 1,
+            _ => 0,
+        };
+        let kernel = ATTENTION_PIPELINES[usize::from(qkn.is_some())][build];
+        // Without qkn the prologue's bindings get stand-ins (read-only, never read).
+        let (q_norm, k_norm, cs) = match qkn {
             Some((qn, kn)) => (
-                match (sg, wide) {
-                    (true, true) => "attention_qkn_256_sg",
-                    (true, false) => "attention_qkn_sg",
-                    _ => "attention_qkn",
-                },
                 qn.buf()?.clone(),
                 kn.buf()?.clone(),
                 self.rope_table(batch, cfg)?,
             ),
             None => {
                 let stand_in = input.buf()?.clone();
-                let kernel = match (sg, wide) {
-                    (true, true) => "attention_256_sg",
-                    (true, false) => "attention_sg",
-                    _ => "attention",
-                };
-                (kernel, stand_in.clone(), stand_in.clone(), stand_in)
+                (stand_in.clone(), stand_in.clone(), stand_in)
             }
         };
         let [qb, kb, vb, positions, token_seq, tables, ob] =
@@ -1288,10 +1290,7 @@ impl WgpuBackend {
             .lock()
             .map_err(|_| Error::invalid("wgpu", "command encoder lock poisoned"))?;
         let thread = std::thread::current().id();
-        let limit = lock(&self.inner.next_burst)
-            .get(&thread)
-            .copied()
-            .unwrap_or(self.inner.submit_every);
+        let limit = self.next_burst(thread);
         let rec = pending.entry(thread).or_insert_with(|| {
             let mut enc = self
                 .inner
@@ -1466,16 +1465,21 @@ impl WgpuBackend {
             .push(staging);
     }
 
+    /// The burst a new recording of `thread` starts with.
+    fn next_burst(&self, thread: std::thread::ThreadId) -> usize {
+        lock(&self.inner.next_burst)
+            .get(&thread)
+            .copied()
+            .unwrap_or(self.inner.submit_every)
+    }
+
     /// How many dispatches this thread's next submission may gather.
     #[cfg(test)]
     fn burst_limit(&self) -> usize {
         let thread = std::thread::current().id();
         match lock(&self.inner.pending).get(&thread) {
             Some(rec) => rec.limit,
-            None => lock(&self.inner.next_burst)
-                .get(&thread)
-                .copied()
-                .unwrap_or(self.inner.submit_every),
+            None => self.next_burst(thread),
         }
     }
 
