@@ -704,45 +704,25 @@ __device__ void attention_many(
     // For a bf16 cache, double-buffered: a group's K and V rows are loaded (raw, unconverted)
     // one iteration before they are used, so each warp keeps two groups of 8-byte loads in
     // flight (single-buffered, Nsight measured 1.5 TB/s against fp32's 3.6). An fp32 cache's
-    // 16-byte loads keep one group (double-buffering them takes 187 registers a thread), skewed:
-    // the next group's K rows are requested once this group's scores are formed, its V rows once
-    // this group's values are added, so a warp has rows in flight while it computes.
+    // 16-byte loads keep one group (double-buffering them takes 187 registers a thread).
     constexpr bool DOUBLE = sizeof(KT) == 2;
     constexpr int STEP = ATTN_WARPS * 8;
     KvRaw4<KT> kraw[8], vraw[8];
-    // Groups ending at or before full_end hold 8 keys of the slice and not the token's own: where
-    // every lane has dims, their rows load without per-key checks or predicates.
-    const int full_end = d == 4 * 32 ? (QKN ? min(end, last) : end) : 0;
-    const u32 row_stride = (u32)W;
-    const KT* __restrict__ k_base = kc + (size_t)kv * d + d0;
-    const KT* __restrict__ v_base = vc + (size_t)kv * d + d0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        kraw[j].zero();
-        vraw[j].zero();
-    }
-    // The rows of group k0 from `base` into `raw`, lane l's dims; `own` is the token's own row
-    // (QKN), which is never read from the cache. `slot`: lane l holds key k0 + (l & 7)'s slot.
-    auto load_rows = [&](KvRaw4<KT>(&raw)[8], const KT* __restrict__ base, const float* own, int k0, u32 slot) {
-        if (k0 + 8 <= full_end) {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) raw[j].load(base + (unsigned long long)__shfl_sync(FULL_MASK, slot, j) * row_stride);
-            return;
-        }
+    auto load_group = [&](int k0) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            const u32 sj = __shfl_sync(FULL_MASK, slot, j);
-            raw[j].zero();
+            const u32 sj = __shfl_sync(FULL_MASK, my_slot, j);
+            kraw[j].zero();
+            vraw[j].zero();
             if (QKN && k0 + j == last && has_dims) {
-                raw[j].set(own);  // rounded as the cache holds it
+                kraw[j].set(kn);  // rounded as the cache holds it
+                vraw[j].set(vn);
             } else if (k0 + j < end && has_dims) {
-                raw[j].load(base + (size_t)sj * W);
+                const size_t row = (size_t)sj * W + (size_t)kv * d + d0;
+                kraw[j].load(kc + row);
+                vraw[j].load(vc + row);
             }
         }
-    };
-    auto load_group = [&](int k0) {
-        load_rows(kraw, k_base, kn, k0, my_slot);
-        load_rows(vraw, v_base, vn, k0, my_slot);
     };
     // The first group's K and V rows are requested before q is formed, so their latency overlaps
     // the prologue. With QKN they are requested even before waiting for the QKV projection: the
@@ -805,52 +785,38 @@ __device__ void attention_many(
     }
     for (; kb < end; kb += STEP) {
         const int n = min(8, end - kb);
-        const int next = kb + STEP;
+        if (!DOUBLE && kb != kb0) {
+            load_group(kb);
+            my_slot = b.slot_of(kb + STEP + r);
+        }
         float kf[8][4], vf[8][4];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) kraw[j].get(kf[j]);
-        // Head g's scores of the group's keys (lane l holds key l & 7's; every lane: it shuffles).
-        auto score = [&](int g) {
-            float v[8];
+        for (int j = 0; j < 8; ++j) {
+            kraw[j].get(kf[j]);
+            vraw[j].get(vf[j]);
+        }
+        if (DOUBLE) {
+            load_group(kb + STEP);
+            my_slot = b.slot_of(kb + 2 * STEP + r);
+        }
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-                v[j] = qr[g][0] * kf[j][0] + qr[g][1] * kf[j][1] + qr[g][2] * kf[j][2] + qr[g][3] * kf[j][3];
-            return transpose_sum8(v, lane);
-        };
-        // Head g's online softmax over the group and its values added.
-        auto add_values = [&](int g, float sc) {
-            float corr;
-            const float p = online_softmax_group(sc, r < n, 4, m[g], l[g], corr);
+        for (int g = 0; g < GM; ++g) {
+            if (g < G) {
+                float v[8];
 #pragma unroll
-            for (int c = 0; c < 4; ++c) o[g][c] *= corr;
+                for (int j = 0; j < 8; ++j)
+                    v[j] = qr[g][0] * kf[j][0] + qr[g][1] * kf[j][1] + qr[g][2] * kf[j][2] + qr[g][3] * kf[j][3];
+                const float sc = transpose_sum8(v, lane);  // every lane: it shuffles
+                float corr;
+                const float p = online_softmax_group(sc, r < n, 4, m[g], l[g], corr);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float pj = __shfl_sync(FULL_MASK, p, j);
+                for (int c = 0; c < 4; ++c) o[g][c] *= corr;
 #pragma unroll
-                for (int c = 0; c < 4; ++c) o[g][c] += pj * vf[j][c];
-            }
-        };
-        if constexpr (DOUBLE) {
+                for (int j = 0; j < 8; ++j) {
+                    const float pj = __shfl_sync(FULL_MASK, p, j);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) vraw[j].get(vf[j]);
-            load_group(next);
-            my_slot = b.slot_of(next + STEP + r);
-#pragma unroll
-            for (int g = 0; g < GM; ++g)
-                if (g < G) add_values(g, score(g));
-        } else {
-            float sc[GM];
-#pragma unroll
-            for (int g = 0; g < GM; ++g) sc[g] = g < G ? score(g) : 0.0f;
-            if (next < end) load_rows(kraw, k_base, kn, next, my_slot);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) vraw[j].get(vf[j]);
-#pragma unroll
-            for (int g = 0; g < GM; ++g)
-                if (g < G) add_values(g, sc[g]);
-            if (next < end) {
-                load_rows(vraw, v_base, vn, next, my_slot);
-                my_slot = b.slot_of(next + STEP + r);
+                    for (int c = 0; c < 4; ++c) o[g][c] += pj * vf[j][c];
+                }
             }
         }
     }
