@@ -10,7 +10,7 @@ use qfuse_core::Backend;
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 use qfuse_qwen3::{
-    check_against, profile, run_bench_lanes, write_synthetic, BenchSpec, CheckReport, Qwen3, Request,
+    check_against, profile, run_bench, write_synthetic, BenchSpec, CheckReport, Qwen3, Request,
     StageDiff, Stats, SynthShape,
 };
 use serde_json::json;
@@ -174,10 +174,6 @@ struct BenchArgs {
     /// Sequences decoded together.
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Queues the batch's sequences dealt over this many lanes (cuda: streams), whose steps the
-    /// GPU runs side by side; 1 to the batch size.
-    #[arg(long, default_value_t = 1)]
-    lanes: usize,
     /// The card's measured copy bandwidth in GB/s (read + write), to report decode as a share of it.
     #[arg(long)]
     peak_gbs: Option<f64>,
@@ -324,31 +320,17 @@ fn workload_spec(batch: usize, prompt_len: usize, new_tokens: usize) -> anyhow::
 impl Job for BenchArgs {
     fn run<B: Backend>(&self, b: B) -> anyhow::Result<()> {
         let spec = workload_spec(self.batch, self.prompt_len, self.new_tokens)?;
-        if self.lanes == 0 || self.lanes > self.batch {
-            bail!(
-                "--lanes {} must be between 1 and --batch ({})",
-                self.lanes,
-                self.batch
-            );
-        }
         let model = load(&b, &self.model)?;
-        let mut lanes = vec![b];
-        for _ in 1..self.lanes {
-            match lanes[0].lane().context("opening a lane")? {
-                Some(lane) => lanes.push(lane),
-                None => bail!("the {} backend runs one lane (--lanes 1)", B::NAME),
-            }
-        }
         // Warm-up: kernel first-launch costs and allocator growth stay out of the figures.
-        run_bench_lanes(
+        run_bench(
             &model,
-            &lanes,
+            &b,
             &BenchSpec {
                 new_tokens: 4.min(self.new_tokens),
                 ..spec
             },
         )?;
-        let r = run_bench_lanes(&model, &lanes, &spec)?;
+        let r = run_bench(&model, &b, &spec)?;
         let share = self.peak_gbs.map(|p| 100.0 * r.weight_gb_s() / p);
         match self.format {
             Format::Json => out!(

@@ -169,14 +169,6 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         Ok(false)
     }
 
-    /// Another handle on the same device whose work is queued apart from this one's (on CUDA, its
-    /// own stream, buffer pool and library handles), so the device can run both at once; `None`
-    /// where the backend has one queue. The two may share tensors that no queued work writes
-    /// (weights): nothing orders one lane's work after the other's.
-    fn lane(&self) -> Result<Option<Self>> {
-        Ok(None)
-    }
-
     /// Records the device work `f` issues as a graph without running it, or returns `None` (and
     /// does not call `f`) where the backend has no graphs or they are switched off.
     fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>> {

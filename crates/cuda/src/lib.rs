@@ -2372,13 +2372,6 @@ impl Backend for CudaBackend {
         self.stream().synchronize().cuda()
     }
 
-    /// A second backend on the same GPU and options: the same (primary) context, so its kernels
-    /// run beside this one's, on its own stream with its own pool and cuBLAS handle; its kernels
-    /// come from the same on-disk cache.
-    fn lane(&self) -> Result<Option<Self>> {
-        Self::with_options(self.inner.ctx.ordinal(), self.inner.options).map(Some)
-    }
-
     fn record_event(&self) -> Result<cudarc::driver::CudaEvent> {
         self.stream()
             .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))

@@ -114,64 +114,20 @@ impl<B: Backend> Workload<B> {
 /// Runs a batched prefill of random prompts, then `new_tokens` greedy decode steps, synchronising
 /// the device before each clock read.
 pub fn run_bench<B: Backend>(model: &Qwen3<B>, b: &B, spec: &BenchSpec) -> Result<BenchReport> {
-    run_bench_lanes(model, std::slice::from_ref(b), spec)
-}
-
-/// [`run_bench`] with the batch's sequences dealt over `lanes` (handles from [`Backend::lane`],
-/// sharing `model`'s weights): each lane prefills and decodes its share as a batch of its own,
-/// and the lanes' steps are queued in turn, so the device runs one lane's step beside another's.
-/// The report counts every lane's sequences as one batch.
-///
-/// # Errors
-/// No lanes, or more lanes than sequences.
-pub fn run_bench_lanes<B: Backend>(
-    model: &Qwen3<B>,
-    lanes: &[B],
-    spec: &BenchSpec,
-) -> Result<BenchReport> {
-    if lanes.is_empty() || lanes.len() > spec.batch {
-        return Err(qfuse_core::Error::invalid(
-            "bench",
-            format!(
-                "{} lanes for a batch of {} sequences (1 to the batch size)",
-                lanes.len(),
-                spec.batch
-            ),
-        ));
-    }
-    let n = lanes.len();
-    let mut work = lanes
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            // Lane i takes sequences i, i + n, ... of the batch: as even a deal as there is.
-            let share = BenchSpec {
-                batch: (spec.batch - i).div_ceil(n),
-                seed: spec.seed + i as u64,
-                ..*spec
-            };
-            Workload::new(model, b, &share)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut steppers: Vec<Stepper<B>> = lanes.iter().map(|_| Stepper::new()).collect();
-    let synchronize = || lanes.iter().try_for_each(|b| b.synchronize());
-    synchronize()?;
+    let mut work = Workload::new(model, b, spec)?;
+    let mut stepper = Stepper::new();
+    b.synchronize()?;
     let t0 = Instant::now();
-    let mut next = Vec::with_capacity(n);
-    for ((b, w), stepper) in lanes.iter().zip(&mut work).zip(&mut steppers) {
-        let prompt = w.prefill()?;
-        next.push(stepper.step(model, b, &mut w.cache, &prompt, false)?);
-    }
-    synchronize()?;
+    let prompt = work.prefill()?;
+    let mut next = stepper.step(model, b, &mut work.cache, &prompt, false)?;
+    b.synchronize()?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     for step in 0..spec.new_tokens {
-        for (((b, w), stepper), ids) in lanes.iter().zip(&mut work).zip(&mut steppers).zip(&mut next) {
-            let info = w.step(spec.prompt_len + step, 1, std::mem::take(ids))?;
-            *ids = stepper.step(model, b, &mut w.cache, &info, true)?;
-        }
+        let info = work.step(spec.prompt_len + step, 1, next)?;
+        next = stepper.step(model, b, &mut work.cache, &info, true)?;
     }
-    synchronize()?;
+    b.synchronize()?;
     Ok(BenchReport {
         prefill_s,
         decode_s: t1.elapsed().as_secs_f64(),
@@ -179,6 +135,6 @@ pub fn run_bench_lanes<B: Backend>(
         batch: spec.batch,
         prompt_len: spec.prompt_len,
         weight_bytes: model.weight_bytes(),
-        steps_ahead: steppers.iter().map(Stepper::used_ahead).sum::<usize>() / n,
+        steps_ahead: stepper.used_ahead(),
     })
 }

@@ -14,7 +14,7 @@ mod sampling;
 mod synth;
 mod text;
 
-pub use bench::{run_bench, run_bench_lanes, BenchReport, BenchSpec};
+pub use bench::{run_bench, BenchReport, BenchSpec};
 pub use check::{check_against, CheckReport, StageDiff, Stats};
 pub use checkpoint::Checkpoint;
 pub use config::Config;
