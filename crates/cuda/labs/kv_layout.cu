@@ -2,7 +2,7 @@
 // [slot][kv_head][d], so a block of attention_many (one token, one KV head) reads 512-byte rows
 // 4 KB apart; Nsight puts that kernel at ~75% of DRAM peak. This lab reads the same bytes with the
 // same grid (64 sequences x 8 KV heads, 4 warps, 8 keys a warp in flight, K and V) in three
-// patterns and prints each one's rate:
+// patterns, and as a plain stream, and prints each one's rate (docs/perf.md, 20th session):
 //   slot_major  the cache as it is: block (t, h) reads slot * W + h * d
 //   head_major  [kv_head][slot][d]: block (t, h) reads h * slots * d + slot * d (runs of rows)
 //   heads_adjacent  slot_major with the 8 KV heads of a sequence launched next to each other
