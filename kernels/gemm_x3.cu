@@ -40,9 +40,9 @@
 // shared memory by descriptor, so no fragment loads pass through registers); the weights land
 // in 128-byte-swizzled K-major tiles of one 64-k round each and a round's activation parts in
 // one [64 rows][64 k] tile per part, the layout gemm_wgmma.cu's TMA copies produce. The hi
-// part accumulates apart from mid + lo (as in gemm_wgmma.cu). One staging buffer: a round is
-// staged, multiplied and waited for before the next is staged (the next round's rows are in
-// registers meanwhile). Rows past T are staged as zeros and multiplied all the same.
+// part accumulates apart from mid + lo (as in gemm_wgmma.cu). Two staging buffers: round r + 1
+// is split and staged while round r's products run, and round r + 2's rows are loaded into
+// registers meanwhile. Rows past T are staged as zeros and multiplied all the same.
 
 #define X3_WARPS 8
 #define X3_ROWS 128
@@ -57,11 +57,11 @@
 // One part of one round's staged activations, [64 rows][64 k] bf16, in bytes.
 #define X3_APART (X3_TMAX * X3_RK * 2)
 
-// The wgmma build's dynamic shared memory past the 1 KiB alignment of the swizzled tiles: the
-// weight slice's rounds (16 KiB each) and then the staged round (three 8 KiB part tiles), whose
-// memory afterwards holds the partial tile (32 KiB) and the rows' squares and 1/rms (256 B each).
+// The wgmma build's dynamic shared memory (1 KiB-aligned, for the swizzled tiles): the weight
+// slice's rounds (16 KiB each), then two staged rounds (three 8 KiB part tiles each), whose memory
+// afterwards holds the partial tile (32 KiB) and the rows' squares and 1/rms (256 B each).
 #define X3W_ROUND_BYTES 16384
-#define X3W_STAGE_BYTES 33280
+#define X3W_STAGE_BYTES 49152
 #ifdef X3_WGMMA
 #define X3_WG 1
 #define X3_NAME(name) name##_wg
@@ -198,10 +198,15 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     extern __shared__ __align__(128) unsigned char x3_smem[];
     const int w_units = kc * 4;
 #if X3_WG
-    // The host adds 1 KiB for this alignment (x3::smem_bytes).
-    unsigned char* wsm = x3_smem + ((1024u - (smem_addr(x3_smem) & 1023u)) & 1023u);
+    // The swizzled tiles need 1 KiB alignment, which dynamic shared memory has on sm_90 (it
+    // starts past the 1 KiB the system reserves a block); the host adds nothing for it, so a
+    // device where it did not hold stops here rather than overrun.
+    if (smem_addr(x3_smem) & 1023u) __trap();
+    unsigned char* wsm = x3_smem;
     unsigned char* abufs = wsm + (size_t)((kc + 1) >> 1) * X3W_ROUND_BYTES;
-    float* ss_part = reinterpret_cast<float*>(abufs + 32768);
+    // Past the partial tile, in the second staged round: written only once every products' wait
+    // has passed a block barrier.
+    float* ss_part = reinterpret_cast<float*>(abufs + X3_TMAX * X3_ROWS * 4);
     float* inv_rms = ss_part + X3_TMAX;
 #else
     __shared__ float ss_part[X3_TMAX], inv_rms[X3_TMAX];
@@ -294,18 +299,24 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         stage_w[j] = (u32)(srows[j] * 128 + (((su >> 1) ^ (srows[j] & 7)) << 4) + (su & 1) * 8);
     const u32 a_addr = smem_addr(abufs), b_addr = wsm_addr + (u32)wg * 64u * 128u;
     float acc_hi[32], acc_lo[32];
-    load_round(0);
-    for (int r = 0; r < rounds; ++r) {
+    // Round r's activations, split, into staging buffer r & 1.
+    auto stage = [&](int r) {
+        unsigned char* abuf = abufs + (r & 1) * 3 * X3_APART;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             if (NORM) x3_norm_prologue(xv[j], gv, ss[j]);
-            x3w_store_parts(abufs, stage_w[j], xv[j]);
+            x3w_store_parts(abuf, stage_w[j], xv[j]);
         }
-        if (tracing && r == 0) stamp[3] = globaltimer_ns();
-        if (r + 1 < rounds) load_round(r + 1);
+    };
+    load_round(0);
+    stage(0);
+    if (tracing) stamp[3] = globaltimer_ns();
+    if (1 < rounds) load_round(1);
+    for (int r = 0; r < rounds; ++r) {
         x3_wait_groups(rounds - 1 - r);
         // The staged parts (ordinary stores) and the copied weights become the async proxy's
-        // operands.
+        // operands; past the barrier every warpgroup has also waited for its products of round
+        // r - 1, which read the buffer round r + 1 is staged into below.
         fence_proxy_async();
         __syncthreads();
         if (tracing && r == 0) stamp[4] = globaltimer_ns();
@@ -313,12 +324,16 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         wg_fence_acc(acc_hi);
         wg_fence_acc(acc_lo);
         wg_fence();
-        x3w_round(acc_hi, acc_lo, a_addr, b_round, r > 0);
+        x3w_round(acc_hi, acc_lo, a_addr + (u32)((r & 1) * 3 * X3_APART), b_round, r > 0);
         wg_commit();
+        // The next round is split and staged while these products run.
+        if (r + 1 < rounds) {
+            stage(r + 1);
+            if (r + 2 < rounds) load_round(r + 2);
+        }
         wg_wait<0>();
         wg_fence_acc(acc_hi);
         wg_fence_acc(acc_lo);
-        __syncthreads();  // the staged round is read: the next one may take its place
     }
 #else
     u32 stage_at[2];
@@ -369,10 +384,13 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         for (int j = 0; j < 4; ++j) {
 #pragma unroll
             for (int o = 8; o > 0; o >>= 1) ss[j] += __shfl_xor_sync(FULL_MASK, ss[j], o);
-            if (su == 0) ss_part[srows[j]] = ss[j];
         }
     }
     __syncthreads();  // the staged activations are read; their memory takes the partial tile
+    if (NORM && su == 0) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) ss_part[srows[j]] = ss[j];
+    }
     // The partial tile, [row t][column]; rows (m tiles) past T left unwritten (never read).
 #if X3_WG
     {

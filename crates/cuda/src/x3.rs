@@ -57,13 +57,12 @@ const TILE_ROWS: usize = 128;
 pub(crate) const MAX_ROWS: usize = 64;
 /// Staged activations: two rounds of [3 parts][64 rows][64 k] bf16.
 const STAGE_BYTES: usize = 2 * 3 * 64 * 64 * 2;
-/// The `wgmma` build's staged round, whose memory then holds the partial tile ([64][128] fp32)
-/// and the rows' squares and 1/rms ([64] fp32 each): X3W_STAGE_BYTES.
-const WG_STAGE_BYTES: usize = 64 * 128 * 4 + 2 * 64 * 4;
+/// The `wgmma` build's two staged rounds ([3 parts][64 rows][64 k] bf16 each), whose memory then
+/// holds the partial tile ([64][128] fp32) and the rows' squares and 1/rms ([64] fp32 each):
+/// X3W_STAGE_BYTES.
+const WG_STAGE_BYTES: usize = 2 * 3 * 64 * 64 * 2;
 /// The `wgmma` build's weight tile of one 64-k round, [128 rows][64] bf16: X3W_ROUND_BYTES.
 const WG_ROUND_BYTES: usize = TILE_ROWS * 64 * 2;
-/// What the `wgmma` build adds for aligning its tiles to the 1 KiB its swizzle repeats over.
-const WG_ALIGN: usize = 1024;
 
 /// Which build of the kernel runs the products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,7 +87,7 @@ impl Build {
     pub(crate) fn smem_bytes(self, kc: usize) -> usize {
         match self {
             Build::Mma => kc * 32 * TILE_ROWS * 2 + STAGE_BYTES,
-            Build::Wgmma => WG_ALIGN + kc.div_ceil(2) * WG_ROUND_BYTES + WG_STAGE_BYTES,
+            Build::Wgmma => kc.div_ceil(2) * WG_ROUND_BYTES + WG_STAGE_BYTES,
         }
     }
 
@@ -297,11 +296,12 @@ mod tests {
         assert!(TRACE_PHASES.len() < TRACE_SLOTS);
         // Two staged rounds of [3 parts][64 rows][X3_RK k] bf16.
         assert_eq!(STAGE_BYTES, 2 * 3 * define("X3_TMAX") * define("X3_RK") * 2);
-        // The wgmma build: a round's weight tile, and a staged round that can hold the partial
-        // tile and the rows' two statistics.
+        // The wgmma build: a round's weight tile, and two staged rounds, which can hold the
+        // partial tile, then the rows' two statistics.
         assert_eq!(define("X3W_ROUND_BYTES"), WG_ROUND_BYTES);
         assert_eq!(define("X3W_STAGE_BYTES"), WG_STAGE_BYTES);
-        assert!(WG_STAGE_BYTES >= 3 * define("X3_TMAX") * define("X3_RK") * 2);
+        assert_eq!(WG_STAGE_BYTES, 2 * 3 * define("X3_TMAX") * define("X3_RK") * 2);
+        assert!(WG_STAGE_BYTES >= (define("X3_TMAX") * TILE_ROWS + 2 * define("X3_TMAX")) * 4);
         for (mma, wg) in ENTRIES.iter().zip(WG_ENTRIES) {
             assert_eq!(format!("{mma}_wg"), wg);
         }
