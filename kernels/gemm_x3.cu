@@ -41,9 +41,8 @@
 // in 128-byte-swizzled K-major tiles of one 64-k round each and a round's activation parts in
 // one [64 rows][64 k] tile per part, the layout gemm_wgmma.cu's TMA copies produce. The hi
 // part accumulates apart from mid + lo (as in gemm_wgmma.cu). Two staging buffers: round r + 1
-// is split and staged while round r's products run (round r + 2's rows are loaded into registers
-// meanwhile), and round r + 1's products are queued before round r's are waited for. Rows past
-// T are staged as zeros and multiplied all the same.
+// is split and staged while round r's products run, and round r + 2's rows are loaded into
+// registers meanwhile. Rows past T are staged as zeros and multiplied all the same.
 
 #define X3_WARPS 8
 #define X3_ROWS 128
@@ -316,7 +315,8 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     for (int r = 0; r < rounds; ++r) {
         x3_wait_groups(rounds - 1 - r);
         // The staged parts (ordinary stores) and the copied weights become the async proxy's
-        // operands.
+        // operands; past the barrier every warpgroup has also waited for its products of round
+        // r - 1, which read the buffer round r + 1 is staged into below.
         fence_proxy_async();
         __syncthreads();
         if (tracing && r == 0) stamp[4] = globaltimer_ns();
@@ -326,19 +326,15 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         wg_fence();
         x3w_round(acc_hi, acc_lo, a_addr + (u32)((r & 1) * 3 * X3_APART), b_round, r > 0);
         wg_commit();
+        // The next round is split and staged while these products run.
         if (r + 1 < rounds) {
-            // Round r + 1 takes the buffer round r - 1's products read: once this warpgroup's are
-            // done and, past the barrier, the other's, it is split and staged while round r's
-            // run (they stay queued behind the next barrier).
-            wg_wait<1>();
-            __syncthreads();
             stage(r + 1);
             if (r + 2 < rounds) load_round(r + 2);
         }
+        wg_wait<0>();
+        wg_fence_acc(acc_hi);
+        wg_fence_acc(acc_lo);
     }
-    wg_wait<0>();
-    wg_fence_acc(acc_hi);
-    wg_fence_acc(acc_lo);
 #else
     u32 stage_at[2];
 #pragma unroll
