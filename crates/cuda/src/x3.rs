@@ -300,7 +300,10 @@ mod tests {
         // partial tile, then the rows' two statistics.
         assert_eq!(define("X3W_ROUND_BYTES"), WG_ROUND_BYTES);
         assert_eq!(define("X3W_STAGE_BYTES"), WG_STAGE_BYTES);
-        assert_eq!(WG_STAGE_BYTES, 2 * 3 * define("X3_TMAX") * define("X3_RK") * 2);
+        assert_eq!(
+            WG_STAGE_BYTES,
+            2 * 3 * define("X3_TMAX") * define("X3_RK") * 2
+        );
         assert!(WG_STAGE_BYTES >= (define("X3_TMAX") * TILE_ROWS + 2 * define("X3_TMAX")) * 4);
         for (mma, wg) in ENTRIES.iter().zip(WG_ENTRIES) {
             assert_eq!(format!("{mma}_wg"), wg);
