@@ -262,7 +262,7 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
     }
 
     /// Fused `matmul(rms_norm(x, norm_w, eps), w)`: the pre-attention norm with the QKV
-    /// projection, or the final norm with `lm_head`.
+    /// projection (the final norm with `lm_head` is [`Backend::rms_norm_logits`]).
     fn rms_norm_matmul(
         &self,
         x: &Self::Tensor,
@@ -271,6 +271,22 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         eps: f64,
     ) -> Result<Self::Tensor> {
         compose::rms_norm_matmul(self, x, norm_w, w, eps)
+    }
+
+    /// The final norm and the vocabulary projection, `matmul(rms_norm(x, norm_w, eps), lm_head)`:
+    /// [`Backend::rms_norm_matmul`] for the one product whose output is never fed back into the
+    /// network (it is only compared and sampled), so its error does not grow through later layers.
+    /// A backend may carry its activations there to ~2^-17 of themselves instead of exactly
+    /// (CUDA: two bf16 parts on the tensor cores instead of three), far below one bf16 rounding
+    /// of the logits; the default is `rms_norm_matmul`.
+    fn rms_norm_logits(
+        &self,
+        x: &Self::Tensor,
+        norm_w: &Self::Tensor,
+        lm_head: &Self::Tensor,
+        eps: f64,
+    ) -> Result<Self::Tensor> {
+        self.rms_norm_matmul(x, norm_w, lm_head, eps)
     }
 
     /// Fused `silu_mul(matmul(rms_norm(x, norm_w, eps), w_gate_up))`: the pre-MLP norm with the

@@ -737,6 +737,32 @@ pub fn gemv_family<B: Backend>(
     .collect()
 }
 
+/// `rms_norm_logits`: the final norm and a vocabulary projection of 1-64 rows (decode steps), a
+/// third of the cases 9-24 rows as wide as a vocabulary (past the 16,384 columns batched-decode
+/// kernels take), with outlier activations and large gains.
+pub fn check_logits<B: Backend, R: Backend>(b: &B, r: &R, tol: Tolerance, seed: u64) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let (t, k, n) = if rng.below(3) == 0 {
+        let k = [64, 1 + rng.below(64)][rng.below(2)];
+        (9 + rng.below(16), k, 16_385 + rng.below(500))
+    } else {
+        let k = [64, 128, 1 + rng.below(128)][rng.below(3)];
+        (matmul_rows(&mut rng, 64), k, 1 + rng.below(300))
+    };
+    let (xb, xr) = upload2(b, r, &activations(&mut rng, t, k, true)?)?;
+    let (nb, nr) = upload_weight2(b, r, &gains(&mut rng, k, 3.0)?)?;
+    let (wb, wr) = upload_weight2(b, r, &weights(&mut rng, n, k)?)?;
+    let eps = 1e-6;
+    assert_close(
+        "rms_norm_logits",
+        b,
+        &b.rms_norm_logits(&xb, &nb, &wb, eps)?,
+        r,
+        &r.rms_norm_logits(&xr, &nr, &wr, eps)?,
+        tol,
+    )
+}
+
 /// The fused matmul family: `rms_norm_matmul`, `rms_norm_matmul_silu_mul`, `matmul_add`,
 /// `matmul_silu_mul`.
 pub fn check_fused_matmuls<B: Backend, R: Backend>(
@@ -881,6 +907,7 @@ macro_rules! backend_tests {
                 #[test] fn qk_norm_rope_write_kv_prompt_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_qk_norm_rope_write_kv_prompt)? }
                 #[test] fn qk_norm_rope_attention_matches_composition(s in any::<u64>()) { run(s, $crate::testing::check_qk_norm_rope_attention)? }
                 #[test] fn fused_matmuls_match_reference(s in any::<u64>()) { run(s, $crate::testing::check_fused_matmuls)? }
+                #[test] fn logits_match_reference(s in any::<u64>()) { run(s, $crate::testing::check_logits)? }
                 #[test] fn decoder_layer_matches_composition(s in any::<u64>()) { run(s, $crate::testing::check_decoder_layer)? }
                 #[test] fn argmax_matches_reference(s in any::<u64>()) { run(s, $crate::testing::check_argmax)? }
             }

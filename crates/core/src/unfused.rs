@@ -226,6 +226,19 @@ impl<B: Backend> Backend for Unfused<B> {
             self.inner.rms_norm_matmul(x, norm_w, w, eps)
         }
     }
+    fn rms_norm_logits(
+        &self,
+        x: &B::Tensor,
+        norm_w: &B::Tensor,
+        lm_head: &B::Tensor,
+        eps: f64,
+    ) -> Result<B::Tensor> {
+        if self.off(FusedOp::RmsNormMatmul) {
+            compose::rms_norm_matmul(self, x, norm_w, lm_head, eps)
+        } else {
+            self.inner.rms_norm_logits(x, norm_w, lm_head, eps)
+        }
+    }
     fn rms_norm_matmul_silu_mul(
         &self,
         x: &B::Tensor,

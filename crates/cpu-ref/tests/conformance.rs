@@ -14,7 +14,7 @@ type Check = fn(&Perturbed<CpuRef>, &CpuRef, Tolerance, u64) -> qfuse_core::Resu
 
 #[test]
 fn every_check_catches_a_perturbed_op() {
-    let cases: [(&str, &str, Check); 9] = [
+    let cases: [(&str, &str, Check); 10] = [
         ("gather_rows", "gather_rows", testing::check_gather_rows),
         ("rms_norm", "rms_norm", testing::check_rms_norm),
         ("matmul", "matmul", testing::check_matmul),
@@ -35,6 +35,11 @@ fn every_check_catches_a_perturbed_op() {
             "matmul inside rms_norm_matmul",
             "matmul",
             testing::check_fused_matmuls,
+        ),
+        (
+            "matmul inside rms_norm_logits",
+            "matmul",
+            testing::check_logits,
         ),
     ];
     for (what, op, check) in cases {

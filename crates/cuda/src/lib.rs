@@ -1029,6 +1029,48 @@ impl CudaBackend {
         }
     }
 
+    /// `matmul(rms_norm(x, norm_w, eps), w)` as `op`: a decode GEMV up to 8 rows, else on the
+    /// tensor cores with x split into `parts` bf16 parts where it is split apart from the product.
+    fn norm_product(
+        &self,
+        x: &CudaTensor,
+        norm_w: &CudaTensor,
+        w: &CudaTensor,
+        eps: f64,
+        op: &'static str,
+        parts: usize,
+    ) -> Result<CudaTensor> {
+        let (t, k) = x.matrix(op)?;
+        let (n, k2) = w.matrix(op)?;
+        match self.gemv_kernel("rms_norm_gemv", t) {
+            Some(kernel) if k == k2 && norm_w.shape.dims() == [k] => {
+                let y = self.launch_gemv(
+                    kernel,
+                    x.f32(op)?,
+                    w,
+                    Some(norm_w.f32(op)?),
+                    None,
+                    t,
+                    k,
+                    n,
+                    eps,
+                )?;
+                Ok(Self::f32_tensor([t, n], y))
+            }
+            None if k == k2 && norm_w.shape.dims() == [k] && matches!(w.buf, Buf::Bf16(_)) => {
+                let prologue = Prologue::Norm {
+                    x: x.f32(op)?,
+                    gain: norm_w.f32(op)?,
+                    eps,
+                };
+                let y =
+                    self.cublas_bf16_parts(prologue, w.bf16()?, (t, k, n), Epilogue::Store, parts)?;
+                Ok(Self::f32_tensor([t, n], y))
+            }
+            _ => compose::rms_norm_matmul(self, x, norm_w, w, eps),
+        }
+    }
+
     /// `epilogue(prologue(x) [T, K] · w [N, K]ᵀ)` for bf16 weights on the tensor cores. x (after
     /// the prologue's RMSNorm, if any) is split into bf16 parts, stacked as the rows of one
     /// `[parts T, K]` operand: three (hi + mid + lo, exact; the default) or two (hi + mid, each
@@ -1044,13 +1086,27 @@ impl CudaBackend {
         &self,
         x: Prologue<'_>,
         w: &CudaSlice<u16>,
+        shape: (usize, usize, usize),
+        epilogue: Epilogue<'_>,
+    ) -> Result<Pooled> {
+        let count = self.inner.options.prompt_parts.count();
+        self.cublas_bf16_parts(x, w, shape, epilogue, count)
+    }
+
+    /// [`CudaBackend::cublas_bf16`] with x split into `count` parts (2 or 3) where it is split
+    /// apart from the product (not in `gemm_x3`, whose split is always the exact three).
+    fn cublas_bf16_parts(
+        &self,
+        x: Prologue<'_>,
+        w: &CudaSlice<u16>,
         (t, k, n): (usize, usize, usize),
         epilogue: Epilogue<'_>,
+        count: usize,
     ) -> Result<Pooled> {
         if let Some(y) = self.gemm_x3(&x, w, (t, k, n), &epilogue)? {
             return Ok(y);
         }
-        let parts = self.split_parts(x, t, k)?;
+        let parts = self.split_parts(x, t, k, count)?;
         let count = parts.count();
         if let Some(y) =
             self.wgmma_parts(parts.buf.slice(), count, w, (t, k, n), &epilogue, false)?
@@ -1100,11 +1156,9 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// `prologue(x)` ([t, k]) as its bf16 parts (`CudaOptions::prompt_parts` of them), `[count
-    /// T, K]` in a pooled buffer.
-    fn split_parts(&self, x: Prologue<'_>, t: usize, k: usize) -> Result<SplitParts> {
+    /// `prologue(x)` ([t, k]) as `count` (2 or 3) bf16 parts, `[count T, K]` in a pooled buffer.
+    fn split_parts(&self, x: Prologue<'_>, t: usize, k: usize, count: usize) -> Result<SplitParts> {
         let total = t * k;
-        let count = self.inner.options.prompt_parts.count();
         // The bf16 parts, [count T, K], live in a pooled f32 buffer of half as many elements
         // (pooled buffers keep memory operations out of captured steps).
         let buf = self.alloc_f32((count * total).div_ceil(2))?;
@@ -1304,7 +1358,8 @@ impl CudaBackend {
             gain: w.post_norm.f32(op)?,
             eps,
         };
-        let parts = self.split_parts(prologue, t, hidden)?;
+        let parts =
+            self.split_parts(prologue, t, hidden, self.inner.options.prompt_parts.count())?;
         let count = parts.count();
         let Some(act) = self.wgmma_parts(
             parts.buf.slice(),
@@ -2394,34 +2449,21 @@ impl Backend for CudaBackend {
         w: &CudaTensor,
         eps: f64,
     ) -> Result<CudaTensor> {
-        let (t, k) = x.matrix("rms_norm_matmul")?;
-        let (n, k2) = w.matrix("rms_norm_matmul")?;
-        match self.gemv_kernel("rms_norm_gemv", t) {
-            Some(kernel) if k == k2 && norm_w.shape.dims() == [k] => {
-                let y = self.launch_gemv(
-                    kernel,
-                    x.f32("rms_norm_matmul")?,
-                    w,
-                    Some(norm_w.f32("rms_norm_matmul")?),
-                    None,
-                    t,
-                    k,
-                    n,
-                    eps,
-                )?;
-                Ok(Self::f32_tensor([t, n], y))
-            }
-            None if k == k2 && norm_w.shape.dims() == [k] && matches!(w.buf, Buf::Bf16(_)) => {
-                let prologue = Prologue::Norm {
-                    x: x.f32("rms_norm_matmul")?,
-                    gain: norm_w.f32("rms_norm_matmul")?,
-                    eps,
-                };
-                let y = self.cublas_bf16(prologue, w.bf16()?, (t, k, n), Epilogue::Store)?;
-                Ok(Self::f32_tensor([t, n], y))
-            }
-            _ => compose::rms_norm_matmul(self, x, norm_w, w, eps),
-        }
+        let parts = self.inner.options.prompt_parts.count();
+        self.norm_product(x, norm_w, w, eps, "rms_norm_matmul", parts)
+    }
+
+    /// Two bf16 parts wherever the activations are split apart from the product (9 rows or
+    /// more with the vocabulary's width, past `gemm_x3`): the logits' activations to ~2^-17 for
+    /// two thirds of the tensor-core work.
+    fn rms_norm_logits(
+        &self,
+        x: &CudaTensor,
+        norm_w: &CudaTensor,
+        lm_head: &CudaTensor,
+        eps: f64,
+    ) -> Result<CudaTensor> {
+        self.norm_product(x, norm_w, lm_head, eps, "rms_norm_logits", 2)
     }
 
     fn rms_norm_matmul_silu_mul(

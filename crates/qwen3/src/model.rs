@@ -517,7 +517,7 @@ impl<B: Backend> Qwen3<B> {
         if logits == Logits::LastPerSequence && batch.num_tokens() != batch.seqs().len() {
             x = b.gather_rows(&x, &batch.last_rows())?;
         }
-        let out = b.rms_norm_matmul(&x, &self.norm, &self.lm_head, eps)?;
+        let out = b.rms_norm_logits(&x, &self.norm, &self.lm_head, eps)?;
         inspect(self.layers.len().saturating_sub(1), Stage::Logits, &out)?;
         Ok(out)
     }

@@ -248,7 +248,7 @@ pub fn profile<B: Backend>(
                     compose::rms_norm_matmul(b, &x, &l0.input_layernorm, &a.qkv_proj, eps)
                 })?;
                 let lf = time_op(b, reps, || {
-                    b.rms_norm_matmul(&x, model.norm(), model.lm_head(), eps)
+                    b.rms_norm_logits(&x, model.norm(), model.lm_head(), eps)
                 })?;
                 let lu = time_op(b, reps, || {
                     compose::rms_norm_matmul(b, &x, model.norm(), model.lm_head(), eps)
