@@ -204,8 +204,8 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     if (smem_addr(x3_smem) & 1023u) __trap();
     unsigned char* wsm = x3_smem;
     unsigned char* abufs = wsm + (size_t)((kc + 1) >> 1) * X3W_ROUND_BYTES;
-    // Past the partial tile, in the second staged round: written only once every products' wait
-    // has passed a block barrier.
+    // Past the partial tile, in the second staged round: written only after the block barrier
+    // that follows every warpgroup's last wait for its products.
     float* ss_part = reinterpret_cast<float*>(abufs + X3_TMAX * X3_ROWS * 4);
     float* inv_rms = ss_part + X3_TMAX;
 #else
