@@ -230,16 +230,6 @@ struct SplitParts {
     lo: Option<u64>,
 }
 
-impl SplitParts {
-    fn count(&self) -> usize {
-        if self.lo.is_some() {
-            3
-        } else {
-            2
-        }
-    }
-}
-
 /// What [`CudaBackend::cublas_bf16`] does with the product.
 enum Epilogue<'a> {
     /// Stores it.
@@ -1107,7 +1097,6 @@ impl CudaBackend {
             return Ok(y);
         }
         let parts = self.split_parts(x, t, k, count)?;
-        let count = parts.count();
         if let Some(y) =
             self.wgmma_parts(parts.buf.slice(), count, w, (t, k, n), &epilogue, false)?
         {
@@ -1358,9 +1347,8 @@ impl CudaBackend {
             gain: w.post_norm.f32(op)?,
             eps,
         };
-        let parts =
-            self.split_parts(prologue, t, hidden, self.inner.options.prompt_parts.count())?;
-        let count = parts.count();
+        let count = self.inner.options.prompt_parts.count();
+        let parts = self.split_parts(prologue, t, hidden, count)?;
         let Some(act) = self.wgmma_parts(
             parts.buf.slice(),
             count,
