@@ -25,8 +25,13 @@
 // that key (k_norm, RoPE) and value in workgroup memory and use them for it instead of reading
 // the cache, and the first head group's writes both to the token's slot. No workgroup reads
 // that slot from the cache, so the write needs no ordering.
-// params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits, chunk, eps (f32 bits)].
-// dispatch (KV * ceil(H / KV / 4), T, splits); d <= 256.
+// Prefetch (QKN, opt-in: `QFUSE_WGPU_PREFETCH`): workgroups past the splits (wg.z >= splits)
+// attend to nothing. They read one word of every 32-byte sector of up to four weight buffers
+// (pf0..pf3: the products that follow this attention), so those products find their weights in
+// L2 instead of DRAM while attention, which moves little, holds the critical path.
+// params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits, chunk, eps (f32 bits),
+// sectors of pf0..pf3 (0: unused)].
+// dispatch (KV * ceil(H / KV / 4), T, splits + prefetch slices); d <= 256.
 @group(0) @binding(0) var<storage, read> p: array<u32>;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read_write> kc: array<f32>;
@@ -41,6 +46,13 @@
 @group(0) @binding(10) var<storage, read> k_norm: array<f32>;
 @group(0) @binding(11) var<storage, read> cs: array<f32>;
 @group(0) @binding(12) var<storage, read> slots: array<u32>;
+// Prefetch only (stand-ins otherwise): the weights, and each prefetching thread's XOR of the
+// words it read (written so the loads are kept; tests check it).
+@group(0) @binding(13) var<storage, read> pf0: array<u32>;
+@group(0) @binding(14) var<storage, read> pf1: array<u32>;
+@group(0) @binding(15) var<storage, read> pf2: array<u32>;
+@group(0) @binding(16) var<storage, read> pf3: array<u32>;
+@group(0) @binding(17) var<storage, read_write> sink: array<u32>;
 
 override QKN: bool = false;
 
@@ -340,4 +352,33 @@ fn attend(wg: vec3<u32>, lid: u32, sl: u32, sgs: u32) {
             }
         }
     }
+}
+
+// Word 8 s (sector s) of prefetch buffer b, or 0 past its sectors.
+fn pf_word(b: u32, s: u32) -> u32 {
+    if (s >= p[10u + b]) { return 0u; }
+    switch b {
+        case 0u: { return pf0[s * 8u]; }
+        case 1u: { return pf1[s * 8u]; }
+        case 2u: { return pf2[s * 8u]; }
+        default: { return pf3[s * 8u]; }
+    }
+}
+
+// A prefetching workgroup's share: thread i of all n prefetching threads reads sectors i,
+// i + n, ... of each buffer, four loads issued before their words are used.
+fn prefetch(wg: vec3<u32>, nw: vec3<u32>, lid: u32) {
+    let i = ((wg.z - p[7]) * nw.y + wg.y) * nw.x * WG + wg.x * WG + lid;
+    let n = (nw.z - p[7]) * nw.y * nw.x * WG;
+    var acc = 0u;
+    for (var b = 0u; b < 4u; b++) {
+        for (var s = i; s < p[10u + b]; s += 4u * n) {
+            let w0 = pf_word(b, s);
+            let w1 = pf_word(b, s + n);
+            let w2 = pf_word(b, s + 2u * n);
+            let w3 = pf_word(b, s + 3u * n);
+            acc ^= w0 ^ w1 ^ w2 ^ w3;
+        }
+    }
+    sink[i] = acc;
 }

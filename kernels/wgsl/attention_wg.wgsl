@@ -37,6 +37,14 @@ fn tile_max(m: vec4<f32>, n: u32, sl: u32, sgs: u32) -> vec4<f32> {
 }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    if (wg.z >= p[7]) {
+        prefetch(wg, nw, lid);
+        return;
+    }
     attend(wg, lid, 0u, 1u);
 }

@@ -135,7 +135,8 @@ fn run() -> Res<()> {
                 }
                 None => ((KV_HEADS * (HEADS / KV_HEADS).div_ceil(4)) as u32, 1),
             };
-            let params: [u32; 10] = [
+            // The last four: no prefetch sectors (the backend's opt-in `QFUSE_WGPU_PREFETCH`).
+            let params: [u32; 14] = [
                 1,
                 HEADS as u32,
                 KV_HEADS as u32,
@@ -146,6 +147,10 @@ fn run() -> Res<()> {
                 splits as u32,
                 chunk as u32,
                 1e-6f32.to_bits(),
+                0,
+                0,
+                0,
+                0,
             ];
             let params = gpu.buffer(bytemuck::cast_slice(&params), wgpu::BufferUsages::STORAGE);
             let b = &c.buffers;
@@ -153,7 +158,7 @@ fn run() -> Res<()> {
                 &pipeline,
                 &[
                     &params, &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &c.out, &c.part, &b[6],
-                    &b[7], &b[8], &b[9],
+                    &b[7], &b[8], &b[9], &b[0], &b[0], &b[0], &b[0], &c.out,
                 ],
             )?;
             let bind_combine = gpu.bind(&combine, &[&params, &c.part, &c.out])?;

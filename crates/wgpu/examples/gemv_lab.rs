@@ -16,6 +16,9 @@
 //! on a CPU driver, whose bindings hold 128 MiB) over two copies of its weights, against the
 //! backend's `_wide` build, which serves it.
 //!
+//! With `LAB_COPIES=N` the products run over N copies of their weights instead: `LAB_COPIES=1`
+//! keeps them in L2, the bound on what a dependent product gains from weights prefetched there.
+//!
 //! `gemv_lab/generate.py` writes the variants `PROBE=gemv_lab` and `PROBE=lm_head_lab` run.
 //!
 //! Run: `cargo run --release -p qfuse-wgpu --example gemv_lab -- [variant.wgsl ...]`.
@@ -73,6 +76,13 @@ fn run() -> Res<()> {
         (false, true) => 2,
         (false, false) => LAYERS,
     };
+    let copies = match std::env::var("LAB_COPIES") {
+        Ok(n) => match n.parse::<usize>() {
+            Ok(n) if n >= 1 => n.min(layers),
+            _ => return Err(format!("LAB_COPIES={n}: expected a whole number from 1")),
+        },
+        Err(_) => layers,
+    };
     let lm_rows = if gpu.cpu { 16_384 } else { 151_936 };
     let products: &[(&str, bool, u32, usize, usize)] = if lm_head {
         &[("norm + lm_head", true, 0, 1024, lm_rows)]
@@ -81,11 +91,12 @@ fn run() -> Res<()> {
     };
     let reps = (layers, layers * LONG);
     println!(
-        "µs a dependent dispatch (median of {RUNS}, over {} dispatches), and apart (no barriers)",
+        "µs a dependent dispatch (median of {RUNS}, over {} dispatches, {copies} copies of the \
+         weights), and apart (no barriers)",
         reps.1 - reps.0
     );
     for &(name, norm, epi, k, n) in products {
-        let p = product(&gpu, epi, k, n, layers);
+        let p = product(&gpu, epi, k, n, copies, layers * LONG);
         let mut reference: Option<Vec<f32>> = None;
         for v in &variants {
             let mut constants = vec![
@@ -131,7 +142,7 @@ fn run() -> Res<()> {
             let mut times = [0.0; 2];
             for (shared, time) in [true, false].into_iter().zip(&mut times) {
                 let binds = (0..reps.1)
-                    .map(|i| bind(i % layers, if shared { 0 } else { i }))
+                    .map(|i| bind(i % copies, if shared { 0 } else { i }))
                     .collect::<Res<Vec<_>>>()?;
                 *time = gpu.per_rep(RUNS, reps, &|pass, i| {
                     pass.set_pipeline(&pipeline);
@@ -151,7 +162,7 @@ fn run() -> Res<()> {
     Ok(())
 }
 
-fn product(gpu: &Gpu, epi: u32, k: usize, n: usize, layers: usize) -> Product {
+fn product(gpu: &Gpu, epi: u32, k: usize, n: usize, copies: usize, outs: usize) -> Product {
     let storage = wgpu::BufferUsages::STORAGE;
     let out_len = if epi == 2 { n / 2 } else { n };
     // Padded to two vec4s so a variant may bind them as a uniform.
@@ -165,7 +176,7 @@ fn product(gpu: &Gpu, epi: u32, k: usize, n: usize, layers: usize) -> Product {
         0,
         0,
     ];
-    let weights = (0..layers)
+    let weights = (0..copies)
         .map(|l| {
             let bf16: Vec<u16> = noise(n * k, l as u64 + 7, 0.05)
                 .iter()
@@ -188,7 +199,7 @@ fn product(gpu: &Gpu, epi: u32, k: usize, n: usize, layers: usize) -> Product {
         x: gpu.buffer(bytemuck::cast_slice(&noise(k, 1, 2.0)), storage),
         weights,
         aux: gpu.buffer(bytemuck::cast_slice(&aux), storage),
-        outs: (0..layers * LONG).map(|_| gpu.output(out_len)).collect(),
+        outs: (0..outs).map(|_| gpu.output(out_len)).collect(),
         out_len,
         k,
     }

@@ -15,7 +15,7 @@ use qfuse_core::knobs::env_knob;
 use qfuse_core::reuse::{lock_unpoisoned as lock, size_class};
 use qfuse_core::{
     compose, AttentionConfig, Backend, BatchInfo, DType, DeviceTensor, Error, HostData, HostTensor,
-    LayerKv, Result, Shape,
+    LayerKv, LayerWeights, Result, Shape,
 };
 use wgpu::util::DeviceExt;
 
@@ -273,7 +273,35 @@ pub struct WgpuOptions {
     /// Leave the adapter's subgroup operations unused (to test the builds for adapters without
     /// them; also `QFUSE_WGPU_SUBGROUPS=0`).
     pub no_subgroups: bool,
+    /// Workgroups each decode attention adds to read the weights of the products after it
+    /// into L2 (default: `QFUSE_WGPU_PREFETCH`, else 0: none). See [`Prefetch`].
+    pub prefetch_workgroups: Option<usize>,
 }
+
+/// Weights read ahead into L2 by decode attentions (opt-in, `QFUSE_WGPU_PREFETCH`; not yet
+/// measured on a GPU). A batch-1 product waits on DRAM after the barrier before it: the 17th
+/// session's lab put a dependent QKV product at 9.3 µs against 4.6 streaming. Attention moves
+/// little and is latency-bound, so its dispatch gets extra workgroups that read one word of
+/// every 32-byte sector of the layer's o_proj, gate/up and down weights and the next layer's
+/// QKV weights (31.5 MB at the 0.6B shape, within a 50 MB L2), in the one dispatch: a dispatch
+/// of its own would be ordered behind a barrier of its own.
+#[derive(Default)]
+struct Prefetch {
+    /// Per thread: the weight buffers its next decode attention reads ahead (set by
+    /// `decoder_layer` for the attention inside it).
+    plans: HashMap<std::thread::ThreadId, Vec<wgpu::Buffer>>,
+    /// Per thread: the QKV weights of the layer it ran last.
+    last_qkv: HashMap<std::thread::ThreadId, wgpu::Buffer>,
+    /// A layer's QKV weights to the next layer's, as the layers last ran: the one product after
+    /// a layer's attention that `decoder_layer` is not given.
+    next_qkv: HashMap<wgpu::Buffer, wgpu::Buffer>,
+    /// The last prefetch's output: each prefetching thread's XOR of the words it read.
+    sink: Option<WgpuTensor>,
+}
+
+/// Layer-to-layer QKV links [`Prefetch`] keeps before it forgets them all (they keep their
+/// weight buffers alive; a model has one a layer).
+const PREFETCH_LINKS: usize = 1024;
 
 /// The tiled GEMM's tile (`matmul_bf16_tiled.wgsl`): rows (tokens) and output columns.
 const TILE_ROWS: usize = 64;
@@ -449,6 +477,9 @@ struct Inner {
     /// Fewest tokens of a prompt batch whose attention takes `attention_flash.wgsl`
     /// (`QFUSE_WGPU_FLASH_FROM`; `None` where the adapter lacks the workgroup memory).
     flash_from: Option<usize>,
+    /// Workgroups a decode attention adds for [`Prefetch`] (0: off).
+    prefetch_workgroups: usize,
+    prefetch: std::sync::Mutex<Prefetch>,
     host_times: Option<HostTimes>,
     gpu_times: Option<GpuTimes>,
     pass_times: Option<PassTimes>,
@@ -868,6 +899,11 @@ impl WgpuBackend {
                         .unwrap_or(FLASH_FROM)
                 }),
                 bind_groups: std::sync::Mutex::new(HashMap::new()),
+                prefetch_workgroups: options
+                    .prefetch_workgroups
+                    .or_else(|| env_knob("QFUSE_WGPU_PREFETCH", 0..=MAX_GROUPS))
+                    .unwrap_or(0),
+                prefetch: std::sync::Mutex::new(Prefetch::default()),
                 host_times: qfuse_core::knobs::env_flag("QFUSE_WGPU_HOST_TIMES")
                     .then(HostTimes::default),
                 gpu_times: timed.then(|| GpuTimes::new(queue.get_timestamp_period())),
@@ -875,6 +911,46 @@ impl WgpuBackend {
                 queue,
             }),
         })
+    }
+
+    /// The words the last decode attention's [`Prefetch`] read, XORed per prefetching thread:
+    /// thread i of n read word 8 s of each planned buffer for every sector s = i, i + n, ...
+    /// (`None` before any prefetch). For tests: the prefetch's only visible output.
+    pub fn prefetch_sums(&self) -> Result<Option<Vec<u32>>> {
+        let sink = lock(&self.inner.prefetch).sink.clone();
+        let Some(sink) = sink else {
+            return Ok(None);
+        };
+        let bytes = self.read_bytes(sink.buf()?)?;
+        let words = bytemuck::pod_collect_to_vec::<u8, u32>(&bytes);
+        Ok(Some(words[..sink.shape.numel()].to_vec()))
+    }
+
+    /// Plans the prefetch for the decode attention inside the layer `w`: its o_proj, gate/up
+    /// and down weights, and the QKV weights of the layer that ran after it last time (learnt
+    /// here, from the order layers run in).
+    fn plan_prefetch(&self, w: &LayerWeights<'_, WgpuTensor>) {
+        let thread = std::thread::current().id();
+        let mut pf = lock(&self.inner.prefetch);
+        let mut next = None;
+        if let Some(qkv) = w.qkv.parts.first() {
+            if let Some(prev) = pf.last_qkv.insert(thread, qkv.clone()) {
+                if prev != *qkv {
+                    if pf.next_qkv.len() >= PREFETCH_LINKS {
+                        pf.next_qkv.clear();
+                    }
+                    pf.next_qkv.insert(prev, qkv.clone());
+                }
+            }
+            next = pf.next_qkv.get(qkv).cloned();
+        }
+        let plan = [w.o_proj, w.gate_up, w.down]
+            .iter()
+            .flat_map(|t| t.parts.iter().cloned())
+            .chain(next)
+            .take(4)
+            .collect();
+        pf.plans.insert(thread, plan);
     }
 
     /// [`WgpuBackend::with_options`] for test suites: with `CI=true` a missing adapter is an
@@ -1072,7 +1148,6 @@ impl WgpuBackend {
         } else {
             self.output([1])?
         };
-        let params = attention_params(batch, cfg, t, splits, chunk)?;
         // 256 threads only while the splits stay below the workgroup target: at 1,024 and
         // 2,048 keys (32 splits a head group) they were slower (attention_lab on an H100,
         // 22.8 → 24.2 and 30.8 → 33.5 µs), at 64-288 keys faster (15.5 → 14.7 at 160).
@@ -1084,6 +1159,30 @@ impl WgpuBackend {
             _ => 0,
         };
         let kernel = ATTENTION_PIPELINES[usize::from(qkn.is_some())][build];
+        let threads = if build == 2 { 256 } else { 128 };
+        let plan = match qkn {
+            Some(_) if self.inner.prefetch_workgroups > 0 => lock(&self.inner.prefetch)
+                .plans
+                .remove(&std::thread::current().id()),
+            _ => None,
+        };
+        let mut sectors = [0u32; 4];
+        let slices = match &plan {
+            Some(bufs) => {
+                for (n, b) in sectors.iter_mut().zip(bufs) {
+                    *n = u32_of((b.size() / 4).div_ceil(8) as usize)?;
+                }
+                self.inner
+                    .prefetch_workgroups
+                    .div_ceil(head_groups * t)
+                    .min(MAX_GROUPS - splits)
+            }
+            None => 0,
+        };
+        let sink = (slices > 0)
+            .then(|| self.output([slices * head_groups * t * threads]))
+            .transpose()?;
+        let params = attention_params(batch, cfg, t, splits, chunk, sectors)?;
         // Without qkn the prologue's bindings get stand-ins (read-only, never read).
         let (q_norm, k_norm, cs) = match qkn {
             Some((qn, kn)) => (
@@ -1098,6 +1197,13 @@ impl WgpuBackend {
         };
         let [qb, kb, vb, positions, token_seq, tables, ob] =
             attention_buffers(input, cache, batch, &out)?;
+        // Without a plan the prefetch bindings get stand-ins too (never read or written).
+        let plan = plan.unwrap_or_default();
+        let pf = |i: usize| plan.get(i).unwrap_or(qb);
+        let sink_buf = match &sink {
+            Some(s) => s.buf()?,
+            None => ob,
+        };
         self.run_3d(
             kernel,
             &params,
@@ -1114,9 +1220,17 @@ impl WgpuBackend {
                 &k_norm,
                 &cs,
                 &batch.slots,
+                pf(0),
+                pf(1),
+                pf(2),
+                pf(3),
+                sink_buf,
             ],
-            (head_groups, t, splits),
+            (head_groups, t, splits + slices),
         )?;
+        if sink.is_some() {
+            lock(&self.inner.prefetch).sink = sink;
+        }
         if splits > 1 {
             self.run(
                 "attention_combine",
@@ -1159,7 +1273,7 @@ impl WgpuBackend {
             return Ok(None);
         };
         let out = self.output([t, h * d])?;
-        let params = attention_params(batch, cfg, t, 1, 0)?;
+        let params = attention_params(batch, cfg, t, 1, 0, [0; 4])?;
         let [qb, kb, vb, positions, token_seq, tables, ob] =
             attention_buffers(q, cache, batch, &out)?;
         self.run(
@@ -1689,7 +1803,8 @@ fn attention_params(
     t: usize,
     splits: usize,
     chunk: usize,
-) -> Result<[u32; 10]> {
+    prefetch_sectors: [u32; 4],
+) -> Result<[u32; 14]> {
     Ok([
         u32_of(t)?,
         u32_of(cfg.num_heads)?,
@@ -1701,6 +1816,10 @@ fn attention_params(
         u32_of(splits)?,
         u32_of(chunk)?,
         f32_bits(cfg.qk_norm_eps),
+        prefetch_sectors[0],
+        prefetch_sectors[1],
+        prefetch_sectors[2],
+        prefetch_sectors[3],
     ])
 }
 
@@ -2228,6 +2347,27 @@ impl Backend for WgpuBackend {
             (h + 2 * kvh, t),
         )?;
         Ok(q)
+    }
+
+    fn decoder_layer(
+        &self,
+        x: &WgpuTensor,
+        w: &LayerWeights<'_, WgpuTensor>,
+        cache: &mut LayerKv<WgpuTensor>,
+        batch: &WgpuBatch,
+        cfg: &AttentionConfig,
+        eps: f64,
+    ) -> Result<WgpuTensor> {
+        if self.inner.prefetch_workgroups == 0 {
+            return compose::decoder_layer(self, x, w, cache, batch, cfg, eps);
+        }
+        self.plan_prefetch(w);
+        let out = compose::decoder_layer(self, x, w, cache, batch, cfg, eps);
+        // A layer whose attention did not take its plan (a prompt's) leaves none behind.
+        lock(&self.inner.prefetch)
+            .plans
+            .remove(&std::thread::current().id());
+        out
     }
 
     /// Submits this thread's dispatches recorded so far as one command buffer.

@@ -1,9 +1,10 @@
 //! The wgpu backend at model level: teacher-forced logits against cpu-ref on every golden
 //! checkpoint (relative error <= 1e-3, top-1 agreement 1), greedy ids equal to transformers'
-//! where its top-1 margin exceeds 4x the measured error, batched equal to alone.
+//! where its top-1 margin exceeds 4x the measured error, batched equal to alone; decode with
+//! weights prefetched equal to without.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::device_or_skip;
-use qfuse_core::Backend;
+use qfuse_core::{Backend, HostData, HostTensor};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_qwen3::{
     decode_ahead_runs, generate, golden_dir, GoldenCase, LogitsDiff, Qwen3, Request, GOLDEN_MODELS,
@@ -87,4 +88,86 @@ fn decode_steps_queued_ahead_give_the_same_ids() {
             panic!("{name}: {failure}");
         }
     }
+}
+
+/// The device words a weight tensor occupies: bf16 packed two to a word (the odd last one
+/// zero-padded), f32 one a word.
+fn device_words(t: &HostTensor) -> Vec<u32> {
+    match t.data() {
+        HostData::BF16(v) => v
+            .chunks(2)
+            .map(|c| {
+                u32::from(c[0].to_bits()) | u32::from(c.get(1).map_or(0, |x| x.to_bits())) << 16
+            })
+            .collect(),
+        HostData::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
+        other => panic!("weights held as {other:?}"),
+    }
+}
+
+#[test]
+fn prefetching_decode_gives_the_same_ids_and_reads_every_planned_sector() {
+    let Some(plain) = device_or_skip(
+        "wgpu prefetch test",
+        WgpuBackend::for_tests(0, &WgpuOptions::default()),
+    ) else {
+        return;
+    };
+    // The fixture whose weights have the most sectors (f16, held as f32).
+    let dir = golden_dir("gqa4-f16");
+    let requests: Vec<Request> = GoldenCase::load_all(&dir)
+        .unwrap()
+        .iter()
+        .map(|c| c.request(0))
+        .collect();
+    let pm = Qwen3::load(&plain, &dir).unwrap();
+    let want_ids = new_ids(generate(&pm, &plain, &requests).unwrap());
+    // Both attention builds: subgroup and workgroup reductions.
+    for no_subgroups in [false, true] {
+        let options = WgpuOptions {
+            prefetch_workgroups: Some(1),
+            no_subgroups,
+            ..WgpuOptions::default()
+        };
+        let gpu = WgpuBackend::for_tests(0, &options).unwrap();
+        let gm = Qwen3::load(&gpu, &dir).unwrap();
+        let ids = new_ids(generate(&gm, &gpu, &requests).unwrap());
+        assert_eq!(ids, want_ids, "no_subgroups {no_subgroups}");
+        // One sequence, so the prefetch has the fewest threads (one slice of workgroups) and
+        // each covers its sectors in more than one round of its four loads.
+        generate(&gm, &gpu, &requests[..1]).unwrap();
+        // The last decode step's last layer read ahead its o_proj, gate/up and down weights
+        // and the QKV weights of layer 0, the layer that ran after it in the step before.
+        let sums = gpu
+            .prefetch_sums()
+            .unwrap()
+            .expect("decode steps prefetched");
+        let layers = gm.layers();
+        let last = layers.last().unwrap();
+        let planned = [
+            &last.self_attn.o_proj,
+            &last.mlp.gate_up_proj,
+            &last.mlp.down_proj,
+            &layers[0].self_attn.qkv_proj,
+        ];
+        let n = sums.len();
+        let mut want = vec![0u32; n];
+        let mut most = 0;
+        for t in planned {
+            let words = device_words(&gpu.download(t).unwrap());
+            most = most.max(words.len().div_ceil(8));
+            for s in 0..words.len().div_ceil(8) {
+                want[s % n] ^= words[s * 8];
+            }
+        }
+        assert!(
+            most > 4 * n,
+            "{most} sectors over {n} threads: one round each"
+        );
+        assert_eq!(sums, want, "no_subgroups {no_subgroups}");
+    }
+}
+
+fn new_ids(runs: Vec<qfuse_qwen3::Generation>) -> Vec<Vec<u32>> {
+    runs.into_iter().map(|g| g.new_ids).collect()
 }
