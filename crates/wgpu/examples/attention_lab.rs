@@ -9,7 +9,10 @@
 //! KV heads × head groups, 1) change how it is run. Qwen3-0.6B's heads (16 query, 8 KV, 128
 //! dims), one token at each of several context lengths. A figure is (T(280) − T(28)) / 252 pairs,
 //! median of seven runs. Every variant's output is checked against the backend shader's.
-//! `LAB_COMBINE=file.wgsl` runs every variant with another combine shader.
+//! `LAB_COMBINE=file.wgsl` runs every variant with another combine shader. `LAB_PREFETCH=N` adds
+//! N workgroups to each attention dispatch that read the 0.6B's next products' weights into L2,
+//! as the backend's `QFUSE_WGPU_PREFETCH` does, over 28 copies of those weights (so every
+//! dispatch reads DRAM): what the prefetch costs the attention.
 //!
 //! `attention_lab/generate.py` writes the ablations and designs `PROBE=attention_lab` runs.
 //!
@@ -35,6 +38,14 @@ const REPS: (usize, usize) = (28, 280);
 /// Context lengths (keys, the token's own included): a 32-token prompt's first and last steps
 /// of 256, its middle, the edges of one and two 32-key tiles, and long contexts.
 const CONTEXTS: [usize; 8] = [33, 64, 65, 96, 160, 288, 1024, 2048];
+/// The weights a layer's attention prefetches at the 0.6B shape (bf16 bytes): o_proj, gate/up,
+/// down, the next layer's QKV.
+const PREFETCH_BYTES: [usize; 4] = [
+    1024 * 2048 * 2,
+    6144 * 1024 * 2,
+    1024 * 3072 * 2,
+    4096 * 1024 * 2,
+];
 
 fn main() -> ExitCode {
     common::exit("attention_lab", run())
@@ -105,10 +116,25 @@ fn run() -> Res<()> {
         Err(_) => COMBINE.to_string(),
     };
     let combine = gpu.pipeline(&Variant::new("combine", combine_source), &[])?;
+    let prefetch = match std::env::var("LAB_PREFETCH") {
+        Ok(n) => n
+            .parse::<usize>()
+            .map_err(|_| format!("LAB_PREFETCH={n}: expected a number of workgroups"))?,
+        Err(_) => 0,
+    };
+    let copies = match (prefetch, gpu.cpu) {
+        (0, _) => 0,
+        (_, true) => 1,
+        _ => REPS.0,
+    };
+    let weights: Vec<Vec<wgpu::Buffer>> = (0..copies)
+        .map(|_| PREFETCH_BYTES.iter().map(|b| gpu.output(b / 4)).collect())
+        .collect();
     let contexts: &[usize] = if gpu.cpu { &CONTEXTS[..2] } else { &CONTEXTS };
     let reps = if gpu.cpu { (1, 3) } else { REPS };
     println!(
-        "µs a dependent attention (+ combine) (median of {RUNS}, over {} of them)",
+        "µs a dependent attention (+ combine) (median of {RUNS}, over {} of them), {prefetch} \
+         prefetching workgroups",
         reps.1 - reps.0
     );
     for &ctx in contexts {
@@ -135,7 +161,14 @@ fn run() -> Res<()> {
                 }
                 None => ((KV_HEADS * (HEADS / KV_HEADS).div_ceil(4)) as u32, 1),
             };
-            // The last four: no prefetch sectors (the backend's opt-in `QFUSE_WGPU_PREFETCH`).
+            let slices = prefetch.div_ceil((grid.0 * grid.1) as usize);
+            let sectors = |i: usize| {
+                if prefetch > 0 {
+                    (PREFETCH_BYTES[i] / 32) as u32
+                } else {
+                    0
+                }
+            };
             let params: [u32; 14] = [
                 1,
                 HEADS as u32,
@@ -147,25 +180,35 @@ fn run() -> Res<()> {
                 splits as u32,
                 chunk as u32,
                 1e-6f32.to_bits(),
-                0,
-                0,
-                0,
-                0,
+                sectors(0),
+                sectors(1),
+                sectors(2),
+                sectors(3),
             ];
             let params = gpu.buffer(bytemuck::cast_slice(&params), wgpu::BufferUsages::STORAGE);
             let b = &c.buffers;
-            let bind = gpu.bind(
-                &pipeline,
-                &[
-                    &params, &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &c.out, &c.part, &b[6],
-                    &b[7], &b[8], &b[9], &b[0], &b[0], &b[0], &b[0], &c.out,
-                ],
-            )?;
+            // A bind group a copy of the prefetched weights (one, of stand-ins, without).
+            let sink = gpu.output(slices * (grid.0 * grid.1) as usize * 256);
+            let binds = (0..copies.max(1))
+                .map(|i| {
+                    let (pf, sink) = match weights.get(i) {
+                        Some(w) => ([&w[0], &w[1], &w[2], &w[3]], &sink),
+                        None => ([&b[0]; 4], &c.out),
+                    };
+                    gpu.bind(
+                        &pipeline,
+                        &[
+                            &params, &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &c.out, &c.part,
+                            &b[6], &b[7], &b[8], &b[9], pf[0], pf[1], pf[2], pf[3], sink,
+                        ],
+                    )
+                })
+                .collect::<Res<Vec<_>>>()?;
             let bind_combine = gpu.bind(&combine, &[&params, &c.part, &c.out])?;
-            let record = |pass: &mut wgpu::ComputePass, _: usize| {
+            let record = |pass: &mut wgpu::ComputePass, i: usize| {
                 pass.set_pipeline(&pipeline);
-                pass.set_bind_group(0, &bind, &[]);
-                pass.dispatch_workgroups(grid.0, grid.1, splits as u32);
+                pass.set_bind_group(0, &binds[i % binds.len()], &[]);
+                pass.dispatch_workgroups(grid.0, grid.1, (splits + slices) as u32);
                 if splits > 1 {
                     pass.set_pipeline(&combine);
                     pass.set_bind_group(0, &bind_combine, &[]);
