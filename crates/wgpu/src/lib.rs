@@ -479,6 +479,9 @@ struct Inner {
     flash_from: Option<usize>,
     /// Workgroups a decode attention adds for [`Prefetch`] (0: off).
     prefetch_workgroups: usize,
+    /// Which of o_proj, gate/up, down and the next layer's QKV it reads
+    /// (`QFUSE_WGPU_PREFETCH_WEIGHTS`, letters of `ogdq`; default all four).
+    prefetch_weights: [bool; 4],
     prefetch: std::sync::Mutex<Prefetch>,
     host_times: Option<HostTimes>,
     gpu_times: Option<GpuTimes>,
@@ -865,6 +868,8 @@ impl WgpuBackend {
             pipelines.insert(*name, pipeline);
         }
         let adapter_name = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
+        let prefetch_weights =
+            prefetch_weights(std::env::var("QFUSE_WGPU_PREFETCH_WEIGHTS").ok().as_deref())?;
         let max_binding = limit.map_or(limits.max_storage_buffer_binding_size, |l| {
             l.min(limits.max_storage_buffer_binding_size)
         });
@@ -903,6 +908,7 @@ impl WgpuBackend {
                     .prefetch_workgroups
                     .or_else(|| env_knob("QFUSE_WGPU_PREFETCH", 0..=MAX_GROUPS))
                     .unwrap_or(0),
+                prefetch_weights,
                 prefetch: std::sync::Mutex::new(Prefetch::default()),
                 host_times: qfuse_core::knobs::env_flag("QFUSE_WGPU_HOST_TIMES")
                     .then(HostTimes::default),
@@ -944,10 +950,12 @@ impl WgpuBackend {
             }
             next = pf.next_qkv.get(qkv).cloned();
         }
-        let plan = [w.o_proj, w.gate_up, w.down]
-            .iter()
-            .flat_map(|t| t.parts.iter().cloned())
-            .chain(next)
+        let [o, g, d, q] = self.inner.prefetch_weights;
+        let plan = [(o, w.o_proj), (g, w.gate_up), (d, w.down)]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .flat_map(|(_, t)| t.parts.iter().cloned())
+            .chain(next.filter(|_| q))
             .take(4)
             .collect();
         pf.plans.insert(thread, plan);
@@ -1797,6 +1805,27 @@ fn shader_checks(knob: Option<&str>) -> Option<wgpu::ShaderRuntimeChecks> {
 
 /// attention.wgsl's params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits,
 /// chunk, q/k-norm eps (f32 bits)] (attention_flash.wgsl reads the first seven).
+/// Which weights [`Prefetch`] reads, from letters of `ogdq` (o_proj, gate/up, down, the next
+/// layer's QKV); all four where unset.
+fn prefetch_weights(letters: Option<&str>) -> Result<[bool; 4]> {
+    let Some(letters) = letters else {
+        return Ok([true; 4]);
+    };
+    let mut on = [false; 4];
+    for c in letters.chars() {
+        match "ogdq".find(c) {
+            Some(i) => on[i] = true,
+            None => {
+                return Err(Error::invalid(
+                    "wgpu",
+                    format!("QFUSE_WGPU_PREFETCH_WEIGHTS={letters}: expected letters of `ogdq`"),
+                ))
+            }
+        }
+    }
+    Ok(on)
+}
+
 fn attention_params(
     batch: &WgpuBatch,
     cfg: &AttentionConfig,
@@ -2453,6 +2482,20 @@ mod tests {
         );
         assert_eq!(b.read_sampled(&batch)?, vec![1]);
         assert_eq!(b.download(&x)?.to_f64_vec(), vec![2.0, 3.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn prefetch_weights_are_chosen_by_letter() -> Result<()> {
+        assert_eq!(prefetch_weights(None)?, [true; 4]);
+        assert_eq!(prefetch_weights(Some("q"))?, [false, false, false, true]);
+        assert_eq!(prefetch_weights(Some("go"))?, [true, true, false, false]);
+        assert_eq!(prefetch_weights(Some(""))?, [false; 4]);
+        let bad = prefetch_weights(Some("ogx")).map(|_| ()).unwrap_err();
+        assert!(
+            bad.to_string().contains("QFUSE_WGPU_PREFETCH_WEIGHTS=ogx"),
+            "{bad}"
+        );
         Ok(())
     }
 
