@@ -274,7 +274,9 @@ pub struct WgpuOptions {
     /// them; also `QFUSE_WGPU_SUBGROUPS=0`).
     pub no_subgroups: bool,
     /// Workgroups each decode attention adds to read the weights of the products after it
-    /// into L2 (default: `QFUSE_WGPU_PREFETCH`, else 0: none). See [`Prefetch`].
+    /// (the layer's o_proj, gate/up and down, the next layer's QKV) into L2, so those
+    /// products find them there (default: `QFUSE_WGPU_PREFETCH`, else 0: none; opt-in, not yet
+    /// measured on a GPU).
     pub prefetch_workgroups: Option<usize>,
 }
 
@@ -919,7 +921,7 @@ impl WgpuBackend {
         })
     }
 
-    /// The words the last decode attention's [`Prefetch`] read, XORed per prefetching thread:
+    /// The words the last decode attention's prefetch read, XORed per prefetching thread:
     /// thread i of n read word 8 s of each planned buffer for every sector s = i, i + n, ...
     /// (`None` before any prefetch). For tests: the prefetch's only visible output.
     pub fn prefetch_sums(&self) -> Result<Option<Vec<u32>>> {
@@ -1167,6 +1169,7 @@ impl WgpuBackend {
             _ => 0,
         };
         let kernel = ATTENTION_PIPELINES[usize::from(qkn.is_some())][build];
+        // The workgroup's threads (WG): 256 in the wide subgroup build.
         let threads = if build == 2 { 256 } else { 128 };
         let plan = match qkn {
             Some(_) if self.inner.prefetch_workgroups > 0 => lock(&self.inner.prefetch)
@@ -1803,8 +1806,6 @@ fn shader_checks(knob: Option<&str>) -> Option<wgpu::ShaderRuntimeChecks> {
     Some(checks)
 }
 
-/// attention.wgsl's params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits,
-/// chunk, q/k-norm eps (f32 bits)] (attention_flash.wgsl reads the first seven).
 /// Which weights [`Prefetch`] reads, from letters of `ogdq` (o_proj, gate/up, down, the next
 /// layer's QKV); all four where unset.
 fn prefetch_weights(letters: Option<&str>) -> Result<[bool; 4]> {
@@ -1826,6 +1827,9 @@ fn prefetch_weights(letters: Option<&str>) -> Result<[bool; 4]> {
     Ok(on)
 }
 
+/// attention.wgsl's params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits,
+/// chunk, q/k-norm eps (f32 bits), the prefetch's 32-byte sectors of each of its four buffers]
+/// (attention_flash.wgsl reads the first seven).
 fn attention_params(
     batch: &WgpuBatch,
     cfg: &AttentionConfig,
