@@ -19,7 +19,11 @@ use qfuse_core::{
 };
 use wgpu::util::DeviceExt;
 
+mod attention;
+mod gemv;
 mod timing;
+use attention::*;
+use gemv::*;
 use timing::{DispatchStamps, GpuTimes, HostTimes, PassTimes};
 
 /// A pipeline's override constants (name, value).
@@ -101,74 +105,7 @@ const SHADERS: &[Pipeline] = &[
     ("argmax_final", ARGMAX, "final_pass", &[]),
 ];
 
-/// The five fusions of one GEMV shader build, in [`Gemv`]'s order, named `{fusion}{suffix}`.
-macro_rules! gemv_builds {
-    ($suffix:literal, $src:expr) => {
-        [
-            (concat!("matmul", $suffix), $src, "main", &[]),
-            (
-                concat!("rms_norm_matmul", $suffix),
-                $src,
-                "main",
-                &[("NORM", 1.0)],
-            ),
-            (
-                concat!("matmul_add", $suffix),
-                $src,
-                "main",
-                &[("EPI", 1.0)],
-            ),
-            (
-                concat!("matmul_silu_mul", $suffix),
-                $src,
-                "main",
-                &[("EPI", 2.0)],
-            ),
-            (
-                concat!("rms_norm_matmul_silu_mul", $suffix),
-                $src,
-                "main",
-                &[("NORM", 1.0), ("EPI", 2.0)],
-            ),
-        ]
-    };
-}
-
-/// The GEMV pipelines by build ([`ShaderBuild::row`]: f32 weights, bf16, bf16 vectorised: v8,
-/// wide, subgroup, tiled) and fusion ([`Gemv`]).
-const GEMVS: [[Pipeline; 5]; 7] = [
-    gemv_builds!("", MATMUL_F32),
-    gemv_builds!("_bf16", MATMUL_BF16),
-    gemv_builds!("_bf16_v8", MATMUL_BF16_V8),
-    gemv_builds!("_bf16_wide", MATMUL_BF16_WIDE),
-    gemv_builds!("_bf16_sg", MATMUL_BF16_SG),
-    gemv_builds!("_bf16_tiled", MATMUL_BF16_TILED),
-    gemv_builds!("_bf16_wide_sg", MATMUL_BF16_WIDE_SG),
-];
-const ATTENTION: &str = concat!(
-    include_str!("../../../kernels/wgsl/attention.wgsl"),
-    include_str!("../../../kernels/wgsl/attention_wg.wgsl")
-);
-/// The decode attention with its reductions in subgroup operations (subgroups of 4 to 32).
-const ATTENTION_SG: &str = concat!(
-    include_str!("../../../kernels/wgsl/attention.wgsl"),
-    include_str!("../../../kernels/wgsl/attention_sg.wgsl")
-);
 const ARGMAX: &str = include_str!("../../../kernels/wgsl/argmax.wgsl");
-/// Prompt attention, query-blocked (`attention_flash.wgsl`); needs more workgroup memory than
-/// WebGPU's default limit, so it exists only where the adapter allows [`FLASH_WORKGROUP_BYTES`].
-const FLASH_PIPELINE: Pipeline = (
-    "attention_flash",
-    include_str!("../../../kernels/wgsl/attention_flash.wgsl"),
-    "main",
-    &[],
-);
-const FLASH_WORKGROUP_BYTES: u32 = 30 * 1024;
-/// Tokens of a sequence one `attention_flash.wgsl` workgroup serves (its `QB`).
-const FLASH_QUERIES: usize = 8;
-/// Fewest tokens in a batch whose (prompt) attention takes the flash shader by default
-/// (`QFUSE_WGPU_FLASH_FROM`).
-const FLASH_FROM: usize = 32;
 const GATHER_F32: &str = concat!(
     include_str!("../../../kernels/wgsl/gather.wgsl"),
     include_str!("../../../kernels/wgsl/gather_body.wgsl")
@@ -177,47 +114,6 @@ const GATHER_BF16: &str = concat!(
     include_str!("../../../kernels/wgsl/gather_bf16.wgsl"),
     include_str!("../../../kernels/wgsl/gather_body.wgsl")
 );
-const MATMUL_F32: &str = concat!(
-    include_str!("../../../kernels/wgsl/matmul.wgsl"),
-    include_str!("../../../kernels/wgsl/matmul_body.wgsl")
-);
-const MATMUL_BF16: &str = concat!(
-    include_str!("../../../kernels/wgsl/matmul_bf16.wgsl"),
-    include_str!("../../../kernels/wgsl/matmul_body.wgsl")
-);
-const MATMUL_BF16_V8: &str = concat!(
-    include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
-    include_str!("../../../kernels/wgsl/matmul_bf16_v8.wgsl")
-);
-const MATMUL_BF16_SG: &str = concat!(
-    include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
-    include_str!("../../../kernels/wgsl/matmul_bf16_sg_sums.wgsl"),
-    include_str!("../../../kernels/wgsl/matmul_bf16_sg.wgsl")
-);
-const MATMUL_BF16_TILED: &str = concat!(
-    include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
-    include_str!("../../../kernels/wgsl/matmul_bf16_tiled.wgsl")
-);
-const MATMUL_BF16_WIDE: &str = concat!(
-    include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
-    include_str!("../../../kernels/wgsl/matmul_bf16_wide.wgsl")
-);
-const MATMUL_BF16_WIDE_SG: &str = concat!(
-    include_str!("../../../kernels/wgsl/matmul_bf16_vec.wgsl"),
-    include_str!("../../../kernels/wgsl/matmul_bf16_sg_sums.wgsl"),
-    include_str!("../../../kernels/wgsl/matmul_bf16_wide_sg.wgsl")
-);
-
-/// Fewest keys in a decode attention split by default (`QFUSE_WGPU_ATTENTION_MIN_CHUNK`): one
-/// 32-key tile. The attention's tiles run one after another in a workgroup (~6 µs each on the
-/// H200), so more, shorter splits finish sooner once their combine merges splits in parallel
-/// (docs/perf.md, 17th session: with it, attention + combine at 160 keys 23.3 → 16.7 µs a layer).
-const ATTENTION_MIN_CHUNK: usize = 32;
-/// Most head dims the attention shader's private accumulator holds.
-const MAX_HEAD_DIM: usize = 256;
-/// Query heads one attention workgroup serves (`MAX_G` in attention.wgsl); a KV head with more
-/// gets several workgroups.
-const ATTENTION_MAX_GROUP: usize = 4;
 /// A thread's dispatches not yet submitted: one open compute pass on one encoder, and the pooled
 /// output buffers dropped meanwhile (see [`Inner::return_output`]).
 struct Recording {
@@ -247,13 +143,6 @@ const SUBMIT_EVERY: usize = 64;
 /// The largest burst (`QFUSE_WGPU_SUBMIT_MAX`): bursts double from [`SUBMIT_EVERY`] up to it.
 const SUBMIT_MAX: usize = 256;
 
-/// The decode attention's pipelines, without and with the q/k-norm prologue (QKN), by build:
-/// workgroup reductions, subgroup reductions, subgroup reductions at 256 threads.
-const ATTENTION_PIPELINES: [[&str; 3]; 2] = [
-    ["attention", "attention_sg", "attention_256_sg"],
-    ["attention_qkn", "attention_qkn_sg", "attention_qkn_256_sg"],
-];
-
 /// Bind groups by pipeline name and bound buffers (params first).
 type BindGroups = HashMap<(&'static str, Vec<wgpu::Buffer>), wgpu::BindGroup>;
 
@@ -279,40 +168,6 @@ pub struct WgpuOptions {
     /// measured on a GPU).
     pub prefetch_workgroups: Option<usize>,
 }
-
-/// Weights read ahead into L2 by decode attentions (opt-in, `QFUSE_WGPU_PREFETCH`; not yet
-/// measured on a GPU). A batch-1 product waits on DRAM after the barrier before it: the 17th
-/// session's lab put a dependent QKV product at 9.3 µs against 4.6 streaming. Attention moves
-/// little and is latency-bound, so its dispatch gets extra workgroups that read one word of
-/// every 32-byte sector of the layer's o_proj, gate/up and down weights and the next layer's
-/// QKV weights (31.5 MB at the 0.6B shape, within a 50 MB L2), in the one dispatch: a dispatch
-/// of its own would be ordered behind a barrier of its own.
-#[derive(Default)]
-struct Prefetch {
-    /// Per thread: the weight buffers its next decode attention reads ahead (set by
-    /// `decoder_layer` for the attention inside it).
-    plans: HashMap<std::thread::ThreadId, Vec<wgpu::Buffer>>,
-    /// Per thread: the QKV weights of the layer it ran last.
-    last_qkv: HashMap<std::thread::ThreadId, wgpu::Buffer>,
-    /// A layer's QKV weights to the next layer's, as the layers last ran: the one product after
-    /// a layer's attention that `decoder_layer` is not given.
-    next_qkv: HashMap<wgpu::Buffer, wgpu::Buffer>,
-    /// The last prefetch's output: each prefetching thread's XOR of the words it read.
-    sink: Option<WgpuTensor>,
-}
-
-/// Layer-to-layer QKV links [`Prefetch`] keeps before it forgets them all (they keep their
-/// weight buffers alive; a model has one a layer).
-const PREFETCH_LINKS: usize = 1024;
-
-/// The tiled GEMM's tile (`matmul_bf16_tiled.wgsl`): rows (tokens) and output columns.
-const TILE_ROWS: usize = 64;
-const TILE_COLUMNS: usize = 64;
-/// Fewest rows whose products take the tiled GEMM by default. On the H200 (docs/perf.md) it made
-/// 2,048- and 512-token prefills 2.5x and 3.4x faster and a batch-64 decode step 27%, but a
-/// batch-16 step 2.4x slower and a 32-token prefill 1.8x slower: a product's 64-column tiles
-/// are too few workgroups there, where the GEMV builds read each weight once a row.
-const TILED_FROM: usize = 64;
 
 /// Workgroups per dispatch dimension (the WebGPU minimum limit).
 const MAX_GROUPS: usize = 65_535;
@@ -554,30 +409,6 @@ fn wgpu_err(e: impl fmt::Display) -> Error {
     Error::Backend(e.to_string().into())
 }
 
-/// The vectorised bf16 GEMV shaders.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum GemvBuild {
-    V8,
-    Wide,
-    /// V8's layout reduced with subgroup sums (adapters with SUBGROUP).
-    Subgroup,
-    /// A tiled GEMM, 64 rows × 64 columns a workgroup: prompt-sized T.
-    Tiled,
-    /// Wide's layout reduced with subgroup sums (subgroups of at most 32 threads).
-    WideSubgroup,
-}
-
-impl GemvBuild {
-    /// Whether an adapter with `subgroups` runs this build.
-    fn runs_with(self, subgroups: Subgroups) -> bool {
-        match self {
-            GemvBuild::Subgroup => subgroups != Subgroups::None,
-            GemvBuild::WideSubgroup => subgroups == Subgroups::UpTo32,
-            _ => true,
-        }
-    }
-}
-
 /// The adapter's subgroup operations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Subgroups {
@@ -590,175 +421,7 @@ enum Subgroups {
     Other,
 }
 
-/// A GEMV shader build: its row of [`GEMVS`] and its workgroup layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ShaderBuild {
-    F32,
-    Bf16,
-    /// 16-byte bf16 weight loads, in one of the vectorised layouts.
-    Vec(GemvBuild),
-}
-
-impl ShaderBuild {
-    fn row(self) -> usize {
-        match self {
-            ShaderBuild::F32 => 0,
-            ShaderBuild::Bf16 => 1,
-            ShaderBuild::Vec(GemvBuild::V8) => 2,
-            ShaderBuild::Vec(GemvBuild::Wide) => 3,
-            ShaderBuild::Vec(GemvBuild::Subgroup) => 4,
-            ShaderBuild::Vec(GemvBuild::Tiled) => 5,
-            ShaderBuild::Vec(GemvBuild::WideSubgroup) => 6,
-        }
-    }
-
-    /// Output columns one workgroup covers.
-    fn columns_per_workgroup(self) -> usize {
-        match self {
-            ShaderBuild::Vec(GemvBuild::Wide | GemvBuild::WideSubgroup) => 16,
-            ShaderBuild::Vec(GemvBuild::Tiled) => TILE_COLUMNS,
-            ShaderBuild::Vec(_) => 2,
-            _ => 4,
-        }
-    }
-}
-
-/// Which fusion of the matmul shader a product runs (its override constants).
-#[derive(Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-enum Gemv {
-    Plain,
-    /// RMSNorm of x with a gain first.
-    Norm,
-    /// Plus a residual.
-    Add,
-    /// silu(gate) * up from the two halves of the weight's rows.
-    SiluMul,
-    NormSiluMul,
-}
-
-impl Gemv {
-    /// The shader build of this fusion for `t` rows (tokens) and `n` output columns of weights
-    /// of `w` with rows of `k` elements: bf16 rows of whole 8-element (16-byte) loads take a
-    /// vectorised build: the tiled GEMM from `tiled_from` rows (a prompt: the GEMV builds read
-    /// every weight once a row), `_wide` (16 columns a 256-thread workgroup) from 16,384
-    /// columns (the lm_head: 0.446 → 0.219 ms on the H200, where the per-layer matrices were
-    /// slower: too few workgroups), reduced with subgroup sums where subgroups are at most 32
-    /// threads (`wide_sg`: the final norm + lm_head 144 → 122 µs, 18th session), which also
-    /// serves products of 4,096+ columns of rows of at most 1,024 without SiLU (the 0.6B's
-    /// norm + QKV 9.37 → 7.65 µs a dependent dispatch, where o_proj, gate/up and down were
-    /// slower on it: too few workgroups); below it the subgroup build where the adapter has
-    /// subgroups (per dispatch on the H200: o_proj/down 12.8 → 11.1 µs, gate/up 19.5 → 16.4 µs
-    /// against v8), else `_v8`; `force` overrides (measurements, tests).
-    fn build(
-        self,
-        w: DType,
-        (t, k, n): (usize, usize, usize),
-        tiled_from: usize,
-        force: Option<GemvBuild>,
-        subgroups: Subgroups,
-    ) -> ShaderBuild {
-        match (w, k.is_multiple_of(8)) {
-            (DType::BF16, true) => ShaderBuild::Vec(match force {
-                Some(b) => b,
-                None if t >= tiled_from => GemvBuild::Tiled,
-                None if n >= 16_384 && subgroups == Subgroups::UpTo32 => GemvBuild::WideSubgroup,
-                None if n >= 16_384 => GemvBuild::Wide,
-                None if n >= 4_096
-                    && k <= 1_024
-                    && !self.silu()
-                    && subgroups == Subgroups::UpTo32 =>
-                {
-                    GemvBuild::WideSubgroup
-                }
-                None if subgroups != Subgroups::None => GemvBuild::Subgroup,
-                None => GemvBuild::V8,
-            }),
-            (DType::BF16, false) => ShaderBuild::Bf16,
-            _ => ShaderBuild::F32,
-        }
-    }
-
-    /// This fusion's pipeline in `build`.
-    fn pipeline(self, build: ShaderBuild) -> &'static str {
-        GEMVS[build.row()][self as usize].0
-    }
-
-    fn silu(self) -> bool {
-        matches!(self, Gemv::SiluMul | Gemv::NormSiluMul)
-    }
-}
-
 impl WgpuBackend {
-    /// `x [T, K] · w [N, K]ᵀ` through the matmul shader build `kind`; `aux` is the norm gain
-    /// `[K]` (Norm kinds) or the residual `[T, N]` (Add). `None` when the shapes do not fit the
-    /// fused form (the caller composes it instead).
-    fn gemv(
-        &self,
-        kind: Gemv,
-        x: &WgpuTensor,
-        w: &WgpuTensor,
-        aux: Option<&WgpuTensor>,
-        eps: f64,
-    ) -> Result<Option<WgpuTensor>> {
-        let (t, k) = matrix(x, "matmul")?;
-        let (n, k2) = matrix(w, "matmul")?;
-        let out_cols = if kind.silu() { n / 2 } else { n };
-        let aux_fits = match (kind, aux) {
-            (Gemv::Plain | Gemv::SiluMul, None) => true,
-            (Gemv::Norm | Gemv::NormSiluMul, Some(g)) => g.shape.dims() == [k],
-            (Gemv::Add, Some(r)) => r.shape.dims() == [t, n],
-            _ => false,
-        };
-        let silu_fits = !kind.silu() || (n % 2 == 0 && w.parts.len() == 1);
-        if k != k2 || !aux_fits || !silu_fits {
-            return Ok(None);
-        }
-        let out = self.output([t, out_cols])?;
-        let aux_buf = match aux {
-            Some(a) => a.buf()?,
-            None => x.buf()?,
-        };
-        for (i, part) in w.parts.iter().enumerate() {
-            let start = i * w.rows_per_part;
-            let rows = if kind.silu() {
-                out_cols
-            } else {
-                w.rows_per_part.min(n - start)
-            };
-            let params = [
-                u32_of(t)?,
-                u32_of(k)?,
-                u32_of(rows)?,
-                u32_of(out_cols)?,
-                u32_of(start)?,
-                f32_bits(eps),
-            ];
-            let build = kind.build(
-                w.dtype,
-                (t, k, rows),
-                self.inner.tiled_from,
-                self.inner.gemv_build,
-                self.inner.subgroups,
-            );
-            // The vectorised builds take a 2-D grid (the lm_head's columns pass 65,535 groups),
-            // the tiled one (column tiles, row tiles).
-            let groups = rows.div_ceil(build.columns_per_workgroup());
-            let groups = match build {
-                ShaderBuild::Vec(GemvBuild::Tiled) => (groups, t.div_ceil(TILE_ROWS)),
-                ShaderBuild::Vec(_) => (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS)),
-                _ => (groups, 1),
-            };
-            self.run(
-                kind.pipeline(build),
-                &params,
-                &[x.buf()?, part, out.buf()?, aux_buf],
-                groups,
-            )?;
-        }
-        Ok(Some(out))
-    }
-
     /// Opens adapter `ordinal` (in wgpu's enumeration order) and compiles every shader.
     ///
     /// # Errors
@@ -921,48 +584,6 @@ impl WgpuBackend {
         })
     }
 
-    /// The words the last decode attention's prefetch read, XORed per prefetching thread:
-    /// thread i of n read word 8 s of each planned buffer for every sector s = i, i + n, ...
-    /// (`None` before any prefetch). For tests: the prefetch's only visible output.
-    pub fn prefetch_sums(&self) -> Result<Option<Vec<u32>>> {
-        let sink = lock(&self.inner.prefetch).sink.clone();
-        let Some(sink) = sink else {
-            return Ok(None);
-        };
-        let bytes = self.read_bytes(sink.buf()?)?;
-        let words = bytemuck::pod_collect_to_vec::<u8, u32>(&bytes);
-        Ok(Some(words[..sink.shape.numel()].to_vec()))
-    }
-
-    /// Plans the prefetch for the decode attention inside the layer `w`: its o_proj, gate/up
-    /// and down weights, and the QKV weights of the layer that ran after it last time (learnt
-    /// here, from the order layers run in).
-    fn plan_prefetch(&self, w: &LayerWeights<'_, WgpuTensor>) {
-        let thread = std::thread::current().id();
-        let mut pf = lock(&self.inner.prefetch);
-        let mut next = None;
-        if let Some(qkv) = w.qkv.parts.first() {
-            if let Some(prev) = pf.last_qkv.insert(thread, qkv.clone()) {
-                if prev != *qkv {
-                    if pf.next_qkv.len() >= PREFETCH_LINKS {
-                        pf.next_qkv.clear();
-                    }
-                    pf.next_qkv.insert(prev, qkv.clone());
-                }
-            }
-            next = pf.next_qkv.get(qkv).cloned();
-        }
-        let [o, g, d, q] = self.inner.prefetch_weights;
-        let plan = [(o, w.o_proj), (g, w.gate_up), (d, w.down)]
-            .into_iter()
-            .filter(|(on, _)| *on)
-            .flat_map(|(_, t)| t.parts.iter().cloned())
-            .chain(next.filter(|_| q))
-            .take(4)
-            .collect();
-        pf.plans.insert(thread, plan);
-    }
-
     /// [`WgpuBackend::with_options`] for test suites: with `CI=true` a missing adapter is an
     /// error like any other (CI installs Mesa's lavapipe, so one must be there), elsewhere
     /// [`Error::NoDevice`] lets the suite skip with a notice.
@@ -1115,229 +736,6 @@ impl WgpuBackend {
             inner: Arc::clone(&self.inner),
         }));
         Ok(t)
-    }
-
-    /// The attention dispatch (and combine) of [`Backend::attention`] on q `[t, H d]`, or with
-    /// `qkn` (q_norm, k_norm), of [`Backend::qk_norm_rope_attention`] on the QKV projection of a
-    /// decode step, forming q and the new keys in the shader and writing them to `cache`.
-    fn attention_dispatch(
-        &self,
-        input: &WgpuTensor,
-        t: usize,
-        cache: &LayerKv<WgpuTensor>,
-        batch: &WgpuBatch,
-        cfg: &AttentionConfig,
-        qkn: Option<(&WgpuTensor, &WgpuTensor)>,
-    ) -> Result<WgpuTensor> {
-        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let c = h * d;
-        if t != batch.info.num_tokens() || kvh == 0 || h == 0 || h % kvh != 0 || d > MAX_HEAD_DIM {
-            return Err(Error::invalid(
-                "attention",
-                format!(
-                    "q {} for {h} heads of {d} over {kvh} kv heads and {t} tokens",
-                    input.shape
-                ),
-            ));
-        }
-        let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
-        batch.info.check_blocks_within(slots, "attention")?;
-        let out = self.output([t, c])?;
-        // Split the context so there are a few hundred workgroups even at batch 1 (one per KV
-        // head would leave most of a GPU idle), each split a whole number of 32-key tiles and
-        // at least `attention_min_chunk` keys: a split's partials cost a combine dispatch.
-        let max_ctx = batch.info.max_context().max(1);
-        let head_groups = head_groups(cfg);
-        let want = (self.inner.attention_workgroups / (head_groups * t).max(1)).max(1);
-        let chunk = (32 * max_ctx.div_ceil(32 * want))
-            .max(self.inner.attention_min_chunk.next_multiple_of(32));
-        let splits = max_ctx.div_ceil(chunk);
-        // Partials [o, max, sum] per (token, head, split); one split writes `out` directly.
-        let part = if splits > 1 {
-            self.output([t * h * splits, d + 2])?
-        } else {
-            self.output([1])?
-        };
-        // 256 threads only while the splits stay below the workgroup target: at 1,024 and
-        // 2,048 keys (32 splits a head group) they were slower (attention_lab on an H100,
-        // 22.8 → 24.2 and 30.8 → 33.5 µs), at 64-288 keys faster (15.5 → 14.7 at 160).
-        let wide =
-            self.inner.attention_256 && head_groups * t * splits < self.inner.attention_workgroups;
-        let build = match (self.inner.subgroups == Subgroups::UpTo32, wide) {
-            (true, true) => 2,
-            (true, false) => 1,
-            _ => 0,
-        };
-        let kernel = ATTENTION_PIPELINES[usize::from(qkn.is_some())][build];
-        // The workgroup's threads (WG): 256 in the wide subgroup build.
-        let threads = if build == 2 { 256 } else { 128 };
-        let plan = match qkn {
-            Some(_) if self.inner.prefetch_workgroups > 0 => lock(&self.inner.prefetch)
-                .plans
-                .remove(&std::thread::current().id()),
-            _ => None,
-        };
-        let mut sectors = [0u32; 4];
-        let slices = match &plan {
-            Some(bufs) => {
-                for (n, b) in sectors.iter_mut().zip(bufs) {
-                    *n = u32_of((b.size() / 4).div_ceil(8) as usize)?;
-                }
-                self.inner
-                    .prefetch_workgroups
-                    .div_ceil(head_groups * t)
-                    .min(MAX_GROUPS - splits)
-            }
-            None => 0,
-        };
-        let sink = (slices > 0)
-            .then(|| self.output([slices * head_groups * t * threads]))
-            .transpose()?;
-        let params = attention_params(batch, cfg, t, splits, chunk, sectors)?;
-        // Without qkn the prologue's bindings get stand-ins (read-only, never read).
-        let (q_norm, k_norm, cs) = match qkn {
-            Some((qn, kn)) => (
-                qn.buf()?.clone(),
-                kn.buf()?.clone(),
-                self.rope_table(batch, cfg)?,
-            ),
-            None => {
-                let stand_in = input.buf()?.clone();
-                (stand_in.clone(), stand_in.clone(), stand_in)
-            }
-        };
-        let [qb, kb, vb, positions, token_seq, tables, ob] =
-            attention_buffers(input, cache, batch, &out)?;
-        // Without a plan the prefetch bindings get stand-ins too (never read or written).
-        let plan = plan.unwrap_or_default();
-        let pf = |i: usize| plan.get(i).unwrap_or(qb);
-        let sink_buf = match &sink {
-            Some(s) => s.buf()?,
-            None => ob,
-        };
-        self.run_3d(
-            kernel,
-            &params,
-            &[
-                qb,
-                kb,
-                vb,
-                positions,
-                token_seq,
-                tables,
-                ob,
-                part.buf()?,
-                &q_norm,
-                &k_norm,
-                &cs,
-                &batch.slots,
-                pf(0),
-                pf(1),
-                pf(2),
-                pf(3),
-                sink_buf,
-            ],
-            (head_groups, t, splits + slices),
-        )?;
-        if sink.is_some() {
-            lock(&self.inner.prefetch).sink = sink;
-        }
-        if splits > 1 {
-            self.run(
-                "attention_combine",
-                &params,
-                &[part.buf()?, out.buf()?],
-                (h, t),
-            )?;
-        }
-        Ok(out)
-    }
-
-    /// A prompt batch's attention on `attention_flash.wgsl` (query blocks of [`FLASH_QUERIES`]
-    /// tokens of one sequence, each key and value row read once a block); `None` where it does
-    /// not apply: a decode step, fewer tokens than `flash_from`, a head size past 128 or not a
-    /// multiple of 4, or an adapter without the pipeline.
-    fn flash_dispatch(
-        &self,
-        q: &WgpuTensor,
-        t: usize,
-        cache: &LayerKv<WgpuTensor>,
-        batch: &WgpuBatch,
-        cfg: &AttentionConfig,
-    ) -> Result<Option<WgpuTensor>> {
-        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let fits = self.inner.flash_from.is_some_and(|from| t >= from)
-            && !batch.info.is_decode_step()
-            && t == batch.info.num_tokens()
-            && kvh > 0
-            && h > 0
-            && h.is_multiple_of(kvh)
-            && d > 0
-            && d <= 128
-            && d.is_multiple_of(4);
-        if !fits {
-            return Ok(None);
-        }
-        let slots = cache.k.shape.cache_slots(kvh * d, "attention")?;
-        batch.info.check_blocks_within(slots, "attention")?;
-        let Some((blocks, count)) = self.flash_blocks(batch)? else {
-            return Ok(None);
-        };
-        let out = self.output([t, h * d])?;
-        let params = attention_params(batch, cfg, t, 1, 0, [0; 4])?;
-        let [qb, kb, vb, positions, token_seq, tables, ob] =
-            attention_buffers(q, cache, batch, &out)?;
-        self.run(
-            "attention_flash",
-            &params,
-            &[qb, kb, vb, positions, token_seq, tables, ob, &blocks],
-            (head_groups(cfg), count),
-        )?;
-        Ok(Some(out))
-    }
-
-    /// The batch's flash query blocks: each sequence's new tokens in runs of [`FLASH_QUERIES`],
-    /// as [first token, tokens] pairs, and how many; made once per batch. `None` when there are
-    /// more blocks than a dispatch dimension takes.
-    fn flash_blocks(&self, batch: &WgpuBatch) -> Result<Option<(wgpu::Buffer, usize)>> {
-        let mut cached = lock(&batch.flash_blocks);
-        if let Some((count, buf)) = cached.as_ref() {
-            return Ok(Some((buf.clone(), *count)));
-        }
-        let mut pairs = Vec::new();
-        for s in 0..batch.info.seqs().len() {
-            let rows = batch.info.rows(s);
-            for first in rows.clone().step_by(FLASH_QUERIES) {
-                pairs.push(u32_of(first)?);
-                pairs.push(u32_of(FLASH_QUERIES.min(rows.end - first))?);
-            }
-        }
-        let count = pairs.len() / 2;
-        if count > MAX_GROUPS {
-            return Ok(None);
-        }
-        let buf = self.u32s(&pairs)?;
-        *cached = Some((count, buf.clone()));
-        Ok(Some((buf, count)))
-    }
-
-    /// The batch's RoPE table for `cfg`, computed (in f64) once per batch.
-    fn rope_table(&self, batch: &WgpuBatch, cfg: &AttentionConfig) -> Result<wgpu::Buffer> {
-        let mut cached = batch
-            .rope
-            .lock()
-            .map_err(|_| Error::invalid("rope", "table lock poisoned"))?;
-        let key = (cfg.head_dim, cfg.rope_theta.to_bits());
-        if let Some((d, theta, table)) = cached.as_ref() {
-            if (*d, *theta) == key {
-                return Ok(table.buf()?.clone());
-            }
-        }
-        let values = rope_table(&batch.info, cfg.head_dim, cfg.rope_theta);
-        let table = self.upload_pooled(bytemuck::cast_slice(&values))?;
-        let buf = table.buf()?.clone();
-        *cached = Some((key.0, key.1, table));
-        Ok(buf)
     }
 
     /// `words` in a buffer from the output pool, written by the queue: the same few buffers
@@ -1762,33 +1160,6 @@ fn map_read(
     Ok(bytes)
 }
 
-/// The vectorised bf16 GEMV builds by the name `QFUSE_WGPU_GEMV` and [`WgpuOptions::gemv`] use.
-const GEMV_BUILD_NAMES: [(&str, GemvBuild); 5] = [
-    ("v8", GemvBuild::V8),
-    ("wide", GemvBuild::Wide),
-    ("sg", GemvBuild::Subgroup),
-    ("tiled", GemvBuild::Tiled),
-    ("wide_sg", GemvBuild::WideSubgroup),
-];
-
-/// The GEMV build `name`, if this adapter can run it.
-fn gemv_build_named(name: &str, subgroups: Subgroups) -> Result<GemvBuild> {
-    match GEMV_BUILD_NAMES.iter().find(|(n, _)| *n == name) {
-        Some((_, build)) if build.runs_with(subgroups) => Ok(*build),
-        Some(_) => Err(Error::invalid(
-            "wgpu",
-            format!("GEMV build `{name}` needs subgroup operations (wide_sg: of at most 32 threads), which this adapter lacks"),
-        )),
-        None => {
-            let known: Vec<&str> = GEMV_BUILD_NAMES.iter().map(|(n, _)| *n).collect();
-            Err(Error::invalid(
-                "wgpu",
-                format!("unknown GEMV build `{name}` ({})", known.join(", ")),
-            ))
-        }
-    }
-}
-
 /// naga's runtime checks for the shaders (`QFUSE_WGPU_SHADER_CHECKS=all|bounds|none`, for
 /// measurements). The default, `bounds`, keeps the index clamps and drops the loop counter naga
 /// adds to every loop and its division guards: on the H200 that made a decode step 2.86 →
@@ -1804,82 +1175,6 @@ fn shader_checks(knob: Option<&str>) -> Option<wgpu::ShaderRuntimeChecks> {
     checks.force_loop_bounding = false;
     checks.int_div_checks = false;
     Some(checks)
-}
-
-/// Which weights [`Prefetch`] reads, from letters of `ogdq` (o_proj, gate/up, down, the next
-/// layer's QKV); all four where unset.
-fn prefetch_weights(letters: Option<&str>) -> Result<[bool; 4]> {
-    let Some(letters) = letters else {
-        return Ok([true; 4]);
-    };
-    let mut on = [false; 4];
-    for c in letters.chars() {
-        match "ogdq".find(c) {
-            Some(i) => on[i] = true,
-            None => {
-                return Err(Error::invalid(
-                    "wgpu",
-                    format!("QFUSE_WGPU_PREFETCH_WEIGHTS={letters}: expected letters of `ogdq`"),
-                ))
-            }
-        }
-    }
-    Ok(on)
-}
-
-/// attention.wgsl's params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits,
-/// chunk, q/k-norm eps (f32 bits), the prefetch's 32-byte sectors of each of its four buffers]
-/// (attention_flash.wgsl reads the first seven).
-fn attention_params(
-    batch: &WgpuBatch,
-    cfg: &AttentionConfig,
-    t: usize,
-    splits: usize,
-    chunk: usize,
-    prefetch_sectors: [u32; 4],
-) -> Result<[u32; 14]> {
-    Ok([
-        u32_of(t)?,
-        u32_of(cfg.num_heads)?,
-        u32_of(cfg.num_kv_heads)?,
-        u32_of(cfg.head_dim)?,
-        u32_of(batch.info.block_size())?,
-        u32_of(batch.max_blocks)?,
-        f32_bits(cfg.scale()),
-        u32_of(splits)?,
-        u32_of(chunk)?,
-        f32_bits(cfg.qk_norm_eps),
-        prefetch_sectors[0],
-        prefetch_sectors[1],
-        prefetch_sectors[2],
-        prefetch_sectors[3],
-    ])
-}
-
-/// The bindings both attention shaders open with: q, the cache's keys and values, the batch's
-/// positions, token sequences and block tables, the output.
-fn attention_buffers<'a>(
-    q: &'a WgpuTensor,
-    cache: &'a LayerKv<WgpuTensor>,
-    batch: &'a WgpuBatch,
-    out: &'a WgpuTensor,
-) -> Result<[&'a wgpu::Buffer; 7]> {
-    Ok([
-        q.buf()?,
-        cache.k.buf()?,
-        cache.v.buf()?,
-        &batch.positions,
-        &batch.token_seq,
-        &batch.tables,
-        out.buf()?,
-    ])
-}
-
-/// Attention workgroups a token (and split): each KV head's query heads in groups of up to
-/// four, one per vec4 lane.
-fn head_groups(cfg: &AttentionConfig) -> usize {
-    let (h, kvh) = (cfg.num_heads, cfg.num_kv_heads);
-    kvh * (h / kvh).div_ceil(ATTENTION_MAX_GROUP)
 }
 
 /// The first `rows` ids of an argmax read back; a NaN row's id (`u32::MAX`) is an error.
@@ -1905,21 +1200,6 @@ fn u32_of(x: usize) -> Result<u32> {
 
 fn matrix(t: &WgpuTensor, op: &'static str) -> Result<(usize, usize)> {
     t.shape.as_matrix(op)
-}
-
-/// (cos, sin) of every token's position for each of the d/2 frequencies, computed in f64.
-fn rope_table(batch: &BatchInfo, head_dim: usize, theta: f64) -> Vec<f32> {
-    let half = head_dim / 2;
-    let mut cs = Vec::with_capacity(batch.num_tokens() * half * 2);
-    for &pos in batch.positions() {
-        for i in 0..half {
-            let (s, c) =
-                (f64::from(pos) * theta.powf(-((2 * i) as f64) / head_dim as f64)).sin_cos();
-            cs.push(c as f32);
-            cs.push(s as f32);
-        }
-    }
-    cs
 }
 
 impl Backend for WgpuBackend {
@@ -2487,51 +1767,5 @@ mod tests {
         assert_eq!(b.read_sampled(&batch)?, vec![1]);
         assert_eq!(b.download(&x)?.to_f64_vec(), vec![2.0, 3.0]);
         Ok(())
-    }
-
-    #[test]
-    fn prefetch_weights_are_chosen_by_letter() -> Result<()> {
-        assert_eq!(prefetch_weights(None)?, [true; 4]);
-        assert_eq!(prefetch_weights(Some("q"))?, [false, false, false, true]);
-        assert_eq!(prefetch_weights(Some("go"))?, [true, true, false, false]);
-        assert_eq!(prefetch_weights(Some(""))?, [false; 4]);
-        let bad = prefetch_weights(Some("ogx")).map(|_| ()).unwrap_err();
-        assert!(
-            bad.to_string().contains("QFUSE_WGPU_PREFETCH_WEIGHTS=ogx"),
-            "{bad}"
-        );
-        Ok(())
-    }
-
-    #[test]
-    fn products_take_the_build_measured_fastest_for_their_shape() {
-        use GemvBuild::{Subgroup, Tiled, Wide, WideSubgroup, V8};
-        let pick = |kind: Gemv, (t, k, n), subgroups| {
-            kind.build(DType::BF16, (t, k, n), TILED_FROM, None, subgroups)
-        };
-        let up32 = Subgroups::UpTo32;
-        let cases = [
-            // The 0.6B's final norm + lm_head, QKV, gate/up (output columns), o_proj, down.
-            (Gemv::Norm, (1, 1024, 151_936), up32, WideSubgroup),
-            (Gemv::Norm, (1, 1024, 151_936), Subgroups::Other, Wide),
-            (Gemv::Norm, (1, 1024, 151_936), Subgroups::None, Wide),
-            (Gemv::Norm, (1, 1024, 4096), up32, WideSubgroup),
-            (Gemv::Norm, (1, 1024, 4096), Subgroups::Other, Subgroup),
-            (Gemv::Norm, (1, 1024, 4096), Subgroups::None, V8),
-            (Gemv::NormSiluMul, (1, 1024, 3072), up32, Subgroup),
-            (Gemv::NormSiluMul, (1, 1024, 8192), up32, Subgroup),
-            (Gemv::Add, (1, 2048, 1024), up32, Subgroup),
-            (Gemv::Add, (1, 3072, 1024), up32, Subgroup),
-            // Rows longer than measured keep the subgroup build (an 8B's o_proj).
-            (Gemv::Add, (1, 4096, 4096), up32, Subgroup),
-            (Gemv::Norm, (TILED_FROM, 1024, 4096), up32, Tiled),
-        ];
-        for (kind, shape, subgroups, want) in cases {
-            assert_eq!(
-                pick(kind, shape, subgroups),
-                ShaderBuild::Vec(want),
-                "{shape:?} {subgroups:?}"
-            );
-        }
     }
 }
