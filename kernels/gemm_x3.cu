@@ -7,7 +7,10 @@
 // Each activation is split into three bf16 parts (hi + mid + lo, fp32-exact together) as the
 // block stages it, so the tensor cores see the activations' full 24-bit mantissas; the three
 // products share one fp32 accumulator (each add rounds relative to the running sum either way).
-// The weights are read once.
+// The weights are read once. The `_p2` entry points (PARTS = 2, opt-in: QFUSE_CUDA_X3_TWO_PARTS)
+// multiply hi + mid only, each activation to ~2^-17 of itself, for two thirds of the products:
+// the residual-adding and SiLU products, whose inputs the synthetic 0.6B's logits tolerate at
+// that precision where QKV's they do not (docs/perf.md, 21st session).
 //
 // Block: 8 warps over 128 weight rows (with EPI_SILU 64 gate rows and the matching 64 up rows)
 // and one slice of K; warp w takes rows 32 (w & 1) .. + 32 of x (two m16 tiles; one, or none,
@@ -75,28 +78,30 @@
 // acc_hi; the first round's first products set the accumulators (`later` false). The host's
 // plan keeps kc even, so every round is whole (a wgmma under a per-round condition makes ptxas
 // wait between the products).
+template <int PARTS>
 __device__ __forceinline__ void x3w_round(float (&acc_hi)[32], float (&acc_lo)[32], u32 a_addr, u32 b_addr,
                                           bool later) {
 #pragma unroll
-    for (int p = 2; p >= 0; --p) {
+    for (int p = PARTS - 1; p >= 0; --p) {
 #pragma unroll
         for (int kk = 0; kk < X3_RK / 16; ++kk) {
             const unsigned long long a = wg_desc(a_addr + (u32)(p * X3_APART + kk * 32));
             const unsigned long long b = wg_desc(b_addr + (u32)(kk * 32));
-            if (p > 0) wg_mma_n64(acc_lo, a, b, later || p < 2 || kk > 0);
+            if (p > 0) wg_mma_n64(acc_lo, a, b, later || p < PARTS - 1 || kk > 0);
             else wg_mma_n64(acc_hi, a, b, later || kk > 0);
         }
     }
 }
 
-// Splits four activations (k 4 s .. 4 s + 3 of a round, row t) into their three bf16 parts and
-// stores each part's 8 bytes at byte offset `at` of its part tile.
+// Splits four activations (k 4 s .. 4 s + 3 of a round, row t) into their bf16 parts and stores
+// each of the first PARTS parts' 8 bytes at byte offset `at` of its part tile.
+template <int PARTS>
 __device__ __forceinline__ void x3w_store_parts(unsigned char* abuf, u32 at, float4 v) {
     u32 a[3], b[3];
     split_bf16x3_pair(v.x, v.y, a);
     split_bf16x3_pair(v.z, v.w, b);
 #pragma unroll
-    for (int q = 0; q < 3; ++q) *reinterpret_cast<uint2*>(abuf + q * X3_APART + at) = make_uint2(a[q], b[q]);
+    for (int q = 0; q < PARTS; ++q) *reinterpret_cast<uint2*>(abuf + q * X3_APART + at) = make_uint2(a[q], b[q]);
 }
 #endif
 
@@ -131,9 +136,10 @@ __device__ __forceinline__ void x3_norm_prologue(float4& v, float4 g, float& ss)
     v.x *= g.x; v.y *= g.y; v.z *= g.z; v.w *= g.w;
 }
 
-// Splits four activations of row R (v) and the same four of row R + 8 (u) into their three bf16
-// parts and stores each part's 16 bytes, {R k0-1, R+8 k0-1, R k2-3, R+8 k2-3}: the A operand of
-// one mma k-step, at byte offset `at` of the three part planes of a staged round.
+// Splits four activations of row R (v) and the same four of row R + 8 (u) into their bf16 parts
+// and stores each of the first PARTS parts' 16 bytes, {R k0-1, R+8 k0-1, R k2-3, R+8 k2-3}: the
+// A operand of one mma k-step, at byte offset `at` of the part planes of a staged round.
+template <int PARTS>
 __device__ __forceinline__ void x3_store_parts(unsigned char* abuf, u32 at, float4 v, float4 u) {
     u32 p0[3], p1[3], p2[3], p3[3];
     split_bf16x3_pair(v.x, v.y, p0);
@@ -141,7 +147,7 @@ __device__ __forceinline__ void x3_store_parts(unsigned char* abuf, u32 at, floa
     split_bf16x3_pair(v.z, v.w, p2);
     split_bf16x3_pair(u.z, u.w, p3);
 #pragma unroll
-    for (int q = 0; q < 3; ++q)
+    for (int q = 0; q < PARTS; ++q)
         *reinterpret_cast<uint4*>(abuf + q * X3_APART + at) = make_uint4(p0[q], p1[q], p2[q], p3[q]);
 }
 
@@ -149,7 +155,7 @@ __device__ __forceinline__ void x3_store_parts(unsigned char* abuf, u32 at, floa
 // One round's products of a warp (chunks 2r and, where K has it, 2r + 1) over its first MC m
 // tiles: the weight fragments from the slice in shared memory (rows wn * 32 + nt * 8 + g8 at
 // b_base, chunk parity flipped by b_flip), the A operands staged ready-made at a_row.
-template <int MC>
+template <int MC, int PARTS>
 __device__ __forceinline__ void x3_products(float (&acc)[2][4][4], const unsigned char* a_row,
                                             const unsigned char* b_base, int b_flip, int w_units, int r, int kc) {
 #pragma unroll
@@ -160,7 +166,7 @@ __device__ __forceinline__ void x3_products(float (&acc)[2][4][4], const unsigne
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) b[nt] = *reinterpret_cast<const uint4*>(b_at + nt * 8 * w_units * 16);
 #pragma unroll
-        for (int p = 0; p < 3; ++p) {
+        for (int p = 0; p < PARTS; ++p) {
 #pragma unroll
             for (int st = 0; st < 2; ++st) {
                 uint4 a[MC];
@@ -181,7 +187,7 @@ __device__ __forceinline__ void x3_products(float (&acc)[2][4][4], const unsigne
 }
 #endif
 
-template <int EPI, bool NORM>
+template <int EPI, bool NORM, int PARTS>
 __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float* __restrict__ g,
                                         const bf16_t* __restrict__ w, const float* __restrict__ residual,
                                         float* __restrict__ y, int T, int K, int N, int kc, float eps,
@@ -305,7 +311,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             if (NORM) x3_norm_prologue(xv[j], gv, ss[j]);
-            x3w_store_parts(abuf, stage_w[j], xv[j]);
+            x3w_store_parts<PARTS>(abuf, stage_w[j], xv[j]);
         }
     };
     load_round(0);
@@ -324,7 +330,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         wg_fence_acc(acc_hi);
         wg_fence_acc(acc_lo);
         wg_fence();
-        x3w_round(acc_hi, acc_lo, a_addr + (u32)((r & 1) * 3 * X3_APART), b_round, r > 0);
+        x3w_round<PARTS>(acc_hi, acc_lo, a_addr + (u32)((r & 1) * 3 * X3_APART), b_round, r > 0);
         wg_commit();
         // The next round is split and staged while these products run.
         if (r + 1 < rounds) {
@@ -364,8 +370,8 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         for (int j = 0; j < 4; ++j) {
             if (NORM) x3_norm_prologue(xv[j], gv, ss[j]);
         }
-        x3_store_parts(abuf, stage_at[0], xv[0], xv[1]);
-        x3_store_parts(abuf, stage_at[1], xv[2], xv[3]);
+        x3_store_parts<PARTS>(abuf, stage_at[0], xv[0], xv[1]);
+        x3_store_parts<PARTS>(abuf, stage_at[1], xv[2], xv[3]);
         if (tracing && r == 0) stamp[3] = globaltimer_ns();
         if (r + 1 < rounds) load_round(r + 1);
         x3_wait_groups(rounds - 1 - r);
@@ -373,8 +379,8 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
         if (tracing && r == 0) stamp[4] = globaltimer_ns();
         // Both of the warp's m tiles (rows past T are staged as zeros) unless its second lies
         // wholly past T.
-        if (2 * wm + 1 < mtiles) x3_products<2>(acc, abuf + a_base, b_base, b_flip, w_units, r, kc);
-        else if (2 * wm < mtiles) x3_products<1>(acc, abuf + a_base, b_base, b_flip, w_units, r, kc);
+        if (2 * wm + 1 < mtiles) x3_products<2, PARTS>(acc, abuf + a_base, b_base, b_flip, w_units, r, kc);
+        else if (2 * wm < mtiles) x3_products<1, PARTS>(acc, abuf + a_base, b_base, b_flip, w_units, r, kc);
     }
 #endif
     if (tracing) stamp[5] = globaltimer_ns();
@@ -488,15 +494,18 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
 #endif
 }
 
-#define X3_ENTRY(name, EPI, NORM)                                                                           \
+#define X3_ENTRY(name, EPI, NORM, PARTS)                                                                    \
     extern "C" __global__ void __launch_bounds__(X3_WARPS * 32, X3_MIN_BLOCKS)                              \
         X3_NAME(name)(const float* x, const float* g, const bf16_t* w, const float* residual, float* y, int T, int K, \
              int N, int kc, float eps, unsigned long long* trace) {                                         \
-        gemm_x3<EPI, NORM>(x, g, w, residual, y, T, K, N, kc, eps, trace);                                  \
+        gemm_x3<EPI, NORM, PARTS>(x, g, w, residual, y, T, K, N, kc, eps, trace);                           \
     }
 
-X3_ENTRY(gemm_x3_f32, EPI_NONE, false)
-X3_ENTRY(gemm_x3_add_f32, EPI_ADD, false)
-X3_ENTRY(gemm_x3_silu_mul_f32, EPI_SILU, false)
-X3_ENTRY(rms_norm_gemm_x3_f32, EPI_NONE, true)
-X3_ENTRY(rms_norm_gemm_x3_silu_mul_f32, EPI_SILU, true)
+X3_ENTRY(gemm_x3_f32, EPI_NONE, false, 3)
+X3_ENTRY(gemm_x3_add_f32, EPI_ADD, false, 3)
+X3_ENTRY(gemm_x3_silu_mul_f32, EPI_SILU, false, 3)
+X3_ENTRY(rms_norm_gemm_x3_f32, EPI_NONE, true, 3)
+X3_ENTRY(rms_norm_gemm_x3_silu_mul_f32, EPI_SILU, true, 3)
+X3_ENTRY(gemm_x3_add_f32_p2, EPI_ADD, false, 2)
+X3_ENTRY(gemm_x3_silu_mul_f32_p2, EPI_SILU, false, 2)
+X3_ENTRY(rms_norm_gemm_x3_silu_mul_f32_p2, EPI_SILU, true, 2)

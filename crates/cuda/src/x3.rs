@@ -14,23 +14,30 @@ use crate::error::CudaResultExt;
 use crate::kernels::Kernels;
 use crate::GEMV_MAX_ROWS;
 
-/// The kernel's entry points.
-pub(crate) const ENTRIES: [&str; 5] = [
+/// The kernel's entry points: the five fusions over three bf16 parts, then the residual and SiLU
+/// ones over two (`_p2`, [`CudaOptions::x3_two_parts`](crate::CudaOptions::x3_two_parts)).
+pub(crate) const ENTRIES: [&str; 8] = [
     "gemm_x3_f32",
     "gemm_x3_add_f32",
     "gemm_x3_silu_mul_f32",
     "rms_norm_gemm_x3_f32",
     "rms_norm_gemm_x3_silu_mul_f32",
+    "gemm_x3_add_f32_p2",
+    "gemm_x3_silu_mul_f32_p2",
+    "rms_norm_gemm_x3_silu_mul_f32_p2",
 ];
 
 /// The same entry points of the build whose products run on `wgmma` (`gemm_x3.cu` compiled for
 /// sm_90a with `X3_WGMMA` as `gemm_x3_wg.cu`), in the same order.
-pub(crate) const WG_ENTRIES: [&str; 5] = [
+pub(crate) const WG_ENTRIES: [&str; 8] = [
     "gemm_x3_f32_wg",
     "gemm_x3_add_f32_wg",
     "gemm_x3_silu_mul_f32_wg",
     "rms_norm_gemm_x3_f32_wg",
     "rms_norm_gemm_x3_silu_mul_f32_wg",
+    "gemm_x3_add_f32_p2_wg",
+    "gemm_x3_silu_mul_f32_p2_wg",
+    "rms_norm_gemm_x3_silu_mul_f32_p2_wg",
 ];
 
 /// The phases `QFUSE_CUDA_X3_TRACE=1` times (thread 0 of each block; X3_PHASES in the kernel).
@@ -75,7 +82,7 @@ pub(crate) enum Build {
 
 impl Build {
     /// The build's entry points, in [`ENTRIES`]' order.
-    pub(crate) fn entries(self) -> [&'static str; 5] {
+    pub(crate) fn entries(self) -> [&'static str; 8] {
         match self {
             Build::Mma => ENTRIES,
             Build::Wgmma => WG_ENTRIES,

@@ -1,8 +1,8 @@
 //! Products of 9-64 rows through the tensor-core kernel `gemm_x3` (the batched-decode shapes:
 //! Qwen3-0.6B's four products, odd row counts, a partly filled last tile, every slice count),
 //! with each of its fused prologues and epilogues, against the f64 reference and against the
-//! cuBLAS path it replaces. Skips with a notice where there is no GPU (unless
-//! QFUSE_REQUIRE_GPU=1).
+//! cuBLAS path it replaces; and its opt-in two-part products. Skips with a notice where there is
+//! no GPU (unless QFUSE_REQUIRE_GPU=1).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::{
     activations, device_or_skip, gains, gemv_family, rel_error, weights, Rng,
@@ -103,6 +103,60 @@ fn check(x3: &CudaBackend, cublas: &CudaBackend, wgmma: bool) {
                 err < 4.0 * err_cublas.max(1e-7),
                 "T={t} K={k} N={n} op {i}: {err:e} vs {err_cublas:e}"
             );
+        }
+    }
+}
+
+/// With `x3_two_parts` the residual-adding and SiLU products take the kernel's two-part entry
+/// points (mma.sync and wgmma builds): their results differ from the three-part kernel's and
+/// stay near the f64 reference (each activation carried to ~2^-17); the plain and normed
+/// products are the three-part kernel's, bit for bit.
+#[test]
+fn two_part_products_stay_near_the_reference_and_leave_qkv_alone() {
+    for wgmma_from in [65, 9] {
+        let two_parts = CudaOptions {
+            gemm_x3: true,
+            x3_wgmma_from: wgmma_from,
+            x3_two_parts: true,
+            ..CudaOptions::default()
+        };
+        let (Some(three), Some(two)) = (
+            gpu(true, wgmma_from),
+            device_or_skip(
+                "gemm_x3 two-part tests",
+                CudaBackend::with_options(0, two_parts),
+            ),
+        ) else {
+            return;
+        };
+        if wgmma_from == 9 && three.compute_capability() != (9, 0) {
+            continue;
+        }
+        let mut rng = Rng::new(12);
+        for (t, k, n) in [
+            (64, 1024, 512),
+            (33, 3072, 256),
+            (16, 1024, 384),
+            (9, 2048, 256),
+        ] {
+            let x = activations(&mut rng, t, k, true).unwrap();
+            let w = weights(&mut rng, n, k).unwrap().to_dtype(DType::BF16);
+            let gu = weights(&mut rng, 2 * n, k).unwrap().to_dtype(DType::BF16);
+            let g = gains(&mut rng, k, 3.0).unwrap();
+            let r = activations(&mut rng, t, n, false).unwrap();
+            let three_parts = gemv_family(&three, &x, &w, &gu, &g, &r).unwrap();
+            let got = gemv_family(&two, &x, &w, &gu, &g, &r).unwrap();
+            let want = gemv_family(&CpuRef, &x, &w, &gu, &g, &r).unwrap();
+            for (i, ((a, b), e)) in three_parts.iter().zip(&got).zip(&want).enumerate() {
+                let err = rel_error(b, e);
+                eprintln!("wgmma from {wgmma_from}, T={t} K={k} N={n} op {i}: two parts {err:.2e}");
+                if i >= 2 {
+                    assert_ne!(a, b, "T={t} K={k} N={n} op {i} ran over three parts");
+                    assert!(err < 5e-5, "T={t} K={k} N={n} op {i}: {err:e}");
+                } else {
+                    assert_eq!(a, b, "T={t} K={k} N={n} op {i} changed");
+                }
+            }
         }
     }
 }
