@@ -7,7 +7,7 @@
 use qfuse_core::testing::{
     activations, device_or_skip, gains, gemv_family, rel_error, weights, Rng,
 };
-use qfuse_core::DType;
+use qfuse_core::{Backend, DType, HostTensor};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 
@@ -87,14 +87,12 @@ fn check(x3: &CudaBackend, cublas: &CudaBackend, wgmma: bool) {
             assert!(on_wgmma, "T={t} K={k} N={n} did not take the wgmma build");
         }
         assert!(wgmma || !on_wgmma);
-        let x = activations(&mut rng, t, k, true).unwrap();
-        let w = weights(&mut rng, n, k).unwrap().to_dtype(DType::BF16);
-        let gu = weights(&mut rng, 2 * n, k).unwrap().to_dtype(DType::BF16);
-        let g = gains(&mut rng, k, 3.0).unwrap();
-        let r = activations(&mut rng, t, n, false).unwrap();
-        let got = gemv_family(x3, &x, &w, &gu, &g, &r).unwrap();
-        let old = gemv_family(cublas, &x, &w, &gu, &g, &r).unwrap();
-        let want = gemv_family(&CpuRef, &x, &w, &gu, &g, &r).unwrap();
+        let inputs = Inputs::new(&mut rng, t, k, n);
+        let (got, old, want) = (
+            inputs.family(x3),
+            inputs.family(cublas),
+            inputs.family(&CpuRef),
+        );
         for (i, ((a, c), e)) in got.iter().zip(&old).zip(&want).enumerate() {
             let (err, err_cublas) = (rel_error(a, e), rel_error(c, e));
             eprintln!("T={t} K={k} N={n} op {i}: gemm_x3 {err:.2e}, cuBLAS path {err_cublas:.2e}");
@@ -139,14 +137,9 @@ fn two_part_products_stay_near_the_reference_and_leave_qkv_alone() {
             (16, 1024, 384),
             (9, 2048, 256),
         ] {
-            let x = activations(&mut rng, t, k, true).unwrap();
-            let w = weights(&mut rng, n, k).unwrap().to_dtype(DType::BF16);
-            let gu = weights(&mut rng, 2 * n, k).unwrap().to_dtype(DType::BF16);
-            let g = gains(&mut rng, k, 3.0).unwrap();
-            let r = activations(&mut rng, t, n, false).unwrap();
-            let three_parts = gemv_family(&three, &x, &w, &gu, &g, &r).unwrap();
-            let got = gemv_family(&two, &x, &w, &gu, &g, &r).unwrap();
-            let want = gemv_family(&CpuRef, &x, &w, &gu, &g, &r).unwrap();
+            let inputs = Inputs::new(&mut rng, t, k, n);
+            let (three_parts, got) = (inputs.family(&three), inputs.family(&two));
+            let want = inputs.family(&CpuRef);
             for (i, ((a, b), e)) in three_parts.iter().zip(&got).zip(&want).enumerate() {
                 let err = rel_error(b, e);
                 eprintln!("wgmma from {wgmma_from}, T={t} K={k} N={n} op {i}: two parts {err:.2e}");
@@ -158,5 +151,32 @@ fn two_part_products_stay_near_the_reference_and_leave_qkv_alone() {
                 }
             }
         }
+    }
+}
+
+/// A product's operands: activations x [t, k] (with outliers), bf16 weights w [n, k] and gate/up
+/// gu [2 n, k], a norm gain g [k] and a residual r [t, n].
+struct Inputs {
+    x: HostTensor,
+    w: HostTensor,
+    gu: HostTensor,
+    g: HostTensor,
+    r: HostTensor,
+}
+
+impl Inputs {
+    fn new(rng: &mut Rng, t: usize, k: usize, n: usize) -> Self {
+        Inputs {
+            x: activations(rng, t, k, true).unwrap(),
+            w: weights(rng, n, k).unwrap().to_dtype(DType::BF16),
+            gu: weights(rng, 2 * n, k).unwrap().to_dtype(DType::BF16),
+            g: gains(rng, k, 3.0).unwrap(),
+            r: activations(rng, t, n, false).unwrap(),
+        }
+    }
+
+    /// The five GEMV-family ops on `b` ([`gemv_family`]'s order).
+    fn family<B: Backend>(&self, b: &B) -> Vec<Vec<f64>> {
+        gemv_family(b, &self.x, &self.w, &self.gu, &self.g, &self.r).unwrap()
     }
 }
