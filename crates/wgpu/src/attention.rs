@@ -173,9 +173,9 @@ impl WgpuBackend {
         let Some(sink) = sink else {
             return Ok(None);
         };
-        let bytes = self.read_bytes(sink.buf()?)?;
-        let words = bytemuck::pod_collect_to_vec::<u8, u32>(&bytes);
-        Ok(Some(words[..sink.shape.numel()].to_vec()))
+        let mut words = bytemuck::pod_collect_to_vec::<u8, u32>(&self.read_bytes(sink.buf()?)?);
+        words.truncate(sink.shape.numel());
+        Ok(Some(words))
     }
 
     /// Plans the prefetch for the decode attention inside the layer `w`: its o_proj, gate/up
