@@ -154,8 +154,8 @@ fn two_part_products_stay_near_the_reference_and_leave_qkv_alone() {
     }
 }
 
-/// A product's operands: activations x [t, k] (with outliers), bf16 weights w [n, k] and gate/up
-/// gu [2 n, k], a norm gain g [k] and a residual r [t, n].
+/// A product's operands: activations x [t, k] (with outliers, carried past bf16), bf16 weights
+/// w [n, k] and gate/up gu [2 n, k], a norm gain g [k] and a residual r [t, n].
 struct Inputs {
     x: HostTensor,
     w: HostTensor,
@@ -167,7 +167,7 @@ struct Inputs {
 impl Inputs {
     fn new(rng: &mut Rng, t: usize, k: usize, n: usize) -> Self {
         Inputs {
-            x: activations(rng, t, k, true).unwrap(),
+            x: past_bf16(activations(rng, t, k, true).unwrap(), rng),
             w: weights(rng, n, k).unwrap().to_dtype(DType::BF16),
             gu: weights(rng, 2 * n, k).unwrap().to_dtype(DType::BF16),
             g: gains(rng, k, 3.0).unwrap(),
@@ -179,4 +179,18 @@ impl Inputs {
     fn family<B: Backend>(&self, b: &B) -> Vec<Vec<f64>> {
         gemv_family(b, &self.x, &self.w, &self.gu, &self.g, &self.r).unwrap()
     }
+}
+
+/// `x` with every value scaled by a factor near 1 and rounded to f32: `activations` are
+/// bf16-exact, which would leave the split's mid and lo parts zero (a product over two parts
+/// would then equal the three-part one, and the kernel's lower parts would go untested).
+fn past_bf16(x: HostTensor, rng: &mut Rng) -> HostTensor {
+    let v = x
+        .to_f64_vec()
+        .into_iter()
+        .map(|a| a * (1.0 + 1e-2 * rng.normal()))
+        .collect();
+    HostTensor::from_f64(x.shape().clone(), v)
+        .unwrap()
+        .to_dtype(DType::F32)
 }

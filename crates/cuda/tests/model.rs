@@ -165,6 +165,54 @@ fn synthetic_full_size_matches_reference() {
     }
 }
 
+/// Batched decode as `qfuse bench --batch N` runs it, teacher-forced: decode steps of one token
+/// for each of 40 sequences (the products of 9-64 rows on `gemm_x3`, with
+/// `QFUSE_CUDA_X3_TWO_PARTS` over two parts, and the batched decode attention), 320 positions
+/// against cpu-ref's scores of each sequence. The 300-position comparison above runs as one
+/// prompt, through the prompt products instead.
+#[test]
+fn batched_decode_matches_reference() {
+    const SEQS: usize = 40;
+    const PROMPT: usize = 24;
+    const STEPS: usize = 8;
+    let Some(gpu) = cuda() else { return };
+    let Ok(dir) = std::env::var("QFUSE_SYNTH_DIR") else {
+        eprintln!("skipping: set QFUSE_SYNTH_DIR to a `qfuse synth --shape qwen3-0.6b` checkpoint");
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let (gm, cm) = (
+        Qwen3::load(&gpu, &dir).unwrap(),
+        Qwen3::load(&CpuRef, &dir).unwrap(),
+    );
+    let vocab = cm.config().vocab_size;
+    let len = PROMPT + STEPS;
+    let mut rng = Rng::new(13);
+    let seqs: Vec<Vec<u32>> = (0..SEQS)
+        .map(|_| (0..len).map(|_| rng.below(vocab) as u32).collect())
+        .collect();
+    let got = gm.score_decoding(&gpu, &seqs, PROMPT).unwrap();
+    let mut want = Vec::new();
+    for q in &seqs {
+        want.extend_from_slice(&logits(&CpuRef, &cm, q)[PROMPT * vocab..]);
+    }
+    let d = LogitsDiff::new(&got, &want, vocab);
+    println!(
+        "batched decode: {SEQS} sequences x {STEPS} steps, relative error {:.3e} (worst row {:.3e}), top-1 agreement {:.4}",
+        d.rel, d.worst_rel, d.top1_agreement
+    );
+    assert!(
+        d.rel <= REL_TOL,
+        "batched decode: relative error {:.3e}",
+        d.rel
+    );
+    assert!(
+        d.top1_agreement >= 0.99,
+        "batched decode: top-1 agreement {}",
+        d.top1_agreement
+    );
+}
+
 /// CUDA graphs and programmatic dependent launches (the defaults) against plain launches, each
 /// kernel starting after the previous one drained.
 #[test]

@@ -376,6 +376,51 @@ impl<B: Backend> Qwen3<B> {
         self.score_inspect(b, tokens, &mut |_, _, _| Ok(()))
     }
 
+    /// Teacher-forced logits of several sequences of one length, as batched decode computes
+    /// them: every sequence's first `prompt` tokens as one prompt batch, then one decode step
+    /// per later position, each of one token for every sequence at once. Returns the decode
+    /// steps' logits on the host, sequence by sequence: `[seqs × (len − prompt), vocab]`, where
+    /// row `i` of a sequence scores its token `prompt + i + 1` (the rows [`Qwen3::score`] gives
+    /// from `prompt` on).
+    pub fn score_decoding(&self, b: &B, seqs: &[Vec<u32>], prompt: usize) -> Result<Vec<f64>> {
+        let len = seqs.first().map_or(0, Vec::len);
+        if prompt == 0 || prompt >= len || seqs.iter().any(|q| q.len() != len) {
+            return Err(Error::invalid(
+                "score_decoding",
+                format!("sequences of one length past a prompt of {prompt} tokens (at least 1)"),
+            ));
+        }
+        let bs = crate::BLOCK_SIZE;
+        let per_seq = len.div_ceil(bs);
+        let mut cache = self.new_cache(b, seqs.len() * per_seq, bs)?;
+        // Every sequence's tokens [start, start + n) as one batch.
+        let batch = |start: usize, n: usize| {
+            let chunks = (0..seqs.len())
+                .map(|s| SeqChunk {
+                    start_pos: start,
+                    len: n,
+                    block_table: (s * per_seq..(s + 1) * per_seq).map(|i| i as u32).collect(),
+                })
+                .collect();
+            let ids = seqs
+                .iter()
+                .flat_map(|q| q[start..start + n].to_vec())
+                .collect();
+            b.prepare_batch(&BatchInfo::new(bs, chunks)?.with_token_ids(ids)?)
+        };
+        self.forward(b, &batch(0, prompt)?, &mut cache, Logits::LastPerSequence)?;
+        let vocab = self.cfg.vocab_size;
+        let mut per_seq_rows = vec![Vec::with_capacity((len - prompt) * vocab); seqs.len()];
+        for pos in prompt..len {
+            let step = self.forward(b, &batch(pos, 1)?, &mut cache, Logits::All)?;
+            let rows = b.download(&step)?.to_f64_vec();
+            for (out, row) in per_seq_rows.iter_mut().zip(rows.chunks(vocab)) {
+                out.extend_from_slice(row);
+            }
+        }
+        Ok(per_seq_rows.concat())
+    }
+
     /// [`Qwen3::score`] through an inspector (see [`Qwen3::forward_inspect`]).
     pub fn score_inspect(
         &self,

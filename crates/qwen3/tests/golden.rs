@@ -72,3 +72,35 @@ fn cached_greedy_generation_matches_transformers() {
         }
     }
 }
+
+/// `score_decoding` (a prompt batch of every sequence, then a decode step of one token for all of
+/// them per position) gives `score`'s rows for those positions; sequences of other lengths or a
+/// prompt of none are refused.
+#[test]
+fn decoding_scores_equal_teacher_forced_scores() {
+    let dir = fixture(MODELS[0]);
+    let model = Qwen3::load(&CpuRef, &dir).unwrap();
+    let vocab = model.config().vocab_size;
+    let seqs: Vec<Vec<u32>> = (0..5u32)
+        .map(|s| (0..13).map(|i| (s * 31 + i * 7) % vocab as u32).collect())
+        .collect();
+    let got = model.score_decoding(&CpuRef, &seqs, 9).unwrap();
+    assert_eq!(got.len(), 5 * 4 * vocab);
+    for (s, q) in seqs.iter().enumerate() {
+        let want = model.score(&CpuRef, q).unwrap();
+        let d = LogitsDiff::new(
+            &got[s * 4 * vocab..][..4 * vocab],
+            &want.values()[9 * vocab..],
+            vocab,
+        );
+        assert!(d.worst_rel <= 1e-12, "sequence {s}: {:.3e}", d.worst_rel);
+    }
+    for (seqs, prompt) in [
+        (vec![vec![1, 2, 3], vec![1, 2]], 1),
+        (seqs.clone(), 0),
+        (seqs, 13),
+    ] {
+        let err = model.score_decoding(&CpuRef, &seqs, prompt).unwrap_err();
+        assert!(err.to_string().contains("score_decoding"), "{err}");
+    }
+}

@@ -72,6 +72,46 @@ fn golden_fixtures_match_reference_and_transformers() {
     }
 }
 
+/// Batched decode steps (one token for each of several sequences, the decode attention over the
+/// cache), teacher-forced, against cpu-ref's scores of each sequence on every golden checkpoint.
+#[test]
+fn batched_decode_matches_reference() {
+    let Some(gpu) = device_or_skip(
+        "wgpu model tests",
+        WgpuBackend::for_tests(0, &WgpuOptions::default()),
+    ) else {
+        return;
+    };
+    for name in GOLDEN_MODELS {
+        let dir = golden_dir(name);
+        let (gm, cm) = (
+            Qwen3::load(&gpu, &dir).unwrap(),
+            Qwen3::load(&CpuRef, &dir).unwrap(),
+        );
+        let vocab = cm.config().vocab_size;
+        let seqs: Vec<Vec<u32>> = (0..6u32)
+            .map(|s| {
+                (0..40)
+                    .map(|i| (s * 37 + i * 11 + 3) % vocab as u32)
+                    .collect()
+            })
+            .collect();
+        let got = gm.score_decoding(&gpu, &seqs, 33).unwrap();
+        let mut want = Vec::new();
+        for q in &seqs {
+            let all = CpuRef.download(&cm.score(&CpuRef, q).unwrap()).unwrap();
+            want.extend_from_slice(&all.to_f64_vec()[33 * vocab..]);
+        }
+        let d = LogitsDiff::new(&got, &want, vocab);
+        println!(
+            "{name} batched decode: relative error {:.3e} (worst row {:.3e})",
+            d.rel, d.worst_rel
+        );
+        assert!(d.worst_rel <= 1e-3, "{name}: {:.3e}", d.worst_rel);
+        assert_eq!(d.top1_agreement, 1.0, "{name}");
+    }
+}
+
 #[test]
 fn decode_steps_queued_ahead_give_the_same_ids() {
     let Some(gpu) = device_or_skip(
