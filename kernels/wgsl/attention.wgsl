@@ -25,8 +25,8 @@
 // that key (k_norm, RoPE) and value in workgroup memory and use them for it instead of reading
 // the cache, and the first head group's writes both to the token's slot. No workgroup reads
 // that slot from the cache, so the write needs no ordering.
-// Prefetch (QKN, opt-in: `QFUSE_WGPU_PREFETCH`): workgroups past the splits (wg.z >= splits)
-// attend to nothing. They read one word of every 32-byte sector of up to four weight buffers
+// Prefetch (QKN, entry point `main_pf`; `QFUSE_WGPU_PREFETCH`): workgroups past the splits
+// (wg.z >= splits) attend to nothing. They read one word of every 32-byte sector of up to four weight buffers
 // (pf0..pf3: the products that follow this attention), so those products find their weights in
 // L2 instead of DRAM while attention, which moves little, holds the critical path.
 // params: [T, H, KV, d, block_size, max_blocks, scale (f32 bits), splits, chunk, eps (f32 bits),
@@ -46,8 +46,8 @@
 @group(0) @binding(10) var<storage, read> k_norm: array<f32>;
 @group(0) @binding(11) var<storage, read> cs: array<f32>;
 @group(0) @binding(12) var<storage, read> slots: array<u32>;
-// Prefetch only (stand-ins otherwise): the weights, and each prefetching thread's XOR of the
-// words it read (written so the loads are kept; tests check it).
+// `main_pf` only: the weights, and each prefetching thread's XOR of the words it read (written
+// so the loads are kept; tests check it).
 @group(0) @binding(13) var<storage, read> pf0: array<u32>;
 @group(0) @binding(14) var<storage, read> pf1: array<u32>;
 @group(0) @binding(15) var<storage, read> pf2: array<u32>;

@@ -42,6 +42,18 @@ fn tile_max(m: vec4<f32>, n: u32, sl: u32, sgs: u32) -> vec4<f32> {
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_invocation_id) sl: u32,
+    @builtin(subgroup_size) sgs: u32,
+) {
+    attend(wg, lid, sl, sgs);
+}
+
+// With the prefetch's workgroups past the splits (its own entry point: only it binds the weights
+// and the sink, so the others stay within 16 storage buffers a stage).
+@compute @workgroup_size(WG)
+fn main_pf(
+    @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nw: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
     @builtin(subgroup_invocation_id) sl: u32,

@@ -39,6 +39,16 @@ fn tile_max(m: vec4<f32>, n: u32, sl: u32, sgs: u32) -> vec4<f32> {
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    attend(wg, lid, 0u, 1u);
+}
+
+// With the prefetch's workgroups past the splits (its own entry point: only it binds the weights
+// and the sink, so the others stay within 16 storage buffers a stage).
+@compute @workgroup_size(WG)
+fn main_pf(
+    @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nw: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {

@@ -271,8 +271,14 @@ fn with_backend(args: &BackendArgs, job: &impl Job) -> anyhow::Result<()> {
         "wgpu" => {
             let b =
                 qfuse_wgpu::WgpuBackend::new(args.device).context("starting the wgpu backend")?;
+            let prefetch = match b.prefetch_workgroups() {
+                0 => String::new(),
+                n => format!(
+                    "; decode attention reads the next products' weights into L2 ({n} workgroups)"
+                ),
+            };
             eprintln!(
-                "wgpu: {} (bf16 checkpoint weights packed exactly; activations, KV cache and accumulation f32)",
+                "wgpu: {} (bf16 checkpoint weights packed exactly; activations, KV cache and accumulation f32{prefetch})",
                 b.adapter_name()
             );
             let report = b.clone();

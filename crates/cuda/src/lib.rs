@@ -397,10 +397,12 @@ pub struct CudaOptions {
     pub gemm_x3: bool,
     /// `gemm_x3`'s residual-adding and SiLU products (o_proj, down, gate/up) multiply two bf16
     /// parts of each activation instead of three (hi + mid: ~2^-17 of it), a third fewer
-    /// tensor-core products; QKV keeps three (`QFUSE_CUDA_X3_TWO_PARTS=1`; opt-in, not yet
-    /// measured on a GPU). Emulated on the CPU (docs/perf.md, 21st session), it moved the
-    /// synthetic 0.6B's logits 4.0e-3 from the reference at 32 positions (QKV over two parts
-    /// as well: 4.3e-2; the model test's bound is 2e-2).
+    /// tensor-core products; QKV keeps three, being the one product whose rounding the CPU
+    /// emulation found the logits sensitive to (4.3e-2 with it, bound 2e-2). On by default
+    /// (`QFUSE_CUDA_X3_TWO_PARTS=0` turns it off). On the H200 (docs/perf.md, 22nd session):
+    /// batch 64 3.4% faster a step (3.43 against 3.55 ms), batch 32 3%, batch 16 4.6%; batched
+    /// decode teacher-forced over 320 positions 2.2e-4 from the reference (1.2e-4 over three
+    /// parts), `check` at 64 positions 4.4e-3 (3.2e-3), top-1 agreement 1.0 in both.
     pub x3_two_parts: bool,
     /// Fewest rows whose `gemm_x3` products run on `wgmma` (its sm_90a build, compute capability
     /// 9.0) rather than `mma.sync`; more than 64 never (`QFUSE_CUDA_X3_WGMMA_FROM`, default 33).
@@ -562,7 +564,7 @@ impl Default for CudaOptions {
             )
             .unwrap_or(512),
             gemm_x3: qfuse_core::knobs::env_knob("QFUSE_CUDA_GEMM_X3", 0..=1) != Some(0),
-            x3_two_parts: qfuse_core::knobs::env_flag("QFUSE_CUDA_X3_TWO_PARTS"),
+            x3_two_parts: qfuse_core::knobs::env_knob("QFUSE_CUDA_X3_TWO_PARTS", 0..=1) != Some(0),
             x3_wgmma_from: qfuse_core::knobs::env_knob("QFUSE_CUDA_X3_WGMMA_FROM", 1..=1 << 20)
                 .unwrap_or(33),
             flash_attention: match qfuse_core::knobs::env_knob("QFUSE_CUDA_FLASH_ATTENTION", 0..=5)

@@ -11,10 +11,12 @@ use qfuse_core::{Backend, DType, HostTensor};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 
-/// A backend with `gemm_x3` on (its products on `wgmma` from `wgmma_from` rows) or off.
+/// A backend with `gemm_x3` on (its products on `wgmma` from `wgmma_from` rows, every product
+/// over three parts) or off.
 fn gpu(gemm_x3: bool, wgmma_from: usize) -> Option<CudaBackend> {
     let options = CudaOptions {
         gemm_x3,
+        x3_two_parts: false,
         x3_wgmma_from: wgmma_from,
         ..CudaOptions::default()
     };

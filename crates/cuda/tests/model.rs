@@ -166,8 +166,8 @@ fn synthetic_full_size_matches_reference() {
 }
 
 /// Batched decode as `qfuse bench --batch N` runs it, teacher-forced: decode steps of one token
-/// for each of 40 sequences (the products of 9-64 rows on `gemm_x3`, with
-/// `QFUSE_CUDA_X3_TWO_PARTS` over two parts, and the batched decode attention), 320 positions
+/// for each of 40 sequences (the products of 9-64 rows on `gemm_x3`, o_proj, gate/up and down
+/// over two parts unless `QFUSE_CUDA_X3_TWO_PARTS=0`, and the batched decode attention), 320 positions
 /// against cpu-ref's scores of each sequence. The 300-position comparison above runs as one
 /// prompt, through the prompt products instead.
 #[test]

@@ -122,6 +122,8 @@ fn run() -> Res<()> {
             .map_err(|_| format!("LAB_PREFETCH={n}: expected a number of workgroups"))?,
         Err(_) => 0,
     };
+    // The prefetch's workgroups and bindings are in their own entry point.
+    let entry = if prefetch > 0 { "main_pf" } else { "main" };
     let copies = match (prefetch, gpu.cpu) {
         (0, _) => 0,
         (_, true) => 1,
@@ -142,7 +144,7 @@ fn run() -> Res<()> {
         let mut reference: Option<Vec<f32>> = None;
         for v in &variants {
             let qkn = v.setting::<u32>("qkn")?.unwrap_or(1);
-            let pipeline = match gpu.pipeline(v, &[("QKN", f64::from(qkn))]) {
+            let pipeline = match gpu.pipeline_at(v, entry, &[("QKN", f64::from(qkn))]) {
                 Ok(pl) => pl,
                 Err(e) => {
                     println!("  ctx {ctx:>5} {:<28} does not compile: {e}", v.name);
@@ -191,17 +193,14 @@ fn run() -> Res<()> {
             let sink = gpu.output(slices * (grid.0 * grid.1) as usize * 256);
             let binds = (0..copies.max(1))
                 .map(|i| {
-                    let (pf, sink) = match weights.get(i) {
-                        Some(w) => ([&w[0], &w[1], &w[2], &w[3]], &sink),
-                        None => ([&b[0]; 4], &c.out),
-                    };
-                    gpu.bind(
-                        &pipeline,
-                        &[
-                            &params, &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &c.out, &c.part,
-                            &b[6], &b[7], &b[8], &b[9], pf[0], pf[1], pf[2], pf[3], sink,
-                        ],
-                    )
+                    let mut bufs = vec![
+                        &params, &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &c.out, &c.part, &b[6],
+                        &b[7], &b[8], &b[9],
+                    ];
+                    if let Some(w) = weights.get(i) {
+                        bufs.extend([&w[0], &w[1], &w[2], &w[3], &sink]);
+                    }
+                    gpu.bind(&pipeline, &bufs)
                 })
                 .collect::<Res<Vec<_>>>()?;
             let bind_combine = gpu.bind(&combine, &[&params, &c.part, &c.out])?;

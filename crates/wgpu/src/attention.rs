@@ -41,12 +41,35 @@ const MAX_HEAD_DIM: usize = 256;
 /// gets several workgroups.
 const ATTENTION_MAX_GROUP: usize = 4;
 
-/// The decode attention's pipelines, without and with the q/k-norm prologue (QKN), by build:
-/// workgroup reductions, subgroup reductions, subgroup reductions at 256 threads.
-const ATTENTION_PIPELINES: [[&str; 3]; 2] = [
+/// The decode attention's pipelines, without and with the q/k-norm prologue (QKN), and with it
+/// and the prefetch's workgroups (entry point `main_pf`), by build: workgroup reductions,
+/// subgroup reductions, subgroup reductions at 256 threads.
+const ATTENTION_PIPELINES: [[&str; 3]; 3] = [
     ["attention", "attention_sg", "attention_256_sg"],
     ["attention_qkn", "attention_qkn_sg", "attention_qkn_256_sg"],
+    [
+        "attention_qkn_pf",
+        "attention_qkn_pf_sg",
+        "attention_qkn_pf_256_sg",
+    ],
 ];
+
+/// Storage buffers the prefetching pipelines bind (the others bind 13, within the 16 many
+/// adapters allow a stage).
+pub(super) const PREFETCH_STORAGE_BUFFERS: u32 = 18;
+/// Prefetching workgroups where the adapter runs the prefetch by default
+/// ([`prefetch_by_default`]): on the H200 (docs/perf.md, 22nd session) 128 with o_proj, gate/up
+/// and down gained 2.2% at batch 1 (1.257 ms/step against 1.282-1.290, three interleaved
+/// rounds), 64 nothing, 192 1.3%.
+pub(super) const PREFETCH_WORKGROUPS: usize = 128;
+
+/// Whether the prefetch runs unasked on this adapter: NVIDIA's Hopper data-centre parts, whose
+/// 50-60 MB L2 holds a layer's o_proj, gate/up and down weights (23 MB at the 0.6B shape) with
+/// room to spare. wgpu does not report an L2's size, so the adapter's name decides; elsewhere
+/// the reads would only add traffic.
+pub(super) fn prefetch_by_default(adapter: &str) -> bool {
+    ["H100", "H200", "H800"].iter().any(|n| adapter.contains(n))
+}
 
 /// Weights read ahead into L2 by decode attentions (opt-in, `QFUSE_WGPU_PREFETCH`; not yet
 /// measured on a GPU). A batch-1 product waits on DRAM after the barrier before it: the 17th
@@ -74,10 +97,12 @@ pub(super) struct Prefetch {
 const PREFETCH_LINKS: usize = 1024;
 
 /// Which weights [`Prefetch`] reads, from letters of `ogdq` (o_proj, gate/up, down, the next
-/// layer's QKV); all four where unset.
+/// layer's QKV); where unset, the first three: adding the next layer's QKV took the 2.2% gain
+/// to nothing on the H200 (22nd session), its reads evicting what the products were about to
+/// use.
 pub(super) fn prefetch_weights(letters: Option<&str>) -> Result<[bool; 4]> {
     let Some(letters) = letters else {
-        return Ok([true; 4]);
+        return Ok([true, true, true, false]);
     };
     let mut on = [false; 4];
     for c in letters.chars() {
@@ -258,7 +283,6 @@ impl WgpuBackend {
             (true, false) => 1,
             _ => 0,
         };
-        let kernel = ATTENTION_PIPELINES[usize::from(qkn.is_some())][build];
         // The workgroup's threads (WG): 256 in the wide subgroup build.
         let threads = if build == 2 { 256 } else { 128 };
         let plan = match qkn {
@@ -280,6 +304,11 @@ impl WgpuBackend {
             }
             None => 0,
         };
+        let kernel = match (qkn.is_some(), slices > 0) {
+            (true, true) => ATTENTION_PIPELINES[2][build],
+            (true, false) => ATTENTION_PIPELINES[1][build],
+            (false, _) => ATTENTION_PIPELINES[0][build],
+        };
         let sink = (slices > 0)
             .then(|| self.output([slices * head_groups * t * threads]))
             .transpose()?;
@@ -298,37 +327,26 @@ impl WgpuBackend {
         };
         let [qb, kb, vb, positions, token_seq, tables, ob] =
             attention_buffers(input, cache, batch, &out)?;
-        // Without a plan the prefetch bindings get stand-ins too (never read or written).
-        let plan = plan.unwrap_or_default();
-        let pf = |i: usize| plan.get(i).unwrap_or(qb);
-        let sink_buf = match &sink {
-            Some(s) => s.buf()?,
-            None => ob,
-        };
-        self.run_3d(
-            kernel,
-            &params,
-            &[
-                qb,
-                kb,
-                vb,
-                positions,
-                token_seq,
-                tables,
-                ob,
-                part.buf()?,
-                &q_norm,
-                &k_norm,
-                &cs,
-                &batch.slots,
-                pf(0),
-                pf(1),
-                pf(2),
-                pf(3),
-                sink_buf,
-            ],
-            (head_groups, t, splits + slices),
-        )?;
+        let mut buffers = vec![
+            qb,
+            kb,
+            vb,
+            positions,
+            token_seq,
+            tables,
+            ob,
+            part.buf()?,
+            &q_norm,
+            &k_norm,
+            &cs,
+            &batch.slots,
+        ];
+        if let (Some(plan), Some(sink)) = (&plan, &sink) {
+            // A plan of fewer than four buffers repeats q in the rest (their sectors 0: unread).
+            buffers.extend((0..4).map(|i| plan.get(i).unwrap_or(qb)));
+            buffers.push(sink.buf()?);
+        }
+        self.run_3d(kernel, &params, &buffers, (head_groups, t, splits + slices))?;
         if sink.is_some() {
             lock(&self.inner.prefetch).sink = sink;
         }
@@ -441,7 +459,11 @@ mod tests {
 
     #[test]
     fn prefetch_weights_are_chosen_by_letter() -> Result<()> {
-        assert_eq!(prefetch_weights(None)?, [true; 4]);
+        assert_eq!(prefetch_weights(None)?, [true, true, true, false]);
+        assert!(prefetch_by_default("NVIDIA H200"));
+        assert!(prefetch_by_default("NVIDIA H100 80GB HBM3"));
+        assert!(!prefetch_by_default("llvmpipe (LLVM 15.0.6, 256 bits)"));
+        assert!(!prefetch_by_default("NVIDIA GeForce RTX 4090"));
         assert_eq!(prefetch_weights(Some("q"))?, [false, false, false, true]);
         assert_eq!(prefetch_weights(Some("go"))?, [true, true, false, false]);
         assert_eq!(prefetch_weights(Some(""))?, [false; 4]);

@@ -147,10 +147,12 @@ fn device_words(t: &HostTensor) -> Vec<u32> {
 
 #[test]
 fn prefetching_decode_gives_the_same_ids_and_reads_every_planned_sector() {
-    let Some(plain) = device_or_skip(
-        "wgpu prefetch test",
-        WgpuBackend::for_tests(0, &WgpuOptions::default()),
-    ) else {
+    let without = WgpuOptions {
+        prefetch_workgroups: Some(0),
+        ..WgpuOptions::default()
+    };
+    let Some(plain) = device_or_skip("wgpu prefetch test", WgpuBackend::for_tests(0, &without))
+    else {
         return;
     };
     // The fixture whose weights have the most sectors (f16, held as f32).
@@ -166,6 +168,7 @@ fn prefetching_decode_gives_the_same_ids_and_reads_every_planned_sector() {
     for no_subgroups in [false, true] {
         let options = WgpuOptions {
             prefetch_workgroups: Some(1),
+            prefetch_weights: Some("ogdq".into()),
             no_subgroups,
             ..WgpuOptions::default()
         };

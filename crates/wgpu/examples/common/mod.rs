@@ -161,6 +161,16 @@ impl Gpu {
 
     /// `v` compiled with `constants`, or the validation error.
     pub fn pipeline(&self, v: &Variant, constants: &[(&str, f64)]) -> Res<wgpu::ComputePipeline> {
+        self.pipeline_at(v, "main", constants)
+    }
+
+    /// [`Gpu::pipeline`] of the shader's entry point `entry`.
+    pub fn pipeline_at(
+        &self,
+        v: &Variant,
+        entry: &str,
+        constants: &[(&str, f64)],
+    ) -> Res<wgpu::ComputePipeline> {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
             .device
@@ -174,7 +184,7 @@ impl Gpu {
                 label: Some(&v.name),
                 layout: None,
                 module: &module,
-                entry_point: Some("main"),
+                entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
                     constants,
                     ..Default::default()
