@@ -112,18 +112,27 @@ fn golden_fixtures_match_reference_and_transformers() {
     }
 }
 
-#[test]
-fn synthetic_full_size_matches_reference() {
-    let Some(gpu) = cuda() else { return };
+/// The backend and the synthetic checkpoint `QFUSE_SYNTH_DIR` names, loaded on it and on
+/// cpu-ref; `None` (with a notice) without a GPU or the variable.
+fn synthetic() -> Option<(CudaBackend, Qwen3<CudaBackend>, Qwen3<CpuRef>)> {
+    let gpu = cuda()?;
     let Ok(dir) = std::env::var("QFUSE_SYNTH_DIR") else {
         eprintln!("skipping: set QFUSE_SYNTH_DIR to a `qfuse synth --shape qwen3-0.6b` checkpoint");
-        return;
+        return None;
     };
     let dir = PathBuf::from(dir);
     let (gm, cm) = (
         Qwen3::load(&gpu, &dir).unwrap(),
         Qwen3::load(&CpuRef, &dir).unwrap(),
     );
+    Some((gpu, gm, cm))
+}
+
+#[test]
+fn synthetic_full_size_matches_reference() {
+    let Some((gpu, gm, cm)) = synthetic() else {
+        return;
+    };
     let mut rng = Rng::new(11);
     let tokens: Vec<u32> = (0..300)
         .map(|_| rng.below(cm.config().vocab_size) as u32)
@@ -175,16 +184,9 @@ fn batched_decode_matches_reference() {
     const SEQS: usize = 40;
     const PROMPT: usize = 24;
     const STEPS: usize = 8;
-    let Some(gpu) = cuda() else { return };
-    let Ok(dir) = std::env::var("QFUSE_SYNTH_DIR") else {
-        eprintln!("skipping: set QFUSE_SYNTH_DIR to a `qfuse synth --shape qwen3-0.6b` checkpoint");
+    let Some((gpu, gm, cm)) = synthetic() else {
         return;
     };
-    let dir = PathBuf::from(dir);
-    let (gm, cm) = (
-        Qwen3::load(&gpu, &dir).unwrap(),
-        Qwen3::load(&CpuRef, &dir).unwrap(),
-    );
     let vocab = cm.config().vocab_size;
     let len = PROMPT + STEPS;
     let mut rng = Rng::new(13);

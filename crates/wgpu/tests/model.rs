@@ -11,21 +11,29 @@ use qfuse_qwen3::{
 };
 use qfuse_wgpu::{WgpuBackend, WgpuOptions};
 
+/// The backend with default options, or `None` (with a notice naming `what`) without an adapter.
+fn gpu(what: &str) -> Option<WgpuBackend> {
+    device_or_skip(what, WgpuBackend::for_tests(0, &WgpuOptions::default()))
+}
+
+/// Golden checkpoint `name` loaded on `gpu` and on cpu-ref.
+fn load_both(gpu: &WgpuBackend, name: &str) -> (Qwen3<WgpuBackend>, Qwen3<CpuRef>) {
+    let dir = golden_dir(name);
+    (
+        Qwen3::load(gpu, &dir).unwrap(),
+        Qwen3::load(&CpuRef, &dir).unwrap(),
+    )
+}
+
 #[test]
 fn golden_fixtures_match_reference_and_transformers() {
-    let Some(gpu) = device_or_skip(
-        "wgpu model tests",
-        WgpuBackend::for_tests(0, &WgpuOptions::default()),
-    ) else {
+    let Some(gpu) = gpu("wgpu model tests") else {
         return;
     };
     eprintln!("wgpu adapter: {}", gpu.adapter_name());
     for name in GOLDEN_MODELS {
         let dir = golden_dir(name);
-        let (gm, cm) = (
-            Qwen3::load(&gpu, &dir).unwrap(),
-            Qwen3::load(&CpuRef, &dir).unwrap(),
-        );
+        let (gm, cm) = load_both(&gpu, name);
         let vocab = cm.config().vocab_size;
         let cases = GoldenCase::load_all(&dir).unwrap();
         let requests: Vec<Request> = cases.iter().map(|c| c.request(0)).collect();
@@ -76,18 +84,11 @@ fn golden_fixtures_match_reference_and_transformers() {
 /// cache), teacher-forced, against cpu-ref's scores of each sequence on every golden checkpoint.
 #[test]
 fn batched_decode_matches_reference() {
-    let Some(gpu) = device_or_skip(
-        "wgpu model tests",
-        WgpuBackend::for_tests(0, &WgpuOptions::default()),
-    ) else {
+    let Some(gpu) = gpu("wgpu model tests") else {
         return;
     };
     for name in GOLDEN_MODELS {
-        let dir = golden_dir(name);
-        let (gm, cm) = (
-            Qwen3::load(&gpu, &dir).unwrap(),
-            Qwen3::load(&CpuRef, &dir).unwrap(),
-        );
+        let (gm, cm) = load_both(&gpu, name);
         let vocab = cm.config().vocab_size;
         let seqs: Vec<Vec<u32>> = (0..6u32)
             .map(|s| {
@@ -114,10 +115,7 @@ fn batched_decode_matches_reference() {
 
 #[test]
 fn decode_steps_queued_ahead_give_the_same_ids() {
-    let Some(gpu) = device_or_skip(
-        "wgpu decode-ahead test",
-        WgpuBackend::for_tests(0, &WgpuOptions::default()),
-    ) else {
+    let Some(gpu) = gpu("wgpu decode-ahead test") else {
         return;
     };
     for name in GOLDEN_MODELS {
