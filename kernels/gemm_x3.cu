@@ -7,10 +7,11 @@
 // Each activation is split into three bf16 parts (hi + mid + lo, fp32-exact together) as the
 // block stages it, so the tensor cores see the activations' full 24-bit mantissas; the three
 // products share one fp32 accumulator (each add rounds relative to the running sum either way).
-// The weights are read once. The `_p2` entry points (PARTS = 2, opt-in: QFUSE_CUDA_X3_TWO_PARTS)
-// multiply hi + mid only, each activation to ~2^-17 of itself, for two thirds of the products:
-// the residual-adding and SiLU products, whose inputs the synthetic 0.6B's logits tolerate at
-// that precision where QKV's they do not (docs/perf.md, 21st session).
+// The weights are read once. The `_p2` entry points (PARTS = 2, the host's default for them;
+// QFUSE_CUDA_X3_TWO_PARTS=0 turns them off) multiply hi + mid only, each activation to ~2^-17 of
+// itself, for two thirds of the products: the residual-adding and SiLU products, whose inputs
+// the synthetic 0.6B's logits tolerate at that precision where QKV's they do not (docs/perf.md,
+// 21st and 22nd sessions).
 //
 // Block: 8 warps over 128 weight rows (with EPI_SILU 64 gate rows and the matching 64 up rows)
 // and one slice of K; warp w takes rows 32 (w & 1) .. + 32 of x (two m16 tiles; one, or none,

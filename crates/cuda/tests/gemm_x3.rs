@@ -1,7 +1,7 @@
 //! Products of 9-64 rows through the tensor-core kernel `gemm_x3` (the batched-decode shapes:
 //! Qwen3-0.6B's four products, odd row counts, a partly filled last tile, every slice count),
 //! with each of its fused prologues and epilogues, against the f64 reference and against the
-//! cuBLAS path it replaces; and its opt-in two-part products. Skips with a notice where there is
+//! cuBLAS path it replaces; and its two-part products (the default for three of the fusions). Skips with a notice where there is
 //! no GPU (unless QFUSE_REQUIRE_GPU=1).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::{

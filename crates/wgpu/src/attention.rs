@@ -1,6 +1,6 @@
 //! Attention on wgpu: the decode attention (its q/k-norm + RoPE prologue, the context split
 //! across workgroups, the combine), the query-blocked prompt attention, the RoPE table, and the
-//! opt-in prefetch of a layer's next weights that rides in the decode attention's dispatch.
+//! prefetch of a layer's next weights that rides in the decode attention's dispatch.
 use super::*;
 
 /// The decode attention with its reductions in workgroup memory and barriers (adapters without
@@ -71,13 +71,14 @@ pub(super) fn prefetch_by_default(adapter: &str) -> bool {
     ["H100", "H200", "H800"].iter().any(|n| adapter.contains(n))
 }
 
-/// Weights read ahead into L2 by decode attentions (opt-in, `QFUSE_WGPU_PREFETCH`; not yet
-/// measured on a GPU). A batch-1 product waits on DRAM after the barrier before it: the 17th
-/// session's lab put a dependent QKV product at 9.3 µs against 4.6 streaming. Attention moves
-/// little and is latency-bound, so its dispatch gets extra workgroups that read one word of
-/// every 32-byte sector of the layer's o_proj, gate/up and down weights and the next layer's
-/// QKV weights (31.5 MB at the 0.6B shape, within a 50 MB L2), in the one dispatch: a dispatch
-/// of its own would be ordered behind a barrier of its own.
+/// Weights read ahead into L2 by decode attentions (`QFUSE_WGPU_PREFETCH`; by default on
+/// [`prefetch_by_default`] adapters). A batch-1 product waits on DRAM after the barrier before
+/// it. Attention moves little and is latency-bound, so its dispatch gets extra workgroups that
+/// read one word of every 32-byte sector of the layer's o_proj, gate/up and down weights (and,
+/// asked, the next layer's QKV: 31.5 MB in all at the 0.6B shape, within a 50 MB L2), in the
+/// one dispatch: a dispatch of its own would be ordered behind a barrier of its own. On the
+/// H200 it gains 2.2% at batch 1, less than the 8% bound `gemv_lab` puts on weights from L2:
+/// the reads slow the attention (docs/perf.md, 22nd session).
 #[derive(Default)]
 pub(super) struct Prefetch {
     /// Per thread: the weight buffers its next decode attention reads ahead (set by
