@@ -50,8 +50,6 @@
 
 #define X3_WARPS 8
 #define X3_ROWS 128
-// Most slices (cluster size) a plan gives a tile (x3.rs SLICES).
-#define X3_MAX_SLICES 16
 #define X3_TMAX 64
 #ifndef X3_MIN_BLOCKS
 #define X3_MIN_BLOCKS 2
@@ -434,17 +432,10 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     if (tracing) stamp[6] = globaltimer_ns();
     if (NORM) {
         // 1/rms of each row from every slice's squares, in slice order.
-        // Every slice's load issued before the first add (the plans take at most X3_MAX_SLICES
-        // slices), not one remote round trip a slice.
         if (tid < T) {
             const u32 ss_addr = smem_addr(ss_part) + 4u * (u32)tid;
-            float v[X3_MAX_SLICES];
-#pragma unroll
-            for (int q = 0; q < X3_MAX_SLICES; ++q) v[q] = q < S ? ld_peer(ss_addr, (u32)q) : 0.0f;
             float tot = 0.0f;
-#pragma unroll
-            for (int q = 0; q < X3_MAX_SLICES; ++q)
-                if (q < S) tot += v[q];
+            for (int q = 0; q < S; ++q) tot += ld_peer(ss_addr, (u32)q);
             inv_rms[tid] = rsqrtf(tot / K + eps);
         }
         __syncthreads();
@@ -460,29 +451,19 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
     for (int idx = (int)rank * per + tid; idx < end; idx += X3_WARPS * 32) {
         const int t = idx / (cols_out / 4), c = (idx % (cols_out / 4)) * 4;
         const u32 at = red_addr + 4u * (u32)(t * X3_ROWS + c);
-        // The residual's loads go out before the remote ones: the asm of those keeps every
-        // memory access after it in place, so loaded later they would add a round trip.
-        float res[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (EPI == EPI_ADD) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int n = tile * cols_out + c + j;
-                if (n < out_n) res[j] = residual[(size_t)t * out_n + n];
-            }
-        }
-        // Eight slices' loads in flight at a time, added in slice order.
+        // Four slices' loads in flight at a time, added in slice order.
         float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int q0 = 0; q0 < S; q0 += 8) {
-            float4 va[8], vb[8];
+        for (int q0 = 0; q0 < S; q0 += 4) {
+            float4 va[4], vb[4];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
+            for (int i = 0; i < 4; ++i) {
                 if (q0 + i < S) {
                     va[i] = ld_peer4(at, (u32)(q0 + i));
                     if (EPI == EPI_SILU) vb[i] = ld_peer4(at + 4u * 64u, (u32)(q0 + i));
                 }
             }
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
+            for (int i = 0; i < 4; ++i) {
                 if (q0 + i < S) {
                     a[0] += va[i].x; a[1] += va[i].y; a[2] += va[i].z; a[3] += va[i].w;
                     if (EPI == EPI_SILU) {
@@ -498,7 +479,7 @@ __device__ __forceinline__ void gemm_x3(const float* __restrict__ x, const float
             if (n < out_n) {
                 const size_t o = (size_t)t * out_n + n;
                 if (EPI == EPI_SILU) y[o] = silu(a[j] * inv) * (b[j] * inv);
-                else if (EPI == EPI_ADD) y[o] = res[j] + a[j];
+                else if (EPI == EPI_ADD) y[o] = residual[o] + a[j];
                 else y[o] = a[j] * inv;
             }
         }
