@@ -1,8 +1,8 @@
 //! Products of 9-64 rows through the tensor-core kernel `gemm_x3` (the batched-decode shapes:
 //! Qwen3-0.6B's four products, odd row counts, a partly filled last tile, every slice count),
 //! with each of its fused prologues and epilogues, against the f64 reference and against the
-//! cuBLAS path it replaces; and its two-part products (the default for three of the fusions). Skips with a notice where there is
-//! no GPU (unless QFUSE_REQUIRE_GPU=1).
+//! cuBLAS path it replaces; and its two-part products (the default for three of the fusions).
+//! Skips with a notice where there is no GPU (unless QFUSE_REQUIRE_GPU=1).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use qfuse_core::testing::{
     activations, device_or_skip, gains, gemv_family, rel_error, weights, Rng,
@@ -11,12 +11,12 @@ use qfuse_core::{Backend, DType, HostTensor};
 use qfuse_cpu_ref::CpuRef;
 use qfuse_cuda::{CudaBackend, CudaOptions};
 
-/// A backend with `gemm_x3` on (its products on `wgmma` from `wgmma_from` rows, every product
-/// over three parts) or off.
-fn gpu(gemm_x3: bool, wgmma_from: usize) -> Option<CudaBackend> {
+/// A backend with `gemm_x3` on (its products on `wgmma` from `wgmma_from` rows, the residual and
+/// SiLU products over two parts with `two_parts`, else every product over three) or off.
+fn gpu(gemm_x3: bool, wgmma_from: usize, two_parts: bool) -> Option<CudaBackend> {
     let options = CudaOptions {
         gemm_x3,
-        x3_two_parts: false,
+        x3_two_parts: two_parts,
         x3_wgmma_from: wgmma_from,
         ..CudaOptions::default()
     };
@@ -25,7 +25,7 @@ fn gpu(gemm_x3: bool, wgmma_from: usize) -> Option<CudaBackend> {
 
 #[test]
 fn gemm_x3_matches_reference_and_cublas_path() {
-    let (Some(x3), Some(cublas)) = (gpu(true, 65), gpu(false, 65)) else {
+    let (Some(x3), Some(cublas)) = (gpu(true, 65, false), gpu(false, 65, false)) else {
         return;
     };
     check(&x3, &cublas, false);
@@ -35,7 +35,7 @@ fn gemm_x3_matches_reference_and_cublas_path() {
 /// 64-k rounds must take it on compute capability 9.0.
 #[test]
 fn gemm_x3_on_wgmma_matches_reference_and_cublas_path() {
-    let (Some(x3), Some(cublas)) = (gpu(true, 9), gpu(false, 65)) else {
+    let (Some(x3), Some(cublas)) = (gpu(true, 9, false), gpu(false, 65, false)) else {
         return;
     };
     if x3.compute_capability() != (9, 0) {
@@ -114,19 +114,8 @@ fn check(x3: &CudaBackend, cublas: &CudaBackend, wgmma: bool) {
 #[test]
 fn two_part_products_stay_near_the_reference_and_leave_qkv_alone() {
     for wgmma_from in [65, 9] {
-        let two_parts = CudaOptions {
-            gemm_x3: true,
-            x3_wgmma_from: wgmma_from,
-            x3_two_parts: true,
-            ..CudaOptions::default()
-        };
-        let (Some(three), Some(two)) = (
-            gpu(true, wgmma_from),
-            device_or_skip(
-                "gemm_x3 two-part tests",
-                CudaBackend::with_options(0, two_parts),
-            ),
-        ) else {
+        let (Some(three), Some(two)) = (gpu(true, wgmma_from, false), gpu(true, wgmma_from, true))
+        else {
             return;
         };
         if wgmma_from == 9 && three.compute_capability() != (9, 0) {
